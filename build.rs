@@ -1,0 +1,18 @@
+//! Compiles `proto/portcullis/v1/*.proto` with protox (pure Rust), so a fresh
+//! machine needs no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/portcullis/v1/broker.proto",
+        "proto/portcullis/v1/keys.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

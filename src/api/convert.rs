@@ -1,0 +1,158 @@
+//! Domain records ⇄ protobuf messages.
+
+use std::time::Duration;
+
+use crate::grant::GrantError;
+use crate::pb;
+use crate::store::{self, Millis};
+
+/// Millisecond time to a protobuf timestamp.
+pub fn ts(ms: Millis) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn opt_ts(ms: Option<Millis>) -> Option<prost_types::Timestamp> {
+    ms.map(ts)
+}
+
+/// Milliseconds to a protobuf duration.
+pub fn dur(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A requested TTL: absent is `None`; negative or malformed is refused,
+/// naming `field`.
+pub fn ttl(
+    d: Option<prost_types::Duration>,
+    field: &'static str,
+) -> Result<Option<Duration>, GrantError> {
+    let Some(d) = d else { return Ok(None) };
+    let bad = |reason: &str| GrantError::Invalid {
+        field,
+        reason: reason.into(),
+    };
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(bad("must not be negative"));
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(bad("nanos out of range"));
+    }
+    let secs = u64::try_from(d.seconds).map_err(|_| bad("out of range"))?;
+    let nanos = u32::try_from(d.nanos).map_err(|_| bad("out of range"))?;
+    Ok(Some(Duration::new(secs, nanos)))
+}
+
+/// Lease state to proto.
+pub fn lease_state(s: store::LeaseState) -> pb::LeaseState {
+    match s {
+        store::LeaseState::Active => pb::LeaseState::Active,
+        store::LeaseState::Expired => pb::LeaseState::Expired,
+        store::LeaseState::Revoked => pb::LeaseState::Revoked,
+    }
+}
+
+/// Proto lease state filter to domain (`Unspecified` = any).
+pub fn lease_state_filter(v: i32) -> Result<Option<store::LeaseState>, GrantError> {
+    match pb::LeaseState::try_from(v) {
+        Ok(pb::LeaseState::Unspecified) => Ok(None),
+        Ok(pb::LeaseState::Active) => Ok(Some(store::LeaseState::Active)),
+        Ok(pb::LeaseState::Expired) => Ok(Some(store::LeaseState::Expired)),
+        Ok(pb::LeaseState::Revoked) => Ok(Some(store::LeaseState::Revoked)),
+        Err(_) => Err(GrantError::Invalid {
+            field: "state",
+            reason: format!("unknown lease state {v}"),
+        }),
+    }
+}
+
+/// Request state to proto.
+pub fn request_state(s: store::RequestState) -> pb::RequestState {
+    use store::RequestState as S;
+    match s {
+        S::Pending => pb::RequestState::Pending,
+        S::Approved => pb::RequestState::Approved,
+        S::Issued => pb::RequestState::Issued,
+        S::Denied => pb::RequestState::Denied,
+        S::Withdrawn => pb::RequestState::Withdrawn,
+        S::Expired => pb::RequestState::Expired,
+    }
+}
+
+/// Lease to proto.
+pub fn lease(l: &store::Lease) -> pb::Lease {
+    pb::Lease {
+        id: l.id.clone(),
+        subject: l.subject.clone(),
+        scopes: l.scopes.clone(),
+        audience: l.audience.clone(),
+        issued_at: Some(ts(l.issued_at)),
+        expires_at: Some(ts(l.expires_at)),
+        max_expires_at: Some(ts(l.max_expires_at)),
+        state: lease_state(l.state) as i32,
+        kid: l.kid.clone(),
+        renewals: l.renewals,
+        revoked_at: opt_ts(l.revoked_at),
+        revoked_by: l.revoked_by.clone().unwrap_or_default(),
+        revoke_reason: l.revoke_reason.clone().unwrap_or_default(),
+        request_id: l.request_id.clone().unwrap_or_default(),
+        justification: l.justification.clone(),
+        client_id: l.client_id.clone(),
+        approved_by: l.approved_by.clone(),
+        break_glass: l.break_glass,
+    }
+}
+
+/// Request to proto.
+pub fn request(r: &store::TokenRequest) -> pb::TokenRequest {
+    pb::TokenRequest {
+        id: r.id.clone(),
+        requester: r.requester.clone(),
+        scopes: r.scopes.clone(),
+        ttl: Some(dur(r.ttl_ms)),
+        audience: r.audience.clone(),
+        justification: r.justification.clone(),
+        state: request_state(r.state) as i32,
+        created_at: Some(ts(r.created_at)),
+        expires_at: (!r.state.is_terminal()).then(|| ts(r.deadline)),
+        waiting_for: r
+            .waiting_for
+            .iter()
+            .map(|w| pb::Requirement {
+                scope: w.scope.clone(),
+                approver_groups: w.approver_groups.clone(),
+                approvals_required: w.approvals_required,
+                approvals_received: 0,
+                rule: w.rule.clone(),
+            })
+            .collect(),
+        approvals: r
+            .approvals
+            .iter()
+            .map(|a| pb::Approval {
+                approver: a.approver.clone(),
+                at: Some(ts(a.at)),
+                reason: a.reason.clone(),
+            })
+            .collect(),
+        lease_id: r.lease_id.clone().unwrap_or_default(),
+        digest: r.digest.clone(),
+        history: r
+            .history
+            .iter()
+            .map(|t| pb::Transition {
+                from: t.from.map_or(pb::RequestState::Unspecified, request_state) as i32,
+                to: request_state(t.to) as i32,
+                actor: t.actor.clone(),
+                at: Some(ts(t.at)),
+                reason: t.reason.clone(),
+            })
+            .collect(),
+        client_request_id: r.client_request_id.clone().unwrap_or_default(),
+    }
+}

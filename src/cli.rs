@@ -1,0 +1,1050 @@
+//! The command line: `serve`, and client commands that talk to the broker
+//! only through the generated gRPC client.
+//!
+//! Exit codes: 0 success, 1 failure, 2 denied by policy, 3 pending or timed
+//! out waiting, 64 usage error (bad flags or a field the broker refused).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tonic::{Code, Status};
+
+use crate::api::convert;
+use crate::client::{ClientError, ClientOpts};
+use crate::dev::{As, DevDir};
+use crate::identity::Identity;
+use crate::keys::SigningAlg;
+use crate::pb;
+use crate::pb::broker_client::BrokerClient;
+use crate::pb::keys_client::KeysClient;
+use crate::policy::{Decision, Policy};
+
+/// Process exit codes.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Failure (connection, server error).
+    pub const FAILURE: i32 = 1;
+    /// Denied by policy or by a person.
+    pub const DENIED: i32 = 2;
+    /// Pending, expired or timed out waiting.
+    pub const PENDING: i32 = 3;
+    /// Usage error: bad flags, or the broker refused a field.
+    pub const USAGE: i32 = 64;
+}
+
+/// portcullis: a short-lived credential broker.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub output: Output,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "PORTCULLIS_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Log formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Ask for and inspect tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List, show, renew and revoke leases.
+    Lease {
+        #[command(subcommand)]
+        cmd: LeaseCmd,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Follow your parked requests.
+    Requests {
+        #[command(subcommand)]
+        cmd: RequestsCmd,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Read the published signing keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Check a policy file or explain a decision (offline).
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Load-test a running broker with auto-tier token requests.
+    Bench {
+        /// Scope(s) to request (must be auto for the identity).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Concurrent clients, one mTLS connection each.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// How long to measure (after a 0.5 s warm-up).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+/// `serve` flags (each also from `PORTCULLIS_*`).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Zero-config dev mode: dev CA, identities, policy and KEK are created
+    /// in the data directory if missing.
+    #[arg(long)]
+    pub dev: bool,
+    /// Data directory (dev mode keeps everything there; default
+    /// `./portcullis-dev` with `--dev`).
+    #[arg(long, env = "PORTCULLIS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC (mTLS) listen address; port 0 picks a free port.
+    #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: std::net::SocketAddr,
+    /// HTTP listen address (JWKS, OIDC discovery, health).
+    #[arg(long, env = "PORTCULLIS_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: std::net::SocketAddr,
+    /// Server certificate (PEM). Dev default: `<data-dir>/server.pem`.
+    #[arg(long, env = "PORTCULLIS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server key (PEM). Dev default: `<data-dir>/server-key.pem`.
+    #[arg(long, env = "PORTCULLIS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle client certificates must chain to. Dev default: `<data-dir>/ca.pem`.
+    #[arg(long, env = "PORTCULLIS_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Policy file. Dev default: `<data-dir>/policy.toml`.
+    #[arg(long, env = "PORTCULLIS_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Key-encryption key file (64 hex characters). Dev default: `<data-dir>/kek`.
+    #[arg(long, env = "PORTCULLIS_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// Issuer URL for `iss` (default `http://<http-listen>`).
+    #[arg(long, env = "PORTCULLIS_ISSUER")]
+    pub issuer: Option<String>,
+    /// Algorithm for new signing keys.
+    #[arg(
+        long,
+        env = "PORTCULLIS_SIGNING_ALG",
+        value_enum,
+        default_value = "es256"
+    )]
+    pub alg: SigningAlg,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Ask for a token. Prints the token on stdout (details on stderr).
+    Request {
+        /// Scope to ask for (repeat for several).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Wanted lifetime, e.g. `10m` (clamped to the policy's max_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Audience (`aud`).
+        #[arg(long)]
+        audience: Option<String>,
+        /// Why you need it (recorded; shown to approvers).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Idempotency key: a retry with the same key returns the same grant.
+        #[arg(long)]
+        client_request_id: Option<String>,
+        /// If parked for approval, wait for the decision.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Introspect a token (`-` reads it from stdin).
+    Inspect {
+        /// The token.
+        token: String,
+    },
+}
+
+/// `lease` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LeaseCmd {
+    /// List leases (yours, or `--subject` as admin).
+    List {
+        /// Whose leases.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue from a previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Show one lease.
+    Show {
+        /// Lease id.
+        id: String,
+    },
+    /// Renew a lease and print the fresh token.
+    Renew {
+        /// Lease id.
+        id: String,
+        /// Extension from now (default: the original TTL).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Revoke a lease.
+    Revoke {
+        /// Lease id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Revoke every active lease of a subject (admin; incident response).
+    RevokeAll {
+        /// Identity whose leases to revoke.
+        #[arg(long)]
+        subject: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// Lease states for filters.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StateArg {
+    /// Live.
+    Active,
+    /// Ran out.
+    Expired,
+    /// Ended early.
+    Revoked,
+}
+
+/// `requests` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RequestsCmd {
+    /// Show one request.
+    Show {
+        /// Request id.
+        id: String,
+    },
+    /// Follow a request until it ends.
+    Watch {
+        /// Request id.
+        id: String,
+    },
+    /// Withdraw your pending request.
+    Withdraw {
+        /// Request id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// `keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Print the JWK Set.
+    Jwks,
+    /// List keys and their states.
+    List,
+}
+
+/// `policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Validate a policy file and report every problem.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Say what the policy decides for an identity and scopes.
+    Explain {
+        /// Policy file (default: `$PORTCULLIS_DEV_DIR/policy.toml` or `./portcullis-dev/policy.toml`).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Asking identity.
+        #[arg(long)]
+        identity: String,
+        /// Scope (repeat).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Wanted TTL.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+/// A command failure with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: i32,
+    /// Message for stderr.
+    pub message: String,
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        let code = match s.code() {
+            Code::PermissionDenied => exit::DENIED,
+            Code::InvalidArgument | Code::AlreadyExists => exit::USAGE,
+            _ => exit::FAILURE,
+        };
+        let message = match s.code() {
+            Code::Unknown | Code::Unavailable
+                if s.message().contains("transport") || s.message().contains("connection") =>
+            {
+                crate::client::explain_transport(&s)
+            }
+            c => format!("{c:?}: {}", s.message()),
+        };
+        Self { code, message }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = if matches!(e, ClientError::Usage(_)) {
+            exit::USAGE
+        } else {
+            exit::FAILURE
+        };
+        Self {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure {
+        code: exit::USAGE,
+        message: msg.into(),
+    }
+}
+
+fn fmt_ts(t: &Option<prost_types::Timestamp>) -> String {
+    match t {
+        Some(t) => {
+            let st = std::time::UNIX_EPOCH
+                + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+            humantime::format_rfc3339_seconds(st).to_string()
+        }
+        None => "-".into(),
+    }
+}
+
+fn ts_json(t: &Option<prost_types::Timestamp>) -> serde_json::Value {
+    t.as_ref()
+        .map_or(serde_json::Value::Null, |_| fmt_ts(t).into())
+}
+
+fn lease_state_name(v: i32) -> &'static str {
+    match pb::LeaseState::try_from(v) {
+        Ok(pb::LeaseState::Active) => "active",
+        Ok(pb::LeaseState::Expired) => "expired",
+        Ok(pb::LeaseState::Revoked) => "revoked",
+        _ => "unknown",
+    }
+}
+
+fn request_state_name(v: i32) -> &'static str {
+    match pb::RequestState::try_from(v) {
+        Ok(pb::RequestState::Pending) => "pending",
+        Ok(pb::RequestState::Approved) => "approved",
+        Ok(pb::RequestState::Issued) => "issued",
+        Ok(pb::RequestState::Denied) => "denied",
+        Ok(pb::RequestState::Withdrawn) => "withdrawn",
+        Ok(pb::RequestState::Expired) => "expired",
+        _ => "unknown",
+    }
+}
+
+fn lease_json(l: &pb::Lease) -> serde_json::Value {
+    json!({
+        "id": l.id, "subject": l.subject, "client_id": l.client_id, "scopes": l.scopes,
+        "audience": l.audience, "state": lease_state_name(l.state), "kid": l.kid,
+        "issued_at": ts_json(&l.issued_at), "expires_at": ts_json(&l.expires_at),
+        "max_expires_at": ts_json(&l.max_expires_at), "renewals": l.renewals,
+        "revoked_at": ts_json(&l.revoked_at), "revoked_by": l.revoked_by, "revoke_reason": l.revoke_reason,
+        "justification": l.justification, "request_id": l.request_id,
+    })
+}
+
+fn lease_text(l: &pb::Lease) -> String {
+    let mut s = format!(
+        "lease      {}\nstate      {}\nsubject    {}\nscopes     {}\naudience   {}\nissued     {}\nexpires    {}\nmax expiry {}\nrenewals   {}\nkid        {}\n",
+        l.id,
+        lease_state_name(l.state),
+        l.subject,
+        l.scopes.join(" "),
+        l.audience,
+        fmt_ts(&l.issued_at),
+        fmt_ts(&l.expires_at),
+        fmt_ts(&l.max_expires_at),
+        l.renewals,
+        l.kid
+    );
+    if l.revoked_at.is_some() {
+        s.push_str(&format!(
+            "revoked    {} by {} ({})\n",
+            fmt_ts(&l.revoked_at),
+            l.revoked_by,
+            l.revoke_reason
+        ));
+    }
+    s
+}
+
+fn request_json(r: &pb::TokenRequest) -> serde_json::Value {
+    json!({
+        "id": r.id, "requester": r.requester, "scopes": r.scopes, "audience": r.audience,
+        "ttl_seconds": r.ttl.as_ref().map(|d| d.seconds), "state": request_state_name(r.state),
+        "created_at": ts_json(&r.created_at), "expires_at": ts_json(&r.expires_at),
+        "justification": r.justification, "digest": r.digest, "lease_id": r.lease_id,
+        "waiting_for": r.waiting_for.iter().map(|w| json!({
+            "scope": w.scope, "approver_groups": w.approver_groups,
+            "approvals_required": w.approvals_required, "approvals_received": w.approvals_received, "rule": w.rule,
+        })).collect::<Vec<_>>(),
+        "history": r.history.iter().map(|t| json!({
+            "from": request_state_name(t.from), "to": request_state_name(t.to), "actor": t.actor,
+            "at": ts_json(&t.at), "reason": t.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn request_text(r: &pb::TokenRequest) -> String {
+    let mut s = format!(
+        "request    {}\nstate      {}\nrequester  {}\nscopes     {}\nexpires    {}\n",
+        r.id,
+        request_state_name(r.state),
+        r.requester,
+        r.scopes.join(" "),
+        fmt_ts(&r.expires_at)
+    );
+    for w in &r.waiting_for {
+        s.push_str(&format!(
+            "waits for  {} of {} approval(s) for `{}` from group(s) {}\n",
+            w.approvals_received,
+            w.approvals_required,
+            w.scope,
+            w.approver_groups.join(", ")
+        ));
+    }
+    s
+}
+
+fn print(out: Output, text: &str, value: serde_json::Value) {
+    match out {
+        Output::Text => print!("{text}"),
+        Output::Json => println!("{value}"),
+    }
+}
+
+fn parse_token_arg(t: String) -> Result<String, Failure> {
+    if t == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| usage(format!("reading stdin: {e}")))?;
+        Ok(s.trim().to_owned())
+    } else {
+        Ok(t)
+    }
+}
+
+/// Run a client or offline command (everything except `serve`).
+pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
+    let out = cli.output;
+    match cli.command {
+        Command::Serve(_) => Err(usage("serve is run by the binary's main")),
+        Command::Policy { cmd } => policy_cmd(out, cmd),
+        Command::Token { cmd, client } => token_cmd(out, cmd, &client).await,
+        Command::Lease { cmd, client } => lease_cmd(out, cmd, &client).await,
+        Command::Requests { cmd, client } => requests_cmd(out, cmd, &client).await,
+        Command::Keys { cmd, client } => {
+            let mut k = KeysClient::new(client.connect().await?);
+            match cmd {
+                KeysCmd::Jwks => {
+                    let r = k.get_jwks(pb::GetJwksRequest {}).await?.into_inner();
+                    println!("{}", r.jwks_json);
+                }
+                KeysCmd::List => {
+                    let r = k.list_keys(pb::ListKeysRequest {}).await?.into_inner();
+                    let rows: Vec<_> = r.keys.iter().map(|k| json!({"kid": k.kid, "alg": k.alg, "state": k.state, "created_at": ts_json(&k.created_at)})).collect();
+                    let text: String = r
+                        .keys
+                        .iter()
+                        .map(|k| {
+                            format!(
+                                "{}  {}  state={}  created {}\n",
+                                k.kid,
+                                k.alg,
+                                k.state,
+                                fmt_ts(&k.created_at)
+                            )
+                        })
+                        .collect();
+                    print(out, &text, json!(rows));
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Bench {
+            scopes,
+            clients,
+            duration,
+            client,
+        } => {
+            if clients == 0 {
+                return Err(usage("--clients must be at least 1"));
+            }
+            let r = crate::bench::run(&client, scopes, clients, duration).await?;
+            let text = format!(
+                "clients {}  duration {:.1}s  grants {}  errors {}\ngrants/s {:.0}  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms\n",
+                r.clients,
+                r.seconds,
+                r.grants,
+                r.errors,
+                r.grants_per_sec,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms
+            );
+            print(out, &text, serde_json::to_value(&r).unwrap_or_default());
+            Ok(if r.errors > 0 && r.grants == 0 {
+                exit::FAILURE
+            } else {
+                exit::OK
+            })
+        }
+    }
+}
+
+fn policy_cmd(out: Output, cmd: PolicyCmd) -> Result<i32, Failure> {
+    match cmd {
+        PolicyCmd::Check { file } => match Policy::load(&file) {
+            Ok(p) => {
+                let text = format!(
+                    "ok: {} scope(s), {} group(s)\n",
+                    p.scopes.len(),
+                    p.groups.len()
+                );
+                print(
+                    out,
+                    &text,
+                    json!({"ok": true, "scopes": p.scopes.len(), "groups": p.groups.len()}),
+                );
+                Ok(exit::OK)
+            }
+            Err(crate::policy::PolicyError::Invalid(problems)) => {
+                let text: String = problems
+                    .iter()
+                    .map(|p| format!("{}: {p}\n", file.display()))
+                    .collect();
+                let problems_json: Vec<_> = problems
+                    .iter()
+                    .map(|p| json!({"line": p.line, "message": p.message}))
+                    .collect();
+                match out {
+                    Output::Text => eprint!("{text}"),
+                    Output::Json => println!("{}", json!({"ok": false, "problems": problems_json})),
+                }
+                Ok(exit::FAILURE)
+            }
+            Err(e) => Err(Failure {
+                code: exit::FAILURE,
+                message: e.to_string(),
+            }),
+        },
+        PolicyCmd::Explain {
+            policy,
+            identity,
+            scopes,
+            ttl,
+        } => {
+            let path = policy.unwrap_or_else(|| {
+                let dir = std::env::var_os("PORTCULLIS_DEV_DIR")
+                    .map_or_else(|| PathBuf::from("portcullis-dev"), PathBuf::from);
+                dir.join("policy.toml")
+            });
+            let p = Policy::load(&path).map_err(|e| Failure {
+                code: exit::FAILURE,
+                message: e.to_string(),
+            })?;
+            let who = Identity::parse(&identity).map_err(|e| usage(format!("--identity: {e}")))?;
+            match p.decide(&who, &scopes, ttl) {
+                Ok(Decision::Grant {
+                    ttl,
+                    max_ttl,
+                    rules,
+                }) => {
+                    let text = format!(
+                        "grant at once: ttl {}, renewable to {}\nallowed by: {}\n",
+                        humantime::format_duration(ttl),
+                        humantime::format_duration(max_ttl),
+                        rules.join("; ")
+                    );
+                    print(
+                        out,
+                        &text,
+                        json!({"decision": "grant", "ttl_seconds": ttl.as_secs(), "max_ttl_seconds": max_ttl.as_secs(), "rules": rules}),
+                    );
+                    Ok(exit::OK)
+                }
+                Ok(Decision::Park {
+                    ttl,
+                    pending_ttl,
+                    requirements,
+                    ..
+                }) => {
+                    let mut text = format!(
+                        "park for approval (waits up to {}), then ttl {}\n",
+                        humantime::format_duration(pending_ttl),
+                        humantime::format_duration(ttl)
+                    );
+                    for r in &requirements {
+                        let members: Vec<String> = r
+                            .approver_groups
+                            .iter()
+                            .flat_map(|g| p.groups.get(g).cloned().unwrap_or_default())
+                            .collect();
+                        text.push_str(&format!(
+                            "  `{}` needs {} approval(s) from {} ({}) — {}\n",
+                            r.scope,
+                            r.approvals_required,
+                            r.approver_groups.join(", "),
+                            members.join(", "),
+                            r.rule
+                        ));
+                    }
+                    let reqs: Vec<_> = requirements.iter().map(|r| json!({"scope": r.scope, "approver_groups": r.approver_groups, "approvals_required": r.approvals_required, "rule": r.rule})).collect();
+                    print(
+                        out,
+                        &text,
+                        json!({"decision": "park", "ttl_seconds": ttl.as_secs(), "pending_ttl_seconds": pending_ttl.as_secs(), "requirements": reqs}),
+                    );
+                    Ok(exit::PENDING)
+                }
+                Err(r) => {
+                    print(
+                        out,
+                        &format!("refuse: {r}\n"),
+                        json!({"decision": "refuse", "scope": r.scope, "reason": r.reason}),
+                    );
+                    Ok(exit::DENIED)
+                }
+            }
+        }
+    }
+}
+
+async fn token_cmd(out: Output, cmd: TokenCmd, client: &ClientOpts) -> Result<i32, Failure> {
+    let mut b = BrokerClient::new(client.connect().await?);
+    match cmd {
+        TokenCmd::Request {
+            scopes,
+            ttl,
+            audience,
+            reason,
+            client_request_id,
+            wait,
+            timeout,
+        } => {
+            let req = pb::RequestTokenRequest {
+                scopes,
+                ttl: ttl.map(|d| convert::dur(crate::clock::millis(d))),
+                audience: audience.unwrap_or_default(),
+                justification: reason.unwrap_or_default(),
+                client_request_id: client_request_id.unwrap_or_default(),
+                break_glass: false,
+            };
+            let resp = b.request_token(req).await?.into_inner();
+            match resp.outcome {
+                Some(pb::request_token_response::Outcome::Granted(g)) => {
+                    print_grant(out, &g);
+                    Ok(exit::OK)
+                }
+                Some(pb::request_token_response::Outcome::Pending(r)) => {
+                    if !wait {
+                        match out {
+                            Output::Text => eprintln!(
+                                "{}parked for approval; follow it with: portcullis requests watch {}",
+                                request_text(&r),
+                                r.id
+                            ),
+                            Output::Json => println!("{}", json!({"pending": request_json(&r)})),
+                        }
+                        return Ok(exit::PENDING);
+                    }
+                    watch(out, &mut b, &r.id, timeout).await
+                }
+                None => Err(Failure {
+                    code: exit::FAILURE,
+                    message: "empty response from broker".into(),
+                }),
+            }
+        }
+        TokenCmd::Inspect { token } => {
+            let token = parse_token_arg(token)?;
+            let r = b
+                .introspect(pb::IntrospectRequest { token })
+                .await?
+                .into_inner();
+            let text = if r.active {
+                format!(
+                    "active     true\nsub        {}\nscope      {}\naud        {}\nclient_id  {}\njti        {}\niss        {}\niat        {}\nexp        {}\n",
+                    r.sub,
+                    r.scope,
+                    r.aud.join(" "),
+                    r.client_id,
+                    r.jti,
+                    r.iss,
+                    r.iat,
+                    r.exp
+                )
+            } else {
+                "active     false\n".into()
+            };
+            print(
+                out,
+                &text,
+                json!({"active": r.active, "sub": r.sub, "scope": r.scope, "aud": r.aud, "client_id": r.client_id, "jti": r.jti, "iss": r.iss, "iat": r.iat, "nbf": r.nbf, "exp": r.exp, "token_type": r.token_type}),
+            );
+            Ok(if r.active { exit::OK } else { exit::FAILURE })
+        }
+    }
+}
+
+fn print_grant(out: Output, g: &pb::Grant) {
+    match out {
+        Output::Text => {
+            if let Some(l) = &g.lease {
+                eprintln!(
+                    "granted lease {} ({}) until {}",
+                    l.id,
+                    l.scopes.join(" "),
+                    fmt_ts(&l.expires_at)
+                );
+            }
+            println!("{}", g.token);
+        }
+        Output::Json => println!(
+            "{}",
+            json!({"token": g.token, "lease": g.lease.as_ref().map(lease_json)})
+        ),
+    }
+}
+
+async fn watch(
+    out: Output,
+    b: &mut BrokerClient<tonic::transport::Channel>,
+    id: &str,
+    timeout: Duration,
+) -> Result<i32, Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut stream = b
+        .watch_request(pb::WatchRequestRequest {
+            request_id: id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.message()).await;
+        let msg = match next {
+            Err(_) => {
+                eprintln!("timed out waiting for request {id}");
+                return Ok(exit::PENDING);
+            }
+            Ok(r) => r?,
+        };
+        let Some(msg) = msg else {
+            return Err(Failure {
+                code: exit::FAILURE,
+                message: "watch ended before the request did; watch again to resume".into(),
+            });
+        };
+        if let Some(g) = &msg.grant {
+            print_grant(out, g);
+            return Ok(exit::OK);
+        }
+        let Some(r) = msg.request else { continue };
+        let state = pb::RequestState::try_from(r.state).unwrap_or(pb::RequestState::Unspecified);
+        match out {
+            Output::Text => eprint!("{}", request_text(&r)),
+            Output::Json => println!("{}", json!({"request": request_json(&r)})),
+        }
+        match state {
+            pb::RequestState::Denied => return Ok(exit::DENIED),
+            pb::RequestState::Expired | pb::RequestState::Withdrawn => return Ok(exit::PENDING),
+            pb::RequestState::Issued => return Ok(exit::OK),
+            _ => {}
+        }
+    }
+}
+
+async fn lease_cmd(out: Output, cmd: LeaseCmd, client: &ClientOpts) -> Result<i32, Failure> {
+    let mut b = BrokerClient::new(client.connect().await?);
+    match cmd {
+        LeaseCmd::List {
+            subject,
+            state,
+            limit,
+            page_token,
+        } => {
+            let state = match state {
+                None => pb::LeaseState::Unspecified,
+                Some(StateArg::Active) => pb::LeaseState::Active,
+                Some(StateArg::Expired) => pb::LeaseState::Expired,
+                Some(StateArg::Revoked) => pb::LeaseState::Revoked,
+            };
+            let r = b
+                .list_leases(pb::ListLeasesRequest {
+                    subject: subject.unwrap_or_default(),
+                    state: state as i32,
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let mut text: String = r
+                .leases
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{}  {:<8} {}  expires {}\n",
+                        l.id,
+                        lease_state_name(l.state),
+                        l.scopes.join(" "),
+                        fmt_ts(&l.expires_at)
+                    )
+                })
+                .collect();
+            if r.leases.is_empty() {
+                text.push_str("no leases\n");
+            }
+            if !r.next_page_token.is_empty() {
+                text.push_str(&format!("more: --page-token {}\n", r.next_page_token));
+            }
+            print(
+                out,
+                &text,
+                json!({"leases": r.leases.iter().map(lease_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token}),
+            );
+        }
+        LeaseCmd::Show { id } => {
+            let l = b
+                .get_lease(pb::GetLeaseRequest { lease_id: id })
+                .await?
+                .into_inner()
+                .lease
+                .unwrap_or_default();
+            print(out, &lease_text(&l), lease_json(&l));
+        }
+        LeaseCmd::Renew { id, ttl } => {
+            let g = b
+                .renew_lease(pb::RenewLeaseRequest {
+                    lease_id: id,
+                    ttl: ttl.map(|d| convert::dur(crate::clock::millis(d))),
+                })
+                .await?
+                .into_inner()
+                .grant
+                .unwrap_or_default();
+            print_grant(out, &g);
+        }
+        LeaseCmd::Revoke { id, reason } => {
+            let l = b
+                .revoke_lease(pb::RevokeLeaseRequest {
+                    lease_id: id,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .lease
+                .unwrap_or_default();
+            print(out, &lease_text(&l), lease_json(&l));
+        }
+        LeaseCmd::RevokeAll { subject, reason } => {
+            let r = b
+                .revoke_leases(pb::RevokeLeasesRequest {
+                    subject: subject.clone(),
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print(
+                out,
+                &format!("revoked {} active lease(s) of {subject}\n", r.revoked),
+                json!({"subject": subject, "revoked": r.revoked}),
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+async fn requests_cmd(out: Output, cmd: RequestsCmd, client: &ClientOpts) -> Result<i32, Failure> {
+    let mut b = BrokerClient::new(client.connect().await?);
+    match cmd {
+        RequestsCmd::Show { id } => {
+            let r = b
+                .get_request(pb::GetRequestRequest { request_id: id })
+                .await?
+                .into_inner()
+                .request
+                .unwrap_or_default();
+            print(out, &request_text(&r), request_json(&r));
+            Ok(exit::OK)
+        }
+        RequestsCmd::Watch { id } => watch(out, &mut b, &id, Duration::from_secs(24 * 3600)).await,
+        RequestsCmd::Withdraw { id, reason } => {
+            let r = b
+                .withdraw_request(pb::WithdrawRequestRequest {
+                    request_id: id,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .request
+                .unwrap_or_default();
+            print(out, &request_text(&r), request_json(&r));
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Resolve `serve` flags into a config, creating the dev setup when asked.
+pub fn serve_config(
+    args: &ServeArgs,
+) -> Result<(crate::server::ServeConfig, Option<DevDir>), Failure> {
+    let dev = if args.dev {
+        let dir = DevDir::new(
+            args.data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("portcullis-dev")),
+        );
+        let created = dir.prepare().map_err(|e| Failure {
+            code: exit::FAILURE,
+            message: e.to_string(),
+        })?;
+        if created {
+            tracing::info!(dir = %dir.root.display(), "created dev CA, identities, policy and key-encryption key");
+        }
+        Some(dir)
+    } else {
+        None
+    };
+    let need = |v: &Option<PathBuf>, dev_name: &str, flag: &str| -> Result<PathBuf, Failure> {
+        match (v, &dev) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(d)) => Ok(d.path(dev_name)),
+            (None, None) => Err(usage(format!("--{flag} is required without --dev"))),
+        }
+    };
+    let data_dir = match (&args.data_dir, &dev) {
+        (_, Some(d)) => d.data(),
+        (Some(p), None) => p.clone(),
+        (None, None) => return Err(usage("--data-dir is required without --dev")),
+    };
+    let mut cfg = crate::server::ServeConfig::new(
+        data_dir,
+        need(&args.tls_cert, "server.pem", "tls-cert")?,
+        need(&args.tls_key, "server-key.pem", "tls-key")?,
+        need(&args.client_ca, "ca.pem", "client-ca")?,
+        need(&args.policy, "policy.toml", "policy")?,
+        need(&args.kek_file, "kek", "kek-file")?,
+    );
+    cfg.listen = args.listen;
+    cfg.http_listen = Some(args.http_listen);
+    cfg.issuer = args.issuer.clone();
+    cfg.alg = args.alg;
+    Ok((cfg, dev))
+}
+
+/// What `serve --dev` prints once it is listening.
+pub fn dev_banner(
+    dir: &DevDir,
+    grpc: std::net::SocketAddr,
+    http: Option<std::net::SocketAddr>,
+) -> String {
+    let d = dir.root.display();
+    let http = http.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let mut s = format!(
+        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
+    );
+    let bin = "cargo run --release --";
+    for line in [
+        format!(
+            "{bin} token request --scope orders.read --reason 'read orders'   # auto: granted at once"
+        ),
+        format!("{bin} lease list"),
+        format!(
+            "{bin} token request --scope orders.admin --reason 'fix a bad row'   # approval: parked"
+        ),
+        format!(
+            "{bin} policy explain --identity {} --scope orders.admin",
+            crate::dev::WORKLOAD
+        ),
+    ] {
+        s.push_str("  ");
+        s.push_str(&line);
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "Identities: --as workload ({}), approver ({}), admin ({})\n",
+        crate::dev::WORKLOAD,
+        crate::dev::APPROVER,
+        crate::dev::ADMIN
+    ));
+    let _ = As::Workload;
+    s
+}

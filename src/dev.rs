@@ -1,0 +1,284 @@
+//! The zero-configuration dev setup behind `serve --dev`: a data directory
+//! with a dev CA, a server certificate, client certificates for a demo
+//! workload, approver and admin, a dev policy and a key-encryption key.
+//! Everything is created once and reused on later starts, so identities and
+//! leases survive restarts. Never use these files in production.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use serde::{Deserialize, Serialize};
+
+/// Trust domain of the dev identities.
+pub const TRUST_DOMAIN: &str = "portcullis.dev";
+/// The demo workload.
+pub const WORKLOAD: &str = "spiffe://portcullis.dev/ns/demo/sa/app";
+/// The demo approver.
+pub const APPROVER: &str = "spiffe://portcullis.dev/human/alice";
+/// The demo admin.
+pub const ADMIN: &str = "spiffe://portcullis.dev/human/root-oncall";
+
+/// Errors of the dev setup.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// A file could not be written or read.
+    #[error("`{path}`: {detail}")]
+    Io {
+        /// Path.
+        path: String,
+        /// OS error.
+        detail: String,
+    },
+}
+
+/// The dev identities a client can act as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum As {
+    /// The demo workload (`ns/demo/sa/app`).
+    Workload,
+    /// The demo approver (`human/alice`).
+    Approver,
+    /// The demo admin (`human/root-oncall`).
+    Admin,
+}
+
+impl As {
+    /// File stem of its certificate.
+    pub fn stem(self) -> &'static str {
+        match self {
+            Self::Workload => "workload",
+            Self::Approver => "approver",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// Paths inside a dev directory.
+#[derive(Clone, Debug)]
+pub struct DevDir {
+    /// The directory.
+    pub root: PathBuf,
+}
+
+/// Where a running broker listens (written to `endpoints.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Endpoints {
+    /// gRPC (mTLS) address.
+    pub grpc: SocketAddr,
+    /// HTTP (JWKS, discovery, health) address.
+    pub http: Option<SocketAddr>,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> DevError {
+    DevError::Io {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// Write `contents` to `path`, readable only by the owner when `secret`.
+pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevError> {
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write as _;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if secret {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(|e| io(&tmp, e))?;
+        f.write_all(contents).map_err(|e| io(&tmp, e))?;
+        f.sync_all().map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+}
+
+impl DevDir {
+    /// A dev directory at `root` (not created yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// Path of a file in it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Certificate and key of a dev identity.
+    pub fn identity_files(&self, who: As) -> (PathBuf, PathBuf) {
+        (
+            self.path(&format!("{}.pem", who.stem())),
+            self.path(&format!("{}-key.pem", who.stem())),
+        )
+    }
+
+    /// The sled data directory.
+    pub fn data(&self) -> PathBuf {
+        self.path("data")
+    }
+
+    /// Create whatever is missing: CA, certificates, policy, KEK. Returns
+    /// `true` when the CA was created now.
+    pub fn prepare(&self) -> Result<bool, DevError> {
+        std::fs::create_dir_all(&self.root).map_err(|e| io(&self.root, e))?;
+        let mut created = false;
+        if !self.path("ca.pem").exists() {
+            let ca = DevCa::new("portcullis dev CA")?;
+            write_file(&self.path("ca.pem"), ca.cert_pem.as_bytes(), false)?;
+            write_file(
+                &self.path("ca-key.pem"),
+                ca.key.serialize_pem().as_bytes(),
+                true,
+            )?;
+            let (cert, key) = ca.server_cert()?;
+            write_file(&self.path("server.pem"), cert.as_bytes(), false)?;
+            write_file(&self.path("server-key.pem"), key.as_bytes(), true)?;
+            for (who, uri) in [
+                (As::Workload, WORKLOAD),
+                (As::Approver, APPROVER),
+                (As::Admin, ADMIN),
+            ] {
+                let (cert, key) = ca.client_cert(uri, None)?;
+                let (c, k) = self.identity_files(who);
+                write_file(&c, cert.as_bytes(), false)?;
+                write_file(&k, key.as_bytes(), true)?;
+            }
+            created = true;
+        }
+        if !self.path("policy.toml").exists() {
+            write_file(&self.path("policy.toml"), DEV_POLICY.as_bytes(), false)?;
+        }
+        if !self.path("kek").exists() {
+            let (_, hex) = crate::keys::Kek::generate().map_err(|e| io(&self.path("kek"), e))?;
+            write_file(&self.path("kek"), hex.as_bytes(), true)?;
+        }
+        Ok(created)
+    }
+
+    /// Record where the broker listens.
+    pub fn write_endpoints(&self, e: &Endpoints) -> Result<(), DevError> {
+        let json =
+            serde_json::to_vec_pretty(e).map_err(|err| io(&self.path("endpoints.json"), err))?;
+        write_file(&self.path("endpoints.json"), &json, false)
+    }
+
+    /// Where the broker said it listens.
+    pub fn endpoints(&self) -> Result<Endpoints, DevError> {
+        let p = self.path("endpoints.json");
+        let text = std::fs::read(&p)
+            .map_err(|e| io(&p, format!("{e} (is `portcullis serve --dev` running?)")))?;
+        serde_json::from_slice(&text).map_err(|e| io(&p, e))
+    }
+}
+
+/// An in-memory CA that issues dev certificates (also used by tests to make
+/// foreign and expired certificates).
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    key: KeyPair,
+    /// The CA certificate (PEM).
+    pub cert_pem: String,
+}
+
+impl DevCa {
+    /// A fresh self-signed CA.
+    pub fn new(name: &str) -> Result<Self, DevError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        let signing = KeyPair::from_pem(&key.serialize_pem())?;
+        Ok(Self {
+            issuer: Issuer::new(params, signing),
+            key,
+            cert_pem: cert.pem(),
+        })
+    }
+
+    /// Server certificate for `localhost` and 127.0.0.1 (PEM cert, PEM key).
+    pub fn server_cert(&self) -> Result<(String, String), DevError> {
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "portcullis broker");
+        params.subject_alt_names.push(SanType::URI(
+            format!("spiffe://{TRUST_DOMAIN}/portcullis/broker").try_into()?,
+        ));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Client certificate whose one URI SAN is `uri`; `expired` makes one
+    /// valid only in 2020 (for tests).
+    pub fn client_cert(
+        &self,
+        uri: &str,
+        expired: Option<()>,
+    ) -> Result<(String, String), DevError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, uri);
+        params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if expired.is_some() {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 6, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// The policy written into a new dev directory.
+pub const DEV_POLICY: &str = r#"# portcullis dev policy (written by `serve --dev`; edit freely, it reloads).
+[broker]
+default_audience = "portcullis-dev"
+admins = ["admins"]
+
+[groups]
+approvers = ["spiffe://portcullis.dev/human/alice"]
+admins = ["spiffe://portcullis.dev/human/root-oncall"]
+
+# Routine read access: granted at once.
+[[scope]]
+name = "orders.read"
+tier = "auto"
+workloads = ["spiffe://portcullis.dev/ns/demo/*"]
+default_ttl = "5m"
+max_ttl = "1h"
+
+[[scope]]
+name = "orders.write"
+tier = "auto"
+workloads = ["spiffe://portcullis.dev/ns/demo/*"]
+default_ttl = "5m"
+max_ttl = "15m"
+
+# Crosses a trust boundary: parked until a human approves.
+[[scope]]
+name = "orders.admin"
+tier = "approval"
+workloads = ["spiffe://portcullis.dev/ns/demo/*"]
+approvers = ["approvers"]
+approvals_required = 1
+pending_ttl = "30m"
+max_ttl = "15m"
+"#;

@@ -1,0 +1,945 @@
+//! `grant` moves state: it turns an authenticated ask into a durable lease
+//! and a token, a parked request, or a refusal; and it renews, revokes,
+//! lists, expires and introspects. It knows nothing about gRPC: `api`
+//! translates, and maps [`GrantError`] to status codes in one table.
+//!
+//! # What is durable when a reply is sent
+//! Every acknowledged change — a grant, a parked request, a renewal, a
+//! revocation, a withdrawal — has been made durable by a group commit
+//! ([`GroupCommit::durable`]) before the method returns `Ok`. A token is
+//! minted before the write, but dropped unless the write became durable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::{Notify, broadcast, watch};
+
+use crate::clock::{Clock, millis, secs};
+use crate::identity::Identity;
+use crate::keys::KeyRing;
+use crate::policy::{Decision, Policy, Refusal, valid_scope_name};
+use crate::store::commit::GroupCommit;
+use crate::store::{
+    Idempotency, IdempotentOutcome, Lease, LeaseState, Millis, RequestState, Store, StoreError,
+    TokenRequest, Transition,
+};
+use crate::token::{self, Claims, TokenError};
+
+/// Most scopes in one request.
+pub const MAX_SCOPES: usize = 64;
+/// Longest justification or reason.
+pub const MAX_REASON: usize = 4096;
+/// Longest audience.
+pub const MAX_AUDIENCE: usize = 256;
+/// Longest client request id.
+pub const MAX_CLIENT_REQUEST_ID: usize = 128;
+/// Largest page of `ListLeases`.
+pub const MAX_PAGE: usize = 1000;
+/// Actor recorded for the broker's own transitions (expiry).
+pub const SYSTEM_ACTOR: &str = "portcullis";
+
+/// Domain errors. `api::status` maps each to one gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// A field of the request is malformed or out of bounds; nothing changed.
+    #[error("`{field}`: {reason}")]
+    Invalid {
+        /// Field name as in the proto.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Policy refuses a scope.
+    #[error("refused by policy: {0}")]
+    Refused(#[from] Refusal),
+    /// The caller may not act on this object (not owner, not admin).
+    #[error("{0}")]
+    NotAllowed(String),
+    /// No such object visible to the caller.
+    #[error("{what} `{id}` not found")]
+    NotFound {
+        /// Kind of object.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The object is in the wrong state for this operation.
+    #[error("{0}")]
+    WrongState(String),
+    /// An idempotency key was reused with other parameters.
+    #[error("`client_request_id`: already used with different parameters")]
+    IdempotencyConflict,
+    /// Not implemented in this version.
+    #[error("{0}")]
+    NotSupported(&'static str),
+    /// The store could not read or persist; nothing was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A token could not be signed.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// A workload's ask, as received (validated by [`Engine::request_token`]).
+#[derive(Clone, Debug, Default)]
+pub struct TokenAsk {
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Wanted TTL; `None` for the policy default.
+    pub ttl: Option<Duration>,
+    /// Audience; empty for the policy default.
+    pub audience: String,
+    /// Why.
+    pub justification: String,
+    /// Idempotency key; empty for none.
+    pub client_request_id: String,
+    /// Break-glass flag.
+    pub break_glass: bool,
+}
+
+/// Outcome of [`Engine::request_token`].
+#[derive(Debug)]
+pub enum Outcome {
+    /// Granted at once.
+    Granted {
+        /// The token (a secret: never log it).
+        token: String,
+        /// Its lease.
+        lease: Lease,
+    },
+    /// Parked for approval.
+    Parked(TokenRequest),
+}
+
+/// Introspection answer (RFC 7662); `None` means inactive.
+pub type Introspection = Option<Claims>;
+
+/// Is `s` 1..=max printable ASCII characters (spaces allowed inside)?
+pub fn valid_token_text(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// A sortable random id: 48-bit millisecond time ‖ 80 random bits, hex.
+pub fn new_id(prefix: &str, now: Millis) -> Result<String, GrantError> {
+    let mut rnd = [0u8; 10];
+    SystemRandom::new()
+        .fill(&mut rnd)
+        .map_err(|_| GrantError::Store(StoreError::Unavailable("no system randomness".into())))?;
+    let mut s = format!("{prefix}{:012x}", now & 0xffff_ffff_ffff);
+    for b in rnd {
+        s.push_str(&format!("{b:02x}"));
+    }
+    Ok(s)
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The broker's state machine over a store, a policy and a key ring.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    commit: GroupCommit,
+    policy: RwLock<Arc<Policy>>,
+    keys: Arc<KeyRing>,
+    clock: Arc<dyn Clock>,
+    issuer: String,
+    /// Deadline the expiry task sleeps until (`u64::MAX`: none known).
+    scheduled: AtomicU64,
+    wake: Notify,
+    request_events: broadcast::Sender<String>,
+    expiry_progress: watch::Sender<Millis>,
+}
+
+impl Engine {
+    /// Assemble an engine.
+    pub fn new(
+        store: Arc<dyn Store>,
+        commit: GroupCommit,
+        policy: Policy,
+        keys: Arc<KeyRing>,
+        clock: Arc<dyn Clock>,
+        issuer: String,
+    ) -> Self {
+        Self {
+            store,
+            commit,
+            policy: RwLock::new(Arc::new(policy)),
+            keys,
+            clock,
+            issuer,
+            scheduled: AtomicU64::new(0),
+            wake: Notify::new(),
+            request_events: broadcast::channel(1024).0,
+            expiry_progress: watch::channel(0).0,
+        }
+    }
+
+    /// The current policy.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.policy.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Swap in a new (already validated) policy; requests in flight finish
+    /// under the one they started with.
+    pub fn set_policy(&self, p: Policy) {
+        match self.policy.write() {
+            Ok(mut g) => *g = Arc::new(p),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(p),
+        }
+    }
+
+    /// The key ring.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Issuer URL put in `iss`.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Group-commit handle.
+    pub fn commit(&self) -> &GroupCommit {
+        &self.commit
+    }
+
+    /// Request ids whose state changed.
+    pub fn request_events(&self) -> broadcast::Receiver<String> {
+        self.request_events.subscribe()
+    }
+
+    /// Time up to which the expiry task has swept.
+    pub fn expiry_progress(&self) -> watch::Receiver<Millis> {
+        self.expiry_progress.subscribe()
+    }
+
+    fn note_deadline(&self, at: Millis) {
+        if at < self.scheduled.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+    }
+
+    fn validate_ttl(&self, ttl: Option<Duration>, field: &'static str) -> Result<(), GrantError> {
+        if let Some(t) = ttl {
+            if t.is_zero() {
+                return Err(GrantError::Invalid {
+                    field,
+                    reason: "must be greater than zero".into(),
+                });
+            }
+            let hard = self.policy().hard_max_ttl;
+            if t > hard {
+                return Err(GrantError::Invalid {
+                    field,
+                    reason: format!(
+                        "exceeds the broker limit of {}",
+                        humantime::format_duration(hard)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn claims(&self, lease: &Lease, iat: Millis) -> Claims {
+        Claims {
+            iss: self.issuer.clone(),
+            sub: lease.subject.clone(),
+            aud: lease.audience.clone(),
+            client_id: lease.client_id.clone(),
+            scope: lease.scopes.join(" "),
+            iat: secs(iat),
+            nbf: secs(iat),
+            exp: secs(lease.expires_at),
+            jti: lease.id.clone(),
+            approved_by: lease.approved_by.clone(),
+            break_glass: lease.break_glass,
+        }
+    }
+
+    /// Ask for a token (see the `RequestToken` RPC).
+    pub async fn request_token(
+        &self,
+        who: &Identity,
+        ask: TokenAsk,
+    ) -> Result<Outcome, GrantError> {
+        let scopes = validate_scopes(&ask.scopes)?;
+        self.validate_ttl(ask.ttl, "ttl")?;
+        if ask.justification.len() > MAX_REASON || ask.justification.contains('\0') {
+            return Err(GrantError::Invalid {
+                field: "justification",
+                reason: format!("at most {MAX_REASON} bytes of text"),
+            });
+        }
+        if !ask.audience.is_empty() && !valid_token_text(&ask.audience, MAX_AUDIENCE) {
+            return Err(GrantError::Invalid {
+                field: "audience",
+                reason: format!("1-{MAX_AUDIENCE} printable ASCII characters"),
+            });
+        }
+        if !ask.client_request_id.is_empty()
+            && (!valid_token_text(&ask.client_request_id, MAX_CLIENT_REQUEST_ID)
+                || ask.client_request_id.contains(' '))
+        {
+            return Err(GrantError::Invalid {
+                field: "client_request_id",
+                reason: format!(
+                    "1-{MAX_CLIENT_REQUEST_ID} printable ASCII characters without spaces"
+                ),
+            });
+        }
+        if ask.break_glass {
+            return Err(GrantError::NotSupported(
+                "break-glass is not enabled on this broker version",
+            ));
+        }
+        let policy = self.policy();
+        let decision = policy.decide(who, &scopes, ask.ttl)?;
+        let audience = if ask.audience.is_empty() {
+            policy.default_audience.clone()
+        } else {
+            ask.audience.clone()
+        };
+        let now = self.clock.now();
+        let ttl_ms = ask.ttl.map_or(0, millis).to_be_bytes();
+        let digest = sha256_hex(&[
+            who.as_str().as_bytes(),
+            scopes.join(" ").as_bytes(),
+            &ttl_ms,
+            audience.as_bytes(),
+            ask.justification.as_bytes(),
+        ]);
+        let idem = |outcome| {
+            (!ask.client_request_id.is_empty()).then(|| Idempotency {
+                caller: who.as_str().to_owned(),
+                key: ask.client_request_id.clone(),
+                params_digest: digest.clone(),
+                outcome,
+            })
+        };
+        match decision {
+            Decision::Grant {
+                ttl,
+                max_ttl,
+                rules,
+            } => {
+                let id = new_id("l_", now)?;
+                let lease = Lease {
+                    id: id.clone(),
+                    subject: who.as_str().to_owned(),
+                    client_id: who.as_str().to_owned(),
+                    scopes,
+                    audience,
+                    justification: ask.justification.clone(),
+                    issued_at: now,
+                    expires_at: now.saturating_add(millis(ttl)),
+                    max_expires_at: now.saturating_add(millis(max_ttl)),
+                    ttl_ms: millis(ttl),
+                    state: LeaseState::Active,
+                    kid: String::new(),
+                    renewals: 0,
+                    token_issued_at: now,
+                    revoked_at: None,
+                    revoked_by: None,
+                    revoke_reason: None,
+                    expired_at: None,
+                    request_id: None,
+                    approved_by: Vec::new(),
+                    break_glass: false,
+                };
+                let keys = self.keys.current();
+                let lease = Lease {
+                    kid: keys.active.kid.clone(),
+                    ..lease
+                };
+                // Sign first: if signing fails, nothing is written.
+                let tok = token::mint(&keys, &self.claims(&lease, now))?;
+                if let Some(existing) = self
+                    .store
+                    .create_lease(&lease, idem(IdempotentOutcome::Lease(id)).as_ref())?
+                {
+                    return self.replay(who, existing, &digest).await;
+                }
+                self.commit.durable().await?;
+                self.note_deadline(lease.expires_at);
+                tracing::info!(jti = %lease.id, kid = %lease.kid, sub = %who, scopes = %lease.scopes.join(" "), rules = %rules.join(", "), "granted");
+                Ok(Outcome::Granted { token: tok, lease })
+            }
+            Decision::Park {
+                ttl,
+                max_ttl,
+                pending_ttl,
+                requirements,
+            } => {
+                let id = new_id("r_", now)?;
+                let req = TokenRequest {
+                    id: id.clone(),
+                    requester: who.as_str().to_owned(),
+                    digest: sha256_hex(&[
+                        who.as_str().as_bytes(),
+                        scopes.join(" ").as_bytes(),
+                        &millis(ttl).to_be_bytes(),
+                        audience.as_bytes(),
+                    ]),
+                    scopes,
+                    ttl_ms: millis(ttl),
+                    max_ttl_ms: millis(max_ttl),
+                    audience,
+                    justification: ask.justification.clone(),
+                    state: RequestState::Pending,
+                    created_at: now,
+                    deadline: now.saturating_add(millis(pending_ttl)),
+                    waiting_for: requirements,
+                    approvals: Vec::new(),
+                    lease_id: None,
+                    history: vec![Transition {
+                        from: None,
+                        to: RequestState::Pending,
+                        actor: who.as_str().to_owned(),
+                        at: now,
+                        reason: ask.justification.clone(),
+                    }],
+                    client_request_id: (!ask.client_request_id.is_empty())
+                        .then(|| ask.client_request_id.clone()),
+                };
+                if let Some(existing) = self
+                    .store
+                    .create_request(&req, idem(IdempotentOutcome::Request(id)).as_ref())?
+                {
+                    return self.replay(who, existing, &digest).await;
+                }
+                self.commit.durable().await?;
+                self.note_deadline(req.deadline);
+                tracing::info!(request_id = %req.id, sub = %who, scopes = %req.scopes.join(" "), "parked for approval");
+                Ok(Outcome::Parked(req))
+            }
+        }
+    }
+
+    /// Answer a retried request with the first outcome.
+    async fn replay(
+        &self,
+        who: &Identity,
+        existing: Idempotency,
+        digest: &str,
+    ) -> Result<Outcome, GrantError> {
+        if existing.params_digest != digest {
+            return Err(GrantError::IdempotencyConflict);
+        }
+        // The first call's write may not be durable yet: wait for it too.
+        self.commit.durable().await?;
+        match existing.outcome {
+            IdempotentOutcome::Lease(id) => {
+                let lease = self.store.lease(&id)?.ok_or(GrantError::NotFound {
+                    what: "lease",
+                    id: id.clone(),
+                })?;
+                let now = self.clock.now();
+                if lease.state != LeaseState::Active || lease.expires_at <= now {
+                    return Err(GrantError::WrongState(format!(
+                        "the lease `{id}` granted for this client_request_id is no longer active"
+                    )));
+                }
+                let keys = self.keys.current();
+                let mut claims = self.claims(&lease, lease.token_issued_at);
+                claims.iat = secs(lease.token_issued_at);
+                let tok = token::mint(&keys, &claims)?;
+                tracing::info!(jti = %lease.id, sub = %who, "idempotent replay");
+                Ok(Outcome::Granted { token: tok, lease })
+            }
+            IdempotentOutcome::Request(id) => {
+                let req = self.store.request(&id)?.ok_or(GrantError::NotFound {
+                    what: "request",
+                    id,
+                })?;
+                Ok(Outcome::Parked(req))
+            }
+        }
+    }
+
+    fn visible_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, GrantError> {
+        let not_found = || GrantError::NotFound {
+            what: "request",
+            id: id.chars().take(80).collect(),
+        };
+        let req = self.store.request(id)?.ok_or_else(not_found)?;
+        if req.requester == who.as_str() || self.policy().is_admin(who) {
+            Ok(req)
+        } else {
+            // Never hint that someone else's request exists.
+            Err(not_found())
+        }
+    }
+
+    /// Read a request (requester or admin).
+    pub fn get_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, GrantError> {
+        require_id("request_id", id)?;
+        self.visible_request(who, id)
+    }
+
+    /// Withdraw one's own pending or approved request.
+    pub async fn withdraw_request(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: &str,
+    ) -> Result<TokenRequest, GrantError> {
+        require_id("request_id", id)?;
+        validate_reason(reason, false)?;
+        loop {
+            let req = self.visible_request(who, id)?;
+            if req.requester != who.as_str() {
+                return Err(GrantError::NotAllowed(format!(
+                    "only the requester may withdraw request `{id}`"
+                )));
+            }
+            if req.state.is_terminal() {
+                return Err(GrantError::WrongState(
+                    format!("request `{id}` is already {:?}", req.state).to_lowercase(),
+                ));
+            }
+            let now = self.clock.now();
+            let mut new = req.clone();
+            new.state = RequestState::Withdrawn;
+            new.history.push(Transition {
+                from: Some(req.state),
+                to: RequestState::Withdrawn,
+                actor: who.as_str().to_owned(),
+                at: now,
+                reason: reason.to_owned(),
+            });
+            if self.store.swap_request(&req, &new)? {
+                self.commit.durable().await?;
+                let _ = self.request_events.send(id.to_owned());
+                tracing::info!(request_id = %id, sub = %who, "withdrawn");
+                return Ok(new);
+            }
+        }
+    }
+
+    fn owned_lease(&self, who: &Identity, id: &str, admin_ok: bool) -> Result<Lease, GrantError> {
+        require_id("lease_id", id)?;
+        let lease = self.store.lease(id)?.ok_or_else(|| GrantError::NotFound {
+            what: "lease",
+            id: id.chars().take(80).collect(),
+        })?;
+        if lease.subject == who.as_str() || (admin_ok && self.policy().is_admin(who)) {
+            Ok(lease)
+        } else {
+            Err(GrantError::NotAllowed(format!(
+                "`lease_id`: lease `{id}` belongs to another identity"
+            )))
+        }
+    }
+
+    /// Read a lease (owner or admin).
+    pub fn get_lease(&self, who: &Identity, id: &str) -> Result<Lease, GrantError> {
+        self.owned_lease(who, id, true)
+    }
+
+    /// Extend an active lease, up to its `max_expires_at`, with a fresh token.
+    pub async fn renew(
+        &self,
+        who: &Identity,
+        id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(String, Lease), GrantError> {
+        self.validate_ttl(ttl, "ttl")?;
+        loop {
+            let lease = self.owned_lease(who, id, false)?;
+            let now = self.clock.now();
+            if lease.state != LeaseState::Active || lease.expires_at <= now {
+                let state = if lease.state == LeaseState::Revoked {
+                    "revoked"
+                } else {
+                    "expired"
+                };
+                return Err(GrantError::WrongState(format!(
+                    "lease `{id}` is {state} and cannot be renewed"
+                )));
+            }
+            // Policy may have changed since issue: the identity must still be
+            // allowed the scopes (approval-tier leases are not re-approved).
+            self.policy().decide(who, &lease.scopes, None)?;
+            let want = ttl.map_or(lease.ttl_ms, millis);
+            let expires_at = now.saturating_add(want).min(lease.max_expires_at);
+            if expires_at <= now {
+                return Err(GrantError::WrongState(format!(
+                    "lease `{id}` has reached its max_ttl"
+                )));
+            }
+            let keys = self.keys.current();
+            let new = Lease {
+                expires_at,
+                renewals: lease.renewals + 1,
+                token_issued_at: now,
+                kid: keys.active.kid.clone(),
+                ..lease.clone()
+            };
+            let tok = token::mint(&keys, &self.claims(&new, now))?;
+            if self.store.swap_lease(&lease, &new)? {
+                self.commit.durable().await?;
+                self.note_deadline(new.expires_at);
+                tracing::info!(jti = %id, kid = %new.kid, sub = %who, renewals = new.renewals, "renewed");
+                return Ok((tok, new));
+            }
+        }
+    }
+
+    /// Revoke one lease (owner, or admin for anyone's). Revoking a lease that
+    /// already ended returns it unchanged.
+    pub async fn revoke(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: &str,
+    ) -> Result<Lease, GrantError> {
+        validate_reason(reason, false)?;
+        loop {
+            let lease = self.owned_lease(who, id, true)?;
+            if lease.state != LeaseState::Active {
+                return Ok(lease);
+            }
+            let new = revoked(&lease, who.as_str(), reason, self.clock.now());
+            if self.store.swap_lease(&lease, &new)? {
+                self.commit.durable().await?;
+                tracing::info!(jti = %id, sub = %lease.subject, by = %who, "revoked");
+                return Ok(new);
+            }
+        }
+    }
+
+    /// Revoke every active lease of `subject` (admin only). Returns how many.
+    pub async fn revoke_all(
+        &self,
+        who: &Identity,
+        subject: &str,
+        reason: &str,
+    ) -> Result<u64, GrantError> {
+        let subject = Identity::parse(subject).map_err(|e| GrantError::Invalid {
+            field: "subject",
+            reason: e.to_string(),
+        })?;
+        validate_reason(reason, false)?;
+        if !self.policy().is_admin(who) {
+            return Err(GrantError::NotAllowed(
+                "bulk revocation needs an admin identity".into(),
+            ));
+        }
+        let store = self.store.clone();
+        let now = self.clock.now();
+        let (by, why, subj) = (
+            who.as_str().to_owned(),
+            reason.to_owned(),
+            subject.as_str().to_owned(),
+        );
+        let count = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let mut count = 0;
+            let mut after: Option<String> = None;
+            loop {
+                let page = store.leases_of(&subj, after.as_deref(), 4096)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id.clone());
+                for mut lease in page {
+                    while lease.state == LeaseState::Active {
+                        let new = revoked(&lease, &by, &why, now);
+                        if store.swap_lease(&lease, &new)? {
+                            count += 1;
+                            break;
+                        }
+                        match store.lease(&lease.id)? {
+                            Some(l) => lease = l,
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Ok(count)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        self.commit.durable().await?;
+        tracing::warn!(sub = %subject, by = %who, revoked = count, "bulk revocation");
+        Ok(count)
+    }
+
+    /// A page of leases of `subject` (empty: the caller), optionally in one
+    /// state, after `page_token`. Returns the page and the next token.
+    pub fn list_leases(
+        &self,
+        who: &Identity,
+        subject: &str,
+        state: Option<LeaseState>,
+        page_size: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Lease>, String), GrantError> {
+        let subject = if subject.is_empty() {
+            who.clone()
+        } else {
+            Identity::parse(subject).map_err(|e| GrantError::Invalid {
+                field: "subject",
+                reason: e.to_string(),
+            })?
+        };
+        if subject != *who && !self.policy().is_admin(who) {
+            return Err(GrantError::NotAllowed(
+                "listing another identity's leases needs an admin identity".into(),
+            ));
+        }
+        if !page_token.is_empty() {
+            require_id("page_token", page_token)?;
+        }
+        let size = match page_size {
+            0 => 100,
+            n if n > MAX_PAGE => {
+                return Err(GrantError::Invalid {
+                    field: "page_size",
+                    reason: format!("at most {MAX_PAGE}"),
+                });
+            }
+            n => n,
+        };
+        let mut out = Vec::new();
+        let mut after = (!page_token.is_empty()).then(|| page_token.to_owned());
+        loop {
+            let chunk = self
+                .store
+                .leases_of(subject.as_str(), after.as_deref(), size + 1)?;
+            let exhausted = chunk.len() <= size;
+            for l in chunk {
+                after = Some(l.id.clone());
+                if state.is_none_or(|s| s == l.state) {
+                    if out.len() == size {
+                        // One more exists: the page is full.
+                        let next = out.last().map(|l: &Lease| l.id.clone()).unwrap_or_default();
+                        return Ok((out, next));
+                    }
+                    out.push(l);
+                }
+            }
+            if exhausted {
+                return Ok((out, String::new()));
+            }
+        }
+    }
+
+    /// RFC 7662: the token's claims if it is live right now, else `None`.
+    /// Checks signature, `kid`, `alg`, `iss` and time, then the lease itself,
+    /// so the answer never depends on the expiry task having run.
+    pub fn introspect(&self, tok: &str) -> Result<Introspection, GrantError> {
+        let now = self.clock.now();
+        let keys = self.keys.current();
+        let claims = match token::verify(&keys, &self.issuer, tok, secs(now)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "introspection: token rejected");
+                return Ok(None);
+            }
+        };
+        let Some(lease) = self.store.lease(&claims.jti)? else {
+            return Ok(None);
+        };
+        let live = lease.state == LeaseState::Active
+            && lease.expires_at > now
+            && lease.subject == claims.sub
+            && claims.exp <= secs(lease.expires_at)
+            && claims.iat >= secs(lease.issued_at);
+        Ok(live.then_some(claims))
+    }
+
+    /// Expire every lease and request due at `now`. Returns how many changed.
+    pub async fn expire_due(&self, now: Millis) -> Result<usize, GrantError> {
+        let mut changed = 0;
+        loop {
+            let due = self.store.leases_due(now, 1024)?;
+            if due.is_empty() {
+                break;
+            }
+            for id in due {
+                while let Some(lease) = self.store.lease(&id)? {
+                    if lease.state != LeaseState::Active || lease.expires_at > now {
+                        break;
+                    }
+                    let new = Lease {
+                        state: LeaseState::Expired,
+                        expired_at: Some(now),
+                        ..lease.clone()
+                    };
+                    if self.store.swap_lease(&lease, &new)? {
+                        changed += 1;
+                        tracing::info!(jti = %id, sub = %lease.subject, "expired");
+                        break;
+                    }
+                }
+            }
+        }
+        let mut events = Vec::new();
+        loop {
+            let due = self.store.requests_due(now, 1024)?;
+            if due.is_empty() {
+                break;
+            }
+            for id in due {
+                while let Some(req) = self.store.request(&id)? {
+                    if req.state.is_terminal() || req.deadline > now {
+                        break;
+                    }
+                    let mut new = req.clone();
+                    new.state = RequestState::Expired;
+                    let why = if req.state == RequestState::Approved {
+                        "claim window passed"
+                    } else {
+                        "pending_ttl passed without enough approvals"
+                    };
+                    new.history.push(Transition {
+                        from: Some(req.state),
+                        to: RequestState::Expired,
+                        actor: SYSTEM_ACTOR.into(),
+                        at: now,
+                        reason: why.into(),
+                    });
+                    if self.store.swap_request(&req, &new)? {
+                        changed += 1;
+                        events.push(id.clone());
+                        tracing::info!(request_id = %id, "request expired");
+                        break;
+                    }
+                }
+            }
+        }
+        if changed > 0 {
+            self.commit.durable().await?;
+        }
+        for id in events {
+            let _ = self.request_events.send(id);
+        }
+        Ok(changed)
+    }
+
+    /// Earliest pending deadline, recorded as what the expiry task sleeps to.
+    pub(crate) fn next_deadline(&self) -> Result<Option<Millis>, GrantError> {
+        let next = match (
+            self.store.next_lease_deadline()?,
+            self.store.next_request_deadline()?,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.scheduled
+            .store(next.unwrap_or(u64::MAX), Ordering::Release);
+        Ok(next)
+    }
+
+    pub(crate) fn woken(&self) -> &Notify {
+        &self.wake
+    }
+
+    pub(crate) fn publish_progress(&self, now: Millis) {
+        self.expiry_progress.send_replace(now);
+    }
+}
+
+fn revoked(lease: &Lease, by: &str, reason: &str, now: Millis) -> Lease {
+    Lease {
+        state: LeaseState::Revoked,
+        revoked_at: Some(now),
+        revoked_by: Some(by.to_owned()),
+        revoke_reason: (!reason.is_empty()).then(|| reason.to_owned()),
+        ..lease.clone()
+    }
+}
+
+fn require_id(field: &'static str, id: &str) -> Result<(), GrantError> {
+    if id.is_empty() {
+        return Err(GrantError::Invalid {
+            field,
+            reason: "required".into(),
+        });
+    }
+    if id.len() > 128
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(GrantError::Invalid {
+            field,
+            reason: "not a valid id".into(),
+        });
+    }
+    Ok(())
+}
+
+fn validate_reason(reason: &str, required: bool) -> Result<(), GrantError> {
+    if required && reason.trim().is_empty() {
+        return Err(GrantError::Invalid {
+            field: "reason",
+            reason: "required".into(),
+        });
+    }
+    if reason.len() > MAX_REASON || reason.contains('\0') {
+        return Err(GrantError::Invalid {
+            field: "reason",
+            reason: format!("at most {MAX_REASON} bytes of text"),
+        });
+    }
+    Ok(())
+}
+
+/// Check and normalise the scope list: 1..=64 valid names, sorted, unique.
+fn validate_scopes(scopes: &[String]) -> Result<Vec<String>, GrantError> {
+    if scopes.is_empty() {
+        return Err(GrantError::Invalid {
+            field: "scopes",
+            reason: "at least one scope is required".into(),
+        });
+    }
+    if scopes.len() > MAX_SCOPES {
+        return Err(GrantError::Invalid {
+            field: "scopes",
+            reason: format!(
+                "at most {MAX_SCOPES} scopes per request, got {}",
+                scopes.len()
+            ),
+        });
+    }
+    for s in scopes {
+        if !valid_scope_name(s) {
+            let shown: String = s.escape_debug().take(64).collect();
+            return Err(GrantError::Invalid {
+                field: "scopes",
+                reason: format!(
+                    "`{shown}` must be 1-128 printable ASCII characters without spaces"
+                ),
+            });
+        }
+    }
+    let mut v = scopes.to_vec();
+    v.sort();
+    v.dedup();
+    Ok(v)
+}

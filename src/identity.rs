@@ -1,0 +1,115 @@
+//! Who is calling. An identity is a SPIFFE-style URI taken from the
+//! authenticated channel — the one URI SAN of the mTLS client certificate —
+//! never from a request body. [`from_peer_certs`] is the one place that
+//! extracts it, so other sources (JWT-SVIDs, Kubernetes tokens) can be added
+//! beside it later.
+
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// Longest identity accepted.
+pub const MAX_IDENTITY_LEN: usize = 2048;
+
+/// A validated SPIFFE-style identity URI.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity(String);
+
+/// Why a string or certificate gives no identity.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    /// Not a `spiffe://trust-domain/path` URI.
+    #[error("`{0}` is not a spiffe://trust-domain/path URI")]
+    NotSpiffe(String),
+    /// No client certificate on the channel.
+    #[error("no client certificate")]
+    NoCertificate,
+    /// The certificate does not parse.
+    #[error("client certificate does not parse")]
+    BadCertificate,
+    /// The certificate has no URI SAN, or more than one.
+    #[error("client certificate must carry exactly one URI SAN, found {0}")]
+    UriSanCount(usize),
+}
+
+impl Identity {
+    /// Parse `s`: `spiffe://`, a trust domain of lowercase letters, digits,
+    /// `.`, `-` and `_`, then a non-empty path of printable characters.
+    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+        let bad = || IdentityError::NotSpiffe(s.chars().take(200).collect());
+        if s.len() > MAX_IDENTITY_LEN {
+            return Err(bad());
+        }
+        let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let (domain, path) = rest.split_once('/').ok_or_else(bad)?;
+        let domain_ok = !domain.is_empty()
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-_".contains(&b));
+        let path_ok = !path.is_empty()
+            && !path.ends_with('/')
+            && !path.contains("//")
+            && path
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b'?' && b != b'#');
+        if domain_ok && path_ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(bad())
+        }
+    }
+
+    /// The URI.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The identity in a verified client certificate chain (leaf first). The
+/// chain was already verified against the client CA by the TLS layer.
+pub fn from_peer_certs(chain: &[impl AsRef<[u8]>]) -> Result<Identity, IdentityError> {
+    let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
+    let (_, cert) =
+        X509Certificate::from_der(leaf.as_ref()).map_err(|_| IdentityError::BadCertificate)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::BadCertificate)?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|s| s.value.general_names.iter())
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => Identity::parse(one),
+        other => Err(IdentityError::UriSanCount(other.len())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_spiffe_ids() {
+        assert!(Identity::parse("spiffe://example.org/ns/billing/sa/api").is_ok());
+        for bad in [
+            "https://example.org/x",
+            "spiffe://example.org",
+            "spiffe://example.org/",
+            "spiffe:///path",
+            "spiffe://Example.org/x",
+            "spiffe://example.org/a b",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a?q",
+        ] {
+            assert!(Identity::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

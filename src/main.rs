@@ -1,0 +1,124 @@
+#![forbid(unsafe_code)]
+//! The `portcullis` binary: parse arguments, set up tracing, call the library.
+
+use clap::Parser;
+use portcullis::cli::{self, Cli, Command, LogFormat, exit};
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(exit::FAILURE);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match &cli.command {
+            Command::Serve(args) => {
+                init_tracing(cli.log_format, "info");
+                serve(args).await
+            }
+            _ => {
+                init_tracing(cli.log_format, "warn");
+                match cli::run_client(cli).await {
+                    Ok(code) => code,
+                    Err(f) => {
+                        eprintln!("error: {}", f.message);
+                        f.code
+                    }
+                }
+            }
+        }
+    });
+    std::process::exit(code);
+}
+
+async fn serve(args: &cli::ServeArgs) -> i32 {
+    let (cfg, dev) = match cli::serve_config(args) {
+        Ok(c) => c,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            return f.code;
+        }
+    };
+    let running = match portcullis::server::start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::FAILURE;
+        }
+    };
+    if let Some(dir) = &dev {
+        let endpoints = portcullis::dev::Endpoints {
+            grpc: running.grpc_addr,
+            http: running.http_addr,
+        };
+        if let Err(e) = dir.write_endpoints(&endpoints) {
+            eprintln!("error: {e}");
+            running.shutdown().await;
+            return exit::FAILURE;
+        }
+        eprintln!(
+            "{}",
+            cli::dev_banner(dir, running.grpc_addr, running.http_addr)
+        );
+    } else {
+        eprintln!(
+            "portcullis listening: gRPC {} HTTP {:?}",
+            running.grpc_addr, running.http_addr
+        );
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    exit::OK
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

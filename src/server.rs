@@ -1,0 +1,365 @@
+//! `server` wires the broker together: store, group commit, key ring,
+//! policy, the mTLS gRPC listener, the HTTP listener (JWKS, discovery,
+//! health), the expiry task and policy reload — all under one cancellation
+//! token, stopped by [`Running::shutdown`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+
+use crate::api::broker::BrokerService;
+use crate::api::keys::KeysService;
+use crate::clock::{Clock, SystemClock};
+use crate::grant::Engine;
+use crate::keys::{Kek, KeyRing, SigningAlg};
+use crate::pb::broker_server::BrokerServer;
+use crate::pb::keys_server::KeysServer;
+use crate::policy::Policy;
+use crate::store::Store;
+use crate::store::commit::GroupCommit;
+use crate::store::mem::MemStore;
+use crate::store::sled_store::SledStore;
+
+/// Largest gRPC message accepted (a request with 64 max-size scopes and a
+/// 4 KiB justification is far below this).
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// How long shutdown waits for tasks before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything `serve` needs.
+pub struct ServeConfig {
+    /// sled directory (ignored with `in_memory`).
+    pub data_dir: PathBuf,
+    /// Keep state in memory only (tests, benchmarks of the non-durable path).
+    pub in_memory: bool,
+    /// gRPC listen address (port 0: pick one).
+    pub listen: SocketAddr,
+    /// HTTP listen address for JWKS/discovery/health; `None` disables it.
+    pub http_listen: Option<SocketAddr>,
+    /// Server certificate chain (PEM).
+    pub tls_cert: PathBuf,
+    /// Server private key (PEM).
+    pub tls_key: PathBuf,
+    /// CA bundle that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// Policy file.
+    pub policy: PathBuf,
+    /// Key-encryption key file (64 hex characters).
+    pub kek_file: PathBuf,
+    /// `iss` of tokens; default `http://<http address>`.
+    pub issuer: Option<String>,
+    /// Algorithm for newly generated signing keys.
+    pub alg: SigningAlg,
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
+    /// How often to look for policy file changes (SIGHUP also reloads).
+    pub policy_poll: Duration,
+}
+
+impl ServeConfig {
+    /// Defaults around the given files, real clock.
+    pub fn new(
+        data_dir: PathBuf,
+        tls_cert: PathBuf,
+        tls_key: PathBuf,
+        client_ca: PathBuf,
+        policy: PathBuf,
+        kek_file: PathBuf,
+    ) -> Self {
+        Self {
+            data_dir,
+            in_memory: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            tls_cert,
+            tls_key,
+            client_ca,
+            policy,
+            kek_file,
+            issuer: None,
+            alg: SigningAlg::Es256,
+            clock: Arc::new(SystemClock),
+            policy_poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Start-up failures; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A TLS file is missing or bad.
+    #[error("tls: `{path}`: {detail}")]
+    Tls {
+        /// File.
+        path: String,
+        /// Problem.
+        detail: String,
+    },
+    /// Policy problems.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// Key ring problems (KEK, sealed keys).
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    /// Store problems.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Could not listen.
+    #[error("cannot listen on {addr}: {detail}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Problem.
+        detail: String,
+    },
+}
+
+/// A running broker.
+pub struct Running {
+    /// Bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Bound HTTP address.
+    pub http_addr: Option<SocketAddr>,
+    /// The engine (tests read expiry progress through it).
+    pub engine: Arc<Engine>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// A token that fires when the broker shuts down.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stop: cancel every task, wait a bounded time, then the final sync.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; abandoning them");
+        }
+        let _ = self.flusher.await;
+        tracing::info!("stopped");
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|e| ServeError::Tls {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Start the broker; returns once both listeners are bound.
+pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
+    crate::jose::install();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let policy = Policy::load(&cfg.policy)?;
+    let store: Arc<dyn Store> = if cfg.in_memory {
+        Arc::new(MemStore::new())
+    } else {
+        let dir = cfg.data_dir.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || SledStore::open(&dir))
+                .await
+                .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))??,
+        )
+    };
+    let kek = Kek::from_file(&cfg.kek_file)?;
+    let ring = Arc::new(KeyRing::load_or_create(
+        store.as_ref(),
+        &kek,
+        cfg.alg,
+        cfg.clock.now(),
+    )?);
+
+    let tls = ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(
+            read(&cfg.tls_cert)?,
+            read(&cfg.tls_key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(&cfg.client_ca)?))
+        .client_auth_optional(false)
+        .timeout(Duration::from_secs(10));
+    let grpc_listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ServeError::Listen {
+            addr: cfg.listen,
+            detail: e.to_string(),
+        })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|e| ServeError::Listen {
+        addr: cfg.listen,
+        detail: e.to_string(),
+    })?;
+    let http_listener = match cfg.http_listen {
+        Some(a) => Some(TcpListener::bind(a).await.map_err(|e| ServeError::Listen {
+            addr: a,
+            detail: e.to_string(),
+        })?),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let issuer = cfg.issuer.clone().unwrap_or_else(|| match http_addr {
+        Some(a) => format!("http://{a}"),
+        None => format!("https://{grpc_addr}"),
+    });
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (commit, flusher) = GroupCommit::start(store.clone(), cancel.child_token());
+    let engine = Arc::new(Engine::new(
+        store,
+        commit,
+        policy,
+        ring.clone(),
+        cfg.clock.clone(),
+        issuer.clone(),
+    ));
+
+    let router = Server::builder()
+        .tls_config(tls)
+        .map_err(|e| ServeError::Tls {
+            path: cfg.tls_cert.display().to_string(),
+            detail: e.to_string(),
+        })?
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(
+            BrokerServer::new(BrokerService::new(engine.clone(), cancel.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            KeysServer::new(KeysService::new(ring.clone())).max_decoding_message_size(MAX_MESSAGE),
+        );
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    });
+
+    if let Some(listener) = http_listener {
+        let app = http_router(engine.clone());
+        let c = cancel.clone();
+        tracker.spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(c.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+    }
+    tracker.spawn(crate::expiry::run(engine.clone(), cancel.clone()));
+    tracker.spawn(reload_policy(
+        engine.clone(),
+        cfg.policy.clone(),
+        cfg.policy_poll,
+        cancel.clone(),
+    ));
+    tracing::info!(%grpc_addr, http_addr = ?http_addr, %issuer, kid = %ring.current().active.kid, "broker ready");
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        engine,
+        cancel,
+        tracker,
+        flusher,
+    })
+}
+
+fn http_router(engine: Arc<Engine>) -> axum::Router {
+    let jwks_engine = engine.clone();
+    let jwks = move || {
+        let e = jwks_engine.clone();
+        async move {
+            (
+                [
+                    (axum::http::header::CONTENT_TYPE, "application/jwk-set+json"),
+                    (axum::http::header::CACHE_CONTROL, "public, max-age=300"),
+                ],
+                e.keys().current().jwks_json.clone(),
+            )
+        }
+    };
+    let discovery = move || {
+        let e = engine.clone();
+        async move {
+            let iss = e.issuer().to_owned();
+            axum::Json(serde_json::json!({
+                "issuer": iss,
+                "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+                "id_token_signing_alg_values_supported": ["ES256", "EdDSA"],
+                "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+                "response_types_supported": ["token"],
+                "subject_types_supported": ["public"],
+            }))
+        }
+    };
+    axum::Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/healthz", get(|| async { "ok\n" }))
+}
+
+async fn reload_policy(
+    engine: Arc<Engine>,
+    path: PathBuf,
+    poll: Duration,
+    cancel: CancellationToken,
+) {
+    let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Option<SystemTime> = mtime(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fut = std::future::pending::<()>();
+        let forced = tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(poll) => false,
+            () = hup_fut => true,
+        };
+        let now = mtime(&path);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match Policy::load(&path) {
+            Ok(p) => {
+                engine.set_policy(p);
+                tracing::info!(path = %path.display(), "policy reloaded");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "new policy rejected; the previous policy stays in force")
+            }
+        }
+    }
+}

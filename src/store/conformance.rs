@@ -1,0 +1,370 @@
+//! One suite every [`Store`] backend must pass. A new backend (PostgreSQL)
+//! adds one line to `backends()` below.
+
+use super::mem::MemStore;
+use super::sled_store::SledStore;
+use super::*;
+
+fn backends() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = SledStore::open(dir.path()).unwrap();
+    vec![
+        ("mem", Box::new(MemStore::new()), None),
+        ("sled", Box::new(sled), Some(dir)),
+    ]
+}
+
+pub(crate) fn lease(id: &str, subject: &str, expires_at: Millis) -> Lease {
+    Lease {
+        id: id.into(),
+        subject: subject.into(),
+        client_id: subject.into(),
+        scopes: vec!["a".into()],
+        audience: "aud".into(),
+        justification: String::new(),
+        issued_at: 0,
+        expires_at,
+        max_expires_at: expires_at * 2,
+        ttl_ms: expires_at,
+        state: LeaseState::Active,
+        kid: "k".into(),
+        renewals: 0,
+        token_issued_at: 0,
+        revoked_at: None,
+        revoked_by: None,
+        revoke_reason: None,
+        expired_at: None,
+        request_id: None,
+        approved_by: vec![],
+        break_glass: false,
+    }
+}
+
+fn request(id: &str, deadline: Millis) -> TokenRequest {
+    TokenRequest {
+        id: id.into(),
+        requester: "spiffe://t/w".into(),
+        scopes: vec!["s".into()],
+        ttl_ms: 1000,
+        max_ttl_ms: 2000,
+        audience: "aud".into(),
+        justification: String::new(),
+        state: RequestState::Pending,
+        created_at: 0,
+        deadline,
+        waiting_for: vec![],
+        approvals: vec![],
+        lease_id: None,
+        digest: "d".into(),
+        history: vec![],
+        client_request_id: None,
+    }
+}
+
+fn idem(key: &str, outcome: IdempotentOutcome) -> Idempotency {
+    Idempotency {
+        caller: "spiffe://t/w".into(),
+        key: key.into(),
+        params_digest: "p".into(),
+        outcome,
+    }
+}
+
+#[test]
+fn leases_create_read_list_and_page() {
+    for (name, s, _dir) in backends() {
+        for (i, id) in ["l_3", "l_1", "l_2"].iter().enumerate() {
+            assert!(
+                s.create_lease(&lease(id, "spiffe://t/a", 100 + i as u64), None)
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        s.create_lease(&lease("l_9", "spiffe://t/ab", 5), None)
+            .unwrap();
+        assert_eq!(
+            s.lease("l_1").unwrap().unwrap().subject,
+            "spiffe://t/a",
+            "{name}"
+        );
+        assert!(s.lease("missing").unwrap().is_none(), "{name}");
+        let all: Vec<String> = s
+            .leases_of("spiffe://t/a", None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        assert_eq!(
+            all,
+            ["l_1", "l_2", "l_3"],
+            "{name}: prefix must not leak into spiffe://t/ab"
+        );
+        let page: Vec<String> = s
+            .leases_of("spiffe://t/a", Some("l_1"), 1)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        assert_eq!(page, ["l_2"], "{name}");
+        assert!(
+            s.leases_of("spiffe://t/none", None, 10).unwrap().is_empty(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn idempotency_key_is_claimed_once_and_writes_nothing_the_second_time() {
+    for (name, s, _dir) in backends() {
+        let first = idem("k1", IdempotentOutcome::Lease("l_1".into()));
+        assert!(
+            s.create_lease(&lease("l_1", "spiffe://t/a", 10), Some(&first))
+                .unwrap()
+                .is_none()
+        );
+        let again = idem("k1", IdempotentOutcome::Lease("l_2".into()));
+        let existing = s
+            .create_lease(&lease("l_2", "spiffe://t/a", 10), Some(&again))
+            .unwrap();
+        assert_eq!(existing, Some(first.clone()), "{name}");
+        assert!(
+            s.lease("l_2").unwrap().is_none(),
+            "{name}: second lease must not be written"
+        );
+        // Keys are shared between leases and requests of one caller.
+        let r = s.create_request(&request("r_1", 10), Some(&again)).unwrap();
+        assert_eq!(r, Some(first), "{name}");
+        assert!(s.request("r_1").unwrap().is_none(), "{name}");
+    }
+}
+
+#[test]
+fn swap_is_compare_and_swap_and_keeps_the_expiry_index() {
+    for (name, s, _dir) in backends() {
+        let a = lease("l_a", "spiffe://t/a", 50);
+        let b = lease("l_b", "spiffe://t/a", 20);
+        s.create_lease(&a, None).unwrap();
+        s.create_lease(&b, None).unwrap();
+        assert_eq!(s.next_lease_deadline().unwrap(), Some(20), "{name}");
+        assert_eq!(s.leases_due(49, 10).unwrap(), ["l_b"], "{name}");
+        assert_eq!(s.leases_due(50, 10).unwrap(), ["l_b", "l_a"], "{name}");
+        assert_eq!(s.leases_due(50, 1).unwrap(), ["l_b"], "{name}: limit");
+
+        // Renew b to 80: index moves.
+        let renewed = Lease {
+            expires_at: 80,
+            ..b.clone()
+        };
+        assert!(s.swap_lease(&b, &renewed).unwrap(), "{name}");
+        assert!(
+            !s.swap_lease(&b, &renewed).unwrap(),
+            "{name}: stale current must fail"
+        );
+        assert_eq!(s.leases_due(79, 10).unwrap(), ["l_a"], "{name}");
+        // Revoke a: leaves the index.
+        let revoked = Lease {
+            state: LeaseState::Revoked,
+            ..a.clone()
+        };
+        assert!(s.swap_lease(&a, &revoked).unwrap(), "{name}");
+        assert_eq!(s.leases_due(1000, 10).unwrap(), ["l_b"], "{name}");
+        assert_eq!(s.next_lease_deadline().unwrap(), Some(80), "{name}");
+        assert_eq!(
+            s.lease("l_a").unwrap().unwrap().state,
+            LeaseState::Revoked,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn requests_index_only_non_terminal() {
+    for (name, s, _dir) in backends() {
+        let r = request("r_1", 30);
+        s.create_request(&r, None).unwrap();
+        s.create_request(&request("r_2", 40), None).unwrap();
+        assert_eq!(s.next_request_deadline().unwrap(), Some(30), "{name}");
+        assert_eq!(s.requests_due(35, 10).unwrap(), ["r_1"], "{name}");
+        let done = TokenRequest {
+            state: RequestState::Expired,
+            ..r.clone()
+        };
+        assert!(s.swap_request(&r, &done).unwrap(), "{name}");
+        assert!(!s.swap_request(&r, &done).unwrap(), "{name}");
+        assert_eq!(s.requests_due(100, 10).unwrap(), ["r_2"], "{name}");
+        assert_eq!(
+            s.request("r_1").unwrap().unwrap().state,
+            RequestState::Expired,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn keys_and_meta() {
+    for (name, s, _dir) in backends() {
+        assert!(s.keys().unwrap().is_empty(), "{name}");
+        let k = KeyRecord {
+            kid: "k1".into(),
+            alg: "ES256".into(),
+            state: KeyState::Active,
+            public: vec![4; 65],
+            sealed_private: vec![1, 2, 3],
+            created_at: 1,
+            activated_at: Some(1),
+            retire_at: None,
+        };
+        s.put_key(&k).unwrap();
+        assert_eq!(s.keys().unwrap(), vec![k], "{name}");
+        s.put_meta("x", b"y").unwrap();
+        assert_eq!(s.meta("x").unwrap().as_deref(), Some(&b"y"[..]), "{name}");
+        s.sync().unwrap();
+    }
+}
+
+#[test]
+fn sled_keeps_everything_across_reopen_and_refuses_unknown_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        s.create_lease(&lease("l_1", "spiffe://t/a", 7), None)
+            .unwrap();
+        s.create_request(&request("r_1", 9), None).unwrap();
+        s.sync().unwrap();
+    }
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.lease("l_1").unwrap().unwrap().expires_at, 7);
+        assert_eq!(s.next_lease_deadline().unwrap(), Some(7));
+        assert_eq!(s.next_request_deadline().unwrap(), Some(9));
+        s.put_meta("schema_version", b"99").unwrap();
+        s.sync().unwrap();
+    }
+    match SledStore::open(dir.path()) {
+        Err(StoreError::Schema { found: 99, .. }) => {}
+        other => panic!("expected a schema error, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn corrupt_record_is_reported_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    s.create_lease(&lease("l_1", "spiffe://t/a", 7), None)
+        .unwrap();
+    s.leases.insert("l_1", &b"{not json"[..]).unwrap();
+    assert!(matches!(
+        s.lease("l_1"),
+        Err(StoreError::Corrupt { tree: "leases", .. })
+    ));
+}
+
+#[tokio::test]
+async fn group_commit_batches_concurrent_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (gc, task) = commit::GroupCommit::start(store.clone(), cancel.clone());
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        let (gc, store) = (gc.clone(), store.clone());
+        handles.push(tokio::spawn(async move {
+            store
+                .create_lease(&lease(&format!("l_{i:04}"), "spiffe://t/a", 5), None)
+                .unwrap();
+            gc.durable().await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let stats = gc.stats();
+    assert_eq!(stats.writes, 200);
+    assert!(stats.syncs >= 1 && stats.syncs <= 200, "{stats:?}");
+    cancel.cancel();
+    task.await.unwrap();
+    // After shutdown nothing more can be acknowledged.
+    assert!(gc.durable().await.is_err());
+}
+
+/// A store whose `sync` always fails: writers must get an error.
+struct FailingSync(MemStore);
+
+impl Store for FailingSync {
+    fn create_lease(
+        &self,
+        l: &Lease,
+        i: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        self.0.create_lease(l, i)
+    }
+    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.0.lease(id)
+    }
+    fn swap_lease(&self, c: &Lease, n: &Lease) -> Result<bool, StoreError> {
+        self.0.swap_lease(c, n)
+    }
+    fn leases_of(&self, s: &str, a: Option<&str>, l: usize) -> Result<Vec<Lease>, StoreError> {
+        self.0.leases_of(s, a, l)
+    }
+    fn leases_due(&self, n: Millis, l: usize) -> Result<Vec<String>, StoreError> {
+        self.0.leases_due(n, l)
+    }
+    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError> {
+        self.0.next_lease_deadline()
+    }
+    fn create_request(
+        &self,
+        r: &TokenRequest,
+        i: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        self.0.create_request(r, i)
+    }
+    fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        self.0.request(id)
+    }
+    fn swap_request(&self, c: &TokenRequest, n: &TokenRequest) -> Result<bool, StoreError> {
+        self.0.swap_request(c, n)
+    }
+    fn requests_due(&self, n: Millis, l: usize) -> Result<Vec<String>, StoreError> {
+        self.0.requests_due(n, l)
+    }
+    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
+        self.0.next_request_deadline()
+    }
+    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.0.keys()
+    }
+    fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        self.0.put_key(k)
+    }
+    fn meta(&self, n: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.meta(n)
+    }
+    fn put_meta(&self, n: &str, v: &[u8]) -> Result<(), StoreError> {
+        self.0.put_meta(n, v)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("disk on fire".into()))
+    }
+}
+
+pub(crate) fn failing_store() -> std::sync::Arc<dyn Store> {
+    std::sync::Arc::new(FailingSync(MemStore::new()))
+}
+
+#[tokio::test]
+async fn failed_sync_is_reported_to_every_writer_in_the_batch() {
+    let store = failing_store();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (gc, _task) = commit::GroupCommit::start(store.clone(), cancel.clone());
+    store
+        .create_lease(&lease("l_1", "spiffe://t/a", 5), None)
+        .unwrap();
+    assert!(matches!(
+        gc.durable().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    cancel.cancel();
+}

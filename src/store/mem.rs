@@ -1,0 +1,209 @@
+//! In-memory [`Store`]: the test double and the reference model for the
+//! conformance suite. `sync` is a no-op: nothing here survives a restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard};
+
+use super::{
+    Idempotency, KeyRecord, Lease, LeaseState, Millis, Store, StoreError, TokenRequest,
+    deadline_key, idem_key, split_deadline_key, subject_key,
+};
+
+#[derive(Default)]
+struct Inner {
+    leases: BTreeMap<String, Lease>,
+    lease_expiry: BTreeSet<Vec<u8>>,
+    by_subject: BTreeSet<Vec<u8>>,
+    requests: BTreeMap<String, TokenRequest>,
+    request_expiry: BTreeSet<Vec<u8>>,
+    idem: BTreeMap<Vec<u8>, Idempotency>,
+    keys: BTreeMap<String, KeyRecord>,
+    meta: BTreeMap<String, Vec<u8>>,
+}
+
+/// A store that lives in process memory.
+#[derive(Default)]
+pub struct MemStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        self.inner
+            .lock()
+            .map_err(|_| StoreError::Unavailable("memory store lock poisoned".into()))
+    }
+}
+
+fn due(index: &BTreeSet<Vec<u8>>, now: Millis, limit: usize) -> Vec<String> {
+    index
+        .iter()
+        .map_while(|k| split_deadline_key(k).filter(|(at, _)| *at <= now))
+        .take(limit)
+        .map(|(_, id)| id)
+        .collect()
+}
+
+fn first(index: &BTreeSet<Vec<u8>>) -> Option<Millis> {
+    index
+        .iter()
+        .next()
+        .and_then(|k| split_deadline_key(k))
+        .map(|(at, _)| at)
+}
+
+impl Store for MemStore {
+    fn create_lease(
+        &self,
+        lease: &Lease,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let mut g = self.lock()?;
+        if let Some(i) = idem
+            && let Some(existing) = g.idem.get(&idem_key(&i.caller, &i.key))
+        {
+            return Ok(Some(existing.clone()));
+        }
+        if let Some(i) = idem {
+            g.idem.insert(idem_key(&i.caller, &i.key), i.clone());
+        }
+        if lease.state == LeaseState::Active {
+            g.lease_expiry
+                .insert(deadline_key(lease.expires_at, &lease.id));
+        }
+        g.by_subject.insert(subject_key(&lease.subject, &lease.id));
+        g.leases.insert(lease.id.clone(), lease.clone());
+        Ok(None)
+    }
+
+    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        Ok(self.lock()?.leases.get(id).cloned())
+    }
+
+    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError> {
+        let mut g = self.lock()?;
+        if g.leases.get(&current.id) != Some(current) {
+            return Ok(false);
+        }
+        if current.state == LeaseState::Active {
+            g.lease_expiry
+                .remove(&deadline_key(current.expires_at, &current.id));
+        }
+        if new.state == LeaseState::Active {
+            g.lease_expiry.insert(deadline_key(new.expires_at, &new.id));
+        }
+        g.leases.insert(new.id.clone(), new.clone());
+        Ok(true)
+    }
+
+    fn leases_of(
+        &self,
+        subject: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let g = self.lock()?;
+        let prefix = subject_key(subject, "");
+        let start = match after {
+            Some(a) => {
+                let mut k = subject_key(subject, a);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        Ok(g.by_subject
+            .range(start..)
+            .take_while(|k| k.starts_with(&prefix))
+            .filter_map(|k| {
+                let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                g.leases.get(&id).cloned()
+            })
+            .take(limit)
+            .collect())
+    }
+
+    fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(due(&self.lock()?.lease_expiry, now, limit))
+    }
+
+    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError> {
+        Ok(first(&self.lock()?.lease_expiry))
+    }
+
+    fn create_request(
+        &self,
+        req: &TokenRequest,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let mut g = self.lock()?;
+        if let Some(i) = idem
+            && let Some(existing) = g.idem.get(&idem_key(&i.caller, &i.key))
+        {
+            return Ok(Some(existing.clone()));
+        }
+        if let Some(i) = idem {
+            g.idem.insert(idem_key(&i.caller, &i.key), i.clone());
+        }
+        if !req.state.is_terminal() {
+            g.request_expiry.insert(deadline_key(req.deadline, &req.id));
+        }
+        g.requests.insert(req.id.clone(), req.clone());
+        Ok(None)
+    }
+
+    fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        Ok(self.lock()?.requests.get(id).cloned())
+    }
+
+    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError> {
+        let mut g = self.lock()?;
+        if g.requests.get(&current.id) != Some(current) {
+            return Ok(false);
+        }
+        if !current.state.is_terminal() {
+            g.request_expiry
+                .remove(&deadline_key(current.deadline, &current.id));
+        }
+        if !new.state.is_terminal() {
+            g.request_expiry.insert(deadline_key(new.deadline, &new.id));
+        }
+        g.requests.insert(new.id.clone(), new.clone());
+        Ok(true)
+    }
+
+    fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(due(&self.lock()?.request_expiry, now, limit))
+    }
+
+    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
+        Ok(first(&self.lock()?.request_expiry))
+    }
+
+    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        Ok(self.lock()?.keys.values().cloned().collect())
+    }
+
+    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.lock()?.keys.insert(key.kid.clone(), key.clone());
+        Ok(())
+    }
+
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock()?.meta.get(name).cloned())
+    }
+
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.lock()?.meta.insert(name.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! `store` remembers: leases, parked requests, signing keys and small metadata.
+//!
+//! The [`Store`] trait is the storage contract. It has no sled types in it so
+//! that another backend (PostgreSQL for HA) can pass the same conformance
+//! suite (`conformance` tests at the bottom of this module).
+//!
+//! # Durability contract
+//! Writes are applied at once and are visible to readers, but they are only
+//! *durable* once a later [`Store::sync`] has returned `Ok`. Nothing that
+//! depends on a write may leave the broker (a token, an acknowledgement)
+//! before that. [`commit::GroupCommit`] batches the `sync` calls of many
+//! concurrent writers into one flush + fsync.
+//!
+//! # Layout (sled trees; a SQL backend maps each to a table)
+//! | tree | key | value |
+//! |---|---|---|
+//! | `leases` | lease id | [`Lease`] (versioned JSON) |
+//! | `lease_expiry` | big-endian `expires_at` ms ‖ lease id | empty; only ACTIVE leases |
+//! | `leases_by_subject` | subject ‖ 0x00 ‖ lease id | empty |
+//! | `requests` | request id | [`TokenRequest`] |
+//! | `request_expiry` | big-endian deadline ms ‖ request id | empty; only non-terminal requests |
+//! | `idempotency` | caller ‖ 0x00 ‖ client request id | [`Idempotency`] |
+//! | `keys` | kid | [`KeyRecord`] (private part sealed) |
+//! | `meta` | name | bytes (schema version, KEK check, schedules) |
+//!
+//! Records are JSON with `#[serde(default)]` on every field added after v1, so
+//! older records keep decoding as the schema grows.
+
+pub mod commit;
+pub mod mem;
+pub mod sled_store;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch. All stored times use it.
+pub type Millis = u64;
+
+/// Current layout version, written to `meta/schema_version` on first open.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Errors from a storage backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not read or persist (I/O, disk full, lock lost).
+    /// Nothing that depended on the write may be acknowledged.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be decoded; the data is refused, never
+    /// silently replaced.
+    #[error("corrupt record in `{tree}` at `{key}`: {detail}")]
+    Corrupt {
+        /// Which tree/table.
+        tree: &'static str,
+        /// Which key (printable form).
+        key: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The data directory was written by an incompatible version.
+    #[error("store schema version {found} is not supported (expected {expected})")]
+    Schema {
+        /// Version found on disk.
+        found: u32,
+        /// Version this build writes.
+        expected: u32,
+    },
+}
+
+/// Lifecycle of a lease. Terminal states never change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Token(s) for it are live until `expires_at`.
+    Active,
+    /// Reached `expires_at` without renewal.
+    Expired,
+    /// Ended early by its owner or an admin.
+    Revoked,
+}
+
+/// The durable record of a grant. `id` is the token's `jti`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Lease id, also the `jti` of its tokens.
+    pub id: String,
+    /// Identity the token is for.
+    pub subject: String,
+    /// Authenticated caller that asked (equals `subject` until delegation).
+    pub client_id: String,
+    /// Granted scopes, sorted and de-duplicated.
+    pub scopes: Vec<String>,
+    /// Token audience.
+    pub audience: String,
+    /// Caller's stated reason.
+    pub justification: String,
+    /// First issue.
+    pub issued_at: Millis,
+    /// Current end of life.
+    pub expires_at: Millis,
+    /// Upper bound for renewals.
+    pub max_expires_at: Millis,
+    /// TTL granted at issue, the default extension on renew.
+    pub ttl_ms: u64,
+    /// Lifecycle state.
+    pub state: LeaseState,
+    /// Key that signed the latest token.
+    pub kid: String,
+    /// Number of renewals so far.
+    pub renewals: u32,
+    /// Start of the latest token's life (`iat` of the newest token).
+    #[serde(default)]
+    pub token_issued_at: Millis,
+    /// When it was revoked.
+    #[serde(default)]
+    pub revoked_at: Option<Millis>,
+    /// Who revoked it.
+    #[serde(default)]
+    pub revoked_by: Option<String>,
+    /// Why it was revoked.
+    #[serde(default)]
+    pub revoke_reason: Option<String>,
+    /// When the expiry task marked it expired.
+    #[serde(default)]
+    pub expired_at: Option<Millis>,
+    /// Request this lease came from (approval tier).
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// Approvers whose approvals produced it.
+    #[serde(default)]
+    pub approved_by: Vec<String>,
+    /// Issued through break-glass.
+    #[serde(default)]
+    pub break_glass: bool,
+}
+
+/// Lifecycle of a parked request (DESIGN.md section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    /// Waiting for approvals.
+    Pending,
+    /// Approved; the token is minted when the requester claims it.
+    Approved,
+    /// Token delivered (terminal).
+    Issued,
+    /// Refused by an approver (terminal).
+    Denied,
+    /// Withdrawn by the requester (terminal).
+    Withdrawn,
+    /// Pending or claim window passed (terminal).
+    Expired,
+}
+
+impl RequestState {
+    /// Terminal states never change.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Issued | Self::Denied | Self::Withdrawn | Self::Expired
+        )
+    }
+}
+
+/// What one approval-tier scope needs before the request can be issued.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requirement {
+    /// The scope.
+    pub scope: String,
+    /// Groups whose members may approve it.
+    pub approver_groups: Vec<String>,
+    /// Distinct approvals needed.
+    pub approvals_required: u32,
+    /// Policy rule that parked it.
+    pub rule: String,
+}
+
+/// One human approval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Approver identity.
+    pub approver: String,
+    /// When.
+    pub at: Millis,
+    /// Why.
+    pub reason: String,
+}
+
+/// One state change, kept for the record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Previous state (`None` at creation).
+    pub from: Option<RequestState>,
+    /// New state.
+    pub to: RequestState,
+    /// Who caused it (an identity, or `portcullis` for the scheduler).
+    pub actor: String,
+    /// When.
+    pub at: Millis,
+    /// Why.
+    pub reason: String,
+}
+
+/// A parked request. Everything but `state`, `deadline`, `approvals`,
+/// `lease_id` and `history` is immutable; approvals bind to `digest`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// Request id.
+    pub id: String,
+    /// Who asked.
+    pub requester: String,
+    /// Scopes asked for, sorted.
+    pub scopes: Vec<String>,
+    /// TTL the token gets once issued (already clamped).
+    pub ttl_ms: u64,
+    /// Renewal bound measured from issue.
+    pub max_ttl_ms: u64,
+    /// Audience.
+    pub audience: String,
+    /// Requester's reason.
+    pub justification: String,
+    /// State.
+    pub state: RequestState,
+    /// Creation time.
+    pub created_at: Millis,
+    /// When the current state times out (pending TTL or claim window).
+    pub deadline: Millis,
+    /// What it waits for.
+    pub waiting_for: Vec<Requirement>,
+    /// Approvals so far.
+    #[serde(default)]
+    pub approvals: Vec<Approval>,
+    /// Lease created on issue.
+    #[serde(default)]
+    pub lease_id: Option<String>,
+    /// Hex SHA-256 over the immutable part.
+    pub digest: String,
+    /// Every transition.
+    #[serde(default)]
+    pub history: Vec<Transition>,
+    /// Caller's idempotency key.
+    #[serde(default)]
+    pub client_request_id: Option<String>,
+}
+
+/// What an idempotency key resolved to the first time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    /// Caller identity the key belongs to (keys are per caller).
+    pub caller: String,
+    /// The caller's key.
+    pub key: String,
+    /// Hex SHA-256 of the request parameters, to refuse reuse with others.
+    pub params_digest: String,
+    /// The outcome.
+    pub outcome: IdempotentOutcome,
+}
+
+/// The first outcome of an idempotent request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdempotentOutcome {
+    /// A lease was granted.
+    Lease(String),
+    /// A request was parked.
+    Request(String),
+}
+
+/// Lifecycle of a signing key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Published, not yet signing.
+    Next,
+    /// Signing.
+    Active,
+    /// Published until its last token expires.
+    Retired,
+}
+
+/// A signing key. The private part is sealed (AES-256-GCM under the KEK).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Key id (RFC 7638 thumbprint).
+    pub kid: String,
+    /// JOSE algorithm name.
+    pub alg: String,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Raw public key.
+    pub public: Vec<u8>,
+    /// Nonce ‖ ciphertext ‖ tag of the PKCS#8 private key.
+    pub sealed_private: Vec<u8>,
+    /// Creation.
+    pub created_at: Millis,
+    /// Activation.
+    #[serde(default)]
+    pub activated_at: Option<Millis>,
+    /// Removal time once retired.
+    #[serde(default)]
+    pub retire_at: Option<Millis>,
+}
+
+/// The storage contract. Every method is short and synchronous (callers on
+/// the async runtime use it directly for reads and small writes; bulk work
+/// goes through `spawn_blocking`). Durability is separate: see the module
+/// docs and [`Store::sync`].
+pub trait Store: Send + Sync + 'static {
+    /// Insert a new lease and its indexes, and — when `idem` is given — claim
+    /// the idempotency key, atomically. When the key is already taken nothing
+    /// is written and the existing entry is returned.
+    fn create_lease(
+        &self,
+        lease: &Lease,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError>;
+    /// One lease.
+    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError>;
+    /// Replace `current` by `new` only if the stored lease still equals
+    /// `current` (compare-and-swap). Keeps the expiry index in step: a lease
+    /// is indexed while ACTIVE. Returns `false` if it changed meanwhile.
+    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError>;
+    /// Leases of one subject in id order (ids sort by creation time),
+    /// starting after `after`, at most `limit`.
+    fn leases_of(
+        &self,
+        subject: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError>;
+    /// Ids of ACTIVE leases whose `expires_at <= now`, earliest first.
+    fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Earliest `expires_at` among ACTIVE leases.
+    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError>;
+    /// Insert a new request (indexed by deadline unless terminal), claiming
+    /// `idem` atomically like [`Store::create_lease`].
+    fn create_request(
+        &self,
+        req: &TokenRequest,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError>;
+    /// One request.
+    fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError>;
+    /// Compare-and-swap a request; keeps the deadline index in step (only
+    /// non-terminal requests are indexed).
+    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError>;
+    /// Ids of non-terminal requests whose deadline `<= now`.
+    fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Earliest deadline among non-terminal requests.
+    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError>;
+    /// Every signing key.
+    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Insert or replace a signing key.
+    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// A metadata value.
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Set a metadata value.
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Make every write applied before this call durable. Blocking.
+    fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// Big-endian deadline ‖ id: sorts by time, then id.
+pub(crate) fn deadline_key(at: Millis, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + id.len());
+    k.extend_from_slice(&at.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Split a [`deadline_key`] back into its parts.
+pub(crate) fn split_deadline_key(k: &[u8]) -> Option<(Millis, String)> {
+    let (at, id) = k.split_at_checked(8)?;
+    let at = Millis::from_be_bytes(at.try_into().ok()?);
+    Some((at, String::from_utf8(id.to_vec()).ok()?))
+}
+
+/// Subject ‖ 0x00 ‖ id (identities never contain NUL: they are URIs).
+pub(crate) fn subject_key(subject: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(subject.len() + 1 + id.len());
+    k.extend_from_slice(subject.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(crate) fn idem_key(caller: &str, key: &str) -> Vec<u8> {
+    subject_key(caller, key)
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Unavailable(format!("encode: {e}")))
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    tree: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;

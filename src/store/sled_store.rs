@@ -1,0 +1,325 @@
+//! The embedded default backend: sled 0.34, one tree per table.
+//!
+//! sled's `flush()` writes and `sync_file_range`s its data file but does not
+//! fsync it (the real fsync happens every 500 ms in the background), so
+//! [`Store::sync`] follows it with `sync_data()` on a second handle to the
+//! data file. Records stay far below sled's 128 KiB blob threshold, so
+//! nothing lands in the never-fsynced `blobs/` directory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::{Db, Transactional as _, Tree};
+
+use super::{
+    Idempotency, KeyRecord, Lease, LeaseState, Millis, SCHEMA_VERSION, Store, StoreError,
+    TokenRequest, deadline_key, decode, encode, idem_key, split_deadline_key, subject_key,
+};
+
+/// sled-backed store rooted at a data directory.
+pub struct SledStore {
+    db: Db,
+    data_file: File,
+    pub(super) leases: Tree,
+    lease_expiry: Tree,
+    by_subject: Tree,
+    requests: Tree,
+    request_expiry: Tree,
+    idem: Tree,
+    keys: Tree,
+    meta: Tree,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => unavailable(e),
+    }
+}
+
+/// Claim an idempotency key inside a transaction; `Some(existing)` when taken.
+fn claim_idem(t: &TransactionalTree, idem: Option<&Idempotency>) -> TxResult<Option<Idempotency>> {
+    let Some(i) = idem else { return Ok(None) };
+    let k = idem_key(&i.caller, &i.key);
+    if let Some(v) = t.get(&k)? {
+        let existing =
+            decode("idempotency", &k, &v).map_err(ConflictableTransactionError::Abort)?;
+        return Ok(Some(existing));
+    }
+    t.insert(k, encode(i).map_err(ConflictableTransactionError::Abort)?)?;
+    Ok(None)
+}
+
+impl SledStore {
+    /// Open (or create) the store under `dir`. Creating the directory is made
+    /// durable with a directory fsync; an unknown schema version is refused.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let fresh = !dir.join("db").exists();
+        std::fs::create_dir_all(dir).map_err(unavailable)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(unavailable)?;
+        let data_path: PathBuf = dir.join("db");
+        let data_file = File::open(&data_path).map_err(unavailable)?;
+        let tree = |name: &str| db.open_tree(name).map_err(unavailable);
+        let store = Self {
+            leases: tree("leases")?,
+            lease_expiry: tree("lease_expiry")?,
+            by_subject: tree("leases_by_subject")?,
+            requests: tree("requests")?,
+            request_expiry: tree("request_expiry")?,
+            idem: tree("idempotency")?,
+            keys: tree("keys")?,
+            meta: tree("meta")?,
+            data_file,
+            db,
+        };
+        match store.meta("schema_version")? {
+            Some(v) => {
+                let found = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None => {
+                store.put_meta("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
+                store.sync()?;
+            }
+        }
+        if fresh {
+            // The new files' directory entries must survive a crash too.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(unavailable)?;
+        }
+        Ok(store)
+    }
+
+    fn due(index: &Tree, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in index.iter() {
+            let (k, _) = item.map_err(unavailable)?;
+            match split_deadline_key(&k) {
+                Some((at, id)) if at <= now => out.push(id),
+                _ => break,
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn first(index: &Tree) -> Result<Option<Millis>, StoreError> {
+        Ok(index
+            .first()
+            .map_err(unavailable)?
+            .and_then(|(k, _)| split_deadline_key(&k))
+            .map(|(at, _)| at))
+    }
+}
+
+impl Store for SledStore {
+    fn create_lease(
+        &self,
+        lease: &Lease,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let value = encode(lease)?;
+        (
+            &self.leases,
+            &self.lease_expiry,
+            &self.by_subject,
+            &self.idem,
+        )
+            .transaction(|(leases, expiry, by_subject, idem_t)| {
+                if let Some(existing) = claim_idem(idem_t, idem)? {
+                    return Ok(Some(existing));
+                }
+                leases.insert(lease.id.as_bytes(), value.as_slice())?;
+                if lease.state == LeaseState::Active {
+                    expiry.insert(deadline_key(lease.expires_at, &lease.id), &[])?;
+                }
+                by_subject.insert(subject_key(&lease.subject, &lease.id), &[])?;
+                Ok(None)
+            })
+            .map_err(tx_err)
+    }
+
+    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.leases
+            .get(id.as_bytes())
+            .map_err(unavailable)?
+            .map(|v| decode("leases", id.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError> {
+        let old_bytes = encode(current)?;
+        let new_bytes = encode(new)?;
+        (&self.leases, &self.lease_expiry)
+            .transaction(|(leases, expiry)| {
+                match leases.get(current.id.as_bytes())? {
+                    Some(v) if v.as_ref() == old_bytes.as_slice() => {}
+                    _ => return Ok(false),
+                }
+                if current.state == LeaseState::Active {
+                    expiry.remove(deadline_key(current.expires_at, &current.id))?;
+                }
+                if new.state == LeaseState::Active {
+                    expiry.insert(deadline_key(new.expires_at, &new.id), &[])?;
+                }
+                leases.insert(new.id.as_bytes(), new_bytes.as_slice())?;
+                Ok(true)
+            })
+            .map_err(tx_err)
+    }
+
+    fn leases_of(
+        &self,
+        subject: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let prefix = subject_key(subject, "");
+        let start = match after {
+            Some(a) => {
+                let mut k = subject_key(subject, a);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for item in self.by_subject.range(start..) {
+            let (k, _) = item.map_err(unavailable)?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let Some(l) = self.lease(&id)? {
+                out.push(l);
+            }
+        }
+        Ok(out)
+    }
+
+    fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        Self::due(&self.lease_expiry, now, limit)
+    }
+
+    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError> {
+        Self::first(&self.lease_expiry)
+    }
+
+    fn create_request(
+        &self,
+        req: &TokenRequest,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let value = encode(req)?;
+        (&self.requests, &self.request_expiry, &self.idem)
+            .transaction(|(requests, expiry, idem_t)| {
+                if let Some(existing) = claim_idem(idem_t, idem)? {
+                    return Ok(Some(existing));
+                }
+                requests.insert(req.id.as_bytes(), value.as_slice())?;
+                if !req.state.is_terminal() {
+                    expiry.insert(deadline_key(req.deadline, &req.id), &[])?;
+                }
+                Ok(None)
+            })
+            .map_err(tx_err)
+    }
+
+    fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        self.requests
+            .get(id.as_bytes())
+            .map_err(unavailable)?
+            .map(|v| decode("requests", id.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError> {
+        let old_bytes = encode(current)?;
+        let new_bytes = encode(new)?;
+        (&self.requests, &self.request_expiry)
+            .transaction(|(requests, expiry)| {
+                match requests.get(current.id.as_bytes())? {
+                    Some(v) if v.as_ref() == old_bytes.as_slice() => {}
+                    _ => return Ok(false),
+                }
+                if !current.state.is_terminal() {
+                    expiry.remove(deadline_key(current.deadline, &current.id))?;
+                }
+                if !new.state.is_terminal() {
+                    expiry.insert(deadline_key(new.deadline, &new.id), &[])?;
+                }
+                requests.insert(new.id.as_bytes(), new_bytes.as_slice())?;
+                Ok(true)
+            })
+            .map_err(tx_err)
+    }
+
+    fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        Self::due(&self.request_expiry, now, limit)
+    }
+
+    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
+        Self::first(&self.request_expiry)
+    }
+
+    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.keys
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(unavailable)?;
+                decode("keys", &k, &v)
+            })
+            .collect()
+    }
+
+    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.keys
+            .insert(key.kid.as_bytes(), encode(key)?)
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .meta
+            .get(name.as_bytes())
+            .map_err(unavailable)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta
+            .insert(name.as_bytes(), value)
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(unavailable)?;
+        // INVARIANT: on Linux, fsync of any handle covers the whole file, so
+        // this makes every page `flush()` just wrote durable.
+        self.data_file.sync_data().map_err(unavailable)
+    }
+}

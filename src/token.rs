@@ -1,0 +1,97 @@
+//! `token` mints and verifies the access tokens: compact JWS, RFC 9068
+//! profile (`typ: at+jwt`), signed by the key ring's active key.
+
+use jsonwebtoken::{Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::KeySet;
+
+/// Longest token introspection will look at.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Claims of a portcullis access token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Issuer URL (matches the OIDC discovery document).
+    pub iss: String,
+    /// The identity the token is for.
+    pub sub: String,
+    /// Audience.
+    pub aud: String,
+    /// The authenticated client that asked.
+    pub client_id: String,
+    /// Space-separated scopes.
+    pub scope: String,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Not before (Unix seconds).
+    pub nbf: u64,
+    /// Expires (Unix seconds).
+    pub exp: u64,
+    /// Token id: the lease id.
+    pub jti: String,
+    /// Approvers, for approval-tier grants.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_by: Vec<String>,
+    /// Set on break-glass grants.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub break_glass: bool,
+}
+
+/// Why a token could not be minted or is not valid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Signing failed (key problem).
+    #[error("signing failed: {0}")]
+    Sign(String),
+    /// The token is not one this broker would accept (detail for logs only).
+    #[error("invalid token: {0}")]
+    Invalid(&'static str),
+}
+
+/// Sign `claims` with the active key.
+pub fn mint(keys: &KeySet, claims: &Claims) -> Result<String, TokenError> {
+    let mut header = Header::new(keys.active.alg);
+    header.kid = Some(keys.active.kid.clone());
+    header.typ = Some("at+jwt".into());
+    jsonwebtoken::encode(&header, claims, &keys.active.encoding)
+        .map_err(|e| TokenError::Sign(e.to_string()))
+}
+
+/// Verify signature, `kid`, `alg`, `typ`, `iss` and the time claims at
+/// `now` (Unix seconds). Lease state is the caller's business.
+pub fn verify(keys: &KeySet, issuer: &str, token: &str, now: u64) -> Result<Claims, TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Invalid("too long"));
+    }
+    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("header"))?;
+    let kid = header.kid.as_deref().ok_or(TokenError::Invalid("no kid"))?;
+    let (alg, key) = keys
+        .verify
+        .get(kid)
+        .ok_or(TokenError::Invalid("unknown kid"))?;
+    if header.alg != *alg {
+        return Err(TokenError::Invalid("alg does not match the key"));
+    }
+    if header.typ.as_deref() != Some("at+jwt") {
+        return Err(TokenError::Invalid("typ"));
+    }
+    let mut v = Validation::new(*alg);
+    // Time is checked below against the broker's clock, not the system's.
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v.leeway = 0;
+    v.set_issuer(&[issuer]);
+    v.set_required_spec_claims(&["exp", "nbf", "iss", "sub"]);
+    let data = jsonwebtoken::decode::<Claims>(token, key, &v)
+        .map_err(|_| TokenError::Invalid("signature or claims"))?;
+    let c = data.claims;
+    if c.nbf > now || c.iat > now {
+        return Err(TokenError::Invalid("not yet valid"));
+    }
+    if c.exp <= now {
+        return Err(TokenError::Invalid("expired"));
+    }
+    Ok(c)
+}
