@@ -132,26 +132,7 @@ impl DevDir {
         std::fs::create_dir_all(&self.root).map_err(|e| io(&self.root, e))?;
         let mut created = false;
         if !self.path("ca.pem").exists() {
-            let ca = DevCa::new("portcullis dev CA")?;
-            write_file(&self.path("ca.pem"), ca.cert_pem.as_bytes(), false)?;
-            write_file(
-                &self.path("ca-key.pem"),
-                ca.key.serialize_pem().as_bytes(),
-                true,
-            )?;
-            let (cert, key) = ca.server_cert()?;
-            write_file(&self.path("server.pem"), cert.as_bytes(), false)?;
-            write_file(&self.path("server-key.pem"), key.as_bytes(), true)?;
-            for (who, uri) in [
-                (As::Workload, WORKLOAD),
-                (As::Approver, APPROVER),
-                (As::Admin, ADMIN),
-            ] {
-                let (cert, key) = ca.client_cert(uri, None)?;
-                let (c, k) = self.identity_files(who);
-                write_file(&c, cert.as_bytes(), false)?;
-                write_file(&k, key.as_bytes(), true)?;
-            }
+            self.write_identities(&DevCa::new("portcullis dev CA")?)?;
             created = true;
         }
         if !self.path("policy.toml").exists() {
@@ -162,6 +143,31 @@ impl DevDir {
             write_file(&self.path("kek"), hex.as_bytes(), true)?;
         }
         Ok(created)
+    }
+
+    /// Write `ca` and a server and three client certificates issued by it.
+    pub fn write_identities(&self, ca: &DevCa) -> Result<(), DevError> {
+        std::fs::create_dir_all(&self.root).map_err(|e| io(&self.root, e))?;
+        write_file(&self.path("ca.pem"), ca.cert_pem.as_bytes(), false)?;
+        write_file(
+            &self.path("ca-key.pem"),
+            ca.key.serialize_pem().as_bytes(),
+            true,
+        )?;
+        let (cert, key) = ca.server_cert()?;
+        write_file(&self.path("server.pem"), cert.as_bytes(), false)?;
+        write_file(&self.path("server-key.pem"), key.as_bytes(), true)?;
+        for (who, uri) in [
+            (As::Workload, WORKLOAD),
+            (As::Approver, APPROVER),
+            (As::Admin, ADMIN),
+        ] {
+            let (cert, key) = ca.client_cert(uri, None)?;
+            let (c, k) = self.identity_files(who);
+            write_file(&c, cert.as_bytes(), false)?;
+            write_file(&k, key.as_bytes(), true)?;
+        }
+        Ok(())
     }
 
     /// Record where the broker listens.

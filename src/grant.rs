@@ -113,6 +113,15 @@ pub enum Outcome {
     Parked(TokenRequest),
 }
 
+/// Policy reloads since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyReloads {
+    /// New policies swapped in.
+    pub loaded: u64,
+    /// New policy files rejected.
+    pub rejected: u64,
+}
+
 /// Introspection answer (RFC 7662); `None` means inactive.
 pub type Introspection = Option<Claims>;
 
@@ -160,6 +169,7 @@ pub struct Engine {
     wake: Notify,
     request_events: broadcast::Sender<String>,
     expiry_progress: watch::Sender<Millis>,
+    policy_reloads: watch::Sender<PolicyReloads>,
 }
 
 impl Engine {
@@ -183,6 +193,7 @@ impl Engine {
             wake: Notify::new(),
             request_events: broadcast::channel(1024).0,
             expiry_progress: watch::channel(0).0,
+            policy_reloads: watch::channel(PolicyReloads::default()).0,
         }
     }
 
@@ -201,6 +212,17 @@ impl Engine {
             Ok(mut g) => *g = Arc::new(p),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(p),
         }
+        self.policy_reloads.send_modify(|r| r.loaded += 1);
+    }
+
+    /// Record that a new policy file was rejected (the old one stays).
+    pub fn policy_rejected(&self) {
+        self.policy_reloads.send_modify(|r| r.rejected += 1);
+    }
+
+    /// Reload counters since start (tests and metrics wait on them).
+    pub fn policy_reloads(&self) -> watch::Receiver<PolicyReloads> {
+        self.policy_reloads.subscribe()
     }
 
     /// The key ring.
@@ -233,13 +255,23 @@ impl Engine {
         self.request_events.subscribe()
     }
 
-    /// Time up to which the expiry task has swept.
+    /// Time up to which every deadline has been handled by the expiry task.
     pub fn expiry_progress(&self) -> watch::Receiver<Millis> {
         self.expiry_progress.subscribe()
     }
 
+    /// A new deadline was stored. If it is earlier than what the expiry task
+    /// sleeps towards, pull the published progress back below it and wake
+    /// the task.
     fn note_deadline(&self, at: Millis) {
-        if at < self.scheduled.load(Ordering::Acquire) {
+        if at < self.scheduled.fetch_min(at, Ordering::AcqRel) {
+            self.expiry_progress.send_if_modified(|p| {
+                let lowered = *p >= at;
+                if lowered {
+                    *p = at.saturating_sub(1);
+                }
+                lowered
+            });
             self.wake.notify_one();
         }
     }
@@ -859,8 +891,14 @@ impl Engine {
         &self.wake
     }
 
+    /// After a sweep at `now`: every deadline before the next scheduled one
+    /// has been handled. Reading `scheduled` under the channel's lock orders
+    /// this against [`Engine::note_deadline`] lowering it.
     pub(crate) fn publish_progress(&self, now: Millis) {
-        self.expiry_progress.send_replace(now);
+        self.expiry_progress.send_modify(|p| {
+            let next = self.scheduled.load(Ordering::Acquire);
+            *p = now.max(next.saturating_sub(1));
+        });
     }
 }
 

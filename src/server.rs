@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::routing::get;
 use tokio::net::TcpListener;
@@ -326,8 +326,10 @@ async fn reload_policy(
     poll: Duration,
     cancel: CancellationToken,
 ) {
-    let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen: Option<SystemTime> = mtime(&path);
+    // Compare contents, not mtimes: two writes inside one timestamp tick
+    // (coarse on many filesystems) would otherwise go unnoticed.
+    let read = |p: &PathBuf| std::fs::read(p).ok();
+    let mut seen = read(&path);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -347,7 +349,7 @@ async fn reload_policy(
             () = tokio::time::sleep(poll) => false,
             () = hup_fut => true,
         };
-        let now = mtime(&path);
+        let now = read(&path);
         if !forced && now == seen {
             continue;
         }
@@ -358,7 +360,8 @@ async fn reload_policy(
                 tracing::info!(path = %path.display(), "policy reloaded");
             }
             Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "new policy rejected; the previous policy stays in force")
+                tracing::error!(path = %path.display(), error = %e, "new policy rejected; the previous policy stays in force");
+                engine.policy_rejected();
             }
         }
     }

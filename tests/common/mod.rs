@@ -1,0 +1,190 @@
+//! Test harness: a real broker on 127.0.0.1:0 with a real sled directory and
+//! real mTLS, driven by a manual clock, spoken to through the generated
+//! client.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test harness: a failure here is a test failure"
+)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis::client::ClientOpts;
+use portcullis::clock::{Clock, ManualClock, SystemClock};
+use portcullis::dev::{As, DevCa, DevDir};
+use portcullis::pb;
+use portcullis::pb::broker_client::BrokerClient;
+use portcullis::server::{Running, ServeConfig};
+use tonic::transport::Channel;
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub dev: DevDir,
+    pub clock: Arc<ManualClock>,
+    /// The CA that issued the dev identities (tests issue more with it).
+    pub ca: DevCa,
+    pub running: Option<Running>,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("portcullis=debug")
+                .with_test_writer()
+                .try_init();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let dev = DevDir::new(dir.path().join("dev"));
+        let ca = DevCa::new("portcullis test CA").unwrap();
+        dev.write_identities(&ca).unwrap();
+        dev.prepare().unwrap();
+        let clock = Arc::new(ManualClock::new(SystemClock.now()));
+        let mut h = Self {
+            dir,
+            dev,
+            clock,
+            ca,
+            running: None,
+        };
+        h.boot().await;
+        h
+    }
+
+    pub fn config(&self) -> ServeConfig {
+        let d = &self.dev;
+        let mut cfg = ServeConfig::new(
+            d.data(),
+            d.path("server.pem"),
+            d.path("server-key.pem"),
+            d.path("ca.pem"),
+            d.path("policy.toml"),
+            d.path("kek"),
+        );
+        cfg.clock = self.clock.clone();
+        // Fixed, so tokens stay valid across restarts on new ports.
+        cfg.issuer = Some("https://portcullis.test".into());
+        cfg.policy_poll = Duration::from_millis(20);
+        cfg
+    }
+
+    pub async fn boot(&mut self) {
+        self.running = Some(portcullis::server::start(self.config()).await.unwrap());
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub async fn restart(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        self.boot().await;
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    pub fn opts(&self, who: As) -> ClientOpts {
+        ClientOpts {
+            server: Some(self.running().grpc_addr.to_string()),
+            cert: None,
+            key: None,
+            ca: None,
+            dev_dir: Some(self.dev.root.clone()),
+            as_: who,
+        }
+    }
+
+    pub async fn channel(&self, who: As) -> Channel {
+        self.opts(who).connect().await.unwrap()
+    }
+
+    pub async fn broker(&self, who: As) -> BrokerClient<Channel> {
+        BrokerClient::new(self.channel(who).await)
+    }
+
+    /// Move the clock and wait until the expiry task has swept up to it.
+    pub async fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+        let target = self.clock.now();
+        let mut rx = self.running().engine.expiry_progress();
+        rx.wait_for(|p| *p >= target).await.unwrap();
+    }
+
+    /// Write a client certificate from `ca` for `uri` into the temp dir.
+    pub fn foreign_identity(
+        &self,
+        ca: &DevCa,
+        uri: &str,
+        expired: bool,
+        name: &str,
+    ) -> (PathBuf, PathBuf) {
+        let (cert, key) = ca.client_cert(uri, expired.then_some(())).unwrap();
+        let c = self.dir.path().join(format!("{name}.pem"));
+        let k = self.dir.path().join(format!("{name}-key.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        (c, k)
+    }
+}
+
+pub fn ask(scopes: &[&str]) -> pb::RequestTokenRequest {
+    pb::RequestTokenRequest {
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn secs(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+/// Ask and expect a grant.
+pub async fn grant(c: &mut BrokerClient<Channel>, req: pb::RequestTokenRequest) -> pb::Grant {
+    match c
+        .request_token(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+        .unwrap()
+    {
+        pb::request_token_response::Outcome::Granted(g) => g,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// Decode a JWT part without verifying.
+pub fn part(token: &str, i: usize) -> serde_json::Value {
+    use base64::Engine as _;
+    let p = token.split('.').nth(i).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(p)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+pub async fn count_leases(c: &mut BrokerClient<Channel>) -> usize {
+    c.list_leases(pb::ListLeasesRequest {
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .leases
+    .len()
+}
