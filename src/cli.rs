@@ -170,6 +170,10 @@ pub struct ServeArgs {
         default_value = "es256"
     )]
     pub alg: SigningAlg,
+    /// Keep all state in memory: nothing survives a restart and nothing is
+    /// fsynced. For benchmarks and experiments only.
+    #[arg(long)]
+    pub in_memory: bool,
 }
 
 /// `token` subcommands.
@@ -1007,6 +1011,7 @@ pub fn serve_config(
     cfg.http_listen = Some(args.http_listen);
     cfg.issuer = args.issuer.clone();
     cfg.alg = args.alg;
+    cfg.in_memory = args.in_memory;
     Ok((cfg, dev))
 }
 

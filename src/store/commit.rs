@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Store, StoreError};
 
+/// Most scheduler rounds the flusher waits for more writers before a sync.
+const LINGER_ROUNDS: usize = 8;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Progress {
     /// Every ticket up to this one is durable.
@@ -109,7 +112,19 @@ async fn flusher(inner: Arc<Inner>, store: Arc<dyn Store>, cancel: CancellationT
             () = inner.wake.notified() => false,
             () = cancel.cancelled() => true,
         };
-        let target = inner.issued.load(Ordering::SeqCst);
+        // Linger while writers are still arriving: each round lets every
+        // task that is ready run once (e.g. the writers the last sync just
+        // released), so they join this batch instead of forcing one sync
+        // each. Stops as soon as a round brings nobody new.
+        let mut target = inner.issued.load(Ordering::SeqCst);
+        for _ in 0..LINGER_ROUNDS {
+            tokio::task::yield_now().await;
+            let now = inner.issued.load(Ordering::SeqCst);
+            if now == target {
+                break;
+            }
+            target = now;
+        }
         if target > done {
             let s = store.clone();
             let result = tokio::task::spawn_blocking(move || s.sync())

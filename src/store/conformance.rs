@@ -247,6 +247,40 @@ fn sled_keeps_everything_across_reopen_and_refuses_unknown_schema() {
 }
 
 #[test]
+fn sled_drops_expiry_entries_a_crash_left_behind() {
+    // What a crash between the index write and the lease write leaves.
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open(dir.path()).unwrap();
+    s.create_lease(&lease("l_1", "spiffe://t/a", 7), None)
+        .unwrap();
+    s.lease_expiry.insert(deadline_key(5, "l_0"), &[]).unwrap();
+    // What a crash inside `swap_lease` leaves: an entry at a stale time, and
+    // one for a lease that is no longer active.
+    s.create_lease(&lease("l_2", "spiffe://t/a", 20), None)
+        .unwrap();
+    s.lease_expiry.insert(deadline_key(6, "l_2"), &[]).unwrap();
+    let gone = lease("l_3", "spiffe://t/a", 8);
+    s.create_lease(&gone, None).unwrap();
+    s.leases
+        .insert(
+            "l_3",
+            encode(&Lease {
+                state: LeaseState::Revoked,
+                ..gone
+            })
+            .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(s.leases_due(10, 10).unwrap(), ["l_1"]);
+    assert_eq!(
+        s.leases_due(100, 10).unwrap(),
+        ["l_1", "l_2"],
+        "stale entries removed"
+    );
+    assert_eq!(s.lease_expiry.len(), 2);
+}
+
+#[test]
 fn corrupt_record_is_reported_not_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let s = SledStore::open(dir.path()).unwrap();

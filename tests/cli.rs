@@ -1,0 +1,284 @@
+//! The CLI as a user runs it: `serve --dev` in one process, client commands
+//! in others, exit codes checked.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "a failure is a test failure"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM for a clean shutdown, then make sure it is gone.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `serve --dev` and return once it says it is ready (read from its
+/// output, no sleeping).
+fn serve(dir: &Path) -> Server {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                let ready = l.contains("dev broker ready");
+                seen.push(l);
+                if ready {
+                    break;
+                }
+            }
+            _ => panic!("server exited before it was ready: {seen:#?}"),
+        }
+    }
+    // Keep draining its output so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child }
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("PORTCULLIS_DEV_DIR", dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn the_readme_tour_works_with_the_documented_exit_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    for f in [
+        "ca.pem",
+        "server.pem",
+        "workload.pem",
+        "approver.pem",
+        "admin.pem",
+        "policy.toml",
+        "kek",
+        "endpoints.json",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing from the dev dir");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["kek", "ca-key.pem", "workload-key.pem"] {
+            let mode = std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f} must be private");
+        }
+    }
+
+    // Request: the token alone on stdout.
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "request",
+            "--scope",
+            "orders.read",
+            "--reason",
+            "tour",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let token = stdout(&o).trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+
+    // Inspect.
+    let o = run(&dir, &["token", "inspect", &token, "--output", "json"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["active"], true);
+    assert_eq!(v["scope"], "orders.read");
+    let jti = v["jti"].as_str().unwrap().to_owned();
+
+    // List and show.
+    let o = run(&dir, &["lease", "list", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["leases"][0]["id"], jti.as_str());
+    let o = run(&dir, &["lease", "show", &jti]);
+    assert!(stdout(&o).contains("active"), "{o:?}");
+
+    // Renew: a fresh token for the same lease.
+    let o = run(
+        &dir,
+        &["lease", "renew", &jti, "--ttl", "10m", "--output", "json"],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["lease"]["id"], jti.as_str());
+    assert_eq!(v["lease"]["renewals"], 1);
+
+    // Someone else cannot revoke it; the owner can; then it is inactive.
+    let o = run(&dir, &["lease", "revoke", &jti, "--as", "approver"]);
+    assert_eq!(code(&o), 2, "{o:?}");
+    let o = run(&dir, &["lease", "revoke", &jti, "--reason", "tour over"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    let o = run(&dir, &["token", "inspect", &token]);
+    assert_eq!(code(&o), 1);
+    assert!(stdout(&o).contains("active     false"));
+
+    // Approval scope without --wait: parked, exit 3.
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "request",
+            "--scope",
+            "orders.admin",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rid = v["pending"]["id"].as_str().unwrap().to_owned();
+    let o = run(&dir, &["requests", "withdraw", &rid]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "request",
+            "--scope",
+            "orders.admin",
+            "--wait",
+            "--timeout",
+            "1ms",
+        ],
+    );
+    assert_eq!(code(&o), 3, "timed out waiting: {o:?}");
+
+    // Denied by policy: exit 2. Bad input: 64. Usage error: 64.
+    let o = run(&dir, &["token", "request", "--scope", "payroll.read"]);
+    assert_eq!(code(&o), 2, "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("payroll.read"));
+    let o = run(
+        &dir,
+        &["token", "request", "--scope", "orders.read", "--ttl", "48h"],
+    );
+    assert_eq!(code(&o), 64, "{o:?}");
+    let o = run(&dir, &["token", "request"]);
+    assert_eq!(code(&o), 64, "{o:?}");
+
+    // Bulk revocation as admin.
+    for _ in 0..3 {
+        assert_eq!(
+            code(&run(&dir, &["token", "request", "--scope", "orders.read"])),
+            0
+        );
+    }
+    let o = run(
+        &dir,
+        &[
+            "lease",
+            "revoke-all",
+            "--subject",
+            portcullis::dev::WORKLOAD,
+            "--as",
+            "admin",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["revoked"], 3);
+
+    // Offline policy commands.
+    let policy = dir.join("policy.toml");
+    let o = run(&dir, &["policy", "check", policy.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    let o = run(
+        &dir,
+        &[
+            "policy",
+            "explain",
+            "--identity",
+            portcullis::dev::WORKLOAD,
+            "--scope",
+            "orders.admin",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{o:?}");
+    assert!(stdout(&o).contains("approvers"), "{o:?}");
+    let o = run(
+        &dir,
+        &[
+            "policy",
+            "explain",
+            "--identity",
+            portcullis::dev::APPROVER,
+            "--scope",
+            "orders.read",
+        ],
+    );
+    assert_eq!(code(&o), 2, "{o:?}");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[scope]]\nname = \"a b\"\ntier = \"auto\"\nworkloads = [\"x\"]\n",
+    )
+    .unwrap();
+    let o = run(&dir, &["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(code(&o), 1);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 2") && err.contains("line 4"), "{err}");
+
+    // Keys.
+    let o = run(&dir, &["keys", "jwks"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["keys"][0]["alg"], "ES256");
+}
+
+#[test]
+fn client_errors_are_clear_without_a_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(tmp.path(), &["lease", "list"]);
+    assert_eq!(code(&o), 64, "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("serve --dev"),
+        "{o:?}"
+    );
+}
