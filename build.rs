@@ -4,6 +4,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/portcullis/v1/broker.proto",
+        "proto/portcullis/v1/approvals.proto",
         "proto/portcullis/v1/keys.proto",
     ];
     for f in &files {

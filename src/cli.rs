@@ -17,6 +17,7 @@ use crate::dev::{As, DevDir};
 use crate::identity::Identity;
 use crate::keys::SigningAlg;
 use crate::pb;
+use crate::pb::approvals_client::ApprovalsClient;
 use crate::pb::broker_client::BrokerClient;
 use crate::pb::keys_client::KeysClient;
 use crate::policy::{Decision, Policy};
@@ -196,6 +197,10 @@ pub enum TokenCmd {
         /// Idempotency key: a retry with the same key returns the same grant.
         #[arg(long)]
         client_request_id: Option<String>,
+        /// Take an approval-tier scope at once where policy allows break-glass
+        /// (capped TTL, reviewed afterwards). Needs --reason.
+        #[arg(long)]
+        break_glass: bool,
         /// If parked for approval, wait for the decision.
         #[arg(long)]
         wait: bool,
@@ -274,6 +279,48 @@ pub enum StateArg {
 /// `requests` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum RequestsCmd {
+    /// Requests you may decide now (approvers), oldest first.
+    List {
+        /// Page size.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue from a previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Approve a request (as an approver).
+    Approve {
+        /// Request id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Grant a shorter TTL than requested.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// The digest you reviewed (from `requests show`); refused if the request differs.
+        #[arg(long)]
+        digest: Option<String>,
+    },
+    /// Deny a request (as an approver). A reason is required.
+    Deny {
+        /// Request id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Acknowledge a break-glass grant after the fact (as an approver).
+    Ack {
+        /// Request id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Also revoke the break-glass lease.
+        #[arg(long)]
+        revoke: bool,
+    },
     /// Show one request.
     Show {
         /// Request id.
@@ -486,6 +533,83 @@ fn request_text(r: &pb::TokenRequest) -> String {
         ));
     }
     s
+}
+
+/// Everything an approver needs to decide.
+fn request_detail(r: &pb::TokenRequest) -> String {
+    let mut s = request_text(r);
+    s.push_str(&format!(
+        "audience   {}\nttl        {}s\ncreated    {}\nreason     {}\ndigest     {}\n",
+        r.audience,
+        r.ttl.as_ref().map_or(0, |d| d.seconds),
+        fmt_ts(&r.created_at),
+        r.justification,
+        r.digest
+    ));
+    for w in &r.waiting_for {
+        s.push_str(&format!("rule       {}\n", w.rule));
+    }
+    for a in &r.approvals {
+        s.push_str(&format!(
+            "approved   by {} at {} ({})\n",
+            a.approver,
+            fmt_ts(&a.at),
+            a.reason
+        ));
+    }
+    for t in &r.history {
+        s.push_str(&format!(
+            "history    {} {} -> {} by {} ({})\n",
+            fmt_ts(&t.at),
+            request_state_name(t.from),
+            request_state_name(t.to),
+            t.actor,
+            t.reason
+        ));
+    }
+    if r.break_glass {
+        s.push_str(&format!(
+            "break-glass {}\n",
+            if r.review_pending {
+                "awaiting review".to_owned()
+            } else {
+                format!("acknowledged by {} ({})", r.reviewed_by, r.review_reason)
+            }
+        ));
+    }
+    s
+}
+
+/// One line of live status while waiting.
+fn status_line(r: &pb::TokenRequest) -> String {
+    let left = r.expires_at.as_ref().map_or(String::new(), |t| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        format!(
+            ", {} left",
+            humantime::format_duration(Duration::from_secs((t.seconds - now).max(0) as u64))
+        )
+    });
+    let needs: Vec<String> = r
+        .waiting_for
+        .iter()
+        .filter(|w| w.approvals_received < w.approvals_required)
+        .map(|w| {
+            format!(
+                "{} needs {}/{} from {}",
+                w.scope,
+                w.approvals_received,
+                w.approvals_required,
+                w.approver_groups.join("|")
+            )
+        })
+        .collect();
+    match pb::RequestState::try_from(r.state) {
+        Ok(pb::RequestState::Pending) => format!("[{}] pending: {}{left}", r.id, needs.join("; ")),
+        Ok(pb::RequestState::Approved) => format!("[{}] approved; claiming the token", r.id),
+        _ => format!("[{}] {}", r.id, request_state_name(r.state)),
+    }
 }
 
 fn print(out: Output, text: &str, value: serde_json::Value) {
@@ -701,6 +825,7 @@ async fn token_cmd(out: Output, cmd: TokenCmd, client: &ClientOpts) -> Result<i3
             audience,
             reason,
             client_request_id,
+            break_glass,
             wait,
             timeout,
         } => {
@@ -710,7 +835,7 @@ async fn token_cmd(out: Output, cmd: TokenCmd, client: &ClientOpts) -> Result<i3
                 audience: audience.unwrap_or_default(),
                 justification: reason.unwrap_or_default(),
                 client_request_id: client_request_id.unwrap_or_default(),
-                break_glass: false,
+                break_glass,
             };
             let resp = b.request_token(req).await?.into_inner();
             match resp.outcome {
@@ -824,13 +949,20 @@ async fn watch(
         let Some(r) = msg.request else { continue };
         let state = pb::RequestState::try_from(r.state).unwrap_or(pb::RequestState::Unspecified);
         match out {
-            Output::Text => eprint!("{}", request_text(&r)),
+            Output::Text => eprintln!("{}", status_line(&r)),
             Output::Json => println!("{}", json!({"request": request_json(&r)})),
         }
         match state {
             pb::RequestState::Denied => return Ok(exit::DENIED),
             pb::RequestState::Expired | pb::RequestState::Withdrawn => return Ok(exit::PENDING),
-            pb::RequestState::Issued => return Ok(exit::OK),
+            pb::RequestState::Issued => {
+                return Err(Failure {
+                    code: exit::FAILURE,
+                    message: format!(
+                        "request {id} was issued, but its token went to another session (a token is delivered once)"
+                    ),
+                });
+            }
             _ => {}
         }
     }
@@ -940,8 +1072,100 @@ async fn requests_cmd(out: Output, cmd: RequestsCmd, client: &ClientOpts) -> Res
     let mut b = BrokerClient::new(client.connect().await?);
     match cmd {
         RequestsCmd::Show { id } => {
-            let r = b
+            // The reviewer's view: reading never claims a token.
+            let mut a = ApprovalsClient::new(client.connect().await?);
+            let r = a
                 .get_request(pb::GetRequestRequest { request_id: id })
+                .await?
+                .into_inner()
+                .request
+                .unwrap_or_default();
+            print(out, &request_detail(&r), request_json(&r));
+            Ok(exit::OK)
+        }
+        RequestsCmd::List { limit, page_token } => {
+            let mut a = ApprovalsClient::new(client.connect().await?);
+            let r = a
+                .list_pending(pb::ListPendingRequest {
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let mut text: String = r
+                .requests
+                .iter()
+                .map(|q| {
+                    let kind = if q.review_pending {
+                        "break-glass review"
+                    } else {
+                        "pending"
+                    };
+                    format!(
+                        "{}  {kind:<18} {}  {}  \"{}\"\n",
+                        q.id,
+                        q.requester,
+                        q.scopes.join(" "),
+                        q.justification
+                    )
+                })
+                .collect();
+            if r.requests.is_empty() {
+                text.push_str("nothing to decide\n");
+            }
+            if !r.next_page_token.is_empty() {
+                text.push_str(&format!("more: --page-token {}\n", r.next_page_token));
+            }
+            print(
+                out,
+                &text,
+                json!({"requests": r.requests.iter().map(request_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token}),
+            );
+            Ok(exit::OK)
+        }
+        RequestsCmd::Approve {
+            id,
+            reason,
+            ttl,
+            digest,
+        } => {
+            let mut a = ApprovalsClient::new(client.connect().await?);
+            let r = a
+                .approve(pb::ApproveRequest {
+                    request_id: id,
+                    reason: reason.unwrap_or_default(),
+                    ttl: ttl.map(|d| convert::dur(crate::clock::millis(d))),
+                    digest: digest.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .request
+                .unwrap_or_default();
+            print(out, &request_text(&r), request_json(&r));
+            Ok(exit::OK)
+        }
+        RequestsCmd::Deny { id, reason } => {
+            let mut a = ApprovalsClient::new(client.connect().await?);
+            let r = a
+                .deny(pb::DenyRequest {
+                    request_id: id,
+                    reason,
+                })
+                .await?
+                .into_inner()
+                .request
+                .unwrap_or_default();
+            print(out, &request_text(&r), request_json(&r));
+            Ok(exit::OK)
+        }
+        RequestsCmd::Ack { id, reason, revoke } => {
+            let mut a = ApprovalsClient::new(client.connect().await?);
+            let r = a
+                .acknowledge(pb::AcknowledgeRequest {
+                    request_id: id,
+                    reason: reason.unwrap_or_default(),
+                    revoke,
+                })
                 .await?
                 .into_inner()
                 .request

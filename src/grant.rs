@@ -19,6 +19,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use crate::clock::{Clock, millis, secs};
 use crate::identity::Identity;
 use crate::keys::KeyRing;
+use crate::notify::{Event, Notifier};
 use crate::policy::{Decision, Policy, Refusal, valid_scope_name};
 use crate::store::commit::GroupCommit;
 use crate::store::{
@@ -71,6 +72,9 @@ pub enum GrantError {
     /// An idempotency key was reused with other parameters.
     #[error("`client_request_id`: already used with different parameters")]
     IdempotencyConflict,
+    /// The action was already taken by this caller (e.g. a second approval).
+    #[error("{0}")]
+    Duplicate(String),
     /// Not implemented in this version.
     #[error("{0}")]
     NotSupported(&'static str),
@@ -158,16 +162,18 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
 
 /// The broker's state machine over a store, a policy and a key ring.
 pub struct Engine {
-    store: Arc<dyn Store>,
-    commit: GroupCommit,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) commit: GroupCommit,
     policy: RwLock<Arc<Policy>>,
-    keys: Arc<KeyRing>,
-    clock: Arc<dyn Clock>,
+    pub(crate) keys: Arc<KeyRing>,
+    pub(crate) clock: Arc<dyn Clock>,
     issuer: String,
+    pub(crate) notifier: Notifier,
+    notify_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
     /// Deadline the expiry task sleeps until (`u64::MAX`: none known).
     scheduled: AtomicU64,
     wake: Notify,
-    request_events: broadcast::Sender<String>,
+    pub(crate) request_events: broadcast::Sender<String>,
     expiry_progress: watch::Sender<Millis>,
     policy_reloads: watch::Sender<PolicyReloads>,
 }
@@ -182,7 +188,10 @@ impl Engine {
         clock: Arc<dyn Clock>,
         issuer: String,
     ) -> Self {
+        let (notifier, notify_rx) = Notifier::new();
         Self {
+            notifier,
+            notify_rx: std::sync::Mutex::new(Some(notify_rx)),
             store,
             commit,
             policy: RwLock::new(Arc::new(policy)),
@@ -195,6 +204,47 @@ impl Engine {
             expiry_progress: watch::channel(0).0,
             policy_reloads: watch::channel(PolicyReloads::default()).0,
         }
+    }
+
+    /// The receiving end of the notification queue (taken once, by the
+    /// server's delivery task).
+    pub fn take_notifications(&self) -> Option<tokio::sync::mpsc::Receiver<Event>> {
+        self.notify_rx.lock().ok().and_then(|mut g| g.take())
+    }
+
+    /// Notification counters.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// Announce a request event to webhooks and to watchers.
+    pub(crate) fn announce(
+        &self,
+        kind: &'static str,
+        req: &TokenRequest,
+        actor: &str,
+        reason: &str,
+    ) {
+        let _ = self.request_events.send(req.id.clone());
+        let policy = self.policy();
+        let mut approvers: Vec<String> = req
+            .waiting_for
+            .iter()
+            .flat_map(|w| w.approver_groups.iter())
+            .filter_map(|g| policy.groups.get(g))
+            .flatten()
+            .cloned()
+            .collect();
+        approvers.sort();
+        approvers.dedup();
+        self.notifier.emit(Event {
+            kind,
+            request: req.clone(),
+            actor: actor.to_owned(),
+            at: self.clock.now(),
+            reason: reason.to_owned(),
+            approvers,
+        });
     }
 
     /// The current policy.
@@ -263,7 +313,7 @@ impl Engine {
     /// A new deadline was stored. If it is earlier than what the expiry task
     /// sleeps towards, pull the published progress back below it and wake
     /// the task.
-    fn note_deadline(&self, at: Millis) {
+    pub(crate) fn note_deadline(&self, at: Millis) {
         if at < self.scheduled.fetch_min(at, Ordering::AcqRel) {
             self.expiry_progress.send_if_modified(|p| {
                 let lowered = *p >= at;
@@ -296,6 +346,10 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    pub(crate) fn claims_for(&self, lease: &Lease, iat: Millis) -> Claims {
+        self.claims(lease, iat)
     }
 
     fn claims(&self, lease: &Lease, iat: Millis) -> Claims {
@@ -345,13 +399,52 @@ impl Engine {
                 ),
             });
         }
-        if ask.break_glass {
-            return Err(GrantError::NotSupported(
-                "break-glass is not enabled on this broker version",
-            ));
-        }
         let policy = self.policy();
-        let decision = policy.decide(who, &scopes, ask.ttl)?;
+        let mut decision = policy.decide(who, &scopes, ask.ttl)?;
+        let mut break_glass = false;
+        let mut review: Option<Vec<crate::store::Requirement>> = None;
+        if ask.break_glass
+            && let Decision::Park {
+                ttl,
+                max_ttl,
+                requirements,
+                ..
+            } = &decision
+        {
+            if ask.justification.trim().is_empty() {
+                return Err(GrantError::Invalid {
+                    field: "justification",
+                    reason: "required for break-glass".into(),
+                });
+            }
+            let mut cap = *ttl;
+            for r in requirements {
+                let allowed = policy
+                    .scopes
+                    .get(&r.scope)
+                    .and_then(|s| s.approval.as_ref())
+                    .and_then(|a| a.break_glass_max_ttl);
+                match allowed {
+                    Some(max) => cap = cap.min(max),
+                    None => {
+                        return Err(GrantError::Refused(Refusal {
+                            scope: r.scope.clone(),
+                            reason: format!("break-glass is not allowed ({})", r.rule),
+                        }));
+                    }
+                }
+            }
+            break_glass = true;
+            review = Some(requirements.clone());
+            decision = Decision::Grant {
+                ttl: cap,
+                max_ttl: cap.min(*max_ttl),
+                rules: requirements
+                    .iter()
+                    .map(|r| format!("break-glass on {}", r.rule))
+                    .collect(),
+            };
+        }
         let audience = if ask.audience.is_empty() {
             policy.default_audience.clone()
         } else {
@@ -400,9 +493,9 @@ impl Engine {
                     revoked_by: None,
                     revoke_reason: None,
                     expired_at: None,
-                    request_id: None,
+                    request_id: review.as_ref().map(|_| new_id("r_", now)).transpose()?,
                     approved_by: Vec::new(),
-                    break_glass: false,
+                    break_glass,
                 };
                 let keys = self.keys.current();
                 let lease = Lease {
@@ -417,8 +510,49 @@ impl Engine {
                 {
                     return self.replay(who, existing, &digest).await;
                 }
+                // Break-glass: a record for the review queue, in the same
+                // durable batch as the lease.
+                let review_record = match (review, &lease.request_id) {
+                    (Some(waiting_for), Some(rid)) => {
+                        let r = TokenRequest {
+                            id: rid.clone(),
+                            requester: who.as_str().to_owned(),
+                            scopes: lease.scopes.clone(),
+                            ttl_ms: lease.ttl_ms,
+                            max_ttl_ms: lease.max_expires_at - lease.issued_at,
+                            audience: lease.audience.clone(),
+                            justification: lease.justification.clone(),
+                            state: RequestState::Issued,
+                            created_at: now,
+                            deadline: now,
+                            waiting_for,
+                            approvals: Vec::new(),
+                            lease_id: Some(lease.id.clone()),
+                            digest: digest.clone(),
+                            history: vec![Transition {
+                                from: None,
+                                to: RequestState::Issued,
+                                actor: who.as_str().to_owned(),
+                                at: now,
+                                reason: format!("break-glass: {}", lease.justification),
+                            }],
+                            client_request_id: None,
+                            break_glass: true,
+                            review_pending: true,
+                            reviewed_by: None,
+                            review_reason: None,
+                        };
+                        self.store.create_request(&r, None)?;
+                        Some(r)
+                    }
+                    _ => None,
+                };
                 self.commit.durable().await?;
                 self.note_deadline(lease.expires_at);
+                if let Some(r) = &review_record {
+                    tracing::warn!(jti = %lease.id, request_id = %r.id, sub = %who, scopes = %lease.scopes.join(" "), "break-glass grant; review pending");
+                    self.announce("break_glass", r, who.as_str(), &lease.justification);
+                }
                 tracing::info!(jti = %lease.id, kid = %lease.kid, sub = %who, scopes = %lease.scopes.join(" "), rules = %rules.join(", "), "granted");
                 Ok(Outcome::Granted { token: tok, lease })
             }
@@ -458,6 +592,10 @@ impl Engine {
                     }],
                     client_request_id: (!ask.client_request_id.is_empty())
                         .then(|| ask.client_request_id.clone()),
+                    break_glass: false,
+                    review_pending: false,
+                    reviewed_by: None,
+                    review_reason: None,
                 };
                 if let Some(existing) = self
                     .store
@@ -468,6 +606,7 @@ impl Engine {
                 self.commit.durable().await?;
                 self.note_deadline(req.deadline);
                 tracing::info!(request_id = %req.id, sub = %who, scopes = %req.scopes.join(" "), "parked for approval");
+                self.announce("parked", &req, who.as_str(), &req.justification);
                 Ok(Outcome::Parked(req))
             }
         }
@@ -520,7 +659,8 @@ impl Engine {
             id: id.chars().take(80).collect(),
         };
         let req = self.store.request(id)?.ok_or_else(not_found)?;
-        if req.requester == who.as_str() || self.policy().is_admin(who) {
+        let policy = self.policy();
+        if req.requester == who.as_str() || policy.is_admin(who) || may_decide(&policy, who, &req) {
             Ok(req)
         } else {
             // Never hint that someone else's request exists.
@@ -528,7 +668,7 @@ impl Engine {
         }
     }
 
-    /// Read a request (requester or admin).
+    /// Read a request (requester, eligible approver or admin).
     pub fn get_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, GrantError> {
         require_id("request_id", id)?;
         self.visible_request(who, id)
@@ -567,7 +707,7 @@ impl Engine {
             });
             if self.store.swap_request(&req, &new)? {
                 self.commit.durable().await?;
-                let _ = self.request_events.send(id.to_owned());
+                self.announce("withdrawn", &new, who.as_str(), reason);
                 tracing::info!(request_id = %id, sub = %who, "withdrawn");
                 return Ok(new);
             }
@@ -857,7 +997,7 @@ impl Engine {
                     });
                     if self.store.swap_request(&req, &new)? {
                         changed += 1;
-                        events.push(id.clone());
+                        events.push(new);
                         tracing::info!(request_id = %id, "request expired");
                         break;
                     }
@@ -867,8 +1007,13 @@ impl Engine {
         if changed > 0 {
             self.commit.durable().await?;
         }
-        for id in events {
-            let _ = self.request_events.send(id);
+        for req in events {
+            let why = req
+                .history
+                .last()
+                .map(|t| t.reason.clone())
+                .unwrap_or_default();
+            self.announce("expired", &req, SYSTEM_ACTOR, &why);
         }
         Ok(changed)
     }
@@ -902,7 +1047,18 @@ impl Engine {
     }
 }
 
-fn revoked(lease: &Lease, by: &str, reason: &str, now: Millis) -> Lease {
+/// May `who` decide (approve, deny, review) this request? A member of an
+/// approver group of one of its scopes, and never its requester.
+pub(crate) fn may_decide(policy: &Policy, who: &Identity, req: &TokenRequest) -> bool {
+    req.requester != who.as_str()
+        && req.waiting_for.iter().any(|w| {
+            w.approver_groups
+                .iter()
+                .any(|g| policy.is_member(g, who.as_str()))
+        })
+}
+
+pub(crate) fn revoked(lease: &Lease, by: &str, reason: &str, now: Millis) -> Lease {
     Lease {
         state: LeaseState::Revoked,
         revoked_at: Some(now),

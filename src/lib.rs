@@ -14,6 +14,8 @@
 //!   jsonwebtoken provider.
 //! - [`token`]: mint and verify the RFC 9068 access tokens.
 //! - [`grant`]: moves state — issuance, parking, renew, revoke, introspect.
+//! - [`approval`]: moves parked requests — approve, deny, review, claim once.
+//! - [`notify`]: webhooks for request events, off the request path.
 //! - [`expiry`]: time-driven work (lease and request deadlines).
 //! - [`api`]: translates gRPC to the domain and back (one error table).
 //! - [`server`]: wires it all up (TLS, listeners, tasks, shutdown).
@@ -22,6 +24,7 @@
 //!   through the generated gRPC client.
 
 pub mod api;
+pub mod approval;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -32,6 +35,7 @@ pub mod grant;
 pub mod identity;
 pub mod jose;
 pub mod keys;
+pub mod notify;
 pub mod policy;
 pub mod server;
 pub mod store;

@@ -17,6 +17,7 @@ use crate::identity::Identity;
 pub const DEFAULT_HARD_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(600);
 /// Longest scope name.
 pub const MAX_SCOPE_LEN: usize = 128;
 
@@ -71,6 +72,10 @@ pub struct ApprovalRule {
     pub pending_ttl: Duration,
     /// Break-glass cap, when allowed.
     pub break_glass_max_ttl: Option<Duration>,
+    /// How long an approved request waits to be claimed.
+    pub claim_ttl: Duration,
+    /// Approvals must carry a reason.
+    pub require_reason: bool,
 }
 
 /// A scope's rule.
@@ -112,7 +117,41 @@ pub struct Policy {
     pub groups: BTreeMap<String, Vec<String>>,
     /// Scope name → rule.
     pub scopes: BTreeMap<String, ScopeRule>,
+    /// Where to announce request events.
+    pub webhooks: Vec<Webhook>,
 }
+
+/// Body format of a webhook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// A generic JSON event document.
+    Json,
+    /// A Slack-compatible incoming-webhook body (`{"text": ...}`).
+    Slack,
+}
+
+/// One notification target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// Body format.
+    pub format: WebhookFormat,
+    /// Events to send (empty: all).
+    pub events: Vec<String>,
+}
+
+/// Event names a webhook may subscribe to.
+pub const WEBHOOK_EVENTS: &[&str] = &[
+    "parked",
+    "approved",
+    "denied",
+    "expired",
+    "withdrawn",
+    "issued",
+    "break_glass",
+    "acknowledged",
+];
 
 /// What policy says about a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -422,6 +461,8 @@ impl Policy {
                         || s.approvals_required.is_some()
                         || s.pending_ttl.is_some()
                         || s.break_glass.is_some()
+                        || s.claim_ttl.is_some()
+                        || s.require_approval_reason
                     {
                         p(
                             entry.span(),
@@ -471,6 +512,8 @@ impl Policy {
                     }
                     let pending_ttl =
                         dur(&s.pending_ttl, "pending_ttl", &mut p).unwrap_or(DEFAULT_PENDING_TTL);
+                    let claim_ttl =
+                        dur(&s.claim_ttl, "claim_ttl", &mut p).unwrap_or(DEFAULT_CLAIM_TTL);
                     let break_glass_max_ttl = match &s.break_glass {
                         Some(b) if b.allowed => {
                             let d = dur(&b.max_ttl, "break_glass.max_ttl", &mut p)
@@ -490,6 +533,8 @@ impl Policy {
                         required,
                         pending_ttl,
                         break_glass_max_ttl,
+                        claim_ttl,
+                        require_reason: s.require_approval_reason,
                     })
                 }
             };
@@ -505,6 +550,46 @@ impl Policy {
                     line,
                 },
             );
+        }
+        let mut webhooks = Vec::new();
+        for w in &raw.webhooks {
+            let url = w.url.get_ref();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                p(
+                    w.url.span(),
+                    format!("webhook url `{url}` must start with http:// or https://"),
+                );
+            }
+            let format = match w.format.as_ref().map(|f| f.get_ref().as_str()) {
+                None | Some("json") => WebhookFormat::Json,
+                Some("slack") => WebhookFormat::Slack,
+                Some(other) => {
+                    if let Some(f) = &w.format {
+                        p(
+                            f.span(),
+                            format!("webhook format `{other}` (expected `json` or `slack`)"),
+                        );
+                    }
+                    WebhookFormat::Json
+                }
+            };
+            for e in &w.events {
+                if !WEBHOOK_EVENTS.contains(&e.get_ref().as_str()) {
+                    p(
+                        e.span(),
+                        format!(
+                            "webhook event `{}` (expected one of {})",
+                            e.get_ref(),
+                            WEBHOOK_EVENTS.join(", ")
+                        ),
+                    );
+                }
+            }
+            webhooks.push(Webhook {
+                url: url.clone(),
+                format,
+                events: w.events.iter().map(|e| e.get_ref().clone()).collect(),
+            });
         }
         let default_audience = raw
             .broker
@@ -526,6 +611,7 @@ impl Policy {
             hard_max_ttl,
             groups,
             scopes,
+            webhooks,
         })
     }
 }
@@ -561,6 +647,8 @@ struct RawPolicy {
     groups: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
     #[serde(default, rename = "scope")]
     scopes: Vec<Spanned<RawScope>>,
+    #[serde(default, rename = "webhook")]
+    webhooks: Vec<RawWebhook>,
 }
 
 #[derive(Deserialize, Default)]
@@ -588,7 +676,20 @@ struct RawScope {
     approvers: Vec<Spanned<String>>,
     approvals_required: Option<Spanned<u32>>,
     pending_ttl: Option<Spanned<String>>,
+    claim_ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    require_approval_reason: bool,
     break_glass: Option<RawBreakGlass>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    #[serde(default)]
+    format: Option<Spanned<String>>,
+    #[serde(default)]
+    events: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -15,11 +15,13 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 
+use crate::api::approvals::ApprovalsService;
 use crate::api::broker::BrokerService;
 use crate::api::keys::KeysService;
 use crate::clock::{Clock, SystemClock};
 use crate::grant::Engine;
 use crate::keys::{Kek, KeyRing, SigningAlg};
+use crate::pb::approvals_server::ApprovalsServer;
 use crate::pb::broker_server::BrokerServer;
 use crate::pb::keys_server::KeysServer;
 use crate::policy::Policy;
@@ -243,6 +245,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
                 .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(
+            ApprovalsServer::new(ApprovalsService::new(engine.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
             KeysServer::new(KeysService::new(ring.clone())).max_decoding_message_size(MAX_MESSAGE),
         );
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
@@ -269,6 +275,16 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         });
     }
     tracker.spawn(crate::expiry::run(engine.clone(), cancel.clone()));
+    if let Some(rx) = engine.take_notifications() {
+        let e = engine.clone();
+        let stats = engine.notifier().stats().clone();
+        tracker.spawn(crate::notify::run(
+            rx,
+            stats,
+            move || e.policy(),
+            cancel.clone(),
+        ));
+    }
     tracker.spawn(reload_policy(
         engine.clone(),
         cfg.policy.clone(),

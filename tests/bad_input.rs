@@ -99,8 +99,17 @@ async fn malformed_requests_name_the_field_and_write_nothing() {
                 break_glass: true,
                 ..ask(&["orders.admin"])
             },
-            Code::Unimplemented,
-            "break-glass",
+            Code::InvalidArgument,
+            "justification",
+        ),
+        (
+            pb::RequestTokenRequest {
+                break_glass: true,
+                justification: "prod down".into(),
+                ..ask(&["orders.admin"])
+            },
+            Code::PermissionDenied,
+            "break-glass is not allowed",
         ),
         (
             ask(&["unknown.scope"]),

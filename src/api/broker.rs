@@ -13,6 +13,7 @@ use super::{caller, convert};
 use crate::grant::{Engine, Outcome, TokenAsk};
 use crate::pb;
 use crate::pb::broker_server::Broker;
+use crate::store::RequestState;
 
 /// `Broker` over an [`Engine`].
 pub struct BrokerService {
@@ -73,9 +74,25 @@ impl Broker for BrokerService {
         req: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::GetRequestResponse>, Status> {
         let who = caller(&req)?;
-        let r = self.engine.get_request(&who, &req.get_ref().request_id)?;
+        let id = &req.get_ref().request_id;
+        let r = self.engine.get_request(&who, id)?;
+        if r.state == RequestState::Approved && r.requester == who.as_str() {
+            if let Some((token, lease, issued)) = self.engine.claim(&who, id).await? {
+                return Ok(Response::new(pb::GetRequestResponse {
+                    request: Some(convert::request(&issued)),
+                    grant: Some(convert::grant(token, &lease)),
+                }));
+            }
+            // Someone else's call claimed it first: report what is stored.
+            let r = self.engine.get_request(&who, id)?;
+            return Ok(Response::new(pb::GetRequestResponse {
+                request: Some(convert::request(&r)),
+                grant: None,
+            }));
+        }
         Ok(Response::new(pb::GetRequestResponse {
             request: Some(convert::request(&r)),
+            grant: None,
         }))
     }
 
@@ -94,18 +111,48 @@ impl Broker for BrokerService {
         let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            let mut last = first;
-            if tx
-                .send(Ok(pb::WatchRequestResponse {
-                    request: Some(convert::request(&last)),
-                    grant: None,
-                }))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            while !last.state.is_terminal() {
+            let mut last: Option<crate::store::TokenRequest> = None;
+            let mut current = first;
+            loop {
+                // The requester claims an approved request; the claim is a
+                // compare-and-swap, so among any number of watchers and
+                // GetRequest callers exactly one receives the token.
+                let mut grant = None;
+                if current.state == RequestState::Approved && current.requester == who.as_str() {
+                    match engine.claim(&who, &id).await {
+                        Ok(Some((token, lease, issued))) => {
+                            current = issued;
+                            grant = Some((token, lease));
+                        }
+                        Ok(None) => match engine.get_request(&who, &id) {
+                            Ok(r) => current = r,
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        },
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                }
+                if last.as_ref() != Some(&current) || grant.is_some() {
+                    let msg = pb::WatchRequestResponse {
+                        request: Some(convert::request(&current)),
+                        grant: grant.as_ref().map(|(t, l)| convert::grant(t.clone(), l)),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        if let Some((_, lease)) = &grant {
+                            engine.revoke_undelivered(lease).await;
+                        }
+                        return;
+                    }
+                    last = Some(current.clone());
+                }
+                if current.state.is_terminal() {
+                    return;
+                }
                 let changed = tokio::select! {
                     () = shutdown.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("broker is shutting down; watch again to resume"))).await;
@@ -122,23 +169,10 @@ impl Broker for BrokerService {
                 if !changed {
                     continue;
                 }
-                let now = match engine.get_request(&who, &id) {
-                    Ok(r) => r,
+                match engine.get_request(&who, &id) {
+                    Ok(r) => current = r,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
-                if now != last {
-                    last = now;
-                    if tx
-                        .send(Ok(pb::WatchRequestResponse {
-                            request: Some(convert::request(&last)),
-                            grant: None,
-                        }))
-                        .await
-                        .is_err()
-                    {
                         return;
                     }
                 }

@@ -84,6 +84,14 @@ pub fn request_state(s: store::RequestState) -> pb::RequestState {
     }
 }
 
+/// A token and its lease to proto.
+pub fn grant(token: String, l: &store::Lease) -> pb::Grant {
+    pb::Grant {
+        token,
+        lease: Some(lease(l)),
+    }
+}
+
 /// Lease to proto.
 pub fn lease(l: &store::Lease) -> pb::Lease {
     pb::Lease {
@@ -127,7 +135,7 @@ pub fn request(r: &store::TokenRequest) -> pb::TokenRequest {
                 scope: w.scope.clone(),
                 approver_groups: w.approver_groups.clone(),
                 approvals_required: w.approvals_required,
-                approvals_received: 0,
+                approvals_received: crate::approval::received(r, &w.scope),
                 rule: w.rule.clone(),
             })
             .collect(),
@@ -154,5 +162,9 @@ pub fn request(r: &store::TokenRequest) -> pb::TokenRequest {
             })
             .collect(),
         client_request_id: r.client_request_id.clone().unwrap_or_default(),
+        break_glass: r.break_glass,
+        review_pending: r.review_pending,
+        reviewed_by: r.reviewed_by.clone().unwrap_or_default(),
+        review_reason: r.review_reason.clone().unwrap_or_default(),
     }
 }

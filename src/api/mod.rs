@@ -2,6 +2,7 @@
 //! (identity from the channel), converts messages, and maps every domain
 //! error to a status in one table ([`status`]).
 
+pub mod approvals;
 pub mod broker;
 pub mod convert;
 pub mod keys;

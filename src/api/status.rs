@@ -12,7 +12,7 @@ impl From<GrantError> for Status {
             GrantError::Refused(_) | GrantError::NotAllowed(_) => Code::PermissionDenied,
             GrantError::NotFound { .. } => Code::NotFound,
             GrantError::WrongState(_) => Code::FailedPrecondition,
-            GrantError::IdempotencyConflict => Code::AlreadyExists,
+            GrantError::IdempotencyConflict | GrantError::Duplicate(_) => Code::AlreadyExists,
             GrantError::NotSupported(_) => Code::Unimplemented,
             GrantError::Store(StoreError::Corrupt { .. } | StoreError::Schema { .. }) => {
                 Code::Internal

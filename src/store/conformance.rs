@@ -58,6 +58,10 @@ fn request(id: &str, deadline: Millis) -> TokenRequest {
         digest: "d".into(),
         history: vec![],
         client_request_id: None,
+        break_glass: false,
+        review_pending: false,
+        reviewed_by: None,
+        review_reason: None,
     }
 }
 
@@ -197,6 +201,59 @@ fn requests_index_only_non_terminal() {
             RequestState::Expired,
             "{name}"
         );
+    }
+}
+
+#[test]
+fn open_requests_track_decisions_claims_and_reviews() {
+    for (name, s, _dir) in backends() {
+        let a = request("r_a", 10);
+        let b = request("r_b", 20);
+        let c = TokenRequest {
+            state: RequestState::Issued,
+            break_glass: true,
+            review_pending: true,
+            ..request("r_c", 30)
+        };
+        let d = TokenRequest {
+            state: RequestState::Denied,
+            ..request("r_d", 40)
+        };
+        for r in [&a, &b, &c, &d] {
+            s.create_request(r, None).unwrap();
+        }
+        let ids = |v: Vec<TokenRequest>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.open_requests(None, 10).unwrap()),
+            ["r_a", "r_b", "r_c"],
+            "{name}"
+        );
+        assert_eq!(
+            ids(s.open_requests(Some("r_a"), 1).unwrap()),
+            ["r_b"],
+            "{name}"
+        );
+        let approved = TokenRequest {
+            state: RequestState::Approved,
+            ..a.clone()
+        };
+        assert!(s.swap_request(&a, &approved).unwrap());
+        assert_eq!(
+            s.open_requests(None, 10).unwrap().len(),
+            3,
+            "{name}: approved still open (claim)"
+        );
+        let issued = TokenRequest {
+            state: RequestState::Issued,
+            ..approved.clone()
+        };
+        assert!(s.swap_request(&approved, &issued).unwrap());
+        let reviewed = TokenRequest {
+            review_pending: false,
+            ..c.clone()
+        };
+        assert!(s.swap_request(&c, &reviewed).unwrap());
+        assert_eq!(ids(s.open_requests(None, 10).unwrap()), ["r_b"], "{name}");
     }
 }
 
@@ -363,6 +420,9 @@ impl Store for FailingSync {
     }
     fn requests_due(&self, n: Millis, l: usize) -> Result<Vec<String>, StoreError> {
         self.0.requests_due(n, l)
+    }
+    fn open_requests(&self, a: Option<&str>, l: usize) -> Result<Vec<TokenRequest>, StoreError> {
+        self.0.open_requests(a, l)
     }
     fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
         self.0.next_request_deadline()

@@ -16,6 +16,7 @@ struct Inner {
     by_subject: BTreeSet<Vec<u8>>,
     requests: BTreeMap<String, TokenRequest>,
     request_expiry: BTreeSet<Vec<u8>>,
+    requests_open: BTreeSet<String>,
     idem: BTreeMap<Vec<u8>, Idempotency>,
     keys: BTreeMap<String, KeyRecord>,
     meta: BTreeMap<String, Vec<u8>>,
@@ -153,6 +154,9 @@ impl Store for MemStore {
         if !req.state.is_terminal() {
             g.request_expiry.insert(deadline_key(req.deadline, &req.id));
         }
+        if req.is_open() {
+            g.requests_open.insert(req.id.clone());
+        }
         g.requests.insert(req.id.clone(), req.clone());
         Ok(None)
     }
@@ -173,12 +177,33 @@ impl Store for MemStore {
         if !new.state.is_terminal() {
             g.request_expiry.insert(deadline_key(new.deadline, &new.id));
         }
+        if new.is_open() {
+            g.requests_open.insert(new.id.clone());
+        } else {
+            g.requests_open.remove(&new.id);
+        }
         g.requests.insert(new.id.clone(), new.clone());
         Ok(true)
     }
 
     fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         Ok(due(&self.lock()?.request_expiry, now, limit))
+    }
+
+    fn open_requests(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        let g = self.lock()?;
+        let start = after.map_or(std::ops::Bound::Unbounded, |a| {
+            std::ops::Bound::Excluded(a.to_owned())
+        });
+        Ok(g.requests_open
+            .range((start, std::ops::Bound::Unbounded))
+            .filter_map(|id| g.requests.get(id).cloned())
+            .take(limit)
+            .collect())
     }
 
     fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {

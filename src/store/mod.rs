@@ -19,6 +19,7 @@
 //! | `leases_by_subject` | subject ‖ 0x00 ‖ lease id | empty |
 //! | `requests` | request id | [`TokenRequest`] |
 //! | `request_expiry` | big-endian deadline ms ‖ request id | empty; only non-terminal requests |
+//! | `requests_open` | request id | empty; requests needing a decision, claim or review |
 //! | `idempotency` | caller ‖ 0x00 ‖ client request id | [`Idempotency`] |
 //! | `keys` | kid | [`KeyRecord`] (private part sealed) |
 //! | `meta` | name | bytes (schema version, KEK check, schedules) |
@@ -183,6 +184,13 @@ pub struct Approval {
     pub at: Millis,
     /// Why.
     pub reason: String,
+    /// Shorter TTL this approver granted, if any.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+    /// Scopes whose requirement this approval counted toward (fixed when it
+    /// was given, so later group changes do not rewrite history).
+    #[serde(default)]
+    pub counted_for: Vec<String>,
 }
 
 /// One state change, kept for the record.
@@ -240,6 +248,25 @@ pub struct TokenRequest {
     /// Caller's idempotency key.
     #[serde(default)]
     pub client_request_id: Option<String>,
+    /// Granted at once through break-glass.
+    #[serde(default)]
+    pub break_glass: bool,
+    /// Break-glass grant still awaiting an approver's acknowledgement.
+    #[serde(default)]
+    pub review_pending: bool,
+    /// Who acknowledged the break-glass grant.
+    #[serde(default)]
+    pub reviewed_by: Option<String>,
+    /// Their reason.
+    #[serde(default)]
+    pub review_reason: Option<String>,
+}
+
+impl TokenRequest {
+    /// Open requests still need someone: a decision, a claim, or a review.
+    pub fn is_open(&self) -> bool {
+        !self.state.is_terminal() || self.review_pending
+    }
 }
 
 /// What an idempotency key resolved to the first time.
@@ -343,6 +370,13 @@ pub trait Store: Send + Sync + 'static {
     /// Compare-and-swap a request; keeps the deadline index in step (only
     /// non-terminal requests are indexed).
     fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError>;
+    /// Open requests ([`TokenRequest::is_open`]) in id (creation) order,
+    /// after `after`, at most `limit`.
+    fn open_requests(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError>;
     /// Ids of non-terminal requests whose deadline `<= now`.
     fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Earliest deadline among non-terminal requests.

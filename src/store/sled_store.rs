@@ -26,6 +26,7 @@ pub struct SledStore {
     by_subject: Tree,
     requests: Tree,
     request_expiry: Tree,
+    requests_open: Tree,
     idem: Tree,
     keys: Tree,
     meta: Tree,
@@ -77,6 +78,7 @@ impl SledStore {
             by_subject: tree("leases_by_subject")?,
             requests: tree("requests")?,
             request_expiry: tree("request_expiry")?,
+            requests_open: tree("requests_open")?,
             idem: tree("idempotency")?,
             keys: tree("keys")?,
             meta: tree("meta")?,
@@ -295,14 +297,22 @@ impl Store for SledStore {
         idem: Option<&Idempotency>,
     ) -> Result<Option<Idempotency>, StoreError> {
         let value = encode(req)?;
-        (&self.requests, &self.request_expiry, &self.idem)
-            .transaction(|(requests, expiry, idem_t)| {
+        (
+            &self.requests,
+            &self.request_expiry,
+            &self.idem,
+            &self.requests_open,
+        )
+            .transaction(|(requests, expiry, idem_t, open)| {
                 if let Some(existing) = claim_idem(idem_t, idem)? {
                     return Ok(Some(existing));
                 }
                 requests.insert(req.id.as_bytes(), value.as_slice())?;
                 if !req.state.is_terminal() {
                     expiry.insert(deadline_key(req.deadline, &req.id), &[])?;
+                }
+                if req.is_open() {
+                    open.insert(req.id.as_bytes(), &[])?;
                 }
                 Ok(None)
             })
@@ -320,8 +330,8 @@ impl Store for SledStore {
     fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError> {
         let old_bytes = encode(current)?;
         let new_bytes = encode(new)?;
-        (&self.requests, &self.request_expiry)
-            .transaction(|(requests, expiry)| {
+        (&self.requests, &self.request_expiry, &self.requests_open)
+            .transaction(|(requests, expiry, open)| {
                 match requests.get(current.id.as_bytes())? {
                     Some(v) if v.as_ref() == old_bytes.as_slice() => {}
                     _ => return Ok(false),
@@ -332,6 +342,11 @@ impl Store for SledStore {
                 if !new.state.is_terminal() {
                     expiry.insert(deadline_key(new.deadline, &new.id), &[])?;
                 }
+                if new.is_open() {
+                    open.insert(new.id.as_bytes(), &[])?;
+                } else {
+                    open.remove(new.id.as_bytes())?;
+                }
                 requests.insert(new.id.as_bytes(), new_bytes.as_slice())?;
                 Ok(true)
             })
@@ -340,6 +355,31 @@ impl Store for SledStore {
 
     fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         Self::due(&self.request_expiry, now, limit)
+    }
+
+    fn open_requests(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        let range = match after {
+            Some(a) => self.requests_open.range::<&[u8], _>((
+                std::ops::Bound::Excluded(a.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.requests_open.iter(),
+        };
+        let mut out = Vec::new();
+        for item in range {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = item.map_err(unavailable)?;
+            if let Some(r) = self.request(&String::from_utf8_lossy(&k))? {
+                out.push(r);
+            }
+        }
+        Ok(out)
     }
 
     fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
