@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::clock::{millis, secs};
+use crate::clock::millis;
 use crate::grant::{Engine, GrantError, MAX_REASON, may_decide, new_id, revoked};
 use crate::identity::Identity;
 use crate::policy::Policy;
@@ -154,16 +154,16 @@ impl Engine {
                 .filter_map(|r| r.approval.as_ref())
                 .collect();
             check_reason(reason, rules.iter().any(|a| a.require_reason))?;
-            if let Some(t) = ttl {
-                if t.is_zero() || millis(t) > req.ttl_ms {
-                    return Err(GrantError::Invalid {
-                        field: "ttl",
-                        reason: format!(
-                            "must be between 1s and the requested {}s",
-                            req.ttl_ms / 1000
-                        ),
-                    });
-                }
+            if let Some(t) = ttl
+                && (t.is_zero() || millis(t) > req.ttl_ms)
+            {
+                return Err(GrantError::Invalid {
+                    field: "ttl",
+                    reason: format!(
+                        "must be between 1s and the requested {}s",
+                        req.ttl_ms / 1000
+                    ),
+                });
             }
             let now = self.clock.now();
             let mut new = req.clone();
@@ -262,10 +262,7 @@ impl Engine {
             new.reviewed_by = Some(who.as_str().to_owned());
             new.review_reason = Some(reason.to_owned());
             if revoke && let Some(lid) = &req.lease_id {
-                loop {
-                    let Some(lease) = self.store.lease(lid)? else {
-                        break;
-                    };
+                while let Some(lease) = self.store.lease(lid)? {
                     if lease.state != LeaseState::Active
                         || self
                             .store
@@ -433,6 +430,5 @@ impl Engine {
             tracing::error!(jti = %lease.id, error = %e, "could not persist the revocation of an undelivered lease");
         }
         tracing::warn!(jti = %lease.id, "token could not be delivered; lease revoked");
-        let _ = secs(now);
     }
 }

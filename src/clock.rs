@@ -51,6 +51,11 @@ impl ManualClock {
         }
     }
 
+    /// Current time in whole seconds.
+    pub fn now_secs(&self) -> i64 {
+        i64::try_from(self.now() / 1000).unwrap_or(i64::MAX)
+    }
+
     /// Move forward by `by`.
     pub fn advance(&self, by: Duration) {
         let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);

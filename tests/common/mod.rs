@@ -31,6 +31,11 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Start with `policy` (TOML) instead of the dev policy.
+    pub async fn start_with(policy: Option<&str>) -> Self {
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter("portcullis=debug")
@@ -41,6 +46,10 @@ impl Harness {
         let dev = DevDir::new(dir.path().join("dev"));
         let ca = DevCa::new("portcullis test CA").unwrap();
         dev.write_identities(&ca).unwrap();
+        if let Some(p) = policy {
+            std::fs::create_dir_all(&dev.root).unwrap();
+            std::fs::write(dev.path("policy.toml"), p).unwrap();
+        }
         dev.prepare().unwrap();
         let clock = Arc::new(ManualClock::new(SystemClock.now()));
         let mut h = Self {
@@ -109,6 +118,20 @@ impl Harness {
 
     pub async fn broker(&self, who: As) -> BrokerClient<Channel> {
         BrokerClient::new(self.channel(who).await)
+    }
+
+    /// A connection as any identity, with a certificate from the test CA.
+    pub async fn channel_for(&self, uri: &str) -> Channel {
+        let name = uri.rsplit('/').next().unwrap().to_owned();
+        let (cert, key) = self.foreign_identity(&self.ca, uri, false, &format!("id-{name}"));
+        ClientOpts {
+            cert: Some(cert),
+            key: Some(key),
+            ..self.opts(As::Workload)
+        }
+        .connect()
+        .await
+        .unwrap()
     }
 
     /// Move the clock and wait until the expiry task has swept up to it.
