@@ -282,3 +282,95 @@ fn client_errors_are_clear_without_a_server() {
         "{o:?}"
     );
 }
+
+/// Start `token request --wait` and return the child and its request id,
+/// read from its live status line.
+fn waiting_request(dir: &Path, scope: &str) -> (Child, String, std::thread::JoinHandle<()>) {
+    let mut child = Command::new(BIN)
+        .args([
+            "token",
+            "request",
+            "--scope",
+            scope,
+            "--reason",
+            "cli approval",
+            "--wait",
+            "--timeout",
+            "5m",
+        ])
+        .env("PORTCULLIS_DEV_DIR", dir)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let id = loop {
+        let line = lines.next().expect("requester exited early").unwrap();
+        if line.contains("pending:") {
+            let start = line.find('[').unwrap() + 1;
+            let end = line.find(']').unwrap();
+            break line[start..end].to_owned();
+        }
+    };
+    let drain = std::thread::spawn(move || for _ in lines {});
+    (child, id, drain)
+}
+
+#[test]
+fn a_requester_waits_while_an_approver_decides_from_another_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+
+    let (child, id, drain) = waiting_request(&dir, "orders.admin");
+    let o = run(&dir, &["requests", "list", "--as", "approver"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert!(stdout(&o).contains(&id), "{o:?}");
+    let o = run(&dir, &["requests", "show", &id, "--as", "approver"]);
+    assert!(
+        stdout(&o).contains("digest") && stdout(&o).contains("cli approval"),
+        "{o:?}"
+    );
+    let o = run(
+        &dir,
+        &[
+            "requests",
+            "approve",
+            &id,
+            "--as",
+            "approver",
+            "--reason",
+            "looks right",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let out = child.wait_with_output().unwrap();
+    drain.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let o = run(&dir, &["token", "inspect", &token, "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["scope"], "orders.admin");
+
+    // Denied while waiting: exit 2.
+    let (child, id, drain) = waiting_request(&dir, "orders.admin");
+    let o = run(
+        &dir,
+        &[
+            "requests",
+            "deny",
+            &id,
+            "--as",
+            "approver",
+            "--reason",
+            "not today",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let out = child.wait_with_output().unwrap();
+    drain.join().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stdout.is_empty(), "no token on deny");
+}
