@@ -2,6 +2,7 @@
 //! in others, exit codes checked.
 #![allow(
     clippy::unwrap_used,
+    clippy::expect_used,
     clippy::panic,
     reason = "a failure is a test failure"
 )]
