@@ -175,15 +175,22 @@ async fn parked_request_is_pending_then_expires_and_the_watch_sees_it() {
     );
     assert_eq!(count_leases(&mut c).await, 0, "parking issues nothing");
 
-    // Others cannot see it; the requester and admins can.
-    let e = h
-        .broker(As::Approver)
+    // Others cannot see it; the requester, its approvers and admins can.
+    h.broker(As::Approver)
         .await
         .get_request(pb::GetRequestRequest {
             request_id: req.id.clone(),
         })
         .await
-        .unwrap_err();
+        .unwrap();
+    let e = portcullis::pb::broker_client::BrokerClient::new(
+        h.channel_for("spiffe://portcullis.dev/ns/other/sa/x").await,
+    )
+    .get_request(pb::GetRequestRequest {
+        request_id: req.id.clone(),
+    })
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     h.broker(As::Admin)
         .await
