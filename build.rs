@@ -5,12 +5,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/portcullis/v1/broker.proto",
         "proto/portcullis/v1/approvals.proto",
+        "proto/portcullis/v1/audit.proto",
         "proto/portcullis/v1/keys.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
+    // For gRPC server reflection (grpcurl and friends).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("portcullis_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

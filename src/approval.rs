@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::audit::Entry as AuditEntry;
 use crate::clock::millis;
 use crate::grant::{Engine, GrantError, MAX_REASON, may_decide, new_id, revoked};
 use crate::identity::Identity;
@@ -192,8 +193,22 @@ impl Engine {
                 });
             }
             if self.store.swap_request(&req, &new)? {
+                let action = if done {
+                    "request.approved"
+                } else {
+                    "request.approval"
+                };
+                let rules: Vec<String> = new.waiting_for.iter().map(|w| w.rule.clone()).collect();
+                self.record(vec![
+                    AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason)
+                        .rule(rules.join("; ")),
+                ])?;
                 self.commit.durable().await?;
                 tracing::info!(request_id = %id, approver = %who, complete = done, "approval recorded");
+                self.metrics
+                    .decisions
+                    .get_or_create(&vec![("kind", "approve")])
+                    .inc();
                 if done {
                     self.note_deadline(new.deadline);
                     self.announce("approved", &new, who.as_str(), reason);
@@ -232,8 +247,20 @@ impl Engine {
                 reason: reason.to_owned(),
             });
             if self.store.swap_request(&req, &new)? {
+                self.record(vec![AuditEntry::ok(
+                    who.as_str(),
+                    "request.denied",
+                    id,
+                    &new.scopes,
+                    reason,
+                )])?;
                 self.commit.durable().await?;
                 tracing::info!(request_id = %id, approver = %who, "denied");
+                self.metrics
+                    .decisions
+                    .get_or_create(&vec![("kind", "deny")])
+                    .inc();
+                self.metrics.open_requests.dec();
                 self.announce("denied", &new, who.as_str(), reason);
                 return Ok(new);
             }
@@ -273,8 +300,25 @@ impl Engine {
                 }
             }
             if self.store.swap_request(&req, &new)? {
+                let action = if revoke {
+                    "breakglass.revoked"
+                } else {
+                    "breakglass.acknowledged"
+                };
+                self.record(vec![AuditEntry::ok(
+                    who.as_str(),
+                    action,
+                    id,
+                    &new.scopes,
+                    reason,
+                )])?;
                 self.commit.durable().await?;
                 tracing::warn!(request_id = %id, reviewer = %who, revoked = revoke, "break-glass grant reviewed");
+                self.metrics
+                    .decisions
+                    .get_or_create(&vec![("kind", "acknowledge")])
+                    .inc();
+                self.metrics.open_requests.dec();
                 self.announce("acknowledged", &new, who.as_str(), reason);
                 return Ok(new);
             }
@@ -397,9 +441,18 @@ impl Engine {
             return Ok(None);
         }
         self.store.create_lease(&lease, None)?;
+        self.record(vec![AuditEntry::ok(
+            who.as_str(),
+            "request.issued",
+            id,
+            &lease.scopes,
+            &format!("lease {}", lease.id),
+        )])?;
         self.commit.durable().await?;
         self.note_deadline(lease.expires_at);
         tracing::info!(request_id = %id, jti = %lease.id, kid = %lease.kid, sub = %who, "approved request issued");
+        self.metrics.active_leases.inc();
+        self.metrics.open_requests.dec();
         self.announce("issued", &issued, who.as_str(), "");
         Ok(Some((tok, lease, issued)))
     }
@@ -409,18 +462,26 @@ impl Engine {
     pub async fn revoke_undelivered(&self, lease: &Lease) {
         let now = self.clock.now();
         let done = match self.store.lease(&lease.id) {
-            Ok(Some(l)) if l.state == LeaseState::Active => self
-                .store
-                .swap_lease(
-                    &l,
-                    &revoked(
+            Ok(Some(l)) if l.state == LeaseState::Active => {
+                let _ = self.record(vec![AuditEntry::ok(
+                    crate::grant::SYSTEM_ACTOR,
+                    "lease.revoked",
+                    &l.id,
+                    &l.scopes,
+                    "token could not be delivered",
+                )]);
+                self.store
+                    .swap_lease(
                         &l,
-                        crate::grant::SYSTEM_ACTOR,
-                        "token could not be delivered",
-                        now,
-                    ),
-                )
-                .map(|_| ()),
+                        &revoked(
+                            &l,
+                            crate::grant::SYSTEM_ACTOR,
+                            "token could not be delivered",
+                            now,
+                        ),
+                    )
+                    .map(|_| ())
+            }
             Ok(_) => Ok(()),
             Err(e) => Err(e),
         };

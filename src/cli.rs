@@ -18,6 +18,7 @@ use crate::identity::Identity;
 use crate::keys::SigningAlg;
 use crate::pb;
 use crate::pb::approvals_client::ApprovalsClient;
+use crate::pb::audit_client::AuditClient;
 use crate::pb::broker_client::BrokerClient;
 use crate::pb::keys_client::KeysClient;
 use crate::policy::{Decision, Policy};
@@ -104,6 +105,13 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         cmd: KeysCmd,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Read and verify the decision trail (admins and auditors).
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -339,6 +347,153 @@ pub enum RequestsCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Follow new records as they are written.
+    Tail {
+        /// Replay records after this sequence number first.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// `jsonl` prints each record's canonical JSON (what the chain hashes).
+        #[arg(long, value_enum, default_value = "text")]
+        format: AuditFormat,
+    },
+    /// Print records, filtered.
+    Export {
+        /// Only records this recent (e.g. `1h`) or since this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this actor.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this action, or a prefix ending in `.` (e.g. `lease.`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only this target (lease, request or key id).
+        #[arg(long)]
+        target: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: AuditFormat,
+    },
+    /// Walk the hash chain and the signed checkpoints.
+    Verify,
+}
+
+/// Audit output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuditFormat {
+    /// One line per record for people.
+    Text,
+    /// JSON Lines: each record's canonical JSON, for a SIEM.
+    Jsonl,
+}
+
+fn audit_line(r: &pb::AuditRecord, format: AuditFormat) -> String {
+    match format {
+        AuditFormat::Jsonl => format!("{}\n", r.canonical_json),
+        AuditFormat::Text => format!(
+            "{:>6} {} {:<24} {:<8} {} {} {}{}\n",
+            r.seq,
+            fmt_ts(&r.at),
+            r.action,
+            r.outcome,
+            r.actor,
+            r.target,
+            r.scopes.join(" "),
+            if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", r.reason)
+            }
+        ),
+    }
+}
+
+fn parse_since(s: &str) -> Result<prost_types::Timestamp, Failure> {
+    let t = match humantime::parse_duration(s) {
+        Ok(ago) => std::time::SystemTime::now() - ago,
+        Err(_) => humantime::parse_rfc3339_weak(s).map_err(|_| {
+            usage(format!(
+                "--since: `{s}` is neither a duration nor an RFC 3339 time"
+            ))
+        })?,
+    };
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(prost_types::Timestamp {
+        seconds: i64::try_from(secs).unwrap_or(0),
+        nanos: 0,
+    })
+}
+
+async fn audit_cmd(out: Output, cmd: AuditCmd, client: &ClientOpts) -> Result<i32, Failure> {
+    let mut a = AuditClient::new(client.connect().await?);
+    match cmd {
+        AuditCmd::Verify => {
+            let r = a.verify(pb::VerifyRequest {}).await?.into_inner();
+            let text = if r.ok {
+                format!(
+                    "verified {} records and {} signed checkpoints\n",
+                    r.records, r.checkpoints
+                )
+            } else {
+                format!(
+                    "BROKEN at record {}: {} ({} records verified before it)\n",
+                    r.first_bad_seq, r.problem, r.records
+                )
+            };
+            print(
+                out,
+                &text,
+                json!({"ok": r.ok, "records": r.records, "checkpoints": r.checkpoints, "first_bad_seq": r.first_bad_seq, "problem": r.problem}),
+            );
+            Ok(if r.ok { exit::OK } else { exit::FAILURE })
+        }
+        AuditCmd::Export {
+            since,
+            actor,
+            action,
+            target,
+            format,
+        } => {
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let mut after = 0;
+            loop {
+                let page = a
+                    .export(pb::ExportRequest {
+                        since,
+                        actor: actor.clone().unwrap_or_default(),
+                        action: action.clone().unwrap_or_default(),
+                        target: target.clone().unwrap_or_default(),
+                        after_seq: after,
+                        page_size: 5000,
+                    })
+                    .await?
+                    .into_inner();
+                let text: String = page.records.iter().map(|r| audit_line(r, format)).collect();
+                print!("{text}");
+                if page.next_after_seq == 0 {
+                    return Ok(exit::OK);
+                }
+                after = page.next_after_seq;
+            }
+        }
+        AuditCmd::Tail { after, format } => {
+            let mut stream = a
+                .tail(pb::TailRequest { after_seq: after })
+                .await?
+                .into_inner();
+            while let Some(r) = stream.message().await? {
+                print!("{}", audit_line(&r, format));
+            }
+            Ok(exit::OK)
+        }
+    }
 }
 
 /// `keys` subcommands.
@@ -636,6 +791,7 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
     match cli.command {
         Command::Serve(_) => Err(usage("serve is run by the binary's main")),
         Command::Policy { cmd } => policy_cmd(out, cmd),
+        Command::Audit { cmd, client } => audit_cmd(out, cmd, &client).await,
         Command::Token { cmd, client } => token_cmd(out, cmd, &client).await,
         Command::Lease { cmd, client } => lease_cmd(out, cmd, &client).await,
         Command::Requests { cmd, client } => requests_cmd(out, cmd, &client).await,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{Notify, broadcast, watch};
 
+use crate::audit::{AuditLog, Entry as AuditEntry};
 use crate::clock::{Clock, millis, secs};
 use crate::identity::Identity;
 use crate::keys::KeyRing;
@@ -169,6 +170,8 @@ pub struct Engine {
     pub(crate) clock: Arc<dyn Clock>,
     issuer: String,
     pub(crate) notifier: Notifier,
+    pub(crate) audit: AuditLog,
+    pub(crate) metrics: crate::metrics::Metrics,
     notify_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
     /// Deadline the expiry task sleeps until (`u64::MAX`: none known).
     scheduled: AtomicU64,
@@ -187,9 +190,12 @@ impl Engine {
         keys: Arc<KeyRing>,
         clock: Arc<dyn Clock>,
         issuer: String,
+        audit: AuditLog,
     ) -> Self {
         let (notifier, notify_rx) = Notifier::new();
         Self {
+            audit,
+            metrics: crate::metrics::Metrics::new(),
             notifier,
             notify_rx: std::sync::Mutex::new(Some(notify_rx)),
             store,
@@ -204,6 +210,52 @@ impl Engine {
             expiry_progress: watch::channel(0).0,
             policy_reloads: watch::channel(PolicyReloads::default()).0,
         }
+    }
+
+    /// Append audit records for a change about to be made durable. The
+    /// caller then waits for the group commit, which covers both.
+    pub(crate) fn record(&self, entries: Vec<AuditEntry>) -> Result<(), GrantError> {
+        self.audit
+            .append(self.store.as_ref(), self.clock.now(), entries)?;
+        Ok(())
+    }
+
+    /// Record an event and make it durable (events outside a request, e.g.
+    /// policy reloads).
+    pub async fn record_durable(&self, entry: AuditEntry) -> Result<(), GrantError> {
+        self.record(vec![entry])?;
+        self.commit.durable().await?;
+        Ok(())
+    }
+
+    /// Is the store usable and did the last group commit succeed?
+    pub fn healthy(&self) -> bool {
+        self.store.meta("schema_version").is_ok() && self.commit.healthy()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Sign a checkpoint over the newest audit record now (scheduled by the
+    /// server; tests call it directly).
+    pub async fn checkpoint_audit(&self) -> Result<Option<u64>, GrantError> {
+        let seq = self.audit.checkpoint(
+            self.store.as_ref(),
+            &self.keys.current(),
+            &self.issuer,
+            self.clock.now(),
+        )?;
+        if seq.is_some() {
+            self.commit.durable().await?;
+        }
+        Ok(seq)
     }
 
     /// The receiving end of the notification queue (taken once, by the
@@ -400,7 +452,24 @@ impl Engine {
             });
         }
         let policy = self.policy();
-        let mut decision = policy.decide(who, &scopes, ask.ttl)?;
+        let mut decision = match policy.decide(who, &scopes, ask.ttl) {
+            Ok(d) => d,
+            Err(refusal) => {
+                // A refusal changes nothing; its record is not waited on.
+                self.record(vec![
+                    AuditEntry::ok(
+                        who.as_str(),
+                        "token.refused",
+                        "",
+                        &scopes,
+                        &refusal.to_string(),
+                    )
+                    .outcome("refused"),
+                ])?;
+                self.metrics.request("refused");
+                return Err(refusal.into());
+            }
+        };
         let mut break_glass = false;
         let mut review: Option<Vec<crate::store::Requirement>> = None;
         if ask.break_glass
@@ -547,9 +616,31 @@ impl Engine {
                     }
                     _ => None,
                 };
+                let action = if review_record.is_some() {
+                    "token.break_glass"
+                } else {
+                    "token.granted"
+                };
+                self.record(vec![
+                    AuditEntry::ok(
+                        who.as_str(),
+                        action,
+                        &lease.id,
+                        &lease.scopes,
+                        &lease.justification,
+                    )
+                    .rule(rules.join("; ")),
+                ])?;
                 self.commit.durable().await?;
                 self.note_deadline(lease.expires_at);
+                self.metrics.active_leases.inc();
+                self.metrics.request(if review_record.is_some() {
+                    "break_glass"
+                } else {
+                    "granted"
+                });
                 if let Some(r) = &review_record {
+                    self.metrics.open_requests.inc();
                     tracing::warn!(jti = %lease.id, request_id = %r.id, sub = %who, scopes = %lease.scopes.join(" "), "break-glass grant; review pending");
                     self.announce("break_glass", r, who.as_str(), &lease.justification);
                 }
@@ -603,7 +694,20 @@ impl Engine {
                 {
                     return self.replay(who, existing, &digest).await;
                 }
+                let rules: Vec<String> = req.waiting_for.iter().map(|w| w.rule.clone()).collect();
+                self.record(vec![
+                    AuditEntry::ok(
+                        who.as_str(),
+                        "request.parked",
+                        &req.id,
+                        &req.scopes,
+                        &req.justification,
+                    )
+                    .rule(rules.join("; ")),
+                ])?;
                 self.commit.durable().await?;
+                self.metrics.request("parked");
+                self.metrics.open_requests.inc();
                 self.note_deadline(req.deadline);
                 tracing::info!(request_id = %req.id, sub = %who, scopes = %req.scopes.join(" "), "parked for approval");
                 self.announce("parked", &req, who.as_str(), &req.justification);
@@ -706,7 +810,15 @@ impl Engine {
                 reason: reason.to_owned(),
             });
             if self.store.swap_request(&req, &new)? {
+                self.record(vec![AuditEntry::ok(
+                    who.as_str(),
+                    "request.withdrawn",
+                    id,
+                    &new.scopes,
+                    reason,
+                )])?;
                 self.commit.durable().await?;
+                self.metrics.open_requests.dec();
                 self.announce("withdrawn", &new, who.as_str(), reason);
                 tracing::info!(request_id = %id, sub = %who, "withdrawn");
                 return Ok(new);
@@ -775,7 +887,15 @@ impl Engine {
             };
             let tok = token::mint(&keys, &self.claims(&new, now))?;
             if self.store.swap_lease(&lease, &new)? {
+                self.record(vec![AuditEntry::ok(
+                    who.as_str(),
+                    "lease.renewed",
+                    id,
+                    &new.scopes,
+                    "",
+                )])?;
                 self.commit.durable().await?;
+                self.metrics.renewals.inc();
                 self.note_deadline(new.expires_at);
                 tracing::info!(jti = %id, kid = %new.kid, sub = %who, renewals = new.renewals, "renewed");
                 return Ok((tok, new));
@@ -799,7 +919,16 @@ impl Engine {
             }
             let new = revoked(&lease, who.as_str(), reason, self.clock.now());
             if self.store.swap_lease(&lease, &new)? {
+                self.record(vec![AuditEntry::ok(
+                    who.as_str(),
+                    "lease.revoked",
+                    id,
+                    &new.scopes,
+                    reason,
+                )])?;
                 self.commit.durable().await?;
+                self.metrics.revocations.inc();
+                self.metrics.active_leases.dec();
                 tracing::info!(jti = %id, sub = %lease.subject, by = %who, "revoked");
                 return Ok(new);
             }
@@ -855,7 +984,18 @@ impl Engine {
         })
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        self.record(vec![AuditEntry::ok(
+            who.as_str(),
+            "lease.bulk_revoked",
+            subject.as_str(),
+            &[],
+            &format!("{count} active leases revoked: {reason}"),
+        )])?;
         self.commit.durable().await?;
+        self.metrics.revocations.inc_by(count);
+        self.metrics
+            .active_leases
+            .dec_by(i64::try_from(count).unwrap_or(i64::MAX));
         tracing::warn!(sub = %subject, by = %who, revoked = count, "bulk revocation");
         Ok(count)
     }
@@ -947,6 +1087,7 @@ impl Engine {
     /// Expire every lease and request due at `now`. Returns how many changed.
     pub async fn expire_due(&self, now: Millis) -> Result<usize, GrantError> {
         let mut changed = 0;
+        let mut expired = Vec::new();
         loop {
             let due = self.store.leases_due(now, 1024)?;
             if due.is_empty() {
@@ -964,6 +1105,18 @@ impl Engine {
                     };
                     if self.store.swap_lease(&lease, &new)? {
                         changed += 1;
+                        expired.push(AuditEntry::ok(
+                            SYSTEM_ACTOR,
+                            "lease.expired",
+                            &id,
+                            &lease.scopes,
+                            "",
+                        ));
+                        self.metrics
+                            .expiries
+                            .get_or_create(&vec![("kind", "lease")])
+                            .inc();
+                        self.metrics.active_leases.dec();
                         tracing::info!(jti = %id, sub = %lease.subject, "expired");
                         break;
                     }
@@ -997,6 +1150,18 @@ impl Engine {
                     });
                     if self.store.swap_request(&req, &new)? {
                         changed += 1;
+                        expired.push(AuditEntry::ok(
+                            SYSTEM_ACTOR,
+                            "request.expired",
+                            &id,
+                            &new.scopes,
+                            why,
+                        ));
+                        self.metrics
+                            .expiries
+                            .get_or_create(&vec![("kind", "request")])
+                            .inc();
+                        self.metrics.open_requests.dec();
                         events.push(new);
                         tracing::info!(request_id = %id, "request expired");
                         break;
@@ -1005,6 +1170,7 @@ impl Engine {
             }
         }
         if changed > 0 {
+            self.record(expired)?;
             self.commit.durable().await?;
         }
         for req in events {

@@ -15,6 +15,7 @@
 //! - [`token`]: mint and verify the RFC 9068 access tokens.
 //! - [`grant`]: moves state — issuance, parking, renew, revoke, introspect.
 //! - [`approval`]: moves parked requests — approve, deny, review, claim once.
+//! - [`audit`]: the hash-chained, checkpointed decision trail.
 //! - [`notify`]: webhooks for request events, off the request path.
 //! - [`expiry`]: time-driven work (lease and request deadlines).
 //! - [`api`]: translates gRPC to the domain and back (one error table).
@@ -25,6 +26,7 @@
 
 pub mod api;
 pub mod approval;
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -35,6 +37,7 @@ pub mod grant;
 pub mod identity;
 pub mod jose;
 pub mod keys;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod server;
@@ -45,4 +48,8 @@ pub mod token;
 pub mod pb {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("portcullis.v1");
+
+    /// Encoded descriptors of every portcullis proto, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/portcullis_descriptor.bin"));
 }

@@ -111,6 +111,8 @@ pub struct Policy {
     pub default_audience: String,
     /// Groups whose members are admins.
     pub admin_groups: Vec<String>,
+    /// Groups whose members may read the audit trail.
+    pub auditor_groups: Vec<String>,
     /// No TTL may exceed this.
     pub hard_max_ttl: Duration,
     /// Group name → member identities.
@@ -212,6 +214,15 @@ pub fn valid_scope_name(s: &str) -> bool {
 }
 
 impl Policy {
+    /// May `who` read the audit trail (admins and auditors)?
+    pub fn is_auditor(&self, who: &Identity) -> bool {
+        self.is_admin(who)
+            || self
+                .auditor_groups
+                .iter()
+                .any(|g| self.is_member(g, who.as_str()))
+    }
+
     /// Is `who` a member of any admin group?
     pub fn is_admin(&self, who: &Identity) -> bool {
         self.admin_groups
@@ -352,6 +363,16 @@ impl Policy {
                 );
             }
             admin_groups.push(g.get_ref().clone());
+        }
+        let mut auditor_groups = Vec::new();
+        for g in &raw.broker.auditors {
+            if !groups.contains_key(g.get_ref()) {
+                p(
+                    g.span(),
+                    format!("broker.auditors: unknown group `{}`", g.get_ref()),
+                );
+            }
+            auditor_groups.push(g.get_ref().clone());
         }
 
         let mut scopes = BTreeMap::new();
@@ -608,6 +629,7 @@ impl Policy {
         Ok(Self {
             default_audience,
             admin_groups,
+            auditor_groups,
             hard_max_ttl,
             groups,
             scopes,
@@ -657,6 +679,8 @@ struct RawBroker {
     default_audience: Option<String>,
     #[serde(default)]
     admins: Vec<Spanned<String>>,
+    #[serde(default)]
+    auditors: Vec<Spanned<String>>,
     max_ttl: Option<Spanned<String>>,
 }
 

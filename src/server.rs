@@ -16,12 +16,14 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 
 use crate::api::approvals::ApprovalsService;
+use crate::api::audit::AuditService;
 use crate::api::broker::BrokerService;
 use crate::api::keys::KeysService;
 use crate::clock::{Clock, SystemClock};
 use crate::grant::Engine;
 use crate::keys::{Kek, KeyRing, SigningAlg};
 use crate::pb::approvals_server::ApprovalsServer;
+use crate::pb::audit_server::AuditServer;
 use crate::pb::broker_server::BrokerServer;
 use crate::pb::keys_server::KeysServer;
 use crate::policy::Policy;
@@ -223,6 +225,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (commit, flusher) = GroupCommit::start(store.clone(), cancel.child_token());
+    let audit = crate::audit::AuditLog::open(store.as_ref())?;
     let engine = Arc::new(Engine::new(
         store,
         commit,
@@ -230,8 +233,39 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         ring.clone(),
         cfg.clock.clone(),
         issuer.clone(),
+        audit,
     ));
+    // The start itself is part of the trail.
+    let mut start_entries = vec![crate::audit::Entry::ok(
+        crate::grant::SYSTEM_ACTOR,
+        "policy.loaded",
+        &cfg.policy.display().to_string(),
+        &[],
+        "start",
+    )];
+    if let Some(kid) = ring.created() {
+        start_entries.push(crate::audit::Entry::ok(
+            crate::grant::SYSTEM_ACTOR,
+            "key.created",
+            kid,
+            &[],
+            "first signing key",
+        ));
+    }
+    engine
+        .record(start_entries)
+        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?;
 
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Tls {
+            path: "reflection".into(),
+            detail: e.to_string(),
+        })?;
+    tracker.spawn(health(engine.clone(), health_reporter, cancel.clone()));
     let router = Server::builder()
         .tls_config(tls)
         .map_err(|e| ServeError::Tls {
@@ -239,6 +273,15 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             detail: e.to_string(),
         })?
         .tcp_nodelay(true)
+        .trace_fn(|req| {
+            tracing::info_span!(
+                "rpc",
+                method = %req.uri().path(),
+                caller = tracing::field::Empty,
+                call_id = tracing::field::Empty
+            )
+        })
+        .layer(crate::api::CallLayer)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(
             BrokerServer::new(BrokerService::new(engine.clone(), cancel.clone()))
@@ -249,8 +292,15 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
                 .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            KeysServer::new(KeysService::new(ring.clone())).max_decoding_message_size(MAX_MESSAGE),
-        );
+            AuditServer::new(AuditService::new(engine.clone(), cancel.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            KeysServer::new(KeysService::new(engine.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(health_service)
+        .add_service(reflection);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let c = cancel.clone();
     tracker.spawn(async move {
@@ -275,6 +325,25 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         });
     }
     tracker.spawn(crate::expiry::run(engine.clone(), cancel.clone()));
+    tracker.spawn(checkpoints(engine.clone(), cancel.clone()));
+    // Gauges start from the store's counts, taken off the start-up path.
+    let counting = engine.clone();
+    tracker.spawn(async move {
+        let store = counting.store().clone();
+        match tokio::task::spawn_blocking(move || store.counts()).await {
+            Ok(Ok((leases, requests))) => {
+                counting
+                    .metrics()
+                    .active_leases
+                    .inc_by(i64::try_from(leases).unwrap_or(i64::MAX));
+                counting
+                    .metrics()
+                    .open_requests
+                    .inc_by(i64::try_from(requests).unwrap_or(i64::MAX));
+            }
+            _ => tracing::warn!("could not count leases for the gauges"),
+        }
+    });
     if let Some(rx) = engine.take_notifications() {
         let e = engine.clone();
         let stats = engine.notifier().stats().clone();
@@ -304,6 +373,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
 
 fn http_router(engine: Arc<Engine>) -> axum::Router {
     let jwks_engine = engine.clone();
+    let metrics_engine = engine.clone();
     let jwks = move || {
         let e = jwks_engine.clone();
         async move {
@@ -334,6 +404,21 @@ fn http_router(engine: Arc<Engine>) -> axum::Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let e = metrics_engine.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        e.metrics().render(&e),
+                    )
+                }
+            }),
+        )
 }
 
 async fn reload_policy(
@@ -372,13 +457,104 @@ async fn reload_policy(
         seen = now;
         match Policy::load(&path) {
             Ok(p) => {
-                engine.set_policy(p);
-                tracing::info!(path = %path.display(), "policy reloaded");
+                let entry = crate::audit::Entry::ok(
+                    crate::grant::SYSTEM_ACTOR,
+                    "policy.loaded",
+                    &path.display().to_string(),
+                    &[],
+                    "reload",
+                );
+                // Fail closed: a policy whose load cannot be recorded is not swapped in.
+                match engine.record_durable(entry).await {
+                    Ok(()) => {
+                        engine.set_policy(p);
+                        tracing::info!(path = %path.display(), "policy reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy reload not recorded; the previous policy stays in force")
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "new policy rejected; the previous policy stays in force");
+                let entry = crate::audit::Entry::ok(
+                    crate::grant::SYSTEM_ACTOR,
+                    "policy.rejected",
+                    &path.display().to_string(),
+                    &[],
+                    &e.to_string(),
+                )
+                .outcome("refused");
+                if let Err(e) = engine.record_durable(entry).await {
+                    tracing::error!(error = %e, "could not record the rejected policy");
+                }
                 engine.policy_rejected();
             }
+        }
+    }
+}
+
+/// Sign an audit checkpoint every `CHECKPOINT_EVERY` records or
+/// `CHECKPOINT_INTERVAL`, whichever comes first, and once more at shutdown.
+async fn checkpoints(engine: Arc<Engine>, cancel: CancellationToken) {
+    const CHECKPOINT_EVERY: u64 = 1000;
+    const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+    let mut last = tokio::time::Instant::now();
+    loop {
+        let stop = tokio::select! {
+            () = cancel.cancelled() => true,
+            () = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        if stop
+            || engine.audit().since_checkpoint() >= CHECKPOINT_EVERY
+            || last.elapsed() >= CHECKPOINT_INTERVAL
+        {
+            match engine.checkpoint_audit().await {
+                Ok(Some(seq)) => tracing::debug!(seq, "audit checkpoint signed"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
+            }
+            last = tokio::time::Instant::now();
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Report `grpc.health.v1` SERVING while the store answers and the last
+/// group commit succeeded, NOT_SERVING otherwise.
+async fn health(
+    engine: Arc<Engine>,
+    reporter: tonic_health::server::HealthReporter,
+    cancel: CancellationToken,
+) {
+    let mut serving = None;
+    loop {
+        let ok = engine.healthy();
+        if serving != Some(ok) {
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in [
+                "",
+                "portcullis.v1.Broker",
+                "portcullis.v1.Approvals",
+                "portcullis.v1.Keys",
+                "portcullis.v1.Audit",
+            ] {
+                reporter.set_service_status(name, status).await;
+            }
+            if !ok {
+                tracing::error!("store unhealthy: reporting NOT_SERVING");
+            }
+            serving = Some(ok);
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert};
-use crate::grant::{Engine, Outcome, TokenAsk};
+use crate::grant::{Engine, GrantError, Outcome, TokenAsk};
 use crate::pb;
 use crate::pb::broker_server::Broker;
 use crate::store::RequestState;
@@ -36,7 +36,8 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::RequestTokenRequest>,
     ) -> Result<Response<pb::RequestTokenResponse>, Status> {
-        let who = caller(&req)?;
+        let started = std::time::Instant::now();
+        let who = caller(&self.engine, &req)?;
         let m = req.into_inner();
         let ask = TokenAsk {
             ttl: convert::ttl(m.ttl, "ttl")?,
@@ -49,12 +50,21 @@ impl Broker for BrokerService {
         let outcome = match self.engine.request_token(&who, ask).await {
             Ok(o) => o,
             Err(e) => {
+                match &e {
+                    GrantError::Invalid { .. } => self.engine.metrics().request("invalid"),
+                    GrantError::Refused(_) => {}
+                    _ => self.engine.metrics().request("error"),
+                }
                 tracing::info!(sub = %who, error = %e, "token request not granted");
                 return Err(e.into());
             }
         };
         let outcome = match outcome {
             Outcome::Granted { token, lease } => {
+                self.engine
+                    .metrics()
+                    .issuance
+                    .observe(started.elapsed().as_secs_f64());
                 pb::request_token_response::Outcome::Granted(pb::Grant {
                     token,
                     lease: Some(convert::lease(&lease)),
@@ -73,7 +83,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::GetRequestResponse>, Status> {
-        let who = caller(&req)?;
+        let who = caller(&self.engine, &req)?;
         let id = &req.get_ref().request_id;
         let r = self.engine.get_request(&who, id)?;
         if r.state == RequestState::Approved && r.requester == who.as_str() {
@@ -102,7 +112,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::WatchRequestRequest>,
     ) -> Result<Response<Self::WatchRequestStream>, Status> {
-        let who = caller(&req)?;
+        let who = caller(&self.engine, &req)?;
         let id = req.into_inner().request_id;
         // Subscribe before the first read so no change can slip between.
         let mut events = self.engine.request_events();
@@ -185,7 +195,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::WithdrawRequestRequest>,
     ) -> Result<Response<pb::WithdrawRequestResponse>, Status> {
-        let who = caller(&req)?;
+        let who = caller(&self.engine, &req)?;
         let m = req.into_inner();
         let r = self
             .engine
@@ -200,7 +210,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
-        let who = caller(&req)?;
+        let who = caller(&self.engine, &req)?;
         let m = req.into_inner();
         let ttl = convert::ttl(m.ttl, "ttl")?;
         let (token, lease) = self.engine.renew(&who, &m.lease_id, ttl).await?;
@@ -216,7 +226,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
-        let who = caller(&req)?;
+        let who = caller(&self.engine, &req)?;
         let m = req.into_inner();
         let lease = self.engine.revoke(&who, &m.lease_id, &m.reason).await?;
         Ok(Response::new(pb::RevokeLeaseResponse {
@@ -228,7 +238,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::RevokeLeasesRequest>,
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
-        let who = caller(&req)?;
+        let who = caller(&self.engine, &req)?;
         let m = req.into_inner();
         let revoked = self.engine.revoke_all(&who, &m.subject, &m.reason).await?;
         Ok(Response::new(pb::RevokeLeasesResponse { revoked }))
@@ -238,7 +248,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let who = caller(&req)?;
+        let who = caller(&self.engine, &req)?;
         let m = req.into_inner();
         let state = convert::lease_state_filter(m.state)?;
         let (leases, next) = self.engine.list_leases(
@@ -258,7 +268,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::GetLeaseRequest>,
     ) -> Result<Response<pb::GetLeaseResponse>, Status> {
-        let who = caller(&req)?;
+        let who = caller(&self.engine, &req)?;
         let lease = self.engine.get_lease(&who, &req.get_ref().lease_id)?;
         Ok(Response::new(pb::GetLeaseResponse {
             lease: Some(convert::lease(&lease)),
@@ -269,7 +279,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let _who = caller(&req)?;
+        let _who = caller(&self.engine, &req)?;
         let answer = match self.engine.introspect(&req.get_ref().token)? {
             None => pb::IntrospectResponse::default(),
             Some(c) => pb::IntrospectResponse {

@@ -5,20 +5,20 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert};
-use crate::keys::KeyRing;
+use crate::grant::Engine;
 use crate::pb;
 use crate::pb::keys_server::Keys;
 use crate::store::KeyState;
 
 /// `Keys` over the key ring.
 pub struct KeysService {
-    ring: Arc<KeyRing>,
+    engine: Arc<Engine>,
 }
 
 impl KeysService {
-    /// A service over `ring`.
-    pub fn new(ring: Arc<KeyRing>) -> Self {
-        Self { ring }
+    /// A service over the engine's key ring.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
     }
 }
 
@@ -28,9 +28,9 @@ impl Keys for KeysService {
         &self,
         req: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
-        caller(&req)?;
+        caller(&self.engine, &req)?;
         Ok(Response::new(pb::GetJwksResponse {
-            jwks_json: self.ring.current().jwks_json.clone(),
+            jwks_json: self.engine.keys().current().jwks_json.clone(),
         }))
     }
 
@@ -38,8 +38,8 @@ impl Keys for KeysService {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        caller(&req)?;
-        let set = self.ring.current();
+        caller(&self.engine, &req)?;
+        let set = self.engine.keys().current();
         let keys = set
             .records
             .iter()

@@ -95,6 +95,12 @@ impl GroupCommit {
         }
     }
 
+    /// Did the latest sync succeed (or has there been none)?
+    pub fn healthy(&self) -> bool {
+        let p = *self.inner.progress.borrow();
+        p.failed == 0 || (p.durable >= p.failed && p.failed != u64::MAX)
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> CommitStats {
         let p = *self.inner.progress.borrow();

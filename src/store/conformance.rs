@@ -189,6 +189,7 @@ fn requests_index_only_non_terminal() {
         s.create_request(&request("r_2", 40), None).unwrap();
         assert_eq!(s.next_request_deadline().unwrap(), Some(30), "{name}");
         assert_eq!(s.requests_due(35, 10).unwrap(), ["r_1"], "{name}");
+        assert_eq!(s.counts().unwrap().1, 2, "{name}: two open requests");
         let done = TokenRequest {
             state: RequestState::Expired,
             ..r.clone()
@@ -254,6 +255,40 @@ fn open_requests_track_decisions_claims_and_reviews() {
         };
         assert!(s.swap_request(&c, &reviewed).unwrap());
         assert_eq!(ids(s.open_requests(None, 10).unwrap()), ["r_b"], "{name}");
+    }
+}
+
+#[test]
+fn audit_records_keep_sequence_order() {
+    for (name, s, _dir) in backends() {
+        assert!(s.audit_last().unwrap().is_none(), "{name}");
+        for seq in [1u64, 2, 3, 256, 257] {
+            s.append_audit(seq, format!("r{seq}").as_bytes()).unwrap();
+        }
+        let all: Vec<u64> = s
+            .audit_after(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            all,
+            [1, 2, 3, 256, 257],
+            "{name}: numeric, not lexicographic, order"
+        );
+        let page = s.audit_after(Some(3), 1).unwrap();
+        assert_eq!(page, vec![(256, b"r256".to_vec())], "{name}");
+        assert_eq!(
+            s.audit_last().unwrap(),
+            Some((257, b"r257".to_vec())),
+            "{name}"
+        );
+        s.put_checkpoint(3, b"jws").unwrap();
+        assert_eq!(
+            s.checkpoints().unwrap(),
+            vec![(3, b"jws".to_vec())],
+            "{name}"
+        );
     }
 }
 
@@ -429,6 +464,24 @@ impl Store for FailingSync {
     }
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.0.keys()
+    }
+    fn counts(&self) -> Result<(u64, u64), StoreError> {
+        self.0.counts()
+    }
+    fn append_audit(&self, seq: u64, b: &[u8]) -> Result<(), StoreError> {
+        self.0.append_audit(seq, b)
+    }
+    fn audit_after(&self, a: Option<u64>, l: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.0.audit_after(a, l)
+    }
+    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.0.audit_last()
+    }
+    fn put_checkpoint(&self, seq: u64, j: &[u8]) -> Result<(), StoreError> {
+        self.0.put_checkpoint(seq, j)
+    }
+    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.0.checkpoints()
     }
     fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
         self.0.put_key(k)

@@ -19,6 +19,8 @@ struct Inner {
     requests_open: BTreeSet<String>,
     idem: BTreeMap<Vec<u8>, Idempotency>,
     keys: BTreeMap<String, KeyRecord>,
+    audit: BTreeMap<u64, Vec<u8>>,
+    checkpoints: BTreeMap<u64, Vec<u8>>,
     meta: BTreeMap<String, Vec<u8>>,
 }
 
@@ -212,6 +214,53 @@ impl Store for MemStore {
 
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         Ok(self.lock()?.keys.values().cloned().collect())
+    }
+
+    fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let g = self.lock()?;
+        Ok((g.lease_expiry.len() as u64, g.requests_open.len() as u64))
+    }
+
+    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.lock()?.audit.insert(seq, bytes.to_vec());
+        Ok(())
+    }
+
+    fn audit_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let g = self.lock()?;
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        Ok(g.audit
+            .range((start, std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect())
+    }
+
+    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .lock()?
+            .audit
+            .iter()
+            .next_back()
+            .map(|(k, v)| (*k, v.clone())))
+    }
+
+    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
+        self.lock()?.checkpoints.insert(seq, jws.to_vec());
+        Ok(())
+    }
+
+    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .lock()?
+            .checkpoints
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect())
     }
 
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {

@@ -21,6 +21,8 @@
 //! | `request_expiry` | big-endian deadline ms ‖ request id | empty; only non-terminal requests |
 //! | `requests_open` | request id | empty; requests needing a decision, claim or review |
 //! | `idempotency` | caller ‖ 0x00 ‖ client request id | [`Idempotency`] |
+//! | `audit` | big-endian seq | canonical JSON of an audit record (hash chain) |
+//! | `audit_checkpoints` | big-endian seq | JWS signed over that record's hash |
 //! | `keys` | kid | [`KeyRecord`] (private part sealed) |
 //! | `meta` | name | bytes (schema version, KEK check, schedules) |
 //!
@@ -381,6 +383,24 @@ pub trait Store: Send + Sync + 'static {
     fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Earliest deadline among non-terminal requests.
     fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError>;
+    /// Append one audit record (`seq` is the key; `bytes` its canonical
+    /// encoding). Sequence numbers are assigned by the caller, in order.
+    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Audit records after `after` (all when `None`), in order, at most `limit`.
+    fn audit_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The last audit record.
+    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// Store a signed audit checkpoint for record `seq`.
+    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError>;
+    /// Every checkpoint, in order.
+    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// How many ACTIVE leases and open requests there are (for gauges at
+    /// start; may be slow on large stores, so callers run it off the hot path).
+    fn counts(&self) -> Result<(u64, u64), StoreError>;
     /// Every signing key.
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     /// Insert or replace a signing key.

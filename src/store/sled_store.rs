@@ -29,7 +29,15 @@ pub struct SledStore {
     requests_open: Tree,
     idem: Tree,
     keys: Tree,
+    pub(crate) audit: Tree,
+    checkpoints: Tree,
     meta: Tree,
+}
+
+/// A big-endian sequence key (a malformed key reads as `u64::MAX`, which the
+/// verifier then reports as out of order).
+fn seq_of(k: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(k).map_or(u64::MAX, u64::from_be_bytes)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -81,6 +89,8 @@ impl SledStore {
             requests_open: tree("requests_open")?,
             idem: tree("idempotency")?,
             keys: tree("keys")?,
+            audit: tree("audit")?,
+            checkpoints: tree("audit_checkpoints")?,
             meta: tree("meta")?,
             data_file,
             db,
@@ -384,6 +394,62 @@ impl Store for SledStore {
 
     fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
         Self::first(&self.request_expiry)
+    }
+
+    fn counts(&self) -> Result<(u64, u64), StoreError> {
+        Ok((
+            self.lease_expiry.len() as u64,
+            self.requests_open.len() as u64,
+        ))
+    }
+
+    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.audit
+            .insert(seq.to_be_bytes(), bytes)
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn audit_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let iter = match after {
+            Some(a) => self.audit.range(a.saturating_add(1).to_be_bytes()..),
+            None => self.audit.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item.map_err(unavailable)?;
+            out.push((seq_of(&k), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .audit
+            .last()
+            .map_err(unavailable)?
+            .map(|(k, v)| (seq_of(&k), v.to_vec())))
+    }
+
+    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
+        self.checkpoints
+            .insert(seq.to_be_bytes(), jws)
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.checkpoints
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| (seq_of(&k), v.to_vec()))
+                    .map_err(unavailable)
+            })
+            .collect()
     }
 
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {

@@ -1,0 +1,362 @@
+//! `audit` keeps the decision trail: one record per decision and transition,
+//! hash-chained (each record carries the SHA-256 of the previous record's
+//! stored bytes) and periodically anchored by a checkpoint signed with the
+//! broker's active key. Edits, deletions and reorderings are found by
+//! [`verify`] at the sequence number where they happened.
+//!
+//! Records ride the same group commit as the state change they describe:
+//! the engine appends them before it waits for durability, so an action is
+//! acknowledged only when its record is durable too. Tokens and key material
+//! never appear; only `jti` and `kid`.
+
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::keys::KeySet;
+use crate::store::{Millis, Store, StoreError};
+
+/// Hash that precedes the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The call an audit record belongs to (set by the API layer per RPC).
+#[derive(Clone, Debug, Default)]
+pub struct CallCtx {
+    /// Remote address.
+    pub peer: String,
+    /// Correlation id.
+    pub call_id: String,
+}
+
+tokio::task_local! {
+    /// The RPC being served, if any.
+    pub static CALL: CallCtx;
+}
+
+fn current_call() -> CallCtx {
+    CALL.try_with(Clone::clone).unwrap_or_default()
+}
+
+/// One stored record. Field order is the canonical order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// When (ms since the epoch).
+    pub at: Millis,
+    /// Who acted.
+    pub actor: String,
+    /// What happened (`token.granted`, `request.approved`, …).
+    pub action: String,
+    /// Lease, request or key id.
+    pub target: String,
+    /// Scopes involved.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: String,
+    /// Why (justification, approver's reason, refusal).
+    #[serde(default)]
+    pub reason: String,
+    /// Policy rule that decided.
+    #[serde(default)]
+    pub rule: String,
+    /// Remote address of the call.
+    #[serde(default)]
+    pub peer: String,
+    /// Correlation id of the call.
+    #[serde(default)]
+    pub call_id: String,
+    /// SHA-256 (hex) of the previous record's stored bytes.
+    pub prev: String,
+}
+
+/// What to record (sequence and chain fields are added on append).
+#[derive(Clone, Debug, Default)]
+pub struct Entry {
+    /// Who acted.
+    pub actor: String,
+    /// What happened.
+    pub action: &'static str,
+    /// Lease, request or key id.
+    pub target: String,
+    /// Scopes involved.
+    pub scopes: Vec<String>,
+    /// `ok`, `refused`, `failed`.
+    pub outcome: &'static str,
+    /// Why.
+    pub reason: String,
+    /// Rule.
+    pub rule: String,
+}
+
+impl Entry {
+    /// An `ok` entry.
+    pub fn ok(
+        actor: &str,
+        action: &'static str,
+        target: &str,
+        scopes: &[String],
+        reason: &str,
+    ) -> Self {
+        Self {
+            actor: actor.to_owned(),
+            action,
+            target: target.to_owned(),
+            scopes: scopes.to_vec(),
+            outcome: "ok",
+            reason: reason.to_owned(),
+            rule: String::new(),
+        }
+    }
+
+    /// With the deciding rule.
+    pub fn rule(mut self, rule: impl Into<String>) -> Self {
+        self.rule = rule.into();
+        self
+    }
+
+    /// With another outcome.
+    pub fn outcome(mut self, outcome: &'static str) -> Self {
+        self.outcome = outcome;
+        self
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+struct Head {
+    next: u64,
+    prev: String,
+    since_checkpoint: u64,
+}
+
+/// The append side of the trail.
+pub struct AuditLog {
+    head: Mutex<Head>,
+    tail: broadcast::Sender<(AuditRecord, Vec<u8>)>,
+}
+
+impl AuditLog {
+    /// Continue the chain stored in `store`.
+    pub fn open(store: &dyn Store) -> Result<Self, StoreError> {
+        let head = match store.audit_last()? {
+            Some((seq, bytes)) => Head {
+                next: seq + 1,
+                prev: sha256_hex(&bytes),
+                since_checkpoint: 0,
+            },
+            None => Head {
+                next: 1,
+                prev: GENESIS.to_owned(),
+                since_checkpoint: 0,
+            },
+        };
+        Ok(Self {
+            head: Mutex::new(head),
+            tail: broadcast::channel(4096).0,
+        })
+    }
+
+    /// Append entries in order. The caller then waits for the group commit
+    /// that makes them durable together with the state they describe.
+    pub fn append(
+        &self,
+        store: &dyn Store,
+        now: Millis,
+        entries: Vec<Entry>,
+    ) -> Result<(), StoreError> {
+        let call = current_call();
+        let mut head = self
+            .head
+            .lock()
+            .map_err(|_| StoreError::Unavailable("audit lock poisoned".into()))?;
+        for e in entries {
+            let rec = AuditRecord {
+                seq: head.next,
+                at: now,
+                actor: e.actor,
+                action: e.action.to_owned(),
+                target: e.target,
+                scopes: e.scopes,
+                outcome: e.outcome.to_owned(),
+                reason: e.reason,
+                rule: e.rule,
+                peer: call.peer.clone(),
+                call_id: call.call_id.clone(),
+                prev: head.prev.clone(),
+            };
+            let bytes =
+                serde_json::to_vec(&rec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            // INVARIANT: records are stored in sequence order under the lock,
+            // so the chain on disk never has a hole that a later record skips.
+            store.append_audit(rec.seq, &bytes)?;
+            head.prev = sha256_hex(&bytes);
+            head.next += 1;
+            head.since_checkpoint += 1;
+            let _ = self.tail.send((rec, bytes));
+        }
+        Ok(())
+    }
+
+    /// Live records.
+    pub fn subscribe(&self) -> broadcast::Receiver<(AuditRecord, Vec<u8>)> {
+        self.tail.subscribe()
+    }
+
+    /// Records appended since the last checkpoint.
+    pub fn since_checkpoint(&self) -> u64 {
+        self.head.lock().map_or(0, |h| h.since_checkpoint)
+    }
+
+    /// Sign a checkpoint over the newest record, if any since the last.
+    pub fn checkpoint(
+        &self,
+        store: &dyn Store,
+        keys: &KeySet,
+        issuer: &str,
+        now: Millis,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut head = self
+            .head
+            .lock()
+            .map_err(|_| StoreError::Unavailable("audit lock poisoned".into()))?;
+        if head.since_checkpoint == 0 || head.next == 1 {
+            return Ok(None);
+        }
+        let seq = head.next - 1;
+        let claims = Checkpoint {
+            iss: issuer.to_owned(),
+            seq,
+            hash: head.prev.clone(),
+            at: now,
+        };
+        let mut header = jsonwebtoken::Header::new(keys.active.alg);
+        header.kid = Some(keys.active.kid.clone());
+        header.typ = Some("audit-checkpoint+jwt".into());
+        let jws = jsonwebtoken::encode(&header, &claims, &keys.active.encoding)
+            .map_err(|e| StoreError::Unavailable(format!("signing checkpoint: {e}")))?;
+        store.put_checkpoint(seq, jws.as_bytes())?;
+        head.since_checkpoint = 0;
+        Ok(Some(seq))
+    }
+}
+
+/// What a checkpoint signs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Broker issuer.
+    pub iss: String,
+    /// Record covered.
+    pub seq: u64,
+    /// SHA-256 (hex) of that record's stored bytes.
+    pub hash: String,
+    /// When signed.
+    pub at: Millis,
+}
+
+/// Result of [`verify`].
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Report {
+    /// Records walked.
+    pub records: u64,
+    /// Checkpoints verified.
+    pub checkpoints: u64,
+    /// First problem: sequence number and description.
+    pub problem: Option<(u64, String)>,
+}
+
+/// Walk the whole chain and every checkpoint.
+pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
+    let mut report = Report::default();
+    let mut expected = 1u64;
+    let mut prev_hash = GENESIS.to_owned();
+    let mut hashes = std::collections::HashMap::new();
+    let mut after = None;
+    'walk: loop {
+        let page = store.audit_after(after, 4096)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        for (key, bytes) in page {
+            if key != expected {
+                report.problem = Some((
+                    expected,
+                    format!("record {expected} is missing (next stored is {key})"),
+                ));
+                break 'walk;
+            }
+            let rec: AuditRecord = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(_) => {
+                    report.problem = Some((key, format!("record {key} does not decode")));
+                    break 'walk;
+                }
+            };
+            if rec.seq != key {
+                report.problem = Some((
+                    key,
+                    format!("record stored at {key} says it is {}", rec.seq),
+                ));
+                break 'walk;
+            }
+            if rec.prev != prev_hash {
+                // This record's link is intact only if its predecessor is:
+                // the predecessor was altered (or this record was).
+                let bad = key.saturating_sub(1).max(1);
+                report.problem = Some((
+                    bad,
+                    format!("record {bad} does not match the hash recorded by record {key}"),
+                ));
+                break 'walk;
+            }
+            prev_hash = sha256_hex(&bytes);
+            hashes.insert(key, prev_hash.clone());
+            report.records += 1;
+            expected += 1;
+        }
+    }
+    let mut problems: Vec<(u64, String)> = report.problem.take().into_iter().collect();
+    for (seq, jws) in store.checkpoints()? {
+        let text = String::from_utf8_lossy(&jws).into_owned();
+        let Some(claims) = check_signature(keys, &text) else {
+            problems.push((seq, format!("checkpoint at {seq} has an invalid signature")));
+            continue;
+        };
+        match hashes.get(&seq) {
+            Some(h) if *h == claims.hash && claims.seq == seq => report.checkpoints += 1,
+            Some(_) => problems.push((
+                seq,
+                format!("record {seq} does not match its signed checkpoint"),
+            )),
+            None => problems.push((
+                seq,
+                format!("record {seq} is covered by a checkpoint but is missing or unreachable"),
+            )),
+        }
+    }
+    // The earliest problem is the one to look at first.
+    report.problem = problems.into_iter().min_by_key(|(s, _)| *s);
+    Ok(report)
+}
+
+fn check_signature(keys: &KeySet, jws: &str) -> Option<Checkpoint> {
+    let header = jsonwebtoken::decode_header(jws).ok()?;
+    let (alg, key) = keys.verify.get(header.kid.as_deref()?)?;
+    if header.alg != *alg {
+        return None;
+    }
+    let mut v = jsonwebtoken::Validation::new(*alg);
+    v.validate_exp = false;
+    v.required_spec_claims.clear();
+    v.validate_aud = false;
+    jsonwebtoken::decode::<Checkpoint>(jws, key, &v)
+        .ok()
+        .map(|d| d.claims)
+}

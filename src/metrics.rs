@@ -1,0 +1,162 @@
+//! Prometheus metrics, served at `/metrics` on the HTTP listener.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The broker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Token requests by outcome (`granted`, `parked`, `refused`, `invalid`, `error`, `break_glass`).
+    pub requests: Family<Labels, Counter>,
+    /// Approver decisions by kind (`approve`, `deny`, `acknowledge`).
+    pub decisions: Family<Labels, Counter>,
+    /// Expiries by kind (`lease`, `request`).
+    pub expiries: Family<Labels, Counter>,
+    /// Leases revoked (one, bulk, undelivered).
+    pub revocations: Counter,
+    /// Renewals.
+    pub renewals: Counter,
+    /// Active leases (maintained incrementally; recounted at start).
+    pub active_leases: Gauge,
+    /// Open requests (pending, approved-unclaimed, break-glass under review).
+    pub open_requests: Gauge,
+    /// Auto-tier issuance latency, seconds (handler entry to reply).
+    pub issuance: Histogram,
+    syncs: Gauge,
+    writes: Gauge,
+    notify_delivered: Gauge,
+    notify_failed: Gauge,
+    notify_dropped: Gauge,
+    key_age: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Register every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("portcullis");
+        let m = Self {
+            requests: Family::default(),
+            decisions: Family::default(),
+            expiries: Family::default(),
+            revocations: Counter::default(),
+            renewals: Counter::default(),
+            active_leases: Gauge::default(),
+            open_requests: Gauge::default(),
+            issuance: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
+            syncs: Gauge::default(),
+            writes: Gauge::default(),
+            notify_delivered: Gauge::default(),
+            notify_failed: Gauge::default(),
+            notify_dropped: Gauge::default(),
+            key_age: Gauge::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "token_requests",
+            "Token requests by outcome",
+            m.requests.clone(),
+        );
+        r.register(
+            "decisions",
+            "Approver decisions by kind",
+            m.decisions.clone(),
+        );
+        r.register(
+            "expiries",
+            "Leases and requests expired",
+            m.expiries.clone(),
+        );
+        r.register("revocations", "Leases revoked", m.revocations.clone());
+        r.register("renewals", "Leases renewed", m.renewals.clone());
+        r.register("active_leases", "Active leases", m.active_leases.clone());
+        r.register(
+            "open_requests",
+            "Requests awaiting a decision, claim or review",
+            m.open_requests.clone(),
+        );
+        r.register(
+            "issuance_seconds",
+            "Auto-tier issuance latency",
+            m.issuance.clone(),
+        );
+        r.register(
+            "group_commit_syncs",
+            "Group-commit syncs (flush + fsync) so far",
+            m.syncs.clone(),
+        );
+        r.register(
+            "group_commit_writes",
+            "Writes covered by group commits so far (batch size = writes / syncs)",
+            m.writes.clone(),
+        );
+        r.register(
+            "notifications_delivered",
+            "Webhook deliveries that succeeded",
+            m.notify_delivered.clone(),
+        );
+        r.register(
+            "notification_failures",
+            "Webhook deliveries that failed every attempt",
+            m.notify_failed.clone(),
+        );
+        r.register(
+            "notifications_dropped",
+            "Events dropped on a full notification queue",
+            m.notify_dropped.clone(),
+        );
+        r.register(
+            "signing_key_age_seconds",
+            "Age of the active signing key",
+            m.key_age.clone(),
+        );
+        Self { registry: r, ..m }
+    }
+
+    /// Count one outcome.
+    pub fn request(&self, outcome: &'static str) {
+        self.requests
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+
+    /// Render the text exposition format, refreshing the sampled gauges.
+    pub fn render(&self, engine: &crate::grant::Engine) -> String {
+        let st = engine.commit().stats();
+        self.syncs.set(i64::try_from(st.syncs).unwrap_or(i64::MAX));
+        self.writes
+            .set(i64::try_from(st.writes).unwrap_or(i64::MAX));
+        let n = engine.notifier().stats();
+        self.notify_delivered
+            .set(i64::try_from(n.delivered.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        self.notify_failed
+            .set(i64::try_from(n.failed.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        self.notify_dropped
+            .set(i64::try_from(n.dropped.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        let now = engine.clock().now();
+        let keys = engine.keys().current();
+        if let Some(k) = keys.records.iter().find(|r| r.kid == keys.active.kid) {
+            let born = k.activated_at.unwrap_or(k.created_at);
+            self.key_age
+                .set(i64::try_from(now.saturating_sub(born) / 1000).unwrap_or(i64::MAX));
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
