@@ -73,6 +73,7 @@ async fn main() {
         ring,
         Arc::new(SystemClock),
         "https://bench".into(),
+        portcullis::audit::AuditLog::open(store.as_ref()).unwrap(),
     );
     let admin = Identity::parse("spiffe://bench.test/human/admin").unwrap();
 

@@ -1303,3 +1303,73 @@ fn validate_scopes(scopes: &[String]) -> Result<Vec<String>, GrantError> {
     v.dedup();
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::keys::{Kek, SigningAlg};
+    use crate::store::conformance::FailingSync;
+    use crate::store::mem::MemStore;
+
+    const POLICY: &str = r#"
+[[scope]]
+name = "a"
+tier = "auto"
+workloads = ["spiffe://t/*"]
+"#;
+
+    #[tokio::test]
+    async fn a_store_that_cannot_persist_yields_no_token_no_audit_gap_and_unhealthy() {
+        let store = Arc::new(FailingSync(MemStore::new(), AtomicBool::new(false)));
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let (kek, _) = Kek::generate().unwrap();
+        let ring = Arc::new(
+            KeyRing::load_or_create(dyn_store.as_ref(), &kek, SigningAlg::Es256, 1).unwrap(),
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (commit, _t) = GroupCommit::start(dyn_store.clone(), cancel.clone());
+        let audit = AuditLog::open(dyn_store.as_ref()).unwrap();
+        let engine = Engine::new(
+            dyn_store.clone(),
+            commit,
+            Policy::parse(POLICY).unwrap(),
+            ring.clone(),
+            Arc::new(ManualClock::new(1_000_000)),
+            "https://t".into(),
+            audit,
+        );
+        let who = Identity::parse("spiffe://t/w").unwrap();
+        let ask = TokenAsk {
+            scopes: vec!["a".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            engine.request_token(&who, ask.clone()).await.unwrap(),
+            Outcome::Granted { .. }
+        ));
+        assert!(engine.healthy());
+
+        store.1.store(true, Ordering::SeqCst);
+        let err = engine.request_token(&who, ask.clone()).await.unwrap_err();
+        assert!(
+            matches!(err, GrantError::Store(StoreError::Unavailable(_))),
+            "{err}"
+        );
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+        assert!(!engine.healthy(), "health follows the failed commit");
+
+        // The chain has no gap: every record is there, in order, and verifies.
+        let report = crate::audit::verify(dyn_store.as_ref(), &ring.current()).unwrap();
+        assert!(report.problem.is_none(), "{report:?}");
+        store.1.store(false, Ordering::SeqCst);
+        assert!(matches!(
+            engine.request_token(&who, ask).await.unwrap(),
+            Outcome::Granted { .. }
+        ));
+        assert!(engine.healthy(), "recovers once a sync succeeds");
+        cancel.cancel();
+    }
+}

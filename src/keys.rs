@@ -256,6 +256,9 @@ impl KeyRing {
         alg: SigningAlg,
         now: Millis,
     ) -> Result<Self, KeyError> {
+        // Anything holding a key ring can sign: make sure jsonwebtoken has
+        // its provider (it panics without one). Idempotent.
+        crate::jose::install();
         kek.check_against(store)?;
         let mut records = store.keys()?;
         let mut created = None;

@@ -77,18 +77,6 @@ async fn auto_grant_carries_rfc9068_claims_and_verifies_against_the_jwks() {
     h.stop().await;
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split("\r\n\r\n").nth(1).unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn ttl_is_clamped_to_the_smallest_max_ttl() {
     let h = Harness::start().await;

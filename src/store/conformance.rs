@@ -414,8 +414,11 @@ async fn group_commit_batches_concurrent_writers() {
     assert!(gc.durable().await.is_err());
 }
 
-/// A store whose `sync` always fails: writers must get an error.
-struct FailingSync(MemStore);
+/// A store whose `sync` fails while `.1` is set: writers must get an error.
+pub(crate) struct FailingSync(
+    pub(crate) MemStore,
+    pub(crate) std::sync::atomic::AtomicBool,
+);
 
 impl Store for FailingSync {
     fn create_lease(
@@ -493,12 +496,19 @@ impl Store for FailingSync {
         self.0.put_meta(n, v)
     }
     fn sync(&self) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("disk on fire".into()))
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(StoreError::Unavailable("disk on fire".into()))
+        } else {
+            Ok(())
+        }
     }
 }
 
 pub(crate) fn failing_store() -> std::sync::Arc<dyn Store> {
-    std::sync::Arc::new(FailingSync(MemStore::new()))
+    std::sync::Arc::new(FailingSync(
+        MemStore::new(),
+        std::sync::atomic::AtomicBool::new(true),
+    ))
 }
 
 #[tokio::test]

@@ -134,6 +134,12 @@ impl Harness {
         .unwrap()
     }
 
+    /// A connection whose certificate carries `uri` verbatim (it may not be
+    /// a valid identity).
+    pub async fn channel_for_uri_unchecked(&self, uri: &str) -> Channel {
+        self.channel_for(uri).await
+    }
+
     /// Move the clock and wait until the expiry task has swept up to it.
     pub async fn advance(&self, by: Duration) {
         self.clock.advance(by);
@@ -210,4 +216,17 @@ pub async fn count_leases(c: &mut BrokerClient<Channel>) -> usize {
     .into_inner()
     .leases
     .len()
+}
+
+/// A plain HTTP GET against the broker's HTTP listener.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split("\r\n\r\n").nth(1).unwrap().to_owned()
 }

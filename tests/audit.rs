@@ -1,0 +1,470 @@
+//! The decision trail over real mTLS: one record per action, a chain that
+//! verifies, tampering found at the right sequence number; and the
+//! observability surface (metrics, health, reflection).
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "a failure is a test failure"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use portcullis::dev::{ADMIN, APPROVER, As, WORKLOAD};
+use portcullis::pb;
+use portcullis::pb::approvals_client::ApprovalsClient;
+use portcullis::pb::audit_client::AuditClient;
+use tonic::Code;
+
+async fn export(h: &Harness) -> Vec<pb::AuditRecord> {
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    a.export(pb::ExportRequest {
+        page_size: 5000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .records
+}
+
+async fn verify(h: &Harness) -> pb::VerifyResponse {
+    AuditClient::new(h.channel(As::Admin).await)
+        .verify(pb::VerifyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Drive one of every action through the API.
+async fn mixed_workload(h: &Harness) {
+    let mut c = h.broker(As::Workload).await;
+    let g = grant(
+        &mut c,
+        pb::RequestTokenRequest {
+            justification: "report".into(),
+            ..ask(&["orders.read"])
+        },
+    )
+    .await;
+    let lease = g.lease.unwrap().id;
+    c.renew_lease(pb::RenewLeaseRequest {
+        lease_id: lease.clone(),
+        ttl: None,
+    })
+    .await
+    .unwrap();
+    c.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: lease,
+        reason: "done".into(),
+    })
+    .await
+    .unwrap();
+    c.request_token(ask(&["payroll.read"])).await.unwrap_err();
+    let parked = |r: pb::RequestTokenResponse| match r.outcome.unwrap() {
+        pb::request_token_response::Outcome::Pending(p) => p.id,
+        _ => panic!("expected pending"),
+    };
+    let approved = parked(
+        c.request_token(pb::RequestTokenRequest {
+            justification: "fix".into(),
+            ..ask(&["orders.admin"])
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    );
+    let mut alice = ApprovalsClient::new(h.channel(As::Approver).await);
+    alice
+        .approve(pb::ApproveRequest {
+            request_id: approved.clone(),
+            reason: "ok".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        c.get_request(pb::GetRequestRequest {
+            request_id: approved
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .is_some()
+    );
+    let denied = parked(
+        c.request_token(ask(&["orders.admin"]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    alice
+        .deny(pb::DenyRequest {
+            request_id: denied,
+            reason: "no".into(),
+        })
+        .await
+        .unwrap();
+    let withdrawn = parked(
+        c.request_token(ask(&["orders.admin"]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    c.withdraw_request(pb::WithdrawRequestRequest {
+        request_id: withdrawn,
+        reason: "nvm".into(),
+    })
+    .await
+    .unwrap();
+    grant(
+        &mut c,
+        pb::RequestTokenRequest {
+            ttl: secs(30),
+            ..ask(&["orders.read"])
+        },
+    )
+    .await;
+    grant(&mut c, ask(&["orders.read"])).await;
+    h.broker(As::Admin)
+        .await
+        .revoke_leases(pb::RevokeLeasesRequest {
+            subject: WORKLOAD.into(),
+            reason: "incident".into(),
+        })
+        .await
+        .unwrap();
+    grant(
+        &mut c,
+        pb::RequestTokenRequest {
+            ttl: secs(30),
+            ..ask(&["orders.read"])
+        },
+    )
+    .await;
+    parked(
+        c.request_token(ask(&["orders.admin"]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    h.advance(Duration::from_secs(1801)).await;
+    // An authentication failure: right CA, not a SPIFFE identity.
+    let ch = h
+        .channel_for_uri_unchecked("https://example.org/not-spiffe")
+        .await;
+    let e = pb::broker_client::BrokerClient::new(ch)
+        .request_token(ask(&["orders.read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn every_action_leaves_one_record_and_the_chain_verifies() {
+    let h = Harness::start().await;
+    mixed_workload(&h).await;
+    let records = export(&h).await;
+    let count = |action: &str| records.iter().filter(|r| r.action == action).count();
+    for (action, n) in [
+        ("policy.loaded", 1),
+        ("key.created", 1),
+        ("token.granted", 4),
+        ("lease.renewed", 1),
+        ("lease.revoked", 1),
+        ("token.refused", 1),
+        ("request.parked", 4),
+        ("request.approved", 1),
+        ("request.issued", 1),
+        ("request.denied", 1),
+        ("request.withdrawn", 1),
+        ("lease.bulk_revoked", 1),
+        ("lease.expired", 1),
+        ("request.expired", 1),
+        ("auth.failed", 1),
+    ] {
+        assert_eq!(
+            count(action),
+            n,
+            "{action}: {:#?}",
+            records.iter().map(|r| &r.action).collect::<Vec<_>>()
+        );
+    }
+    let find = |action: &str| records.iter().find(|r| r.action == action).unwrap();
+    assert_eq!(find("request.approved").actor, APPROVER);
+    assert_eq!(find("request.approved").reason, "ok");
+    assert!(find("request.approved").rule.contains("orders.admin"));
+    assert_eq!(find("request.denied").reason, "no");
+    assert_eq!(find("lease.revoked").reason, "done");
+    assert_eq!(find("lease.bulk_revoked").actor, ADMIN);
+    assert!(
+        find("lease.bulk_revoked")
+            .reason
+            .starts_with("3 active leases"),
+        "{}",
+        find("lease.bulk_revoked").reason
+    );
+    assert_eq!(find("token.refused").outcome, "refused");
+    assert!(find("token.refused").reason.contains("payroll.read"));
+    assert_eq!(find("token.granted").reason, "report");
+    assert!(find("token.granted").rule.contains("orders.read"));
+    assert!(
+        !find("token.granted").peer.is_empty(),
+        "peer address recorded"
+    );
+    assert!(
+        !find("token.granted").call_id.is_empty(),
+        "call id recorded"
+    );
+    assert_eq!(find("lease.expired").actor, "portcullis");
+    // No token or key material anywhere in the trail.
+    assert!(records.iter().all(|r| !r.canonical_json.contains("eyJ")));
+    // Sequence numbers are contiguous from 1.
+    assert!(
+        records
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.seq == i as u64 + 1)
+    );
+
+    h.running()
+        .engine
+        .checkpoint_audit()
+        .await
+        .unwrap()
+        .unwrap();
+    let v = verify(&h).await;
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.records, records.len() as u64);
+    assert_eq!(v.checkpoints, 1);
+
+    // Filters.
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    let leases = a
+        .export(pb::ExportRequest {
+            action: "lease.".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert!(leases.len() >= 4 && leases.iter().all(|r| r.action.starts_with("lease.")));
+    let by_alice = a
+        .export(pb::ExportRequest {
+            actor: APPROVER.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(by_alice.len(), 2);
+    let page = a
+        .export(pb::ExportRequest {
+            page_size: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((page.records.len(), page.next_after_seq), (3, 3));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn only_admins_and_auditors_read_the_trail_and_tail_is_live() {
+    let h = Harness::start().await;
+    let mut w = AuditClient::new(h.channel(As::Workload).await);
+    let e = w.export(pb::ExportRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = w.verify(pb::VerifyRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    let mut tail = a
+        .tail(pb::TailRequest { after_seq: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    let replayed = tail.message().await.unwrap().unwrap();
+    assert_eq!(replayed.seq, 2, "replay starts after after_seq");
+    let mut c = h.broker(As::Workload).await;
+    let g = grant(&mut c, ask(&["orders.read"])).await;
+    let live = tail.message().await.unwrap().unwrap();
+    assert_eq!(live.action, "token.granted");
+    assert_eq!(live.target, g.lease.unwrap().id);
+    h.stop().await;
+}
+
+/// Run the workload, stop, tamper with the sled files directly, restart and
+/// verify.
+async fn tampered(edit: impl FnOnce(&sled::Tree)) -> pb::VerifyResponse {
+    let mut h = Harness::start().await;
+    mixed_workload(&h).await;
+    h.running().engine.checkpoint_audit().await.unwrap();
+    if let Some(r) = h.running.take() {
+        r.shutdown().await;
+    }
+    {
+        let db = sled::open(h.dev.data()).unwrap();
+        edit(&db.open_tree("audit").unwrap());
+        db.flush().unwrap();
+    }
+    h.boot().await;
+    let v = verify(&h).await;
+    h.stop().await;
+    v
+}
+
+fn get(t: &sled::Tree, seq: u64) -> Vec<u8> {
+    t.get(seq.to_be_bytes()).unwrap().unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn an_edited_record_is_found_at_its_sequence_number() {
+    let v = tampered(|t| {
+        let text = String::from_utf8(get(t, 5)).unwrap();
+        let edited = text.replacen("\"outcome\":\"ok\"", "\"outcome\":\"OK\"", 1);
+        assert_ne!(text, edited);
+        t.insert(5u64.to_be_bytes(), edited.as_bytes()).unwrap();
+    })
+    .await;
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, 5, "{v:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_record_is_found_at_its_sequence_number() {
+    let v = tampered(|t| {
+        t.remove(7u64.to_be_bytes()).unwrap();
+    })
+    .await;
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, 7, "{v:?}");
+    assert!(v.problem.contains("missing"), "{v:?}");
+}
+
+#[tokio::test]
+async fn swapped_records_are_found_at_the_first_of_them() {
+    let v = tampered(|t| {
+        let (a, b) = (get(t, 4), get(t, 9));
+        t.insert(4u64.to_be_bytes(), b).unwrap();
+        t.insert(9u64.to_be_bytes(), a).unwrap();
+    })
+    .await;
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, 4, "{v:?}");
+}
+
+#[tokio::test]
+async fn an_edit_of_the_newest_checkpointed_record_is_found_by_the_checkpoint() {
+    let v = tampered(|t| {
+        let (seq, bytes) = t.last().unwrap().unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap().replacen(
+            "\"reason\":\"",
+            "\"reason\":\"edited ",
+            1,
+        );
+        t.insert(seq, text.as_bytes()).unwrap();
+    })
+    .await;
+    assert!(!v.ok, "{v:?}");
+    assert!(
+        v.problem.contains("checkpoint") || v.problem.contains("does not match"),
+        "{v:?}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_health_and_reflection() {
+    let h = Harness::start().await;
+    let http = h.running().http_addr.unwrap();
+    let before = http_get(http, "/metrics").await;
+    let mut c = h.broker(As::Workload).await;
+    grant(&mut c, ask(&["orders.read"])).await;
+    c.request_token(ask(&["payroll.read"])).await.unwrap_err();
+    let after = http_get(http, "/metrics").await;
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        value(
+            &after,
+            "portcullis_token_requests_total{outcome=\"granted\"}"
+        ) - value(
+            &before,
+            "portcullis_token_requests_total{outcome=\"granted\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        value(
+            &after,
+            "portcullis_token_requests_total{outcome=\"refused\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(value(&after, "portcullis_active_leases"), 1.0, "{after}");
+    assert!(
+        value(&after, "portcullis_issuance_seconds_count") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        value(&after, "portcullis_group_commit_syncs") >= 1.0,
+        "{after}"
+    );
+
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(h.channel(As::Workload).await);
+    let s = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "portcullis.v1.Broker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut refl = ServerReflectionClient::new(h.channel(As::Workload).await);
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!()
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in [
+        "portcullis.v1.Broker",
+        "portcullis.v1.Approvals",
+        "portcullis.v1.Audit",
+        "portcullis.v1.Keys",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&s.to_owned()), "{s} not in {names:?}");
+    }
+    h.stop().await;
+}
