@@ -179,6 +179,9 @@ pub struct ServeArgs {
         default_value = "es256"
     )]
     pub alg: SigningAlg,
+    /// How long a signing key signs before the next one takes over.
+    #[arg(long, env = "PORTCULLIS_ROTATION_PERIOD", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub rotation_period: Duration,
     /// Keep all state in memory: nothing survives a restart and nothing is
     /// fsynced. For benchmarks and experiments only.
     #[arg(long)]
@@ -496,6 +499,31 @@ async fn audit_cmd(out: Output, cmd: AuditCmd, client: &ClientOpts) -> Result<i3
     }
 }
 
+fn key_state_name(v: i32) -> &'static str {
+    match pb::KeyState::try_from(v) {
+        Ok(pb::KeyState::Next) => "next",
+        Ok(pb::KeyState::Active) => "active",
+        Ok(pb::KeyState::Retired) => "retired",
+        _ => "unknown",
+    }
+}
+
+fn key_line(k: &pb::KeyInfo) -> String {
+    format!(
+        "{}  {:<5} {:<7} created {}  activated {}  retire at {}\n",
+        k.kid,
+        k.alg,
+        key_state_name(k.state),
+        fmt_ts(&k.created_at),
+        fmt_ts(&k.activated_at),
+        fmt_ts(&k.retire_at)
+    )
+}
+
+fn key_json(k: &pb::KeyInfo) -> serde_json::Value {
+    json!({"kid": k.kid, "alg": k.alg, "state": key_state_name(k.state), "created_at": ts_json(&k.created_at), "activated_at": ts_json(&k.activated_at), "retire_at": ts_json(&k.retire_at)})
+}
+
 /// `keys` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum KeysCmd {
@@ -503,6 +531,16 @@ pub enum KeysCmd {
     Jwks,
     /// List keys and their states.
     List,
+    /// Rotate the signing key now (admin). `--emergency` removes the active
+    /// key at once and revokes every lease it signed.
+    Rotate {
+        /// Compromised key: remove it now.
+        #[arg(long)]
+        emergency: bool,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// `policy` subcommands.
@@ -802,23 +840,29 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
                     let r = k.get_jwks(pb::GetJwksRequest {}).await?.into_inner();
                     println!("{}", r.jwks_json);
                 }
+                KeysCmd::Rotate { emergency, reason } => {
+                    let r = k
+                        .rotate(pb::RotateRequest {
+                            emergency,
+                            reason: reason.unwrap_or_default(),
+                        })
+                        .await?
+                        .into_inner();
+                    let text: String = r.keys.iter().map(key_line).collect();
+                    print(
+                        out,
+                        &text,
+                        json!(r.keys.iter().map(key_json).collect::<Vec<_>>()),
+                    );
+                }
                 KeysCmd::List => {
                     let r = k.list_keys(pb::ListKeysRequest {}).await?.into_inner();
-                    let rows: Vec<_> = r.keys.iter().map(|k| json!({"kid": k.kid, "alg": k.alg, "state": k.state, "created_at": ts_json(&k.created_at)})).collect();
-                    let text: String = r
-                        .keys
-                        .iter()
-                        .map(|k| {
-                            format!(
-                                "{}  {}  state={}  created {}\n",
-                                k.kid,
-                                k.alg,
-                                k.state,
-                                fmt_ts(&k.created_at)
-                            )
-                        })
-                        .collect();
-                    print(out, &text, json!(rows));
+                    let text: String = r.keys.iter().map(key_line).collect();
+                    print(
+                        out,
+                        &text,
+                        json!(r.keys.iter().map(key_json).collect::<Vec<_>>()),
+                    );
                 }
             }
             Ok(exit::OK)
@@ -1392,6 +1436,12 @@ pub fn serve_config(
     cfg.issuer = args.issuer.clone();
     cfg.alg = args.alg;
     cfg.in_memory = args.in_memory;
+    if args.rotation_period < Duration::from_secs(3600) {
+        return Err(usage(
+            "--rotation-period must be at least 1h (a next key is pre-published 10m ahead)",
+        ));
+    }
+    cfg.rotation.period = args.rotation_period;
     Ok((cfg, dev))
 }
 

@@ -85,6 +85,9 @@ pub enum GrantError {
     /// A token could not be signed.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The key ring failed (generation, sealing, a corrupt record).
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
 }
 
 /// A workload's ask, as received (validated by [`Engine::request_token`]).

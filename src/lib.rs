@@ -40,6 +40,7 @@ pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod rotation;
 pub mod server;
 pub mod store;
 pub mod token;

@@ -35,6 +35,10 @@ use crate::store::sled_store::SledStore;
 /// Largest gRPC message accepted (a request with 64 max-size scopes and a
 /// 4 KiB justification is far below this).
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// `Cache-Control: max-age` of the JWKS; NEXT keys are published at least
+/// twice this long before they sign.
+pub const JWKS_MAX_AGE_SECS: u64 = 300;
+const JWKS_CACHE_CONTROL: &str = "public, max-age=300";
 /// How long shutdown waits for tasks before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -66,6 +70,8 @@ pub struct ServeConfig {
     pub clock: Arc<dyn Clock>,
     /// How often to look for policy file changes (SIGHUP also reloads).
     pub policy_poll: Duration,
+    /// Signing-key rotation timing.
+    pub rotation: crate::rotation::Schedule,
 }
 
 impl ServeConfig {
@@ -92,6 +98,7 @@ impl ServeConfig {
             alg: SigningAlg::Es256,
             clock: Arc::new(SystemClock),
             policy_poll: Duration::from_secs(2),
+            rotation: crate::rotation::Schedule::default(),
         }
     }
 }
@@ -256,6 +263,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         .record(start_entries)
         .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?;
 
+    let rotate_wake = Arc::new(tokio::sync::Notify::new());
+    tracker.spawn(rotate(
+        engine.clone(),
+        cfg.rotation,
+        rotate_wake.clone(),
+        cancel.clone(),
+    ));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -296,8 +310,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
                 .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            KeysServer::new(KeysService::new(engine.clone()))
-                .max_decoding_message_size(MAX_MESSAGE),
+            KeysServer::new(KeysService::new(
+                engine.clone(),
+                cfg.rotation,
+                rotate_wake.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(health_service)
         .add_service(reflection);
@@ -380,7 +398,7 @@ fn http_router(engine: Arc<Engine>) -> axum::Router {
             (
                 [
                     (axum::http::header::CONTENT_TYPE, "application/jwk-set+json"),
-                    (axum::http::header::CACHE_CONTROL, "public, max-age=300"),
+                    (axum::http::header::CACHE_CONTROL, JWKS_CACHE_CONTROL),
                 ],
                 e.keys().current().jwks_json.clone(),
             )
@@ -555,6 +573,39 @@ async fn health(
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Carry out key rotation steps as they fall due; an operator's
+/// `Keys.Rotate` wakes it early. The schedule is derived from the stored key
+/// records, so it survives restarts.
+async fn rotate(
+    engine: Arc<Engine>,
+    schedule: crate::rotation::Schedule,
+    wake: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let now = engine.clock().now();
+        let next = match engine.rotate_due(&schedule, now).await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "key rotation step failed; the current keys stay in use");
+                Some(now + 5_000)
+            }
+        };
+        let clock = engine.clock().clone();
+        let sleep = async {
+            match next {
+                Some(at) => clock.sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = wake.notified() => {}
+            () = sleep => {}
         }
     }
 }

@@ -8,17 +8,45 @@ use super::{caller, convert};
 use crate::grant::Engine;
 use crate::pb;
 use crate::pb::keys_server::Keys;
+use crate::rotation::Schedule;
 use crate::store::KeyState;
 
 /// `Keys` over the key ring.
 pub struct KeysService {
     engine: Arc<Engine>,
+    schedule: Schedule,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl KeysService {
-    /// A service over the engine's key ring.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// A service over the engine's key ring; `wake` nudges the rotation task.
+    pub fn new(engine: Arc<Engine>, schedule: Schedule, wake: Arc<tokio::sync::Notify>) -> Self {
+        Self {
+            engine,
+            schedule,
+            wake,
+        }
+    }
+
+    fn infos(&self) -> Vec<pb::KeyInfo> {
+        self.engine
+            .keys()
+            .current()
+            .records
+            .iter()
+            .map(|r| pb::KeyInfo {
+                kid: r.kid.clone(),
+                alg: r.alg.clone(),
+                state: match r.state {
+                    KeyState::Next => pb::KeyState::Next,
+                    KeyState::Active => pb::KeyState::Active,
+                    KeyState::Retired => pb::KeyState::Retired,
+                } as i32,
+                created_at: Some(convert::ts(r.created_at)),
+                activated_at: r.activated_at.map(convert::ts),
+                retire_at: r.retire_at.map(convert::ts),
+            })
+            .collect()
     }
 }
 
@@ -39,23 +67,19 @@ impl Keys for KeysService {
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         caller(&self.engine, &req)?;
-        let set = self.engine.keys().current();
-        let keys = set
-            .records
-            .iter()
-            .map(|r| pb::KeyInfo {
-                kid: r.kid.clone(),
-                alg: r.alg.clone(),
-                state: match r.state {
-                    KeyState::Next => pb::KeyState::Next,
-                    KeyState::Active => pb::KeyState::Active,
-                    KeyState::Retired => pb::KeyState::Retired,
-                } as i32,
-                created_at: Some(convert::ts(r.created_at)),
-                activated_at: r.activated_at.map(convert::ts),
-                retire_at: r.retire_at.map(convert::ts),
-            })
-            .collect();
-        Ok(Response::new(pb::ListKeysResponse { keys }))
+        Ok(Response::new(pb::ListKeysResponse { keys: self.infos() }))
+    }
+
+    async fn rotate(
+        &self,
+        req: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        let who = caller(&self.engine, &req)?;
+        let m = req.into_inner();
+        self.engine
+            .rotate_now(&who, m.emergency, &m.reason, &self.schedule)
+            .await?;
+        self.wake.notify_one();
+        Ok(Response::new(pb::RotateResponse { keys: self.infos() }))
     }
 }

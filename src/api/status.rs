@@ -18,7 +18,7 @@ impl From<GrantError> for Status {
                 Code::Internal
             }
             GrantError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-            GrantError::Token(_) => Code::Internal,
+            GrantError::Token(_) | GrantError::Keys(_) => Code::Internal,
         };
         match code {
             Code::Internal | Code::Unavailable => {

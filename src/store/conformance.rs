@@ -308,6 +308,15 @@ fn keys_and_meta() {
         };
         s.put_key(&k).unwrap();
         assert_eq!(s.keys().unwrap(), vec![k], "{name}");
+        s.create_lease(&lease("l_k", "spiffe://t/a", 9), None)
+            .unwrap();
+        assert_eq!(s.active_leases_signed_by("k").unwrap(), ["l_k"], "{name}");
+        assert!(
+            s.active_leases_signed_by("other").unwrap().is_empty(),
+            "{name}"
+        );
+        s.delete_key("k1").unwrap();
+        assert!(s.keys().unwrap().is_empty(), "{name}");
         s.put_meta("x", b"y").unwrap();
         assert_eq!(s.meta("x").unwrap().as_deref(), Some(&b"y"[..]), "{name}");
         s.sync().unwrap();
@@ -470,6 +479,12 @@ impl Store for FailingSync {
     }
     fn counts(&self) -> Result<(u64, u64), StoreError> {
         self.0.counts()
+    }
+    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
+        self.0.delete_key(kid)
+    }
+    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
+        self.0.active_leases_signed_by(kid)
     }
     fn append_audit(&self, seq: u64, b: &[u8]) -> Result<(), StoreError> {
         self.0.append_audit(seq, b)

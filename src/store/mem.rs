@@ -263,6 +263,21 @@ impl Store for MemStore {
             .collect())
     }
 
+    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
+        self.lock()?.keys.remove(kid);
+        Ok(())
+    }
+
+    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .lock()?
+            .leases
+            .values()
+            .filter(|l| l.kid == kid && l.state == LeaseState::Active)
+            .map(|l| l.id.clone())
+            .collect())
+    }
+
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         self.lock()?.keys.insert(key.kid.clone(), key.clone());
         Ok(())

@@ -403,6 +403,11 @@ pub trait Store: Send + Sync + 'static {
     fn counts(&self) -> Result<(u64, u64), StoreError>;
     /// Every signing key.
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Remove a signing key record.
+    fn delete_key(&self, kid: &str) -> Result<(), StoreError>;
+    /// Ids of ACTIVE leases whose latest token was signed by `kid` (a full
+    /// scan: for emergency rotation only).
+    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError>;
     /// Insert or replace a signing key.
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     /// A metadata value.

@@ -462,6 +462,23 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
+        self.keys.remove(kid.as_bytes()).map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.leases.iter() {
+            let (k, v) = item.map_err(unavailable)?;
+            let l: Lease = decode("leases", &k, &v)?;
+            if l.kid == kid && l.state == LeaseState::Active {
+                out.push(l.id);
+            }
+        }
+        Ok(out)
+    }
+
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         self.keys
             .insert(key.kid.as_bytes(), encode(key)?)

@@ -1,0 +1,390 @@
+//! Signing-key rotation: NEXT (published, not signing) → ACTIVE → RETIRED
+//! (published until every token it signed has expired, plus leeway) →
+//! removed. [`plan`] is a pure function of the time and the key records, so
+//! a restart neither skips nor doubles a step and a clock that jumps back
+//! activates nothing twice. Emergency rotation removes the active key at
+//! once and revokes the leases it signed.
+
+use std::time::Duration;
+
+use crate::audit::Entry as AuditEntry;
+use crate::clock::millis;
+use crate::grant::{Engine, GrantError, SYSTEM_ACTOR, revoked};
+use crate::identity::Identity;
+use crate::store::{KeyRecord, KeyState, LeaseState, Millis};
+
+/// Rotation timing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// How long a key signs before the next one takes over.
+    pub period: Duration,
+    /// How long a NEXT key is published before it signs; at least one JWKS
+    /// cache lifetime (`Cache-Control: max-age`).
+    pub prepublish: Duration,
+    /// Clock-skew allowance added to a retired key's life.
+    pub leeway: Duration,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(24 * 3600),
+            prepublish: Duration::from_secs(2 * crate::server::JWKS_MAX_AGE_SECS),
+            leeway: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One thing to do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Create and publish the next key.
+    CreateNext,
+    /// NEXT `next` starts signing; ACTIVE `old` retires.
+    Promote {
+        /// Key that starts signing.
+        next: String,
+        /// Key that retires (if any).
+        old: Option<String>,
+    },
+    /// A retired key's last token has expired: unpublish it.
+    Remove(String),
+}
+
+/// When the active key is due to hand over (`forced` is an earlier time an
+/// operator asked for).
+pub fn next_rotation(
+    keys: &[KeyRecord],
+    schedule: &Schedule,
+    forced: Option<Millis>,
+) -> Option<Millis> {
+    let active = keys.iter().find(|k| k.state == KeyState::Active)?;
+    let due = active
+        .activated_at
+        .unwrap_or(active.created_at)
+        .saturating_add(millis(schedule.period));
+    Some(forced.map_or(due, |f| f.min(due)))
+}
+
+/// What is due at `now`, and when to look again.
+pub fn plan(
+    now: Millis,
+    keys: &[KeyRecord],
+    schedule: &Schedule,
+    forced: Option<Millis>,
+) -> (Vec<Step>, Option<Millis>) {
+    let mut steps = Vec::new();
+    let mut wake: Option<Millis> = None;
+    let mut at = |t: Millis| wake = Some(wake.map_or(t, |w| w.min(t)));
+    let next = keys
+        .iter()
+        .filter(|k| k.state == KeyState::Next)
+        .min_by_key(|k| k.created_at);
+    if let Some(rotate_at) = next_rotation(keys, schedule, forced) {
+        let publish_at = rotate_at.saturating_sub(millis(schedule.prepublish));
+        match next {
+            None if now >= publish_at => steps.push(Step::CreateNext),
+            None => at(publish_at),
+            // INVARIANT: a NEXT key signs only after it has been published
+            // for `prepublish`, whatever an operator forced.
+            Some(n) => {
+                let ready = n
+                    .created_at
+                    .saturating_add(millis(schedule.prepublish))
+                    .max(rotate_at);
+                if now >= ready {
+                    let old = keys
+                        .iter()
+                        .find(|k| k.state == KeyState::Active)
+                        .map(|k| k.kid.clone());
+                    steps.push(Step::Promote {
+                        next: n.kid.clone(),
+                        old,
+                    });
+                } else {
+                    at(ready);
+                }
+            }
+        }
+    }
+    for k in keys.iter().filter(|k| k.state == KeyState::Retired) {
+        match k.retire_at {
+            Some(t) if t <= now => steps.push(Step::Remove(k.kid.clone())),
+            Some(t) => at(t),
+            None => steps.push(Step::Remove(k.kid.clone())),
+        }
+    }
+    (steps, wake)
+}
+
+const FORCED: &str = "rotation_forced_at";
+
+impl Engine {
+    fn forced_rotation(&self) -> Result<Option<Millis>, GrantError> {
+        Ok(self
+            .store
+            .meta(FORCED)?
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())))
+    }
+
+    /// Carry out every rotation step due at `now`; returns when to look again.
+    pub async fn rotate_due(
+        &self,
+        schedule: &Schedule,
+        now: Millis,
+    ) -> Result<Option<Millis>, GrantError> {
+        let records = self.store.keys()?;
+        let forced = self.forced_rotation()?;
+        let (steps, wake) = plan(now, &records, schedule, forced);
+        if steps.is_empty() {
+            return Ok(wake);
+        }
+        // Retired keys stay published for the longest token they could
+        // have signed (the policy's hard TTL cap) plus leeway.
+        let retire_after = millis(self.policy().hard_max_ttl) + millis(schedule.leeway);
+        let mut entries = Vec::new();
+        for step in steps {
+            match step {
+                Step::CreateNext => {
+                    let rec = self.keys.generate(KeyState::Next, now)?;
+                    self.store.put_key(&rec)?;
+                    tracing::info!(kid = %rec.kid, "next signing key published");
+                    entries.push(AuditEntry::ok(
+                        SYSTEM_ACTOR,
+                        "key.created",
+                        &rec.kid,
+                        &[],
+                        "published as next",
+                    ));
+                }
+                Step::Promote { next, old } => {
+                    for mut k in self.store.keys()? {
+                        if k.kid == next {
+                            k.state = KeyState::Active;
+                            k.activated_at = Some(now);
+                            self.store.put_key(&k)?;
+                        } else if Some(&k.kid) == old.as_ref() {
+                            k.state = KeyState::Retired;
+                            k.retire_at = Some(now.saturating_add(retire_after));
+                            self.store.put_key(&k)?;
+                            entries.push(AuditEntry::ok(
+                                SYSTEM_ACTOR,
+                                "key.retired",
+                                &k.kid,
+                                &[],
+                                "",
+                            ));
+                        }
+                    }
+                    self.store.put_meta(FORCED, b"")?;
+                    tracing::info!(kid = %next, retired = ?old, "signing key rotated");
+                    entries.push(AuditEntry::ok(
+                        SYSTEM_ACTOR,
+                        "key.activated",
+                        &next,
+                        &[],
+                        "",
+                    ));
+                }
+                Step::Remove(kid) => {
+                    self.store.delete_key(&kid)?;
+                    tracing::info!(%kid, "retired key unpublished");
+                    entries.push(AuditEntry::ok(
+                        SYSTEM_ACTOR,
+                        "key.removed",
+                        &kid,
+                        &[],
+                        "last token expired",
+                    ));
+                }
+            }
+        }
+        self.record(entries)?;
+        self.commit.durable().await?;
+        self.keys.reload(self.store.as_ref())?;
+        let (_, wake) = plan(now, &self.store.keys()?, schedule, self.forced_rotation()?);
+        Ok(wake)
+    }
+
+    /// `Keys.Rotate`: admin only. Scheduled: bring the hand-over forward to
+    /// as soon as a published NEXT key may sign (pre-publication is never
+    /// skipped). Emergency: remove the active key now, revoke the leases it
+    /// signed, and sign with a fresh key at once.
+    pub async fn rotate_now(
+        &self,
+        who: &Identity,
+        emergency: bool,
+        reason: &str,
+        schedule: &Schedule,
+    ) -> Result<(), GrantError> {
+        if !self.policy().is_admin(who) {
+            return Err(GrantError::NotAllowed(
+                "key rotation needs an admin identity".into(),
+            ));
+        }
+        let now = self.clock.now();
+        if !emergency {
+            self.store.put_meta(FORCED, now.to_string().as_bytes())?;
+            self.record(vec![AuditEntry::ok(
+                who.as_str(),
+                "key.rotation_requested",
+                "",
+                &[],
+                reason,
+            )])?;
+            self.commit.durable().await?;
+            self.rotate_due(schedule, now).await?;
+            return Ok(());
+        }
+        let keys = self.store.keys()?;
+        let Some(old) = keys.iter().find(|k| k.state == KeyState::Active).cloned() else {
+            return Err(GrantError::WrongState("there is no active key".into()));
+        };
+        // A published NEXT key takes over if there is one; else a fresh key.
+        let mut fresh = match keys.iter().find(|k| k.state == KeyState::Next) {
+            Some(n) => n.clone(),
+            None => self.keys.generate(KeyState::Next, now)?,
+        };
+        fresh.state = KeyState::Active;
+        fresh.activated_at = Some(now);
+        self.store.put_key(&fresh)?;
+        self.store.delete_key(&old.kid)?;
+        let store = self.store.clone();
+        let kid = old.kid.clone();
+        let ids = tokio::task::spawn_blocking(move || store.active_leases_signed_by(&kid))
+            .await
+            .map_err(|e| {
+                GrantError::Store(crate::store::StoreError::Unavailable(e.to_string()))
+            })??;
+        let mut count = 0u64;
+        for id in ids {
+            while let Some(lease) = self.store.lease(&id)? {
+                if lease.state != LeaseState::Active
+                    || self.store.swap_lease(
+                        &lease,
+                        &revoked(&lease, who.as_str(), "emergency key rotation", now),
+                    )?
+                {
+                    count += u64::from(lease.state == LeaseState::Active);
+                    break;
+                }
+            }
+        }
+        self.record(vec![
+            AuditEntry::ok(
+                who.as_str(),
+                "key.emergency_rotated",
+                &old.kid,
+                &[],
+                &format!("{reason}; {count} leases revoked"),
+            ),
+            AuditEntry::ok(who.as_str(), "key.activated", &fresh.kid, &[], "emergency"),
+        ])?;
+        self.commit.durable().await?;
+        self.keys.reload(self.store.as_ref())?;
+        self.metrics.revocations.inc_by(count);
+        self.metrics
+            .active_leases
+            .dec_by(i64::try_from(count).unwrap_or(i64::MAX));
+        tracing::warn!(removed = %old.kid, active = %fresh.kid, revoked = count, "emergency key rotation");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(
+        kid: &str,
+        state: KeyState,
+        created: Millis,
+        activated: Option<Millis>,
+        retire: Option<Millis>,
+    ) -> KeyRecord {
+        KeyRecord {
+            kid: kid.into(),
+            alg: "ES256".into(),
+            state,
+            public: vec![],
+            sealed_private: vec![],
+            created_at: created,
+            activated_at: activated,
+            retire_at: retire,
+        }
+    }
+
+    const H: Millis = 3_600_000;
+
+    fn sched() -> Schedule {
+        Schedule {
+            period: Duration::from_secs(24 * 3600),
+            prepublish: Duration::from_secs(600),
+            leeway: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn publishes_ahead_promotes_on_time_and_removes_after_the_window() {
+        let keys = vec![key("a", KeyState::Active, 0, Some(0), None)];
+        let (steps, wake) = plan(H, &keys, &sched(), None);
+        assert!(steps.is_empty());
+        assert_eq!(wake, Some(24 * H - 600_000), "wake to pre-publish");
+        let (steps, _) = plan(24 * H - 600_000, &keys, &sched(), None);
+        assert_eq!(steps, [Step::CreateNext]);
+
+        let keys = vec![
+            key("a", KeyState::Active, 0, Some(0), None),
+            key("b", KeyState::Next, 24 * H - 600_000, None, None),
+        ];
+        let (steps, wake) = plan(24 * H - 1, &keys, &sched(), None);
+        assert!(steps.is_empty());
+        assert_eq!(wake, Some(24 * H));
+        let (steps, _) = plan(24 * H, &keys, &sched(), None);
+        assert_eq!(
+            steps,
+            [Step::Promote {
+                next: "b".into(),
+                old: Some("a".into())
+            }]
+        );
+
+        let keys = vec![
+            key("a", KeyState::Retired, 0, Some(0), Some(50 * H)),
+            key("b", KeyState::Active, 1, Some(24 * H), None),
+        ];
+        let (steps, wake) = plan(49 * H, &keys, &sched(), None);
+        assert!(steps.is_empty());
+        assert_eq!(
+            wake,
+            Some(48 * H - 600_000),
+            "next pre-publication comes first"
+        );
+        let (steps, _) = plan(50 * H, &keys, &sched(), None);
+        assert!(steps.contains(&Step::Remove("a".into())));
+    }
+
+    #[test]
+    fn a_forced_rotation_never_skips_pre_publication() {
+        let keys = vec![key("a", KeyState::Active, 0, Some(0), None)];
+        let (steps, _) = plan(H, &keys, &sched(), Some(H));
+        assert_eq!(steps, [Step::CreateNext]);
+        let keys = vec![
+            key("a", KeyState::Active, 0, Some(0), None),
+            key("b", KeyState::Next, H, None, None),
+        ];
+        let (steps, wake) = plan(H, &keys, &sched(), Some(H));
+        assert!(steps.is_empty(), "b was published just now");
+        assert_eq!(wake, Some(H + 600_000));
+    }
+
+    #[test]
+    fn a_clock_that_jumps_back_activates_nothing() {
+        let keys = vec![
+            key("a", KeyState::Retired, 0, Some(0), Some(50 * H)),
+            key("b", KeyState::Active, 1, Some(24 * H), None),
+        ];
+        let (steps, _) = plan(10 * H, &keys, &sched(), None);
+        assert!(steps.is_empty(), "{steps:?}");
+    }
+}
