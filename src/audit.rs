@@ -145,6 +145,34 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
+    /// Retention: drop records at or before the newest checkpoint whose
+    /// record is older than `before`. Returns the compaction point.
+    pub fn compact(
+        &self,
+        store: &dyn Store,
+        keys: &KeySet,
+        before: Millis,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut point = None;
+        for (seq, jws) in store.checkpoints()? {
+            let Some(c) = check_signature(keys, &String::from_utf8_lossy(&jws)) else {
+                continue;
+            };
+            let old = store
+                .audit_after(Some(seq.saturating_sub(1)), 1)?
+                .first()
+                .and_then(|(_, b)| serde_json::from_slice::<AuditRecord>(b).ok())
+                .is_some_and(|r| r.seq == c.seq && r.at < before);
+            if old {
+                point = Some(seq);
+            }
+        }
+        if let Some(seq) = point {
+            store.compact_audit(seq)?;
+        }
+        Ok(point)
+    }
+
     /// Continue the chain stored in `store`.
     pub fn open(store: &dyn Store) -> Result<Self, StoreError> {
         let head = match store.audit_last()? {
@@ -280,6 +308,34 @@ pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
     let mut prev_hash = GENESIS.to_owned();
     let mut hashes = std::collections::HashMap::new();
     let mut after = None;
+    // After retention compaction the chain starts later: it must then hang
+    // from a signed checkpoint over the last removed record.
+    if let Some((first, _)) = store.audit_after(None, 1)?.first()
+        && *first > 1
+    {
+        let anchor = store
+            .checkpoints()?
+            .into_iter()
+            .find(|(seq, _)| *seq + 1 == *first)
+            .and_then(|(_, jws)| check_signature(keys, &String::from_utf8_lossy(&jws)));
+        match anchor {
+            Some(c) => {
+                expected = *first;
+                prev_hash = c.hash.clone();
+                hashes.insert(c.seq, c.hash);
+            }
+            None => {
+                report.problem = Some((
+                    1,
+                    format!(
+                        "records 1..{} are missing and no signed checkpoint anchors record {first}",
+                        first - 1
+                    ),
+                ));
+                return Ok(report);
+            }
+        }
+    }
     'walk: loop {
         let page = store.audit_after(after, 4096)?;
         let Some((last, _)) = page.last() else { break };

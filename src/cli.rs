@@ -179,6 +179,10 @@ pub struct ServeArgs {
         default_value = "es256"
     )]
     pub alg: SigningAlg,
+    /// Keep audit records at least this long (e.g. `400d`); older ones are
+    /// compacted up to a signed checkpoint. Default: keep everything.
+    #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION", value_parser = humantime::parse_duration)]
+    pub audit_retention: Option<Duration>,
     /// How long a signing key signs before the next one takes over.
     #[arg(long, env = "PORTCULLIS_ROTATION_PERIOD", default_value = "24h", value_parser = humantime::parse_duration)]
     pub rotation_period: Duration,
@@ -1442,6 +1446,7 @@ pub fn serve_config(
         ));
     }
     cfg.rotation.period = args.rotation_period;
+    cfg.audit_retention = args.audit_retention;
     Ok((cfg, dev))
 }
 

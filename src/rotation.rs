@@ -353,7 +353,7 @@ mod tests {
             key("a", KeyState::Retired, 0, Some(0), Some(50 * H)),
             key("b", KeyState::Active, 1, Some(24 * H), None),
         ];
-        let (steps, wake) = plan(49 * H, &keys, &sched(), None);
+        let (steps, wake) = plan(30 * H, &keys, &sched(), None);
         assert!(steps.is_empty());
         assert_eq!(
             wake,

@@ -72,6 +72,9 @@ pub struct ServeConfig {
     pub policy_poll: Duration,
     /// Signing-key rotation timing.
     pub rotation: crate::rotation::Schedule,
+    /// Keep audit records at least this long (compacted up to a signed
+    /// checkpoint); `None` keeps everything.
+    pub audit_retention: Option<Duration>,
 }
 
 impl ServeConfig {
@@ -99,6 +102,7 @@ impl ServeConfig {
             clock: Arc::new(SystemClock),
             policy_poll: Duration::from_secs(2),
             rotation: crate::rotation::Schedule::default(),
+            audit_retention: None,
         }
     }
 }
@@ -343,7 +347,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         });
     }
     tracker.spawn(crate::expiry::run(engine.clone(), cancel.clone()));
-    tracker.spawn(checkpoints(engine.clone(), cancel.clone()));
+    tracker.spawn(checkpoints(
+        engine.clone(),
+        cfg.audit_retention,
+        cancel.clone(),
+    ));
     // Gauges start from the store's counts, taken off the start-up path.
     let counting = engine.clone();
     tracker.spawn(async move {
@@ -514,7 +522,7 @@ async fn reload_policy(
 
 /// Sign an audit checkpoint every `CHECKPOINT_EVERY` records or
 /// `CHECKPOINT_INTERVAL`, whichever comes first, and once more at shutdown.
-async fn checkpoints(engine: Arc<Engine>, cancel: CancellationToken) {
+async fn checkpoints(engine: Arc<Engine>, retention: Option<Duration>, cancel: CancellationToken) {
     const CHECKPOINT_EVERY: u64 = 1000;
     const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
     let mut last = tokio::time::Instant::now();
@@ -528,7 +536,18 @@ async fn checkpoints(engine: Arc<Engine>, cancel: CancellationToken) {
             || last.elapsed() >= CHECKPOINT_INTERVAL
         {
             match engine.checkpoint_audit().await {
-                Ok(Some(seq)) => tracing::debug!(seq, "audit checkpoint signed"),
+                Ok(Some(seq)) => {
+                    tracing::debug!(seq, "audit checkpoint signed");
+                    if let Some(keep) = retention {
+                        let before = engine
+                            .clock()
+                            .now()
+                            .saturating_sub(crate::clock::millis(keep));
+                        if let Err(e) = engine.compact_audit(before).await {
+                            tracing::error!(error = %e, "audit compaction failed");
+                        }
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
             }

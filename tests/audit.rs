@@ -12,6 +12,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use portcullis::clock::Clock;
 use portcullis::dev::{ADMIN, APPROVER, As, WORKLOAD};
 use portcullis::pb;
 use portcullis::pb::approvals_client::ApprovalsClient;
@@ -377,6 +378,50 @@ async fn an_edit_of_the_newest_checkpointed_record_is_found_by_the_checkpoint() 
         v.problem.contains("checkpoint") || v.problem.contains("does not match"),
         "{v:?}"
     );
+}
+
+#[tokio::test]
+async fn retention_compaction_keeps_the_rest_verifiable_from_a_signed_checkpoint() {
+    let mut h = Harness::start().await;
+    mixed_workload(&h).await;
+    let engine = h.running().engine.clone();
+    let first = engine.checkpoint_audit().await.unwrap().unwrap();
+    h.clock.advance(Duration::from_secs(3600));
+    let mut c = h.broker(As::Workload).await;
+    grant(&mut c, ask(&["orders.read"])).await;
+    engine.checkpoint_audit().await.unwrap().unwrap();
+    let total = export(&h).await.len() as u64;
+    let point = engine
+        .compact_audit(h.clock.now() - 1_800_000)
+        .await
+        .unwrap();
+    assert_eq!(point, Some(first));
+    let v = verify(&h).await;
+    assert!(v.ok, "{v:?}");
+    assert_eq!(
+        v.records,
+        total - first + 1,
+        "compacted records are gone, plus the compaction record"
+    );
+    assert_eq!(export(&h).await[0].seq, first + 1);
+    // Without the anchoring checkpoint the remainder no longer verifies.
+    drop(engine);
+    if let Some(r) = h.running.take() {
+        r.shutdown().await;
+    }
+    {
+        let db = sled::open(h.dev.data()).unwrap();
+        db.open_tree("audit_checkpoints")
+            .unwrap()
+            .remove(first.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    h.boot().await;
+    let v = verify(&h).await;
+    assert!(!v.ok, "{v:?}");
+    assert!(v.problem.contains("anchors"), "{v:?}");
+    h.stop().await;
 }
 
 #[tokio::test]

@@ -501,6 +501,9 @@ impl Store for FailingSync {
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.0.checkpoints()
     }
+    fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
+        self.0.compact_audit(seq)
+    }
     fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
         self.0.put_key(k)
     }

@@ -254,6 +254,13 @@ impl Store for MemStore {
         Ok(())
     }
 
+    fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
+        let mut g = self.lock()?;
+        g.audit.retain(|k, _| *k > seq);
+        g.checkpoints.retain(|k, _| *k >= seq);
+        Ok(())
+    }
+
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         Ok(self
             .lock()?

@@ -396,6 +396,9 @@ pub trait Store: Send + Sync + 'static {
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// Store a signed audit checkpoint for record `seq`.
     fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError>;
+    /// Retention: delete audit records `<= seq` and checkpoints `< seq`
+    /// (the checkpoint at `seq` stays as the anchor of what remains).
+    fn compact_audit(&self, seq: u64) -> Result<(), StoreError>;
     /// Every checkpoint, in order.
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// How many ACTIVE leases and open requests there are (for gauges at

@@ -442,6 +442,20 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
+        // Oldest first: a crash part-way leaves a shorter prefix removed,
+        // which the verifier handles like any compaction point.
+        for item in self.audit.range(..=seq.to_be_bytes()) {
+            let (k, _) = item.map_err(unavailable)?;
+            self.audit.remove(k).map_err(unavailable)?;
+        }
+        for item in self.checkpoints.range(..seq.to_be_bytes()) {
+            let (k, _) = item.map_err(unavailable)?;
+            self.checkpoints.remove(k).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.checkpoints
             .iter()
