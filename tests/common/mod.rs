@@ -145,7 +145,10 @@ impl Harness {
         self.clock.advance(by);
         let target = self.clock.now();
         let mut rx = self.running().engine.expiry_progress();
-        rx.wait_for(|p| *p >= target).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|p| *p >= target))
+            .await
+            .unwrap_or_else(|_| panic!("expiry task did not reach {target} in time"))
+            .unwrap();
     }
 
     /// Write a client certificate from `ca` for `uri` into the temp dir.

@@ -1,0 +1,282 @@
+//! Signing-key rotation over real mTLS and HTTP: pre-publication, hand-over,
+//! retirement, emergency rotation, restart; tokens checked by an independent
+//! verifier that knows only the JWKS fetched over HTTP.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "a failure is a test failure"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use common::*;
+use portcullis::dev::As;
+use portcullis::pb;
+use portcullis::pb::keys_client::KeysClient;
+use tonic::Code;
+
+/// A JOSE verifier written here, not jsonwebtoken: parse the compact JWS,
+/// find the JWK by `kid` in a JWKS document, rebuild the P-256 point from
+/// `x`/`y`, check the ES256 signature with ring and the `exp` claim.
+fn independent_verify(jwks: &str, token: &str, now: u64) -> Result<serde_json::Value, String> {
+    let parts: Vec<&str> = token.split('.').collect();
+    let [h, p, sig] = parts.as_slice() else {
+        return Err("not a compact JWS".into());
+    };
+    let header: serde_json::Value =
+        serde_json::from_slice(&B64.decode(h).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    if header["alg"] != "ES256" {
+        return Err(format!("alg {}", header["alg"]));
+    }
+    let set: serde_json::Value = serde_json::from_str(jwks).map_err(|e| e.to_string())?;
+    let jwk = set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == header["kid"])
+        .ok_or("kid not in JWKS")?;
+    assert_eq!(
+        (
+            jwk["kty"].as_str(),
+            jwk["crv"].as_str(),
+            jwk["use"].as_str()
+        ),
+        (Some("EC"), Some("P-256"), Some("sig"))
+    );
+    let mut point = vec![4u8];
+    point.extend(B64.decode(jwk["x"].as_str().unwrap()).unwrap());
+    point.extend(B64.decode(jwk["y"].as_str().unwrap()).unwrap());
+    let key =
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point);
+    key.verify(
+        format!("{h}.{p}").as_bytes(),
+        &B64.decode(sig).map_err(|e| e.to_string())?,
+    )
+    .map_err(|_| "bad signature".to_owned())?;
+    let claims: serde_json::Value = serde_json::from_slice(&B64.decode(p).unwrap()).unwrap();
+    if claims["exp"].as_u64().unwrap() <= now {
+        return Err("expired".into());
+    }
+    Ok(claims)
+}
+
+async fn jwks(h: &Harness) -> String {
+    http_get(h.running().http_addr.unwrap(), "/.well-known/jwks.json").await
+}
+
+fn kids(jwks: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(jwks).unwrap();
+    v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Move the clock and wait until the key ring has changed `n` more times.
+async fn advance_to_change(h: &Harness, by: Duration, n: u64) {
+    let mut rx = h.running().engine.keys().changes();
+    let start = *rx.borrow_and_update();
+    h.clock.advance(by);
+    tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|c| *c >= start + n))
+        .await
+        .expect("key ring did not change in time")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn scheduled_rotation_prepublishes_hands_over_and_retires_without_a_verification_failure() {
+    let mut h = Harness::start().await;
+    let mut c = h.broker(As::Workload).await;
+    let first_kid = kids(&jwks(&h).await).pop().unwrap();
+    assert_eq!(kids(&jwks(&h).await).len(), 1);
+
+    // 24h period, 10m pre-publication. Half an hour before the hand-over,
+    // take a 1h token with the first key.
+    h.clock.advance(Duration::from_secs(24 * 3600 - 1800));
+    let old = grant(
+        &mut c,
+        pb::RequestTokenRequest {
+            ttl: secs(3600),
+            ..ask(&["orders.read"])
+        },
+    )
+    .await;
+    assert_eq!(part(&old.token, 0)["kid"], first_kid.as_str());
+
+    // 10 minutes before: the next key is published, not signing.
+    advance_to_change(&h, Duration::from_secs(1200), 1).await;
+    let published = kids(&jwks(&h).await);
+    assert_eq!(published.len(), 2, "next key pre-published");
+    let next_kid = published.iter().find(|k| **k != first_kid).unwrap().clone();
+    let still = grant(&mut c, ask(&["orders.read"])).await;
+    assert_eq!(
+        part(&still.token, 0)["kid"],
+        first_kid.as_str(),
+        "the next key does not sign yet"
+    );
+    let keys = KeysClient::new(h.channel(As::Workload).await)
+        .list_keys(pb::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(
+        keys.iter()
+            .any(|k| k.kid == next_kid && k.state == pb::KeyState::Next as i32)
+    );
+
+    // Hand-over: new tokens carry the new kid; the old token still verifies
+    // from the published JWKS, independently, and introspects active.
+    advance_to_change(&h, Duration::from_secs(600), 1).await;
+    let new = grant(&mut c, ask(&["orders.read"])).await;
+    assert_eq!(part(&new.token, 0)["kid"], next_kid.as_str());
+    let set = jwks(&h).await;
+    let now = h.clock.now_secs() as u64;
+    independent_verify(&set, &old.token, now).unwrap();
+    independent_verify(&set, &new.token, now).unwrap();
+    assert!(
+        c.introspect(pb::IntrospectRequest {
+            token: old.token.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active
+    );
+    let keys = KeysClient::new(h.channel(As::Workload).await)
+        .list_keys(pb::ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let retired = keys.iter().find(|k| k.kid == first_kid).unwrap();
+    assert_eq!(retired.state, pb::KeyState::Retired as i32);
+    assert!(retired.retire_at.is_some());
+
+    // A restart keeps keys and schedule.
+    h.restart().await;
+    let mut c = h.broker(As::Workload).await;
+    assert_eq!(kids(&jwks(&h).await).len(), 2);
+    assert_eq!(
+        part(&grant(&mut c, ask(&["orders.read"])).await.token, 0)["kid"],
+        next_kid.as_str()
+    );
+
+    // The retired key stays published until every token it could have signed
+    // has expired (policy max 24h + 60s leeway), then disappears. The next
+    // pre-publication (at 48h - 10m) happens on the way.
+    advance_to_change(&h, Duration::from_secs(24 * 3600 - 600), 1).await;
+    assert!(
+        kids(&jwks(&h).await).contains(&first_kid),
+        "still published before its window ends"
+    );
+    advance_to_change(&h, Duration::from_secs(600 + 61), 1).await;
+    let after = kids(&jwks(&h).await);
+    assert!(
+        !after.contains(&first_kid),
+        "removed after its last token expired: {after:?}"
+    );
+    assert!(
+        !c.introspect(pb::IntrospectRequest { token: old.token })
+            .await
+            .unwrap()
+            .into_inner()
+            .active
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn emergency_rotation_kills_the_old_tokens_at_once() {
+    let h = Harness::start().await;
+    let mut c = h.broker(As::Workload).await;
+    let before = grant(&mut c, ask(&["orders.read"])).await;
+    let old_kid = part(&before.token, 0)["kid"].as_str().unwrap().to_owned();
+
+    let e = KeysClient::new(h.channel(As::Workload).await)
+        .rotate(pb::RotateRequest {
+            emergency: true,
+            reason: "leak".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "only admins rotate");
+
+    let keys = KeysClient::new(h.channel(As::Admin).await)
+        .rotate(pb::RotateRequest {
+            emergency: true,
+            reason: "key leaked".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(
+        keys.iter().all(|k| k.kid != old_kid),
+        "old key removed at once"
+    );
+    assert!(!kids(&jwks(&h).await).contains(&old_kid));
+    assert!(
+        !c.introspect(pb::IntrospectRequest {
+            token: before.token.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active
+    );
+    let lease = c
+        .get_lease(pb::GetLeaseRequest {
+            lease_id: before.lease.unwrap().id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!(lease.state, pb::LeaseState::Revoked as i32);
+    assert_eq!(lease.revoke_reason, "emergency key rotation");
+    let after = grant(&mut c, ask(&["orders.read"])).await;
+    assert_ne!(part(&after.token, 0)["kid"], old_kid.as_str());
+    independent_verify(&jwks(&h).await, &after.token, h.clock.now_secs() as u64).unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_manual_rotation_still_prepublishes() {
+    let h = Harness::start().await;
+    let mut c = h.broker(As::Workload).await;
+    let first = part(&grant(&mut c, ask(&["orders.read"])).await.token, 0)["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let keys = KeysClient::new(h.channel(As::Admin).await)
+        .rotate(pb::RotateRequest {
+            emergency: false,
+            reason: "quarterly".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(keys.len(), 2, "a next key is published");
+    assert_eq!(
+        part(&grant(&mut c, ask(&["orders.read"])).await.token, 0)["kid"],
+        first.as_str(),
+        "but does not sign yet"
+    );
+    advance_to_change(&h, Duration::from_secs(600), 1).await;
+    assert_ne!(
+        part(&grant(&mut c, ask(&["orders.read"])).await.token, 0)["kid"],
+        first.as_str(),
+        "hand-over after pre-publication"
+    );
+    h.stop().await;
+}
