@@ -3,6 +3,7 @@
 //! verifier that knows only the JWKS fetched over HTTP.
 #![allow(
     clippy::unwrap_used,
+    clippy::expect_used,
     clippy::panic,
     reason = "a failure is a test failure"
 )]
