@@ -120,6 +120,27 @@ pub enum Command {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Keep a fresh token in a file (renews at ~2/3 of its life; waits for
+    /// approval when needed; runs until interrupted).
+    Agent {
+        /// Scope (repeat).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Token file (written atomically, mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Audience.
+        #[arg(long)]
+        audience: Option<String>,
+        /// Wanted TTL per lease.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Why (recorded).
+        #[arg(long, default_value = "portcullis agent")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Load-test a running broker with auto-tier token requests.
     Bench {
         /// Scope(s) to request (must be auto for the identity).
@@ -833,6 +854,27 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
     match cli.command {
         Command::Serve(_) => Err(usage("serve is run by the binary's main")),
         Command::Policy { cmd } => policy_cmd(out, cmd),
+        Command::Agent {
+            scopes,
+            out: file,
+            audience,
+            ttl,
+            reason,
+            client,
+        } => {
+            let cfg = crate::agent::AgentConfig {
+                scopes,
+                audience: audience.unwrap_or_default(),
+                ttl,
+                out: file,
+                reason,
+            };
+            crate::agent::run(client, cfg, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await;
+            Ok(exit::OK)
+        }
         Command::Audit { cmd, client } => audit_cmd(out, cmd, &client).await,
         Command::Token { cmd, client } => token_cmd(out, cmd, &client).await,
         Command::Lease { cmd, client } => lease_cmd(out, cmd, &client).await,

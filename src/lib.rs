@@ -24,6 +24,7 @@
 //! - [`client`], [`cli`], [`bench`]: the command-line side, speaking only
 //!   through the generated gRPC client.
 
+pub mod agent;
 pub mod api;
 pub mod approval;
 pub mod audit;

@@ -375,3 +375,58 @@ fn a_requester_waits_while_an_approver_decides_from_another_process() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(out.stdout.is_empty(), "no token on deny");
 }
+
+#[test]
+fn the_agent_keeps_a_valid_token_file_across_renewals_and_a_broker_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let server = serve(&dir);
+    let out = tmp.path().join("token");
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--scope", "orders.read", "--ttl", "4s", "--out"])
+        .arg(&out)
+        .env("PORTCULLIS_DEV_DIR", &dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
+    let mut next_write = || loop {
+        let l = lines.next().expect("agent exited").unwrap();
+        if l.starts_with("token written") {
+            return l;
+        }
+    };
+    let active = |dir: &Path| {
+        let token = std::fs::read_to_string(&out).unwrap();
+        let o = run(dir, &["token", "inspect", token.trim(), "--output", "json"]);
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["active"] == true
+    };
+    let first = next_write();
+    assert!(first.contains("renewals 0"), "{first}");
+    assert!(active(&dir));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    for n in 1..=2 {
+        let l = next_write();
+        assert!(l.contains(&format!("renewals {n}")), "{l}");
+        assert!(active(&dir));
+    }
+    // Restart the broker (new port, same data): the agent finds it again and
+    // keeps renewing the same lease.
+    drop(server);
+    let _server = serve(&dir);
+    // Renewal of the same lease, or a new lease if it ran out meanwhile:
+    // either way the file holds a live token.
+    next_write();
+    assert!(active(&dir));
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
