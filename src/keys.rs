@@ -414,6 +414,21 @@ mod tests {
     use crate::store::mem::MemStore;
 
     #[test]
+    fn missing_or_malformed_kek_files_are_refused_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = Kek::from_file(&missing).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "not hex").unwrap();
+        let err = Kek::from_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("64 hex characters"), "{err}");
+        let good = dir.path().join("good");
+        std::fs::write(&good, format!("{}\n", "ab".repeat(32))).unwrap();
+        assert!(Kek::from_file(&good).is_ok());
+    }
+
+    #[test]
     fn kek_round_trip_and_wrong_kek_refused() {
         let (kek, _) = Kek::generate().unwrap();
         let sealed = kek.seal(b"aad", b"secret").unwrap();

@@ -430,3 +430,26 @@ fn the_agent_keeps_a_valid_token_file_across_renewals_and_a_broker_restart() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+#[test]
+fn the_deploy_policies_pass_policy_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let example = root.join("deploy/config/policy.example.toml");
+    let o = run(tmp.path(), &["policy", "check", example.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    // The policy embedded in the Kubernetes ConfigMap.
+    let cm = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let body: String = cm
+        .split("policy.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let file = tmp.path().join("cm-policy.toml");
+    std::fs::write(&file, body).unwrap();
+    let o = run(tmp.path(), &["policy", "check", file.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{o:?}");
+}
