@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use crate::audit::Entry as AuditEntry;
 use crate::clock::millis;
-use crate::grant::{Engine, GrantError, MAX_REASON, may_decide, new_id, revoked};
+use crate::grant::{Engine, GrantError, may_decide, new_id, require_id, revoked, validate_reason};
 use crate::identity::Identity;
 use crate::policy::Policy;
-use crate::store::{Approval, Lease, LeaseState, RequestState, TokenRequest, Transition};
+use crate::store::{Approval, Lease, LeaseState, RequestState, TokenRequest};
 use crate::token;
 
 /// Default and largest `ListPending` page.
@@ -45,42 +45,6 @@ fn counts_for(policy: &Policy, who: &Identity, req: &TokenRequest) -> Vec<String
         .collect()
 }
 
-fn check_reason(reason: &str, required: bool) -> Result<(), GrantError> {
-    if required && reason.trim().is_empty() {
-        return Err(GrantError::Invalid {
-            field: "reason",
-            reason: "required".into(),
-        });
-    }
-    if reason.len() > MAX_REASON || reason.contains('\0') {
-        return Err(GrantError::Invalid {
-            field: "reason",
-            reason: format!("at most {MAX_REASON} bytes of text"),
-        });
-    }
-    Ok(())
-}
-
-fn check_id(id: &str) -> Result<(), GrantError> {
-    if id.is_empty() {
-        return Err(GrantError::Invalid {
-            field: "request_id",
-            reason: "required".into(),
-        });
-    }
-    if id.len() > 128
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(GrantError::Invalid {
-            field: "request_id",
-            reason: "not a valid id".into(),
-        });
-    }
-    Ok(())
-}
-
 fn state_name(s: RequestState) -> String {
     format!("{s:?}").to_lowercase()
 }
@@ -93,7 +57,7 @@ impl Engine {
         who: &Identity,
         id: &str,
     ) -> Result<(TokenRequest, std::sync::Arc<Policy>), GrantError> {
-        check_id(id)?;
+        require_id("request_id", id)?;
         let req = self
             .store
             .request(id)?
@@ -154,7 +118,7 @@ impl Engine {
                 .filter_map(|s| policy.scopes.get(s))
                 .filter_map(|r| r.approval.as_ref())
                 .collect();
-            check_reason(reason, rules.iter().any(|a| a.require_reason))?;
+            validate_reason(reason, rules.iter().any(|a| a.require_reason))?;
             if let Some(t) = ttl
                 && (t.is_zero() || millis(t) > req.ttl_ms)
             {
@@ -182,15 +146,8 @@ impl Engine {
                     .map(|a| a.claim_ttl)
                     .min()
                     .unwrap_or(Duration::from_secs(600));
-                new.state = RequestState::Approved;
+                new = new.moved(RequestState::Approved, who.as_str(), now, reason);
                 new.deadline = now.saturating_add(millis(claim));
-                new.history.push(Transition {
-                    from: Some(RequestState::Pending),
-                    to: RequestState::Approved,
-                    actor: who.as_str().to_owned(),
-                    at: now,
-                    reason: reason.to_owned(),
-                });
             }
             if self.store.swap_request(&req, &new)? {
                 let action = if done {
@@ -227,7 +184,7 @@ impl Engine {
         id: &str,
         reason: &str,
     ) -> Result<TokenRequest, GrantError> {
-        check_reason(reason, true)?;
+        validate_reason(reason, true)?;
         loop {
             let (req, _) = self.for_decision(who, id)?;
             if req.state.is_terminal() {
@@ -237,15 +194,7 @@ impl Engine {
                 )));
             }
             let now = self.clock.now();
-            let mut new = req.clone();
-            new.state = RequestState::Denied;
-            new.history.push(Transition {
-                from: Some(req.state),
-                to: RequestState::Denied,
-                actor: who.as_str().to_owned(),
-                at: now,
-                reason: reason.to_owned(),
-            });
+            let new = req.moved(RequestState::Denied, who.as_str(), now, reason);
             if self.store.swap_request(&req, &new)? {
                 self.record(vec![AuditEntry::ok(
                     who.as_str(),
@@ -275,7 +224,7 @@ impl Engine {
         reason: &str,
         revoke: bool,
     ) -> Result<TokenRequest, GrantError> {
-        check_reason(reason, revoke)?;
+        validate_reason(reason, revoke)?;
         loop {
             let (req, _) = self.for_decision(who, id)?;
             if !req.break_glass || !req.review_pending {
@@ -343,7 +292,7 @@ impl Engine {
             n => n,
         };
         if !page_token.is_empty() {
-            check_id(page_token).map_err(|_| GrantError::Invalid {
+            require_id("page_token", page_token).map_err(|_| GrantError::Invalid {
                 field: "page_token",
                 reason: "not a valid token".into(),
             })?;
@@ -427,16 +376,8 @@ impl Engine {
         // Sign before any write; the claim itself is the compare-and-swap
         // APPROVED -> ISSUED, so exactly one caller gets past it.
         let tok = token::mint(&keys, &self.claims_for(&lease, now))?;
-        let mut issued = req.clone();
-        issued.state = RequestState::Issued;
+        let mut issued = req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
         issued.lease_id = Some(lease.id.clone());
-        issued.history.push(Transition {
-            from: Some(RequestState::Approved),
-            to: RequestState::Issued,
-            actor: who.as_str().to_owned(),
-            at: now,
-            reason: "token delivered".into(),
-        });
         if !self.store.swap_request(&req, &issued)? {
             return Ok(None);
         }

@@ -823,15 +823,7 @@ impl Engine {
                 ));
             }
             let now = self.clock.now();
-            let mut new = req.clone();
-            new.state = RequestState::Withdrawn;
-            new.history.push(Transition {
-                from: Some(req.state),
-                to: RequestState::Withdrawn,
-                actor: who.as_str().to_owned(),
-                at: now,
-                reason: reason.to_owned(),
-            });
+            let new = req.moved(RequestState::Withdrawn, who.as_str(), now, reason);
             if self.store.swap_request(&req, &new)? {
                 self.record(vec![AuditEntry::ok(
                     who.as_str(),
@@ -1157,20 +1149,12 @@ impl Engine {
                     if req.state.is_terminal() || req.deadline > now {
                         break;
                     }
-                    let mut new = req.clone();
-                    new.state = RequestState::Expired;
                     let why = if req.state == RequestState::Approved {
                         "claim window passed"
                     } else {
                         "pending_ttl passed without enough approvals"
                     };
-                    new.history.push(Transition {
-                        from: Some(req.state),
-                        to: RequestState::Expired,
-                        actor: SYSTEM_ACTOR.into(),
-                        at: now,
-                        reason: why.into(),
-                    });
+                    let new = req.moved(RequestState::Expired, SYSTEM_ACTOR, now, why);
                     if self.store.swap_request(&req, &new)? {
                         changed += 1;
                         expired.push(AuditEntry::ok(
@@ -1257,7 +1241,7 @@ pub(crate) fn revoked(lease: &Lease, by: &str, reason: &str, now: Millis) -> Lea
     }
 }
 
-fn require_id(field: &'static str, id: &str) -> Result<(), GrantError> {
+pub(crate) fn require_id(field: &'static str, id: &str) -> Result<(), GrantError> {
     if id.is_empty() {
         return Err(GrantError::Invalid {
             field,
@@ -1277,7 +1261,7 @@ fn require_id(field: &'static str, id: &str) -> Result<(), GrantError> {
     Ok(())
 }
 
-fn validate_reason(reason: &str, required: bool) -> Result<(), GrantError> {
+pub(crate) fn validate_reason(reason: &str, required: bool) -> Result<(), GrantError> {
     if required && reason.trim().is_empty() {
         return Err(GrantError::Invalid {
             field: "reason",

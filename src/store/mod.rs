@@ -265,6 +265,21 @@ pub struct TokenRequest {
 }
 
 impl TokenRequest {
+    /// This request moved to `to` by `actor` at `at` for `reason`, with the
+    /// transition recorded in its history.
+    pub fn moved(&self, to: RequestState, actor: &str, at: Millis, reason: &str) -> Self {
+        let mut new = self.clone();
+        new.history.push(Transition {
+            from: Some(self.state),
+            to,
+            actor: actor.to_owned(),
+            at,
+            reason: reason.to_owned(),
+        });
+        new.state = to;
+        new
+    }
+
     /// Open requests still need someone: a decision, a claim, or a review.
     pub fn is_open(&self) -> bool {
         !self.state.is_terminal() || self.review_pending
