@@ -1,3 +1,4 @@
+// Test-only: declared `#[cfg(test)] pub(crate) mod conformance;` in store/mod.rs.
 //! One suite every [`Store`] backend must pass. A new backend (PostgreSQL)
 //! adds one line to `backends()` below.
 
