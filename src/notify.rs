@@ -56,6 +56,8 @@ pub struct Stats {
     pub failed: AtomicU64,
     /// Events dropped because the queue was full.
     pub dropped: AtomicU64,
+    /// Signalled after every delivery outcome (tests and watchers).
+    pub changed: tokio::sync::Notify,
 }
 
 /// The sending half, held by the engine.
@@ -191,12 +193,14 @@ pub async fn run(
                     match send(&client, &url, &payload).await {
                         Ok(()) => {
                             stats.delivered.fetch_add(1, Ordering::Relaxed);
+                            stats.changed.notify_waiters();
                             return;
                         }
                         Err(e) => tracing::warn!(url = %url, event = kind, attempt = attempt + 1, error = %e, "webhook delivery failed"),
                     }
                 }
                 stats.failed.fetch_add(1, Ordering::Relaxed);
+                stats.changed.notify_waiters();
                 tracing::error!(url = %url, event = kind, "webhook gave up after {ATTEMPTS} attempts");
             });
         }

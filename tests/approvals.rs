@@ -872,3 +872,52 @@ async fn break_glass_grants_at_once_capped_and_queues_a_review() {
     assert!(e.message().contains("break-glass"), "{}", e.message());
     w.h.stop().await;
 }
+
+#[tokio::test]
+async fn a_failing_webhook_is_retried_counted_and_never_blocks_the_request() {
+    // A receiver that always answers 500 and reports each attempt.
+    let (tx, mut attempts) = mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/{path}",
+        axum::routing::post(move || {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // Both hooks (JSON: every event; Slack: parked) point at it.
+    let h = Harness::start_with(Some(&policy(port))).await;
+    let mut c = h.broker(As::Workload).await;
+    // The request path answers at once, whatever the receiver does.
+    park(&mut c, &["keys.rotate"]).await;
+    let stats = h.running().engine.notifier().stats().clone();
+    // Two hooks x 4 attempts each.
+    for _ in 0..8 {
+        attempts.recv().await.unwrap();
+    }
+    while stats.failed.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+        let changed = stats.changed.notified();
+        if stats.failed.load(std::sync::atomic::Ordering::Relaxed) >= 2 {
+            break;
+        }
+        tokio::time::timeout(Duration::from_secs(30), changed)
+            .await
+            .unwrap();
+    }
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let metrics = http_get(h.running().http_addr.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("portcullis_notification_failures 2"),
+        "{metrics}"
+    );
+    h.stop().await;
+}
