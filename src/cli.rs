@@ -207,6 +207,10 @@ pub struct ServeArgs {
     /// How long a signing key signs before the next one takes over.
     #[arg(long, env = "PORTCULLIS_ROTATION_PERIOD", default_value = "24h", value_parser = humantime::parse_duration)]
     pub rotation_period: Duration,
+    /// Serve the HTTP listener (JWKS, discovery, metrics) over TLS with the
+    /// server certificate. Recommended outside loopback development.
+    #[arg(long, env = "PORTCULLIS_HTTP_TLS")]
+    pub http_tls: bool,
     /// Keep all state in memory: nothing survives a restart and nothing is
     /// fsynced. For benchmarks and experiments only.
     #[arg(long)]
@@ -1489,6 +1493,7 @@ pub fn serve_config(
     }
     cfg.rotation.period = args.rotation_period;
     cfg.audit_retention = args.audit_retention;
+    cfg.http_tls = args.http_tls;
     Ok((cfg, dev))
 }
 

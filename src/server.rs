@@ -75,6 +75,8 @@ pub struct ServeConfig {
     /// Keep audit records at least this long (compacted up to a signed
     /// checkpoint); `None` keeps everything.
     pub audit_retention: Option<Duration>,
+    /// Serve the HTTP listener over TLS with the server certificate.
+    pub http_tls: bool,
 }
 
 impl ServeConfig {
@@ -103,6 +105,7 @@ impl ServeConfig {
             policy_poll: Duration::from_secs(2),
             rotation: crate::rotation::Schedule::default(),
             audit_retention: None,
+            http_tls: false,
         }
     }
 }
@@ -228,8 +231,14 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         None => None,
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let http_tls = if cfg.http_tls {
+        Some(https_config(&cfg.tls_cert, &cfg.tls_key)?)
+    } else {
+        None
+    };
+    let scheme = if cfg.http_tls { "https" } else { "http" };
     let issuer = cfg.issuer.clone().unwrap_or_else(|| match http_addr {
-        Some(a) => format!("http://{a}"),
+        Some(a) => format!("{scheme}://{a}"),
         None => format!("https://{grpc_addr}"),
     });
 
@@ -337,14 +346,21 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     if let Some(listener) = http_listener {
         let app = http_router(engine.clone());
         let c = cancel.clone();
-        tracker.spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(c.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server stopped");
+        match http_tls {
+            Some(tls) => {
+                tracker.spawn(serve_https(listener, app, tls, c));
             }
-        });
+            None => {
+                tracker.spawn(async move {
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(c.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(error = %e, "HTTP server stopped");
+                    }
+                });
+            }
+        }
     }
     tracker.spawn(crate::expiry::run(engine.clone(), cancel.clone()));
     tracker.spawn(checkpoints(
@@ -627,4 +643,70 @@ async fn rotate(
             () = sleep => {}
         }
     }
+}
+
+/// TLS for the HTTP listener: the gRPC server certificate, no client
+/// authentication (JWKS and discovery are public), HTTP/2 and HTTP/1.1.
+fn https_config(cert: &PathBuf, key: &PathBuf) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |p: &PathBuf, e: &dyn std::fmt::Display| ServeError::Tls {
+        path: p.display().to_string(),
+        detail: e.to_string(),
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| err(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(cert, &e))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| err(key, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err(cert, &e))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key_der)
+    .map_err(|e| err(cert, &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The HTTP router over TLS: one task per connection (a slow handshake
+/// never holds up the accept loop), bounded handshake time.
+async fn serve_https(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Arc<rustls::ServerConfig>,
+    cancel: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let conns = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTPS accept failed");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app, cancel) = (acceptor.clone(), app.clone(), cancel.clone());
+        conns.spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
+                tracing::debug!(%peer, "HTTPS handshake failed");
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "HTTPS connection ended") },
+                () = cancel.cancelled() => {}
+            }
+        });
+    }
+    conns.close();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
 }

@@ -281,3 +281,69 @@ async fn a_manual_rotation_still_prepublishes() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn jwks_and_discovery_over_https_with_the_server_certificate() {
+    use http_body_util::BodyExt as _;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let mut h = Harness::start().await;
+    h.https = true;
+    h.restart().await;
+    let port = h.running().http_addr.unwrap().port();
+    assert!(
+        h.running().engine.issuer().starts_with("https://"),
+        "{}",
+        h.running().engine.issuer()
+    );
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(h.dev.path("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<hyper::body::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let get = |path: &str| {
+        let uri: hyper::Uri = format!("https://localhost:{port}{path}").parse().unwrap();
+        let client = client.clone();
+        async move {
+            let resp = client.get(uri).await.unwrap();
+            assert!(resp.status().is_success());
+            String::from_utf8(
+                resp.into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+                    .to_vec(),
+            )
+            .unwrap()
+        }
+    };
+    let set = get("/.well-known/jwks.json").await;
+    assert_eq!(set, h.running().engine.keys().current().jwks_json);
+    let disco: serde_json::Value =
+        serde_json::from_str(&get("/.well-known/openid-configuration").await).unwrap();
+    assert_eq!(
+        disco["jwks_uri"],
+        format!("{}/.well-known/jwks.json", h.running().engine.issuer())
+    );
+    let mut c = h.broker(As::Workload).await;
+    let g = grant(&mut c, ask(&["orders.read"])).await;
+    independent_verify(&set, &g.token, h.clock.now_secs() as u64).unwrap();
+    h.stop().await;
+}

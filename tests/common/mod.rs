@@ -26,6 +26,8 @@ pub struct Harness {
     pub clock: Arc<ManualClock>,
     /// The CA that issued the dev identities (tests issue more with it).
     pub ca: DevCa,
+    /// Serve the HTTP listener over TLS.
+    pub https: bool,
     pub running: Option<Running>,
 }
 
@@ -57,6 +59,7 @@ impl Harness {
             dev,
             clock,
             ca,
+            https: false,
             running: None,
         };
         h.boot().await;
@@ -77,6 +80,7 @@ impl Harness {
         // Fixed, so tokens stay valid across restarts on new ports.
         cfg.issuer = Some("https://portcullis.test".into());
         cfg.policy_poll = Duration::from_millis(20);
+        cfg.http_tls = self.https;
         cfg
     }
 
