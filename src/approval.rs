@@ -375,7 +375,7 @@ impl Engine {
         };
         // Sign before any write; the claim itself is the compare-and-swap
         // APPROVED -> ISSUED, so exactly one caller gets past it.
-        let tok = token::mint(&keys, &self.claims_for(&lease, now))?;
+        let tok = token::mint(&keys, &self.claims(&lease, now))?;
         let mut issued = req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
         issued.lease_id = Some(lease.id.clone());
         if !self.store.swap_request(&req, &issued)? {

@@ -13,7 +13,7 @@ use tonic::{Code, Status};
 
 use crate::api::convert;
 use crate::client::{ClientError, ClientOpts};
-use crate::dev::{As, DevDir};
+use crate::dev::DevDir;
 use crate::identity::Identity;
 use crate::keys::SigningAlg;
 use crate::pb;
@@ -1532,6 +1532,5 @@ pub fn dev_banner(
         crate::dev::APPROVER,
         crate::dev::ADMIN
     ));
-    let _ = As::Workload;
     s
 }

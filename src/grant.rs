@@ -423,11 +423,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(crate) fn claims_for(&self, lease: &Lease, iat: Millis) -> Claims {
-        self.claims(lease, iat)
-    }
-
-    fn claims(&self, lease: &Lease, iat: Millis) -> Claims {
+    pub(crate) fn claims(&self, lease: &Lease, iat: Millis) -> Claims {
         Claims {
             iss: self.issuer.clone(),
             sub: lease.subject.clone(),

@@ -154,9 +154,7 @@ async fn mixed_workload(h: &Harness) {
     );
     h.advance(Duration::from_secs(1801)).await;
     // An authentication failure: right CA, not a SPIFFE identity.
-    let ch = h
-        .channel_for_uri_unchecked("https://example.org/not-spiffe")
-        .await;
+    let ch = h.channel_for("https://example.org/not-spiffe").await;
     let e = pb::broker_client::BrokerClient::new(ch)
         .request_token(ask(&["orders.read"]))
         .await

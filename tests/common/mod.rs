@@ -124,7 +124,8 @@ impl Harness {
         BrokerClient::new(self.channel(who).await)
     }
 
-    /// A connection as any identity, with a certificate from the test CA.
+    /// A connection as any identity, with a certificate from the test CA
+    /// whose URI SAN is `uri` verbatim (it need not be a valid identity).
     pub async fn channel_for(&self, uri: &str) -> Channel {
         let name = uri.rsplit('/').next().unwrap().to_owned();
         let (cert, key) = self.foreign_identity(&self.ca, uri, false, &format!("id-{name}"));
@@ -136,12 +137,6 @@ impl Harness {
         .connect()
         .await
         .unwrap()
-    }
-
-    /// A connection whose certificate carries `uri` verbatim (it may not be
-    /// a valid identity).
-    pub async fn channel_for_uri_unchecked(&self, uri: &str) -> Channel {
-        self.channel_for(uri).await
     }
 
     /// Move the clock and wait until the expiry task has swept up to it.
