@@ -207,6 +207,10 @@ pub struct ServeArgs {
     /// How long a signing key signs before the next one takes over.
     #[arg(long, env = "PORTCULLIS_ROTATION_PERIOD", default_value = "24h", value_parser = humantime::parse_duration)]
     pub rotation_period: Duration,
+    /// Delete leases and requests this long after they ended (e.g. `90d`);
+    /// default: keep them. The deletion is recorded in the audit trail.
+    #[arg(long, env = "PORTCULLIS_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
     /// Serve the HTTP listener (JWKS, discovery, metrics) over TLS with the
     /// server certificate. Recommended outside loopback development.
     #[arg(long, env = "PORTCULLIS_HTTP_TLS")]
@@ -1494,6 +1498,7 @@ pub fn serve_config(
     cfg.rotation.period = args.rotation_period;
     cfg.audit_retention = args.audit_retention;
     cfg.http_tls = args.http_tls;
+    cfg.retention = args.retention;
     Ok((cfg, dev))
 }
 

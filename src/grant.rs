@@ -261,6 +261,34 @@ impl Engine {
         Ok(seq)
     }
 
+    /// Retention: delete leases and requests that ended before `before`
+    /// (recorded in the trail with the counts).
+    pub async fn purge_ended(&self, before: Millis) -> Result<(u64, u64), GrantError> {
+        let store = self.store.clone();
+        let counts = tokio::task::spawn_blocking(move || store.purge_ended(before))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        if counts != (0, 0) {
+            self.record(vec![AuditEntry::ok(
+                SYSTEM_ACTOR,
+                "retention.purged",
+                "",
+                &[],
+                &format!(
+                    "{} leases and {} requests that ended before {before}",
+                    counts.0, counts.1
+                ),
+            )])?;
+            self.commit.durable().await?;
+            tracing::info!(
+                leases = counts.0,
+                requests = counts.1,
+                "retention: ended records purged"
+            );
+        }
+        Ok(counts)
+    }
+
     /// Retention: remove audit records older than `before`, up to the newest
     /// signed checkpoint before it, so what remains still verifies.
     pub async fn compact_audit(&self, before: Millis) -> Result<Option<u64>, GrantError> {

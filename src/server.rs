@@ -77,6 +77,9 @@ pub struct ServeConfig {
     pub audit_retention: Option<Duration>,
     /// Serve the HTTP listener over TLS with the server certificate.
     pub http_tls: bool,
+    /// Delete leases and requests this long after they ended; `None` keeps
+    /// them forever.
+    pub retention: Option<Duration>,
 }
 
 impl ServeConfig {
@@ -106,6 +109,7 @@ impl ServeConfig {
             rotation: crate::rotation::Schedule::default(),
             audit_retention: None,
             http_tls: false,
+            retention: None,
         }
     }
 }
@@ -363,6 +367,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
     }
     tracker.spawn(crate::expiry::run(engine.clone(), cancel.clone()));
+    if let Some(keep) = cfg.retention {
+        tracker.spawn(retention(engine.clone(), keep, cancel.clone()));
+    }
     tracker.spawn(checkpoints(
         engine.clone(),
         cfg.audit_retention,
@@ -709,4 +716,21 @@ async fn serve_https(
     }
     conns.close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
+}
+
+/// Hourly: delete leases and requests that ended more than `keep` ago.
+async fn retention(engine: Arc<Engine>, keep: Duration, cancel: CancellationToken) {
+    loop {
+        let before = engine
+            .clock()
+            .now()
+            .saturating_sub(crate::clock::millis(keep));
+        if let Err(e) = engine.purge_ended(before).await {
+            tracing::error!(error = %e, "retention sweep failed");
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
 }

@@ -921,3 +921,80 @@ async fn a_failing_webhook_is_retried_counted_and_never_blocks_the_request() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn terminal_requests_and_ended_leases_stay_queryable_until_retention_removes_them() {
+    let w = world().await;
+    let mut c = w.h.broker(As::Workload).await;
+    let req = park(&mut c, &["orders.admin"]).await;
+    ApprovalsClient::new(w.h.channel(As::Approver).await)
+        .deny(pb::DenyRequest {
+            request_id: req.id.clone(),
+            reason: "no".into(),
+        })
+        .await
+        .unwrap();
+    let ended = grant(&mut c, ask(&["orders.read"])).await.lease.unwrap().id;
+    c.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: ended.clone(),
+        reason: "done".into(),
+    })
+    .await
+    .unwrap();
+    let live = grant(
+        &mut c,
+        pb::RequestTokenRequest {
+            ttl: secs(3600),
+            ..ask(&["orders.read"])
+        },
+    )
+    .await
+    .lease
+    .unwrap()
+    .id;
+    // History stays after the terminal state...
+    w.h.advance(Duration::from_secs(1800)).await;
+    let r = c
+        .get_request(pb::GetRequestRequest {
+            request_id: req.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(r.state, pb::RequestState::Denied as i32);
+    // ...until the retention window passes.
+    let engine = w.h.running().engine.clone();
+    let cutoff = portcullis::clock::Clock::now(w.h.clock.as_ref()) - 600_000;
+    assert_eq!(engine.purge_ended(cutoff).await.unwrap(), (1, 1));
+    assert_eq!(
+        c.get_request(pb::GetRequestRequest { request_id: req.id })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        c.get_lease(pb::GetLeaseRequest { lease_id: ended })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    c.get_lease(pb::GetLeaseRequest { lease_id: live })
+        .await
+        .unwrap();
+    let trail = portcullis::pb::audit_client::AuditClient::new(w.h.channel(As::Admin).await)
+        .export(pb::ExportRequest {
+            action: "retention.purged".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(trail.len(), 1);
+    drop(engine);
+    w.h.stop().await;
+}

@@ -294,6 +294,50 @@ fn audit_records_keep_sequence_order() {
 }
 
 #[test]
+fn retention_purges_only_what_ended_before_the_cutoff() {
+    for (name, s, _dir) in backends() {
+        let active = lease("l_a", "spiffe://t/a", 10);
+        let gone = Lease {
+            state: LeaseState::Revoked,
+            revoked_at: Some(5),
+            ..lease("l_b", "spiffe://t/a", 50)
+        };
+        let recent = Lease {
+            state: LeaseState::Expired,
+            expired_at: Some(90),
+            ..lease("l_c", "spiffe://t/a", 90)
+        };
+        for l in [&active, &gone, &recent] {
+            s.create_lease(l, None).unwrap();
+        }
+        let old_req = TokenRequest {
+            state: RequestState::Denied,
+            ..request("r_old", 1)
+        };
+        let open_req = request("r_open", 1);
+        s.create_request(&old_req, None).unwrap();
+        s.create_request(&open_req, None).unwrap();
+        assert_eq!(s.purge_ended(60).unwrap(), (1, 1), "{name}");
+        assert!(s.lease("l_b").unwrap().is_none(), "{name}");
+        assert!(
+            s.lease("l_a").unwrap().is_some() && s.lease("l_c").unwrap().is_some(),
+            "{name}"
+        );
+        let ids: Vec<String> = s
+            .leases_of("spiffe://t/a", None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        assert_eq!(ids, ["l_a", "l_c"], "{name}");
+        assert!(
+            s.request("r_old").unwrap().is_none() && s.request("r_open").unwrap().is_some(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn keys_and_meta() {
     for (name, s, _dir) in backends() {
         assert!(s.keys().unwrap().is_empty(), "{name}");
@@ -480,6 +524,9 @@ impl Store for FailingSync {
     }
     fn counts(&self) -> Result<(u64, u64), StoreError> {
         self.0.counts()
+    }
+    fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError> {
+        self.0.purge_ended(before)
     }
     fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
         self.0.delete_key(kid)

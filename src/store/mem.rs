@@ -216,6 +216,30 @@ impl Store for MemStore {
         Ok(self.lock()?.keys.values().cloned().collect())
     }
 
+    fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError> {
+        let mut g = self.lock()?;
+        let old: Vec<Lease> = g
+            .leases
+            .values()
+            .filter(|l| l.ended_at().is_some_and(|t| t < before))
+            .cloned()
+            .collect();
+        for l in &old {
+            g.leases.remove(&l.id);
+            g.by_subject.remove(&subject_key(&l.subject, &l.id));
+        }
+        let reqs: Vec<String> = g
+            .requests
+            .values()
+            .filter(|r| r.ended_at().is_some_and(|t| t < before))
+            .map(|r| r.id.clone())
+            .collect();
+        for id in &reqs {
+            g.requests.remove(id);
+        }
+        Ok((old.len() as u64, reqs.len() as u64))
+    }
+
     fn counts(&self) -> Result<(u64, u64), StoreError> {
         let g = self.lock()?;
         Ok((g.lease_expiry.len() as u64, g.requests_open.len() as u64))

@@ -264,7 +264,23 @@ pub struct TokenRequest {
     pub review_reason: Option<String>,
 }
 
+impl Lease {
+    /// When this lease ended, if it has.
+    pub fn ended_at(&self) -> Option<Millis> {
+        match self.state {
+            LeaseState::Active => None,
+            LeaseState::Revoked => Some(self.revoked_at.unwrap_or(self.expires_at)),
+            LeaseState::Expired => Some(self.expired_at.unwrap_or(self.expires_at)),
+        }
+    }
+}
+
 impl TokenRequest {
+    /// When this request ended (terminal, nothing left to review), if it has.
+    pub fn ended_at(&self) -> Option<Millis> {
+        (!self.is_open()).then(|| self.history.last().map_or(self.created_at, |t| t.at))
+    }
+
     /// This request moved to `to` by `actor` at `at` for `reason`, with the
     /// transition recorded in its history.
     pub fn moved(&self, to: RequestState, actor: &str, at: Millis, reason: &str) -> Self {
@@ -419,6 +435,11 @@ pub trait Store: Send + Sync + 'static {
     /// How many ACTIVE leases and open requests there are (for gauges at
     /// start; may be slow on large stores, so callers run it off the hot path).
     fn counts(&self) -> Result<(u64, u64), StoreError>;
+    /// Retention: delete leases that ended (expired or revoked) and requests
+    /// that are terminal and closed, whose end is before `before`, with
+    /// their index entries. Returns (leases, requests) deleted. A full scan:
+    /// run it in the background.
+    fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError>;
     /// Every signing key.
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     /// Remove a signing key record.

@@ -396,6 +396,32 @@ impl Store for SledStore {
         Self::first(&self.request_expiry)
     }
 
+    fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError> {
+        let (mut leases, mut requests) = (0, 0);
+        for item in self.leases.iter() {
+            let (k, v) = item.map_err(unavailable)?;
+            let l: Lease = decode("leases", &k, &v)?;
+            if l.ended_at().is_some_and(|t| t < before) {
+                // The subject index entry goes first: a lease is never
+                // listed without its record, and an orphan entry is skipped.
+                self.by_subject
+                    .remove(subject_key(&l.subject, &l.id))
+                    .map_err(unavailable)?;
+                self.leases.remove(&k).map_err(unavailable)?;
+                leases += 1;
+            }
+        }
+        for item in self.requests.iter() {
+            let (k, v) = item.map_err(unavailable)?;
+            let r: TokenRequest = decode("requests", &k, &v)?;
+            if r.ended_at().is_some_and(|t| t < before) {
+                self.requests.remove(&k).map_err(unavailable)?;
+                requests += 1;
+            }
+        }
+        Ok((leases, requests))
+    }
+
     fn counts(&self) -> Result<(u64, u64), StoreError> {
         Ok((
             self.lease_expiry.len() as u64,
