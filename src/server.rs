@@ -309,7 +309,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
                 "rpc",
                 method = %req.uri().path(),
                 caller = tracing::field::Empty,
-                call_id = tracing::field::Empty
+                call_id = tracing::field::Empty,
+                grpc_status = tracing::field::Empty
             )
         })
         .layer(crate::api::CallLayer)

@@ -78,9 +78,9 @@ fn call_id(req: &http::Request<impl Sized>) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-impl<S, B> tower::Service<http::Request<B>> for CallService<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for CallService<S>
 where
-    S: tower::Service<http::Request<B>> + Send,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Send,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -102,8 +102,25 @@ where
             peer,
             call_id: call_id(&req),
         };
-        tracing::Span::current().record("call_id", ctx.call_id.as_str());
+        let call_id = ctx.call_id.clone();
         let fut = self.inner.call(req);
-        Box::pin(CALL.scope(ctx, fut))
+        Box::pin(CALL.scope(ctx, async move {
+            tracing::Span::current().record("call_id", call_id.as_str());
+            let res = fut.await;
+            // Polled inside the per-RPC span (the server's `trace_fn`).
+            let span = tracing::Span::current();
+            if let Ok(r) = &res {
+                // Errors travel as trailers-only responses, so the status is
+                // in the headers; a success (or an opened stream) has none.
+                let code = r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0");
+                span.record("grpc_status", code);
+                tracing::debug!(grpc_status = code, "rpc finished");
+            }
+            res
+        }))
     }
 }
