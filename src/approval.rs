@@ -149,7 +149,7 @@ impl Engine {
                 new = new.moved(RequestState::Approved, who.as_str(), now, reason);
                 new.deadline = now.saturating_add(millis(claim));
             }
-            if self.store.swap_request(&req, &new)? {
+            if self.swap_request(&req, &new)? {
                 let action = if done {
                     "request.approved"
                 } else {
@@ -195,7 +195,7 @@ impl Engine {
             }
             let now = self.clock.now();
             let new = req.moved(RequestState::Denied, who.as_str(), now, reason);
-            if self.store.swap_request(&req, &new)? {
+            if self.swap_request(&req, &new)? {
                 self.record(vec![AuditEntry::ok(
                     who.as_str(),
                     "request.denied",
@@ -209,7 +209,6 @@ impl Engine {
                     .decisions
                     .get_or_create(&vec![("kind", "deny")])
                     .inc();
-                self.metrics.open_requests.dec();
                 self.announce("denied", &new, who.as_str(), reason);
                 return Ok(new);
             }
@@ -240,15 +239,13 @@ impl Engine {
             if revoke && let Some(lid) = &req.lease_id {
                 while let Some(lease) = self.store.lease(lid)? {
                     if lease.state != LeaseState::Active
-                        || self
-                            .store
-                            .swap_lease(&lease, &revoked(&lease, who.as_str(), reason, now))?
+                        || self.swap_lease(&lease, &revoked(&lease, who.as_str(), reason, now))?
                     {
                         break;
                     }
                 }
             }
-            if self.store.swap_request(&req, &new)? {
+            if self.swap_request(&req, &new)? {
                 let action = if revoke {
                     "breakglass.revoked"
                 } else {
@@ -267,7 +264,6 @@ impl Engine {
                     .decisions
                     .get_or_create(&vec![("kind", "acknowledge")])
                     .inc();
-                self.metrics.open_requests.dec();
                 self.announce("acknowledged", &new, who.as_str(), reason);
                 return Ok(new);
             }
@@ -378,10 +374,10 @@ impl Engine {
         let tok = token::mint(&keys, &self.claims(&lease, now))?;
         let mut issued = req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
         issued.lease_id = Some(lease.id.clone());
-        if !self.store.swap_request(&req, &issued)? {
+        if !self.swap_request(&req, &issued)? {
             return Ok(None);
         }
-        self.store.create_lease(&lease, None)?;
+        self.create_lease(&lease, None)?;
         self.record(vec![AuditEntry::ok(
             who.as_str(),
             "request.issued",
@@ -392,8 +388,6 @@ impl Engine {
         self.commit.durable().await?;
         self.note_deadline(lease.expires_at);
         tracing::info!(request_id = %id, jti = %lease.id, kid = %lease.kid, sub = %who, "approved request issued");
-        self.metrics.active_leases.inc();
-        self.metrics.open_requests.dec();
         self.announce("issued", &issued, who.as_str(), "");
         Ok(Some((tok, lease, issued)))
     }
@@ -411,17 +405,16 @@ impl Engine {
                     &l.scopes,
                     "token could not be delivered",
                 )]);
-                self.store
-                    .swap_lease(
+                self.swap_lease(
+                    &l,
+                    &revoked(
                         &l,
-                        &revoked(
-                            &l,
-                            crate::grant::SYSTEM_ACTOR,
-                            "token could not be delivered",
-                            now,
-                        ),
-                    )
-                    .map(|_| ())
+                        crate::grant::SYSTEM_ACTOR,
+                        "token could not be delivered",
+                        now,
+                    ),
+                )
+                .map(|_| ())
             }
             Ok(_) => Ok(()),
             Err(e) => Err(e),

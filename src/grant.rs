@@ -320,6 +320,66 @@ impl Engine {
         &self.notifier
     }
 
+    // Lease and request writes that move the gauges. INVARIANT: every lease
+    // and request write of the engine goes through these four (the bulk loop
+    // of `revoke_all`, which runs off the runtime, adjusts the gauges by its
+    // count), so the gauges follow the state changes, not each call site.
+
+    /// [`Store::create_lease`], counted.
+    pub(crate) fn create_lease(
+        &self,
+        lease: &Lease,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let existing = self.store.create_lease(lease, idem)?;
+        if existing.is_none() && lease.state == LeaseState::Active {
+            self.metrics.active_leases.inc();
+        }
+        Ok(existing)
+    }
+
+    /// [`Store::swap_lease`], counted.
+    pub(crate) fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError> {
+        let swapped = self.store.swap_lease(current, new)?;
+        if swapped && current.state == LeaseState::Active && new.state != LeaseState::Active {
+            self.metrics.active_leases.dec();
+            if new.state == LeaseState::Revoked {
+                self.metrics.revocations.inc();
+            }
+        }
+        Ok(swapped)
+    }
+
+    /// [`Store::create_request`], counted.
+    pub(crate) fn create_request(
+        &self,
+        req: &TokenRequest,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let existing = self.store.create_request(req, idem)?;
+        if existing.is_none() && req.is_open() {
+            self.metrics.open_requests.inc();
+        }
+        Ok(existing)
+    }
+
+    /// [`Store::swap_request`], counted.
+    pub(crate) fn swap_request(
+        &self,
+        current: &TokenRequest,
+        new: &TokenRequest,
+    ) -> Result<bool, StoreError> {
+        let swapped = self.store.swap_request(current, new)?;
+        if swapped && current.is_open() != new.is_open() {
+            if new.is_open() {
+                self.metrics.open_requests.inc();
+            } else {
+                self.metrics.open_requests.dec();
+            }
+        }
+        Ok(swapped)
+    }
+
     /// Announce a request event to webhooks and to watchers.
     pub(crate) fn announce(
         &self,
@@ -620,9 +680,8 @@ impl Engine {
                 };
                 // Sign first: if signing fails, nothing is written.
                 let tok = token::mint(&keys, &self.claims(&lease, now))?;
-                if let Some(existing) = self
-                    .store
-                    .create_lease(&lease, idem(IdempotentOutcome::Lease(id)).as_ref())?
+                if let Some(existing) =
+                    self.create_lease(&lease, idem(IdempotentOutcome::Lease(id)).as_ref())?
                 {
                     return self.replay(who, existing, &digest).await;
                 }
@@ -658,7 +717,7 @@ impl Engine {
                             reviewed_by: None,
                             review_reason: None,
                         };
-                        self.store.create_request(&r, None)?;
+                        self.create_request(&r, None)?;
                         Some(r)
                     }
                     _ => None,
@@ -680,14 +739,12 @@ impl Engine {
                 ])?;
                 self.commit.durable().await?;
                 self.note_deadline(lease.expires_at);
-                self.metrics.active_leases.inc();
                 self.metrics.request(if review_record.is_some() {
                     "break_glass"
                 } else {
                     "granted"
                 });
                 if let Some(r) = &review_record {
-                    self.metrics.open_requests.inc();
                     tracing::warn!(jti = %lease.id, request_id = %r.id, sub = %who, scopes = %lease.scopes.join(" "), "break-glass grant; review pending");
                     self.announce("break_glass", r, who.as_str(), &lease.justification);
                 }
@@ -735,9 +792,8 @@ impl Engine {
                     reviewed_by: None,
                     review_reason: None,
                 };
-                if let Some(existing) = self
-                    .store
-                    .create_request(&req, idem(IdempotentOutcome::Request(id)).as_ref())?
+                if let Some(existing) =
+                    self.create_request(&req, idem(IdempotentOutcome::Request(id)).as_ref())?
                 {
                     return self.replay(who, existing, &digest).await;
                 }
@@ -754,7 +810,6 @@ impl Engine {
                 ])?;
                 self.commit.durable().await?;
                 self.metrics.request("parked");
-                self.metrics.open_requests.inc();
                 self.note_deadline(req.deadline);
                 tracing::info!(request_id = %req.id, sub = %who, scopes = %req.scopes.join(" "), "parked for approval");
                 self.announce("parked", &req, who.as_str(), &req.justification);
@@ -848,7 +903,7 @@ impl Engine {
             }
             let now = self.clock.now();
             let new = req.moved(RequestState::Withdrawn, who.as_str(), now, reason);
-            if self.store.swap_request(&req, &new)? {
+            if self.swap_request(&req, &new)? {
                 self.record(vec![AuditEntry::ok(
                     who.as_str(),
                     "request.withdrawn",
@@ -857,7 +912,6 @@ impl Engine {
                     reason,
                 )])?;
                 self.commit.durable().await?;
-                self.metrics.open_requests.dec();
                 self.announce("withdrawn", &new, who.as_str(), reason);
                 tracing::info!(request_id = %id, sub = %who, "withdrawn");
                 return Ok(new);
@@ -925,7 +979,7 @@ impl Engine {
                 ..lease.clone()
             };
             let tok = token::mint(&keys, &self.claims(&new, now))?;
-            if self.store.swap_lease(&lease, &new)? {
+            if self.swap_lease(&lease, &new)? {
                 self.record(vec![AuditEntry::ok(
                     who.as_str(),
                     "lease.renewed",
@@ -957,7 +1011,7 @@ impl Engine {
                 return Ok(lease);
             }
             let new = revoked(&lease, who.as_str(), reason, self.clock.now());
-            if self.store.swap_lease(&lease, &new)? {
+            if self.swap_lease(&lease, &new)? {
                 self.record(vec![AuditEntry::ok(
                     who.as_str(),
                     "lease.revoked",
@@ -966,8 +1020,6 @@ impl Engine {
                     reason,
                 )])?;
                 self.commit.durable().await?;
-                self.metrics.revocations.inc();
-                self.metrics.active_leases.dec();
                 tracing::info!(jti = %id, sub = %lease.subject, by = %who, "revoked");
                 return Ok(new);
             }
@@ -1142,7 +1194,7 @@ impl Engine {
                         expired_at: Some(now),
                         ..lease.clone()
                     };
-                    if self.store.swap_lease(&lease, &new)? {
+                    if self.swap_lease(&lease, &new)? {
                         changed += 1;
                         expired.push(AuditEntry::ok(
                             SYSTEM_ACTOR,
@@ -1155,7 +1207,6 @@ impl Engine {
                             .expiries
                             .get_or_create(&vec![("kind", "lease")])
                             .inc();
-                        self.metrics.active_leases.dec();
                         tracing::info!(jti = %id, sub = %lease.subject, "expired");
                         break;
                     }
@@ -1179,7 +1230,7 @@ impl Engine {
                         "pending_ttl passed without enough approvals"
                     };
                     let new = req.moved(RequestState::Expired, SYSTEM_ACTOR, now, why);
-                    if self.store.swap_request(&req, &new)? {
+                    if self.swap_request(&req, &new)? {
                         changed += 1;
                         expired.push(AuditEntry::ok(
                             SYSTEM_ACTOR,
@@ -1192,7 +1243,6 @@ impl Engine {
                             .expiries
                             .get_or_create(&vec![("kind", "request")])
                             .inc();
-                        self.metrics.open_requests.dec();
                         events.push(new);
                         tracing::info!(request_id = %id, "request expired");
                         break;

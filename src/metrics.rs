@@ -16,6 +16,7 @@ pub struct Metrics {
     registry: Registry,
     /// Token requests by outcome (`granted`, `parked`, `refused`, `invalid`, `error`, `break_glass`).
     pub requests: Family<Labels, Counter>,
+    outcomes: Vec<(&'static str, Counter)>,
     /// Approver decisions by kind (`approve`, `deny`, `acknowledge`).
     pub decisions: Family<Labels, Counter>,
     /// Expiries by kind (`lease`, `request`).
@@ -48,8 +49,21 @@ impl Metrics {
     /// Register every metric.
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("portcullis");
+        let requests: Family<Labels, Counter> = Family::default();
+        let outcomes = [
+            "granted",
+            "parked",
+            "refused",
+            "invalid",
+            "error",
+            "break_glass",
+        ]
+        .into_iter()
+        .map(|o| (o, requests.get_or_create(&vec![("outcome", o)]).clone()))
+        .collect();
         let m = Self {
-            requests: Family::default(),
+            outcomes,
+            requests,
             decisions: Family::default(),
             expiries: Family::default(),
             revocations: Counter::default(),
@@ -126,11 +140,16 @@ impl Metrics {
         Self { registry: r, ..m }
     }
 
-    /// Count one outcome.
+    /// Count one outcome. The common ones are looked up without touching
+    /// the family's lock or allocating a label set (this runs per grant).
     pub fn request(&self, outcome: &'static str) {
-        self.requests
-            .get_or_create(&vec![("outcome", outcome)])
-            .inc();
+        match self.outcomes.iter().find(|(name, _)| *name == outcome) {
+            Some((_, c)) => c.inc(),
+            None => self
+                .requests
+                .get_or_create(&vec![("outcome", outcome)])
+                .inc(),
+        };
     }
 
     /// Render the text exposition format, refreshing the sampled gauges.

@@ -260,7 +260,7 @@ impl Engine {
         for id in ids {
             while let Some(lease) = self.store.lease(&id)? {
                 if lease.state != LeaseState::Active
-                    || self.store.swap_lease(
+                    || self.swap_lease(
                         &lease,
                         &revoked(&lease, who.as_str(), "emergency key rotation", now),
                     )?
@@ -282,10 +282,6 @@ impl Engine {
         ])?;
         self.commit.durable().await?;
         self.keys.reload(self.store.as_ref())?;
-        self.metrics.revocations.inc_by(count);
-        self.metrics
-            .active_leases
-            .dec_by(i64::try_from(count).unwrap_or(i64::MAX));
         tracing::warn!(removed = %old.kid, active = %fresh.kid, revoked = count, "emergency key rotation");
         Ok(())
     }

@@ -858,6 +858,18 @@ async fn break_glass_grants_at_once_capped_and_queues_a_review() {
             .active,
         "revoked on review"
     );
+    // The gauges follow: nothing active, nothing left to review.
+    let metrics = http_get(w.h.running().http_addr.unwrap(), "/metrics").await;
+    for line in [
+        "portcullis_active_leases 0",
+        "portcullis_open_requests 0",
+        "portcullis_revocations_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from {metrics}"
+        );
+    }
 
     // Refused where the policy does not allow it.
     let e = c
