@@ -5,7 +5,7 @@
 //! approval when the scope needs it, backs off on errors, and keeps the last
 //! good token in place until it expires.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::client::{ClientError, ClientOpts};
@@ -25,27 +25,6 @@ pub struct AgentConfig {
     pub out: PathBuf,
     /// Why (recorded, shown to approvers).
     pub reason: String,
-}
-
-/// Write `token` to `path` atomically (temp file + rename), mode 0600.
-pub fn write_token(path: &Path, token: &str) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        use std::io::Write as _;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(token.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }
 
 fn secs_until(t: &Option<prost_types::Timestamp>) -> Duration {
@@ -166,7 +145,7 @@ pub async fn run(opts: ClientOpts, cfg: AgentConfig, stop: impl std::future::Fut
         let wait = match attempt {
             Ok(g) => {
                 let lease = g.lease.unwrap_or_default();
-                match write_token(&cfg.out, &g.token) {
+                match crate::dev::write_file(&cfg.out, g.token.as_bytes(), true) {
                     Ok(()) => {
                         // One line per refresh, for people and tests.
                         println!(

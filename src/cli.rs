@@ -838,6 +838,17 @@ fn status_line(r: &pb::TokenRequest) -> String {
     }
 }
 
+/// The end of a listed page: a word when it is empty, how to go on.
+fn page_footer(text: &mut String, empty: bool, when_empty: &str, next: &str) {
+    if empty {
+        text.push_str(when_empty);
+        text.push('\n');
+    }
+    if !next.is_empty() {
+        text.push_str(&format!("more: --page-token {next}\n"));
+    }
+}
+
 fn print(out: Output, text: &str, value: serde_json::Value) {
     match out {
         Output::Text => print!("{text}"),
@@ -1259,12 +1270,12 @@ async fn lease_cmd(out: Output, cmd: LeaseCmd, client: &ClientOpts) -> Result<i3
                     )
                 })
                 .collect();
-            if r.leases.is_empty() {
-                text.push_str("no leases\n");
-            }
-            if !r.next_page_token.is_empty() {
-                text.push_str(&format!("more: --page-token {}\n", r.next_page_token));
-            }
+            page_footer(
+                &mut text,
+                r.leases.is_empty(),
+                "no leases",
+                &r.next_page_token,
+            );
             print(
                 out,
                 &text,
@@ -1364,12 +1375,12 @@ async fn requests_cmd(out: Output, cmd: RequestsCmd, client: &ClientOpts) -> Res
                     )
                 })
                 .collect();
-            if r.requests.is_empty() {
-                text.push_str("nothing to decide\n");
-            }
-            if !r.next_page_token.is_empty() {
-                text.push_str(&format!("more: --page-token {}\n", r.next_page_token));
-            }
+            page_footer(
+                &mut text,
+                r.requests.is_empty(),
+                "nothing to decide",
+                &r.next_page_token,
+            );
             print(
                 out,
                 &text,

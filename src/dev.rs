@@ -83,9 +83,13 @@ fn io(path: &Path, e: impl std::fmt::Display) -> DevError {
     }
 }
 
-/// Write `contents` to `path`, readable only by the owner when `secret`.
+/// Write `contents` to `path` atomically (temp file, fsync, rename),
+/// readable only by the owner when `secret`.
 pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevError> {
-    let tmp = path.with_extension("tmp");
+    // Next to the target (same filesystem, so the rename is atomic).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     {
         use std::io::Write as _;
         let mut opts = std::fs::OpenOptions::new();
