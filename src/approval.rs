@@ -322,6 +322,25 @@ impl Engine {
         }
     }
 
+    /// The request as `who` may see it. For its requester an APPROVED
+    /// request is claimed on the way, and the token comes back exactly once
+    /// (to whichever caller's claim wins).
+    pub async fn read_and_claim(
+        &self,
+        who: &Identity,
+        id: &str,
+    ) -> Result<(TokenRequest, Option<(String, Lease)>), GrantError> {
+        let r = self.get_request(who, id)?;
+        if r.state != RequestState::Approved || r.requester != who.as_str() {
+            return Ok((r, None));
+        }
+        match self.claim(who, id).await? {
+            Some((token, lease, issued)) => Ok((issued, Some((token, lease)))),
+            // Another call claimed it first: report what is stored now.
+            None => Ok((self.get_request(who, id)?, None)),
+        }
+    }
+
     /// Claim the token of an APPROVED request: only its requester, only
     /// once. Returns `None` when there is nothing to claim (not approved, not
     /// the requester, claim window passed, or someone else claimed it).

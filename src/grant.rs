@@ -843,9 +843,7 @@ impl Engine {
                     )));
                 }
                 let keys = self.keys.current();
-                let mut claims = self.claims(&lease, lease.token_issued_at);
-                claims.iat = secs(lease.token_issued_at);
-                let tok = token::mint(&keys, &claims)?;
+                let tok = token::mint(&keys, &self.claims(&lease, lease.token_issued_at))?;
                 tracing::info!(jti = %lease.id, sub = %who, "idempotent replay");
                 Ok(Outcome::Granted { token: tok, lease })
             }

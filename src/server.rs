@@ -174,6 +174,19 @@ impl Running {
             tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; abandoning them");
         }
         let _ = self.flusher.await;
+        // Connection tasks of the gRPC and HTTP servers (spawned by hyper,
+        // outside our tracker) and per-call streams hold the engine, and so
+        // the store's file lock, until they unwind. Return only once they
+        // have, so a restart in the same process can open the store again.
+        let until = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while Arc::strong_count(&self.engine) > 1 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if Arc::strong_count(&self.engine) > 1 {
+            tracing::warn!(
+                "the engine is still referenced after {SHUTDOWN_GRACE:?}; the store may stay locked"
+            );
+        }
         tracing::info!("stopped");
     }
 }

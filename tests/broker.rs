@@ -904,8 +904,7 @@ async fn introspection_rejects_forged_and_out_of_time_tokens() {
 async fn policy_reloads_on_change_and_a_bad_file_keeps_the_old_policy() {
     let h = Harness::start().await;
     let mut c = h.broker(As::Workload).await;
-    let engine = h.running().engine.clone();
-    let mut reloads = engine.policy_reloads();
+    let mut reloads = h.running().engine.policy_reloads();
     let path = h.dev.path("policy.toml");
     let original = std::fs::read_to_string(&path).unwrap();
 

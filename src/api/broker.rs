@@ -13,7 +13,6 @@ use super::{caller, convert};
 use crate::grant::{Engine, GrantError, Outcome, TokenAsk};
 use crate::pb;
 use crate::pb::broker_server::Broker;
-use crate::store::RequestState;
 
 /// `Broker` over an [`Engine`].
 pub struct BrokerService {
@@ -84,25 +83,13 @@ impl Broker for BrokerService {
         req: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::GetRequestResponse>, Status> {
         let who = caller(&self.engine, &req)?;
-        let id = &req.get_ref().request_id;
-        let r = self.engine.get_request(&who, id)?;
-        if r.state == RequestState::Approved && r.requester == who.as_str() {
-            if let Some((token, lease, issued)) = self.engine.claim(&who, id).await? {
-                return Ok(Response::new(pb::GetRequestResponse {
-                    request: Some(convert::request(&issued)),
-                    grant: Some(convert::grant(token, &lease)),
-                }));
-            }
-            // Someone else's call claimed it first: report what is stored.
-            let r = self.engine.get_request(&who, id)?;
-            return Ok(Response::new(pb::GetRequestResponse {
-                request: Some(convert::request(&r)),
-                grant: None,
-            }));
-        }
+        let (r, grant) = self
+            .engine
+            .read_and_claim(&who, &req.get_ref().request_id)
+            .await?;
         Ok(Response::new(pb::GetRequestResponse {
             request: Some(convert::request(&r)),
-            grant: None,
+            grant: grant.map(|(token, lease)| convert::grant(token, &lease)),
         }))
     }
 
@@ -116,37 +103,24 @@ impl Broker for BrokerService {
         let id = req.into_inner().request_id;
         // Subscribe before the first read so no change can slip between.
         let mut events = self.engine.request_events();
-        let first = self.engine.get_request(&who, &id)?;
+        // Unknown or invisible ids fail here, before a stream exists.
+        self.engine.get_request(&who, &id)?;
         let (tx, rx) = mpsc::channel(8);
         let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut last: Option<crate::store::TokenRequest> = None;
-            let mut current = first;
             loop {
-                // The requester claims an approved request; the claim is a
-                // compare-and-swap, so among any number of watchers and
-                // GetRequest callers exactly one receives the token.
-                let mut grant = None;
-                if current.state == RequestState::Approved && current.requester == who.as_str() {
-                    match engine.claim(&who, &id).await {
-                        Ok(Some((token, lease, issued))) => {
-                            current = issued;
-                            grant = Some((token, lease));
-                        }
-                        Ok(None) => match engine.get_request(&who, &id) {
-                            Ok(r) => current = r,
-                            Err(e) => {
-                                let _ = tx.send(Err(e.into())).await;
-                                return;
-                            }
-                        },
-                        Err(e) => {
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
-                        }
+                // The requester claims an approved request on the way; the
+                // claim is a compare-and-swap, so among any number of
+                // watchers and GetRequest callers exactly one gets the token.
+                let (current, grant) = match engine.read_and_claim(&who, &id).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
                     }
-                }
+                };
                 if last.as_ref() != Some(&current) || grant.is_some() {
                     let msg = pb::WatchRequestResponse {
                         request: Some(convert::request(&current)),
@@ -163,27 +137,24 @@ impl Broker for BrokerService {
                 if current.state.is_terminal() {
                     return;
                 }
-                let changed = tokio::select! {
-                    () = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("broker is shutting down; watch again to resume"))).await;
-                        return;
-                    }
-                    () = tx.closed() => return,
-                    ev = events.recv() => match ev {
-                        Ok(changed) => changed == id,
-                        // Missed events: re-read to be safe.
-                        Err(broadcast::error::RecvError::Lagged(_)) => true,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                };
-                if !changed {
-                    continue;
-                }
-                match engine.get_request(&who, &id) {
-                    Ok(r) => current = r,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
+                // Wait for a change to this request (others' events are
+                // skipped without a read).
+                loop {
+                    let ours = tokio::select! {
+                        () = shutdown.cancelled() => {
+                            let _ = tx.send(Err(Status::unavailable("broker is shutting down; watch again to resume"))).await;
+                            return;
+                        }
+                        () = tx.closed() => return,
+                        ev = events.recv() => match ev {
+                            Ok(changed) => changed == id,
+                            // Missed events: re-read to be safe.
+                            Err(broadcast::error::RecvError::Lagged(_)) => true,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                    };
+                    if ours {
+                        break;
                     }
                 }
             }
