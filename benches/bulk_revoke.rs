@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use portcullis::clock::{Clock, SystemClock};
-use portcullis::grant::Engine;
+use portcullis::engine::{Engine, Parts};
 use portcullis::identity::Identity;
 use portcullis::keys::{Kek, KeyRing, SigningAlg};
 use portcullis::policy::Policy;
@@ -66,15 +66,15 @@ async fn main() {
     .unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let (commit, flusher) = GroupCommit::start(store.clone(), cancel.clone());
-    let engine = Engine::new(
-        store.clone(),
+    let engine = Engine::new(Parts {
+        store: store.clone(),
         commit,
         policy,
-        ring,
-        Arc::new(SystemClock),
-        "https://bench".into(),
-        portcullis::audit::AuditLog::open(store.as_ref()).unwrap(),
-    );
+        keys: ring,
+        clock: Arc::new(SystemClock),
+        issuer: "https://bench".into(),
+        audit: portcullis::audit::AuditLog::open(store.as_ref()).unwrap(),
+    });
     let admin = Identity::parse("spiffe://bench.test/human/admin").unwrap();
 
     let t = Instant::now();

@@ -72,19 +72,38 @@ pub struct AuditRecord {
     pub prev: String,
 }
 
+pub use crate::vocab::{Action, Outcome};
+
+/// Failures of the trail itself.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The store could not read or write a record.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A thread panicked while holding the chain head.
+    #[error("the audit chain lock is poisoned")]
+    Poisoned,
+    /// A record could not be encoded.
+    #[error("audit record encoding: {0}")]
+    Encode(String),
+    /// A checkpoint could not be signed.
+    #[error("signing checkpoint: {0}")]
+    Sign(String),
+}
+
 /// What to record (sequence and chain fields are added on append).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Entry {
     /// Who acted.
     pub actor: String,
     /// What happened.
-    pub action: &'static str,
+    pub action: Action,
     /// Lease, request or key id.
     pub target: String,
     /// Scopes involved.
     pub scopes: Vec<String>,
-    /// `ok`, `refused`, `failed`.
-    pub outcome: &'static str,
+    /// How it ended.
+    pub outcome: Outcome,
     /// Why.
     pub reason: String,
     /// Rule.
@@ -93,19 +112,13 @@ pub struct Entry {
 
 impl Entry {
     /// An `ok` entry.
-    pub fn ok(
-        actor: &str,
-        action: &'static str,
-        target: &str,
-        scopes: &[String],
-        reason: &str,
-    ) -> Self {
+    pub fn ok(actor: &str, action: Action, target: &str, scopes: &[String], reason: &str) -> Self {
         Self {
             actor: actor.to_owned(),
             action,
             target: target.to_owned(),
             scopes: scopes.to_vec(),
-            outcome: "ok",
+            outcome: Outcome::Ok,
             reason: reason.to_owned(),
             rule: String::new(),
         }
@@ -118,7 +131,7 @@ impl Entry {
     }
 
     /// With another outcome.
-    pub fn outcome(mut self, outcome: &'static str) -> Self {
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
         self.outcome = outcome;
         self
     }
@@ -200,29 +213,25 @@ impl AuditLog {
         store: &dyn Store,
         now: Millis,
         entries: Vec<Entry>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), AuditError> {
         let call = current_call();
-        let mut head = self
-            .head
-            .lock()
-            .map_err(|_| StoreError::Unavailable("audit lock poisoned".into()))?;
+        let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
         for e in entries {
             let rec = AuditRecord {
                 seq: head.next,
                 at: now,
                 actor: e.actor,
-                action: e.action.to_owned(),
+                action: e.action.as_str().to_owned(),
                 target: e.target,
                 scopes: e.scopes,
-                outcome: e.outcome.to_owned(),
+                outcome: e.outcome.as_str().to_owned(),
                 reason: e.reason,
                 rule: e.rule,
                 peer: call.peer.clone(),
                 call_id: call.call_id.clone(),
                 prev: head.prev.clone(),
             };
-            let bytes =
-                serde_json::to_vec(&rec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let bytes = serde_json::to_vec(&rec).map_err(|e| AuditError::Encode(e.to_string()))?;
             // INVARIANT: records are stored in sequence order under the lock,
             // so the chain on disk never has a hole that a later record skips.
             store.append_audit(rec.seq, &bytes)?;
@@ -251,11 +260,8 @@ impl AuditLog {
         keys: &KeySet,
         issuer: &str,
         now: Millis,
-    ) -> Result<Option<u64>, StoreError> {
-        let mut head = self
-            .head
-            .lock()
-            .map_err(|_| StoreError::Unavailable("audit lock poisoned".into()))?;
+    ) -> Result<Option<u64>, AuditError> {
+        let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
         if head.since_checkpoint == 0 || head.next == 1 {
             return Ok(None);
         }
@@ -270,7 +276,7 @@ impl AuditLog {
         header.kid = Some(keys.active.kid.clone());
         header.typ = Some("audit-checkpoint+jwt".into());
         let jws = jsonwebtoken::encode(&header, &claims, &keys.active.encoding)
-            .map_err(|e| StoreError::Unavailable(format!("signing checkpoint: {e}")))?;
+            .map_err(|e| AuditError::Sign(e.to_string()))?;
         store.put_checkpoint(seq, jws.as_bytes())?;
         head.since_checkpoint = 0;
         Ok(Some(seq))

@@ -18,6 +18,10 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyP
 
 use crate::store::{KeyRecord, KeyState, Millis, Store, StoreError};
 
+/// How long relying parties may cache the JWKS (`Cache-Control: max-age`).
+/// A NEXT key is published at least two of these before it signs.
+pub const JWKS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Errors of the key ring.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {

@@ -3,38 +3,37 @@
 //! mTLS (SPIFFE-style URI identities) and receive ephemeral scoped JWTs;
 //! routine scopes are granted at once by policy, privileged ones wait for
 //! named humans; every grant is a durable lease that expires, renews and can
-//! be revoked.
+//! be revoked. `docs/architecture.md` draws the modules and the paths of a
+//! grant and of an approval.
 //!
-//! # Layout
-//! - [`identity`]: who is calling (URI SAN of the client certificate).
+//! # Layout (each module uses only the ones listed before it)
+//! - [`text`], [`vocab`], [`clock`], [`identity`]: leaves — limits and
+//!   checks on outside text, the trail's typed vocabularies, time, who is
+//!   calling.
+//! - [`store`]: remembers — the storage traits, sled and in-memory
+//!   backends, group commit.
+//! - [`jose`], [`keys`], [`token`], [`rotation`]: sign — the sealed key
+//!   ring and JWKS, the RFC 9068 access tokens, the pure rotation plan.
 //! - [`policy`]: decides — grant, park for approval, or refuse.
-//! - [`store`]: remembers — the storage trait, sled and in-memory backends,
-//!   group commit.
-//! - [`keys`], [`jose`]: sign — the sealed key ring, JWKS, the ring-backed
-//!   jsonwebtoken provider.
-//! - [`token`]: mint and verify the RFC 9068 access tokens.
-//! - [`grant`]: moves state — issuance, parking, renew, revoke, introspect.
-//! - [`approval`]: moves parked requests — approve, deny, review, claim once.
 //! - [`audit`]: the hash-chained, checkpointed decision trail.
-//! - [`notify`]: webhooks for request events, off the request path.
-//! - [`expiry`]: time-driven work (lease and request deadlines).
-//! - [`api`]: translates gRPC to the domain and back (one error table).
+//! - [`metrics`], [`notify`]: counters and webhooks, off the request path.
+//! - [`engine`]: moves state — one file per job over a private core.
+//! - [`api`]: translates gRPC to the engine and back (one error table).
 //! - [`server`]: wires it all up (TLS, listeners, tasks, shutdown).
-//! - [`dev`]: the zero-config dev CA, identities and policy.
-//! - [`client`], [`cli`], [`bench`]: the command-line side, speaking only
-//!   through the generated gRPC client.
+//! - [`fsutil`], [`dev`]: atomic private files; the zero-config dev CA,
+//!   identities and policy.
+//! - [`client`], [`agent`], [`bench`], [`cli`]: the command-line side,
+//!   speaking to the broker only through the generated gRPC client.
 
 pub mod agent;
 pub mod api;
-pub mod approval;
 pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod dev;
-pub mod expiry;
-pub mod grant;
+pub mod engine;
 pub mod identity;
 pub mod jose;
 pub mod keys;
@@ -44,7 +43,9 @@ pub mod policy;
 pub mod rotation;
 pub mod server;
 pub mod store;
+pub mod text;
 pub mod token;
+pub mod vocab;
 
 /// Generated gRPC types (`proto/portcullis/v1`).
 pub mod pb {

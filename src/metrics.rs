@@ -1,7 +1,5 @@
 //! Prometheus metrics, served at `/metrics` on the HTTP listener.
 
-use std::sync::atomic::Ordering;
-
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,6 +8,34 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
+
+/// Notification counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotifyCounts {
+    /// Deliveries answered with 2xx.
+    pub delivered: u64,
+    /// Deliveries that failed every attempt.
+    pub failed: u64,
+    /// Events dropped on a full queue.
+    pub dropped: u64,
+}
+
+/// Figures read from elsewhere when the page is rendered.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sampled {
+    /// Group-commit syncs so far.
+    pub syncs: u64,
+    /// Writes covered by them.
+    pub writes: u64,
+    /// Webhook delivery counters.
+    pub notify: NotifyCounts,
+    /// Age of the active signing key, seconds.
+    pub key_age_secs: Option<u64>,
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
 /// The broker's metrics.
 pub struct Metrics {
@@ -152,25 +178,25 @@ impl Metrics {
         };
     }
 
-    /// Render the text exposition format, refreshing the sampled gauges.
-    pub fn render(&self, engine: &crate::grant::Engine) -> String {
-        let st = engine.commit().stats();
-        self.syncs.set(i64::try_from(st.syncs).unwrap_or(i64::MAX));
-        self.writes
-            .set(i64::try_from(st.writes).unwrap_or(i64::MAX));
-        let n = engine.notifier().stats();
-        self.notify_delivered
-            .set(i64::try_from(n.delivered.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-        self.notify_failed
-            .set(i64::try_from(n.failed.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-        self.notify_dropped
-            .set(i64::try_from(n.dropped.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-        let now = engine.clock().now();
-        let keys = engine.keys().current();
-        if let Some(k) = keys.records.iter().find(|r| r.kid == keys.active.kid) {
-            let born = k.activated_at.unwrap_or(k.created_at);
-            self.key_age
-                .set(i64::try_from(now.saturating_sub(born) / 1000).unwrap_or(i64::MAX));
+    /// Count an approver decision (`approve`, `deny`, `acknowledge`).
+    pub fn decision(&self, kind: &'static str) {
+        self.decisions.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    /// Count an expiry (`lease`, `request`).
+    pub fn expiry(&self, kind: &'static str) {
+        self.expiries.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    /// Render the text exposition format with the sampled gauges set.
+    pub fn render(&self, s: &Sampled) -> String {
+        self.syncs.set(gauge_value(s.syncs));
+        self.writes.set(gauge_value(s.writes));
+        self.notify_delivered.set(gauge_value(s.notify.delivered));
+        self.notify_failed.set(gauge_value(s.notify.failed));
+        self.notify_dropped.set(gauge_value(s.notify.dropped));
+        if let Some(age) = s.key_age_secs {
+            self.key_age.set(gauge_value(age));
         }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

@@ -29,12 +29,13 @@ const BACKOFF: Duration = Duration::from_millis(250);
 /// Per-attempt timeout.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+pub use crate::vocab::EventKind;
+
 /// One thing that happened to a request.
 #[derive(Clone, Debug)]
 pub struct Event {
-    /// `parked`, `approved`, `denied`, `expired`, `withdrawn`, `issued`,
-    /// `break_glass`, `acknowledged`.
-    pub kind: &'static str,
+    /// What happened.
+    pub kind: EventKind,
     /// The request after the change.
     pub request: TokenRequest,
     /// Who caused it.
@@ -58,6 +59,17 @@ pub struct Stats {
     pub dropped: AtomicU64,
     /// Signalled after every delivery outcome (tests and watchers).
     pub changed: tokio::sync::Notify,
+}
+
+impl Stats {
+    /// The counters now.
+    pub fn snapshot(&self) -> crate::metrics::NotifyCounts {
+        crate::metrics::NotifyCounts {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The sending half, held by the engine.
@@ -99,7 +111,7 @@ pub fn body(ev: &Event, format: WebhookFormat) -> serde_json::Value {
     let r = &ev.request;
     match format {
         WebhookFormat::Json => json!({
-            "event": ev.kind,
+            "event": ev.kind.as_str(),
             "at_ms": ev.at,
             "actor": ev.actor,
             "reason": ev.reason,
@@ -123,17 +135,7 @@ pub fn body(ev: &Event, format: WebhookFormat) -> serde_json::Value {
             "approvers": ev.approvers,
         }),
         WebhookFormat::Slack => {
-            let what = match ev.kind {
-                "parked" => "needs approval",
-                "approved" => "was approved",
-                "denied" => "was denied",
-                "expired" => "expired",
-                "withdrawn" => "was withdrawn",
-                "issued" => "was issued",
-                "break_glass" => "was taken through BREAK-GLASS and needs review",
-                "acknowledged" => "break-glass use was acknowledged",
-                other => other,
-            };
+            let what = ev.kind.phrase();
             let mut text = format!(
                 "*portcullis*: request `{}` by `{}` for `{}` {what}",
                 r.id,
@@ -150,8 +152,8 @@ pub fn body(ev: &Event, format: WebhookFormat) -> serde_json::Value {
     }
 }
 
-fn wants(w: &Webhook, kind: &str) -> bool {
-    w.events.is_empty() || w.events.iter().any(|e| e == kind)
+fn wants(w: &Webhook, kind: EventKind) -> bool {
+    w.events.is_empty() || w.events.contains(&kind)
 }
 
 /// Deliver queued events until `cancel` fires. `policy` is read per event, so
@@ -196,12 +198,12 @@ pub async fn run(
                             stats.changed.notify_waiters();
                             return;
                         }
-                        Err(e) => tracing::warn!(url = %url, event = kind, attempt = attempt + 1, error = %e, "webhook delivery failed"),
+                        Err(e) => tracing::warn!(url = %url, event = %kind, attempt = attempt + 1, error = %e, "webhook delivery failed"),
                     }
                 }
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 stats.changed.notify_waiters();
-                tracing::error!(url = %url, event = kind, "webhook gave up after {ATTEMPTS} attempts");
+                tracing::error!(url = %url, event = %kind, "webhook gave up after {ATTEMPTS} attempts");
             });
         }
     }

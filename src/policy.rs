@@ -12,14 +12,14 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::identity::Identity;
+use crate::text::{valid_scope_name, valid_token_text};
+use crate::vocab::EventKind;
 
 /// Hard cap on any TTL unless `[broker] max_ttl` says otherwise.
 pub const DEFAULT_HARD_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(600);
-/// Longest scope name.
-pub const MAX_SCOPE_LEN: usize = 128;
 
 /// One problem found while loading a policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,20 +140,8 @@ pub struct Webhook {
     /// Body format.
     pub format: WebhookFormat,
     /// Events to send (empty: all).
-    pub events: Vec<String>,
+    pub events: Vec<EventKind>,
 }
-
-/// Event names a webhook may subscribe to.
-pub const WEBHOOK_EVENTS: &[&str] = &[
-    "parked",
-    "approved",
-    "denied",
-    "expired",
-    "withdrawn",
-    "issued",
-    "break_glass",
-    "acknowledged",
-];
 
 /// What policy says about a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,11 +194,6 @@ pub fn glob_match(pattern: &str, identity: &str) -> bool {
         }
     }
     rest.len() >= last.len() && rest.ends_with(last)
-}
-
-/// Is `s` an acceptable scope name? Printable ASCII, no spaces, 1–128 bytes.
-pub fn valid_scope_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_SCOPE_LEN && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
 impl Policy {
@@ -594,22 +577,28 @@ impl Policy {
                     WebhookFormat::Json
                 }
             };
+            let mut events = Vec::new();
             for e in &w.events {
-                if !WEBHOOK_EVENTS.contains(&e.get_ref().as_str()) {
-                    p(
+                match EventKind::parse(e.get_ref()) {
+                    Some(kind) => events.push(kind),
+                    None => p(
                         e.span(),
                         format!(
                             "webhook event `{}` (expected one of {})",
                             e.get_ref(),
-                            WEBHOOK_EVENTS.join(", ")
+                            EventKind::ALL
+                                .iter()
+                                .map(|k| k.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
-                    );
+                    ),
                 }
             }
             webhooks.push(Webhook {
                 url: url.clone(),
                 format,
-                events: w.events.iter().map(|e| e.get_ref().clone()).collect(),
+                events,
             });
         }
         let default_audience = raw
@@ -617,7 +606,7 @@ impl Policy {
             .default_audience
             .clone()
             .unwrap_or_else(|| "portcullis".into());
-        if !crate::grant::valid_token_text(&default_audience, 256) {
+        if !valid_token_text(&default_audience, 256) {
             problems.push(Problem {
                 line: 0,
                 message: "broker.default_audience must be 1-256 printable characters".into(),

@@ -1,17 +1,14 @@
-//! Signing-key rotation: NEXT (published, not signing) → ACTIVE → RETIRED
+//! Signing-key rotation, the plan: NEXT (published, not signing) → ACTIVE → RETIRED
 //! (published until every token it signed has expired, plus leeway) →
 //! removed. [`plan`] is a pure function of the time and the key records, so
 //! a restart neither skips nor doubles a step and a clock that jumps back
-//! activates nothing twice. Emergency rotation removes the active key at
-//! once and revokes the leases it signed.
+//! activates nothing twice. `engine::rotate` carries the steps out.
 
 use std::time::Duration;
 
-use crate::audit::Entry as AuditEntry;
 use crate::clock::millis;
-use crate::grant::{Engine, GrantError, SYSTEM_ACTOR, revoked};
-use crate::identity::Identity;
-use crate::store::{KeyRecord, KeyState, LeaseState, Millis};
+use crate::keys::JWKS_MAX_AGE;
+use crate::store::{KeyRecord, KeyState, Millis};
 
 /// Rotation timing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +26,7 @@ impl Default for Schedule {
     fn default() -> Self {
         Self {
             period: Duration::from_secs(24 * 3600),
-            prepublish: Duration::from_secs(2 * crate::server::JWKS_MAX_AGE_SECS),
+            prepublish: JWKS_MAX_AGE.saturating_mul(2),
             leeway: Duration::from_secs(60),
         }
     }
@@ -115,176 +112,6 @@ pub fn plan(
         }
     }
     (steps, wake)
-}
-
-const FORCED: &str = "rotation_forced_at";
-
-impl Engine {
-    fn forced_rotation(&self) -> Result<Option<Millis>, GrantError> {
-        Ok(self
-            .store
-            .meta(FORCED)?
-            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())))
-    }
-
-    /// Carry out every rotation step due at `now`; returns when to look again.
-    pub async fn rotate_due(
-        &self,
-        schedule: &Schedule,
-        now: Millis,
-    ) -> Result<Option<Millis>, GrantError> {
-        let records = self.store.keys()?;
-        let forced = self.forced_rotation()?;
-        let (steps, wake) = plan(now, &records, schedule, forced);
-        if steps.is_empty() {
-            return Ok(wake);
-        }
-        // Retired keys stay published for the longest token they could
-        // have signed (the policy's hard TTL cap) plus leeway.
-        let retire_after = millis(self.policy().hard_max_ttl) + millis(schedule.leeway);
-        let mut entries = Vec::new();
-        for step in steps {
-            match step {
-                Step::CreateNext => {
-                    let rec = self.keys.generate(KeyState::Next, now)?;
-                    self.store.put_key(&rec)?;
-                    tracing::info!(kid = %rec.kid, "next signing key published");
-                    entries.push(AuditEntry::ok(
-                        SYSTEM_ACTOR,
-                        "key.created",
-                        &rec.kid,
-                        &[],
-                        "published as next",
-                    ));
-                }
-                Step::Promote { next, old } => {
-                    for mut k in self.store.keys()? {
-                        if k.kid == next {
-                            k.state = KeyState::Active;
-                            k.activated_at = Some(now);
-                            self.store.put_key(&k)?;
-                        } else if Some(&k.kid) == old.as_ref() {
-                            k.state = KeyState::Retired;
-                            k.retire_at = Some(now.saturating_add(retire_after));
-                            self.store.put_key(&k)?;
-                            entries.push(AuditEntry::ok(
-                                SYSTEM_ACTOR,
-                                "key.retired",
-                                &k.kid,
-                                &[],
-                                "",
-                            ));
-                        }
-                    }
-                    self.store.put_meta(FORCED, b"")?;
-                    tracing::info!(kid = %next, retired = ?old, "signing key rotated");
-                    entries.push(AuditEntry::ok(
-                        SYSTEM_ACTOR,
-                        "key.activated",
-                        &next,
-                        &[],
-                        "",
-                    ));
-                }
-                Step::Remove(kid) => {
-                    self.store.delete_key(&kid)?;
-                    tracing::info!(%kid, "retired key unpublished");
-                    entries.push(AuditEntry::ok(
-                        SYSTEM_ACTOR,
-                        "key.removed",
-                        &kid,
-                        &[],
-                        "last token expired",
-                    ));
-                }
-            }
-        }
-        self.record(entries)?;
-        self.commit.durable().await?;
-        self.keys.reload(self.store.as_ref())?;
-        let (_, wake) = plan(now, &self.store.keys()?, schedule, self.forced_rotation()?);
-        Ok(wake)
-    }
-
-    /// `Keys.Rotate`: admin only. Scheduled: bring the hand-over forward to
-    /// as soon as a published NEXT key may sign (pre-publication is never
-    /// skipped). Emergency: remove the active key now, revoke the leases it
-    /// signed, and sign with a fresh key at once.
-    pub async fn rotate_now(
-        &self,
-        who: &Identity,
-        emergency: bool,
-        reason: &str,
-        schedule: &Schedule,
-    ) -> Result<(), GrantError> {
-        if !self.policy().is_admin(who) {
-            return Err(GrantError::NotAllowed(
-                "key rotation needs an admin identity".into(),
-            ));
-        }
-        let now = self.clock.now();
-        if !emergency {
-            self.store.put_meta(FORCED, now.to_string().as_bytes())?;
-            self.record(vec![AuditEntry::ok(
-                who.as_str(),
-                "key.rotation_requested",
-                "",
-                &[],
-                reason,
-            )])?;
-            self.commit.durable().await?;
-            self.rotate_due(schedule, now).await?;
-            return Ok(());
-        }
-        let keys = self.store.keys()?;
-        let Some(old) = keys.iter().find(|k| k.state == KeyState::Active).cloned() else {
-            return Err(GrantError::WrongState("there is no active key".into()));
-        };
-        // A published NEXT key takes over if there is one; else a fresh key.
-        let mut fresh = match keys.iter().find(|k| k.state == KeyState::Next) {
-            Some(n) => n.clone(),
-            None => self.keys.generate(KeyState::Next, now)?,
-        };
-        fresh.state = KeyState::Active;
-        fresh.activated_at = Some(now);
-        self.store.put_key(&fresh)?;
-        self.store.delete_key(&old.kid)?;
-        let store = self.store.clone();
-        let kid = old.kid.clone();
-        let ids = tokio::task::spawn_blocking(move || store.active_leases_signed_by(&kid))
-            .await
-            .map_err(|e| {
-                GrantError::Store(crate::store::StoreError::Unavailable(e.to_string()))
-            })??;
-        let mut count = 0u64;
-        for id in ids {
-            while let Some(lease) = self.store.lease(&id)? {
-                if lease.state != LeaseState::Active
-                    || self.swap_lease(
-                        &lease,
-                        &revoked(&lease, who.as_str(), "emergency key rotation", now),
-                    )?
-                {
-                    count += u64::from(lease.state == LeaseState::Active);
-                    break;
-                }
-            }
-        }
-        self.record(vec![
-            AuditEntry::ok(
-                who.as_str(),
-                "key.emergency_rotated",
-                &old.kid,
-                &[],
-                &format!("{reason}; {count} leases revoked"),
-            ),
-            AuditEntry::ok(who.as_str(), "key.activated", &fresh.kid, &[], "emergency"),
-        ])?;
-        self.commit.durable().await?;
-        self.keys.reload(self.store.as_ref())?;
-        tracing::warn!(removed = %old.kid, active = %fresh.kid, revoked = count, "emergency key rotation");
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert};
-use crate::grant::Engine;
+use crate::engine::Engine;
 use crate::pb;
 use crate::pb::approvals_server::Approvals;
 
@@ -27,7 +27,7 @@ impl Approvals for ApprovalsService {
         &self,
         req: Request<pb::ListPendingRequest>,
     ) -> Result<Response<pb::ListPendingResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let (reqs, next) = self
             .engine
@@ -42,7 +42,7 @@ impl Approvals for ApprovalsService {
         &self,
         req: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::GetRequestResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         // Never a token here: this is the reviewer's view.
         let r = self.engine.get_request(&who, &req.get_ref().request_id)?;
         Ok(Response::new(pb::GetRequestResponse {
@@ -55,7 +55,7 @@ impl Approvals for ApprovalsService {
         &self,
         req: Request<pb::ApproveRequest>,
     ) -> Result<Response<pb::ApproveResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let ttl = convert::ttl(m.ttl, "ttl")?;
         let r = self
@@ -71,7 +71,7 @@ impl Approvals for ApprovalsService {
         &self,
         req: Request<pb::DenyRequest>,
     ) -> Result<Response<pb::DenyResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let r = self.engine.deny(&who, &m.request_id, &m.reason).await?;
         Ok(Response::new(pb::DenyResponse {
@@ -83,7 +83,7 @@ impl Approvals for ApprovalsService {
         &self,
         req: Request<pb::AcknowledgeRequest>,
     ) -> Result<Response<pb::AcknowledgeResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let r = self
             .engine

@@ -3,14 +3,15 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{caller, convert};
-use crate::grant::{Engine, GrantError, Outcome, TokenAsk};
+use super::{caller, convert, status};
+use crate::engine::requests::Watch;
+use crate::engine::{Engine, EngineError, Outcome, TokenAsk};
 use crate::pb;
 use crate::pb::broker_server::Broker;
 
@@ -36,7 +37,7 @@ impl Broker for BrokerService {
         req: Request<pb::RequestTokenRequest>,
     ) -> Result<Response<pb::RequestTokenResponse>, Status> {
         let started = std::time::Instant::now();
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let ask = TokenAsk {
             ttl: convert::ttl(m.ttl, "ttl")?,
@@ -50,8 +51,8 @@ impl Broker for BrokerService {
             Ok(o) => o,
             Err(e) => {
                 match &e {
-                    GrantError::Invalid { .. } => self.engine.metrics().request("invalid"),
-                    GrantError::Refused(_) => {}
+                    EngineError::Invalid { .. } => self.engine.metrics().request("invalid"),
+                    EngineError::Refused(_) => {}
                     _ => self.engine.metrics().request("error"),
                 }
                 tracing::info!(sub = %who, error = %e, "token request not granted");
@@ -82,7 +83,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::GetRequestResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let (r, grant) = self
             .engine
             .read_and_claim(&who, &req.get_ref().request_id)
@@ -99,66 +100,16 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::WatchRequestRequest>,
     ) -> Result<Response<Self::WatchRequestStream>, Status> {
-        let who = caller(&self.engine, &req)?;
-        let id = req.into_inner().request_id;
-        // Subscribe before the first read so no change can slip between.
-        let mut events = self.engine.request_events();
+        let who = caller(&req)?;
         // Unknown or invisible ids fail here, before a stream exists.
-        self.engine.get_request(&who, &id)?;
+        let watch = self.engine.watch(&who, &req.get_ref().request_id)?;
         let (tx, rx) = mpsc::channel(8);
-        let engine = self.engine.clone();
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let mut last: Option<crate::store::TokenRequest> = None;
-            loop {
-                // The requester claims an approved request on the way; the
-                // claim is a compare-and-swap, so among any number of
-                // watchers and GetRequest callers exactly one gets the token.
-                let (current, grant) = match engine.read_and_claim(&who, &id).await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
-                if last.as_ref() != Some(&current) || grant.is_some() {
-                    let msg = pb::WatchRequestResponse {
-                        request: Some(convert::request(&current)),
-                        grant: grant.as_ref().map(|(t, l)| convert::grant(t.clone(), l)),
-                    };
-                    if tx.send(Ok(msg)).await.is_err() {
-                        if let Some((_, lease)) = &grant {
-                            engine.revoke_undelivered(lease).await;
-                        }
-                        return;
-                    }
-                    last = Some(current.clone());
-                }
-                if current.state.is_terminal() {
-                    return;
-                }
-                // Wait for a change to this request (others' events are
-                // skipped without a read).
-                loop {
-                    let ours = tokio::select! {
-                        () = shutdown.cancelled() => {
-                            let _ = tx.send(Err(Status::unavailable("broker is shutting down; watch again to resume"))).await;
-                            return;
-                        }
-                        () = tx.closed() => return,
-                        ev = events.recv() => match ev {
-                            Ok(changed) => changed == id,
-                            // Missed events: re-read to be safe.
-                            Err(broadcast::error::RecvError::Lagged(_)) => true,
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        },
-                    };
-                    if ours {
-                        break;
-                    }
-                }
-            }
-        });
+        tokio::spawn(follow(
+            watch,
+            self.engine.clone(),
+            tx,
+            self.shutdown.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -166,7 +117,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::WithdrawRequestRequest>,
     ) -> Result<Response<pb::WithdrawRequestResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let r = self
             .engine
@@ -181,7 +132,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let ttl = convert::ttl(m.ttl, "ttl")?;
         let (token, lease) = self.engine.renew(&who, &m.lease_id, ttl).await?;
@@ -197,7 +148,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let lease = self.engine.revoke(&who, &m.lease_id, &m.reason).await?;
         Ok(Response::new(pb::RevokeLeaseResponse {
@@ -209,7 +160,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::RevokeLeasesRequest>,
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let revoked = self.engine.revoke_all(&who, &m.subject, &m.reason).await?;
         Ok(Response::new(pb::RevokeLeasesResponse { revoked }))
@@ -219,7 +170,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         let state = convert::lease_state_filter(m.state)?;
         let (leases, next) = self.engine.list_leases(
@@ -239,7 +190,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::GetLeaseRequest>,
     ) -> Result<Response<pb::GetLeaseResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let lease = self.engine.get_lease(&who, &req.get_ref().lease_id)?;
         Ok(Response::new(pb::GetLeaseResponse {
             lease: Some(convert::lease(&lease)),
@@ -250,7 +201,7 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let _who = caller(&self.engine, &req)?;
+        let _who = caller(&req)?;
         let answer = match self.engine.introspect(&req.get_ref().token)? {
             None => pb::IntrospectResponse::default(),
             Some(c) => pb::IntrospectResponse {
@@ -268,5 +219,52 @@ impl Broker for BrokerService {
             },
         };
         Ok(Response::new(answer))
+    }
+}
+
+/// Send each change of a watched request until it is final, the client
+/// goes away or the broker stops. A token that cannot be handed over is
+/// revoked, so no copy can ever be used.
+async fn follow(
+    mut watch: Watch,
+    engine: Arc<Engine>,
+    tx: mpsc::Sender<Result<pb::WatchRequestResponse, Status>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        // Awaited to completion: a claim may be under way.
+        match watch.read().await {
+            Ok(Some(update)) => {
+                let msg = pb::WatchRequestResponse {
+                    request: Some(convert::request(&update.request)),
+                    grant: update
+                        .grant
+                        .as_ref()
+                        .map(|(t, l)| convert::grant(t.clone(), l)),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    if let Some((_, lease)) = &update.grant {
+                        engine.revoke_undelivered(lease).await;
+                    }
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
+        if watch.finished() {
+            return;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = tx.send(Err(status::shutting_down("watch"))).await;
+                return;
+            }
+            () = tx.closed() => return,
+            more = watch.changed() => if !more { return },
+        }
     }
 }

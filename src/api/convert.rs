@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use crate::grant::GrantError;
 use crate::pb;
 use crate::store::{self, Millis};
+use crate::text::FieldError;
 
 /// Millisecond time to a protobuf timestamp.
 pub fn ts(ms: Millis) -> prost_types::Timestamp {
@@ -31,12 +31,9 @@ pub fn dur(ms: u64) -> prost_types::Duration {
 pub fn ttl(
     d: Option<prost_types::Duration>,
     field: &'static str,
-) -> Result<Option<Duration>, GrantError> {
+) -> Result<Option<Duration>, FieldError> {
     let Some(d) = d else { return Ok(None) };
-    let bad = |reason: &str| GrantError::Invalid {
-        field,
-        reason: reason.into(),
-    };
+    let bad = |reason: &str| FieldError::new(field, reason);
     if d.seconds < 0 || d.nanos < 0 {
         return Err(bad("must not be negative"));
     }
@@ -58,16 +55,13 @@ pub fn lease_state(s: store::LeaseState) -> pb::LeaseState {
 }
 
 /// Proto lease state filter to domain (`Unspecified` = any).
-pub fn lease_state_filter(v: i32) -> Result<Option<store::LeaseState>, GrantError> {
+pub fn lease_state_filter(v: i32) -> Result<Option<store::LeaseState>, FieldError> {
     match pb::LeaseState::try_from(v) {
         Ok(pb::LeaseState::Unspecified) => Ok(None),
         Ok(pb::LeaseState::Active) => Ok(Some(store::LeaseState::Active)),
         Ok(pb::LeaseState::Expired) => Ok(Some(store::LeaseState::Expired)),
         Ok(pb::LeaseState::Revoked) => Ok(Some(store::LeaseState::Revoked)),
-        Err(_) => Err(GrantError::Invalid {
-            field: "state",
-            reason: format!("unknown lease state {v}"),
-        }),
+        Err(_) => Err(FieldError::new("state", format!("unknown lease state {v}"))),
     }
 }
 
@@ -135,7 +129,7 @@ pub fn request(r: &store::TokenRequest) -> pb::TokenRequest {
                 scope: w.scope.clone(),
                 approver_groups: w.approver_groups.clone(),
                 approvals_required: w.approvals_required,
-                approvals_received: crate::approval::received(r, &w.scope),
+                approvals_received: crate::engine::approvals::received(r, &w.scope),
                 rule: w.rule.clone(),
             })
             .collect(),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert};
-use crate::grant::Engine;
+use crate::engine::Engine;
 use crate::pb;
 use crate::pb::keys_server::Keys;
 use crate::rotation::Schedule;
@@ -56,7 +56,7 @@ impl Keys for KeysService {
         &self,
         req: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
-        caller(&self.engine, &req)?;
+        caller(&req)?;
         Ok(Response::new(pb::GetJwksResponse {
             jwks_json: self.engine.keys().current().jwks_json.clone(),
         }))
@@ -66,7 +66,7 @@ impl Keys for KeysService {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        caller(&self.engine, &req)?;
+        caller(&req)?;
         Ok(Response::new(pb::ListKeysResponse { keys: self.infos() }))
     }
 
@@ -74,7 +74,7 @@ impl Keys for KeysService {
         &self,
         req: Request<pb::RotateRequest>,
     ) -> Result<Response<pb::RotateResponse>, Status> {
-        let who = caller(&self.engine, &req)?;
+        let who = caller(&req)?;
         let m = req.into_inner();
         self.engine
             .rotate_now(&who, m.emergency, &m.reason, &self.schedule)

@@ -1,6 +1,7 @@
-//! `api` translates gRPC to the domain and back. It authenticates the caller
-//! (identity from the channel), converts messages, and maps every domain
-//! error to a status in one table ([`status`]).
+//! `api` translates gRPC to the domain and back. [`Authenticate`] names the
+//! caller of every RPC once (identity from the client certificate);
+//! handlers convert messages ([`convert`]) and delegate to the engine;
+//! [`status`] is the one place a `Status` is made.
 
 pub mod approvals;
 pub mod audit;
@@ -15,32 +16,62 @@ use std::task::{Context, Poll};
 
 use tonic::{Request, Status};
 
-use crate::audit::{CALL, CallCtx, Entry};
-use crate::grant::Engine;
+use std::sync::Arc;
+
+use crate::audit::{Action, CALL, CallCtx, Entry, Outcome};
+use crate::engine::Engine;
 use crate::identity::{self, Identity};
 
-/// The caller's identity, from the verified client certificate. Failures are
-/// generic on the wire, detailed in the log, and recorded in the trail.
-pub fn caller<T>(engine: &Engine, req: &Request<T>) -> Result<Identity, Status> {
-    let certs = req.peer_certs();
-    let chain: &[tonic::transport::CertificateDer<'static>] =
-        certs.as_deref().map_or(&[], |c| c.as_slice());
-    match identity::from_peer_certs(chain) {
-        Ok(who) => {
-            tracing::Span::current().record("caller", who.as_str());
-            Ok(who)
-        }
-        Err(e) => {
-            tracing::warn!(peer = ?req.remote_addr(), error = %e, "unauthenticated call");
-            let entry = Entry::ok("-", "auth.failed", "", &[], &e.to_string()).outcome("refused");
-            if let Err(err) = engine.record(vec![entry]) {
-                tracing::error!(error = %err, "could not record an authentication failure");
+/// The authenticated caller, put in each request's extensions by
+/// [`Authenticate`].
+#[derive(Clone, Debug)]
+struct Caller(Identity);
+
+/// Interceptor on every portcullis service: the caller's identity from the
+/// verified client certificate, once per RPC. Failures are generic on the
+/// wire, detailed in the log, and recorded in the trail.
+#[derive(Clone)]
+pub struct Authenticate {
+    engine: Arc<Engine>,
+}
+
+impl Authenticate {
+    /// Authenticate against `engine`'s trail.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let certs = req.peer_certs();
+        let chain: &[tonic::transport::CertificateDer<'static>] =
+            certs.as_deref().map_or(&[], |c| c.as_slice());
+        match identity::from_peer_certs(chain) {
+            Ok(who) => {
+                tracing::Span::current().record("caller", who.as_str());
+                req.extensions_mut().insert(Caller(who));
+                Ok(req)
             }
-            Err(Status::unauthenticated(
-                "a client certificate with one spiffe:// URI SAN is required",
-            ))
+            Err(e) => {
+                tracing::warn!(peer = ?req.remote_addr(), error = %e, "unauthenticated call");
+                let entry = Entry::ok("-", Action::AuthFailed, "", &[], &e.to_string())
+                    .outcome(Outcome::Refused);
+                if let Err(err) = self.engine.note(vec![entry]) {
+                    tracing::error!(error = %err, "could not record an authentication failure");
+                }
+                Err(status::unauthenticated())
+            }
         }
     }
+}
+
+/// The caller [`Authenticate`] named for `req`.
+pub fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .map(|c| c.0.clone())
+        .ok_or_else(status::unauthenticated)
 }
 
 /// Tower layer that runs every RPC inside a [`CallCtx`] (peer address and a

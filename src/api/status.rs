@@ -1,24 +1,28 @@
-//! The one table from domain errors to gRPC status codes.
+//! The one place a gRPC `Status` is made: the table from domain errors to
+//! codes, and the few statuses the transport itself answers with.
 
 use tonic::{Code, Status};
 
-use crate::grant::GrantError;
+use crate::engine::EngineError;
 use crate::store::StoreError;
+use crate::text::FieldError;
 
-impl From<GrantError> for Status {
-    fn from(e: GrantError) -> Self {
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Self {
         let code = match &e {
-            GrantError::Invalid { .. } => Code::InvalidArgument,
-            GrantError::Refused(_) | GrantError::NotAllowed(_) => Code::PermissionDenied,
-            GrantError::NotFound { .. } => Code::NotFound,
-            GrantError::WrongState(_) => Code::FailedPrecondition,
-            GrantError::IdempotencyConflict | GrantError::Duplicate(_) => Code::AlreadyExists,
-            GrantError::NotSupported(_) => Code::Unimplemented,
-            GrantError::Store(StoreError::Corrupt { .. } | StoreError::Schema { .. }) => {
-                Code::Internal
-            }
-            GrantError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-            GrantError::Token(_) | GrantError::Keys(_) => Code::Internal,
+            EngineError::Invalid(_) => Code::InvalidArgument,
+            EngineError::Refused(_) | EngineError::NotAllowed(_) => Code::PermissionDenied,
+            EngineError::NotFound { .. } => Code::NotFound,
+            EngineError::WrongState(_) => Code::FailedPrecondition,
+            EngineError::IdempotencyConflict | EngineError::Duplicate(_) => Code::AlreadyExists,
+            EngineError::DataLoss(_) => Code::DataLoss,
+            _ if e.is_unavailable() => Code::Unavailable,
+            EngineError::Store(StoreError::Corrupt { .. } | StoreError::Schema { .. })
+            | EngineError::Store(StoreError::Unavailable(_))
+            | EngineError::Audit(_)
+            | EngineError::Token(_)
+            | EngineError::Keys(_)
+            | EngineError::Internal(_) => Code::Internal,
         };
         match code {
             Code::Internal | Code::Unavailable => {
@@ -34,4 +38,20 @@ impl From<GrantError> for Status {
             _ => Status::new(code, e.to_string()),
         }
     }
+}
+
+impl From<FieldError> for Status {
+    fn from(e: FieldError) -> Self {
+        EngineError::from(e).into()
+    }
+}
+
+/// A call without a usable client identity (generic on the wire).
+pub fn unauthenticated() -> Status {
+    Status::unauthenticated("a client certificate with one spiffe:// URI SAN is required")
+}
+
+/// A stream ended because the broker is stopping.
+pub fn shutting_down(what: &str) -> Status {
+    Status::unavailable(format!("broker is shutting down; {what} again to resume"))
 }

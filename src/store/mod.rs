@@ -155,6 +155,18 @@ pub enum RequestState {
 }
 
 impl RequestState {
+    /// Its name in messages (as stored: lowercase).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Issued => "issued",
+            Self::Denied => "denied",
+            Self::Withdrawn => "withdrawn",
+            Self::Expired => "expired",
+        }
+    }
+
     /// Terminal states never change.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -264,7 +276,50 @@ pub struct TokenRequest {
     pub review_reason: Option<String>,
 }
 
+/// What a lease grants, or a request asks for: the part both share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Terms {
+    /// Scopes, sorted and de-duplicated.
+    pub scopes: Vec<String>,
+    /// Audience.
+    pub audience: String,
+    /// The requester's reason.
+    pub justification: String,
+    /// Life of the token at issue.
+    pub ttl_ms: u64,
+    /// Renewal bound, measured from issue.
+    pub max_ttl_ms: u64,
+}
+
 impl Lease {
+    /// A new ACTIVE lease `id` for `subject` on `terms`, issued at `now`,
+    /// its first token signed by `kid`.
+    pub fn active(id: String, subject: &str, terms: &Terms, now: Millis, kid: &str) -> Self {
+        Self {
+            id,
+            subject: subject.to_owned(),
+            client_id: subject.to_owned(),
+            scopes: terms.scopes.clone(),
+            audience: terms.audience.clone(),
+            justification: terms.justification.clone(),
+            issued_at: now,
+            expires_at: now.saturating_add(terms.ttl_ms),
+            max_expires_at: now.saturating_add(terms.max_ttl_ms),
+            ttl_ms: terms.ttl_ms,
+            state: LeaseState::Active,
+            kid: kid.to_owned(),
+            renewals: 0,
+            token_issued_at: now,
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+            expired_at: None,
+            request_id: None,
+            approved_by: Vec::new(),
+            break_glass: false,
+        }
+    }
+
     /// When this lease ended, if it has.
     pub fn ended_at(&self) -> Option<Millis> {
         match self.state {
@@ -276,6 +331,58 @@ impl Lease {
 }
 
 impl TokenRequest {
+    /// A new request `id` by `requester` for `terms`, created at `now` in
+    /// `state` (its first transition); no deadline, requirements or digest
+    /// yet.
+    pub fn new(
+        id: String,
+        requester: &str,
+        terms: &Terms,
+        now: Millis,
+        state: RequestState,
+        reason: &str,
+    ) -> Self {
+        Self {
+            id,
+            requester: requester.to_owned(),
+            scopes: terms.scopes.clone(),
+            ttl_ms: terms.ttl_ms,
+            max_ttl_ms: terms.max_ttl_ms,
+            audience: terms.audience.clone(),
+            justification: terms.justification.clone(),
+            state,
+            created_at: now,
+            deadline: now,
+            waiting_for: Vec::new(),
+            approvals: Vec::new(),
+            lease_id: None,
+            digest: String::new(),
+            history: vec![Transition {
+                from: None,
+                to: state,
+                actor: requester.to_owned(),
+                at: now,
+                reason: reason.to_owned(),
+            }],
+            client_request_id: None,
+            break_glass: false,
+            review_pending: false,
+            reviewed_by: None,
+            review_reason: None,
+        }
+    }
+
+    /// What this request asks for.
+    pub fn terms(&self) -> Terms {
+        Terms {
+            scopes: self.scopes.clone(),
+            audience: self.audience.clone(),
+            justification: self.justification.clone(),
+            ttl_ms: self.ttl_ms,
+            max_ttl_ms: self.max_ttl_ms,
+        }
+    }
+
     /// When this request ended (terminal, nothing left to review), if it has.
     pub fn ended_at(&self) -> Option<Millis> {
         (!self.is_open()).then(|| self.history.last().map_or(self.created_at, |t| t.at))

@@ -1,0 +1,94 @@
+//! The engine's error: what went wrong with a call, in terms a caller can act
+//! on. `api::status` maps each variant to one gRPC code; only a store that
+//! could not persist becomes `UNAVAILABLE`.
+
+use crate::audit::AuditError;
+use crate::keys::KeyError;
+use crate::policy::Refusal;
+use crate::store::StoreError;
+use crate::text::{FieldError, NoRandomness};
+use crate::token::TokenError;
+
+/// Why an engine call failed. Nothing was changed unless a variant says so.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A field of the request is malformed or out of bounds.
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    /// Policy refuses a scope.
+    #[error("refused by policy: {0}")]
+    Refused(#[from] Refusal),
+    /// The caller may not act on this object (not owner, not admin, not an
+    /// approver of it).
+    #[error("{0}")]
+    NotAllowed(String),
+    /// No such object visible to the caller.
+    #[error("{what} `{id}` not found")]
+    NotFound {
+        /// Kind of object.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The object is in the wrong state for this operation.
+    #[error("{0}")]
+    WrongState(String),
+    /// An idempotency key was reused with other parameters.
+    #[error("`client_request_id`: already used with different parameters")]
+    IdempotencyConflict,
+    /// The action was already taken by this caller (e.g. a second approval).
+    #[error("{0}")]
+    Duplicate(String),
+    /// The store could not read or persist; nothing was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The decision trail could not be appended to.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// A token could not be signed.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The key ring failed (generation, sealing, a corrupt record).
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// Stored data cannot be read back (e.g. an audit record that does not
+    /// decode); nothing was changed.
+    #[error("{0}")]
+    DataLoss(String),
+    /// The broker itself failed (no randomness, a background task died);
+    /// nothing was acknowledged.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<NoRandomness> for EngineError {
+    fn from(e: NoRandomness) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for EngineError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::Internal(format!("background task failed: {e}"))
+    }
+}
+
+impl EngineError {
+    /// `what` `id` is not visible to the caller (the id is shortened so a
+    /// huge input is not echoed back).
+    pub(crate) fn not_found(what: &'static str, id: &str) -> Self {
+        Self::NotFound {
+            what,
+            id: id.chars().take(80).collect(),
+        }
+    }
+
+    /// Did the store fail to persist (as opposed to the broker failing)?
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Store(StoreError::Unavailable(_))
+                | Self::Audit(AuditError::Store(StoreError::Unavailable(_)))
+        )
+    }
+}

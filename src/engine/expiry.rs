@@ -1,0 +1,283 @@
+//! Time-driven work: the deadline state and the task that acts on it. The
+//! task sleeps until the next lease or request deadline, wakes early when an
+//! earlier one is stored, and survives a restart by reading its next
+//! deadline from the store's indexes (it never loads every lease).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{Cas, Engine, EngineError, SYSTEM_ACTOR};
+use crate::audit::{Action, Entry as AuditEntry};
+use crate::notify::EventKind;
+use crate::store::{Lease, LeaseState, Millis, RequestState, TokenRequest};
+
+/// How long to back off after a store error before trying again.
+const RETRY: Duration = Duration::from_secs(1);
+/// Ids read per index scan.
+const BATCH: usize = 1024;
+
+/// What the expiry task sleeps towards, and how far it has got.
+pub(super) struct Deadlines {
+    /// Deadline the task sleeps until (`u64::MAX`: none known).
+    scheduled: AtomicU64,
+    wake: Notify,
+    progress: watch::Sender<Millis>,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            scheduled: AtomicU64::new(0),
+            wake: Notify::new(),
+            progress: watch::channel(0).0,
+        }
+    }
+}
+
+impl Deadlines {
+    /// A new deadline was stored. If it is earlier than what the task sleeps
+    /// towards, pull the published progress back below it and wake the task.
+    pub(super) fn note(&self, at: Millis) {
+        if at < self.scheduled.fetch_min(at, Ordering::AcqRel) {
+            self.progress.send_if_modified(|p| {
+                let lowered = *p >= at;
+                if lowered {
+                    *p = at.saturating_sub(1);
+                }
+                lowered
+            });
+            self.wake.notify_one();
+        }
+    }
+
+    /// After a sweep at `now`: every deadline before the next scheduled one
+    /// has been handled. Reading `scheduled` under the channel's lock orders
+    /// this against [`Deadlines::note`] lowering it.
+    fn publish(&self, now: Millis) {
+        self.progress.send_modify(|p| {
+            let next = self.scheduled.load(Ordering::Acquire);
+            *p = now.max(next.saturating_sub(1));
+        });
+    }
+}
+
+impl Engine {
+    /// Time up to which every deadline has been handled by the expiry task.
+    pub fn expiry_progress(&self) -> watch::Receiver<Millis> {
+        self.deadlines.progress.subscribe()
+    }
+
+    /// Run the expiry task until `cancel` fires.
+    pub async fn run_expiry(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let now = self.clock.now();
+            let next = match self.sweep(now).await {
+                Ok(next) => {
+                    self.deadlines.publish(now);
+                    next
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "expiry sweep failed; retrying");
+                    Some(now + RETRY.as_millis() as u64)
+                }
+            };
+            let clock = self.clock.clone();
+            let sleep = async {
+                match next {
+                    Some(at) => clock.sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = self.deadlines.wake.notified() => {}
+                () = sleep => {}
+            }
+        }
+    }
+
+    /// Expire what is due at `now`, then find the next deadline.
+    async fn sweep(&self, now: Millis) -> Result<Option<Millis>, EngineError> {
+        self.expire_due(now).await?;
+        self.next_deadline()
+    }
+
+    /// Expire every lease and request due at `now`. Returns how many changed.
+    pub async fn expire_due(&self, now: Millis) -> Result<usize, EngineError> {
+        let mut entries = self.expire_leases(now)?;
+        let requests = self.expire_requests(now)?;
+        entries.extend(requests.iter().map(|r| {
+            AuditEntry::ok(
+                SYSTEM_ACTOR,
+                Action::RequestExpired,
+                &r.id,
+                &r.scopes,
+                expiry_reason(r),
+            )
+        }));
+        let changed = entries.len();
+        if changed > 0 {
+            self.record(entries).await?;
+        }
+        for req in requests {
+            self.announce(EventKind::Expired, &req, SYSTEM_ACTOR, expiry_reason(&req));
+        }
+        Ok(changed)
+    }
+
+    /// Mark every lease due at `now` expired; their audit entries.
+    fn expire_leases(&self, now: Millis) -> Result<Vec<AuditEntry>, EngineError> {
+        let mut entries = Vec::new();
+        loop {
+            let due = self.store().leases_due(now, BATCH)?;
+            if due.is_empty() {
+                return Ok(entries);
+            }
+            for id in due {
+                let out = self.records.edit_lease(&id, |l| {
+                    let due = l.state == LeaseState::Active && l.expires_at <= now;
+                    Ok::<_, EngineError>(due.then(|| Lease {
+                        state: LeaseState::Expired,
+                        expired_at: Some(now),
+                        ..l.clone()
+                    }))
+                })?;
+                if let Cas::Swapped { new, .. } = out {
+                    self.metrics.expiry("lease");
+                    tracing::info!(jti = %id, sub = %new.subject, "expired");
+                    entries.push(AuditEntry::ok(
+                        SYSTEM_ACTOR,
+                        Action::LeaseExpired,
+                        &id,
+                        &new.scopes,
+                        "",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Mark every request due at `now` expired; the requests as they now are.
+    fn expire_requests(&self, now: Millis) -> Result<Vec<TokenRequest>, EngineError> {
+        let mut expired = Vec::new();
+        loop {
+            let due = self.store().requests_due(now, BATCH)?;
+            if due.is_empty() {
+                return Ok(expired);
+            }
+            for id in due {
+                let out = self.records.edit_request(&id, |r| {
+                    let due = !r.state.is_terminal() && r.deadline <= now;
+                    Ok::<_, EngineError>(due.then(|| {
+                        r.moved(RequestState::Expired, SYSTEM_ACTOR, now, expiry_reason(r))
+                    }))
+                })?;
+                if let Cas::Swapped { new, .. } = out {
+                    self.metrics.expiry("request");
+                    tracing::info!(request_id = %id, "request expired");
+                    expired.push(new);
+                }
+            }
+        }
+    }
+
+    /// Earliest pending deadline, recorded as what the expiry task sleeps to.
+    fn next_deadline(&self) -> Result<Option<Millis>, EngineError> {
+        let next = match (
+            self.store().next_lease_deadline()?,
+            self.store().next_request_deadline()?,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.deadlines
+            .scheduled
+            .store(next.unwrap_or(u64::MAX), Ordering::Release);
+        Ok(next)
+    }
+}
+
+/// Why a request expires (or expired), from the state it expires from. On
+/// an expired request, the reason recorded with the transition.
+fn expiry_reason(r: &TokenRequest) -> &str {
+    match r.state {
+        RequestState::Approved => "claim window passed",
+        RequestState::Expired => r.history.last().map_or("", |t| t.reason.as_str()),
+        _ => "pending_ttl passed without enough approvals",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Outcome;
+    use crate::engine::testing::{POLICY, T0, actions, ask, rig, workload};
+
+    #[tokio::test]
+    async fn leases_and_requests_expire_at_their_deadlines_and_not_before() {
+        let r = rig(POLICY);
+        let Outcome::Granted { lease, .. } = r
+            .engine
+            .request_token(&workload(), ask(&["read"]))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let Outcome::Parked(req) = r
+            .engine
+            .request_token(&workload(), ask(&["admin"]))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.engine.expire_due(lease.expires_at - 1).await.unwrap(), 0);
+        assert_eq!(r.engine.next_deadline().unwrap(), Some(lease.expires_at));
+        assert_eq!(r.engine.expire_due(lease.expires_at).await.unwrap(), 1);
+        assert_eq!(
+            r.store.lease(&lease.id).unwrap().unwrap().state,
+            LeaseState::Expired
+        );
+        assert_eq!(r.engine.next_deadline().unwrap(), Some(req.deadline));
+        assert_eq!(r.engine.expire_due(req.deadline).await.unwrap(), 1);
+        let expired = r.store.request(&req.id).unwrap().unwrap();
+        assert_eq!(expired.state, RequestState::Expired);
+        assert_eq!(
+            expiry_reason(&expired),
+            "pending_ttl passed without enough approvals"
+        );
+        assert_eq!(r.engine.next_deadline().unwrap(), None);
+        assert_eq!(r.engine.metrics().active_leases.get(), 0);
+        assert_eq!(
+            actions(r.store.as_ref()),
+            [
+                "token.granted",
+                "request.parked",
+                "lease.expired",
+                "request.expired"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_earlier_deadline_lowers_the_published_progress() {
+        let r = rig(POLICY);
+        let d = &r.engine.deadlines;
+        d.scheduled.store(T0 + 10_000, Ordering::Release);
+        d.publish(T0);
+        assert_eq!(*r.engine.expiry_progress().borrow(), T0 + 9_999);
+        d.note(T0 + 5_000);
+        assert_eq!(*r.engine.expiry_progress().borrow(), T0 + 4_999);
+        d.note(T0 + 8_000);
+        assert_eq!(
+            *r.engine.expiry_progress().borrow(),
+            T0 + 4_999,
+            "later: unchanged"
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! Leases: read, list, renew, revoke one, revoke every lease of a subject,
+//! and revoke a token that could not be delivered.
+
+use std::time::Duration;
+
+use super::records::revoke_if_active;
+use super::{Cas, Engine, EngineError, SYSTEM_ACTOR};
+use crate::audit::{Action, Entry as AuditEntry};
+use crate::clock::millis;
+use crate::identity::Identity;
+use crate::store::{Lease, LeaseState, StoreError};
+use crate::text::{FieldError, LEASE_PAGE, check_reason, page_size, require_id};
+use crate::token;
+
+/// Why a token could not be handed over.
+const UNDELIVERED: &str = "token could not be delivered";
+
+impl Engine {
+    /// Lease `id` if `who` owns it (or is an admin, when `admin_ok`).
+    fn owned_lease(&self, who: &Identity, id: &str, admin_ok: bool) -> Result<Lease, EngineError> {
+        require_id("lease_id", id)?;
+        let lease = self
+            .store()
+            .lease(id)?
+            .ok_or_else(|| EngineError::not_found("lease", id))?;
+        check_owner(&lease, who, admin_ok && self.policy().is_admin(who))?;
+        Ok(lease)
+    }
+
+    /// Read a lease (owner or admin).
+    pub fn get_lease(&self, who: &Identity, id: &str) -> Result<Lease, EngineError> {
+        self.owned_lease(who, id, true)
+    }
+
+    /// Extend an active lease, up to its `max_expires_at`, with a fresh token.
+    pub async fn renew(
+        &self,
+        who: &Identity,
+        id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(String, Lease), EngineError> {
+        let policy = self.policy();
+        super::issue::check_ttl(&policy, ttl, "ttl")?;
+        let current = self.owned_lease(who, id, false)?;
+        let mut token = None;
+        let out = self.records.edit_lease_from(Some(current), |lease| {
+            check_owner(lease, who, false)?;
+            let now = self.clock.now();
+            let expires_at = renewed_until(lease, ttl, now)?;
+            // Policy may have changed since issue: the identity must still be
+            // allowed the scopes (approval-tier leases are not re-approved).
+            policy.decide(who, &lease.scopes, None)?;
+            let keys = self.keys.current();
+            let new = Lease {
+                expires_at,
+                renewals: lease.renewals + 1,
+                token_issued_at: now,
+                kid: keys.active.kid.clone(),
+                ..lease.clone()
+            };
+            token = Some(token::mint(&keys, &self.claims(&new, now))?);
+            Ok::<_, EngineError>(Some(new))
+        })?;
+        let (Cas::Swapped { new, .. }, Some(tok)) = (out, token) else {
+            return Err(EngineError::not_found("lease", id));
+        };
+        let entry = AuditEntry::ok(who.as_str(), Action::LeaseRenewed, id, &new.scopes, "");
+        self.record(vec![entry]).await?;
+        self.metrics.renewals.inc();
+        self.deadlines.note(new.expires_at);
+        tracing::info!(jti = %id, kid = %new.kid, sub = %who, renewals = new.renewals, "renewed");
+        Ok((tok, new))
+    }
+
+    /// Revoke one lease (owner, or admin for anyone's). Revoking a lease that
+    /// already ended returns it unchanged.
+    pub async fn revoke(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: &str,
+    ) -> Result<Lease, EngineError> {
+        check_reason("reason", reason, false)?;
+        let current = self.owned_lease(who, id, true)?;
+        let now = self.clock.now();
+        match self
+            .records
+            .edit_lease_from(Some(current), revoke_if_active(who.as_str(), reason, now))?
+        {
+            Cas::Swapped { old, new } => {
+                let entry =
+                    AuditEntry::ok(who.as_str(), Action::LeaseRevoked, id, &new.scopes, reason);
+                self.record(vec![entry]).await?;
+                tracing::info!(jti = %id, sub = %old.subject, by = %who, "revoked");
+                Ok(new)
+            }
+            Cas::Kept(lease) => Ok(lease),
+            Cas::Missing => Err(EngineError::not_found("lease", id)),
+        }
+    }
+
+    /// Revoke every active lease of `subject` (admin only). Returns how many.
+    pub async fn revoke_all(
+        &self,
+        who: &Identity,
+        subject: &str,
+        reason: &str,
+    ) -> Result<u64, EngineError> {
+        let subject =
+            Identity::parse(subject).map_err(|e| FieldError::new("subject", e.to_string()))?;
+        check_reason("reason", reason, false)?;
+        self.require_admin(who, "bulk revocation")?;
+        let records = self.records.clone();
+        let now = self.clock.now();
+        let (by, why, subj) = (
+            who.as_str().to_owned(),
+            reason.to_owned(),
+            subject.as_str().to_owned(),
+        );
+        let count = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let mut count = 0;
+            let mut after: Option<String> = None;
+            loop {
+                let page = records.store().leases_of(&subj, after.as_deref(), 4096)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id.clone());
+                for lease in page {
+                    let edit = revoke_if_active(&by, &why, now);
+                    if let Cas::Swapped { .. } = records.edit_lease_from(Some(lease), edit)? {
+                        count += 1;
+                    }
+                }
+            }
+            Ok(count)
+        })
+        .await??;
+        let summary = if reason.is_empty() {
+            format!("{count} active leases revoked")
+        } else {
+            format!("{count} active leases revoked: {reason}")
+        };
+        let entry = AuditEntry::ok(
+            who.as_str(),
+            Action::LeaseBulkRevoked,
+            subject.as_str(),
+            &[],
+            &summary,
+        );
+        self.record(vec![entry]).await?;
+        tracing::warn!(sub = %subject, by = %who, revoked = count, "bulk revocation");
+        Ok(count)
+    }
+
+    /// A page of leases of `subject` (empty: the caller), optionally in one
+    /// state, after `page_token`. Returns the page and the next token.
+    pub fn list_leases(
+        &self,
+        who: &Identity,
+        subject: &str,
+        state: Option<LeaseState>,
+        page_size_asked: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Lease>, String), EngineError> {
+        let subject = if subject.is_empty() {
+            who.clone()
+        } else {
+            Identity::parse(subject).map_err(|e| FieldError::new("subject", e.to_string()))?
+        };
+        if subject != *who {
+            self.require_admin(who, "listing another identity's leases")?;
+        }
+        if !page_token.is_empty() {
+            require_id("page_token", page_token)?;
+        }
+        let size = page_size(page_size_asked, LEASE_PAGE)?;
+        let mut out = Vec::new();
+        let mut after = (!page_token.is_empty()).then(|| page_token.to_owned());
+        loop {
+            let chunk = self
+                .store()
+                .leases_of(subject.as_str(), after.as_deref(), size + 1)?;
+            let exhausted = chunk.len() <= size;
+            for l in chunk {
+                after = Some(l.id.clone());
+                if state.is_none_or(|s| s == l.state) {
+                    if out.len() == size {
+                        // One more exists: the page is full.
+                        let next = out.last().map(|l: &Lease| l.id.clone()).unwrap_or_default();
+                        return Ok((out, next));
+                    }
+                    out.push(l);
+                }
+            }
+            if exhausted {
+                return Ok((out, String::new()));
+            }
+        }
+    }
+
+    /// A claimed token could not be handed over (the caller went away):
+    /// revoke its lease so no copy can ever be used. Recorded only if this
+    /// call revoked it; failures are logged as failures.
+    pub async fn revoke_undelivered(&self, lease: &Lease) {
+        let now = self.clock.now();
+        let revoked = match self
+            .records
+            .edit_lease(&lease.id, revoke_if_active(SYSTEM_ACTOR, UNDELIVERED, now))
+        {
+            Ok(Cas::Swapped { new, .. }) => new,
+            Ok(Cas::Kept(_) | Cas::Missing) => {
+                tracing::info!(jti = %lease.id, "undelivered token's lease had already ended");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(jti = %lease.id, error = %e, "could not revoke an undelivered lease");
+                return;
+            }
+        };
+        let entry = AuditEntry::ok(
+            SYSTEM_ACTOR,
+            Action::LeaseRevoked,
+            &revoked.id,
+            &revoked.scopes,
+            UNDELIVERED,
+        );
+        match self.record(vec![entry]).await {
+            Ok(()) => {
+                tracing::warn!(jti = %lease.id, "token could not be delivered; lease revoked")
+            }
+            Err(e) => {
+                tracing::error!(jti = %lease.id, error = %e, "could not persist the revocation of an undelivered lease")
+            }
+        }
+    }
+}
+
+/// `who` owns `lease`, or `admin` lets them act on it anyway.
+fn check_owner(lease: &Lease, who: &Identity, admin: bool) -> Result<(), EngineError> {
+    if lease.subject == who.as_str() || admin {
+        Ok(())
+    } else {
+        Err(EngineError::NotAllowed(format!(
+            "`lease_id`: lease `{}` belongs to another identity",
+            lease.id
+        )))
+    }
+}
+
+/// The new end of life of `lease` renewed at `now` for `ttl` (default: its
+/// issue TTL), capped by its `max_expires_at`.
+fn renewed_until(lease: &Lease, ttl: Option<Duration>, now: u64) -> Result<u64, EngineError> {
+    let id = &lease.id;
+    if lease.state != LeaseState::Active || lease.expires_at <= now {
+        let state = if lease.state == LeaseState::Revoked {
+            "revoked"
+        } else {
+            "expired"
+        };
+        return Err(EngineError::WrongState(format!(
+            "lease `{id}` is {state} and cannot be renewed"
+        )));
+    }
+    let want = ttl.map_or(lease.ttl_ms, millis);
+    let expires_at = now.saturating_add(want).min(lease.max_expires_at);
+    if expires_at <= now {
+        return Err(EngineError::WrongState(format!(
+            "lease `{id}` has reached its max_ttl"
+        )));
+    }
+    Ok(expires_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Outcome;
+    use crate::engine::testing::{POLICY, actions, ask, id, rig, workload};
+
+    async fn granted(r: &crate::engine::testing::Rig) -> Lease {
+        match r
+            .engine
+            .request_token(&workload(), ask(&["read"]))
+            .await
+            .unwrap()
+        {
+            Outcome::Granted { lease, .. } => lease,
+            Outcome::Parked(_) => panic!("auto scope parked"),
+        }
+    }
+
+    #[tokio::test]
+    async fn renewal_extends_up_to_the_ceiling_and_only_for_the_owner() {
+        let r = rig(POLICY);
+        let lease = granted(&r).await;
+        r.clock.advance(Duration::from_secs(60));
+        let (_, renewed) = r.engine.renew(&workload(), &lease.id, None).await.unwrap();
+        assert_eq!(renewed.expires_at, lease.expires_at + 60_000);
+        assert_eq!(renewed.renewals, 1);
+        let (_, long) = r
+            .engine
+            .renew(&workload(), &lease.id, Some(Duration::from_secs(7200)))
+            .await
+            .unwrap();
+        assert_eq!(long.expires_at, lease.max_expires_at, "capped by max_ttl");
+        let other = id("spiffe://t/other");
+        let err = r.engine.renew(&other, &lease.id, None).await.unwrap_err();
+        assert!(matches!(err, EngineError::NotAllowed(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn revoke_is_once_and_renewing_a_revoked_lease_fails() {
+        let r = rig(POLICY);
+        let lease = granted(&r).await;
+        let revoked = r
+            .engine
+            .revoke(&workload(), &lease.id, "done")
+            .await
+            .unwrap();
+        assert_eq!(revoked.state, LeaseState::Revoked);
+        let again = r
+            .engine
+            .revoke(&workload(), &lease.id, "twice")
+            .await
+            .unwrap();
+        assert_eq!(again.revoke_reason.as_deref(), Some("done"), "unchanged");
+        let err = r
+            .engine
+            .renew(&workload(), &lease.id, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::WrongState(_)), "{err}");
+        assert_eq!(
+            actions(r.store.as_ref()),
+            ["token.granted", "lease.revoked"]
+        );
+    }
+
+    #[tokio::test]
+    async fn bulk_revocation_needs_an_admin_and_counts_what_it_revoked() {
+        let r = rig(POLICY);
+        for _ in 0..3 {
+            granted(&r).await;
+        }
+        let err = r
+            .engine
+            .revoke_all(&workload(), "spiffe://t/w", "")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::NotAllowed(_)));
+        let root = id("spiffe://t/human/root");
+        assert_eq!(
+            r.engine
+                .revoke_all(&root, "spiffe://t/w", "")
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            r.engine
+                .revoke_all(&root, "spiffe://t/w", "")
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(r.engine.metrics().active_leases.get(), 0);
+        let (page, _) = r
+            .engine
+            .list_leases(&root, "spiffe://t/w", Some(LeaseState::Active), 0, "")
+            .unwrap();
+        assert!(page.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_undelivered_token_is_revoked_and_recorded_once() {
+        let r = rig(POLICY);
+        let lease = granted(&r).await;
+        r.engine.revoke_undelivered(&lease).await;
+        r.engine.revoke_undelivered(&lease).await;
+        let stored = r.store.lease(&lease.id).unwrap().unwrap();
+        assert_eq!(stored.state, LeaseState::Revoked);
+        assert_eq!(stored.revoked_by.as_deref(), Some(SYSTEM_ACTOR));
+        assert_eq!(
+            actions(r.store.as_ref()),
+            ["token.granted", "lease.revoked"],
+            "recorded only by the call that revoked it"
+        );
+    }
+}

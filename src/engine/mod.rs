@@ -1,0 +1,293 @@
+//! `engine` moves state: it turns an authenticated ask into a durable lease
+//! and a token, a parked request, or a refusal; it renews, revokes, lists,
+//! expires and introspects; it runs approvals, key rotation and the trail's
+//! upkeep. It knows nothing about gRPC: `api` translates, and maps
+//! [`EngineError`] to status codes in one table.
+//!
+//! One file per job, all over the private core defined here:
+//! [`issue`] (grant or park), [`leases`] (read, renew, revoke, bulk),
+//! [`requests`] (read, withdraw, watch), [`approvals`] (decide, claim once),
+//! [`introspect`], [`expiry`] (deadline state and its loop), [`rotate`]
+//! (signing keys), [`trail`] (reading the decision trail), [`upkeep`]
+//! (retention, checkpoints, policy reloads).
+//!
+//! # One way to write
+//! Every lease or request change goes through [`Records`] (a
+//! compare-and-swap that keeps the gauges in step), and every acknowledged
+//! change through [`Engine::record`]: append its audit records, then wait
+//! until the group commit has made state and records durable together.
+//!
+//! # What is durable when a reply is sent
+//! Every acknowledged change — a grant, a parked request, a renewal, a
+//! revocation, a withdrawal, a decision — has been made durable by a group
+//! commit before the method returns `Ok`. A token is minted before the
+//! write, but dropped unless the write became durable.
+
+pub mod approvals;
+mod error;
+pub mod expiry;
+pub mod introspect;
+pub mod issue;
+pub mod leases;
+mod records;
+pub mod requests;
+pub mod rotate;
+pub mod trail;
+pub mod upkeep;
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{broadcast, mpsc, watch};
+
+pub use self::error::EngineError;
+pub use self::issue::{Outcome, TokenAsk};
+pub(crate) use self::records::{Cas, Records};
+pub use self::upkeep::PolicyReloads;
+use crate::audit::{AuditLog, Entry as AuditEntry};
+use crate::clock::{Clock, secs};
+use crate::identity::Identity;
+use crate::keys::KeyRing;
+use crate::metrics::{Metrics, Sampled};
+use crate::notify::{Event, EventKind, Notifier};
+use crate::policy::Policy;
+use crate::store::commit::GroupCommit;
+use crate::store::{Lease, Millis, Store, TokenRequest};
+use crate::token::Claims;
+
+/// Actor recorded for the broker's own transitions (expiry, retention).
+pub const SYSTEM_ACTOR: &str = "portcullis";
+
+/// The broker's state machine over a store, a policy and a key ring.
+pub struct Engine {
+    records: Records,
+    commit: GroupCommit,
+    policy: RwLock<Arc<Policy>>,
+    policy_reloads: watch::Sender<PolicyReloads>,
+    keys: Arc<KeyRing>,
+    clock: Arc<dyn Clock>,
+    issuer: String,
+    notifier: Notifier,
+    notify_rx: Mutex<Option<mpsc::Receiver<Event>>>,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+    deadlines: expiry::Deadlines,
+    request_events: broadcast::Sender<String>,
+}
+
+/// What an engine is built from.
+pub struct Parts {
+    /// Where state lives.
+    pub store: Arc<dyn Store>,
+    /// The store's group commit.
+    pub commit: GroupCommit,
+    /// The policy in force at start.
+    pub policy: Policy,
+    /// Signing keys.
+    pub keys: Arc<KeyRing>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// `iss` of every token.
+    pub issuer: String,
+    /// The trail, continued from the store.
+    pub audit: AuditLog,
+}
+
+impl Engine {
+    /// Assemble an engine.
+    pub fn new(parts: Parts) -> Self {
+        let (notifier, notify_rx) = Notifier::new();
+        let metrics = Arc::new(Metrics::new());
+        Self {
+            records: Records::new(parts.store, metrics.clone()),
+            commit: parts.commit,
+            policy: RwLock::new(Arc::new(parts.policy)),
+            policy_reloads: watch::channel(PolicyReloads::default()).0,
+            keys: parts.keys,
+            clock: parts.clock,
+            issuer: parts.issuer,
+            notifier,
+            notify_rx: Mutex::new(Some(notify_rx)),
+            audit: parts.audit,
+            metrics,
+            deadlines: expiry::Deadlines::default(),
+            request_events: broadcast::channel(1024).0,
+        }
+    }
+
+    /// The record-then-commit path: append `entries` to the trail, then wait
+    /// until the group commit has made them durable together with every
+    /// state write made before this call. Every acknowledged change ends
+    /// here.
+    pub async fn record(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
+        self.note(entries)?;
+        self.commit.durable().await?;
+        Ok(())
+    }
+
+    /// Append `entries` without waiting: for events that change no state
+    /// (a refusal, a failed authentication). They become durable with the
+    /// next group commit.
+    pub fn note(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
+        self.audit
+            .append(self.store().as_ref(), self.clock.now(), entries)?;
+        Ok(())
+    }
+
+    /// Is the store usable and did the last group commit succeed?
+    pub fn healthy(&self) -> bool {
+        self.store().meta("schema_version").is_ok() && self.commit.healthy()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The `/metrics` page, with the sampled gauges read now.
+    pub fn render_metrics(&self) -> String {
+        let commit = self.commit.stats();
+        let notify = self.notifier.stats();
+        let keys = self.keys.current();
+        let key_age_secs = keys
+            .records
+            .iter()
+            .find(|r| r.kid == keys.active.kid)
+            .map(|k| {
+                self.clock
+                    .now()
+                    .saturating_sub(k.activated_at.unwrap_or(k.created_at))
+                    / 1000
+            });
+        self.metrics.render(&Sampled {
+            syncs: commit.syncs,
+            writes: commit.writes,
+            notify: notify.snapshot(),
+            key_age_secs,
+        })
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The receiving end of the notification queue (taken once, by the
+    /// server's delivery task).
+    pub fn take_notifications(&self) -> Option<mpsc::Receiver<Event>> {
+        self.notify_rx.lock().ok().and_then(|mut g| g.take())
+    }
+
+    /// Notification counters.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// The key ring.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        self.records.store()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Issuer URL put in `iss`.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Group-commit handle.
+    pub fn commit(&self) -> &GroupCommit {
+        &self.commit
+    }
+
+    /// Request ids whose state changed.
+    pub fn request_events(&self) -> broadcast::Receiver<String> {
+        self.request_events.subscribe()
+    }
+
+    /// The current policy.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.policy.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Tell watchers that request `id` changed (without a webhook event).
+    fn touched(&self, id: &str) {
+        let _ = self.request_events.send(id.to_owned());
+    }
+
+    /// Announce a request event to webhooks and to watchers.
+    fn announce(&self, kind: EventKind, req: &TokenRequest, actor: &str, reason: &str) {
+        self.touched(&req.id);
+        let policy = self.policy();
+        let mut approvers: Vec<String> = req
+            .waiting_for
+            .iter()
+            .flat_map(|w| w.approver_groups.iter())
+            .filter_map(|g| policy.groups.get(g))
+            .flatten()
+            .cloned()
+            .collect();
+        approvers.sort();
+        approvers.dedup();
+        self.notifier.emit(Event {
+            kind,
+            request: req.clone(),
+            actor: actor.to_owned(),
+            at: self.clock.now(),
+            reason: reason.to_owned(),
+            approvers,
+        });
+    }
+
+    /// The claims of a token for `lease`, issued at `iat`.
+    fn claims(&self, lease: &Lease, iat: Millis) -> Claims {
+        Claims {
+            iss: self.issuer.clone(),
+            sub: lease.subject.clone(),
+            aud: lease.audience.clone(),
+            client_id: lease.client_id.clone(),
+            scope: lease.scopes.join(" "),
+            iat: secs(iat),
+            nbf: secs(iat),
+            exp: secs(lease.expires_at),
+            jti: lease.id.clone(),
+            approved_by: lease.approved_by.clone(),
+            break_glass: lease.break_glass,
+        }
+    }
+
+    /// Refuse unless `who` is an admin.
+    fn require_admin(&self, who: &Identity, what: &str) -> Result<(), EngineError> {
+        if self.policy().is_admin(who) {
+            Ok(())
+        } else {
+            Err(EngineError::NotAllowed(format!(
+                "{what} needs an admin identity"
+            )))
+        }
+    }
+}
+
+/// May `who` decide (approve, deny, review) this request? A member of an
+/// approver group of one of its scopes, and never its requester.
+pub(crate) fn may_decide(policy: &Policy, who: &Identity, req: &TokenRequest) -> bool {
+    req.requester != who.as_str()
+        && req.waiting_for.iter().any(|w| {
+            w.approver_groups
+                .iter()
+                .any(|g| policy.is_member(g, who.as_str()))
+        })
+}
+
+#[cfg(test)]
+pub(crate) mod testing;

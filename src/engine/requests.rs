@@ -1,0 +1,248 @@
+//! Requests as their requester (and their approvers) see them: read,
+//! withdraw, and watch — the watch protocol claims an approved request's
+//! token on the way, exactly once among every watcher and reader.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use super::{Cas, Engine, EngineError, may_decide};
+use crate::audit::{Action, Entry as AuditEntry};
+use crate::identity::Identity;
+use crate::notify::EventKind;
+use crate::store::{Lease, RequestState, TokenRequest};
+use crate::text::{check_reason, require_id};
+
+/// A token handed over with its lease (the token is a secret: never log it).
+pub type Delivered = (String, Lease);
+
+impl Engine {
+    /// Request `id` if `who` may see it; otherwise NOT_FOUND (never hint
+    /// that someone else's request exists).
+    fn visible_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, EngineError> {
+        let req = self
+            .store()
+            .request(id)?
+            .ok_or_else(|| EngineError::not_found("request", id))?;
+        let policy = self.policy();
+        if req.requester == who.as_str() || policy.is_admin(who) || may_decide(&policy, who, &req) {
+            Ok(req)
+        } else {
+            Err(EngineError::not_found("request", id))
+        }
+    }
+
+    /// Read a request (requester, eligible approver or admin).
+    pub fn get_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, EngineError> {
+        require_id("request_id", id)?;
+        self.visible_request(who, id)
+    }
+
+    /// Withdraw one's own pending or approved request.
+    pub async fn withdraw_request(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: &str,
+    ) -> Result<TokenRequest, EngineError> {
+        require_id("request_id", id)?;
+        check_reason("reason", reason, false)?;
+        self.visible_request(who, id)?;
+        let out = self.records.edit_request(id, |req| {
+            if req.requester != who.as_str() {
+                return Err(EngineError::NotAllowed(format!(
+                    "only the requester may withdraw request `{id}`"
+                )));
+            }
+            if req.state.is_terminal() {
+                return Err(EngineError::WrongState(format!(
+                    "request `{id}` is already {}",
+                    req.state.name()
+                )));
+            }
+            let now = self.clock.now();
+            Ok::<_, EngineError>(Some(req.moved(
+                RequestState::Withdrawn,
+                who.as_str(),
+                now,
+                reason,
+            )))
+        })?;
+        let Cas::Swapped { new, .. } = out else {
+            return Err(EngineError::not_found("request", id));
+        };
+        let entry = AuditEntry::ok(
+            who.as_str(),
+            Action::RequestWithdrawn,
+            id,
+            &new.scopes,
+            reason,
+        );
+        self.record(vec![entry]).await?;
+        self.announce(EventKind::Withdrawn, &new, who.as_str(), reason);
+        tracing::info!(request_id = %id, sub = %who, "withdrawn");
+        Ok(new)
+    }
+
+    /// The request as `who` may see it. For its requester an APPROVED
+    /// request is claimed on the way, and the token comes back exactly once
+    /// (to whichever caller's claim wins).
+    pub async fn read_and_claim(
+        &self,
+        who: &Identity,
+        id: &str,
+    ) -> Result<(TokenRequest, Option<Delivered>), EngineError> {
+        let r = self.get_request(who, id)?;
+        if r.state != RequestState::Approved || r.requester != who.as_str() {
+            return Ok((r, None));
+        }
+        match self.claim(who, id).await? {
+            Some((token, lease, issued)) => Ok((issued, Some((token, lease)))),
+            // Another call claimed it first: report what is stored now.
+            None => Ok((self.get_request(who, id)?, None)),
+        }
+    }
+
+    /// Follow request `id` as `who`: fails now if it is not visible.
+    pub fn watch(self: &Arc<Self>, who: &Identity, id: &str) -> Result<Watch, EngineError> {
+        // Subscribe before the first read so no change can slip between.
+        let events = self.request_events();
+        self.get_request(who, id)?;
+        Ok(Watch {
+            engine: self.clone(),
+            who: who.clone(),
+            id: id.to_owned(),
+            events,
+            last: None,
+        })
+    }
+}
+
+/// One change a watcher is told about.
+#[derive(Debug)]
+pub struct Update {
+    /// The request now.
+    pub request: TokenRequest,
+    /// The token, when this read claimed it. If it cannot be handed over,
+    /// pass its lease to [`Engine::revoke_undelivered`].
+    pub grant: Option<Delivered>,
+}
+
+/// The watch protocol: [`Watch::read`] the request (claiming it for its
+/// requester), then [`Watch::changed`] to wait for the next change, until
+/// [`Watch::finished`].
+pub struct Watch {
+    engine: Arc<Engine>,
+    who: Identity,
+    id: String,
+    events: broadcast::Receiver<String>,
+    last: Option<TokenRequest>,
+}
+
+impl Watch {
+    /// Read the request now: `Some` when it differs from what was last
+    /// returned or carries a token. Not cancel-safe (a claim may be under
+    /// way): await it to completion.
+    pub async fn read(&mut self) -> Result<Option<Update>, EngineError> {
+        let (current, grant) = self.engine.read_and_claim(&self.who, &self.id).await?;
+        if self.last.as_ref() == Some(&current) && grant.is_none() {
+            return Ok(None);
+        }
+        self.last = Some(current.clone());
+        Ok(Some(Update {
+            request: current,
+            grant,
+        }))
+    }
+
+    /// Has the request reached a state that will not change again?
+    pub fn finished(&self) -> bool {
+        self.last.as_ref().is_some_and(|r| r.state.is_terminal())
+    }
+
+    /// Wait until this request may have changed (others' events are skipped
+    /// without a read). `false` when the broker stops announcing. Cancel-safe.
+    pub async fn changed(&mut self) -> bool {
+        loop {
+            match self.events.recv().await {
+                Ok(changed) if changed == self.id => return true,
+                Ok(_) => {}
+                // Missed events: re-read to be safe.
+                Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                Err(broadcast::error::RecvError::Closed) => return false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Outcome;
+    use crate::engine::testing::{POLICY, ask, id, rig, workload};
+
+    #[tokio::test]
+    async fn only_the_requester_withdraws_and_strangers_see_nothing() {
+        let r = rig(POLICY);
+        let Outcome::Parked(req) = r
+            .engine
+            .request_token(&workload(), ask(&["admin"]))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let eve = id("spiffe://t/human/eve");
+        let err = r.engine.get_request(&eve, &req.id).unwrap_err();
+        assert!(matches!(err, EngineError::NotFound { .. }), "{err}");
+        let alice = id("spiffe://t/human/alice");
+        let err = r
+            .engine
+            .withdraw_request(&alice, &req.id, "")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::NotAllowed(_)), "{err}");
+        let w = r
+            .engine
+            .withdraw_request(&workload(), &req.id, "changed my mind")
+            .await
+            .unwrap();
+        assert_eq!(w.state, RequestState::Withdrawn);
+        let err = r
+            .engine
+            .withdraw_request(&workload(), &req.id, "")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::WrongState(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_watch_reports_each_change_and_delivers_the_token_once() {
+        let r = rig(POLICY);
+        let Outcome::Parked(req) = r
+            .engine
+            .request_token(&workload(), ask(&["admin"]))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let mut watch = r.engine.watch(&workload(), &req.id).unwrap();
+        let first = watch.read().await.unwrap().unwrap();
+        assert_eq!(first.request.state, RequestState::Pending);
+        assert!(watch.read().await.unwrap().is_none(), "unchanged");
+        for who in ["spiffe://t/human/alice", "spiffe://t/human/bob"] {
+            r.engine
+                .approve(&id(who), &req.id, "", None, "")
+                .await
+                .unwrap();
+        }
+        assert!(watch.changed().await);
+        let done = watch.read().await.unwrap().unwrap();
+        assert_eq!(done.request.state, RequestState::Issued);
+        assert!(done.grant.is_some(), "claimed on the way");
+        assert!(watch.finished());
+        let (_, again) = r.engine.read_and_claim(&workload(), &req.id).await.unwrap();
+        assert!(again.is_none(), "exactly once");
+    }
+}

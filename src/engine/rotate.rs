@@ -1,0 +1,256 @@
+//! Carrying out signing-key rotation: the steps [`crate::rotation::plan`]
+//! finds due, an operator's request to rotate sooner, and emergency
+//! rotation (withdraw the active key at once and revoke what it signed).
+
+use super::records::revoke_if_active;
+use super::{Cas, Engine, EngineError, SYSTEM_ACTOR};
+use crate::audit::{Action, Entry as AuditEntry};
+use crate::clock::millis;
+use crate::identity::Identity;
+use crate::rotation::{Schedule, Step, plan};
+use crate::store::{KeyRecord, KeyState, Millis};
+
+/// Meta key: when an operator asked for the next rotation.
+const FORCED: &str = "rotation_forced_at";
+
+impl Engine {
+    fn forced_rotation(&self) -> Result<Option<Millis>, EngineError> {
+        Ok(self
+            .store()
+            .meta(FORCED)?
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())))
+    }
+
+    /// Carry out every rotation step due at `now`; returns when to look again.
+    pub async fn rotate_due(
+        &self,
+        schedule: &Schedule,
+        now: Millis,
+    ) -> Result<Option<Millis>, EngineError> {
+        let (steps, wake) = plan(
+            now,
+            &self.store().keys()?,
+            schedule,
+            self.forced_rotation()?,
+        );
+        if steps.is_empty() {
+            return Ok(wake);
+        }
+        // Retired keys stay published for the longest token they could
+        // have signed (the policy's hard TTL cap) plus leeway.
+        let retire_after = millis(self.policy().hard_max_ttl) + millis(schedule.leeway);
+        let mut entries = Vec::new();
+        for step in steps {
+            match step {
+                Step::CreateNext => entries.push(self.create_next(now)?),
+                Step::Promote { next, old } => {
+                    entries.extend(self.promote(&next, old.as_deref(), now, retire_after)?);
+                }
+                Step::Remove(kid) => {
+                    self.store().delete_key(&kid)?;
+                    tracing::info!(%kid, "retired key unpublished");
+                    entries.push(key_entry(Action::KeyRemoved, &kid, "last token expired"));
+                }
+            }
+        }
+        self.record(entries).await?;
+        self.keys.reload(self.store().as_ref())?;
+        let (_, wake) = plan(
+            now,
+            &self.store().keys()?,
+            schedule,
+            self.forced_rotation()?,
+        );
+        Ok(wake)
+    }
+
+    /// Create and publish the next key.
+    fn create_next(&self, now: Millis) -> Result<AuditEntry, EngineError> {
+        let rec = self.keys.generate(KeyState::Next, now)?;
+        self.store().put_key(&rec)?;
+        tracing::info!(kid = %rec.kid, "next signing key published");
+        Ok(key_entry(Action::KeyCreated, &rec.kid, "published as next"))
+    }
+
+    /// NEXT `next` starts signing; ACTIVE `old` retires.
+    fn promote(
+        &self,
+        next: &str,
+        old: Option<&str>,
+        now: Millis,
+        retire_after: Millis,
+    ) -> Result<Vec<AuditEntry>, EngineError> {
+        let mut entries = Vec::new();
+        for mut k in self.store().keys()? {
+            if k.kid == next {
+                k.state = KeyState::Active;
+                k.activated_at = Some(now);
+                self.store().put_key(&k)?;
+            } else if Some(k.kid.as_str()) == old {
+                k.state = KeyState::Retired;
+                k.retire_at = Some(now.saturating_add(retire_after));
+                self.store().put_key(&k)?;
+                entries.push(key_entry(Action::KeyRetired, &k.kid, ""));
+            }
+        }
+        self.store().put_meta(FORCED, b"")?;
+        tracing::info!(kid = %next, retired = ?old, "signing key rotated");
+        entries.push(key_entry(Action::KeyActivated, next, ""));
+        Ok(entries)
+    }
+
+    /// `Keys.Rotate`: admin only. Scheduled: bring the hand-over forward to
+    /// as soon as a published NEXT key may sign (pre-publication is never
+    /// skipped). Emergency: remove the active key now, revoke the leases it
+    /// signed, and sign with a fresh key at once.
+    pub async fn rotate_now(
+        &self,
+        who: &Identity,
+        emergency: bool,
+        reason: &str,
+        schedule: &Schedule,
+    ) -> Result<(), EngineError> {
+        self.require_admin(who, "key rotation")?;
+        let now = self.clock.now();
+        if emergency {
+            return self.rotate_emergency(who, reason, now).await;
+        }
+        self.store().put_meta(FORCED, now.to_string().as_bytes())?;
+        let entry = AuditEntry::ok(who.as_str(), Action::KeyRotationRequested, "", &[], reason);
+        self.record(vec![entry]).await?;
+        self.rotate_due(schedule, now).await?;
+        Ok(())
+    }
+
+    /// Withdraw the active key now: a published NEXT key (or a fresh one)
+    /// signs at once, and every active lease the old key signed is revoked.
+    async fn rotate_emergency(
+        &self,
+        who: &Identity,
+        reason: &str,
+        now: Millis,
+    ) -> Result<(), EngineError> {
+        let keys = self.store().keys()?;
+        let Some(old) = keys.iter().find(|k| k.state == KeyState::Active).cloned() else {
+            return Err(EngineError::WrongState("there is no active key".into()));
+        };
+        let mut fresh: KeyRecord = match keys.iter().find(|k| k.state == KeyState::Next) {
+            Some(n) => n.clone(),
+            None => self.keys.generate(KeyState::Next, now)?,
+        };
+        fresh.state = KeyState::Active;
+        fresh.activated_at = Some(now);
+        self.store().put_key(&fresh)?;
+        self.store().delete_key(&old.kid)?;
+        let count = self
+            .revoke_signed_by(&old.kid, who, "emergency key rotation", now)
+            .await?;
+        let summary = format!("{reason}; {count} leases revoked");
+        self.record(vec![
+            AuditEntry::ok(
+                who.as_str(),
+                Action::KeyEmergencyRotated,
+                &old.kid,
+                &[],
+                &summary,
+            ),
+            AuditEntry::ok(
+                who.as_str(),
+                Action::KeyActivated,
+                &fresh.kid,
+                &[],
+                "emergency",
+            ),
+        ])
+        .await?;
+        self.keys.reload(self.store().as_ref())?;
+        tracing::warn!(removed = %old.kid, active = %fresh.kid, revoked = count, "emergency key rotation");
+        Ok(())
+    }
+
+    /// Revoke every active lease whose latest token `kid` signed.
+    async fn revoke_signed_by(
+        &self,
+        kid: &str,
+        who: &Identity,
+        reason: &str,
+        now: Millis,
+    ) -> Result<u64, EngineError> {
+        let store = self.store().clone();
+        let k = kid.to_owned();
+        let ids = tokio::task::spawn_blocking(move || store.active_leases_signed_by(&k)).await??;
+        let mut count = 0u64;
+        for id in ids {
+            let edit = revoke_if_active(who.as_str(), reason, now);
+            if let Cas::Swapped { .. } = self.records.edit_lease(&id, edit)? {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+}
+
+fn key_entry(action: Action, kid: &str, reason: &str) -> AuditEntry {
+    AuditEntry::ok(SYSTEM_ACTOR, action, kid, &[], reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Outcome;
+    use crate::engine::testing::{POLICY, ask, id, rig, workload};
+    use crate::store::LeaseState;
+
+    #[tokio::test]
+    async fn emergency_rotation_withdraws_the_key_and_revokes_what_it_signed() {
+        let r = rig(POLICY);
+        let Outcome::Granted { lease, .. } = r
+            .engine
+            .request_token(&workload(), ask(&["read"]))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let schedule = Schedule::default();
+        let err = r
+            .engine
+            .rotate_now(&workload(), true, "", &schedule)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::NotAllowed(_)));
+        let root = id("spiffe://t/human/root");
+        r.engine
+            .rotate_now(&root, true, "leaked", &schedule)
+            .await
+            .unwrap();
+        let keys = r.store.keys().unwrap();
+        assert!(keys.iter().all(|k| k.kid != lease.kid), "old key gone");
+        assert_eq!(r.engine.keys().current().active.kid, keys[0].kid);
+        assert_eq!(
+            r.store.lease(&lease.id).unwrap().unwrap().state,
+            LeaseState::Revoked
+        );
+    }
+
+    #[tokio::test]
+    async fn scheduled_steps_publish_then_promote() {
+        let r = rig(POLICY);
+        let schedule = Schedule::default();
+        let first = r.engine.keys().current().active.kid.clone();
+        let period = millis(schedule.period);
+        let wake = r
+            .engine
+            .rotate_due(&schedule, crate::engine::testing::T0)
+            .await
+            .unwrap();
+        let publish_at = wake.unwrap();
+        r.engine.rotate_due(&schedule, publish_at).await.unwrap();
+        assert_eq!(r.store.keys().unwrap().len(), 2, "next key published");
+        r.engine
+            .rotate_due(&schedule, crate::engine::testing::T0 + period)
+            .await
+            .unwrap();
+        assert_ne!(r.engine.keys().current().active.kid, first, "promoted");
+    }
+}

@@ -1,0 +1,355 @@
+//! `server` wires the broker together: store, group commit, key ring,
+//! policy, the mTLS gRPC listener ([`grpc`]), the HTTP listener ([`http`]:
+//! JWKS, discovery, health, metrics) and the background loops ([`tasks`]) —
+//! all under one cancellation token, stopped by [`Running::shutdown`].
+
+mod grpc;
+mod http;
+mod tasks;
+
+pub use self::grpc::MAX_MESSAGE;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{Action, AuditLog, Entry};
+use crate::clock::{Clock, SystemClock};
+use crate::engine::{Engine, Parts, SYSTEM_ACTOR};
+use crate::keys::{Kek, KeyRing, SigningAlg};
+use crate::policy::Policy;
+use crate::store::Store;
+use crate::store::commit::GroupCommit;
+use crate::store::mem::MemStore;
+use crate::store::sled_store::SledStore;
+/// How long shutdown waits for tasks before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything `serve` needs.
+pub struct ServeConfig {
+    /// sled directory (ignored with `in_memory`).
+    pub data_dir: PathBuf,
+    /// Keep state in memory only (tests, benchmarks of the non-durable path).
+    pub in_memory: bool,
+    /// gRPC listen address (port 0: pick one).
+    pub listen: SocketAddr,
+    /// HTTP listen address for JWKS/discovery/health; `None` disables it.
+    pub http_listen: Option<SocketAddr>,
+    /// Server certificate chain (PEM).
+    pub tls_cert: PathBuf,
+    /// Server private key (PEM).
+    pub tls_key: PathBuf,
+    /// CA bundle that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// Policy file.
+    pub policy: PathBuf,
+    /// Key-encryption key file (64 hex characters).
+    pub kek_file: PathBuf,
+    /// `iss` of tokens; default `http://<http address>`.
+    pub issuer: Option<String>,
+    /// Algorithm for newly generated signing keys.
+    pub alg: SigningAlg,
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
+    /// How often to look for policy file changes (SIGHUP also reloads).
+    pub policy_poll: Duration,
+    /// Signing-key rotation timing.
+    pub rotation: crate::rotation::Schedule,
+    /// Keep audit records at least this long (compacted up to a signed
+    /// checkpoint); `None` keeps everything.
+    pub audit_retention: Option<Duration>,
+    /// Serve the HTTP listener over TLS with the server certificate.
+    pub http_tls: bool,
+    /// Delete leases and requests this long after they ended; `None` keeps
+    /// them forever.
+    pub retention: Option<Duration>,
+}
+
+impl ServeConfig {
+    /// Defaults around the given files, real clock.
+    pub fn new(
+        data_dir: PathBuf,
+        tls_cert: PathBuf,
+        tls_key: PathBuf,
+        client_ca: PathBuf,
+        policy: PathBuf,
+        kek_file: PathBuf,
+    ) -> Self {
+        Self {
+            data_dir,
+            in_memory: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            tls_cert,
+            tls_key,
+            client_ca,
+            policy,
+            kek_file,
+            issuer: None,
+            alg: SigningAlg::Es256,
+            clock: Arc::new(SystemClock),
+            policy_poll: Duration::from_secs(2),
+            rotation: crate::rotation::Schedule::default(),
+            audit_retention: None,
+            http_tls: false,
+            retention: None,
+        }
+    }
+}
+
+/// Start-up failures; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A TLS file is missing or bad.
+    #[error("tls: `{path}`: {detail}")]
+    Tls {
+        /// File.
+        path: String,
+        /// Problem.
+        detail: String,
+    },
+    /// Policy problems.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// Key ring problems (KEK, sealed keys).
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    /// Store problems.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The broker failed while starting (a start-up task died, the trail
+    /// could not be appended to).
+    #[error("start-up failed: {0}")]
+    Internal(String),
+    /// Could not listen.
+    #[error("cannot listen on {addr}: {detail}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Problem.
+        detail: String,
+    },
+}
+
+/// A running broker.
+pub struct Running {
+    /// Bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Bound HTTP address.
+    pub http_addr: Option<SocketAddr>,
+    /// The engine (tests read expiry progress through it).
+    pub engine: Arc<Engine>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// A token that fires when the broker shuts down.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stop: cancel every task, wait a bounded time, then the final sync.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; abandoning them");
+        }
+        let _ = self.flusher.await;
+        // Connection tasks of the gRPC and HTTP servers (spawned by hyper,
+        // outside our tracker) and per-call streams hold the engine, and so
+        // the store's file lock, until they unwind. Return only once they
+        // have, so a restart in the same process can open the store again.
+        let until = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while Arc::strong_count(&self.engine) > 1 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if Arc::strong_count(&self.engine) > 1 {
+            tracing::warn!(
+                "the engine is still referenced after {SHUTDOWN_GRACE:?}; the store may stay locked"
+            );
+        }
+        tracing::info!("stopped");
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|e| ServeError::Tls {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Start the broker; returns once both listeners are bound.
+pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
+    crate::jose::install();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let policy = Policy::load(&cfg.policy)?;
+    let store = open_store(&cfg).await?;
+    let kek = Kek::from_file(&cfg.kek_file)?;
+    let ring = Arc::new(KeyRing::load_or_create(
+        store.as_ref(),
+        &kek,
+        cfg.alg,
+        cfg.clock.now(),
+    )?);
+    let (grpc_listener, grpc_addr) = bind(cfg.listen).await?;
+    let http = match cfg.http_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let http_addr = http.as_ref().map(|(_, a)| *a);
+    let issuer = cfg.issuer.clone().unwrap_or_else(|| match http_addr {
+        Some(a) if cfg.http_tls => format!("https://{a}"),
+        Some(a) => format!("http://{a}"),
+        None => format!("https://{grpc_addr}"),
+    });
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (commit, flusher) = GroupCommit::start(store.clone(), cancel.child_token());
+    let audit = AuditLog::open(store.as_ref())?;
+    let engine = Arc::new(Engine::new(Parts {
+        store,
+        commit,
+        policy,
+        keys: ring.clone(),
+        clock: cfg.clock.clone(),
+        issuer: issuer.clone(),
+        audit,
+    }));
+    record_start(&engine, &cfg, &ring)?;
+
+    let rotate_wake = Arc::new(tokio::sync::Notify::new());
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let router = grpc::router(&cfg, &engine, rotate_wake.clone(), health_service, &cancel)?;
+    tracker.spawn(grpc::serve(router, grpc_listener, cancel.clone()));
+    if let Some((listener, _)) = http {
+        let tls = match cfg.http_tls {
+            true => Some(http::tls_config(&cfg.tls_cert, &cfg.tls_key)?),
+            false => None,
+        };
+        tracker.spawn(http::serve(
+            listener,
+            http::router(engine.clone()),
+            tls,
+            cancel.clone(),
+        ));
+    }
+    spawn_tasks(
+        &tracker,
+        &engine,
+        &cfg,
+        rotate_wake,
+        health_reporter,
+        &cancel,
+    );
+    match http_addr {
+        Some(http_addr) => {
+            tracing::info!(%grpc_addr, %http_addr, %issuer, kid = %ring.current().active.kid, "broker ready")
+        }
+        None => {
+            tracing::info!(%grpc_addr, %issuer, kid = %ring.current().active.kid, "broker ready")
+        }
+    }
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        engine,
+        cancel,
+        tracker,
+        flusher,
+    })
+}
+
+/// The store `cfg` names: sled in its data directory, or memory.
+async fn open_store(cfg: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
+    if cfg.in_memory {
+        return Ok(Arc::new(MemStore::new()));
+    }
+    let dir = cfg.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))??;
+    Ok(Arc::new(store))
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let err = |e: std::io::Error| ServeError::Listen {
+        addr,
+        detail: e.to_string(),
+    };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
+/// The start itself is part of the trail (durable with the first commit).
+fn record_start(engine: &Engine, cfg: &ServeConfig, ring: &KeyRing) -> Result<(), ServeError> {
+    let policy = cfg.policy.display().to_string();
+    let mut entries = vec![Entry::ok(
+        SYSTEM_ACTOR,
+        Action::PolicyLoaded,
+        &policy,
+        &[],
+        "start",
+    )];
+    if let Some(kid) = ring.created() {
+        entries.push(Entry::ok(
+            SYSTEM_ACTOR,
+            Action::KeyCreated,
+            kid,
+            &[],
+            "first signing key",
+        ));
+    }
+    engine
+        .note(entries)
+        .map_err(|e| ServeError::Internal(e.to_string()))
+}
+
+/// Every background loop, tracked for shutdown.
+fn spawn_tasks(
+    tracker: &TaskTracker,
+    engine: &Arc<Engine>,
+    cfg: &ServeConfig,
+    rotate_wake: Arc<tokio::sync::Notify>,
+    health: tonic_health::server::HealthReporter,
+    cancel: &CancellationToken,
+) {
+    let c = || cancel.clone();
+    tracker.spawn(tasks::rotate(
+        engine.clone(),
+        cfg.rotation,
+        rotate_wake,
+        c(),
+    ));
+    tracker.spawn(tasks::health(engine.clone(), health, c()));
+    tracker.spawn(engine.clone().run_expiry(c()));
+    if let Some(keep) = cfg.retention {
+        tracker.spawn(tasks::retention(engine.clone(), keep, c()));
+    }
+    tracker.spawn(tasks::checkpoints(engine.clone(), cfg.audit_retention, c()));
+    tracker.spawn(tasks::count_gauges(engine.clone()));
+    if let Some(rx) = engine.take_notifications() {
+        let e = engine.clone();
+        let stats = engine.notifier().stats().clone();
+        tracker.spawn(crate::notify::run(rx, stats, move || e.policy(), c()));
+    }
+    tracker.spawn(tasks::reload_policy(
+        engine.clone(),
+        cfg.policy.clone(),
+        cfg.policy_poll,
+        c(),
+    ));
+}

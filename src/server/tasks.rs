@@ -1,0 +1,246 @@
+//! The broker's background loops, each until the root cancellation token
+//! fires: policy reload, audit checkpoints (and audit retention), health
+//! reporting, key rotation, and retention of ended records.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{Action, Entry, Outcome};
+use crate::clock::millis;
+use crate::engine::{Engine, SYSTEM_ACTOR};
+use crate::policy::Policy;
+use crate::rotation::Schedule;
+
+/// Sign an audit checkpoint after this many records…
+const CHECKPOINT_EVERY: u64 = 1000;
+/// …or this long, whichever comes first.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// How often health is re-read.
+const HEALTH_POLL: Duration = Duration::from_millis(500);
+/// Back-off after a failed rotation step.
+const ROTATION_RETRY_MS: u64 = 5_000;
+/// How often retention sweeps.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Sleep until `at` on the engine's clock, forever when `None`.
+async fn sleep_until(engine: &Engine, at: Option<u64>) {
+    match at {
+        Some(at) => engine.clock().sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reload the policy when its file changes (polled every `poll`) or on
+/// SIGHUP. A policy with problems is rejected and the old one stays.
+pub(super) async fn reload_policy(
+    engine: Arc<Engine>,
+    path: PathBuf,
+    poll: Duration,
+    cancel: CancellationToken,
+) {
+    // Compare contents, not mtimes: two writes inside one timestamp tick
+    // (coarse on many filesystems) would otherwise go unnoticed.
+    let read = |p: &PathBuf| std::fs::read(p).ok();
+    let mut seen = read(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fut = std::future::pending::<()>();
+        let forced = tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(poll) => false,
+            () = hup_fut => true,
+        };
+        let now = read(&path);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        load_policy(&engine, &path).await;
+    }
+}
+
+/// Load the policy at `path` and swap it in once its load is recorded.
+async fn load_policy(engine: &Engine, path: &Path) {
+    let shown = path.display().to_string();
+    match Policy::load(path) {
+        Ok(p) => {
+            let entry = Entry::ok(SYSTEM_ACTOR, Action::PolicyLoaded, &shown, &[], "reload");
+            // Fail closed: a policy whose load cannot be recorded is not swapped in.
+            match engine.record(vec![entry]).await {
+                Ok(()) => {
+                    engine.set_policy(p);
+                    tracing::info!(path = %shown, "policy reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload not recorded; the previous policy stays in force");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(path = %shown, error = %e, "new policy rejected; the previous policy stays in force");
+            let entry = Entry::ok(
+                SYSTEM_ACTOR,
+                Action::PolicyRejected,
+                &shown,
+                &[],
+                &e.to_string(),
+            )
+            .outcome(Outcome::Refused);
+            if let Err(e) = engine.record(vec![entry]).await {
+                tracing::error!(error = %e, "could not record the rejected policy");
+            }
+            engine.policy_rejected();
+        }
+    }
+}
+
+/// Sign an audit checkpoint every [`CHECKPOINT_EVERY`] records or
+/// [`CHECKPOINT_INTERVAL`], whichever comes first, and once more at
+/// shutdown; with `retention`, compact what is older after each.
+pub(super) async fn checkpoints(
+    engine: Arc<Engine>,
+    retention: Option<Duration>,
+    cancel: CancellationToken,
+) {
+    let mut last = tokio::time::Instant::now();
+    loop {
+        let stop = tokio::select! {
+            () = cancel.cancelled() => true,
+            () = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        if stop
+            || engine.audit().since_checkpoint() >= CHECKPOINT_EVERY
+            || last.elapsed() >= CHECKPOINT_INTERVAL
+        {
+            checkpoint(&engine, retention).await;
+            last = tokio::time::Instant::now();
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+async fn checkpoint(engine: &Engine, retention: Option<Duration>) {
+    match engine.checkpoint_audit().await {
+        Ok(Some(seq)) => {
+            tracing::debug!(seq, "audit checkpoint signed");
+            if let Some(keep) = retention {
+                let before = engine.clock().now().saturating_sub(millis(keep));
+                if let Err(e) = engine.compact_audit(before).await {
+                    tracing::error!(error = %e, "audit compaction failed");
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
+    }
+}
+
+/// Report `grpc.health.v1` SERVING while the store answers and the last
+/// group commit succeeded, NOT_SERVING otherwise.
+pub(super) async fn health(
+    engine: Arc<Engine>,
+    reporter: tonic_health::server::HealthReporter,
+    cancel: CancellationToken,
+) {
+    use crate::pb::{approvals_server, audit_server, broker_server, keys_server};
+    let mut serving = None;
+    loop {
+        let ok = engine.healthy();
+        if serving != Some(ok) {
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in [
+                "",
+                broker_server::SERVICE_NAME,
+                approvals_server::SERVICE_NAME,
+                keys_server::SERVICE_NAME,
+                audit_server::SERVICE_NAME,
+            ] {
+                reporter.set_service_status(name, status).await;
+            }
+            if !ok {
+                tracing::error!("store unhealthy: reporting NOT_SERVING");
+            }
+            serving = Some(ok);
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(HEALTH_POLL) => {}
+        }
+    }
+}
+
+/// Carry out key rotation steps as they fall due; an operator's
+/// `Keys.Rotate` wakes it early. The schedule is derived from the stored key
+/// records, so it survives restarts.
+pub(super) async fn rotate(
+    engine: Arc<Engine>,
+    schedule: Schedule,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let now = engine.clock().now();
+        let next = match engine.rotate_due(&schedule, now).await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "key rotation step failed; the current keys stay in use");
+                Some(now + ROTATION_RETRY_MS)
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = wake.notified() => {}
+            () = sleep_until(&engine, next) => {}
+        }
+    }
+}
+
+/// Hourly: delete leases and requests that ended more than `keep` ago.
+pub(super) async fn retention(engine: Arc<Engine>, keep: Duration, cancel: CancellationToken) {
+    loop {
+        let before = engine.clock().now().saturating_sub(millis(keep));
+        if let Err(e) = engine.purge_ended(before).await {
+            tracing::error!(error = %e, "retention sweep failed");
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(RETENTION_EVERY) => {}
+        }
+    }
+}
+
+/// Start the gauges from the store's counts, off the start-up path.
+pub(super) async fn count_gauges(engine: Arc<Engine>) {
+    let store = engine.store().clone();
+    match tokio::task::spawn_blocking(move || store.counts()).await {
+        Ok(Ok((leases, requests))) => {
+            let m = engine.metrics();
+            m.active_leases
+                .inc_by(i64::try_from(leases).unwrap_or(i64::MAX));
+            m.open_requests
+                .inc_by(i64::try_from(requests).unwrap_or(i64::MAX));
+        }
+        _ => tracing::warn!("could not count leases for the gauges"),
+    }
+}
