@@ -9,6 +9,7 @@
 //! acknowledged only when its record is durable too. Tokens and key material
 //! never appear; only `jti` and `kid`.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -307,76 +308,96 @@ pub struct Report {
     pub problem: Option<(u64, String)>,
 }
 
-/// Walk the whole chain and every checkpoint.
-pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
-    let mut report = Report::default();
-    let mut expected = 1u64;
-    let mut prev_hash = GENESIS.to_owned();
-    let mut hashes = std::collections::HashMap::new();
-    let mut after = None;
-    // After retention compaction the chain starts later: it must then hang
-    // from a signed checkpoint over the last removed record.
-    if let Some((first, _)) = store.audit_after(None, 1)?.first()
-        && *first > 1
-    {
-        let anchor = store
-            .checkpoints()?
-            .into_iter()
-            .find(|(seq, _)| *seq + 1 == *first)
-            .and_then(|(_, jws)| check_signature(keys, &String::from_utf8_lossy(&jws)));
-        match anchor {
-            Some(c) => {
-                expected = *first;
-                prev_hash = c.hash.clone();
-                hashes.insert(c.seq, c.hash);
-            }
-            None => {
-                report.problem = Some((
-                    1,
-                    format!(
-                        "records 1..{} are missing and no signed checkpoint anchors record {first}",
-                        first - 1
-                    ),
-                ));
-                return Ok(report);
-            }
-        }
+/// Where the walk starts: record 1 after the genesis hash, or — after
+/// retention compaction — the first stored record, hanging from a signed
+/// checkpoint over the last removed one.
+struct Start {
+    seq: u64,
+    prev: String,
+    /// The anchoring checkpoint's (seq, hash), when compacted.
+    anchor: Option<(u64, String)>,
+}
+
+fn start(store: &dyn Store, keys: &KeySet) -> Result<Result<Start, (u64, String)>, StoreError> {
+    let Some((first, _)) = store.audit_after(None, 1)?.first().cloned() else {
+        return Ok(Ok(Start {
+            seq: 1,
+            prev: GENESIS.to_owned(),
+            anchor: None,
+        }));
+    };
+    if first <= 1 {
+        return Ok(Ok(Start {
+            seq: 1,
+            prev: GENESIS.to_owned(),
+            anchor: None,
+        }));
     }
-    'walk: loop {
+    let anchor = store
+        .checkpoints()?
+        .into_iter()
+        .find(|(seq, _)| *seq + 1 == first)
+        .and_then(|(_, jws)| check_signature(keys, &String::from_utf8_lossy(&jws)));
+    Ok(match anchor {
+        Some(c) => Ok(Start {
+            seq: first,
+            prev: c.hash.clone(),
+            anchor: Some((c.seq, c.hash)),
+        }),
+        None => Err((
+            1,
+            format!(
+                "records 1..{} are missing and no signed checkpoint anchors record {first}",
+                first - 1
+            ),
+        )),
+    })
+}
+
+/// Walk the chain from `start`: every record present, in order, decoding,
+/// and linked to its predecessor. Fills `hashes` (seq -> hash of its bytes)
+/// and counts records; returns the first problem.
+fn walk(
+    store: &dyn Store,
+    start: Start,
+    hashes: &mut HashMap<u64, String>,
+    report: &mut Report,
+) -> Result<Option<(u64, String)>, StoreError> {
+    let (mut expected, mut prev_hash) = (start.seq, start.prev);
+    if let Some((seq, hash)) = start.anchor {
+        hashes.insert(seq, hash);
+    }
+    let mut after = None;
+    loop {
         let page = store.audit_after(after, 4096)?;
-        let Some((last, _)) = page.last() else { break };
+        let Some((last, _)) = page.last() else {
+            return Ok(None);
+        };
         after = Some(*last);
         for (key, bytes) in page {
             if key != expected {
-                report.problem = Some((
+                return Ok(Some((
                     expected,
                     format!("record {expected} is missing (next stored is {key})"),
-                ));
-                break 'walk;
+                )));
             }
-            let rec: AuditRecord = match serde_json::from_slice(&bytes) {
-                Ok(r) => r,
-                Err(_) => {
-                    report.problem = Some((key, format!("record {key} does not decode")));
-                    break 'walk;
-                }
+            let Ok(rec) = serde_json::from_slice::<AuditRecord>(&bytes) else {
+                return Ok(Some((key, format!("record {key} does not decode"))));
             };
             if rec.seq != key {
-                report.problem = Some((
+                return Ok(Some((
                     key,
                     format!("record stored at {key} says it is {}", rec.seq),
-                ));
-                break 'walk;
+                )));
             }
             if rec.prev != prev_hash {
                 // This record's link is intact only if its predecessor is:
                 // the predecessor was altered (or this record was).
                 let bad = key.saturating_sub(1).max(1);
-                report.problem = Some((
+                return Ok(Some((
                     bad,
                     format!("record {bad} does not match the hash recorded by record {key}"),
-                ));
-                break 'walk;
+                )));
             }
             prev_hash = sha256_hex(&bytes);
             hashes.insert(key, prev_hash.clone());
@@ -384,7 +405,16 @@ pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
             expected += 1;
         }
     }
-    let mut problems: Vec<(u64, String)> = report.problem.take().into_iter().collect();
+}
+
+/// Check every checkpoint's signature against the walked hashes.
+fn check_checkpoints(
+    store: &dyn Store,
+    keys: &KeySet,
+    hashes: &HashMap<u64, String>,
+    report: &mut Report,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    let mut problems = Vec::new();
     for (seq, jws) in store.checkpoints()? {
         let text = String::from_utf8_lossy(&jws).into_owned();
         let Some(claims) = check_signature(keys, &text) else {
@@ -403,6 +433,24 @@ pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
             )),
         }
     }
+    Ok(problems)
+}
+
+/// Walk the whole chain and every checkpoint.
+pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
+    let mut report = Report::default();
+    let start = match start(store, keys)? {
+        Ok(s) => s,
+        Err(problem) => {
+            report.problem = Some(problem);
+            return Ok(report);
+        }
+    };
+    let mut hashes = HashMap::new();
+    let mut problems: Vec<(u64, String)> = walk(store, start, &mut hashes, &mut report)?
+        .into_iter()
+        .collect();
+    problems.extend(check_checkpoints(store, keys, &hashes, &mut report)?);
     // The earliest problem is the one to look at first.
     report.problem = problems.into_iter().min_by_key(|(s, _)| *s);
     Ok(report)

@@ -74,7 +74,6 @@ impl Default for Metrics {
 impl Metrics {
     /// Register every metric.
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("portcullis");
         let requests: Family<Labels, Counter> = Family::default();
         let outcomes = [
             "granted",
@@ -87,7 +86,7 @@ impl Metrics {
         .into_iter()
         .map(|o| (o, requests.get_or_create(&vec![("outcome", o)]).clone()))
         .collect();
-        let m = Self {
+        let mut m = Self {
             outcomes,
             requests,
             decisions: Family::default(),
@@ -103,67 +102,78 @@ impl Metrics {
             notify_failed: Gauge::default(),
             notify_dropped: Gauge::default(),
             key_age: Gauge::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("portcullis"),
         };
+        m.register();
+        m.register_internals();
+        m
+    }
+
+    fn register(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "token_requests",
             "Token requests by outcome",
-            m.requests.clone(),
+            self.requests.clone(),
         );
         r.register(
             "decisions",
             "Approver decisions by kind",
-            m.decisions.clone(),
+            self.decisions.clone(),
         );
         r.register(
             "expiries",
             "Leases and requests expired",
-            m.expiries.clone(),
+            self.expiries.clone(),
         );
-        r.register("revocations", "Leases revoked", m.revocations.clone());
-        r.register("renewals", "Leases renewed", m.renewals.clone());
-        r.register("active_leases", "Active leases", m.active_leases.clone());
+        r.register("revocations", "Leases revoked", self.revocations.clone());
+        r.register("renewals", "Leases renewed", self.renewals.clone());
+        r.register("active_leases", "Active leases", self.active_leases.clone());
         r.register(
             "open_requests",
             "Requests awaiting a decision, claim or review",
-            m.open_requests.clone(),
+            self.open_requests.clone(),
         );
         r.register(
             "issuance_seconds",
             "Auto-tier issuance latency",
-            m.issuance.clone(),
+            self.issuance.clone(),
         );
+    }
+
+    /// The machinery's own counters: commits, notifications, keys.
+    fn register_internals(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "group_commit_syncs",
             "Group-commit syncs (flush + fsync) so far",
-            m.syncs.clone(),
+            self.syncs.clone(),
         );
         r.register(
             "group_commit_writes",
             "Writes covered by group commits so far (batch size = writes / syncs)",
-            m.writes.clone(),
+            self.writes.clone(),
         );
         r.register(
             "notifications_delivered",
             "Webhook deliveries that succeeded",
-            m.notify_delivered.clone(),
+            self.notify_delivered.clone(),
         );
         r.register(
             "notification_failures",
             "Webhook deliveries that failed every attempt",
-            m.notify_failed.clone(),
+            self.notify_failed.clone(),
         );
         r.register(
             "notifications_dropped",
             "Events dropped on a full notification queue",
-            m.notify_dropped.clone(),
+            self.notify_dropped.clone(),
         );
         r.register(
             "signing_key_age_seconds",
             "Age of the active signing key",
-            m.key_age.clone(),
+            self.key_age.clone(),
         );
-        Self { registry: r, ..m }
     }
 
     /// Count one outcome. The common ones are looked up without touching

@@ -91,6 +91,29 @@ fn check_reviewable(
     Ok(())
 }
 
+/// The approval rules of `scopes`.
+fn approval_rules<'p>(policy: &'p Policy, scopes: &[String]) -> Vec<&'p ApprovalRule> {
+    scopes
+        .iter()
+        .filter_map(|s| policy.scopes.get(s))
+        .filter_map(|r| r.approval.as_ref())
+        .collect()
+}
+
+/// An approver may shorten the TTL, never lengthen it.
+fn check_approved_ttl(ttl: Option<Duration>, req: &TokenRequest) -> Result<(), FieldError> {
+    match ttl {
+        Some(t) if t.is_zero() || millis(t) > req.ttl_ms => Err(FieldError::new(
+            "ttl",
+            format!(
+                "must be between 1s and the requested {}s",
+                req.ttl_ms / 1000
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// One approval by `who`, checked against the request as it is now.
 struct Approving<'a> {
     policy: &'a Policy,
@@ -123,28 +146,13 @@ impl Approving<'_> {
             )));
         }
         let counted_for = counts_for(self.policy, who, req);
-        let rules: Vec<&ApprovalRule> = counted_for
-            .iter()
-            .filter_map(|s| self.policy.scopes.get(s))
-            .filter_map(|r| r.approval.as_ref())
-            .collect();
+        let rules = approval_rules(self.policy, &counted_for);
         check_reason(
             "reason",
             self.reason,
             rules.iter().any(|a| a.require_reason),
         )?;
-        if let Some(t) = self.ttl
-            && (t.is_zero() || millis(t) > req.ttl_ms)
-        {
-            return Err(FieldError::new(
-                "ttl",
-                format!(
-                    "must be between 1s and the requested {}s",
-                    req.ttl_ms / 1000
-                ),
-            )
-            .into());
-        }
+        check_approved_ttl(self.ttl, req)?;
         let mut new = req.clone();
         new.approvals.push(Approval {
             approver: who.as_str().to_owned(),

@@ -209,59 +209,22 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         None => None,
     };
     let http_addr = http.as_ref().map(|(_, a)| *a);
-    let issuer = cfg.issuer.clone().unwrap_or_else(|| match http_addr {
-        Some(a) if cfg.http_tls => format!("https://{a}"),
-        Some(a) => format!("http://{a}"),
-        None => format!("https://{grpc_addr}"),
-    });
+    let issuer = issuer(&cfg, grpc_addr, http_addr);
 
     let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let (commit, flusher) = GroupCommit::start(store.clone(), cancel.child_token());
-    let audit = AuditLog::open(store.as_ref())?;
     let engine = Arc::new(Engine::new(Parts {
+        audit: AuditLog::open(store.as_ref())?,
         store,
         commit,
         policy,
         keys: ring.clone(),
         clock: cfg.clock.clone(),
         issuer: issuer.clone(),
-        audit,
     }));
     record_start(&engine, &cfg, &ring)?;
-
-    let rotate_wake = Arc::new(tokio::sync::Notify::new());
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let router = grpc::router(&cfg, &engine, rotate_wake.clone(), health_service, &cancel)?;
-    tracker.spawn(grpc::serve(router, grpc_listener, cancel.clone()));
-    if let Some((listener, _)) = http {
-        let tls = match cfg.http_tls {
-            true => Some(http::tls_config(&cfg.tls_cert, &cfg.tls_key)?),
-            false => None,
-        };
-        tracker.spawn(http::serve(
-            listener,
-            http::router(engine.clone()),
-            tls,
-            cancel.clone(),
-        ));
-    }
-    spawn_tasks(
-        &tracker,
-        &engine,
-        &cfg,
-        rotate_wake,
-        health_reporter,
-        &cancel,
-    );
-    match http_addr {
-        Some(http_addr) => {
-            tracing::info!(%grpc_addr, %http_addr, %issuer, kid = %ring.current().active.kid, "broker ready")
-        }
-        None => {
-            tracing::info!(%grpc_addr, %issuer, kid = %ring.current().active.kid, "broker ready")
-        }
-    }
+    let tracker = serve(&cfg, &engine, grpc_listener, http.map(|(l, _)| l), &cancel)?;
+    log_ready(grpc_addr, http_addr, &issuer, &ring);
     Ok(Running {
         grpc_addr,
         http_addr,
@@ -269,6 +232,49 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         cancel,
         tracker,
         flusher,
+    })
+}
+
+/// Serve both listeners and run every background loop.
+fn serve(
+    cfg: &ServeConfig,
+    engine: &Arc<Engine>,
+    grpc_listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    cancel: &CancellationToken,
+) -> Result<TaskTracker, ServeError> {
+    let tracker = TaskTracker::new();
+    let rotate_wake = Arc::new(tokio::sync::Notify::new());
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let router = grpc::router(cfg, engine, rotate_wake.clone(), health_service, cancel)?;
+    tracker.spawn(grpc::serve(router, grpc_listener, cancel.clone()));
+    if let Some(listener) = http_listener {
+        let tls = cfg
+            .http_tls
+            .then(|| http::tls_config(&cfg.tls_cert, &cfg.tls_key))
+            .transpose()?;
+        let app = http::router(engine.clone());
+        tracker.spawn(http::serve(listener, app, tls, cancel.clone()));
+    }
+    spawn_tasks(&tracker, engine, cfg, rotate_wake, health_reporter, cancel);
+    Ok(tracker)
+}
+
+fn log_ready(grpc_addr: SocketAddr, http_addr: Option<SocketAddr>, issuer: &str, ring: &KeyRing) {
+    let kid = ring.current().active.kid.clone();
+    match http_addr {
+        Some(http_addr) => tracing::info!(%grpc_addr, %http_addr, %issuer, %kid, "broker ready"),
+        None => tracing::info!(%grpc_addr, %issuer, %kid, "broker ready"),
+    }
+}
+
+/// `iss`: configured, or the HTTP listener's URL (JWKS and discovery live
+/// there), or the gRPC address without one.
+fn issuer(cfg: &ServeConfig, grpc: SocketAddr, http: Option<SocketAddr>) -> String {
+    cfg.issuer.clone().unwrap_or_else(|| match http {
+        Some(a) if cfg.http_tls => format!("https://{a}"),
+        Some(a) => format!("http://{a}"),
+        None => format!("https://{grpc}"),
     })
 }
 

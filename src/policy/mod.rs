@@ -1,0 +1,493 @@
+//! `policy` decides: which identity may have which scope, at once, after
+//! approval, or not at all.
+//!
+//! The policy is a TOML file validated as a whole: every problem is reported
+//! with its line, unknown keys are refused, and anything not granted by a
+//! rule is refused (deny by default). See DESIGN.md section 5 and the README.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::identity::Identity;
+use crate::vocab::EventKind;
+
+mod check;
+mod raw;
+
+/// Hard cap on any TTL unless `[broker] max_ttl` says otherwise.
+pub const DEFAULT_HARD_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(600);
+
+/// One problem found while loading a policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line in the file (0 when unknown).
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// Errors of policy loading.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read policy `{path}`: {detail}")]
+    Read {
+        /// Path.
+        path: String,
+        /// OS error.
+        detail: String,
+    },
+    /// The policy has problems; every one is listed.
+    #[error("invalid policy ({} problem{}):\n{}", .0.len(), if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// Whether a scope is granted by machine or needs humans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Granted at once.
+    Auto,
+    /// Parked until enough approvals.
+    Approval,
+}
+
+/// How an approval-tier scope is approved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalRule {
+    /// Groups whose members may approve.
+    pub approvers: Vec<String>,
+    /// Distinct approvals needed.
+    pub required: u32,
+    /// How long a request may wait.
+    pub pending_ttl: Duration,
+    /// Break-glass cap, when allowed.
+    pub break_glass_max_ttl: Option<Duration>,
+    /// How long an approved request waits to be claimed.
+    pub claim_ttl: Duration,
+    /// Approvals must carry a reason.
+    pub require_reason: bool,
+}
+
+/// A scope's rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScopeRule {
+    /// Scope name.
+    pub name: String,
+    /// Tier.
+    pub tier: Tier,
+    /// Identity patterns allowed to ask (`*` matches any run of characters).
+    pub workloads: Vec<String>,
+    /// TTL when the request names none.
+    pub default_ttl: Duration,
+    /// Longest life, renewals included.
+    pub max_ttl: Duration,
+    /// Approval settings (approval tier only).
+    pub approval: Option<ApprovalRule>,
+    /// Line of the `[[scope]]` table.
+    pub line: usize,
+}
+
+impl ScopeRule {
+    /// Human name of the rule, used in refusals and records.
+    pub fn rule_name(&self) -> String {
+        format!("scope `{}` (policy line {})", self.name, self.line)
+    }
+}
+
+/// A validated policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Audience when a request names none.
+    pub default_audience: String,
+    /// Groups whose members are admins.
+    pub admin_groups: Vec<String>,
+    /// Groups whose members may read the audit trail.
+    pub auditor_groups: Vec<String>,
+    /// No TTL may exceed this.
+    pub hard_max_ttl: Duration,
+    /// Group name → member identities.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Scope name → rule.
+    pub scopes: BTreeMap<String, ScopeRule>,
+    /// Where to announce request events.
+    pub webhooks: Vec<Webhook>,
+}
+
+/// Body format of a webhook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// A generic JSON event document.
+    Json,
+    /// A Slack-compatible incoming-webhook body (`{"text": ...}`).
+    Slack,
+}
+
+/// One notification target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// Body format.
+    pub format: WebhookFormat,
+    /// Events to send (empty: all).
+    pub events: Vec<EventKind>,
+}
+
+/// What policy says about a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Every scope is auto for this identity.
+    Grant {
+        /// TTL to grant.
+        ttl: Duration,
+        /// Renewal bound.
+        max_ttl: Duration,
+        /// Rules that allowed it.
+        rules: Vec<String>,
+    },
+    /// Some scopes need approval.
+    Park {
+        /// TTL once issued.
+        ttl: Duration,
+        /// Renewal bound.
+        max_ttl: Duration,
+        /// How long it may wait.
+        pending_ttl: Duration,
+        /// One entry per approval scope.
+        requirements: Vec<crate::store::Requirement>,
+    },
+}
+
+/// Why policy refuses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("scope `{scope}`: {reason}")]
+pub struct Refusal {
+    /// The first scope refused.
+    pub scope: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Does `identity` match `pattern`? `*` matches any run (including `/`).
+pub fn glob_match(pattern: &str, identity: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        return pattern == identity;
+    };
+    let Some(mut rest) = identity.strip_prefix(first) else {
+        return false;
+    };
+    for m in middle {
+        match rest.find(m) {
+            Some(i) => rest = &rest[i + m.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+impl Policy {
+    /// May `who` read the audit trail (admins and auditors)?
+    pub fn is_auditor(&self, who: &Identity) -> bool {
+        self.is_admin(who)
+            || self
+                .auditor_groups
+                .iter()
+                .any(|g| self.is_member(g, who.as_str()))
+    }
+
+    /// Is `who` a member of any admin group?
+    pub fn is_admin(&self, who: &Identity) -> bool {
+        self.admin_groups
+            .iter()
+            .any(|g| self.is_member(g, who.as_str()))
+    }
+
+    /// Is `who` a member of group `g`?
+    pub fn is_member(&self, g: &str, who: &str) -> bool {
+        self.groups
+            .get(g)
+            .is_some_and(|m| m.iter().any(|x| x == who))
+    }
+
+    /// The rules of `scopes` if `identity` may ask for every one of them.
+    fn rules_for(
+        &self,
+        identity: &Identity,
+        scopes: &[String],
+    ) -> Result<Vec<&ScopeRule>, Refusal> {
+        scopes
+            .iter()
+            .map(|s| {
+                let rule = self.scopes.get(s).ok_or_else(|| Refusal {
+                    scope: s.clone(),
+                    reason: "not defined in policy".into(),
+                })?;
+                if rule
+                    .workloads
+                    .iter()
+                    .any(|p| glob_match(p, identity.as_str()))
+                {
+                    Ok(rule)
+                } else {
+                    Err(Refusal {
+                        scope: s.clone(),
+                        reason: format!(
+                            "`{}` is not among its allowed workloads ({})",
+                            identity.as_str(),
+                            rule.rule_name()
+                        ),
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// Decide for `identity` asking `scopes` (already syntax-checked) with an
+    /// optional wanted TTL. The TTL is clamped to the smallest `max_ttl`.
+    pub fn decide(
+        &self,
+        identity: &Identity,
+        scopes: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<Decision, Refusal> {
+        let rules = self.rules_for(identity, scopes)?;
+        let max_ttl = rules
+            .iter()
+            .map(|r| r.max_ttl)
+            .min()
+            .unwrap_or(DEFAULT_MAX_TTL);
+        let default_ttl = rules.iter().map(|r| r.default_ttl).min().unwrap_or(max_ttl);
+        let ttl = ttl.unwrap_or(default_ttl).min(max_ttl);
+        let approvals: Vec<&ScopeRule> = rules
+            .iter()
+            .copied()
+            .filter(|r| r.tier == Tier::Approval)
+            .collect();
+        if approvals.is_empty() {
+            return Ok(Decision::Grant {
+                ttl,
+                max_ttl,
+                rules: rules.iter().map(|r| r.rule_name()).collect(),
+            });
+        }
+        let mut pending_ttl = DEFAULT_PENDING_TTL;
+        let mut requirements = Vec::new();
+        for r in approvals {
+            if let Some(a) = &r.approval {
+                pending_ttl = pending_ttl.min(a.pending_ttl);
+                requirements.push(crate::store::Requirement {
+                    scope: r.name.clone(),
+                    approver_groups: a.approvers.clone(),
+                    approvals_required: a.required,
+                    rule: r.rule_name(),
+                });
+            }
+        }
+        Ok(Decision::Park {
+            ttl,
+            max_ttl,
+            pending_ttl,
+            requirements,
+        })
+    }
+
+    /// Load and validate a policy file.
+    pub fn load(path: &std::path::Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parse and validate policy text, reporting every problem: first
+    /// every unknown key ([`raw::unknown_keys`]), then the typed reading,
+    /// then each section's checks ([`check`]).
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let unknown = raw::unknown_keys(text);
+        if !unknown.is_empty() {
+            return Err(PolicyError::Invalid(unknown));
+        }
+        let raw: raw::RawPolicy = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(0, |s| raw::line_of(text, s.start));
+            PolicyError::Invalid(vec![Problem {
+                line,
+                message: e.message().to_owned(),
+            }])
+        })?;
+        check::Checker::new(text).policy(&raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[broker]
+default_audience = "internal"
+admins = ["admins"]
+
+[groups]
+db-owners = ["spiffe://example.org/human/alice", "spiffe://example.org/human/bob"]
+admins = ["spiffe://example.org/human/root"]
+
+[[scope]]
+name = "orders.read"
+tier = "auto"
+workloads = ["spiffe://example.org/ns/billing/*"]
+default_ttl = "5m"
+max_ttl = "1h"
+
+[[scope]]
+name = "orders.admin"
+tier = "approval"
+workloads = ["spiffe://example.org/ns/billing/*"]
+approvers = ["db-owners"]
+approvals_required = 2
+pending_ttl = "30m"
+max_ttl = "15m"
+"#;
+
+    fn id(s: &str) -> Identity {
+        Identity::parse(s).unwrap()
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("spiffe://a/ns/*", "spiffe://a/ns/x/y"));
+        assert!(!glob_match("spiffe://a/ns/*", "spiffe://a/other"));
+        assert!(glob_match("spiffe://a/*/sa/api", "spiffe://a/ns/b/sa/api"));
+        assert!(!glob_match(
+            "spiffe://a/*/sa/api",
+            "spiffe://a/ns/b/sa/apix"
+        ));
+        assert!(glob_match("spiffe://a/x", "spiffe://a/x"));
+        assert!(!glob_match("spiffe://a/x", "spiffe://a/xy"));
+        assert!(!glob_match("spiffe://a/x*x", "spiffe://a/x"));
+    }
+
+    #[test]
+    fn decides_grant_park_and_refuse_with_clamped_ttl() {
+        let p = Policy::parse(GOOD).unwrap();
+        let w = id("spiffe://example.org/ns/billing/sa/api");
+        match p.decide(&w, &["orders.read".into()], None).unwrap() {
+            Decision::Grant { ttl, max_ttl, .. } => {
+                assert_eq!(ttl, Duration::from_secs(300));
+                assert_eq!(max_ttl, Duration::from_secs(3600));
+            }
+            d => panic!("{d:?}"),
+        }
+        match p
+            .decide(&w, &["orders.read".into()], Some(Duration::from_secs(7200)))
+            .unwrap()
+        {
+            Decision::Grant { ttl, .. } => assert_eq!(ttl, Duration::from_secs(3600)),
+            d => panic!("{d:?}"),
+        }
+        match p
+            .decide(&w, &["orders.read".into(), "orders.admin".into()], None)
+            .unwrap()
+        {
+            Decision::Park {
+                ttl,
+                pending_ttl,
+                requirements,
+                ..
+            } => {
+                assert_eq!(ttl, Duration::from_secs(300));
+                assert_eq!(pending_ttl, Duration::from_secs(1800));
+                assert_eq!(requirements.len(), 1);
+                assert_eq!(requirements[0].approvals_required, 2);
+            }
+            d => panic!("{d:?}"),
+        }
+        let r = p.decide(&w, &["nope".into()], None).unwrap_err();
+        assert_eq!(r.scope, "nope");
+        let other = id("spiffe://example.org/ns/web/sa/x");
+        let r = p.decide(&other, &["orders.read".into()], None).unwrap_err();
+        assert!(r.reason.contains("not among its allowed workloads"), "{r}");
+        assert!(p.is_admin(&id("spiffe://example.org/human/root")));
+        assert!(!p.is_admin(&w));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_line() {
+        let bad = r#"
+[groups]
+g = ["not-a-uri"]
+
+[[scope]]
+name = "a b"
+tier = "sometimes"
+workloads = ["http://x"]
+
+[[scope]]
+name = "x"
+tier = "approval"
+workloads = ["spiffe://x/*"]
+approvers = ["missing"]
+max_ttl = "5m"
+default_ttl = "10m"
+"#;
+        let PolicyError::Invalid(problems) = Policy::parse(bad).unwrap_err() else {
+            panic!()
+        };
+        let lines: Vec<usize> = problems.iter().map(|p| p.line).collect();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert!(problems.len() >= 6, "{text:#?}");
+        assert!(text.iter().any(|t| t.contains("not-a-uri")), "{text:#?}");
+        assert!(
+            text.iter().any(|t| t.contains("unknown tier `sometimes`")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("unknown group `missing`")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("default_ttl is longer")),
+            "{text:#?}"
+        );
+        assert!(
+            lines.contains(&3) && lines.contains(&6) && lines.contains(&7) && lines.contains(&14),
+            "{text:#?}"
+        );
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_its_line() {
+        let text = "[broker]\nadmin = []\n[[scope]]\nname = \"a\"\ntier = \"auto\"\nworkload = []\nbreak_glass = { allowed = true, maxttl = \"1m\" }\n[[webhook]]\nurl = \"https://x\"\nevent = []\n";
+        let PolicyError::Invalid(problems) = Policy::parse(text).unwrap_err() else {
+            panic!()
+        };
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "line 2: unknown key `broker.admin` (expected one of: default_audience, admins, auditors, max_ttl)",
+                "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, break_glass)",
+                "line 7: unknown key `scope.break_glass.maxttl` (expected one of: allowed, max_ttl)",
+                "line 10: unknown key `webhook.event` (expected one of: url, format, events)",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err =
+            Policy::parse("[[scope]]\nname = \"a\"\ntier = \"auto\"\nworkload = []\n").unwrap_err();
+        assert!(err.to_string().contains("workload"), "{err}");
+        assert!(err.to_string().contains("line 4"), "{err}");
+    }
+}

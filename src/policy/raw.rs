@@ -1,0 +1,165 @@
+//! Stage one of reading a policy: the TOML shapes as written (with spans
+//! for line numbers), and a walk that finds every unknown key at once —
+//! serde's `deny_unknown_fields` stops at the first.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::Problem;
+
+/// 1-based line of byte `offset` in `text`.
+pub(super) fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(0, |t| t.matches('\n').count() + 1)
+}
+
+/// The keys each table may hold; `None` for a table whose keys are free
+/// (group names).
+enum Shape {
+    Keys(&'static [&'static str], &'static [(&'static str, Shape)]),
+    Free,
+}
+
+const BREAK_GLASS: Shape = Shape::Keys(&["allowed", "max_ttl"], &[]);
+const SCOPE: Shape = Shape::Keys(
+    &[
+        "name",
+        "description",
+        "tier",
+        "workloads",
+        "default_ttl",
+        "max_ttl",
+        "approvers",
+        "approvals_required",
+        "pending_ttl",
+        "claim_ttl",
+        "require_approval_reason",
+    ],
+    &[("break_glass", BREAK_GLASS)],
+);
+const WEBHOOK: Shape = Shape::Keys(&["url", "format", "events"], &[]);
+const BROKER: Shape = Shape::Keys(&["default_audience", "admins", "auditors", "max_ttl"], &[]);
+const TOP: Shape = Shape::Keys(
+    &[],
+    &[
+        ("broker", BROKER),
+        ("groups", Shape::Free),
+        ("scope", SCOPE),
+        ("webhook", WEBHOOK),
+    ],
+);
+
+/// Every key the policy format does not know, each with its line. A text
+/// that is not TOML yields nothing here (the typed reading reports it).
+pub(super) fn unknown_keys(text: &str) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if let Ok(top) = DeTable::parse(text) {
+        walk(text, top.get_ref(), &TOP, "", &mut problems);
+    }
+    // Nested tables are walked before their siblings: report in file order.
+    problems.sort_by_key(|p| p.line);
+    problems
+}
+
+fn walk(text: &str, table: &DeTable<'_>, shape: &Shape, path: &str, out: &mut Vec<Problem>) {
+    let Shape::Keys(plain, nested) = shape else {
+        return;
+    };
+    for (key, value) in table {
+        let name = key.get_ref().as_ref();
+        if plain.contains(&name) {
+            continue;
+        }
+        let Some((_, inner)) = nested.iter().find(|(n, _)| *n == name) else {
+            let mut expected: Vec<&str> = plain.to_vec();
+            expected.extend(nested.iter().map(|(n, _)| *n));
+            out.push(Problem {
+                line: line_of(text, key.span().start),
+                message: format!(
+                    "unknown key `{path}{name}` (expected one of: {})",
+                    expected.join(", ")
+                ),
+            });
+            continue;
+        };
+        let here = format!("{path}{name}.");
+        match value.get_ref() {
+            DeValue::Table(t) => walk(text, t, inner, &here, out),
+            DeValue::Array(items) => {
+                for item in items.iter() {
+                    if let DeValue::Table(t) = item.get_ref() {
+                        walk(text, t, inner, &here, out);
+                    }
+                }
+            }
+            // A wrong type is the typed reading's to report.
+            _ => {}
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    #[serde(default)]
+    pub broker: RawBroker,
+    #[serde(default)]
+    pub groups: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    #[serde(default, rename = "scope")]
+    pub scopes: Vec<Spanned<RawScope>>,
+    #[serde(default, rename = "webhook")]
+    pub webhooks: Vec<RawWebhook>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBroker {
+    pub default_audience: Option<String>,
+    #[serde(default)]
+    pub admins: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub auditors: Vec<Spanned<String>>,
+    pub max_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawScope {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    #[allow(dead_code, reason = "documentation for humans reading the policy")]
+    pub description: Option<String>,
+    pub tier: Spanned<String>,
+    #[serde(default)]
+    pub workloads: Vec<Spanned<String>>,
+    pub default_ttl: Option<Spanned<String>>,
+    pub max_ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    pub approvers: Vec<Spanned<String>>,
+    pub approvals_required: Option<Spanned<u32>>,
+    pub pending_ttl: Option<Spanned<String>>,
+    pub claim_ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    pub require_approval_reason: bool,
+    pub break_glass: Option<RawBreakGlass>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    pub url: Spanned<String>,
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
+    #[serde(default)]
+    pub events: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBreakGlass {
+    pub allowed: bool,
+    pub max_ttl: Option<Spanned<String>>,
+}

@@ -1,0 +1,240 @@
+//! The module graph stays a graph without cycles: no module reaches back to
+//! one that uses it, at the top level (`engine`, `api`, `policy`, …) and
+//! among the files of each module directory. The client side talks to the
+//! broker only through the generated gRPC types. Read from the source, so
+//! a wrong-way import fails here with the edge that closed the cycle.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "a failure is a test failure"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Source text before the file's test module, comments dropped.
+fn code(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let text = text.split("#[cfg(test)]").next().unwrap_or("");
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Names that follow `prefix` in `text` (identifier characters).
+fn after<'t>(text: &'t str, prefix: &str) -> BTreeSet<&'t str> {
+    text.match_indices(prefix)
+        .map(|(i, _)| {
+            let rest = &text[i + prefix.len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// `use crate::{a, b::c}` lists too: the first name of each item.
+fn grouped_crate_uses(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in text.match_indices("crate::{") {
+        let rest = &text[i + "crate::{".len()..];
+        let mut depth = 1;
+        let mut item = String::new();
+        for c in rest.chars() {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                ',' if depth == 1 => {
+                    out.extend(first_name(&item));
+                    item.clear();
+                    continue;
+                }
+                _ => {}
+            }
+            if depth == 0 {
+                break;
+            }
+            item.push(c);
+        }
+        out.extend(first_name(&item));
+    }
+    out
+}
+
+fn first_name(item: &str) -> Option<String> {
+    let t = item.trim_start();
+    let end = t
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(t.len());
+    (end > 0).then(|| t[..end].to_owned())
+}
+
+type Graph = BTreeMap<String, BTreeSet<String>>;
+
+/// A cycle in `g`, if any, as the path that closes it.
+fn cycle(g: &Graph) -> Option<Vec<String>> {
+    fn visit(
+        n: &str,
+        g: &Graph,
+        state: &mut BTreeMap<String, u8>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        match state.get(n) {
+            Some(1) => {
+                let from = path.iter().position(|p| p == n).unwrap_or(0);
+                let mut c = path[from..].to_vec();
+                c.push(n.to_owned());
+                return Some(c);
+            }
+            Some(_) => return None,
+            None => {}
+        }
+        state.insert(n.to_owned(), 1);
+        path.push(n.to_owned());
+        for m in g.get(n).into_iter().flatten() {
+            if let Some(c) = visit(m, g, state, path) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        state.insert(n.to_owned(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    g.keys()
+        .find_map(|n| visit(n, g, &mut state, &mut Vec::new()))
+}
+
+struct Crate {
+    /// Top-level module -> top-level modules it uses.
+    top: Graph,
+    /// Module directory -> (file module -> sibling file modules it uses).
+    inner: BTreeMap<String, Graph>,
+}
+
+fn read_crate() -> Crate {
+    // LAYERING_SRC points the check at another tree (e.g. an old checkout,
+    // to see it fail there).
+    let src = std::env::var_os("LAYERING_SRC").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        PathBuf::from,
+    );
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut top = Graph::new();
+    let mut inner: BTreeMap<String, Graph> = BTreeMap::new();
+    for f in files {
+        let rel = f.strip_prefix(&src).unwrap();
+        let parts: Vec<String> = rel
+            .with_extension("")
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        if parts == ["lib"] || parts == ["main"] {
+            continue;
+        }
+        let module = parts[0].clone();
+        let text = code(&f);
+        let mut uses: BTreeSet<String> = after(&text, "crate::")
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        uses.extend(grouped_crate_uses(&text));
+        uses.remove(&module);
+        uses.remove("pb");
+        top.entry(module.clone()).or_default().extend(uses);
+        // Sibling files of a module directory (not its mod.rs).
+        if parts.len() == 2 && parts[1] != "mod" {
+            let own = format!("crate::{module}::");
+            let mut siblings: BTreeSet<String> = after(&text, "super::")
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            siblings.extend(after(&text, &own).into_iter().map(str::to_owned));
+            siblings.remove(&parts[1]);
+            inner
+                .entry(module)
+                .or_default()
+                .entry(parts[1].clone())
+                .or_default()
+                .extend(siblings);
+        }
+    }
+    // Keep only edges to modules that exist (a name after `super::` may be
+    // an item of mod.rs, which every file may use).
+    let names: BTreeSet<String> = top.keys().cloned().collect();
+    for uses in top.values_mut() {
+        uses.retain(|u| names.contains(u));
+    }
+    for g in inner.values_mut() {
+        let files: BTreeSet<String> = g.keys().cloned().collect();
+        for uses in g.values_mut() {
+            uses.retain(|u| files.contains(u));
+        }
+    }
+    Crate { top, inner }
+}
+
+#[test]
+fn no_module_reaches_back_to_one_that_uses_it() {
+    let c = read_crate();
+    assert!(
+        c.top.contains_key("store") && c.top.contains_key("api"),
+        "{:?}",
+        c.top.keys()
+    );
+    if let Some(path) = cycle(&c.top) {
+        panic!("import cycle between modules: {}", path.join(" -> "));
+    }
+    for (dir, g) in &c.inner {
+        if let Some(path) = cycle(g) {
+            panic!("import cycle inside `{dir}`: {}", path.join(" -> "));
+        }
+    }
+}
+
+#[test]
+fn the_domain_knows_nothing_of_grpc_or_the_command_line() {
+    let c = read_crate();
+    let outer = ["api", "server", "cli", "client", "agent", "bench", "dev"];
+    for domain in [
+        "text", "vocab", "clock", "identity", "store", "keys", "token", "rotation", "policy",
+        "audit", "metrics", "notify", "engine",
+    ] {
+        let uses = &c.top[domain];
+        for o in outer {
+            assert!(!uses.contains(o), "`{domain}` uses `{o}`");
+        }
+    }
+}
+
+#[test]
+fn the_detector_finds_a_cycle_when_there_is_one() {
+    let mut g = Graph::new();
+    g.entry("a".into()).or_default().insert("b".into());
+    g.entry("b".into()).or_default().insert("c".into());
+    assert!(cycle(&g).is_none());
+    g.entry("c".into()).or_default().insert("a".into());
+    assert_eq!(cycle(&g).unwrap(), ["a", "b", "c", "a"]);
+    assert_eq!(
+        grouped_crate_uses("use crate::{audit::Entry, store::{A, B}, text};"),
+        ["audit", "store", "text"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+}
