@@ -15,7 +15,7 @@ use portcullis::keys::{Kek, KeyRing, SigningAlg};
 use portcullis::policy::Policy;
 use portcullis::store::commit::GroupCommit;
 use portcullis::store::sled_store::SledStore;
-use portcullis::store::{Lease, LeaseState, Store};
+use portcullis::store::{Lease, LeaseState, LeaseStore, Store};
 
 #[tokio::main]
 async fn main() {

@@ -415,6 +415,7 @@ fn build_set(kek: &Kek, records: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::KeyStore;
     use crate::store::mem::MemStore;
 
     #[test]

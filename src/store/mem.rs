@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    Idempotency, KeyRecord, Lease, LeaseState, Millis, Store, StoreError, TokenRequest,
-    deadline_key, idem_key, split_deadline_key, subject_key,
+    AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
+    RequestStore, Store, StoreError, TokenRequest, deadline_key, idem_key, split_deadline_key,
+    subject_key,
 };
 
 #[derive(Default)]
@@ -60,7 +61,7 @@ fn first(index: &BTreeSet<Vec<u8>>) -> Option<Millis> {
         .map(|(at, _)| at)
 }
 
-impl Store for MemStore {
+impl LeaseStore for MemStore {
     fn create_lease(
         &self,
         lease: &Lease,
@@ -139,6 +140,37 @@ impl Store for MemStore {
         Ok(first(&self.lock()?.lease_expiry))
     }
 
+    fn purge_leases(&self, before: Millis) -> Result<u64, StoreError> {
+        let mut g = self.lock()?;
+        let old: Vec<Lease> = g
+            .leases
+            .values()
+            .filter(|l| l.ended_at().is_some_and(|t| t < before))
+            .cloned()
+            .collect();
+        for l in &old {
+            g.leases.remove(&l.id);
+            g.by_subject.remove(&subject_key(&l.subject, &l.id));
+        }
+        Ok(old.len() as u64)
+    }
+
+    fn count_active_leases(&self) -> Result<u64, StoreError> {
+        Ok(self.lock()?.lease_expiry.len() as u64)
+    }
+
+    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .lock()?
+            .leases
+            .values()
+            .filter(|l| l.kid == kid && l.state == LeaseState::Active)
+            .map(|l| l.id.clone())
+            .collect())
+    }
+}
+
+impl RequestStore for MemStore {
     fn create_request(
         &self,
         req: &TokenRequest,
@@ -212,22 +244,8 @@ impl Store for MemStore {
         Ok(first(&self.lock()?.request_expiry))
     }
 
-    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        Ok(self.lock()?.keys.values().cloned().collect())
-    }
-
-    fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError> {
+    fn purge_requests(&self, before: Millis) -> Result<u64, StoreError> {
         let mut g = self.lock()?;
-        let old: Vec<Lease> = g
-            .leases
-            .values()
-            .filter(|l| l.ended_at().is_some_and(|t| t < before))
-            .cloned()
-            .collect();
-        for l in &old {
-            g.leases.remove(&l.id);
-            g.by_subject.remove(&subject_key(&l.subject, &l.id));
-        }
         let reqs: Vec<String> = g
             .requests
             .values()
@@ -237,14 +255,15 @@ impl Store for MemStore {
         for id in &reqs {
             g.requests.remove(id);
         }
-        Ok((old.len() as u64, reqs.len() as u64))
+        Ok(reqs.len() as u64)
     }
 
-    fn counts(&self) -> Result<(u64, u64), StoreError> {
-        let g = self.lock()?;
-        Ok((g.lease_expiry.len() as u64, g.requests_open.len() as u64))
+    fn count_open_requests(&self) -> Result<u64, StoreError> {
+        Ok(self.lock()?.requests_open.len() as u64)
     }
+}
 
+impl AuditStore for MemStore {
     fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         self.lock()?.audit.insert(seq, bytes.to_vec());
         Ok(())
@@ -293,27 +312,25 @@ impl Store for MemStore {
             .map(|(k, v)| (*k, v.clone()))
             .collect())
     }
+}
+
+impl KeyStore for MemStore {
+    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        Ok(self.lock()?.keys.values().cloned().collect())
+    }
 
     fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
         self.lock()?.keys.remove(kid);
         Ok(())
     }
 
-    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .lock()?
-            .leases
-            .values()
-            .filter(|l| l.kid == kid && l.state == LeaseState::Active)
-            .map(|l| l.id.clone())
-            .collect())
-    }
-
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         self.lock()?.keys.insert(key.kid.clone(), key.clone());
         Ok(())
     }
+}
 
+impl Store for MemStore {
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.lock()?.meta.get(name).cloned())
     }

@@ -467,11 +467,10 @@ pub struct KeyRecord {
     pub retire_at: Option<Millis>,
 }
 
-/// The storage contract. Every method is short and synchronous (callers on
-/// the async runtime use it directly for reads and small writes; bulk work
-/// goes through `spawn_blocking`). Durability is separate: see the module
-/// docs and [`Store::sync`].
-pub trait Store: Send + Sync + 'static {
+/// Leases: the durable record of every grant, with the indexes that serve
+/// expiry (ACTIVE by `expires_at`), listing (by subject) and emergency
+/// rotation (by signing key).
+pub trait LeaseStore {
     /// Insert a new lease and its indexes, and — when `idem` is given — claim
     /// the idempotency key, atomically. When the key is already taken nothing
     /// is written and the existing entry is returned.
@@ -498,8 +497,20 @@ pub trait Store: Send + Sync + 'static {
     fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Earliest `expires_at` among ACTIVE leases.
     fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError>;
+    /// Ids of ACTIVE leases whose latest token was signed by `kid` (a full
+    /// scan: for emergency rotation only).
+    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError>;
+    /// Number of ACTIVE leases (the gauge's starting point).
+    fn count_active_leases(&self) -> Result<u64, StoreError>;
+    /// Delete leases that ended before `before`; returns how many.
+    fn purge_leases(&self, before: Millis) -> Result<u64, StoreError>;
+}
+
+/// Parked requests, indexed by deadline while not terminal and kept in an
+/// open set while someone still has to act on them.
+pub trait RequestStore {
     /// Insert a new request (indexed by deadline unless terminal), claiming
-    /// `idem` atomically like [`Store::create_lease`].
+    /// `idem` atomically like [`LeaseStore::create_lease`].
     fn create_request(
         &self,
         req: &TokenRequest,
@@ -521,6 +532,14 @@ pub trait Store: Send + Sync + 'static {
     fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Earliest deadline among non-terminal requests.
     fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError>;
+    /// Number of open requests (the gauge's starting point).
+    fn count_open_requests(&self) -> Result<u64, StoreError>;
+    /// Delete requests that ended before `before`; returns how many.
+    fn purge_requests(&self, before: Millis) -> Result<u64, StoreError>;
+}
+
+/// The decision trail's records (by sequence number) and checkpoints.
+pub trait AuditStore {
     /// Append one audit record (`seq` is the key; `bytes` its canonical
     /// encoding). Sequence numbers are assigned by the caller, in order.
     fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
@@ -539,29 +558,42 @@ pub trait Store: Send + Sync + 'static {
     fn compact_audit(&self, seq: u64) -> Result<(), StoreError>;
     /// Every checkpoint, in order.
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
-    /// How many ACTIVE leases and open requests there are (for gauges at
-    /// start; may be slow on large stores, so callers run it off the hot path).
-    fn counts(&self) -> Result<(u64, u64), StoreError>;
-    /// Retention: delete leases that ended (expired or revoked) and requests
-    /// that are terminal and closed, whose end is before `before`, with
-    /// their index entries. Returns (leases, requests) deleted. A full scan:
-    /// run it in the background.
-    fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError>;
+}
+
+/// Signing-key records (private parts sealed).
+pub trait KeyStore {
     /// Every signing key.
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Remove a signing key record.
-    fn delete_key(&self, kid: &str) -> Result<(), StoreError>;
-    /// Ids of ACTIVE leases whose latest token was signed by `kid` (a full
-    /// scan: for emergency rotation only).
-    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError>;
     /// Insert or replace a signing key.
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// Remove a signing key record.
+    fn delete_key(&self, kid: &str) -> Result<(), StoreError>;
+}
+
+/// The storage contract: one part per record kind, so a backend can be
+/// written and conformance-tested a part at a time, plus named metadata and
+/// the sync that group commit calls. Every method is short and synchronous
+/// (callers on the async runtime use it directly for reads and small
+/// writes; bulk work goes through `spawn_blocking`). Durability is separate:
+/// see the module docs and [`Store::sync`].
+pub trait Store: LeaseStore + RequestStore + AuditStore + KeyStore + Send + Sync + 'static {
     /// A metadata value.
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Set a metadata value.
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Make every write applied before this call durable. Blocking.
     fn sync(&self) -> Result<(), StoreError>;
+
+    /// (ACTIVE leases, open requests).
+    fn counts(&self) -> Result<(u64, u64), StoreError> {
+        Ok((self.count_active_leases()?, self.count_open_requests()?))
+    }
+
+    /// Retention: delete leases and requests that ended before `before`.
+    /// Returns how many of each.
+    fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError> {
+        Ok((self.purge_leases(before)?, self.purge_requests(before)?))
+    }
 }
 
 /// Big-endian deadline ‖ id: sorts by time, then id.

@@ -13,8 +13,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Db, Transactional as _, Tree};
 
 use super::{
-    Idempotency, KeyRecord, Lease, LeaseState, Millis, SCHEMA_VERSION, Store, StoreError,
-    TokenRequest, deadline_key, decode, encode, idem_key, split_deadline_key, subject_key,
+    AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
+    RequestStore, SCHEMA_VERSION, Store, StoreError, TokenRequest, deadline_key, decode, encode,
+    idem_key, split_deadline_key, subject_key,
 };
 
 /// sled-backed store rooted at a data directory.
@@ -156,7 +157,7 @@ impl SledStore {
     }
 }
 
-impl Store for SledStore {
+impl LeaseStore for SledStore {
     fn create_lease(
         &self,
         lease: &Lease,
@@ -301,6 +302,42 @@ impl Store for SledStore {
         Self::first(&self.lease_expiry)
     }
 
+    fn purge_leases(&self, before: Millis) -> Result<u64, StoreError> {
+        let mut leases = 0;
+        for item in self.leases.iter() {
+            let (k, v) = item.map_err(unavailable)?;
+            let l: Lease = decode("leases", &k, &v)?;
+            if l.ended_at().is_some_and(|t| t < before) {
+                // The subject index entry goes first: a lease is never
+                // listed without its record, and an orphan entry is skipped.
+                self.by_subject
+                    .remove(subject_key(&l.subject, &l.id))
+                    .map_err(unavailable)?;
+                self.leases.remove(&k).map_err(unavailable)?;
+                leases += 1;
+            }
+        }
+        Ok(leases)
+    }
+
+    fn count_active_leases(&self) -> Result<u64, StoreError> {
+        Ok(self.lease_expiry.len() as u64)
+    }
+
+    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.leases.iter() {
+            let (k, v) = item.map_err(unavailable)?;
+            let l: Lease = decode("leases", &k, &v)?;
+            if l.kid == kid && l.state == LeaseState::Active {
+                out.push(l.id);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RequestStore for SledStore {
     fn create_request(
         &self,
         req: &TokenRequest,
@@ -396,21 +433,8 @@ impl Store for SledStore {
         Self::first(&self.request_expiry)
     }
 
-    fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError> {
-        let (mut leases, mut requests) = (0, 0);
-        for item in self.leases.iter() {
-            let (k, v) = item.map_err(unavailable)?;
-            let l: Lease = decode("leases", &k, &v)?;
-            if l.ended_at().is_some_and(|t| t < before) {
-                // The subject index entry goes first: a lease is never
-                // listed without its record, and an orphan entry is skipped.
-                self.by_subject
-                    .remove(subject_key(&l.subject, &l.id))
-                    .map_err(unavailable)?;
-                self.leases.remove(&k).map_err(unavailable)?;
-                leases += 1;
-            }
-        }
+    fn purge_requests(&self, before: Millis) -> Result<u64, StoreError> {
+        let mut requests = 0;
         for item in self.requests.iter() {
             let (k, v) = item.map_err(unavailable)?;
             let r: TokenRequest = decode("requests", &k, &v)?;
@@ -419,16 +443,15 @@ impl Store for SledStore {
                 requests += 1;
             }
         }
-        Ok((leases, requests))
+        Ok(requests)
     }
 
-    fn counts(&self) -> Result<(u64, u64), StoreError> {
-        Ok((
-            self.lease_expiry.len() as u64,
-            self.requests_open.len() as u64,
-        ))
+    fn count_open_requests(&self) -> Result<u64, StoreError> {
+        Ok(self.requests_open.len() as u64)
     }
+}
 
+impl AuditStore for SledStore {
     fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         self.audit
             .insert(seq.to_be_bytes(), bytes)
@@ -491,7 +514,9 @@ impl Store for SledStore {
             })
             .collect()
     }
+}
 
+impl KeyStore for SledStore {
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.keys
             .iter()
@@ -507,25 +532,15 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.leases.iter() {
-            let (k, v) = item.map_err(unavailable)?;
-            let l: Lease = decode("leases", &k, &v)?;
-            if l.kid == kid && l.state == LeaseState::Active {
-                out.push(l.id);
-            }
-        }
-        Ok(out)
-    }
-
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         self.keys
             .insert(key.kid.as_bytes(), encode(key)?)
             .map_err(unavailable)?;
         Ok(())
     }
+}
 
+impl Store for SledStore {
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .meta
