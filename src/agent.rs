@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::client::{ClientError, ClientOpts};
+use crate::fsutil::{Access, write_atomic};
 use crate::pb;
 use crate::pb::broker_client::BrokerClient;
 
@@ -145,7 +146,7 @@ pub async fn run(opts: ClientOpts, cfg: AgentConfig, stop: impl std::future::Fut
         let wait = match attempt {
             Ok(g) => {
                 let lease = g.lease.unwrap_or_default();
-                match crate::dev::write_file(&cfg.out, g.token.as_bytes(), true) {
+                match write_atomic(&cfg.out, g.token.as_bytes(), Access::Private) {
                     Ok(()) => {
                         // One line per refresh, for people and tests.
                         println!(

@@ -34,6 +34,7 @@ pub mod client;
 pub mod clock;
 pub mod dev;
 pub mod expiry;
+pub mod fsutil;
 pub mod grant;
 pub mod identity;
 pub mod jose;
