@@ -1,0 +1,188 @@
+//! `serve`: its flags, the resolved server configuration (creating the dev
+//! setup when asked), and the dev start-up banner.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use super::exit::{Failure, failure, usage};
+use crate::dev::DevDir;
+use crate::keys::SigningAlg;
+use crate::server::ServeConfig;
+
+/// `serve` flags (each also from `PORTCULLIS_*`).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Zero-config dev mode: dev CA, identities, policy and KEK are created
+    /// in the data directory if missing.
+    #[arg(long)]
+    pub dev: bool,
+    /// Data directory (dev mode keeps everything there; default
+    /// `./portcullis-dev` with `--dev`).
+    #[arg(long, env = "PORTCULLIS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC (mTLS) listen address; port 0 picks a free port.
+    #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: std::net::SocketAddr,
+    /// HTTP listen address (JWKS, OIDC discovery, health, metrics).
+    #[arg(long, env = "PORTCULLIS_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: std::net::SocketAddr,
+    /// Server certificate (PEM). Dev default: `<data-dir>/server.pem`.
+    #[arg(long, env = "PORTCULLIS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server key (PEM). Dev default: `<data-dir>/server-key.pem`.
+    #[arg(long, env = "PORTCULLIS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle client certificates must chain to. Dev default: `<data-dir>/ca.pem`.
+    #[arg(long, env = "PORTCULLIS_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Policy file. Dev default: `<data-dir>/policy.toml`.
+    #[arg(long, env = "PORTCULLIS_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Key-encryption key file (64 hex characters). Dev default: `<data-dir>/kek`.
+    #[arg(long, env = "PORTCULLIS_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// Issuer URL for `iss` (default `http://<http-listen>`).
+    #[arg(long, env = "PORTCULLIS_ISSUER")]
+    pub issuer: Option<String>,
+    /// Algorithm for new signing keys.
+    #[arg(
+        long,
+        env = "PORTCULLIS_SIGNING_ALG",
+        value_enum,
+        default_value = "es256"
+    )]
+    pub alg: AlgArg,
+    /// Keep audit records at least this long (e.g. `400d`); older ones are
+    /// compacted up to a signed checkpoint. Default: keep everything.
+    #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION", value_parser = humantime::parse_duration)]
+    pub audit_retention: Option<Duration>,
+    /// How long a signing key signs before the next one takes over.
+    #[arg(long, env = "PORTCULLIS_ROTATION_PERIOD", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub rotation_period: Duration,
+    /// Delete leases and requests this long after they ended (e.g. `90d`);
+    /// default: keep them. The deletion is recorded in the audit trail.
+    #[arg(long, env = "PORTCULLIS_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+    /// Serve the HTTP listener (JWKS, discovery, metrics) over TLS with the
+    /// server certificate. Recommended outside loopback development.
+    #[arg(long, env = "PORTCULLIS_HTTP_TLS")]
+    pub http_tls: bool,
+    /// Keep all state in memory: nothing survives a restart and nothing is
+    /// fsynced. For benchmarks and experiments only.
+    #[arg(long)]
+    pub in_memory: bool,
+}
+
+/// `--alg` values (the command line's names for [`SigningAlg`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AlgArg {
+    /// ECDSA P-256 with SHA-256 (default; what every JOSE library verifies).
+    Es256,
+    /// Ed25519.
+    EdDsa,
+}
+
+impl From<AlgArg> for SigningAlg {
+    fn from(a: AlgArg) -> Self {
+        match a {
+            AlgArg::Es256 => Self::Es256,
+            AlgArg::EdDsa => Self::EdDsa,
+        }
+    }
+}
+
+fn prepare_dev(args: &ServeArgs) -> Result<Option<DevDir>, Failure> {
+    if !args.dev {
+        return Ok(None);
+    }
+    let dir = DevDir::new(
+        args.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("portcullis-dev")),
+    );
+    let created = dir.prepare().map_err(|e| failure(e.to_string()))?;
+    if created {
+        tracing::info!(dir = %dir.root.display(), "created dev CA, identities, policy and key-encryption key");
+    }
+    Ok(Some(dir))
+}
+
+/// Resolve `serve` flags into a config, creating the dev setup when asked.
+pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), Failure> {
+    let dev = prepare_dev(args)?;
+    let need = |v: &Option<PathBuf>, dev_name: &str, flag: &str| -> Result<PathBuf, Failure> {
+        match (v, &dev) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(d)) => Ok(d.path(dev_name)),
+            (None, None) => Err(usage(format!("--{flag} is required without --dev"))),
+        }
+    };
+    let data_dir = match (&args.data_dir, &dev) {
+        (_, Some(d)) => d.data(),
+        (Some(p), None) => p.clone(),
+        (None, None) => return Err(usage("--data-dir is required without --dev")),
+    };
+    let mut cfg = ServeConfig::new(
+        data_dir,
+        need(&args.tls_cert, "server.pem", "tls-cert")?,
+        need(&args.tls_key, "server-key.pem", "tls-key")?,
+        need(&args.client_ca, "ca.pem", "client-ca")?,
+        need(&args.policy, "policy.toml", "policy")?,
+        need(&args.kek_file, "kek", "kek-file")?,
+    );
+    cfg.listen = args.listen;
+    cfg.http_listen = Some(args.http_listen);
+    cfg.issuer = args.issuer.clone();
+    cfg.alg = args.alg.into();
+    cfg.in_memory = args.in_memory;
+    if args.rotation_period < Duration::from_secs(3600) {
+        return Err(usage(
+            "--rotation-period must be at least 1h (a next key is pre-published 10m ahead)",
+        ));
+    }
+    cfg.rotation.period = args.rotation_period;
+    cfg.audit_retention = args.audit_retention;
+    cfg.http_tls = args.http_tls;
+    cfg.retention = args.retention;
+    Ok((cfg, dev))
+}
+
+/// What `serve --dev` prints once it is listening.
+pub fn dev_banner(
+    dir: &DevDir,
+    grpc: std::net::SocketAddr,
+    http: Option<std::net::SocketAddr>,
+) -> String {
+    let d = dir.root.display();
+    let http = http.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let mut s = format!(
+        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
+    );
+    let bin = "cargo run --release --";
+    for line in [
+        format!(
+            "{bin} token request --scope orders.read --reason 'read orders'   # auto: granted at once"
+        ),
+        format!("{bin} lease list"),
+        format!(
+            "{bin} token request --scope orders.admin --reason 'fix a bad row'   # approval: parked"
+        ),
+        format!(
+            "{bin} policy explain --identity {} --scope orders.admin",
+            crate::dev::WORKLOAD
+        ),
+    ] {
+        s.push_str("  ");
+        s.push_str(&line);
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "Identities: --as workload ({}), approver ({}), admin ({})\n",
+        crate::dev::WORKLOAD,
+        crate::dev::APPROVER,
+        crate::dev::ADMIN
+    ));
+    s
+}
