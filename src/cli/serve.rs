@@ -158,7 +158,7 @@ pub fn dev_banner(
     let d = dir.root.display();
     let http = http.map_or_else(|| "-".to_owned(), |a| a.to_string());
     let mut s = format!(
-        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
+        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz, /metrics)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
     );
     let bin = "cargo run --release --";
     for line in [
@@ -185,4 +185,16 @@ pub fn dev_banner(
         crate::dev::ADMIN
     ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_banner_lists_metrics() {
+        let dir = DevDir::new("/tmp/x");
+        let b = dev_banner(&dir, "127.0.0.1:1".parse().unwrap(), None);
+        assert!(b.contains("/metrics"), "{b}");
+    }
 }
