@@ -600,6 +600,28 @@ fn requests_and_leases_read_well() {
         .collect();
     assert_eq!(cols.len(), 2, "{o:?}");
     assert_eq!(cols[0], cols[1], "{o:?}");
+
+    // A second broker on the same directory says so, with the holder's pid.
+    let o = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1, "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("another broker is already running on") && err.contains("(pid "),
+        "{err}"
+    );
 }
 
 #[test]

