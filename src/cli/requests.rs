@@ -236,11 +236,11 @@ fn requirement_line(r: &pb::TokenRequest, w: &pb::Requirement) -> String {
         w.approver_groups.join(", ")
     );
     if w.approvals_received >= w.approvals_required {
-        format!("approvals  {count}: complete\n")
+        format!("received   {count}: complete\n")
     } else if is_pending(r) {
         format!("waits for  {count}\n")
     } else {
-        format!("approvals  {count}\n")
+        format!("received   {count}\n")
     }
 }
 
