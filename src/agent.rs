@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::{ClientError, ClientOpts};
+use crate::client::{ClientError, ClientOpts, convert};
+use crate::fsutil::{Access, write_atomic};
 use crate::pb;
 use crate::pb::broker_client::BrokerClient;
 
@@ -27,95 +28,119 @@ pub struct AgentConfig {
     pub reason: String,
 }
 
-fn secs_until(t: &Option<prost_types::Timestamp>) -> Duration {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    Duration::from_secs(t.as_ref().map_or(0, |t| (t.seconds - now).max(0) as u64))
+/// Why a refresh failed; the variant, not the text, says what to do next.
+#[derive(Debug, thiserror::Error)]
+enum RefreshError {
+    /// The lease cannot be renewed any more (max_ttl reached, revoked,
+    /// expired, gone): ask for a new one.
+    #[error("lease cannot be renewed ({}); asking for a new one", .0.message())]
+    LeaseEnded(tonic::Status),
+    /// No connection.
+    #[error("{0}")]
+    Connect(#[from] ClientError),
+    /// The broker said no, or the call failed.
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+    /// The request ended without a token for this agent.
+    #[error("request {0} ended without a token for this agent")]
+    NoToken(String),
+    /// The watch stream or response ended early.
+    #[error("{0}")]
+    Incomplete(&'static str),
 }
 
 /// When to renew: two thirds into the remaining life, at least 1 s.
 fn renew_after(lease: &pb::Lease) -> Duration {
-    let left = secs_until(&lease.expires_at);
+    let left = convert::until(lease.expires_at.as_ref());
     (left * 2 / 3).max(Duration::from_secs(1))
 }
 
-async fn obtain(opts: &ClientOpts, cfg: &AgentConfig) -> Result<pb::Grant, String> {
-    let mut c = BrokerClient::new(
-        opts.connect()
-            .await
-            .map_err(|e: ClientError| e.to_string())?,
-    );
+async fn obtain(opts: &ClientOpts, cfg: &AgentConfig) -> Result<pb::Grant, RefreshError> {
+    let mut c = BrokerClient::new(opts.connect().await?);
     let req = pb::RequestTokenRequest {
         scopes: cfg.scopes.clone(),
-        ttl: cfg
-            .ttl
-            .map(|d| crate::api::convert::dur(crate::clock::millis(d))),
+        ttl: cfg.ttl.map(convert::duration),
         audience: cfg.audience.clone(),
         justification: cfg.reason.clone(),
         ..Default::default()
     };
-    match c
-        .request_token(req)
-        .await
-        .map_err(|s| s.message().to_owned())?
-        .into_inner()
-        .outcome
-    {
+    match c.request_token(req).await?.into_inner().outcome {
         Some(pb::request_token_response::Outcome::Granted(g)) => Ok(g),
         Some(pb::request_token_response::Outcome::Pending(r)) => {
             tracing::warn!(request_id = %r.id, "waiting for approval");
-            let mut s = c
-                .watch_request(pb::WatchRequestRequest {
-                    request_id: r.id.clone(),
-                })
-                .await
-                .map_err(|s| s.message().to_owned())?
-                .into_inner();
-            while let Some(m) = s.message().await.map_err(|s| s.message().to_owned())? {
-                if let Some(g) = m.grant {
-                    return Ok(g);
-                }
-                if let Some(r) = m.request
-                    && matches!(
-                        pb::RequestState::try_from(r.state),
-                        Ok(pb::RequestState::Denied
-                            | pb::RequestState::Expired
-                            | pb::RequestState::Withdrawn
-                            | pb::RequestState::Issued)
-                    )
-                {
-                    return Err(format!(
-                        "request {} ended without a token for this agent",
-                        r.id
-                    ));
-                }
-            }
-            Err("watch ended".into())
+            await_approval(&mut c, r.id).await
         }
-        None => Err("empty response".into()),
+        None => Err(RefreshError::Incomplete("empty response")),
     }
+}
+
+async fn await_approval(
+    c: &mut BrokerClient<tonic::transport::Channel>,
+    request_id: String,
+) -> Result<pb::Grant, RefreshError> {
+    let mut s = c
+        .watch_request(pb::WatchRequestRequest { request_id })
+        .await?
+        .into_inner();
+    while let Some(m) = s.message().await? {
+        if let Some(g) = m.grant {
+            return Ok(g);
+        }
+        if let Some(r) = m.request
+            && matches!(
+                pb::RequestState::try_from(r.state),
+                Ok(pb::RequestState::Denied
+                    | pb::RequestState::Expired
+                    | pb::RequestState::Withdrawn
+                    | pb::RequestState::Issued)
+            )
+        {
+            return Err(RefreshError::NoToken(r.id));
+        }
+    }
+    Err(RefreshError::Incomplete("watch ended"))
 }
 
 async fn renew(
     opts: &ClientOpts,
     lease: &pb::Lease,
     ttl: Option<Duration>,
-) -> Result<pb::Grant, tonic::Status> {
-    let mut c = BrokerClient::new(
-        opts.connect()
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?,
-    );
+) -> Result<pb::Grant, RefreshError> {
+    let mut c = BrokerClient::new(opts.connect().await?);
     let r = c
         .renew_lease(pb::RenewLeaseRequest {
             lease_id: lease.id.clone(),
-            ttl: ttl.map(|d| crate::api::convert::dur(crate::clock::millis(d))),
+            ttl: ttl.map(convert::duration),
         })
-        .await?
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::FailedPrecondition
+            | tonic::Code::PermissionDenied
+            | tonic::Code::NotFound => RefreshError::LeaseEnded(s),
+            _ => RefreshError::Rpc(s),
+        })?
         .into_inner();
-    r.grant
-        .ok_or_else(|| tonic::Status::internal("empty renewal"))
+    r.grant.ok_or(RefreshError::Incomplete("empty renewal"))
+}
+
+/// Write the token file; one line per refresh on stdout, for people and
+/// tests.
+fn store_token(out: &std::path::Path, g: &pb::Grant, lease: &pb::Lease) -> bool {
+    match write_atomic(out, g.token.as_bytes(), Access::Private) {
+        Ok(()) => {
+            println!(
+                "token written: lease {} renewals {} expires in {}",
+                lease.id,
+                lease.renewals,
+                convert::fmt_dur(convert::until(lease.expires_at.as_ref()))
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(path = %out.display(), error = %e, "cannot write the token file");
+            false
+        }
+    }
 }
 
 /// Run until `stop` resolves.
@@ -126,50 +151,24 @@ pub async fn run(opts: ClientOpts, cfg: AgentConfig, stop: impl std::future::Fut
     loop {
         let attempt = match &current {
             // Renew while the lease can still grow; else start a new one.
-            Some(l) if l.expires_at != l.max_expires_at => {
-                renew(&opts, l, cfg.ttl).await.map_err(|s| {
-                    if matches!(
-                        s.code(),
-                        tonic::Code::FailedPrecondition
-                            | tonic::Code::PermissionDenied
-                            | tonic::Code::NotFound
-                    ) {
-                        "lease cannot be renewed; asking for a new one".to_owned()
-                    } else {
-                        s.message().to_owned()
-                    }
-                })
-            }
+            Some(l) if l.expires_at != l.max_expires_at => renew(&opts, l, cfg.ttl).await,
             _ => obtain(&opts, &cfg).await,
         };
         let wait = match attempt {
             Ok(g) => {
-                let lease = g.lease.unwrap_or_default();
-                match crate::dev::write_file(&cfg.out, g.token.as_bytes(), true) {
-                    Ok(()) => {
-                        // One line per refresh, for people and tests.
-                        println!(
-                            "token written: lease {} renewals {} expires in {}s",
-                            lease.id,
-                            lease.renewals,
-                            secs_until(&lease.expires_at).as_secs()
-                        );
-                        backoff = Duration::from_secs(1);
-                    }
-                    Err(e) => {
-                        tracing::error!(path = %cfg.out.display(), error = %e, "cannot write the token file")
-                    }
+                let lease = g.lease.clone().unwrap_or_default();
+                if store_token(&cfg.out, &g, &lease) {
+                    backoff = Duration::from_secs(1);
                 }
                 let w = renew_after(&lease);
                 current = Some(lease);
                 w
             }
             Err(e) => {
-                if current
+                let expired = current
                     .as_ref()
-                    .is_some_and(|l| secs_until(&l.expires_at).is_zero())
-                    || e.contains("new one")
-                {
+                    .is_some_and(|l| convert::until(l.expires_at.as_ref()).is_zero());
+                if expired || matches!(e, RefreshError::LeaseEnded(_)) {
                     current = None;
                 }
                 tracing::warn!(error = %e, retry_in = ?backoff, "token refresh failed; keeping the last good token");

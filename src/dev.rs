@@ -13,6 +13,8 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::fsutil::Access;
+
 /// Trust domain of the dev identities.
 pub const TRUST_DOMAIN: &str = "portcullis.dev";
 /// The demo workload.
@@ -83,27 +85,15 @@ fn io(path: &Path, e: impl std::fmt::Display) -> DevError {
     }
 }
 
-/// Write `contents` to `path` atomically (temp file, fsync, rename),
-/// readable only by the owner when `secret`.
-pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevError> {
-    // Next to the target (same filesystem, so the rename is atomic).
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        use std::io::Write as _;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        if secret {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(|e| io(&tmp, e))?;
-        f.write_all(contents).map_err(|e| io(&tmp, e))?;
-        f.sync_all().map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+/// Write `contents` to `path` atomically ([`crate::fsutil`]), readable only
+/// by the owner when `secret`.
+fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevError> {
+    let access = if secret {
+        Access::Private
+    } else {
+        Access::Shared
+    };
+    crate::fsutil::write_atomic(path, contents, access).map_err(|e| io(&e.path, e.source))
 }
 
 impl DevDir {

@@ -154,7 +154,7 @@ impl Kek {
 }
 
 /// Signing algorithm choice.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SigningAlg {
     /// ECDSA P-256 with SHA-256 (default; what every JOSE library verifies).
     Es256,

@@ -34,6 +34,7 @@ pub mod client;
 pub mod clock;
 pub mod dev;
 pub mod engine;
+pub mod fsutil;
 pub mod identity;
 pub mod jose;
 pub mod keys;

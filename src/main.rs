@@ -68,6 +68,15 @@ async fn serve(args: &cli::ServeArgs) -> i32 {
             return f.code;
         }
     };
+    // Held until the process exits: a second broker on the same directory
+    // stops here, naming this one.
+    let _lock = match cli::lock_data_dir(&cfg, dev.as_ref()) {
+        Ok(l) => l,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            return f.code;
+        }
+    };
     let running = match portcullis::server::start(cfg).await {
         Ok(r) => r,
         Err(e) => {

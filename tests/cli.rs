@@ -453,3 +453,227 @@ fn the_deploy_policies_pass_policy_check() {
     let o = run(tmp.path(), &["policy", "check", file.to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{o:?}");
 }
+
+/// Run without `PORTCULLIS_DEV_DIR`: the flags alone say where to go.
+fn run_bare(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("PORTCULLIS_DEV_DIR")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn connection_and_output_flags_go_before_or_after_the_subcommand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    let d = dir.to_str().unwrap();
+
+    let o = run_bare(&[
+        "--dev-dir",
+        d,
+        "token",
+        "request",
+        "--scope",
+        "orders.admin",
+        "--reason",
+        "flags",
+    ]);
+    assert_eq!(code(&o), 3, "{o:?}");
+    let rid = stderr(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("request    "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    // Before the subcommand, after it, and mixed: all act as the approver.
+    for args in [
+        vec!["--dev-dir", d, "--as", "approver", "requests", "list"],
+        vec!["requests", "list", "--dev-dir", d, "--as", "approver"],
+        vec!["--as", "approver", "requests", "list", "--dev-dir", d],
+    ] {
+        let o = run_bare(&args);
+        assert_eq!(code(&o), 0, "{args:?}: {o:?}");
+        assert!(stdout(&o).contains(&rid), "{args:?}: {o:?}");
+    }
+    for args in [
+        vec!["--output", "json", "--dev-dir", d, "lease", "list"],
+        vec!["lease", "list", "--dev-dir", d, "--output", "json"],
+    ] {
+        let o = run_bare(&args);
+        assert_eq!(code(&o), 0, "{args:?}: {o:?}");
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert!(v["leases"].is_array(), "{args:?}: {v}");
+    }
+    // The environment still works when no flag is given.
+    let o = run(&dir, &["requests", "list", "--as", "approver"]);
+    assert!(stdout(&o).contains(&rid), "{o:?}");
+}
+
+#[test]
+fn requests_and_leases_read_well() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    let park = |reason: &str| {
+        let o = run(
+            &dir,
+            &[
+                "token",
+                "request",
+                "--scope",
+                "orders.admin",
+                "--reason",
+                reason,
+                "--output",
+                "json",
+            ],
+        );
+        assert_eq!(code(&o), 3, "{o:?}");
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["pending"]["id"].as_str().unwrap().to_owned()
+    };
+
+    // The creation is not an "unknown" state.
+    let rid = park("first");
+    let o = run(&dir, &["requests", "show", &rid, "--as", "approver"]);
+    assert!(stdout(&o).contains("created -> pending"), "{o:?}");
+    assert!(!stdout(&o).contains("unknown"), "{o:?}");
+    assert!(stdout(&o).contains("waits for  0 of 1 approvals"), "{o:?}");
+
+    // Once approved: what was received, and that nothing more is needed.
+    let o = run(
+        &dir,
+        &[
+            "requests", "approve", &rid, "--as", "approver", "--reason", "ok",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let o = run(&dir, &["requests", "show", &rid, "--as", "approver"]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("1 of 1 approvals") && text.contains("complete"),
+        "{text}"
+    );
+    assert!(text.contains("nothing more needed"), "{text}");
+    assert!(!text.contains("waits for"), "{text}");
+
+    // A denied requester learns who denied it and why (exit 2).
+    let rid = park("second");
+    let o = run(
+        &dir,
+        &[
+            "requests",
+            "deny",
+            &rid,
+            "--as",
+            "approver",
+            "--reason",
+            "not today",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let o = run(&dir, &["requests", "watch", &rid]);
+    assert_eq!(code(&o), 2, "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("denied")
+            && err.contains(portcullis::dev::APPROVER)
+            && err.contains("not today"),
+        "{err}"
+    );
+
+    // Lease columns line up whatever the scope names' lengths.
+    for scope in ["orders.read", "orders.write"] {
+        assert_eq!(code(&run(&dir, &["token", "request", "--scope", scope])), 0);
+    }
+    let o = run(&dir, &["lease", "list"]);
+    let cols: Vec<usize> = stdout(&o)
+        .lines()
+        .map(|l| l.find("expires").unwrap())
+        .collect();
+    assert_eq!(cols.len(), 2, "{o:?}");
+    assert_eq!(cols[0], cols[1], "{o:?}");
+
+    // A second broker on the same directory says so, with the holder's pid.
+    let o = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1, "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("another broker is already running on") && err.contains("(pid "),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_refused_connection_and_a_failed_handshake_are_told_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A port nobody listens on: bind one, then let it go.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let other = portcullis::dev::DevDir::new(tmp.path().join("other"));
+    other.prepare().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let o = run(&other.root, &["lease", "list", "--server", &addr]);
+    assert_eq!(code(&o), 1, "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("no broker answering at {addr}")) && err.contains("portcullis serve"),
+        "{err}"
+    );
+    assert!(!err.contains("TLS") && !err.contains("--cert"), "{err}");
+
+    // A broker whose certificate another CA signed: the handshake fails.
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    let foreign_ca = other.path("ca.pem");
+    let o = run(
+        &dir,
+        &["lease", "list", "--ca", foreign_ca.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 1, "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("TLS handshake failed") && err.contains("--ca"),
+        "{err}"
+    );
+    assert!(!err.contains("no broker answering"), "{err}");
+
+    // A client certificate from another CA: the broker refuses it (seen as
+    // an alert or a closed connection on the first call).
+    let (cert, key) = other.identity_files(portcullis::dev::As::Workload);
+    let o = run(
+        &dir,
+        &[
+            "lease",
+            "list",
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 1, "{o:?}");
+    assert!(stderr(&o).contains("--cert/--key"), "{o:?}");
+}

@@ -223,6 +223,24 @@ fn the_domain_knows_nothing_of_grpc_or_the_command_line() {
 }
 
 #[test]
+fn the_client_side_speaks_only_through_the_generated_client() {
+    let c = read_crate();
+    let server_side = [
+        "api", "engine", "server", "store", "audit", "notify", "metrics",
+    ];
+    for client in ["client", "agent", "bench"] {
+        for s in server_side.iter().chain(&["cli", "policy"]) {
+            assert!(!c.top[client].contains(*s), "`{client}` uses `{s}`");
+        }
+    }
+    // `cli` may start the server (`serve`) and read a policy offline
+    // (`policy check|explain`), nothing else of the broker side.
+    for s in ["api", "engine", "store", "audit", "notify", "metrics"] {
+        assert!(!c.top["cli"].contains(s), "`cli` uses `{s}`");
+    }
+}
+
+#[test]
 fn the_detector_finds_a_cycle_when_there_is_one() {
     let mut g = Graph::new();
     g.entry("a".into()).or_default().insert("b".into());

@@ -1,0 +1,44 @@
+//! `agent`: keep a fresh token in a file (see [`crate::agent`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::exit::{self, Failure};
+use crate::client::ClientOpts;
+
+/// `agent` flags.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Scope (repeat).
+    #[arg(long = "scope", required = true)]
+    pub scopes: Vec<String>,
+    /// Token file (written atomically, mode 0600).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Audience.
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// Wanted TTL per lease.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Why (recorded).
+    #[arg(long, default_value = "portcullis agent")]
+    pub reason: String,
+}
+
+/// Run the agent until Ctrl-C. It connects afresh for each refresh, so it
+/// follows a broker that restarted on another address.
+pub async fn run(args: AgentArgs, opts: ClientOpts) -> Result<i32, Failure> {
+    let cfg = crate::agent::AgentConfig {
+        scopes: args.scopes,
+        audience: args.audience.unwrap_or_default(),
+        ttl: args.ttl,
+        out: args.out,
+        reason: args.reason,
+    };
+    crate::agent::run(opts, cfg, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
+    Ok(exit::OK)
+}

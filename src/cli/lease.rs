@@ -1,0 +1,203 @@
+//! `lease`: list, show, renew, revoke, revoke-all.
+
+use std::time::Duration;
+
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use super::Output;
+use super::exit::{self, Failure};
+use super::render::{fmt_ts, lease_json, lease_state_name, page_footer, print, print_grant, table};
+use crate::client::convert;
+use crate::pb;
+use crate::pb::broker_client::BrokerClient;
+
+/// `lease` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LeaseCmd {
+    /// List leases (yours, or `--subject` as admin).
+    List {
+        /// Whose leases.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue from a previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Show one lease.
+    Show {
+        /// Lease id.
+        id: String,
+    },
+    /// Renew a lease and print the fresh token.
+    Renew {
+        /// Lease id.
+        id: String,
+        /// Extension from now (default: the original TTL).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Revoke a lease.
+    Revoke {
+        /// Lease id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Revoke every active lease of a subject (admin; incident response).
+    RevokeAll {
+        /// Identity whose leases to revoke.
+        #[arg(long)]
+        subject: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// Lease states for filters.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StateArg {
+    /// Live.
+    Active,
+    /// Ran out.
+    Expired,
+    /// Ended early.
+    Revoked,
+}
+
+impl From<StateArg> for pb::LeaseState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Active => Self::Active,
+            StateArg::Expired => Self::Expired,
+            StateArg::Revoked => Self::Revoked,
+        }
+    }
+}
+
+/// Run a `lease` subcommand over `channel`.
+pub async fn run(out: Output, cmd: LeaseCmd, channel: Channel) -> Result<i32, Failure> {
+    let mut b = BrokerClient::new(channel);
+    match cmd {
+        LeaseCmd::List {
+            subject,
+            state,
+            limit,
+            page_token,
+        } => {
+            let req = pb::ListLeasesRequest {
+                subject: subject.unwrap_or_default(),
+                state: state.map_or(pb::LeaseState::Unspecified, Into::into) as i32,
+                page_size: limit,
+                page_token: page_token.unwrap_or_default(),
+            };
+            list(out, &mut b, req).await
+        }
+        LeaseCmd::Renew { id, ttl } => {
+            let req = pb::RenewLeaseRequest {
+                lease_id: id,
+                ttl: ttl.map(convert::duration),
+            };
+            let g = b.renew_lease(req).await?.into_inner().grant;
+            print_grant(out, &g.unwrap_or_default());
+            Ok(exit::OK)
+        }
+        LeaseCmd::RevokeAll { subject, reason } => {
+            let req = pb::RevokeLeasesRequest {
+                subject: subject.clone(),
+                reason: reason.unwrap_or_default(),
+            };
+            let r = b.revoke_leases(req).await?.into_inner();
+            print(
+                out,
+                &format!("revoked {} active lease(s) of {subject}\n", r.revoked),
+                json!({"subject": subject, "revoked": r.revoked}),
+            );
+            Ok(exit::OK)
+        }
+        LeaseCmd::Show { id } => {
+            let l = b.get_lease(pb::GetLeaseRequest { lease_id: id }).await?;
+            print_lease(out, l.into_inner().lease)
+        }
+        LeaseCmd::Revoke { id, reason } => {
+            let req = pb::RevokeLeaseRequest {
+                lease_id: id,
+                reason: reason.unwrap_or_default(),
+            };
+            print_lease(out, b.revoke_lease(req).await?.into_inner().lease)
+        }
+    }
+}
+
+fn print_lease(out: Output, l: Option<pb::Lease>) -> Result<i32, Failure> {
+    let l = l.unwrap_or_default();
+    print(out, &lease_text(&l), lease_json(&l));
+    Ok(exit::OK)
+}
+
+async fn list(
+    out: Output,
+    b: &mut BrokerClient<Channel>,
+    req: pb::ListLeasesRequest,
+) -> Result<i32, Failure> {
+    let r = b.list_leases(req).await?.into_inner();
+    let rows: Vec<Vec<String>> = r
+        .leases
+        .iter()
+        .map(|l| {
+            vec![
+                l.id.clone(),
+                lease_state_name(l.state).to_owned(),
+                l.scopes.join(" "),
+                format!("expires {}", fmt_ts(&l.expires_at)),
+            ]
+        })
+        .collect();
+    let mut text = table(&rows);
+    page_footer(
+        &mut text,
+        r.leases.is_empty(),
+        "no leases",
+        &r.next_page_token,
+    );
+    print(
+        out,
+        &text,
+        json!({"leases": r.leases.iter().map(lease_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token}),
+    );
+    Ok(exit::OK)
+}
+
+fn lease_text(l: &pb::Lease) -> String {
+    let mut s = format!(
+        "lease      {}\nstate      {}\nsubject    {}\nscopes     {}\naudience   {}\nissued     {}\nexpires    {}\nmax expiry {}\nrenewals   {}\nkid        {}\n",
+        l.id,
+        lease_state_name(l.state),
+        l.subject,
+        l.scopes.join(" "),
+        l.audience,
+        fmt_ts(&l.issued_at),
+        fmt_ts(&l.expires_at),
+        fmt_ts(&l.max_expires_at),
+        l.renewals,
+        l.kid
+    );
+    if l.revoked_at.is_some() {
+        s.push_str(&format!(
+            "revoked    {} by {} ({})\n",
+            fmt_ts(&l.revoked_at),
+            l.revoked_by,
+            l.revoke_reason
+        ));
+    }
+    s
+}

@@ -1,0 +1,160 @@
+//! Shared rendering: text or JSON output, timestamps, durations, state
+//! names, aligned columns, page footers, grants and leases.
+
+use serde_json::json;
+
+use super::Output;
+use crate::client::convert;
+use crate::pb;
+
+/// Print `text` (text output) or `value` as one JSON document.
+pub fn print(out: Output, text: &str, value: serde_json::Value) {
+    match out {
+        Output::Text => print!("{text}"),
+        Output::Json => println!("{value}"),
+    }
+}
+
+/// An RFC 3339 time to the second, or `-` when absent.
+pub fn fmt_ts(t: &Option<prost_types::Timestamp>) -> String {
+    match t {
+        Some(t) => humantime::format_rfc3339_seconds(convert::system_time(t)).to_string(),
+        None => "-".into(),
+    }
+}
+
+/// [`fmt_ts`] for JSON: the string, or `null` when absent.
+pub fn ts_json(t: &Option<prost_types::Timestamp>) -> serde_json::Value {
+    t.as_ref()
+        .map_or(serde_json::Value::Null, |_| fmt_ts(t).into())
+}
+
+pub use crate::client::convert::fmt_dur;
+
+/// A lease state's name.
+pub fn lease_state_name(v: i32) -> &'static str {
+    match pb::LeaseState::try_from(v) {
+        Ok(pb::LeaseState::Active) => "active",
+        Ok(pb::LeaseState::Expired) => "expired",
+        Ok(pb::LeaseState::Revoked) => "revoked",
+        _ => "unknown",
+    }
+}
+
+/// A request state's name.
+pub fn request_state_name(v: i32) -> &'static str {
+    match pb::RequestState::try_from(v) {
+        Ok(pb::RequestState::Pending) => "pending",
+        Ok(pb::RequestState::Approved) => "approved",
+        Ok(pb::RequestState::Issued) => "issued",
+        Ok(pb::RequestState::Denied) => "denied",
+        Ok(pb::RequestState::Withdrawn) => "withdrawn",
+        Ok(pb::RequestState::Expired) => "expired",
+        _ => "unknown",
+    }
+}
+
+/// Rows as aligned columns (two spaces apart; the last column is not
+/// padded), one line each.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut text = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 < row.len() {
+                let pad = widths[c].saturating_sub(cell.chars().count());
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad + 2));
+            } else {
+                line.push_str(cell);
+            }
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+/// The end of a listed page: a word when it is empty, how to go on.
+pub fn page_footer(text: &mut String, empty: bool, when_empty: &str, next: &str) {
+    if empty {
+        text.push_str(when_empty);
+        text.push('\n');
+    }
+    if !next.is_empty() {
+        text.push_str(&format!("more: --page-token {next}\n"));
+    }
+}
+
+/// A granted token: the token alone on stdout, the lease summary on stderr
+/// (text), or both as one JSON document.
+pub fn print_grant(out: Output, g: &pb::Grant) {
+    match out {
+        Output::Text => {
+            if let Some(l) = &g.lease {
+                eprintln!(
+                    "granted lease {} ({}) until {}",
+                    l.id,
+                    l.scopes.join(" "),
+                    fmt_ts(&l.expires_at)
+                );
+            }
+            println!("{}", g.token);
+        }
+        Output::Json => println!(
+            "{}",
+            json!({"token": g.token, "lease": g.lease.as_ref().map(lease_json)})
+        ),
+    }
+}
+
+/// A lease as JSON.
+pub fn lease_json(l: &pb::Lease) -> serde_json::Value {
+    json!({
+        "id": l.id, "subject": l.subject, "client_id": l.client_id, "scopes": l.scopes,
+        "audience": l.audience, "state": lease_state_name(l.state), "kid": l.kid,
+        "issued_at": ts_json(&l.issued_at), "expires_at": ts_json(&l.expires_at),
+        "max_expires_at": ts_json(&l.max_expires_at), "renewals": l.renewals,
+        "revoked_at": ts_json(&l.revoked_at), "revoked_by": l.revoked_by, "revoke_reason": l.revoke_reason,
+        "justification": l.justification, "request_id": l.request_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn durations_are_compact() {
+        let s = Duration::from_secs;
+        assert_eq!(fmt_dur(s(86_400)), "1d");
+        assert_eq!(fmt_dur(s(9_000)), "2h 30m");
+        assert_eq!(fmt_dur(s(45)), "45s");
+        assert_eq!(fmt_dur(s(1_799)), "29m 59s");
+        assert_eq!(fmt_dur(s(3_630)), "1h");
+        assert_eq!(fmt_dur(s(300)), "5m");
+        assert_eq!(fmt_dur(Duration::ZERO), "0s");
+        assert_eq!(fmt_dur(Duration::from_millis(250)), "250ms");
+    }
+
+    #[test]
+    fn columns_line_up() {
+        let rows = vec![
+            vec!["a".to_owned(), "active".to_owned(), "x".to_owned()],
+            vec!["bbb".to_owned(), "revoked".to_owned(), "y".to_owned()],
+        ];
+        assert_eq!(table(&rows), "a    active   x\nbbb  revoked  y\n");
+    }
+}

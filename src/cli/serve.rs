@@ -1,0 +1,274 @@
+//! `serve`: its flags, the resolved server configuration (creating the dev
+//! setup when asked), the data-directory lock, and the dev start-up banner.
+
+use std::io::{Read as _, Seek as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use super::exit::{Failure, failure, usage};
+use crate::dev::DevDir;
+use crate::keys::SigningAlg;
+use crate::server::ServeConfig;
+
+/// `serve` flags (each also from `PORTCULLIS_*`).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Zero-config dev mode: dev CA, identities, policy and KEK are created
+    /// in the data directory if missing.
+    #[arg(long)]
+    pub dev: bool,
+    /// Data directory (dev mode keeps everything there; default
+    /// `./portcullis-dev` with `--dev`).
+    #[arg(long, env = "PORTCULLIS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC (mTLS) listen address; port 0 picks a free port.
+    #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: std::net::SocketAddr,
+    /// HTTP listen address (JWKS, OIDC discovery, health, metrics).
+    #[arg(long, env = "PORTCULLIS_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: std::net::SocketAddr,
+    /// Server certificate (PEM). Dev default: `<data-dir>/server.pem`.
+    #[arg(long, env = "PORTCULLIS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server key (PEM). Dev default: `<data-dir>/server-key.pem`.
+    #[arg(long, env = "PORTCULLIS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle client certificates must chain to. Dev default: `<data-dir>/ca.pem`.
+    #[arg(long, env = "PORTCULLIS_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Policy file. Dev default: `<data-dir>/policy.toml`.
+    #[arg(long, env = "PORTCULLIS_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Key-encryption key file (64 hex characters). Dev default: `<data-dir>/kek`.
+    #[arg(long, env = "PORTCULLIS_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// Issuer URL for `iss` (default `http://<http-listen>`).
+    #[arg(long, env = "PORTCULLIS_ISSUER")]
+    pub issuer: Option<String>,
+    /// Algorithm for new signing keys.
+    #[arg(
+        long,
+        env = "PORTCULLIS_SIGNING_ALG",
+        value_enum,
+        default_value = "es256"
+    )]
+    pub alg: AlgArg,
+    /// Keep audit records at least this long (e.g. `400d`); older ones are
+    /// compacted up to a signed checkpoint. Default: keep everything.
+    #[arg(long, env = "PORTCULLIS_AUDIT_RETENTION", value_parser = humantime::parse_duration)]
+    pub audit_retention: Option<Duration>,
+    /// How long a signing key signs before the next one takes over.
+    #[arg(long, env = "PORTCULLIS_ROTATION_PERIOD", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub rotation_period: Duration,
+    /// Delete leases and requests this long after they ended (e.g. `90d`);
+    /// default: keep them. The deletion is recorded in the audit trail.
+    #[arg(long, env = "PORTCULLIS_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+    /// Serve the HTTP listener (JWKS, discovery, metrics) over TLS with the
+    /// server certificate. Recommended outside loopback development.
+    #[arg(long, env = "PORTCULLIS_HTTP_TLS")]
+    pub http_tls: bool,
+    /// Keep all state in memory: nothing survives a restart and nothing is
+    /// fsynced. For benchmarks and experiments only.
+    #[arg(long)]
+    pub in_memory: bool,
+}
+
+/// `--alg` values (the command line's names for [`SigningAlg`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AlgArg {
+    /// ECDSA P-256 with SHA-256 (default; what every JOSE library verifies).
+    Es256,
+    /// Ed25519.
+    EdDsa,
+}
+
+impl From<AlgArg> for SigningAlg {
+    fn from(a: AlgArg) -> Self {
+        match a {
+            AlgArg::Es256 => Self::Es256,
+            AlgArg::EdDsa => Self::EdDsa,
+        }
+    }
+}
+
+fn prepare_dev(args: &ServeArgs) -> Result<Option<DevDir>, Failure> {
+    if !args.dev {
+        return Ok(None);
+    }
+    let dir = DevDir::new(
+        args.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("portcullis-dev")),
+    );
+    let created = dir.prepare().map_err(|e| failure(e.to_string()))?;
+    if created {
+        tracing::info!(dir = %dir.root.display(), "created dev CA, identities, policy and key-encryption key");
+    }
+    Ok(Some(dir))
+}
+
+/// Resolve `serve` flags into a config, creating the dev setup when asked.
+pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), Failure> {
+    let dev = prepare_dev(args)?;
+    let need = |v: &Option<PathBuf>, dev_name: &str, flag: &str| -> Result<PathBuf, Failure> {
+        match (v, &dev) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(d)) => Ok(d.path(dev_name)),
+            (None, None) => Err(usage(format!("--{flag} is required without --dev"))),
+        }
+    };
+    let data_dir = match (&args.data_dir, &dev) {
+        (_, Some(d)) => d.data(),
+        (Some(p), None) => p.clone(),
+        (None, None) => return Err(usage("--data-dir is required without --dev")),
+    };
+    let mut cfg = ServeConfig::new(
+        data_dir,
+        need(&args.tls_cert, "server.pem", "tls-cert")?,
+        need(&args.tls_key, "server-key.pem", "tls-key")?,
+        need(&args.client_ca, "ca.pem", "client-ca")?,
+        need(&args.policy, "policy.toml", "policy")?,
+        need(&args.kek_file, "kek", "kek-file")?,
+    );
+    cfg.listen = args.listen;
+    cfg.http_listen = Some(args.http_listen);
+    cfg.issuer = args.issuer.clone();
+    cfg.alg = args.alg.into();
+    cfg.in_memory = args.in_memory;
+    if args.rotation_period < Duration::from_secs(3600) {
+        return Err(usage(
+            "--rotation-period must be at least 1h (a next key is pre-published 10m ahead)",
+        ));
+    }
+    cfg.rotation.period = args.rotation_period;
+    cfg.audit_retention = args.audit_retention;
+    cfg.http_tls = args.http_tls;
+    cfg.retention = args.retention;
+    Ok((cfg, dev))
+}
+
+/// Held while a broker runs on a data directory: a second `serve` on the
+/// same directory stops at once with a clear message. Released when dropped
+/// (or when the process ends, however it ends).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// The name of the lock file (holding the broker's pid) in the directory.
+pub const LOCK_FILE: &str = "portcullis.pid";
+
+/// Take the data directory for this process: the dev directory with
+/// `--dev`, else `--data-dir`. Nothing to take for `--in-memory`.
+pub fn lock_data_dir(
+    cfg: &ServeConfig,
+    dev: Option<&DevDir>,
+) -> Result<Option<DataDirLock>, Failure> {
+    if cfg.in_memory {
+        return Ok(None);
+    }
+    let dir = dev.map_or(cfg.data_dir.as_path(), |d| d.root.as_path());
+    lock_dir(dir).map(Some)
+}
+
+fn lock_dir(dir: &Path) -> Result<DataDirLock, Failure> {
+    let io = |e: std::io::Error| failure(format!("`{}`: {e}", dir.join(LOCK_FILE).display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            return Err(failure(format!(
+                "another broker is already running on {}{holder}",
+                dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(DataDirLock { _file: file })
+}
+
+/// What `serve --dev` prints once it is listening.
+pub fn dev_banner(
+    dir: &DevDir,
+    grpc: std::net::SocketAddr,
+    http: Option<std::net::SocketAddr>,
+) -> String {
+    let d = dir.root.display();
+    let http = http.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let mut s = format!(
+        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz, /metrics)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
+    );
+    let bin = "cargo run --release --";
+    for line in [
+        format!(
+            "{bin} token request --scope orders.read --reason 'read orders'   # auto: granted at once"
+        ),
+        format!("{bin} lease list"),
+        format!(
+            "{bin} token request --scope orders.admin --reason 'fix a bad row'   # approval: parked"
+        ),
+        format!(
+            "{bin} policy explain --identity {} --scope orders.admin",
+            crate::dev::WORKLOAD
+        ),
+    ] {
+        s.push_str("  ");
+        s.push_str(&line);
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "Identities: --as workload ({}), approver ({}), admin ({})\n",
+        crate::dev::WORKLOAD,
+        crate::dev::APPROVER,
+        crate::dev::ADMIN
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_the_same_directory_names_the_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let held = lock_dir(tmp.path()).unwrap();
+        let e = lock_dir(tmp.path()).unwrap_err();
+        assert_eq!(e.code, super::super::exit::FAILURE);
+        assert!(
+            e.message.contains("another broker is already running on")
+                && e.message.contains(&format!("(pid {})", std::process::id())),
+            "{}",
+            e.message
+        );
+        drop(held);
+        lock_dir(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn the_banner_lists_metrics() {
+        let dir = DevDir::new("/tmp/x");
+        let b = dev_banner(&dir, "127.0.0.1:1".parse().unwrap(), None);
+        assert!(b.contains("/metrics"), "{b}");
+    }
+}
