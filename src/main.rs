@@ -1,4 +1,5 @@
 #![forbid(unsafe_code)]
+#![deny(clippy::too_many_lines)]
 //! The `portcullis` binary: parse arguments, set up tracing, call the library.
 
 use clap::Parser;
