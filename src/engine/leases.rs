@@ -40,7 +40,7 @@ impl Engine {
         ttl: Option<Duration>,
     ) -> Result<(String, Lease), EngineError> {
         let policy = self.policy();
-        super::issue::check_ttl(&policy, ttl, "ttl")?;
+        super::ask::check_ttl(&policy, ttl, "ttl")?;
         let current = self.owned_lease(who, id, false)?;
         let mut token = None;
         let out = self.records.edit_lease_from(Some(current), |lease| {

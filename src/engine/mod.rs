@@ -5,8 +5,9 @@
 //! [`EngineError`] to status codes in one table.
 //!
 //! One file per job, all over the private core defined here:
-//! [`issue`] (grant or park), [`leases`] (read, renew, revoke, bulk),
-//! [`requests`] (read, withdraw, watch), [`approvals`] (decide, claim once),
+//! [`issue`] (grant or park; [`break_glass`]: grant now, review after),
+//! [`leases`] (read, renew, revoke, bulk), [`requests`] (read, withdraw,
+//! watch), [`approvals`] (decide; [`claim`]: deliver the token once),
 //! [`introspect`], [`expiry`] (deadline state and its loop), [`rotate`]
 //! (signing keys), [`trail`] (reading the decision trail), [`upkeep`]
 //! (retention, checkpoints, policy reloads).
@@ -24,6 +25,9 @@
 //! write, but dropped unless the write became durable.
 
 pub mod approvals;
+mod ask;
+mod break_glass;
+mod claim;
 mod error;
 pub mod expiry;
 pub mod introspect;

@@ -1,0 +1,137 @@
+//! Unit tests of `engine::approvals`.
+
+use super::*;
+use crate::engine::Outcome;
+use crate::engine::testing::{POLICY, actions, ask, id, rig, workload};
+use crate::store::LeaseState;
+
+async fn parked(r: &crate::engine::testing::Rig) -> TokenRequest {
+    match r
+        .engine
+        .request_token(&workload(), ask(&["admin"]))
+        .await
+        .unwrap()
+    {
+        Outcome::Parked(req) => req,
+        Outcome::Granted { .. } => panic!("approval scope granted"),
+    }
+}
+
+#[tokio::test]
+async fn two_distinct_approvers_then_exactly_one_claim() {
+    let r = rig(POLICY);
+    let req = parked(&r).await;
+    let (alice, bob) = (id("spiffe://t/human/alice"), id("spiffe://t/human/bob"));
+    let one = r
+        .engine
+        .approve(&alice, &req.id, "", None, "")
+        .await
+        .unwrap();
+    assert_eq!(one.state, RequestState::Pending);
+    let err = r
+        .engine
+        .approve(&alice, &req.id, "", None, "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Duplicate(_)), "{err}");
+    let err = r
+        .engine
+        .approve(&workload(), &req.id, "", None, "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::NotAllowed(_)),
+        "self-approval: {err}"
+    );
+    let two = r
+        .engine
+        .approve(&bob, &req.id, "", Some(Duration::from_secs(60)), "")
+        .await
+        .unwrap();
+    assert_eq!(two.state, RequestState::Approved);
+    assert!(
+        r.engine.claim(&bob, &req.id).await.unwrap().is_none(),
+        "not the requester"
+    );
+    let (_, lease, issued) = r.engine.claim(&workload(), &req.id).await.unwrap().unwrap();
+    assert_eq!(issued.state, RequestState::Issued);
+    assert_eq!(lease.ttl_ms, 60_000, "the shortest approved TTL");
+    assert_eq!(
+        lease.approved_by,
+        ["spiffe://t/human/alice", "spiffe://t/human/bob"]
+    );
+    assert!(
+        r.engine
+            .claim(&workload(), &req.id)
+            .await
+            .unwrap()
+            .is_none(),
+        "only once"
+    );
+    assert_eq!(
+        actions(r.store.as_ref()),
+        [
+            "request.parked",
+            "request.approval",
+            "request.approved",
+            "request.issued"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_digest_mismatch_or_a_stranger_changes_nothing() {
+    let r = rig(POLICY);
+    let req = parked(&r).await;
+    let alice = id("spiffe://t/human/alice");
+    let err = r
+        .engine
+        .approve(&alice, &req.id, "", None, "bad")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::WrongState(_)));
+    let err = r
+        .engine
+        .deny(&id("spiffe://t/human/eve"), &req.id, "no")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::NotAllowed(_)));
+    let err = r.engine.deny(&alice, &req.id, " ").await.unwrap_err();
+    assert!(matches!(err, EngineError::Invalid(ref f) if f.field == "reason"));
+    assert_eq!(r.store.request(&req.id).unwrap().unwrap(), req);
+    let denied = r.engine.deny(&alice, &req.id, "no").await.unwrap();
+    assert_eq!(denied.state, RequestState::Denied);
+}
+
+#[tokio::test]
+async fn acknowledging_break_glass_can_revoke_and_needs_a_review_pending() {
+    let r = rig(POLICY);
+    let mut a = ask(&["admin"]);
+    a.break_glass = true;
+    a.justification = "pager".into();
+    let Outcome::Granted { lease, .. } = r.engine.request_token(&workload(), a).await.unwrap()
+    else {
+        panic!()
+    };
+    let rid = lease.request_id.clone().unwrap();
+    let alice = id("spiffe://t/human/alice");
+    let parked = parked(&r).await;
+    let err = r
+        .engine
+        .acknowledge(&alice, &parked.id, "x", true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::WrongState(_)));
+    let (pending, _) = r.engine.list_pending(&alice, 0, "").unwrap();
+    assert_eq!(pending.len(), 2, "the parked request and the review");
+    let reviewed = r
+        .engine
+        .acknowledge(&alice, &rid, "misuse", true)
+        .await
+        .unwrap();
+    assert!(!reviewed.review_pending);
+    assert_eq!(
+        r.store.lease(&lease.id).unwrap().unwrap().state,
+        LeaseState::Revoked
+    );
+}

@@ -1,0 +1,140 @@
+//! An ask for a token as received, and as it stands once every field is
+//! checked: what issuance, break-glass and renewal share.
+
+use std::time::Duration;
+
+use crate::clock::millis;
+use crate::identity::Identity;
+use crate::policy::Policy;
+use crate::store::{Idempotency, IdempotentOutcome, Millis, Requirement, Terms};
+use crate::text::{
+    FieldError, check_audience, check_client_request_id, check_reason, check_scopes,
+};
+
+/// A workload's ask, as received (validated by [`Engine::request_token`]).
+#[derive(Clone, Debug, Default)]
+pub struct TokenAsk {
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Wanted TTL; `None` for the policy default.
+    pub ttl: Option<Duration>,
+    /// Audience; empty for the policy default.
+    pub audience: String,
+    /// Why.
+    pub justification: String,
+    /// Idempotency key; empty for none.
+    pub client_request_id: String,
+    /// Break-glass flag.
+    pub break_glass: bool,
+}
+
+/// An ask that passed validation, with what the request is bound to.
+pub(super) struct Checked {
+    pub(super) who: Identity,
+    pub(super) scopes: Vec<String>,
+    pub(super) audience: String,
+    pub(super) justification: String,
+    pub(super) client_request_id: String,
+    /// Digest of the parameters: idempotent retries must match it.
+    pub(super) digest: String,
+    pub(super) now: Millis,
+}
+
+impl Checked {
+    /// Validate every field of `ask` by `who` at `now`; normalise scopes;
+    /// fill the default audience.
+    pub(super) fn new(
+        policy: &Policy,
+        who: &Identity,
+        ask: &TokenAsk,
+        now: Millis,
+    ) -> Result<Self, FieldError> {
+        let scopes = check_scopes(&ask.scopes)?;
+        check_ttl(policy, ask.ttl, "ttl")?;
+        check_reason("justification", &ask.justification, false)?;
+        check_audience(&ask.audience)?;
+        check_client_request_id(&ask.client_request_id)?;
+        let audience = if ask.audience.is_empty() {
+            policy.default_audience.clone()
+        } else {
+            ask.audience.clone()
+        };
+        let ttl_ms = ask.ttl.map_or(0, millis).to_be_bytes();
+        let digest = sha256_hex(&[
+            who.as_str().as_bytes(),
+            scopes.join(" ").as_bytes(),
+            &ttl_ms,
+            audience.as_bytes(),
+            ask.justification.as_bytes(),
+        ]);
+        Ok(Self {
+            who: who.clone(),
+            scopes,
+            audience,
+            justification: ask.justification.clone(),
+            client_request_id: ask.client_request_id.clone(),
+            digest,
+            now,
+        })
+    }
+
+    pub(super) fn terms(&self, ttl: Duration, max_ttl: Duration) -> Terms {
+        Terms {
+            scopes: self.scopes.clone(),
+            audience: self.audience.clone(),
+            justification: self.justification.clone(),
+            ttl_ms: millis(ttl),
+            max_ttl_ms: millis(max_ttl),
+        }
+    }
+
+    pub(super) fn idempotency(&self, outcome: IdempotentOutcome) -> Option<Idempotency> {
+        (!self.client_request_id.is_empty()).then(|| Idempotency {
+            caller: self.who.as_str().to_owned(),
+            key: self.client_request_id.clone(),
+            params_digest: self.digest.clone(),
+            outcome,
+        })
+    }
+}
+
+/// What to grant at once.
+pub(super) struct Grant {
+    pub(super) ttl: Duration,
+    pub(super) max_ttl: Duration,
+    pub(super) rules: Vec<String>,
+    /// Break-glass: the requirements a reviewer must see to.
+    pub(super) review: Option<Vec<Requirement>>,
+}
+
+pub(super) fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A TTL a caller asked for: non-zero and within the broker's hard cap.
+pub(super) fn check_ttl(
+    policy: &Policy,
+    ttl: Option<Duration>,
+    field: &'static str,
+) -> Result<(), FieldError> {
+    match ttl {
+        Some(t) if t.is_zero() => Err(FieldError::new(field, "must be greater than zero")),
+        Some(t) if t > policy.hard_max_ttl => Err(FieldError::new(
+            field,
+            format!(
+                "exceeds the broker limit of {}",
+                humantime::format_duration(policy.hard_max_ttl)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,83 @@
+//! Claiming an approved request: the compare-and-swap APPROVED -> ISSUED
+//! that lets exactly one caller have the token, and the lease it becomes.
+
+use super::{Cas, Engine, EngineError};
+use crate::audit::{Action, Entry as AuditEntry};
+use crate::identity::Identity;
+use crate::notify::EventKind;
+use crate::store::{Lease, RequestState, TokenRequest};
+use crate::text::new_id;
+use crate::token;
+
+impl Engine {
+    /// Claim the token of an APPROVED request: only its requester, only
+    /// once. Returns `None` when there is nothing to claim (not approved, not
+    /// the requester, claim window passed, or someone else claimed it).
+    pub async fn claim(
+        &self,
+        who: &Identity,
+        id: &str,
+    ) -> Result<Option<(String, Lease, TokenRequest)>, EngineError> {
+        let mut minted = None;
+        // The claim is the compare-and-swap APPROVED -> ISSUED, so exactly
+        // one caller gets past it; the token is signed before any write.
+        let out = self.records.edit_request(id, |req| {
+            let now = self.clock.now();
+            if req.requester != who.as_str()
+                || req.state != RequestState::Approved
+                || req.deadline <= now
+            {
+                return Ok(None);
+            }
+            let (lease, tok) = self.approved_lease(req, now)?;
+            let mut issued = req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
+            issued.lease_id = Some(lease.id.clone());
+            minted = Some((tok, lease));
+            Ok::<_, EngineError>(Some(issued))
+        })?;
+        let (Cas::Swapped { new: issued, .. }, Some((tok, lease))) = (out, minted) else {
+            return Ok(None);
+        };
+        self.records.create_lease(&lease, None)?;
+        let reason = format!("lease {}", lease.id);
+        let entry = AuditEntry::ok(
+            who.as_str(),
+            Action::RequestIssued,
+            id,
+            &lease.scopes,
+            &reason,
+        );
+        self.record(vec![entry]).await?;
+        self.deadlines.note(lease.expires_at);
+        tracing::info!(request_id = %id, jti = %lease.id, kid = %lease.kid, sub = %who, "approved request issued");
+        self.announce(EventKind::Issued, &issued, who.as_str(), "");
+        Ok(Some((tok, lease, issued)))
+    }
+
+    /// The lease an approved request becomes at `now`, and its signed token.
+    /// Its TTL is the shortest any approver allowed.
+    fn approved_lease(&self, req: &TokenRequest, now: u64) -> Result<(Lease, String), EngineError> {
+        let ttl = req
+            .approvals
+            .iter()
+            .filter_map(|a| a.ttl_ms)
+            .fold(req.ttl_ms, u64::min);
+        let mut terms = req.terms();
+        terms.max_ttl_ms = terms.max_ttl_ms.max(ttl);
+        terms.ttl_ms = ttl;
+        let keys = self.keys.current();
+        let lease = Lease {
+            request_id: Some(req.id.clone()),
+            approved_by: req.approvals.iter().map(|a| a.approver.clone()).collect(),
+            ..Lease::active(
+                new_id("l_", now)?,
+                &req.requester,
+                &terms,
+                now,
+                &keys.active.kid,
+            )
+        };
+        let tok = token::mint(&keys, &self.claims(&lease, now))?;
+        Ok((lease, tok))
+    }
+}
