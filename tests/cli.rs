@@ -242,7 +242,8 @@ fn the_readme_tour_works_with_the_documented_exit_codes() {
             "orders.admin",
         ],
     );
-    assert_eq!(code(&o), 3, "{o:?}");
+    // Issue 8: "would be parked" is an answer (exit 0), not a pending request.
+    assert_eq!(code(&o), 0, "{o:?}");
     assert!(stdout(&o).contains("approvers"), "{o:?}");
     let o = run(
         &dir,
@@ -328,6 +329,15 @@ fn a_requester_waits_while_an_approver_decides_from_another_process() {
     let o = run(&dir, &["requests", "list", "--as", "approver"]);
     assert_eq!(code(&o), 0, "{o:?}");
     assert!(stdout(&o).contains(&id), "{o:?}");
+    // The requester finds their own request again (e.g. after Ctrl-C).
+    let o = run(&dir, &["requests", "list", "--mine"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert!(
+        stdout(&o).contains(&id) && stdout(&o).contains("pending"),
+        "{o:?}"
+    );
+    let o = run(&dir, &["requests", "list", "--mine", "--as", "approver"]);
+    assert!(!stdout(&o).contains(&id), "not the approver's own: {o:?}");
     let o = run(&dir, &["requests", "show", &id, "--as", "approver"]);
     assert!(
         stdout(&o).contains("digest") && stdout(&o).contains("cli approval"),

@@ -197,6 +197,21 @@ impl Broker for BrokerService {
         }))
     }
 
+    async fn list_my_requests(
+        &self,
+        req: Request<pb::ListMyRequestsRequest>,
+    ) -> Result<Response<pb::ListMyRequestsResponse>, Status> {
+        let who = caller(&req)?;
+        let m = req.into_inner();
+        let (reqs, next) =
+            self.engine
+                .list_my_requests(&who, m.page_size as usize, &m.page_token)?;
+        Ok(Response::new(pb::ListMyRequestsResponse {
+            requests: reqs.iter().map(convert::request).collect(),
+            next_page_token: next,
+        }))
+    }
+
     async fn introspect(
         &self,
         req: Request<pb::IntrospectRequest>,

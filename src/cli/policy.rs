@@ -125,8 +125,10 @@ fn explain(
             exit::OK
         }
         Ok(park @ Decision::Park { .. }) => {
+            // An offline answer, not a pending request: exit 3 is for
+            // requests that are waiting.
             explain_park(out, p, &park);
-            exit::PENDING
+            exit::OK
         }
         Err(r) => {
             print(

@@ -30,6 +30,10 @@ pub enum RequestsCmd {
         /// Continue from a previous page.
         #[arg(long)]
         page_token: Option<String>,
+        /// Your own open requests (as a requester), instead of what you may
+        /// decide (as an approver).
+        #[arg(long)]
+        mine: bool,
     },
     /// Approve a request (as an approver).
     Approve {
@@ -90,7 +94,16 @@ pub async fn run(out: Output, cmd: RequestsCmd, channel: Channel) -> Result<i32,
     let mut a = ApprovalsClient::new(channel.clone());
     let mut b = BrokerClient::new(channel);
     match cmd {
-        RequestsCmd::List { limit, page_token } => list(out, &mut a, limit, page_token).await,
+        RequestsCmd::List {
+            limit,
+            page_token,
+            mine: false,
+        } => list(out, &mut a, limit, page_token).await,
+        RequestsCmd::List {
+            limit,
+            page_token,
+            mine: true,
+        } => list_mine(out, &mut b, limit, page_token).await,
         RequestsCmd::Watch { id } => watch(out, &mut b, &id, Duration::from_secs(24 * 3600)).await,
         RequestsCmd::Show { id } => {
             // The reviewer's view: reading never claims a token.
@@ -171,14 +184,41 @@ async fn list(
         })
         .await?
         .into_inner();
-    let rows: Vec<Vec<String>> = r
-        .requests
+    print_list(out, &r.requests, &r.next_page_token, "nothing to decide");
+    Ok(exit::OK)
+}
+
+async fn list_mine(
+    out: Output,
+    b: &mut BrokerClient<Channel>,
+    limit: u32,
+    page_token: Option<String>,
+) -> Result<i32, Failure> {
+    let r = b
+        .list_my_requests(pb::ListMyRequestsRequest {
+            page_size: limit,
+            page_token: page_token.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    print_list(
+        out,
+        &r.requests,
+        &r.next_page_token,
+        "no open requests of yours",
+    );
+    Ok(exit::OK)
+}
+
+/// One line per request: id, what it waits for, requester, scopes, why.
+fn print_list(out: Output, requests: &[pb::TokenRequest], next: &str, when_empty: &str) {
+    let rows: Vec<Vec<String>> = requests
         .iter()
         .map(|q| {
             let kind = if q.review_pending {
                 "break-glass review"
             } else {
-                "pending"
+                request_state_name(q.state)
             };
             vec![
                 q.id.clone(),
@@ -190,18 +230,12 @@ async fn list(
         })
         .collect();
     let mut text = table(&rows);
-    page_footer(
-        &mut text,
-        r.requests.is_empty(),
-        "nothing to decide",
-        &r.next_page_token,
-    );
+    page_footer(&mut text, requests.is_empty(), when_empty, next);
     print(
         out,
         &text,
-        json!({"requests": r.requests.iter().map(request_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token}),
+        json!({"requests": requests.iter().map(request_json).collect::<Vec<_>>(), "next_page_token": next}),
     );
-    Ok(exit::OK)
 }
 
 /// A request as JSON.

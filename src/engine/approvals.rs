@@ -13,7 +13,7 @@ use crate::identity::Identity;
 use crate::notify::EventKind;
 use crate::policy::{ApprovalRule, Policy};
 use crate::store::{Approval, RequestState, TokenRequest};
-use crate::text::{FieldError, REQUEST_PAGE, check_reason, page_size, require_id};
+use crate::text::{FieldError, check_reason, require_id};
 
 /// Claim window when no rule names one.
 const DEFAULT_CLAIM: Duration = Duration::from_secs(600);
@@ -310,38 +310,13 @@ impl Engine {
         page_size_asked: usize,
         page_token: &str,
     ) -> Result<(Vec<TokenRequest>, String), EngineError> {
-        let size = page_size(page_size_asked, REQUEST_PAGE)?;
-        if !page_token.is_empty() {
-            require_id("page_token", page_token)
-                .map_err(|_| FieldError::new("page_token", "not a valid token"))?;
-        }
         let policy = self.policy();
-        let mine = |r: &TokenRequest| {
+        self.page_open_requests(page_size_asked, page_token, |r| {
             may_decide(&policy, who, r)
                 && ((r.state == RequestState::Pending
                     && !r.approvals.iter().any(|a| a.approver == who.as_str()))
                     || r.review_pending)
-        };
-        let mut out = Vec::new();
-        let mut after = (!page_token.is_empty()).then(|| page_token.to_owned());
-        loop {
-            let chunk = self.store().open_requests(after.as_deref(), 256)?;
-            let exhausted = chunk.len() < 256;
-            for r in chunk {
-                after = Some(r.id.clone());
-                if !mine(&r) {
-                    continue;
-                }
-                if out.len() == size {
-                    let next = out.last().map(|l: &TokenRequest| l.id.clone());
-                    return Ok((out, next.unwrap_or_default()));
-                }
-                out.push(r);
-            }
-            if exhausted {
-                return Ok((out, String::new()));
-            }
-        }
+        })
     }
 }
 

@@ -11,7 +11,10 @@ use crate::audit::{Action, Entry as AuditEntry};
 use crate::identity::Identity;
 use crate::notify::EventKind;
 use crate::store::{Lease, RequestState, TokenRequest};
-use crate::text::{check_reason, require_id};
+use crate::text::{FieldError, REQUEST_PAGE, check_reason, page_size, require_id};
+
+/// Open requests read per store scan.
+const SCAN: usize = 256;
 
 /// A token handed over with its lease (the token is a secret: never log it).
 pub type Delivered = (String, Lease);
@@ -100,6 +103,51 @@ impl Engine {
             Some((token, lease, issued)) => Ok((issued, Some((token, lease)))),
             // Another call claimed it first: report what is stored now.
             None => Ok((self.get_request(who, id)?, None)),
+        }
+    }
+
+    /// `who`'s own open requests, oldest first, after `page_token`.
+    pub fn list_my_requests(
+        &self,
+        who: &Identity,
+        page_size_asked: usize,
+        page_token: &str,
+    ) -> Result<(Vec<TokenRequest>, String), EngineError> {
+        self.page_open_requests(page_size_asked, page_token, |r| r.requester == who.as_str())
+    }
+
+    /// A page of the open requests `keep` selects, oldest first, after
+    /// `page_token`, and the token of the next page (empty: no more).
+    pub(super) fn page_open_requests(
+        &self,
+        page_size_asked: usize,
+        page_token: &str,
+        keep: impl Fn(&TokenRequest) -> bool,
+    ) -> Result<(Vec<TokenRequest>, String), EngineError> {
+        let size = page_size(page_size_asked, REQUEST_PAGE)?;
+        if !page_token.is_empty() {
+            require_id("page_token", page_token)
+                .map_err(|_| FieldError::new("page_token", "not a valid token"))?;
+        }
+        let mut out = Vec::new();
+        let mut after = (!page_token.is_empty()).then(|| page_token.to_owned());
+        loop {
+            let chunk = self.store().open_requests(after.as_deref(), SCAN)?;
+            let exhausted = chunk.len() < SCAN;
+            for r in chunk {
+                after = Some(r.id.clone());
+                if !keep(&r) {
+                    continue;
+                }
+                if out.len() == size {
+                    let next = out.last().map(|l: &TokenRequest| l.id.clone());
+                    return Ok((out, next.unwrap_or_default()));
+                }
+                out.push(r);
+            }
+            if exhausted {
+                return Ok((out, String::new()));
+            }
         }
     }
 
@@ -214,6 +262,47 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, EngineError::WrongState(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_requester_lists_their_own_open_requests_only() {
+        let r = rig(POLICY);
+        let Outcome::Parked(mine) = r
+            .engine
+            .request_token(&workload(), ask(&["admin"]))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let Outcome::Parked(gone) = r
+            .engine
+            .request_token(&workload(), ask(&["admin", "read"]))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        r.engine
+            .withdraw_request(&workload(), &gone.id, "")
+            .await
+            .unwrap();
+        let (list, next) = r.engine.list_my_requests(&workload(), 0, "").unwrap();
+        assert_eq!(
+            list.iter().map(|q| q.id.as_str()).collect::<Vec<_>>(),
+            [mine.id.as_str()]
+        );
+        assert!(next.is_empty());
+        let alice = id("spiffe://t/human/alice");
+        assert!(
+            r.engine
+                .list_my_requests(&alice, 0, "")
+                .unwrap()
+                .0
+                .is_empty()
+        );
+        let err = r.engine.list_my_requests(&workload(), 501, "").unwrap_err();
+        assert!(matches!(err, EngineError::Invalid(ref f) if f.field == "page_size"));
     }
 
     #[tokio::test]
