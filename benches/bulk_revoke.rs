@@ -66,7 +66,7 @@ async fn main() {
     .unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let (commit, flusher) = GroupCommit::start(store.clone(), cancel.clone());
-    let engine = Engine::new(Parts {
+    let engine = Arc::new(Engine::new(Parts {
         store: store.clone(),
         commit,
         policy,
@@ -74,7 +74,7 @@ async fn main() {
         clock: Arc::new(SystemClock),
         issuer: "https://bench".into(),
         audit: portcullis::audit::AuditLog::open(store.as_ref()).unwrap(),
-    });
+    }));
     let admin = Identity::parse("spiffe://bench.test/human/admin").unwrap();
 
     let t = Instant::now();

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use crate::store::Millis;
+/// Milliseconds since the Unix epoch. All stored times use it.
+pub type Millis = u64;
 
 /// A source of wall-clock time that can also be slept on.
 pub trait Clock: Send + Sync + 'static {

@@ -32,14 +32,14 @@ pub const LEASE_PAGE: PageLimit = PageLimit {
     default: 100,
     max: 1000,
 };
-/// `ListPending`.
+/// `ListPending` and `ListMyRequests`.
 pub const REQUEST_PAGE: PageLimit = PageLimit {
     default: 50,
     max: 500,
 };
 /// `Audit.Export` (records are small; exports are bulk reads).
 pub const AUDIT_PAGE: PageLimit = PageLimit {
-    default: 1000,
+    default: 500,
     max: 5000,
 };
 

@@ -104,12 +104,7 @@ impl Broker for BrokerService {
         // Unknown or invisible ids fail here, before a stream exists.
         let watch = self.engine.watch(&who, &req.get_ref().request_id)?;
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(follow(
-            watch,
-            self.engine.clone(),
-            tx,
-            self.shutdown.clone(),
-        ));
+        tokio::spawn(follow(watch, tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -242,7 +237,6 @@ impl Broker for BrokerService {
 /// revoked, so no copy can ever be used.
 async fn follow(
     mut watch: Watch,
-    engine: Arc<Engine>,
     tx: mpsc::Sender<Result<pb::WatchRequestResponse, Status>>,
     shutdown: CancellationToken,
 ) {
@@ -259,7 +253,7 @@ async fn follow(
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     if let Some((_, lease)) = &update.grant {
-                        engine.revoke_undelivered(lease).await;
+                        watch.undelivered(lease).await;
                     }
                     return;
                 }

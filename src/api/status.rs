@@ -4,7 +4,6 @@
 use tonic::{Code, Status};
 
 use crate::engine::EngineError;
-use crate::store::StoreError;
 use crate::text::FieldError;
 
 impl From<EngineError> for Status {
@@ -16,9 +15,11 @@ impl From<EngineError> for Status {
             EngineError::WrongState(_) => Code::FailedPrecondition,
             EngineError::IdempotencyConflict | EngineError::Duplicate(_) => Code::AlreadyExists,
             EngineError::DataLoss(_) => Code::DataLoss,
+            // Only a store that could not persist is UNAVAILABLE (retry
+            // later); a corrupt record, a schema mismatch or the broker's own
+            // failure is INTERNAL.
             _ if e.is_unavailable() => Code::Unavailable,
-            EngineError::Store(StoreError::Corrupt { .. } | StoreError::Schema { .. })
-            | EngineError::Store(StoreError::Unavailable(_))
+            EngineError::Store(_)
             | EngineError::Audit(_)
             | EngineError::Token(_)
             | EngineError::Keys(_)

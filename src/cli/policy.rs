@@ -96,8 +96,8 @@ fn check(out: Output, file: &std::path::Path) -> Result<i32, Failure> {
     }
 }
 
-/// Print the decision; the exit code says which it was (0 grant, 3 park,
-/// 2 refuse).
+/// Print the decision: exit 0 for grant or park (an answer, not a waiting
+/// request), 2 for refuse.
 fn explain(
     out: Output,
     p: &Policy,

@@ -1,6 +1,6 @@
 //! Approvals: approve (N of M, each approver once, never one's own), deny,
-//! acknowledge a break-glass grant, list what an approver may decide, and
-//! claim an approved request's token exactly once.
+//! acknowledge a break-glass grant, list what an approver may decide. The
+//! requester's claim of the approved token is `claim.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -272,13 +272,9 @@ impl Engine {
         revoke: bool,
     ) -> Result<TokenRequest, EngineError> {
         check_reason("reason", reason, revoke)?;
-        let (current, policy) = self.for_decision(id)?;
-        check_reviewable(&policy, who, &current)?;
-        if revoke && let Some(lid) = &current.lease_id {
-            let now = self.clock.now();
-            self.records
-                .edit_lease(lid, revoke_if_active(who.as_str(), reason, now))?;
-        }
+        let (_, policy) = self.for_decision(id)?;
+        // The review is the compare-and-swap: only the reviewer whose swap
+        // wins may revoke, so a lost race never revokes unrecorded.
         let out = self.records.edit_request(id, |req| {
             check_reviewable(&policy, who, req)?;
             let mut new = req.clone();
@@ -290,6 +286,11 @@ impl Engine {
         let Cas::Swapped { new, .. } = out else {
             return Err(EngineError::not_found("request", id));
         };
+        if revoke && let Some(lid) = &new.lease_id {
+            let now = self.clock.now();
+            self.records
+                .edit_lease(lid, revoke_if_active(who.as_str(), reason, now))?;
+        }
         let action = if revoke {
             Action::BreakGlassRevoked
         } else {

@@ -89,6 +89,7 @@ impl EngineError {
             self,
             Self::Store(StoreError::Unavailable(_))
                 | Self::Audit(AuditError::Store(StoreError::Unavailable(_)))
+                | Self::Keys(KeyError::Store(StoreError::Unavailable(_)))
         )
     }
 }

@@ -1,6 +1,7 @@
 //! Leases: read, list, renew, revoke one, revoke every lease of a subject,
 //! and revoke a token that could not be delivered.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::records::revoke_if_active;
@@ -46,10 +47,11 @@ impl Engine {
         let out = self.records.edit_lease_from(Some(current), |lease| {
             check_owner(lease, who, false)?;
             let now = self.clock.now();
-            let expires_at = renewed_until(lease, ttl, now)?;
+            check_renewable(lease, now)?;
             // Policy may have changed since issue: the identity must still be
             // allowed the scopes (approval-tier leases are not re-approved).
             policy.decide(who, &lease.scopes, None)?;
+            let expires_at = renewed_until(lease, ttl, now)?;
             let keys = self.keys.current();
             let new = Lease {
                 expires_at,
@@ -100,7 +102,24 @@ impl Engine {
     }
 
     /// Revoke every active lease of `subject` (admin only). Returns how many.
+    /// Runs to completion on its own task even if the caller goes away (a
+    /// deadline, a reset), so a started bulk revocation is always recorded.
     pub async fn revoke_all(
+        self: &Arc<Self>,
+        who: &Identity,
+        subject: &str,
+        reason: &str,
+    ) -> Result<u64, EngineError> {
+        let (me, who, subject, reason) = (
+            self.clone(),
+            who.clone(),
+            subject.to_owned(),
+            reason.to_owned(),
+        );
+        tokio::spawn(async move { me.revoke_all_here(&who, &subject, &reason).await }).await?
+    }
+
+    async fn revoke_all_here(
         &self,
         who: &Identity,
         subject: &str,
@@ -246,20 +265,26 @@ fn check_owner(lease: &Lease, who: &Identity, admin: bool) -> Result<(), EngineE
     }
 }
 
+/// Only a live lease renews.
+fn check_renewable(lease: &Lease, now: u64) -> Result<(), EngineError> {
+    if lease.state == LeaseState::Active && lease.expires_at > now {
+        return Ok(());
+    }
+    let state = if lease.state == LeaseState::Revoked {
+        "revoked"
+    } else {
+        "expired"
+    };
+    Err(EngineError::WrongState(format!(
+        "lease `{}` is {state} and cannot be renewed",
+        lease.id
+    )))
+}
+
 /// The new end of life of `lease` renewed at `now` for `ttl` (default: its
 /// issue TTL), capped by its `max_expires_at`.
 fn renewed_until(lease: &Lease, ttl: Option<Duration>, now: u64) -> Result<u64, EngineError> {
     let id = &lease.id;
-    if lease.state != LeaseState::Active || lease.expires_at <= now {
-        let state = if lease.state == LeaseState::Revoked {
-            "revoked"
-        } else {
-            "expired"
-        };
-        return Err(EngineError::WrongState(format!(
-            "lease `{id}` is {state} and cannot be renewed"
-        )));
-    }
     let want = ttl.map_or(lease.ttl_ms, millis);
     let expires_at = now.saturating_add(want).min(lease.max_expires_at);
     if expires_at <= now {

@@ -31,6 +31,12 @@ pub(crate) struct Records {
     metrics: Arc<Metrics>,
 }
 
+/// Lost races on one record after which the swap is given up: far beyond
+/// any real contention, so hitting it means the stored form never equals
+/// what was read back (e.g. a record the backend cannot compare), and the
+/// caller gets an error instead of a loop that never ends.
+const MAX_RACES: usize = 10_000;
+
 /// Read `current`, ask `edit` for its replacement, swap; on a lost race read
 /// again and ask again. `edit` returning `None` keeps the record as is.
 fn cas<T, E: From<StoreError>>(
@@ -39,7 +45,7 @@ fn cas<T, E: From<StoreError>>(
     swap: impl Fn(&T, &T) -> Result<bool, StoreError>,
     mut edit: impl FnMut(&T) -> Result<Option<T>, E>,
 ) -> Result<Cas<T>, E> {
-    loop {
+    for _ in 0..MAX_RACES {
         let Some(cur) = current.take() else {
             return Ok(Cas::Missing);
         };
@@ -51,6 +57,10 @@ fn cas<T, E: From<StoreError>>(
         }
         current = load()?;
     }
+    Err(StoreError::Unavailable(format!(
+        "a compare-and-swap lost {MAX_RACES} races in a row; nothing was changed"
+    ))
+    .into())
 }
 
 impl Records {
@@ -233,6 +243,17 @@ mod tests {
                 .unwrap(),
             Cas::Missing
         ));
+    }
+
+    #[test]
+    fn a_swap_that_never_settles_gives_up_with_an_error() {
+        let out = cas(
+            Some(1u32),
+            || Ok(Some(1)),
+            |_, _| Ok(false),
+            |v| Ok::<_, StoreError>(Some(v + 1)),
+        );
+        assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
     }
 
     #[test]

@@ -203,6 +203,12 @@ impl Watch {
         }))
     }
 
+    /// A token [`Watch::read`] returned could not be handed over: revoke its
+    /// lease so no copy can ever be used.
+    pub async fn undelivered(&self, lease: &Lease) {
+        self.engine.revoke_undelivered(lease).await;
+    }
+
     /// Has the request reached a state that will not change again?
     pub fn finished(&self) -> bool {
         self.last.as_ref().is_some_and(|r| r.state.is_terminal())

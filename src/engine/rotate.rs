@@ -2,6 +2,8 @@
 //! finds due, an operator's request to rotate sooner, and emergency
 //! rotation (withdraw the active key at once and revoke what it signed).
 
+use std::sync::Arc;
+
 use super::records::revoke_if_active;
 use super::{Cas, Engine, EngineError, SYSTEM_ACTOR};
 use crate::audit::{Action, Entry as AuditEntry};
@@ -102,8 +104,25 @@ impl Engine {
     /// `Keys.Rotate`: admin only. Scheduled: bring the hand-over forward to
     /// as soon as a published NEXT key may sign (pre-publication is never
     /// skipped). Emergency: remove the active key now, revoke the leases it
-    /// signed, and sign with a fresh key at once.
+    /// signed, and sign with a fresh key at once. Runs to completion on its
+    /// own task even if the caller goes away, so a rotation is never left
+    /// half done.
     pub async fn rotate_now(
+        self: &Arc<Self>,
+        who: &Identity,
+        emergency: bool,
+        reason: &str,
+        schedule: &Schedule,
+    ) -> Result<(), EngineError> {
+        let (me, who, reason, schedule) = (self.clone(), who.clone(), reason.to_owned(), *schedule);
+        tokio::spawn(async move {
+            me.rotate_now_here(&who, emergency, &reason, &schedule)
+                .await
+        })
+        .await?
+    }
+
+    async fn rotate_now_here(
         &self,
         who: &Identity,
         emergency: bool,

@@ -128,6 +128,8 @@ impl Engine {
 pub struct Tail {
     engine: Arc<Engine>,
     live: broadcast::Receiver<Stored>,
+    /// Highest sequence handled: read from the store (sent or skipped) or
+    /// sent live.
     last: u64,
     replaying: bool,
     backlog: Vec<Stored>,
@@ -138,12 +140,14 @@ impl Tail {
     pub async fn next(&mut self) -> Result<Option<Stored>, EngineError> {
         while self.replaying {
             if let Some(rec) = self.backlog.pop() {
-                self.last = rec.0.seq;
                 return Ok(Some(rec));
             }
             let page = self.engine.store().audit_after(Some(self.last), 1024)?;
-            if page.is_empty() {
-                self.replaying = false;
+            match page.last() {
+                // Everything read counts as handled, decodable or not, so a
+                // run of undecodable records is passed, never re-read.
+                Some((seq, _)) => self.last = *seq,
+                None => self.replaying = false,
             }
             // Undecodable records are skipped here; `verify` reports them.
             self.backlog = page
@@ -220,5 +224,36 @@ mod tests {
         assert_eq!(rec.seq, 5, "live after the replay");
         let report = r.engine.verify_audit(&carol).await.unwrap();
         assert_eq!((report.records, report.problem), (5, None));
+    }
+
+    #[tokio::test]
+    async fn a_tail_passes_undecodable_records_instead_of_reading_them_again() {
+        let r = rig(POLICY);
+        for _ in 0..4 {
+            r.engine
+                .request_token(&workload(), ask(&["read"]))
+                .await
+                .unwrap();
+        }
+        // The newest two records no longer decode.
+        r.store.append_audit(3, b"garbage").unwrap();
+        r.store.append_audit(4, b"garbage").unwrap();
+        let carol = id("spiffe://t/human/carol");
+        let mut tail = r.engine.tail_audit(&carol, 1).unwrap();
+        assert_eq!(tail.next().await.unwrap().unwrap().0.seq, 2);
+        let engine = r.engine.clone();
+        let more = tokio::spawn(async move {
+            engine
+                .request_token(&workload(), ask(&["read"]))
+                .await
+                .unwrap();
+        });
+        let (rec, _) = tokio::time::timeout(std::time::Duration::from_secs(10), tail.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.seq, 5, "past the undecodable records, then live");
+        more.await.unwrap();
     }
 }

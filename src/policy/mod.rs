@@ -3,7 +3,8 @@
 //!
 //! The policy is a TOML file validated as a whole: every problem is reported
 //! with its line, unknown keys are refused, and anything not granted by a
-//! rule is refused (deny by default). See DESIGN.md section 5 and the README.
+//! rule is refused (deny by default). The README's "Policy file" section
+//! documents the format.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -38,7 +38,7 @@ pub(super) type GrpcRouter =
 
 /// mTLS: the server certificate, and client certificates required to chain
 /// to the configured CA.
-fn tls(cfg: &ServeConfig) -> Result<ServerTlsConfig, ServeError> {
+pub(super) fn tls(cfg: &ServeConfig) -> Result<ServerTlsConfig, ServeError> {
     Ok(ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(
             read(&cfg.tls_cert)?,
@@ -59,6 +59,7 @@ fn tls_error(path: &Path, e: &dyn std::fmt::Display) -> ServeError {
 /// Every service on one router.
 pub(super) fn router(
     cfg: &ServeConfig,
+    tls: ServerTlsConfig,
     engine: &Arc<Engine>,
     rotate_wake: Arc<Notify>,
     health: tonic_health::pb::health_server::HealthServer<
@@ -77,7 +78,7 @@ pub(super) fn router(
     let keys = KeysService::new(engine.clone(), cfg.rotation, rotate_wake);
     let auth = Authenticate::new(engine.clone());
     Ok(Server::builder()
-        .tls_config(tls(cfg)?)
+        .tls_config(tls)
         .map_err(|e| tls_error(&cfg.tls_cert, &e))?
         .tcp_nodelay(true)
         .trace_fn(|req| {

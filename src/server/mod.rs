@@ -190,11 +190,19 @@ fn read(path: &Path) -> Result<Vec<u8>, ServeError> {
     })
 }
 
-/// Start the broker; returns once both listeners are bound.
+/// Start the broker; returns once both listeners are bound. Everything that
+/// can fail on a bad file (policy, store, KEK, TLS) is read before the group
+/// commit starts or anything is recorded; a later failure stops what was
+/// started.
 pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     crate::jose::install();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = Policy::load(&cfg.policy)?;
+    let grpc_tls = grpc::tls(&cfg)?;
+    let http_tls = cfg
+        .http_tls
+        .then(|| http::tls_config(&cfg.tls_cert, &cfg.tls_key))
+        .transpose()?;
     let store = open_store(&cfg).await?;
     let kek = Kek::from_file(&cfg.kek_file)?;
     let ring = Arc::new(KeyRing::load_or_create(
@@ -210,11 +218,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     };
     let http_addr = http.as_ref().map(|(_, a)| *a);
     let issuer = issuer(&cfg, grpc_addr, http_addr);
+    let audit = AuditLog::open(store.as_ref())?;
 
     let cancel = CancellationToken::new();
     let (commit, flusher) = GroupCommit::start(store.clone(), cancel.child_token());
     let engine = Arc::new(Engine::new(Parts {
-        audit: AuditLog::open(store.as_ref())?,
+        audit,
         store,
         commit,
         policy,
@@ -222,8 +231,19 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         clock: cfg.clock.clone(),
         issuer: issuer.clone(),
     }));
-    record_start(&engine, &cfg, &ring)?;
-    let tracker = serve(&cfg, &engine, grpc_listener, http.map(|(l, _)| l), &cancel)?;
+    let listeners = Listeners {
+        grpc: grpc_listener,
+        grpc_tls,
+        http: http.map(|(l, _)| l),
+        http_tls,
+    };
+    let tracker = match serve(&cfg, &engine, listeners, &cancel) {
+        Ok(t) => t,
+        Err(e) => {
+            cancel.cancel();
+            return Err(e);
+        }
+    };
     log_ready(grpc_addr, http_addr, &issuer, &ring);
     Ok(Running {
         grpc_addr,
@@ -235,26 +255,38 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     })
 }
 
-/// Serve both listeners and run every background loop.
+/// Bound listeners and their TLS.
+struct Listeners {
+    grpc: TcpListener,
+    grpc_tls: tonic::transport::ServerTlsConfig,
+    http: Option<TcpListener>,
+    http_tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Record the start, then serve both listeners and run every background
+/// loop. Nothing is spawned unless every step that can fail succeeded.
 fn serve(
     cfg: &ServeConfig,
     engine: &Arc<Engine>,
-    grpc_listener: TcpListener,
-    http_listener: Option<TcpListener>,
+    l: Listeners,
     cancel: &CancellationToken,
 ) -> Result<TaskTracker, ServeError> {
-    let tracker = TaskTracker::new();
     let rotate_wake = Arc::new(tokio::sync::Notify::new());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let router = grpc::router(cfg, engine, rotate_wake.clone(), health_service, cancel)?;
-    tracker.spawn(grpc::serve(router, grpc_listener, cancel.clone()));
-    if let Some(listener) = http_listener {
-        let tls = cfg
-            .http_tls
-            .then(|| http::tls_config(&cfg.tls_cert, &cfg.tls_key))
-            .transpose()?;
+    let router = grpc::router(
+        cfg,
+        l.grpc_tls,
+        engine,
+        rotate_wake.clone(),
+        health_service,
+        cancel,
+    )?;
+    record_start(engine, cfg)?;
+    let tracker = TaskTracker::new();
+    tracker.spawn(grpc::serve(router, l.grpc, cancel.clone()));
+    if let Some(listener) = l.http {
         let app = http::router(engine.clone());
-        tracker.spawn(http::serve(listener, app, tls, cancel.clone()));
+        tracker.spawn(http::serve(listener, app, l.http_tls, cancel.clone()));
     }
     spawn_tasks(&tracker, engine, cfg, rotate_wake, health_reporter, cancel);
     Ok(tracker)
@@ -301,7 +333,8 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError>
 }
 
 /// The start itself is part of the trail (durable with the first commit).
-fn record_start(engine: &Engine, cfg: &ServeConfig, ring: &KeyRing) -> Result<(), ServeError> {
+fn record_start(engine: &Engine, cfg: &ServeConfig) -> Result<(), ServeError> {
+    let ring = engine.keys();
     let policy = cfg.policy.display().to_string();
     let mut entries = vec![Entry::ok(
         SYSTEM_ACTOR,

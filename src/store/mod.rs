@@ -35,8 +35,7 @@ pub mod sled_store;
 
 use serde::{Deserialize, Serialize};
 
-/// Milliseconds since the Unix epoch. All stored times use it.
-pub type Millis = u64;
+pub use crate::clock::Millis;
 
 /// Current layout version, written to `meta/schema_version` on first open.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -136,7 +135,8 @@ pub struct Lease {
     pub break_glass: bool,
 }
 
-/// Lifecycle of a parked request (DESIGN.md section 3).
+/// Lifecycle of a parked request: PENDING, then APPROVED (open for the
+/// requester to claim) or a terminal state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestState {
