@@ -174,14 +174,12 @@ impl Approving<'_> {
 }
 
 impl Engine {
-    /// Load request `id` for a decision: unknown is NOT_FOUND.
-    fn for_decision(&self, id: &str) -> Result<(TokenRequest, Arc<Policy>), EngineError> {
+    /// The policy a decision on request `id` is checked against (the
+    /// request itself is read by the compare-and-swap; unknown is
+    /// NOT_FOUND there).
+    fn for_decision(&self, id: &str) -> Result<Arc<Policy>, EngineError> {
         require_id("request_id", id)?;
-        let req = self
-            .store()
-            .request(id)?
-            .ok_or_else(|| EngineError::not_found("request", id))?;
-        Ok((req, self.policy()))
+        Ok(self.policy())
     }
 
     /// Approve `id`. The last needed approval makes it APPROVED, open for
@@ -194,7 +192,7 @@ impl Engine {
         ttl: Option<Duration>,
         digest: &str,
     ) -> Result<TokenRequest, EngineError> {
-        let (_, policy) = self.for_decision(id)?;
+        let policy = self.for_decision(id)?;
         let approving = Approving {
             policy: &policy,
             who,
@@ -235,22 +233,10 @@ impl Engine {
         reason: &str,
     ) -> Result<TokenRequest, EngineError> {
         check_reason("reason", reason, true)?;
-        let (_, policy) = self.for_decision(id)?;
+        let policy = self.for_decision(id)?;
         let out = self.records.edit_request(id, |req| {
             check_decider(&policy, who, req)?;
-            if req.state.is_terminal() {
-                return Err(EngineError::WrongState(format!(
-                    "request `{id}` is {} and cannot be denied",
-                    req.state.name()
-                )));
-            }
-            let now = self.clock.now();
-            Ok::<_, EngineError>(Some(req.moved(
-                RequestState::Denied,
-                who.as_str(),
-                now,
-                reason,
-            )))
+            super::end_request(req, RequestState::Denied, who, self.clock.now(), reason)
         })?;
         let Cas::Swapped { new, .. } = out else {
             return Err(EngineError::not_found("request", id));
@@ -272,7 +258,7 @@ impl Engine {
         revoke: bool,
     ) -> Result<TokenRequest, EngineError> {
         check_reason("reason", reason, revoke)?;
-        let (_, policy) = self.for_decision(id)?;
+        let policy = self.for_decision(id)?;
         // The review is the compare-and-swap: only the reviewer whose swap
         // wins may revoke, so a lost race never revokes unrecorded.
         let out = self.records.edit_request(id, |req| {

@@ -214,28 +214,13 @@ fn expiry_reason(r: &TokenRequest) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Outcome;
-    use crate::engine::testing::{POLICY, T0, actions, ask, rig, workload};
+    use crate::engine::testing::{POLICY, T0, actions, granted, parked, rig};
 
     #[tokio::test]
     async fn leases_and_requests_expire_at_their_deadlines_and_not_before() {
         let r = rig(POLICY);
-        let Outcome::Granted { lease, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
-        let Outcome::Parked(req) = r
-            .engine
-            .request_token(&workload(), ask(&["admin"]))
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
+        let lease = granted(&r, &["read"]).await;
+        let req = parked(&r, &["admin"]).await;
         assert_eq!(r.engine.expire_due(lease.expires_at - 1).await.unwrap(), 0);
         assert_eq!(r.engine.next_deadline().unwrap(), Some(lease.expires_at));
         assert_eq!(r.engine.expire_due(lease.expires_at).await.unwrap(), 1);

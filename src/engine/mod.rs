@@ -282,6 +282,26 @@ impl Engine {
     }
 }
 
+/// `req` ended by `who` at `now` in terminal state `to` (denied, withdrawn)
+/// for `reason`; refused when it has already ended.
+pub(crate) fn end_request(
+    req: &TokenRequest,
+    to: crate::store::RequestState,
+    who: &Identity,
+    now: Millis,
+    reason: &str,
+) -> Result<Option<TokenRequest>, EngineError> {
+    if req.state.is_terminal() {
+        return Err(EngineError::WrongState(format!(
+            "request `{}` is already {} and cannot be {}",
+            req.id,
+            req.state.name(),
+            to.name()
+        )));
+    }
+    Ok(Some(req.moved(to, who.as_str(), now, reason)))
+}
+
 /// May `who` decide (approve, deny, review) this request? A member of an
 /// approver group of one of its scopes, and never its requester.
 pub(crate) fn may_decide(policy: &Policy, who: &Identity, req: &TokenRequest) -> bool {

@@ -57,19 +57,7 @@ impl Engine {
                     "only the requester may withdraw request `{id}`"
                 )));
             }
-            if req.state.is_terminal() {
-                return Err(EngineError::WrongState(format!(
-                    "request `{id}` is already {}",
-                    req.state.name()
-                )));
-            }
-            let now = self.clock.now();
-            Ok::<_, EngineError>(Some(req.moved(
-                RequestState::Withdrawn,
-                who.as_str(),
-                now,
-                reason,
-            )))
+            super::end_request(req, RequestState::Withdrawn, who, self.clock.now(), reason)
         })?;
         let Cas::Swapped { new, .. } = out else {
             return Err(EngineError::not_found("request", id));
@@ -232,20 +220,12 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Outcome;
-    use crate::engine::testing::{POLICY, ask, id, rig, workload};
+    use crate::engine::testing::{POLICY, id, parked, rig, workload};
 
     #[tokio::test]
     async fn only_the_requester_withdraws_and_strangers_see_nothing() {
         let r = rig(POLICY);
-        let Outcome::Parked(req) = r
-            .engine
-            .request_token(&workload(), ask(&["admin"]))
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
+        let req = parked(&r, &["admin"]).await;
         let eve = id("spiffe://t/human/eve");
         let err = r.engine.get_request(&eve, &req.id).unwrap_err();
         assert!(matches!(err, EngineError::NotFound { .. }), "{err}");
@@ -273,22 +253,8 @@ mod tests {
     #[tokio::test]
     async fn a_requester_lists_their_own_open_requests_only() {
         let r = rig(POLICY);
-        let Outcome::Parked(mine) = r
-            .engine
-            .request_token(&workload(), ask(&["admin"]))
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
-        let Outcome::Parked(gone) = r
-            .engine
-            .request_token(&workload(), ask(&["admin", "read"]))
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
+        let mine = parked(&r, &["admin"]).await;
+        let gone = parked(&r, &["admin", "read"]).await;
         r.engine
             .withdraw_request(&workload(), &gone.id, "")
             .await
@@ -314,14 +280,7 @@ mod tests {
     #[tokio::test]
     async fn a_watch_reports_each_change_and_delivers_the_token_once() {
         let r = rig(POLICY);
-        let Outcome::Parked(req) = r
-            .engine
-            .request_token(&workload(), ask(&["admin"]))
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
+        let req = parked(&r, &["admin"]).await;
         let mut watch = r.engine.watch(&workload(), &req.id).unwrap();
         let first = watch.read().await.unwrap().unwrap();
         assert_eq!(first.request.state, RequestState::Pending);

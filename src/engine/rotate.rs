@@ -216,21 +216,13 @@ fn key_entry(action: Action, kid: &str, reason: &str) -> AuditEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Outcome;
-    use crate::engine::testing::{POLICY, ask, id, rig, workload};
+    use crate::engine::testing::{POLICY, granted, id, rig, workload};
     use crate::store::LeaseState;
 
     #[tokio::test]
     async fn emergency_rotation_withdraws_the_key_and_revokes_what_it_signed() {
         let r = rig(POLICY);
-        let Outcome::Granted { lease, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
+        let lease = granted(&r, &["read"]).await;
         let schedule = Schedule::default();
         let err = r
             .engine

@@ -123,3 +123,29 @@ pub fn actions(store: &dyn Store) -> Vec<String> {
         })
         .collect()
 }
+
+/// Ask for `scopes` as the workload; the request it parks.
+pub async fn parked(r: &Rig, scopes: &[&str]) -> crate::store::TokenRequest {
+    match r
+        .engine
+        .request_token(&workload(), ask(scopes))
+        .await
+        .unwrap()
+    {
+        super::Outcome::Parked(req) => req,
+        super::Outcome::Granted { .. } => panic!("{scopes:?} was granted, not parked"),
+    }
+}
+
+/// Ask for `scopes` as the workload; the lease it grants.
+pub async fn granted(r: &Rig, scopes: &[&str]) -> crate::store::Lease {
+    match r
+        .engine
+        .request_token(&workload(), ask(scopes))
+        .await
+        .unwrap()
+    {
+        super::Outcome::Granted { lease, .. } => lease,
+        super::Outcome::Parked(_) => panic!("{scopes:?} was parked, not granted"),
+    }
+}

@@ -101,21 +101,13 @@ impl Engine {
 mod tests {
     use std::time::Duration;
 
-    use crate::engine::Outcome;
-    use crate::engine::testing::{POLICY, actions, ask, rig, workload};
+    use crate::engine::testing::{POLICY, actions, ask, granted, rig, workload};
     use crate::policy::Policy;
 
     #[tokio::test]
     async fn retention_purges_only_what_ended_before_the_cutoff() {
         let r = rig(POLICY);
-        let Outcome::Granted { lease, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!()
-        };
+        let lease = granted(&r, &["read"]).await;
         r.engine.revoke(&workload(), &lease.id, "").await.unwrap();
         assert_eq!(r.engine.purge_ended(lease.issued_at).await.unwrap(), (0, 0));
         r.clock.advance(Duration::from_secs(10));

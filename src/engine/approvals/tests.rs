@@ -2,25 +2,13 @@
 
 use super::*;
 use crate::engine::Outcome;
-use crate::engine::testing::{POLICY, actions, ask, id, rig, workload};
+use crate::engine::testing::{POLICY, actions, ask, id, parked, rig, workload};
 use crate::store::LeaseState;
-
-async fn parked(r: &crate::engine::testing::Rig) -> TokenRequest {
-    match r
-        .engine
-        .request_token(&workload(), ask(&["admin"]))
-        .await
-        .unwrap()
-    {
-        Outcome::Parked(req) => req,
-        Outcome::Granted { .. } => panic!("approval scope granted"),
-    }
-}
 
 #[tokio::test]
 async fn two_distinct_approvers_then_exactly_one_claim() {
     let r = rig(POLICY);
-    let req = parked(&r).await;
+    let req = parked(&r, &["admin"]).await;
     let (alice, bob) = (id("spiffe://t/human/alice"), id("spiffe://t/human/bob"));
     let one = r
         .engine
@@ -82,7 +70,7 @@ async fn two_distinct_approvers_then_exactly_one_claim() {
 #[tokio::test]
 async fn a_digest_mismatch_or_a_stranger_changes_nothing() {
     let r = rig(POLICY);
-    let req = parked(&r).await;
+    let req = parked(&r, &["admin"]).await;
     let alice = id("spiffe://t/human/alice");
     let err = r
         .engine
@@ -115,7 +103,7 @@ async fn acknowledging_break_glass_can_revoke_and_needs_a_review_pending() {
     };
     let rid = lease.request_id.clone().unwrap();
     let alice = id("spiffe://t/human/alice");
-    let parked = parked(&r).await;
+    let parked = parked(&r, &["admin"]).await;
     let err = r
         .engine
         .acknowledge(&alice, &parked.id, "x", true)
