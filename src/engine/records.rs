@@ -188,29 +188,7 @@ mod tests {
     use crate::store::mem::MemStore;
 
     fn lease(id: &str) -> Lease {
-        Lease {
-            id: id.into(),
-            subject: "spiffe://t/w".into(),
-            client_id: "spiffe://t/w".into(),
-            scopes: vec!["a".into()],
-            audience: "x".into(),
-            justification: String::new(),
-            issued_at: 1,
-            expires_at: 100,
-            max_expires_at: 100,
-            ttl_ms: 99,
-            state: LeaseState::Active,
-            kid: "k".into(),
-            renewals: 0,
-            token_issued_at: 1,
-            revoked_at: None,
-            revoked_by: None,
-            revoke_reason: None,
-            expired_at: None,
-            request_id: None,
-            approved_by: vec![],
-            break_glass: false,
-        }
+        crate::store::conformance::lease(id, "spiffe://t/w", 100)
     }
 
     #[test]
