@@ -32,7 +32,8 @@ pub enum IdentityError {
 
 impl Identity {
     /// Parse `s`: `spiffe://`, a trust domain of lowercase letters, digits,
-    /// `.`, `-` and `_`, then a non-empty path of printable characters.
+    /// `.`, `-` and `_`, then a non-empty path of segments as the SPIFFE ID
+    /// spec allows them.
     pub fn parse(s: &str) -> Result<Self, IdentityError> {
         let bad = || IdentityError::NotSpiffe(s.chars().take(200).collect());
         if s.len() > MAX_IDENTITY_LEN {
@@ -44,12 +45,18 @@ impl Identity {
             && domain
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-_".contains(&b));
+        // SPIFFE ID spec §2.2: segments are non-empty, never `.` or `..`,
+        // and only letters, digits, `.`, `-` and `_` (so no percent-encoding,
+        // which would let two spellings name one workload).
         let path_ok = !path.is_empty()
-            && !path.ends_with('/')
-            && !path.contains("//")
-            && path
-                .bytes()
-                .all(|b| (0x21..=0x7e).contains(&b) && b != b'?' && b != b'#');
+            && path.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+            });
         if domain_ok && path_ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -108,6 +115,13 @@ mod tests {
             "spiffe://example.org/a b",
             "spiffe://example.org/a//b",
             "spiffe://example.org/a?q",
+            // Issue 9: dot segments and percent-encoding name one workload
+            // two ways; the SPIFFE ID spec forbids them.
+            "spiffe://example.org/ns/./app",
+            "spiffe://example.org/ns/../admin",
+            "spiffe://example.org/ns/%61pp",
+            "spiffe://example.org/ns/app/",
+            "spiffe://example.org/ns/a:b",
         ] {
             assert!(Identity::parse(bad).is_err(), "{bad}");
         }

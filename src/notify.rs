@@ -106,6 +106,16 @@ impl Notifier {
     }
 }
 
+/// Text from a request as Slack shows it literally: `&`, `<` and `>` are
+/// escaped (so `<!channel>` or `<https://evil|docs>` stay text, not a
+/// mention or a disguised link) and display controls are written out.
+pub fn slack_text(s: &str) -> String {
+    crate::text::escape_controls(s)
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 /// The document a webhook receives.
 pub fn body(ev: &Event, format: WebhookFormat) -> serde_json::Value {
     let r = &ev.request;
@@ -138,14 +148,16 @@ pub fn body(ev: &Event, format: WebhookFormat) -> serde_json::Value {
             let what = ev.kind.phrase();
             let mut text = format!(
                 "*portcullis*: request `{}` by `{}` for `{}` {what}",
-                r.id,
-                r.requester,
-                r.scopes.join(" ")
+                slack_text(&r.id),
+                slack_text(&r.requester),
+                slack_text(&r.scopes.join(" "))
             );
             if !ev.reason.is_empty() {
-                text.push_str(&format!(" — {}: {}", ev.actor, ev.reason));
+                let (actor, reason) = (slack_text(&ev.actor), slack_text(&ev.reason));
+                text.push_str(&format!(" — {actor}: {reason}"));
             } else if !r.justification.is_empty() {
-                text.push_str(&format!(" — justification: {}", r.justification));
+                let why = slack_text(&r.justification);
+                text.push_str(&format!(" — justification: {why}"));
             }
             json!({ "text": text })
         }

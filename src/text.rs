@@ -88,16 +88,55 @@ pub fn require_id(field: &'static str, id: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// Free text (justification, reason): at most [`MAX_REASON`] bytes, no NUL;
-/// non-blank when `required`.
+/// Characters that change how text is displayed rather than what it says:
+/// C0 controls (newline and carriage return included), DEL, C1 controls,
+/// and the Unicode bidirectional controls that reorder what a reader sees.
+pub fn is_display_control(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+                | '\u{2028}' | '\u{2029}'
+        )
+}
+
+/// `text` with every display control written as an escape (`\u{1b}`), for
+/// terminals, text exports and chat messages. Everything else is kept.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(is_display_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_display_control(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Free text (justification, reason): at most [`MAX_REASON`] bytes and no
+/// display controls (so a requester cannot rewrite what an approver's
+/// terminal or a text export shows); non-blank when `required`.
 pub fn check_reason(field: &'static str, text: &str, required: bool) -> Result<(), FieldError> {
     if required && text.trim().is_empty() {
         return Err(FieldError::new(field, "required"));
     }
-    if text.len() > MAX_REASON || text.contains('\0') {
+    if text.len() > MAX_REASON {
         return Err(FieldError::new(
             field,
             format!("at most {MAX_REASON} bytes of text"),
+        ));
+    }
+    if let Some((at, c)) = text.char_indices().find(|(_, c)| is_display_control(*c)) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "control characters are not allowed (U+{:04X} at byte {at}); use plain text on one line",
+                u32::from(c)
+            ),
         ));
     }
     Ok(())
@@ -207,6 +246,22 @@ mod tests {
         assert_eq!(page_size(1001, LEASE_PAGE).unwrap_err().field, "page_size");
         assert!(check_reason("reason", " ", true).is_err());
         assert!(check_reason("reason", "a\0", false).is_err());
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "\u{1b}[2J",
+            "a\u{7f}",
+            "a\u{85}",
+            "x\u{202e}y",
+            "t\u{2066}",
+        ] {
+            let e = check_reason("justification", bad, false).unwrap_err();
+            assert_eq!(e.field, "justification");
+            assert!(e.reason.contains("control characters"), "{e}");
+        }
+        assert!(check_reason("reason", "ticket OPS-12 — ok ✓", false).is_ok());
+        assert_eq!(escape_controls("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\u{a}");
+        assert_eq!(escape_controls("plain"), "plain");
         assert!(check_client_request_id("a b").is_err());
         assert!(check_audience("").is_ok());
         let a = new_id("l_", 1).unwrap();

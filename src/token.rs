@@ -58,13 +58,31 @@ pub fn mint(keys: &KeySet, claims: &Claims) -> Result<String, TokenError> {
         .map_err(|e| TokenError::Sign(e.to_string()))
 }
 
-/// Verify signature, `kid`, `alg`, `typ`, `iss` and the time claims at
-/// `now` (Unix seconds). Lease state is the caller's business.
+/// Does the token's protected header carry a `crit` member?
+fn has_crit(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(head) = token.split('.').next() else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&b).ok())
+        .is_some_and(|h| h.contains_key("crit"))
+}
+
+/// Verify signature, `kid`, `alg`, `typ`, `iss`, the absence of `crit` and
+/// the time claims at `now` (Unix seconds). Lease state is the caller's
+/// business.
 pub fn verify(keys: &KeySet, issuer: &str, token: &str, now: u64) -> Result<Claims, TokenError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::Invalid("too long"));
     }
     let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("header"))?;
+    if has_crit(token) {
+        // RFC 7515 §4.1.11: we understand no extension, so any `crit` fails.
+        return Err(TokenError::Invalid("crit"));
+    }
     let kid = header.kid.as_deref().ok_or(TokenError::Invalid("no kid"))?;
     let (alg, key) = keys
         .verify

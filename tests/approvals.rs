@@ -394,15 +394,16 @@ async fn requesters_outsiders_and_workloads_cannot_decide() {
     let mut admin = ApprovalsClient::new(w.h.channel(As::Admin).await);
     let e = admin.approve(approve(&req.id, "admin")).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    // Outsider on another scope.
+    // Outsider on another scope: told exactly what an unknown id is told
+    // (issue 9: no request-existence oracle).
     let other = park(&mut c, &["keys.rotate"]).await;
     let mut alice = ApprovalsClient::new(w.h.channel(As::Approver).await);
     let e = alice
         .approve(approve(&other.id, "not my group"))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().contains("keys.rotate"), "{}", e.message());
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(!e.message().contains("keys.rotate"), "{}", e.message());
     // Unknown id: NOT_FOUND.
     let e = alice
         .approve(approve("r_0000000000000000", "x"))
@@ -1008,5 +1009,68 @@ async fn terminal_requests_and_ended_leases_stay_queryable_until_retention_remov
         .records;
     assert_eq!(trail.len(), 1);
     drop(engine);
+    w.h.stop().await;
+}
+
+/// Issue 9, finding 2: text from the requester reaches a chat channel as
+/// text — no `@channel` mention, no disguised link — and control
+/// characters never reach the broker at all.
+#[tokio::test]
+async fn f02_requester_text_cannot_ping_a_channel_or_rewrite_a_screen() {
+    let mut w = world().await;
+    let mut c = w.h.broker(As::Workload).await;
+    let r = pb::RequestTokenRequest {
+        justification: "<!channel> see <https://evil.example|the runbook> & approve".into(),
+        ..ask(&["keys.rotate"])
+    };
+    c.request_token(r).await.unwrap();
+    let slack = loop {
+        let (path, body) = w.hooks.recv().await.unwrap();
+        if path == "slack" {
+            break body;
+        }
+    };
+    let text = serde_json::from_str::<serde_json::Value>(&slack).unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        text.contains(
+            "&lt;!channel&gt; see &lt;https://evil.example|the runbook&gt; &amp; approve"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("<!channel>") && !text.contains("<https://"),
+        "{text}"
+    );
+
+    for (field, bad) in [
+        ("justification", "orders.read, 60s\r\u{1b}[2K"),
+        ("justification", "fine\nforged line"),
+        ("justification", "abc\u{202e}txt.exe"),
+    ] {
+        let r = pb::RequestTokenRequest {
+            justification: bad.into(),
+            ..ask(&["keys.rotate"])
+        };
+        let e = c.request_token(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(e.message().contains(field), "{}", e.message());
+    }
+    let req = park(&mut c, &["keys.rotate"]).await;
+    let e = approvals(&w.h, DAVE)
+        .await
+        .approve(approve(&req.id, "ok\u{1b}[1A"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("`reason`"), "{}", e.message());
+    let mine = c
+        .list_my_requests(pb::ListMyRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.requests.len(), 2, "refused asks parked nothing");
     w.h.stop().await;
 }

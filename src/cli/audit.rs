@@ -6,7 +6,7 @@ use tonic::transport::Channel;
 
 use super::Output;
 use super::exit::{self, Failure, usage};
-use super::render::{fmt_ts, print};
+use super::render::{clean, fmt_ts, print};
 use crate::client::convert;
 use crate::pb;
 use crate::pb::audit_client::AuditClient;
@@ -136,13 +136,13 @@ fn audit_line(r: &pb::AuditRecord, format: AuditFormat) -> String {
             fmt_ts(&r.at),
             r.action,
             r.outcome,
-            r.actor,
-            r.target,
+            clean(&r.actor),
+            clean(&r.target),
             r.scopes.join(" "),
             if r.reason.is_empty() {
                 String::new()
             } else {
-                format!(" — {}", r.reason)
+                format!(" — {}", clean(&r.reason))
             }
         ),
     }
@@ -163,4 +163,25 @@ fn parse_since(s: &str) -> Result<prost_types::Timestamp, Failure> {
     let mut ts = convert::timestamp(t);
     ts.nanos = 0;
     Ok(ts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9, finding 2: a newline in a stored reason cannot forge a
+    /// whole record line in `audit export` text output.
+    #[test]
+    fn one_record_is_one_line() {
+        let r = pb::AuditRecord {
+            seq: 7,
+            action: "request.parked".into(),
+            actor: "spiffe://t/w".into(),
+            reason: "fine\n     8 2026-01-01T00:00:00Z request.approved ok alice".into(),
+            ..Default::default()
+        };
+        let line = audit_line(&r, AuditFormat::Text);
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        assert!(line.contains("fine\\u{a}     8"), "{line}");
+    }
 }

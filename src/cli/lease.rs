@@ -8,7 +8,9 @@ use tonic::transport::Channel;
 
 use super::Output;
 use super::exit::{self, Failure};
-use super::render::{fmt_ts, lease_json, lease_state_name, page_footer, print, print_grant, table};
+use super::render::{
+    clean, fmt_ts, lease_json, lease_state_name, page_footer, print, print_grant, table,
+};
 use crate::client::convert;
 use crate::pb;
 use crate::pb::broker_client::BrokerClient;
@@ -196,7 +198,7 @@ fn lease_text(l: &pb::Lease) -> String {
             "revoked    {} by {} ({})\n",
             fmt_ts(&l.revoked_at),
             l.revoked_by,
-            l.revoke_reason
+            clean(&l.revoke_reason)
         ));
     }
     s

@@ -31,6 +31,13 @@ pub fn ts_json(t: &Option<prost_types::Timestamp>) -> serde_json::Value {
 
 pub use crate::client::convert::fmt_dur;
 
+/// Text that came from someone else (a justification, a reason, an actor),
+/// with anything that could move the cursor, erase or reorder the screen
+/// written as an escape instead: what reaches a terminal is what was sent.
+pub fn clean(text: &str) -> std::borrow::Cow<'_, str> {
+    crate::text::escape_controls(text)
+}
+
 /// A lease state's name.
 pub fn lease_state_name(v: i32) -> &'static str {
     match pb::LeaseState::try_from(v) {

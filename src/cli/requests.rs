@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 use super::Output;
 use super::exit::{self, Failure, failure};
 use super::render::{
-    fmt_dur, fmt_ts, page_footer, print, print_grant, request_state_name, table, ts_json,
+    clean, fmt_dur, fmt_ts, page_footer, print, print_grant, request_state_name, table, ts_json,
 };
 use crate::client::convert;
 use crate::pb;
@@ -225,7 +225,7 @@ fn print_list(out: Output, requests: &[pb::TokenRequest], next: &str, when_empty
                 kind.to_owned(),
                 q.requester.clone(),
                 q.scopes.join(" "),
-                format!("\"{}\"", q.justification),
+                format!("\"{}\"", clean(&q.justification)),
             ]
         })
         .collect();
@@ -318,7 +318,7 @@ fn ended_by(t: &pb::Transition) -> String {
         s.push_str(&format!(" by {}", t.actor));
     }
     if !t.reason.is_empty() {
-        s.push_str(&format!(": {}", t.reason));
+        s.push_str(&format!(": {}", clean(&t.reason)));
     }
     s
 }
@@ -338,7 +338,7 @@ fn history_line(t: &pb::Transition) -> String {
         s.push_str(&format!(" by {}", t.actor));
     }
     if !t.reason.is_empty() {
-        s.push_str(&format!(" ({})", t.reason));
+        s.push_str(&format!(" ({})", clean(&t.reason)));
     }
     s.push('\n');
     s
@@ -357,7 +357,7 @@ fn request_detail(r: &pb::TokenRequest) -> String {
                 .unwrap_or_default()
         ),
         fmt_ts(&r.created_at),
-        r.justification,
+        clean(&r.justification),
         r.digest
     ));
     for w in &r.waiting_for {
@@ -368,7 +368,7 @@ fn request_detail(r: &pb::TokenRequest) -> String {
             "approved   by {} at {} ({})\n",
             a.approver,
             fmt_ts(&a.at),
-            a.reason
+            clean(&a.reason)
         ));
     }
     for t in &r.history {
@@ -653,5 +653,37 @@ mod tests {
         assert!(line.starts_with("[r2] pending: "), "{line}");
         assert!(line.contains("0 of 1 approvals"), "{line}");
         assert!(line.contains("; 1m ") && line.ends_with("s left"), "{line}");
+    }
+
+    /// Issue 9, finding 2: stored text with escape sequences (written
+    /// before the broker refused them, or by someone with the store's
+    /// files) reaches the approver's screen escaped, never interpreted.
+    #[test]
+    fn a_review_screen_shows_control_characters_escaped() {
+        let r = pb::TokenRequest {
+            id: "r_1".into(),
+            justification: "x\r\u{1b}[2Kscopes     orders.read\nttl 60s".into(),
+            approvals: vec![pb::Approval {
+                approver: "spiffe://t/a".into(),
+                reason: "ok\u{1b}[1A".into(),
+                ..Default::default()
+            }],
+            history: vec![transition(
+                pb::RequestState::Unspecified,
+                pb::RequestState::Pending,
+                "w",
+                "a\u{202e}b",
+            )],
+            ..Default::default()
+        };
+        let shown = request_detail(&r);
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\r'),
+            "{shown:?}"
+        );
+        assert!(!shown.contains('\u{202e}'), "{shown:?}");
+        assert!(shown.contains("x\\u{d}\\u{1b}[2Kscopes"), "{shown}");
+        let lines = shown.lines().filter(|l| l.starts_with("reason")).count();
+        assert_eq!(lines, 1, "no forged line: {shown}");
     }
 }

@@ -57,6 +57,9 @@ fn rules_of(req: &TokenRequest) -> String {
 
 /// May `who` decide `req` now? The requester never; otherwise a member of
 /// an approver group of one of its scopes.
+/// Someone who may not even see the request (not its requester, not an
+/// approver of it, not an admin) is told it does not exist, exactly as for
+/// an unknown id: no existence oracle.
 fn check_decider(policy: &Policy, who: &Identity, req: &TokenRequest) -> Result<(), EngineError> {
     let id = &req.id;
     if req.requester == who.as_str() {
@@ -65,11 +68,36 @@ fn check_decider(policy: &Policy, who: &Identity, req: &TokenRequest) -> Result<
         )));
     }
     if !may_decide(policy, who, req) {
+        if !policy.is_admin(who) {
+            return Err(EngineError::not_found("request", id));
+        }
         return Err(EngineError::NotAllowed(format!(
             "`{who}` is not in an approver group of request `{id}` ({})",
             rules_of(req)
         )));
     }
+    Ok(())
+}
+
+/// A decision lands before the request's deadline (pending window, claim
+/// window), checked where the decision is made, not left to the sweep.
+pub(super) fn check_deadline(req: &TokenRequest, now: u64) -> Result<(), EngineError> {
+    if !req.state.is_terminal() && req.deadline <= now {
+        return Err(EngineError::WrongState(format!(
+            "request `{}` expired at its deadline ({} ms ago)",
+            req.id,
+            now - req.deadline
+        )));
+    }
+    Ok(())
+}
+
+/// The current policy still lets the requester have every scope (a scope
+/// removed or a workload no longer allowed after the request was parked).
+pub(super) fn check_still_allowed(policy: &Policy, req: &TokenRequest) -> Result<(), EngineError> {
+    let requester = Identity::parse(&req.requester)
+        .map_err(|e| EngineError::Internal(format!("stored requester: {e}")))?;
+    policy.decide(&requester, &req.scopes, None)?;
     Ok(())
 }
 
@@ -134,6 +162,8 @@ impl Approving<'_> {
                 req.state.name()
             )));
         }
+        check_deadline(req, now)?;
+        check_still_allowed(self.policy, req)?;
         if !self.digest.is_empty() && self.digest != req.digest {
             return Err(EngineError::WrongState(format!(
                 "request `{id}` digest does not match what was reviewed"

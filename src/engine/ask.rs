@@ -66,6 +66,7 @@ impl Checked {
             &ttl_ms,
             audience.as_bytes(),
             ask.justification.as_bytes(),
+            &[u8::from(ask.break_glass)],
         ]);
         Ok(Self {
             who: who.clone(),

@@ -29,6 +29,8 @@ impl Engine {
             {
                 return Ok(None);
             }
+            // The policy may have changed since the approval.
+            super::approvals::check_still_allowed(&self.policy(), req)?;
             let (lease, tok) = self.approved_lease(req, now)?;
             let mut issued = req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
             issued.lease_id = Some(lease.id.clone());
@@ -55,16 +57,18 @@ impl Engine {
     }
 
     /// The lease an approved request becomes at `now`, and its signed token.
-    /// Its TTL is the shortest any approver allowed.
+    /// Its TTL, and its ceiling, is the shortest any approver allowed.
     fn approved_lease(&self, req: &TokenRequest, now: u64) -> Result<(Lease, String), EngineError> {
         let ttl = req
             .approvals
             .iter()
             .filter_map(|a| a.ttl_ms)
             .fold(req.ttl_ms, u64::min);
+        // What the approvers approved bounds the lease for its whole life:
+        // renewal never stretches it past issue + the approved TTL.
         let mut terms = req.terms();
-        terms.max_ttl_ms = terms.max_ttl_ms.max(ttl);
         terms.ttl_ms = ttl;
+        terms.max_ttl_ms = ttl;
         let keys = self.keys.current();
         let lease = Lease {
             request_id: Some(req.id.clone()),

@@ -30,6 +30,10 @@ impl Engine {
             && lease.subject == claims.sub
             && claims.exp <= secs(lease.expires_at)
             && claims.iat >= secs(lease.issued_at);
-        Ok(live.then_some(claims))
+        // The lease is the truth: its scopes, not what the token says.
+        Ok(live.then(|| Claims {
+            scope: lease.scopes.join(" "),
+            ..claims
+        }))
     }
 }

@@ -9,6 +9,7 @@ use super::{Cas, Engine, EngineError, SYSTEM_ACTOR};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::clock::millis;
 use crate::identity::Identity;
+use crate::policy::{Decision, Policy, Refusal};
 use crate::store::{Lease, LeaseState, StoreError};
 use crate::text::{FieldError, LEASE_PAGE, check_reason, page_size, require_id};
 use crate::token;
@@ -48,13 +49,12 @@ impl Engine {
             check_owner(lease, who, false)?;
             let now = self.clock.now();
             check_renewable(lease, now)?;
-            // Policy may have changed since issue: the identity must still be
-            // allowed the scopes (approval-tier leases are not re-approved).
-            policy.decide(who, &lease.scopes, None)?;
-            let expires_at = renewed_until(lease, ttl, now)?;
+            let max_expires_at = current_ceiling(&policy, who, lease)?;
+            let expires_at = renewed_until(lease, ttl, now, max_expires_at)?;
             let keys = self.keys.current();
             let new = Lease {
                 expires_at,
+                max_expires_at,
                 renewals: lease.renewals + 1,
                 token_issued_at: now,
                 kid: keys.active.kid.clone(),
@@ -281,12 +281,44 @@ fn check_renewable(lease: &Lease, now: u64) -> Result<(), EngineError> {
     )))
 }
 
+/// The renewal ceiling under the policy in force now: the identity must
+/// still be allowed every scope; a scope that now needs approval renews only
+/// a lease that was approved (or taken through break-glass); a lowered
+/// `max_ttl` lowers the ceiling, never raises it.
+fn current_ceiling(policy: &Policy, who: &Identity, lease: &Lease) -> Result<u64, EngineError> {
+    let max_ttl = match policy.decide(who, &lease.scopes, None)? {
+        Decision::Grant { max_ttl, .. } => max_ttl,
+        Decision::Park { max_ttl, .. } if lease.request_id.is_some() => max_ttl,
+        Decision::Park { requirements, .. } => {
+            let scope = requirements
+                .first()
+                .map(|r| r.scope.clone())
+                .unwrap_or_default();
+            return Err(Refusal {
+                scope,
+                reason: "now needs approval; this lease was granted without it and cannot \
+                         be renewed: request a new token"
+                    .into(),
+            }
+            .into());
+        }
+    };
+    Ok(lease
+        .max_expires_at
+        .min(lease.issued_at.saturating_add(millis(max_ttl))))
+}
+
 /// The new end of life of `lease` renewed at `now` for `ttl` (default: its
-/// issue TTL), capped by its `max_expires_at`.
-fn renewed_until(lease: &Lease, ttl: Option<Duration>, now: u64) -> Result<u64, EngineError> {
+/// issue TTL), capped by `ceiling`.
+fn renewed_until(
+    lease: &Lease,
+    ttl: Option<Duration>,
+    now: u64,
+    ceiling: u64,
+) -> Result<u64, EngineError> {
     let id = &lease.id;
     let want = ttl.map_or(lease.ttl_ms, millis);
-    let expires_at = now.saturating_add(want).min(lease.max_expires_at);
+    let expires_at = now.saturating_add(want).min(ceiling);
     if expires_at <= now {
         return Err(EngineError::WrongState(format!(
             "lease `{id}` has reached its max_ttl"

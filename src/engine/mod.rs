@@ -299,6 +299,7 @@ pub(crate) fn end_request(
             to.name()
         )));
     }
+    approvals::check_deadline(req, now)?;
     Ok(Some(req.moved(to, who.as_str(), now, reason)))
 }
 

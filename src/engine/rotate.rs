@@ -11,6 +11,7 @@ use crate::clock::millis;
 use crate::identity::Identity;
 use crate::rotation::{Schedule, Step, plan};
 use crate::store::{KeyRecord, KeyState, Millis};
+use crate::text::check_reason;
 
 /// Meta key: when an operator asked for the next rotation.
 const FORCED: &str = "rotation_forced_at";
@@ -114,6 +115,7 @@ impl Engine {
         reason: &str,
         schedule: &Schedule,
     ) -> Result<(), EngineError> {
+        check_reason("reason", reason, false)?;
         let (me, who, reason, schedule) = (self.clone(), who.clone(), reason.to_owned(), *schedule);
         tokio::spawn(async move {
             me.rotate_now_here(&who, emergency, &reason, &schedule)

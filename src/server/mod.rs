@@ -68,6 +68,9 @@ pub struct ServeConfig {
     /// Delete leases and requests this long after they ended; `None` keeps
     /// them forever.
     pub retention: Option<Duration>,
+    /// Run the expiry task (always, in a broker; tests that check what is
+    /// enforced at decision time, before any sweep, turn it off).
+    pub expiry_task: bool,
 }
 
 impl ServeConfig {
@@ -98,6 +101,7 @@ impl ServeConfig {
             audit_retention: None,
             http_tls: false,
             retention: None,
+            expiry_task: true,
         }
     }
 }
@@ -374,7 +378,9 @@ fn spawn_tasks(
         c(),
     ));
     tracker.spawn(tasks::health(engine.clone(), health, c()));
-    tracker.spawn(engine.clone().run_expiry(c()));
+    if cfg.expiry_task {
+        tracker.spawn(engine.clone().run_expiry(c()));
+    }
     if let Some(keep) = cfg.retention {
         tracker.spawn(tasks::retention(engine.clone(), keep, c()));
     }

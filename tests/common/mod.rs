@@ -28,6 +28,9 @@ pub struct Harness {
     pub ca: DevCa,
     /// Serve the HTTP listener over TLS.
     pub https: bool,
+    /// Run the expiry task (on unless a test needs decisions checked with
+    /// no sweep behind them).
+    pub expiry: bool,
     pub running: Option<Running>,
 }
 
@@ -60,6 +63,7 @@ impl Harness {
             clock,
             ca,
             https: false,
+            expiry: true,
             running: None,
         };
         h.boot().await;
@@ -81,6 +85,7 @@ impl Harness {
         cfg.issuer = Some("https://portcullis.test".into());
         cfg.policy_poll = Duration::from_millis(20);
         cfg.http_tls = self.https;
+        cfg.expiry_task = self.expiry;
         cfg
     }
 

@@ -83,7 +83,14 @@ async fn a_digest_mismatch_or_a_stranger_changes_nothing() {
         .deny(&id("spiffe://t/human/eve"), &req.id, "no")
         .await
         .unwrap_err();
-    assert!(matches!(err, EngineError::NotAllowed(_)));
+    // Someone who may not see it is told it does not exist (issue 9).
+    assert!(matches!(err, EngineError::NotFound { .. }), "{err}");
+    let root = id("spiffe://t/human/root");
+    let err = r.engine.deny(&root, &req.id, "no").await.unwrap_err();
+    assert!(
+        matches!(err, EngineError::NotAllowed(_)),
+        "an admin sees it: {err}"
+    );
     let err = r.engine.deny(&alice, &req.id, " ").await.unwrap_err();
     assert!(matches!(err, EngineError::Invalid(ref f) if f.field == "reason"));
     assert_eq!(r.store.request(&req.id).unwrap().unwrap(), req);
@@ -121,5 +128,35 @@ async fn acknowledging_break_glass_can_revoke_and_needs_a_review_pending() {
     assert_eq!(
         r.store.lease(&lease.id).unwrap().unwrap().state,
         LeaseState::Revoked
+    );
+}
+
+#[tokio::test]
+async fn decisions_after_the_deadline_are_refused_without_the_sweep() {
+    let r = rig(POLICY);
+    let req = parked(&r, &["admin"]).await;
+    // No expiry task runs in a rig: only the decision-time check stands.
+    r.clock.advance(std::time::Duration::from_millis(
+        req.deadline - r.store.request(&req.id).unwrap().unwrap().created_at,
+    ));
+    let alice = id("spiffe://t/human/alice");
+    let err = r
+        .engine
+        .approve(&alice, &req.id, "", None, "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::WrongState(_)), "{err}");
+    let err = r.engine.deny(&alice, &req.id, "late").await.unwrap_err();
+    assert!(matches!(err, EngineError::WrongState(_)), "{err}");
+    let err = r
+        .engine
+        .withdraw_request(&workload(), &req.id, "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::WrongState(_)), "{err}");
+    assert_eq!(
+        r.store.request(&req.id).unwrap().unwrap(),
+        req,
+        "nothing changed"
     );
 }
