@@ -3,7 +3,6 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Who may read the written file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,23 +31,49 @@ fn err(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
     }
 }
 
-/// A fresh temporary name next to `path` (same directory, so the rename is
-/// atomic); unique per process and call so concurrent writers never share it.
-fn temp_path(path: &Path) -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+/// A fresh, unguessable temporary name next to `path` (same directory, so
+/// the rename is atomic): a file planted in advance under a predictable name
+/// can neither be reused nor block the write.
+fn temp_path(path: &Path) -> Result<PathBuf, WriteError> {
+    use ring::rand::SecureRandom as _;
+    let mut rnd = [0u8; 12];
+    ring::rand::SystemRandom::new()
+        .fill(&mut rnd)
+        .map_err(|_| WriteError {
+            path: path.to_owned(),
+            source: std::io::Error::other("no system randomness"),
+        })?;
     let mut name = std::ffi::OsString::from(".");
     name.push(path.file_name().unwrap_or_default());
-    name.push(format!(".{}.{n}.tmp", std::process::id()));
-    path.with_file_name(name)
+    name.push(".");
+    for b in rnd {
+        name.push(format!("{b:02x}"));
+    }
+    name.push(".tmp");
+    Ok(path.with_file_name(name))
 }
 
-/// Write `contents` to `path` atomically: write a temporary file in the same
-/// directory, fsync it, rename it over `path`, fsync the directory.
+/// Refuse a target that is a symbolic link: whoever planted it wanted the
+/// secret somewhere else (the rename would replace the link, but a caller
+/// that meant to write *through* it is told, not surprised).
+fn refuse_symlink(path: &Path) -> Result<(), WriteError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(WriteError {
+            path: path.to_owned(),
+            source: std::io::Error::other("is a symbolic link; refusing to write through it"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Write `contents` to `path` atomically: create a temporary file in the same
+/// directory exclusively (`O_CREAT|O_EXCL`, which never follows a link),
+/// fsync it, rename it over `path`, fsync the directory.
 /// `Access::Private` creates it with mode 0600 from the start, so the
 /// contents are never readable by others, not even briefly.
 pub fn write_atomic(path: &Path, contents: &[u8], access: Access) -> Result<(), WriteError> {
-    let tmp = temp_path(path);
+    refuse_symlink(path)?;
+    let tmp = temp_path(path)?;
     let written = write_new(&tmp, contents, access).and_then(|()| {
         std::fs::rename(&tmp, path).map_err(err(path))?;
         sync_parent(path);

@@ -73,6 +73,20 @@ impl Kek {
             detail,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| err(e.to_string()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(err(format!(
+                    "readable or writable by group or others (mode {:o}); whoever reads it unseals every signing key: `chmod 600` it",
+                    mode & 0o777
+                )));
+            }
+        }
         Self::from_hex(text.trim())
             .ok_or_else(|| err("expected 64 hex characters (32 bytes)".into()))
     }
@@ -424,13 +438,38 @@ mod tests {
         let missing = dir.path().join("nope");
         let err = Kek::from_file(&missing).unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");
+        // A KEK file is owner-only (issue 9); these fixtures are.
+        let private = |p: &std::path::Path, text: &str| {
+            std::fs::write(p, text).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        };
         let bad = dir.path().join("bad");
-        std::fs::write(&bad, "not hex").unwrap();
+        private(&bad, "not hex");
         let err = Kek::from_file(&bad).unwrap_err().to_string();
         assert!(err.contains("64 hex characters"), "{err}");
         let good = dir.path().join("good");
-        std::fs::write(&good, format!("{}\n", "ab".repeat(32))).unwrap();
+        private(&good, &format!("{}\n", "ab".repeat(32)));
         assert!(Kek::from_file(&good).is_ok());
+    }
+
+    /// Issue 9, finding 11: a KEK others can read is refused, saying why.
+    #[cfg(unix)]
+    #[test]
+    fn a_kek_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let kek = dir.path().join("kek");
+        std::fs::write(&kek, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Kek::from_file(&kek).unwrap_err().to_string();
+        assert!(
+            err.contains("mode 644") && err.contains("chmod 600"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -296,3 +296,58 @@ async fn f13_dot_segments_and_percent_encoding_are_not_identities() {
     }
     h.stop().await;
 }
+
+#[cfg(unix)]
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Finding 11: the store is owner-only, a readable KEK stops the broker,
+/// and the atomic writer neither reuses a planted file nor writes through a
+/// planted link.
+#[cfg(unix)]
+#[tokio::test]
+async fn f11_store_kek_and_written_secrets_stay_private() {
+    use portcullis::fsutil::{Access, write_atomic};
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let mut h = Harness::start().await;
+    let data = h.dev.data();
+    assert_eq!(mode(&data), 0o700, "data directory");
+    for e in std::fs::read_dir(&data).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+    let cfg = h.config();
+    let kek = h.dev.path("kek");
+    h.running.take().unwrap().shutdown().await;
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let Err(e) = portcullis::server::start(cfg).await else {
+        panic!("a broker started with a world-readable KEK")
+    };
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+
+    // The agent's token file: planted temporaries and links change nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    for planted in [".token.tmp", ".token.1.0.tmp", "token.tmp"] {
+        let p = dir.path().join(planted);
+        std::fs::write(&p, "planted").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    write_atomic(&token, b"secret", Access::Private).unwrap();
+    assert_eq!(mode(&token), 0o600);
+    assert_eq!(
+        std::fs::read(dir.path().join(".token.tmp")).unwrap(),
+        b"planted"
+    );
+    let elsewhere = dir.path().join("elsewhere");
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    let e = write_atomic(&link, b"secret", Access::Private).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert!(!elsewhere.exists(), "nothing written through the link");
+}

@@ -67,17 +67,49 @@ fn claim_idem(t: &TransactionalTree, idem: Option<&Idempotency>) -> TxResult<Opt
     Ok(None)
 }
 
+/// Owner-only access to `path` (the store holds sealed keys, leases and
+/// the trail: nobody else on the machine reads or writes it).
+#[cfg(unix)]
+fn restrict(path: &Path, mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(unavailable)
+}
+
+#[cfg(not(unix))]
+fn restrict(_: &Path, _: u32) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Every file sled has written so far is 0600, every directory 0700 (the
+/// data directory itself being 0700 already keeps others out of files it
+/// writes later).
+fn restrict_files(dir: &Path) -> Result<(), StoreError> {
+    for entry in std::fs::read_dir(dir).map_err(unavailable)? {
+        let entry = entry.map_err(unavailable)?;
+        let kind = entry.file_type().map_err(unavailable)?;
+        if kind.is_dir() {
+            restrict(&entry.path(), 0o700)?;
+            restrict_files(&entry.path())?;
+        } else if kind.is_file() {
+            restrict(&entry.path(), 0o600)?;
+        }
+    }
+    Ok(())
+}
+
 impl SledStore {
     /// Open (or create) the store under `dir`. Creating the directory is made
     /// durable with a directory fsync; an unknown schema version is refused.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let fresh = !dir.join("db").exists();
         std::fs::create_dir_all(dir).map_err(unavailable)?;
+        restrict(dir, 0o700)?;
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(unavailable)?;
+        restrict_files(dir)?;
         let data_path: PathBuf = dir.join("db");
         let data_file = File::open(&data_path).map_err(unavailable)?;
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
