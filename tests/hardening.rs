@@ -351,3 +351,49 @@ async fn f11_store_kek_and_written_secrets_stay_private() {
     assert!(e.to_string().contains("symbolic link"), "{e}");
     assert!(!elsewhere.exists(), "nothing written through the link");
 }
+
+/// Finding 14: the issuer belongs to the store, not to a port. Without
+/// `--issuer` the first start's URL is kept; a broker back on another port
+/// still honours its tokens; a different configured issuer is refused
+/// unless the operator says to change it.
+#[tokio::test]
+async fn f14_the_issuer_survives_a_restart_on_another_port() {
+    let mut h = Harness::start().await;
+    h.running.take().unwrap().shutdown().await;
+    std::fs::remove_dir_all(h.dev.data()).unwrap();
+    let mut cfg = h.config();
+    cfg.issuer = None;
+    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    let first = h.running().http_addr.unwrap();
+    let mut c = h.broker(As::Workload).await;
+    let token = grant(&mut c, ask(&["orders.read"])).await.token;
+    assert_eq!(common::part(&token, 1)["iss"], format!("http://{first}"));
+
+    h.running.take().unwrap().shutdown().await;
+    let mut cfg = h.config();
+    cfg.issuer = None;
+    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    assert_ne!(h.running().http_addr.unwrap(), first, "a new port");
+    let mut c = h.broker(As::Workload).await;
+    let a = c
+        .introspect(pb::IntrospectRequest {
+            token: token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.active, "a token from before the restart is still live");
+
+    h.running.take().unwrap().shutdown().await;
+    let mut cfg = h.config();
+    cfg.issuer = Some("https://elsewhere.example".into());
+    let Err(e) = portcullis::server::start(cfg).await else {
+        panic!("the issuer changed silently")
+    };
+    assert!(e.to_string().contains("--change-issuer"), "{e}");
+    let mut cfg = h.config();
+    cfg.issuer = Some("https://elsewhere.example".into());
+    cfg.allow_issuer_change = true;
+    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.stop().await;
+}

@@ -44,9 +44,15 @@ pub struct ServeArgs {
     /// Key-encryption key file (64 hex characters). Dev default: `<data-dir>/kek`.
     #[arg(long, env = "PORTCULLIS_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
-    /// Issuer URL for `iss` (default `http://<http-listen>`).
+    /// Issuer URL for `iss`. Default: the one recorded in the data
+    /// directory, or on the first start `http://<http-listen>`; it then
+    /// stays the same across restarts.
     #[arg(long, env = "PORTCULLIS_ISSUER")]
     pub issuer: Option<String>,
+    /// Accept an --issuer that differs from the one recorded in the data
+    /// directory (every token issued before stops verifying).
+    #[arg(long)]
+    pub change_issuer: bool,
     /// Algorithm for new signing keys.
     #[arg(
         long,
@@ -136,6 +142,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.listen = args.listen;
     cfg.http_listen = Some(args.http_listen);
     cfg.issuer = args.issuer.clone();
+    cfg.allow_issuer_change = args.change_issuer;
     cfg.alg = args.alg.into();
     cfg.in_memory = args.in_memory;
     if args.rotation_period < Duration::from_secs(3600) {

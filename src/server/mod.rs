@@ -50,8 +50,12 @@ pub struct ServeConfig {
     pub policy: PathBuf,
     /// Key-encryption key file (64 hex characters).
     pub kek_file: PathBuf,
-    /// `iss` of tokens; default `http://<http address>`.
+    /// `iss` of tokens. Default: the one recorded in the store, or on the
+    /// first start `http://<http address>`.
     pub issuer: Option<String>,
+    /// Accept a configured issuer that differs from the stored one
+    /// (every token issued before stops verifying).
+    pub allow_issuer_change: bool,
     /// Algorithm for newly generated signing keys.
     pub alg: SigningAlg,
     /// Time source.
@@ -94,6 +98,7 @@ impl ServeConfig {
             policy,
             kek_file,
             issuer: None,
+            allow_issuer_change: false,
             alg: SigningAlg::Es256,
             clock: Arc::new(SystemClock),
             policy_poll: Duration::from_secs(2),
@@ -130,6 +135,16 @@ pub enum ServeError {
     /// could not be appended to).
     #[error("start-up failed: {0}")]
     Internal(String),
+    /// The configured issuer is not the one this store's tokens carry.
+    #[error(
+        "the store's tokens were issued as `{stored}` but --issuer says `{configured}`; every token issued so far would stop verifying. Pass --change-issuer to switch anyway"
+    )]
+    IssuerChanged {
+        /// The issuer recorded in the store.
+        stored: String,
+        /// The issuer configured now.
+        configured: String,
+    },
     /// Could not listen.
     #[error("cannot listen on {addr}: {detail}")]
     Listen {
@@ -221,7 +236,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         None => None,
     };
     let http_addr = http.as_ref().map(|(_, a)| *a);
-    let issuer = issuer(&cfg, grpc_addr, http_addr);
+    let issuer = issuer(&cfg, store.as_ref(), grpc_addr, http_addr)?;
     let audit = AuditLog::open(store.as_ref())?;
 
     let cancel = CancellationToken::new();
@@ -304,14 +319,42 @@ fn log_ready(grpc_addr: SocketAddr, http_addr: Option<SocketAddr>, issuer: &str,
     }
 }
 
-/// `iss`: configured, or the HTTP listener's URL (JWKS and discovery live
-/// there), or the gRPC address without one.
-fn issuer(cfg: &ServeConfig, grpc: SocketAddr, http: Option<SocketAddr>) -> String {
-    cfg.issuer.clone().unwrap_or_else(|| match http {
-        Some(a) if cfg.http_tls => format!("https://{a}"),
-        Some(a) => format!("http://{a}"),
-        None => format!("https://{grpc}"),
-    })
+/// Meta key: the `iss` every token in this store was issued under.
+const ISSUER_META: &str = "issuer";
+
+/// `iss`, stable for the life of the store: tokens issued before a restart
+/// must verify after it, whatever port the broker comes back on. The first
+/// start keeps the configured issuer (or, without one, the HTTP listener's
+/// URL, where JWKS and discovery live); later starts use the stored one. A
+/// configured issuer that differs from the stored one is refused unless
+/// `allow_issuer_change` says to switch.
+fn issuer(
+    cfg: &ServeConfig,
+    store: &dyn Store,
+    grpc: SocketAddr,
+    http: Option<SocketAddr>,
+) -> Result<String, ServeError> {
+    let stored = store
+        .meta(ISSUER_META)?
+        .and_then(|v| String::from_utf8(v).ok())
+        .filter(|s| !s.is_empty());
+    let chosen = match (&cfg.issuer, stored) {
+        (Some(c), Some(s)) if *c != s && !cfg.allow_issuer_change => {
+            return Err(ServeError::IssuerChanged {
+                stored: s,
+                configured: c.clone(),
+            });
+        }
+        (Some(c), _) => c.clone(),
+        (None, Some(s)) => return Ok(s),
+        (None, None) => match http {
+            Some(a) if cfg.http_tls => format!("https://{a}"),
+            Some(a) => format!("http://{a}"),
+            None => format!("https://{grpc}"),
+        },
+    };
+    store.put_meta(ISSUER_META, chosen.as_bytes())?;
+    Ok(chosen)
 }
 
 /// The store `cfg` names: sled in its data directory, or memory.
