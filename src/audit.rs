@@ -306,6 +306,14 @@ pub struct Report {
     pub checkpoints: u64,
     /// First problem: sequence number and description.
     pub problem: Option<(u64, String)>,
+    /// What was found that is not tampering but limits what was proved
+    /// (checkpoints signed by a key withdrawn in an emergency).
+    pub notes: Vec<String>,
+}
+
+/// The `kid` a checkpoint names.
+fn signer(jws: &str) -> Option<String> {
+    jsonwebtoken::decode_header(jws).ok()?.kid
 }
 
 /// Where the walk starts: record 1 after the genesis hash, or — after
@@ -421,6 +429,12 @@ fn check_checkpoints(
             problems.push((seq, format!("checkpoint at {seq} has an invalid signature")));
             continue;
         };
+        if let Some(kid) = signer(&text).filter(|k| keys.withdrawn.contains(k)) {
+            report.notes.push(format!(
+                "checkpoint at {seq} was signed by key {kid}, withdrawn in an emergency: it proves nothing"
+            ));
+            continue;
+        }
         match hashes.get(&seq) {
             Some(h) if *h == claims.hash && claims.seq == seq => report.checkpoints += 1,
             Some(_) => problems.push((
@@ -456,9 +470,12 @@ pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
     Ok(report)
 }
 
+/// The checkpoint `jws` carries, if its signature verifies under a key that
+/// ever signed for this broker — published or not, so removing a key never
+/// breaks the trail.
 fn check_signature(keys: &KeySet, jws: &str) -> Option<Checkpoint> {
     let header = jsonwebtoken::decode_header(jws).ok()?;
-    let (alg, key) = keys.verify.get(header.kid.as_deref()?)?;
+    let (alg, key) = keys.history.get(header.kid.as_deref()?)?;
     if header.alg != *alg {
         return None;
     }

@@ -254,8 +254,13 @@ pub struct KeySet {
     pub verify: HashMap<String, (Algorithm, DecodingKey)>,
     /// The published JWK Set, serialized once per change.
     pub jwks_json: String,
-    /// Public metadata of every key.
+    /// Public metadata of every published key.
     pub records: Vec<KeyRecord>,
+    /// Every key that ever signed, published or not, for the audit trail's
+    /// checkpoints (never for tokens).
+    pub history: HashMap<String, (Algorithm, DecodingKey)>,
+    /// Keys withdrawn in an emergency: what they signed proves nothing.
+    pub withdrawn: std::collections::HashSet<String>,
 }
 
 /// The key ring: a snapshot swapped as a whole, so readers always see a
@@ -365,11 +370,40 @@ fn generate(kek: &Kek, alg: SigningAlg, now: Millis) -> Result<KeyRecord, KeyErr
     })
 }
 
-fn build_set(kek: &Kek, records: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
+/// The signing half of the ACTIVE key `r`, unsealed and checked against
+/// its public key.
+fn open_active(kek: &Kek, r: &KeyRecord, alg: Algorithm) -> Result<ActiveKey, KeyError> {
+    let corrupt = |detail: &str| KeyError::Corrupt {
+        kid: r.kid.clone(),
+        detail: detail.into(),
+    };
+    let pkcs8 = kek
+        .open(r.kid.as_bytes(), &r.sealed_private)
+        .ok_or_else(|| corrupt("sealed private key does not open"))?;
+    let public =
+        crate::jose::public_key(alg, &pkcs8).map_err(|_| corrupt("private key does not parse"))?;
+    if public != r.public {
+        return Err(corrupt("private key does not match the public key"));
+    }
+    let encoding = match alg {
+        Algorithm::EdDSA => EncodingKey::from_ed_der(&pkcs8),
+        _ => EncodingKey::from_ec_der(&pkcs8),
+    };
+    Ok(ActiveKey {
+        kid: r.kid.clone(),
+        alg,
+        encoding,
+    })
+}
+
+fn build_set(kek: &Kek, all: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
     let mut verify = HashMap::new();
+    let mut history = HashMap::new();
+    let mut withdrawn = std::collections::HashSet::new();
     let mut jwks = Vec::new();
     let mut active = None;
-    for r in &records {
+    let mut records = Vec::new();
+    for r in all {
         let corrupt = |detail: &str| KeyError::Corrupt {
             kid: r.kid.clone(),
             detail: detail.into(),
@@ -378,24 +412,15 @@ fn build_set(kek: &Kek, records: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
         if thumbprint(alg, &r.public).as_deref() != Some(r.kid.as_str()) {
             return Err(corrupt("public key does not match its kid"));
         }
+        history.insert(r.kid.clone(), (alg, decoding_key(alg, &r.public)));
+        if r.state == KeyState::Withdrawn {
+            withdrawn.insert(r.kid.clone());
+        }
+        if !r.state.is_published() {
+            continue;
+        }
         if r.state == KeyState::Active {
-            let pkcs8 = kek
-                .open(r.kid.as_bytes(), &r.sealed_private)
-                .ok_or_else(|| corrupt("sealed private key does not open"))?;
-            let public = crate::jose::public_key(alg, &pkcs8)
-                .map_err(|_| corrupt("private key does not parse"))?;
-            if public != r.public {
-                return Err(corrupt("private key does not match the public key"));
-            }
-            let encoding = match alg {
-                Algorithm::EdDSA => EncodingKey::from_ed_der(&pkcs8),
-                _ => EncodingKey::from_ec_der(&pkcs8),
-            };
-            active = Some(ActiveKey {
-                kid: r.kid.clone(),
-                alg,
-                encoding,
-            });
+            active = Some(open_active(kek, &r, alg)?);
         }
         let mut jwk = jwk_members(alg, &r.public).ok_or_else(|| corrupt("bad public key"))?;
         if let Some(obj) = jwk.as_object_mut() {
@@ -405,6 +430,7 @@ fn build_set(kek: &Kek, records: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
         }
         jwks.push(jwk);
         verify.insert(r.kid.clone(), (alg, decoding_key(alg, &r.public)));
+        records.push(r);
     }
     let active = active.ok_or_else(|| KeyError::Corrupt {
         kid: "-".into(),
@@ -423,6 +449,8 @@ fn build_set(kek: &Kek, records: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
         verify,
         jwks_json,
         records,
+        history,
+        withdrawn,
     })
 }
 

@@ -205,6 +205,7 @@ async fn emergency_rotation_kills_the_old_tokens_at_once() {
         .rotate(pb::RotateRequest {
             emergency: true,
             reason: "leak".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -214,6 +215,7 @@ async fn emergency_rotation_kills_the_old_tokens_at_once() {
         .rotate(pb::RotateRequest {
             emergency: true,
             reason: "key leaked".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -262,6 +264,7 @@ async fn a_manual_rotation_still_prepublishes() {
         .rotate(pb::RotateRequest {
             emergency: false,
             reason: "quarterly".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -345,5 +348,115 @@ async fn jwks_and_discovery_over_https_with_the_server_certificate() {
     let mut c = h.broker(As::Workload).await;
     let g = grant(&mut c, ask(&["orders.read"])).await;
     independent_verify(&set, &g.token, h.clock.now_secs() as u64).unwrap();
+    h.stop().await;
+}
+
+fn kid_of(token: &str) -> String {
+    part(token, 0)["kid"].as_str().unwrap().to_owned()
+}
+
+async fn active(
+    c: &mut portcullis::pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    token: &str,
+) -> bool {
+    c.introspect(pb::IntrospectRequest {
+        token: token.to_owned(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .active
+}
+
+async fn rotate(h: &Harness, emergency: bool, kid: &str) -> Result<(), tonic::Status> {
+    KeysClient::new(h.channel(As::Admin).await)
+        .rotate(pb::RotateRequest {
+            emergency,
+            kid: kid.into(),
+            reason: "test".into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Issue 9, finding 4: a leaked RETIRED key can be withdrawn at once, and
+/// by default an emergency withdraws every key whose private part exists.
+#[tokio::test]
+async fn f04_emergency_rotation_withdraws_a_retired_key_and_by_default_every_key() {
+    let h = Harness::start().await;
+    let mut c = h.broker(As::Workload).await;
+    let hour = || pb::RequestTokenRequest {
+        ttl: secs(3600),
+        ..ask(&["orders.read"])
+    };
+    let old = grant(&mut c, hour()).await.token;
+    let k1 = kid_of(&old);
+    rotate(&h, false, "").await.unwrap();
+    advance_to_change(&h, Duration::from_secs(600), 1).await;
+    let newer = grant(&mut c, hour()).await.token;
+    let k2 = kid_of(&newer);
+    assert_ne!(k1, k2);
+    assert!(
+        kids(&jwks(&h).await).contains(&k1),
+        "retired, still published"
+    );
+    assert!(active(&mut c, &old).await);
+
+    rotate(&h, true, &k1).await.unwrap();
+    assert!(!kids(&jwks(&h).await).contains(&k1), "withdrawn at once");
+    assert!(!active(&mut c, &old).await, "its leases are revoked");
+    assert!(active(&mut c, &newer).await, "the active key was not named");
+    assert_eq!(
+        kid_of(&grant(&mut c, ask(&["orders.read"])).await.token),
+        k2
+    );
+    let e = rotate(&h, false, &k2).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "--kid needs --emergency");
+
+    rotate(&h, true, "").await.unwrap();
+    let published = kids(&jwks(&h).await);
+    assert!(
+        !published.contains(&k2) && published.len() == 1,
+        "{published:?}"
+    );
+    assert!(!active(&mut c, &newer).await);
+    h.stop().await;
+}
+
+/// Issue 9, finding 5: the trail verifies after keys leave the JWKS — a
+/// retired key removed on schedule, or a key withdrawn in an emergency
+/// (whose checkpoints are reported as such, not as tampering).
+#[tokio::test]
+async fn f05_audit_verify_survives_key_removal_and_names_withdrawn_signers() {
+    use portcullis::pb::audit_client::AuditClient;
+    let h = Harness::start().await;
+    let mut c = h.broker(As::Workload).await;
+    let engine = h.running().engine.clone();
+    grant(&mut c, ask(&["orders.read"])).await;
+    engine.checkpoint_audit().await.unwrap().unwrap();
+    // Scheduled: K1 retires, then is removed after the longest token life.
+    rotate(&h, false, "").await.unwrap();
+    advance_to_change(&h, Duration::from_secs(600), 1).await;
+    grant(&mut c, ask(&["orders.read"])).await;
+    engine.checkpoint_audit().await.unwrap().unwrap();
+    advance_to_change(&h, Duration::from_secs(25 * 3600), 1).await;
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    let v = a.verify(pb::VerifyRequest {}).await.unwrap().into_inner();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.checkpoints, 2, "{v:?}");
+    assert!(v.notes.is_empty(), "{v:?}");
+
+    // Emergency: the active key is withdrawn; its checkpoint is named.
+    rotate(&h, true, "").await.unwrap();
+    grant(&mut c, ask(&["orders.read"])).await;
+    engine.checkpoint_audit().await.unwrap().unwrap();
+    let v = a.verify(pb::VerifyRequest {}).await.unwrap().into_inner();
+    assert!(v.ok, "not tampering: {v:?}");
+    assert_eq!(
+        v.checkpoints, 2,
+        "the removed key's and the new key's: {v:?}"
+    );
+    assert_eq!(v.notes.len(), 1, "{v:?}");
+    assert!(v.notes[0].contains("withdrawn in an emergency"), "{v:?}");
     h.stop().await;
 }

@@ -102,6 +102,7 @@ impl Audit for AuditService {
             checkpoints: report.checkpoints,
             first_bad_seq,
             problem,
+            notes: report.notes,
         }))
     }
 }

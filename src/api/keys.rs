@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, convert};
 use crate::engine::Engine;
+use crate::engine::rotate::Rotation;
 use crate::pb;
 use crate::pb::keys_server::Keys;
 use crate::rotation::Schedule;
@@ -41,6 +42,8 @@ impl KeysService {
                     KeyState::Next => pb::KeyState::Next,
                     KeyState::Active => pb::KeyState::Active,
                     KeyState::Retired => pb::KeyState::Retired,
+                    KeyState::Removed => pb::KeyState::Removed,
+                    KeyState::Withdrawn => pb::KeyState::Withdrawn,
                 } as i32,
                 created_at: Some(convert::ts(r.created_at)),
                 activated_at: r.activated_at.map(convert::ts),
@@ -76,9 +79,12 @@ impl Keys for KeysService {
     ) -> Result<Response<pb::RotateResponse>, Status> {
         let who = caller(&req)?;
         let m = req.into_inner();
-        self.engine
-            .rotate_now(&who, m.emergency, &m.reason, &self.schedule)
-            .await?;
+        let ask = Rotation {
+            emergency: m.emergency,
+            kid: m.kid,
+            reason: m.reason,
+        };
+        self.engine.rotate_now(&who, ask, &self.schedule).await?;
         self.wake.notify_one();
         Ok(Response::new(pb::RotateResponse { keys: self.infos() }))
     }

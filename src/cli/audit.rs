@@ -91,7 +91,7 @@ pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Fa
 
 async fn verify(out: Output, a: &mut AuditClient<Channel>) -> Result<i32, Failure> {
     let r = a.verify(pb::VerifyRequest {}).await?.into_inner();
-    let text = if r.ok {
+    let mut text = if r.ok {
         format!(
             "verified {} records and {} signed checkpoints\n",
             r.records, r.checkpoints
@@ -102,10 +102,13 @@ async fn verify(out: Output, a: &mut AuditClient<Channel>) -> Result<i32, Failur
             r.first_bad_seq, r.problem, r.records
         )
     };
+    for n in &r.notes {
+        text.push_str(&format!("note: {}\n", clean(n)));
+    }
     print(
         out,
         &text,
-        json!({"ok": r.ok, "records": r.records, "checkpoints": r.checkpoints, "first_bad_seq": r.first_bad_seq, "problem": r.problem}),
+        json!({"ok": r.ok, "records": r.records, "checkpoints": r.checkpoints, "first_bad_seq": r.first_bad_seq, "problem": r.problem, "notes": r.notes}),
     );
     Ok(if r.ok { exit::OK } else { exit::FAILURE })
 }

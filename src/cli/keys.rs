@@ -17,12 +17,17 @@ pub enum KeysCmd {
     Jwks,
     /// List keys and their states.
     List,
-    /// Rotate the signing key now (admin). `--emergency` removes the active
-    /// key at once and revokes every lease it signed.
+    /// Rotate the signing key now (admin). `--emergency` withdraws keys at
+    /// once (every key with a private part, or `--kid`) and revokes every
+    /// lease they signed.
     Rotate {
-        /// Compromised key: remove it now.
+        /// Compromised key: withdraw it now.
         #[arg(long)]
         emergency: bool,
+        /// With --emergency: the one key to withdraw (default: every key
+        /// whose private part exists: active, next and retired).
+        #[arg(long, requires = "emergency")]
+        kid: Option<String>,
         /// Why (recorded).
         #[arg(long)]
         reason: Option<String>,
@@ -38,9 +43,14 @@ pub async fn run(out: Output, cmd: KeysCmd, channel: Channel) -> Result<i32, Fai
             println!("{}", r.jwks_json);
             return Ok(exit::OK);
         }
-        KeysCmd::Rotate { emergency, reason } => {
+        KeysCmd::Rotate {
+            emergency,
+            kid,
+            reason,
+        } => {
             k.rotate(pb::RotateRequest {
                 emergency,
+                kid: kid.unwrap_or_default(),
                 reason: reason.unwrap_or_default(),
             })
             .await?

@@ -13,6 +13,18 @@ use crate::rotation::{Schedule, Step, plan};
 use crate::store::{KeyRecord, KeyState, Millis};
 use crate::text::check_reason;
 
+/// An operator's `Keys.Rotate`.
+#[derive(Clone, Debug, Default)]
+pub struct Rotation {
+    /// Withdraw keys now rather than bring the next hand-over forward.
+    pub emergency: bool,
+    /// Emergency only: the key to withdraw; empty for every key whose
+    /// private part exists.
+    pub kid: String,
+    /// Why (recorded).
+    pub reason: String,
+}
+
 /// Meta key: when an operator asked for the next rotation.
 const FORCED: &str = "rotation_forced_at";
 
@@ -50,7 +62,7 @@ impl Engine {
                     entries.extend(self.promote(&next, old.as_deref(), now, retire_after)?);
                 }
                 Step::Remove(kid) => {
-                    self.store().delete_key(&kid)?;
+                    self.unpublish(&kid, KeyState::Removed)?;
                     tracing::info!(%kid, "retired key unpublished");
                     entries.push(key_entry(Action::KeyRemoved, &kid, "last token expired"));
                 }
@@ -111,30 +123,31 @@ impl Engine {
     pub async fn rotate_now(
         self: &Arc<Self>,
         who: &Identity,
-        emergency: bool,
-        reason: &str,
+        ask: Rotation,
         schedule: &Schedule,
     ) -> Result<(), EngineError> {
-        check_reason("reason", reason, false)?;
-        let (me, who, reason, schedule) = (self.clone(), who.clone(), reason.to_owned(), *schedule);
-        tokio::spawn(async move {
-            me.rotate_now_here(&who, emergency, &reason, &schedule)
-                .await
-        })
-        .await?
+        check_reason("reason", &ask.reason, false)?;
+        if !ask.emergency && !ask.kid.is_empty() {
+            return Err(crate::text::FieldError::new(
+                "kid",
+                "only an emergency rotation withdraws a named key",
+            )
+            .into());
+        }
+        let (me, who, schedule) = (self.clone(), who.clone(), *schedule);
+        tokio::spawn(async move { me.rotate_now_here(&who, &ask, &schedule).await }).await?
     }
 
     async fn rotate_now_here(
         &self,
         who: &Identity,
-        emergency: bool,
-        reason: &str,
+        ask: &Rotation,
         schedule: &Schedule,
     ) -> Result<(), EngineError> {
         self.require_admin(who, "key rotation")?;
-        let now = self.clock.now();
-        if emergency {
-            return self.rotate_emergency(who, reason, now).await;
+        let (now, reason) = (self.clock.now(), ask.reason.as_str());
+        if ask.emergency {
+            return self.rotate_emergency(who, &ask.kid, reason, now).await;
         }
         self.store().put_meta(FORCED, now.to_string().as_bytes())?;
         let entry = AuditEntry::ok(who.as_str(), Action::KeyRotationRequested, "", &[], reason);
@@ -143,49 +156,75 @@ impl Engine {
         Ok(())
     }
 
-    /// Withdraw the active key now: a published NEXT key (or a fresh one)
-    /// signs at once, and every active lease the old key signed is revoked.
+    /// Withdraw `kid` (or every key with a private part) now: if the active
+    /// key goes, a published NEXT key (or a fresh one) signs at once; every
+    /// active lease a withdrawn key signed is revoked; the withdrawn keys
+    /// leave the JWKS and their private parts are destroyed.
     async fn rotate_emergency(
         &self,
         who: &Identity,
+        kid: &str,
         reason: &str,
         now: Millis,
     ) -> Result<(), EngineError> {
         let keys = self.store().keys()?;
-        let Some(old) = keys.iter().find(|k| k.state == KeyState::Active).cloned() else {
-            return Err(EngineError::WrongState("there is no active key".into()));
+        let targets = emergency_targets(&keys, kid)?;
+        // Something must sign afterwards: a published NEXT key that is not
+        // withdrawn, else a fresh one.
+        let fresh = if targets.iter().any(|k| k.state == KeyState::Active) {
+            let mut fresh = match keys
+                .iter()
+                .find(|k| k.state == KeyState::Next && !targets.iter().any(|t| t.kid == k.kid))
+            {
+                Some(n) => n.clone(),
+                None => self.keys.generate(KeyState::Next, now)?,
+            };
+            fresh.state = KeyState::Active;
+            fresh.activated_at = Some(now);
+            self.store().put_key(&fresh)?;
+            Some(fresh)
+        } else {
+            None
         };
-        let mut fresh: KeyRecord = match keys.iter().find(|k| k.state == KeyState::Next) {
-            Some(n) => n.clone(),
-            None => self.keys.generate(KeyState::Next, now)?,
-        };
-        fresh.state = KeyState::Active;
-        fresh.activated_at = Some(now);
-        self.store().put_key(&fresh)?;
-        self.store().delete_key(&old.kid)?;
-        let count = self
-            .revoke_signed_by(&old.kid, who, "emergency key rotation", now)
-            .await?;
-        let summary = format!("{reason}; {count} leases revoked");
-        self.record(vec![
-            AuditEntry::ok(
+        let mut entries = Vec::new();
+        for old in &targets {
+            self.unpublish(&old.kid, KeyState::Withdrawn)?;
+            let count = self
+                .revoke_signed_by(&old.kid, who, "emergency key rotation", now)
+                .await?;
+            let summary = format!("{reason}; {count} leases revoked");
+            entries.push(AuditEntry::ok(
                 who.as_str(),
                 Action::KeyEmergencyRotated,
                 &old.kid,
                 &[],
                 &summary,
-            ),
-            AuditEntry::ok(
+            ));
+            tracing::warn!(withdrawn = %old.kid, revoked = count, "emergency key rotation");
+        }
+        if let Some(f) = &fresh {
+            entries.push(AuditEntry::ok(
                 who.as_str(),
                 Action::KeyActivated,
-                &fresh.kid,
+                &f.kid,
                 &[],
                 "emergency",
-            ),
-        ])
-        .await?;
+            ));
+        }
+        self.record(entries).await?;
         self.keys.reload(self.store().as_ref())?;
-        tracing::warn!(removed = %old.kid, active = %fresh.kid, revoked = count, "emergency key rotation");
+        Ok(())
+    }
+
+    /// Stop publishing key `kid` and destroy its private part, keeping the
+    /// public key (in state `to`) so the trail's checkpoints it signed can
+    /// still be checked.
+    fn unpublish(&self, kid: &str, to: KeyState) -> Result<(), EngineError> {
+        if let Some(mut k) = self.store().keys()?.into_iter().find(|k| k.kid == kid) {
+            k.state = to;
+            k.sealed_private = Vec::new();
+            self.store().put_key(&k)?;
+        }
         Ok(())
     }
 
@@ -211,6 +250,21 @@ impl Engine {
     }
 }
 
+/// The keys an emergency rotation withdraws: `kid` (which must be
+/// published), or — when empty — every key whose private part exists, since
+/// any of them may be the one that leaked.
+fn emergency_targets(keys: &[KeyRecord], kid: &str) -> Result<Vec<KeyRecord>, EngineError> {
+    let published = keys.iter().filter(|k| k.state.is_published());
+    if kid.is_empty() {
+        return Ok(published.cloned().collect());
+    }
+    crate::text::require_id("kid", kid)?;
+    match published.clone().find(|k| k.kid == kid) {
+        Some(k) => Ok(vec![k.clone()]),
+        None => Err(EngineError::not_found("published key", kid)),
+    }
+}
+
 fn key_entry(action: Action, kid: &str, reason: &str) -> AuditEntry {
     AuditEntry::ok(SYSTEM_ACTOR, action, kid, &[], reason)
 }
@@ -221,6 +275,14 @@ mod tests {
     use crate::engine::testing::{POLICY, granted, id, rig, workload};
     use crate::store::LeaseState;
 
+    fn emergency(kid: &str) -> Rotation {
+        Rotation {
+            emergency: true,
+            kid: kid.into(),
+            reason: "leaked".into(),
+        }
+    }
+
     #[tokio::test]
     async fn emergency_rotation_withdraws_the_key_and_revokes_what_it_signed() {
         let r = rig(POLICY);
@@ -228,22 +290,34 @@ mod tests {
         let schedule = Schedule::default();
         let err = r
             .engine
-            .rotate_now(&workload(), true, "", &schedule)
+            .rotate_now(&workload(), emergency(""), &schedule)
             .await
             .unwrap_err();
         assert!(matches!(err, EngineError::NotAllowed(_)));
         let root = id("spiffe://t/human/root");
         r.engine
-            .rotate_now(&root, true, "leaked", &schedule)
+            .rotate_now(&root, emergency(""), &schedule)
             .await
             .unwrap();
         let keys = r.store.keys().unwrap();
-        assert!(keys.iter().all(|k| k.kid != lease.kid), "old key gone");
-        assert_eq!(r.engine.keys().current().active.kid, keys[0].kid);
+        let old = keys.iter().find(|k| k.kid == lease.kid).unwrap();
+        assert_eq!(old.state, KeyState::Withdrawn);
+        assert!(old.sealed_private.is_empty(), "private part destroyed");
+        let set = r.engine.keys().current();
+        assert_ne!(set.active.kid, lease.kid);
+        assert!(!set.verify.contains_key(&lease.kid), "no longer trusted");
+        assert!(!set.jwks_json.contains(&lease.kid), "no longer published");
+        assert!(set.withdrawn.contains(&lease.kid));
         assert_eq!(
             r.store.lease(&lease.id).unwrap().unwrap().state,
             LeaseState::Revoked
         );
+        let err = r
+            .engine
+            .rotate_now(&root, emergency("nope"), &schedule)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::NotFound { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -442,6 +442,20 @@ pub enum KeyState {
     Active,
     /// Published until its last token expires.
     Retired,
+    /// No longer published and its private part destroyed; the public key
+    /// is kept so the audit trail's old checkpoints still verify.
+    Removed,
+    /// Withdrawn in an emergency (possibly compromised): never published
+    /// or trusted again; kept so the trail can say which checkpoints it
+    /// signed.
+    Withdrawn,
+}
+
+impl KeyState {
+    /// Published in the JWKS and trusted for tokens.
+    pub fn is_published(self) -> bool {
+        matches!(self, Self::Next | Self::Active | Self::Retired)
+    }
 }
 
 /// A signing key. The private part is sealed (AES-256-GCM under the KEK).

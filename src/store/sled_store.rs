@@ -72,7 +72,12 @@ fn claim_idem(t: &TransactionalTree, idem: Option<&Idempotency>) -> TxResult<Opt
 #[cfg(unix)]
 fn restrict(path: &Path, mode: u32) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(unavailable)
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        // sled removes its own temporary files as it goes: one gone between
+        // listing and chmod needs no protection.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other.map_err(unavailable),
+    }
 }
 
 #[cfg(not(unix))]
@@ -86,7 +91,9 @@ fn restrict(_: &Path, _: u32) -> Result<(), StoreError> {
 fn restrict_files(dir: &Path) -> Result<(), StoreError> {
     for entry in std::fs::read_dir(dir).map_err(unavailable)? {
         let entry = entry.map_err(unavailable)?;
-        let kind = entry.file_type().map_err(unavailable)?;
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
         if kind.is_dir() {
             restrict(&entry.path(), 0o700)?;
             restrict_files(&entry.path())?;
