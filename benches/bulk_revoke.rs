@@ -74,6 +74,7 @@ async fn main() {
         clock: Arc::new(SystemClock),
         issuer: "https://bench".into(),
         audit: portcullis::audit::AuditLog::open(store.as_ref()).unwrap(),
+        limits: Default::default(),
     }));
     let admin = Identity::parse("spiffe://bench.test/human/admin").unwrap();
 

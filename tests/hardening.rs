@@ -397,3 +397,68 @@ async fn f14_the_issuer_survives_a_restart_on_another_port() {
     h.running = Some(portcullis::server::start(cfg).await.unwrap());
     h.stop().await;
 }
+
+/// Finding 12: one identity cannot hold unbounded parked requests or watch
+/// streams; the refusal names the limit, and room comes back when one ends.
+#[tokio::test]
+async fn f12_open_requests_and_watch_streams_are_bounded_per_identity() {
+    let mut h = Harness::start().await;
+    h.running.take().unwrap().shutdown().await;
+    let mut cfg = h.config();
+    cfg.limits = portcullis::server::Limits {
+        open_requests_per_identity: 3,
+        watches_per_identity: 2,
+    };
+    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    let mut c = h.broker(As::Workload).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(park(&mut c, &["orders.admin"]).await.id);
+    }
+    let e = c.request_token(ask(&["orders.admin"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("--max-open-requests"),
+        "{}",
+        e.message()
+    );
+    // Another identity is not affected.
+    let mut other = BrokerClient::new(
+        h.channel_for("spiffe://portcullis.dev/ns/demo/sa/other")
+            .await,
+    );
+    park(&mut other, &["orders.admin"]).await;
+    c.withdraw_request(pb::WithdrawRequestRequest {
+        request_id: ids[0].clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    park(&mut c, &["orders.admin"]).await;
+
+    let watch = |c: &mut BrokerClient<Channel>, id: &str| {
+        let mut c = c.clone();
+        let id = id.to_owned();
+        async move {
+            c.watch_request(pb::WatchRequestRequest { request_id: id })
+                .await
+        }
+    };
+    let first = watch(&mut c, &ids[1]).await.unwrap();
+    let _second = watch(&mut c, &ids[2]).await.unwrap();
+    let e = watch(&mut c, &ids[1]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-watches"), "{}", e.message());
+    drop(first);
+    // The stream's end reaches the broker asynchronously.
+    let mut again = Err(e);
+    for _ in 0..100 {
+        again = watch(&mut c, &ids[1]).await;
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_ok(), "a closed stream frees its place: {again:?}");
+    h.stop().await;
+}

@@ -15,6 +15,7 @@ impl From<EngineError> for Status {
             EngineError::WrongState(_) => Code::FailedPrecondition,
             EngineError::IdempotencyConflict | EngineError::Duplicate(_) => Code::AlreadyExists,
             EngineError::DataLoss(_) => Code::DataLoss,
+            EngineError::Exhausted(_) => Code::ResourceExhausted,
             // Only a store that could not persist is UNAVAILABLE (retry
             // later); a corrupt record, a schema mismatch or the broker's own
             // failure is INTERNAL.

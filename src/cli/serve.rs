@@ -49,6 +49,12 @@ pub struct ServeArgs {
     /// stays the same across restarts.
     #[arg(long, env = "PORTCULLIS_ISSUER")]
     pub issuer: Option<String>,
+    /// Open requests (pending, approved and unclaimed) one identity may have.
+    #[arg(long, env = "PORTCULLIS_MAX_OPEN_REQUESTS", default_value_t = 20)]
+    pub max_open_requests: usize,
+    /// `WatchRequest` streams one identity may hold at once.
+    #[arg(long, env = "PORTCULLIS_MAX_WATCHES", default_value_t = 64)]
+    pub max_watches: usize,
     /// Accept an --issuer that differs from the one recorded in the data
     /// directory (every token issued before stops verifying).
     #[arg(long)]
@@ -143,6 +149,10 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.http_listen = Some(args.http_listen);
     cfg.issuer = args.issuer.clone();
     cfg.allow_issuer_change = args.change_issuer;
+    cfg.limits = crate::server::Limits {
+        open_requests_per_identity: args.max_open_requests,
+        watches_per_identity: args.max_watches,
+    };
     cfg.alg = args.alg.into();
     cfg.in_memory = args.in_memory;
     if args.rotation_period < Duration::from_secs(3600) {

@@ -51,6 +51,10 @@ pub enum EngineError {
     /// The key ring failed (generation, sealing, a corrupt record).
     #[error(transparent)]
     Keys(#[from] KeyError),
+    /// The caller holds as much as one identity may (open requests, watch
+    /// streams); the message names the limit.
+    #[error("{0}")]
+    Exhausted(String),
     /// Stored data cannot be read back (e.g. an audit record that does not
     /// decode); nothing was changed.
     #[error("{0}")]

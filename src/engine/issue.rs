@@ -168,6 +168,7 @@ impl Engine {
         requirements: Vec<Requirement>,
     ) -> Result<Outcome, EngineError> {
         let (now, who) = (c.now, &c.who);
+        self.check_open_requests(who)?;
         let req = TokenRequest {
             digest: sha256_hex(&[
                 who.as_str().as_bytes(),

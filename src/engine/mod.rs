@@ -33,6 +33,7 @@ pub mod expiry;
 pub mod introspect;
 pub mod issue;
 pub mod leases;
+mod quota;
 mod records;
 pub mod requests;
 pub mod rotate;
@@ -45,6 +46,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 pub use self::error::EngineError;
 pub use self::issue::{Outcome, TokenAsk};
+pub use self::quota::{Limits, WatchPermit};
 pub(crate) use self::records::{Cas, Records};
 pub use self::upkeep::PolicyReloads;
 use crate::audit::{AuditLog, Entry as AuditEntry};
@@ -76,6 +78,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     deadlines: expiry::Deadlines,
     request_events: broadcast::Sender<String>,
+    limits: Limits,
+    watchers: quota::Watchers,
 }
 
 /// What an engine is built from.
@@ -94,6 +98,8 @@ pub struct Parts {
     pub issuer: String,
     /// The trail, continued from the store.
     pub audit: AuditLog,
+    /// Per-identity bounds.
+    pub limits: Limits,
 }
 
 impl Engine {
@@ -115,6 +121,8 @@ impl Engine {
             metrics,
             deadlines: expiry::Deadlines::default(),
             request_events: broadcast::channel(1024).0,
+            limits: parts.limits,
+            watchers: quota::Watchers::default(),
         }
     }
 

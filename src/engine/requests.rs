@@ -144,7 +144,9 @@ impl Engine {
         // Subscribe before the first read so no change can slip between.
         let events = self.request_events();
         self.get_request(who, id)?;
+        let permit = self.watch_permit(who)?;
         Ok(Watch {
+            _permit: permit,
             engine: self.clone(),
             who: who.clone(),
             id: id.to_owned(),
@@ -168,6 +170,8 @@ pub struct Update {
 /// requester), then [`Watch::changed`] to wait for the next change, until
 /// [`Watch::finished`].
 pub struct Watch {
+    /// Counts against the identity's watch streams until dropped.
+    _permit: super::WatchPermit,
     engine: Arc<Engine>,
     who: Identity,
     id: String,

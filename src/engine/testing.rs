@@ -50,6 +50,7 @@ pub fn rig_on(store: Arc<dyn Store>, policy: &str) -> Rig {
         clock: clock.clone(),
         issuer: "https://t".into(),
         audit: AuditLog::open(store.as_ref()).unwrap(),
+        limits: super::Limits::default(),
     }));
     Rig {
         engine,

@@ -8,6 +8,7 @@ mod http;
 mod tasks;
 
 pub use self::grpc::MAX_MESSAGE;
+pub use crate::engine::Limits;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -72,6 +73,8 @@ pub struct ServeConfig {
     /// Delete leases and requests this long after they ended; `None` keeps
     /// them forever.
     pub retention: Option<Duration>,
+    /// Per-identity bounds (open requests, watch streams).
+    pub limits: crate::engine::Limits,
     /// Run the expiry task (always, in a broker; tests that check what is
     /// enforced at decision time, before any sweep, turn it off).
     pub expiry_task: bool,
@@ -107,6 +110,7 @@ impl ServeConfig {
             http_tls: false,
             retention: None,
             expiry_task: true,
+            limits: crate::engine::Limits::default(),
         }
     }
 }
@@ -249,6 +253,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         keys: ring.clone(),
         clock: cfg.clock.clone(),
         issuer: issuer.clone(),
+        limits: cfg.limits,
     }));
     let listeners = Listeners {
         grpc: grpc_listener,
