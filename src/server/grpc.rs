@@ -5,14 +5,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::{Router, TcpIncoming};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::{Connected, Router, TcpConnectInfo, TcpIncoming};
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 
-use super::{ServeConfig, ServeError, read};
+use super::{ConnLimits, ServeConfig, ServeError, read};
 use crate::api::Authenticate;
 use crate::api::approvals::ApprovalsService;
 use crate::api::audit::AuditService;
@@ -29,8 +33,10 @@ use crate::pb::keys_server::KeysServer;
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// How long a client's TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 keep-alive pings.
+/// HTTP/2 keep-alive pings, and how long to wait for their answer before
+/// the connection is dropped.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The router with its per-call layer.
 pub(super) type GrpcRouter =
@@ -92,6 +98,8 @@ pub(super) fn router(
         })
         .layer(crate::api::CallLayer)
         .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(cfg.conn_limits.streams_per_connection)
         .add_service(InterceptedService::new(
             BrokerServer::new(broker).max_decoding_message_size(MAX_MESSAGE),
             auth.clone(),
@@ -112,13 +120,81 @@ pub(super) fn router(
         .add_service(reflection))
 }
 
-/// Serve `router` on `listener` until `cancel`.
-pub(super) async fn serve(router: GrpcRouter, listener: TcpListener, cancel: CancellationToken) {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+/// Serve `router` on `listener` until `cancel`, holding at most
+/// `limits.grpc_connections` connections (more are closed as they arrive).
+pub(super) async fn serve(
+    router: GrpcRouter,
+    listener: TcpListener,
+    limits: ConnLimits,
+    cancel: CancellationToken,
+) {
+    use tokio_stream::StreamExt as _;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.grpc_connections));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .filter_map(move |r| match r {
+            Ok(tcp) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(Ok(Limited { tcp, _slot: slot })),
+                Err(_) => {
+                    tracing::debug!("gRPC connection limit reached; closing the new connection");
+                    None
+                }
+            },
+            Err(e) => Some(Err(e)),
+        });
     if let Err(e) = router
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
     {
         tracing::error!(error = %e, "gRPC server stopped");
+    }
+}
+
+/// A connection that holds one of the listener's slots while it lives.
+struct Limited {
+    tcp: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connected for Limited {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
     }
 }

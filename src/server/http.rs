@@ -10,30 +10,102 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{SHUTDOWN_GRACE, ServeError};
+use super::{ConnLimits, SHUTDOWN_GRACE, ServeError};
 use crate::engine::Engine;
 use crate::keys::JWKS_MAX_AGE;
 
 /// How long a TLS handshake on the HTTP listener may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keep-alive pings (and how long to wait for their answer).
+const KEEPALIVE: Duration = Duration::from_secs(20);
 
-/// Serve `app` on `listener` (over TLS when `tls` is set) until `cancel`.
+/// Serve `app` on `listener` (over TLS when `tls` is set) until `cancel`:
+/// one task per connection (a slow handshake never holds up the accept
+/// loop), at most `limits.http_connections` at once (more are closed at
+/// once), each bounded in how long it may take to send its headers and how
+/// long it may live.
 pub(super) async fn serve(
     listener: TcpListener,
     app: axum::Router,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: ConnLimits,
     cancel: CancellationToken,
 ) {
-    match tls {
-        Some(tls) => serve_https(listener, app, tls, cancel).await,
-        None => {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server stopped");
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.http_connections));
+    let conns = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "HTTP connection limit reached; closing the new connection");
+            continue;
+        };
+        let (acceptor, app, cancel) = (acceptor.clone(), app.clone(), cancel.clone());
+        conns.spawn(async move {
+            let _slot = slot;
+            // A peer that connects and says nothing gives its slot back
+            // after the header-read timeout (hyper's own timer only starts
+            // with the first byte).
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(limits.header_read_timeout, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    tracing::debug!(%peer, "HTTP peer sent nothing in time; closed");
+                    return;
+                }
             }
+            match acceptor {
+                None => serve_conn(tcp, app, limits, cancel).await,
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    else {
+                        tracing::debug!(%peer, "HTTPS handshake failed");
+                        return;
+                    };
+                    serve_conn(stream, app, limits, cancel).await;
+                }
+            }
+        });
+    }
+    conns.close();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
+}
+
+/// One HTTP/1.1 or HTTP/2 connection, within `limits`.
+async fn serve_conn<IO>(io: IO, app: axum::Router, limits: ConnLimits, cancel: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.streams_per_connection)
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        r = conn => if let Err(e) = r { tracing::debug!(error = %e, "HTTP connection ended") },
+        () = tokio::time::sleep(limits.connection_lifetime) => {
+            tracing::debug!("HTTP connection reached its lifetime; closed");
         }
+        () = cancel.cancelled() => {}
     }
 }
 
@@ -115,44 +187,4 @@ pub(super) fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
     .map_err(|e| err(cert, &e))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// The HTTP router over TLS: one task per connection (a slow handshake
-/// never holds up the accept loop), bounded handshake time.
-async fn serve_https(
-    listener: TcpListener,
-    app: axum::Router,
-    tls: Arc<rustls::ServerConfig>,
-    cancel: CancellationToken,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let conns = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HTTPS accept failed");
-                    continue;
-                }
-            },
-        };
-        let (acceptor, app, cancel) = (acceptor.clone(), app.clone(), cancel.clone());
-        conns.spawn(async move {
-            let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
-                tracing::debug!(%peer, "HTTPS handshake failed");
-                return;
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::select! {
-                r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "HTTPS connection ended") },
-                () = cancel.cancelled() => {}
-            }
-        });
-    }
-    conns.close();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
 }

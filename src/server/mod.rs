@@ -75,6 +75,8 @@ pub struct ServeConfig {
     pub retention: Option<Duration>,
     /// Per-identity bounds (open requests, watch streams).
     pub limits: crate::engine::Limits,
+    /// Bounds on connections, for every listener.
+    pub conn_limits: ConnLimits,
     /// Run the expiry task (always, in a broker; tests that check what is
     /// enforced at decision time, before any sweep, turn it off).
     pub expiry_task: bool,
@@ -111,6 +113,38 @@ impl ServeConfig {
             retention: None,
             expiry_task: true,
             limits: crate::engine::Limits::default(),
+            conn_limits: ConnLimits::default(),
+        }
+    }
+}
+
+/// What one connection, and all of them together, may hold: an
+/// unauthenticated peer must not be able to starve the broker of file
+/// descriptors or tasks by opening connections and saying nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Open connections on the HTTP listener (JWKS, discovery, health,
+    /// metrics); more are closed as they arrive.
+    pub http_connections: usize,
+    /// Open connections on the gRPC listener.
+    pub grpc_connections: usize,
+    /// How long an HTTP client may take to send a request's headers
+    /// (idle keep-alive connections included).
+    pub header_read_timeout: Duration,
+    /// How long one HTTP connection may live.
+    pub connection_lifetime: Duration,
+    /// Concurrent streams on one HTTP/2 (and gRPC) connection.
+    pub streams_per_connection: u32,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            http_connections: 512,
+            grpc_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            connection_lifetime: Duration::from_secs(300),
+            streams_per_connection: 256,
         }
     }
 }
@@ -307,10 +341,16 @@ fn serve(
     )?;
     record_start(engine, cfg)?;
     let tracker = TaskTracker::new();
-    tracker.spawn(grpc::serve(router, l.grpc, cancel.clone()));
+    tracker.spawn(grpc::serve(router, l.grpc, cfg.conn_limits, cancel.clone()));
     if let Some(listener) = l.http {
         let app = http::router(engine.clone());
-        tracker.spawn(http::serve(listener, app, l.http_tls, cancel.clone()));
+        tracker.spawn(http::serve(
+            listener,
+            app,
+            l.http_tls,
+            cfg.conn_limits,
+            cancel.clone(),
+        ));
     }
     spawn_tasks(&tracker, engine, cfg, rotate_wake, health_reporter, cancel);
     Ok(tracker)
