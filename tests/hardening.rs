@@ -517,3 +517,59 @@ async fn f06_idle_connections_are_capped_and_reaped() {
     drop(idle);
     h.stop().await;
 }
+
+/// Finding 8: refused calls cannot make the trail unreadable: what a
+/// refusal records is bounded, and export pages are bounded by bytes too,
+/// so every page fits a client's default 4 MiB message limit.
+#[tokio::test]
+async fn f08_refused_calls_cannot_break_audit_export() {
+    use portcullis::pb::audit_client::AuditClient;
+    let h = Harness::start().await;
+    let mut nobody = BrokerClient::new(
+        h.channel_for("spiffe://portcullis.dev/ns/nobody/sa/x")
+            .await,
+    );
+    let scopes: Vec<String> = (0..64)
+        .map(|i| format!("{i:02}{}", "s".repeat(126)))
+        .collect();
+    for _ in 0..300 {
+        let e = nobody
+            .request_token(pb::RequestTokenRequest {
+                scopes: scopes.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+    }
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    let (mut after, mut refused, mut pages) = (0, 0, 0);
+    loop {
+        let page = a
+            .export(pb::ExportRequest {
+                page_size: 5000,
+                after_seq: after,
+                ..Default::default()
+            })
+            .await
+            .expect("every page fits the client's message limit")
+            .into_inner();
+        pages += 1;
+        for r in &page.records {
+            if r.action == "token.refused" {
+                refused += 1;
+                assert_eq!(r.scopes.len(), 1, "only the refused scope is kept");
+                assert!(r.reason.contains("64 scopes asked"), "{}", r.reason);
+            }
+        }
+        if page.next_after_seq == 0 {
+            break;
+        }
+        after = page.next_after_seq;
+    }
+    assert_eq!(
+        refused, 300,
+        "every refusal is in the trail ({pages} pages)"
+    );
+    h.stop().await;
+}

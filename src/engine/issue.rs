@@ -84,12 +84,18 @@ impl Engine {
 
     /// A refusal changes nothing; its record is noted, not waited on.
     fn refuse(&self, c: &Checked, refusal: Refusal) -> EngineError {
+        // A refusal costs the caller nothing, so what it writes is bounded:
+        // the refused scope and how many were asked, not all 64 of them.
+        let reason = match c.scopes.len() {
+            1 => refusal.to_string(),
+            n => format!("{refusal} ({n} scopes asked)"),
+        };
         let entry = AuditEntry::ok(
             c.who.as_str(),
             Action::TokenRefused,
             "",
-            &c.scopes,
-            &refusal.to_string(),
+            std::slice::from_ref(&refusal.scope),
+            &reason,
         )
         .outcome(AuditOutcome::Refused);
         if let Err(e) = self.note(vec![entry]) {

@@ -13,6 +13,10 @@ use crate::text::{AUDIT_PAGE, page_size};
 
 /// Records read per store scan.
 const SCAN: usize = 4096;
+/// Canonical bytes per export page. Each record travels twice (its fields
+/// and its canonical JSON), so a page stays near 2 MiB, well inside the
+/// 4 MiB a gRPC client accepts by default, whatever the records hold.
+const PAGE_BYTES: usize = 1024 * 1024;
 
 /// A stored record with its canonical bytes (clients can re-check the chain).
 pub type Stored = (AuditRecord, Vec<u8>);
@@ -61,8 +65,9 @@ impl Engine {
         }
     }
 
-    /// Up to `page_size` records after `after_seq` that `filter` wants, and
-    /// the sequence to continue after (0: no more).
+    /// Up to `page_size` records after `after_seq` that `filter` wants (and
+    /// at most about [`PAGE_BYTES`] of them), and the sequence to continue
+    /// after (0: no more).
     pub fn export_audit(
         &self,
         who: &Identity,
@@ -73,6 +78,7 @@ impl Engine {
         self.require_auditor(who)?;
         let size = page_size(page_size_asked, AUDIT_PAGE)?;
         let mut out = Vec::new();
+        let mut bytes_out = 0;
         let mut after = (after_seq > 0).then_some(after_seq);
         loop {
             let page = self.store().audit_after(after, SCAN)?;
@@ -81,8 +87,9 @@ impl Engine {
                 after = Some(seq);
                 let r = decode(seq, &bytes)?;
                 if filter.wants(&r) {
+                    bytes_out += bytes.len();
                     out.push((r, bytes));
-                    if out.len() == size {
+                    if out.len() == size || bytes_out >= PAGE_BYTES {
                         return Ok((out, seq));
                     }
                 }
@@ -255,5 +262,34 @@ mod tests {
             .unwrap();
         assert_eq!(rec.seq, 5, "past the undecodable records, then live");
         more.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn export_pages_are_bounded_by_bytes_as_well_as_count() {
+        use crate::audit::{Action, Entry};
+        let r = rig(POLICY);
+        let long = "x".repeat(4000);
+        for _ in 0..600 {
+            let e = Entry::ok("spiffe://t/w", Action::TokenRefused, "", &[], &long);
+            r.engine.note(vec![e]).unwrap();
+        }
+        let carol = id("spiffe://t/human/carol");
+        let (page, next) = r
+            .engine
+            .export_audit(&carol, &Filter::default(), 0, 5000)
+            .unwrap();
+        let bytes: usize = page.iter().map(|(_, b)| b.len()).sum();
+        assert!(next != 0 && page.len() < 600, "{} records", page.len());
+        assert!(bytes < PAGE_BYTES + 8192, "{bytes} bytes");
+        let (mut total, mut after) = (page.len(), next);
+        while after != 0 {
+            let (more, n) = r
+                .engine
+                .export_audit(&carol, &Filter::default(), after, 5000)
+                .unwrap();
+            total += more.len();
+            after = n;
+        }
+        assert_eq!(total, 600, "paging reaches every record");
     }
 }
