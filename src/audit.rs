@@ -309,6 +309,40 @@ pub struct Report {
     /// What was found that is not tampering but limits what was proved
     /// (checkpoints signed by a key withdrawn in an emergency).
     pub notes: Vec<String>,
+    /// First and last sequence number of the records walked (0 when none).
+    pub first: u64,
+    /// See `first`.
+    pub last: u64,
+    /// The newest record a valid checkpoint covers (0: none): records up to
+    /// it cannot be edited, removed or reordered undetected; the ones after
+    /// it are chained but unsigned, so dropping them leaves no trace here.
+    pub covered: u64,
+}
+
+impl Report {
+    /// Records after the newest checkpoint: chained, not signed.
+    pub fn unsigned_tail(&self) -> u64 {
+        self.last
+            .saturating_sub(self.covered.max(self.first.saturating_sub(1)))
+    }
+
+    /// Exactly what the walk proved, in one sentence.
+    pub fn proved(&self) -> String {
+        if self.records == 0 {
+            return "no records".into();
+        }
+        let covered = if self.covered >= self.first {
+            format!("checkpoints cover {}..{}", self.first, self.covered)
+        } else {
+            "no checkpoint covers them".into()
+        };
+        format!(
+            "records {}..{} chained, {covered}, {} unsigned trailing records",
+            self.first,
+            self.last,
+            self.unsigned_tail()
+        )
+    }
 }
 
 /// The `kid` a checkpoint names.
@@ -410,6 +444,10 @@ fn walk(
             prev_hash = sha256_hex(&bytes);
             hashes.insert(key, prev_hash.clone());
             report.records += 1;
+            if report.first == 0 {
+                report.first = key;
+            }
+            report.last = key;
             expected += 1;
         }
     }
@@ -436,7 +474,10 @@ fn check_checkpoints(
             continue;
         }
         match hashes.get(&seq) {
-            Some(h) if *h == claims.hash && claims.seq == seq => report.checkpoints += 1,
+            Some(h) if *h == claims.hash && claims.seq == seq => {
+                report.checkpoints += 1;
+                report.covered = report.covered.max(seq);
+            }
             Some(_) => problems.push((
                 seq,
                 format!("record {seq} does not match its signed checkpoint"),

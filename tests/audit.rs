@@ -33,7 +33,7 @@ async fn export(h: &Harness) -> Vec<pb::AuditRecord> {
 
 async fn verify(h: &Harness) -> pb::VerifyResponse {
     AuditClient::new(h.channel(As::Admin).await)
-        .verify(pb::VerifyRequest {})
+        .verify(pb::VerifyRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -280,7 +280,7 @@ async fn only_admins_and_auditors_read_the_trail_and_tail_is_live() {
     let mut w = AuditClient::new(h.channel(As::Workload).await);
     let e = w.export(pb::ExportRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = w.verify(pb::VerifyRequest {}).await.unwrap_err();
+    let e = w.verify(pb::VerifyRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     let mut a = AuditClient::new(h.channel(As::Admin).await);
@@ -509,5 +509,61 @@ async fn metrics_health_and_reflection() {
     ] {
         assert!(names.contains(&s.to_owned()), "{s} not in {names:?}");
     }
+    h.stop().await;
+}
+
+/// Issue 9, finding 3 (in part): verify says exactly what it proved, and
+/// `strict` fails while records after the newest checkpoint are unsigned
+/// (a truncated tail leaves no trace inside the store).
+#[tokio::test]
+async fn f03_verify_says_what_it_proved_and_strict_refuses_an_unsigned_tail() {
+    let h = Harness::start().await;
+    mixed_workload(&h).await;
+    let signed = h
+        .running()
+        .engine
+        .checkpoint_audit()
+        .await
+        .unwrap()
+        .unwrap();
+    let mut c = h.broker(As::Workload).await;
+    grant(&mut c, ask(&["orders.read"])).await;
+    grant(&mut c, ask(&["orders.read"])).await;
+    let v = verify(&h).await;
+    assert!(v.ok, "{v:?}");
+    assert_eq!((v.first_seq, v.covered_seq), (1, signed), "{v:?}");
+    assert_eq!(v.last_seq, signed + 2, "{v:?}");
+    assert_eq!(
+        v.proved,
+        format!(
+            "records 1..{} chained, checkpoints cover 1..{signed}, 2 unsigned trailing records",
+            signed + 2
+        )
+    );
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    let strict = a
+        .verify(pb::VerifyRequest { strict: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!strict.ok, "{strict:?}");
+    assert_eq!(strict.first_bad_seq, signed + 1);
+    assert!(strict.problem.contains("not signed"), "{strict:?}");
+    h.running()
+        .engine
+        .checkpoint_audit()
+        .await
+        .unwrap()
+        .unwrap();
+    let strict = a
+        .verify(pb::VerifyRequest { strict: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(strict.ok, "{strict:?}");
+    assert!(
+        strict.proved.ends_with(", 0 unsigned trailing records"),
+        "{strict:?}"
+    );
     h.stop().await;
 }

@@ -441,7 +441,11 @@ async fn f05_audit_verify_survives_key_removal_and_names_withdrawn_signers() {
     engine.checkpoint_audit().await.unwrap().unwrap();
     advance_to_change(&h, Duration::from_secs(25 * 3600), 1).await;
     let mut a = AuditClient::new(h.channel(As::Admin).await);
-    let v = a.verify(pb::VerifyRequest {}).await.unwrap().into_inner();
+    let v = a
+        .verify(pb::VerifyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(v.ok, "{v:?}");
     assert_eq!(v.checkpoints, 2, "{v:?}");
     assert!(v.notes.is_empty(), "{v:?}");
@@ -450,7 +454,11 @@ async fn f05_audit_verify_survives_key_removal_and_names_withdrawn_signers() {
     rotate(&h, true, "").await.unwrap();
     grant(&mut c, ask(&["orders.read"])).await;
     engine.checkpoint_audit().await.unwrap().unwrap();
-    let v = a.verify(pb::VerifyRequest {}).await.unwrap().into_inner();
+    let v = a
+        .verify(pb::VerifyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(v.ok, "not tampering: {v:?}");
     assert_eq!(
         v.checkpoints, 2,

@@ -94,14 +94,29 @@ impl Audit for AuditService {
         req: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let who = caller(&req)?;
+        let strict = req.get_ref().strict;
         let report = self.engine.verify_audit(&who).await?;
-        let (first_bad_seq, problem) = report.problem.clone().unwrap_or_default();
+        let mut problem = report.problem.clone();
+        if strict && problem.is_none() && report.unsigned_tail() > 0 {
+            problem = Some((
+                report.covered + 1,
+                format!(
+                    "strict: {} records after the newest checkpoint are not signed yet",
+                    report.unsigned_tail()
+                ),
+            ));
+        }
+        let (first_bad_seq, problem_text) = problem.clone().unwrap_or_default();
         Ok(Response::new(pb::VerifyResponse {
-            ok: report.problem.is_none(),
+            ok: problem.is_none(),
             records: report.records,
             checkpoints: report.checkpoints,
             first_bad_seq,
-            problem,
+            problem: problem_text,
+            proved: report.proved(),
+            first_seq: report.first,
+            last_seq: report.last,
+            covered_seq: report.covered,
             notes: report.notes,
         }))
     }

@@ -41,8 +41,12 @@ pub enum AuditCmd {
         #[arg(long, value_enum, default_value = "text")]
         format: AuditFormat,
     },
-    /// Walk the hash chain and the signed checkpoints.
-    Verify,
+    /// Walk the hash chain and the signed checkpoints; say what was proved.
+    Verify {
+        /// Fail when records after the newest checkpoint are not signed yet.
+        #[arg(long)]
+        strict: bool,
+    },
 }
 
 /// Audit output formats.
@@ -58,7 +62,7 @@ pub enum AuditFormat {
 pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Failure> {
     let mut a = AuditClient::new(channel);
     match cmd {
-        AuditCmd::Verify => verify(out, &mut a).await,
+        AuditCmd::Verify { strict } => verify(out, &mut a, strict).await,
         AuditCmd::Export {
             since,
             actor,
@@ -89,12 +93,12 @@ pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Fa
     }
 }
 
-async fn verify(out: Output, a: &mut AuditClient<Channel>) -> Result<i32, Failure> {
-    let r = a.verify(pb::VerifyRequest {}).await?.into_inner();
+async fn verify(out: Output, a: &mut AuditClient<Channel>, strict: bool) -> Result<i32, Failure> {
+    let r = a.verify(pb::VerifyRequest { strict }).await?.into_inner();
     let mut text = if r.ok {
         format!(
-            "verified {} records and {} signed checkpoints\n",
-            r.records, r.checkpoints
+            "verified {} records and {} signed checkpoints: {}\n",
+            r.records, r.checkpoints, r.proved
         )
     } else {
         format!(
@@ -108,7 +112,7 @@ async fn verify(out: Output, a: &mut AuditClient<Channel>) -> Result<i32, Failur
     print(
         out,
         &text,
-        json!({"ok": r.ok, "records": r.records, "checkpoints": r.checkpoints, "first_bad_seq": r.first_bad_seq, "problem": r.problem, "notes": r.notes}),
+        json!({"ok": r.ok, "records": r.records, "checkpoints": r.checkpoints, "first_bad_seq": r.first_bad_seq, "problem": r.problem, "notes": r.notes, "proved": r.proved, "first_seq": r.first_seq, "last_seq": r.last_seq, "covered_seq": r.covered_seq}),
     );
     Ok(if r.ok { exit::OK } else { exit::FAILURE })
 }
