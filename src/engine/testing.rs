@@ -1,3 +1,4 @@
+// Test-only: declared `#[cfg(test)]` by its parent module (its unwraps are test code).
 //! Engines for unit tests: the in-memory store, a manual clock, a real key
 //! ring and group commit.
 

@@ -255,11 +255,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     crate::jose::install();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = Policy::load(&cfg.policy)?;
-    let grpc_tls = grpc::tls(&cfg)?;
-    let http_tls = cfg
-        .http_tls
-        .then(|| http::tls_config(&cfg.tls_cert, &cfg.tls_key))
-        .transpose()?;
+    let (grpc_tls, http_tls) = read_tls(&cfg)?;
     let store = open_store(&cfg).await?;
     let kek = Kek::from_file(&cfg.kek_file)?;
     let ring = Arc::new(KeyRing::load_or_create(
@@ -311,6 +307,24 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         tracker,
         flusher,
     })
+}
+
+/// The gRPC listener's mTLS and, with `http_tls`, the HTTP listener's TLS.
+fn read_tls(
+    cfg: &ServeConfig,
+) -> Result<
+    (
+        tonic::transport::ServerTlsConfig,
+        Option<Arc<rustls::ServerConfig>>,
+    ),
+    ServeError,
+> {
+    let grpc = grpc::tls(cfg)?;
+    let http = cfg
+        .http_tls
+        .then(|| http::tls_config(&cfg.tls_cert, &cfg.tls_key))
+        .transpose()?;
+    Ok((grpc, http))
 }
 
 /// Bound listeners and their TLS.

@@ -1,3 +1,4 @@
+// Test-only: declared `#[cfg(test)]` by its parent module (its unwraps are test code).
 //! Unit tests of `engine::leases`.
 
 use super::*;
