@@ -254,14 +254,15 @@ impl AuditLog {
         self.head.lock().map_or(0, |h| h.since_checkpoint)
     }
 
-    /// Sign a checkpoint over the newest record, if any since the last.
+    /// Sign a checkpoint over the newest record, if any since the last;
+    /// its sequence number and JWS (for an external witness).
     pub fn checkpoint(
         &self,
         store: &dyn Store,
         keys: &KeySet,
         issuer: &str,
         now: Millis,
-    ) -> Result<Option<u64>, AuditError> {
+    ) -> Result<Option<(u64, String)>, AuditError> {
         let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
         if head.since_checkpoint == 0 || head.next == 1 {
             return Ok(None);
@@ -280,7 +281,7 @@ impl AuditLog {
             .map_err(|e| AuditError::Sign(e.to_string()))?;
         store.put_checkpoint(seq, jws.as_bytes())?;
         head.since_checkpoint = 0;
-        Ok(Some(seq))
+        Ok(Some((seq, jws)))
     }
 }
 
@@ -493,6 +494,18 @@ fn check_checkpoints(
 
 /// Walk the whole chain and every checkpoint.
 pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
+    verify_witnessed(store, keys, &[])
+}
+
+/// [`verify`], and check that every checkpoint an external witness holds
+/// (`witnessed`, JWS strings) is still matched by the store: a store
+/// truncated or rolled back after those checkpoints fails here, although it
+/// is consistent in itself.
+pub fn verify_witnessed(
+    store: &dyn Store,
+    keys: &KeySet,
+    witnessed: &[String],
+) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let start = match start(store, keys)? {
         Ok(s) => s,
@@ -506,9 +519,36 @@ pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
         .into_iter()
         .collect();
     problems.extend(check_checkpoints(store, keys, &hashes, &mut report)?);
+    problems.extend(check_witnessed(keys, witnessed, &hashes));
     // The earliest problem is the one to look at first.
     report.problem = problems.into_iter().min_by_key(|(s, _)| *s);
     Ok(report)
+}
+
+/// Every witnessed checkpoint must verify and match the record the store
+/// holds at its sequence number.
+fn check_witnessed(
+    keys: &KeySet,
+    witnessed: &[String],
+    hashes: &HashMap<u64, String>,
+) -> Vec<(u64, String)> {
+    let mut problems = Vec::new();
+    for jws in witnessed {
+        let Some(c) = check_signature(keys, jws.trim()) else {
+            problems.push((0, "a witnessed checkpoint does not verify".to_owned()));
+            continue;
+        };
+        if hashes.get(&c.seq) != Some(&c.hash) {
+            problems.push((
+                c.seq,
+                format!(
+                    "the witness holds a checkpoint over record {} that the store no longer matches: the trail was truncated or rewritten",
+                    c.seq
+                ),
+            ));
+        }
+    }
+    problems
 }
 
 /// The checkpoint `jws` carries, if its signature verifies under a key that

@@ -542,7 +542,10 @@ async fn f03_verify_says_what_it_proved_and_strict_refuses_an_unsigned_tail() {
     );
     let mut a = AuditClient::new(h.channel(As::Admin).await);
     let strict = a
-        .verify(pb::VerifyRequest { strict: true })
+        .verify(pb::VerifyRequest {
+            strict: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -556,7 +559,10 @@ async fn f03_verify_says_what_it_proved_and_strict_refuses_an_unsigned_tail() {
         .unwrap()
         .unwrap();
     let strict = a
-        .verify(pb::VerifyRequest { strict: true })
+        .verify(pb::VerifyRequest {
+            strict: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -564,6 +570,73 @@ async fn f03_verify_says_what_it_proved_and_strict_refuses_an_unsigned_tail() {
     assert!(
         strict.proved.ends_with(", 0 unsigned trailing records"),
         "{strict:?}"
+    );
+    h.stop().await;
+}
+
+/// Issue 9, finding 3 (in part): a copy of each checkpoint kept by an
+/// external witness makes a consistent truncation of the store detectable.
+#[tokio::test]
+async fn f03_a_truncated_trail_is_caught_against_the_witness() {
+    let mut h = Harness::start().await;
+    h.running.take().unwrap().shutdown().await;
+    let witness = h.dir.path().join("witness.jws");
+    let mut cfg = h.config();
+    cfg.audit_witness = Some(witness.clone());
+    // Each shutdown signs a checkpoint and hands it to the witness.
+    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    mixed_workload(&h).await;
+    h.running.take().unwrap().shutdown().await;
+    let first = std::fs::read_to_string(&witness).unwrap();
+    assert_eq!(first.lines().count(), 1, "{first}");
+    let mut cfg = h.config();
+    cfg.audit_witness = Some(witness.clone());
+    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    mixed_workload(&h).await;
+    h.running.take().unwrap().shutdown().await;
+    let lines: Vec<String> = std::fs::read_to_string(&witness)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 2);
+
+    // Roll the store back to the first checkpoint: drop every later record
+    // and checkpoint. What remains is consistent in itself.
+    {
+        let db = sled::open(h.dev.data()).unwrap();
+        let checkpoints = db.open_tree("audit_checkpoints").unwrap();
+        let (first_seq, _) = checkpoints.first().unwrap().unwrap();
+        let keep = u64::from_be_bytes(first_seq.as_ref().try_into().unwrap());
+        let audit = db.open_tree("audit").unwrap();
+        for item in audit.range((keep + 1).to_be_bytes()..) {
+            audit.remove(item.unwrap().0).unwrap();
+        }
+        for item in checkpoints.range((keep + 1).to_be_bytes()..) {
+            checkpoints.remove(item.unwrap().0).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    h.boot().await;
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    let alone = a
+        .verify(pb::VerifyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(alone.ok, "the store alone cannot tell: {alone:?}");
+    let witnessed = a
+        .verify(pb::VerifyRequest {
+            witnessed: lines,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!witnessed.ok, "{witnessed:?}");
+    assert!(
+        witnessed.problem.contains("truncated or rewritten"),
+        "{witnessed:?}"
     );
     h.stop().await;
 }

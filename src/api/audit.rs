@@ -94,8 +94,9 @@ impl Audit for AuditService {
         req: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let who = caller(&req)?;
-        let strict = req.get_ref().strict;
-        let report = self.engine.verify_audit(&who).await?;
+        let m = req.into_inner();
+        let strict = m.strict;
+        let report = self.engine.verify_audit(&who, m.witnessed).await?;
         let mut problem = report.problem.clone();
         if strict && problem.is_none() && report.unsigned_tail() > 0 {
             problem = Some((

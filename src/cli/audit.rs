@@ -46,6 +46,10 @@ pub enum AuditCmd {
         /// Fail when records after the newest checkpoint are not signed yet.
         #[arg(long)]
         strict: bool,
+        /// The broker's external witness file (`serve --audit-witness`):
+        /// its newest checkpoints must still be matched by the store.
+        #[arg(long)]
+        witness: Option<std::path::PathBuf>,
     },
 }
 
@@ -62,7 +66,13 @@ pub enum AuditFormat {
 pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Failure> {
     let mut a = AuditClient::new(channel);
     match cmd {
-        AuditCmd::Verify { strict } => verify(out, &mut a, strict).await,
+        AuditCmd::Verify { strict, witness } => {
+            let witnessed = match witness {
+                Some(path) => newest_lines(&path, WITNESS_SENT)?,
+                None => Vec::new(),
+            };
+            verify(out, &mut a, strict, witnessed).await
+        }
         AuditCmd::Export {
             since,
             actor,
@@ -93,8 +103,32 @@ pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Fa
     }
 }
 
-async fn verify(out: Output, a: &mut AuditClient<Channel>, strict: bool) -> Result<i32, Failure> {
-    let r = a.verify(pb::VerifyRequest { strict }).await?.into_inner();
+/// Witnessed checkpoints sent with a verify: the newest are what a
+/// truncation or rollback would contradict.
+const WITNESS_SENT: usize = 16;
+
+/// The last `n` non-empty lines of `path`.
+fn newest_lines(path: &std::path::Path, n: usize) -> Result<Vec<String>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| super::exit::failure(format!("`{}`: {e}", path.display())))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(lines[lines.len().saturating_sub(n)..].to_vec())
+}
+
+async fn verify(
+    out: Output,
+    a: &mut AuditClient<Channel>,
+    strict: bool,
+    witnessed: Vec<String>,
+) -> Result<i32, Failure> {
+    let r = a
+        .verify(pb::VerifyRequest { strict, witnessed })
+        .await?
+        .into_inner();
     let mut text = if r.ok {
         format!(
             "verified {} records and {} signed checkpoints: {}\n",

@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// stays the same across restarts.
     #[arg(long, env = "PORTCULLIS_ISSUER")]
     pub issuer: Option<String>,
+    /// Append every signed audit checkpoint to this file, kept where the
+    /// store's writer cannot rewrite it; `audit verify --witness` checks it.
+    #[arg(long, env = "PORTCULLIS_AUDIT_WITNESS")]
+    pub audit_witness: Option<PathBuf>,
     /// Open requests (pending, approved and unclaimed) one identity may have.
     #[arg(long, env = "PORTCULLIS_MAX_OPEN_REQUESTS", default_value_t = 20)]
     pub max_open_requests: usize,
@@ -149,6 +153,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.http_listen = Some(args.http_listen);
     cfg.issuer = args.issuer.clone();
     cfg.allow_issuer_change = args.change_issuer;
+    cfg.audit_witness = args.audit_witness.clone();
     cfg.limits = crate::server::Limits {
         open_requests_per_identity: args.max_open_requests,
         watches_per_identity: args.max_watches,

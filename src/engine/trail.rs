@@ -101,13 +101,18 @@ impl Engine {
     }
 
     /// Walk the whole chain and every checkpoint.
-    pub async fn verify_audit(&self, who: &Identity) -> Result<Report, EngineError> {
+    pub async fn verify_audit(
+        &self,
+        who: &Identity,
+        witnessed: Vec<String>,
+    ) -> Result<Report, EngineError> {
         self.require_auditor(who)?;
         let store = self.store().clone();
         let keys = self.keys.current();
-        let report =
-            tokio::task::spawn_blocking(move || crate::audit::verify(store.as_ref(), &keys))
-                .await??;
+        let report = tokio::task::spawn_blocking(move || {
+            crate::audit::verify_witnessed(store.as_ref(), &keys, &witnessed)
+        })
+        .await??;
         Ok(report)
     }
 
@@ -229,7 +234,7 @@ mod tests {
             .unwrap();
         let (rec, _) = tail.next().await.unwrap().unwrap();
         assert_eq!(rec.seq, 5, "live after the replay");
-        let report = r.engine.verify_audit(&carol).await.unwrap();
+        let report = r.engine.verify_audit(&carol, Vec::new()).await.unwrap();
         assert_eq!((report.records, report.problem), (5, None));
     }
 

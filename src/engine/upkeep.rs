@@ -23,16 +23,22 @@ impl Engine {
     /// Sign a checkpoint over the newest audit record now (scheduled by the
     /// server; tests call it directly).
     pub async fn checkpoint_audit(&self) -> Result<Option<u64>, EngineError> {
-        let seq = self.audit.checkpoint(
+        Ok(self.sign_checkpoint().await?.map(|(seq, _)| seq))
+    }
+
+    /// [`Engine::checkpoint_audit`], returning the durable checkpoint's JWS
+    /// too, for an external witness.
+    pub async fn sign_checkpoint(&self) -> Result<Option<(u64, String)>, EngineError> {
+        let signed = self.audit.checkpoint(
             self.store().as_ref(),
             &self.keys.current(),
             &self.issuer,
             self.clock.now(),
         )?;
-        if seq.is_some() {
+        if signed.is_some() {
             self.commit.durable().await?;
         }
-        Ok(seq)
+        Ok(signed)
     }
 
     /// Retention: delete leases and requests that ended before `before`

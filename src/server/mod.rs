@@ -73,6 +73,10 @@ pub struct ServeConfig {
     /// Delete leases and requests this long after they ended; `None` keeps
     /// them forever.
     pub retention: Option<Duration>,
+    /// Append every signed audit checkpoint to this file (put it where the
+    /// broker's store writer cannot rewrite it: another disk, an append-only
+    /// mount, a log shipper); `audit verify --witness` checks against it.
+    pub audit_witness: Option<PathBuf>,
     /// Per-identity bounds (open requests, watch streams).
     pub limits: crate::engine::Limits,
     /// Bounds on connections, for every listener.
@@ -114,6 +118,7 @@ impl ServeConfig {
             expiry_task: true,
             limits: crate::engine::Limits::default(),
             conn_limits: ConnLimits::default(),
+            audit_witness: None,
         }
     }
 }
@@ -486,7 +491,12 @@ fn spawn_tasks(
     if let Some(keep) = cfg.retention {
         tracker.spawn(tasks::retention(engine.clone(), keep, c()));
     }
-    tracker.spawn(tasks::checkpoints(engine.clone(), cfg.audit_retention, c()));
+    tracker.spawn(tasks::checkpoints(
+        engine.clone(),
+        cfg.audit_retention,
+        cfg.audit_witness.clone(),
+        c(),
+    ));
     tracker.spawn(tasks::count_gauges(engine.clone()));
     if let Some(rx) = engine.take_notifications() {
         let e = engine.clone();

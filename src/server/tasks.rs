@@ -115,6 +115,7 @@ async fn load_policy(engine: &Engine, path: &Path) {
 pub(super) async fn checkpoints(
     engine: Arc<Engine>,
     retention: Option<Duration>,
+    witness: Option<PathBuf>,
     cancel: CancellationToken,
 ) {
     let mut last = tokio::time::Instant::now();
@@ -127,7 +128,7 @@ pub(super) async fn checkpoints(
             || engine.audit().since_checkpoint() >= CHECKPOINT_EVERY
             || last.elapsed() >= CHECKPOINT_INTERVAL
         {
-            checkpoint(&engine, retention).await;
+            checkpoint(&engine, retention, witness.as_deref()).await;
             last = tokio::time::Instant::now();
         }
         if stop {
@@ -136,10 +137,15 @@ pub(super) async fn checkpoints(
     }
 }
 
-async fn checkpoint(engine: &Engine, retention: Option<Duration>) {
-    match engine.checkpoint_audit().await {
-        Ok(Some(seq)) => {
+async fn checkpoint(engine: &Engine, retention: Option<Duration>, witness: Option<&Path>) {
+    match engine.sign_checkpoint().await {
+        Ok(Some((seq, jws))) => {
             tracing::debug!(seq, "audit checkpoint signed");
+            if let Some(path) = witness
+                && let Err(e) = witness_append(path, &jws)
+            {
+                tracing::error!(path = %path.display(), error = %e, "could not hand the checkpoint to the witness");
+            }
             if let Some(keep) = retention {
                 let before = engine.clock().now().saturating_sub(millis(keep));
                 if let Err(e) = engine.compact_audit(before).await {
@@ -150,6 +156,21 @@ async fn checkpoint(engine: &Engine, retention: Option<Duration>) {
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
     }
+}
+
+/// Append one checkpoint to the witness file, durably.
+fn witness_append(path: &Path, jws: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    writeln!(f, "{jws}")?;
+    f.sync_data()
 }
 
 /// Report `grpc.health.v1` SERVING while the store answers and the last
