@@ -150,6 +150,9 @@ struct Head {
     next: u64,
     prev: String,
     since_checkpoint: u64,
+    /// SHA-256 of the newest checkpoint's JWS: the next one names it, so
+    /// checkpoints form a chain of their own.
+    last_checkpoint: String,
 }
 
 /// The append side of the trail.
@@ -189,16 +192,22 @@ impl AuditLog {
 
     /// Continue the chain stored in `store`.
     pub fn open(store: &dyn Store) -> Result<Self, StoreError> {
+        let last_checkpoint = store
+            .checkpoints()?
+            .last()
+            .map_or_else(|| GENESIS.to_owned(), |(_, jws)| sha256_hex(jws));
         let head = match store.audit_last()? {
             Some((seq, bytes)) => Head {
                 next: seq + 1,
                 prev: sha256_hex(&bytes),
                 since_checkpoint: 0,
+                last_checkpoint,
             },
             None => Head {
                 next: 1,
                 prev: GENESIS.to_owned(),
                 since_checkpoint: 0,
+                last_checkpoint,
             },
         };
         Ok(Self {
@@ -273,6 +282,7 @@ impl AuditLog {
             seq,
             hash: head.prev.clone(),
             at: now,
+            prev: head.last_checkpoint.clone(),
         };
         let mut header = jsonwebtoken::Header::new(keys.active.alg);
         header.kid = Some(keys.active.kid.clone());
@@ -281,6 +291,7 @@ impl AuditLog {
             .map_err(|e| AuditError::Sign(e.to_string()))?;
         store.put_checkpoint(seq, jws.as_bytes())?;
         head.since_checkpoint = 0;
+        head.last_checkpoint = sha256_hex(jws.as_bytes());
         Ok(Some((seq, jws)))
     }
 }
@@ -296,6 +307,10 @@ pub struct Checkpoint {
     pub hash: String,
     /// When signed.
     pub at: Millis,
+    /// SHA-256 (hex) of the previous checkpoint's JWS ([`GENESIS`] for the
+    /// first; empty in checkpoints written before checkpoints chained).
+    #[serde(default)]
+    pub prev: String,
 }
 
 /// Result of [`verify`].
@@ -462,12 +477,26 @@ fn check_checkpoints(
     report: &mut Report,
 ) -> Result<Vec<(u64, String)>, StoreError> {
     let mut problems = Vec::new();
+    let mut before: Option<String> = None;
     for (seq, jws) in store.checkpoints()? {
         let text = String::from_utf8_lossy(&jws).into_owned();
         let Some(claims) = check_signature(keys, &text) else {
             problems.push((seq, format!("checkpoint at {seq} has an invalid signature")));
             continue;
         };
+        // The oldest stored checkpoint anchors the chain (older ones may
+        // have been compacted away); each later one names its predecessor.
+        if let Some(b) = before.replace(sha256_hex(&jws))
+            && !claims.prev.is_empty()
+            && claims.prev != b
+        {
+            problems.push((
+                seq,
+                format!(
+                    "checkpoint at {seq} does not follow the checkpoint before it: one was removed or replaced"
+                ),
+            ));
+        }
         if let Some(kid) = signer(&text).filter(|k| keys.withdrawn.contains(k)) {
             report.notes.push(format!(
                 "checkpoint at {seq} was signed by key {kid}, withdrawn in an emergency: it proves nothing"

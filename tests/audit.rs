@@ -640,3 +640,36 @@ async fn f03_a_truncated_trail_is_caught_against_the_witness() {
     );
     h.stop().await;
 }
+
+/// Issue 9, finding 3: checkpoints chain to each other, so removing one
+/// from the middle is found even though the records still chain.
+#[tokio::test]
+async fn f03_a_removed_checkpoint_breaks_the_checkpoint_chain() {
+    let mut h = Harness::start().await;
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        mixed_workload(&h).await;
+        seqs.push(
+            h.running()
+                .engine
+                .checkpoint_audit()
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert!(verify(&h).await.ok);
+    h.running.take().unwrap().shutdown().await;
+    {
+        let db = sled::open(h.dev.data()).unwrap();
+        let checkpoints = db.open_tree("audit_checkpoints").unwrap();
+        checkpoints.remove(seqs[1].to_be_bytes()).unwrap().unwrap();
+        db.flush().unwrap();
+    }
+    h.boot().await;
+    let v = verify(&h).await;
+    assert!(!v.ok, "{v:?}");
+    assert_eq!(v.first_bad_seq, seqs[2], "{v:?}");
+    assert!(v.problem.contains("does not follow"), "{v:?}");
+    h.stop().await;
+}
