@@ -67,12 +67,13 @@ impl Audit for AuditService {
             target: m.target,
             action: m.action,
         };
-        let (records, next_after_seq) =
-            self.engine
-                .export_audit(&who, &filter, m.after_seq, m.page_size as usize)?;
+        let page = self
+            .engine
+            .export_audit(&who, &filter, m.after_seq, m.page_size as usize)?;
         Ok(Response::new(pb::ExportResponse {
-            records: records.iter().map(|(r, b)| record(r, b)).collect(),
-            next_after_seq,
+            records: page.records.iter().map(|(r, b)| record(r, b)).collect(),
+            next_after_seq: page.next,
+            checkpoints: page.checkpoints,
         }))
     }
 

@@ -46,8 +46,9 @@ pub enum AuditCmd {
         /// Fail when records after the newest checkpoint are not signed yet.
         #[arg(long)]
         strict: bool,
-        /// The broker's external witness file (`serve --audit-witness`):
-        /// its newest checkpoints must still be matched by the store.
+        /// The broker's external witness file (`serve --audit-witness`), or
+        /// a saved `audit export --format jsonl`: its newest checkpoints must
+        /// still be matched by the store.
         #[arg(long)]
         witness: Option<std::path::PathBuf>,
     },
@@ -111,10 +112,17 @@ const WITNESS_SENT: usize = 16;
 fn newest_lines(path: &std::path::Path, n: usize) -> Result<Vec<String>, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| super::exit::failure(format!("`{}`: {e}", path.display())))?;
+    // A witness file holds one JWS per line; a JSON Lines export holds
+    // `{"checkpoint": JWS}` lines among the records.
     let lines: Vec<String> = text
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
+        .filter_map(|l| {
+            let l = l.trim();
+            match serde_json::from_str::<serde_json::Value>(l) {
+                Ok(v) => v["checkpoint"].as_str().map(str::to_owned),
+                Err(_) => (!l.is_empty()).then(|| l.to_owned()),
+            }
+        })
         .collect();
     Ok(lines[lines.len().saturating_sub(n)..].to_vec())
 }
@@ -159,12 +167,24 @@ async fn export(
 ) -> Result<i32, Failure> {
     loop {
         let page = a.export(filter.clone()).await?.into_inner();
-        let text: String = page.records.iter().map(|r| audit_line(r, format)).collect();
+        let mut text: String = page.records.iter().map(|r| audit_line(r, format)).collect();
+        for jws in &page.checkpoints {
+            text.push_str(&checkpoint_line(jws, format));
+        }
         print!("{text}");
         if page.next_after_seq == 0 {
             return Ok(exit::OK);
         }
         filter.after_seq = page.next_after_seq;
+    }
+}
+
+/// A signed checkpoint in an export: JSON Lines carry it whole, so the
+/// export itself can serve as a witness (`audit verify --witness FILE`).
+fn checkpoint_line(jws: &str, format: AuditFormat) -> String {
+    match format {
+        AuditFormat::Jsonl => format!("{}\n", json!({ "checkpoint": jws })),
+        AuditFormat::Text => format!("     - signed checkpoint {}\n", clean(jws)),
     }
 }
 
@@ -224,5 +244,22 @@ mod tests {
         let line = audit_line(&r, AuditFormat::Text);
         assert_eq!(line.matches('\n').count(), 1, "{line:?}");
         assert!(line.contains("fine\\u{a}     8"), "{line}");
+    }
+
+    /// A witness file and a JSON Lines export both yield their checkpoints.
+    #[test]
+    fn witnessed_checkpoints_come_from_a_witness_file_or_an_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w");
+        std::fs::write(&file, "eyJa.b.c\n\neyJd.e.f\n").unwrap();
+        assert_eq!(newest_lines(&file, 16).unwrap(), ["eyJa.b.c", "eyJd.e.f"]);
+        assert_eq!(newest_lines(&file, 1).unwrap(), ["eyJd.e.f"]);
+        let export = format!(
+            "{}\n{}\n",
+            r#"{"seq":1,"action":"token.granted"}"#,
+            checkpoint_line("eyJx.y.z", AuditFormat::Jsonl).trim()
+        );
+        std::fs::write(&file, export).unwrap();
+        assert_eq!(newest_lines(&file, 16).unwrap(), ["eyJx.y.z"]);
     }
 }

@@ -21,6 +21,17 @@ const PAGE_BYTES: usize = 1024 * 1024;
 /// A stored record with its canonical bytes (clients can re-check the chain).
 pub type Stored = (AuditRecord, Vec<u8>);
 
+/// One page of an export.
+#[derive(Debug, Default)]
+pub struct ExportPage {
+    /// The records `filter` wants.
+    pub records: Vec<Stored>,
+    /// The sequence to continue after (0: no more).
+    pub next: u64,
+    /// Checkpoints (JWS) over records in the page's range.
+    pub checkpoints: Vec<String>,
+}
+
 /// Which records an export wants.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -66,17 +77,40 @@ impl Engine {
     }
 
     /// Up to `page_size` records after `after_seq` that `filter` wants (and
-    /// at most about [`PAGE_BYTES`] of them), and the sequence to continue
-    /// after (0: no more).
+    /// at most about [`PAGE_BYTES`] of them), the sequence to continue after
+    /// (0: no more), and the checkpoints over the range the page read.
     pub fn export_audit(
         &self,
         who: &Identity,
         filter: &Filter,
         after_seq: u64,
         page_size_asked: usize,
-    ) -> Result<(Vec<Stored>, u64), EngineError> {
+    ) -> Result<ExportPage, EngineError> {
         self.require_auditor(who)?;
         let size = page_size(page_size_asked, AUDIT_PAGE)?;
+        let (records, next, read_to) = self.read_page(filter, after_seq, size)?;
+        let checkpoints = self
+            .store()
+            .checkpoints()?
+            .into_iter()
+            .filter(|(seq, _)| *seq > after_seq && *seq <= read_to)
+            .map(|(_, jws)| String::from_utf8_lossy(&jws).into_owned())
+            .collect();
+        Ok(ExportPage {
+            records,
+            next,
+            checkpoints,
+        })
+    }
+
+    /// The records of one export page, the next token, and the highest
+    /// sequence read.
+    fn read_page(
+        &self,
+        filter: &Filter,
+        after_seq: u64,
+        size: usize,
+    ) -> Result<(Vec<Stored>, u64, u64), EngineError> {
         let mut out = Vec::new();
         let mut bytes_out = 0;
         let mut after = (after_seq > 0).then_some(after_seq);
@@ -90,12 +124,12 @@ impl Engine {
                     bytes_out += bytes.len();
                     out.push((r, bytes));
                     if out.len() == size || bytes_out >= PAGE_BYTES {
-                        return Ok((out, seq));
+                        return Ok((out, seq, seq));
                     }
                 }
             }
             if done {
-                return Ok((out, 0));
+                return Ok((out, 0, after.unwrap_or(after_seq)));
             }
         }
     }
@@ -215,10 +249,13 @@ mod tests {
             action: "token.".into(),
             ..Filter::default()
         };
-        let (page, next) = r.engine.export_audit(&carol, &token_only, 0, 2).unwrap();
-        assert_eq!((page.len(), next), (2, 2));
-        let (rest, next) = r.engine.export_audit(&carol, &token_only, next, 2).unwrap();
-        assert_eq!((rest.len(), next), (1, 0));
+        let p = r.engine.export_audit(&carol, &token_only, 0, 2).unwrap();
+        assert_eq!((p.records.len(), p.next), (2, 2));
+        let rest = r
+            .engine
+            .export_audit(&carol, &token_only, p.next, 2)
+            .unwrap();
+        assert_eq!((rest.records.len(), rest.next), (1, 0));
         assert!(
             r.engine
                 .export_audit(&carol, &Filter::default(), 0, 5001)
@@ -279,21 +316,22 @@ mod tests {
             r.engine.note(vec![e]).unwrap();
         }
         let carol = id("spiffe://t/human/carol");
-        let (page, next) = r
+        let first = r
             .engine
             .export_audit(&carol, &Filter::default(), 0, 5000)
             .unwrap();
+        let (page, next) = (first.records, first.next);
         let bytes: usize = page.iter().map(|(_, b)| b.len()).sum();
         assert!(next != 0 && page.len() < 600, "{} records", page.len());
         assert!(bytes < PAGE_BYTES + 8192, "{bytes} bytes");
         let (mut total, mut after) = (page.len(), next);
         while after != 0 {
-            let (more, n) = r
+            let more = r
                 .engine
                 .export_audit(&carol, &Filter::default(), after, 5000)
                 .unwrap();
-            total += more.len();
-            after = n;
+            total += more.records.len();
+            after = more.next;
         }
         assert_eq!(total, 600, "paging reaches every record");
     }
