@@ -67,6 +67,25 @@ fn claim_idem(t: &TransactionalTree, idem: Option<&Idempotency>) -> TxResult<Opt
     Ok(None)
 }
 
+/// sled releases its file lock from a background thread after its last
+/// handle drops, so a store closed a moment ago (a restart in the same
+/// process) may still hold it briefly. Wait for that, a bounded time; a lock
+/// still held afterwards is another broker's, and sled's open reports it.
+fn wait_for_release(db: &Path) {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+    let Ok(file) = File::open(db) else {
+        return; // a new store: nothing to wait for
+    };
+    let until = std::time::Instant::now() + WAIT;
+    while let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {
+        if std::time::Instant::now() >= until {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Dropping `file` releases the probe's own lock before sled takes it.
+}
+
 /// Owner-only access to `path` (the store holds sealed keys, leases and
 /// the trail: nobody else on the machine reads or writes it).
 #[cfg(unix)]
@@ -111,6 +130,7 @@ impl SledStore {
         let fresh = !dir.join("db").exists();
         std::fs::create_dir_all(dir).map_err(unavailable)?;
         restrict(dir, 0o700)?;
+        wait_for_release(&dir.join("db"));
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
