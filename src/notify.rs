@@ -176,14 +176,13 @@ pub async fn run(
     policy: impl Fn() -> Arc<Policy> + Send + 'static,
     cancel: CancellationToken,
 ) {
-    let https = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
-        Ok(b) => b.https_or_http().enable_http1().build(),
+    let client = match client() {
+        Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "no TLS roots for webhooks; notifications disabled");
             return;
         }
     };
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
     let deliveries = TaskTracker::new();
     loop {
         let ev = tokio::select! {
@@ -221,6 +220,39 @@ pub async fn run(
     }
     deliveries.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), deliveries.wait()).await;
+}
+
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// The webhook client: HTTPS with the system's roots, or plain HTTP.
+fn client() -> Result<HttpsClient, String> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| e.to_string())?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
+/// POST one JSON document to `url` with the webhooks' retries and backoff
+/// (the audit witness uses it). The last error when every attempt failed.
+pub async fn deliver(url: &str, payload: &str) -> Result<(), String> {
+    let client = client()?;
+    let mut last = String::new();
+    for attempt in 0..ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
+        }
+        match send(&client, url, payload).await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 async fn send<C>(client: &Client<C, Full<Bytes>>, url: &str, payload: &str) -> Result<(), String>

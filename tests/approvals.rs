@@ -84,27 +84,6 @@ events = ["parked", "break_glass"]
     )
 }
 
-/// A local webhook receiver: every POST body, with its path, on a channel.
-async fn receiver() -> (u16, mpsc::UnboundedReceiver<(String, String)>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let app = axum::Router::new().route(
-        "/{path}",
-        axum::routing::post(
-            move |axum::extract::Path(path): axum::extract::Path<String>, body: String| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send((path, body));
-                    "ok"
-                }
-            },
-        ),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (port, rx)
-}
-
 struct World {
     h: Harness,
     hooks: mpsc::UnboundedReceiver<(String, String)>,

@@ -722,3 +722,34 @@ async fn f03_the_export_stream_carries_its_checkpoints() {
     );
     h.stop().await;
 }
+
+/// Issue 9, finding 3: a witness reached over HTTP receives every signed
+/// checkpoint, and what it received verifies against the store.
+#[tokio::test]
+async fn f03_a_witness_url_receives_every_checkpoint() {
+    let (port, mut received) = receiver().await;
+    let mut h = Harness::start().await;
+    h.running.take().unwrap().shutdown().await;
+    let mut cfg = h.config();
+    cfg.audit_witness_url = Some(format!("http://127.0.0.1:{port}/witness"));
+    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    mixed_workload(&h).await;
+    // Shutdown signs the last checkpoint and hands it over.
+    h.running.take().unwrap().shutdown().await;
+    let (path, body) = received.recv().await.unwrap();
+    assert_eq!(path, "witness");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let jws = doc["checkpoint"].as_str().unwrap().to_owned();
+    assert_eq!(part(&jws, 1)["seq"], doc["seq"]);
+    h.boot().await;
+    let v = AuditClient::new(h.channel(As::Admin).await)
+        .verify(pb::VerifyRequest {
+            witnessed: vec![jws],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{v:?}");
+    h.stop().await;
+}

@@ -82,7 +82,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Ask for and inspect tokens.
     Token {
         #[command(subcommand)]

@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// store's writer cannot rewrite it; `audit verify --witness` checks it.
     #[arg(long, env = "PORTCULLIS_AUDIT_WITNESS")]
     pub audit_witness: Option<PathBuf>,
+    /// POST every signed audit checkpoint to this URL too (another system's
+    /// append-only log), with the webhooks' retries.
+    #[arg(long, env = "PORTCULLIS_AUDIT_WITNESS_URL")]
+    pub audit_witness_url: Option<String>,
     /// Open requests (pending, approved and unclaimed) one identity may have.
     #[arg(long, env = "PORTCULLIS_MAX_OPEN_REQUESTS", default_value_t = 20)]
     pub max_open_requests: usize,
@@ -154,6 +158,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.issuer = args.issuer.clone();
     cfg.allow_issuer_change = args.change_issuer;
     cfg.audit_witness = args.audit_witness.clone();
+    cfg.audit_witness_url = args.audit_witness_url.clone();
     cfg.limits = crate::server::Limits {
         open_requests_per_identity: args.max_open_requests,
         watches_per_identity: args.max_watches,

@@ -77,6 +77,9 @@ pub struct ServeConfig {
     /// broker's store writer cannot rewrite it: another disk, an append-only
     /// mount, a log shipper); `audit verify --witness` checks against it.
     pub audit_witness: Option<PathBuf>,
+    /// POST every signed audit checkpoint (`{"checkpoint", "seq"}` JSON) to
+    /// this URL as well, with the webhooks' retries.
+    pub audit_witness_url: Option<String>,
     /// Per-identity bounds (open requests, watch streams).
     pub limits: crate::engine::Limits,
     /// Bounds on connections, for every listener.
@@ -119,6 +122,7 @@ impl ServeConfig {
             limits: crate::engine::Limits::default(),
             conn_limits: ConnLimits::default(),
             audit_witness: None,
+            audit_witness_url: None,
         }
     }
 }
@@ -174,6 +178,9 @@ pub enum ServeError {
     /// Store problems.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A setting is malformed.
+    #[error("{0}")]
+    Config(String),
     /// The broker failed while starting (a start-up task died, the trail
     /// could not be appended to).
     #[error("start-up failed: {0}")]
@@ -260,6 +267,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     crate::jose::install();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = Policy::load(&cfg.policy)?;
+    check_config(&cfg)?;
     let (grpc_tls, http_tls) = read_tls(&cfg)?;
     let store = open_store(&cfg).await?;
     let kek = Kek::from_file(&cfg.kek_file)?;
@@ -312,6 +320,18 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         tracker,
         flusher,
     })
+}
+
+/// Settings that can be wrong without a file being involved.
+fn check_config(cfg: &ServeConfig) -> Result<(), ServeError> {
+    if let Some(url) = &cfg.audit_witness_url
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(ServeError::Config(format!(
+            "--audit-witness-url `{url}` must start with https:// or http://"
+        )));
+    }
+    Ok(())
 }
 
 /// The gRPC listener's mTLS and, with `http_tls`, the HTTP listener's TLS.
@@ -491,10 +511,14 @@ fn spawn_tasks(
     if let Some(keep) = cfg.retention {
         tracker.spawn(tasks::retention(engine.clone(), keep, c()));
     }
+    let witness = tasks::Witness {
+        file: cfg.audit_witness.clone(),
+        url: cfg.audit_witness_url.clone(),
+    };
     tracker.spawn(tasks::checkpoints(
         engine.clone(),
         cfg.audit_retention,
-        cfg.audit_witness.clone(),
+        witness,
         c(),
     ));
     tracker.spawn(tasks::count_gauges(engine.clone()));

@@ -115,7 +115,7 @@ async fn load_policy(engine: &Engine, path: &Path) {
 pub(super) async fn checkpoints(
     engine: Arc<Engine>,
     retention: Option<Duration>,
-    witness: Option<PathBuf>,
+    witness: Witness,
     cancel: CancellationToken,
 ) {
     let mut last = tokio::time::Instant::now();
@@ -128,7 +128,7 @@ pub(super) async fn checkpoints(
             || engine.audit().since_checkpoint() >= CHECKPOINT_EVERY
             || last.elapsed() >= CHECKPOINT_INTERVAL
         {
-            checkpoint(&engine, retention, witness.as_deref()).await;
+            checkpoint(&engine, retention, &witness).await;
             last = tokio::time::Instant::now();
         }
         if stop {
@@ -137,15 +137,38 @@ pub(super) async fn checkpoints(
     }
 }
 
-async fn checkpoint(engine: &Engine, retention: Option<Duration>, witness: Option<&Path>) {
+/// Where signed checkpoints are copied, out of the store writer's reach.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Witness {
+    /// Appended to, one JWS per line.
+    pub(super) file: Option<PathBuf>,
+    /// POSTed to, `{"checkpoint": JWS, "seq": N}`.
+    pub(super) url: Option<String>,
+}
+
+impl Witness {
+    /// Hand one checkpoint to every configured witness; failures are logged
+    /// (the checkpoint is in the store either way).
+    async fn hand_over(&self, seq: u64, jws: &str) {
+        if let Some(path) = &self.file
+            && let Err(e) = witness_append(path, jws)
+        {
+            tracing::error!(path = %path.display(), error = %e, "could not hand the checkpoint to the witness file");
+        }
+        if let Some(url) = &self.url {
+            let body = serde_json::json!({ "checkpoint": jws, "seq": seq }).to_string();
+            if let Err(e) = crate::notify::deliver(url, &body).await {
+                tracing::error!(url = %url, error = %e, "could not hand the checkpoint to the witness URL");
+            }
+        }
+    }
+}
+
+async fn checkpoint(engine: &Engine, retention: Option<Duration>, witness: &Witness) {
     match engine.sign_checkpoint().await {
         Ok(Some((seq, jws))) => {
             tracing::debug!(seq, "audit checkpoint signed");
-            if let Some(path) = witness
-                && let Err(e) = witness_append(path, &jws)
-            {
-                tracing::error!(path = %path.display(), error = %e, "could not hand the checkpoint to the witness");
-            }
+            witness.hand_over(seq, &jws).await;
             if let Some(keep) = retention {
                 let before = engine.clock().now().saturating_sub(millis(keep));
                 if let Err(e) = engine.compact_audit(before).await {

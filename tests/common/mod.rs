@@ -237,3 +237,24 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out.split("\r\n\r\n").nth(1).unwrap().to_owned()
 }
+
+/// A local webhook receiver: every POST body, with its path, on a channel.
+pub async fn receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<(String, String)>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/{path}",
+        axum::routing::post(
+            move |axum::extract::Path(path): axum::extract::Path<String>, body: String| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send((path, body));
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, rx)
+}
