@@ -515,6 +515,24 @@ async fn f06_idle_connections_are_capped_and_reaped() {
     }
     assert!(answered.unwrap_or_default().contains("200 OK"));
     drop(idle);
+
+    // A keep-alive connection that goes quiet after a request is closed
+    // after the header-read timeout too, not kept until its lifetime.
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "idle keep-alive still open: {closed:?}"
+        );
+    }
     h.stop().await;
 }
 
