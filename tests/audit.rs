@@ -579,21 +579,20 @@ async fn f03_verify_says_what_it_proved_and_strict_refuses_an_unsigned_tail() {
 #[tokio::test]
 async fn f03_a_truncated_trail_is_caught_against_the_witness() {
     let mut h = Harness::start().await;
-    h.running.take().unwrap().shutdown().await;
     let witness = h.dir.path().join("witness.jws");
-    let mut cfg = h.config();
-    cfg.audit_witness = Some(witness.clone());
     // Each shutdown signs a checkpoint and hands it to the witness.
-    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.restart_with(|cfg| cfg.audit_witness = Some(witness.clone()))
+        .await;
     mixed_workload(&h).await;
-    h.running.take().unwrap().shutdown().await;
+    h.halt().await;
     let first = std::fs::read_to_string(&witness).unwrap();
     assert_eq!(first.lines().count(), 1, "{first}");
-    let mut cfg = h.config();
-    cfg.audit_witness = Some(witness.clone());
-    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.restart_with(|cfg| {
+        cfg.audit_witness = Some(witness.clone());
+    })
+    .await;
     mixed_workload(&h).await;
-    h.running.take().unwrap().shutdown().await;
+    h.halt().await;
     let lines: Vec<String> = std::fs::read_to_string(&witness)
         .unwrap()
         .lines()
@@ -659,7 +658,7 @@ async fn f03_a_removed_checkpoint_breaks_the_checkpoint_chain() {
         );
     }
     assert!(verify(&h).await.ok);
-    h.running.take().unwrap().shutdown().await;
+    h.halt().await;
     {
         let db = sled::open(h.dev.data()).unwrap();
         let checkpoints = db.open_tree("audit_checkpoints").unwrap();
@@ -729,13 +728,13 @@ async fn f03_the_export_stream_carries_its_checkpoints() {
 async fn f03_a_witness_url_receives_every_checkpoint() {
     let (port, mut received) = receiver().await;
     let mut h = Harness::start().await;
-    h.running.take().unwrap().shutdown().await;
-    let mut cfg = h.config();
-    cfg.audit_witness_url = Some(format!("http://127.0.0.1:{port}/witness"));
-    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.restart_with(|cfg| {
+        cfg.audit_witness_url = Some(format!("http://127.0.0.1:{port}/witness"));
+    })
+    .await;
     mixed_workload(&h).await;
     // Shutdown signs the last checkpoint and hands it over.
-    h.running.take().unwrap().shutdown().await;
+    h.halt().await;
     let (path, body) = received.recv().await.unwrap();
     assert_eq!(path, "witness");
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();

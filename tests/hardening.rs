@@ -323,7 +323,7 @@ async fn f11_store_kek_and_written_secrets_stay_private() {
     }
     let cfg = h.config();
     let kek = h.dev.path("kek");
-    h.running.take().unwrap().shutdown().await;
+    h.halt().await;
     std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
     let Err(e) = portcullis::server::start(cfg).await else {
         panic!("a broker started with a world-readable KEK")
@@ -359,20 +359,21 @@ async fn f11_store_kek_and_written_secrets_stay_private() {
 #[tokio::test]
 async fn f14_the_issuer_survives_a_restart_on_another_port() {
     let mut h = Harness::start().await;
-    h.running.take().unwrap().shutdown().await;
+    h.halt().await;
     std::fs::remove_dir_all(h.dev.data()).unwrap();
-    let mut cfg = h.config();
-    cfg.issuer = None;
-    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.restart_with(|cfg| {
+        cfg.issuer = None;
+    })
+    .await;
     let first = h.running().http_addr.unwrap();
     let mut c = h.broker(As::Workload).await;
     let token = grant(&mut c, ask(&["orders.read"])).await.token;
     assert_eq!(common::part(&token, 1)["iss"], format!("http://{first}"));
 
-    h.running.take().unwrap().shutdown().await;
-    let mut cfg = h.config();
-    cfg.issuer = None;
-    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.restart_with(|cfg| {
+        cfg.issuer = None;
+    })
+    .await;
     assert_ne!(h.running().http_addr.unwrap(), first, "a new port");
     let mut c = h.broker(As::Workload).await;
     let a = c
@@ -384,17 +385,18 @@ async fn f14_the_issuer_survives_a_restart_on_another_port() {
         .into_inner();
     assert!(a.active, "a token from before the restart is still live");
 
-    h.running.take().unwrap().shutdown().await;
+    h.halt().await;
     let mut cfg = h.config();
     cfg.issuer = Some("https://elsewhere.example".into());
     let Err(e) = portcullis::server::start(cfg).await else {
         panic!("the issuer changed silently")
     };
     assert!(e.to_string().contains("--change-issuer"), "{e}");
-    let mut cfg = h.config();
-    cfg.issuer = Some("https://elsewhere.example".into());
-    cfg.allow_issuer_change = true;
-    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.restart_with(|cfg| {
+        cfg.issuer = Some("https://elsewhere.example".into());
+        cfg.allow_issuer_change = true;
+    })
+    .await;
     h.stop().await;
 }
 
@@ -403,13 +405,13 @@ async fn f14_the_issuer_survives_a_restart_on_another_port() {
 #[tokio::test]
 async fn f12_open_requests_and_watch_streams_are_bounded_per_identity() {
     let mut h = Harness::start().await;
-    h.running.take().unwrap().shutdown().await;
-    let mut cfg = h.config();
-    cfg.limits = portcullis::server::Limits {
-        open_requests_per_identity: 3,
-        watches_per_identity: 2,
-    };
-    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.restart_with(|cfg| {
+        cfg.limits = portcullis::server::Limits {
+            open_requests_per_identity: 3,
+            watches_per_identity: 2,
+        }
+    })
+    .await;
     let mut c = h.broker(As::Workload).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -484,11 +486,11 @@ async fn raw_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
 #[tokio::test]
 async fn f06_idle_connections_are_capped_and_reaped() {
     let mut h = Harness::start().await;
-    h.running.take().unwrap().shutdown().await;
-    let mut cfg = h.config();
-    cfg.conn_limits.http_connections = 4;
-    cfg.conn_limits.header_read_timeout = Duration::from_millis(300);
-    h.running = Some(portcullis::server::start(cfg).await.unwrap());
+    h.restart_with(|cfg| {
+        cfg.conn_limits.http_connections = 4;
+        cfg.conn_limits.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
     let http = h.running().http_addr.unwrap();
     assert!(raw_get(http, "/healthz").await.unwrap().contains("200 OK"));
 

@@ -98,10 +98,23 @@ impl Harness {
     }
 
     pub async fn restart(&mut self) {
+        self.halt().await;
+        self.boot().await;
+    }
+
+    /// Stop the broker, keeping its directory (and the harness).
+    pub async fn halt(&mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
-        self.boot().await;
+    }
+
+    /// Restart with `tweak` applied to the usual configuration.
+    pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut ServeConfig)) {
+        self.halt().await;
+        let mut cfg = self.config();
+        tweak(&mut cfg);
+        self.running = Some(portcullis::server::start(cfg).await.unwrap());
     }
 
     pub async fn stop(mut self) {
