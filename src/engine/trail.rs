@@ -91,9 +91,8 @@ impl Engine {
         let (records, next, read_to) = self.read_page(filter, after_seq, size)?;
         let checkpoints = self
             .store()
-            .checkpoints()?
+            .checkpoints_between(after_seq, read_to)?
             .into_iter()
-            .filter(|(seq, _)| *seq > after_seq && *seq <= read_to)
             .map(|(_, jws)| String::from_utf8_lossy(&jws).into_owned())
             .collect();
         Ok(ExportPage {

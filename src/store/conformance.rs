@@ -308,6 +308,18 @@ fn audit_records_keep_sequence_order() {
             vec![(3, b"jws".to_vec())],
             "{name}"
         );
+        s.put_checkpoint(9, b"jws9").unwrap();
+        s.put_checkpoint(300, b"jws300").unwrap();
+        let between = |a, b| -> Vec<u64> {
+            s.checkpoints_between(a, b)
+                .unwrap()
+                .into_iter()
+                .map(|(seq, _)| seq)
+                .collect()
+        };
+        assert_eq!(between(3, 300), [9, 300], "{name}: after is excluded");
+        assert_eq!(between(0, 9), [3, 9], "{name}");
+        assert!(between(9, 9).is_empty(), "{name}");
     }
 }
 

@@ -572,6 +572,15 @@ pub trait AuditStore {
     fn compact_audit(&self, seq: u64) -> Result<(), StoreError>;
     /// Every checkpoint, in order.
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The checkpoints over records `after < seq <= to`, in order (an
+    /// export page's own; a backend with ordered keys reads just those).
+    fn checkpoints_between(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .checkpoints()?
+            .into_iter()
+            .filter(|(seq, _)| *seq > after && *seq <= to)
+            .collect())
+    }
 }
 
 /// Signing-key records (private parts sealed).

@@ -573,6 +573,19 @@ impl AuditStore for SledStore {
             })
             .collect()
     }
+
+    fn checkpoints_between(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if to <= after {
+            return Ok(Vec::new());
+        }
+        self.checkpoints
+            .range(after.saturating_add(1).to_be_bytes()..=to.to_be_bytes())
+            .map(|item| {
+                item.map(|(k, v)| (seq_of(&k), v.to_vec()))
+                    .map_err(unavailable)
+            })
+            .collect()
+    }
 }
 
 impl KeyStore for SledStore {
