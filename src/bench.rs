@@ -1,105 +1,348 @@
 //! `portcullis bench`: a load generator. N concurrent clients, each on its
-//! own mTLS connection, request auto-tier tokens for a fixed duration; it
-//! prints grants/s and latency percentiles. A benchmark, not a test.
+//! own mTLS connection, call one RPC (or a mix) for a fixed duration; it
+//! prints calls/s and latency percentiles. A benchmark, not a test.
+//!
+//! Modes (`--rpc`):
+//! - `grant`: `RequestToken` for an auto-tier scope, one new lease per call;
+//! - `introspect`: `Introspect` over a pool of live tokens granted first;
+//! - `renew`: `RenewLease` of one lease per client, over and over;
+//! - `mixed`: each client repeats grant, introspect ×3, renew (the shape of
+//!   a workload that takes a token, uses it at a few services, extends it).
+//!
+//! `--leases N` first fills the store to N active leases (grants at full
+//! concurrency, not measured), so the run shows how a large store behaves.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tonic::transport::Channel;
 
-use crate::client::ClientOpts;
+use crate::client::{ClientError, ClientOpts};
 use crate::pb;
 use crate::pb::broker_client::BrokerClient;
-use tonic::transport::Channel;
+
+/// Which RPC the clients call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rpc {
+    /// `RequestToken` (a new durable lease per call).
+    Grant,
+    /// `Introspect` of live tokens.
+    Introspect,
+    /// `RenewLease` (a durable update per call).
+    Renew,
+    /// Grant, introspect ×3, renew, repeated.
+    Mixed,
+}
+
+impl Rpc {
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Grant => "grant",
+            Self::Introspect => "introspect",
+            Self::Renew => "renew",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The RPC.
+    pub rpc: Rpc,
+    /// Scopes to ask for (auto tier for the identity).
+    pub scopes: Vec<String>,
+    /// Concurrent clients, one connection each.
+    pub clients: usize,
+    /// Measured time (after a 0.5 s warm-up).
+    pub duration: Duration,
+    /// TTL to ask for (policy default when `None`).
+    pub ttl: Option<Duration>,
+    /// Fill the store to this many active leases before measuring.
+    pub leases: u64,
+}
 
 /// Result of a run.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The RPC measured.
+    pub rpc: Rpc,
     /// Concurrent clients.
     pub clients: usize,
     /// Measured seconds.
     pub seconds: f64,
-    /// Successful grants.
+    /// Successful calls.
+    pub calls: u64,
+    /// Successful calls per second.
+    pub calls_per_sec: f64,
+    /// Successful grants among them (every call in `grant` mode).
     pub grants: u64,
-    /// Failed calls.
-    pub errors: u64,
     /// Grants per second.
     pub grants_per_sec: f64,
+    /// Failed calls.
+    pub errors: u64,
     /// Median latency (ms).
     pub p50_ms: f64,
     /// 99th percentile latency (ms).
     pub p99_ms: f64,
+    /// 99.9th percentile latency (ms).
+    pub p999_ms: f64,
     /// Worst latency (ms).
     pub max_ms: f64,
+    /// Leases granted by the fill before the run.
+    pub filled: u64,
+    /// Seconds the fill took.
+    pub fill_seconds: f64,
 }
 
-/// One client's loop: request tokens until `end`; record latencies (µs) of
-/// grants from `measure_from` on, and count failures.
-async fn drive(
-    mut c: BrokerClient<Channel>,
+/// What one client saw.
+#[derive(Default)]
+struct Tally {
+    /// Latencies (µs) of successful calls.
+    lat: Vec<u32>,
+    grants: u64,
+    errors: u64,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Self) {
+        self.lat.extend(other.lat);
+        self.grants += other.grants;
+        self.errors += other.errors;
+    }
+}
+
+/// One client's view of the broker.
+struct Caller {
+    c: BrokerClient<Channel>,
     scopes: Vec<String>,
-    measure_from: Instant,
-    end: Instant,
-) -> (Vec<u32>, u64) {
-    let mut lat = Vec::with_capacity(16 * 1024);
-    let mut errors = 0u64;
-    loop {
-        let t0 = Instant::now();
-        if t0 >= end {
-            break;
-        }
+    ttl: Option<prost_types::Duration>,
+}
+
+impl Caller {
+    /// A new token and its lease id.
+    async fn grant(&mut self) -> Option<(String, String)> {
         let req = pb::RequestTokenRequest {
-            scopes: scopes.clone(),
+            scopes: self.scopes.clone(),
+            ttl: self.ttl,
             ..Default::default()
         };
-        let ok = matches!(
-            c.request_token(req).await.map(|r| r.into_inner().outcome),
-            Ok(Some(pb::request_token_response::Outcome::Granted(_)))
-        );
-        if t0 < measure_from {
-            continue;
-        }
-        if ok {
-            lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
-        } else {
-            errors += 1;
+        match self.c.request_token(req).await.ok()?.into_inner().outcome {
+            Some(pb::request_token_response::Outcome::Granted(g)) => {
+                let lease = g.lease?;
+                Some((g.token, lease.id))
+            }
+            _ => None,
         }
     }
-    (lat, errors)
+
+    async fn introspect(&mut self, token: &str) -> bool {
+        let req = pb::IntrospectRequest {
+            token: token.to_owned(),
+        };
+        matches!(self.c.introspect(req).await, Ok(r) if r.get_ref().active)
+    }
+
+    async fn renew(&mut self, lease_id: &str) -> bool {
+        let req = pb::RenewLeaseRequest {
+            lease_id: lease_id.to_owned(),
+            ttl: self.ttl,
+        };
+        self.c.renew_lease(req).await.is_ok()
+    }
 }
 
-/// Drive `clients` connections requesting `scopes` for `duration` after a
-/// short warm-up (not counted).
-pub async fn run(
-    opts: &ClientOpts,
-    scopes: Vec<String>,
-    clients: usize,
-    duration: Duration,
-) -> Result<Report, crate::client::ClientError> {
-    // One connection per simulated client, on purpose: that is the load.
-    let mut conns = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        conns.push(BrokerClient::new(opts.connect().await?));
+/// Run until `end`, recording calls that start after `from`.
+struct Window {
+    from: Instant,
+    end: Instant,
+}
+
+impl Window {
+    /// Time one call and tally it (if inside the measured window).
+    async fn timed<F: std::future::Future<Output = bool>>(
+        &self,
+        t: &mut Tally,
+        grant: bool,
+        call: F,
+    ) -> bool {
+        let t0 = Instant::now();
+        let ok = call.await;
+        if t0 >= self.from {
+            if ok {
+                t.lat
+                    .push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                t.grants += u64::from(grant);
+            } else {
+                t.errors += 1;
+            }
+        }
+        ok
     }
-    let measure_from = Instant::now() + Duration::from_millis(500);
-    let end = measure_from + duration;
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|c| tokio::spawn(drive(c, scopes.clone(), measure_from, end)))
-        .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        if let Ok((lat, e)) = t.await {
-            all.extend(lat);
-            errors += e;
+
+    fn open(&self) -> bool {
+        Instant::now() < self.end
+    }
+}
+
+/// One client's loop for `rpc`; `pool` holds live tokens for introspection.
+async fn drive(mut c: Caller, rpc: Rpc, pool: Arc<Vec<String>>, w: Arc<Window>) -> Tally {
+    let mut t = Tally {
+        lat: Vec::with_capacity(16 * 1024),
+        ..Tally::default()
+    };
+    let mut next = 0usize;
+    let mut lease: Option<String> = None;
+    while w.open() {
+        match rpc {
+            Rpc::Grant => {
+                w.timed(&mut t, true, async { c.grant().await.is_some() })
+                    .await;
+            }
+            Rpc::Introspect => {
+                let Some(tok) = pool.get(next % pool.len().max(1)) else {
+                    t.errors += 1;
+                    break;
+                };
+                next = next.wrapping_add(1);
+                w.timed(&mut t, false, c.introspect(tok)).await;
+            }
+            Rpc::Renew => {
+                if lease.is_none() {
+                    lease = c.grant().await.map(|(_, id)| id);
+                }
+                let Some(id) = lease.clone() else {
+                    t.errors += 1;
+                    continue;
+                };
+                if !w.timed(&mut t, false, c.renew(&id)).await {
+                    lease = None; // ran into its max TTL: start a new one
+                }
+            }
+            Rpc::Mixed => mixed_round(&mut c, &mut t, &w).await,
         }
     }
-    all.sort_unstable();
-    Ok(report(clients, duration, &all, errors))
+    t
+}
+
+/// Grant, introspect the new token three times, renew its lease.
+async fn mixed_round(c: &mut Caller, t: &mut Tally, w: &Window) {
+    let mut granted = None;
+    w.timed(t, true, async {
+        granted = c.grant().await;
+        granted.is_some()
+    })
+    .await;
+    let Some((tok, id)) = granted else { return };
+    for _ in 0..3 {
+        w.timed(t, false, c.introspect(&tok)).await;
+    }
+    w.timed(t, false, c.renew(&id)).await;
+}
+
+/// Open `n` connections.
+async fn callers(opts: &ClientOpts, plan: &Plan, n: usize) -> Result<Vec<Caller>, ClientError> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(Caller {
+            c: BrokerClient::new(opts.connect().await?),
+            scopes: plan.scopes.clone(),
+            ttl: plan
+                .ttl
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        });
+    }
+    Ok(out)
+}
+
+/// Grant `n` leases over `callers` at full concurrency; the tokens of the
+/// first `keep` are returned (for the introspection pool).
+async fn fill(callers: Vec<Caller>, n: u64, keep: usize) -> (Vec<Caller>, Vec<String>, u64) {
+    let left = Arc::new(AtomicU64::new(n));
+    let tasks: Vec<_> = callers
+        .into_iter()
+        .map(|mut c| {
+            let left = left.clone();
+            tokio::spawn(async move {
+                let mut toks = Vec::new();
+                let mut made = 0u64;
+                let mut failures = 0u32;
+                while left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                    .is_ok()
+                {
+                    match c.grant().await {
+                        Some((tok, _)) => {
+                            made += 1;
+                            if toks.len() < keep {
+                                toks.push(tok);
+                            }
+                        }
+                        None => {
+                            left.fetch_add(1, Ordering::SeqCst);
+                            failures += 1;
+                            if failures > 100 {
+                                break;
+                            }
+                        }
+                    }
+                }
+                (c, toks, made)
+            })
+        })
+        .collect();
+    let (mut cs, mut pool, mut made) = (Vec::new(), Vec::new(), 0);
+    for t in tasks {
+        if let Ok((c, toks, m)) = t.await {
+            cs.push(c);
+            pool.extend(toks);
+            made += m;
+        }
+    }
+    pool.truncate(keep);
+    (cs, pool, made)
+}
+
+/// Run `plan` against the broker `opts` points at.
+pub async fn run(opts: &ClientOpts, plan: &Plan) -> Result<Report, ClientError> {
+    // One connection per simulated client, on purpose: that is the load.
+    let cs = callers(opts, plan, plan.clients).await?;
+    let started = Instant::now();
+    let pool_size: usize = if plan.rpc == Rpc::Introspect { 1024 } else { 0 };
+    let want = plan.leases.max(pool_size as u64);
+    let (cs, pool, filled) = fill(cs, want, pool_size.div_ceil(plan.clients.max(1))).await;
+    let fill_seconds = started.elapsed().as_secs_f64();
+    let pool = Arc::new(pool);
+    let from = Instant::now() + Duration::from_millis(500);
+    let w = Arc::new(Window {
+        from,
+        end: from + plan.duration,
+    });
+    let tasks: Vec<_> = cs
+        .into_iter()
+        .map(|c| tokio::spawn(drive(c, plan.rpc, pool.clone(), w.clone())))
+        .collect();
+    let mut all = Tally::default();
+    for t in tasks {
+        if let Ok(tally) = t.await {
+            all.merge(tally);
+        }
+    }
+    all.lat.sort_unstable();
+    Ok(Report {
+        filled,
+        fill_seconds,
+        ..report(plan, &all)
+    })
 }
 
 /// Percentiles over sorted latencies (µs).
-fn report(clients: usize, duration: Duration, all: &[u32], errors: u64) -> Report {
+fn report(plan: &Plan, t: &Tally) -> Report {
+    let all = &t.lat;
     let pct = |p: f64| -> f64 {
         if all.is_empty() {
             return 0.0;
@@ -107,15 +350,90 @@ fn report(clients: usize, duration: Duration, all: &[u32], errors: u64) -> Repor
         let i = ((all.len() as f64 - 1.0) * p).round() as usize;
         f64::from(all[i.min(all.len() - 1)]) / 1000.0
     };
-    let seconds = duration.as_secs_f64();
+    let seconds = plan.duration.as_secs_f64();
     Report {
-        clients,
+        rpc: plan.rpc,
+        clients: plan.clients,
         seconds,
-        grants: all.len() as u64,
-        errors,
-        grants_per_sec: all.len() as f64 / seconds,
+        calls: all.len() as u64,
+        calls_per_sec: all.len() as f64 / seconds,
+        grants: t.grants,
+        grants_per_sec: t.grants as f64 / seconds,
+        errors: t.errors,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
         max_ms: all.last().map_or(0.0, |v| f64::from(*v) / 1000.0),
+        filled: 0,
+        fill_seconds: 0.0,
+    }
+}
+
+/// Latency of the disk under `dir`: `n` times, write 4 KiB at the start of a
+/// scratch file and `fdatasync` it. Returns (p50, p99) in ms. This is the
+/// floor a durable grant pays once, whatever the broker does.
+pub fn disk_sync_latency(dir: &std::path::Path, n: usize) -> std::io::Result<(f64, f64)> {
+    use std::io::{Seek as _, Write as _};
+    let path = dir.join(format!(".portcullis-disk-probe-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let block = [0x5au8; 4096];
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        f.seek(std::io::SeekFrom::Start(0))?;
+        f.write_all(&block)?;
+        f.sync_data()?;
+        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    lat.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+    };
+    Ok((at(0.5).unwrap_or(0.0), at(0.99).unwrap_or(0.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_the_sorted_latencies() {
+        let plan = Plan {
+            rpc: Rpc::Grant,
+            scopes: vec![],
+            clients: 1,
+            duration: Duration::from_secs(2),
+            ttl: None,
+            leases: 0,
+        };
+        let t = Tally {
+            lat: (1..=1000).collect(),
+            grants: 1000,
+            errors: 3,
+        };
+        let r = report(&plan, &t);
+        assert_eq!(r.calls, 1000);
+        assert!((r.calls_per_sec - 500.0).abs() < f64::EPSILON);
+        assert!((r.p50_ms - 0.501).abs() < 1e-9, "{}", r.p50_ms);
+        assert!((r.p99_ms - 0.990).abs() < 1e-9, "{}", r.p99_ms);
+        assert!((r.p999_ms - 0.999).abs() < 1e-9, "{}", r.p999_ms);
+        assert!((r.max_ms - 1.0).abs() < 1e-9);
+        assert_eq!(r.errors, 3);
+    }
+
+    #[test]
+    fn the_disk_probe_measures_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p50, p99) = disk_sync_latency(dir.path(), 5).unwrap();
+        assert!(p50 > 0.0 && p99 >= p50);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
