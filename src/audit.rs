@@ -139,11 +139,66 @@ impl Entry {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest.as_ref() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// A record's fields but its place in the chain (`seq`, `prev`), in
+/// canonical order: the middle of its stored bytes.
+#[derive(Serialize)]
+struct Body<'a> {
+    at: Millis,
+    actor: &'a str,
+    action: &'a str,
+    target: &'a str,
+    scopes: &'a [String],
+    outcome: &'a str,
+    reason: &'a str,
+    rule: &'a str,
+    peer: &'a str,
+    call_id: &'a str,
+}
+
+/// `{"at":…,"call_id":"…"}` of `rec` (see [`chained`]).
+fn body_json(rec: &AuditRecord) -> Result<Vec<u8>, AuditError> {
+    serde_json::to_vec(&Body {
+        at: rec.at,
+        actor: &rec.actor,
+        action: &rec.action,
+        target: &rec.target,
+        scopes: &rec.scopes,
+        outcome: &rec.outcome,
+        reason: &rec.reason,
+        rule: &rec.rule,
+        peer: &rec.peer,
+        call_id: &rec.call_id,
+    })
+    .map_err(|e| AuditError::Encode(e.to_string()))
+}
+
+/// The stored bytes of a record: exactly `serde_json::to_vec` of the
+/// [`AuditRecord`] with `seq` and `prev`, assembled from its [`body_json`].
+fn chained(seq: u64, body: &[u8], prev: &str) -> Vec<u8> {
+    let inner = body
+        .strip_prefix(b"{")
+        .and_then(|b| b.strip_suffix(b"}"))
+        .unwrap_or(body);
+    let mut out = Vec::with_capacity(inner.len() + prev.len() + 40);
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.push(b',');
+    out.extend_from_slice(inner);
+    out.extend_from_slice(b",\"prev\":\"");
+    // `prev` is lowercase hex (or GENESIS): nothing in it needs escaping.
+    out.extend_from_slice(prev.as_bytes());
+    out.extend_from_slice(b"\"}");
+    out
 }
 
 struct Head {
@@ -225,27 +280,37 @@ impl AuditLog {
         entries: Vec<Entry>,
     ) -> Result<(), AuditError> {
         let call = current_call();
+        // Encoding happens before the chain lock; under it, each record only
+        // gets its place (seq, prev), its hash and its write.
+        let prepared = entries
+            .into_iter()
+            .map(|e| {
+                let rec = AuditRecord {
+                    seq: 0,
+                    at: now,
+                    actor: e.actor,
+                    action: e.action.as_str().to_owned(),
+                    target: e.target,
+                    scopes: e.scopes,
+                    outcome: e.outcome.as_str().to_owned(),
+                    reason: e.reason,
+                    rule: e.rule,
+                    peer: call.peer.clone(),
+                    call_id: call.call_id.clone(),
+                    prev: String::new(),
+                };
+                let body = body_json(&rec)?;
+                Ok((rec, body))
+            })
+            .collect::<Result<Vec<_>, AuditError>>()?;
         let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
-        for e in entries {
-            let rec = AuditRecord {
-                seq: head.next,
-                at: now,
-                actor: e.actor,
-                action: e.action.as_str().to_owned(),
-                target: e.target,
-                scopes: e.scopes,
-                outcome: e.outcome.as_str().to_owned(),
-                reason: e.reason,
-                rule: e.rule,
-                peer: call.peer.clone(),
-                call_id: call.call_id.clone(),
-                prev: head.prev.clone(),
-            };
-            let bytes = serde_json::to_vec(&rec).map_err(|e| AuditError::Encode(e.to_string()))?;
+        for (mut rec, body) in prepared {
+            rec.seq = head.next;
+            let bytes = chained(rec.seq, &body, &head.prev);
             // INVARIANT: records are stored in sequence order under the lock,
             // so the chain on disk never has a hole that a later record skips.
             store.append_audit(rec.seq, &bytes)?;
-            head.prev = sha256_hex(&bytes);
+            rec.prev = std::mem::replace(&mut head.prev, sha256_hex(&bytes));
             head.next += 1;
             head.since_checkpoint += 1;
             let _ = self.tail.send((rec, bytes));
@@ -596,4 +661,46 @@ fn check_signature(keys: &KeySet, jws: &str) -> Option<Checkpoint> {
     jsonwebtoken::decode::<Checkpoint>(jws, key, &v)
         .ok()
         .map(|d| d.claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assembled_bytes_are_exactly_the_records_json() {
+        let tricky = [
+            "",
+            "plain",
+            "quote \" back\\slash",
+            "tab\t nl\n nul\0",
+            "ünï ✓ \u{7f}",
+        ];
+        for (i, s) in tricky.iter().enumerate() {
+            let rec = AuditRecord {
+                seq: u64::MAX - i as u64,
+                at: 1_700_000_000_000 + i as u64,
+                actor: format!("spiffe://t/{s}"),
+                action: "token.granted".into(),
+                target: (*s).to_owned(),
+                scopes: vec![(*s).to_owned(), "b".into()],
+                outcome: "ok".into(),
+                reason: (*s).to_owned(),
+                rule: (*s).to_owned(),
+                peer: "127.0.0.1:1".into(),
+                call_id: (*s).to_owned(),
+                prev: sha256_hex(s.as_bytes()),
+            };
+            let body = body_json(&rec).unwrap();
+            assert_eq!(
+                chained(rec.seq, &body, &rec.prev),
+                serde_json::to_vec(&rec).unwrap(),
+                "{s:?}"
+            );
+        }
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
 }

@@ -99,9 +99,85 @@ pub fn from_peer_certs(chain: &[impl AsRef<[u8]>]) -> Result<Identity, IdentityE
     }
 }
 
+/// Identities of the client certificates seen lately, by the leaf's DER
+/// bytes: parsing a certificate costs more than the rest of a small RPC, and
+/// a connection presents the same one on every call. Only certificates the
+/// TLS layer verified reach it, and only identities that parsed are kept.
+/// Bounded: when full, it starts over.
+#[derive(Debug, Default)]
+pub struct SeenCerts {
+    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Identity>>,
+}
+
+impl SeenCerts {
+    /// Most certificates remembered (a few MiB at most).
+    const MAX: usize = 4096;
+
+    /// [`from_peer_certs`], remembered.
+    pub fn identity(&self, chain: &[impl AsRef<[u8]>]) -> Result<Identity, IdentityError> {
+        let leaf = chain.first().ok_or(IdentityError::NoCertificate)?.as_ref();
+        if let Some(who) = self.map.lock().ok().and_then(|m| m.get(leaf).cloned()) {
+            return Ok(who);
+        }
+        let who = from_peer_certs(chain)?;
+        if let Ok(mut m) = self.map.lock() {
+            if m.len() >= Self::MAX {
+                m.clear();
+            }
+            m.insert(leaf.to_vec(), who.clone());
+        }
+        Ok(who)
+    }
+
+    /// How many are remembered.
+    pub fn len(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    /// Is nothing remembered?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cert_for(uri: &str) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn seen_certificates_name_the_same_identity_and_stay_bounded() {
+        let seen = SeenCerts::default();
+        let a = cert_for("spiffe://t/a");
+        let b = cert_for("spiffe://t/b");
+        for _ in 0..3 {
+            assert_eq!(seen.identity(&[&a]).unwrap().as_str(), "spiffe://t/a");
+            assert_eq!(seen.identity(&[&b]).unwrap().as_str(), "spiffe://t/b");
+        }
+        assert_eq!(seen.len(), 2);
+        // Failures are not remembered, and still fail.
+        let none: [&[u8]; 0] = [];
+        assert!(seen.identity(&none).is_err());
+        assert!(seen.identity(&[b"not a certificate"]).is_err());
+        assert_eq!(seen.len(), 2);
+        let x = Identity::parse("spiffe://t/x").unwrap();
+        for i in 2..SeenCerts::MAX {
+            seen.map
+                .lock()
+                .unwrap()
+                .insert(i.to_le_bytes().to_vec(), x.clone());
+        }
+        assert_eq!(seen.len(), SeenCerts::MAX);
+        let c = cert_for("spiffe://t/c");
+        assert_eq!(seen.identity(&[&c]).unwrap().as_str(), "spiffe://t/c");
+        assert_eq!(seen.len(), 1, "a full cache starts over");
+    }
 
     #[test]
     fn parses_spiffe_ids() {

@@ -33,12 +33,16 @@ struct Caller(Identity);
 #[derive(Clone)]
 pub struct Authenticate {
     engine: Arc<Engine>,
+    seen: Arc<identity::SeenCerts>,
 }
 
 impl Authenticate {
     /// Authenticate against `engine`'s trail.
     pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            seen: Arc::default(),
+        }
     }
 }
 
@@ -47,7 +51,7 @@ impl tonic::service::Interceptor for Authenticate {
         let certs = req.peer_certs();
         let chain: &[tonic::transport::CertificateDer<'static>] =
             certs.as_deref().map_or(&[], |c| c.as_slice());
-        match identity::from_peer_certs(chain) {
+        match self.seen.identity(chain) {
             Ok(who) => {
                 tracing::Span::current().record("caller", who.as_str());
                 req.extensions_mut().insert(Caller(who));
