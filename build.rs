@@ -1,4 +1,5 @@
-//! Compiles `proto/portcullis/v1/*.proto` with protox (pure Rust), so a fresh
+//! Compiles `proto/portcullis/v1/*.proto` (and the stored record encodings
+//! in `proto/portcullis/store/v1/`) with protox (pure Rust), so a fresh
 //! machine needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,5 +23,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    // Stored record encodings: messages only, kept out of the reflection
+    // descriptor (they are not part of the wire API).
+    let store = "proto/portcullis/store/v1/records.proto";
+    println!("cargo:rerun-if-changed={store}");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(false)
+        .compile_fds(protox::compile([store], ["proto"])?)?;
     Ok(())
 }

@@ -51,6 +51,7 @@ async fn main() {
             request_id: None,
             approved_by: vec![],
             break_glass: false,
+            token_sha256: None,
         };
         store.create_lease(&lease, None).unwrap();
     }

@@ -104,7 +104,10 @@ pub fn verify(keys: &KeySet, issuer: &str, token: &str, now: u64) -> Result<Clai
     v.set_required_spec_claims(&["exp", "nbf", "iss", "sub"]);
     let data = jsonwebtoken::decode::<Claims>(token, key, &v)
         .map_err(|_| TokenError::Invalid("signature or claims"))?;
-    let c = data.claims;
+    check_time(data.claims, now)
+}
+
+fn check_time(c: Claims, now: u64) -> Result<Claims, TokenError> {
     if c.nbf > now || c.iat > now {
         return Err(TokenError::Invalid("not yet valid"));
     }
@@ -112,4 +115,53 @@ pub fn verify(keys: &KeySet, issuer: &str, token: &str, now: u64) -> Result<Clai
         return Err(TokenError::Invalid("expired"));
     }
     Ok(c)
+}
+
+/// SHA-256 of a token's bytes: how a lease remembers the token it was last
+/// minted with (the token itself is never stored).
+pub fn digest(token: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// The claims a token says it has, unchecked: only to find its lease (the
+/// `jti`) before deciding how to check it. Never trust what this returns.
+pub fn unverified_claims(token: &str) -> Option<Claims> {
+    use base64::Engine as _;
+    if token.len() > MAX_TOKEN_LEN {
+        return None;
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Is `token` the one whose SHA-256 a lease recorded when it was signed
+/// (compared in constant time)?
+pub fn minted_as(token: &str, minted: &[u8; 32]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    bool::from(digest(token).ct_eq(minted))
+}
+
+/// The claims of a token [`minted_as`] recognised as one this broker
+/// signed: its bytes are exactly what was signed, so the signature need not
+/// be checked again. What can have changed since is checked: its key must
+/// still be trusted (a key withdrawn in an emergency voids what it signed),
+/// the issuer must still be this broker's, and time must be within its life.
+pub fn recognise(keys: &KeySet, issuer: &str, token: &str, now: u64) -> Result<Claims, TokenError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("header"))?;
+    let kid = header.kid.as_deref().ok_or(TokenError::Invalid("no kid"))?;
+    match keys.verify.get(kid) {
+        Some((alg, _)) if *alg == header.alg => {}
+        _ => return Err(TokenError::Invalid("key no longer trusted")),
+    }
+    let c = unverified_claims(token).ok_or(TokenError::Invalid("claims"))?;
+    if c.iss != issuer {
+        return Err(TokenError::Invalid("issuer"));
+    }
+    check_time(c, now)
 }

@@ -94,6 +94,35 @@ pub struct ServeArgs {
     /// fsynced. For benchmarks and experiments only.
     #[arg(long)]
     pub in_memory: bool,
+    /// Memory for the embedded store's page cache (e.g. `128MiB`, `1GiB`).
+    /// The store itself may be far larger: what is not cached is read back
+    /// from the OS page cache when needed.
+    #[arg(long, env = "PORTCULLIS_CACHE_CAPACITY", default_value = "128MiB", value_parser = parse_bytes)]
+    pub cache_capacity: u64,
+}
+
+/// `N`, `NKiB`, `NMiB` or `NGiB` (also `KB`/`MB`/`GB`, as powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 128MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "kb" | "k" => 1 << 10,
+        "mib" | "mb" | "m" => 1 << 20,
+        "gib" | "gb" | "g" => 1 << 30,
+        _ => return Err(format!("`{s}`: unit must be KiB, MiB or GiB")),
+    };
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes < (1 << 20) {
+        return Err(format!("`{s}` is below the 1MiB minimum"));
+    }
+    Ok(bytes)
 }
 
 /// `--alg` values (the command line's names for [`SigningAlg`]).
@@ -165,6 +194,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     };
     cfg.alg = args.alg.into();
     cfg.in_memory = args.in_memory;
+    cfg.sled.cache_capacity = args.cache_capacity;
     if args.rotation_period < Duration::from_secs(3600) {
         return Err(usage(
             "--rotation-period must be at least 1h (a next key is pre-published 10m ahead)",
@@ -275,6 +305,17 @@ pub fn dev_banner(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_sizes_read_with_binary_units_and_a_floor() {
+        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("2048 KiB"), Ok(2 << 20));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        for bad in ["", "MiB", "12parsecs", "1KiB", "99999999999999GiB", "-1MiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_second_lock_on_the_same_directory_names_the_holder() {

@@ -82,6 +82,10 @@ impl Engine {
             )
         };
         let tok = token::mint(&keys, &self.claims(&lease, now))?;
+        let lease = Lease {
+            token_sha256: Some(token::digest(&tok)),
+            ..lease
+        };
         Ok((lease, tok))
     }
 }

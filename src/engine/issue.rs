@@ -125,6 +125,10 @@ impl Engine {
         };
         // Sign first: if signing fails, nothing is written.
         let tok = token::mint(&keys, &self.claims(&lease, now))?;
+        let lease = Lease {
+            token_sha256: Some(token::digest(&tok)),
+            ..lease
+        };
         let idem = c.idempotency(IdempotentOutcome::Lease(lease.id.clone()));
         if let Some(existing) = self.records.create_lease(&lease, idem.as_ref())? {
             return self.replay(&c.who, existing, &c.digest).await;

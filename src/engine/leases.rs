@@ -52,7 +52,7 @@ impl Engine {
             let max_expires_at = current_ceiling(&policy, who, lease)?;
             let expires_at = renewed_until(lease, ttl, now, max_expires_at)?;
             let keys = self.keys.current();
-            let new = Lease {
+            let mut new = Lease {
                 expires_at,
                 max_expires_at,
                 renewals: lease.renewals + 1,
@@ -60,7 +60,9 @@ impl Engine {
                 kid: keys.active.kid.clone(),
                 ..lease.clone()
             };
-            token = Some(token::mint(&keys, &self.claims(&new, now))?);
+            let tok = token::mint(&keys, &self.claims(&new, now))?;
+            new.token_sha256 = Some(token::digest(&tok));
+            token = Some(tok);
             Ok::<_, EngineError>(Some(new))
         })?;
         let (Cas::Swapped { new, .. }, Some(tok)) = (out, token) else {

@@ -27,7 +27,7 @@ use crate::policy::Policy;
 use crate::store::Store;
 use crate::store::commit::GroupCommit;
 use crate::store::mem::MemStore;
-use crate::store::sled_store::SledStore;
+use crate::store::sled_store::{SledOptions, SledStore};
 /// How long shutdown waits for tasks before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Keep state in memory only (tests, benchmarks of the non-durable path).
     pub in_memory: bool,
+    /// Tuning of the embedded store.
+    pub sled: SledOptions,
     /// gRPC listen address (port 0: pick one).
     pub listen: SocketAddr,
     /// HTTP listen address for JWKS/discovery/health; `None` disables it.
@@ -102,6 +104,7 @@ impl ServeConfig {
         Self {
             data_dir,
             in_memory: false,
+            sled: SledOptions::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_cert,
@@ -446,8 +449,8 @@ async fn open_store(cfg: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
     if cfg.in_memory {
         return Ok(Arc::new(MemStore::new()));
     }
-    let dir = cfg.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+    let (dir, opts) = (cfg.data_dir.clone(), cfg.sled);
+    let store = tokio::task::spawn_blocking(move || SledStore::open_with(&dir, opts))
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))??;
     Ok(Arc::new(store))

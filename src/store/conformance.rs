@@ -42,6 +42,7 @@ pub(crate) fn lease(id: &str, subject: &str, expires_at: Millis) -> Lease {
         request_id: None,
         approved_by: vec![],
         break_glass: false,
+        token_sha256: None,
     }
 }
 
@@ -420,6 +421,50 @@ fn sled_keeps_everything_across_reopen_and_refuses_unknown_schema() {
         Err(StoreError::Schema { found: 99, .. }) => {}
         other => panic!("expected a schema error, got {:?}", other.err()),
     }
+}
+
+#[test]
+fn sled_upgrades_a_schema_one_store_and_reads_its_json_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = lease("l_old", "spiffe://t/a", 7);
+    {
+        // What a schema 1 broker left: JSON leases, version "1".
+        let s = SledStore::open(dir.path()).unwrap();
+        s.create_lease(&old, None).unwrap();
+        s.leases
+            .insert("l_old", serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        s.put_meta("schema_version", b"1").unwrap();
+        s.sync().unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(s.meta("schema_version").unwrap().unwrap(), b"2");
+    assert_eq!(s.lease("l_old").unwrap().unwrap(), old);
+    let new = lease("l_new", "spiffe://t/a", 8);
+    s.create_lease(&new, None).unwrap();
+    assert_eq!(s.leases.get("l_new").unwrap().unwrap()[0], 0x01);
+    assert_eq!(s.lease("l_new").unwrap().unwrap(), new);
+    let both: Vec<_> = s
+        .leases_of("spiffe://t/a", None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(both, ["l_new", "l_old"]);
+    // A lease read in either format swaps like any other.
+    let revoked = Lease {
+        state: LeaseState::Revoked,
+        ..old.clone()
+    };
+    assert!(s.swap_lease(&old, &revoked).unwrap());
+    assert_eq!(s.lease("l_old").unwrap().unwrap(), revoked);
+    s.put_meta("schema_version", b"not a number").unwrap();
+    s.sync().unwrap();
+    drop(s);
+    assert!(matches!(
+        SledStore::open(dir.path()),
+        Err(StoreError::Schema { found: 0, .. })
+    ));
 }
 
 #[test]

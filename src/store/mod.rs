@@ -14,7 +14,7 @@
 //! # Layout (sled trees; a SQL backend maps each to a table)
 //! | tree | key | value |
 //! |---|---|---|
-//! | `leases` | lease id | [`Lease`] (versioned JSON) |
+//! | `leases` | lease id | [`Lease`]: format byte ‖ record (see `record`) |
 //! | `lease_expiry` | big-endian `expires_at` ms ‖ lease id | empty; only ACTIVE leases |
 //! | `leases_by_subject` | subject ‖ 0x00 ‖ lease id | empty |
 //! | `requests` | request id | [`TokenRequest`] |
@@ -31,6 +31,7 @@
 
 pub mod commit;
 pub mod mem;
+mod record;
 pub mod sled_store;
 
 use serde::{Deserialize, Serialize};
@@ -38,7 +39,15 @@ use serde::{Deserialize, Serialize};
 pub use crate::clock::Millis;
 
 /// Current layout version, written to `meta/schema_version` on first open.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version 2 stores leases in the compact encoding of [`record`]; a version
+/// 1 store is upgraded in place on open (its JSON leases stay readable), and
+/// a broker that knows only version 1 refuses a version 2 store.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Older layout versions this build opens (and upgrades).
+pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2];
+
+pub(crate) use record::{decode_lease, encode_lease};
 
 /// Errors from a storage backend.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +142,10 @@ pub struct Lease {
     /// Issued through break-glass.
     #[serde(default)]
     pub break_glass: bool,
+    /// SHA-256 of the newest token minted for it, so introspection can
+    /// recognise that exact token without a signature check. Never shown.
+    #[serde(skip)]
+    pub token_sha256: Option<[u8; 32]>,
 }
 
 /// Lifecycle of a parked request: PENDING, then APPROVED (open for the
@@ -317,6 +330,7 @@ impl Lease {
             request_id: None,
             approved_by: Vec::new(),
             break_glass: false,
+            token_sha256: None,
         }
     }
 

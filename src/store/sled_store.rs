@@ -14,8 +14,9 @@ use sled::{Db, Transactional as _, Tree};
 
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
-    RequestStore, SCHEMA_VERSION, Store, StoreError, TokenRequest, deadline_key, decode, encode,
-    idem_key, split_deadline_key, subject_key,
+    READABLE_SCHEMA_VERSIONS, RequestStore, SCHEMA_VERSION, Store, StoreError, TokenRequest,
+    deadline_key, decode, decode_lease, encode, encode_lease, idem_key, split_deadline_key,
+    subject_key,
 };
 
 /// sled-backed store rooted at a data directory.
@@ -123,10 +124,38 @@ fn restrict_files(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Tuning of the embedded store.
+#[derive(Clone, Copy, Debug)]
+pub struct SledOptions {
+    /// Bytes of decoded pages sled keeps in memory (its page cache). The
+    /// rest of the store is read back from the OS page cache on demand.
+    pub cache_capacity: u64,
+}
+
+impl SledOptions {
+    /// 128 MiB: a million leases fit the disk, not this (sled's own
+    /// default of 1 GiB would let the cache alone grow past it).
+    pub const DEFAULT_CACHE_CAPACITY: u64 = 128 * 1024 * 1024;
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        Self {
+            cache_capacity: Self::DEFAULT_CACHE_CAPACITY,
+        }
+    }
+}
+
 impl SledStore {
-    /// Open (or create) the store under `dir`. Creating the directory is made
-    /// durable with a directory fsync; an unknown schema version is refused.
+    /// Open (or create) the store under `dir` with the default options.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, SledOptions::default())
+    }
+
+    /// Open (or create) the store under `dir`. Creating the directory is made
+    /// durable with a directory fsync; an unknown schema version is refused,
+    /// an older readable one upgraded.
+    pub fn open_with(dir: &Path, opts: SledOptions) -> Result<Self, StoreError> {
         let fresh = !dir.join("db").exists();
         std::fs::create_dir_all(dir).map_err(unavailable)?;
         restrict(dir, 0o700)?;
@@ -134,6 +163,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(opts.cache_capacity)
             .open()
             .map_err(unavailable)?;
         restrict_files(dir)?;
@@ -155,24 +185,7 @@ impl SledStore {
             data_file,
             db,
         };
-        match store.meta("schema_version")? {
-            Some(v) => {
-                let found = std::str::from_utf8(&v)
-                    .ok()
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .unwrap_or(0);
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema {
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
-                }
-            }
-            None => {
-                store.put_meta("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
-                store.sync()?;
-            }
-        }
+        store.check_schema()?;
         if fresh {
             // The new files' directory entries must survive a crash too.
             File::open(dir)
@@ -180,6 +193,29 @@ impl SledStore {
                 .map_err(unavailable)?;
         }
         Ok(store)
+    }
+
+    /// Refuse a layout this build does not know; record the current version
+    /// on a new store, or on one of a readable older version (every reader
+    /// here reads both, so the upgrade is just the version number).
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let found = self.meta("schema_version")?.map(|v| {
+            std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        if found == Some(SCHEMA_VERSION) {
+            return Ok(());
+        }
+        if let Some(found) = found.filter(|f| !READABLE_SCHEMA_VERSIONS.contains(f)) {
+            return Err(StoreError::Schema {
+                found,
+                expected: SCHEMA_VERSION,
+            });
+        }
+        self.put_meta("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
+        self.sync()
     }
 
     /// Does expiry entry `k` match an ACTIVE lease expiring at that time?
@@ -222,7 +258,7 @@ impl LeaseStore for SledStore {
         lease: &Lease,
         idem: Option<&Idempotency>,
     ) -> Result<Option<Idempotency>, StoreError> {
-        let value = encode(lease)?;
+        let value = encode_lease(lease);
         if idem.is_none() {
             // No key to claim: no transaction needed. Indexes go first, so a
             // lease record is never visible (or recovered: sled recovers a
@@ -265,7 +301,7 @@ impl LeaseStore for SledStore {
         self.leases
             .get(id.as_bytes())
             .map_err(unavailable)?
-            .map(|v| decode("leases", id.as_bytes(), &v))
+            .map(|v| decode_lease(id.as_bytes(), &v))
             .transpose()
     }
 
@@ -276,8 +312,19 @@ impl LeaseStore for SledStore {
         // `expires_at`: the new entry is written before the swap, the old
         // one removed after. Entries left behind by a crash in between are
         // dropped by `leases_due`.
-        let old_bytes = encode(current)?;
-        let new_bytes = encode(new)?;
+        // Compared as records, not bytes: the stored form may be an older
+        // encoding of the same lease.
+        let Some(old_bytes) = self
+            .leases
+            .get(current.id.as_bytes())
+            .map_err(unavailable)?
+        else {
+            return Ok(false);
+        };
+        if decode_lease(current.id.as_bytes(), &old_bytes)? != *current {
+            return Ok(false);
+        }
+        let new_bytes = encode_lease(new);
         let old_key = (current.state == LeaseState::Active)
             .then(|| deadline_key(current.expires_at, &current.id));
         let new_key =
@@ -365,7 +412,7 @@ impl LeaseStore for SledStore {
         let mut leases = 0;
         for item in self.leases.iter() {
             let (k, v) = item.map_err(unavailable)?;
-            let l: Lease = decode("leases", &k, &v)?;
+            let l: Lease = decode_lease(&k, &v)?;
             if l.ended_at().is_some_and(|t| t < before) {
                 // The subject index entry goes first: a lease is never
                 // listed without its record, and an orphan entry is skipped.
@@ -387,7 +434,7 @@ impl LeaseStore for SledStore {
         let mut out = Vec::new();
         for item in self.leases.iter() {
             let (k, v) = item.map_err(unavailable)?;
-            let l: Lease = decode("leases", &k, &v)?;
+            let l: Lease = decode_lease(&k, &v)?;
             if l.kid == kid && l.state == LeaseState::Active {
                 out.push(l.id);
             }
