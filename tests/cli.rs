@@ -687,3 +687,67 @@ fn a_refused_connection_and_a_failed_handshake_are_told_apart() {
     assert_eq!(code(&o), 1, "{o:?}");
     assert!(stderr(&o).contains("--cert/--key"), "{o:?}");
 }
+
+/// `bench` is a tool users run against their broker: every mode must work
+/// and report what it did. Nothing here is about speed.
+#[test]
+fn every_bench_mode_runs_against_a_real_broker_and_reports_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    for rpc in ["grant", "introspect", "renew", "mixed"] {
+        let o = run(
+            &dir,
+            &[
+                "bench",
+                "--scope",
+                "orders.read",
+                "--rpc",
+                rpc,
+                "--clients",
+                "2",
+                "--duration",
+                "300ms",
+                "--ttl",
+                "2m",
+                "--leases",
+                "40",
+                "--output",
+                "json",
+            ],
+        );
+        assert_eq!(code(&o), 0, "{rpc}: {}", stderr(&o));
+        let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(r["rpc"], rpc);
+        assert_eq!(r["errors"], 0, "{rpc}: {r}");
+        assert!(r["calls"].as_u64().unwrap() > 0, "{rpc}: {r}");
+        // The fill grants at least what was asked (introspection also
+        // needs a pool of live tokens).
+        assert!(r["filled"].as_u64().unwrap() >= 40, "{rpc}: {r}");
+        let grants = r["grants"].as_u64().unwrap();
+        match rpc {
+            "grant" => assert_eq!(grants, r["calls"].as_u64().unwrap()),
+            "mixed" => assert!(grants > 0 && grants < r["calls"].as_u64().unwrap()),
+            _ => assert_eq!(grants, 0, "{rpc}: {r}"),
+        }
+        for p in ["p50_ms", "p99_ms", "p999_ms", "max_ms"] {
+            assert!(r[p].as_f64().unwrap() > 0.0, "{rpc} {p}: {r}");
+        }
+        assert!(r["p50_ms"].as_f64() <= r["p999_ms"].as_f64());
+    }
+    // A disk probe needs a directory that exists.
+    let o = run(
+        &dir,
+        &[
+            "bench",
+            "--scope",
+            "orders.read",
+            "--duration",
+            "100ms",
+            "--disk-probe",
+            "/nonexistent/dir",
+        ],
+    );
+    assert_eq!(code(&o), 64, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--disk-probe"), "{}", stderr(&o));
+}

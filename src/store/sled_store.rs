@@ -133,9 +133,10 @@ pub struct SledOptions {
 }
 
 impl SledOptions {
-    /// 128 MiB: a million leases fit the disk, not this (sled's own
-    /// default of 1 GiB would let the cache alone grow past it).
-    pub const DEFAULT_CACHE_CAPACITY: u64 = 128 * 1024 * 1024;
+    /// 64 MiB: the hot set is recent leases (introspection of live tokens,
+    /// renewals), and a million leases belong on disk, not here; sled's own
+    /// default of 1 GiB let the cache alone grow past a gigabyte.
+    pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 }
 
 impl Default for SledOptions {
