@@ -51,7 +51,7 @@ async fn main() {
                     request_id: None,
                     approved_by: vec![],
                     break_glass: false,
-                    token_sha256: None,
+                    token_mac: None,
                 };
                 store.create_lease(&lease, None).unwrap();
                 gc.durable().await.unwrap();

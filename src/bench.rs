@@ -97,6 +97,9 @@ pub struct Report {
     pub filled: u64,
     /// Seconds the fill took.
     pub fill_seconds: f64,
+    /// What makes the figures less than they claim (a short fill, tokens
+    /// that may expire during the run).
+    pub warnings: Vec<String>,
 }
 
 /// What one client saw.
@@ -259,8 +262,10 @@ async fn callers(opts: &ClientOpts, plan: &Plan, n: usize) -> Result<Vec<Caller>
     Ok(out)
 }
 
-/// Grant `n` leases over `callers` at full concurrency; the tokens of the
-/// first `keep` are returned (for the introspection pool).
+/// Grant `n` leases over `callers` at full concurrency; up to `keep` tokens
+/// per caller are returned (for the introspection pool), sampled evenly
+/// over its grants (reservoir sampling), so the pool spans the whole fill
+/// rather than its first, by now cold, leases.
 async fn fill(callers: Vec<Caller>, n: u64, keep: usize) -> (Vec<Caller>, Vec<String>, u64) {
     let left = Arc::new(AtomicU64::new(n));
     let tasks: Vec<_> = callers
@@ -271,6 +276,7 @@ async fn fill(callers: Vec<Caller>, n: u64, keep: usize) -> (Vec<Caller>, Vec<St
                 let mut toks = Vec::new();
                 let mut made = 0u64;
                 let mut failures = 0u32;
+                let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15 ^ (n << 7) ^ keep as u64);
                 while left
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
                     .is_ok()
@@ -280,6 +286,8 @@ async fn fill(callers: Vec<Caller>, n: u64, keep: usize) -> (Vec<Caller>, Vec<St
                             made += 1;
                             if toks.len() < keep {
                                 toks.push(tok);
+                            } else if let Some(slot) = toks.get_mut(rng.below(made)) {
+                                *slot = tok;
                             }
                         }
                         None => {
@@ -305,6 +313,19 @@ async fn fill(callers: Vec<Caller>, n: u64, keep: usize) -> (Vec<Caller>, Vec<St
     }
     pool.truncate(keep);
     (cs, pool, made)
+}
+
+/// A small deterministic generator for sampling (no security role).
+struct Xorshift(u64);
+
+impl Xorshift {
+    /// A number in `0..n` (`n > 0`).
+    fn below(&mut self, n: u64) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        usize::try_from(self.0 % n.max(1)).unwrap_or(usize::MAX)
+    }
 }
 
 /// Run `plan` against the broker `opts` points at.
@@ -333,9 +354,26 @@ pub async fn run(opts: &ClientOpts, plan: &Plan) -> Result<Report, ClientError> 
         }
     }
     all.lat.sort_unstable();
+    let mut warnings = Vec::new();
+    if filled < want {
+        warnings.push(format!(
+            "filled only {filled} of {want} leases: grants failed during the fill"
+        ));
+    }
+    if plan.rpc == Rpc::Introspect {
+        // Default TTL of the dev policy's auto scopes.
+        let ttl = plan.ttl.unwrap_or(Duration::from_secs(300));
+        if ttl.as_secs_f64() < fill_seconds + 0.5 + plan.duration.as_secs_f64() {
+            warnings.push(format!(
+                "--ttl {}s is shorter than the fill plus the run: pooled tokens may expire and count as errors",
+                ttl.as_secs()
+            ));
+        }
+    }
     Ok(Report {
         filled,
         fill_seconds,
+        warnings,
         ..report(plan, &all)
     })
 }
@@ -366,6 +404,7 @@ fn report(plan: &Plan, t: &Tally) -> Report {
         max_ms: all.last().map_or(0.0, |v| f64::from(*v) / 1000.0),
         filled: 0,
         fill_seconds: 0.0,
+        warnings: Vec::new(),
     }
 }
 

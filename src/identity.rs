@@ -99,24 +99,27 @@ pub fn from_peer_certs(chain: &[impl AsRef<[u8]>]) -> Result<Identity, IdentityE
     }
 }
 
-/// Identities of the client certificates seen lately, by the leaf's DER
-/// bytes: parsing a certificate costs more than the rest of a small RPC, and
-/// a connection presents the same one on every call. Only certificates the
-/// TLS layer verified reach it, and only identities that parsed are kept.
-/// Bounded: when full, it starts over.
+/// Identities of the client certificates seen lately, by the SHA-256 of the
+/// leaf's DER: parsing a certificate costs more than the rest of a small
+/// RPC, and a connection presents the same one on every call. Only
+/// certificates the TLS layer verified reach it, and only identities that
+/// parsed are kept. Bounded: when full, it starts over.
 #[derive(Debug, Default)]
 pub struct SeenCerts {
-    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Identity>>,
+    map: std::sync::Mutex<std::collections::HashMap<[u8; 32], Identity>>,
 }
 
 impl SeenCerts {
-    /// Most certificates remembered (a few MiB at most).
+    /// Most certificates remembered (an identity is a URI of at most 2 KiB,
+    /// so at most ~9 MiB).
     const MAX: usize = 4096;
 
     /// [`from_peer_certs`], remembered.
     pub fn identity(&self, chain: &[impl AsRef<[u8]>]) -> Result<Identity, IdentityError> {
         let leaf = chain.first().ok_or(IdentityError::NoCertificate)?.as_ref();
-        if let Some(who) = self.map.lock().ok().and_then(|m| m.get(leaf).cloned()) {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
+        if let Some(who) = self.map.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(who);
         }
         let who = from_peer_certs(chain)?;
@@ -124,7 +127,7 @@ impl SeenCerts {
             if m.len() >= Self::MAX {
                 m.clear();
             }
-            m.insert(leaf.to_vec(), who.clone());
+            m.insert(key, who.clone());
         }
         Ok(who)
     }
@@ -168,10 +171,9 @@ mod tests {
         assert_eq!(seen.len(), 2);
         let x = Identity::parse("spiffe://t/x").unwrap();
         for i in 2..SeenCerts::MAX {
-            seen.map
-                .lock()
-                .unwrap()
-                .insert(i.to_le_bytes().to_vec(), x.clone());
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            seen.map.lock().unwrap().insert(key, x.clone());
         }
         assert_eq!(seen.len(), SeenCerts::MAX);
         let c = cert_for("spiffe://t/c");

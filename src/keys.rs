@@ -66,6 +66,19 @@ impl std::fmt::Debug for Kek {
 const KEK_CHECK_AAD: &[u8] = b"portcullis kek check v1";
 
 impl Kek {
+    /// The key of the MAC a lease keeps over the newest token minted for it
+    /// (HKDF-SHA256 from the KEK), so that only this broker can make one:
+    /// someone who can write the store but has no KEK cannot plant a MAC
+    /// that introspection would take for a token it signed.
+    pub fn token_mac_key(&self) -> Result<ring::hmac::Key, KeyError> {
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"portcullis");
+        let prk = salt.extract(&self.0);
+        let okm = prk
+            .expand(&[b"token mac v1"], ring::hmac::HMAC_SHA256)
+            .map_err(|_| KeyError::Generate("deriving the token MAC key failed".into()))?;
+        Ok(ring::hmac::Key::from(okm))
+    }
+
     /// Read a KEK from a file holding 64 hex characters.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
         let err = |detail: String| KeyError::KekFile {
@@ -261,6 +274,8 @@ pub struct KeySet {
     pub history: HashMap<String, (Algorithm, DecodingKey)>,
     /// Keys withdrawn in an emergency: what they signed proves nothing.
     pub withdrawn: std::collections::HashSet<String>,
+    /// Key of the MAC a lease keeps over its newest token (from the KEK).
+    pub token_mac: ring::hmac::Key,
 }
 
 /// The key ring: a snapshot swapped as a whole, so readers always see a
@@ -451,6 +466,7 @@ fn build_set(kek: &Kek, all: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
         records,
         history,
         withdrawn,
+        token_mac: kek.token_mac_key()?,
     })
 }
 

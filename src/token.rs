@@ -117,12 +117,13 @@ fn check_time(c: Claims, now: u64) -> Result<Claims, TokenError> {
     Ok(c)
 }
 
-/// SHA-256 of a token's bytes: how a lease remembers the token it was last
-/// minted with (the token itself is never stored).
-pub fn digest(token: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+/// The MAC a lease keeps over the newest token minted for it: HMAC-SHA256
+/// under a key derived from the KEK ([`crate::keys::Kek::token_mac_key`]).
+/// The token itself is never stored.
+pub fn mac(keys: &KeySet, token: &str) -> [u8; 32] {
+    let tag = ring::hmac::sign(&keys.token_mac, token.as_bytes());
     let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
+    out.copy_from_slice(tag.as_ref());
     out
 }
 
@@ -140,11 +141,17 @@ pub fn unverified_claims(token: &str) -> Option<Claims> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Is `token` the one whose SHA-256 a lease recorded when it was signed
-/// (compared in constant time)?
-pub fn minted_as(token: &str, minted: &[u8; 32]) -> bool {
-    use subtle::ConstantTimeEq as _;
-    bool::from(digest(token).ct_eq(minted))
+/// Proof that a token's bytes are exactly those of a token this broker
+/// signed: only [`minted_as`] makes one, and [`recognise`] needs one.
+#[derive(Debug)]
+pub struct Minted<'a>(&'a str);
+
+/// `token` as [`Minted`] if its MAC is the one a lease recorded when it
+/// was signed (checked in constant time by `ring::hmac::verify`).
+pub fn minted_as<'a>(keys: &KeySet, token: &'a str, recorded: &[u8; 32]) -> Option<Minted<'a>> {
+    ring::hmac::verify(&keys.token_mac, token.as_bytes(), recorded)
+        .ok()
+        .map(|()| Minted(token))
 }
 
 /// The claims of a token [`minted_as`] recognised as one this broker
@@ -152,7 +159,13 @@ pub fn minted_as(token: &str, minted: &[u8; 32]) -> bool {
 /// be checked again. What can have changed since is checked: its key must
 /// still be trusted (a key withdrawn in an emergency voids what it signed),
 /// the issuer must still be this broker's, and time must be within its life.
-pub fn recognise(keys: &KeySet, issuer: &str, token: &str, now: u64) -> Result<Claims, TokenError> {
+pub fn recognise(
+    keys: &KeySet,
+    issuer: &str,
+    minted: &Minted<'_>,
+    now: u64,
+) -> Result<Claims, TokenError> {
+    let token = minted.0;
     let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("header"))?;
     let kid = header.kid.as_deref().ok_or(TokenError::Invalid("no kid"))?;
     match keys.verify.get(kid) {

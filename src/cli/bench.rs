@@ -60,6 +60,27 @@ pub async fn run(out: Output, args: BenchArgs, opts: &ClientOpts) -> Result<i32,
         leases: args.leases,
     };
     let r = crate::bench::run(opts, &plan).await?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    let text = render(&r, disk);
+    let mut json = serde_json::to_value(&r).unwrap_or_default();
+    if let (Some((p50, p99)), Some(obj)) = (disk, json.as_object_mut()) {
+        obj.insert("disk_sync_p50_ms".into(), p50.into());
+        obj.insert("disk_sync_p99_ms".into(), p99.into());
+    }
+    print(out, &text, json);
+    Ok(
+        if (r.errors > 0 && r.calls == 0) || r.filled < args.leases {
+            exit::FAILURE
+        } else {
+            exit::OK
+        },
+    )
+}
+
+/// The report for people.
+fn render(r: &crate::bench::Report, disk: Option<(f64, f64)>) -> String {
     let mut text = String::new();
     if r.filled > 0 {
         text += &format!(
@@ -86,15 +107,5 @@ pub async fn run(out: Output, args: BenchArgs, opts: &ClientOpts) -> Result<i32,
         r.p999_ms,
         r.max_ms
     );
-    let mut json = serde_json::to_value(&r).unwrap_or_default();
-    if let (Some((p50, p99)), Some(obj)) = (disk, json.as_object_mut()) {
-        obj.insert("disk_sync_p50_ms".into(), p50.into());
-        obj.insert("disk_sync_p99_ms".into(), p99.into());
-    }
-    print(out, &text, json);
-    Ok(if r.errors > 0 && r.calls == 0 {
-        exit::FAILURE
-    } else {
-        exit::OK
-    })
+    text
 }

@@ -83,7 +83,7 @@ impl Engine {
         };
         let tok = token::mint(&keys, &self.claims(&lease, now))?;
         let lease = Lease {
-            token_sha256: Some(token::digest(&tok)),
+            token_mac: Some(token::mac(&keys, &tok)),
             ..lease
         };
         Ok((lease, tok))

@@ -13,9 +13,10 @@ impl Engine {
     /// token (see below), then the lease itself, so the answer never depends
     /// on the expiry task having run.
     ///
-    /// The newest token of a lease is recognised by the SHA-256 its lease
-    /// recorded when it was signed ([`token::recognise`]): the relying
-    /// parties' hot path pays a hash and a lookup, not a signature check.
+    /// The newest token of a lease is recognised by the MAC its lease
+    /// recorded when it was signed (HMAC-SHA256 under a key derived from the
+    /// KEK, [`token::minted_as`]): the relying parties' hot path pays a MAC
+    /// and a lookup, not a signature check.
     /// Any other token (an older one of a renewed lease, a replayed grant,
     /// a forgery) has its signature, `kid`, `alg`, `iss` and time checked.
     pub fn introspect(&self, tok: &str) -> Result<Introspection, EngineError> {
@@ -28,11 +29,12 @@ impl Engine {
             return Ok(None);
         };
         let keys = self.keys.current();
-        let checked = match &lease.token_sha256 {
-            Some(minted) if token::minted_as(tok, minted) => {
-                token::recognise(&keys, &self.issuer, tok, secs(now))
-            }
-            _ => token::verify(&keys, &self.issuer, tok, secs(now)),
+        let minted = lease
+            .token_mac
+            .and_then(|m| token::minted_as(&keys, tok, &m));
+        let checked = match &minted {
+            Some(m) => token::recognise(&keys, &self.issuer, m, secs(now)),
+            None => token::verify(&keys, &self.issuer, tok, secs(now)),
         };
         let claims = match checked {
             Ok(c) if c.jti == lease.id => c,
@@ -63,6 +65,7 @@ mod tests {
 
     use super::super::Outcome;
     use super::super::testing::{POLICY, ask, rig, workload};
+    use crate::store::Lease;
     use crate::token;
 
     /// Grant one auto scope; its token and lease id.
@@ -95,13 +98,14 @@ mod tests {
         let r = rig(POLICY);
         let (t1, id) = grant(&r).await;
         let lease = r.store.lease(&id).unwrap().unwrap();
-        assert!(token::minted_as(&t1, &lease.token_sha256.unwrap()));
+        let keys = r.engine.keys.current();
+        assert!(token::minted_as(&keys, &t1, &lease.token_mac.unwrap()).is_some());
         assert!(r.engine.introspect(&t1).unwrap().is_some());
 
         r.clock.advance(Duration::from_secs(2));
         let (t2, renewed) = r.engine.renew(&workload(), &id, None).await.unwrap();
-        assert_eq!(renewed.token_sha256, Some(token::digest(&t2)));
-        assert!(!token::minted_as(&t1, &renewed.token_sha256.unwrap()));
+        assert_eq!(renewed.token_mac, Some(token::mac(&keys, &t2)));
+        assert!(token::minted_as(&keys, &t1, &renewed.token_mac.unwrap()).is_none());
         // t2 is recognised by its digest; t1 no longer is, and is live
         // because its signature and times check out.
         let newest = r.engine.introspect(&t2).unwrap().unwrap();
@@ -142,5 +146,40 @@ mod tests {
             lease.expires_at - super::super::testing::T0,
         ));
         assert!(r.engine.introspect(&t2).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_mac_planted_without_the_kek_is_not_a_signature() {
+        // Someone who can write the store but has no KEK forges a token for
+        // a lease and plants a MAC for it: a plain SHA-256, and an HMAC
+        // under another KEK. Neither makes introspection skip the
+        // signature, which the forgery lacks.
+        let r = rig(POLICY);
+        let (tok, id) = grant(&r).await;
+        let forged = tampered(&tok);
+        let lease = r.store.lease(&id).unwrap().unwrap();
+        let (other_kek, _) = crate::keys::Kek::generate().unwrap();
+        let other_key = other_kek.token_mac_key().unwrap();
+        let plain_sha = ring::digest::digest(&ring::digest::SHA256, forged.as_bytes());
+        let other_mac = ring::hmac::sign(&other_key, forged.as_bytes());
+        for planted in [plain_sha.as_ref(), other_mac.as_ref()] {
+            let current = r.store.lease(&id).unwrap().unwrap();
+            let planted = Lease {
+                token_mac: Some(planted.try_into().unwrap()),
+                ..lease.clone()
+            };
+            assert!(r.store.swap_lease(&current, &planted).unwrap());
+            assert!(r.engine.introspect(&forged).unwrap().is_none());
+        }
+        // With this broker's own MAC the forgery would pass: the MAC is what
+        // stands in for the signature, and only the KEK's holder makes one.
+        let keys = r.engine.keys.current();
+        let current = r.store.lease(&id).unwrap().unwrap();
+        let genuine = Lease {
+            token_mac: Some(token::mac(&keys, &forged)),
+            ..lease.clone()
+        };
+        assert!(r.store.swap_lease(&current, &genuine).unwrap());
+        assert!(r.engine.introspect(&forged).unwrap().is_some());
     }
 }

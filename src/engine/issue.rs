@@ -126,7 +126,7 @@ impl Engine {
         // Sign first: if signing fails, nothing is written.
         let tok = token::mint(&keys, &self.claims(&lease, now))?;
         let lease = Lease {
-            token_sha256: Some(token::digest(&tok)),
+            token_mac: Some(token::mac(&keys, &tok)),
             ..lease
         };
         let idem = c.idempotency(IdempotentOutcome::Lease(lease.id.clone()));

@@ -61,7 +61,7 @@ impl Engine {
                 ..lease.clone()
             };
             let tok = token::mint(&keys, &self.claims(&new, now))?;
-            new.token_sha256 = Some(token::digest(&tok));
+            new.token_mac = Some(token::mac(&keys, &tok));
             token = Some(tok);
             Ok::<_, EngineError>(Some(new))
         })?;

@@ -142,10 +142,11 @@ pub struct Lease {
     /// Issued through break-glass.
     #[serde(default)]
     pub break_glass: bool,
-    /// SHA-256 of the newest token minted for it, so introspection can
-    /// recognise that exact token without a signature check. Never shown.
+    /// MAC of the newest token minted for it (HMAC-SHA256 under a key
+    /// derived from the KEK), so introspection can recognise that exact
+    /// token without a signature check. Never shown.
     #[serde(skip)]
-    pub token_sha256: Option<[u8; 32]>,
+    pub token_mac: Option<[u8; 32]>,
 }
 
 /// Lifecycle of a parked request: PENDING, then APPROVED (open for the
@@ -330,7 +331,7 @@ impl Lease {
             request_id: None,
             approved_by: Vec::new(),
             break_glass: false,
-            token_sha256: None,
+            token_mac: None,
         }
     }
 

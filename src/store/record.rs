@@ -29,11 +29,7 @@ pub(crate) fn encode_lease(l: &Lease) -> Vec<u8> {
     let rec = pb::LeaseRecord {
         id: l.id.clone(),
         subject: l.subject.clone(),
-        client_id: if l.client_id == l.subject {
-            String::new()
-        } else {
-            l.client_id.clone()
-        },
+        client_id: (l.client_id != l.subject).then(|| l.client_id.clone()),
         scopes: l.scopes.clone(),
         audience: l.audience.clone(),
         justification: l.justification.clone(),
@@ -52,7 +48,7 @@ pub(crate) fn encode_lease(l: &Lease) -> Vec<u8> {
         request_id: l.request_id.clone(),
         approved_by: l.approved_by.clone(),
         break_glass: l.break_glass,
-        token_sha256: l.token_sha256.map(|d| d.to_vec()).unwrap_or_default(),
+        token_mac: l.token_mac.map(|d| d.to_vec()).unwrap_or_default(),
     };
     let mut out = Vec::with_capacity(1 + prost::Message::encoded_len(&rec));
     out.push(LEASE_PROTO);
@@ -76,7 +72,13 @@ pub(crate) fn decode_lease(key: &[u8], bytes: &[u8]) -> Result<Lease, StoreError
                 .map_err(|e| corrupt(key, e.to_string()))?;
             from_record(key, r)
         }
-        Some((&LEASE_JSON, _)) => super::decode("leases", key, bytes),
+        Some((&LEASE_JSON, _)) => {
+            let l: Lease = super::decode("leases", key, bytes)?;
+            if l.id.as_bytes() != key {
+                return Err(corrupt(key, format!("record names lease `{}`", l.id)));
+            }
+            Ok(l)
+        }
         Some((b, _)) => Err(corrupt(key, format!("unknown record format {b:#04x}"))),
         None => Err(corrupt(key, "empty record")),
     }
@@ -89,18 +91,17 @@ fn from_record(key: &[u8], r: pb::LeaseRecord) -> Result<Lease, StoreError> {
         Ok(pb::LeaseState::Revoked) => LeaseState::Revoked,
         _ => return Err(corrupt(key, format!("unknown lease state {}", r.state))),
     };
-    let token_sha256 = match r.token_sha256.len() {
+    let token_mac = match r.token_mac.len() {
         0 => None,
         _ => Some(
-            <[u8; 32]>::try_from(r.token_sha256.as_slice())
+            <[u8; 32]>::try_from(r.token_mac.as_slice())
                 .map_err(|_| corrupt(key, "token digest is not 32 bytes"))?,
         ),
     };
-    let client_id = if r.client_id.is_empty() {
-        r.subject.clone()
-    } else {
-        r.client_id
-    };
+    if r.id.as_bytes() != key {
+        return Err(corrupt(key, format!("record names lease `{}`", r.id)));
+    }
+    let client_id = r.client_id.unwrap_or_else(|| r.subject.clone());
     Ok(Lease {
         id: r.id,
         subject: r.subject,
@@ -123,7 +124,7 @@ fn from_record(key: &[u8], r: pb::LeaseRecord) -> Result<Lease, StoreError> {
         request_id: r.request_id,
         approved_by: r.approved_by,
         break_glass: r.break_glass,
-        token_sha256,
+        token_mac,
     })
 }
 
@@ -157,13 +158,18 @@ mod tests {
             request_id: Some("r_1".into()),
             approved_by: vec!["human/b".into()],
             break_glass: true,
-            token_sha256: Some([7; 32]),
+            token_mac: Some([7; 32]),
             ..lease()
         };
-        for l in [plain, full] {
+        // A client other than the subject, even an empty one, is kept.
+        let empty_client = Lease {
+            client_id: String::new(),
+            ..lease()
+        };
+        for l in [plain, full, empty_client] {
             let bytes = encode_lease(&l);
             assert_eq!(bytes[0], LEASE_PROTO);
-            assert_eq!(decode_lease(b"k", &bytes).unwrap(), l);
+            assert_eq!(decode_lease(b"l_1", &bytes).unwrap(), l);
         }
     }
 
@@ -171,7 +177,11 @@ mod tests {
     fn json_leases_of_schema_one_still_read() {
         let l = lease();
         let json = serde_json::to_vec(&l).unwrap();
-        assert_eq!(decode_lease(b"k", &json).unwrap(), l);
+        assert_eq!(decode_lease(b"l_1", &json).unwrap(), l);
+        // A record stored under another lease's key is refused, in both
+        // formats: what a key names is never guessed.
+        assert!(decode_lease(b"l_2", &json).is_err());
+        assert!(decode_lease(b"l_2", &encode_lease(&l)).is_err());
         assert!(
             encode_lease(&l).len() * 2 < json.len(),
             "compact {} vs json {}",
@@ -184,7 +194,7 @@ mod tests {
     fn unknown_formats_and_bad_records_are_refused_not_guessed() {
         for bad in [&b""[..], &[0x09, 1, 2][..], &[LEASE_PROTO, 0xff, 0xff][..]] {
             assert!(matches!(
-                decode_lease(b"k", bad),
+                decode_lease(b"l_1", bad),
                 Err(StoreError::Corrupt { .. })
             ));
         }
@@ -196,6 +206,6 @@ mod tests {
         };
         no_state.truncate(1);
         prost::Message::encode_raw(&r, &mut no_state);
-        assert!(decode_lease(b"k", &no_state).is_err());
+        assert!(decode_lease(b"l_1", &no_state).is_err());
     }
 }

@@ -34,6 +34,11 @@ pub struct SledStore {
     pub(crate) audit: Tree,
     checkpoints: Tree,
     meta: Tree,
+    /// `meta/schema_version` is [`SCHEMA_VERSION`]. An older readable store
+    /// keeps its number until the first record only this version reads is
+    /// written ([`SledStore::mark_current`]), so a build that cannot start
+    /// for another reason leaves the store to the version that wrote it.
+    schema_current: std::sync::atomic::AtomicBool,
 }
 
 /// A big-endian sequence key (a malformed key reads as `u64::MAX`, which the
@@ -185,6 +190,7 @@ impl SledStore {
             meta: tree("meta")?,
             data_file,
             db,
+            schema_current: std::sync::atomic::AtomicBool::new(false),
         };
         store.check_schema()?;
         if fresh {
@@ -197,26 +203,43 @@ impl SledStore {
     }
 
     /// Refuse a layout this build does not know; record the current version
-    /// on a new store, or on one of a readable older version (every reader
-    /// here reads both, so the upgrade is just the version number).
+    /// on a new store. A readable older version is left as it is until
+    /// [`Self::mark_current`].
     fn check_schema(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
         let found = self.meta("schema_version")?.map(|v| {
             std::str::from_utf8(&v)
                 .ok()
                 .and_then(|s| s.parse::<u32>().ok())
                 .unwrap_or(0)
         });
-        if found == Some(SCHEMA_VERSION) {
-            return Ok(());
-        }
-        if let Some(found) = found.filter(|f| !READABLE_SCHEMA_VERSIONS.contains(f)) {
-            return Err(StoreError::Schema {
+        match found {
+            Some(v) if v == SCHEMA_VERSION => {
+                self.schema_current.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Some(v) if READABLE_SCHEMA_VERSIONS.contains(&v) => Ok(()),
+            Some(found) => Err(StoreError::Schema {
                 found,
                 expected: SCHEMA_VERSION,
-            });
+            }),
+            None => {
+                self.mark_current()?;
+                self.sync()
+            }
         }
-        self.put_meta("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
-        self.sync()
+    }
+
+    /// Before writing a record only this version reads: record the current
+    /// schema version. It is written ahead of the record, so a crash never
+    /// leaves such a record in a store an older build would open.
+    fn mark_current(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if !self.schema_current.load(Ordering::SeqCst) {
+            self.put_meta("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
+            self.schema_current.store(true, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// Does expiry entry `k` match an ACTIVE lease expiring at that time?
@@ -260,6 +283,7 @@ impl LeaseStore for SledStore {
         idem: Option<&Idempotency>,
     ) -> Result<Option<Idempotency>, StoreError> {
         let value = encode_lease(lease);
+        self.mark_current()?;
         if idem.is_none() {
             // No key to claim: no transaction needed. Indexes go first, so a
             // lease record is never visible (or recovered: sled recovers a
@@ -326,6 +350,7 @@ impl LeaseStore for SledStore {
             return Ok(false);
         }
         let new_bytes = encode_lease(new);
+        self.mark_current()?;
         let old_key = (current.state == LeaseState::Active)
             .then(|| deadline_key(current.expires_at, &current.id));
         let new_key =
