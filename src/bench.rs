@@ -38,6 +38,15 @@ pub enum Rpc {
 }
 
 impl Rpc {
+    /// Where a call of this RPC is tallied (`mixed` is not a call).
+    fn slot(self) -> usize {
+        match self {
+            Self::Grant | Self::Mixed => 0,
+            Self::Introspect => 1,
+            Self::Renew => 2,
+        }
+    }
+
     /// Its name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -93,6 +102,8 @@ pub struct Report {
     pub p999_ms: f64,
     /// Worst latency (ms).
     pub max_ms: f64,
+    /// The same, for each RPC the run made (three in `mixed`).
+    pub per_rpc: Vec<Latency>,
     /// Leases granted by the fill before the run.
     pub filled: u64,
     /// Seconds the fill took.
@@ -105,15 +116,17 @@ pub struct Report {
 /// What one client saw.
 #[derive(Default)]
 struct Tally {
-    /// Latencies (µs) of successful calls.
-    lat: Vec<u32>,
+    /// Latencies (µs) of successful calls, by RPC ([`Rpc::slot`]).
+    each: [Vec<u32>; 3],
     grants: u64,
     errors: u64,
 }
 
 impl Tally {
     fn merge(&mut self, other: Self) {
-        self.lat.extend(other.lat);
+        for (mine, theirs) in self.each.iter_mut().zip(other.each) {
+            mine.extend(theirs);
+        }
         self.grants += other.grants;
         self.errors += other.errors;
     }
@@ -170,16 +183,16 @@ impl Window {
     async fn timed<F: std::future::Future<Output = bool>>(
         &self,
         t: &mut Tally,
-        grant: bool,
+        rpc: Rpc,
         call: F,
     ) -> bool {
         let t0 = Instant::now();
         let ok = call.await;
         if t0 >= self.from {
             if ok {
-                t.lat
+                t.each[rpc.slot()]
                     .push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
-                t.grants += u64::from(grant);
+                t.grants += u64::from(rpc == Rpc::Grant);
             } else {
                 t.errors += 1;
             }
@@ -194,16 +207,13 @@ impl Window {
 
 /// One client's loop for `rpc`; `pool` holds live tokens for introspection.
 async fn drive(mut c: Caller, rpc: Rpc, pool: Arc<Vec<String>>, w: Arc<Window>) -> Tally {
-    let mut t = Tally {
-        lat: Vec::with_capacity(16 * 1024),
-        ..Tally::default()
-    };
+    let mut t = Tally::default();
     let mut next = 0usize;
     let mut lease: Option<String> = None;
     while w.open() {
         match rpc {
             Rpc::Grant => {
-                w.timed(&mut t, true, async { c.grant().await.is_some() })
+                w.timed(&mut t, Rpc::Grant, async { c.grant().await.is_some() })
                     .await;
             }
             Rpc::Introspect => {
@@ -212,7 +222,7 @@ async fn drive(mut c: Caller, rpc: Rpc, pool: Arc<Vec<String>>, w: Arc<Window>) 
                     break;
                 };
                 next = next.wrapping_add(1);
-                w.timed(&mut t, false, c.introspect(tok)).await;
+                w.timed(&mut t, Rpc::Introspect, c.introspect(tok)).await;
             }
             Rpc::Renew => {
                 if lease.is_none() {
@@ -222,7 +232,7 @@ async fn drive(mut c: Caller, rpc: Rpc, pool: Arc<Vec<String>>, w: Arc<Window>) 
                     t.errors += 1;
                     continue;
                 };
-                if !w.timed(&mut t, false, c.renew(&id)).await {
+                if !w.timed(&mut t, Rpc::Renew, c.renew(&id)).await {
                     lease = None; // ran into its max TTL: start a new one
                 }
             }
@@ -235,16 +245,16 @@ async fn drive(mut c: Caller, rpc: Rpc, pool: Arc<Vec<String>>, w: Arc<Window>) 
 /// Grant, introspect the new token three times, renew its lease.
 async fn mixed_round(c: &mut Caller, t: &mut Tally, w: &Window) {
     let mut granted = None;
-    w.timed(t, true, async {
+    w.timed(t, Rpc::Grant, async {
         granted = c.grant().await;
         granted.is_some()
     })
     .await;
     let Some((tok, id)) = granted else { return };
     for _ in 0..3 {
-        w.timed(t, false, c.introspect(&tok)).await;
+        w.timed(t, Rpc::Introspect, c.introspect(&tok)).await;
     }
-    w.timed(t, false, c.renew(&id)).await;
+    w.timed(t, Rpc::Renew, c.renew(&id)).await;
 }
 
 /// Open `n` connections.
@@ -353,7 +363,9 @@ pub async fn run(opts: &ClientOpts, plan: &Plan) -> Result<Report, ClientError> 
             all.merge(tally);
         }
     }
-    all.lat.sort_unstable();
+    for lat in &mut all.each {
+        lat.sort_unstable();
+    }
     let mut warnings = Vec::new();
     if filled < want {
         warnings.push(format!(
@@ -378,30 +390,70 @@ pub async fn run(opts: &ClientOpts, plan: &Plan) -> Result<Report, ClientError> 
     })
 }
 
+/// Calls and latencies of one RPC in a run.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    /// The RPC.
+    pub rpc: Rpc,
+    /// Successful calls.
+    pub calls: u64,
+    /// Successful calls per second.
+    pub calls_per_sec: f64,
+    /// Median latency (ms).
+    pub p50_ms: f64,
+    /// 99th percentile latency (ms).
+    pub p99_ms: f64,
+    /// 99.9th percentile latency (ms).
+    pub p999_ms: f64,
+    /// Worst latency (ms).
+    pub max_ms: f64,
+}
+
 /// Percentiles over sorted latencies (µs).
-fn report(plan: &Plan, t: &Tally) -> Report {
-    let all = &t.lat;
+fn latency(rpc: Rpc, sorted: &[u32], seconds: f64) -> Latency {
     let pct = |p: f64| -> f64 {
-        if all.is_empty() {
+        if sorted.is_empty() {
             return 0.0;
         }
-        let i = ((all.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(all[i.min(all.len() - 1)]) / 1000.0
+        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
     };
+    Latency {
+        rpc,
+        calls: sorted.len() as u64,
+        calls_per_sec: sorted.len() as f64 / seconds,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        max_ms: sorted.last().map_or(0.0, |v| f64::from(*v) / 1000.0),
+    }
+}
+
+/// The run's report from per-RPC sorted latencies.
+fn report(plan: &Plan, t: &Tally) -> Report {
     let seconds = plan.duration.as_secs_f64();
+    let mut all: Vec<u32> = t.each.iter().flatten().copied().collect();
+    all.sort_unstable();
+    let total = latency(plan.rpc, &all, seconds);
+    let per_rpc = [Rpc::Grant, Rpc::Introspect, Rpc::Renew]
+        .into_iter()
+        .filter(|r| !t.each[r.slot()].is_empty())
+        .map(|r| latency(r, &t.each[r.slot()], seconds))
+        .collect();
     Report {
         rpc: plan.rpc,
         clients: plan.clients,
         seconds,
-        calls: all.len() as u64,
-        calls_per_sec: all.len() as f64 / seconds,
+        calls: total.calls,
+        calls_per_sec: total.calls_per_sec,
         grants: t.grants,
         grants_per_sec: t.grants as f64 / seconds,
         errors: t.errors,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        p999_ms: pct(0.999),
-        max_ms: all.last().map_or(0.0, |v| f64::from(*v) / 1000.0),
+        p50_ms: total.p50_ms,
+        p99_ms: total.p99_ms,
+        p999_ms: total.p999_ms,
+        max_ms: total.max_ms,
+        per_rpc,
         filled: 0,
         fill_seconds: 0.0,
         warnings: Vec::new(),
@@ -454,11 +506,13 @@ mod tests {
             leases: 0,
         };
         let t = Tally {
-            lat: (1..=1000).collect(),
+            each: [(1..=1000).collect(), vec![], vec![]],
             grants: 1000,
             errors: 3,
         };
         let r = report(&plan, &t);
+        assert_eq!(r.per_rpc.len(), 1);
+        assert_eq!(r.per_rpc[0].calls, 1000);
         assert_eq!(r.calls, 1000);
         assert!((r.calls_per_sec - 500.0).abs() < f64::EPSILON);
         assert!((r.p50_ms - 0.501).abs() < 1e-9, "{}", r.p50_ms);
@@ -466,6 +520,24 @@ mod tests {
         assert!((r.p999_ms - 0.999).abs() < 1e-9, "{}", r.p999_ms);
         assert!((r.max_ms - 1.0).abs() < 1e-9);
         assert_eq!(r.errors, 3);
+        // Mixed: each RPC's own figures, and the overall ones over all.
+        let mixed = Tally {
+            each: [vec![10_000], vec![1_000, 2_000, 3_000], vec![20_000]],
+            grants: 1,
+            errors: 0,
+        };
+        let r = report(
+            &Plan {
+                rpc: Rpc::Mixed,
+                ..plan
+            },
+            &mixed,
+        );
+        let names: Vec<_> = r.per_rpc.iter().map(|l| (l.rpc.name(), l.calls)).collect();
+        assert_eq!(names, [("grant", 1), ("introspect", 3), ("renew", 1)]);
+        assert_eq!(r.calls, 5);
+        assert!((r.per_rpc[1].p50_ms - 2.0).abs() < 1e-9);
+        assert!((r.max_ms - 20.0).abs() < 1e-9);
     }
 
     #[test]

@@ -725,6 +725,27 @@ fn every_bench_mode_runs_against_a_real_broker_and_reports_json() {
         // needs a pool of live tokens).
         assert!(r["filled"].as_u64().unwrap() >= 40, "{rpc}: {r}");
         let grants = r["grants"].as_u64().unwrap();
+        // Each RPC the run made has its own figures, and they add up.
+        let per: Vec<(String, u64)> = r["per_rpc"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["rpc"].as_str().unwrap().to_owned(),
+                    l["calls"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let names: Vec<&str> = per.iter().map(|(n, _)| n.as_str()).collect();
+        match rpc {
+            "mixed" => assert_eq!(names, ["grant", "introspect", "renew"], "{r}"),
+            one => assert_eq!(names, [one], "{r}"),
+        }
+        assert_eq!(
+            per.iter().map(|(_, c)| c).sum::<u64>(),
+            r["calls"].as_u64().unwrap()
+        );
         match rpc {
             "grant" => assert_eq!(grants, r["calls"].as_u64().unwrap()),
             "mixed" => assert!(grants > 0 && grants < r["calls"].as_u64().unwrap()),

@@ -107,5 +107,18 @@ fn render(r: &crate::bench::Report, disk: Option<(f64, f64)>) -> String {
         r.p999_ms,
         r.max_ms
     );
+    if r.per_rpc.len() > 1 {
+        for l in &r.per_rpc {
+            text += &format!(
+                "  {:<10}  calls/s {:.0}  p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms\n",
+                l.rpc.name(),
+                l.calls_per_sec,
+                l.p50_ms,
+                l.p99_ms,
+                l.p999_ms,
+                l.max_ms
+            );
+        }
+    }
     text
 }
