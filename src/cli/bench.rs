@@ -94,7 +94,7 @@ fn render(r: &crate::bench::Report, disk: Option<(f64, f64)>) -> String {
         text += &format!("disk 4 KiB write+fdatasync  p50 {p50:.3} ms  p99 {p99:.3} ms\n");
     }
     text += &format!(
-        "rpc {}  clients {}  duration {:.1}s  calls {}  errors {}\ncalls/s {:.0}  grants/s {:.0}  p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms\n",
+        "rpc {}  clients {}  duration {:.1}s  calls {}  errors {}\ncalls/s {:.0}  grants/s {:.0}  {}\n",
         r.rpc.name(),
         r.clients,
         r.seconds,
@@ -102,23 +102,22 @@ fn render(r: &crate::bench::Report, disk: Option<(f64, f64)>) -> String {
         r.errors,
         r.calls_per_sec,
         r.grants_per_sec,
-        r.p50_ms,
-        r.p99_ms,
-        r.p999_ms,
-        r.max_ms
+        percentiles(r.p50_ms, r.p99_ms, r.p999_ms, r.max_ms)
     );
     if r.per_rpc.len() > 1 {
         for l in &r.per_rpc {
             text += &format!(
-                "  {:<10}  calls/s {:.0}  p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms\n",
+                "  {:<10}  calls/s {:.0}  {}\n",
                 l.rpc.name(),
                 l.calls_per_sec,
-                l.p50_ms,
-                l.p99_ms,
-                l.p999_ms,
-                l.max_ms
+                percentiles(l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms)
             );
         }
     }
     text
+}
+
+/// `p50 … ms  p99 … ms  p999 … ms  max … ms`.
+fn percentiles(p50: f64, p99: f64, p999: f64, max: f64) -> String {
+    format!("p50 {p50:.2} ms  p99 {p99:.2} ms  p999 {p999:.2} ms  max {max:.2} ms")
 }
