@@ -58,17 +58,45 @@ pub fn mint(keys: &KeySet, claims: &Claims) -> Result<String, TokenError> {
         .map_err(|e| TokenError::Sign(e.to_string()))
 }
 
+/// Part `index` of a compact JWS (0 header, 1 payload), decoded as JSON,
+/// unchecked.
+fn part<T: serde::de::DeserializeOwned>(token: &str, index: usize) -> Option<T> {
+    use base64::Engine as _;
+    let b64 = token.split('.').nth(index)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(b64)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// Does the token's protected header carry a `crit` member?
 fn has_crit(token: &str) -> bool {
-    use base64::Engine as _;
-    let Some(head) = token.split('.').next() else {
-        return false;
-    };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(head)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&b).ok())
+    part::<serde_json::Map<String, serde_json::Value>>(token, 0)
         .is_some_and(|h| h.contains_key("crit"))
+}
+
+/// The token's header and the published key its `kid` names, if that key
+/// is still trusted and its algorithm is the header's.
+fn trusted_key<'k>(
+    keys: &'k KeySet,
+    token: &str,
+) -> Result<
+    (
+        Header,
+        &'k (jsonwebtoken::Algorithm, jsonwebtoken::DecodingKey),
+    ),
+    TokenError,
+> {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("header"))?;
+    let kid = header.kid.as_deref().ok_or(TokenError::Invalid("no kid"))?;
+    let key = keys
+        .verify
+        .get(kid)
+        .ok_or(TokenError::Invalid("unknown kid"))?;
+    if header.alg != key.0 {
+        return Err(TokenError::Invalid("alg does not match the key"));
+    }
+    Ok((header, key))
 }
 
 /// Verify signature, `kid`, `alg`, `typ`, `iss`, the absence of `crit` and
@@ -78,19 +106,11 @@ pub fn verify(keys: &KeySet, issuer: &str, token: &str, now: u64) -> Result<Clai
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::Invalid("too long"));
     }
-    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("header"))?;
     if has_crit(token) {
         // RFC 7515 §4.1.11: we understand no extension, so any `crit` fails.
         return Err(TokenError::Invalid("crit"));
     }
-    let kid = header.kid.as_deref().ok_or(TokenError::Invalid("no kid"))?;
-    let (alg, key) = keys
-        .verify
-        .get(kid)
-        .ok_or(TokenError::Invalid("unknown kid"))?;
-    if header.alg != *alg {
-        return Err(TokenError::Invalid("alg does not match the key"));
-    }
+    let (header, (alg, key)) = trusted_key(keys, token)?;
     if header.typ.as_deref() != Some("at+jwt") {
         return Err(TokenError::Invalid("typ"));
     }
@@ -130,15 +150,10 @@ pub fn mac(keys: &KeySet, token: &str) -> [u8; 32] {
 /// The claims a token says it has, unchecked: only to find its lease (the
 /// `jti`) before deciding how to check it. Never trust what this returns.
 pub fn unverified_claims(token: &str) -> Option<Claims> {
-    use base64::Engine as _;
     if token.len() > MAX_TOKEN_LEN {
         return None;
     }
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    serde_json::from_slice(&bytes).ok()
+    part(token, 1)
 }
 
 /// Proof that a token's bytes are exactly those of a token this broker
@@ -166,12 +181,7 @@ pub fn recognise(
     now: u64,
 ) -> Result<Claims, TokenError> {
     let token = minted.0;
-    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("header"))?;
-    let kid = header.kid.as_deref().ok_or(TokenError::Invalid("no kid"))?;
-    match keys.verify.get(kid) {
-        Some((alg, _)) if *alg == header.alg => {}
-        _ => return Err(TokenError::Invalid("key no longer trusted")),
-    }
+    trusted_key(keys, token)?;
     let c = unverified_claims(token).ok_or(TokenError::Invalid("claims"))?;
     if c.iss != issuer {
         return Err(TokenError::Invalid("issuer"));
