@@ -138,7 +138,7 @@ impl Entry {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = String::with_capacity(64);
@@ -184,7 +184,7 @@ fn body_json(rec: &AuditRecord) -> Result<Vec<u8>, AuditError> {
 
 /// The stored bytes of a record: exactly `serde_json::to_vec` of the
 /// [`AuditRecord`] with `seq` and `prev`, assembled from its [`body_json`].
-fn chained(seq: u64, body: &[u8], prev: &str) -> Vec<u8> {
+pub(crate) fn chained(seq: u64, body: &[u8], prev: &str) -> Vec<u8> {
     let inner = body
         .strip_prefix(b"{")
         .and_then(|b| b.strip_suffix(b"}"))
@@ -211,9 +211,16 @@ struct Head {
 }
 
 /// The append side of the trail.
+///
+/// On a store of its own the broker numbers and chains records itself,
+/// under [`Head`]'s lock. On a store several brokers share
+/// ([`Store::shared`]) the store does it at each commit, under a row lock
+/// on its chain head; here `head.next` then only tracks how far the live
+/// tail has been read back ([`AuditLog::poll_tail`]).
 pub struct AuditLog {
     head: Mutex<Head>,
     tail: broadcast::Sender<(AuditRecord, Vec<u8>)>,
+    shared: bool,
 }
 
 impl AuditLog {
@@ -248,9 +255,8 @@ impl AuditLog {
     /// Continue the chain stored in `store`.
     pub fn open(store: &dyn Store) -> Result<Self, StoreError> {
         let last_checkpoint = store
-            .checkpoints()?
-            .last()
-            .map_or_else(|| GENESIS.to_owned(), |(_, jws)| sha256_hex(jws));
+            .last_checkpoint()?
+            .map_or_else(|| GENESIS.to_owned(), |(_, jws)| sha256_hex(&jws));
         let head = match store.audit_last()? {
             Some((seq, bytes)) => Head {
                 next: seq + 1,
@@ -268,6 +274,7 @@ impl AuditLog {
         Ok(Self {
             head: Mutex::new(head),
             tail: broadcast::channel(4096).0,
+            shared: store.shared(),
         })
     }
 
@@ -303,6 +310,10 @@ impl AuditLog {
                 Ok((rec, body))
             })
             .collect::<Result<Vec<_>, AuditError>>()?;
+        if self.shared {
+            store.queue_audit(prepared.into_iter().map(|(_, body)| body).collect())?;
+            return Ok(());
+        }
         let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
         for (mut rec, body) in prepared {
             rec.seq = head.next;
@@ -323,9 +334,37 @@ impl AuditLog {
         self.tail.subscribe()
     }
 
-    /// Records appended since the last checkpoint.
+    /// Records appended since the last checkpoint (by this broker; on a
+    /// shared store the checkpoint timer alone decides).
     pub fn since_checkpoint(&self) -> u64 {
+        if self.shared {
+            return 0;
+        }
         self.head.lock().map_or(0, |h| h.since_checkpoint)
+    }
+
+    /// On a shared store: hand records committed since the last call (by
+    /// any broker) to live followers, in order. Returns how many.
+    pub fn poll_tail(&self, store: &dyn Store) -> Result<usize, StoreError> {
+        let mut head = self
+            .head
+            .lock()
+            .map_err(|_| StoreError::Unavailable("audit head poisoned".into()))?;
+        let mut sent = 0;
+        loop {
+            let page = store.audit_after(head.next.checked_sub(1), 1024)?;
+            let done = page.len() < 1024;
+            for (seq, bytes) in page {
+                head.next = seq + 1;
+                if let Ok(rec) = serde_json::from_slice::<AuditRecord>(&bytes) {
+                    let _ = self.tail.send((rec, bytes));
+                    sent += 1;
+                }
+            }
+            if done {
+                return Ok(sent);
+            }
+        }
     }
 
     /// Sign a checkpoint over the newest record, if any since the last;
@@ -338,16 +377,34 @@ impl AuditLog {
         now: Millis,
     ) -> Result<Option<(u64, String)>, AuditError> {
         let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
-        if head.since_checkpoint == 0 || head.next == 1 {
-            return Ok(None);
-        }
-        let seq = head.next - 1;
+        let (seq, hash, prev) = if self.shared {
+            // Any broker may have appended or signed since: the store says
+            // where the chain and the checkpoints stand.
+            let Some((seq, bytes)) = store.audit_last()? else {
+                return Ok(None);
+            };
+            let last = store.last_checkpoint()?;
+            if last.as_ref().is_some_and(|(at, _)| *at >= seq) {
+                return Ok(None);
+            }
+            let prev = last.map_or_else(|| GENESIS.to_owned(), |(_, jws)| sha256_hex(&jws));
+            (seq, sha256_hex(&bytes), prev)
+        } else {
+            if head.since_checkpoint == 0 || head.next == 1 {
+                return Ok(None);
+            }
+            (
+                head.next - 1,
+                head.prev.clone(),
+                head.last_checkpoint.clone(),
+            )
+        };
         let claims = Checkpoint {
             iss: issuer.to_owned(),
             seq,
-            hash: head.prev.clone(),
+            hash,
             at: now,
-            prev: head.last_checkpoint.clone(),
+            prev,
         };
         let mut header = jsonwebtoken::Header::new(keys.active.alg);
         header.kid = Some(keys.active.kid.clone());

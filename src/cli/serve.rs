@@ -99,6 +99,19 @@ pub struct ServeArgs {
     /// from the OS page cache when needed.
     #[arg(long, env = "PORTCULLIS_CACHE_CAPACITY", default_value = "32MiB", value_parser = parse_bytes)]
     pub cache_capacity: u64,
+    /// Keep state in PostgreSQL instead of the embedded store: every broker
+    /// given the same database serves the same leases, requests, keys and
+    /// trail (`postgres://user:pass@host:5432/db?sslmode=require`). TLS is
+    /// verified in full; see docs/operations.md.
+    #[arg(long, env = "PORTCULLIS_DATABASE_URL", conflicts_with = "in_memory")]
+    pub database_url: Option<String>,
+    /// PEM bundle of the CAs the database's certificate must chain to
+    /// (default: the system's roots).
+    #[arg(long, env = "PORTCULLIS_DATABASE_CA", requires = "database_url")]
+    pub database_ca: Option<PathBuf>,
+    /// Connections this broker keeps to the database.
+    #[arg(long, env = "PORTCULLIS_DATABASE_POOL", default_value_t = 16)]
+    pub database_pool: usize,
 }
 
 /// `N`, `NKiB`, `NMiB` or `NGiB` (also `KB`/`MB`/`GB`, as powers of 1024).
@@ -195,6 +208,14 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.alg = args.alg.into();
     cfg.in_memory = args.in_memory;
     cfg.sled.cache_capacity = args.cache_capacity;
+    cfg.database = args
+        .database_url
+        .clone()
+        .map(|url| crate::store::postgres::PgOptions {
+            url,
+            ca_file: args.database_ca.clone(),
+            pool_size: args.database_pool,
+        });
     if args.rotation_period < Duration::from_secs(3600) {
         return Err(usage(
             "--rotation-period must be at least 1h (a next key is pre-published 10m ahead)",
@@ -224,7 +245,7 @@ pub fn lock_data_dir(
     cfg: &ServeConfig,
     dev: Option<&DevDir>,
 ) -> Result<Option<DataDirLock>, Failure> {
-    if cfg.in_memory {
+    if cfg.in_memory || cfg.database.is_some() {
         return Ok(None);
     }
     let dir = dev.map_or(cfg.data_dir.as_path(), |d| d.root.as_path());

@@ -27,6 +27,7 @@ use crate::policy::Policy;
 use crate::store::Store;
 use crate::store::commit::GroupCommit;
 use crate::store::mem::MemStore;
+use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::sled_store::{SledOptions, SledStore};
 /// How long shutdown waits for tasks before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -39,6 +40,9 @@ pub struct ServeConfig {
     pub in_memory: bool,
     /// Tuning of the embedded store.
     pub sled: SledOptions,
+    /// Keep state in PostgreSQL, shared with every broker on the same
+    /// database, instead of sled in `data_dir`.
+    pub database: Option<PgOptions>,
     /// gRPC listen address (port 0: pick one).
     pub listen: SocketAddr,
     /// HTTP listen address for JWKS/discovery/health; `None` disables it.
@@ -105,6 +109,7 @@ impl ServeConfig {
             data_dir,
             in_memory: false,
             sled: SledOptions::default(),
+            database: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             tls_cert,
@@ -444,10 +449,16 @@ fn issuer(
     Ok(chosen)
 }
 
-/// The store `cfg` names: sled in its data directory, or memory.
+/// The store `cfg` names: PostgreSQL, sled in its data directory, or memory.
 async fn open_store(cfg: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
     if cfg.in_memory {
         return Ok(Arc::new(MemStore::new()));
+    }
+    if let Some(opts) = cfg.database.clone() {
+        let store = tokio::task::spawn_blocking(move || PgStore::connect(&opts))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))??;
+        return Ok(Arc::new(store));
     }
     let (dir, opts) = (cfg.data_dir.clone(), cfg.sled);
     let store = tokio::task::spawn_blocking(move || SledStore::open_with(&dir, opts))

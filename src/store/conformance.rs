@@ -13,10 +13,38 @@ use super::*;
 fn backends() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
     let sled = SledStore::open(dir.path()).unwrap();
-    vec![
+    let mut all: Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> = vec![
         ("mem", Box::new(MemStore::new()), None),
         ("sled", Box::new(sled), Some(dir)),
-    ]
+    ];
+    if let Some(pg) = postgres_store() {
+        all.push(("postgres", Box::new(pg), None));
+    }
+    all
+}
+
+/// A PostgreSQL store on a database of its own, when the tests were given
+/// one; otherwise says once, on stderr, that these runs were skipped.
+pub(crate) fn postgres_store() -> Option<super::postgres::PgStore> {
+    use super::postgres::{PgOptions, PgStore, TEST_DATABASE_ENV, scratch_database};
+    static SKIPPED: std::sync::Once = std::sync::Once::new();
+    let Ok(base) = std::env::var(TEST_DATABASE_ENV) else {
+        SKIPPED.call_once(|| {
+            eprintln!(
+                "SKIPPED: store conformance on PostgreSQL ({TEST_DATABASE_ENV} is not set; `.ci/postgres start` prints a URL for it)"
+            );
+        });
+        return None;
+    };
+    let url = scratch_database(&base).unwrap();
+    Some(
+        PgStore::connect(&PgOptions {
+            url,
+            ca_file: None,
+            pool_size: 4,
+        })
+        .unwrap(),
+    )
 }
 
 pub(crate) fn lease(id: &str, subject: &str, expires_at: Millis) -> Lease {

@@ -31,6 +31,7 @@
 
 pub mod commit;
 pub mod mem;
+pub mod postgres;
 mod record;
 pub mod sled_store;
 
@@ -587,6 +588,10 @@ pub trait AuditStore {
     fn compact_audit(&self, seq: u64) -> Result<(), StoreError>;
     /// Every checkpoint, in order.
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The newest checkpoint.
+    fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self.checkpoints()?.pop())
+    }
     /// The checkpoints over records `after < seq <= to`, in order (an
     /// export page's own; a backend with ordered keys reads just those).
     fn checkpoints_between(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
@@ -631,6 +636,49 @@ pub trait Store: LeaseStore + RequestStore + AuditStore + KeyStore + Send + Sync
     /// Returns how many of each.
     fn purge_ended(&self, before: Millis) -> Result<(u64, u64), StoreError> {
         Ok((self.purge_leases(before)?, self.purge_requests(before)?))
+    }
+
+    // What only a store several brokers share has. The embedded stores
+    // keep the defaults: one broker, which numbers its own trail, leads
+    // always and hears of every change in-process.
+
+    /// Several brokers may use this store at once. Then the trail is
+    /// chained by the store ([`Store::queue_audit`]), time-driven work
+    /// needs [`Store::lead`], and other brokers' news comes through
+    /// [`Store::changes`].
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Queue audit record bodies (`audit::body_json`) for the next
+    /// [`Store::sync`] to number, chain after the stored head and make
+    /// durable. Only shared stores take them.
+    fn queue_audit(&self, bodies: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        let _ = bodies;
+        Err(StoreError::Unavailable(
+            "this store numbers no audit records itself".into(),
+        ))
+    }
+
+    /// News from other brokers: `request:<id>` when a request changed,
+    /// `keys` when the key ring did, `*` when anything may have (a
+    /// listener reconnected). `None`: no other broker can change anything.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
+
+    /// Take or keep `role` for `holder` for `ttl_ms`; `false` while another
+    /// holder's term runs. A store with one broker always says yes.
+    fn lead(&self, role: &str, holder: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        let _ = (role, holder, ttl_ms);
+        Ok(true)
+    }
+
+    /// Give `role` up at once (shutdown), so another broker takes over
+    /// without waiting for the term to run out.
+    fn resign(&self, role: &str, holder: &str) -> Result<(), StoreError> {
+        let _ = (role, holder);
+        Ok(())
     }
 }
 

@@ -1,0 +1,259 @@
+//! Reaching the database: the connection string, TLS, the pool, the
+//! listener for other brokers' news, and the bridge from the synchronous
+//! [`Store`](crate::store::Store) contract to the async client.
+//!
+//! # TLS
+//! rustls with full verification (certificate chain and host name, what
+//! libpq calls `sslmode=verify-full`) whenever TLS is used: against
+//! `--database-ca` when given, else the system roots. `sslmode=prefer` (the
+//! libpq default) is kept only for a database on the loopback interface or
+//! a Unix socket; anywhere else it becomes `require`, so a broker never
+//! falls back to plaintext across a network by accident. `sslmode=disable`
+//! is honoured, with a warning when the database is not local.
+//!
+//! # Blocking
+//! The client and its connections live on a small runtime of their own.
+//! A store call from a worker of the broker's multi-threaded runtime runs
+//! inside `block_in_place`, so the worker's other tasks move elsewhere while
+//! it waits for the database; a call from a plain thread blocks on it.
+
+use std::future::Future;
+use std::path::Path;
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
+use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::sync::broadcast;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::{AsyncMessage, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::pg_err;
+use crate::store::StoreError;
+
+/// The channel every broker listens on and notifies.
+pub const CHANNEL: &str = "portcullis";
+/// Longest a single store call may take before it fails as unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a caller waits for a pooled connection or a new one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between attempts to re-establish the listener.
+const RELISTEN: Duration = Duration::from_secs(1);
+
+/// How to reach the database.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// `postgres://user@host:port/db?sslmode=…` (libpq URL or key=value).
+    pub url: String,
+    /// PEM bundle of the CAs that may sign the server's certificate.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Connections in the pool.
+    pub pool_size: usize,
+}
+
+/// Parsed connection settings and the TLS connector for them.
+#[derive(Clone)]
+pub(super) struct Target {
+    pub config: Config,
+    pub tls: MakeRustlsConnect,
+}
+
+fn bad_url(detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("database URL: {detail}"))
+}
+
+fn is_local(host: &Host) -> bool {
+    match host {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    }
+}
+
+impl Target {
+    pub(super) fn parse(opts: &PgOptions) -> Result<Self, StoreError> {
+        let mut config = Config::from_str(&opts.url).map_err(bad_url)?;
+        let local = config.get_hosts().iter().all(is_local);
+        match config.get_ssl_mode() {
+            SslMode::Prefer if !local => {
+                config.ssl_mode(SslMode::Require);
+            }
+            SslMode::Disable if !local => {
+                tracing::warn!(
+                    "sslmode=disable: the database connection is not encrypted and the database is not on this host"
+                );
+            }
+            _ => {}
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("portcullis");
+        }
+        config.connect_timeout(CONNECT_TIMEOUT);
+        Ok(Self {
+            config,
+            tls: MakeRustlsConnect::new(tls_config(opts.ca_file.as_deref())?),
+        })
+    }
+}
+
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|e| bad_url(format!("database CA {}: {e}", path.display())))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(bad_url(format!(
+                    "database CA {}: no certificate in it",
+                    path.display()
+                )));
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// A pool whose connections commit asynchronously (see the module docs of
+/// `postgres` for why that is safe here).
+pub(super) fn pool(target: &Target, size: usize) -> Result<Pool, StoreError> {
+    let mut config = target.config.clone();
+    let options = match config.get_options() {
+        Some(o) => format!("{o} -c synchronous_commit=off"),
+        None => "-c synchronous_commit=off".to_owned(),
+    };
+    config.options(&options);
+    let manager = Manager::from_config(
+        config,
+        target.tls.clone(),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("database pool: {e}")))
+}
+
+/// The runtime the client lives on, and the bridge into it.
+pub(super) struct Bridge {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: Handle,
+}
+
+impl Bridge {
+    pub(super) fn new() -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("portcullis-db")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("database runtime: {e}")))?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
+    pub(super) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Run `fut` on the client's runtime and wait for it, within
+    /// [`CALL_TIMEOUT`].
+    pub(super) fn block<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let timed = async move {
+            tokio::time::timeout(CALL_TIMEOUT, fut)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("database call timed out".into())))
+        };
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            Err(_) => self.handle.block_on(timed),
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.handle.block_on(timed))
+            }
+            // A current-thread runtime (tests) cannot hand its work over:
+            // the call runs on the client's runtime while this thread waits.
+            Ok(_) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                self.handle.spawn(async move {
+                    let _ = tx.send(timed.await);
+                });
+                rx.recv()
+                    .map_err(|_| StoreError::Unavailable("database runtime stopped".into()))?
+            }
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which is refused inside async code.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// `LISTEN` on [`CHANNEL`] and forward every payload to `tx`, reconnecting
+/// after any failure. After each (re)connect it sends `*`: whatever was
+/// announced while nobody listened may have changed.
+pub(super) async fn listen(target: Target, tx: broadcast::Sender<String>) {
+    loop {
+        match target.config.connect(target.tls.clone()).await {
+            Ok((client, mut connection)) => {
+                let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    while let Some(Ok(message)) =
+                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        if let AsyncMessage::Notification(n) = message
+                            && ntx.send(n.payload().to_owned()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    Ok(()) => {
+                        let _ = tx.send("*".to_owned());
+                        while let Some(payload) = nrx.recv().await {
+                            let _ = tx.send(payload);
+                        }
+                        tracing::warn!("database listener lost; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %pg_err(e), "database LISTEN failed"),
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::debug!(error = %pg_err(e), "database listener cannot connect"),
+        }
+        tokio::time::sleep(RELISTEN).await;
+    }
+}

@@ -1,0 +1,881 @@
+//! The shared backend: PostgreSQL, for several brokers on one database.
+//!
+//! Tables mirror the sled trees (see `schema`); records keep the same
+//! encodings. Every method is one statement (or one short transaction), so
+//! each is atomic on its own, exactly as the sled methods are.
+//!
+//! # Durability: asynchronous commits and one barrier per batch
+//! Pooled connections run with `synchronous_commit = off`: a write commits
+//! (and is visible to every broker) at once, without waiting for the WAL
+//! flush. [`Store::sync`] — the group commit's barrier — is one transaction
+//! at the server's own level (`on`, or `remote_apply` for a synchronous
+//! standby; `on` if the server says `off`) that chains the batch's audit
+//! records and writes the chain head. PostgreSQL flushes (and replicates)
+//! its WAL in order, so once that commit is durable, every commit before it
+//! is too — from any connection of any broker. Nothing is acknowledged
+//! before the barrier returns, as with sled.
+//!
+//! # One trail for every broker
+//! The engine does not number records here: it queues their bodies
+//! ([`Store::queue_audit`]) and the barrier chains them under a row lock on
+//! `audit_head`, held for one transaction per batch. Records of all brokers
+//! form one hash chain that `audit verify` checks unchanged.
+//!
+//! # News from other brokers
+//! A changed request or key ring is announced with `pg_notify` in the
+//! statement that changed it (delivered on commit); each broker `LISTEN`s
+//! on one connection and hands payloads to [`Store::changes`]. Engines that
+//! lack `LISTEN/NOTIFY` still work: watchers and the key ring also poll.
+
+mod connect;
+mod schema;
+
+use std::sync::Mutex;
+
+use deadpool_postgres::{Object, Pool};
+use tokio::sync::broadcast;
+
+pub use self::connect::PgOptions;
+use self::connect::{Bridge, Target};
+pub use self::schema::LATEST as SCHEMA_VERSION;
+use super::{
+    AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
+    RequestStore, Store, StoreError, TokenRequest, decode, decode_lease, encode, encode_lease,
+};
+use crate::audit::{chained, sha256_hex};
+
+/// Levels the barrier may run at (the server's default is read at start).
+const BARRIER_LEVELS: &[&str] = &["on", "remote_write", "remote_apply", "local"];
+
+pub(super) fn pg_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("database: {e}"))
+}
+
+/// Milliseconds as a `bigint` (saturating: times beyond 2^63 ms do not occur).
+fn ms(v: Millis) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_ms(v: i64) -> Millis {
+    Millis::try_from(v).unwrap_or(0)
+}
+
+fn count(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+async fn client(pool: &Pool) -> Result<Object, StoreError> {
+    pool.get().await.map_err(pg_err)
+}
+
+/// The columns a lease is found by, beside its record.
+struct LeaseRow {
+    active: bool,
+    expires_at: i64,
+    ended_at: Option<i64>,
+    record: Vec<u8>,
+}
+
+impl LeaseRow {
+    fn of(l: &Lease) -> Self {
+        Self {
+            active: l.state == LeaseState::Active,
+            expires_at: ms(l.expires_at),
+            ended_at: l.ended_at().map(ms),
+            record: encode_lease(l),
+        }
+    }
+}
+
+/// The columns a request is found by, beside its record.
+struct RequestRow {
+    live: bool,
+    deadline: i64,
+    open: bool,
+    ended_at: Option<i64>,
+    record: Vec<u8>,
+}
+
+impl RequestRow {
+    fn of(r: &TokenRequest) -> Result<Self, StoreError> {
+        Ok(Self {
+            live: !r.state.is_terminal(),
+            deadline: ms(r.deadline),
+            open: r.is_open(),
+            ended_at: r.ended_at().map(ms),
+            record: encode(r)?,
+        })
+    }
+}
+
+/// PostgreSQL-backed store shared by several brokers.
+pub struct PgStore {
+    pool: Pool,
+    /// `synchronous_commit` of the barrier transaction.
+    barrier: &'static str,
+    /// Audit bodies waiting for the next barrier to chain them.
+    pending_audit: Mutex<Vec<Vec<u8>>>,
+    changes: broadcast::Sender<String>,
+    // Last: the runtime stops after everything that runs on it is gone.
+    bridge: Bridge,
+}
+
+impl PgStore {
+    /// Connect, apply migrations (or wait for another broker applying
+    /// them), refuse a newer schema, and start listening for news.
+    pub fn connect(opts: &PgOptions) -> Result<Self, StoreError> {
+        let target = Target::parse(opts)?;
+        let bridge = Bridge::new()?;
+        let t = target.clone();
+        let level = bridge.block(async move {
+            let (mut client, connection) = t.config.connect(t.tls.clone()).await.map_err(pg_err)?;
+            let driver = tokio::spawn(connection);
+            schema::migrate(&mut client).await?;
+            let row = client
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .map_err(pg_err)?;
+            let level: String = row.try_get(0).map_err(pg_err)?;
+            drop(client);
+            let _ = driver.await;
+            Ok(level)
+        })?;
+        let barrier = match BARRIER_LEVELS.iter().find(|l| **l == level) {
+            Some(l) => l,
+            None => {
+                tracing::warn!(
+                    server = %level,
+                    "the database's synchronous_commit is not durable; portcullis commits each batch with synchronous_commit=on"
+                );
+                "on"
+            }
+        };
+        let pool = {
+            let _entered = bridge.handle().enter();
+            connect::pool(&target, opts.pool_size)?
+        };
+        let (changes, _) = broadcast::channel(1024);
+        bridge
+            .handle()
+            .spawn(connect::listen(target, changes.clone()));
+        Ok(Self {
+            pool,
+            barrier,
+            pending_audit: Mutex::new(Vec::new()),
+            changes,
+            bridge,
+        })
+    }
+
+    fn run<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        self.bridge.block(fut)
+    }
+
+    /// Rows of one column of `bytea` records.
+    fn records(
+        &self,
+        sql: &'static str,
+        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = client(&pool).await?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let rows = c.query(sql, &refs).await.map_err(pg_err)?;
+            rows.iter()
+                .map(|r| r.try_get::<_, Vec<u8>>(0).map_err(pg_err))
+                .collect()
+        })
+    }
+
+    /// Rows of one `text` column.
+    fn ids(
+        &self,
+        sql: &'static str,
+        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
+    ) -> Result<Vec<String>, StoreError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = client(&pool).await?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let rows = c.query(sql, &refs).await.map_err(pg_err)?;
+            rows.iter()
+                .map(|r| r.try_get::<_, String>(0).map_err(pg_err))
+                .collect()
+        })
+    }
+
+    /// One `bigint` (a count, a minimum; `None` for SQL NULL).
+    fn number(
+        &self,
+        sql: &'static str,
+        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
+    ) -> Result<Option<i64>, StoreError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = client(&pool).await?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let row = c.query_one(sql, &refs).await.map_err(pg_err)?;
+            row.try_get::<_, Option<i64>>(0).map_err(pg_err)
+        })
+    }
+
+    /// Rows changed by one statement.
+    fn execute(
+        &self,
+        sql: &'static str,
+        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
+    ) -> Result<u64, StoreError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = client(&pool).await?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
+            c.execute(&stmt, &refs).await.map_err(pg_err)
+        })
+    }
+
+    fn existing_idem(&self, i: &Idempotency) -> Result<Idempotency, StoreError> {
+        let rows = self.records(
+            "SELECT record FROM idempotency WHERE caller = $1 AND key = $2",
+            vec![Box::new(i.caller.clone()), Box::new(i.key.clone())],
+        )?;
+        let bytes = rows.first().ok_or_else(|| {
+            StoreError::Unavailable("idempotency key taken but not readable".into())
+        })?;
+        decode("idempotency", i.key.as_bytes(), bytes)
+    }
+
+    /// Chain the queued audit bodies after the stored head and commit them
+    /// with the head, at the barrier's level.
+    async fn barrier(
+        pool: Pool,
+        level: &'static str,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let mut c = client(&pool).await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        tx.batch_execute(&format!("SET LOCAL synchronous_commit = {level}"))
+            .await
+            .map_err(pg_err)?;
+        let head = tx
+            .query_one(
+                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut seq = from_ms(head.try_get(0).map_err(pg_err)?);
+        let mut prev: String = head.try_get(1).map_err(pg_err)?;
+        let mut seqs = Vec::with_capacity(bodies.len());
+        let mut records = Vec::with_capacity(bodies.len());
+        for body in &bodies {
+            seq += 1;
+            let bytes = chained(seq, body, &prev);
+            prev = sha256_hex(&bytes);
+            seqs.push(ms(seq));
+            records.push(bytes);
+        }
+        if !records.is_empty() {
+            tx.execute(
+                "INSERT INTO audit (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+                &[&seqs, &records],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        // Always a write: a commit that wrote nothing would not wait for
+        // the WAL flush this barrier exists for.
+        tx.execute(
+            "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+            &[&ms(seq), &prev],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
+    }
+}
+
+type Params = Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>;
+
+impl LeaseStore for PgStore {
+    fn create_lease(
+        &self,
+        lease: &Lease,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let row = LeaseRow::of(lease);
+        let mut params: Params = vec![
+            Box::new(lease.id.clone()),
+            Box::new(lease.subject.clone()),
+            Box::new(row.active),
+            Box::new(row.expires_at),
+            Box::new(lease.kid.clone()),
+            Box::new(row.ended_at),
+            Box::new(row.record),
+        ];
+        let Some(i) = idem else {
+            self.execute(
+                "INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                params,
+            )?;
+            return Ok(None);
+        };
+        params.extend::<Params>(vec![
+            Box::new(i.caller.clone()),
+            Box::new(i.key.clone()),
+            Box::new(encode(i)?),
+        ]);
+        let created = self.execute(
+            "WITH claim AS (
+                INSERT INTO idempotency (caller, key, record) VALUES ($8, $9, $10)
+                ON CONFLICT DO NOTHING RETURNING 1)
+             INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record)
+             SELECT $1::text, $2::text, $3::boolean, $4::bigint, $5::text, $6::bigint, $7::bytea
+             WHERE EXISTS (SELECT 1 FROM claim)",
+            params,
+        )?;
+        if created == 1 {
+            Ok(None)
+        } else {
+            self.existing_idem(i).map(Some)
+        }
+    }
+
+    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.records(
+            "SELECT record FROM leases WHERE id = $1",
+            vec![Box::new(id.to_owned())],
+        )?
+        .first()
+        .map(|b| decode_lease(id.as_bytes(), b))
+        .transpose()
+    }
+
+    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError> {
+        const SWAP: &str = "UPDATE leases
+             SET active = $3, expires_at = $4, kid = $5, ended_at = $6, record = $7
+             WHERE id = $1 AND record = $2";
+        let row = LeaseRow::of(new);
+        let params = |expected: Vec<u8>| -> Params {
+            vec![
+                Box::new(new.id.clone()),
+                Box::new(expected),
+                Box::new(row.active),
+                Box::new(row.expires_at),
+                Box::new(new.kid.clone()),
+                Box::new(row.ended_at),
+                Box::new(row.record.clone()),
+            ]
+        };
+        if self.execute(SWAP, params(encode_lease(current)))? == 1 {
+            return Ok(true);
+        }
+        // The stored bytes may be an older encoding of the same lease (a
+        // JSON lease brought over by import): compare what they mean.
+        let stored = self.records(
+            "SELECT record FROM leases WHERE id = $1",
+            vec![Box::new(current.id.clone())],
+        )?;
+        match stored.into_iter().next() {
+            Some(bytes) if decode_lease(current.id.as_bytes(), &bytes)? == *current => {
+                Ok(self.execute(SWAP, params(bytes))? == 1)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn leases_of(
+        &self,
+        subject: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.leases_page(subject, after, limit)
+    }
+
+    fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.ids(
+            "SELECT id FROM leases WHERE active AND expires_at <= $1
+             ORDER BY expires_at, id LIMIT $2",
+            vec![Box::new(ms(now)), Box::new(count(limit))],
+        )
+    }
+
+    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError> {
+        Ok(self
+            .number("SELECT min(expires_at) FROM leases WHERE active", vec![])?
+            .map(from_ms))
+    }
+
+    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
+        self.ids(
+            "SELECT id FROM leases WHERE active AND kid = $1 ORDER BY id",
+            vec![Box::new(kid.to_owned())],
+        )
+    }
+
+    fn count_active_leases(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .number("SELECT count(*) FROM leases WHERE active", vec![])?
+            .map_or(0, from_ms))
+    }
+
+    fn purge_leases(&self, before: Millis) -> Result<u64, StoreError> {
+        self.execute(
+            "DELETE FROM leases WHERE ended_at < $1",
+            vec![Box::new(ms(before))],
+        )
+    }
+}
+
+impl PgStore {
+    fn leases_page(
+        &self,
+        subject: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let pool = self.pool.clone();
+        let subject = subject.to_owned();
+        let after = after.unwrap_or_default().to_owned();
+        let rows = self.run(async move {
+            let c = client(&pool).await?;
+            let rows = c
+                .query(
+                    "SELECT id, record FROM leases WHERE subject = $1 AND id > $2
+                     ORDER BY id LIMIT $3",
+                    &[&subject, &after, &count(limit)],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<_, String>(0).map_err(pg_err)?,
+                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        })?;
+        rows.iter()
+            .map(|(id, bytes)| decode_lease(id.as_bytes(), bytes))
+            .collect()
+    }
+}
+
+impl RequestStore for PgStore {
+    fn create_request(
+        &self,
+        req: &TokenRequest,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let row = RequestRow::of(req)?;
+        let mut params: Params = vec![
+            Box::new(req.id.clone()),
+            Box::new(row.live),
+            Box::new(row.deadline),
+            Box::new(row.open),
+            Box::new(row.ended_at),
+            Box::new(row.record),
+        ];
+        let Some(i) = idem else {
+            self.execute(
+                "INSERT INTO requests (id, live, deadline, open, ended_at, record)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                params,
+            )?;
+            return Ok(None);
+        };
+        params.extend::<Params>(vec![
+            Box::new(i.caller.clone()),
+            Box::new(i.key.clone()),
+            Box::new(encode(i)?),
+        ]);
+        let created = self.execute(
+            "WITH claim AS (
+                INSERT INTO idempotency (caller, key, record) VALUES ($7, $8, $9)
+                ON CONFLICT DO NOTHING RETURNING 1)
+             INSERT INTO requests (id, live, deadline, open, ended_at, record)
+             SELECT $1::text, $2::boolean, $3::bigint, $4::boolean, $5::bigint, $6::bytea
+             WHERE EXISTS (SELECT 1 FROM claim)",
+            params,
+        )?;
+        if created == 1 {
+            Ok(None)
+        } else {
+            self.existing_idem(i).map(Some)
+        }
+    }
+
+    fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        self.records(
+            "SELECT record FROM requests WHERE id = $1",
+            vec![Box::new(id.to_owned())],
+        )?
+        .first()
+        .map(|b| decode("requests", id.as_bytes(), b))
+        .transpose()
+    }
+
+    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError> {
+        let row = RequestRow::of(new)?;
+        // The notice reaches every broker's listener when this commits.
+        let changed = self.ids(
+            "WITH u AS (
+                UPDATE requests SET live = $3, deadline = $4, open = $5, ended_at = $6, record = $7
+                WHERE id = $1 AND record = $2 RETURNING id)
+             SELECT u.id FROM u, pg_notify('portcullis', 'request:' || u.id)",
+            vec![
+                Box::new(new.id.clone()),
+                Box::new(encode(current)?),
+                Box::new(row.live),
+                Box::new(row.deadline),
+                Box::new(row.open),
+                Box::new(row.ended_at),
+                Box::new(row.record),
+            ],
+        )?;
+        Ok(!changed.is_empty())
+    }
+
+    fn open_requests(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        let pool = self.pool.clone();
+        let after = after.unwrap_or_default().to_owned();
+        let rows = self.run(async move {
+            let c = client(&pool).await?;
+            let rows = c
+                .query(
+                    "SELECT id, record FROM requests WHERE open AND id > $1 ORDER BY id LIMIT $2",
+                    &[&after, &count(limit)],
+                )
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<_, String>(0).map_err(pg_err)?,
+                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        })?;
+        rows.iter()
+            .map(|(id, bytes)| decode("requests", id.as_bytes(), bytes))
+            .collect()
+    }
+
+    fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.ids(
+            "SELECT id FROM requests WHERE live AND deadline <= $1
+             ORDER BY deadline, id LIMIT $2",
+            vec![Box::new(ms(now)), Box::new(count(limit))],
+        )
+    }
+
+    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
+        Ok(self
+            .number("SELECT min(deadline) FROM requests WHERE live", vec![])?
+            .map(from_ms))
+    }
+
+    fn count_open_requests(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .number("SELECT count(*) FROM requests WHERE open", vec![])?
+            .map_or(0, from_ms))
+    }
+
+    fn purge_requests(&self, before: Millis) -> Result<u64, StoreError> {
+        self.execute(
+            "DELETE FROM requests WHERE ended_at < $1",
+            vec![Box::new(ms(before))],
+        )
+    }
+}
+
+impl PgStore {
+    /// `(seq, bytes)` rows of the trail or its checkpoints.
+    fn sequenced(
+        &self,
+        sql: &'static str,
+        params: Params,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = client(&pool).await?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let rows = c.query(sql, &refs).await.map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        from_ms(r.try_get::<_, i64>(0).map_err(pg_err)?),
+                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
+                    ))
+                })
+                .collect()
+        })
+    }
+}
+
+impl AuditStore for PgStore {
+    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.execute(
+            "WITH a AS (INSERT INTO audit (seq, record) VALUES ($1, $2))
+             UPDATE audit_head SET seq = $1, hash = $3 WHERE id = 1 AND seq < $1",
+            vec![
+                Box::new(ms(seq)),
+                Box::new(bytes.to_vec()),
+                Box::new(sha256_hex(bytes)),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn audit_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.sequenced(
+            "SELECT seq, record FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+            vec![Box::new(after.map_or(-1, ms)), Box::new(count(limit))],
+        )
+    }
+
+    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .sequenced(
+                "SELECT seq, record FROM audit ORDER BY seq DESC LIMIT 1",
+                vec![],
+            )?
+            .pop())
+    }
+
+    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO audit_checkpoints (seq, jws) VALUES ($1, $2)
+             ON CONFLICT (seq) DO UPDATE SET jws = excluded.jws",
+            vec![Box::new(ms(seq)), Box::new(jws.to_vec())],
+        )?;
+        Ok(())
+    }
+
+    fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
+        self.execute(
+            "WITH c AS (DELETE FROM audit_checkpoints WHERE seq < $1)
+             DELETE FROM audit WHERE seq <= $1",
+            vec![Box::new(ms(seq))],
+        )?;
+        Ok(())
+    }
+
+    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.sequenced(
+            "SELECT seq, jws FROM audit_checkpoints ORDER BY seq",
+            vec![],
+        )
+    }
+
+    fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .sequenced(
+                "SELECT seq, jws FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+                vec![],
+            )?
+            .pop())
+    }
+
+    fn checkpoints_between(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.sequenced(
+            "SELECT seq, jws FROM audit_checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+            vec![Box::new(ms(after)), Box::new(ms(to))],
+        )
+    }
+}
+
+impl KeyStore for PgStore {
+    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.all_keys()
+    }
+
+    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
+        self.ids(
+            "WITH d AS (DELETE FROM keys WHERE kid = $1 RETURNING kid)
+             SELECT d.kid FROM d, pg_notify('portcullis', 'keys')",
+            vec![Box::new(kid.to_owned())],
+        )?;
+        Ok(())
+    }
+
+    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.ids(
+            "WITH k AS (
+                INSERT INTO keys (kid, record) VALUES ($1, $2)
+                ON CONFLICT (kid) DO UPDATE SET record = excluded.record RETURNING kid)
+             SELECT k.kid FROM k, pg_notify('portcullis', 'keys')",
+            vec![Box::new(key.kid.clone()), Box::new(encode(key)?)],
+        )?;
+        Ok(())
+    }
+}
+
+impl PgStore {
+    fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let pool = self.pool.clone();
+        let rows = self.run(async move {
+            let c = client(&pool).await?;
+            let rows = c
+                .query("SELECT kid, record FROM keys ORDER BY kid", &[])
+                .await
+                .map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<_, String>(0).map_err(pg_err)?,
+                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        })?;
+        rows.iter()
+            .map(|(kid, bytes)| decode("keys", kid.as_bytes(), bytes))
+            .collect()
+    }
+}
+
+impl Store for PgStore {
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .records(
+                "SELECT value FROM meta WHERE name = $1",
+                vec![Box::new(name.to_owned())],
+            )?
+            .pop())
+    }
+
+    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO meta (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            vec![Box::new(name.to_owned()), Box::new(value.to_vec())],
+        )?;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        let bodies = self
+            .pending_audit
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .map_err(|_| StoreError::Unavailable("audit queue poisoned".into()))?;
+        self.run(Self::barrier(self.pool.clone(), self.barrier, bodies))
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn queue_audit(&self, bodies: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        self.pending_audit
+            .lock()
+            .map(|mut p| p.extend(bodies))
+            .map_err(|_| StoreError::Unavailable("audit queue poisoned".into()))
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<String>> {
+        Some(self.changes.subscribe())
+    }
+
+    fn lead(&self, role: &str, holder: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        // Take the role when it is free or expired, keep it while held;
+        // the database's clock decides, so brokers' clocks need not agree.
+        let held = self.ids(
+            "INSERT INTO leadership (role, holder, generation, expires_at)
+             VALUES ($1, $2, 1, now() + $3 * interval '1 millisecond')
+             ON CONFLICT (role) DO UPDATE SET
+                holder = excluded.holder,
+                generation = leadership.generation
+                    + CASE WHEN leadership.holder = excluded.holder THEN 0 ELSE 1 END,
+                expires_at = excluded.expires_at
+             WHERE leadership.holder = excluded.holder OR leadership.expires_at < now()
+             RETURNING holder",
+            vec![
+                Box::new(role.to_owned()),
+                Box::new(holder.to_owned()),
+                Box::new(ttl_ms as f64),
+            ],
+        )?;
+        Ok(!held.is_empty())
+    }
+
+    fn resign(&self, role: &str, holder: &str) -> Result<(), StoreError> {
+        self.execute(
+            "DELETE FROM leadership WHERE role = $1 AND holder = $2",
+            vec![Box::new(role.to_owned()), Box::new(holder.to_owned())],
+        )?;
+        Ok(())
+    }
+}
+
+/// The environment variable naming a PostgreSQL database the tests may
+/// create scratch databases from (`.ci/postgres start` prints one).
+pub const TEST_DATABASE_ENV: &str = "PORTCULLIS_TEST_DATABASE_URL";
+
+/// A new, empty database next to the one `base_url` names, and its URL:
+/// for tests and benchmarks, which each want a database of their own.
+pub fn scratch_database(base_url: &str) -> Result<String, StoreError> {
+    use std::str::FromStr as _;
+    let config = tokio_postgres::Config::from_str(base_url).map_err(pg_err)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    let name = crate::text::new_id("portcullis_", now)
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let bridge = Bridge::new()?;
+    let create = format!("CREATE DATABASE {name}");
+    bridge.block(async move {
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(pg_err)?;
+        let driver = tokio::spawn(connection);
+        client.batch_execute(&create).await.map_err(pg_err)?;
+        drop(client);
+        let _ = driver.await;
+        Ok(())
+    })?;
+    let (head, query) = base_url.split_once('?').unwrap_or((base_url, ""));
+    let (server, _) = head
+        .rsplit_once('/')
+        .filter(|(s, _)| s.contains("://") && !s.ends_with('/'))
+        .unwrap_or((head, ""));
+    Ok(if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    })
+}
