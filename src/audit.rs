@@ -18,8 +18,8 @@ use tokio::sync::broadcast;
 use crate::keys::KeySet;
 use crate::store::{Millis, Store, StoreError};
 
-/// Hash that precedes the first record.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub use crate::chain::GENESIS;
+use crate::chain::{chained, sha256_hex};
 
 /// The call an audit record belongs to (set by the API layer per RPC).
 #[derive(Clone, Debug, Default)]
@@ -138,17 +138,6 @@ impl Entry {
     }
 }
 
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = String::with_capacity(64);
-    for b in digest.as_ref() {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    out
-}
-
 /// A record's fields but its place in the chain (`seq`, `prev`), in
 /// canonical order: the middle of its stored bytes.
 #[derive(Serialize)]
@@ -180,25 +169,6 @@ fn body_json(rec: &AuditRecord) -> Result<Vec<u8>, AuditError> {
         call_id: &rec.call_id,
     })
     .map_err(|e| AuditError::Encode(e.to_string()))
-}
-
-/// The stored bytes of a record: exactly `serde_json::to_vec` of the
-/// [`AuditRecord`] with `seq` and `prev`, assembled from its [`body_json`].
-pub(crate) fn chained(seq: u64, body: &[u8], prev: &str) -> Vec<u8> {
-    let inner = body
-        .strip_prefix(b"{")
-        .and_then(|b| b.strip_suffix(b"}"))
-        .unwrap_or(body);
-    let mut out = Vec::with_capacity(inner.len() + prev.len() + 40);
-    out.extend_from_slice(b"{\"seq\":");
-    out.extend_from_slice(seq.to_string().as_bytes());
-    out.push(b',');
-    out.extend_from_slice(inner);
-    out.extend_from_slice(b",\"prev\":\"");
-    // `prev` is lowercase hex (or GENESIS): nothing in it needs escaping.
-    out.extend_from_slice(prev.as_bytes());
-    out.extend_from_slice(b"\"}");
-    out
 }
 
 struct Head {

@@ -333,6 +333,23 @@ impl KeyRing {
         Ok(())
     }
 
+    /// Reload only if the stored records differ from the snapshot's (another
+    /// broker on a shared store carried out a rotation step). Returns
+    /// whether the ring changed.
+    pub fn refresh(&self, store: &dyn Store) -> Result<bool, KeyError> {
+        let stored = store.keys()?;
+        if same_records(&self.current(), &stored) {
+            return Ok(false);
+        }
+        let set = Arc::new(build_set(&self.kek, stored)?);
+        match self.current.write() {
+            Ok(mut g) => *g = set,
+            Err(p) => *p.into_inner() = set,
+        }
+        self.changes.send_modify(|n| *n += 1);
+        Ok(true)
+    }
+
     /// A new sealed key record in state `state` (not stored).
     pub fn generate(&self, state: KeyState, now: Millis) -> Result<KeyRecord, KeyError> {
         let mut rec = generate(&self.kek, self.alg, now)?;
@@ -409,6 +426,34 @@ fn open_active(kek: &Kek, r: &KeyRecord, alg: Algorithm) -> Result<ActiveKey, Ke
         alg,
         encoding,
     })
+}
+
+/// Do the stored records publish exactly the snapshot's keys, in the same
+/// states, and withdraw the same ones? (The snapshot keeps no sealed
+/// private parts, so those are not compared.)
+fn same_records(snapshot: &KeySet, stored: &[KeyRecord]) -> bool {
+    let public = |r: &KeyRecord| KeyRecord {
+        sealed_private: Vec::new(),
+        ..r.clone()
+    };
+    let mut published: Vec<KeyRecord> = stored
+        .iter()
+        .filter(|r| r.state.is_published())
+        .map(public)
+        .collect();
+    let mut held = snapshot.records.clone();
+    published.sort_by(|a, b| a.kid.cmp(&b.kid));
+    held.sort_by(|a, b| a.kid.cmp(&b.kid));
+    let withdrawn = stored
+        .iter()
+        .filter(|r| r.state == KeyState::Withdrawn)
+        .count();
+    published == held
+        && withdrawn == snapshot.withdrawn.len()
+        && stored
+            .iter()
+            .filter(|r| r.state == KeyState::Withdrawn)
+            .all(|r| snapshot.withdrawn.contains(&r.kid))
 }
 
 fn build_set(kek: &Kek, all: Vec<KeyRecord>) -> Result<KeySet, KeyError> {

@@ -31,6 +31,7 @@ pub mod agent;
 pub mod api;
 pub mod audit;
 pub mod bench;
+pub mod chain;
 pub mod cli;
 pub mod client;
 pub mod clock;

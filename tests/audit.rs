@@ -309,7 +309,19 @@ async fn tampered(edit: impl FnOnce(&sled::Tree)) -> pb::VerifyResponse {
         r.shutdown().await;
     }
     {
-        let db = sled::open(h.dev.data()).unwrap();
+        // sled lets go of its file lock from a background thread after the
+        // broker's last handle drops (`SledStore::open` waits the same way).
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            match sled::open(h.dev.data()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < until => {
+                    assert!(e.to_string().contains("lock"), "{e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         edit(&db.open_tree("audit").unwrap());
         db.flush().unwrap();
     }

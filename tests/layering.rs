@@ -212,8 +212,8 @@ fn the_domain_knows_nothing_of_grpc_or_the_command_line() {
     let c = read_crate();
     let outer = ["api", "server", "cli", "client", "agent", "bench", "dev"];
     for domain in [
-        "text", "vocab", "clock", "identity", "store", "keys", "token", "rotation", "policy",
-        "audit", "metrics", "notify", "engine",
+        "text", "vocab", "chain", "clock", "identity", "store", "keys", "token", "rotation",
+        "policy", "audit", "metrics", "notify", "engine",
     ] {
         let uses = &c.top[domain];
         for o in outer {

@@ -211,7 +211,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.database = args
         .database_url
         .clone()
-        .map(|url| crate::store::postgres::PgOptions {
+        .map(|url| crate::server::PgOptions {
             url,
             ca_file: args.database_ca.clone(),
             pool_size: args.database_pool,

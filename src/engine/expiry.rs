@@ -19,6 +19,9 @@ use crate::store::{Lease, LeaseState, Millis, RequestState, TokenRequest};
 const RETRY: Duration = Duration::from_secs(1);
 /// Ids read per index scan.
 const BATCH: usize = 1024;
+/// On a shared store, the longest the leader goes without looking for due
+/// deadlines (other brokers' grants do not wake it).
+const SHARED_LOOK: Duration = Duration::from_secs(1);
 
 /// What the expiry task sleeps towards, and how far it has got.
 pub(super) struct Deadlines {
@@ -73,7 +76,10 @@ impl Engine {
 
     /// Run the expiry task until `cancel` fires.
     pub async fn run_expiry(self: Arc<Self>, cancel: CancellationToken) {
-        loop {
+        // On a shared store other brokers store deadlines this one is not
+        // told of: look at least this often.
+        let shared = self.store().shared();
+        while self.until_leading(&cancel).await {
             let now = self.clock.now();
             let next = match self.sweep(now).await {
                 Ok(next) => {
@@ -92,10 +98,18 @@ impl Engine {
                     None => std::future::pending().await,
                 }
             };
+            let poll = async {
+                if shared {
+                    tokio::time::sleep(SHARED_LOOK).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = self.deadlines.wake.notified() => {}
                 () = sleep => {}
+                () = poll => {}
             }
         }
     }

@@ -37,6 +37,7 @@ mod quota;
 mod records;
 pub mod requests;
 pub mod rotate;
+mod shared;
 pub mod trail;
 pub mod upkeep;
 
@@ -80,6 +81,9 @@ pub struct Engine {
     request_events: broadcast::Sender<String>,
     limits: Limits,
     watchers: quota::Watchers,
+    /// Whether this broker does the time-driven work (always, on a store
+    /// of its own; while it holds the role, on a shared one).
+    leader: watch::Sender<bool>,
 }
 
 /// What an engine is built from.
@@ -107,7 +111,9 @@ impl Engine {
     pub fn new(parts: Parts) -> Self {
         let (notifier, notify_rx) = Notifier::new();
         let metrics = Arc::new(Metrics::new());
+        let leader = watch::channel(!parts.store.shared()).0;
         Self {
+            leader,
             records: Records::new(parts.store, metrics.clone()),
             commit: parts.commit,
             policy: RwLock::new(Arc::new(parts.policy)),

@@ -211,7 +211,9 @@ impl Watch {
     pub async fn changed(&mut self) -> bool {
         loop {
             match self.events.recv().await {
-                Ok(changed) if changed == self.id => return true,
+                Ok(changed) if changed == self.id || changed == super::shared::ANY_REQUEST => {
+                    return true;
+                }
                 Ok(_) => {}
                 // Missed events: re-read to be safe.
                 Err(broadcast::error::RecvError::Lagged(_)) => return true,

@@ -9,6 +9,7 @@ mod tasks;
 
 pub use self::grpc::MAX_MESSAGE;
 pub use crate::engine::Limits;
+pub use crate::store::postgres::PgOptions;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use crate::policy::Policy;
 use crate::store::Store;
 use crate::store::commit::GroupCommit;
 use crate::store::mem::MemStore;
-use crate::store::postgres::{PgOptions, PgStore};
+use crate::store::postgres::PgStore;
 use crate::store::sled_store::{SledOptions, SledStore};
 /// How long shutdown waits for tasks before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -222,6 +223,8 @@ pub struct Running {
     /// The engine (tests read expiry progress through it).
     pub engine: Arc<Engine>,
     cancel: CancellationToken,
+    /// Stops the group committer, after every task has stopped.
+    commit_cancel: CancellationToken,
     tracker: TaskTracker,
     flusher: tokio::task::JoinHandle<()>,
 }
@@ -242,6 +245,7 @@ impl Running {
         {
             tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; abandoning them");
         }
+        self.commit_cancel.cancel();
         let _ = self.flusher.await;
         // Connection tasks of the gRPC and HTTP servers (spawned by hyper,
         // outside our tracker) and per-call streams hold the engine, and so
@@ -277,14 +281,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let policy = Policy::load(&cfg.policy)?;
     check_config(&cfg)?;
     let (grpc_tls, http_tls) = read_tls(&cfg)?;
-    let store = open_store(&cfg).await?;
-    let kek = Kek::from_file(&cfg.kek_file)?;
-    let ring = Arc::new(KeyRing::load_or_create(
-        store.as_ref(),
-        &kek,
-        cfg.alg,
-        cfg.clock.now(),
-    )?);
+    let (store, ring, node) = open_state(&cfg).await?;
     let (grpc_listener, grpc_addr) = bind(cfg.listen).await?;
     let http = match cfg.http_listen {
         Some(a) => Some(bind(a).await?),
@@ -292,10 +289,14 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     };
     let http_addr = http.as_ref().map(|(_, a)| *a);
     let issuer = issuer(&cfg, store.as_ref(), grpc_addr, http_addr)?;
+    store.resign(START_ROLE, &node)?;
     let audit = AuditLog::open(store.as_ref())?;
 
     let cancel = CancellationToken::new();
-    let (commit, flusher) = GroupCommit::start(store.clone(), cancel.child_token());
+    // The committer outlives the tasks: what they write while stopping (the
+    // last checkpoint) is still made durable.
+    let commit_cancel = CancellationToken::new();
+    let (commit, flusher) = GroupCommit::start(store.clone(), commit_cancel.clone());
     let engine = Arc::new(Engine::new(Parts {
         audit,
         store,
@@ -312,19 +313,24 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         http: http.map(|(l, _)| l),
         http_tls,
     };
-    let tracker = match serve(&cfg, &engine, listeners, &cancel) {
+    let tracker = match serve(&cfg, &engine, listeners, &node, &cancel) {
         Ok(t) => t,
         Err(e) => {
             cancel.cancel();
+            commit_cancel.cancel();
             return Err(e);
         }
     };
     log_ready(grpc_addr, http_addr, &issuer, &ring);
+    if engine.store().shared() {
+        tracing::info!(%node, "sharing the database with any other broker on it");
+    }
     Ok(Running {
         grpc_addr,
         http_addr,
         engine,
         cancel,
+        commit_cancel,
         tracker,
         flusher,
     })
@@ -374,6 +380,7 @@ fn serve(
     cfg: &ServeConfig,
     engine: &Arc<Engine>,
     l: Listeners,
+    node: &str,
     cancel: &CancellationToken,
 ) -> Result<TaskTracker, ServeError> {
     let rotate_wake = Arc::new(tokio::sync::Notify::new());
@@ -399,7 +406,15 @@ fn serve(
             cancel.clone(),
         ));
     }
-    spawn_tasks(&tracker, engine, cfg, rotate_wake, health_reporter, cancel);
+    spawn_tasks(
+        &tracker,
+        engine,
+        cfg,
+        rotate_wake,
+        health_reporter,
+        node,
+        cancel,
+    );
     Ok(tracker)
 }
 
@@ -447,6 +462,53 @@ fn issuer(
     };
     store.put_meta(ISSUER_META, chosen.as_bytes())?;
     Ok(chosen)
+}
+
+/// The role brokers starting on one shared store take in turn, so only
+/// one of them creates the first signing key and records the issuer.
+const START_ROLE: &str = "start";
+/// How long a starting broker holds [`START_ROLE`] at most.
+const START_TERM: Duration = Duration::from_secs(30);
+
+/// Wait for this broker's turn to start (at once on a store of its own).
+async fn take_turn(store: &Arc<dyn Store>, node: &str) -> Result<(), ServeError> {
+    let until = tokio::time::Instant::now() + 2 * START_TERM;
+    loop {
+        let (s, n) = (store.clone(), node.to_owned());
+        let term = u64::try_from(START_TERM.as_millis()).unwrap_or(u64::MAX);
+        let mine = tokio::task::spawn_blocking(move || s.lead(START_ROLE, &n, term))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))??;
+        if mine {
+            return Ok(());
+        }
+        tracing::debug!(node, "waiting for another broker to finish starting");
+        if tokio::time::Instant::now() > until {
+            return Err(ServeError::Internal(
+                "another broker has been starting on this database for over a minute".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The store, the key ring, and this broker's name among the brokers of a
+/// shared store, whose start-up turn it then holds (see [`take_turn`]).
+async fn open_state(
+    cfg: &ServeConfig,
+) -> Result<(Arc<dyn Store>, Arc<KeyRing>, String), ServeError> {
+    let store = open_store(cfg).await?;
+    let kek = Kek::from_file(&cfg.kek_file)?;
+    let node = crate::text::new_id("broker_", cfg.clock.now())
+        .map_err(|e| ServeError::Internal(e.to_string()))?;
+    take_turn(&store, &node).await?;
+    let ring = Arc::new(KeyRing::load_or_create(
+        store.as_ref(),
+        &kek,
+        cfg.alg,
+        cfg.clock.now(),
+    )?);
+    Ok((store, ring, node))
 }
 
 /// The store `cfg` names: PostgreSQL, sled in its data directory, or memory.
@@ -509,6 +571,7 @@ fn spawn_tasks(
     cfg: &ServeConfig,
     rotate_wake: Arc<tokio::sync::Notify>,
     health: tonic_health::server::HealthReporter,
+    node: &str,
     cancel: &CancellationToken,
 ) {
     let c = || cancel.clone();
@@ -536,6 +599,10 @@ fn spawn_tasks(
         c(),
     ));
     tracker.spawn(tasks::count_gauges(engine.clone()));
+    if engine.store().shared() {
+        tracker.spawn(tasks::lead(engine.clone(), node.to_owned(), c()));
+        tracker.spawn(tasks::hear(engine.clone(), c()));
+    }
     if let Some(rx) = engine.take_notifications() {
         let e = engine.clone();
         let stats = engine.notifier().stats().clone();

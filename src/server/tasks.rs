@@ -25,6 +25,16 @@ const HEALTH_POLL: Duration = Duration::from_millis(500);
 const ROTATION_RETRY_MS: u64 = 5_000;
 /// How often retention sweeps.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// The role whose holder does the time-driven work on a shared store.
+pub(super) const UPKEEP_ROLE: &str = "upkeep";
+/// How long a leader's term lasts unless renewed: the longest the
+/// time-driven work pauses when a leader dies without resigning.
+pub(super) const LEADER_TERM: Duration = Duration::from_secs(5);
+/// How often the leader renews (and others try to take over).
+const LEADER_RENEW: Duration = Duration::from_secs(1);
+/// How often a broker on a shared store looks for changes it may not have
+/// been told of (engines without `LISTEN/NOTIFY`, a lost listener).
+const SHARED_POLL: Duration = Duration::from_millis(500);
 
 /// Sleep until `at` on the engine's clock, forever when `None`.
 async fn sleep_until(engine: &Engine, at: Option<u64>) {
@@ -124,9 +134,10 @@ pub(super) async fn checkpoints(
             () = cancel.cancelled() => true,
             () = tokio::time::sleep(Duration::from_secs(1)) => false,
         };
-        if stop
-            || engine.audit().since_checkpoint() >= CHECKPOINT_EVERY
-            || last.elapsed() >= CHECKPOINT_INTERVAL
+        if engine.leads()
+            && (stop
+                || engine.audit().since_checkpoint() >= CHECKPOINT_EVERY
+                || last.elapsed() >= CHECKPOINT_INTERVAL)
         {
             checkpoint(&engine, retention, &witness).await;
             last = tokio::time::Instant::now();
@@ -243,7 +254,7 @@ pub(super) async fn rotate(
     wake: Arc<Notify>,
     cancel: CancellationToken,
 ) {
-    loop {
+    while engine.until_leading(&cancel).await {
         let now = engine.clock().now();
         let next = match engine.rotate_due(&schedule, now).await {
             Ok(next) => next,
@@ -262,7 +273,7 @@ pub(super) async fn rotate(
 
 /// Hourly: delete leases and requests that ended more than `keep` ago.
 pub(super) async fn retention(engine: Arc<Engine>, keep: Duration, cancel: CancellationToken) {
-    loop {
+    while engine.until_leading(&cancel).await {
         let before = engine.clock().now().saturating_sub(millis(keep));
         if let Err(e) = engine.purge_ended(before).await {
             tracing::error!(error = %e, "retention sweep failed");
@@ -286,5 +297,62 @@ pub(super) async fn count_gauges(engine: Arc<Engine>) {
                 .inc_by(i64::try_from(requests).unwrap_or(i64::MAX));
         }
         _ => tracing::warn!("could not count leases for the gauges"),
+    }
+}
+
+/// On a shared store: hold the upkeep role while this broker can, renewing
+/// every [`LEADER_RENEW`]; stop acting at the first renewal that fails; give
+/// the role up at shutdown so another broker takes over at once.
+pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: CancellationToken) {
+    let term = millis(LEADER_TERM);
+    loop {
+        let (store, n) = (engine.store().clone(), node.clone());
+        let held = tokio::task::spawn_blocking(move || store.lead(UPKEEP_ROLE, &n, term)).await;
+        let leading = matches!(held, Ok(Ok(true)));
+        if leading != engine.leads() {
+            tracing::info!(node = %node, leading, "upkeep leadership changed");
+        }
+        engine.set_leading(leading);
+        if let Ok(Err(e)) = held {
+            tracing::warn!(error = %e, "cannot renew upkeep leadership; time-driven work paused here");
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(LEADER_RENEW) => {}
+        }
+    }
+    if engine.leads() {
+        engine.set_leading(false);
+        let store = engine.store().clone();
+        let _ = tokio::task::spawn_blocking(move || store.resign(UPKEEP_ROLE, &node)).await;
+    }
+}
+
+/// On a shared store: pass other brokers' news to the engine as it comes,
+/// and look for what was missed every [`SHARED_POLL`]; feed new trail
+/// records to live followers.
+pub(super) async fn hear(engine: Arc<Engine>, cancel: CancellationToken) {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(mut news) = engine.store().changes() else {
+        return;
+    };
+    let mut poll = tokio::time::interval(SHARED_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let heard = tokio::select! {
+            () = cancel.cancelled() => return,
+            n = news.recv() => match n {
+                Ok(n) => n,
+                Err(RecvError::Lagged(_)) => "*".to_owned(),
+                Err(RecvError::Closed) => return,
+            },
+            _ = poll.tick() => {
+                if let Err(e) = engine.audit().poll_tail(engine.store().as_ref()) {
+                    tracing::debug!(error = %e, "could not read new trail records");
+                }
+                "*".to_owned()
+            }
+        };
+        engine.heard(&heard);
     }
 }

@@ -32,6 +32,24 @@ pub struct Harness {
     /// no sweep behind them).
     pub expiry: bool,
     pub running: Option<Running>,
+    /// PostgreSQL URL: the brokers share this database instead of sled.
+    pub database: Option<String>,
+}
+
+/// A fresh database for a shared-store test, or `None` — after saying on
+/// stderr that the test is skipped and how to run it — when the tests were
+/// given no PostgreSQL.
+pub fn scratch_database(test: &str) -> Option<String> {
+    use portcullis::store::postgres::{TEST_DATABASE_ENV, scratch_database};
+    match std::env::var(TEST_DATABASE_ENV) {
+        Ok(base) => Some(scratch_database(&base).unwrap()),
+        Err(_) => {
+            eprintln!(
+                "SKIPPED: {test} needs PostgreSQL: set {TEST_DATABASE_ENV} (`.ci/postgres start` prints a URL for it)"
+            );
+            None
+        }
+    }
 }
 
 impl Harness {
@@ -41,6 +59,41 @@ impl Harness {
 
     /// Start with `policy` (TOML) instead of the dev policy.
     pub async fn start_with(policy: Option<&str>) -> Self {
+        let mut h = Self::prepare(policy);
+        h.boot().await;
+        h
+    }
+
+    /// Start a broker on `database` (PostgreSQL) with `policy`; more
+    /// brokers on the same database come from [`Harness::another`].
+    pub async fn start_shared(database: String, policy: Option<&str>) -> Self {
+        let mut h = Self::prepare(policy);
+        h.database = Some(database);
+        h.boot().await;
+        h
+    }
+
+    /// One more broker with this harness's configuration (on a shared
+    /// database: another broker on the same state).
+    pub async fn another(&self) -> Running {
+        portcullis::server::start(self.config()).await.unwrap()
+    }
+
+    /// Client options for the broker `r` (one of [`Harness::another`]'s).
+    pub fn opts_on(&self, r: &Running, who: As) -> ClientOpts {
+        ClientOpts {
+            server: Some(r.grpc_addr.to_string()),
+            ..self.opts(who)
+        }
+    }
+
+    /// A broker client for `r`.
+    pub async fn broker_on(&self, r: &Running, who: As) -> BrokerClient<Channel> {
+        BrokerClient::new(self.opts_on(r, who).connect().await.unwrap())
+    }
+
+    /// The dev directory, identities and clock, no broker yet.
+    fn prepare(policy: Option<&str>) -> Self {
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter("portcullis=debug")
@@ -57,7 +110,7 @@ impl Harness {
         }
         dev.prepare().unwrap();
         let clock = Arc::new(ManualClock::new(SystemClock.now()));
-        let mut h = Self {
+        Self {
             dir,
             dev,
             clock,
@@ -65,9 +118,8 @@ impl Harness {
             https: false,
             expiry: true,
             running: None,
-        };
-        h.boot().await;
-        h
+            database: None,
+        }
     }
 
     pub fn config(&self) -> ServeConfig {
@@ -86,6 +138,14 @@ impl Harness {
         cfg.policy_poll = Duration::from_millis(20);
         cfg.http_tls = self.https;
         cfg.expiry_task = self.expiry;
+        cfg.database = self
+            .database
+            .clone()
+            .map(|url| portcullis::store::postgres::PgOptions {
+                url,
+                ca_file: None,
+                pool_size: 8,
+            });
         cfg
     }
 

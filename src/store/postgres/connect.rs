@@ -13,9 +13,9 @@
 //!
 //! # Blocking
 //! The client and its connections live on a small runtime of their own.
-//! A store call from a worker of the broker's multi-threaded runtime runs
-//! inside `block_in_place`, so the worker's other tasks move elsewhere while
-//! it waits for the database; a call from a plain thread blocks on it.
+//! A store call runs there while the calling thread waits on a channel;
+//! a worker of the broker's multi-threaded runtime waits inside
+//! `block_in_place`, so its other tasks move to another thread meanwhile.
 
 use std::future::Future;
 use std::path::Path;
@@ -193,21 +193,24 @@ impl Bridge {
                 .await
                 .unwrap_or_else(|_| Err(StoreError::Unavailable("database call timed out".into())))
         };
+        // The call runs on the client's runtime; this thread waits on a
+        // channel of its own. (Waiting with `Handle::block_on` instead would
+        // park on the thread's tokio parker, which a `Runtime::block_on`
+        // further up the same thread also parks on: the inner wait could
+        // swallow the outer one's wake-up, and the outer future would hang.)
+        let wait = || {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            self.handle.spawn(async move {
+                let _ = tx.send(timed.await);
+            });
+            rx.recv()
+                .map_err(|_| StoreError::Unavailable("database runtime stopped".into()))?
+        };
         match Handle::try_current().map(|h| h.runtime_flavor()) {
-            Err(_) => self.handle.block_on(timed),
-            Ok(RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(|| self.handle.block_on(timed))
-            }
-            // A current-thread runtime (tests) cannot hand its work over:
-            // the call runs on the client's runtime while this thread waits.
-            Ok(_) => {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                self.handle.spawn(async move {
-                    let _ = tx.send(timed.await);
-                });
-                rx.recv()
-                    .map_err(|_| StoreError::Unavailable("database runtime stopped".into()))?
-            }
+            // A worker of a multi-threaded runtime hands its other tasks to
+            // another thread while it waits.
+            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
         }
     }
 }

@@ -42,13 +42,28 @@ use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
     RequestStore, Store, StoreError, TokenRequest, decode, decode_lease, encode, encode_lease,
 };
-use crate::audit::{chained, sha256_hex};
+use crate::chain::{chained, sha256_hex};
 
 /// Levels the barrier may run at (the server's default is read at start).
 const BARRIER_LEVELS: &[&str] = &["on", "remote_write", "remote_apply", "local"];
 
-pub(super) fn pg_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("database: {e}"))
+/// A client error, with the server's own code and message when it sent
+/// one (tokio-postgres displays those as just "db error").
+pub(super) fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => {
+            StoreError::Unavailable(format!("database: {} ({})", db.message(), db.code().code()))
+        }
+        None => StoreError::Unavailable(format!("database: {e}")),
+    }
+}
+
+/// A pool error (which may wrap a client error).
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(e),
+        other => StoreError::Unavailable(format!("database: {other}")),
+    }
 }
 
 /// Milliseconds as a `bigint` (saturating: times beyond 2^63 ms do not occur).
@@ -65,7 +80,7 @@ fn count(v: usize) -> i64 {
 }
 
 async fn client(pool: &Pool) -> Result<Object, StoreError> {
-    pool.get().await.map_err(pg_err)
+    pool.get().await.map_err(pool_err)
 }
 
 /// The columns a lease is found by, beside its record.
@@ -137,7 +152,7 @@ impl PgStore {
                 .map_err(pg_err)?;
             let level: String = row.try_get(0).map_err(pg_err)?;
             drop(client);
-            let _ = driver.await;
+            drop(driver);
             Ok(level)
         })?;
         let barrier = match BARRIER_LEVELS.iter().find(|l| **l == level) {
@@ -865,7 +880,7 @@ pub fn scratch_database(base_url: &str) -> Result<String, StoreError> {
         let driver = tokio::spawn(connection);
         client.batch_execute(&create).await.map_err(pg_err)?;
         drop(client);
-        let _ = driver.await;
+        drop(driver);
         Ok(())
     })?;
     let (head, query) = base_url.split_once('?').unwrap_or((base_url, ""));

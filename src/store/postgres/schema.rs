@@ -113,7 +113,11 @@ async fn create_ledger(client: &Client) -> Result<(), StoreError> {
                 if attempt < 2
                     && matches!(
                         e.code(),
-                        Some(&SqlState::UNIQUE_VIOLATION | &SqlState::DUPLICATE_TABLE)
+                        Some(
+                            &SqlState::UNIQUE_VIOLATION
+                                | &SqlState::DUPLICATE_TABLE
+                                | &SqlState::DUPLICATE_OBJECT
+                        )
                     ) => {}
             Err(e) => return Err(pg_err(e)),
         }

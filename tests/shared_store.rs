@@ -1,0 +1,388 @@
+//! Several brokers on one PostgreSQL database (issue 11): each guarantee
+//! with two or three real brokers, real mTLS and the generated client.
+//! Skipped, saying so, when `PORTCULLIS_TEST_DATABASE_URL` is not set;
+//! `.ci/run` always sets it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "a failure is a test failure"
+)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use portcullis::dev::As;
+use portcullis::pb;
+use portcullis::pb::approvals_client::ApprovalsClient;
+use portcullis::pb::audit_client::AuditClient;
+use portcullis::pb::keys_client::KeysClient;
+use portcullis::server::Running;
+
+/// Two brokers on a fresh database, or `None` when there is no database.
+async fn pair(test: &str) -> Option<(Harness, Running)> {
+    let db = scratch_database(test)?;
+    let h = Harness::start_shared(db, None).await;
+    let b = h.another().await;
+    Some((h, b))
+}
+
+async fn park(
+    c: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+) -> pb::TokenRequest {
+    match c
+        .request_token(ask(&["orders.admin"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+        .unwrap()
+    {
+        pb::request_token_response::Outcome::Pending(p) => p,
+        other => panic!("expected pending, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_approval_on_one_broker_reaches_a_watcher_on_another_once() {
+    let Some((h, b)) = pair("an_approval_on_one_broker_reaches_a_watcher_on_another_once").await
+    else {
+        return;
+    };
+    let mut on_a = h.broker(As::Workload).await;
+    let req = park(&mut on_a).await;
+    let mut watch = on_a
+        .watch_request(pb::WatchRequestRequest {
+            request_id: req.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(
+        first.request.unwrap().state,
+        pb::RequestState::Pending as i32
+    );
+
+    // Broker B lists it and takes the decision.
+    let mut approver = ApprovalsClient::new(h.opts_on(&b, As::Approver).connect().await.unwrap());
+    let pending = approver
+        .list_pending(pb::ListPendingRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert_eq!(pending.len(), 1, "B sees the request parked on A");
+    let decided = Instant::now();
+    approver
+        .approve(pb::ApproveRequest {
+            request_id: req.id.clone(),
+            reason: "ok".into(),
+            digest: req.digest.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // The watcher on A learns of it within a second, with the token.
+    let msg = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let m = watch.message().await.unwrap().unwrap();
+            if m.grant.is_some() {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("the watcher on A hears of B's decision within 1 s");
+    let waited = decided.elapsed();
+    let grant = msg.grant.unwrap();
+    assert_eq!(msg.request.unwrap().state, pb::RequestState::Issued as i32);
+
+    // No second copy from either broker.
+    for client in [&mut on_a, &mut h.broker_on(&b, As::Workload).await] {
+        let again = client
+            .get_request(pb::GetRequestRequest {
+                request_id: req.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.grant.is_none(), "delivered once");
+    }
+    // B verifies the token A delivered.
+    let active = h
+        .broker_on(&b, As::Workload)
+        .await
+        .introspect(pb::IntrospectRequest {
+            token: grant.token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active;
+    assert!(active, "the token from A is active on B");
+    eprintln!("watcher on A heard of B's decision after {waited:?}");
+    b.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_on_another_broker_gets_the_same_lease() {
+    let Some((h, b)) = pair("a_retry_on_another_broker_gets_the_same_lease").await else {
+        return;
+    };
+    let ask_once = || pb::RequestTokenRequest {
+        client_request_id: "deploy-42".into(),
+        ..ask(&["orders.read"])
+    };
+    let first = grant(&mut h.broker(As::Workload).await, ask_once()).await;
+    let second = grant(&mut h.broker_on(&b, As::Workload).await, ask_once()).await;
+    assert_eq!(
+        first.lease.unwrap().id,
+        second.lease.unwrap().id,
+        "one lease for one client_request_id, whichever broker answers"
+    );
+    assert_eq!(count_leases(&mut h.broker(As::Workload).await).await, 1);
+    b.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_on_one_broker_is_seen_at_once_on_another() {
+    let Some((h, b)) = pair("a_revocation_on_one_broker_is_seen_at_once_on_another").await else {
+        return;
+    };
+    let mut on_a = h.broker(As::Workload).await;
+    let g = grant(&mut on_a, ask(&["orders.read"])).await;
+    let introspect = |token: String| pb::IntrospectRequest { token };
+    assert!(
+        on_a.introspect(introspect(g.token.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .active
+    );
+    h.broker_on(&b, As::Workload)
+        .await
+        .revoke_lease(pb::RevokeLeaseRequest {
+            lease_id: g.lease.unwrap().id,
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !on_a
+            .introspect(introspect(g.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .active,
+        "revoked on B, inactive on A at once"
+    );
+    b.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_brokers_records_form_one_chain_that_verifies() {
+    let Some((h, b)) = pair("every_brokers_records_form_one_chain_that_verifies").await else {
+        return;
+    };
+    let c = h.another().await;
+    let brokers = [h.running(), &b, &c];
+    let mut tasks = Vec::new();
+    for r in brokers {
+        for _ in 0..4 {
+            let mut client = h.broker_on(r, As::Workload).await;
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    grant(&mut client, ask(&["orders.read"])).await;
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for r in brokers {
+        let v = AuditClient::new(h.opts_on(r, As::Admin).connect().await.unwrap())
+            .verify(pb::VerifyRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.ok, "chain verifies from every broker: {v:?}");
+        assert!(
+            v.records >= 120,
+            "120 grants over three brokers, one chain: {v:?}"
+        );
+    }
+    c.shutdown().await;
+    b.shutdown().await;
+    h.stop().await;
+}
+
+async fn jwks_of(r: &Running) -> String {
+    http_get(r.http_addr.unwrap(), "/.well-known/jwks.json").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_on_one_broker_is_published_by_every_broker() {
+    let Some((h, b)) = pair("a_rotation_on_one_broker_is_published_by_every_broker").await else {
+        return;
+    };
+    assert_eq!(
+        jwks_of(h.running()).await,
+        jwks_of(&b).await,
+        "one key ring"
+    );
+    KeysClient::new(h.opts_on(&b, As::Admin).connect().await.unwrap())
+        .rotate(pb::RotateRequest {
+            emergency: false,
+            kid: String::new(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let on_b = jwks_of(&b).await;
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        let on_a = jwks_of(h.running()).await;
+        if on_a == on_b {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "A still publishes {on_a} while B publishes {on_b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keys: serde_json::Value = serde_json::from_str(&on_b).unwrap();
+    assert_eq!(
+        keys["keys"].as_array().unwrap().len(),
+        2,
+        "the next key is published"
+    );
+    b.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_broker_leads_the_time_driven_work_and_another_takes_over() {
+    let Some((h, b)) = pair("one_broker_leads_the_time_driven_work_and_another_takes_over").await
+    else {
+        return;
+    };
+    let leaders = || [h.running().engine.leads(), b.engine.leads()];
+    let until = Instant::now() + Duration::from_secs(3);
+    while leaders().iter().filter(|l| **l).count() != 1 {
+        assert!(Instant::now() < until, "no single leader: {:?}", leaders());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A lease granted on the follower expires under the leader.
+    let (leader, follower) = if b.engine.leads() {
+        (&b, h.running())
+    } else {
+        (h.running(), &b)
+    };
+    let mut on_follower = h.broker_on(follower, As::Workload).await;
+    let g = grant(
+        &mut on_follower,
+        pb::RequestTokenRequest {
+            ttl: secs(60),
+            ..ask(&["orders.read"])
+        },
+    )
+    .await;
+    let lease_id = g.lease.unwrap().id;
+    h.clock.advance(Duration::from_secs(61));
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let lease = on_follower
+            .get_lease(pb::GetLeaseRequest {
+                lease_id: lease_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .lease
+            .unwrap();
+        if lease.state == pb::LeaseState::Expired as i32 {
+            break;
+        }
+        assert!(Instant::now() < until, "the leader did not expire it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(leader.engine.leads());
+
+    // The leader stops; the other broker takes over.
+    let follower_was_b = !b.engine.leads();
+    let mut h = h;
+    let survivor = if follower_was_b {
+        h.halt().await;
+        b
+    } else {
+        b.shutdown().await;
+        h.running.take().unwrap()
+    };
+    let until = Instant::now() + Duration::from_secs(7);
+    while !survivor.engine.leads() {
+        assert!(Instant::now() < until, "nobody took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    survivor.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn brokers_starting_together_migrate_once_and_share_one_first_key() {
+    let Some(db) =
+        scratch_database("brokers_starting_together_migrate_once_and_share_one_first_key")
+    else {
+        return;
+    };
+    let mut h = Harness::start_shared(db.clone(), None).await;
+    h.halt().await;
+    // A fresh database for the race itself.
+    let Some(fresh) = scratch_database("race") else {
+        return;
+    };
+    h.database = Some(fresh);
+    let (a, b, c) = tokio::join!(h.another(), h.another(), h.another());
+    let sets = [jwks_of(&a).await, jwks_of(&b).await, jwks_of(&c).await];
+    assert!(
+        sets.iter().all(|s| *s == sets[0]),
+        "one first key for every broker: {sets:?}"
+    );
+    let keys: serde_json::Value = serde_json::from_str(&sets[0]).unwrap();
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 1);
+    for r in [a, b, c] {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_of_a_newer_schema_is_refused() {
+    let Some(db) = scratch_database("a_database_of_a_newer_schema_is_refused") else {
+        return;
+    };
+    let mut h = Harness::start_shared(db.clone(), None).await;
+    h.halt().await;
+    let (client, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute("INSERT INTO portcullis_migrations (version) VALUES (999)")
+        .await
+        .unwrap();
+    let Err(e) = portcullis::server::start(h.config()).await else {
+        panic!("a newer schema must be refused");
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains("999") && msg.contains("schema"),
+        "names the versions: {msg}"
+    );
+}
