@@ -40,9 +40,14 @@ pub struct Harness {
 /// stderr that the test is skipped and how to run it — when the tests were
 /// given no PostgreSQL.
 pub fn scratch_database(test: &str) -> Option<String> {
-    use portcullis::store::postgres::{TEST_DATABASE_ENV, scratch_database};
+    postgres_for(test).map(|base| portcullis::store::postgres::scratch_database(&base).unwrap())
+}
+
+/// The tests' PostgreSQL URL, or `None` after saying that `test` is skipped.
+pub fn postgres_for(test: &str) -> Option<String> {
+    use portcullis::store::postgres::TEST_DATABASE_ENV;
     match std::env::var(TEST_DATABASE_ENV) {
-        Ok(base) => Some(scratch_database(&base).unwrap()),
+        Ok(base) => Some(base),
         Err(_) => {
             eprintln!(
                 "SKIPPED: {test} needs PostgreSQL: set {TEST_DATABASE_ENV} (`.ci/postgres start` prints a URL for it)"
