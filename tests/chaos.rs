@@ -208,8 +208,18 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
         return;
     }
     let (cluster, url) = Cluster::start();
-    let h = Harness::start_shared(url.clone(), None).await;
+    let mut h = Harness::start_shared(url.clone(), None).await;
     let (mut child, child_addr) = spawn_broker(&h, &url);
+    // Hand the lead to the child process (the one that will be killed): the
+    // in-process broker stops, resigning, and comes back as a follower.
+    h.halt().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.boot().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !h.running().engine.leads(),
+        "the child process took the lead while the other was down"
+    );
     let on_child = || {
         let opts = portcullis::client::ClientOpts {
             server: Some(child_addr.clone()),
@@ -297,17 +307,20 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
     .await;
     assert!(engine.healthy(), "healthy again");
 
-    // The broker process dies without warning; the other carries on (and
-    // takes over the time-driven work if the dead one led it).
+    // The leading broker process dies without warning (no resignation):
+    // the other carries on, and takes the lead once the dead one's term
+    // runs out.
     seen.killed.store(true, Ordering::Relaxed);
     child.kill().unwrap();
     let _ = child.wait();
     until_granting(&seen, 50, "the surviving broker stopped granting").await;
-    let until = Instant::now() + Duration::from_secs(10);
+    let killed = Instant::now();
+    let until = killed + Duration::from_secs(10);
     while !engine.leads() {
         assert!(Instant::now() < until, "the survivor did not take the lead");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let takeover = killed.elapsed();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
@@ -347,7 +360,7 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
         .into_inner();
     assert!(v.ok, "{v:?}");
     eprintln!(
-        "chaos: {} grants acknowledged, refusals {refused:?}, {} calls cut off by the kill, {} approved tokens delivered once, {} records verified",
+        "chaos: {} grants acknowledged, refusals {refused:?}, {} calls cut off by the kill, {} approved tokens delivered once, {} records verified, lead taken over {takeover:?} after the kill",
         acknowledged.len(),
         seen.cut_off.load(Ordering::Relaxed),
         delivered.lock().unwrap().len(),

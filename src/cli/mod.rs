@@ -23,6 +23,7 @@ mod policy;
 mod render;
 mod requests;
 mod serve;
+mod store;
 mod token;
 
 pub use agent::AgentArgs;
@@ -118,6 +119,11 @@ pub enum Command {
     Agent(AgentArgs),
     /// Load-test a running broker with auto-tier token requests.
     Bench(BenchArgs),
+    /// Move a broker's state to another store (offline).
+    Store {
+        #[command(subcommand)]
+        cmd: store::StoreCmd,
+    },
 }
 
 /// Run a client or offline command (everything except `serve`).
@@ -129,6 +135,7 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
         Command::Policy { cmd } => return policy::run(out, cmd, &opts),
         Command::Agent(args) => return agent::run(args, opts).await,
         Command::Bench(args) => return bench::run(out, args, &opts).await,
+        Command::Store { cmd } => return store::run(out, cmd).await,
         other => other,
     };
     // One connection for the whole invocation; every client is made from it.
@@ -139,9 +146,11 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
         Command::Requests { cmd } => requests::run(out, cmd, channel).await,
         Command::Keys { cmd } => keys::run(out, cmd, channel).await,
         Command::Audit { cmd } => audit::run(out, cmd, channel).await,
-        Command::Serve(_) | Command::Policy { .. } | Command::Agent(_) | Command::Bench(_) => {
-            Err(exit::usage("not a client command"))
-        }
+        Command::Serve(_)
+        | Command::Policy { .. }
+        | Command::Agent(_)
+        | Command::Bench(_)
+        | Command::Store { .. } => Err(exit::usage("not a client command")),
     }
 }
 

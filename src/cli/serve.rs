@@ -103,7 +103,12 @@ pub struct ServeArgs {
     /// given the same database serves the same leases, requests, keys and
     /// trail (`postgres://user:pass@host:5432/db?sslmode=require`). TLS is
     /// verified in full; see docs/operations.md.
-    #[arg(long, env = "PORTCULLIS_DATABASE_URL", conflicts_with = "in_memory")]
+    #[arg(
+        long,
+        env = "PORTCULLIS_DATABASE_URL",
+        hide_env_values = true,
+        conflicts_with = "in_memory"
+    )]
     pub database_url: Option<String>,
     /// PEM bundle of the CAs the database's certificate must chain to
     /// (default: the system's roots).

@@ -84,6 +84,9 @@ pub struct Engine {
     /// Whether this broker does the time-driven work (always, on a store
     /// of its own; while it holds the role, on a shared one).
     leader: watch::Sender<bool>,
+    /// On a shared store: when this broker must stop acting as leader unless
+    /// a renewal moved it (half a term after the last renewal started).
+    lead_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// What an engine is built from.
@@ -114,6 +117,7 @@ impl Engine {
         let leader = watch::channel(!parts.store.shared()).0;
         Self {
             leader,
+            lead_until: Mutex::new(None),
             records: Records::new(parts.store, metrics.clone()),
             commit: parts.commit,
             policy: RwLock::new(Arc::new(parts.policy)),
@@ -148,6 +152,10 @@ impl Engine {
     pub fn note(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
         self.audit
             .append(self.store().as_ref(), self.clock.now(), entries)?;
+        if self.store().shared() {
+            // A shared store chains (and shows) records only at a sync.
+            self.commit.nudge();
+        }
         Ok(())
     }
 

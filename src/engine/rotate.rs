@@ -42,6 +42,15 @@ impl Engine {
         schedule: &Schedule,
         now: Millis,
     ) -> Result<Option<Millis>, EngineError> {
+        self.alone_on_keys(self.rotate_due_here(schedule, now))
+            .await
+    }
+
+    async fn rotate_due_here(
+        &self,
+        schedule: &Schedule,
+        now: Millis,
+    ) -> Result<Option<Millis>, EngineError> {
         let (steps, wake) = plan(
             now,
             &self.store().keys()?,
@@ -135,7 +144,11 @@ impl Engine {
             .into());
         }
         let (me, who, schedule) = (self.clone(), who.clone(), *schedule);
-        tokio::spawn(async move { me.rotate_now_here(&who, &ask, &schedule).await }).await?
+        tokio::spawn(async move {
+            me.alone_on_keys(me.rotate_now_here(&who, &ask, &schedule))
+                .await
+        })
+        .await?
     }
 
     async fn rotate_now_here(
@@ -152,7 +165,7 @@ impl Engine {
         self.store().put_meta(FORCED, now.to_string().as_bytes())?;
         let entry = AuditEntry::ok(who.as_str(), Action::KeyRotationRequested, "", &[], reason);
         self.record(vec![entry]).await?;
-        self.rotate_due(schedule, now).await?;
+        self.rotate_due_here(schedule, now).await?;
         Ok(())
     }
 

@@ -4,21 +4,45 @@
 //! ring, new trail records — reaches this broker's watchers, key ring and
 //! followers.
 
+use std::future::Future;
+use std::time::{Duration, Instant};
+
 use tokio_util::sync::CancellationToken;
 
-use super::Engine;
+use super::{Engine, EngineError};
+use crate::store::StoreError;
+
+/// The role a broker holds while it changes the key ring of a shared store,
+/// so rotation steps (scheduled, or asked for on any broker) never
+/// interleave.
+const KEYS_ROLE: &str = "keys";
+/// Longest a key-ring change may hold [`KEYS_ROLE`].
+const KEYS_TERM_MS: u64 = 30_000;
+/// Longest a key-ring change waits for another to finish.
+const KEYS_WAIT: Duration = Duration::from_secs(15);
 
 /// What a request watcher is sent when any request may have changed.
 pub(super) const ANY_REQUEST: &str = "*";
 
 impl Engine {
-    /// Does this broker do the time-driven work now?
+    /// Does this broker do the time-driven work now? On a shared store only
+    /// until half a term after its last renewal started, whatever the
+    /// leadership task has (not yet) said: a broker whose renewals hang
+    /// stops acting before another can take the role.
     pub fn leads(&self) -> bool {
         *self.leader.borrow()
+            && self
+                .lead_until
+                .lock()
+                .is_ok_and(|u| u.is_none_or(|u| Instant::now() < u))
     }
 
-    /// The leadership task's verdict.
-    pub fn set_leading(&self, leading: bool) {
+    /// The leadership task's verdict: leading until `until` (`None`: no
+    /// limit, a store of its own), or not leading.
+    pub fn set_leading(&self, leading: bool, until: Option<Instant>) {
+        if let Ok(mut u) = self.lead_until.lock() {
+            *u = until;
+        }
         self.leader.send_if_modified(|l| {
             let changed = *l != leading;
             *l = leading;
@@ -30,12 +54,16 @@ impl Engine {
     pub async fn until_leading(&self, cancel: &CancellationToken) -> bool {
         let mut rx = self.leader.subscribe();
         loop {
-            if *rx.borrow_and_update() {
+            rx.borrow_and_update();
+            if self.leads() {
                 return true;
             }
+            // Not leading, or leading past the deadline while a renewal
+            // hangs: wait for a verdict, looking again now and then.
             tokio::select! {
                 () = cancel.cancelled() => return false,
                 r = rx.changed() => if r.is_err() { return false },
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
     }
@@ -57,5 +85,43 @@ impl Engine {
         if news == "*" {
             let _ = self.request_events.send(ANY_REQUEST.to_owned());
         }
+    }
+
+    /// Run `change` (a key-ring change) alone among every broker of a
+    /// shared store, on the newest stored ring; at once on a store of its
+    /// own.
+    pub(super) async fn alone_on_keys<T>(
+        &self,
+        change: impl Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
+        let store = self.store().clone();
+        if !store.shared() {
+            return change.await;
+        }
+        let me = crate::text::new_id("keys_", self.clock.now())
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let until = Instant::now() + KEYS_WAIT;
+        loop {
+            let (s, m) = (store.clone(), me.clone());
+            let mine = tokio::task::spawn_blocking(move || s.lead(KEYS_ROLE, &m, KEYS_TERM_MS))
+                .await
+                .map_err(|e| EngineError::Internal(e.to_string()))??;
+            if mine {
+                break;
+            }
+            if Instant::now() > until {
+                return Err(StoreError::Unavailable(
+                    "another broker has been changing the key ring for too long".into(),
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let result = match self.keys.refresh(store.as_ref()) {
+            Ok(_) => change.await,
+            Err(e) => Err(e.into()),
+        };
+        let _ = tokio::task::spawn_blocking(move || store.resign(KEYS_ROLE, &me)).await;
+        result
     }
 }

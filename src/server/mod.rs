@@ -9,6 +9,7 @@ mod tasks;
 
 pub use self::grpc::MAX_MESSAGE;
 pub use crate::engine::Limits;
+pub use crate::store::copy::Copied;
 pub use crate::store::postgres::PgOptions;
 
 use std::net::SocketAddr;
@@ -509,6 +510,40 @@ async fn open_state(
         cfg.clock.now(),
     )?);
     Ok((store, ring, node))
+}
+
+/// Where `portcullis store copy` reads or writes: a PostgreSQL URL, or a
+/// sled data directory (`sled:DIR` or just `DIR`).
+fn open_named(spec: &str, ca_file: Option<&Path>) -> Result<Arc<dyn Store>, ServeError> {
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        return Ok(Arc::new(PgStore::connect(&PgOptions {
+            url: spec.to_owned(),
+            ca_file: ca_file.map(Path::to_path_buf),
+            pool_size: 4,
+        })?));
+    }
+    let dir = spec.strip_prefix("sled:").unwrap_or(spec);
+    if dir.is_empty() {
+        return Err(ServeError::Config(
+            "name a sled data directory or a postgres:// URL".into(),
+        ));
+    }
+    Ok(Arc::new(SledStore::open_with(
+        Path::new(dir),
+        SledOptions::default(),
+    )?))
+}
+
+/// Copy every record of the store `from` names into the empty store `to`
+/// names (`portcullis store copy`); both must be quiet. Blocking.
+pub fn copy_store(
+    from: &str,
+    to: &str,
+    ca_file: Option<&Path>,
+) -> Result<crate::store::copy::Copied, ServeError> {
+    let source = open_named(from, ca_file)?;
+    let target = open_named(to, ca_file)?;
+    Ok(crate::store::copy::copy(source.as_ref(), target.as_ref())?)
 }
 
 /// The store `cfg` names: PostgreSQL, sled in its data directory, or memory.

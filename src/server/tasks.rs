@@ -307,12 +307,13 @@ pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: Cancellation
     let term = millis(LEADER_TERM);
     loop {
         let (store, n) = (engine.store().clone(), node.clone());
+        let asked = std::time::Instant::now();
         let held = tokio::task::spawn_blocking(move || store.lead(UPKEEP_ROLE, &n, term)).await;
         let leading = matches!(held, Ok(Ok(true)));
         if leading != engine.leads() {
             tracing::info!(node = %node, leading, "upkeep leadership changed");
         }
-        engine.set_leading(leading);
+        engine.set_leading(leading, Some(asked + LEADER_TERM / 2));
         if let Ok(Err(e)) = held {
             tracing::warn!(error = %e, "cannot renew upkeep leadership; time-driven work paused here");
         }
@@ -322,7 +323,7 @@ pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: Cancellation
         }
     }
     if engine.leads() {
-        engine.set_leading(false);
+        engine.set_leading(false, None);
         let store = engine.store().clone();
         let _ = tokio::task::spawn_blocking(move || store.resign(UPKEEP_ROLE, &node)).await;
     }

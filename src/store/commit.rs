@@ -95,6 +95,14 @@ impl GroupCommit {
         }
     }
 
+    /// Ask for a sync soon without waiting for it: for writes nobody waits
+    /// on (a noted refusal on a shared store, whose records become visible
+    /// only when a sync chains them).
+    pub fn nudge(&self) {
+        self.inner.issued.fetch_add(1, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+    }
+
     /// Did the latest sync succeed (or has there been none)?
     pub fn healthy(&self) -> bool {
         let p = *self.inner.progress.borrow();
@@ -131,7 +139,9 @@ async fn flusher(inner: Arc<Inner>, store: Arc<dyn Store>, cancel: CancellationT
             }
             target = now;
         }
-        if target > done {
+        // The last round syncs even without a ticket: a shared store may
+        // hold records queued by writes nobody waited on.
+        if target > done || stopping {
             let s = store.clone();
             let result = tokio::task::spawn_blocking(move || s.sync())
                 .await

@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
-    RequestStore, Store, StoreError, TokenRequest, deadline_key, idem_key, split_deadline_key,
-    subject_key,
+    RequestStore, Row, Store, StoreError, Table, TokenRequest, deadline_key, idem_key,
+    split_deadline_key, subject_key,
 };
 
 #[derive(Default)]
@@ -337,6 +337,61 @@ impl Store for MemStore {
 
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
         self.lock()?.meta.insert(name.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
+        fn page<V: Clone>(
+            map: &BTreeMap<Vec<u8>, V>,
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Vec<(Vec<u8>, V)> {
+            map.iter()
+                .filter(|(k, _)| after.is_none_or(|a| k.as_slice() > a))
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }
+        fn bytes<V: Clone>(map: &BTreeMap<String, V>) -> BTreeMap<Vec<u8>, V> {
+            map.iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+                .collect()
+        }
+        let g = self.lock()?;
+        Ok(match table {
+            Table::Leases => page(&bytes(&g.leases), after, limit)
+                .into_iter()
+                .map(|(k, l)| (k, Row::Lease(l)))
+                .collect(),
+            Table::Requests => page(&bytes(&g.requests), after, limit)
+                .into_iter()
+                .map(|(k, r)| (k, Row::Request(r)))
+                .collect(),
+            Table::Idempotency => page(&g.idem, after, limit)
+                .into_iter()
+                .map(|(k, i)| (k, Row::Idempotency(i)))
+                .collect(),
+            Table::Meta => page(&bytes(&g.meta), after, limit)
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        Row::Meta(String::from_utf8_lossy(&k).into_owned(), v),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    fn put_idempotency(&self, entry: &Idempotency) -> Result<(), StoreError> {
+        self.lock()?
+            .idem
+            .insert(idem_key(&entry.caller, &entry.key), entry.clone());
         Ok(())
     }
 

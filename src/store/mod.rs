@@ -30,6 +30,7 @@
 //! older records keep decoding as the schema grows.
 
 pub mod commit;
+pub mod copy;
 pub mod mem;
 pub mod postgres;
 mod record;
@@ -638,6 +639,29 @@ pub trait Store: LeaseStore + RequestStore + AuditStore + KeyStore + Send + Sync
         Ok((self.purge_leases(before)?, self.purge_requests(before)?))
     }
 
+    /// Rows of `table` in key order after the key `after`, at most `limit`,
+    /// with their keys (the cursor for the next page): for moving a store
+    /// to another backend (`store::copy`).
+    fn scan(
+        &self,
+        table: Table,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
+        let _ = (table, after, limit);
+        Err(StoreError::Unavailable(
+            "this store cannot be read for a copy".into(),
+        ))
+    }
+
+    /// Store an idempotency entry as it is (moving a store).
+    fn put_idempotency(&self, entry: &Idempotency) -> Result<(), StoreError> {
+        let _ = entry;
+        Err(StoreError::Unavailable(
+            "this store cannot be written by a copy".into(),
+        ))
+    }
+
     // What only a store several brokers share has. The embedded stores
     // keep the defaults: one broker, which numbers its own trail, leads
     // always and hears of every change in-process.
@@ -680,6 +704,33 @@ pub trait Store: LeaseStore + RequestStore + AuditStore + KeyStore + Send + Sync
         let _ = (role, holder);
         Ok(())
     }
+}
+
+/// What [`Store::scan`] reads: the record kinds that have no reader of
+/// their own (keys, the trail and checkpoints do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// Every lease, ended or not.
+    Leases,
+    /// Every request, ended or not.
+    Requests,
+    /// Every idempotency entry.
+    Idempotency,
+    /// Every metadata value.
+    Meta,
+}
+
+/// One row of a [`Table`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Row {
+    /// A lease.
+    Lease(Lease),
+    /// A request.
+    Request(TokenRequest),
+    /// An idempotency entry.
+    Idempotency(Idempotency),
+    /// A metadata value by name.
+    Meta(String, Vec<u8>),
 }
 
 /// Big-endian deadline ‖ id: sorts by time, then id.

@@ -14,9 +14,9 @@ use sled::{Db, Transactional as _, Tree};
 
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
-    READABLE_SCHEMA_VERSIONS, RequestStore, SCHEMA_VERSION, Store, StoreError, TokenRequest,
-    deadline_key, decode, decode_lease, encode, encode_lease, idem_key, split_deadline_key,
-    subject_key,
+    READABLE_SCHEMA_VERSIONS, RequestStore, Row, SCHEMA_VERSION, Store, StoreError, Table,
+    TokenRequest, deadline_key, decode, decode_lease, encode, encode_lease, idem_key,
+    split_deadline_key, subject_key,
 };
 
 /// sled-backed store rooted at a data directory.
@@ -699,6 +699,46 @@ impl Store for SledStore {
     fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
         self.meta
             .insert(name.as_bytes(), value)
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
+        let tree = match table {
+            Table::Leases => &self.leases,
+            Table::Requests => &self.requests,
+            Table::Idempotency => &self.idem,
+            Table::Meta => &self.meta,
+        };
+        let iter = match after {
+            Some(a) => tree.range::<Vec<u8>, _>((
+                std::ops::Bound::Excluded(a.to_vec()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => tree.iter(),
+        };
+        iter.take(limit)
+            .map(|item| {
+                let (k, v) = item.map_err(unavailable)?;
+                let row = match table {
+                    Table::Leases => Row::Lease(decode_lease(&k, &v)?),
+                    Table::Requests => Row::Request(decode("requests", &k, &v)?),
+                    Table::Idempotency => Row::Idempotency(decode("idempotency", &k, &v)?),
+                    Table::Meta => Row::Meta(String::from_utf8_lossy(&k).into_owned(), v.to_vec()),
+                };
+                Ok((k.to_vec(), row))
+            })
+            .collect()
+    }
+
+    fn put_idempotency(&self, entry: &Idempotency) -> Result<(), StoreError> {
+        self.idem
+            .insert(idem_key(&entry.caller, &entry.key), encode(entry)?)
             .map_err(unavailable)?;
         Ok(())
     }

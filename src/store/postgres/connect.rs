@@ -44,8 +44,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between attempts to re-establish the listener.
 const RELISTEN: Duration = Duration::from_secs(1);
 
-/// How to reach the database.
-#[derive(Clone, Debug)]
+/// How to reach the database. (`Debug` leaves the URL out: it may hold a
+/// password.)
+#[derive(Clone)]
 pub struct PgOptions {
     /// `postgres://user@host:port/db?sslmode=…` (libpq URL or key=value).
     pub url: String,
@@ -53,6 +54,16 @@ pub struct PgOptions {
     pub ca_file: Option<std::path::PathBuf>,
     /// Connections in the pool.
     pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &"<redacted>")
+            .field("ca_file", &self.ca_file)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
 }
 
 /// Parsed connection settings and the TLS connector for them.
@@ -81,7 +92,9 @@ fn is_local(host: &Host) -> bool {
 impl Target {
     pub(super) fn parse(opts: &PgOptions) -> Result<Self, StoreError> {
         let mut config = Config::from_str(&opts.url).map_err(bad_url)?;
-        let local = config.get_hosts().iter().all(is_local);
+        // `hostaddr` is where the connection really goes.
+        let local = config.get_hosts().iter().all(is_local)
+            && config.get_hostaddrs().iter().all(|a| a.is_loopback());
         match config.get_ssl_mode() {
             SslMode::Prefer if !local => {
                 config.ssl_mode(SslMode::Require);
@@ -97,6 +110,10 @@ impl Target {
             config.application_name("portcullis");
         }
         config.connect_timeout(CONNECT_TIMEOUT);
+        // A database that vanishes without a reset (a failover, a cut
+        // cable) is noticed in seconds, not after the kernel's defaults.
+        config.keepalives_idle(Duration::from_secs(5));
+        config.tcp_user_timeout(CALL_TIMEOUT);
         Ok(Self {
             config,
             tls: MakeRustlsConnect::new(tls_config(opts.ca_file.as_deref())?),

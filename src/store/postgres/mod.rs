@@ -40,7 +40,8 @@ use self::connect::{Bridge, Target};
 pub use self::schema::LATEST as SCHEMA_VERSION;
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
-    RequestStore, Store, StoreError, TokenRequest, decode, decode_lease, encode, encode_lease,
+    RequestStore, Row, Store, StoreError, Table, TokenRequest, decode, decode_lease, encode,
+    encode_lease,
 };
 use crate::chain::{chained, sha256_hex};
 
@@ -286,9 +287,13 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let mut c = client(&pool).await?;
         let tx = c.transaction().await.map_err(pg_err)?;
-        tx.batch_execute(&format!("SET LOCAL synchronous_commit = {level}"))
-            .await
-            .map_err(pg_err)?;
+        // No statement timeout: a cancelled wait for a synchronous standby
+        // would still report the commit as done.
+        tx.batch_execute(&format!(
+            "SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0"
+        ))
+        .await
+        .map_err(pg_err)?;
         let head = tx
             .query_one(
                 "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
@@ -468,31 +473,17 @@ impl PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
-        let pool = self.pool.clone();
-        let subject = subject.to_owned();
-        let after = after.unwrap_or_default().to_owned();
-        let rows = self.run(async move {
-            let c = client(&pool).await?;
-            let rows = c
-                .query(
-                    "SELECT id, record FROM leases WHERE subject = $1 AND id > $2
-                     ORDER BY id LIMIT $3",
-                    &[&subject, &after, &count(limit)],
-                )
-                .await
-                .map_err(pg_err)?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.try_get::<_, String>(0).map_err(pg_err)?,
-                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()
-        })?;
-        rows.iter()
-            .map(|(id, bytes)| decode_lease(id.as_bytes(), bytes))
-            .collect()
+        self.keyed(
+            "SELECT id, record FROM leases WHERE subject = $1 AND id > $2 ORDER BY id LIMIT $3",
+            vec![
+                Box::new(subject.to_owned()),
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )?
+        .iter()
+        .map(|(id, bytes)| decode_lease(id.as_bytes(), bytes))
+        .collect()
     }
 }
 
@@ -576,29 +567,16 @@ impl RequestStore for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TokenRequest>, StoreError> {
-        let pool = self.pool.clone();
-        let after = after.unwrap_or_default().to_owned();
-        let rows = self.run(async move {
-            let c = client(&pool).await?;
-            let rows = c
-                .query(
-                    "SELECT id, record FROM requests WHERE open AND id > $1 ORDER BY id LIMIT $2",
-                    &[&after, &count(limit)],
-                )
-                .await
-                .map_err(pg_err)?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.try_get::<_, String>(0).map_err(pg_err)?,
-                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()
-        })?;
-        rows.iter()
-            .map(|(id, bytes)| decode("requests", id.as_bytes(), bytes))
-            .collect()
+        self.keyed(
+            "SELECT id, record FROM requests WHERE open AND id > $1 ORDER BY id LIMIT $2",
+            vec![
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )?
+        .iter()
+        .map(|(id, bytes)| decode("requests", id.as_bytes(), bytes))
+        .collect()
     }
 
     fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -656,6 +634,33 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// `(text key, bytea record)` rows.
+    fn keyed(
+        &self,
+        sql: &'static str,
+        params: Params,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let c = client(&pool).await?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let rows = c.query(sql, &refs).await.map_err(pg_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<_, String>(0).map_err(pg_err)?,
+                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
+                    ))
+                })
+                .collect()
+        })
+    }
+}
+
 impl AuditStore for PgStore {
     fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         self.execute(
@@ -692,8 +697,10 @@ impl AuditStore for PgStore {
 
     fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
         self.execute(
+            // A checkpoint, once written (and perhaps handed to a witness),
+            // is never replaced.
             "INSERT INTO audit_checkpoints (seq, jws) VALUES ($1, $2)
-             ON CONFLICT (seq) DO UPDATE SET jws = excluded.jws",
+             ON CONFLICT (seq) DO NOTHING",
             vec![Box::new(ms(seq)), Box::new(jws.to_vec())],
         )?;
         Ok(())
@@ -760,23 +767,8 @@ impl KeyStore for PgStore {
 
 impl PgStore {
     fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        let pool = self.pool.clone();
-        let rows = self.run(async move {
-            let c = client(&pool).await?;
-            let rows = c
-                .query("SELECT kid, record FROM keys ORDER BY kid", &[])
-                .await
-                .map_err(pg_err)?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.try_get::<_, String>(0).map_err(pg_err)?,
-                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()
-        })?;
-        rows.iter()
+        self.keyed("SELECT kid, record FROM keys ORDER BY kid", vec![])?
+            .iter()
             .map(|(kid, bytes)| decode("keys", kid.as_bytes(), bytes))
             .collect()
     }
@@ -807,7 +799,82 @@ impl Store for PgStore {
             .lock()
             .map(|mut p| std::mem::take(&mut *p))
             .map_err(|_| StoreError::Unavailable("audit queue poisoned".into()))?;
-        self.run(Self::barrier(self.pool.clone(), self.barrier, bodies))
+        let result = self.run(Self::barrier(
+            self.pool.clone(),
+            self.barrier,
+            bodies.clone(),
+        ));
+        if result.is_err() {
+            // The state these records describe may have been committed (and
+            // be made durable by any later barrier, of any broker): keep
+            // them, ahead of newer ones, for the next barrier.
+            if let Ok(mut p) = self.pending_audit.lock() {
+                let newer = std::mem::replace(&mut *p, bodies);
+                p.extend(newer);
+            }
+        }
+        result
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
+        let after = String::from_utf8_lossy(after.unwrap_or_default()).into_owned();
+        let (caller, key) = after.split_once('\0').unwrap_or((after.as_str(), ""));
+        let (sql, params): (&'static str, Params) = match table {
+            Table::Leases => (
+                "SELECT id, record FROM leases WHERE id > $1 ORDER BY id LIMIT $2",
+                vec![Box::new(after.clone()), Box::new(count(limit))],
+            ),
+            Table::Requests => (
+                "SELECT id, record FROM requests WHERE id > $1 ORDER BY id LIMIT $2",
+                vec![Box::new(after.clone()), Box::new(count(limit))],
+            ),
+            Table::Idempotency => (
+                "SELECT caller || chr(0) || key, record FROM idempotency
+                 WHERE (caller, key) > ($1, $2) ORDER BY caller, key LIMIT $3",
+                vec![
+                    Box::new(caller.to_owned()),
+                    Box::new(key.to_owned()),
+                    Box::new(count(limit)),
+                ],
+            ),
+            Table::Meta => (
+                "SELECT name, value FROM meta WHERE name COLLATE \"C\" > $1
+                 ORDER BY name COLLATE \"C\" LIMIT $2",
+                vec![Box::new(after.clone()), Box::new(count(limit))],
+            ),
+        };
+        let rows = self.keyed(sql, params)?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                let row = match table {
+                    Table::Leases => Row::Lease(decode_lease(k.as_bytes(), &v)?),
+                    Table::Requests => Row::Request(decode("requests", k.as_bytes(), &v)?),
+                    Table::Idempotency => {
+                        Row::Idempotency(decode("idempotency", k.as_bytes(), &v)?)
+                    }
+                    Table::Meta => Row::Meta(k.clone(), v),
+                };
+                Ok((k.into_bytes(), row))
+            })
+            .collect()
+    }
+
+    fn put_idempotency(&self, entry: &Idempotency) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO idempotency (caller, key, record) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+            vec![
+                Box::new(entry.caller.clone()),
+                Box::new(entry.key.clone()),
+                Box::new(encode(entry)?),
+            ],
+        )?;
+        Ok(())
     }
 
     fn shared(&self) -> bool {

@@ -1,0 +1,167 @@
+//! Moving a store to another backend (sled → PostgreSQL when a team
+//! outgrows one machine, or back): every key, metadata value, lease,
+//! request, idempotency entry, audit record and checkpoint, through the
+//! [`Store`] contract, so any backend can be either side.
+//!
+//! Records are copied as they mean, not as they are encoded: a lease the
+//! source holds as schema-1 JSON arrives in the target's current encoding.
+//! Audit records and checkpoints are copied byte for byte (their hashes
+//! and signatures cover those bytes), so the trail verifies after the move.
+//! Both stores must be quiet: stop every broker on the source first (sled's
+//! lock enforces it for sled; nothing can for PostgreSQL).
+
+use super::{Store, StoreError, Table};
+use crate::store::Row;
+
+/// Rows read per page.
+const PAGE: usize = 1000;
+
+/// What was copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Signing keys (sealed as they were).
+    pub keys: u64,
+    /// Metadata values.
+    pub meta: u64,
+    /// Leases.
+    pub leases: u64,
+    /// Requests.
+    pub requests: u64,
+    /// Idempotency entries.
+    pub idempotency: u64,
+    /// Audit records.
+    pub audit: u64,
+    /// Audit checkpoints.
+    pub checkpoints: u64,
+}
+
+/// Metadata the target manages itself.
+const OWN_META: &[&str] = &["schema_version"];
+
+/// Copy everything in `from` into `to`, which must be empty, and make it
+/// durable. Refuses a target that already holds keys, leases or a trail.
+pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
+    if !to.keys()?.is_empty()
+        || to.audit_last()?.is_some()
+        || !to.scan(Table::Leases, None, 1)?.is_empty()
+        || !to.scan(Table::Requests, None, 1)?.is_empty()
+    {
+        return Err(StoreError::Unavailable(
+            "the target store is not empty; copy only into a new one".into(),
+        ));
+    }
+    let mut n = Copied::default();
+    for key in from.keys()? {
+        to.put_key(&key)?;
+        n.keys += 1;
+    }
+    for table in [
+        Table::Meta,
+        Table::Leases,
+        Table::Requests,
+        Table::Idempotency,
+    ] {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = from.scan(table, after.as_deref(), PAGE)?;
+            let done = page.len() < PAGE;
+            for (key, row) in page {
+                put(to, row, &mut n)?;
+                after = Some(key);
+            }
+            if done {
+                break;
+            }
+        }
+    }
+    let mut after = None;
+    loop {
+        let page = from.audit_after(after, PAGE)?;
+        let done = page.len() < PAGE;
+        for (seq, bytes) in page {
+            to.append_audit(seq, &bytes)?;
+            after = Some(seq);
+            n.audit += 1;
+        }
+        if done {
+            break;
+        }
+    }
+    for (seq, jws) in from.checkpoints()? {
+        to.put_checkpoint(seq, &jws)?;
+        n.checkpoints += 1;
+    }
+    to.sync()?;
+    check(from, to)?;
+    Ok(n)
+}
+
+fn put(to: &dyn Store, row: Row, n: &mut Copied) -> Result<(), StoreError> {
+    match row {
+        Row::Meta(name, value) => {
+            if !OWN_META.contains(&name.as_str()) {
+                to.put_meta(&name, &value)?;
+                n.meta += 1;
+            }
+        }
+        Row::Lease(l) => {
+            to.create_lease(&l, None)?;
+            n.leases += 1;
+        }
+        Row::Request(r) => {
+            to.create_request(&r, None)?;
+            n.requests += 1;
+        }
+        Row::Idempotency(i) => {
+            to.put_idempotency(&i)?;
+            n.idempotency += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The target now reads back what the source holds: the same newest audit
+/// record, checkpoints, keys, and every lease and request.
+fn check(from: &dyn Store, to: &dyn Store) -> Result<(), StoreError> {
+    let differs = |what: &str| {
+        Err(StoreError::Unavailable(format!(
+            "after the copy the target's {what} differ from the source's"
+        )))
+    };
+    if from.audit_last()? != to.audit_last()? {
+        return differs("newest audit record");
+    }
+    if from.checkpoints()? != to.checkpoints()? {
+        return differs("checkpoints");
+    }
+    let kids = |s: &dyn Store| -> Result<Vec<String>, StoreError> {
+        let mut k: Vec<String> = s.keys()?.into_iter().map(|k| k.kid).collect();
+        k.sort();
+        Ok(k)
+    };
+    if kids(from)? != kids(to)? {
+        return differs("signing keys");
+    }
+    for table in [Table::Leases, Table::Requests] {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = from.scan(table, after.as_deref(), PAGE)?;
+            let done = page.len() < PAGE;
+            for (key, row) in page {
+                let same = match &row {
+                    Row::Lease(l) => to.lease(&l.id)?.as_ref() == Some(l),
+                    Row::Request(r) => to.request(&r.id)?.as_ref() == Some(r),
+                    _ => true,
+                };
+                if !same {
+                    return differs("leases or requests");
+                }
+                after = Some(key);
+            }
+            if done {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
