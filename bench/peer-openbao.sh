@@ -11,6 +11,8 @@
 #      (scope orders.read), plus a disk probe (4 KiB write+fdatasync p50) of
 #      the temp dir, printed under the table.
 #   d. portcullis `serve --dev --in-memory`: the same bench.
+#   e. with PORTCULLIS_BENCH_DATABASE_URL set: portcullis on that PostgreSQL
+#      database (durable, one broker), the same bench.
 # ops/s counts successful requests only; p50/p99 are per-request latency as the
 # load generator sees it. "errors" is wrk's non-2xx/3xx count plus its socket
 # errors (OpenBao), or the bench's failed calls (portcullis). The script exits
@@ -283,6 +285,11 @@ run_bao_raft
 run_bao_dev
 run_portcullis "durable (dev store)"
 run_portcullis "in-memory" --in-memory
+# With a PostgreSQL URL, a row for one broker on it too (a fresh database
+# each run is the caller's business: bench/ha.sh makes one).
+if [[ -n ${PORTCULLIS_BENCH_DATABASE_URL:-} ]]; then
+  run_portcullis "durable (postgres)" --database-url "$PORTCULLIS_BENCH_DATABASE_URL"
+fi
 
 # ---------------------------------------------------------------- report
 echo

@@ -291,6 +291,27 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
         assert!(Instant::now() < until, "still healthy without a database");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let health = |status: &'static str| {
+        let addr = h.running().http_addr.unwrap();
+        async move {
+            let until = Instant::now() + Duration::from_secs(5);
+            loop {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                if out.starts_with(status) {
+                    return;
+                }
+                assert!(Instant::now() < until, "/healthz says {out}, not {status}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    health("HTTP/1.1 503").await;
     let before = seen.ok.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -306,6 +327,7 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
     )
     .await;
     assert!(engine.healthy(), "healthy again");
+    health("HTTP/1.1 200").await;
 
     // The leading broker process dies without warning (no resignation):
     // the other carries on, and takes the lead once the dead one's term

@@ -87,6 +87,8 @@ pub struct Engine {
     /// On a shared store: when this broker must stop acting as leader unless
     /// a renewal moved it (half a term after the last renewal started).
     lead_until: Mutex<Option<std::time::Instant>>,
+    /// Last health verdict: the store answers and the last commit worked.
+    serving: std::sync::atomic::AtomicBool,
 }
 
 /// What an engine is built from.
@@ -118,6 +120,7 @@ impl Engine {
         Self {
             leader,
             lead_until: Mutex::new(None),
+            serving: std::sync::atomic::AtomicBool::new(true),
             records: Records::new(parts.store, metrics.clone()),
             commit: parts.commit,
             policy: RwLock::new(Arc::new(parts.policy)),
@@ -157,6 +160,17 @@ impl Engine {
             self.commit.nudge();
         }
         Ok(())
+    }
+
+    /// The health task's last verdict (what `/healthz` answers).
+    pub fn serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Record the health task's verdict.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving
+            .store(serving, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Is the store usable and did the last group commit succeed?

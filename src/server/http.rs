@@ -114,6 +114,20 @@ pub(super) fn router(engine: Arc<Engine>) -> axum::Router {
     let cache_control = format!("public, max-age={}", JWKS_MAX_AGE.as_secs());
     let jwks_engine = engine.clone();
     let metrics_engine = engine.clone();
+    let health_engine = engine.clone();
+    // 503 while the store is unusable or the last commit failed (the gRPC
+    // health service says NOT_SERVING then too): a load balancer stops
+    // sending calls that could only be refused.
+    let healthz = move || {
+        let e = health_engine.clone();
+        async move {
+            if e.serving() {
+                (axum::http::StatusCode::OK, "ok\n")
+            } else {
+                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable\n")
+            }
+        }
+    };
     let jwks = move || {
         let (e, cache_control) = (jwks_engine.clone(), cache_control.clone());
         async move {
@@ -148,7 +162,7 @@ pub(super) fn router(engine: Arc<Engine>) -> axum::Router {
     axum::Router::new()
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(discovery))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
 }
 

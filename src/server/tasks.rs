@@ -218,6 +218,7 @@ pub(super) async fn health(
     let mut serving = None;
     loop {
         let ok = engine.healthy();
+        engine.set_serving(ok);
         if serving != Some(ok) {
             let status = if ok {
                 tonic_health::ServingStatus::Serving

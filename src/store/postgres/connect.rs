@@ -183,7 +183,9 @@ pub(super) struct Bridge {
 impl Bridge {
     pub(super) fn new() -> Result<Self, StoreError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            // One thread: a query and its connection task hand over without
+            // waking another thread (measured: docs/benchmarks.md).
+            .worker_threads(1)
             .thread_name("portcullis-db")
             .enable_all()
             .build()

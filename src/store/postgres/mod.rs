@@ -34,6 +34,7 @@ use std::sync::Mutex;
 
 use deadpool_postgres::{Object, Pool};
 use tokio::sync::broadcast;
+use tokio_postgres::types::ToSql;
 
 pub use self::connect::PgOptions;
 use self::connect::{Bridge, Target};
@@ -78,6 +79,18 @@ fn from_ms(v: i64) -> Millis {
 
 fn count(v: usize) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+type PgRow = tokio_postgres::Row;
+
+/// Parameters of one statement, owned (they travel to the client's runtime).
+type Params = Vec<Box<dyn ToSql + Send + Sync>>;
+
+fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
 }
 
 async fn client(pool: &Pool) -> Result<Object, StoreError> {
@@ -191,79 +204,92 @@ impl PgStore {
         self.bridge.block(fut)
     }
 
-    /// Rows of one column of `bytea` records.
-    fn records(
-        &self,
-        sql: &'static str,
-        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
+    /// The rows of `sql` — prepared once per connection, so a call is one
+    /// round trip — with `params`.
+    fn fetch(&self, sql: &'static str, params: Params) -> Result<Vec<PgRow>, StoreError> {
         let pool = self.pool.clone();
         self.run(async move {
             let c = client(&pool).await?;
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            let rows = c.query(sql, &refs).await.map_err(pg_err)?;
-            rows.iter()
-                .map(|r| r.try_get::<_, Vec<u8>>(0).map_err(pg_err))
-                .collect()
+            let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
+            c.query(&stmt, &refs(&params)).await.map_err(pg_err)
         })
+    }
+
+    /// Column `i` of every row.
+    fn column<T>(&self, sql: &'static str, params: Params, i: usize) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        self.fetch(sql, params)?
+            .iter()
+            .map(|r| r.try_get::<_, T>(i).map_err(pg_err))
+            .collect()
+    }
+
+    /// Rows of one column of `bytea` records.
+    fn records(&self, sql: &'static str, params: Params) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.column(sql, params, 0)
     }
 
     /// Rows of one `text` column.
-    fn ids(
-        &self,
-        sql: &'static str,
-        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
-    ) -> Result<Vec<String>, StoreError> {
-        let pool = self.pool.clone();
-        self.run(async move {
-            let c = client(&pool).await?;
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            let rows = c.query(sql, &refs).await.map_err(pg_err)?;
-            rows.iter()
-                .map(|r| r.try_get::<_, String>(0).map_err(pg_err))
-                .collect()
-        })
+    fn ids(&self, sql: &'static str, params: Params) -> Result<Vec<String>, StoreError> {
+        self.column(sql, params, 0)
     }
 
     /// One `bigint` (a count, a minimum; `None` for SQL NULL).
-    fn number(
+    fn number(&self, sql: &'static str, params: Params) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .column::<Option<i64>>(sql, params, 0)?
+            .into_iter()
+            .next()
+            .flatten())
+    }
+
+    /// `(key, bytea)` rows, the key of type `K`.
+    fn pairs<K>(&self, sql: &'static str, params: Params) -> Result<Vec<(K, Vec<u8>)>, StoreError>
+    where
+        K: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        self.fetch(sql, params)?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<_, K>(0).map_err(pg_err)?,
+                    r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// `(seq, bytes)` rows of the trail or its checkpoints.
+    fn sequenced(
         &self,
         sql: &'static str,
-        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
-    ) -> Result<Option<i64>, StoreError> {
-        let pool = self.pool.clone();
-        self.run(async move {
-            let c = client(&pool).await?;
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            let row = c.query_one(sql, &refs).await.map_err(pg_err)?;
-            row.try_get::<_, Option<i64>>(0).map_err(pg_err)
-        })
+        params: Params,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .pairs::<i64>(sql, params)?
+            .into_iter()
+            .map(|(seq, b)| (from_ms(seq), b))
+            .collect())
+    }
+
+    /// `(text key, bytea record)` rows.
+    fn keyed(
+        &self,
+        sql: &'static str,
+        params: Params,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.pairs(sql, params)
     }
 
     /// Rows changed by one statement.
-    fn execute(
-        &self,
-        sql: &'static str,
-        params: Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>,
-    ) -> Result<u64, StoreError> {
+    fn execute(&self, sql: &'static str, params: Params) -> Result<u64, StoreError> {
         let pool = self.pool.clone();
         self.run(async move {
             let c = client(&pool).await?;
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
             let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
-            c.execute(&stmt, &refs).await.map_err(pg_err)
+            c.execute(&stmt, &refs(&params)).await.map_err(pg_err)
         })
     }
 
@@ -285,54 +311,70 @@ impl PgStore {
         level: &'static str,
         bodies: Vec<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let mut c = client(&pool).await?;
-        let tx = c.transaction().await.map_err(pg_err)?;
-        // No statement timeout: a cancelled wait for a synchronous standby
-        // would still report the commit as done.
-        tx.batch_execute(&format!(
-            "SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0"
-        ))
-        .await
-        .map_err(pg_err)?;
-        let head = tx
-            .query_one(
-                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
-                &[],
-            )
+        let c = client(&pool).await?;
+        let result = Self::barrier_on(&c, level, &bodies).await;
+        if result.is_err() {
+            // It may be left inside a transaction: never hand it out again.
+            drop(Object::take(c));
+        }
+        result
+    }
+
+    /// The barrier in two round trips: begin, settings and the locked head
+    /// (no statement timeout: a cancelled wait for a synchronous standby
+    /// would still report the commit as done); then the records with the
+    /// new head, and the commit, pipelined.
+    async fn barrier_on(c: &Object, level: &str, bodies: &[Vec<u8>]) -> Result<(), StoreError> {
+        let head = c
+            .simple_query(&format!(
+                "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0;
+                 SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
+            ))
             .await
             .map_err(pg_err)?;
-        let mut seq = from_ms(head.try_get(0).map_err(pg_err)?);
-        let mut prev: String = head.try_get(1).map_err(pg_err)?;
+        let Some((mut seq, mut prev)) = head.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get(0).and_then(|v| v.parse::<u64>().ok())?,
+                r.get(1)?.to_owned(),
+            )),
+            _ => None,
+        }) else {
+            return Err(StoreError::Corrupt {
+                tree: "audit_head",
+                key: "1".into(),
+                detail: "no chain head row".into(),
+            });
+        };
         let mut seqs = Vec::with_capacity(bodies.len());
         let mut records = Vec::with_capacity(bodies.len());
-        for body in &bodies {
+        for body in bodies {
             seq += 1;
             let bytes = chained(seq, body, &prev);
             prev = sha256_hex(&bytes);
             seqs.push(ms(seq));
             records.push(bytes);
         }
-        if !records.is_empty() {
-            tx.execute(
-                "INSERT INTO audit (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-                &[&seqs, &records],
+        // Always a write, even with no records: a commit that wrote nothing
+        // would not wait for the WAL flush this barrier exists for.
+        let stmt = c
+            .prepare_cached(
+                "WITH a AS (INSERT INTO audit (seq, record)
+                            SELECT * FROM unnest($1::bigint[], $2::bytea[]))
+                 UPDATE audit_head SET seq = $3, hash = $4 WHERE id = 1",
             )
             .await
             .map_err(pg_err)?;
-        }
-        // Always a write: a commit that wrote nothing would not wait for
-        // the WAL flush this barrier exists for.
-        tx.execute(
-            "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
-            &[&ms(seq), &prev],
-        )
-        .await
-        .map_err(pg_err)?;
-        tx.commit().await.map_err(pg_err)
+        let head_seq = ms(seq);
+        let params: [&(dyn ToSql + Sync); 4] = [&seqs, &records, &head_seq, &prev];
+        let (written, committed) =
+            tokio::join!(c.execute(&stmt, &params), c.simple_query("COMMIT"));
+        // A COMMIT after a failed statement rolls back without an error: the
+        // write's own result decides.
+        written.map_err(pg_err)?;
+        committed.map_err(pg_err)?;
+        Ok(())
     }
 }
-
-type Params = Vec<Box<dyn tokio_postgres::types::ToSql + Send + Sync>>;
 
 impl LeaseStore for PgStore {
     fn create_lease(
@@ -604,60 +646,6 @@ impl RequestStore for PgStore {
             "DELETE FROM requests WHERE ended_at < $1",
             vec![Box::new(ms(before))],
         )
-    }
-}
-
-impl PgStore {
-    /// `(seq, bytes)` rows of the trail or its checkpoints.
-    fn sequenced(
-        &self,
-        sql: &'static str,
-        params: Params,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let pool = self.pool.clone();
-        self.run(async move {
-            let c = client(&pool).await?;
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            let rows = c.query(sql, &refs).await.map_err(pg_err)?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        from_ms(r.try_get::<_, i64>(0).map_err(pg_err)?),
-                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
-                    ))
-                })
-                .collect()
-        })
-    }
-}
-
-impl PgStore {
-    /// `(text key, bytea record)` rows.
-    fn keyed(
-        &self,
-        sql: &'static str,
-        params: Params,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let pool = self.pool.clone();
-        self.run(async move {
-            let c = client(&pool).await?;
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            let rows = c.query(sql, &refs).await.map_err(pg_err)?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.try_get::<_, String>(0).map_err(pg_err)?,
-                        r.try_get::<_, Vec<u8>>(1).map_err(pg_err)?,
-                    ))
-                })
-                .collect()
-        })
     }
 }
 
