@@ -99,24 +99,6 @@ async fn approvals(h: &Harness, uri: &str) -> ApprovalsClient<Channel> {
     ApprovalsClient::new(h.channel_for(uri).await)
 }
 
-async fn park(c: &mut BrokerClient<Channel>, scopes: &[&str]) -> pb::TokenRequest {
-    let r = pb::RequestTokenRequest {
-        justification: "ticket 7".into(),
-        ..ask(scopes)
-    };
-    match c
-        .request_token(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .outcome
-        .unwrap()
-    {
-        pb::request_token_response::Outcome::Pending(p) => p,
-        other => panic!("expected pending, got {other:?}"),
-    }
-}
-
 fn approve(id: &str, reason: &str) -> pb::ApproveRequest {
     pb::ApproveRequest {
         request_id: id.into(),

@@ -233,15 +233,7 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
     let mut approver = ApprovalsClient::new(h.channel(As::Approver).await);
     let mut requester = h.broker(As::Workload).await;
     for _ in 0..6 {
-        let Some(pb::request_token_response::Outcome::Pending(p)) = requester
-            .request_token(ask(&["orders.admin"]))
-            .await
-            .unwrap()
-            .into_inner()
-            .outcome
-        else {
-            panic!("expected a parked request");
-        };
+        let p = park(&mut requester, &["orders.admin"]).await;
         approver
             .approve(pb::ApproveRequest {
                 request_id: p.id.clone(),

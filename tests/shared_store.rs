@@ -28,22 +28,6 @@ async fn pair(test: &str) -> Option<(Harness, Running)> {
     Some((h, b))
 }
 
-async fn park(
-    c: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
-) -> pb::TokenRequest {
-    match c
-        .request_token(ask(&["orders.admin"]))
-        .await
-        .unwrap()
-        .into_inner()
-        .outcome
-        .unwrap()
-    {
-        pb::request_token_response::Outcome::Pending(p) => p,
-        other => panic!("expected pending, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_approval_on_one_broker_reaches_a_watcher_on_another_once() {
     let Some((h, b)) = pair("an_approval_on_one_broker_reaches_a_watcher_on_another_once").await
@@ -51,7 +35,7 @@ async fn an_approval_on_one_broker_reaches_a_watcher_on_another_once() {
         return;
     };
     let mut on_a = h.broker(As::Workload).await;
-    let req = park(&mut on_a).await;
+    let req = park(&mut on_a, &["orders.admin"]).await;
     let mut watch = on_a
         .watch_request(pb::WatchRequestRequest {
             request_id: req.id.clone(),
@@ -424,7 +408,7 @@ async fn a_sled_store_moves_to_postgres_with_its_leases_keys_and_trail() {
     let mut h = Harness::start().await;
     let mut c = h.broker(As::Workload).await;
     let kept = grant(&mut c, ask(&["orders.read"])).await;
-    let parked = park(&mut c).await;
+    let parked = park(&mut c, &["orders.admin"]).await;
     let before = AuditClient::new(h.channel(As::Admin).await)
         .verify(pb::VerifyRequest::default())
         .await

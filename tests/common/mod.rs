@@ -264,6 +264,25 @@ pub fn secs(s: i64) -> Option<prost_types::Duration> {
     })
 }
 
+/// Ask for approval-tier `scopes` and expect the request to be parked.
+pub async fn park(c: &mut BrokerClient<Channel>, scopes: &[&str]) -> pb::TokenRequest {
+    let r = pb::RequestTokenRequest {
+        justification: "ticket 7".into(),
+        ..ask(scopes)
+    };
+    match c
+        .request_token(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+        .unwrap()
+    {
+        pb::request_token_response::Outcome::Pending(p) => p,
+        other => panic!("expected pending, got {other:?}"),
+    }
+}
+
 /// Ask and expect a grant.
 pub async fn grant(c: &mut BrokerClient<Channel>, req: pb::RequestTokenRequest) -> pb::Grant {
     match c

@@ -293,6 +293,33 @@ impl PgStore {
         })
     }
 
+    /// Insert a new row with `plain`; with `idem`, with `claiming` instead,
+    /// which inserts the row only if it also claims the key (its parameters
+    /// follow the row's: caller, key, entry). The entry that already held
+    /// the key, when it was taken.
+    fn create(
+        &self,
+        plain: &'static str,
+        claiming: &'static str,
+        mut params: Params,
+        idem: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let Some(i) = idem else {
+            self.execute(plain, params)?;
+            return Ok(None);
+        };
+        params.extend::<Params>(vec![
+            Box::new(i.caller.clone()),
+            Box::new(i.key.clone()),
+            Box::new(encode(i)?),
+        ]);
+        if self.execute(claiming, params)? == 1 {
+            Ok(None)
+        } else {
+            self.existing_idem(i).map(Some)
+        }
+    }
+
     fn existing_idem(&self, i: &Idempotency) -> Result<Idempotency, StoreError> {
         let rows = self.records(
             "SELECT record FROM idempotency WHERE caller = $1 AND key = $2",
@@ -383,7 +410,7 @@ impl LeaseStore for PgStore {
         idem: Option<&Idempotency>,
     ) -> Result<Option<Idempotency>, StoreError> {
         let row = LeaseRow::of(lease);
-        let mut params: Params = vec![
+        let params: Params = vec![
             Box::new(lease.id.clone()),
             Box::new(lease.subject.clone()),
             Box::new(row.active),
@@ -392,20 +419,9 @@ impl LeaseStore for PgStore {
             Box::new(row.ended_at),
             Box::new(row.record),
         ];
-        let Some(i) = idem else {
-            self.execute(
-                "INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                params,
-            )?;
-            return Ok(None);
-        };
-        params.extend::<Params>(vec![
-            Box::new(i.caller.clone()),
-            Box::new(i.key.clone()),
-            Box::new(encode(i)?),
-        ]);
-        let created = self.execute(
+        self.create(
+            "INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
             "WITH claim AS (
                 INSERT INTO idempotency (caller, key, record) VALUES ($8, $9, $10)
                 ON CONFLICT DO NOTHING RETURNING 1)
@@ -413,12 +429,8 @@ impl LeaseStore for PgStore {
              SELECT $1::text, $2::text, $3::boolean, $4::bigint, $5::text, $6::bigint, $7::bytea
              WHERE EXISTS (SELECT 1 FROM claim)",
             params,
-        )?;
-        if created == 1 {
-            Ok(None)
-        } else {
-            self.existing_idem(i).map(Some)
-        }
+            idem,
+        )
     }
 
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
@@ -536,7 +548,7 @@ impl RequestStore for PgStore {
         idem: Option<&Idempotency>,
     ) -> Result<Option<Idempotency>, StoreError> {
         let row = RequestRow::of(req)?;
-        let mut params: Params = vec![
+        let params: Params = vec![
             Box::new(req.id.clone()),
             Box::new(row.live),
             Box::new(row.deadline),
@@ -544,20 +556,9 @@ impl RequestStore for PgStore {
             Box::new(row.ended_at),
             Box::new(row.record),
         ];
-        let Some(i) = idem else {
-            self.execute(
-                "INSERT INTO requests (id, live, deadline, open, ended_at, record)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                params,
-            )?;
-            return Ok(None);
-        };
-        params.extend::<Params>(vec![
-            Box::new(i.caller.clone()),
-            Box::new(i.key.clone()),
-            Box::new(encode(i)?),
-        ]);
-        let created = self.execute(
+        self.create(
+            "INSERT INTO requests (id, live, deadline, open, ended_at, record)
+             VALUES ($1, $2, $3, $4, $5, $6)",
             "WITH claim AS (
                 INSERT INTO idempotency (caller, key, record) VALUES ($7, $8, $9)
                 ON CONFLICT DO NOTHING RETURNING 1)
@@ -565,12 +566,8 @@ impl RequestStore for PgStore {
              SELECT $1::text, $2::boolean, $3::bigint, $4::boolean, $5::bigint, $6::bytea
              WHERE EXISTS (SELECT 1 FROM claim)",
             params,
-        )?;
-        if created == 1 {
-            Ok(None)
-        } else {
-            self.existing_idem(i).map(Some)
-        }
+            idem,
+        )
     }
 
     fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
