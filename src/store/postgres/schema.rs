@@ -70,6 +70,11 @@ pub const LATEST: u32 = MIGRATIONS.len() as u32;
 
 /// Bring the database to [`LATEST`], or refuse a newer one.
 pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    // `IF NOT EXISTS` on a second broker is not news worth a log line.
+    client
+        .batch_execute("SET client_min_messages = warning")
+        .await
+        .map_err(pg_err)?;
     create_ledger(client).await?;
     let found = applied(client).await?;
     if found > LATEST {
