@@ -52,6 +52,8 @@ async fn main() {
                     approved_by: vec![],
                     break_glass: false,
                     token_mac: None,
+                    delegation: None,
+                    cnf: None,
                 };
                 store.create_lease(&lease, None).unwrap();
                 gc.durable().await.unwrap();

@@ -71,6 +71,8 @@ pub(crate) fn lease(id: &str, subject: &str, expires_at: Millis) -> Lease {
         approved_by: vec![],
         break_glass: false,
         token_mac: None,
+        delegation: None,
+        cnf: None,
     }
 }
 
@@ -105,6 +107,78 @@ fn idem(key: &str, outcome: IdempotentOutcome) -> Idempotency {
         key: key.into(),
         params_digest: "p".into(),
         outcome,
+    }
+}
+
+/// A lease delegated from `parent` at `depth`.
+fn child(id: &str, parent: &str, depth: u32, expires_at: Millis) -> Lease {
+    Lease {
+        delegation: Some(Delegation {
+            parent_id: parent.into(),
+            depth,
+            actors: vec!["spiffe://t/a".into()],
+        }),
+        cnf: Some("thumb".into()),
+        ..lease(id, "spiffe://t/tool", expires_at)
+    }
+}
+
+#[test]
+fn delegated_leases_are_found_from_their_parent_and_keep_their_chain() {
+    for (name, s, _dir) in backends() {
+        s.create_lease(&lease("l_root", "spiffe://t/a", 100), None)
+            .unwrap();
+        for (id, parent, depth) in [
+            ("l_c2", "l_root", 1),
+            ("l_c1", "l_root", 1),
+            ("l_g1", "l_c1", 2),
+        ] {
+            s.create_lease(&child(id, parent, depth, 90), None).unwrap();
+        }
+        // Through the idempotent path too.
+        assert!(
+            s.create_lease(
+                &child("l_c3", "l_root", 1, 90),
+                Some(&idem("k", IdempotentOutcome::Lease("l_c3".into())))
+            )
+            .unwrap()
+            .is_none()
+        );
+        assert_eq!(
+            s.children("l_root", None, 10).unwrap(),
+            ["l_c1", "l_c2", "l_c3"],
+            "{name}"
+        );
+        assert_eq!(
+            s.children("l_root", Some("l_c1"), 1).unwrap(),
+            ["l_c2"],
+            "{name}: pages"
+        );
+        assert_eq!(s.children("l_c1", None, 10).unwrap(), ["l_g1"], "{name}");
+        assert!(s.children("l_c2", None, 10).unwrap().is_empty(), "{name}");
+        assert!(
+            s.children("l_ro", None, 10).unwrap().is_empty(),
+            "{name}: no prefix match"
+        );
+        assert_eq!(
+            s.lease("l_g1").unwrap().unwrap(),
+            child("l_g1", "l_c1", 2, 90),
+            "{name}: chain and binding survive"
+        );
+        // An ended child leaves the index when retention removes it.
+        let c2 = s.lease("l_c2").unwrap().unwrap();
+        let ended = Lease {
+            state: LeaseState::Revoked,
+            revoked_at: Some(10),
+            ..c2.clone()
+        };
+        assert!(s.swap_lease(&c2, &ended).unwrap(), "{name}");
+        assert_eq!(s.purge_leases(20).unwrap(), 1, "{name}");
+        assert_eq!(
+            s.children("l_root", None, 10).unwrap(),
+            ["l_c1", "l_c3"],
+            "{name}"
+        );
     }
 }
 
@@ -472,7 +546,10 @@ fn sled_upgrades_a_schema_one_store_and_reads_its_json_leases() {
     assert_eq!(s.meta("schema_version").unwrap().unwrap(), b"1");
     let new = lease("l_new", "spiffe://t/a", 8);
     s.create_lease(&new, None).unwrap();
-    assert_eq!(s.meta("schema_version").unwrap().unwrap(), b"2");
+    assert_eq!(
+        s.meta("schema_version").unwrap().unwrap(),
+        SCHEMA_VERSION.to_string().as_bytes()
+    );
     assert_eq!(s.leases.get("l_new").unwrap().unwrap()[0], 0x01);
     assert_eq!(s.lease("l_new").unwrap().unwrap(), new);
     let both: Vec<_> = s
@@ -599,6 +676,10 @@ impl LeaseStore for FailingSync {
 
     fn leases_of(&self, s: &str, a: Option<&str>, l: usize) -> Result<Vec<Lease>, StoreError> {
         self.0.leases_of(s, a, l)
+    }
+
+    fn children(&self, p: &str, a: Option<&str>, l: usize) -> Result<Vec<String>, StoreError> {
+        self.0.children(p, a, l)
     }
 
     fn leases_due(&self, n: Millis, l: usize) -> Result<Vec<String>, StoreError> {

@@ -15,6 +15,7 @@ struct Inner {
     leases: BTreeMap<String, Lease>,
     lease_expiry: BTreeSet<Vec<u8>>,
     by_subject: BTreeSet<Vec<u8>>,
+    children: BTreeSet<Vec<u8>>,
     requests: BTreeMap<String, TokenRequest>,
     request_expiry: BTreeSet<Vec<u8>>,
     requests_open: BTreeSet<String>,
@@ -81,6 +82,9 @@ impl LeaseStore for MemStore {
                 .insert(deadline_key(lease.expires_at, &lease.id));
         }
         g.by_subject.insert(subject_key(&lease.subject, &lease.id));
+        if let Some(d) = &lease.delegation {
+            g.children.insert(subject_key(&d.parent_id, &lease.id));
+        }
         g.leases.insert(lease.id.clone(), lease.clone());
         Ok(None)
     }
@@ -132,6 +136,24 @@ impl LeaseStore for MemStore {
             .collect())
     }
 
+    fn children(
+        &self,
+        parent: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = subject_key(parent, "");
+        Ok(self
+            .lock()?
+            .children
+            .range(prefix.clone()..)
+            .take_while(|k| k.starts_with(&prefix))
+            .map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .filter(|id| after.is_none_or(|a| id.as_str() > a))
+            .take(limit)
+            .collect())
+    }
+
     fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         Ok(due(&self.lock()?.lease_expiry, now, limit))
     }
@@ -151,6 +173,9 @@ impl LeaseStore for MemStore {
         for l in &old {
             g.leases.remove(&l.id);
             g.by_subject.remove(&subject_key(&l.subject, &l.id));
+            if let Some(d) = &l.delegation {
+                g.children.remove(&subject_key(&d.parent_id, &l.id));
+            }
         }
         Ok(old.len() as u64)
     }

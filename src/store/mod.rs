@@ -17,6 +17,7 @@
 //! | `leases` | lease id | [`Lease`]: format byte ‖ record (see `record`) |
 //! | `lease_expiry` | big-endian `expires_at` ms ‖ lease id | empty; only ACTIVE leases |
 //! | `leases_by_subject` | subject ‖ 0x00 ‖ lease id | empty |
+//! | `lease_children` | parent lease id ‖ 0x00 ‖ lease id | empty; delegated leases only |
 //! | `requests` | request id | [`TokenRequest`] |
 //! | `request_expiry` | big-endian deadline ms ‖ request id | empty; only non-terminal requests |
 //! | `requests_open` | request id | empty; requests needing a decision, claim or review |
@@ -41,13 +42,15 @@ use serde::{Deserialize, Serialize};
 pub use crate::clock::Millis;
 
 /// Current layout version, written to `meta/schema_version` on first open.
-/// Version 2 stores leases in the compact encoding of [`record`]; a version
-/// 1 store is upgraded in place on open (its JSON leases stay readable), and
-/// a broker that knows only version 1 refuses a version 2 store.
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version 2 stores leases in the compact encoding of [`record`]; version 3
+/// adds delegation to that record and the `lease_children` index. An older
+/// store is upgraded in place (its leases stay readable), and a broker that
+/// knows only older versions refuses a newer store: it would drop fields it
+/// does not know when it rewrites a record.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Older layout versions this build opens (and upgrades).
-pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2];
+pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3];
 
 pub(crate) use record::{decode_lease, encode_lease};
 
@@ -149,6 +152,24 @@ pub struct Lease {
     /// token without a signature check. Never shown.
     #[serde(skip)]
     pub token_mac: Option<[u8; 32]>,
+    /// Where it was delegated from (token exchange); `None` for a lease
+    /// granted directly.
+    #[serde(default)]
+    pub delegation: Option<Delegation>,
+    /// Base64url SHA-256 of the client certificate its tokens are bound to.
+    #[serde(default)]
+    pub cnf: Option<String>,
+}
+
+/// How a delegated lease hangs from its parent (docs/design-delegation.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delegation {
+    /// The lease it was delegated from.
+    pub parent_id: String,
+    /// Links from the lease granted directly (1 for its children).
+    pub depth: u32,
+    /// Who acts, nearest first (the token's nested `act` claims).
+    pub actors: Vec<String>,
 }
 
 /// Lifecycle of a parked request: PENDING, then APPROVED (open for the
@@ -334,6 +355,8 @@ impl Lease {
             approved_by: Vec::new(),
             break_glass: false,
             token_mac: None,
+            delegation: None,
+            cnf: None,
         }
     }
 
@@ -524,6 +547,14 @@ pub trait LeaseStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError>;
+    /// Ids of the leases delegated directly from `parent`, in id order,
+    /// after `after`, at most `limit`.
+    fn children(
+        &self,
+        parent: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
     /// Ids of ACTIVE leases whose `expires_at <= now`, earliest first.
     fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Earliest `expires_at` among ACTIVE leases.

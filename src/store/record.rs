@@ -49,6 +49,12 @@ pub(crate) fn encode_lease(l: &Lease) -> Vec<u8> {
         approved_by: l.approved_by.clone(),
         break_glass: l.break_glass,
         token_mac: l.token_mac.map(|d| d.to_vec()).unwrap_or_default(),
+        delegation: l.delegation.as_ref().map(|d| pb::Delegation {
+            parent_id: d.parent_id.clone(),
+            depth: d.depth,
+            actors: d.actors.clone(),
+        }),
+        cnf: l.cnf.clone(),
     };
     let mut out = Vec::with_capacity(1 + prost::Message::encoded_len(&rec));
     out.push(LEASE_PROTO);
@@ -125,6 +131,12 @@ fn from_record(key: &[u8], r: pb::LeaseRecord) -> Result<Lease, StoreError> {
         approved_by: r.approved_by,
         break_glass: r.break_glass,
         token_mac,
+        delegation: r.delegation.map(|d| super::Delegation {
+            parent_id: d.parent_id,
+            depth: d.depth,
+            actors: d.actors,
+        }),
+        cnf: r.cnf,
     })
 }
 
@@ -159,6 +171,12 @@ mod tests {
             approved_by: vec!["human/b".into()],
             break_glass: true,
             token_mac: Some([7; 32]),
+            delegation: Some(crate::store::Delegation {
+                parent_id: "l_0".into(),
+                depth: 2,
+                actors: vec!["spiffe://t/agent".into(), "spiffe://t/orchestrator".into()],
+            }),
+            cnf: Some("x5t-thumbprint".into()),
             ..lease()
         };
         // A client other than the subject, even an empty one, is kept.

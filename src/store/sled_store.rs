@@ -26,6 +26,7 @@ pub struct SledStore {
     pub(super) leases: Tree,
     pub(super) lease_expiry: Tree,
     by_subject: Tree,
+    children: Tree,
     requests: Tree,
     request_expiry: Tree,
     requests_open: Tree,
@@ -182,6 +183,7 @@ impl SledStore {
             leases: tree("leases")?,
             lease_expiry: tree("lease_expiry")?,
             by_subject: tree("leases_by_subject")?,
+            children: tree("lease_children")?,
             requests: tree("requests")?,
             request_expiry: tree("request_expiry")?,
             requests_open: tree("requests_open")?,
@@ -299,6 +301,11 @@ impl LeaseStore for SledStore {
             self.by_subject
                 .insert(subject_key(&lease.subject, &lease.id), &[])
                 .map_err(unavailable)?;
+            if let Some(d) = &lease.delegation {
+                self.children
+                    .insert(subject_key(&d.parent_id, &lease.id), &[])
+                    .map_err(unavailable)?;
+            }
             self.leases
                 .insert(lease.id.as_bytes(), value)
                 .map_err(unavailable)?;
@@ -308,9 +315,10 @@ impl LeaseStore for SledStore {
             &self.leases,
             &self.lease_expiry,
             &self.by_subject,
+            &self.children,
             &self.idem,
         )
-            .transaction(|(leases, expiry, by_subject, idem_t)| {
+            .transaction(|(leases, expiry, by_subject, children, idem_t)| {
                 if let Some(existing) = claim_idem(idem_t, idem)? {
                     return Ok(Some(existing));
                 }
@@ -319,6 +327,9 @@ impl LeaseStore for SledStore {
                     expiry.insert(deadline_key(lease.expires_at, &lease.id), &[])?;
                 }
                 by_subject.insert(subject_key(&lease.subject, &lease.id), &[])?;
+                if let Some(d) = &lease.delegation {
+                    children.insert(subject_key(&d.parent_id, &lease.id), &[])?;
+                }
                 Ok(None)
             })
             .map_err(tx_err)
@@ -410,6 +421,32 @@ impl LeaseStore for SledStore {
         Ok(out)
     }
 
+    fn children(
+        &self,
+        parent: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = subject_key(parent, "");
+        let start = match after {
+            Some(a) => {
+                let mut k = subject_key(parent, a);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for item in self.children.range(start..) {
+            let (k, _) = item.map_err(unavailable)?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
     fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for item in self.lease_expiry.iter() {
@@ -447,6 +484,11 @@ impl LeaseStore for SledStore {
                 self.by_subject
                     .remove(subject_key(&l.subject, &l.id))
                     .map_err(unavailable)?;
+                if let Some(d) = &l.delegation {
+                    self.children
+                        .remove(subject_key(&d.parent_id, &l.id))
+                        .map_err(unavailable)?;
+                }
                 self.leases.remove(&k).map_err(unavailable)?;
                 leases += 1;
             }

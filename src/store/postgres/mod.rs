@@ -418,15 +418,17 @@ impl LeaseStore for PgStore {
             Box::new(lease.kid.clone()),
             Box::new(row.ended_at),
             Box::new(row.record),
+            Box::new(lease.delegation.as_ref().map(|d| d.parent_id.clone())),
         ];
         self.create(
-            "INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record, parent_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             "WITH claim AS (
-                INSERT INTO idempotency (caller, key, record) VALUES ($8, $9, $10)
+                INSERT INTO idempotency (caller, key, record) VALUES ($9, $10, $11)
                 ON CONFLICT DO NOTHING RETURNING 1)
-             INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record)
-             SELECT $1::text, $2::text, $3::boolean, $4::bigint, $5::text, $6::bigint, $7::bytea
+             INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record, parent_id)
+             SELECT $1::text, $2::text, $3::boolean, $4::bigint, $5::text, $6::bigint, $7::bytea,
+                    $8::text
              WHERE EXISTS (SELECT 1 FROM claim)",
             params,
             idem,
@@ -483,6 +485,22 @@ impl LeaseStore for PgStore {
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
         self.leases_page(subject, after, limit)
+    }
+
+    fn children(
+        &self,
+        parent: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.ids(
+            "SELECT id FROM leases WHERE parent_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            vec![
+                Box::new(parent.to_owned()),
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )
     }
 
     fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {

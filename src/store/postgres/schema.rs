@@ -63,6 +63,10 @@ const MIGRATIONS: &[&str] = &[
         holder text NOT NULL,
         generation bigint NOT NULL,
         expires_at timestamptz NOT NULL);"#,
+    // 2: delegation (issue 12): a lease names the lease it was delegated
+    // from; its children are found through this index.
+    r#"ALTER TABLE leases ADD COLUMN parent_id text COLLATE "C";
+     CREATE INDEX leases_children ON leases (parent_id, id) WHERE parent_id IS NOT NULL;"#,
 ];
 
 /// Highest schema version this build knows.
