@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawBroker, RawPolicy, RawScope, RawWebhook, line_of};
+use super::raw::{RawBroker, RawDelegation, RawPolicy, RawScope, RawWebhook, line_of};
 use super::{
-    ApprovalRule, DEFAULT_CLAIM_TTL, DEFAULT_HARD_MAX_TTL, DEFAULT_MAX_TTL, DEFAULT_PENDING_TTL,
-    Policy, PolicyError, Problem, ScopeRule, Tier, Webhook, WebhookFormat,
+    ApprovalRule, Binding, DEFAULT_CLAIM_TTL, DEFAULT_HARD_MAX_TTL, DEFAULT_MAX_TTL,
+    DEFAULT_PENDING_TTL, DelegationApproval, DelegationRule, Policy, PolicyError, Problem,
+    ScopeRule, Tier, Webhook, WebhookFormat,
 };
 use crate::identity::Identity;
 use crate::text::{MAX_AUDIENCE, valid_scope_name, valid_token_text};
@@ -18,6 +19,8 @@ use crate::vocab::EventKind;
 
 /// Audience when the policy names none.
 const DEFAULT_AUDIENCE: &str = "portcullis";
+/// Longest delegation chain a rule may allow.
+pub const MAX_DELEGATION_DEPTH: u32 = 16;
 /// Break-glass cap when a scope allows it without naming one.
 const DEFAULT_BREAK_GLASS_TTL: Duration = Duration::from_secs(300);
 
@@ -68,6 +71,11 @@ impl<'t> Checker<'t> {
             scopes.insert(rule.name.clone(), rule);
         }
         let webhooks = raw.webhooks.iter().map(|w| self.webhook(w)).collect();
+        let delegations = raw
+            .delegations
+            .iter()
+            .map(|d| self.delegation(d, &scopes))
+            .collect();
         let default_audience = self.audience(&raw.broker);
         if !self.problems.is_empty() {
             return Err(PolicyError::Invalid(self.problems));
@@ -80,7 +88,110 @@ impl<'t> Checker<'t> {
             groups,
             scopes,
             webhooks,
+            delegations,
         })
+    }
+
+    /// One `[[delegation]]`: patterns on both sides, scopes the policy
+    /// defines, a depth of 1 to [`MAX_DELEGATION_DEPTH`].
+    fn delegation(
+        &mut self,
+        entry: &Spanned<RawDelegation>,
+        scopes: &BTreeMap<String, ScopeRule>,
+    ) -> DelegationRule {
+        let d = entry.get_ref();
+        let line = line_of(self.text, entry.span().start);
+        let what = format!("delegation rule (policy line {line})");
+        for (field, patterns) in [("from", &d.from), ("to", &d.to)] {
+            if patterns.is_empty() {
+                self.problem(
+                    entry.span(),
+                    format!("{what}: {field}: list at least one identity pattern"),
+                );
+            }
+            for p in patterns {
+                if !p.get_ref().starts_with("spiffe://") {
+                    let msg = format!(
+                        "{what}: {field}: pattern `{}` must start with `spiffe://`",
+                        p.get_ref()
+                    );
+                    self.problem(p.span(), msg);
+                }
+            }
+        }
+        if d.scopes.is_empty() {
+            self.problem(
+                entry.span(),
+                format!("{what}: scopes: list the scopes that may be delegated"),
+            );
+        }
+        for sc in &d.scopes {
+            if !scopes.contains_key(sc.get_ref()) {
+                let msg = format!(
+                    "{what}: scopes: `{}` is not a scope of this policy",
+                    sc.get_ref()
+                );
+                self.problem(sc.span(), msg);
+            }
+        }
+        let (max_depth, approval) = self.delegation_limits(d, &what);
+        let strings = |v: &[Spanned<String>]| v.iter().map(|x| x.get_ref().clone()).collect();
+        DelegationRule {
+            from: strings(&d.from),
+            to: strings(&d.to),
+            scopes: strings(&d.scopes),
+            max_depth,
+            audiences: strings(&d.audiences),
+            approval,
+            line,
+        }
+    }
+
+    /// A delegation rule's `max_depth` (default 1) and `approval` (default
+    /// `inherit`).
+    fn delegation_limits(&mut self, d: &RawDelegation, what: &str) -> (u32, DelegationApproval) {
+        let max_depth = match &d.max_depth {
+            None => 1,
+            Some(m) if (1..=MAX_DELEGATION_DEPTH).contains(m.get_ref()) => *m.get_ref(),
+            Some(m) => {
+                let msg = format!(
+                    "{what}: max_depth: {} is not between 1 and {MAX_DELEGATION_DEPTH}",
+                    m.get_ref()
+                );
+                self.problem(m.span(), msg);
+                1
+            }
+        };
+        let approval = match d.approval.as_ref().map(|a| a.get_ref().as_str()) {
+            None | Some("inherit") => DelegationApproval::Inherit,
+            Some("again") => DelegationApproval::Again,
+            Some(other) => {
+                let msg = format!(
+                    "{what}: approval: unknown value `{other}` (expected `inherit` or `again`)"
+                );
+                if let Some(a) = &d.approval {
+                    self.problem(a.span(), msg);
+                }
+                DelegationApproval::Inherit
+            }
+        };
+        (max_depth, approval)
+    }
+
+    /// A scope's `bind`: absent, or `"mtls"`.
+    fn binding(&mut self, s: &RawScope, name: &str) -> Binding {
+        match s.bind.as_ref().map(|b| b.get_ref().as_str()) {
+            None => Binding::None,
+            Some("mtls") => Binding::Mtls,
+            Some(other) => {
+                let msg =
+                    format!("scope `{name}`: bind: unknown binding `{other}` (expected `mtls`)");
+                if let Some(b) = &s.bind {
+                    self.problem(b.span(), msg);
+                }
+                Binding::None
+            }
+        }
     }
 
     fn duration(&mut self, s: &Spanned<String>, field: &str) -> Option<Duration> {
@@ -174,6 +285,7 @@ impl<'t> Checker<'t> {
             }
             Tier::Approval => Some(self.approval(entry, &name, groups, max_ttl)),
         };
+        let bind = self.binding(s, &name);
         ScopeRule {
             name,
             tier,
@@ -181,6 +293,7 @@ impl<'t> Checker<'t> {
             default_ttl,
             max_ttl,
             approval,
+            bind,
             line: line_of(self.text, entry.span().start),
         }
     }

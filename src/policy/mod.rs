@@ -93,8 +93,55 @@ pub struct ScopeRule {
     pub max_ttl: Duration,
     /// Approval settings (approval tier only).
     pub approval: Option<ApprovalRule>,
+    /// What its tokens are bound to.
+    pub bind: Binding,
     /// Line of the `[[scope]]` table.
     pub line: usize,
+}
+
+/// What a scope's tokens are bound to (`bind = "mtls"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Binding {
+    /// Bearer: whoever holds the token may use it.
+    #[default]
+    None,
+    /// RFC 8705: the client certificate it was issued to (`cnf.x5t#S256`).
+    Mtls,
+}
+
+/// Whether delegating an approval-tier scope needs approval again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DelegationApproval {
+    /// Allowed when the parent lease itself was approved.
+    Inherit,
+    /// The exchange is parked for the scope's approvers.
+    Again,
+}
+
+/// One `[[delegation]]` rule: who may hand which scopes to whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DelegationRule {
+    /// Patterns of the identities that may delegate (the parent's holder).
+    pub from: Vec<String>,
+    /// Patterns of the identities that may receive.
+    pub to: Vec<String>,
+    /// Scopes that may pass along this edge.
+    pub scopes: Vec<String>,
+    /// Longest chain from the lease granted directly.
+    pub max_depth: u32,
+    /// Audiences a child may name (empty: only its parent's).
+    pub audiences: Vec<String>,
+    /// Approval-tier scopes: inherited or asked for again.
+    pub approval: DelegationApproval,
+    /// Line of the `[[delegation]]` table.
+    pub line: usize,
+}
+
+impl DelegationRule {
+    /// Human name of the rule, used in refusals and records.
+    pub fn rule_name(&self) -> String {
+        format!("delegation rule (policy line {})", self.line)
+    }
 }
 
 impl ScopeRule {
@@ -121,6 +168,8 @@ pub struct Policy {
     pub scopes: BTreeMap<String, ScopeRule>,
     /// Where to announce request events.
     pub webhooks: Vec<Webhook>,
+    /// Who may delegate what to whom (none: no delegation at all).
+    pub delegations: Vec<DelegationRule>,
 }
 
 /// Body format of a webhook.
@@ -466,6 +515,118 @@ default_ttl = "10m"
         );
     }
 
+    const DELEGATING: &str = r#"
+[[scope]]
+name = "orders.read"
+tier = "auto"
+workloads = ["spiffe://example.org/agent/*"]
+
+[[scope]]
+name = "orders.write"
+tier = "auto"
+workloads = ["spiffe://example.org/agent/*"]
+bind = "mtls"
+
+[[delegation]]
+from = ["spiffe://example.org/agent/*"]
+to = ["spiffe://example.org/tool/*"]
+scopes = ["orders.read", "orders.write"]
+max_depth = 3
+audiences = ["orders-api"]
+approval = "again"
+
+[[delegation]]
+from = ["spiffe://example.org/tool/*"]
+to = ["spiffe://example.org/tool/*"]
+scopes = ["orders.read"]
+"#;
+
+    #[test]
+    fn delegation_rules_and_bindings_are_read() {
+        let p = Policy::parse(DELEGATING).unwrap();
+        assert_eq!(p.scopes["orders.read"].bind, Binding::None);
+        assert_eq!(p.scopes["orders.write"].bind, Binding::Mtls);
+        assert_eq!(
+            p.delegations,
+            [
+                DelegationRule {
+                    from: vec!["spiffe://example.org/agent/*".into()],
+                    to: vec!["spiffe://example.org/tool/*".into()],
+                    scopes: vec!["orders.read".into(), "orders.write".into()],
+                    max_depth: 3,
+                    audiences: vec!["orders-api".into()],
+                    approval: DelegationApproval::Again,
+                    line: 13,
+                },
+                DelegationRule {
+                    from: vec!["spiffe://example.org/tool/*".into()],
+                    to: vec!["spiffe://example.org/tool/*".into()],
+                    scopes: vec!["orders.read".into()],
+                    max_depth: 1,
+                    audiences: vec![],
+                    approval: DelegationApproval::Inherit,
+                    line: 21,
+                },
+            ]
+        );
+        assert_eq!(
+            p.delegations[0].rule_name(),
+            "delegation rule (policy line 13)"
+        );
+    }
+
+    #[test]
+    fn bad_delegation_rules_are_reported_with_their_lines() {
+        let bad = r#"
+[[scope]]
+name = "a"
+tier = "auto"
+workloads = ["spiffe://x/*"]
+bind = "token"
+
+[[delegation]]
+from = ["http://x"]
+scopes = ["a", "nope"]
+max_depth = 17
+approval = "maybe"
+depth = 2
+"#;
+        let PolicyError::Invalid(problems) = Policy::parse(bad).unwrap_err() else {
+            panic!()
+        };
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "line 13: unknown key `delegation.depth` (expected one of: from, to, scopes, max_depth, audiences, approval)",
+            ],
+            "unknown keys are reported before anything else is read"
+        );
+        let bad = bad.replace(
+            "depth = 2
+",
+            "",
+        );
+        let PolicyError::Invalid(problems) = Policy::parse(&bad).unwrap_err() else {
+            panic!()
+        };
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        for want in [
+            "line 6: scope `a`: bind: unknown binding `token` (expected `mtls`)",
+            "line 8: delegation rule (policy line 8): to: list at least one identity pattern",
+            "line 9: delegation rule (policy line 8): from: pattern `http://x` must start with `spiffe://`",
+            "line 10: delegation rule (policy line 8): scopes: `nope` is not a scope of this policy",
+            "line 11: delegation rule (policy line 8): max_depth: 17 is not between 1 and 16",
+            "line 12: delegation rule (policy line 8): approval: unknown value `maybe` (expected `inherit` or `again`)",
+        ] {
+            assert!(
+                text.iter().any(|t| t == want),
+                "missing {want:?} in {text:#?}"
+            );
+        }
+        assert_eq!(text.len(), 6, "{text:#?}");
+    }
+
     #[test]
     fn every_unknown_key_is_reported_with_its_line() {
         let text = "[broker]\nadmin = []\n[[scope]]\nname = \"a\"\ntier = \"auto\"\nworkload = []\nbreak_glass = { allowed = true, maxttl = \"1m\" }\n[[webhook]]\nurl = \"https://x\"\nevent = []\n";
@@ -477,7 +638,7 @@ default_ttl = "10m"
             text,
             [
                 "line 2: unknown key `broker.admin` (expected one of: default_audience, admins, auditors, max_ttl)",
-                "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, break_glass)",
+                "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, bind, break_glass)",
                 "line 7: unknown key `scope.break_glass.maxttl` (expected one of: allowed, max_ttl)",
                 "line 10: unknown key `webhook.event` (expected one of: url, format, events)",
             ]

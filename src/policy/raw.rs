@@ -37,8 +37,13 @@ const SCOPE: Shape = Shape::Keys(
         "pending_ttl",
         "claim_ttl",
         "require_approval_reason",
+        "bind",
     ],
     &[("break_glass", BREAK_GLASS)],
+);
+const DELEGATION: Shape = Shape::Keys(
+    &["from", "to", "scopes", "max_depth", "audiences", "approval"],
+    &[],
 );
 const WEBHOOK: Shape = Shape::Keys(&["url", "format", "events"], &[]);
 const BROKER: Shape = Shape::Keys(&["default_audience", "admins", "auditors", "max_ttl"], &[]);
@@ -49,6 +54,7 @@ const TOP: Shape = Shape::Keys(
         ("groups", Shape::Free),
         ("scope", SCOPE),
         ("webhook", WEBHOOK),
+        ("delegation", DELEGATION),
     ],
 );
 
@@ -112,6 +118,23 @@ pub(super) struct RawPolicy {
     pub scopes: Vec<Spanned<RawScope>>,
     #[serde(default, rename = "webhook")]
     pub webhooks: Vec<RawWebhook>,
+    #[serde(default, rename = "delegation")]
+    pub delegations: Vec<Spanned<RawDelegation>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDelegation {
+    #[serde(default)]
+    pub from: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub to: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub scopes: Vec<Spanned<String>>,
+    pub max_depth: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub audiences: Vec<Spanned<String>>,
+    pub approval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -145,6 +168,7 @@ pub(super) struct RawScope {
     #[serde(default)]
     pub require_approval_reason: bool,
     pub break_glass: Option<RawBreakGlass>,
+    pub bind: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
