@@ -13,7 +13,10 @@ use crate::identity::Identity;
 use crate::vocab::EventKind;
 
 mod check;
+mod delegation;
 mod raw;
+
+pub use self::delegation::DelegationAsk;
 
 /// Hard cap on any TTL unless `[broker] max_ttl` says otherwise.
 pub const DEFAULT_HARD_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
