@@ -1,8 +1,11 @@
 //! Bulk revocation and expiry at scale, against a real sled directory.
 //!
-//! `cargo bench --bench bulk_revoke -- [N]` (default 100000): creates N
-//! active leases for one subject, then times `RevokeLeases` (through the
-//! engine, durable at the end) and a restart-style reopen of the store.
+//! `cargo bench --bench bulk_revoke -- [N] [D]` (defaults 100000 and
+//! 10000): creates N active leases for one subject, then times
+//! `RevokeLeases` (through the engine, durable at the end) and a
+//! restart-style reopen of the store; then builds a delegation tree of D
+//! descendants under one lease (100 children, the rest their children) and
+//! times revoking its root, which ends the whole tree (issue 12).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark driver")]
 
 use std::sync::Arc;
@@ -19,10 +22,9 @@ use portcullis::store::{Lease, LeaseState, LeaseStore, Store};
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::args()
-        .filter_map(|a| a.parse().ok())
-        .next()
-        .unwrap_or(100_000);
+    let numbers: Vec<usize> = std::env::args().filter_map(|a| a.parse().ok()).collect();
+    let n = numbers.first().copied().unwrap_or(100_000);
+    let d = numbers.get(1).copied().unwrap_or(10_000);
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let subject = "spiffe://bench.test/ns/a/sa/b";
@@ -93,6 +95,7 @@ async fn main() {
         store.next_lease_deadline().unwrap().is_none(),
         "expiry index emptied"
     );
+    cascade(&engine, store.as_ref(), d, now).await;
     cancel.cancel();
     flusher.await.unwrap();
     drop(engine);
@@ -105,4 +108,69 @@ async fn main() {
         "reopen + next deadline: {:.2?} (next = {next:?})",
         t.elapsed()
     );
+}
+
+/// A root lease of an agent with `d` descendants (100 children, the rest
+/// spread under them); revoking the root ends all of them, durably.
+async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64) {
+    let agent = "spiffe://bench.test/agent/a";
+    let lease = |id: String, subject: &str, parent: Option<(&str, u32)>| Lease {
+        delegation: parent.map(|(p, depth)| portcullis::store::Delegation {
+            parent_id: p.to_owned(),
+            depth,
+            actors: vec![agent.to_owned()],
+        }),
+        ..Lease::active(
+            id,
+            subject,
+            &portcullis::store::Terms {
+                scopes: vec!["orders.read".into()],
+                audience: "bench".into(),
+                justification: String::new(),
+                ttl_ms: 3_600_000,
+                max_ttl_ms: 7_200_000,
+            },
+            now,
+            "k",
+        )
+    };
+    let root = format!("l_{now:012x}root");
+    store
+        .create_lease(&lease(root.clone(), agent, None), None)
+        .unwrap();
+    let children = d.min(100);
+    for c in 0..children {
+        let child = format!("l_{now:012x}c{c:06}");
+        store
+            .create_lease(
+                &lease(child, "spiffe://bench.test/tool/t", Some((&root, 1))),
+                None,
+            )
+            .unwrap();
+    }
+    for g in 0..d - children {
+        let parent = format!("l_{now:012x}c{:06}", g % children);
+        let id = format!("l_{now:012x}g{g:08}");
+        store
+            .create_lease(
+                &lease(id, "spiffe://bench.test/tool/u", Some((&parent, 2))),
+                None,
+            )
+            .unwrap();
+    }
+    store.sync().unwrap();
+    let t = Instant::now();
+    engine
+        .revoke(&Identity::parse(agent).unwrap(), &root, "bench")
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    let still = store
+        .children(&format!("l_{now:012x}c{:06}", 0), None, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|id| store.lease(id).unwrap().unwrap().state == LeaseState::Active)
+        .count();
+    assert_eq!(still, 0, "every descendant ended");
+    println!("cascade: revoking one lease ended {d} descendants in {took:.2?}, durable");
 }

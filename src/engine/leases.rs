@@ -92,10 +92,21 @@ impl Engine {
             .edit_lease_from(Some(current), revoke_if_active(who.as_str(), reason, now))?
         {
             Cas::Swapped { old, new } => {
-                let entry =
-                    AuditEntry::ok(who.as_str(), Action::LeaseRevoked, id, &new.scopes, reason);
-                self.record(vec![entry]).await?;
-                tracing::info!(jti = %id, sub = %old.subject, by = %who, "revoked");
+                let mut entries = vec![AuditEntry::ok(
+                    who.as_str(),
+                    Action::LeaseRevoked,
+                    id,
+                    &new.scopes,
+                    reason,
+                )];
+                // Everything delegated from it ends with it, in the same
+                // durable batch.
+                let descendants =
+                    super::cascade::end_descendants(&self.records, id, who.as_str(), reason, now)?;
+                let cascaded = descendants.len();
+                entries.extend(descendants);
+                self.record(entries).await?;
+                tracing::info!(jti = %id, sub = %old.subject, by = %who, cascaded, "revoked");
                 Ok(new)
             }
             Cas::Kept(lease) => Ok(lease),
@@ -138,36 +149,44 @@ impl Engine {
             reason.to_owned(),
             subject.as_str().to_owned(),
         );
-        let count = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
-            let mut count = 0;
-            let mut after: Option<String> = None;
-            loop {
-                let page = records.store().leases_of(&subj, after.as_deref(), 4096)?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.id.clone());
-                for lease in page {
-                    let edit = revoke_if_active(&by, &why, now);
-                    if let Cas::Swapped { .. } = records.edit_lease_from(Some(lease), edit)? {
-                        count += 1;
+        let (count, delegated) =
+            tokio::task::spawn_blocking(move || -> Result<(u64, Vec<AuditEntry>), StoreError> {
+                let mut count = 0;
+                let mut delegated = Vec::new();
+                let mut after: Option<String> = None;
+                loop {
+                    let page = records.store().leases_of(&subj, after.as_deref(), 4096)?;
+                    let Some(last) = page.last() else { break };
+                    after = Some(last.id.clone());
+                    for lease in page {
+                        let id = lease.id.clone();
+                        let edit = revoke_if_active(&by, &why, now);
+                        if let Cas::Swapped { .. } = records.edit_lease_from(Some(lease), edit)? {
+                            count += 1;
+                            // What was delegated from it ends with it.
+                            delegated.extend(super::cascade::end_descendants(
+                                &records, &id, &by, &why, now,
+                            )?);
+                        }
                     }
                 }
-            }
-            Ok(count)
-        })
-        .await??;
+                Ok((count, delegated))
+            })
+            .await??;
         let summary = if reason.is_empty() {
             format!("{count} active leases revoked")
         } else {
             format!("{count} active leases revoked: {reason}")
         };
-        let entry = AuditEntry::ok(
+        let mut entries = vec![AuditEntry::ok(
             who.as_str(),
             Action::LeaseBulkRevoked,
             subject.as_str(),
             &[],
             &summary,
-        );
-        self.record(vec![entry]).await?;
+        )];
+        entries.extend(delegated);
+        self.record(entries).await?;
         tracing::warn!(sub = %subject, by = %who, revoked = count, "bulk revocation");
         Ok(count)
     }

@@ -27,6 +27,7 @@
 pub mod approvals;
 mod ask;
 mod break_glass;
+mod cascade;
 mod claim;
 mod error;
 pub mod expiry;

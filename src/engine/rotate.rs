@@ -257,6 +257,11 @@ impl Engine {
             let edit = revoke_if_active(who.as_str(), reason, now);
             if let Cas::Swapped { .. } = self.records.edit_lease(&id, edit)? {
                 count += 1;
+                // A token delegated from one signed by the withdrawn key
+                // ends too (the summary the caller records counts it).
+                let delegated =
+                    super::cascade::end_descendants(&self.records, &id, who.as_str(), reason, now)?;
+                count += delegated.len() as u64;
             }
         }
         Ok(count)
