@@ -5,9 +5,11 @@
 //! the caller makes them durable with its own, in one group commit.
 
 use super::records::revoke_if_active;
-use super::{Cas, Records};
+use super::{Cas, EngineError, Records};
 use crate::audit::{Action, Entry as AuditEntry};
-use crate::store::{Millis, StoreError};
+use crate::identity::Identity;
+use crate::policy::{DelegationAsk, Policy};
+use crate::store::{Delegation, Lease, LeaseState, Millis, Store, StoreError};
 
 /// Children read per index page.
 const PAGE: usize = 1024;
@@ -53,6 +55,43 @@ pub(crate) fn end_descendants(
         }
     }
     Ok(entries)
+}
+
+/// How far a delegated `lease` may be renewed at `now`: never past its
+/// parent's current end (nor its own ceiling), only while the parent lives,
+/// and only while the policy still allows the delegation.
+pub(crate) fn delegated_ceiling(
+    store: &dyn Store,
+    policy: &Policy,
+    lease: &Lease,
+    d: &Delegation,
+    now: Millis,
+) -> Result<Millis, EngineError> {
+    let parent = store
+        .lease(&d.parent_id)?
+        .filter(|p| p.state == LeaseState::Active && p.expires_at > now)
+        .ok_or_else(|| {
+            EngineError::WrongState(format!(
+                "lease `{}` was delegated from `{}`, which has ended; it cannot be renewed",
+                lease.id, d.parent_id
+            ))
+        })?;
+    let stored = |s: &str| {
+        Identity::parse(s).map_err(|e| {
+            EngineError::DataLoss(format!("lease `{}` names identity `{s}`: {e}", lease.id))
+        })
+    };
+    let holder = stored(d.actors.first().map_or("", String::as_str))?;
+    let to = stored(&lease.subject)?;
+    policy.delegation_rule(&DelegationAsk {
+        holder: &holder,
+        to: &to,
+        scopes: &lease.scopes,
+        depth: d.depth,
+        audience: &lease.audience,
+        parent_audience: &parent.audience,
+    })?;
+    Ok(lease.max_expires_at.min(parent.expires_at))
 }
 
 #[cfg(test)]
@@ -173,5 +212,114 @@ mod tests {
             LeaseState::Revoked,
             "the tool's delegated lease ended with its parent"
         );
+    }
+
+    const DELEGATING: &str = r#"
+[broker]
+admins = ["admins"]
+[groups]
+admins = ["spiffe://t/human/root"]
+[[scope]]
+name = "read"
+tier = "auto"
+workloads = ["spiffe://t/w"]
+default_ttl = "5m"
+max_ttl = "1h"
+[[delegation]]
+from = ["spiffe://t/w"]
+to = ["spiffe://t/tool"]
+scopes = ["read"]
+"#;
+
+    #[tokio::test]
+    async fn a_child_renews_only_within_its_parent_and_only_while_it_lives() {
+        let r = rig(DELEGATING);
+        let Outcome::Granted { lease: root, .. } = r
+            .engine
+            .request_token(&workload(), ask(&["read"]))
+            .await
+            .unwrap()
+        else {
+            panic!("granted")
+        };
+        let tool = id("spiffe://t/tool");
+        let kid = Lease {
+            subject: tool.as_str().into(),
+            client_id: workload().as_str().into(),
+            max_expires_at: root.max_expires_at,
+            ..child(&root, "l_kid", 1)
+        };
+        r.store.create_lease(&kid, None).unwrap();
+        // Asked for an hour, it gets no further than its parent's end.
+        let (_, renewed) = r
+            .engine
+            .renew(&tool, "l_kid", Some(std::time::Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        assert_eq!(renewed.expires_at, root.expires_at, "capped by the parent");
+
+        // The parent ended: the child is ended with it and cannot renew.
+        r.engine
+            .revoke(&workload(), &root.id, "done")
+            .await
+            .unwrap();
+        let e = r.engine.renew(&tool, "l_kid", None).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "lease `l_kid` is revoked and cannot be renewed"
+        );
+
+        // A child whose record outlives its parent (a lease written before
+        // the cap, say) still cannot renew once the parent's time is up.
+        let Outcome::Granted { lease: root, .. } = r
+            .engine
+            .request_token(&workload(), ask(&["read"]))
+            .await
+            .unwrap()
+        else {
+            panic!("granted")
+        };
+        let late = Lease {
+            subject: tool.as_str().into(),
+            expires_at: root.expires_at + 600_000,
+            max_expires_at: root.expires_at + 600_000,
+            ..child(&root, "l_late", 1)
+        };
+        r.store.create_lease(&late, None).unwrap();
+        r.clock.advance(std::time::Duration::from_millis(
+            root.expires_at - crate::clock::Clock::now(r.clock.as_ref()) + 1,
+        ));
+        let e = r.engine.renew(&tool, "l_late", None).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "lease `l_late` was delegated from `{}`, which has ended; it cannot be renewed",
+                root.id
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_child_whose_delegation_the_policy_withdrew_cannot_renew() {
+        let r = rig(DELEGATING);
+        let Outcome::Granted { lease: root, .. } = r
+            .engine
+            .request_token(&workload(), ask(&["read"]))
+            .await
+            .unwrap()
+        else {
+            panic!("granted")
+        };
+        let tool = id("spiffe://t/tool");
+        let kid = Lease {
+            subject: tool.as_str().into(),
+            ..child(&root, "l_kid", 1)
+        };
+        r.store.create_lease(&kid, None).unwrap();
+        let without = DELEGATING.split("[[delegation]]").next().unwrap();
+        r.engine
+            .set_policy(crate::policy::Policy::parse(without).unwrap());
+        let e = r.engine.renew(&tool, "l_kid", None).await.unwrap_err();
+        assert!(e.to_string().contains("no delegation rule"), "{e}");
     }
 }

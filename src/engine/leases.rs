@@ -49,7 +49,16 @@ impl Engine {
             check_owner(lease, who, false)?;
             let now = self.clock.now();
             check_renewable(lease, now)?;
-            let max_expires_at = current_ceiling(&policy, who, lease)?;
+            let max_expires_at = match &lease.delegation {
+                Some(d) => super::cascade::delegated_ceiling(
+                    self.store().as_ref(),
+                    &policy,
+                    lease,
+                    d,
+                    now,
+                )?,
+                None => current_ceiling(&policy, who, lease)?,
+            };
             let expires_at = renewed_until(lease, ttl, now, max_expires_at)?;
             let keys = self.keys.current();
             let mut new = Lease {
