@@ -322,4 +322,43 @@ scopes = ["read"]
         let e = r.engine.renew(&tool, "l_kid", None).await.unwrap_err();
         assert!(e.to_string().contains("no delegation rule"), "{e}");
     }
+
+    #[tokio::test]
+    async fn a_delegated_token_is_inactive_once_an_ancestor_has_ended() {
+        let r = rig(DELEGATING);
+        let Outcome::Granted { lease: root, .. } = r
+            .engine
+            .request_token(&workload(), ask(&["read"]))
+            .await
+            .unwrap()
+        else {
+            panic!("granted")
+        };
+        // Two levels down, its record outliving the root's.
+        let now = crate::clock::Clock::now(r.clock.as_ref());
+        let middle = Lease {
+            subject: "spiffe://t/tool".into(),
+            expires_at: root.expires_at + 600_000,
+            ..child(&root, "l_mid", 1)
+        };
+        let leaf = Lease {
+            subject: "spiffe://t/tool".into(),
+            expires_at: root.expires_at + 600_000,
+            ..child(&middle, "l_leaf", 2)
+        };
+        r.store.create_lease(&middle, None).unwrap();
+        r.store.create_lease(&leaf, None).unwrap();
+        let keys = r.engine.keys().current();
+        let tok = crate::token::mint(&keys, &r.engine.claims(&leaf, now)).unwrap();
+        assert!(
+            r.engine.introspect(&tok).unwrap().is_some(),
+            "active while its ancestors are"
+        );
+        r.clock
+            .advance(std::time::Duration::from_millis(root.expires_at - now + 1));
+        assert!(
+            r.engine.introspect(&tok).unwrap().is_none(),
+            "the root's time is up: the leaf is inactive though its own is not"
+        );
+    }
 }

@@ -16,6 +16,7 @@ mod check;
 mod delegation;
 mod raw;
 
+pub use self::check::MAX_DELEGATION_DEPTH;
 pub use self::delegation::DelegationAsk;
 
 /// Hard cap on any TTL unless `[broker] max_ttl` says otherwise.
