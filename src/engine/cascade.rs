@@ -100,6 +100,19 @@ mod tests {
     use super::super::testing::{POLICY, ask, id, rig, workload};
     use crate::store::{Delegation, Lease, LeaseState};
 
+    /// A fresh `read` lease of the workload.
+    async fn granted(r: &super::super::testing::Rig) -> Lease {
+        match r
+            .engine
+            .request_token(&workload(), ask(&["read"]))
+            .await
+            .unwrap()
+        {
+            Outcome::Granted { lease, .. } => lease,
+            Outcome::Parked(_) => panic!("granted"),
+        }
+    }
+
     /// A lease delegated from `parent` at `depth`.
     fn child(of: &Lease, id: &str, depth: u32) -> Lease {
         Lease {
@@ -118,14 +131,7 @@ mod tests {
     #[tokio::test]
     async fn revoking_a_lease_ends_its_whole_subtree_and_records_each() {
         let r = rig(POLICY);
-        let Outcome::Granted { lease: root, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!("granted")
-        };
+        let root = granted(&r).await;
         // A tree: two children, a grandchild, and a child already ended.
         let (a, b) = (child(&root, "l_a", 1), child(&root, "l_b", 1));
         let grand = child(&a, "l_a1", 2);
@@ -138,11 +144,7 @@ mod tests {
         for l in [&a, &b, &grand, &ended, &under_ended] {
             r.store.create_lease(l, None).unwrap();
         }
-        let other = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap();
+        let other = granted(&r).await;
 
         r.engine
             .revoke(&workload(), &root.id, "task finished")
@@ -162,9 +164,6 @@ mod tests {
             LeaseState::Expired,
             "an ended lease keeps its end"
         );
-        let Outcome::Granted { lease: other, .. } = other else {
-            panic!("granted")
-        };
         assert_eq!(
             r.store.lease(&other.id).unwrap().unwrap().state,
             LeaseState::Active,
@@ -183,14 +182,7 @@ mod tests {
     #[tokio::test]
     async fn a_bulk_revocation_ends_what_was_delegated_too() {
         let r = rig(POLICY);
-        let Outcome::Granted { lease: root, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!("granted")
-        };
+        let root = granted(&r).await;
         // Delegated to another identity: not among the subject's leases.
         let tool = Lease {
             subject: "spiffe://t/tool".into(),
@@ -234,14 +226,7 @@ scopes = ["read"]
     #[tokio::test]
     async fn a_child_renews_only_within_its_parent_and_only_while_it_lives() {
         let r = rig(DELEGATING);
-        let Outcome::Granted { lease: root, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!("granted")
-        };
+        let root = granted(&r).await;
         let tool = id("spiffe://t/tool");
         let kid = Lease {
             subject: tool.as_str().into(),
@@ -271,14 +256,7 @@ scopes = ["read"]
 
         // A child whose record outlives its parent (a lease written before
         // the cap, say) still cannot renew once the parent's time is up.
-        let Outcome::Granted { lease: root, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!("granted")
-        };
+        let root = granted(&r).await;
         let late = Lease {
             subject: tool.as_str().into(),
             expires_at: root.expires_at + 600_000,
@@ -302,14 +280,7 @@ scopes = ["read"]
     #[tokio::test]
     async fn a_child_whose_delegation_the_policy_withdrew_cannot_renew() {
         let r = rig(DELEGATING);
-        let Outcome::Granted { lease: root, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!("granted")
-        };
+        let root = granted(&r).await;
         let tool = id("spiffe://t/tool");
         let kid = Lease {
             subject: tool.as_str().into(),
@@ -326,14 +297,7 @@ scopes = ["read"]
     #[tokio::test]
     async fn a_delegated_token_is_inactive_once_an_ancestor_has_ended() {
         let r = rig(DELEGATING);
-        let Outcome::Granted { lease: root, .. } = r
-            .engine
-            .request_token(&workload(), ask(&["read"]))
-            .await
-            .unwrap()
-        else {
-            panic!("granted")
-        };
+        let root = granted(&r).await;
         // Two levels down, its record outliving the root's.
         let now = crate::clock::Clock::now(r.clock.as_ref());
         let middle = Lease {
