@@ -36,6 +36,31 @@ pub struct Claims {
     /// Set on break-glass grants.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub break_glass: bool,
+    /// Who acts for `sub` on a delegated token (RFC 8693 §4.1): the current
+    /// actor outermost, each earlier one nested in its `act`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Actor>,
+}
+
+/// One link of an `act` chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The acting identity.
+    pub sub: String,
+    /// Who acted before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// The chain for `actors`, nearest first (`None` when empty).
+    pub fn chain(actors: &[String]) -> Option<Self> {
+        let (first, rest) = actors.split_first()?;
+        Some(Self {
+            sub: first.clone(),
+            act: Self::chain(rest).map(Box::new),
+        })
+    }
 }
 
 /// Why a token could not be minted or is not valid.

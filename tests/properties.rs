@@ -145,6 +145,7 @@ fn token_verification_refuses_mangled_tokens() {
         jti: "l_1".into(),
         approved_by: vec![],
         break_glass: false,
+        act: None,
     };
     let token = portcullis::token::mint(&keys, &claims).unwrap();
     assert!(portcullis::token::verify(&keys, "https://t", &token, 1_500).is_ok());

@@ -313,7 +313,30 @@ scopes = ["read"]
         r.store.create_lease(&middle, None).unwrap();
         r.store.create_lease(&leaf, None).unwrap();
         let keys = r.engine.keys().current();
+        let leaf = Lease {
+            delegation: Some(Delegation {
+                parent_id: middle.id.clone(),
+                depth: 2,
+                actors: vec!["spiffe://t/agent".into(), workload().as_str().into()],
+            }),
+            ..leaf
+        };
+        r.store
+            .swap_lease(&r.store.lease("l_leaf").unwrap().unwrap(), &leaf)
+            .unwrap();
         let tok = crate::token::mint(&keys, &r.engine.claims(&leaf, now)).unwrap();
+        // RFC 8693 §4.1: the current actor outermost, the earlier nested.
+        let payload = tok.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            claims["act"],
+            serde_json::json!({"sub": "spiffe://t/agent", "act": {"sub": "spiffe://t/w"}})
+        );
+        assert_eq!(claims["sub"], "spiffe://t/tool");
         assert!(
             r.engine.introspect(&tok).unwrap().is_some(),
             "active while its ancestors are"

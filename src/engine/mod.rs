@@ -304,6 +304,10 @@ impl Engine {
             jti: lease.id.clone(),
             approved_by: lease.approved_by.clone(),
             break_glass: lease.break_glass,
+            act: lease
+                .delegation
+                .as_ref()
+                .and_then(|d| crate::token::Actor::chain(&d.actors)),
         }
     }
 
