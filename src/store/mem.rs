@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
-    RequestStore, Row, Store, StoreError, Table, TokenRequest, deadline_key, idem_key,
+    RequestStore, Row, Store, StoreError, Table, TokenRequest, deadline_key, idem_key, page_bounds,
     split_deadline_key, subject_key,
 };
 
@@ -116,15 +116,7 @@ impl LeaseStore for MemStore {
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
         let g = self.lock()?;
-        let prefix = subject_key(subject, "");
-        let start = match after {
-            Some(a) => {
-                let mut k = subject_key(subject, a);
-                k.push(0);
-                k
-            }
-            None => prefix.clone(),
-        };
+        let (prefix, start) = page_bounds(subject, after);
         Ok(g.by_subject
             .range(start..)
             .take_while(|k| k.starts_with(&prefix))
@@ -142,14 +134,13 @@ impl LeaseStore for MemStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let prefix = subject_key(parent, "");
+        let (prefix, start) = page_bounds(parent, after);
         Ok(self
             .lock()?
             .children
-            .range(prefix.clone()..)
+            .range(start..)
             .take_while(|k| k.starts_with(&prefix))
             .map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
-            .filter(|id| after.is_none_or(|a| id.as_str() > a))
             .take(limit)
             .collect())
     }

@@ -788,6 +788,21 @@ pub(crate) fn subject_key(subject: &str, id: &str) -> Vec<u8> {
     k
 }
 
+/// Where a page of a `head ‖ 0x00 ‖ id` index starts: the prefix every key
+/// of `head` shares, and the first key after `after` (else the prefix).
+pub(crate) fn page_bounds(head: &str, after: Option<&str>) -> (Vec<u8>, Vec<u8>) {
+    let prefix = subject_key(head, "");
+    let start = match after {
+        Some(a) => {
+            let mut k = subject_key(head, a);
+            k.push(0);
+            k
+        }
+        None => prefix.clone(),
+    };
+    (prefix, start)
+}
+
 pub(crate) fn idem_key(caller: &str, key: &str) -> Vec<u8> {
     subject_key(caller, key)
 }

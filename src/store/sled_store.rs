@@ -15,7 +15,7 @@ use sled::{Db, Transactional as _, Tree};
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
     READABLE_SCHEMA_VERSIONS, RequestStore, Row, SCHEMA_VERSION, Store, StoreError, Table,
-    TokenRequest, deadline_key, decode, decode_lease, encode, encode_lease, idem_key,
+    TokenRequest, deadline_key, decode, decode_lease, encode, encode_lease, idem_key, page_bounds,
     split_deadline_key, subject_key,
 };
 
@@ -72,6 +72,22 @@ fn claim_idem(t: &TransactionalTree, idem: Option<&Idempotency>) -> TxResult<Opt
     }
     t.insert(k, encode(i).map_err(ConflictableTransactionError::Abort)?)?;
     Ok(None)
+}
+
+/// The ids under `head` in a `head ‖ 0x00 ‖ id` index, after `after`, in
+/// order.
+fn ids_under<'t>(
+    index: &'t Tree,
+    head: &str,
+    after: Option<&str>,
+) -> impl Iterator<Item = Result<String, StoreError>> + 't {
+    let (prefix, start) = page_bounds(head, after);
+    index.range(start..).map_while(move |item| match item {
+        Ok((k, _)) => k
+            .strip_prefix(prefix.as_slice())
+            .map(|id| Ok(String::from_utf8_lossy(id).into_owned())),
+        Err(e) => Some(Err(unavailable(e))),
+    })
 }
 
 /// sled releases its file lock from a background thread after its last
@@ -398,23 +414,13 @@ impl LeaseStore for SledStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
-        let prefix = subject_key(subject, "");
-        let start = match after {
-            Some(a) => {
-                let mut k = subject_key(subject, a);
-                k.push(0);
-                k
-            }
-            None => prefix.clone(),
-        };
         let mut out = Vec::new();
-        for item in self.by_subject.range(start..) {
-            let (k, _) = item.map_err(unavailable)?;
-            if !k.starts_with(&prefix) || out.len() >= limit {
+        for id in ids_under(&self.by_subject, subject, after) {
+            if out.len() >= limit {
                 break;
             }
-            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            if let Some(l) = self.lease(&id)? {
+            // An index entry whose lease is gone is skipped.
+            if let Some(l) = self.lease(&id?)? {
                 out.push(l);
             }
         }
@@ -427,24 +433,9 @@ impl LeaseStore for SledStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let prefix = subject_key(parent, "");
-        let start = match after {
-            Some(a) => {
-                let mut k = subject_key(parent, a);
-                k.push(0);
-                k
-            }
-            None => prefix.clone(),
-        };
-        let mut out = Vec::new();
-        for item in self.children.range(start..) {
-            let (k, _) = item.map_err(unavailable)?;
-            if !k.starts_with(&prefix) || out.len() >= limit {
-                break;
-            }
-            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-        }
-        Ok(out)
+        ids_under(&self.children, parent, after)
+            .take(limit)
+            .collect()
     }
 
     fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {

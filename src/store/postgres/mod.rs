@@ -484,7 +484,17 @@ impl LeaseStore for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
-        self.leases_page(subject, after, limit)
+        self.keyed(
+            "SELECT id, record FROM leases WHERE subject = $1 AND id > $2 ORDER BY id LIMIT $3",
+            vec![
+                Box::new(subject.to_owned()),
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )?
+        .iter()
+        .map(|(id, bytes)| decode_lease(id.as_bytes(), bytes))
+        .collect()
     }
 
     fn children(
@@ -535,27 +545,6 @@ impl LeaseStore for PgStore {
             "DELETE FROM leases WHERE ended_at < $1",
             vec![Box::new(ms(before))],
         )
-    }
-}
-
-impl PgStore {
-    fn leases_page(
-        &self,
-        subject: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Lease>, StoreError> {
-        self.keyed(
-            "SELECT id, record FROM leases WHERE subject = $1 AND id > $2 ORDER BY id LIMIT $3",
-            vec![
-                Box::new(subject.to_owned()),
-                Box::new(after.unwrap_or_default().to_owned()),
-                Box::new(count(limit)),
-            ],
-        )?
-        .iter()
-        .map(|(id, bytes)| decode_lease(id.as_bytes(), bytes))
-        .collect()
     }
 }
 
