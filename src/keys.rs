@@ -324,13 +324,18 @@ impl KeyRing {
     /// Rebuild the snapshot from the store (after a rotation step). Readers
     /// switch to the new set atomically.
     pub fn reload(&self, store: &dyn Store) -> Result<(), KeyError> {
-        let set = Arc::new(build_set(&self.kek, store.keys()?)?);
+        self.install(build_set(&self.kek, store.keys()?)?);
+        Ok(())
+    }
+
+    /// Swap `set` in for every reader at once and tell the watchers.
+    fn install(&self, set: KeySet) {
+        let set = Arc::new(set);
         match self.current.write() {
             Ok(mut g) => *g = set,
             Err(p) => *p.into_inner() = set,
         }
         self.changes.send_modify(|n| *n += 1);
-        Ok(())
     }
 
     /// Reload only if the stored records differ from the snapshot's (another
@@ -341,12 +346,7 @@ impl KeyRing {
         if same_records(&self.current(), &stored) {
             return Ok(false);
         }
-        let set = Arc::new(build_set(&self.kek, stored)?);
-        match self.current.write() {
-            Ok(mut g) => *g = set,
-            Err(p) => *p.into_inner() = set,
-        }
-        self.changes.send_modify(|n| *n += 1);
+        self.install(build_set(&self.kek, stored)?);
         Ok(true)
     }
 
