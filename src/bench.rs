@@ -158,6 +158,7 @@ impl Caller {
 
     async fn introspect(&mut self, token: &str) -> bool {
         let req = pb::IntrospectRequest {
+            cnf_x5t_s256: String::new(),
             token: token.to_owned(),
         };
         matches!(self.c.introspect(req).await, Ok(r) if r.get_ref().active)

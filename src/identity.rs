@@ -99,6 +99,17 @@ pub fn from_peer_certs(chain: &[impl AsRef<[u8]>]) -> Result<Identity, IdentityE
     }
 }
 
+/// RFC 8705 §3.1 thumbprint of a DER certificate: base64url (no padding)
+/// of its SHA-256, as carried in `cnf.x5t#S256`.
+pub fn thumbprint(der: &[u8]) -> String {
+    b64url(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 /// Identities of the client certificates seen lately, by the SHA-256 of the
 /// leaf's DER: parsing a certificate costs more than the rest of a small
 /// RPC, and a connection presents the same one on every call. Only
@@ -116,11 +127,21 @@ impl SeenCerts {
 
     /// [`from_peer_certs`], remembered.
     pub fn identity(&self, chain: &[impl AsRef<[u8]>]) -> Result<Identity, IdentityError> {
+        self.identify(chain).map(|(who, _)| who)
+    }
+
+    /// [`SeenCerts::identity`], and the leaf's RFC 8705 thumbprint
+    /// (`x5t#S256`: base64url SHA-256 of its DER).
+    pub fn identify(
+        &self,
+        chain: &[impl AsRef<[u8]>],
+    ) -> Result<(Identity, String), IdentityError> {
         let leaf = chain.first().ok_or(IdentityError::NoCertificate)?.as_ref();
         let mut key = [0u8; 32];
         key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
+        let x5t = b64url(&key);
         if let Some(who) = self.map.lock().ok().and_then(|m| m.get(&key).cloned()) {
-            return Ok(who);
+            return Ok((who, x5t));
         }
         let who = from_peer_certs(chain)?;
         if let Ok(mut m) = self.map.lock() {
@@ -129,7 +150,7 @@ impl SeenCerts {
             }
             m.insert(key, who.clone());
         }
-        Ok(who)
+        Ok((who, x5t))
     }
 
     /// How many are remembered.
@@ -159,6 +180,9 @@ mod tests {
         let seen = SeenCerts::default();
         let a = cert_for("spiffe://t/a");
         let b = cert_for("spiffe://t/b");
+        let (_, x5t) = seen.identify(&[&a]).unwrap();
+        assert_eq!(x5t, thumbprint(&a));
+        assert_eq!(x5t.len(), 43, "32 bytes, base64url without padding");
         for _ in 0..3 {
             assert_eq!(seen.identity(&[&a]).unwrap().as_str(), "spiffe://t/a");
             assert_eq!(seen.identity(&[&b]).unwrap().as_str(), "spiffe://t/b");

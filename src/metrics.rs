@@ -47,6 +47,9 @@ pub struct Metrics {
     pub decisions: Family<Labels, Counter>,
     /// Expiries by kind (`lease`, `request`).
     pub expiries: Family<Labels, Counter>,
+    /// Token exchanges by outcome (`granted`, `parked`, `refused`,
+    /// `invalid`, `error`).
+    pub exchanges: Family<Labels, Counter>,
     /// Leases revoked (one, bulk, undelivered).
     pub revocations: Counter,
     /// Renewals.
@@ -91,6 +94,7 @@ impl Metrics {
             requests,
             decisions: Family::default(),
             expiries: Family::default(),
+            exchanges: Family::default(),
             revocations: Counter::default(),
             renewals: Counter::default(),
             active_leases: Gauge::default(),
@@ -125,6 +129,11 @@ impl Metrics {
             "expiries",
             "Leases and requests expired",
             self.expiries.clone(),
+        );
+        r.register(
+            "token_exchanges",
+            "Token exchanges (delegations) by outcome",
+            self.exchanges.clone(),
         );
         r.register("revocations", "Leases revoked", self.revocations.clone());
         r.register("renewals", "Leases renewed", self.renewals.clone());
@@ -191,6 +200,13 @@ impl Metrics {
     /// Count an approver decision (`approve`, `deny`, `acknowledge`).
     pub fn decision(&self, kind: &'static str) {
         self.decisions.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    /// Count a token exchange by outcome.
+    pub fn exchange(&self, outcome: &'static str) {
+        self.exchanges
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
     }
 
     /// Count an expiry (`lease`, `request`).

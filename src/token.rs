@@ -40,6 +40,17 @@ pub struct Claims {
     /// actor outermost, each earlier one nested in its `act`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Actor>,
+    /// RFC 8705 confirmation: the client certificate the token is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// RFC 8705 §3.1 `cnf` claim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// Base64url SHA-256 of the DER certificate.
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: String,
 }
 
 /// One link of an `act` chain.
@@ -60,6 +71,17 @@ impl Actor {
             sub: first.clone(),
             act: Self::chain(rest).map(Box::new),
         })
+    }
+
+    /// The chain as a list, nearest first (the inverse of [`Actor::chain`]).
+    pub fn flatten(self) -> Vec<String> {
+        let mut out = vec![self.sub];
+        let mut next = self.act;
+        while let Some(a) = next {
+            out.push(a.sub);
+            next = a.act;
+        }
+        out
     }
 }
 

@@ -41,6 +41,10 @@ vocabulary! {
         TokenBreakGlass = "token.break_glass",
         /// Policy refused a token request.
         TokenRefused = "token.refused",
+        /// A token was exchanged for a delegated child (RFC 8693).
+        TokenExchanged = "token.exchanged",
+        /// Policy refused a token exchange.
+        ExchangeRefused = "token.exchange_refused",
         /// A request was parked for approval.
         RequestParked = "request.parked",
         /// One approval was recorded; more are needed.

@@ -186,7 +186,8 @@ async fn one_approval_flow_delivers_the_token_through_watch_once() {
     assert_eq!(lease.approved_by, [DAVE]);
     assert!(
         c.introspect(pb::IntrospectRequest {
-            token: grant.token.clone()
+            token: grant.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -813,11 +814,14 @@ async fn break_glass_grants_at_once_capped_and_queues_a_review() {
             .is_empty()
     );
     assert!(
-        !c.introspect(pb::IntrospectRequest { token: g.token })
-            .await
-            .unwrap()
-            .into_inner()
-            .active,
+        !c.introspect(pb::IntrospectRequest {
+            token: g.token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active,
         "revoked on review"
     );
     // The gauges follow: nothing active, nothing left to review.

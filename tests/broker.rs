@@ -346,6 +346,7 @@ async fn renew_extends_up_to_max_ttl_with_a_fresh_token() {
     let active = c
         .introspect(pb::IntrospectRequest {
             token: r.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -428,7 +429,8 @@ async fn owners_revoke_their_leases_admins_revoke_anyones_others_are_refused() {
     assert_eq!(l.revoke_reason, "done");
     assert!(
         !c.introspect(pb::IntrospectRequest {
-            token: g.token.clone()
+            token: g.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -529,11 +531,14 @@ async fn bulk_revocation_ends_every_active_lease_of_a_subject() {
     assert_eq!(n, 39);
     for t in tokens {
         assert!(
-            !c.introspect(pb::IntrospectRequest { token: t })
-                .await
-                .unwrap()
-                .into_inner()
-                .active
+            !c.introspect(pb::IntrospectRequest {
+                token: t,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .active
         );
     }
     let active = c
@@ -651,7 +656,8 @@ async fn leases_expire_on_time_and_introspection_never_waits_for_the_sweep() {
     h.clock.advance(Duration::from_secs(61));
     assert!(
         !c.introspect(pb::IntrospectRequest {
-            token: g.token.clone()
+            token: g.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -680,11 +686,14 @@ async fn leases_expire_on_time_and_introspection_never_waits_for_the_sweep() {
         .unwrap();
     assert_eq!(l2.state, pb::LeaseState::Active as i32);
     assert!(
-        c.introspect(pb::IntrospectRequest { token: long.token })
-            .await
-            .unwrap()
-            .into_inner()
-            .active
+        c.introspect(pb::IntrospectRequest {
+            token: long.token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active
     );
     // An earlier deadline inserted while the task sleeps towards a later one
     // wakes it.
@@ -736,7 +745,8 @@ async fn restart_keeps_leases_keys_requests_and_their_deadlines() {
     let mut c = h.broker(As::Workload).await;
     assert!(
         c.introspect(pb::IntrospectRequest {
-            token: g.token.clone()
+            token: g.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -804,11 +814,14 @@ async fn introspection_rejects_forged_and_out_of_time_tokens() {
     let inactive = |t: String| {
         let mut c = c.clone();
         async move {
-            !c.introspect(pb::IntrospectRequest { token: t })
-                .await
-                .unwrap()
-                .into_inner()
-                .active
+            !c.introspect(pb::IntrospectRequest {
+                token: t,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .active
         }
     };
     assert!(

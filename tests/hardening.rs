@@ -255,7 +255,10 @@ async fn f13_crit_headers_are_refused_and_introspection_trusts_the_lease() {
     let g = grant(&mut c, ask(&["orders.read"])).await;
     let header = common::part(&g.token, 0);
     let mut claims = common::part(&g.token, 1);
-    let introspect = |token: String| pb::IntrospectRequest { token };
+    let introspect = |token: String| pb::IntrospectRequest {
+        token,
+        ..Default::default()
+    };
 
     // Control: the same construction without changes is active.
     let same = signed(&h, header.clone(), claims.clone());
@@ -379,6 +382,7 @@ async fn f14_the_issuer_survives_a_restart_on_another_port() {
     let a = c
         .introspect(pb::IntrospectRequest {
             token: token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

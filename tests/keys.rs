@@ -144,7 +144,8 @@ async fn scheduled_rotation_prepublishes_hands_over_and_retires_without_a_verifi
     independent_verify(&set, &new.token, now).unwrap();
     assert!(
         c.introspect(pb::IntrospectRequest {
-            token: old.token.clone()
+            token: old.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -185,11 +186,14 @@ async fn scheduled_rotation_prepublishes_hands_over_and_retires_without_a_verifi
         "removed after its last token expired: {after:?}"
     );
     assert!(
-        !c.introspect(pb::IntrospectRequest { token: old.token })
-            .await
-            .unwrap()
-            .into_inner()
-            .active
+        !c.introspect(pb::IntrospectRequest {
+            token: old.token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active
     );
     h.stop().await;
 }
@@ -228,7 +232,8 @@ async fn emergency_rotation_kills_the_old_tokens_at_once() {
     assert!(!kids(&jwks(&h).await).contains(&old_kid));
     assert!(
         !c.introspect(pb::IntrospectRequest {
-            token: before.token.clone()
+            token: before.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -361,6 +366,7 @@ async fn active(
 ) -> bool {
     c.introspect(pb::IntrospectRequest {
         token: token.to_owned(),
+        ..Default::default()
     })
     .await
     .unwrap()

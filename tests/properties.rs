@@ -146,6 +146,7 @@ fn token_verification_refuses_mangled_tokens() {
         approved_by: vec![],
         break_glass: false,
         act: None,
+        cnf: None,
     };
     let token = portcullis::token::mint(&keys, &claims).unwrap();
     assert!(portcullis::token::verify(&keys, "https://t", &token, 1_500).is_ok());

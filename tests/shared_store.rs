@@ -101,6 +101,7 @@ async fn an_approval_on_one_broker_reaches_a_watcher_on_another_once() {
         .await
         .introspect(pb::IntrospectRequest {
             token: grant.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -155,7 +156,10 @@ async fn a_revocation_on_one_broker_is_seen_at_once_on_another() {
     };
     let mut on_a = h.broker(As::Workload).await;
     let g = grant(&mut on_a, ask(&["orders.read"])).await;
-    let introspect = |token: String| pb::IntrospectRequest { token };
+    let introspect = |token: String| pb::IntrospectRequest {
+        token,
+        ..Default::default()
+    };
     assert!(
         on_a.introspect(introspect(g.token.clone()))
             .await
@@ -449,7 +453,8 @@ async fn a_sled_store_moves_to_postgres_with_its_leases_keys_and_trail() {
     let mut c = h.broker(As::Workload).await;
     assert!(
         c.introspect(pb::IntrospectRequest {
-            token: kept.token.clone()
+            token: kept.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

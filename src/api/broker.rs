@@ -9,11 +9,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{caller, convert, status};
+use super::{caller, convert, holder, status};
 use crate::engine::requests::Watch;
-use crate::engine::{Engine, EngineError, Outcome, TokenAsk};
+use crate::engine::{Engine, EngineError, ExchangeAsk, Outcome, TokenAsk};
 use crate::pb;
 use crate::pb::broker_server::Broker;
+use crate::text::FieldError;
 
 /// `Broker` over an [`Engine`].
 pub struct BrokerService {
@@ -37,9 +38,11 @@ impl Broker for BrokerService {
         req: Request<pb::RequestTokenRequest>,
     ) -> Result<Response<pb::RequestTokenResponse>, Status> {
         let started = std::time::Instant::now();
-        let who = caller(&req)?;
+        let holder = holder(&req)?;
+        let who = holder.who.clone();
         let m = req.into_inner();
         let ask = TokenAsk {
+            x5t: holder.x5t,
             ttl: convert::ttl(m.ttl, "ttl")?,
             scopes: m.scopes,
             audience: m.audience,
@@ -59,34 +62,52 @@ impl Broker for BrokerService {
                 return Err(e.into());
             }
         };
-        let outcome = match outcome {
-            Outcome::Granted { token, lease } => {
-                self.engine
-                    .metrics()
-                    .issuance
-                    .observe(started.elapsed().as_secs_f64());
-                pb::request_token_response::Outcome::Granted(pb::Grant {
-                    token,
-                    lease: Some(convert::lease(&lease)),
-                })
-            }
-            Outcome::Parked(r) => {
-                pb::request_token_response::Outcome::Pending(convert::request(&r))
-            }
+        if matches!(outcome, Outcome::Granted { .. }) {
+            self.engine
+                .metrics()
+                .issuance
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Ok(Response::new(convert::outcome(outcome)))
+    }
+
+    async fn exchange_token(
+        &self,
+        req: Request<pb::ExchangeTokenRequest>,
+    ) -> Result<Response<pb::RequestTokenResponse>, Status> {
+        let holder = holder(&req)?;
+        let m = req.into_inner();
+        let ask = ExchangeAsk {
+            ttl: convert::ttl(m.ttl, "ttl")?,
+            subject_token: m.subject_token,
+            scopes: m.scopes,
+            audience: m.audience,
+            for_identity: m.for_identity,
+            justification: m.justification,
+            client_request_id: m.client_request_id,
         };
-        Ok(Response::new(pb::RequestTokenResponse {
-            outcome: Some(outcome),
-        }))
+        match self.engine.exchange(&holder, ask).await {
+            Ok(outcome) => Ok(Response::new(convert::outcome(outcome))),
+            Err(e) => {
+                match &e {
+                    EngineError::Invalid { .. } => self.engine.metrics().exchange("invalid"),
+                    EngineError::Refused(_) => {}
+                    _ => self.engine.metrics().exchange("error"),
+                }
+                tracing::info!(sub = %holder.who, error = %e, "token exchange refused");
+                Err(e.into())
+            }
+        }
     }
 
     async fn get_request(
         &self,
         req: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::GetRequestResponse>, Status> {
-        let who = caller(&req)?;
+        let holder = holder(&req)?;
         let (r, grant) = self
             .engine
-            .read_and_claim(&who, &req.get_ref().request_id)
+            .read_and_claim(&holder, &req.get_ref().request_id)
             .await?;
         Ok(Response::new(pb::GetRequestResponse {
             request: Some(convert::request(&r)),
@@ -100,9 +121,9 @@ impl Broker for BrokerService {
         &self,
         req: Request<pb::WatchRequestRequest>,
     ) -> Result<Response<Self::WatchRequestStream>, Status> {
-        let who = caller(&req)?;
+        let holder = holder(&req)?;
         // Unknown or invisible ids fail here, before a stream exists.
-        let watch = self.engine.watch(&who, &req.get_ref().request_id)?;
+        let watch = self.engine.watch(&holder, &req.get_ref().request_id)?;
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(follow(watch, tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -168,13 +189,15 @@ impl Broker for BrokerService {
         let who = caller(&req)?;
         let m = req.into_inner();
         let state = convert::lease_state_filter(m.state)?;
-        let (leases, next) = self.engine.list_leases(
-            &who,
-            &m.subject,
-            state,
-            m.page_size as usize,
-            &m.page_token,
-        )?;
+        let (leases, next) = if m.parent_id.is_empty() {
+            self.engine
+                .list_leases(&who, &m.subject, state, m.page_size as usize, &m.page_token)?
+        } else if !m.subject.is_empty() {
+            return Err(FieldError::new("subject", "must be empty when parent_id is set").into());
+        } else {
+            self.engine
+                .list_children(&who, &m.parent_id, m.page_size as usize, &m.page_token)?
+        };
         Ok(Response::new(pb::ListLeasesResponse {
             leases: leases.iter().map(convert::lease).collect(),
             next_page_token: next,
@@ -212,9 +235,15 @@ impl Broker for BrokerService {
         req: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
         let _who = caller(&req)?;
-        let answer = match self.engine.introspect(&req.get_ref().token)? {
+        let m = req.get_ref();
+        let claims = self.engine.introspect(&m.token)?;
+        let presented = (!m.cnf_x5t_s256.is_empty()).then_some(m.cnf_x5t_s256.as_str());
+        let answer = match claims.filter(|c| bound_as_presented(c, presented)) {
             None => pb::IntrospectResponse::default(),
             Some(c) => pb::IntrospectResponse {
+                cnf_checked: presented.is_some() && c.cnf.is_some(),
+                cnf_x5t_s256: c.cnf.map(|x| x.x5t_s256).unwrap_or_default(),
+                actors: c.act.map(|a| a.flatten()).unwrap_or_default(),
                 active: true,
                 scope: c.scope,
                 client_id: c.client_id,
@@ -229,6 +258,16 @@ impl Broker for BrokerService {
             },
         };
         Ok(Response::new(answer))
+    }
+}
+
+/// RFC 8705 §3: a bound token is active only with the certificate it is
+/// bound to, when the relying party says which one it was presented with.
+/// (A thumbprint is public: no constant-time comparison is needed.)
+fn bound_as_presented(c: &crate::token::Claims, presented: Option<&str>) -> bool {
+    match (&c.cnf, presented) {
+        (Some(bound), Some(p)) => bound.x5t_s256 == p,
+        _ => true,
     }
 }
 

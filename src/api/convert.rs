@@ -107,6 +107,30 @@ pub fn lease(l: &store::Lease) -> pb::Lease {
         client_id: l.client_id.clone(),
         approved_by: l.approved_by.clone(),
         break_glass: l.break_glass,
+        parent_id: l
+            .delegation
+            .as_ref()
+            .map(|d| d.parent_id.clone())
+            .unwrap_or_default(),
+        depth: l.delegation.as_ref().map_or(0, |d| d.depth),
+        actors: l
+            .delegation
+            .as_ref()
+            .map(|d| d.actors.clone())
+            .unwrap_or_default(),
+        cnf_x5t_s256: l.cnf.clone().unwrap_or_default(),
+    }
+}
+
+/// An issuance outcome (grant or park) to proto.
+pub fn outcome(o: crate::engine::Outcome) -> pb::RequestTokenResponse {
+    use pb::request_token_response::Outcome as O;
+    let outcome = match o {
+        crate::engine::Outcome::Granted { token, lease } => O::Granted(grant(token, &lease)),
+        crate::engine::Outcome::Parked(r) => O::Pending(request(&r)),
+    };
+    pb::RequestTokenResponse {
+        outcome: Some(outcome),
     }
 }
 
@@ -160,5 +184,15 @@ pub fn request(r: &store::TokenRequest) -> pb::TokenRequest {
         review_pending: r.review_pending,
         reviewed_by: r.reviewed_by.clone().unwrap_or_default(),
         review_reason: r.review_reason.clone().unwrap_or_default(),
+        parent_id: r
+            .delegation
+            .as_ref()
+            .map(|d| d.parent_id.clone())
+            .unwrap_or_default(),
+        actors: r
+            .delegation
+            .as_ref()
+            .map(|d| d.actors.clone())
+            .unwrap_or_default(),
     }
 }

@@ -22,10 +22,10 @@ use crate::audit::{Action, CALL, CallCtx, Entry, Outcome};
 use crate::engine::Engine;
 use crate::identity::{self, Identity};
 
-/// The authenticated caller, put in each request's extensions by
-/// [`Authenticate`].
+/// The authenticated caller and the thumbprint of its certificate, put in
+/// each request's extensions by [`Authenticate`].
 #[derive(Clone, Debug)]
-struct Caller(Identity);
+struct Caller(Identity, String);
 
 /// Interceptor on every portcullis service: the caller's identity from the
 /// verified client certificate, once per RPC. Failures are generic on the
@@ -51,10 +51,10 @@ impl tonic::service::Interceptor for Authenticate {
         let certs = req.peer_certs();
         let chain: &[tonic::transport::CertificateDer<'static>] =
             certs.as_deref().map_or(&[], |c| c.as_slice());
-        match self.seen.identity(chain) {
-            Ok(who) => {
+        match self.seen.identify(chain) {
+            Ok((who, x5t)) => {
                 tracing::Span::current().record("caller", who.as_str());
-                req.extensions_mut().insert(Caller(who));
+                req.extensions_mut().insert(Caller(who, x5t));
                 Ok(req)
             }
             Err(e) => {
@@ -75,6 +75,18 @@ pub fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
     req.extensions()
         .get::<Caller>()
         .map(|c| c.0.clone())
+        .ok_or_else(status::unauthenticated)
+}
+
+/// The caller, and the RFC 8705 thumbprint (`x5t#S256`) of the client
+/// certificate it authenticated with: what a bound token is bound to.
+pub fn holder<T>(req: &Request<T>) -> Result<crate::engine::Holder, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .map(|c| crate::engine::Holder {
+            who: c.0.clone(),
+            x5t: Some(c.1.clone()),
+        })
         .ok_or_else(status::unauthenticated)
 }
 

@@ -97,6 +97,7 @@ pub async fn run(out: Output, cmd: LeaseCmd, channel: Channel) -> Result<i32, Fa
             page_token,
         } => {
             let req = pb::ListLeasesRequest {
+                parent_id: String::new(),
                 subject: subject.unwrap_or_default(),
                 state: state.map_or(pb::LeaseState::Unspecified, Into::into) as i32,
                 page_size: limit,

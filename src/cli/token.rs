@@ -119,7 +119,10 @@ async fn inspect(
     token: String,
 ) -> Result<i32, Failure> {
     let r = b
-        .introspect(pb::IntrospectRequest { token })
+        .introspect(pb::IntrospectRequest {
+            token,
+            cnf_x5t_s256: String::new(),
+        })
         .await?
         .into_inner();
     let text = if r.active {

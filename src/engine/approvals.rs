@@ -67,6 +67,11 @@ fn check_decider(policy: &Policy, who: &Identity, req: &TokenRequest) -> Result<
             "`{who}` requested `{id}` and cannot decide it"
         )));
     }
+    if in_chain(req, who) {
+        return Err(EngineError::NotAllowed(format!(
+            "`{who}` acts in the delegation chain of `{id}` and cannot decide it"
+        )));
+    }
     if !may_decide(policy, who, req) {
         if !policy.is_admin(who) {
             return Err(EngineError::not_found("request", id));
@@ -77,6 +82,13 @@ fn check_decider(policy: &Policy, who: &Identity, req: &TokenRequest) -> Result<
         )));
     }
     Ok(())
+}
+
+/// Does `who` act in the delegation chain `req` would extend?
+pub(super) fn in_chain(req: &TokenRequest, who: &Identity) -> bool {
+    req.delegation
+        .as_ref()
+        .is_some_and(|d| d.actors.iter().any(|a| a == who.as_str()))
 }
 
 /// A decision lands before the request's deadline (pending window, claim
@@ -94,11 +106,42 @@ pub(super) fn check_deadline(req: &TokenRequest, now: u64) -> Result<(), EngineE
 
 /// The current policy still lets the requester have every scope (a scope
 /// removed or a workload no longer allowed after the request was parked).
-pub(super) fn check_still_allowed(policy: &Policy, req: &TokenRequest) -> Result<(), EngineError> {
-    let requester = Identity::parse(&req.requester)
-        .map_err(|e| EngineError::Internal(format!("stored requester: {e}")))?;
-    policy.decide(&requester, &req.scopes, None)?;
-    Ok(())
+/// A delegated request instead needs its parent lease alive at `now` and
+/// its `[[delegation]]` edge still allowed; the parent is returned.
+pub(super) fn check_still_allowed(
+    policy: &Policy,
+    store: &dyn crate::store::Store,
+    req: &TokenRequest,
+    now: crate::store::Millis,
+) -> Result<Option<crate::store::Lease>, EngineError> {
+    let stored = |s: &str| {
+        Identity::parse(s).map_err(|e| EngineError::Internal(format!("stored identity: {e}")))
+    };
+    let requester = stored(&req.requester)?;
+    let Some(d) = &req.delegation else {
+        policy.decide(&requester, &req.scopes, None)?;
+        return Ok(None);
+    };
+    let parent = store
+        .lease(&d.parent_id)?
+        .filter(|p| p.state == crate::store::LeaseState::Active && p.expires_at > now)
+        .ok_or_else(|| {
+            EngineError::WrongState(format!(
+                "request `{}` was to be delegated from lease `{}`, which has ended",
+                req.id, d.parent_id
+            ))
+        })?;
+    let holder = stored(d.actors.first().map_or("", String::as_str))?;
+    policy.delegation_rule(&crate::policy::DelegationAsk {
+        holder: &holder,
+        to: &requester,
+        scopes: &req.scopes,
+        depth: d.depth,
+        audience: &req.audience,
+        parent_audience: &parent.audience,
+    })?;
+    policy.decide_delegated(&req.scopes, None)?;
+    Ok(Some(parent))
 }
 
 /// May `who` review `req` now: a decider, and a break-glass grant awaiting
@@ -144,6 +187,7 @@ fn check_approved_ttl(ttl: Option<Duration>, req: &TokenRequest) -> Result<(), F
 /// One approval by `who`, checked against the request as it is now.
 struct Approving<'a> {
     policy: &'a Policy,
+    store: &'a dyn crate::store::Store,
     who: &'a Identity,
     reason: &'a str,
     ttl: Option<Duration>,
@@ -163,7 +207,7 @@ impl Approving<'_> {
             )));
         }
         check_deadline(req, now)?;
-        check_still_allowed(self.policy, req)?;
+        let parent = check_still_allowed(self.policy, self.store, req, now)?;
         if !self.digest.is_empty() && self.digest != req.digest {
             return Err(EngineError::WrongState(format!(
                 "request `{id}` digest does not match what was reviewed"
@@ -198,6 +242,10 @@ impl Approving<'_> {
                 .unwrap_or(DEFAULT_CLAIM);
             new = new.moved(RequestState::Approved, who.as_str(), now, self.reason);
             new.deadline = now.saturating_add(millis(claim));
+            if let Some(p) = parent {
+                // A delegated token cannot be claimed after its parent ends.
+                new.deadline = new.deadline.min(p.expires_at);
+            }
         }
         Ok(new)
     }
@@ -225,6 +273,7 @@ impl Engine {
         let policy = self.for_decision(id)?;
         let approving = Approving {
             policy: &policy,
+            store: self.store().as_ref(),
             who,
             reason,
             ttl,

@@ -26,6 +26,9 @@ pub struct TokenAsk {
     pub client_request_id: String,
     /// Break-glass flag.
     pub break_glass: bool,
+    /// RFC 8705 thumbprint of the caller's client certificate: what the
+    /// token is bound to when a scope says `bind = "mtls"`.
+    pub x5t: Option<String>,
 }
 
 /// An ask that passed validation, with what the request is bound to.
@@ -35,6 +38,7 @@ pub(super) struct Checked {
     pub(super) audience: String,
     pub(super) justification: String,
     pub(super) client_request_id: String,
+    pub(super) x5t: Option<String>,
     /// Digest of the parameters: idempotent retries must match it.
     pub(super) digest: String,
     pub(super) now: Millis,
@@ -74,6 +78,7 @@ impl Checked {
             audience,
             justification: ask.justification.clone(),
             client_request_id: ask.client_request_id.clone(),
+            x5t: ask.x5t.clone(),
             digest,
             now,
         })

@@ -16,6 +16,7 @@ impl Engine {
     pub async fn claim(
         &self,
         who: &Identity,
+        x5t: Option<&str>,
         id: &str,
     ) -> Result<Option<(String, Lease, TokenRequest)>, EngineError> {
         let mut minted = None;
@@ -29,9 +30,13 @@ impl Engine {
             {
                 return Ok(None);
             }
-            // The policy may have changed since the approval.
-            super::approvals::check_still_allowed(&self.policy(), req)?;
-            let (lease, tok) = self.approved_lease(req, now)?;
+            // The policy may have changed since the approval; a delegated
+            // request's parent may have ended.
+            let policy = self.policy();
+            let parent =
+                super::approvals::check_still_allowed(&policy, self.store().as_ref(), req, now)?;
+            let cnf = super::bound_to(&policy, &req.scopes, x5t)?;
+            let (lease, tok) = self.approved_lease(req, now, parent.as_ref(), cnf)?;
             let mut issued = req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
             issued.lease_id = Some(lease.id.clone());
             minted = Some((tok, lease));
@@ -57,8 +62,16 @@ impl Engine {
     }
 
     /// The lease an approved request becomes at `now`, and its signed token.
-    /// Its TTL, and its ceiling, is the shortest any approver allowed.
-    fn approved_lease(&self, req: &TokenRequest, now: u64) -> Result<(Lease, String), EngineError> {
+    /// Its TTL, and its ceiling, is the shortest any approver allowed; a
+    /// delegated one never outlives `parent`. `cnf`: the certificate its
+    /// tokens are bound to.
+    fn approved_lease(
+        &self,
+        req: &TokenRequest,
+        now: u64,
+        parent: Option<&Lease>,
+        cnf: Option<String>,
+    ) -> Result<(Lease, String), EngineError> {
         let ttl = req
             .approvals
             .iter()
@@ -70,17 +83,29 @@ impl Engine {
         terms.ttl_ms = ttl;
         terms.max_ttl_ms = ttl;
         let keys = self.keys.current();
-        let lease = Lease {
+        let lease = Lease::active(
+            new_id("l_", now)?,
+            &req.requester,
+            &terms,
+            now,
+            &keys.active.kid,
+        );
+        let mut lease = Lease {
             request_id: Some(req.id.clone()),
             approved_by: req.approvals.iter().map(|a| a.approver.clone()).collect(),
-            ..Lease::active(
-                new_id("l_", now)?,
-                &req.requester,
-                &terms,
-                now,
-                &keys.active.kid,
-            )
+            cnf,
+            ..lease
         };
+        if let (Some(d), Some(p)) = (&req.delegation, parent) {
+            lease.expires_at = lease.expires_at.min(p.expires_at);
+            lease.max_expires_at = lease.max_expires_at.min(p.expires_at);
+            lease.client_id = d.actors.first().cloned().unwrap_or_default();
+            lease.break_glass = p.break_glass;
+            if lease.approved_by.is_empty() {
+                lease.approved_by = p.approved_by.clone();
+            }
+            lease.delegation = Some(d.clone());
+        }
         let tok = token::mint(&keys, &self.claims(&lease, now))?;
         let lease = Lease {
             token_mac: Some(token::mac(&keys, &tok)),

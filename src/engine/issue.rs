@@ -112,9 +112,11 @@ impl Engine {
         let request_id = g.review.as_ref().map(|_| new_id("r_", now)).transpose()?;
         let keys = self.keys.current();
         let terms = c.terms(g.ttl, g.max_ttl);
+        let cnf = super::bound_to(&self.policy(), &c.scopes, c.x5t.as_deref())?;
         let lease = Lease {
             request_id,
             break_glass: g.review.is_some(),
+            cnf,
             ..Lease::active(
                 new_id("l_", now)?,
                 c.who.as_str(),
@@ -220,7 +222,7 @@ impl Engine {
     }
 
     /// Answer a retried request with the first outcome.
-    async fn replay(
+    pub(super) async fn replay(
         &self,
         who: &Identity,
         existing: Idempotency,

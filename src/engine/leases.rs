@@ -25,7 +25,12 @@ impl Engine {
             .store()
             .lease(id)?
             .ok_or_else(|| EngineError::not_found("lease", id))?;
-        check_owner(&lease, who, admin_ok && self.policy().is_admin(who))?;
+        let admin = admin_ok && self.policy().is_admin(who);
+        if admin_ok {
+            check_overseer(&lease, who, admin)?;
+        } else {
+            check_owner(&lease, who, admin)?;
+        }
         Ok(lease)
     }
 
@@ -246,6 +251,44 @@ impl Engine {
         }
     }
 
+    /// The leases delegated directly from `parent_id`, in id order, after
+    /// `page_token`: for its owner, the identities upstream of it, or an
+    /// admin.
+    pub fn list_children(
+        &self,
+        who: &Identity,
+        parent_id: &str,
+        page_size_asked: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Lease>, String), EngineError> {
+        self.owned_lease(who, parent_id, true)
+            .map_err(|e| match e {
+                EngineError::Invalid(_) => {
+                    FieldError::new("parent_id", "not a valid lease id").into()
+                }
+                other => other,
+            })?;
+        if !page_token.is_empty() {
+            require_id("page_token", page_token)?;
+        }
+        let size = page_size(page_size_asked, LEASE_PAGE)?;
+        let after = (!page_token.is_empty()).then_some(page_token);
+        let mut ids = self.store().children(parent_id, after, size + 1)?;
+        let next = if ids.len() > size {
+            ids.truncate(size);
+            ids.last().cloned().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(l) = self.store().lease(&id)? {
+                out.push(l);
+            }
+        }
+        Ok((out, next))
+    }
+
     /// A claimed token could not be handed over (the caller went away):
     /// revoke its lease so no copy can ever be used. Recorded only if this
     /// call revoked it; failures are logged as failures.
@@ -286,6 +329,23 @@ impl Engine {
 /// `who` owns `lease`, or `admin` lets them act on it anyway.
 fn check_owner(lease: &Lease, who: &Identity, admin: bool) -> Result<(), EngineError> {
     if lease.subject == who.as_str() || admin {
+        Ok(())
+    } else {
+        Err(EngineError::NotAllowed(format!(
+            "`lease_id`: lease `{}` belongs to another identity",
+            lease.id
+        )))
+    }
+}
+
+/// Reading or revoking: the owner, an admin, or an identity that acts in
+/// the lease's delegation chain (who delegated it may see and end it).
+fn check_overseer(lease: &Lease, who: &Identity, admin: bool) -> Result<(), EngineError> {
+    let upstream = lease
+        .delegation
+        .as_ref()
+        .is_some_and(|d| d.actors.iter().any(|a| a == who.as_str()));
+    if lease.subject == who.as_str() || admin || upstream {
         Ok(())
     } else {
         Err(EngineError::NotAllowed(format!(

@@ -30,6 +30,7 @@ mod break_glass;
 mod cascade;
 mod claim;
 mod error;
+pub mod exchange;
 pub mod expiry;
 pub mod introspect;
 pub mod issue;
@@ -47,6 +48,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{broadcast, mpsc, watch};
 
 pub use self::error::EngineError;
+pub use self::exchange::ExchangeAsk;
 pub use self::issue::{Outcome, TokenAsk};
 pub use self::quota::{Limits, WatchPermit};
 pub(crate) use self::records::{Cas, Records};
@@ -61,6 +63,24 @@ use crate::policy::Policy;
 use crate::store::commit::GroupCommit;
 use crate::store::{Lease, Millis, Store, TokenRequest};
 use crate::token::Claims;
+
+/// Who calls, as far as binding is concerned: the authenticated identity
+/// and the thumbprint of the certificate it presented (`None` where no
+/// certificate exists, e.g. in-process callers).
+#[derive(Clone, Debug)]
+pub struct Holder {
+    /// The authenticated identity.
+    pub who: Identity,
+    /// RFC 8705 `x5t#S256` of its client certificate.
+    pub x5t: Option<String>,
+}
+
+impl From<Identity> for Holder {
+    /// An identity without a certificate (in-process callers, tests).
+    fn from(who: Identity) -> Self {
+        Self { who, x5t: None }
+    }
+}
 
 /// Actor recorded for the broker's own transitions (expiry, retention).
 pub const SYSTEM_ACTOR: &str = "portcullis";
@@ -308,6 +328,9 @@ impl Engine {
                 .delegation
                 .as_ref()
                 .and_then(|d| crate::token::Actor::chain(&d.actors)),
+            cnf: lease.cnf.as_ref().map(|x| crate::token::Confirmation {
+                x5t_s256: x.clone(),
+            }),
         }
     }
 
@@ -321,6 +344,24 @@ impl Engine {
             )))
         }
     }
+}
+
+/// The certificate thumbprint the tokens of `scopes` are bound to:
+/// `None` unless a scope says `bind = "mtls"`, then the holder's, which
+/// must exist.
+pub(crate) fn bound_to(
+    policy: &Policy,
+    scopes: &[String],
+    x5t: Option<&str>,
+) -> Result<Option<String>, EngineError> {
+    if !policy.binds(scopes) {
+        return Ok(None);
+    }
+    x5t.map(|x| Some(x.to_owned())).ok_or_else(|| {
+        EngineError::WrongState(
+            "a scope asked for binds its tokens to the caller's client certificate, and the call came without one".into(),
+        )
+    })
 }
 
 /// `req` ended by `who` at `now` in terminal state `to` (denied, withdrawn)
@@ -348,6 +389,7 @@ pub(crate) fn end_request(
 /// approver group of one of its scopes, and never its requester.
 pub(crate) fn may_decide(policy: &Policy, who: &Identity, req: &TokenRequest) -> bool {
     req.requester != who.as_str()
+        && !approvals::in_chain(req, who)
         && req.waiting_for.iter().any(|w| {
             w.approver_groups
                 .iter()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use super::{Cas, Engine, EngineError, may_decide};
+use super::{Cas, Engine, EngineError, Holder, may_decide};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::identity::Identity;
 use crate::notify::EventKind;
@@ -28,7 +28,17 @@ impl Engine {
             .request(id)?
             .ok_or_else(|| EngineError::not_found("request", id))?;
         let policy = self.policy();
-        if req.requester == who.as_str() || policy.is_admin(who) || may_decide(&policy, who, &req) {
+        // The identity that delegated a parked exchange follows it too.
+        let delegator = req
+            .delegation
+            .as_ref()
+            .and_then(|d| d.actors.first())
+            .is_some_and(|a| a == who.as_str());
+        if req.requester == who.as_str()
+            || delegator
+            || policy.is_admin(who)
+            || may_decide(&policy, who, &req)
+        {
             Ok(req)
         } else {
             Err(EngineError::not_found("request", id))
@@ -75,19 +85,21 @@ impl Engine {
         Ok(new)
     }
 
-    /// The request as `who` may see it. For its requester an APPROVED
+    /// The request as `holder` may see it. For its requester an APPROVED
     /// request is claimed on the way, and the token comes back exactly once
-    /// (to whichever caller's claim wins).
+    /// (to whichever caller's claim wins), bound to the holder's
+    /// certificate where its scopes say so.
     pub async fn read_and_claim(
         &self,
-        who: &Identity,
+        holder: &Holder,
         id: &str,
     ) -> Result<(TokenRequest, Option<Delivered>), EngineError> {
+        let who = &holder.who;
         let r = self.get_request(who, id)?;
         if r.state != RequestState::Approved || r.requester != who.as_str() {
             return Ok((r, None));
         }
-        match self.claim(who, id).await? {
+        match self.claim(who, holder.x5t.as_deref(), id).await? {
             Some((token, lease, issued)) => Ok((issued, Some((token, lease)))),
             // Another call claimed it first: report what is stored now.
             None => Ok((self.get_request(who, id)?, None)),
@@ -139,16 +151,16 @@ impl Engine {
         }
     }
 
-    /// Follow request `id` as `who`: fails now if it is not visible.
-    pub fn watch(self: &Arc<Self>, who: &Identity, id: &str) -> Result<Watch, EngineError> {
+    /// Follow request `id` as `holder`: fails now if it is not visible.
+    pub fn watch(self: &Arc<Self>, holder: &Holder, id: &str) -> Result<Watch, EngineError> {
         // Subscribe before the first read so no change can slip between.
         let events = self.request_events();
-        self.get_request(who, id)?;
-        let permit = self.watch_permit(who)?;
+        self.get_request(&holder.who, id)?;
+        let permit = self.watch_permit(&holder.who)?;
         Ok(Watch {
             _permit: permit,
             engine: self.clone(),
-            who: who.clone(),
+            holder: holder.clone(),
             id: id.to_owned(),
             events,
             last: None,
@@ -173,7 +185,7 @@ pub struct Watch {
     /// Counts against the identity's watch streams until dropped.
     _permit: super::WatchPermit,
     engine: Arc<Engine>,
-    who: Identity,
+    holder: Holder,
     id: String,
     events: broadcast::Receiver<String>,
     last: Option<TokenRequest>,
@@ -184,7 +196,7 @@ impl Watch {
     /// returned or carries a token. Not cancel-safe (a claim may be under
     /// way): await it to completion.
     pub async fn read(&mut self) -> Result<Option<Update>, EngineError> {
-        let (current, grant) = self.engine.read_and_claim(&self.who, &self.id).await?;
+        let (current, grant) = self.engine.read_and_claim(&self.holder, &self.id).await?;
         if self.last.as_ref() == Some(&current) && grant.is_none() {
             return Ok(None);
         }
@@ -287,7 +299,7 @@ mod tests {
     async fn a_watch_reports_each_change_and_delivers_the_token_once() {
         let r = rig(POLICY);
         let req = parked(&r, &["admin"]).await;
-        let mut watch = r.engine.watch(&workload(), &req.id).unwrap();
+        let mut watch = r.engine.watch(&workload().into(), &req.id).unwrap();
         let first = watch.read().await.unwrap().unwrap();
         assert_eq!(first.request.state, RequestState::Pending);
         assert!(watch.read().await.unwrap().is_none(), "unchanged");
@@ -302,7 +314,11 @@ mod tests {
         assert_eq!(done.request.state, RequestState::Issued);
         assert!(done.grant.is_some(), "claimed on the way");
         assert!(watch.finished());
-        let (_, again) = r.engine.read_and_claim(&workload(), &req.id).await.unwrap();
+        let (_, again) = r
+            .engine
+            .read_and_claim(&workload().into(), &req.id)
+            .await
+            .unwrap();
         assert!(again.is_none(), "exactly once");
     }
 }

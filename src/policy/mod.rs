@@ -315,6 +315,51 @@ impl Policy {
         ttl: Option<Duration>,
     ) -> Result<Decision, Refusal> {
         let rules = self.rules_for(identity, scopes)?;
+        Ok(Self::decide_rules(&rules, ttl))
+    }
+
+    /// What policy says of `scopes` handed on by a delegation (a
+    /// `[[delegation]]` rule already allowed the edge): each scope must
+    /// still exist; who may ask for it directly does not matter.
+    pub fn decide_delegated(
+        &self,
+        scopes: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<Decision, Refusal> {
+        let rules = scopes
+            .iter()
+            .map(|s| {
+                self.scopes.get(s).ok_or_else(|| Refusal {
+                    scope: s.clone(),
+                    reason: "not defined in policy".into(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::decide_rules(&rules, ttl))
+    }
+
+    /// Must tokens carrying any of `scopes` be bound to their holder's
+    /// certificate (`bind = "mtls"`)?
+    pub fn binds(&self, scopes: &[String]) -> bool {
+        scopes
+            .iter()
+            .filter_map(|s| self.scopes.get(s))
+            .any(|r| r.bind == Binding::Mtls)
+    }
+
+    /// How long an issued-but-unclaimed request of `scopes` waits for its
+    /// requester: the smallest `claim_ttl` among them.
+    pub fn claim_ttl(&self, scopes: &[String]) -> Duration {
+        scopes
+            .iter()
+            .filter_map(|s| self.scopes.get(s))
+            .filter_map(|r| r.approval.as_ref())
+            .map(|a| a.claim_ttl)
+            .min()
+            .unwrap_or(DEFAULT_CLAIM_TTL)
+    }
+
+    fn decide_rules(rules: &[&ScopeRule], ttl: Option<Duration>) -> Decision {
         let max_ttl = rules
             .iter()
             .map(|r| r.max_ttl)
@@ -328,11 +373,11 @@ impl Policy {
             .filter(|r| r.tier == Tier::Approval)
             .collect();
         if approvals.is_empty() {
-            return Ok(Decision::Grant {
+            return Decision::Grant {
                 ttl,
                 max_ttl,
                 rules: rules.iter().map(|r| r.rule_name()).collect(),
-            });
+            };
         }
         let mut pending_ttl = DEFAULT_PENDING_TTL;
         let mut requirements = Vec::new();
@@ -347,12 +392,12 @@ impl Policy {
                 });
             }
         }
-        Ok(Decision::Park {
+        Decision::Park {
             ttl,
             max_ttl,
             pending_ttl,
             requirements,
-        })
+        }
     }
 
     /// Load and validate a policy file.

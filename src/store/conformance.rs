@@ -98,6 +98,7 @@ fn request(id: &str, deadline: Millis) -> TokenRequest {
         review_pending: false,
         reviewed_by: None,
         review_reason: None,
+        delegation: None,
     }
 }
 

@@ -311,6 +311,10 @@ pub struct TokenRequest {
     /// Their reason.
     #[serde(default)]
     pub review_reason: Option<String>,
+    /// A parked token exchange (issue 12): where the lease it becomes hangs
+    /// (its parent, depth and acting chain). Older records read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<Delegation>,
 }
 
 /// What a lease grants, or a request asks for: the part both share.
@@ -409,6 +413,7 @@ impl TokenRequest {
             review_pending: false,
             reviewed_by: None,
             review_reason: None,
+            delegation: None,
         }
     }
 

@@ -38,25 +38,17 @@ async fn two_distinct_approvers_then_exactly_one_claim() {
         .await
         .unwrap();
     assert_eq!(two.state, RequestState::Approved);
-    assert!(
-        r.engine.claim(&bob, &req.id).await.unwrap().is_none(),
-        "not the requester"
-    );
-    let (_, lease, issued) = r.engine.claim(&workload(), &req.id).await.unwrap().unwrap();
+    let w = workload();
+    let claim = |who| r.engine.claim(who, None, &req.id);
+    assert!(claim(&bob).await.unwrap().is_none(), "not the requester");
+    let (_, lease, issued) = claim(&w).await.unwrap().unwrap();
     assert_eq!(issued.state, RequestState::Issued);
     assert_eq!(lease.ttl_ms, 60_000, "the shortest approved TTL");
     assert_eq!(
         lease.approved_by,
         ["spiffe://t/human/alice", "spiffe://t/human/bob"]
     );
-    assert!(
-        r.engine
-            .claim(&workload(), &req.id)
-            .await
-            .unwrap()
-            .is_none(),
-        "only once"
-    );
+    assert!(claim(&w).await.unwrap().is_none(), "only once");
     assert_eq!(
         actions(r.store.as_ref()),
         [
