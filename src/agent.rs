@@ -4,6 +4,10 @@
 //! old one cannot be renewed (max_ttl, revoked, expired), waits for
 //! approval when the scope needs it, backs off on errors, and keeps the last
 //! good token in place until it expires.
+//!
+//! With a parent token file it keeps a *delegated* token instead: a child
+//! exchanged from the parent (narrower, never outliving it), renewed while
+//! the parent lives and exchanged afresh from the file when it cannot be.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,6 +30,12 @@ pub struct AgentConfig {
     pub out: PathBuf,
     /// Why (recorded, shown to approvers).
     pub reason: String,
+    /// Keep a *delegated* token instead: exchange the token in this file
+    /// (re-read at every new lease, so it follows whatever keeps the parent
+    /// fresh) for a child with `scopes` (empty: all of the parent's).
+    pub from_token: Option<PathBuf>,
+    /// With `from_token`: who the child is for (empty: this agent).
+    pub for_identity: String,
 }
 
 /// Why a refresh failed; the variant, not the text, says what to do next.
@@ -44,6 +54,9 @@ enum RefreshError {
     /// The request ended without a token for this agent.
     #[error("request {0} ended without a token for this agent")]
     NoToken(String),
+    /// The parent token file could not be read.
+    #[error("parent token: {0}")]
+    ParentToken(String),
     /// The watch stream or response ended early.
     #[error("{0}")]
     Incomplete(&'static str),
@@ -57,14 +70,34 @@ fn renew_after(lease: &pb::Lease) -> Duration {
 
 async fn obtain(opts: &ClientOpts, cfg: &AgentConfig) -> Result<pb::Grant, RefreshError> {
     let mut c = BrokerClient::new(opts.connect().await?);
-    let req = pb::RequestTokenRequest {
-        scopes: cfg.scopes.clone(),
-        ttl: cfg.ttl.map(convert::duration),
-        audience: cfg.audience.clone(),
-        justification: cfg.reason.clone(),
-        ..Default::default()
+    let outcome = match &cfg.from_token {
+        None => {
+            let req = pb::RequestTokenRequest {
+                scopes: cfg.scopes.clone(),
+                ttl: cfg.ttl.map(convert::duration),
+                audience: cfg.audience.clone(),
+                justification: cfg.reason.clone(),
+                ..Default::default()
+            };
+            c.request_token(req).await?.into_inner().outcome
+        }
+        Some(path) => {
+            let parent = std::fs::read_to_string(path).map_err(|e| {
+                RefreshError::ParentToken(format!("reading {}: {e}", path.display()))
+            })?;
+            let req = pb::ExchangeTokenRequest {
+                subject_token: parent.trim().to_owned(),
+                scopes: cfg.scopes.clone(),
+                ttl: cfg.ttl.map(convert::duration),
+                audience: cfg.audience.clone(),
+                for_identity: cfg.for_identity.clone(),
+                justification: cfg.reason.clone(),
+                ..Default::default()
+            };
+            c.exchange_token(req).await?.into_inner().outcome
+        }
     };
-    match c.request_token(req).await?.into_inner().outcome {
+    match outcome {
         Some(pb::request_token_response::Outcome::Granted(g)) => Ok(g),
         Some(pb::request_token_response::Outcome::Pending(r)) => {
             tracing::warn!(request_id = %r.id, "waiting for approval");

@@ -271,6 +271,8 @@ tier = "auto"
 workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 default_ttl = "5m"
 max_ttl = "15m"
+# RFC 8705: its tokens carry the thumbprint of the caller's certificate.
+bind = "mtls"
 
 # Crosses a trust boundary: parked until a human approves.
 [[scope]]
@@ -281,4 +283,13 @@ approvers = ["approvers"]
 approvals_required = 1
 pending_ttl = "30m"
 max_ttl = "15m"
+
+# Token exchange: a demo workload may hand narrower tokens to demo tools
+# (or to itself), at most two links deep; an approved orders.admin passes
+# on without a second approval (approval = "again" would park it).
+[[delegation]]
+from = ["spiffe://portcullis.dev/ns/demo/*", "spiffe://portcullis.dev/tool/*"]
+to = ["spiffe://portcullis.dev/ns/demo/*", "spiffe://portcullis.dev/tool/*"]
+scopes = ["orders.read", "orders.write", "orders.admin"]
+max_depth = 2
 "#;

@@ -772,3 +772,142 @@ fn every_bench_mode_runs_against_a_real_broker_and_reports_json() {
     assert_eq!(code(&o), 64, "{}", stderr(&o));
     assert!(stderr(&o).contains("--disk-probe"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_token_is_exchanged_shown_as_a_tree_and_kept_fresh_from_a_parent_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    let json = |o: &Output| serde_json::from_str::<serde_json::Value>(&stdout(o)).unwrap();
+    // orders.write binds: the parent carries the workload's thumbprint.
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "request",
+            "--scope",
+            "orders.read",
+            "--scope",
+            "orders.write",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let parent = stdout(&o).trim().to_owned();
+    let parent_file = tmp.path().join("parent");
+    std::fs::write(&parent_file, &parent).unwrap();
+    let mine = dir.join("workload.pem");
+    let theirs = dir.join("approver.pem");
+    let o = run(&dir, &["token", "inspect", &parent, "--cert"]);
+    assert_ne!(code(&o), 0, "no certificate file given");
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "inspect",
+            &parent,
+            "--cert",
+            mine.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert!(stdout(&o).contains("(matches)"), "{}", stdout(&o));
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "inspect",
+            &parent,
+            "--cert",
+            theirs.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 1, "bound to another certificate: {o:?}");
+
+    // Narrow it for myself, read-only, from the file.
+    let at_file = format!("@{}", parent_file.display());
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "exchange",
+            "--token",
+            &at_file,
+            "--scope",
+            "orders.read",
+            "--ttl",
+            "2m",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let child = stdout(&o).trim().to_owned();
+    let o = run(&dir, &["token", "inspect", &child, "--output", "json"]);
+    let seen = json(&o);
+    assert_eq!(seen["scope"], "orders.read");
+    assert_eq!(seen["act"][0], portcullis::dev::WORKLOAD);
+    // Widening is refused, naming the field.
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "exchange",
+            "--token",
+            &at_file,
+            "--scope",
+            "orders.admin",
+        ],
+    );
+    assert_ne!(code(&o), 0);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("scopes"),
+        "{o:?}"
+    );
+
+    // The agent keeps a delegated token from the parent file.
+    let out = tmp.path().join("child");
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--from-token"])
+        .arg(&parent_file)
+        .args(["--scope", "orders.read", "--ttl", "1m", "--out"])
+        .arg(&out)
+        .env("PORTCULLIS_DEV_DIR", &dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
+    let written = loop {
+        let l = lines.next().expect("agent exited").unwrap();
+        if l.starts_with("token written") {
+            break l;
+        }
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let kept = std::fs::read_to_string(&out).unwrap();
+    let o = run(&dir, &["token", "inspect", kept.trim(), "--output", "json"]);
+    assert_eq!(json(&o)["act"][0], portcullis::dev::WORKLOAD, "{written}");
+
+    // The tree below the parent: both children, one line each.
+    let root = json(&run(
+        &dir,
+        &["token", "inspect", &parent, "--output", "json"],
+    ))["jti"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let o = run(&dir, &["lease", "tree", &root]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    let text = stdout(&o);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(
+        text.lines().skip(1).all(|l| l.starts_with("  l_")),
+        "{text}"
+    );
+    let o = run(&dir, &["lease", "show", &root, "--output", "json"]);
+    assert_eq!(json(&o)["children"].as_array().unwrap().len(), 2);
+    // Revoking the parent ends the children.
+    assert_eq!(code(&run(&dir, &["lease", "revoke", &root])), 0);
+    let o = run(&dir, &["token", "inspect", &child]);
+    assert_eq!(code(&o), 1, "{o:?}");
+}

@@ -9,8 +9,8 @@ use crate::client::ClientOpts;
 /// `agent` flags.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// Scope (repeat).
-    #[arg(long = "scope", required = true)]
+    /// Scope (repeat). With --from-token: default all of the parent's.
+    #[arg(long = "scope", required_unless_present = "from_token")]
     pub scopes: Vec<String>,
     /// Token file (written atomically, mode 0600).
     #[arg(long)]
@@ -24,6 +24,13 @@ pub struct AgentArgs {
     /// Why (recorded).
     #[arg(long, default_value = "portcullis agent")]
     pub reason: String,
+    /// Keep a delegated token: exchange the token in this file (re-read
+    /// for each new lease) for a narrower child.
+    #[arg(long)]
+    pub from_token: Option<PathBuf>,
+    /// With --from-token: who the child is for (default: this agent).
+    #[arg(long = "for", requires = "from_token")]
+    pub for_identity: Option<String>,
 }
 
 /// Run the agent until Ctrl-C. It connects afresh for each refresh, so it
@@ -35,6 +42,8 @@ pub async fn run(args: AgentArgs, opts: ClientOpts) -> Result<i32, Failure> {
         ttl: args.ttl,
         out: args.out,
         reason: args.reason,
+        from_token: args.from_token,
+        for_identity: args.for_identity.unwrap_or_default(),
     };
     crate::agent::run(opts, cfg, async {
         let _ = tokio::signal::ctrl_c().await;

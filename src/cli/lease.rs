@@ -1,4 +1,4 @@
-//! `lease`: list, show, renew, revoke, revoke-all.
+//! `lease`: list, show, tree, renew, revoke, revoke-all.
 
 use std::time::Duration;
 
@@ -33,9 +33,15 @@ pub enum LeaseCmd {
         #[arg(long)]
         page_token: Option<String>,
     },
-    /// Show one lease.
+    /// Show one lease, where it was delegated from and what was delegated
+    /// from it.
     Show {
         /// Lease id.
+        id: String,
+    },
+    /// Print the delegation tree below a lease (token exchanges).
+    Tree {
+        /// Lease id of the root (any lease you hold, delegated or admin).
         id: String,
     },
     /// Renew a lease and print the fresh token.
@@ -127,10 +133,8 @@ pub async fn run(out: Output, cmd: LeaseCmd, channel: Channel) -> Result<i32, Fa
             );
             Ok(exit::OK)
         }
-        LeaseCmd::Show { id } => {
-            let l = b.get_lease(pb::GetLeaseRequest { lease_id: id }).await?;
-            print_lease(out, l.into_inner().lease)
-        }
+        LeaseCmd::Show { id } => show(out, &mut b, id).await,
+        LeaseCmd::Tree { id } => tree(out, &mut b, id).await,
         LeaseCmd::Revoke { id, reason } => {
             let req = pb::RevokeLeaseRequest {
                 lease_id: id,
@@ -180,6 +184,87 @@ async fn list(
     Ok(exit::OK)
 }
 
+/// One lease, with the ids of its children.
+async fn show(out: Output, b: &mut BrokerClient<Channel>, id: String) -> Result<i32, Failure> {
+    let l = b
+        .get_lease(pb::GetLeaseRequest {
+            lease_id: id.clone(),
+        })
+        .await?;
+    let children = children(b, &id, 100).await?;
+    let l = l.into_inner().lease.unwrap_or_default();
+    let mut text = lease_text(&l);
+    if !children.is_empty() {
+        let ids: Vec<&str> = children.iter().map(|c| c.id.as_str()).collect();
+        text.push_str(&format!("children   {}\n", ids.join(" ")));
+    }
+    let mut j = lease_json(&l);
+    j["children"] = json!(children.iter().map(|c| c.id.clone()).collect::<Vec<_>>());
+    print(out, &text, j);
+    Ok(exit::OK)
+}
+
+/// The leases delegated directly from `parent`, every page, at most `max`.
+async fn children(
+    b: &mut BrokerClient<Channel>,
+    parent: &str,
+    max: usize,
+) -> Result<Vec<pb::Lease>, Failure> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let r = b
+            .list_leases(pb::ListLeasesRequest {
+                parent_id: parent.to_owned(),
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        out.extend(r.leases);
+        if r.next_page_token.is_empty() || out.len() >= max {
+            out.truncate(max);
+            return Ok(out);
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+/// Most leases `lease tree` prints.
+const TREE_MAX: usize = 10_000;
+
+/// Print the tree below `id`, depth first, one lease a line.
+async fn tree(out: Output, b: &mut BrokerClient<Channel>, id: String) -> Result<i32, Failure> {
+    let root = b
+        .get_lease(pb::GetLeaseRequest { lease_id: id })
+        .await?
+        .into_inner()
+        .lease
+        .unwrap_or_default();
+    let mut text = String::new();
+    let mut nodes = Vec::new();
+    let mut stack = vec![(root, 0usize)];
+    while let Some((l, level)) = stack.pop() {
+        text.push_str(&format!(
+            "{}{}  {}  {}  {}  expires {}\n",
+            "  ".repeat(level),
+            l.id,
+            lease_state_name(l.state),
+            l.subject,
+            l.scopes.join(" "),
+            fmt_ts(&l.expires_at)
+        ));
+        if nodes.len() < TREE_MAX {
+            let below = children(b, &l.id, TREE_MAX - nodes.len()).await?;
+            stack.extend(below.into_iter().rev().map(|c| (c, level + 1)));
+        }
+        nodes.push(lease_json(&l));
+    }
+    print(out, &text, json!({ "leases": nodes }));
+    Ok(exit::OK)
+}
+
 fn lease_text(l: &pb::Lease) -> String {
     let mut s = format!(
         "lease      {}\nstate      {}\nsubject    {}\nscopes     {}\naudience   {}\nissued     {}\nexpires    {}\nmax expiry {}\nrenewals   {}\nkid        {}\n",
@@ -194,6 +279,17 @@ fn lease_text(l: &pb::Lease) -> String {
         l.renewals,
         l.kid
     );
+    if !l.parent_id.is_empty() {
+        s.push_str(&format!(
+            "parent     {} (depth {})\nactors     {}\n",
+            l.parent_id,
+            l.depth,
+            l.actors.join(" <- ")
+        ));
+    }
+    if !l.cnf_x5t_s256.is_empty() {
+        s.push_str(&format!("bound to   x5t#S256 {}\n", l.cnf_x5t_s256));
+    }
     if l.revoked_at.is_some() {
         s.push_str(&format!(
             "revoked    {} by {} ({})\n",

@@ -134,6 +134,9 @@ pub fn lease_json(l: &pb::Lease) -> serde_json::Value {
         "max_expires_at": ts_json(&l.max_expires_at), "renewals": l.renewals,
         "revoked_at": ts_json(&l.revoked_at), "revoked_by": l.revoked_by, "revoke_reason": l.revoke_reason,
         "justification": l.justification, "request_id": l.request_id,
+        "break_glass": l.break_glass, "approved_by": l.approved_by,
+        "parent_id": l.parent_id, "depth": l.depth, "actors": l.actors,
+        "cnf_x5t_s256": l.cnf_x5t_s256,
     })
 }
 

@@ -1,4 +1,4 @@
-//! `token request` and `token inspect`.
+//! `token request`, `token exchange` and `token inspect`.
 
 use std::time::Duration;
 
@@ -45,10 +45,46 @@ pub enum TokenCmd {
         #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Exchange a token you hold for a narrower child (RFC 8693
+    /// delegation). Prints the child token on stdout.
+    Exchange {
+        /// The parent token (`-` reads it from stdin, `@FILE` from a file).
+        #[arg(long)]
+        token: String,
+        /// Scope of the child (repeat; default: all of the parent's).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Who the child is for (default: you).
+        #[arg(long = "for")]
+        for_identity: Option<String>,
+        /// Lifetime of the child (never past the parent's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Audience of the child (default: the parent's).
+        #[arg(long)]
+        audience: Option<String>,
+        /// Why (recorded; shown to approvers).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Idempotency key.
+        #[arg(long)]
+        client_request_id: Option<String>,
+        /// If parked for approval, wait for the decision.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Introspect a token (`-` reads it from stdin).
     Inspect {
         /// The token.
         token: String,
+        /// RFC 8705 check, as a relying party makes it: the PEM client
+        /// certificate the token was presented with. A token bound to
+        /// another certificate is then inactive.
+        #[arg(long)]
+        cert: Option<std::path::PathBuf>,
     },
 }
 
@@ -78,7 +114,39 @@ pub async fn run(out: Output, cmd: TokenCmd, channel: Channel) -> Result<i32, Fa
             let wait = wait.then_some(timeout);
             outcome(out, &mut b, resp.outcome, wait).await
         }
-        TokenCmd::Inspect { token } => inspect(out, &mut b, parse_token_arg(token)?).await,
+        TokenCmd::Exchange {
+            token,
+            scopes,
+            for_identity,
+            ttl,
+            audience,
+            reason,
+            client_request_id,
+            wait,
+            timeout,
+        } => {
+            let req = pb::ExchangeTokenRequest {
+                subject_token: parse_token_arg(token)?,
+                scopes,
+                ttl: ttl.map(convert::duration),
+                audience: audience.unwrap_or_default(),
+                for_identity: for_identity.unwrap_or_default(),
+                justification: reason.unwrap_or_default(),
+                client_request_id: client_request_id.unwrap_or_default(),
+            };
+            let resp = b.exchange_token(req).await?.into_inner();
+            outcome(out, &mut b, resp.outcome, wait.then_some(timeout)).await
+        }
+        TokenCmd::Inspect { token, cert } => {
+            let x5t = cert.map(|p| cert_thumbprint(&p)).transpose()?;
+            inspect(
+                out,
+                &mut b,
+                parse_token_arg(token)?,
+                x5t.unwrap_or_default(),
+            )
+            .await
+        }
     }
 }
 
@@ -94,6 +162,21 @@ async fn outcome(
         Some(pb::request_token_response::Outcome::Granted(g)) => {
             print_grant(out, &g);
             Ok(exit::OK)
+        }
+        Some(pb::request_token_response::Outcome::Pending(r))
+            if r.state == pb::RequestState::Approved as i32 =>
+        {
+            // A bound child for another identity: it collects it itself.
+            match out {
+                Output::Text => eprintln!(
+                    "{}the token is bound to its holder's certificate: `{}` collects it with: portcullis requests watch {}",
+                    request_text(&r),
+                    r.requester,
+                    r.id
+                ),
+                Output::Json => println!("{}", json!({"pending": request_json(&r)})),
+            }
+            Ok(exit::PENDING)
         }
         Some(pb::request_token_response::Outcome::Pending(r)) => match wait {
             Some(timeout) => watch(out, b, &r.id, timeout).await,
@@ -117,16 +200,17 @@ async fn inspect(
     out: Output,
     b: &mut BrokerClient<Channel>,
     token: String,
+    cnf_x5t_s256: String,
 ) -> Result<i32, Failure> {
     let r = b
         .introspect(pb::IntrospectRequest {
             token,
-            cnf_x5t_s256: String::new(),
+            cnf_x5t_s256,
         })
         .await?
         .into_inner();
     let text = if r.active {
-        format!(
+        let mut t = format!(
             "active     true\nsub        {}\nscope      {}\naud        {}\nclient_id  {}\njti        {}\niss        {}\niat        {}\nexp        {}\n",
             r.sub,
             r.scope,
@@ -136,19 +220,47 @@ async fn inspect(
             r.iss,
             r.iat,
             r.exp
-        )
+        );
+        if !r.actors.is_empty() {
+            t.push_str(&format!("act        {}\n", r.actors.join(" <- ")));
+        }
+        if !r.cnf_x5t_s256.is_empty() {
+            let checked = if r.cnf_checked { " (matches)" } else { "" };
+            t.push_str(&format!(
+                "cnf        x5t#S256 {}{checked}\n",
+                r.cnf_x5t_s256
+            ));
+        }
+        t
     } else {
         "active     false\n".into()
     };
     print(
         out,
         &text,
-        json!({"active": r.active, "sub": r.sub, "scope": r.scope, "aud": r.aud, "client_id": r.client_id, "jti": r.jti, "iss": r.iss, "iat": r.iat, "nbf": r.nbf, "exp": r.exp, "token_type": r.token_type}),
+        json!({"active": r.active, "sub": r.sub, "scope": r.scope, "aud": r.aud, "client_id": r.client_id, "jti": r.jti, "iss": r.iss, "iat": r.iat, "nbf": r.nbf, "exp": r.exp, "token_type": r.token_type, "act": r.actors, "cnf_x5t_s256": r.cnf_x5t_s256, "cnf_checked": r.cnf_checked}),
     );
     Ok(if r.active { exit::OK } else { exit::FAILURE })
 }
 
+/// The RFC 8705 thumbprint of the first certificate in a PEM file.
+fn cert_thumbprint(path: &std::path::Path) -> Result<String, Failure> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let cert = CertificateDer::from_pem_file(path).map_err(|e| {
+        usage(format!(
+            "reading a certificate from {}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(crate::identity::thumbprint(&cert))
+}
+
 fn parse_token_arg(t: String) -> Result<String, Failure> {
+    if let Some(path) = t.strip_prefix('@') {
+        let s = std::fs::read_to_string(path).map_err(|e| usage(format!("reading {path}: {e}")))?;
+        return Ok(s.trim().to_owned());
+    }
     if t == "-" {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
