@@ -295,6 +295,26 @@ fn swap_is_compare_and_swap_and_keeps_the_expiry_index() {
 }
 
 #[test]
+fn a_parked_delegation_keeps_its_chain() {
+    for (name, s, _dir) in backends() {
+        let s: &dyn RequestStore = s.as_ref();
+        let chain = crate::store::Delegation {
+            parent_id: "l_parent".into(),
+            depth: 2,
+            actors: vec!["spiffe://t/tool".into(), "spiffe://t/agent".into()],
+        };
+        let r = TokenRequest {
+            delegation: Some(chain.clone()),
+            ..request("r_d", 30)
+        };
+        s.create_request(&r, None).unwrap();
+        let back = s.request("r_d").unwrap().unwrap();
+        assert_eq!(back.delegation, Some(chain), "{name}");
+        assert_eq!(back, r, "{name}");
+    }
+}
+
+#[test]
 fn requests_index_only_non_terminal() {
     for (name, s, _dir) in backends() {
         // This part only: a backend can be checked one part at a time.
