@@ -107,19 +107,19 @@ pub fn lease(l: &store::Lease) -> pb::Lease {
         client_id: l.client_id.clone(),
         approved_by: l.approved_by.clone(),
         break_glass: l.break_glass,
-        parent_id: l
-            .delegation
-            .as_ref()
-            .map(|d| d.parent_id.clone())
-            .unwrap_or_default(),
+        parent_id: parent_id(l.delegation.as_ref()),
         depth: l.delegation.as_ref().map_or(0, |d| d.depth),
-        actors: l
-            .delegation
-            .as_ref()
-            .map(|d| d.actors.clone())
-            .unwrap_or_default(),
+        actors: actors(l.delegation.as_ref()),
         cnf_x5t_s256: l.cnf.clone().unwrap_or_default(),
     }
+}
+
+fn parent_id(d: Option<&store::Delegation>) -> String {
+    d.map(|d| d.parent_id.clone()).unwrap_or_default()
+}
+
+fn actors(d: Option<&store::Delegation>) -> Vec<String> {
+    d.map(|d| d.actors.clone()).unwrap_or_default()
 }
 
 /// An issuance outcome (grant or park) to proto.
@@ -184,15 +184,7 @@ pub fn request(r: &store::TokenRequest) -> pb::TokenRequest {
         review_pending: r.review_pending,
         reviewed_by: r.reviewed_by.clone().unwrap_or_default(),
         review_reason: r.review_reason.clone().unwrap_or_default(),
-        parent_id: r
-            .delegation
-            .as_ref()
-            .map(|d| d.parent_id.clone())
-            .unwrap_or_default(),
-        actors: r
-            .delegation
-            .as_ref()
-            .map(|d| d.actors.clone())
-            .unwrap_or_default(),
+        parent_id: parent_id(r.delegation.as_ref()),
+        actors: actors(r.delegation.as_ref()),
     }
 }

@@ -7,7 +7,6 @@ use crate::identity::Identity;
 use crate::notify::EventKind;
 use crate::store::{Lease, RequestState, TokenRequest};
 use crate::text::new_id;
-use crate::token;
 
 impl Engine {
     /// Claim the token of an APPROVED request: only its requester, only
@@ -106,11 +105,6 @@ impl Engine {
             }
             lease.delegation = Some(d.clone());
         }
-        let tok = token::mint(&keys, &self.claims(&lease, now))?;
-        let lease = Lease {
-            token_mac: Some(token::mac(&keys, &tok)),
-            ..lease
-        };
-        Ok((lease, tok))
+        self.signed(&keys, lease, now)
     }
 }

@@ -20,7 +20,7 @@ use crate::audit::{Action, Entry as AuditEntry, Outcome as AuditOutcome};
 use crate::clock::millis;
 use crate::identity::Identity;
 use crate::notify::EventKind;
-use crate::policy::{Decision, DelegationApproval, DelegationAsk, Policy, Refusal};
+use crate::policy::{DelegationApproval, DelegationAsk, Policy, Refusal};
 use crate::store::{
     Delegation, Idempotency, IdempotentOutcome, Lease, LeaseState, Millis, RequestState,
     Requirement, Terms, TokenRequest,
@@ -173,11 +173,7 @@ impl Engine {
                 &keys.active.kid,
             )
         };
-        let tok = token::mint(&keys, &self.claims(&lease, now))?;
-        let lease = Lease {
-            token_mac: Some(token::mac(&keys, &tok)),
-            ..lease
-        };
+        let (lease, tok) = self.signed(&keys, lease, now)?;
         let idem = idempotency(&plan, IdempotentOutcome::Lease(lease.id.clone()));
         if let Some(existing) = self.records.create_lease(&lease, idem.as_ref())? {
             return self.replay(&plan.holder.who, existing, &plan.digest).await;
@@ -314,20 +310,15 @@ fn plan(
         audience: &audience,
         parent_audience: &parent.audience,
     })?;
-    let (ttl, max_ttl, again, pending_ttl) = match policy.decide_delegated(&scopes, ask.ttl)? {
-        Decision::Grant { ttl, max_ttl, .. } => (ttl, max_ttl, Vec::new(), Duration::ZERO),
-        Decision::Park {
-            ttl,
-            max_ttl,
-            pending_ttl,
-            requirements,
-        } => match rule.approval {
-            DelegationApproval::Again => (ttl, max_ttl, requirements, pending_ttl),
-            DelegationApproval::Inherit => {
-                inherited(&parent, &requirements)?;
-                (ttl, max_ttl, Vec::new(), Duration::ZERO)
-            }
-        },
+    let (ttl, max_ttl, requirements, pending_ttl) =
+        policy.decide_delegated(&scopes, ask.ttl)?.parked();
+    let again = match rule.approval {
+        DelegationApproval::Again => requirements,
+        DelegationApproval::Inherit if requirements.is_empty() => requirements,
+        DelegationApproval::Inherit => {
+            inherited(&parent, &requirements)?;
+            Vec::new()
+        }
     };
     let terms = Terms {
         scopes,
@@ -336,16 +327,8 @@ fn plan(
         ttl_ms: millis(ttl).min(left),
         max_ttl_ms: millis(max_ttl),
     };
-    let digest = sha256_hex(&[
-        holder.who.as_str().as_bytes(),
-        parent.id.as_bytes(),
-        to.as_str().as_bytes(),
-        terms.scopes.join(" ").as_bytes(),
-        &ask.ttl.map_or(0, millis).to_be_bytes(),
-        terms.audience.as_bytes(),
-        ask.justification.as_bytes(),
-    ]);
     Ok(Plan {
+        digest: params_digest(holder, &parent, &to, &terms, ask),
         holder: holder.clone(),
         expires_at: now.saturating_add(terms.ttl_ms),
         max_expires_at: now
@@ -359,10 +342,29 @@ fn plan(
         terms,
         to,
         parent,
-        digest,
         client_request_id: ask.client_request_id.clone(),
         now,
     })
+}
+
+/// What an idempotent retry must repeat: who, from which lease, for whom,
+/// and what was asked.
+fn params_digest(
+    holder: &Holder,
+    parent: &Lease,
+    to: &Identity,
+    terms: &Terms,
+    ask: &ExchangeAsk,
+) -> String {
+    sha256_hex(&[
+        holder.who.as_str().as_bytes(),
+        parent.id.as_bytes(),
+        to.as_str().as_bytes(),
+        terms.scopes.join(" ").as_bytes(),
+        &ask.ttl.map_or(0, millis).to_be_bytes(),
+        terms.audience.as_bytes(),
+        ask.justification.as_bytes(),
+    ])
 }
 
 /// The child's scopes and audience, and what is left of the parent's life

@@ -125,12 +125,7 @@ impl Engine {
                 &keys.active.kid,
             )
         };
-        // Sign first: if signing fails, nothing is written.
-        let tok = token::mint(&keys, &self.claims(&lease, now))?;
-        let lease = Lease {
-            token_mac: Some(token::mac(&keys, &tok)),
-            ..lease
-        };
+        let (lease, tok) = self.signed(&keys, lease, now)?;
         let idem = c.idempotency(IdempotentOutcome::Lease(lease.id.clone()));
         if let Some(existing) = self.records.create_lease(&lease, idem.as_ref())? {
             return self.replay(&c.who, existing, &c.digest).await;

@@ -334,6 +334,21 @@ impl Engine {
         }
     }
 
+    /// Sign `lease`'s token issued at `now` with `keys` (the set whose
+    /// active `kid` the lease names) and record its MAC on the lease, so
+    /// introspection recognises it. Signing comes before any write: if it
+    /// fails, nothing is written.
+    fn signed(
+        &self,
+        keys: &crate::keys::KeySet,
+        mut lease: Lease,
+        now: Millis,
+    ) -> Result<(Lease, String), EngineError> {
+        let tok = crate::token::mint(keys, &self.claims(&lease, now))?;
+        lease.token_mac = Some(crate::token::mac(keys, &tok));
+        Ok((lease, tok))
+    }
+
     /// Refuse unless `who` is an admin.
     fn require_admin(&self, who: &Identity, what: &str) -> Result<(), EngineError> {
         if self.policy().is_admin(who) {

@@ -221,6 +221,22 @@ pub enum Decision {
     },
 }
 
+impl Decision {
+    /// TTL, renewal bound, requirements and pending window (the last two
+    /// empty and zero for a grant).
+    pub fn parked(self) -> (Duration, Duration, Vec<crate::store::Requirement>, Duration) {
+        match self {
+            Self::Grant { ttl, max_ttl, .. } => (ttl, max_ttl, Vec::new(), Duration::ZERO),
+            Self::Park {
+                ttl,
+                max_ttl,
+                pending_ttl,
+                requirements,
+            } => (ttl, max_ttl, requirements, pending_ttl),
+        }
+    }
+}
+
 /// Why policy refuses.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("scope `{scope}`: {reason}")]

@@ -191,7 +191,28 @@ async fn every_widening_and_every_bad_subject_is_refused_naming_the_field() {
         let e = r.engine.exchange(&who, ask).await.unwrap_err();
         assert_eq!(field_of(&e), field, "{e}");
     }
-    // Policy refusals name the rule.
+    assert_eq!(
+        r.store.leases_of(to, None, 100).unwrap().len(),
+        leases_before,
+        "nothing was written"
+    );
+    assert!(r.store.children(&parent.id, None, 10).unwrap().is_empty());
+
+    // A revoked or expired subject token is not active.
+    r.clock.advance(Duration::from_secs(601));
+    let e = r
+        .engine
+        .exchange(&agent(), exchange(&tok, &[], to))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&e), "subject_token");
+}
+
+#[tokio::test]
+async fn policy_refusals_name_the_rule_and_write_nothing() {
+    let r = rig(POLICY);
+    let (tok, parent) = root(&r, &["read"]).await;
+    let to = "spiffe://t/tool/t";
     let e = r
         .engine
         .exchange(
@@ -213,21 +234,13 @@ async fn every_widening_and_every_bad_subject_is_refused_naming_the_field() {
         .await
         .unwrap_err();
     assert!(matches!(e, EngineError::Refused(_)), "{e}");
-    assert_eq!(
-        r.store.leases_of(to, None, 100).unwrap().len(),
-        leases_before,
-        "nothing was written"
-    );
+    assert!(r.store.leases_of(to, None, 100).unwrap().is_empty());
     assert!(r.store.children(&parent.id, None, 10).unwrap().is_empty());
-
-    // A revoked or expired subject token is not active.
-    r.clock.advance(Duration::from_secs(601));
-    let e = r
-        .engine
-        .exchange(&agent(), exchange(&tok, &[], to))
-        .await
-        .unwrap_err();
-    assert_eq!(field_of(&e), "subject_token");
+    let refused = super::super::testing::actions(r.store.as_ref())
+        .iter()
+        .filter(|a| a.as_str() == "token.exchange_refused")
+        .count();
+    assert_eq!(refused, 2, "each refusal is in the trail");
 }
 
 #[tokio::test]
