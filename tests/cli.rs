@@ -797,7 +797,7 @@ fn a_token_is_exchanged_shown_as_a_tree_and_kept_fresh_from_a_parent_file() {
     std::fs::write(&parent_file, &parent).unwrap();
     let mine = dir.join("workload.pem");
     let theirs = dir.join("approver.pem");
-    let o = run(&dir, &["token", "inspect", &parent, "--cert"]);
+    let o = run(&dir, &["token", "inspect", &parent, "--presented-cert"]);
     assert_ne!(code(&o), 0, "no certificate file given");
     let o = run(
         &dir,
@@ -805,7 +805,7 @@ fn a_token_is_exchanged_shown_as_a_tree_and_kept_fresh_from_a_parent_file() {
             "token",
             "inspect",
             &parent,
-            "--cert",
+            "--presented-cert",
             mine.to_str().unwrap(),
         ],
     );
@@ -817,11 +817,16 @@ fn a_token_is_exchanged_shown_as_a_tree_and_kept_fresh_from_a_parent_file() {
             "token",
             "inspect",
             &parent,
-            "--cert",
+            "--presented-cert",
             theirs.to_str().unwrap(),
         ],
     );
     assert_eq!(code(&o), 1, "bound to another certificate: {o:?}");
+    assert_eq!(
+        stdout(&o),
+        "active     false\n",
+        "an answer, not a failed call"
+    );
 
     // Narrow it for myself, read-only, from the file.
     let at_file = format!("@{}", parent_file.display());

@@ -82,9 +82,10 @@ pub enum TokenCmd {
         token: String,
         /// RFC 8705 check, as a relying party makes it: the PEM client
         /// certificate the token was presented with. A token bound to
-        /// another certificate is then inactive.
-        #[arg(long)]
-        cert: Option<std::path::PathBuf>,
+        /// another certificate is then inactive. (Not `--cert`: that one
+        /// names this client's own certificate.)
+        #[arg(long = "presented-cert", value_name = "PEM")]
+        presented_cert: Option<std::path::PathBuf>,
     },
 }
 
@@ -137,8 +138,11 @@ pub async fn run(out: Output, cmd: TokenCmd, channel: Channel) -> Result<i32, Fa
             let resp = b.exchange_token(req).await?.into_inner();
             outcome(out, &mut b, resp.outcome, wait.then_some(timeout)).await
         }
-        TokenCmd::Inspect { token, cert } => {
-            let x5t = cert.map(|p| cert_thumbprint(&p)).transpose()?;
+        TokenCmd::Inspect {
+            token,
+            presented_cert,
+        } => {
+            let x5t = presented_cert.map(|p| cert_thumbprint(&p)).transpose()?;
             inspect(
                 out,
                 &mut b,
