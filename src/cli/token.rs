@@ -47,35 +47,7 @@ pub enum TokenCmd {
     },
     /// Exchange a token you hold for a narrower child (RFC 8693
     /// delegation). Prints the child token on stdout.
-    Exchange {
-        /// The parent token (`-` reads it from stdin, `@FILE` from a file).
-        #[arg(long)]
-        token: String,
-        /// Scope of the child (repeat; default: all of the parent's).
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        /// Who the child is for (default: you).
-        #[arg(long = "for")]
-        for_identity: Option<String>,
-        /// Lifetime of the child (never past the parent's).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
-        /// Audience of the child (default: the parent's).
-        #[arg(long)]
-        audience: Option<String>,
-        /// Why (recorded; shown to approvers).
-        #[arg(long)]
-        reason: Option<String>,
-        /// Idempotency key.
-        #[arg(long)]
-        client_request_id: Option<String>,
-        /// If parked for approval, wait for the decision.
-        #[arg(long)]
-        wait: bool,
-        /// Give up waiting after this long.
-        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
-    },
+    Exchange(ExchangeArgs),
     /// Introspect a token (`-` reads it from stdin).
     Inspect {
         /// The token.
@@ -87,6 +59,38 @@ pub enum TokenCmd {
         #[arg(long = "presented-cert", value_name = "PEM")]
         presented_cert: Option<std::path::PathBuf>,
     },
+}
+
+/// `token exchange` flags.
+#[derive(Debug, clap::Args)]
+pub struct ExchangeArgs {
+    /// The parent token (`-` reads it from stdin, `@FILE` from a file).
+    #[arg(long)]
+    token: String,
+    /// Scope of the child (repeat; default: all of the parent's).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// Who the child is for (default: you).
+    #[arg(long = "for")]
+    for_identity: Option<String>,
+    /// Lifetime of the child (never past the parent's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Audience of the child (default: the parent's).
+    #[arg(long)]
+    audience: Option<String>,
+    /// Why (recorded; shown to approvers).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Idempotency key.
+    #[arg(long)]
+    client_request_id: Option<String>,
+    /// If parked for approval, wait for the decision.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 /// Run a `token` subcommand over `channel`.
@@ -115,34 +119,12 @@ pub async fn run(out: Output, cmd: TokenCmd, channel: Channel) -> Result<i32, Fa
             let wait = wait.then_some(timeout);
             outcome(out, &mut b, resp.outcome, wait).await
         }
-        TokenCmd::Exchange {
-            token,
-            scopes,
-            for_identity,
-            ttl,
-            audience,
-            reason,
-            client_request_id,
-            wait,
-            timeout,
-        } => {
-            let req = pb::ExchangeTokenRequest {
-                subject_token: parse_token_arg(token)?,
-                scopes,
-                ttl: ttl.map(convert::duration),
-                audience: audience.unwrap_or_default(),
-                for_identity: for_identity.unwrap_or_default(),
-                justification: reason.unwrap_or_default(),
-                client_request_id: client_request_id.unwrap_or_default(),
-            };
-            let resp = b.exchange_token(req).await?.into_inner();
-            outcome(out, &mut b, resp.outcome, wait.then_some(timeout)).await
-        }
+        TokenCmd::Exchange(args) => exchange(out, &mut b, args).await,
         TokenCmd::Inspect {
             token,
             presented_cert,
         } => {
-            let x5t = presented_cert.map(|p| cert_thumbprint(&p)).transpose()?;
+            let x5t = presented_cert.as_deref().map(cert_thumbprint).transpose()?;
             inspect(
                 out,
                 &mut b,
@@ -152,6 +134,25 @@ pub async fn run(out: Output, cmd: TokenCmd, channel: Channel) -> Result<i32, Fa
             .await
         }
     }
+}
+
+/// `token exchange`: ask, then print the child or the parked request.
+async fn exchange(
+    out: Output,
+    b: &mut BrokerClient<Channel>,
+    a: ExchangeArgs,
+) -> Result<i32, Failure> {
+    let req = pb::ExchangeTokenRequest {
+        subject_token: parse_token_arg(a.token)?,
+        scopes: a.scopes,
+        ttl: a.ttl.map(convert::duration),
+        audience: a.audience.unwrap_or_default(),
+        for_identity: a.for_identity.unwrap_or_default(),
+        justification: a.reason.unwrap_or_default(),
+        client_request_id: a.client_request_id.unwrap_or_default(),
+    };
+    let resp = b.exchange_token(req).await?.into_inner();
+    outcome(out, b, resp.outcome, a.wait.then_some(a.timeout)).await
 }
 
 /// Print a grant, or a parked request (and wait for it when `wait` says how
