@@ -125,6 +125,7 @@ pub(super) fn check_still_allowed(
     let parent = store
         .lease(&d.parent_id)?
         .filter(|p| p.state == crate::store::LeaseState::Active && p.expires_at > now)
+        .filter(|p| super::cascade::ancestors_live(store, p, now).unwrap_or(false))
         .ok_or_else(|| {
             EngineError::WrongState(format!(
                 "request `{}` was to be delegated from lease `{}`, which has ended",
@@ -351,18 +352,25 @@ impl Engine {
         let Cas::Swapped { new, .. } = out else {
             return Err(EngineError::not_found("request", id));
         };
+        let mut entries = Vec::new();
         if revoke && let Some(lid) = &new.lease_id {
             let now = self.clock.now();
             self.records
                 .edit_lease(lid, revoke_if_active(who.as_str(), reason, now))?;
+            // Whatever was delegated from the grant ends with it.
+            entries =
+                super::cascade::end_descendants(&self.records, lid, who.as_str(), reason, now)?;
         }
         let action = if revoke {
             Action::BreakGlassRevoked
         } else {
             Action::BreakGlassAcknowledged
         };
-        let entry = AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason);
-        self.record(vec![entry]).await?;
+        entries.insert(
+            0,
+            AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason),
+        );
+        self.record(entries).await?;
         tracing::warn!(request_id = %id, reviewer = %who, revoked = revoke, "break-glass grant reviewed");
         self.metrics.decision("acknowledge");
         self.announce(EventKind::Acknowledged, &new, who.as_str(), reason);

@@ -28,7 +28,12 @@ pub(crate) fn end_descendants(
     let reason = format!("delegated from `{root}`, which ended: {why}");
     let mut entries = Vec::new();
     let mut frontier = vec![root.to_owned()];
+    // A damaged index must not make the walk go round forever.
+    let mut seen = std::collections::HashSet::new();
     while let Some(parent) = frontier.pop() {
+        if !seen.insert(parent.clone()) {
+            continue;
+        }
         let mut after: Option<String> = None;
         loop {
             let page = records.store().children(&parent, after.as_deref(), PAGE)?;
@@ -57,6 +62,30 @@ pub(crate) fn end_descendants(
     Ok(entries)
 }
 
+/// Is every lease `lease` was delegated from still live at `now`? A
+/// revocation ends the subtree in the same commit, so this matters while a
+/// cascade is being written, and for a record that outlived an ancestor
+/// (a child written just after the cascade walked by).
+pub(crate) fn ancestors_live(
+    store: &dyn Store,
+    lease: &Lease,
+    now: Millis,
+) -> Result<bool, StoreError> {
+    let mut next = lease.delegation.as_ref().map(|d| d.parent_id.clone());
+    // A chain is at most this long; a longer (or cyclic) one is refused.
+    for _ in 0..=crate::policy::MAX_DELEGATION_DEPTH {
+        let Some(id) = next else { return Ok(true) };
+        let Some(parent) = store.lease(&id)? else {
+            return Ok(false);
+        };
+        if parent.state != LeaseState::Active || parent.expires_at <= now {
+            return Ok(false);
+        }
+        next = parent.delegation.map(|d| d.parent_id);
+    }
+    Ok(false)
+}
+
 /// How far a delegated `lease` may be renewed at `now`: never past its
 /// parent's current end (nor its own ceiling), only while the parent lives,
 /// and only while the policy still allows the delegation.
@@ -70,9 +99,10 @@ pub(crate) fn delegated_ceiling(
     let parent = store
         .lease(&d.parent_id)?
         .filter(|p| p.state == LeaseState::Active && p.expires_at > now)
+        .filter(|_| ancestors_live(store, lease, now).unwrap_or(false))
         .ok_or_else(|| {
             EngineError::WrongState(format!(
-                "lease `{}` was delegated from `{}`, which has ended; it cannot be renewed",
+                "lease `{}` was delegated from `{}`, which (or a lease it was delegated from) has ended; it cannot be renewed",
                 lease.id, d.parent_id
             ))
         })?;
@@ -271,7 +301,7 @@ scopes = ["read"]
         assert_eq!(
             e.to_string(),
             format!(
-                "lease `l_late` was delegated from `{}`, which has ended; it cannot be renewed",
+                "lease `l_late` was delegated from `{}`, which (or a lease it was delegated from) has ended; it cannot be renewed",
                 root.id
             )
         );

@@ -30,8 +30,9 @@ use crate::text::{
 };
 use crate::token::{self, MAX_TOKEN_LEN};
 
-/// An exchange as received (see the `ExchangeToken` RPC).
-#[derive(Clone, Debug, Default)]
+/// An exchange as received (see the `ExchangeToken` RPC). Its `Debug`
+/// leaves the subject token out.
+#[derive(Clone, Default)]
 pub struct ExchangeAsk {
     /// The parent token (a secret: never log it).
     pub subject_token: String,
@@ -47,6 +48,19 @@ pub struct ExchangeAsk {
     pub justification: String,
     /// Idempotency key; empty for none.
     pub client_request_id: String,
+}
+
+impl std::fmt::Debug for ExchangeAsk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeAsk")
+            .field("subject_token", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .field("audience", &self.audience)
+            .field("ttl", &self.ttl)
+            .field("for_identity", &self.for_identity)
+            .field("client_request_id", &self.client_request_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An exchange that passed every check: what the child will be.
@@ -113,20 +127,31 @@ impl Engine {
             .lease(&jti)?
             .filter(|l| l.state == LeaseState::Active && l.expires_at > now)
             .ok_or_else(|| field("is not an active token of this broker"))?;
-        if parent.subject != holder.who.as_str() {
-            return Err(field(&format!(
+        let why = if parent.subject != holder.who.as_str() {
+            format!(
                 "is held by `{}`, not by the caller: only a token's holder may exchange it",
                 parent.subject
-            )));
-        }
-        if let Some(bound) = &parent.cnf
+            )
+        } else if let Some(bound) = &parent.cnf
             && holder.x5t.as_deref() != Some(bound.as_str())
         {
-            return Err(field(
-                "is bound to another certificate (RFC 8705): present it with the certificate it was issued to",
-            ));
-        }
-        Ok(parent)
+            "is bound to another certificate (RFC 8705): present it with the certificate it was issued to".to_owned()
+        } else {
+            return Ok(parent);
+        };
+        // Someone presents a token that is not theirs to use: a sign of
+        // theft, so it goes in the trail, not only the log.
+        let entry = AuditEntry::ok(
+            holder.who.as_str(),
+            Action::ExchangeRefused,
+            &parent.id,
+            &parent.scopes,
+            &format!("subject_token {why}"),
+        )
+        .outcome(AuditOutcome::Refused);
+        self.note(vec![entry])?;
+        tracing::warn!(jti = %parent.id, caller = %holder.who, "exchange of a token the caller may not use");
+        Err(field(&why))
     }
 
     /// A refused exchange changes nothing; its record is noted, not waited on.
@@ -159,11 +184,11 @@ impl Engine {
             // within that grant and its review.
             break_glass: plan.parent.break_glass,
             approved_by: plan.parent.approved_by.clone(),
-            cnf: if plan.bound {
-                plan.holder.x5t.clone()
-            } else {
-                None
-            },
+            cnf: super::bound_to(
+                &self.policy(),
+                &plan.terms.scopes,
+                plan.holder.x5t.as_deref(),
+            )?,
             delegation: Some(plan.delegation.clone()),
             ..Lease::active(
                 new_id("l_", now)?,
@@ -436,9 +461,12 @@ fn chain(parent: &Lease, holder: &Holder, to: &Identity) -> Result<Delegation, F
 
 /// Under `approval = "inherit"` an approval-tier scope passes on only from
 /// a lease that went through approval (or break-glass, or was itself
-/// delegated from one): never from one granted while the scope was `auto`.
+/// delegated from one, whose `approved_by` it carries): never from one
+/// granted while the scope was `auto`.
 fn inherited(parent: &Lease, requirements: &[Requirement]) -> Result<(), Refusal> {
-    if !parent.approved_by.is_empty() || parent.break_glass || parent.delegation.is_some() {
+    // A child of an approved lease carries its `approved_by`, so a chain
+    // from an approved root passes; one from an auto-tier lease never does.
+    if !parent.approved_by.is_empty() || parent.break_glass {
         return Ok(());
     }
     let scope = requirements

@@ -170,6 +170,15 @@ impl Engine {
                         &new.scopes,
                         "",
                     ));
+                    // A parent can end before its children's deadlines (a
+                    // renewal may shorten it): they end with it.
+                    entries.extend(super::cascade::end_descendants(
+                        &self.records,
+                        &id,
+                        SYSTEM_ACTOR,
+                        "expired",
+                        now,
+                    )?);
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 use super::{Engine, EngineError};
 use crate::clock::secs;
-use crate::store::{Lease, LeaseState, Millis};
+use crate::store::LeaseState;
 use crate::token::{self, Claims};
 
 /// Introspection answer; `None` means inactive.
@@ -49,31 +49,12 @@ impl Engine {
             && lease.subject == claims.sub
             && claims.exp <= secs(lease.expires_at)
             && claims.iat >= secs(lease.issued_at)
-            && self.ancestors_live(&lease, now)?;
+            && super::cascade::ancestors_live(self.store().as_ref(), &lease, now)?;
         // The lease is the truth: its scopes, not what the token says.
         Ok(live.then(|| Claims {
             scope: lease.scopes.join(" "),
             ..claims
         }))
-    }
-
-    /// Is every lease `lease` was delegated from still live? A revocation
-    /// ends the subtree in the same commit, so this only matters while a
-    /// cascade is being written — and for a record that outlived its parent.
-    fn ancestors_live(&self, lease: &Lease, now: Millis) -> Result<bool, EngineError> {
-        let mut next = lease.delegation.as_ref().map(|d| d.parent_id.clone());
-        // A chain is at most this long; a longer (or cyclic) one is refused.
-        for _ in 0..=crate::policy::MAX_DELEGATION_DEPTH {
-            let Some(id) = next else { return Ok(true) };
-            let Some(parent) = self.store().lease(&id)? else {
-                return Ok(false);
-            };
-            if parent.state != LeaseState::Active || parent.expires_at <= now {
-                return Ok(false);
-            }
-            next = parent.delegation.map(|d| d.parent_id);
-        }
-        Ok(false)
     }
 }
 

@@ -446,3 +446,75 @@ async fn a_child_renews_only_within_its_parent_and_retries_are_idempotent() {
         "capped by the parent"
     );
 }
+
+#[tokio::test]
+async fn a_break_glass_review_that_revokes_ends_what_was_delegated_from_it() {
+    let r = rig(POLICY);
+    let (tok, parent) = root(&r, &["admin"]).await;
+    let (child_tok, child) = granted(
+        r.engine
+            .exchange(&agent(), exchange(&tok, &[], "spiffe://t/tool/t"))
+            .await
+            .unwrap(),
+    );
+    let alice = id("spiffe://t/human/alice");
+    r.engine
+        .acknowledge(
+            &alice,
+            parent.request_id.as_deref().unwrap(),
+            "not an incident",
+            true,
+        )
+        .await
+        .unwrap();
+    let after = r.store.lease(&child.id).unwrap().unwrap();
+    assert_eq!(after.state, LeaseState::Revoked);
+    assert!(r.engine.introspect(&child_tok).unwrap().is_none());
+    assert!(r.engine.introspect(&tok).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_parent_that_ends_first_leaves_no_child_running() {
+    let r = rig(POLICY);
+    let (tok, parent) = root(&r, &["read"]).await;
+    let ask = ExchangeAsk {
+        ttl: Some(Duration::from_secs(300)),
+        ..exchange(&tok, &[], "spiffe://t/tool/t")
+    };
+    let (child_tok, child) = granted(r.engine.exchange(&agent(), ask).await.unwrap());
+    // The agent renews its own lease shorter than the child it handed on.
+    let (_, short) = r
+        .engine
+        .renew(&agent().who, &parent.id, Some(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(short.expires_at < child.expires_at);
+    r.clock.advance(Duration::from_secs(61));
+
+    // Before the expiry sweep runs, the orphan is already inactive and
+    // cannot be renewed.
+    assert!(r.engine.introspect(&child_tok).unwrap().is_none());
+    let e = r
+        .engine
+        .renew(&tool().who, &child.id, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, EngineError::WrongState(_)), "{e}");
+
+    // The sweep expires the parent and revokes the child in the same batch.
+    r.engine.expire_due(T0 + 61_000).await.unwrap();
+    assert_eq!(
+        r.store.lease(&parent.id).unwrap().unwrap().state,
+        LeaseState::Expired
+    );
+    let after = r.store.lease(&child.id).unwrap().unwrap();
+    assert_eq!(after.state, LeaseState::Revoked);
+    assert!(
+        after
+            .revoke_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("expired"),
+        "{after:?}"
+    );
+}
