@@ -9,7 +9,13 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 /// Longest identity accepted.
 pub const MAX_IDENTITY_LEN: usize = 2048;
 
-/// A validated SPIFFE-style identity URI.
+/// How a person identity begins.
+pub const PERSON_PREFIX: &str = "oidc:";
+/// Longest claim value a person identity takes.
+const MAX_PERSON_LEN: usize = 256;
+
+/// A validated identity: a SPIFFE-style URI (workloads, and people with
+/// client certificates) or `oidc:<name>` (people signed in to the console).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity(String);
 
@@ -25,6 +31,11 @@ pub enum IdentityError {
     /// The certificate does not parse.
     #[error("client certificate does not parse")]
     BadCertificate,
+    /// Not a `oidc:<name>` person identity.
+    #[error(
+        "`{0}` is not a person identity: oidc: then 1-256 characters, no spaces or control characters"
+    )]
+    NotPerson(String),
     /// The certificate has no URI SAN, or more than one.
     #[error("client certificate must carry exactly one URI SAN, found {0}")]
     UriSanCount(usize),
@@ -61,6 +72,34 @@ impl Identity {
             Ok(Self(s.to_owned()))
         } else {
             Err(bad())
+        }
+    }
+
+    /// A person signed in through OpenID Connect, named by the provider's
+    /// configured claim: `oidc:<value>` (e.g. `oidc:alice@example.org`).
+    /// People only ever approve; they never hold tokens.
+    pub fn person(value: &str) -> Result<Self, IdentityError> {
+        let ok = !value.is_empty()
+            && value.len() <= MAX_PERSON_LEN
+            && value.chars().all(|c| !c.is_control() && !c.is_whitespace());
+        if ok {
+            Ok(Self(format!("{PERSON_PREFIX}{value}")))
+        } else {
+            Err(IdentityError::NotPerson(
+                format!("{PERSON_PREFIX}{value}")
+                    .chars()
+                    .take(200)
+                    .collect(),
+            ))
+        }
+    }
+
+    /// A policy group member: a SPIFFE ID or a person (`oidc:…`), so one
+    /// approver group can hold both.
+    pub fn parse_member(s: &str) -> Result<Self, IdentityError> {
+        match s.strip_prefix(PERSON_PREFIX) {
+            Some(value) => Self::person(value),
+            None => Self::parse(s),
         }
     }
 
@@ -227,5 +266,25 @@ mod tests {
         ] {
             assert!(Identity::parse(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod person_tests {
+    use super::*;
+
+    #[test]
+    fn people_are_oidc_names_and_never_spiffe_ids() {
+        let a = Identity::person("alice@example.org").unwrap();
+        assert_eq!(a.as_str(), "oidc:alice@example.org");
+        assert_eq!(Identity::parse_member("oidc:alice@example.org").unwrap(), a);
+        assert!(Identity::parse_member("spiffe://t/x").is_ok());
+        // A workload identity is never a person, nor the other way round.
+        assert!(Identity::parse("oidc:alice@example.org").is_err());
+        for bad in ["", "a b", "a\nb", "tab\there", &"x".repeat(257)] {
+            assert!(Identity::person(bad).is_err(), "{bad:?}");
+            assert!(Identity::parse_member(&format!("oidc:{bad}")).is_err());
+        }
+        assert!(Identity::parse_member("alice@example.org").is_err());
     }
 }

@@ -1,11 +1,13 @@
 //! A ring-backed `CryptoProvider` for jsonwebtoken 11 (which ships none for
-//! ring), limited to the algorithms portcullis signs with: ES256 and EdDSA.
+//! ring), limited to the algorithms portcullis signs with: ES256 and EdDSA,
+//! plus RS256 *verification* for an OpenID provider's ID tokens (the
+//! broker's own tokens are checked with their key's algorithm only).
 //!
 //! jsonwebtoken calls the signer factory for every token and hands it the raw
 //! PKCS#8 bytes, so parsing the key each time would cost ~40% of signing
 //! throughput. Parsed key pairs are cached by the SHA-256 of their PKCS#8
 //! encoding (the cache never stores or compares the key bytes themselves).
-//! Every other algorithm — HS*, RS*, `none` — is refused by both factories, so
+//! Every other algorithm — HS*, other RS*, `none` — is refused, so
 //! "HS256 signed with the public key" forgeries cannot even be checked.
 
 use std::collections::HashMap;
@@ -134,12 +136,49 @@ impl JwtVerifier for Verifier {
     }
 }
 
+/// RS256 (RSASSA-PKCS1-v1_5 with SHA-256, keys of 2048 bits or more):
+/// verification only, for ID tokens of an organisation's OpenID provider
+/// (most sign with it). The broker never signs with RSA, and its own tokens
+/// are verified with their key's own algorithm only.
+struct RsaVerifier {
+    n: Vec<u8>,
+    e: Vec<u8>,
+}
+
+impl signature::Verifier<Vec<u8>> for RsaVerifier {
+    fn verify(&self, msg: &[u8], sig: &Vec<u8>) -> Result<(), signature::Error> {
+        rsig::RsaPublicKeyComponents {
+            n: &self.n,
+            e: &self.e,
+        }
+        .verify(&rsig::RSA_PKCS1_2048_8192_SHA256, msg, sig)
+        .map_err(|_| signature::Error::new())
+    }
+}
+
+impl JwtVerifier for RsaVerifier {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::RS256
+    }
+}
+
 fn new_verifier(alg: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, Error> {
     match alg {
         Algorithm::ES256 | Algorithm::EdDSA => Ok(Box::new(Verifier {
             alg: *alg,
             public: key.try_get_as_bytes()?.to_vec(),
         })),
+        Algorithm::RS256 => match key.kind() {
+            jsonwebtoken::DecodingKeyKind::RsaModulusExponent { n, e } => {
+                Ok(Box::new(RsaVerifier {
+                    n: n.clone(),
+                    e: e.clone(),
+                }))
+            }
+            jsonwebtoken::DecodingKeyKind::SecretOrDer(_) => {
+                Err(ErrorKind::InvalidKeyFormat.into())
+            }
+        },
         _ => Err(ErrorKind::UnsupportedAlgorithm.into()),
     }
 }

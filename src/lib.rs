@@ -20,6 +20,9 @@
 //! - [`audit`]: the hash-chained, checkpointed decision trail.
 //! - [`metrics`], [`notify`]: counters and webhooks, off the request path.
 //! - [`engine`]: moves state — one file per job over a private core.
+//! - [`console`]: the approver console on the HTTP listener (OpenID or
+//!   one-time-link sign-in, server-rendered pages over the same engine
+//!   calls as the `Approvals` service).
 //! - [`api`]: translates gRPC to the engine and back (one error table).
 //! - [`server`]: wires it all up (TLS, listeners, tasks, shutdown).
 //! - [`fsutil`], [`dev`]: atomic private files; the zero-config dev CA,
@@ -35,6 +38,7 @@ pub mod chain;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod console;
 pub mod dev;
 pub mod engine;
 pub mod fsutil;

@@ -116,11 +116,19 @@ pub fn slack_text(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// The document a webhook receives.
-pub fn body(ev: &Event, format: WebhookFormat) -> serde_json::Value {
+/// The console page of request `id` under the console's public base URL.
+pub fn console_link(base: &str, id: &str) -> String {
+    format!("{}/ui/requests/{id}", base.trim_end_matches('/'))
+}
+
+/// The document a webhook receives; with the console's public base URL,
+/// it links the request's console page.
+pub fn body(ev: &Event, format: WebhookFormat, console: Option<&str>) -> serde_json::Value {
     let r = &ev.request;
+    let link = console.map(|base| console_link(base, &r.id));
     match format {
         WebhookFormat::Json => json!({
+            "console_url": link,
             "event": ev.kind.as_str(),
             "at_ms": ev.at,
             "actor": ev.actor,
@@ -159,6 +167,9 @@ pub fn body(ev: &Event, format: WebhookFormat) -> serde_json::Value {
                 let why = slack_text(&r.justification);
                 text.push_str(&format!(" — justification: {why}"));
             }
+            if let Some(url) = link {
+                text.push_str(&format!(" <{}|Open in the console>", slack_text(&url)));
+            }
             json!({ "text": text })
         }
     }
@@ -174,9 +185,10 @@ pub async fn run(
     mut rx: mpsc::Receiver<Event>,
     stats: Arc<Stats>,
     policy: impl Fn() -> Arc<Policy> + Send + 'static,
+    console: Option<String>,
     cancel: CancellationToken,
 ) {
-    let client = match client() {
+    let client = match https_client() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "no TLS roots for webhooks; notifications disabled");
@@ -190,7 +202,7 @@ pub async fn run(
             ev = rx.recv() => match ev { Some(ev) => ev, None => break },
         };
         for hook in policy().webhooks.iter().filter(|w| wants(w, ev.kind)) {
-            let payload = body(&ev, hook.format).to_string();
+            let payload = body(&ev, hook.format, console.as_deref()).to_string();
             let (client, stats, url, kind) =
                 (client.clone(), stats.clone(), hook.url.clone(), ev.kind);
             let cancel = cancel.clone();
@@ -222,13 +234,14 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), deliveries.wait()).await;
 }
 
-type HttpsClient = Client<
+/// An HTTP(S) client with the system's roots.
+pub(crate) type HttpsClient = Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 >;
 
 /// The webhook client: HTTPS with the system's roots, or plain HTTP.
-fn client() -> Result<HttpsClient, String> {
+pub(crate) fn https_client() -> Result<HttpsClient, String> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()
         .map_err(|e| e.to_string())?
@@ -241,7 +254,7 @@ fn client() -> Result<HttpsClient, String> {
 /// POST one JSON document to `url` with the webhooks' retries and backoff
 /// (the audit witness uses it). The last error when every attempt failed.
 pub async fn deliver(url: &str, payload: &str) -> Result<(), String> {
-    let client = client()?;
+    let client = https_client()?;
     let mut last = String::new();
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {

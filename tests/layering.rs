@@ -210,7 +210,9 @@ fn no_module_reaches_back_to_one_that_uses_it() {
 #[test]
 fn the_domain_knows_nothing_of_grpc_or_the_command_line() {
     let c = read_crate();
-    let outer = ["api", "server", "cli", "client", "agent", "bench", "dev"];
+    let outer = [
+        "api", "console", "server", "cli", "client", "agent", "bench", "dev",
+    ];
     for domain in [
         "text", "vocab", "chain", "clock", "identity", "store", "keys", "token", "rotation",
         "policy", "audit", "metrics", "notify", "engine",
@@ -235,7 +237,9 @@ fn the_client_side_speaks_only_through_the_generated_client() {
     }
     // `cli` may start the server (`serve`) and read a policy offline
     // (`policy check|explain`), nothing else of the broker side.
-    for s in ["api", "engine", "store", "audit", "notify", "metrics"] {
+    for s in [
+        "api", "console", "engine", "store", "audit", "notify", "metrics",
+    ] {
         assert!(!c.top["cli"].contains(s), "`cli` uses `{s}`");
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert};
+use crate::console::{Console, LinkError};
 use crate::engine::Engine;
 use crate::pb;
 use crate::pb::approvals_server::Approvals;
@@ -12,12 +13,14 @@ use crate::pb::approvals_server::Approvals;
 /// `Approvals` over an [`Engine`].
 pub struct ApprovalsService {
     engine: Arc<Engine>,
+    console: Option<Arc<Console>>,
 }
 
 impl ApprovalsService {
-    /// A service over `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// A service over `engine`, making sign-in links for `console` if the
+    /// broker serves one.
+    pub fn new(engine: Arc<Engine>, console: Option<Arc<Console>>) -> Self {
+        Self { engine, console }
     }
 }
 
@@ -91,6 +94,30 @@ impl Approvals for ApprovalsService {
             .await?;
         Ok(Response::new(pb::AcknowledgeResponse {
             request: Some(convert::request(&r)),
+        }))
+    }
+
+    async fn create_console_link(
+        &self,
+        req: Request<pb::CreateConsoleLinkRequest>,
+    ) -> Result<Response<pb::CreateConsoleLinkResponse>, Status> {
+        let who = caller(&req)?;
+        let Some(console) = &self.console else {
+            return Err(Status::failed_precondition(
+                "this broker serves no approver console (start it with --console)",
+            ));
+        };
+        let (url, expires_at) =
+            console
+                .link(&who, &req.get_ref().request_id)
+                .map_err(|e| match e {
+                    LinkError::NotAReviewer(_) => Status::permission_denied(e.to_string()),
+                    LinkError::BadRequestId(_) => Status::invalid_argument(e.to_string()),
+                    LinkError::Secret(_) => Status::unavailable(e.to_string()),
+                })?;
+        Ok(Response::new(pb::CreateConsoleLinkResponse {
+            url,
+            expires_at: Some(convert::ts(expires_at)),
         }))
     }
 }

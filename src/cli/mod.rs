@@ -25,6 +25,7 @@ mod requests;
 mod serve;
 mod store;
 mod token;
+mod ui;
 
 pub use agent::AgentArgs;
 pub use audit::{AuditCmd, AuditFormat};
@@ -37,6 +38,7 @@ pub use render::fmt_dur;
 pub use requests::RequestsCmd;
 pub use serve::{AlgArg, DataDirLock, ServeArgs, dev_banner, lock_data_dir, serve_config};
 pub use token::TokenCmd;
+pub use ui::UiCmd;
 
 /// portcullis: a short-lived credential broker.
 #[derive(Debug, Parser)]
@@ -109,6 +111,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Reach the approver console (a one-time sign-in link).
+    Ui {
+        #[command(subcommand)]
+        cmd: UiCmd,
+    },
     /// Check a policy file or explain a decision (offline).
     Policy {
         #[command(subcommand)]
@@ -146,6 +153,7 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
         Command::Requests { cmd } => requests::run(out, cmd, channel).await,
         Command::Keys { cmd } => keys::run(out, cmd, channel).await,
         Command::Audit { cmd } => audit::run(out, cmd, channel).await,
+        Command::Ui { cmd } => ui::run(out, cmd, channel).await,
         Command::Serve(_)
         | Command::Policy { .. }
         | Command::Agent(_)

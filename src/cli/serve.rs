@@ -10,7 +10,7 @@ use clap::ValueEnum;
 use super::exit::{Failure, failure, usage};
 use crate::dev::DevDir;
 use crate::keys::SigningAlg;
-use crate::server::ServeConfig;
+use crate::server::{ConsoleOptions, OidcConfig, ServeConfig};
 
 /// `serve` flags (each also from `PORTCULLIS_*`).
 #[derive(Debug, clap::Args)]
@@ -44,6 +44,36 @@ pub struct ServeArgs {
     /// Key-encryption key file (64 hex characters). Dev default: `<data-dir>/kek`.
     #[arg(long, env = "PORTCULLIS_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
+    /// Serve the approver console under `/ui/` on the HTTP listener
+    /// (always with --dev). Outside loopback it needs --http-tls.
+    #[arg(long, env = "PORTCULLIS_CONSOLE")]
+    pub console: bool,
+    /// The base URL people reach the HTTP listener at (console links,
+    /// the OpenID redirect, links in notifications). Default
+    /// `http(s)://<http-listen>`.
+    #[arg(long, env = "PORTCULLIS_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Console sign-in with this OpenID Connect provider (issuer URL).
+    #[arg(long, env = "PORTCULLIS_OIDC_ISSUER", requires = "oidc_client_id")]
+    pub oidc_issuer: Option<String>,
+    /// The console's client id at the provider.
+    #[arg(long, env = "PORTCULLIS_OIDC_CLIENT_ID", requires = "oidc_issuer")]
+    pub oidc_client_id: Option<String>,
+    /// File holding the console's client secret (or set
+    /// PORTCULLIS_OIDC_CLIENT_SECRET).
+    #[arg(long, env = "PORTCULLIS_OIDC_CLIENT_SECRET_FILE")]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// The ID-token claim naming the person: policy groups list them as
+    /// `oidc:<value>`. `email` must be verified by the provider.
+    #[arg(long, env = "PORTCULLIS_OIDC_CLAIM", default_value = "email")]
+    pub oidc_claim: String,
+    /// The provider's name on the sign-in button.
+    #[arg(
+        long,
+        env = "PORTCULLIS_OIDC_NAME",
+        default_value = "your identity provider"
+    )]
+    pub oidc_name: String,
     /// Issuer URL for `iss`. Default: the one recorded in the data
     /// directory, or on the first start `http://<http-listen>`; it then
     /// stays the same across restarts.
@@ -230,7 +260,50 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.audit_retention = args.audit_retention;
     cfg.http_tls = args.http_tls;
     cfg.retention = args.retention;
+    cfg.console = console_options(args)?;
     Ok((cfg, dev))
+}
+
+/// The console's settings from the flags (`None`: no console).
+fn console_options(args: &ServeArgs) -> Result<Option<ConsoleOptions>, Failure> {
+    let oidc = match (&args.oidc_issuer, &args.oidc_client_id) {
+        (Some(issuer), Some(client_id)) => {
+            let client_secret = match (
+                &args.oidc_client_secret_file,
+                std::env::var("PORTCULLIS_OIDC_CLIENT_SECRET"),
+            ) {
+                (Some(p), _) => std::fs::read_to_string(p)
+                    .map_err(|e| {
+                        failure(format!("--oidc-client-secret-file {}: {e}", p.display()))
+                    })?
+                    .trim()
+                    .to_owned(),
+                (None, Ok(s)) => s,
+                (None, Err(_)) => {
+                    return Err(usage(
+                        "--oidc-issuer needs --oidc-client-secret-file or PORTCULLIS_OIDC_CLIENT_SECRET",
+                    ));
+                }
+            };
+            let c = OidcConfig {
+                issuer: issuer.clone(),
+                client_id: client_id.clone(),
+                client_secret,
+                claim: args.oidc_claim.clone(),
+                display_name: args.oidc_name.clone(),
+            };
+            c.check().map_err(usage)?;
+            Some(c)
+        }
+        _ => None,
+    };
+    if !(args.console || args.dev || oidc.is_some()) {
+        return Ok(None);
+    }
+    Ok(Some(ConsoleOptions {
+        public_url: args.public_url.clone(),
+        oidc,
+    }))
 }
 
 /// Held while a broker runs on a data directory: a second `serve` on the
@@ -299,7 +372,7 @@ pub fn dev_banner(
     let d = dir.root.display();
     let http = http.map_or_else(|| "-".to_owned(), |a| a.to_string());
     let mut s = format!(
-        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz, /metrics)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
+        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz, /metrics)\n  console      http://{http}/ui/  (sign in: portcullis ui login --as approver)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
     );
     let bin = "cargo run --release --";
     for line in [
@@ -314,6 +387,7 @@ pub fn dev_banner(
             "{bin} policy explain --identity {} --scope orders.admin",
             crate::dev::WORKLOAD
         ),
+        format!("{bin} ui login --as approver   # a one-time link to decide it in the browser"),
     ] {
         s.push_str("  ");
         s.push_str(&line);

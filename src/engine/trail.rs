@@ -64,7 +64,60 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<AuditRecord, EngineError> {
     })
 }
 
+/// Trail actions that are a person's decision on a request.
+const DECISIONS: [&str; 5] = [
+    "request.approval",
+    "request.approved",
+    "request.denied",
+    "breakglass.acknowledged",
+    "breakglass.revoked",
+];
+/// How far back (in records) the console's history looks.
+const HISTORY_SCAN: u64 = 20_000;
+
 impl Engine {
+    /// Decisions (approvals, denials, break-glass reviews) on requests
+    /// `who` may decide, or made by `who`, newest first, at most `limit`,
+    /// from the newest [`HISTORY_SCAN`] trail records: the approver
+    /// console's history. Anyone who may review may read it; it shows
+    /// what the trail says about requests they could see anyway.
+    pub fn decision_history(
+        &self,
+        who: &Identity,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, EngineError> {
+        let Some((last, _)) = self.store().audit_last()? else {
+            return Ok(Vec::new());
+        };
+        let policy = self.policy();
+        let mut after = last.checked_sub(HISTORY_SCAN).filter(|s| *s > 0);
+        let mut out = Vec::new();
+        loop {
+            let page = self.store().audit_after(after, SCAN)?;
+            let done = page.len() < SCAN;
+            for (seq, bytes) in page {
+                after = Some(seq);
+                let r = decode(seq, &bytes)?;
+                if !DECISIONS.contains(&r.action.as_str()) {
+                    continue;
+                }
+                let visible = r.actor == who.as_str()
+                    || self.store().request(&r.target)?.is_some_and(|req| {
+                        super::may_decide(&policy, who, &req) || policy.is_admin(who)
+                    });
+                if visible {
+                    out.push(r);
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        out.reverse();
+        out.truncate(limit);
+        Ok(out)
+    }
+
     /// Refuse unless `who` may read the trail.
     pub fn require_auditor(&self, who: &Identity) -> Result<(), EngineError> {
         if self.policy().is_auditor(who) {

@@ -210,7 +210,7 @@ impl<'t> Checker<'t> {
         let mut groups = BTreeMap::new();
         for (name, members) in &raw.groups {
             for m in members.get_ref() {
-                if let Err(e) = Identity::parse(m.get_ref()) {
+                if let Err(e) = Identity::parse_member(m.get_ref()) {
                     let msg = format!("group `{name}`: member `{}`: {e}", m.get_ref());
                     self.problem(m.span(), msg);
                 }

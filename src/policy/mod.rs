@@ -275,6 +275,17 @@ impl Policy {
                 .any(|g| self.is_member(g, who.as_str()))
     }
 
+    /// May `who` use the approver console: named in an approver group of
+    /// some scope, or an admin?
+    pub fn may_review(&self, who: &Identity) -> bool {
+        self.is_admin(who)
+            || self.scopes.values().any(|r| {
+                r.approval
+                    .as_ref()
+                    .is_some_and(|a| a.approvers.iter().any(|g| self.is_member(g, who.as_str())))
+            })
+    }
+
     /// Is `who` a member of any admin group?
     pub fn is_admin(&self, who: &Identity) -> bool {
         self.admin_groups

@@ -67,6 +67,7 @@ pub(super) fn router(
     cfg: &ServeConfig,
     tls: ServerTlsConfig,
     engine: &Arc<Engine>,
+    console: Option<Arc<crate::console::Console>>,
     rotate_wake: Arc<Notify>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -79,7 +80,7 @@ pub(super) fn router(
         .build_v1()
         .map_err(|e| tls_error(Path::new("reflection"), &e))?;
     let broker = BrokerService::new(engine.clone(), cancel.clone());
-    let approvals = ApprovalsService::new(engine.clone());
+    let approvals = ApprovalsService::new(engine.clone(), console);
     let audit = AuditService::new(engine.clone(), cancel.clone());
     let keys = KeysService::new(engine.clone(), cfg.rotation, rotate_wake);
     let auth = Authenticate::new(engine.clone());

@@ -64,7 +64,7 @@ pub(super) async fn serve(
                 }
             }
             match acceptor {
-                None => serve_conn(tcp, app, limits, cancel).await,
+                None => serve_conn(tcp, peer, app, limits, cancel).await,
                 Some(acceptor) => {
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
@@ -72,7 +72,7 @@ pub(super) async fn serve(
                         tracing::debug!(%peer, "HTTPS handshake failed");
                         return;
                     };
-                    serve_conn(stream, app, limits, cancel).await;
+                    serve_conn(stream, peer, app, limits, cancel).await;
                 }
             }
         });
@@ -82,11 +82,22 @@ pub(super) async fn serve(
 }
 
 /// One HTTP/1.1 or HTTP/2 connection, within `limits`.
-async fn serve_conn<IO>(io: IO, app: axum::Router, limits: ConnLimits, cancel: CancellationToken)
-where
+async fn serve_conn<IO>(
+    io: IO,
+    peer: std::net::SocketAddr,
+    app: axum::Router,
+    limits: ConnLimits,
+    cancel: CancellationToken,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    // Handlers that record who did what from where read the peer address.
+    let app =
+        tower::ServiceExt::map_request(app, move |mut r: http::Request<hyper::body::Incoming>| {
+            r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            r
+        });
     let service = hyper_util::service::TowerToHyperService::new(app);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder

@@ -95,6 +95,20 @@ pub struct ServeConfig {
     /// Run the expiry task (always, in a broker; tests that check what is
     /// enforced at decision time, before any sweep, turn it off).
     pub expiry_task: bool,
+    /// Serve the approver console on the HTTP listener (`None`: no console).
+    pub console: Option<ConsoleOptions>,
+}
+
+pub use crate::console::oidc::OidcConfig;
+
+/// How the approver console is served.
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleOptions {
+    /// Base URL people reach the HTTP listener at; default
+    /// `http(s)://<http address>`.
+    pub public_url: Option<String>,
+    /// Sign-in with the organisation's OpenID provider.
+    pub oidc: Option<OidcConfig>,
 }
 
 impl ServeConfig {
@@ -133,6 +147,7 @@ impl ServeConfig {
             conn_limits: ConnLimits::default(),
             audit_witness: None,
             audit_witness_url: None,
+            console: None,
         }
     }
 }
@@ -311,7 +326,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let listeners = Listeners {
         grpc: grpc_listener,
         grpc_tls,
-        http: http.map(|(l, _)| l),
+        http,
         http_tls,
     };
     let tracker = match serve(&cfg, &engine, listeners, &node, &cancel) {
@@ -371,7 +386,7 @@ fn read_tls(
 struct Listeners {
     grpc: TcpListener,
     grpc_tls: tonic::transport::ServerTlsConfig,
-    http: Option<TcpListener>,
+    http: Option<(TcpListener, SocketAddr)>,
     http_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -386,10 +401,12 @@ fn serve(
 ) -> Result<TaskTracker, ServeError> {
     let rotate_wake = Arc::new(tokio::sync::Notify::new());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let console = console(cfg, engine, &l)?;
     let router = grpc::router(
         cfg,
         l.grpc_tls,
         engine,
+        console.clone(),
         rotate_wake.clone(),
         health_service,
         cancel,
@@ -397,8 +414,11 @@ fn serve(
     record_start(engine, cfg)?;
     let tracker = TaskTracker::new();
     tracker.spawn(grpc::serve(router, l.grpc, cfg.conn_limits, cancel.clone()));
-    if let Some(listener) = l.http {
-        let app = http::router(engine.clone());
+    if let Some((listener, _)) = l.http {
+        let mut app = http::router(engine.clone());
+        if let Some(console) = &console {
+            app = app.merge(crate::console::router(console.clone()));
+        }
         tracker.spawn(http::serve(
             listener,
             app,
@@ -410,13 +430,53 @@ fn serve(
     spawn_tasks(
         &tracker,
         engine,
-        cfg,
+        (cfg, console.as_ref().map(|c| c.public_url().to_owned())),
         rotate_wake,
         health_reporter,
         node,
         cancel,
     );
     Ok(tracker)
+}
+
+/// The approver console, when configured: only on an HTTP listener that is
+/// HTTPS or on loopback (plain HTTP elsewhere would carry session cookies
+/// and decisions in the clear).
+fn console(
+    cfg: &ServeConfig,
+    engine: &Arc<Engine>,
+    l: &Listeners,
+) -> Result<Option<Arc<crate::console::Console>>, ServeError> {
+    let Some(opts) = &cfg.console else {
+        return Ok(None);
+    };
+    let Some((_, addr)) = &l.http else {
+        return Err(ServeError::Config(
+            "the approver console needs the HTTP listener".into(),
+        ));
+    };
+    let tls = l.http_tls.is_some();
+    if !tls && !addr.ip().is_loopback() {
+        return Err(ServeError::Config(format!(
+            "the approver console is served only over HTTPS outside loopback: add --http-tls (HTTP listener {addr})"
+        )));
+    }
+    let scheme = if tls { "https" } else { "http" };
+    let public_url = opts
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{addr}"));
+    let console = crate::console::Console::new(
+        engine.clone(),
+        crate::console::ConsoleConfig {
+            public_url,
+            oidc: opts.oidc.clone(),
+            secure: tls,
+        },
+    )
+    .map_err(ServeError::Config)?;
+    tracing::info!(url = %format!("{}/ui/", console.public_url()), "approver console");
+    Ok(Some(console))
 }
 
 fn log_ready(grpc_addr: SocketAddr, http_addr: Option<SocketAddr>, issuer: &str, ring: &KeyRing) {
@@ -603,7 +663,7 @@ fn record_start(engine: &Engine, cfg: &ServeConfig) -> Result<(), ServeError> {
 fn spawn_tasks(
     tracker: &TaskTracker,
     engine: &Arc<Engine>,
-    cfg: &ServeConfig,
+    (cfg, console_url): (&ServeConfig, Option<String>),
     rotate_wake: Arc<tokio::sync::Notify>,
     health: tonic_health::server::HealthReporter,
     node: &str,
@@ -641,7 +701,13 @@ fn spawn_tasks(
     if let Some(rx) = engine.take_notifications() {
         let e = engine.clone();
         let stats = engine.notifier().stats().clone();
-        tracker.spawn(crate::notify::run(rx, stats, move || e.policy(), c()));
+        tracker.spawn(crate::notify::run(
+            rx,
+            stats,
+            move || e.policy(),
+            console_url,
+            c(),
+        ));
     }
     tracker.spawn(tasks::reload_policy(
         engine.clone(),

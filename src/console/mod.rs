@@ -1,0 +1,228 @@
+//! The approver console: server-rendered pages on the HTTP listener under
+//! `/ui/` where people see what they may decide and decide it — through the
+//! very engine calls the `Approvals` gRPC service makes, so every rule
+//! (no self-approval, no double approval, deadlines, digests, reasons)
+//! holds the same way. The console never shows a token.
+//!
+//! Sign-in: OpenID Connect against the organisation's provider
+//! ([`oidc`]), or a one-time link made over mTLS (`portcullis ui login`).
+//! Sessions, links and CSRF tokens: [`session`]. Pages: [`pages`]. Design:
+//! docs/design-console.md.
+
+pub mod oidc;
+mod pages;
+mod routes;
+pub mod session;
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use self::oidc::{Oidc, OidcConfig};
+use self::session::{Secrets, Session};
+use crate::engine::{Engine, EngineError};
+use crate::identity::Identity;
+use crate::store::Millis;
+
+/// How the console is served.
+#[derive(Clone, Debug)]
+pub struct ConsoleConfig {
+    /// The base URL people reach the broker's HTTP listener at
+    /// (`https://broker.example.org`): one-time links, the OpenID
+    /// redirect and notification links are made from it.
+    pub public_url: String,
+    /// Sign-in with the organisation's OpenID provider.
+    pub oidc: Option<OidcConfig>,
+    /// Cookies carry `Secure` and the `__Host-` prefix (false only when
+    /// the console is plain HTTP on loopback, in development).
+    pub secure: bool,
+}
+
+/// The console's state.
+pub struct Console {
+    engine: Arc<Engine>,
+    secrets: Secrets,
+    oidc: Option<Arc<Oidc>>,
+    public_url: String,
+    secure: bool,
+}
+
+/// Why no one-time link was made.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The caller reviews nothing.
+    #[error(
+        "`{0}` approves no scope and is not an admin: the console has nothing for it (add it to an approver group)"
+    )]
+    NotAReviewer(String),
+    /// The request id is malformed.
+    #[error("request_id: {0}")]
+    BadRequestId(String),
+    /// No secret could be made.
+    #[error(transparent)]
+    Secret(#[from] session::SecretError),
+}
+
+impl Console {
+    /// The console over `engine`.
+    pub fn new(engine: Arc<Engine>, cfg: ConsoleConfig) -> Result<Arc<Self>, String> {
+        let public_url = cfg.public_url.trim_end_matches('/').to_owned();
+        if !(public_url.starts_with("https://") || public_url.starts_with("http://")) {
+            return Err(format!(
+                "--public-url `{public_url}` must start with https:// or http://"
+            ));
+        }
+        let oidc = cfg
+            .oidc
+            .map(|o| Oidc::new(o, format!("{public_url}/ui/oidc/callback")))
+            .transpose()?;
+        Ok(Arc::new(Self {
+            engine,
+            secrets: Secrets::new().map_err(|e| e.to_string())?,
+            oidc,
+            public_url,
+            secure: cfg.secure,
+        }))
+    }
+
+    /// The base URL pages are reached at.
+    pub fn public_url(&self) -> &str {
+        &self.public_url
+    }
+
+    fn now(&self) -> Millis {
+        self.engine.clock().now()
+    }
+
+    /// A single-use sign-in link for `who` (an identity that reviews
+    /// something), valid 60 s, opening `request_id` when given.
+    pub fn link(&self, who: &Identity, request_id: &str) -> Result<(String, Millis), LinkError> {
+        if !self.engine.policy().may_review(who) {
+            return Err(LinkError::NotAReviewer(who.to_string()));
+        }
+        let next = if request_id.is_empty() {
+            None
+        } else {
+            crate::text::require_id("request_id", request_id)
+                .map_err(|e| LinkError::BadRequestId(e.to_string()))?;
+            Some(request_id.to_owned())
+        };
+        let (secret, expires_at) = self.secrets.make_link(who.clone(), next, self.now())?;
+        tracing::info!(who = %who, "console sign-in link made");
+        Ok((
+            format!("{}/ui/login/link?t={secret}", self.public_url),
+            expires_at,
+        ))
+    }
+
+    fn session_cookie(&self) -> &'static str {
+        if self.secure {
+            "__Host-portcullis_session"
+        } else {
+            "portcullis_session"
+        }
+    }
+
+    fn sign_in_cookie(&self) -> &'static str {
+        if self.secure {
+            "__Host-portcullis_signin"
+        } else {
+            "portcullis_signin"
+        }
+    }
+
+    /// `Set-Cookie` for `name=value` living `max_age` seconds (0 clears).
+    fn cookie(&self, name: &str, value: &str, max_age: u64, same_site: &str) -> HeaderValue {
+        let secure = if self.secure { "; Secure" } else { "" };
+        let v = format!(
+            "{name}={value}; Path=/; HttpOnly; SameSite={same_site}; Max-Age={max_age}{secure}"
+        );
+        HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+
+    /// The live session the request's cookie names, if any.
+    fn signed_in(&self, headers: &HeaderMap) -> Option<Session> {
+        let cookie = cookie_value(headers, self.session_cookie())?;
+        self.secrets.session(&cookie, self.now())
+    }
+}
+
+/// The value of cookie `name` in the request.
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// Does a state-changing request come from a page of this origin? The
+/// `Origin` header (browsers send it on every POST) must name the host the
+/// request was sent to; a request without one is refused too.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let (Some(origin), Some(host)) = (
+        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+    ) else {
+        return false;
+    };
+    origin
+        .split_once("://")
+        .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && rest == host)
+}
+
+/// Headers every console answer carries: no caching, no framing, no
+/// referrer (a link's secret never leaves in one), scripts and styles from
+/// the console itself only.
+fn harden(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    let set = |h: &mut HeaderMap, k: header::HeaderName, v: &'static str| {
+        h.insert(k, HeaderValue::from_static(v));
+    };
+    set(
+        h,
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+         connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    );
+    set(h, header::CACHE_CONTROL, "no-store");
+    set(h, header::X_FRAME_OPTIONS, "DENY");
+    set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(h, header::REFERRER_POLICY, "no-referrer");
+    resp
+}
+
+/// An engine refusal as a page status and the message shown.
+fn status_of(e: &EngineError) -> (StatusCode, String) {
+    let code = match e {
+        EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
+        EngineError::Refused(_) | EngineError::NotAllowed(_) => StatusCode::FORBIDDEN,
+        EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
+        EngineError::WrongState(_)
+        | EngineError::IdempotencyConflict
+        | EngineError::Duplicate(_) => StatusCode::CONFLICT,
+        EngineError::Exhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let msg = if code == StatusCode::INTERNAL_SERVER_ERROR {
+        tracing::error!(error = %e, "console request failed");
+        "internal error; nothing was changed".to_owned()
+    } else {
+        e.to_string()
+    };
+    (code, msg)
+}
+
+/// A page answer with the console's headers.
+fn page(code: StatusCode, markup: maud::Markup) -> Response {
+    harden((code, markup).into_response())
+}
+
+/// The router for `/ui/…`.
+pub fn router(console: Arc<Console>) -> axum::Router {
+    routes::router(console)
+}

@@ -1,0 +1,361 @@
+//! OpenID Connect sign-in for the console: authorization code flow with
+//! PKCE (RFC 7636, S256) and a `nonce`, a confidential client
+//! (`client_secret_basic`), ID tokens verified against the provider's JWKS
+//! (RS256, ES256 or EdDSA) for `iss`, `aud`, `exp`, `nonce` and `azp`. The
+//! configured claim (default `email`, which must then be verified) names the
+//! person: `oidc:<value>`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD as B64};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Bytes;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio::sync::RwLock;
+
+use crate::identity::Identity;
+
+/// Per-call timeout towards the provider.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest provider answer read.
+const MAX_BODY: usize = 1 << 20;
+/// JWKS are fetched again for an unknown `kid`, at most this often.
+const JWKS_REFRESH: Duration = Duration::from_secs(60);
+
+/// How the console reaches the organisation's provider.
+#[derive(Clone, Debug)]
+pub struct OidcConfig {
+    /// The provider's issuer URL (`https://`, or `http://` on loopback).
+    pub issuer: String,
+    /// This console's client id at the provider.
+    pub client_id: String,
+    /// Its client secret (a secret: never logged).
+    pub client_secret: String,
+    /// The ID-token claim that names the person (`email`, `sub`, …).
+    pub claim: String,
+    /// Shown on the sign-in button.
+    pub display_name: String,
+}
+
+impl OidcConfig {
+    /// Check the issuer URL: HTTPS, or plain HTTP only to a loopback host.
+    pub fn check(&self) -> Result<(), String> {
+        let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+            .iter()
+            .any(|p| {
+                self.issuer
+                    .strip_prefix(p)
+                    .is_some_and(|r| r.is_empty() || r.starts_with([':', '/']))
+            });
+        if !(self.issuer.starts_with("https://") || loopback) {
+            return Err(format!(
+                "--oidc-issuer `{}` must be https:// (http:// only on loopback)",
+                self.issuer
+            ));
+        }
+        if self.client_id.is_empty() || self.client_secret.is_empty() || self.claim.is_empty() {
+            return Err(
+                "--oidc-client-id, the client secret and --oidc-claim must not be empty".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The provider's discovery document (the fields used).
+#[derive(Clone, Debug, Deserialize)]
+struct Discovery {
+    issuer: String,
+    authorization_endpoint: String,
+    token_endpoint: String,
+    jwks_uri: String,
+}
+
+struct Known {
+    discovery: Discovery,
+    jwks: JwkSet,
+    jwks_at: tokio::time::Instant,
+}
+
+/// Why a sign-in failed (shown to the person; never holds a secret).
+#[derive(Debug, thiserror::Error)]
+pub enum OidcError {
+    /// The provider could not be reached or answered badly.
+    #[error("the identity provider could not be reached: {0}")]
+    Provider(String),
+    /// The ID token did not verify.
+    #[error("the identity provider's answer did not verify: {0}")]
+    Token(String),
+    /// The token verified but names nobody usable.
+    #[error("{0}")]
+    Person(String),
+}
+
+/// An OpenID client.
+pub struct Oidc {
+    config: OidcConfig,
+    redirect_uri: String,
+    known: RwLock<Option<Known>>,
+    client: crate::notify::HttpsClient,
+}
+
+/// The ID token claims checked here (the rest by `jsonwebtoken`).
+#[derive(Deserialize)]
+struct IdClaims {
+    nonce: Option<String>,
+    azp: Option<String>,
+    email_verified: Option<serde_json::Value>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// PKCE S256 challenge of `verifier`.
+pub fn challenge(verifier: &str) -> String {
+    B64.encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref())
+}
+
+impl Oidc {
+    /// A client for `config`, calling back to `redirect_uri`.
+    pub fn new(config: OidcConfig, redirect_uri: String) -> Result<Arc<Self>, String> {
+        config.check()?;
+        Ok(Arc::new(Self {
+            config,
+            redirect_uri,
+            known: RwLock::new(None),
+            client: crate::notify::https_client()?,
+        }))
+    }
+
+    /// What the sign-in button says.
+    pub fn display_name(&self) -> &str {
+        &self.config.display_name
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, OidcError> {
+        let req = hyper::Request::get(url)
+            .header(hyper::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| OidcError::Provider(e.to_string()))?;
+        self.call(req).await
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> Result<T, OidcError> {
+        let p = |e: &dyn std::fmt::Display| OidcError::Provider(e.to_string());
+        let resp = tokio::time::timeout(TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| OidcError::Provider("timed out".into()))?
+            .map_err(|e| p(&e))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| p(&e))?
+            .to_bytes();
+        if !status.is_success() {
+            // The provider's error code, never the whole body.
+            let code = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            return Err(OidcError::Provider(format!("HTTP {status} {code}")));
+        }
+        serde_json::from_slice(&body).map_err(|e| p(&e))
+    }
+
+    /// Discovery and keys, fetched on first use (and the keys again when
+    /// `refresh_for` names a `kid` they lack, at most once a minute).
+    async fn known(&self, refresh_for: Option<&str>) -> Result<(Discovery, JwkSet), OidcError> {
+        if let Some(k) = self.known.read().await.as_ref() {
+            let has = refresh_for.is_none_or(|kid| k.jwks.find(kid).is_some());
+            if has || k.jwks_at.elapsed() < JWKS_REFRESH {
+                return Ok((k.discovery.clone(), k.jwks.clone()));
+            }
+        }
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.config.issuer.trim_end_matches('/')
+        );
+        let discovery: Discovery = self.get_json(&url).await?;
+        if discovery.issuer != self.config.issuer {
+            return Err(OidcError::Provider(format!(
+                "discovery names issuer `{}`, not the configured `{}`",
+                discovery.issuer, self.config.issuer
+            )));
+        }
+        let jwks: JwkSet = self.get_json(&discovery.jwks_uri).await?;
+        *self.known.write().await = Some(Known {
+            discovery: discovery.clone(),
+            jwks: jwks.clone(),
+            jwks_at: tokio::time::Instant::now(),
+        });
+        Ok((discovery, jwks))
+    }
+
+    /// Where to send the browser to sign in.
+    pub async fn authorize_url(
+        &self,
+        state: &str,
+        nonce: &str,
+        verifier: &str,
+    ) -> Result<String, OidcError> {
+        let (d, _) = self.known(None).await?;
+        let query = serde_urlencoded::to_string([
+            ("response_type", "code"),
+            ("client_id", self.config.client_id.as_str()),
+            ("redirect_uri", self.redirect_uri.as_str()),
+            ("scope", "openid email profile"),
+            ("state", state),
+            ("nonce", nonce),
+            ("code_challenge", challenge(verifier).as_str()),
+            ("code_challenge_method", "S256"),
+        ])
+        .map_err(|e| OidcError::Provider(e.to_string()))?;
+        let sep = if d.authorization_endpoint.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        Ok(format!("{}{sep}{query}", d.authorization_endpoint))
+    }
+
+    /// Redeem `code` and verify the ID token: the person it names.
+    pub async fn redeem(
+        &self,
+        code: &str,
+        verifier: &str,
+        nonce: &str,
+    ) -> Result<Identity, OidcError> {
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            id_token: String,
+        }
+        let (d, _) = self.known(None).await?;
+        let form = serde_urlencoded::to_string([
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", self.redirect_uri.as_str()),
+            ("code_verifier", verifier),
+        ])
+        .map_err(|e| OidcError::Provider(e.to_string()))?;
+        // RFC 6749 §2.3.1: id and secret form-encoded, then Basic.
+        let enc = |s: &str| {
+            serde_urlencoded::to_string([("", s)])
+                .map(|x| x.trim_start_matches('=').to_owned())
+                .unwrap_or_default()
+        };
+        let basic = STANDARD.encode(format!(
+            "{}:{}",
+            enc(&self.config.client_id),
+            enc(&self.config.client_secret)
+        ));
+        let req = hyper::Request::post(&d.token_endpoint)
+            .header(
+                hyper::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::AUTHORIZATION, format!("Basic {basic}"))
+            .body(Full::new(Bytes::from(form)))
+            .map_err(|e| OidcError::Provider(e.to_string()))?;
+        let t: TokenResponse = self.call(req).await?;
+        self.person(&t.id_token, nonce).await
+    }
+
+    /// Verify `id_token` and name its person.
+    async fn person(&self, id_token: &str, nonce: &str) -> Result<Identity, OidcError> {
+        let bad = |s: &str| OidcError::Token(s.to_owned());
+        let header = jsonwebtoken::decode_header(id_token).map_err(|_| bad("not a JWT"))?;
+        if !matches!(
+            header.alg,
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA
+        ) {
+            return Err(bad("signed with an algorithm the console does not accept"));
+        }
+        let kid = header.kid.as_deref().unwrap_or_default();
+        let (_, jwks) = self.known(Some(kid)).await?;
+        let jwk = if kid.is_empty() {
+            match jwks.keys.as_slice() {
+                [one] => one,
+                _ => return Err(bad("no `kid` and not exactly one key")),
+            }
+        } else {
+            jwks.find(kid)
+                .ok_or_else(|| bad("signed by an unknown key"))?
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|_| bad("the provider's key is unusable"))?;
+        let mut v = Validation::new(header.alg);
+        v.set_issuer(&[&self.config.issuer]);
+        v.set_audience(&[&self.config.client_id]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.leeway = 60;
+        let claims = jsonwebtoken::decode::<IdClaims>(id_token, &key, &v)
+            .map_err(|e| OidcError::Token(e.to_string()))?
+            .claims;
+        if !claims
+            .nonce
+            .as_deref()
+            .is_some_and(|n| super::session::same_secret(n, nonce))
+        {
+            return Err(bad("nonce does not match this sign-in"));
+        }
+        if claims
+            .azp
+            .as_deref()
+            .is_some_and(|a| a != self.config.client_id)
+        {
+            return Err(bad("issued to another client (azp)"));
+        }
+        let claim = self.config.claim.as_str();
+        let value = claims
+            .rest
+            .get(claim)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| OidcError::Person(format!("the ID token has no `{claim}` claim")))?;
+        if claim == "email" && claims.email_verified != Some(serde_json::Value::Bool(true)) {
+            return Err(OidcError::Person(
+                "the provider has not verified this email address".into(),
+            ));
+        }
+        Identity::person(value).map_err(|e| OidcError::Person(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(issuer: &str) -> OidcConfig {
+        OidcConfig {
+            issuer: issuer.into(),
+            client_id: "c".into(),
+            client_secret: "s".into(),
+            claim: "email".into(),
+            display_name: "SSO".into(),
+        }
+    }
+
+    #[test]
+    fn an_issuer_is_https_or_loopback() {
+        assert!(config("https://id.example.org").check().is_ok());
+        assert!(config("http://127.0.0.1:9000").check().is_ok());
+        assert!(config("http://localhost/realms/x").check().is_ok());
+        assert!(config("http://id.example.org").check().is_err());
+        assert!(config("http://127.0.0.1.evil.org").check().is_err());
+        assert!(config("http://localhost.evil.org").check().is_err());
+    }
+
+    #[test]
+    fn pkce_s256_matches_rfc_7636_appendix_b() {
+        assert_eq!(
+            challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! The console's pages (maud: every spliced value is HTML-escaped, so a
+//! justification or reason holding markup shows as text).
+
+use std::time::Duration;
+
+use maud::{DOCTYPE, Markup, html};
+
+use crate::audit::AuditRecord;
+use crate::store::{Millis, RequestState, TokenRequest};
+
+/// Who is signed in, and the token their forms carry.
+pub struct Viewer<'a> {
+    pub who: &'a str,
+    pub csrf: &'a str,
+}
+
+fn ago(now: Millis, at: Millis) -> String {
+    human(Duration::from_millis(now.saturating_sub(at)))
+}
+
+/// A duration to the second, the largest two units (`3m 20s`).
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, sec) = (s / 3600, (s % 3600) / 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{sec}s"),
+        (0, _) => format!("{m}m {sec}s"),
+        _ => format!("{h}h {m}m"),
+    }
+}
+
+fn left(now: Millis, deadline: Millis) -> String {
+    if deadline <= now {
+        "past its deadline".into()
+    } else {
+        human(Duration::from_millis(deadline - now))
+    }
+}
+
+fn state(s: RequestState) -> &'static str {
+    match s {
+        RequestState::Pending => "pending",
+        RequestState::Approved => "approved",
+        RequestState::Denied => "denied",
+        RequestState::Issued => "issued",
+        RequestState::Expired => "expired",
+        RequestState::Withdrawn => "withdrawn",
+    }
+}
+
+/// The frame around every page.
+pub fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · portcullis" }
+                link rel="stylesheet" href="/ui/assets/console.css";
+                script src="/ui/assets/console.js" defer {}
+            }
+            body {
+                header {
+                    strong { "portcullis" } " approver console"
+                    @if let Some(v) = viewer {
+                        nav {
+                            a href="/ui/pending" { "Pending" }
+                            a href="/ui/reviews" { "Break-glass review" }
+                            a href="/ui/history" { "History" }
+                        }
+                        form.signout method="post" action="/ui/logout" {
+                            span.who { (v.who) }
+                            input type="hidden" name="csrf" value=(v.csrf);
+                            button type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main { h1 { (title) } (body) }
+            }
+        }
+    }
+}
+
+/// Sign-in choices.
+pub fn login(oidc: Option<&str>, message: Option<&str>) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        html! {
+            @if let Some(m) = message { p.error { (m) } }
+            @if let Some(name) = oidc {
+                p { a.button #signin href="/ui/oidc/start" { "Sign in with " (name) } }
+            }
+            p {
+                "Have a client certificate? Run "
+                code { "portcullis ui login" }
+                " and open the link it prints (it works once, within a minute)."
+            }
+        },
+    )
+}
+
+/// A page that moves on to `to` (a same-site navigation, so the
+/// `SameSite=Strict` session cookie set with it is sent).
+pub fn moving_on(to: &str) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content={ "0;url=" (to) };
+                title { "Signed in · portcullis" }
+            }
+            body { p { "Signed in. " a href=(to) { "Continue" } } }
+        }
+    }
+}
+
+/// A refusal or failure.
+pub fn error(viewer: Option<&Viewer<'_>>, message: &str) -> Markup {
+    layout(
+        "Not done",
+        viewer,
+        html! {
+            p.error #error { (message) }
+            p { a href="/ui/pending" { "Back to pending requests" } }
+        },
+    )
+}
+
+/// The rows of a request list (also the live-update fragment).
+pub fn request_rows(reqs: &[TokenRequest], now: Millis, empty: &str) -> Markup {
+    html! {
+        div #live {
+            @if reqs.is_empty() {
+                p.empty { (empty) }
+            } @else {
+                table {
+                    thead { tr {
+                        th { "Request" } th { "Requester" } th { "Scopes" }
+                        th { "Asked" } th { "Time left" } th { "" }
+                    } }
+                    tbody {
+                        @for r in reqs {
+                            tr data-request=(r.id) {
+                                td { a href={ "/ui/requests/" (r.id) } { code { (r.id) } } }
+                                td { (r.requester) }
+                                td { (r.scopes.join(" ")) }
+                                td { (ago(now, r.created_at)) " ago" }
+                                td {
+                                    @if r.review_pending { "—" } @else { (left(now, r.deadline)) }
+                                }
+                                td {
+                                    @if r.review_pending { span.badge.glass { "break-glass: review" } }
+                                    @if r.delegation.is_some() { span.badge { "delegated" } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Everything being asked, and what the viewer may do about it.
+pub fn request(
+    v: &Viewer<'_>,
+    r: &TokenRequest,
+    now: Millis,
+    may_decide: bool,
+    done: Option<&str>,
+) -> Markup {
+    let decidable = may_decide && r.state == RequestState::Pending && !r.review_pending;
+    let reviewable = may_decide && r.review_pending;
+    html! {
+        @if let Some(d) = done { p.done #done { "Recorded: " (d) "." } }
+        (facts(r, now))
+        (needs(r, now))
+        @if decidable { (decide_forms(v, r)) }
+        @if reviewable { (review_form(v, r)) }
+    }
+}
+
+/// What is asked, by whom, and through which chain.
+fn facts(r: &TokenRequest, now: Millis) -> Markup {
+    html! {
+        dl.facts {
+            dt { "State" } dd #state { (state(r.state)) @if r.break_glass { " (break-glass)" } }
+            dt { "Requester" } dd #requester { (r.requester) }
+            dt { "Scopes" } dd { (r.scopes.join(" ")) }
+            dt { "TTL" } dd { (human(Duration::from_millis(r.ttl_ms))) }
+            dt { "Audience" } dd { (r.audience) }
+            dt { "Justification" } dd #justification { (r.justification) }
+            dt { "Asked" } dd { (ago(now, r.created_at)) " ago" }
+            @if r.state == RequestState::Pending {
+                dt { "Time left" } dd { (left(now, r.deadline)) }
+            }
+            dt { "Digest" } dd { code #digest { (r.digest) } }
+            @if let Some(d) = &r.delegation {
+                dt { "Delegated from" } dd { "lease " code { (d.parent_id) } " (depth " (d.depth) ")" }
+                dt { "Chain" } dd #chain {
+                    @for (i, a) in d.actors.iter().enumerate() {
+                        @if i > 0 { " → " }
+                        (a)
+                    }
+                    " → " (r.requester)
+                }
+            }
+        }
+    }
+}
+
+/// The rules that parked it, who approved so far, and what happened.
+fn needs(r: &TokenRequest, now: Millis) -> Markup {
+    html! {
+        h2 { "What it needs" }
+        table {
+            thead { tr { th { "Scope" } th { "Rule" } th { "Approvers" } th { "Approvals" } } }
+            tbody {
+                @for w in &r.waiting_for {
+                    tr {
+                        td { (w.scope) }
+                        td { (w.rule) }
+                        td { (w.approver_groups.join(", ")) }
+                        td { (crate::engine::approvals::received(r, &w.scope)) " of " (w.approvals_required) }
+                    }
+                }
+            }
+        }
+        @if !r.approvals.is_empty() {
+            h2 { "Approved so far" }
+            ul #approvals {
+                @for a in &r.approvals {
+                    li { (a.approver) ", " (ago(now, a.at)) " ago" @if !a.reason.is_empty() { ": " (a.reason) } }
+                }
+            }
+        }
+        @for t in r.history.iter().filter(|t| t.to != RequestState::Pending) {
+            p.transition { (state(t.to)) " by " (t.actor) @if !t.reason.is_empty() { ": " (t.reason) } }
+        }
+        @if let Some(by) = &r.reviewed_by {
+            p.transition { "Reviewed by " (by) @if let Some(why) = &r.review_reason { ": " (why) } }
+        }
+    }
+}
+
+/// Approve (with the digest reviewed) and deny.
+fn decide_forms(v: &Viewer<'_>, r: &TokenRequest) -> Markup {
+    html! {
+        div.decide {
+            form #approve method="post" action={ "/ui/requests/" (r.id) "/approve" } {
+                h2 { "Approve" }
+                input type="hidden" name="csrf" value=(v.csrf);
+                input type="hidden" name="digest" value=(r.digest);
+                label { "Shorter TTL (optional, e.g. 10m) " input name="ttl" type="text"; }
+                label { "Reason " input name="reason" type="text"; }
+                button type="submit" { "Approve" }
+            }
+            form #deny method="post" action={ "/ui/requests/" (r.id) "/deny" } {
+                h2 { "Deny" }
+                input type="hidden" name="csrf" value=(v.csrf);
+                label { "Reason (required) " input name="reason" type="text" required; }
+                button.danger type="submit" { "Deny" }
+            }
+        }
+    }
+}
+
+/// Acknowledge a break-glass grant, or acknowledge and revoke it.
+fn review_form(v: &Viewer<'_>, r: &TokenRequest) -> Markup {
+    html! {
+        form #acknowledge method="post" action={ "/ui/requests/" (r.id) "/acknowledge" } {
+            h2 { "Review this break-glass grant" }
+            input type="hidden" name="csrf" value=(v.csrf);
+            label { "Reason " input name="reason" type="text"; }
+            label { input type="checkbox" name="revoke" value="true"; " also revoke its lease (reason required)" }
+            button type="submit" { "Acknowledge" }
+        }
+    }
+}
+
+/// Decisions from the trail.
+pub fn history(records: &[AuditRecord], now: Millis) -> Markup {
+    html! {
+        @if records.is_empty() {
+            p.empty { "No decisions yet." }
+        } @else {
+            table #history {
+                thead { tr { th { "When" } th { "Who" } th { "Decision" } th { "Request" } th { "Why" } th { "Via" } } }
+                tbody {
+                    @for r in records {
+                        tr {
+                            td { (ago(now, r.at)) " ago" }
+                            td { (r.actor) }
+                            td { (r.action) }
+                            td { a href={ "/ui/requests/" (r.target) } { code { (r.target) } } }
+                            td { (r.reason) }
+                            td { (r.peer) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! The console's routes. Reads need a session; every POST also needs the
+//! session's CSRF token and an `Origin` of this host. Decisions run inside
+//! the audit call context "via console from <address>", so the trail says
+//! who decided, how, and from where.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Form, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use super::pages::{self, Viewer};
+use super::session::{SIGN_IN_TTL, SignIn, Via, random_secret, same_secret};
+use super::{Console, cookie_value, harden, page, same_origin, status_of};
+use crate::audit::{CALL, CallCtx};
+use crate::engine::EngineError;
+use crate::store::TokenRequest;
+
+type Shared = State<Arc<Console>>;
+
+const CSS: &str = include_str!("assets/console.css");
+const JS: &str = include_str!("assets/console.js");
+/// Most rows a list shows.
+const LIST_MAX: usize = 500;
+
+pub(super) fn router(console: Arc<Console>) -> axum::Router {
+    axum::Router::new()
+        .route("/ui", get(home))
+        .route("/ui/", get(home))
+        .route("/ui/login", get(login))
+        .route("/ui/login/link", get(use_link))
+        .route("/ui/oidc/start", get(oidc_start))
+        .route("/ui/oidc/callback", get(oidc_callback))
+        .route("/ui/logout", post(logout))
+        .route("/ui/pending", get(pending))
+        .route("/ui/reviews", get(reviews))
+        .route("/ui/history", get(history))
+        .route("/ui/requests/{id}", get(request))
+        .route("/ui/requests/{id}/approve", post(approve))
+        .route("/ui/requests/{id}/deny", post(deny))
+        .route("/ui/requests/{id}/acknowledge", post(acknowledge))
+        .route("/ui/assets/console.css", get(|| asset("text/css", CSS)))
+        .route(
+            "/ui/assets/console.js",
+            get(|| asset("text/javascript", JS)),
+        )
+        .with_state(console)
+}
+
+async fn asset(kind: &'static str, body: &'static str) -> Response {
+    harden(([(header::CONTENT_TYPE, kind)], body).into_response())
+}
+
+fn to_login() -> Response {
+    harden(Redirect::to("/ui/login").into_response())
+}
+
+impl Console {
+    fn viewer_error(&self, s: &super::Session, code: StatusCode, msg: &str) -> Response {
+        let csrf = self.secrets.csrf(s);
+        let v = Viewer {
+            who: s.who.as_str(),
+            csrf: &csrf,
+        };
+        page(code, pages::error(Some(&v), msg))
+    }
+
+    fn engine_error(&self, s: &super::Session, e: &EngineError) -> Response {
+        let (code, msg) = status_of(e);
+        self.viewer_error(s, code, &msg)
+    }
+
+    /// Open a session for `who` and move on to `to`.
+    fn start_session(&self, who: crate::identity::Identity, via: Via, to: &str) -> Response {
+        if !self.engine.policy().may_review(&who) {
+            tracing::warn!(who = %who, "console sign-in of someone who reviews nothing refused");
+            let msg = format!("`{who}` is not an approver or admin in this broker's policy.");
+            return page(
+                StatusCode::FORBIDDEN,
+                pages::login(self.oidc_name(), Some(&msg)),
+            );
+        }
+        match self.secrets.open_session(who.clone(), via, self.now()) {
+            Ok((cookie, _)) => {
+                tracing::info!(who = %who, via = ?via, "console sign-in");
+                let max_age = super::session::SESSION_TTL.as_secs();
+                let mut resp = page(StatusCode::OK, pages::moving_on(to));
+                let h = resp.headers_mut();
+                h.append(
+                    header::SET_COOKIE,
+                    self.cookie(self.session_cookie(), &cookie, max_age, "Strict"),
+                );
+                h.append(
+                    header::SET_COOKIE,
+                    self.cookie(self.sign_in_cookie(), "", 0, "Lax"),
+                );
+                resp
+            }
+            Err(e) => page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::login(self.oidc_name(), Some(&e.to_string())),
+            ),
+        }
+    }
+
+    fn oidc_name(&self) -> Option<&str> {
+        self.oidc.as_ref().map(|o| o.display_name())
+    }
+
+    /// Every request this person may decide or review now, newest first
+    /// (exactly what `ListPending` returns for them).
+    fn pending_for(&self, s: &super::Session) -> Result<Vec<TokenRequest>, EngineError> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (page, next) = self.engine.list_pending(&s.who, LIST_MAX, &token)?;
+            all.extend(page);
+            if next.is_empty() || all.len() >= LIST_MAX {
+                break;
+            }
+            token = next;
+        }
+        all.reverse();
+        Ok(all)
+    }
+}
+
+async fn home(State(c): Shared, headers: HeaderMap) -> Response {
+    if c.signed_in(&headers).is_some() {
+        harden(Redirect::to("/ui/pending").into_response())
+    } else {
+        to_login()
+    }
+}
+
+async fn login(State(c): Shared) -> Response {
+    page(StatusCode::OK, pages::login(c.oidc_name(), None))
+}
+
+#[derive(Deserialize)]
+struct LinkQuery {
+    #[serde(default)]
+    t: String,
+}
+
+async fn use_link(State(c): Shared, Query(q): Query<LinkQuery>) -> Response {
+    match c.secrets.use_link(&q.t, c.now()) {
+        Some((who, next)) => {
+            let to = next.map_or_else(
+                || "/ui/pending".to_owned(),
+                |id| format!("/ui/requests/{id}"),
+            );
+            c.start_session(who, Via::Link, &to)
+        }
+        None => page(
+            StatusCode::UNAUTHORIZED,
+            pages::login(
+                c.oidc_name(),
+                Some(
+                    "This sign-in link is used up or expired (links work once, within a minute). Run `portcullis ui login` again.",
+                ),
+            ),
+        ),
+    }
+}
+
+async fn oidc_start(State(c): Shared) -> Response {
+    let Some(oidc) = c.oidc.clone() else {
+        return page(
+            StatusCode::NOT_FOUND,
+            pages::login(None, Some("No identity provider is configured.")),
+        );
+    };
+    let made = (|| {
+        Ok::<_, crate::text::NoRandomness>((random_secret()?, random_secret()?, random_secret()?))
+    })();
+    let Ok((state, nonce, verifier)) = made else {
+        return page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            pages::login(c.oidc_name(), Some("no randomness")),
+        );
+    };
+    let url = match oidc.authorize_url(&state, &nonce, &verifier).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "OpenID sign-in could not start");
+            return page(
+                StatusCode::BAD_GATEWAY,
+                pages::login(c.oidc_name(), Some(&e.to_string())),
+            );
+        }
+    };
+    let expires_at = c
+        .now()
+        .saturating_add(u64::try_from(SIGN_IN_TTL.as_millis()).unwrap_or(u64::MAX));
+    if let Err(e) = c.secrets.begin_sign_in(
+        &state,
+        SignIn {
+            verifier,
+            nonce,
+            expires_at,
+        },
+        c.now(),
+    ) {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            pages::login(c.oidc_name(), Some(&e.to_string())),
+        );
+    }
+    // The state also rides in a cookie of this browser: a callback that
+    // arrives in another browser (login CSRF) does not match it.
+    let mut resp = harden(Redirect::to(&url).into_response());
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        c.cookie(c.sign_in_cookie(), &state, SIGN_IN_TTL.as_secs(), "Lax"),
+    );
+    resp
+}
+
+#[derive(Deserialize)]
+struct Callback {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    error: String,
+}
+
+async fn oidc_callback(
+    State(c): Shared,
+    headers: HeaderMap,
+    Query(q): Query<Callback>,
+) -> Response {
+    let fail = |code: StatusCode, msg: &str| page(code, pages::login(c.oidc_name(), Some(msg)));
+    let Some(oidc) = c.oidc.clone() else {
+        return fail(StatusCode::NOT_FOUND, "No identity provider is configured.");
+    };
+    if !q.error.is_empty() {
+        return fail(
+            StatusCode::UNAUTHORIZED,
+            &format!("The identity provider said: {}", q.error),
+        );
+    }
+    let ours = cookie_value(&headers, c.sign_in_cookie()).unwrap_or_default();
+    if q.state.is_empty() || !same_secret(&ours, &q.state) {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "This sign-in was not started in this browser; start again.",
+        );
+    }
+    let Some(sign_in) = c.secrets.finish_sign_in(&q.state, c.now()) else {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "This sign-in expired or was already used; start again.",
+        );
+    };
+    match oidc
+        .redeem(&q.code, &sign_in.verifier, &sign_in.nonce)
+        .await
+    {
+        Ok(who) => c.start_session(who, Via::Oidc, "/ui/pending"),
+        Err(e) => {
+            tracing::warn!(error = %e, "OpenID sign-in refused");
+            fail(StatusCode::UNAUTHORIZED, &e.to_string())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The session of a state-changing request, or the refusal: signed in,
+/// same origin, and the session's CSRF token.
+fn checked(c: &Console, headers: &HeaderMap, csrf: &str) -> Result<super::Session, Box<Response>> {
+    let Some(s) = c.signed_in(headers) else {
+        return Err(Box::new(to_login()));
+    };
+    if !same_origin(headers) || !c.secrets.csrf_ok(&s, csrf) {
+        tracing::warn!(who = %s.who, "console POST without a valid CSRF token or origin refused");
+        return Err(Box::new(c.viewer_error(
+            &s,
+            StatusCode::FORBIDDEN,
+            "This form did not come from this console (missing or wrong CSRF token). Nothing was changed.",
+        )));
+    }
+    Ok(s)
+}
+
+async fn logout(State(c): Shared, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response {
+    let s = match checked(&c, &headers, &f.csrf) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    c.secrets.end_session(&s);
+    tracing::info!(who = %s.who, "console sign-out");
+    let mut resp = to_login();
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        c.cookie(c.session_cookie(), "", 0, "Strict"),
+    );
+    resp
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    fragment: Option<String>,
+}
+
+async fn list(c: &Console, headers: &HeaderMap, q: &ListQuery, reviews_only: bool) -> Response {
+    let Some(s) = c.signed_in(headers) else {
+        return to_login();
+    };
+    let reqs = match c.pending_for(&s) {
+        Ok(r) => r,
+        Err(e) => return c.engine_error(&s, &e),
+    };
+    let reqs: Vec<_> = reqs
+        .into_iter()
+        .filter(|r| !reviews_only || r.review_pending)
+        .collect();
+    let (title, empty) = if reviews_only {
+        (
+            "Break-glass review",
+            "No break-glass grant is waiting for your review.",
+        )
+    } else {
+        ("Pending", "Nothing is waiting for you.")
+    };
+    let rows = pages::request_rows(&reqs, c.now(), empty);
+    if q.fragment.is_some() {
+        return page(StatusCode::OK, rows);
+    }
+    let csrf = c.secrets.csrf(&s);
+    let v = Viewer {
+        who: s.who.as_str(),
+        csrf: &csrf,
+    };
+    page(StatusCode::OK, pages::layout(title, Some(&v), rows))
+}
+
+async fn pending(State(c): Shared, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+    list(&c, &headers, &q, false).await
+}
+
+async fn reviews(State(c): Shared, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+    list(&c, &headers, &q, true).await
+}
+
+async fn history(State(c): Shared, headers: HeaderMap) -> Response {
+    let Some(s) = c.signed_in(&headers) else {
+        return to_login();
+    };
+    let records = match c.engine.decision_history(&s.who, LIST_MAX) {
+        Ok(r) => r,
+        Err(e) => return c.engine_error(&s, &e),
+    };
+    let csrf = c.secrets.csrf(&s);
+    let v = Viewer {
+        who: s.who.as_str(),
+        csrf: &csrf,
+    };
+    page(
+        StatusCode::OK,
+        pages::layout("History", Some(&v), pages::history(&records, c.now())),
+    )
+}
+
+#[derive(Deserialize)]
+struct Done {
+    #[serde(default)]
+    done: Option<String>,
+}
+
+async fn request(
+    State(c): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(d): Query<Done>,
+) -> Response {
+    let Some(s) = c.signed_in(&headers) else {
+        return to_login();
+    };
+    let r = match c.engine.get_request(&s.who, &id) {
+        Ok(r) => r,
+        Err(e) => return c.engine_error(&s, &e),
+    };
+    let may = crate::engine::may_decide(&c.engine.policy(), &s.who, &r);
+    let csrf = c.secrets.csrf(&s);
+    let v = Viewer {
+        who: s.who.as_str(),
+        csrf: &csrf,
+    };
+    let done = d
+        .done
+        .as_deref()
+        .filter(|d| matches!(*d, "approved" | "denied" | "acknowledged" | "revoked"));
+    let body = pages::request(&v, &r, c.now(), may, done);
+    page(
+        StatusCode::OK,
+        pages::layout(&format!("Request {id}"), Some(&v), body),
+    )
+}
+
+#[derive(Deserialize)]
+struct Decision {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    digest: String,
+    #[serde(default)]
+    ttl: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    revoke: Option<String>,
+}
+
+/// Run one decision as `s` in the console's audit context; on success go
+/// back to the request page saying what was recorded.
+async fn decide<F>(
+    c: &Console,
+    s: &super::Session,
+    peer: SocketAddr,
+    id: &str,
+    done: &str,
+    fut: F,
+) -> Response
+where
+    F: std::future::Future<Output = Result<TokenRequest, EngineError>>,
+{
+    let ctx = CallCtx {
+        peer: format!("via console from {peer}"),
+        call_id: random_secret()
+            .map(|r| r.chars().take(16).collect())
+            .unwrap_or_default(),
+    };
+    match CALL.scope(ctx, fut).await {
+        Ok(_) => harden(Redirect::to(&format!("/ui/requests/{id}?done={done}")).into_response()),
+        Err(e) => c.engine_error(s, &e),
+    }
+}
+
+async fn approve(
+    State(c): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<Decision>,
+) -> Response {
+    let s = match checked(&c, &headers, &f.csrf) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let ttl = match f.ttl.trim() {
+        "" => None,
+        t => match humantime::parse_duration(t) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                let msg = format!("ttl: `{t}` is not a duration like 10m");
+                return c.viewer_error(&s, StatusCode::BAD_REQUEST, &msg);
+            }
+        },
+    };
+    let fut = c.engine.approve(&s.who, &id, &f.reason, ttl, &f.digest);
+    decide(&c, &s, peer, &id, "approved", fut).await
+}
+
+async fn deny(
+    State(c): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<Decision>,
+) -> Response {
+    let s = match checked(&c, &headers, &f.csrf) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let fut = c.engine.deny(&s.who, &id, &f.reason);
+    decide(&c, &s, peer, &id, "denied", fut).await
+}
+
+async fn acknowledge(
+    State(c): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<Decision>,
+) -> Response {
+    let s = match checked(&c, &headers, &f.csrf) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let revoke = f.revoke.is_some();
+    let done = if revoke { "revoked" } else { "acknowledged" };
+    let fut = c.engine.acknowledge(&s.who, &id, &f.reason, revoke);
+    decide(&c, &s, peer, &id, done, fut).await
+}

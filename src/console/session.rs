@@ -1,0 +1,316 @@
+//! Console sessions, one-time sign-in links and CSRF tokens, all held in
+//! the broker's memory (a restart signs everyone out; see
+//! docs/design-console.md for why that is acceptable and what HA changes).
+//!
+//! Every secret handed to a browser (session cookie, link, OIDC state) is
+//! 32 random bytes; the maps are keyed by its SHA-256, so a lookup never
+//! compares the secret itself and a memory dump holds no usable cookie.
+//! CSRF tokens are an HMAC of the session under a per-process key, checked
+//! with `ring::hmac::verify` (constant time).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::identity::Identity;
+use crate::store::Millis;
+use crate::text::NoRandomness;
+
+/// How long a session lives, however active (short: approvers sign in
+/// again rather than keep a console open for days).
+pub const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
+/// How long a one-time link from `portcullis ui login` works.
+pub const LINK_TTL: Duration = Duration::from_secs(60);
+/// How long an OpenID sign-in may take from redirect to callback.
+pub const SIGN_IN_TTL: Duration = Duration::from_secs(10 * 60);
+/// Bound on live entries of each kind (expired ones are swept first).
+const MAX_ENTRIES: usize = 10_000;
+
+/// How a person signed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// OpenID Connect with the organisation's provider.
+    Oidc,
+    /// A one-time link made over mTLS.
+    Link,
+}
+
+/// A signed-in person.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// Who.
+    pub who: Identity,
+    /// How they signed in.
+    pub via: Via,
+    /// Its key in the session map (SHA-256 of the cookie).
+    pub key: [u8; 32],
+    /// When it ends.
+    pub expires_at: Millis,
+}
+
+/// A one-time link waiting to be opened.
+struct Link {
+    who: Identity,
+    next: Option<String>,
+    expires_at: Millis,
+}
+
+/// An OpenID sign-in between redirect and callback.
+#[derive(Clone, Debug)]
+pub struct SignIn {
+    /// PKCE code verifier (RFC 7636).
+    pub verifier: String,
+    /// The `nonce` the ID token must carry.
+    pub nonce: String,
+    /// When it stops being accepted.
+    pub expires_at: Millis,
+}
+
+/// The console's short-lived secrets.
+pub struct Secrets {
+    sessions: Mutex<HashMap<[u8; 32], Session>>,
+    links: Mutex<HashMap<[u8; 32], Link>>,
+    sign_ins: Mutex<HashMap<[u8; 32], SignIn>>,
+    csrf_key: ring::hmac::Key,
+}
+
+/// A fresh 32-byte secret, base64url.
+pub fn random_secret() -> Result<String, NoRandomness> {
+    let mut b = [0u8; 32];
+    SystemRandom::new().fill(&mut b).map_err(|_| NoRandomness)?;
+    Ok(B64.encode(b))
+}
+
+fn key_of(secret: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    let mut k = [0u8; 32];
+    k.copy_from_slice(d.as_ref());
+    k
+}
+
+fn millis(d: Duration) -> Millis {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Insert under `key`, first dropping expired entries; refuse when full.
+fn insert<V>(
+    map: &Mutex<HashMap<[u8; 32], V>>,
+    key: [u8; 32],
+    value: V,
+    now: Millis,
+    expires: impl Fn(&V) -> Millis,
+) -> bool {
+    let mut m = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if m.len() >= MAX_ENTRIES {
+        m.retain(|_, v| expires(v) > now);
+    }
+    if m.len() >= MAX_ENTRIES {
+        return false;
+    }
+    m.insert(key, value);
+    true
+}
+
+/// Remove and return the entry for `secret` if it has not expired.
+fn take<V>(
+    map: &Mutex<HashMap<[u8; 32], V>>,
+    secret: &str,
+    now: Millis,
+    expires: impl Fn(&V) -> Millis,
+) -> Option<V> {
+    let mut m = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    m.remove(&key_of(secret)).filter(|v| expires(v) > now)
+}
+
+/// Why a secret could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// No randomness.
+    #[error(transparent)]
+    Random(#[from] NoRandomness),
+    /// Too many live entries.
+    #[error("too many console sign-ins in progress; try again shortly")]
+    Full,
+}
+
+impl Secrets {
+    /// Empty maps and a fresh CSRF key.
+    pub fn new() -> Result<Self, NoRandomness> {
+        let csrf_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &SystemRandom::new())
+            .map_err(|_| NoRandomness)?;
+        Ok(Self {
+            sessions: Mutex::default(),
+            links: Mutex::default(),
+            sign_ins: Mutex::default(),
+            csrf_key,
+        })
+    }
+
+    /// Start a session for `who`; the cookie value and the session.
+    pub fn open_session(
+        &self,
+        who: Identity,
+        via: Via,
+        now: Millis,
+    ) -> Result<(String, Session), SecretError> {
+        let cookie = random_secret()?;
+        let s = Session {
+            who,
+            via,
+            key: key_of(&cookie),
+            expires_at: now.saturating_add(millis(SESSION_TTL)),
+        };
+        if insert(&self.sessions, s.key, s.clone(), now, |s| s.expires_at) {
+            Ok((cookie, s))
+        } else {
+            Err(SecretError::Full)
+        }
+    }
+
+    /// The live session of `cookie`.
+    pub fn session(&self, cookie: &str, now: Millis) -> Option<Session> {
+        let m = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(&key_of(cookie))
+            .filter(|s| s.expires_at > now)
+            .cloned()
+    }
+
+    /// End one session (sign-out).
+    pub fn end_session(&self, s: &Session) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&s.key);
+    }
+
+    /// End every session of `who` (their access was taken away); how many.
+    pub fn end_sessions_of(&self, who: &Identity) -> usize {
+        let mut m = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = m.len();
+        m.retain(|_, s| &s.who != who);
+        before - m.len()
+    }
+
+    /// The CSRF token of session `s` (stable for its life).
+    pub fn csrf(&self, s: &Session) -> String {
+        B64.encode(ring::hmac::sign(&self.csrf_key, &s.key).as_ref())
+    }
+
+    /// Is `token` the CSRF token of `s`? (Constant time.)
+    pub fn csrf_ok(&self, s: &Session, token: &str) -> bool {
+        B64.decode(token)
+            .is_ok_and(|tag| ring::hmac::verify(&self.csrf_key, &s.key, &tag).is_ok())
+    }
+
+    /// A one-time link secret for `who`, valid [`LINK_TTL`] from `now`.
+    pub fn make_link(
+        &self,
+        who: Identity,
+        next: Option<String>,
+        now: Millis,
+    ) -> Result<(String, Millis), SecretError> {
+        let secret = random_secret()?;
+        let expires_at = now.saturating_add(millis(LINK_TTL));
+        let link = Link {
+            who,
+            next,
+            expires_at,
+        };
+        if insert(&self.links, key_of(&secret), link, now, |l| l.expires_at) {
+            Ok((secret, expires_at))
+        } else {
+            Err(SecretError::Full)
+        }
+    }
+
+    /// Use a link: its identity and where it leads, once, within its time.
+    pub fn use_link(&self, secret: &str, now: Millis) -> Option<(Identity, Option<String>)> {
+        take(&self.links, secret, now, |l| l.expires_at).map(|l| (l.who, l.next))
+    }
+
+    /// Remember an OpenID sign-in under `state`.
+    pub fn begin_sign_in(&self, state: &str, s: SignIn, now: Millis) -> Result<(), SecretError> {
+        if insert(&self.sign_ins, key_of(state), s, now, |s| s.expires_at) {
+            Ok(())
+        } else {
+            Err(SecretError::Full)
+        }
+    }
+
+    /// Finish the sign-in of `state`, once, within its time.
+    pub fn finish_sign_in(&self, state: &str, now: Millis) -> Option<SignIn> {
+        take(&self.sign_ins, state, now, |s| s.expires_at)
+    }
+}
+
+/// Do two secrets match? Compares their SHA-256 digests, so the time taken
+/// says nothing about the secrets.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    let (x, y) = (key_of(a), key_of(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> Identity {
+        Identity::person("alice@example.org").unwrap()
+    }
+
+    #[test]
+    fn a_link_works_once_and_only_within_its_minute() {
+        let s = Secrets::new().unwrap();
+        let (link, expires) = s.make_link(alice(), None, 1_000).unwrap();
+        assert_eq!(expires, 61_000);
+        assert!(s.use_link(&link, 61_000).is_none(), "expired at its end");
+        let (link, _) = s.make_link(alice(), Some("r_1".into()), 1_000).unwrap();
+        let (who, next) = s.use_link(&link, 60_999).unwrap();
+        assert_eq!((who, next.as_deref()), (alice(), Some("r_1")));
+        assert!(s.use_link(&link, 2_000).is_none(), "used once");
+        assert!(s.use_link("not-a-link", 2_000).is_none());
+    }
+
+    #[test]
+    fn sessions_end_on_time_on_sign_out_and_when_access_is_taken() {
+        let s = Secrets::new().unwrap();
+        let (cookie, sess) = s.open_session(alice(), Via::Link, 0).unwrap();
+        assert!(s.session(&cookie, millis(SESSION_TTL) - 1).is_some());
+        assert!(s.session(&cookie, millis(SESSION_TTL)).is_none());
+        s.end_session(&sess);
+        assert!(s.session(&cookie, 1).is_none());
+        let (cookie, _) = s.open_session(alice(), Via::Oidc, 0).unwrap();
+        assert_eq!(s.end_sessions_of(&alice()), 1);
+        assert!(s.session(&cookie, 1).is_none());
+    }
+
+    #[test]
+    fn a_csrf_token_belongs_to_its_session() {
+        let s = Secrets::new().unwrap();
+        let (_, a) = s.open_session(alice(), Via::Link, 0).unwrap();
+        let (_, b) = s.open_session(alice(), Via::Link, 0).unwrap();
+        let token = s.csrf(&a);
+        assert!(s.csrf_ok(&a, &token));
+        assert!(!s.csrf_ok(&b, &token));
+        assert!(!s.csrf_ok(&a, ""));
+        assert!(!s.csrf_ok(&a, "!!"));
+        assert!(same_secret("x", "x") && !same_secret("x", "y"));
+    }
+}
