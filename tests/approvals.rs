@@ -718,6 +718,9 @@ async fn webhooks_announce_events_without_tokens() {
         .unwrap();
     assert_eq!(approved["actor"], DAVE);
     assert_eq!(approved["reason"], "rotation window");
+    // Notifications link the request's console page.
+    let page = format!("{}/ui/requests/{}", common::CONSOLE_URL, req.id);
+    assert_eq!(approved["console_url"], page.as_str());
     assert_eq!(approved["request"]["requester"], WORKLOAD);
     let slack: Vec<&String> = seen
         .iter()
@@ -725,11 +728,19 @@ async fn webhooks_announce_events_without_tokens() {
         .map(|(_, b)| b)
         .collect();
     assert_eq!(slack.len(), 2);
-    assert!(
-        slack
-            .iter()
-            .all(|b| serde_json::from_str::<serde_json::Value>(b).unwrap()["text"].is_string())
-    );
+    let texts: Vec<String> = slack
+        .iter()
+        .map(|b| {
+            serde_json::from_str::<serde_json::Value>(b).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let link = format!("<{page}|Open in the console>");
+    assert!(texts.iter().any(|t| t.contains(&link)), "{texts:?}");
+    let base = format!("<{}/ui/requests/r_", common::CONSOLE_URL);
+    assert!(texts.iter().all(|t| t.contains(&base)), "{texts:?}");
     assert_eq!(
         w.h.running()
             .engine
@@ -1005,8 +1016,14 @@ async fn f02_requester_text_cannot_ping_a_channel_or_rewrite_a_screen() {
         ),
         "{text}"
     );
+    // The one link is the broker's own, to the console, at the end; the
+    // requester's text before it makes none.
+    let (theirs, ours) = text
+        .rsplit_once(&format!(" <{}/ui/requests/r_", common::CONSOLE_URL))
+        .unwrap_or_else(|| panic!("no console link in {text}"));
+    assert!(ours.ends_with("|Open in the console>"), "{text}");
     assert!(
-        !text.contains("<!channel>") && !text.contains("<https://"),
+        !theirs.contains("<!channel>") && !theirs.contains("<https://"),
         "{text}"
     );
 

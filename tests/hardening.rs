@@ -607,3 +607,23 @@ async fn f08_refused_calls_cannot_break_audit_export() {
     );
     h.stop().await;
 }
+
+/// Issue 13: session cookies and decisions never cross a network in the
+/// clear — plain HTTP beyond loopback with the console is refused at start.
+#[tokio::test]
+async fn the_console_is_never_served_as_plain_http_beyond_loopback() {
+    let h = Harness::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let cfg = |tls: bool| {
+        let mut cfg = h.config();
+        cfg.http_listen = Some("0.0.0.0:0".parse().unwrap());
+        cfg.data_dir = data.path().to_owned();
+        cfg.http_tls = tls;
+        cfg
+    };
+    let e = portcullis::server::start(cfg(false)).await.err().unwrap();
+    assert!(e.to_string().contains("only over HTTPS"), "{e}");
+    // With TLS on the HTTP listener it starts.
+    let running = portcullis::server::start(cfg(true)).await.unwrap();
+    running.shutdown().await;
+}

@@ -175,9 +175,9 @@ fn same_origin(headers: &HeaderMap) -> bool {
         .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && rest == host)
 }
 
-/// Headers every console answer carries: no caching, no framing, no
-/// referrer (a link's secret never leaves in one), scripts and styles from
-/// the console itself only.
+/// Headers every console answer carries: no caching, no framing, a
+/// referrer only to the console itself (a link's secret never leaves in
+/// one), scripts and styles from the console itself only.
 fn harden(mut resp: Response) -> Response {
     let h = resp.headers_mut();
     let set = |h: &mut HeaderMap, k: header::HeaderName, v: &'static str| {
@@ -192,7 +192,9 @@ fn harden(mut resp: Response) -> Response {
     set(h, header::CACHE_CONTROL, "no-store");
     set(h, header::X_FRAME_OPTIONS, "DENY");
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    // `same-origin`, not `no-referrer`: with `no-referrer` browsers send
+    // `Origin: null` on form posts, and the origin check needs the real one.
+    set(h, header::REFERRER_POLICY, "same-origin");
     resp
 }
 

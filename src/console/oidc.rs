@@ -73,6 +73,8 @@ struct Discovery {
     authorization_endpoint: String,
     token_endpoint: String,
     jwks_uri: String,
+    #[serde(default)]
+    userinfo_endpoint: Option<String>,
 }
 
 struct Known {
@@ -235,6 +237,8 @@ impl Oidc {
         #[derive(Deserialize)]
         struct TokenResponse {
             id_token: String,
+            #[serde(default)]
+            access_token: String,
         }
         let (d, _) = self.known(None).await?;
         let form = serde_urlencoded::to_string([
@@ -265,11 +269,50 @@ impl Oidc {
             .body(Full::new(Bytes::from(form)))
             .map_err(|e| OidcError::Provider(e.to_string()))?;
         let t: TokenResponse = self.call(req).await?;
-        self.person(&t.id_token, nonce).await
+        let claims = self.verified(&t.id_token, nonce).await?;
+        // A provider that conforms to OIDC Core §5.4 may keep scope claims
+        // (`email`) out of the ID token and answer them at `userinfo`.
+        let claims = if claims.rest.contains_key(&self.config.claim) {
+            claims
+        } else {
+            self.userinfo(&d, &t.access_token, &claims).await?
+        };
+        self.person(&claims)
     }
 
-    /// Verify `id_token` and name its person.
-    async fn person(&self, id_token: &str, nonce: &str) -> Result<Identity, OidcError> {
+    /// The `userinfo` claims for `access_token`, for the same subject as
+    /// the ID token (OIDC Core §5.3.2).
+    async fn userinfo(
+        &self,
+        d: &Discovery,
+        access_token: &str,
+        id: &IdClaims,
+    ) -> Result<IdClaims, OidcError> {
+        let (Some(url), false) = (&d.userinfo_endpoint, access_token.is_empty()) else {
+            let claim = &self.config.claim;
+            return Err(OidcError::Person(format!(
+                "the ID token has no `{claim}` claim and the provider offers no userinfo"
+            )));
+        };
+        let req = hyper::Request::get(url)
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {access_token}"),
+            )
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| OidcError::Provider(e.to_string()))?;
+        let info: IdClaims = self.call(req).await?;
+        if info.rest.get("sub") != id.rest.get("sub") {
+            return Err(OidcError::Token(
+                "userinfo names another subject than the ID token".into(),
+            ));
+        }
+        Ok(info)
+    }
+
+    /// Verify `id_token` (signature, `iss`, `aud`, `exp`, `nonce`, `azp`).
+    async fn verified(&self, id_token: &str, nonce: &str) -> Result<IdClaims, OidcError> {
         let bad = |s: &str| OidcError::Token(s.to_owned());
         let header = jsonwebtoken::decode_header(id_token).map_err(|_| bad("not a JWT"))?;
         if !matches!(
@@ -312,6 +355,11 @@ impl Oidc {
         {
             return Err(bad("issued to another client (azp)"));
         }
+        Ok(claims)
+    }
+
+    /// The person the verified claims name.
+    fn person(&self, claims: &IdClaims) -> Result<Identity, OidcError> {
         let claim = self.config.claim.as_str();
         let value = claims
             .rest

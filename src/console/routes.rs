@@ -39,9 +39,7 @@ pub(super) fn router(console: Arc<Console>) -> axum::Router {
         .route("/ui/reviews", get(reviews))
         .route("/ui/history", get(history))
         .route("/ui/requests/{id}", get(request))
-        .route("/ui/requests/{id}/approve", post(approve))
-        .route("/ui/requests/{id}/deny", post(deny))
-        .route("/ui/requests/{id}/acknowledge", post(acknowledge))
+        .route("/ui/requests/{id}/{verb}", post(decision))
         .route("/ui/assets/console.css", get(|| asset("text/css", CSS)))
         .route(
             "/ui/assets/console.js",
@@ -448,59 +446,43 @@ where
     }
 }
 
-async fn approve(
+/// POST `/ui/requests/{id}/{verb}`: approve, deny or acknowledge.
+async fn decision(
     State(c): Shared,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path((id, verb)): Path<(String, String)>,
     Form(f): Form<Decision>,
 ) -> Response {
     let s = match checked(&c, &headers, &f.csrf) {
         Ok(s) => s,
         Err(r) => return *r,
     };
-    let ttl = match f.ttl.trim() {
-        "" => None,
-        t => match humantime::parse_duration(t) {
-            Ok(d) => Some(d),
-            Err(_) => {
-                let msg = format!("ttl: `{t}` is not a duration like 10m");
-                return c.viewer_error(&s, StatusCode::BAD_REQUEST, &msg);
-            }
-        },
-    };
-    let fut = c.engine.approve(&s.who, &id, &f.reason, ttl, &f.digest);
-    decide(&c, &s, peer, &id, "approved", fut).await
-}
-
-async fn deny(
-    State(c): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Form(f): Form<Decision>,
-) -> Response {
-    let s = match checked(&c, &headers, &f.csrf) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let fut = c.engine.deny(&s.who, &id, &f.reason);
-    decide(&c, &s, peer, &id, "denied", fut).await
-}
-
-async fn acknowledge(
-    State(c): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Form(f): Form<Decision>,
-) -> Response {
-    let s = match checked(&c, &headers, &f.csrf) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let revoke = f.revoke.is_some();
-    let done = if revoke { "revoked" } else { "acknowledged" };
-    let fut = c.engine.acknowledge(&s.who, &id, &f.reason, revoke);
-    decide(&c, &s, peer, &id, done, fut).await
+    match verb.as_str() {
+        "approve" => {
+            let ttl = match f.ttl.trim() {
+                "" => None,
+                t => match humantime::parse_duration(t) {
+                    Ok(d) => Some(d),
+                    Err(_) => {
+                        let msg = format!("ttl: `{t}` is not a duration like 10m");
+                        return c.viewer_error(&s, StatusCode::BAD_REQUEST, &msg);
+                    }
+                },
+            };
+            let fut = c.engine.approve(&s.who, &id, &f.reason, ttl, &f.digest);
+            decide(&c, &s, peer, &id, "approved", fut).await
+        }
+        "deny" => {
+            let fut = c.engine.deny(&s.who, &id, &f.reason);
+            decide(&c, &s, peer, &id, "denied", fut).await
+        }
+        "acknowledge" => {
+            let revoke = f.revoke.is_some();
+            let done = if revoke { "revoked" } else { "acknowledged" };
+            let fut = c.engine.acknowledge(&s.who, &id, &f.reason, revoke);
+            decide(&c, &s, peer, &id, done, fut).await
+        }
+        _ => c.viewer_error(&s, StatusCode::NOT_FOUND, "no such action"),
+    }
 }

@@ -354,6 +354,21 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
 
 /// Settings that can be wrong without a file being involved.
 fn check_config(cfg: &ServeConfig) -> Result<(), ServeError> {
+    if cfg.console.is_some() {
+        match cfg.http_listen {
+            None => {
+                return Err(ServeError::Config(
+                    "the approver console needs the HTTP listener".into(),
+                ));
+            }
+            Some(a) if !cfg.http_tls && !a.ip().is_loopback() => {
+                return Err(ServeError::Config(format!(
+                    "the approver console is served only over HTTPS outside loopback: add --http-tls (HTTP listener {a})"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
     if let Some(url) = &cfg.audit_witness_url
         && !(url.starts_with("https://") || url.starts_with("http://"))
     {
@@ -450,17 +465,12 @@ fn console(
     let Some(opts) = &cfg.console else {
         return Ok(None);
     };
+    // `check_config` made sure of an HTTP listener that is HTTPS or on
+    // loopback.
     let Some((_, addr)) = &l.http else {
-        return Err(ServeError::Config(
-            "the approver console needs the HTTP listener".into(),
-        ));
+        return Ok(None);
     };
     let tls = l.http_tls.is_some();
-    if !tls && !addr.ip().is_loopback() {
-        return Err(ServeError::Config(format!(
-            "the approver console is served only over HTTPS outside loopback: add --http-tls (HTTP listener {addr})"
-        )));
-    }
     let scheme = if tls { "https" } else { "http" };
     let public_url = opts
         .public_url

@@ -20,6 +20,9 @@ use portcullis::pb::broker_client::BrokerClient;
 use portcullis::server::{Running, ServeConfig};
 use tonic::transport::Channel;
 
+/// Where the harness says its approver console is.
+pub const CONSOLE_URL: &str = "https://portcullis.example.org";
+
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub dev: DevDir,
@@ -151,6 +154,11 @@ impl Harness {
                 ca_file: None,
                 pool_size: 8,
             });
+        // The console is on, at a fixed public URL (webhook links name it).
+        cfg.console = Some(portcullis::server::ConsoleOptions {
+            public_url: Some(CONSOLE_URL.into()),
+            oidc: None,
+        });
         cfg
     }
 
