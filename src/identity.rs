@@ -81,7 +81,13 @@ impl Identity {
     pub fn person(value: &str) -> Result<Self, IdentityError> {
         let ok = !value.is_empty()
             && value.len() <= MAX_PERSON_LEN
-            && value.chars().all(|c| !c.is_control() && !c.is_whitespace());
+            && value.chars().all(|c| {
+                // No spaces, controls, bidi or zero-width characters: a
+                // name must look like what it is in a log or a trail.
+                !c.is_whitespace()
+                    && !crate::text::is_display_control(c)
+                    && !matches!(c, '\u{200b}'..='\u{200d}' | '\u{2060}' | '\u{feff}')
+            });
         if ok {
             Ok(Self(format!("{PERSON_PREFIX}{value}")))
         } else {
@@ -281,7 +287,15 @@ mod person_tests {
         assert!(Identity::parse_member("spiffe://t/x").is_ok());
         // A workload identity is never a person, nor the other way round.
         assert!(Identity::parse("oidc:alice@example.org").is_err());
-        for bad in ["", "a b", "a\nb", "tab\there", &"x".repeat(257)] {
+        for bad in [
+            "",
+            "a b",
+            "a\nb",
+            "tab\there",
+            "alice\u{202e}gro.elpmaxe@",
+            "al\u{200b}ice@example.org",
+            &"x".repeat(257),
+        ] {
             assert!(Identity::person(bad).is_err(), "{bad:?}");
             assert!(Identity::parse_member(&format!("oidc:{bad}")).is_err());
         }

@@ -263,6 +263,13 @@ impl Rig {
         self.element(css).await.text().await.unwrap()
     }
 
+    /// Open a one-time link: it asks whom to continue as; continue.
+    async fn open_link(&self, link: &str, who: &str) {
+        self.browser.goto(link).await.unwrap();
+        assert_eq!(self.text("#as").await, who);
+        self.element("#continue").await.click().await.unwrap();
+    }
+
     /// Sign in through the provider's login page as `person`.
     async fn sign_in(&self, person: &str) {
         self.browser.goto(&self.url("/ui/login")).await.unwrap();
@@ -308,6 +315,12 @@ impl Rig {
     /// POST a form to `path` with this browser's session cookie, as a page
     /// of another site would (no CSRF token unless given).
     async fn forged_post(&self, path: &str, body: &str) -> (u16, String) {
+        let origin = format!("http://{}", self.http);
+        self.post_from(&origin, path, body).await
+    }
+
+    /// POST as `forged_post`, from a page of `origin`.
+    async fn post_from(&self, origin: &str, path: &str, body: &str) -> (u16, String) {
         let cookie = self
             .browser
             .get_named_cookie("portcullis_session")
@@ -321,7 +334,7 @@ impl Rig {
         tokio::spawn(conn);
         let req = hyper::Request::post(path)
             .header("host", self.http.to_string())
-            .header("origin", format!("http://{}", self.http))
+            .header("origin", origin)
             .header("content-type", "application/x-www-form-urlencoded")
             .header("cookie", format!("portcullis_session={}", cookie.value()))
             .body(http_body_util::Full::new(hyper::body::Bytes::from(
@@ -429,7 +442,7 @@ async fn an_approver_signs_in_with_the_provider_and_decides_what_waits() {
         .click()
         .await
         .unwrap();
-    assert_eq!(rig.text("#done").await, "Recorded: approved.");
+    assert_eq!(rig.text("#done").await, "You approved this request.");
     let (code, out, err) = finish(waiting);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim().split('.').count(), 3, "a JWT on stdout: {out}");
@@ -462,7 +475,7 @@ async fn an_approver_signs_in_with_the_provider_and_decides_what_waits() {
         .click()
         .await
         .unwrap();
-    assert_eq!(rig.text("#done").await, "Recorded: denied.");
+    assert_eq!(rig.text("#done").await, "You denied this request.");
     let (code, _, err) = finish(waiting);
     assert_eq!(code, 2, "{err}");
 
@@ -498,7 +511,16 @@ async fn an_approver_signs_in_with_the_provider_and_decides_what_waits() {
         .click()
         .await
         .unwrap();
-    assert_eq!(rig.text("#done").await, "Recorded: revoked.");
+    assert_eq!(
+        rig.text("#done").await,
+        "You reviewed this break-glass grant."
+    );
+    let o = rig.cli("admin", &["--output", "json", "requests", "show", &id3]);
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let lease = shown["lease_id"].as_str().unwrap().to_owned();
+    let o = rig.cli("admin", &["--output", "json", "lease", "show", &lease]);
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(shown["state"], "revoked", "{shown}");
 
     // History: who decided what, why, and that it was the console.
     rig.browser.goto(&rig.url("/ui/history")).await.unwrap();
@@ -510,10 +532,11 @@ async fn an_approver_signs_in_with_the_provider_and_decides_what_waits() {
         "not during the freeze",
         "breakglass.revoked",
         "oidc:alice@example.org",
-        "via console from 127.0.0.1",
     ] {
         assert!(history.contains(want), "{want} in {history}");
     }
+    // The page says how (console), not from which address.
+    assert!(history.contains("console") && !history.contains("127.0.0.1"));
     rig.shot("history").await;
 
     // The trail says the same.
@@ -562,7 +585,8 @@ async fn a_one_time_link_works_once_in_its_minute_and_no_one_approves_their_own(
     let o = rig.cli("workload", &["ui", "login"]);
     let link = String::from_utf8_lossy(&o.stdout).trim().to_owned();
     assert!(link.starts_with(&rig.url("/ui/login/link?t=")), "{link}");
-    rig.browser.goto(&link).await.unwrap();
+    rig.open_link(&link, "spiffe://portcullis.dev/ns/demo/sa/app")
+        .await;
     assert_eq!(
         rig.text("span.who").await,
         "spiffe://portcullis.dev/ns/demo/sa/app"
@@ -604,6 +628,16 @@ async fn a_one_time_link_works_once_in_its_minute_and_no_one_approves_their_own(
         .await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("cannot decide it"), "{body}");
+    // With the right token but from another site's page: refused first.
+    let (status, body) = rig
+        .post_from(
+            "https://evil.example",
+            &format!("/ui/requests/{id}/approve"),
+            &format!("csrf={csrf}&reason=mine"),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("did not come from the console"), "{body}");
     assert_eq!(state_of(&rig, &id), "pending");
     drop(waiting);
 
@@ -619,5 +653,27 @@ async fn a_one_time_link_works_once_in_its_minute_and_no_one_approves_their_own(
     rig.browser.goto(&late_link).await.unwrap();
     assert!(rig.text("p.error").await.contains("used up or expired"));
     assert!(rig.browser.find(Locator::Css("span.who")).await.is_err());
+
+    // Access taken away in the policy ends a live session at the next click.
+    let o = rig.cli("workload", &["ui", "login"]);
+    let link = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    rig.open_link(&link, "spiffe://portcullis.dev/ns/demo/sa/app")
+        .await;
+    rig.element("span.who").await;
+    let policy = POLICY.replace(r#", "spiffe://portcullis.dev/ns/demo/sa/app"]"#, "]");
+    assert_ne!(policy, POLICY);
+    std::fs::write(rig.dir.join("policy.toml"), policy).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        rig.browser.goto(&rig.url("/ui/pending")).await.unwrap();
+        if rig.browser.current_url().await.unwrap().path() == "/ui/login" {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "still signed in after the policy dropped it"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     rig.browser.close().await.unwrap();
 }

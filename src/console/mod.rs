@@ -45,6 +45,8 @@ pub struct Console {
     secrets: Secrets,
     oidc: Option<Arc<Oidc>>,
     public_url: String,
+    /// `scheme://host[:port]` of `public_url`: what `Origin` must say.
+    origin: String,
     secure: bool,
 }
 
@@ -68,11 +70,21 @@ impl Console {
     /// The console over `engine`.
     pub fn new(engine: Arc<Engine>, cfg: ConsoleConfig) -> Result<Arc<Self>, String> {
         let public_url = cfg.public_url.trim_end_matches('/').to_owned();
-        if !(public_url.starts_with("https://") || public_url.starts_with("http://")) {
+        let https = public_url.starts_with("https://");
+        if !(https || loopback_http(&public_url)) {
             return Err(format!(
-                "--public-url `{public_url}` must start with https:// or http://"
+                "--public-url `{public_url}` must be https:// (http:// only on loopback): the console's cookies and decisions must not cross a network in the clear"
             ));
         }
+        let origin = match public_url.find("://").map(|i| i + 3) {
+            Some(start) => {
+                let end = public_url[start..]
+                    .find('/')
+                    .map_or(public_url.len(), |e| start + e);
+                public_url[..end].to_owned()
+            }
+            None => public_url.clone(),
+        };
         let oidc = cfg
             .oidc
             .map(|o| Oidc::new(o, format!("{public_url}/ui/oidc/callback")))
@@ -82,7 +94,10 @@ impl Console {
             secrets: Secrets::new().map_err(|e| e.to_string())?,
             oidc,
             public_url,
-            secure: cfg.secure,
+            origin,
+            // People reach it over HTTPS (at the listener or a proxy in
+            // front): cookies are `Secure` and `__Host-`.
+            secure: cfg.secure || https,
         }))
     }
 
@@ -141,10 +156,19 @@ impl Console {
         HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 
-    /// The live session the request's cookie names, if any.
+    /// The live session the request's cookie names, if any. A person the
+    /// policy no longer names as an approver or admin is signed out at
+    /// once (a policy change revokes console access on the next click).
     fn signed_in(&self, headers: &HeaderMap) -> Option<Session> {
         let cookie = cookie_value(headers, self.session_cookie())?;
-        self.secrets.session(&cookie, self.now())
+        let s = self.secrets.session(&cookie, self.now())?;
+        if self.engine.policy().may_review(&s.who) {
+            Some(s)
+        } else {
+            self.secrets.end_session(&s);
+            tracing::info!(who = %s.who, "console session ended: no longer an approver or admin");
+            None
+        }
     }
 }
 
@@ -160,19 +184,51 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// Does a state-changing request come from a page of this origin? The
-/// `Origin` header (browsers send it on every POST) must name the host the
-/// request was sent to; a request without one is refused too.
-fn same_origin(headers: &HeaderMap) -> bool {
-    let (Some(origin), Some(host)) = (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) else {
-        return false;
-    };
-    origin
-        .split_once("://")
-        .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && rest == host)
+/// Is `url` plain HTTP to a loopback host (`127.0.0.1`, `localhost`,
+/// `[::1]`, any port and path)?
+pub(crate) fn loopback_http(url: &str) -> bool {
+    ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+        .iter()
+        .any(|p| {
+            url.strip_prefix(p)
+                .is_some_and(|r| r.is_empty() || r.starts_with([':', '/']))
+        })
+}
+
+impl Console {
+    /// Does a state-changing request come from a page of the console? Its
+    /// `Origin` (browsers send one with every POST) must be the public
+    /// URL's origin exactly — not whatever `Host` the request names, which
+    /// a rebinding attacker controls and HTTP/2 does not send.
+    fn same_origin(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|o| o == self.origin)
+    }
+
+    /// Why a POST from another origin was refused.
+    fn wrong_origin(&self) -> String {
+        format!(
+            "This form did not come from the console at {} (open the console there). Nothing was changed.",
+            self.origin
+        )
+    }
+}
+
+/// A 303 to `to`, or an error page if `to` cannot be a header (never a
+/// panic, whatever a provider's discovery document says).
+fn see_other(to: &str) -> Response {
+    match HeaderValue::from_str(to) {
+        Ok(v) => harden((StatusCode::SEE_OTHER, [(header::LOCATION, v)]).into_response()),
+        Err(_) => {
+            tracing::warn!("refused to redirect to a location that is not a valid header");
+            page(
+                StatusCode::BAD_GATEWAY,
+                pages::error(None, "The sign-in could not continue (bad redirect)."),
+            )
+        }
+    }
 }
 
 /// Headers every console answer carries: no caching, no framing, a

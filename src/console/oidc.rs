@@ -26,8 +26,9 @@ const MAX_BODY: usize = 1 << 20;
 /// JWKS are fetched again for an unknown `kid`, at most this often.
 const JWKS_REFRESH: Duration = Duration::from_secs(60);
 
-/// How the console reaches the organisation's provider.
-#[derive(Clone, Debug)]
+/// How the console reaches the organisation's provider (its `Debug`
+/// leaves the client secret out).
+#[derive(Clone)]
 pub struct OidcConfig {
     /// The provider's issuer URL (`https://`, or `http://` on loopback).
     pub issuer: String,
@@ -41,17 +42,27 @@ pub struct OidcConfig {
     pub display_name: String,
 }
 
+impl std::fmt::Debug for OidcConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcConfig")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("claim", &self.claim)
+            .field("display_name", &self.display_name)
+            .finish()
+    }
+}
+
+/// HTTPS, or plain HTTP only to a loopback host.
+fn safe_url(url: &str) -> bool {
+    url.starts_with("https://") || super::loopback_http(url)
+}
+
 impl OidcConfig {
     /// Check the issuer URL: HTTPS, or plain HTTP only to a loopback host.
     pub fn check(&self) -> Result<(), String> {
-        let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
-            .iter()
-            .any(|p| {
-                self.issuer
-                    .strip_prefix(p)
-                    .is_some_and(|r| r.is_empty() || r.starts_with([':', '/']))
-            });
-        if !(self.issuer.starts_with("https://") || loopback) {
+        if !safe_url(&self.issuer) {
             return Err(format!(
                 "--oidc-issuer `{}` must be https:// (http:// only on loopback)",
                 self.issuer
@@ -185,6 +196,22 @@ impl Oidc {
             self.config.issuer.trim_end_matches('/')
         );
         let discovery: Discovery = self.get_json(&url).await?;
+        for (name, u) in [
+            (
+                "authorization_endpoint",
+                Some(&discovery.authorization_endpoint),
+            ),
+            ("token_endpoint", Some(&discovery.token_endpoint)),
+            ("jwks_uri", Some(&discovery.jwks_uri)),
+            ("userinfo_endpoint", discovery.userinfo_endpoint.as_ref()),
+        ] {
+            // The client secret and access tokens never travel in the clear.
+            if let Some(u) = u.filter(|u| !safe_url(u)) {
+                return Err(OidcError::Provider(format!(
+                    "discovery's {name} `{u}` is not https:// (or http:// on loopback)"
+                )));
+            }
+        }
         if discovery.issuer != self.config.issuer {
             return Err(OidcError::Provider(format!(
                 "discovery names issuer `{}`, not the configured `{}`",

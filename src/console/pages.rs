@@ -165,22 +165,48 @@ pub fn request_rows(reqs: &[TokenRequest], now: Millis, empty: &str) -> Markup {
 }
 
 /// Everything being asked, and what the viewer may do about it.
-pub fn request(
-    v: &Viewer<'_>,
-    r: &TokenRequest,
-    now: Millis,
-    may_decide: bool,
-    done: Option<&str>,
-) -> Markup {
+pub fn request(v: &Viewer<'_>, r: &TokenRequest, now: Millis, may_decide: bool) -> Markup {
     let decidable = may_decide && r.state == RequestState::Pending && !r.review_pending;
     let reviewable = may_decide && r.review_pending;
     html! {
-        @if let Some(d) = done { p.done #done { "Recorded: " (d) "." } }
+        @if let Some(d) = yours(r, v.who) { p.done #done { (d) } }
         (facts(r, now))
         (needs(r, now))
         @if decidable { (decide_forms(v, r)) }
         @if reviewable { (review_form(v, r)) }
     }
+}
+
+/// What the viewer decided about `r`, read from the request itself.
+fn yours(r: &TokenRequest, who: &str) -> Option<&'static str> {
+    if r.reviewed_by.as_deref() == Some(who) {
+        Some("You reviewed this break-glass grant.")
+    } else if r
+        .history
+        .iter()
+        .any(|t| t.to == RequestState::Denied && t.actor == who)
+    {
+        Some("You denied this request.")
+    } else if r.approvals.iter().any(|a| a.approver == who) {
+        Some("You approved this request.")
+    } else {
+        None
+    }
+}
+
+/// Asks to continue with a one-time link (a POST uses it).
+pub fn confirm_link(who: &str, secret: &str) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        html! {
+            form #link method="post" action="/ui/login/link" {
+                p { "This link signs you in as " strong #as { (who) } "." }
+                input type="hidden" name="t" value=(secret);
+                button #continue type="submit" { "Continue as " (who) }
+            }
+        },
+    )
 }
 
 /// What is asked, by whom, and through which chain.
@@ -281,6 +307,17 @@ fn review_form(v: &Viewer<'_>, r: &TokenRequest) -> Markup {
     }
 }
 
+/// How a decision was made, without the address it came from.
+fn via(peer: &str) -> &'static str {
+    if peer.starts_with("via console") {
+        "console"
+    } else if peer.is_empty() {
+        "broker"
+    } else {
+        "gRPC"
+    }
+}
+
 /// Decisions from the trail.
 pub fn history(records: &[AuditRecord], now: Millis) -> Markup {
     html! {
@@ -297,7 +334,7 @@ pub fn history(records: &[AuditRecord], now: Millis) -> Markup {
                             td { (r.action) }
                             td { a href={ "/ui/requests/" (r.target) } { code { (r.target) } } }
                             td { (r.reason) }
-                            td { (r.peer) }
+                            td { (via(&r.peer)) }
                         }
                     }
                 }

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 
 use super::pages::{self, Viewer};
-use super::session::{SIGN_IN_TTL, SignIn, Via, random_secret, same_secret};
-use super::{Console, cookie_value, harden, page, same_origin, status_of};
+use super::session::{SIGN_IN_TTL, SignIn, Via, random_secret};
+use super::{Console, cookie_value, harden, page, see_other, status_of};
 use crate::audit::{CALL, CallCtx};
 use crate::engine::EngineError;
 use crate::store::TokenRequest;
@@ -23,6 +23,8 @@ type Shared = State<Arc<Console>>;
 
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");
+/// Largest form body read.
+const MAX_FORM: usize = 16 * 1024;
 /// Most rows a list shows.
 const LIST_MAX: usize = 500;
 
@@ -31,7 +33,7 @@ pub(super) fn router(console: Arc<Console>) -> axum::Router {
         .route("/ui", get(home))
         .route("/ui/", get(home))
         .route("/ui/login", get(login))
-        .route("/ui/login/link", get(use_link))
+        .route("/ui/login/link", get(confirm_link).post(use_link))
         .route("/ui/oidc/start", get(oidc_start))
         .route("/ui/oidc/callback", get(oidc_callback))
         .route("/ui/logout", post(logout))
@@ -45,6 +47,8 @@ pub(super) fn router(console: Arc<Console>) -> axum::Router {
             "/ui/assets/console.js",
             get(|| asset("text/javascript", JS)),
         )
+        // Forms are a few fields: nothing larger is read.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
         .with_state(console)
 }
 
@@ -53,7 +57,7 @@ async fn asset(kind: &'static str, body: &'static str) -> Response {
 }
 
 fn to_login() -> Response {
-    harden(Redirect::to("/ui/login").into_response())
+    see_other("/ui/login")
 }
 
 impl Console {
@@ -128,7 +132,7 @@ impl Console {
 
 async fn home(State(c): Shared, headers: HeaderMap) -> Response {
     if c.signed_in(&headers).is_some() {
-        harden(Redirect::to("/ui/pending").into_response())
+        see_other("/ui/pending")
     } else {
         to_login()
     }
@@ -144,7 +148,36 @@ struct LinkQuery {
     t: String,
 }
 
-async fn use_link(State(c): Shared, Query(q): Query<LinkQuery>) -> Response {
+fn link_used_up(c: &Console) -> Response {
+    page(
+        StatusCode::UNAUTHORIZED,
+        pages::login(
+            c.oidc_name(),
+            Some(
+                "This sign-in link is used up or expired (links work once, within a minute). Run `portcullis ui login` again.",
+            ),
+        ),
+    )
+}
+
+/// GET of a one-time link: says whom it signs in as and asks to continue.
+/// Opening it uses nothing, so a link scanner cannot spend it and nobody
+/// is signed in as someone else by just following a link.
+async fn confirm_link(State(c): Shared, Query(q): Query<LinkQuery>) -> Response {
+    match c.secrets.peek_link(&q.t, c.now()) {
+        Some(who) => page(StatusCode::OK, pages::confirm_link(who.as_str(), &q.t)),
+        None => link_used_up(&c),
+    }
+}
+
+/// POST of a one-time link (from the confirmation page): uses it.
+async fn use_link(State(c): Shared, headers: HeaderMap, Form(q): Form<LinkQuery>) -> Response {
+    if !c.same_origin(&headers) {
+        return page(
+            StatusCode::FORBIDDEN,
+            pages::login(c.oidc_name(), Some(&c.wrong_origin())),
+        );
+    }
     match c.secrets.use_link(&q.t, c.now()) {
         Some((who, next)) => {
             let to = next.map_or_else(
@@ -153,67 +186,46 @@ async fn use_link(State(c): Shared, Query(q): Query<LinkQuery>) -> Response {
             );
             c.start_session(who, Via::Link, &to)
         }
-        None => page(
-            StatusCode::UNAUTHORIZED,
-            pages::login(
-                c.oidc_name(),
-                Some(
-                    "This sign-in link is used up or expired (links work once, within a minute). Run `portcullis ui login` again.",
-                ),
-            ),
-        ),
+        None => link_used_up(&c),
     }
 }
 
 async fn oidc_start(State(c): Shared) -> Response {
+    let fail = |code: StatusCode, msg: &str| page(code, pages::login(c.oidc_name(), Some(msg)));
     let Some(oidc) = c.oidc.clone() else {
-        return page(
-            StatusCode::NOT_FOUND,
-            pages::login(None, Some("No identity provider is configured.")),
-        );
+        return fail(StatusCode::NOT_FOUND, "No identity provider is configured.");
     };
     let made = (|| {
         Ok::<_, crate::text::NoRandomness>((random_secret()?, random_secret()?, random_secret()?))
     })();
     let Ok((state, nonce, verifier)) = made else {
-        return page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            pages::login(c.oidc_name(), Some("no randomness")),
-        );
+        return fail(StatusCode::INTERNAL_SERVER_ERROR, "no randomness");
     };
     let url = match oidc.authorize_url(&state, &nonce, &verifier).await {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!(error = %e, "OpenID sign-in could not start");
-            return page(
-                StatusCode::BAD_GATEWAY,
-                pages::login(c.oidc_name(), Some(&e.to_string())),
-            );
+            return fail(StatusCode::BAD_GATEWAY, &e.to_string());
         }
     };
     let expires_at = c
         .now()
         .saturating_add(u64::try_from(SIGN_IN_TTL.as_millis()).unwrap_or(u64::MAX));
-    if let Err(e) = c.secrets.begin_sign_in(
-        &state,
-        SignIn {
-            verifier,
-            nonce,
-            expires_at,
-        },
-        c.now(),
-    ) {
-        return page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            pages::login(c.oidc_name(), Some(&e.to_string())),
-        );
-    }
-    // The state also rides in a cookie of this browser: a callback that
-    // arrives in another browser (login CSRF) does not match it.
-    let mut resp = harden(Redirect::to(&url).into_response());
+    let sign_in = SignIn {
+        state,
+        verifier,
+        nonce,
+        expires_at,
+    };
+    // Sealed into a cookie of this browser: the server keeps nothing, and a
+    // callback that arrives in another browser (login CSRF) has no match.
+    let Ok(sealed) = c.secrets.seal(&sign_in) else {
+        return fail(StatusCode::INTERNAL_SERVER_ERROR, "no randomness");
+    };
+    let mut resp = see_other(&url);
     resp.headers_mut().append(
         header::SET_COOKIE,
-        c.cookie(c.sign_in_cookie(), &state, SIGN_IN_TTL.as_secs(), "Lax"),
+        c.cookie(c.sign_in_cookie(), &sealed, SIGN_IN_TTL.as_secs(), "Lax"),
     );
     resp
 }
@@ -243,17 +255,11 @@ async fn oidc_callback(
             &format!("The identity provider said: {}", q.error),
         );
     }
-    let ours = cookie_value(&headers, c.sign_in_cookie()).unwrap_or_default();
-    if q.state.is_empty() || !same_secret(&ours, &q.state) {
+    let sealed = cookie_value(&headers, c.sign_in_cookie()).unwrap_or_default();
+    let Some(sign_in) = c.secrets.unseal(&sealed, &q.state, c.now()) else {
         return fail(
             StatusCode::BAD_REQUEST,
-            "This sign-in was not started in this browser; start again.",
-        );
-    }
-    let Some(sign_in) = c.secrets.finish_sign_in(&q.state, c.now()) else {
-        return fail(
-            StatusCode::BAD_REQUEST,
-            "This sign-in expired or was already used; start again.",
+            "This sign-in was not started in this browser, or took too long; start again.",
         );
     };
     match oidc
@@ -280,8 +286,16 @@ fn checked(c: &Console, headers: &HeaderMap, csrf: &str) -> Result<super::Sessio
     let Some(s) = c.signed_in(headers) else {
         return Err(Box::new(to_login()));
     };
-    if !same_origin(headers) || !c.secrets.csrf_ok(&s, csrf) {
-        tracing::warn!(who = %s.who, "console POST without a valid CSRF token or origin refused");
+    if !c.same_origin(headers) {
+        tracing::warn!(who = %s.who, "console POST from another origin refused");
+        return Err(Box::new(c.viewer_error(
+            &s,
+            StatusCode::FORBIDDEN,
+            &c.wrong_origin(),
+        )));
+    }
+    if !c.secrets.csrf_ok(&s, csrf) {
+        tracing::warn!(who = %s.who, "console POST without a valid CSRF token refused");
         return Err(Box::new(c.viewer_error(
             &s,
             StatusCode::FORBIDDEN,
@@ -356,9 +370,13 @@ async fn history(State(c): Shared, headers: HeaderMap) -> Response {
     let Some(s) = c.signed_in(&headers) else {
         return to_login();
     };
-    let records = match c.engine.decision_history(&s.who, LIST_MAX) {
-        Ok(r) => r,
-        Err(e) => return c.engine_error(&s, &e),
+    // A scan of the trail's tail: blocking store reads, off the runtime.
+    let (engine, who) = (c.engine.clone(), s.who.clone());
+    let read = tokio::task::spawn_blocking(move || engine.decision_history(&who, LIST_MAX)).await;
+    let records = match read {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return c.engine_error(&s, &e),
+        Err(e) => return c.engine_error(&s, &EngineError::Internal(e.to_string())),
     };
     let csrf = c.secrets.csrf(&s);
     let v = Viewer {
@@ -371,18 +389,7 @@ async fn history(State(c): Shared, headers: HeaderMap) -> Response {
     )
 }
 
-#[derive(Deserialize)]
-struct Done {
-    #[serde(default)]
-    done: Option<String>,
-}
-
-async fn request(
-    State(c): Shared,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(d): Query<Done>,
-) -> Response {
+async fn request(State(c): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let Some(s) = c.signed_in(&headers) else {
         return to_login();
     };
@@ -396,11 +403,7 @@ async fn request(
         who: s.who.as_str(),
         csrf: &csrf,
     };
-    let done = d
-        .done
-        .as_deref()
-        .filter(|d| matches!(*d, "approved" | "denied" | "acknowledged" | "revoked"));
-    let body = pages::request(&v, &r, c.now(), may, done);
+    let body = pages::request(&v, &r, c.now(), may);
     page(
         StatusCode::OK,
         pages::layout(&format!("Request {id}"), Some(&v), body),
@@ -422,15 +425,9 @@ struct Decision {
 }
 
 /// Run one decision as `s` in the console's audit context; on success go
-/// back to the request page saying what was recorded.
-async fn decide<F>(
-    c: &Console,
-    s: &super::Session,
-    peer: SocketAddr,
-    id: &str,
-    done: &str,
-    fut: F,
-) -> Response
+/// back to the request page (which says what this person decided, from
+/// the request itself).
+async fn decide<F>(c: &Console, s: &super::Session, peer: SocketAddr, id: &str, fut: F) -> Response
 where
     F: std::future::Future<Output = Result<TokenRequest, EngineError>>,
 {
@@ -441,7 +438,7 @@ where
             .unwrap_or_default(),
     };
     match CALL.scope(ctx, fut).await {
-        Ok(_) => harden(Redirect::to(&format!("/ui/requests/{id}?done={done}")).into_response()),
+        Ok(_) => see_other(&format!("/ui/requests/{id}")),
         Err(e) => c.engine_error(s, &e),
     }
 }
@@ -471,17 +468,17 @@ async fn decision(
                 },
             };
             let fut = c.engine.approve(&s.who, &id, &f.reason, ttl, &f.digest);
-            decide(&c, &s, peer, &id, "approved", fut).await
+            decide(&c, &s, peer, &id, fut).await
         }
         "deny" => {
             let fut = c.engine.deny(&s.who, &id, &f.reason);
-            decide(&c, &s, peer, &id, "denied", fut).await
+            decide(&c, &s, peer, &id, fut).await
         }
         "acknowledge" => {
-            let revoke = f.revoke.is_some();
-            let done = if revoke { "revoked" } else { "acknowledged" };
-            let fut = c.engine.acknowledge(&s.who, &id, &f.reason, revoke);
-            decide(&c, &s, peer, &id, done, fut).await
+            let fut = c
+                .engine
+                .acknowledge(&s.who, &id, &f.reason, f.revoke.is_some());
+            decide(&c, &s, peer, &id, fut).await
         }
         _ => c.viewer_error(&s, StatusCode::NOT_FOUND, "no such action"),
     }

@@ -6,7 +6,10 @@
 //! 32 random bytes; the maps are keyed by its SHA-256, so a lookup never
 //! compares the secret itself and a memory dump holds no usable cookie.
 //! CSRF tokens are an HMAC of the session under a per-process key, checked
-//! with `ring::hmac::verify` (constant time).
+//! with `ring::hmac::verify` (constant time). An OpenID sign-in in progress
+//! keeps no state on the server: its PKCE verifier, nonce, `state` and
+//! deadline ride in a cookie sealed with AES-256-GCM under a per-process
+//! key, so nobody can fill the broker's memory by starting sign-ins.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -59,9 +62,11 @@ struct Link {
     expires_at: Millis,
 }
 
-/// An OpenID sign-in between redirect and callback.
-#[derive(Clone, Debug)]
+/// An OpenID sign-in between redirect and callback (sealed into a cookie).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct SignIn {
+    /// The `state` parameter it was started with.
+    pub state: String,
     /// PKCE code verifier (RFC 7636).
     pub verifier: String,
     /// The `nonce` the ID token must carry.
@@ -74,8 +79,8 @@ pub struct SignIn {
 pub struct Secrets {
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     links: Mutex<HashMap<[u8; 32], Link>>,
-    sign_ins: Mutex<HashMap<[u8; 32], SignIn>>,
     csrf_key: ring::hmac::Key,
+    seal_key: ring::aead::LessSafeKey,
 }
 
 /// A fresh 32-byte secret, base64url.
@@ -137,20 +142,26 @@ pub enum SecretError {
     #[error(transparent)]
     Random(#[from] NoRandomness),
     /// Too many live entries.
-    #[error("too many console sign-ins in progress; try again shortly")]
+    #[error("too many console sessions and sign-in links at once; try again shortly")]
     Full,
 }
 
 impl Secrets {
     /// Empty maps and a fresh CSRF key.
     pub fn new() -> Result<Self, NoRandomness> {
-        let csrf_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &SystemRandom::new())
+        let rng = SystemRandom::new();
+        let csrf_key =
+            ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).map_err(|_| NoRandomness)?;
+        let mut k = [0u8; 32];
+        rng.fill(&mut k).map_err(|_| NoRandomness)?;
+        let seal_key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &k)
+            .map(ring::aead::LessSafeKey::new)
             .map_err(|_| NoRandomness)?;
         Ok(Self {
             sessions: Mutex::default(),
             links: Mutex::default(),
-            sign_ins: Mutex::default(),
             csrf_key,
+            seal_key,
         })
     }
 
@@ -242,18 +253,52 @@ impl Secrets {
         take(&self.links, secret, now, |l| l.expires_at).map(|l| (l.who, l.next))
     }
 
-    /// Remember an OpenID sign-in under `state`.
-    pub fn begin_sign_in(&self, state: &str, s: SignIn, now: Millis) -> Result<(), SecretError> {
-        if insert(&self.sign_ins, key_of(state), s, now, |s| s.expires_at) {
-            Ok(())
-        } else {
-            Err(SecretError::Full)
-        }
+    /// Who a link is for, without using it (the confirmation page).
+    pub fn peek_link(&self, secret: &str, now: Millis) -> Option<Identity> {
+        let m = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(&key_of(secret))
+            .filter(|l| l.expires_at > now)
+            .map(|l| l.who.clone())
     }
 
-    /// Finish the sign-in of `state`, once, within its time.
-    pub fn finish_sign_in(&self, state: &str, now: Millis) -> Option<SignIn> {
-        take(&self.sign_ins, state, now, |s| s.expires_at)
+    /// `s` sealed for a cookie: base64url(nonce ‖ AES-256-GCM(json)).
+    pub fn seal(&self, s: &SignIn) -> Result<String, NoRandomness> {
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| NoRandomness)?;
+        let mut data = serde_json::to_vec(s).map_err(|_| NoRandomness)?;
+        self.seal_key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut data,
+            )
+            .map_err(|_| NoRandomness)?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(B64.encode(out))
+    }
+
+    /// The sign-in sealed in `cookie`, if it is ours, for `state`, and
+    /// not past its deadline.
+    pub fn unseal(&self, cookie: &str, state: &str, now: Millis) -> Option<SignIn> {
+        let raw = B64.decode(cookie).ok()?;
+        if raw.len() < ring::aead::NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = raw.split_at(ring::aead::NONCE_LEN);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut sealed = sealed.to_vec();
+        let plain = self
+            .seal_key
+            .open_in_place(nonce, ring::aead::Aad::empty(), &mut sealed)
+            .ok()?;
+        let s: SignIn = serde_json::from_slice(plain).ok()?;
+        (s.expires_at > now && same_secret(&s.state, state)).then_some(s)
     }
 }
 
@@ -299,6 +344,33 @@ mod tests {
         let (cookie, _) = s.open_session(alice(), Via::Oidc, 0).unwrap();
         assert_eq!(s.end_sessions_of(&alice()), 1);
         assert!(s.session(&cookie, 1).is_none());
+    }
+
+    #[test]
+    fn a_sealed_sign_in_opens_only_for_its_state_in_time_and_unaltered() {
+        let s = Secrets::new().unwrap();
+        let sign_in = SignIn {
+            state: "st".into(),
+            verifier: "v".into(),
+            nonce: "n".into(),
+            expires_at: 100,
+        };
+        let cookie = s.seal(&sign_in).unwrap();
+        assert!(!cookie.contains("st") || cookie.len() > 40);
+        let back = s.unseal(&cookie, "st", 99).unwrap();
+        assert_eq!((back.verifier.as_str(), back.nonce.as_str()), ("v", "n"));
+        assert!(s.unseal(&cookie, "other", 99).is_none(), "another state");
+        assert!(s.unseal(&cookie, "st", 100).is_none(), "past its deadline");
+        let mut raw = B64.decode(&cookie).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        assert!(s.unseal(&B64.encode(raw), "st", 99).is_none(), "altered");
+        let other = Secrets::new().unwrap();
+        assert!(
+            other.unseal(&cookie, "st", 99).is_none(),
+            "another broker's key"
+        );
+        assert!(s.unseal("", "st", 99).is_none());
     }
 
     #[test]

@@ -62,12 +62,13 @@ fn rules_of(req: &TokenRequest) -> String {
 /// an unknown id: no existence oracle.
 fn check_decider(policy: &Policy, who: &Identity, req: &TokenRequest) -> Result<(), EngineError> {
     let id = &req.id;
-    if req.requester == who.as_str() {
+    if policy.same_person(&req.requester, who.as_str()) {
         return Err(EngineError::NotAllowed(format!(
-            "`{who}` requested `{id}` and cannot decide it"
+            "`{who}` requested `{id}` (as `{}`) and cannot decide it",
+            req.requester
         )));
     }
-    if in_chain(req, who) {
+    if in_chain(policy, req, who) {
         return Err(EngineError::NotAllowed(format!(
             "`{who}` acts in the delegation chain of `{id}` and cannot decide it"
         )));
@@ -85,10 +86,10 @@ fn check_decider(policy: &Policy, who: &Identity, req: &TokenRequest) -> Result<
 }
 
 /// Does `who` act in the delegation chain `req` would extend?
-pub(super) fn in_chain(req: &TokenRequest, who: &Identity) -> bool {
+pub(super) fn in_chain(policy: &Policy, req: &TokenRequest, who: &Identity) -> bool {
     req.delegation
         .as_ref()
-        .is_some_and(|d| d.actors.iter().any(|a| a == who.as_str()))
+        .is_some_and(|d| d.actors.iter().any(|a| policy.same_person(a, who.as_str())))
 }
 
 /// A decision lands before the request's deadline (pending window, claim
@@ -214,9 +215,14 @@ impl Approving<'_> {
                 "request `{id}` digest does not match what was reviewed"
             )));
         }
-        if req.approvals.iter().any(|a| a.approver == who.as_str()) {
+        if let Some(a) = req
+            .approvals
+            .iter()
+            .find(|a| self.policy.same_person(&a.approver, who.as_str()))
+        {
             return Err(EngineError::Duplicate(format!(
-                "`{who}` already approved request `{id}`"
+                "`{who}` already approved request `{id}` (as `{}`)",
+                a.approver
             )));
         }
         let counted_for = counts_for(self.policy, who, req);
@@ -388,7 +394,10 @@ impl Engine {
         self.page_open_requests(page_size_asked, page_token, |r| {
             may_decide(&policy, who, r)
                 && ((r.state == RequestState::Pending
-                    && !r.approvals.iter().any(|a| a.approver == who.as_str()))
+                    && !r
+                        .approvals
+                        .iter()
+                        .any(|a| policy.same_person(&a.approver, who.as_str())))
                     || r.review_pending)
         })
     }

@@ -403,8 +403,8 @@ pub(crate) fn end_request(
 /// May `who` decide (approve, deny, review) this request? A member of an
 /// approver group of one of its scopes, and never its requester.
 pub(crate) fn may_decide(policy: &Policy, who: &Identity, req: &TokenRequest) -> bool {
-    req.requester != who.as_str()
-        && !approvals::in_chain(req, who)
+    !policy.same_person(&req.requester, who.as_str())
+        && !approvals::in_chain(policy, req, who)
         && req.waiting_for.iter().any(|w| {
             w.approver_groups
                 .iter()

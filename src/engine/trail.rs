@@ -92,6 +92,8 @@ impl Engine {
         let policy = self.policy();
         let mut after = last.checked_sub(HISTORY_SCAN).filter(|s| *s > 0);
         let mut out = Vec::new();
+        // Each request is read once, however many decisions it had.
+        let mut may_see = std::collections::HashMap::<String, bool>::new();
         loop {
             let page = self.store().audit_after(after, SCAN)?;
             let done = page.len() < SCAN;
@@ -102,9 +104,16 @@ impl Engine {
                     continue;
                 }
                 let visible = r.actor == who.as_str()
-                    || self.store().request(&r.target)?.is_some_and(|req| {
-                        super::may_decide(&policy, who, &req) || policy.is_admin(who)
-                    });
+                    || match may_see.get(&r.target) {
+                        Some(v) => *v,
+                        None => {
+                            let v = self.store().request(&r.target)?.is_some_and(|req| {
+                                super::may_decide(&policy, who, &req) || policy.is_admin(who)
+                            });
+                            may_see.insert(r.target.clone(), v);
+                            v
+                        }
+                    };
                 if visible {
                     out.push(r);
                 }

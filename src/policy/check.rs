@@ -56,6 +56,7 @@ impl<'t> Checker<'t> {
             None => DEFAULT_HARD_MAX_TTL,
         };
         let groups = self.groups(raw);
+        let people = self.people(raw);
         let admin_groups = self.group_refs(&raw.broker.admins, "broker.admins", &groups);
         let auditor_groups = self.group_refs(&raw.broker.auditors, "broker.auditors", &groups);
         let mut scopes = BTreeMap::new();
@@ -86,10 +87,32 @@ impl<'t> Checker<'t> {
             auditor_groups,
             hard_max_ttl,
             groups,
+            people,
             scopes,
             webhooks,
             delegations,
         })
+    }
+
+    /// `[people]`: each person's identities (a certificate's SPIFFE ID, an
+    /// `oidc:` sign-in, …), every one valid and named by one person only.
+    fn people(&mut self, raw: &RawPolicy) -> BTreeMap<String, String> {
+        let mut of = BTreeMap::new();
+        for (person, ids) in &raw.people {
+            if ids.get_ref().is_empty() {
+                self.problem(ids.span(), format!("person `{person}` has no identities"));
+            }
+            for id in ids.get_ref() {
+                let s = id.get_ref();
+                if let Err(e) = Identity::parse_member(s) {
+                    self.problem(id.span(), format!("person `{person}`: `{s}`: {e}"));
+                } else if let Some(other) = of.insert(s.clone(), person.clone()) {
+                    let msg = format!("`{s}` is named by person `{other}` and person `{person}`");
+                    self.problem(id.span(), msg);
+                }
+            }
+        }
+        of
     }
 
     /// One `[[delegation]]`: patterns on both sides, scopes the policy

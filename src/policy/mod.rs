@@ -168,6 +168,9 @@ pub struct Policy {
     pub hard_max_ttl: Duration,
     /// Group name → member identities.
     pub groups: BTreeMap<String, Vec<String>>,
+    /// Identity → the person (`[people]`) it belongs to: one human with a
+    /// certificate and a console sign-in is one approver, never two.
+    pub people: BTreeMap<String, String>,
     /// Scope name → rule.
     pub scopes: BTreeMap<String, ScopeRule>,
     /// Where to announce request events.
@@ -291,6 +294,17 @@ impl Policy {
         self.admin_groups
             .iter()
             .any(|g| self.is_member(g, who.as_str()))
+    }
+
+    /// Are identities `a` and `b` the same principal: equal, or named by
+    /// the same person in `[people]`? Self-approval, double approval and
+    /// chain membership are judged by this, not by string equality.
+    pub fn same_person(&self, a: &str, b: &str) -> bool {
+        a == b
+            || self
+                .people
+                .get(a)
+                .is_some_and(|p| self.people.get(b) == Some(p))
     }
 
     /// Is `who` a member of group `g`?
@@ -727,5 +741,30 @@ depth = 2
             Policy::parse("[[scope]]\nname = \"a\"\ntier = \"auto\"\nworkload = []\n").unwrap_err();
         assert!(err.to_string().contains("workload"), "{err}");
         assert!(err.to_string().contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn people_join_identities_and_each_identity_belongs_to_one_person() {
+        let good = "[people]\nalice = [\"spiffe://t/human/alice\", \"oidc:alice@example.org\"]\n";
+        let p = Policy::parse(good).unwrap();
+        assert!(p.same_person("spiffe://t/human/alice", "oidc:alice@example.org"));
+        assert!(p.same_person("spiffe://t/x", "spiffe://t/x"));
+        assert!(!p.same_person("spiffe://t/human/alice", "oidc:bob@example.org"));
+        assert!(
+            !p.same_person("spiffe://t/x", "spiffe://t/y"),
+            "unnamed: themselves only"
+        );
+        let bad = "[people]\na = [\"oidc:x@example.org\"]\nb = [\"oidc:x@example.org\", \"not an id\"]\nc = []\n";
+        let PolicyError::Invalid(problems) = Policy::parse(bad).unwrap_err() else {
+            panic!()
+        };
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text.len(), 3, "{text:?}");
+        assert!(
+            text[0].contains("named by person `a` and person `b`"),
+            "{text:?}"
+        );
+        assert!(text[1].contains("`not an id`"), "{text:?}");
+        assert!(text[2].contains("person `c` has no identities"), "{text:?}");
     }
 }

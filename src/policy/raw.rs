@@ -52,6 +52,7 @@ const TOP: Shape = Shape::Keys(
     &[
         ("broker", BROKER),
         ("groups", Shape::Free),
+        ("people", Shape::Free),
         ("scope", SCOPE),
         ("webhook", WEBHOOK),
         ("delegation", DELEGATION),
@@ -114,6 +115,8 @@ pub(super) struct RawPolicy {
     pub broker: RawBroker,
     #[serde(default)]
     pub groups: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub people: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
     #[serde(default, rename = "scope")]
     pub scopes: Vec<Spanned<RawScope>>,
     #[serde(default, rename = "webhook")]

@@ -153,3 +153,50 @@ async fn decisions_after_the_deadline_are_refused_without_the_sweep() {
         "nothing changed"
     );
 }
+
+/// Issue 13 review: a person with a certificate and a console sign-in is
+/// one approver — never two of a two-person rule, never their own.
+#[tokio::test]
+async fn one_person_with_two_identities_is_one_approver() {
+    let policy = POLICY
+        .replace(
+            r#"owners = ["spiffe://t/human/alice", "spiffe://t/human/bob", "spiffe://t/w"]"#,
+            r#"owners = ["spiffe://t/human/alice", "oidc:alice@example.org", "oidc:w@example.org", "spiffe://t/human/bob"]"#,
+        )
+        .replacen(
+            "[[scope]]",
+            "[people]\nalice = [\"spiffe://t/human/alice\", \"oidc:alice@example.org\"]\nw = [\"spiffe://t/w\", \"oidc:w@example.org\"]\n[[scope]]",
+            1,
+        );
+    let r = rig(&policy);
+    let req = parked(&r, &["admin"]).await;
+    let alice_cert = id("spiffe://t/human/alice");
+    let alice_sso = crate::identity::Identity::person("alice@example.org").unwrap();
+    let w_sso = crate::identity::Identity::person("w@example.org").unwrap();
+    // The requester, signed in another way, may not decide or even see it
+    // in the list of what it may decide.
+    let (mine, _) = r.engine.list_pending(&w_sso, 50, "").unwrap();
+    assert!(mine.is_empty());
+    let err = r
+        .engine
+        .approve(&w_sso, &req.id, "", None, "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::NotAllowed(_)), "{err}");
+    // Alice counts once, however she signs in.
+    r.engine
+        .approve(&alice_cert, &req.id, "", None, "")
+        .await
+        .unwrap();
+    let (left, _) = r.engine.list_pending(&alice_sso, 50, "").unwrap();
+    assert!(left.is_empty(), "already approved as her certificate");
+    let err = r
+        .engine
+        .approve(&alice_sso, &req.id, "", None, "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Duplicate(_)), "{err}");
+    let still = r.store.request(&req.id).unwrap().unwrap();
+    assert_eq!(still.state, RequestState::Pending);
+    assert_eq!(still.approvals.len(), 1);
+}
