@@ -342,3 +342,46 @@ pub fn history(records: &[AuditRecord], now: Millis) -> Markup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delegated() -> TokenRequest {
+        serde_json::from_value(serde_json::json!({
+            "id": "r_1", "requester": "spiffe://t/tool/<t>", "scopes": ["deploy"],
+            "ttl_ms": 60_000, "max_ttl_ms": 60_000, "audience": "a",
+            "justification": "<img src=x onerror=alert(1)>", "state": "pending",
+            "created_at": 0, "deadline": 600_000,
+            "waiting_for": [{"scope": "deploy", "approver_groups": ["owners"],
+                             "approvals_required": 1, "rule": "delegation rule 3"}],
+            "digest": "d1", "delegation": {"parent_id": "l_9", "depth": 2,
+                "actors": ["spiffe://t/agent/a", "spiffe://t/tool/x"]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_delegated_request_shows_its_whole_chain_as_text_and_the_digest_it_approves() {
+        let v = Viewer {
+            who: "oidc:alice@example.org",
+            csrf: "c",
+        };
+        let html = request(&v, &delegated(), 1_000, true).into_string();
+        assert!(
+            html.contains("spiffe://t/agent/a → spiffe://t/tool/x → spiffe://t/tool/&lt;t&gt;"),
+            "{html}"
+        );
+        assert!(html.contains("lease <code>l_9</code> (depth 2)"), "{html}");
+        assert!(
+            html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+            "{html}"
+        );
+        assert!(!html.contains("<img"), "{html}");
+        assert!(html.contains(r#"name="digest" value="d1""#), "{html}");
+        assert!(html.contains("delegation rule 3"), "{html}");
+        // Nothing to decide for someone who may not.
+        let html = request(&v, &delegated(), 1_000, false).into_string();
+        assert!(!html.contains("id=\"approve\""), "{html}");
+    }
+}
