@@ -104,7 +104,12 @@ async fn serve(args: &cli::ServeArgs) -> i32 {
         }
         eprintln!(
             "{}",
-            cli::dev_banner(dir, running.grpc_addr, running.http_addr)
+            cli::dev_banner(
+                dir,
+                running.grpc_addr,
+                running.http_addr,
+                running.console_url.as_deref(),
+            )
         );
     } else {
         eprintln!(

@@ -623,7 +623,16 @@ async fn the_console_is_never_served_as_plain_http_beyond_loopback() {
     };
     let e = portcullis::server::start(cfg(false)).await.err().unwrap();
     assert!(e.to_string().contains("only over HTTPS"), "{e}");
-    // With TLS on the HTTP listener it starts.
+    // With TLS on the HTTP listener it starts, given the URL people use
+    // (nobody opens https://0.0.0.0).
+    let mut unnamed = cfg(true);
+    unnamed.console = Some(portcullis::server::ConsoleOptions::default());
+    let e = portcullis::server::start(unnamed).await.err().unwrap();
+    assert!(e.to_string().contains("needs --public-url"), "{e}");
     let running = portcullis::server::start(cfg(true)).await.unwrap();
+    assert_eq!(
+        running.console_url.as_deref(),
+        Some("https://portcullis.example.org/ui/")
+    );
     running.shutdown().await;
 }

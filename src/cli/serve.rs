@@ -368,11 +368,13 @@ pub fn dev_banner(
     dir: &DevDir,
     grpc: std::net::SocketAddr,
     http: Option<std::net::SocketAddr>,
+    console: Option<&str>,
 ) -> String {
     let d = dir.root.display();
     let http = http.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let console = console.unwrap_or("-");
     let mut s = format!(
-        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz, /metrics)\n  console      http://{http}/ui/  (sign in: portcullis ui login --as approver)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
+        "portcullis dev broker ready\n  gRPC (mTLS)  {grpc}\n  HTTP         http://{http}  (/.well-known/jwks.json, /healthz, /metrics)\n  console      {console}  (sign in: ui login --as approver, below)\n  data         {d}\n\nIn another terminal:\n  export PORTCULLIS_DEV_DIR={d}\n"
     );
     let bin = "cargo run --release --";
     for line in [
@@ -434,9 +436,12 @@ mod tests {
     }
 
     #[test]
-    fn the_banner_lists_metrics() {
+    fn the_banner_lists_metrics_and_the_console() {
         let dir = DevDir::new("/tmp/x");
-        let b = dev_banner(&dir, "127.0.0.1:1".parse().unwrap(), None);
+        let console = Some("http://127.0.0.1:2/ui/");
+        let b = dev_banner(&dir, "127.0.0.1:1".parse().unwrap(), None, console);
         assert!(b.contains("/metrics"), "{b}");
+        assert!(b.contains("console      http://127.0.0.1:2/ui/"), "{b}");
+        assert!(b.contains("ui login --as approver"), "{b}");
     }
 }

@@ -85,6 +85,11 @@ impl Console {
             }
             None => public_url.clone(),
         };
+        if origin != public_url {
+            return Err(format!(
+                "--public-url `{public_url}` must be scheme://host[:port] with no path (the console lives at /ui/)"
+            ));
+        }
         let oidc = cfg
             .oidc
             .map(|o| Oidc::new(o, format!("{public_url}/ui/oidc/callback")))

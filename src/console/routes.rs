@@ -173,6 +173,7 @@ async fn confirm_link(State(c): Shared, Query(q): Query<LinkQuery>) -> Response 
 /// POST of a one-time link (from the confirmation page): uses it.
 async fn use_link(State(c): Shared, headers: HeaderMap, Form(q): Form<LinkQuery>) -> Response {
     if !c.same_origin(&headers) {
+        tracing::info!("sign-in link POST from another origin refused");
         return page(
             StatusCode::FORBIDDEN,
             pages::login(c.oidc_name(), Some(&c.wrong_origin())),

@@ -1,10 +1,11 @@
-//! Console sessions, one-time sign-in links and CSRF tokens, all held in
-//! the broker's memory (a restart signs everyone out; see
-//! docs/design-console.md for why that is acceptable and what HA changes).
+//! Console sessions and one-time sign-in links, held in the broker's
+//! memory (a restart signs everyone out; docs/design-console.md says what
+//! several brokers need), CSRF tokens, and sealed OpenID sign-ins.
 //!
 //! Every secret handed to a browser (session cookie, link, OIDC state) is
-//! 32 random bytes; the maps are keyed by its SHA-256, so a lookup never
-//! compares the secret itself and a memory dump holds no usable cookie.
+//! 32 random bytes; the session and link maps are keyed by its SHA-256, so
+//! a lookup never compares the secret itself and a memory dump holds no
+//! usable cookie.
 //! CSRF tokens are an HMAC of the session under a per-process key, checked
 //! with `ring::hmac::verify` (constant time). An OpenID sign-in in progress
 //! keeps no state on the server: its PKCE verifier, nonce, `state` and

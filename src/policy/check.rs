@@ -30,6 +30,9 @@ type Groups = BTreeMap<String, Vec<String>>;
 pub(super) struct Checker<'t> {
     text: &'t str,
     problems: Vec<Problem>,
+    /// Identity → person, once `[people]` is read (approvers are counted
+    /// as people).
+    people: BTreeMap<String, String>,
 }
 
 impl<'t> Checker<'t> {
@@ -37,6 +40,7 @@ impl<'t> Checker<'t> {
         Self {
             text,
             problems: Vec::new(),
+            people: BTreeMap::new(),
         }
     }
 
@@ -57,6 +61,7 @@ impl<'t> Checker<'t> {
         };
         let groups = self.groups(raw);
         let people = self.people(raw);
+        self.people = people.clone();
         let admin_groups = self.group_refs(&raw.broker.admins, "broker.admins", &groups);
         let auditor_groups = self.group_refs(&raw.broker.auditors, "broker.auditors", &groups);
         let mut scopes = BTreeMap::new();
@@ -474,10 +479,15 @@ impl<'t> Checker<'t> {
             );
             self.problem(entry.span(), msg);
         }
+        // Distinct approvers: a person's identities (`[people]`) count once.
         let mut members = BTreeSet::new();
         for g in &s.approvers {
             match groups.get(g.get_ref()) {
-                Some(m) => members.extend(m.iter().cloned()),
+                Some(m) => members.extend(m.iter().map(|id| {
+                    self.people
+                        .get(id)
+                        .map_or_else(|| id.clone(), |p| format!("person {p}"))
+                })),
                 None => {
                     let msg = format!("scope `{name}`: approvers: unknown group `{}`", g.get_ref());
                     self.problem(g.span(), msg);
@@ -490,7 +500,7 @@ impl<'t> Checker<'t> {
             self.problem(entry.span(), msg);
         } else if !members.is_empty() && required as usize > members.len() {
             let msg = format!(
-                "scope `{name}`: approvals_required: needs {required} approvals but its groups have only {} members",
+                "scope `{name}`: approvals_required: needs {required} approvals but its groups have only {} distinct approvers",
                 members.len()
             );
             self.problem(entry.span(), msg);

@@ -766,5 +766,19 @@ depth = 2
         );
         assert!(text[1].contains("`not an id`"), "{text:?}");
         assert!(text[2].contains("person `c` has no identities"), "{text:?}");
+        // Two identities of one person are one approver of a two-person rule.
+        let two = "[groups]\ng = [\"spiffe://t/human/bob\", \"oidc:bob@example.org\"]\n\
+                   [people]\nbob = [\"spiffe://t/human/bob\", \"oidc:bob@example.org\"]\n\
+                   [[scope]]\nname = \"s\"\ntier = \"approval\"\nworkloads = [\"spiffe://t/w\"]\n\
+                   approvers = [\"g\"]\napprovals_required = 2\n";
+        let PolicyError::Invalid(problems) = Policy::parse(two).unwrap_err() else {
+            panic!()
+        };
+        assert!(
+            problems[0]
+                .to_string()
+                .contains("only 1 distinct approvers"),
+            "{problems:?}"
+        );
     }
 }

@@ -236,6 +236,9 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     /// Bound HTTP address.
     pub http_addr: Option<SocketAddr>,
+    /// Where people open the approver console (`<public-url>/ui/`), if
+    /// it is served.
+    pub console_url: Option<String>,
     /// The engine (tests read expiry progress through it).
     pub engine: Arc<Engine>,
     cancel: CancellationToken,
@@ -329,7 +332,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         http,
         http_tls,
     };
-    let tracker = match serve(&cfg, &engine, listeners, &node, &cancel) {
+    let (tracker, console_url) = match serve(&cfg, &engine, listeners, &node, &cancel) {
         Ok(t) => t,
         Err(e) => {
             cancel.cancel();
@@ -344,6 +347,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     Ok(Running {
         grpc_addr,
         http_addr,
+        console_url,
         engine,
         cancel,
         commit_cancel,
@@ -413,7 +417,7 @@ fn serve(
     l: Listeners,
     node: &str,
     cancel: &CancellationToken,
-) -> Result<TaskTracker, ServeError> {
+) -> Result<(TaskTracker, Option<String>), ServeError> {
     let rotate_wake = Arc::new(tokio::sync::Notify::new());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let console = console(cfg, engine, &l)?;
@@ -451,7 +455,7 @@ fn serve(
         node,
         cancel,
     );
-    Ok(tracker)
+    Ok((tracker, console.map(|c| format!("{}/ui/", c.public_url()))))
 }
 
 /// The approver console, when configured: only on an HTTP listener that is
@@ -472,10 +476,17 @@ fn console(
     };
     let tls = l.http_tls.is_some();
     let scheme = if tls { "https" } else { "http" };
-    let public_url = opts
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("{scheme}://{addr}"));
+    let public_url = match &opts.public_url {
+        Some(u) => u.clone(),
+        // No browser can reach `0.0.0.0`: links and the origin check
+        // would name an address nobody opens.
+        None if addr.ip().is_unspecified() => {
+            return Err(ServeError::Config(format!(
+                "the approver console needs --public-url when the HTTP listener is {addr} (how do people reach it?)"
+            )));
+        }
+        None => format!("{scheme}://{addr}"),
+    };
     let console = crate::console::Console::new(
         engine.clone(),
         crate::console::ConsoleConfig {
