@@ -494,3 +494,121 @@ async fn a_sled_store_moves_to_postgres_with_its_leases_keys_and_trail() {
     );
     h.stop().await;
 }
+
+/// One HTTP/1.1 call to a broker's HTTP listener, as a browser on the
+/// console's public origin would make it: status, `Set-Cookie`s, body.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<String>,
+) -> (u16, Vec<String>, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("origin", CONSOLE_URL)
+        .header("content-type", "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let body = http_body_util::Full::new(hyper::body::Bytes::from(form.unwrap_or_default()));
+    let resp = send.send_request(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let cookies = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, cookies, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Issue 13 with issue 11: a console session or sign-in link made on one
+/// broker works on every broker of the database, a link still only once,
+/// and signing out on one ends the session on all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_console_session_and_its_link_work_across_brokers() {
+    let Some((h, b)) = pair("a_console_session_and_its_link_work_across_brokers").await else {
+        return;
+    };
+    let (a_http, b_http) = (h.running().http_addr.unwrap(), b.http_addr.unwrap());
+    let mut on_a = ApprovalsClient::new(h.opts(As::Approver).connect().await.unwrap());
+    let url = on_a
+        .create_console_link(pb::CreateConsoleLinkRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let secret = url.split_once("?t=").unwrap().1.to_owned();
+    assert!(url.starts_with(&format!("{CONSOLE_URL}/ui/login/link?t=")));
+
+    // Made on A, opened and used on B.
+    let path = format!("/ui/login/link?t={secret}");
+    let (status, _, page) = http(b_http, "GET", &path, None, None).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains(portcullis::dev::APPROVER), "{page}");
+    let (status, cookies, page) = http(
+        b_http,
+        "POST",
+        "/ui/login/link",
+        None,
+        Some(format!("t={secret}")),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-portcullis_session="))
+        .unwrap_or_else(|| panic!("no session cookie in {cookies:?}"));
+    assert!(session.contains("Secure") && session.contains("SameSite=Strict"));
+    let cookie = session.split(';').next().unwrap().to_owned();
+    // Used: not again, on either broker.
+    for on in [a_http, b_http] {
+        let (status, _, _) = http(
+            on,
+            "POST",
+            "/ui/login/link",
+            None,
+            Some(format!("t={secret}")),
+        )
+        .await;
+        assert_eq!(status, 401);
+    }
+
+    // The session B opened works on A.
+    let (status, _, page) = http(a_http, "GET", "/ui/pending", Some(&cookie), None).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains(portcullis::dev::APPROVER), "{page}");
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+
+    // Signed out on A: gone on B too.
+    let (status, _, _) = http(
+        a_http,
+        "POST",
+        "/ui/logout",
+        Some(&cookie),
+        Some(format!("csrf={csrf}")),
+    )
+    .await;
+    assert_eq!(status, 303);
+    let (status, _, _) = http(b_http, "GET", "/ui/pending", Some(&cookie), None).await;
+    assert_eq!(status, 303, "signed out everywhere");
+    b.shutdown().await;
+}

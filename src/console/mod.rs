@@ -94,9 +94,16 @@ impl Console {
             .oidc
             .map(|o| Oidc::new(o, format!("{public_url}/ui/oidc/callback")))
             .transpose()?;
+        let secrets = Secrets::new(
+            engine.store().clone(),
+            engine
+                .keys()
+                .console_seal_key()
+                .map_err(|e| e.to_string())?,
+        );
         Ok(Arc::new(Self {
             engine,
-            secrets: Secrets::new().map_err(|e| e.to_string())?,
+            secrets,
             oidc,
             public_url,
             origin,
@@ -104,6 +111,25 @@ impl Console {
             // front): cookies are `Secure` and `__Host-`.
             secure: cfg.secure || https,
         }))
+    }
+
+    /// Forget ended sessions and links every minute until `cancel`.
+    pub async fn sweep(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            }
+            let (me, now) = (self.clone(), self.now());
+            match tokio::task::spawn_blocking(move || me.secrets.sweep(now)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::debug!(n, "ended console sessions and links forgotten")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "console sweep failed"),
+                Err(e) => tracing::warn!(error = %e, "console sweep failed"),
+            }
+        }
     }
 
     /// The base URL pages are reached at.
@@ -128,7 +154,7 @@ impl Console {
                 .map_err(|e| LinkError::BadRequestId(e.to_string()))?;
             Some(request_id.to_owned())
         };
-        let (secret, expires_at) = self.secrets.make_link(who.clone(), next, self.now())?;
+        let (secret, expires_at) = self.secrets.make_link(who, next, self.now())?;
         tracing::info!(who = %who, "console sign-in link made");
         Ok((
             format!("{}/ui/login/link?t={secret}", self.public_url),
@@ -170,7 +196,7 @@ impl Console {
         if self.engine.policy().may_review(&s.who) {
             Some(s)
         } else {
-            self.secrets.end_session(&s);
+            self.secrets.end_session(&s, self.now());
             tracing::info!(who = %s.who, "console session ended: no longer an approver or admin");
             None
         }

@@ -65,7 +65,7 @@ impl Console {
         let csrf = self.secrets.csrf(s);
         let v = Viewer {
             who: s.who.as_str(),
-            csrf: &csrf,
+            csrf,
         };
         page(code, pages::error(Some(&v), msg))
     }
@@ -311,7 +311,7 @@ async fn logout(State(c): Shared, headers: HeaderMap, Form(f): Form<CsrfForm>) -
         Ok(s) => s,
         Err(r) => return *r,
     };
-    c.secrets.end_session(&s);
+    c.secrets.end_session(&s, c.now());
     tracing::info!(who = %s.who, "console sign-out");
     let mut resp = to_login();
     resp.headers_mut().append(
@@ -354,7 +354,7 @@ async fn list(c: &Console, headers: &HeaderMap, q: &ListQuery, reviews_only: boo
     let csrf = c.secrets.csrf(&s);
     let v = Viewer {
         who: s.who.as_str(),
-        csrf: &csrf,
+        csrf,
     };
     page(StatusCode::OK, pages::layout(title, Some(&v), rows))
 }
@@ -382,7 +382,7 @@ async fn history(State(c): Shared, headers: HeaderMap) -> Response {
     let csrf = c.secrets.csrf(&s);
     let v = Viewer {
         who: s.who.as_str(),
-        csrf: &csrf,
+        csrf,
     };
     page(
         StatusCode::OK,
@@ -402,7 +402,7 @@ async fn request(State(c): Shared, headers: HeaderMap, Path(id): Path<String>) -
     let csrf = c.secrets.csrf(&s);
     let v = Viewer {
         who: s.who.as_str(),
-        csrf: &csrf,
+        csrf,
     };
     let body = pages::request(&v, &r, c.now(), may);
     page(

@@ -437,6 +437,7 @@ fn serve(
         let mut app = http::router(engine.clone());
         if let Some(console) = &console {
             app = app.merge(crate::console::router(console.clone()));
+            tracker.spawn(console.clone().sweep(cancel.clone()));
         }
         tracker.spawn(http::serve(
             listener,

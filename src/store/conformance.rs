@@ -523,6 +523,51 @@ fn keys_and_meta() {
 }
 
 #[test]
+fn console_secrets_live_until_their_end_and_are_taken_once() {
+    for (name, s, _dir) in backends() {
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        s.put_ephemeral(&a, b"session", 100).unwrap();
+        s.put_ephemeral(&b, b"link", 100).unwrap();
+        s.put_ephemeral(&c, b"old", 10).unwrap();
+        assert_eq!(
+            s.ephemeral(&a, 99).unwrap().as_deref(),
+            Some(&b"session"[..]),
+            "{name}"
+        );
+        assert_eq!(
+            s.ephemeral(&a, 100).unwrap(),
+            None,
+            "{name}: ended at its end"
+        );
+        assert_eq!(s.ephemeral(&[9; 32], 0).unwrap(), None, "{name}");
+        // Replaced, not duplicated.
+        s.put_ephemeral(&a, b"session 2", 200).unwrap();
+        assert_eq!(
+            s.ephemeral(&a, 150).unwrap().as_deref(),
+            Some(&b"session 2"[..]),
+            "{name}"
+        );
+        // Taken once.
+        assert_eq!(
+            s.take_ephemeral(&b, 50).unwrap().as_deref(),
+            Some(&b"link"[..]),
+            "{name}"
+        );
+        assert_eq!(s.take_ephemeral(&b, 50).unwrap(), None, "{name}: once");
+        // An ended one is gone when taken, and not returned.
+        assert_eq!(s.take_ephemeral(&c, 50).unwrap(), None, "{name}");
+        s.put_ephemeral(&c, b"old", 10).unwrap();
+        assert_eq!(s.purge_ephemeral(50).unwrap(), 1, "{name}: only what ended");
+        assert_eq!(
+            s.ephemeral(&a, 150).unwrap().as_deref(),
+            Some(&b"session 2"[..]),
+            "{name}"
+        );
+        assert_eq!(s.purge_ephemeral(500).unwrap(), 1, "{name}");
+    }
+}
+
+#[test]
 fn sled_keeps_everything_across_reopen_and_refuses_unknown_schema() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -799,6 +844,24 @@ impl KeyStore for FailingSync {
 
     fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
         self.0.put_key(k)
+    }
+}
+
+impl super::EphemeralStore for FailingSync {
+    fn put_ephemeral(&self, k: &[u8; 32], v: &[u8], end: Millis) -> Result<(), StoreError> {
+        self.0.put_ephemeral(k, v, end)
+    }
+
+    fn ephemeral(&self, k: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.ephemeral(k, now)
+    }
+
+    fn take_ephemeral(&self, k: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.take_ephemeral(k, now)
+    }
+
+    fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
+        self.0.purge_ephemeral(now)
     }
 }
 

@@ -24,6 +24,7 @@ struct Inner {
     audit: BTreeMap<u64, Vec<u8>>,
     checkpoints: BTreeMap<u64, Vec<u8>>,
     meta: BTreeMap<String, Vec<u8>>,
+    ephemeral: BTreeMap<[u8; 32], (Vec<u8>, Millis)>,
 }
 
 /// A store that lives in process memory.
@@ -343,6 +344,45 @@ impl KeyStore for MemStore {
     fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         self.lock()?.keys.insert(key.kid.clone(), key.clone());
         Ok(())
+    }
+}
+
+impl super::EphemeralStore for MemStore {
+    fn put_ephemeral(
+        &self,
+        key: &[u8; 32],
+        value: &[u8],
+        expires_at: Millis,
+    ) -> Result<(), StoreError> {
+        self.lock()?
+            .ephemeral
+            .insert(*key, (value.to_vec(), expires_at));
+        Ok(())
+    }
+
+    fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .lock()?
+            .ephemeral
+            .get(key)
+            .filter(|(_, end)| *end > now)
+            .map(|(v, _)| v.clone()))
+    }
+
+    fn take_ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .lock()?
+            .ephemeral
+            .remove(key)
+            .filter(|(_, end)| *end > now)
+            .map(|(v, _)| v))
+    }
+
+    fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
+        let mut inner = self.lock()?;
+        let before = inner.ephemeral.len();
+        inner.ephemeral.retain(|_, (_, end)| *end > now);
+        Ok((before - inner.ephemeral.len()) as u64)
     }
 }
 

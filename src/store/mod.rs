@@ -650,13 +650,38 @@ pub trait KeyStore {
     fn delete_key(&self, kid: &str) -> Result<(), StoreError>;
 }
 
+/// Short-lived secrets of the approver console (sessions, one-time
+/// sign-in links): a value under the SHA-256 of the secret, with its end.
+/// On a shared store every broker sees them, so a session or a link works
+/// whichever broker a browser reaches. Best effort, not durable: they are
+/// never synced on their own (a crash may forget some: people sign in
+/// again), never copied between backends, and swept once they end.
+pub trait EphemeralStore {
+    /// Keep `value` under `key` until `expires_at` (replacing any).
+    fn put_ephemeral(
+        &self,
+        key: &[u8; 32],
+        value: &[u8],
+        expires_at: Millis,
+    ) -> Result<(), StoreError>;
+    /// The value under `key` if it has not ended at `now`.
+    fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Remove the value under `key`, returning it if it had not ended at
+    /// `now`: of several brokers taking the same key at once, one gets it.
+    fn take_ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Forget every value that ended at or before `now`; how many.
+    fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError>;
+}
+
 /// The storage contract: one part per record kind, so a backend can be
 /// written and conformance-tested a part at a time, plus named metadata and
 /// the sync that group commit calls. Every method is short and synchronous
 /// (callers on the async runtime use it directly for reads and small
 /// writes; bulk work goes through `spawn_blocking`). Durability is separate:
 /// see the module docs and [`Store::sync`].
-pub trait Store: LeaseStore + RequestStore + AuditStore + KeyStore + Send + Sync + 'static {
+pub trait Store:
+    LeaseStore + RequestStore + AuditStore + KeyStore + EphemeralStore + Send + Sync + 'static
+{
     /// A metadata value.
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Set a metadata value.

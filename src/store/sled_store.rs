@@ -35,6 +35,9 @@ pub struct SledStore {
     pub(crate) audit: Tree,
     checkpoints: Tree,
     meta: Tree,
+    /// Console sessions and links: key → expiry (8 bytes, big-endian) ‖
+    /// value. An older build ignores the tree.
+    ephemeral: Tree,
     /// `meta/schema_version` is [`SCHEMA_VERSION`]. An older readable store
     /// keeps its number until the first record only this version reads is
     /// written ([`SledStore::mark_current`]), so a build that cannot start
@@ -208,6 +211,7 @@ impl SledStore {
             audit: tree("audit")?,
             checkpoints: tree("audit_checkpoints")?,
             meta: tree("meta")?,
+            ephemeral: tree("console_ephemeral")?,
             data_file,
             db,
             schema_current: std::sync::atomic::AtomicBool::new(false),
@@ -717,6 +721,56 @@ impl KeyStore for SledStore {
             .insert(key.kid.as_bytes(), encode(key)?)
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+/// An ephemeral entry's value if it has not ended at `now`.
+fn live_ephemeral(raw: &[u8], now: Millis) -> Option<Vec<u8>> {
+    let (end, value) = raw.split_at_checked(8)?;
+    let end = u64::from_be_bytes(end.try_into().ok()?);
+    (end > now).then(|| value.to_vec())
+}
+
+impl super::EphemeralStore for SledStore {
+    fn put_ephemeral(
+        &self,
+        key: &[u8; 32],
+        value: &[u8],
+        expires_at: Millis,
+    ) -> Result<(), StoreError> {
+        let mut raw = expires_at.to_be_bytes().to_vec();
+        raw.extend_from_slice(value);
+        self.ephemeral.insert(key, raw).map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .ephemeral
+            .get(key)
+            .map_err(unavailable)?
+            .and_then(|raw| live_ephemeral(&raw, now)))
+    }
+
+    fn take_ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        // `remove` is atomic: of two takers, one gets the value.
+        Ok(self
+            .ephemeral
+            .remove(key)
+            .map_err(unavailable)?
+            .and_then(|raw| live_ephemeral(&raw, now)))
+    }
+
+    fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for item in &self.ephemeral {
+            let (k, raw) = item.map_err(unavailable)?;
+            if live_ephemeral(&raw, now).is_none() {
+                self.ephemeral.remove(k).map_err(unavailable)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 }
 

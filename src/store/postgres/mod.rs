@@ -766,6 +766,54 @@ impl PgStore {
     }
 }
 
+impl super::EphemeralStore for PgStore {
+    fn put_ephemeral(
+        &self,
+        key: &[u8; 32],
+        value: &[u8],
+        expires_at: Millis,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO console_ephemeral (key, value, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            vec![
+                Box::new(key.to_vec()),
+                Box::new(value.to_vec()),
+                Box::new(ms(expires_at)),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .records(
+                "SELECT value FROM console_ephemeral WHERE key = $1 AND expires_at > $2",
+                vec![Box::new(key.to_vec()), Box::new(ms(now))],
+            )?
+            .pop())
+    }
+
+    fn take_ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        // One DELETE: of brokers taking the same key at once, one row
+        // comes back to one of them.
+        Ok(self
+            .records(
+                "WITH gone AS (DELETE FROM console_ephemeral WHERE key = $1 RETURNING value, expires_at)
+                 SELECT value FROM gone WHERE expires_at > $2",
+                vec![Box::new(key.to_vec()), Box::new(ms(now))],
+            )?
+            .pop())
+    }
+
+    fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
+        self.execute(
+            "DELETE FROM console_ephemeral WHERE expires_at <= $1",
+            vec![Box::new(ms(now))],
+        )
+    }
+}
+
 impl Store for PgStore {
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self

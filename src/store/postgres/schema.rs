@@ -67,6 +67,13 @@ const MIGRATIONS: &[&str] = &[
     // from; its children are found through this index.
     r#"ALTER TABLE leases ADD COLUMN parent_id text COLLATE "C";
      CREATE INDEX leases_children ON leases (parent_id, id) WHERE parent_id IS NOT NULL;"#,
+    // 3: the approver console (issue 13): sessions and one-time links every
+    // broker on the database sees, keyed by the SHA-256 of their secret.
+    r#"CREATE TABLE console_ephemeral (
+        key bytea PRIMARY KEY,
+        value bytea NOT NULL,
+        expires_at bigint NOT NULL);
+     CREATE INDEX console_ephemeral_expiry ON console_ephemeral (expires_at);"#,
 ];
 
 /// Highest schema version this build knows.
