@@ -340,10 +340,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             return Err(e);
         }
     };
-    log_ready(grpc_addr, http_addr, &issuer, &ring);
-    if engine.store().shared() {
-        tracing::info!(%node, "sharing the database with any other broker on it");
-    }
+    log_ready(&engine, grpc_addr, http_addr, &node);
     Ok(Running {
         grpc_addr,
         http_addr,
@@ -501,11 +498,14 @@ fn console(
     Ok(Some(console))
 }
 
-fn log_ready(grpc_addr: SocketAddr, http_addr: Option<SocketAddr>, issuer: &str, ring: &KeyRing) {
-    let kid = ring.current().active.kid.clone();
+fn log_ready(engine: &Engine, grpc_addr: SocketAddr, http_addr: Option<SocketAddr>, node: &str) {
+    let (issuer, kid) = (engine.issuer(), engine.keys().current().active.kid.clone());
     match http_addr {
         Some(http_addr) => tracing::info!(%grpc_addr, %http_addr, %issuer, %kid, "broker ready"),
         None => tracing::info!(%grpc_addr, %issuer, %kid, "broker ready"),
+    }
+    if engine.store().shared() {
+        tracing::info!(%node, "sharing the database with any other broker on it");
     }
 }
 
