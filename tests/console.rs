@@ -267,6 +267,7 @@ impl Rig {
     async fn open_link(&self, link: &str, who: &str) {
         self.browser.goto(link).await.unwrap();
         assert_eq!(self.text("#as").await, who);
+        self.shot("link-confirm").await;
         self.element("#continue").await.click().await.unwrap();
     }
 
