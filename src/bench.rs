@@ -6,6 +6,8 @@
 //! - `grant`: `RequestToken` for an auto-tier scope, one new lease per call;
 //! - `introspect`: `Introspect` over a pool of live tokens granted first;
 //! - `renew`: `RenewLease` of one lease per client, over and over;
+//! - `exchange`: `ExchangeToken` of one parent token per client into
+//!   narrower children, each a durable lease of its own;
 //! - `mixed`: each client repeats grant, introspect ×3, renew (the shape of
 //!   a workload that takes a token, uses it at a few services, extends it).
 //!
@@ -35,6 +37,10 @@ pub enum Rpc {
     Renew,
     /// Grant, introspect ×3, renew, repeated.
     Mixed,
+    /// `ExchangeToken`: a narrower child of one parent token per client (a
+    /// durable child lease per call; the policy must let the identity
+    /// delegate the scopes to itself, as the dev policy does).
+    Exchange,
 }
 
 impl Rpc {
@@ -44,6 +50,7 @@ impl Rpc {
             Self::Grant | Self::Mixed => 0,
             Self::Introspect => 1,
             Self::Renew => 2,
+            Self::Exchange => 3,
         }
     }
 
@@ -54,6 +61,7 @@ impl Rpc {
             Self::Introspect => "introspect",
             Self::Renew => "renew",
             Self::Mixed => "mixed",
+            Self::Exchange => "exchange",
         }
     }
 }
@@ -117,7 +125,7 @@ pub struct Report {
 #[derive(Default)]
 struct Tally {
     /// Latencies (µs) of successful calls, by RPC ([`Rpc::slot`]).
-    each: [Vec<u32>; 3],
+    each: [Vec<u32>; 4],
     grants: u64,
     errors: u64,
 }
@@ -162,6 +170,18 @@ impl Caller {
             token: token.to_owned(),
         };
         matches!(self.c.introspect(req).await, Ok(r) if r.get_ref().active)
+    }
+
+    async fn exchange(&mut self, parent: &str) -> bool {
+        let req = pb::ExchangeTokenRequest {
+            subject_token: parent.to_owned(),
+            ttl: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        self.c.exchange_token(req).await.is_ok()
     }
 
     async fn renew(&mut self, lease_id: &str) -> bool {
@@ -238,6 +258,18 @@ async fn drive(mut c: Caller, rpc: Rpc, pool: Arc<Vec<String>>, w: Arc<Window>) 
                 }
             }
             Rpc::Mixed => mixed_round(&mut c, &mut t, &w).await,
+            Rpc::Exchange => {
+                if lease.is_none() {
+                    lease = c.grant().await.map(|(token, _)| token);
+                }
+                let Some(parent) = lease.clone() else {
+                    t.errors += 1;
+                    continue;
+                };
+                if !w.timed(&mut t, Rpc::Exchange, c.exchange(&parent)).await {
+                    lease = None; // the parent ran out: start from a new one
+                }
+            }
         }
     }
     t
@@ -436,7 +468,7 @@ fn report(plan: &Plan, t: &Tally) -> Report {
     let mut all: Vec<u32> = t.each.iter().flatten().copied().collect();
     all.sort_unstable();
     let total = latency(plan.rpc, &all, seconds);
-    let per_rpc = [Rpc::Grant, Rpc::Introspect, Rpc::Renew]
+    let per_rpc = [Rpc::Grant, Rpc::Introspect, Rpc::Renew, Rpc::Exchange]
         .into_iter()
         .filter(|r| !t.each[r.slot()].is_empty())
         .map(|r| latency(r, &t.each[r.slot()], seconds))
@@ -507,7 +539,7 @@ mod tests {
             leases: 0,
         };
         let t = Tally {
-            each: [(1..=1000).collect(), vec![], vec![]],
+            each: [(1..=1000).collect(), vec![], vec![], vec![]],
             grants: 1000,
             errors: 3,
         };
@@ -523,7 +555,12 @@ mod tests {
         assert_eq!(r.errors, 3);
         // Mixed: each RPC's own figures, and the overall ones over all.
         let mixed = Tally {
-            each: [vec![10_000], vec![1_000, 2_000, 3_000], vec![20_000]],
+            each: [
+                vec![10_000],
+                vec![1_000, 2_000, 3_000],
+                vec![20_000],
+                vec![],
+            ],
             grants: 1,
             errors: 0,
         };

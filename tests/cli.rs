@@ -695,7 +695,7 @@ fn every_bench_mode_runs_against_a_real_broker_and_reports_json() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
     let _server = serve(&dir);
-    for rpc in ["grant", "introspect", "renew", "mixed"] {
+    for rpc in ["grant", "introspect", "renew", "mixed", "exchange"] {
         let o = run(
             &dir,
             &[
