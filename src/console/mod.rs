@@ -196,7 +196,9 @@ impl Console {
         if self.engine.policy().may_review(&s.who) {
             Some(s)
         } else {
-            self.secrets.end_session(&s, self.now());
+            if let Err(e) = self.secrets.end_session(&s, self.now()) {
+                tracing::error!(error = %e, who = %s.who, "console session could not be ended");
+            }
             tracing::info!(who = %s.who, "console session ended: no longer an approver or admin");
             None
         }

@@ -220,8 +220,9 @@ async fn oidc_start(State(c): Shared) -> Response {
     };
     // Sealed into a cookie of this browser: the server keeps nothing, and a
     // callback that arrives in another browser (login CSRF) has no match.
-    let Ok(sealed) = c.secrets.seal(&sign_in) else {
-        return fail(StatusCode::INTERNAL_SERVER_ERROR, "no randomness");
+    let sealed = match c.secrets.seal(&sign_in) {
+        Ok(s) => s,
+        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
     let mut resp = see_other(&url);
     resp.headers_mut().append(
@@ -311,9 +312,25 @@ async fn logout(State(c): Shared, headers: HeaderMap, Form(f): Form<CsrfForm>) -
         Ok(s) => s,
         Err(r) => return *r,
     };
-    c.secrets.end_session(&s, c.now());
-    tracing::info!(who = %s.who, "console sign-out");
-    let mut resp = to_login();
+    let ended = c.secrets.end_session(&s, c.now());
+    let mut resp = match &ended {
+        Ok(()) => {
+            tracing::info!(who = %s.who, "console sign-out");
+            to_login()
+        }
+        Err(e) => {
+            // The cookie goes anyway, but the session may still work
+            // elsewhere until it ends: say so rather than pretend.
+            tracing::error!(error = %e, who = %s.who, "console sign-out could not end the session");
+            page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::error(
+                    None,
+                    "You could not be signed out everywhere (the broker's store is unavailable); the session ends on its own within 30 minutes. Try again.",
+                ),
+            )
+        }
+    };
     resp.headers_mut().append(
         header::SET_COOKIE,
         c.cookie(c.session_cookie(), "", 0, "Strict"),

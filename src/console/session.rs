@@ -50,8 +50,8 @@ struct SessionRecord {
     csrf: String,
 }
 
-/// A signed-in person.
-#[derive(Clone, Debug)]
+/// A signed-in person (its `Debug` leaves the store key and CSRF token out).
+#[derive(Clone)]
 pub struct Session {
     /// Who.
     pub who: Identity,
@@ -61,6 +61,24 @@ pub struct Session {
     key: [u8; 32],
     /// Its CSRF token (a secret of the page, not of the cookie).
     csrf: String,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("who", &self.who)
+            .field("via", &self.via)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Could `secret` be one of ours (32 bytes, base64url)? Anything else is
+/// turned away before the store is asked.
+fn well_formed(secret: &str) -> bool {
+    secret.len() == 43
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// What the store keeps of a one-time link.
@@ -92,6 +110,9 @@ pub enum SecretError {
     /// The store refused.
     #[error("the broker could not keep the sign-in: {0}")]
     Store(#[from] StoreError),
+    /// A sign-in could not be sealed.
+    #[error("the sign-in could not be sealed: {0}")]
+    Seal(String),
 }
 
 /// The console's short-lived secrets.
@@ -124,6 +145,14 @@ fn key_of(kind: &str, secret: &str) -> [u8; 32] {
 
 fn millis(d: Duration) -> Millis {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A link read: a store failure is logged (it fails closed: no sign-in).
+fn logged(r: Result<Option<Vec<u8>>, StoreError>) -> Option<Vec<u8>> {
+    r.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "console sign-in link could not be read");
+        None
+    })
 }
 
 /// Do two secrets match? Compares their SHA-256 digests without an early
@@ -172,6 +201,9 @@ impl Secrets {
 
     /// The live session of `cookie`. A store failure signs nobody in.
     pub fn session(&self, cookie: &str, now: Millis) -> Option<Session> {
+        if !well_formed(cookie) {
+            return None;
+        }
         let key = key_of("session", cookie);
         let raw = match self.store.ephemeral(&key, now) {
             Ok(raw) => raw?,
@@ -189,11 +221,9 @@ impl Secrets {
         })
     }
 
-    /// End one session (sign-out, or access taken away).
-    pub fn end_session(&self, s: &Session, now: Millis) {
-        if let Err(e) = self.store.take_ephemeral(&s.key, now) {
-            tracing::warn!(error = %e, "console session could not be ended");
-        }
+    /// End one session (sign-out, or access taken away), for every broker.
+    pub fn end_session(&self, s: &Session, now: Millis) -> Result<(), StoreError> {
+        self.store.take_ephemeral(&s.key, now).map(|_| ())
     }
 
     /// The CSRF token of session `s`.
@@ -232,22 +262,20 @@ impl Secrets {
 
     /// Who a link is for, without using it (the confirmation page).
     pub fn peek_link(&self, secret: &str, now: Millis) -> Option<Identity> {
-        let raw = self
-            .store
-            .ephemeral(&key_of("link", secret), now)
-            .ok()
-            .flatten()?;
+        if !well_formed(secret) {
+            return None;
+        }
+        let raw = logged(self.store.ephemeral(&key_of("link", secret), now))?;
         Self::link_of(&raw).map(|(who, _)| who)
     }
 
     /// Use a link: its identity and where it leads, once (whichever broker
     /// is asked), within its time.
     pub fn use_link(&self, secret: &str, now: Millis) -> Option<(Identity, Option<String>)> {
-        let raw = self
-            .store
-            .take_ephemeral(&key_of("link", secret), now)
-            .ok()
-            .flatten()?;
+        if !well_formed(secret) {
+            return None;
+        }
+        let raw = logged(self.store.take_ephemeral(&key_of("link", secret), now))?;
         Self::link_of(&raw)
     }
 
@@ -257,19 +285,19 @@ impl Secrets {
     }
 
     /// `s` sealed for a cookie: base64url(nonce ‖ AES-256-GCM(json)).
-    pub fn seal(&self, s: &SignIn) -> Result<String, NoRandomness> {
+    pub fn seal(&self, s: &SignIn) -> Result<String, SecretError> {
         let mut nonce = [0u8; ring::aead::NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| NoRandomness)?;
-        let mut data = serde_json::to_vec(s).map_err(|_| NoRandomness)?;
+        let mut data = serde_json::to_vec(s).map_err(|e| SecretError::Seal(e.to_string()))?;
         self.seal_key
             .seal_in_place_append_tag(
                 ring::aead::Nonce::assume_unique_for_key(nonce),
                 ring::aead::Aad::from(b"portcullis console sign-in"),
                 &mut data,
             )
-            .map_err(|_| NoRandomness)?;
+            .map_err(|_| SecretError::Seal("AES-GCM refused".into()))?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&data);
         Ok(B64.encode(out))
@@ -345,7 +373,7 @@ mod tests {
         let seen = two.session(&cookie, millis(SESSION_TTL) - 1).unwrap();
         assert_eq!((seen.who, seen.via), (alice(), Via::Link));
         assert!(two.session(&cookie, millis(SESSION_TTL)).is_none());
-        two.end_session(&sess, 1);
+        two.end_session(&sess, 1).unwrap();
         assert!(one.session(&cookie, 1).is_none(), "signed out everywhere");
         assert!(one.session("not-a-cookie", 1).is_none());
     }

@@ -564,6 +564,21 @@ fn console_secrets_live_until_their_end_and_are_taken_once() {
             "{name}"
         );
         assert_eq!(s.purge_ephemeral(500).unwrap(), 1, "{name}");
+
+        // Eight takers at once (brokers sharing the store): one gets it.
+        let d = [4u8; 32];
+        s.put_ephemeral(&d, b"link", 1_000).unwrap();
+        let store = &*s;
+        let got: usize = std::thread::scope(|sc| {
+            let takers: Vec<_> = (0..8)
+                .map(|_| sc.spawn(|| store.take_ephemeral(&d, 10).unwrap().is_some()))
+                .collect();
+            takers
+                .into_iter()
+                .map(|t| usize::from(t.join().unwrap()))
+                .sum()
+        });
+        assert_eq!(got, 1, "{name}: taken once");
     }
 }
 

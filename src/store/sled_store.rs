@@ -753,20 +753,27 @@ impl super::EphemeralStore for SledStore {
     }
 
     fn take_ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
-        // `remove` is atomic: of two takers, one gets the value.
-        Ok(self
-            .ephemeral
-            .remove(key)
-            .map_err(unavailable)?
-            .and_then(|raw| live_ephemeral(&raw, now)))
+        // `remove` is atomic: of two takers, one gets the value. Flushed,
+        // so a crash cannot bring back a used link or an ended session.
+        let gone = self.ephemeral.remove(key).map_err(unavailable)?;
+        if gone.is_some() {
+            self.ephemeral.flush().map_err(unavailable)?;
+        }
+        Ok(gone.and_then(|raw| live_ephemeral(&raw, now)))
     }
 
     fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
         let mut n = 0;
         for item in &self.ephemeral {
             let (k, raw) = item.map_err(unavailable)?;
-            if live_ephemeral(&raw, now).is_none() {
-                self.ephemeral.remove(k).map_err(unavailable)?;
+            // Only the value read: one renewed meanwhile is kept.
+            if live_ephemeral(&raw, now).is_none()
+                && self
+                    .ephemeral
+                    .compare_and_swap(k, Some(raw), None as Option<&[u8]>)
+                    .map_err(unavailable)?
+                    .is_ok()
+            {
                 n += 1;
             }
         }
