@@ -1,3 +1,6 @@
+// Test-only: declared `#[cfg(test)]` by its parent module (its unwraps are test code).
+//! Unit tests of `engine::exchange`.
+
 use std::time::Duration;
 
 use super::super::testing::{T0, id, rig};
