@@ -113,9 +113,10 @@ impl Console {
         }))
     }
 
-    /// Forget ended sessions and links every minute until `cancel`.
+    /// Forget ended sessions and links every minute until `cancel` (on a
+    /// shared store, only the broker that leads the time-driven work).
     pub async fn sweep(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
-        loop {
+        while self.engine.until_leading(&cancel).await {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}

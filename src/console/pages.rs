@@ -37,17 +37,6 @@ fn left(now: Millis, deadline: Millis) -> String {
     }
 }
 
-fn state(s: RequestState) -> &'static str {
-    match s {
-        RequestState::Pending => "pending",
-        RequestState::Approved => "approved",
-        RequestState::Denied => "denied",
-        RequestState::Issued => "issued",
-        RequestState::Expired => "expired",
-        RequestState::Withdrawn => "withdrawn",
-    }
-}
-
 /// The frame around every page.
 pub fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: Markup) -> Markup {
     html! {
@@ -213,7 +202,7 @@ pub fn confirm_link(who: &str, secret: &str) -> Markup {
 fn facts(r: &TokenRequest, now: Millis) -> Markup {
     html! {
         dl.facts {
-            dt { "State" } dd #state { (state(r.state)) @if r.break_glass { " (break-glass)" } }
+            dt { "State" } dd #state { (r.state.name()) @if r.break_glass { " (break-glass)" } }
             dt { "Requester" } dd #requester { (r.requester) }
             dt { "Scopes" } dd { (r.scopes.join(" ")) }
             dt { "TTL" } dd { (human(Duration::from_millis(r.ttl_ms))) }
@@ -264,7 +253,7 @@ fn needs(r: &TokenRequest, now: Millis) -> Markup {
             }
         }
         @for t in r.history.iter().filter(|t| t.to != RequestState::Pending) {
-            p.transition { (state(t.to)) " by " (t.actor) @if !t.reason.is_empty() { ": " (t.reason) } }
+            p.transition { (t.to.name()) " by " (t.actor) @if !t.reason.is_empty() { ": " (t.reason) } }
         }
         @if let Some(by) = &r.reviewed_by {
             p.transition { "Reviewed by " (by) @if let Some(why) = &r.review_reason { ": " (why) } }

@@ -209,9 +209,7 @@ async fn oidc_start(State(c): Shared) -> Response {
             return fail(StatusCode::BAD_GATEWAY, &e.to_string());
         }
     };
-    let expires_at = c
-        .now()
-        .saturating_add(u64::try_from(SIGN_IN_TTL.as_millis()).unwrap_or(u64::MAX));
+    let expires_at = c.now().saturating_add(crate::clock::millis(SIGN_IN_TTL));
     let sign_in = SignIn {
         state,
         verifier,

@@ -20,6 +20,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::millis;
 use crate::identity::Identity;
 use crate::store::{Millis, Store, StoreError};
 use crate::text::NoRandomness;
@@ -141,10 +142,6 @@ fn sha256(parts: &[&[u8]]) -> [u8; 32] {
 /// The store key of a `kind` of secret.
 fn key_of(kind: &str, secret: &str) -> [u8; 32] {
     sha256(&[kind.as_bytes(), b"\0", secret.as_bytes()])
-}
-
-fn millis(d: Duration) -> Millis {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A link read: a store failure is logged (it fails closed: no sign-in).

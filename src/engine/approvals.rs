@@ -123,16 +123,12 @@ pub(super) fn check_still_allowed(
         policy.decide(&requester, &req.scopes, None)?;
         return Ok(None);
     };
-    let parent = store
-        .lease(&d.parent_id)?
-        .filter(|p| p.state == crate::store::LeaseState::Active && p.expires_at > now)
-        .filter(|p| super::cascade::ancestors_live(store, p, now).unwrap_or(false))
-        .ok_or_else(|| {
-            EngineError::WrongState(format!(
-                "request `{}` was to be delegated from lease `{}`, which has ended",
-                req.id, d.parent_id
-            ))
-        })?;
+    let parent = super::cascade::live_parent(store, d, now)?.ok_or_else(|| {
+        EngineError::WrongState(format!(
+            "request `{}` was to be delegated from lease `{}`, which has ended",
+            req.id, d.parent_id
+        ))
+    })?;
     let holder = stored(d.actors.first().map_or("", String::as_str))?;
     policy.delegation_rule(&crate::policy::DelegationAsk {
         holder: &holder,

@@ -86,6 +86,21 @@ pub(crate) fn ancestors_live(
     Ok(false)
 }
 
+/// The parent of delegation `d` if it lives at `now`: active, not past its
+/// end, and every lease above it live too (`None` otherwise).
+pub(crate) fn live_parent(
+    store: &dyn Store,
+    d: &Delegation,
+    now: Millis,
+) -> Result<Option<Lease>, StoreError> {
+    let Some(p) = store.lease(&d.parent_id)? else {
+        return Ok(None);
+    };
+    let live =
+        p.state == LeaseState::Active && p.expires_at > now && ancestors_live(store, &p, now)?;
+    Ok(live.then_some(p))
+}
+
 /// How far a delegated `lease` may be renewed at `now`: never past its
 /// parent's current end (nor its own ceiling), only while the parent lives,
 /// and only while the policy still allows the delegation.
@@ -96,11 +111,7 @@ pub(crate) fn delegated_ceiling(
     d: &Delegation,
     now: Millis,
 ) -> Result<Millis, EngineError> {
-    let parent = store
-        .lease(&d.parent_id)?
-        .filter(|p| p.state == LeaseState::Active && p.expires_at > now)
-        .filter(|_| ancestors_live(store, lease, now).unwrap_or(false))
-        .ok_or_else(|| {
+    let parent = live_parent(store, d, now)?.ok_or_else(|| {
             EngineError::WrongState(format!(
                 "lease `{}` was delegated from `{}`, which (or a lease it was delegated from) has ended; it cannot be renewed",
                 lease.id, d.parent_id

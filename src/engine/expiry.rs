@@ -170,15 +170,19 @@ impl Engine {
                         &new.scopes,
                         "",
                     ));
-                    // A parent can end before its children's deadlines (a
-                    // renewal may shorten it): they end with it.
-                    entries.extend(super::cascade::end_descendants(
-                        &self.records,
-                        &id,
-                        SYSTEM_ACTOR,
-                        "expired",
-                        now,
-                    )?);
+                    // A parent can end before its children's deadlines only
+                    // if a renewal shortened it (children are capped at the
+                    // parent's end when made and when renewed): then they
+                    // end with it. Other parents cost no index walk here.
+                    if new.renewals > 0 {
+                        entries.extend(super::cascade::end_descendants(
+                            &self.records,
+                            &id,
+                            SYSTEM_ACTOR,
+                            "expired",
+                            now,
+                        )?);
+                    }
                 }
             }
         }

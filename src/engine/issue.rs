@@ -12,7 +12,7 @@ use crate::audit::{Action, Entry as AuditEntry, Outcome as AuditOutcome};
 use crate::clock::millis;
 use crate::identity::Identity;
 use crate::notify::EventKind;
-use crate::policy::{Decision, Refusal};
+use crate::policy::{Decision, Policy, Refusal};
 use crate::store::{
     Idempotency, IdempotentOutcome, Lease, LeaseState, RequestState, Requirement, TokenRequest,
 };
@@ -64,7 +64,7 @@ impl Engine {
             } => {
                 let grant =
                     super::break_glass::grant(&policy, &checked, ttl, max_ttl, requirements)?;
-                self.grant(checked, grant).await
+                self.grant(&policy, checked, grant).await
             }
             Decision::Grant {
                 ttl,
@@ -77,7 +77,7 @@ impl Engine {
                     rules,
                     review: None,
                 };
-                self.grant(checked, grant).await
+                self.grant(&policy, checked, grant).await
             }
         }
     }
@@ -105,14 +105,15 @@ impl Engine {
         refusal.into()
     }
 
-    /// Grant now: sign, write the lease (and the break-glass review record),
-    /// record, wait for durability, then hand the token over.
-    async fn grant(&self, c: Checked, g: Grant) -> Result<Outcome, EngineError> {
+    /// Grant now under `policy` (the one that decided): sign, write the
+    /// lease (and the break-glass review record), record, wait for
+    /// durability, then hand the token over.
+    async fn grant(&self, policy: &Policy, c: Checked, g: Grant) -> Result<Outcome, EngineError> {
         let now = c.now;
         let request_id = g.review.as_ref().map(|_| new_id("r_", now)).transpose()?;
         let keys = self.keys.current();
         let terms = c.terms(g.ttl, g.max_ttl);
-        let cnf = super::bound_to(&self.policy(), &c.scopes, c.x5t.as_deref())?;
+        let cnf = super::bound_to(policy, &c.scopes, c.x5t.as_deref())?;
         let lease = Lease {
             request_id,
             break_glass: g.review.is_some(),

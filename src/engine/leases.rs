@@ -25,12 +25,11 @@ impl Engine {
             .store()
             .lease(id)?
             .ok_or_else(|| EngineError::not_found("lease", id))?;
-        let admin = admin_ok && self.policy().is_admin(who);
-        if admin_ok {
-            check_overseer(&lease, who, admin)?;
-        } else {
-            check_owner(&lease, who, admin)?;
-        }
+        // Reading or revoking (`admin_ok`): also an admin, or an identity
+        // that acts in the lease's delegation chain (who delegated it may
+        // see and end it).
+        let overseer = admin_ok && (self.policy().is_admin(who) || acts_upstream(&lease, who));
+        check_owner(&lease, who, overseer)?;
         Ok(lease)
     }
 
@@ -338,21 +337,12 @@ fn check_owner(lease: &Lease, who: &Identity, admin: bool) -> Result<(), EngineE
     }
 }
 
-/// Reading or revoking: the owner, an admin, or an identity that acts in
-/// the lease's delegation chain (who delegated it may see and end it).
-fn check_overseer(lease: &Lease, who: &Identity, admin: bool) -> Result<(), EngineError> {
-    let upstream = lease
+/// Does `who` act in `lease`'s delegation chain?
+fn acts_upstream(lease: &Lease, who: &Identity) -> bool {
+    lease
         .delegation
         .as_ref()
-        .is_some_and(|d| d.actors.iter().any(|a| a == who.as_str()));
-    if lease.subject == who.as_str() || admin || upstream {
-        Ok(())
-    } else {
-        Err(EngineError::NotAllowed(format!(
-            "`lease_id`: lease `{}` belongs to another identity",
-            lease.id
-        )))
-    }
+        .is_some_and(|d| d.actors.iter().any(|a| a == who.as_str()))
 }
 
 /// Only a live lease renews.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use super::{Engine, EngineError};
-use crate::audit::{AuditRecord, Report};
+use crate::audit::{Action, AuditRecord, Report};
 use crate::identity::Identity;
 use crate::store::Millis;
 use crate::text::{AUDIT_PAGE, page_size};
@@ -66,11 +66,11 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<AuditRecord, EngineError> {
 
 /// Trail actions that are a person's decision on a request.
 const DECISIONS: [&str; 5] = [
-    "request.approval",
-    "request.approved",
-    "request.denied",
-    "breakglass.acknowledged",
-    "breakglass.revoked",
+    Action::RequestApproval.as_str(),
+    Action::RequestApproved.as_str(),
+    Action::RequestDenied.as_str(),
+    Action::BreakGlassAcknowledged.as_str(),
+    Action::BreakGlassRevoked.as_str(),
 ];
 /// How far back (in records) the console's history looks.
 const HISTORY_SCAN: u64 = 20_000;
@@ -90,6 +90,7 @@ impl Engine {
             return Ok(Vec::new());
         };
         let policy = self.policy();
+        let admin = policy.is_admin(who);
         let mut after = last.checked_sub(HISTORY_SCAN).filter(|s| *s > 0);
         let mut out = Vec::new();
         // Each request is read once, however many decisions it had.
@@ -103,13 +104,15 @@ impl Engine {
                 if !DECISIONS.contains(&r.action.as_str()) {
                     continue;
                 }
-                let visible = r.actor == who.as_str()
+                let visible = admin
+                    || r.actor == who.as_str()
                     || match may_see.get(&r.target) {
                         Some(v) => *v,
                         None => {
-                            let v = self.store().request(&r.target)?.is_some_and(|req| {
-                                super::may_decide(&policy, who, &req) || policy.is_admin(who)
-                            });
+                            let v = self
+                                .store()
+                                .request(&r.target)?
+                                .is_some_and(|req| super::may_decide(&policy, who, &req));
                             may_see.insert(r.target.clone(), v);
                             v
                         }
