@@ -22,13 +22,13 @@ use crate::identity::Identity;
 use crate::notify::EventKind;
 use crate::policy::{DelegationApproval, DelegationAsk, Policy, Refusal};
 use crate::store::{
-    Delegation, Idempotency, IdempotentOutcome, Lease, LeaseState, Millis, RequestState,
-    Requirement, Terms, TokenRequest,
+    Delegation, Idempotency, IdempotentOutcome, Lease, Millis, RequestState, Requirement, Terms,
+    TokenRequest,
 };
 use crate::text::{
     FieldError, check_audience, check_client_request_id, check_reason, check_scopes, new_id,
 };
-use crate::token::{self, MAX_TOKEN_LEN};
+use crate::token::MAX_TOKEN_LEN;
 
 /// An exchange as received (see the `ExchangeToken` RPC). Its `Debug`
 /// leaves the subject token out.
@@ -114,19 +114,11 @@ impl Engine {
     /// presented with its certificate when it is bound.
     fn subject_lease(&self, holder: &Holder, tok: &str, now: Millis) -> Result<Lease, EngineError> {
         let field = |why: &str| EngineError::from(FieldError::new("subject_token", why));
-        if self.introspect(tok)?.is_none() {
+        let Some((parent, _)) = self.live_lease(tok, now)? else {
             return Err(field(
                 "is not an active token of this broker (expired, revoked, ended with an ancestor, or not issued here)",
             ));
-        }
-        let jti = token::unverified_claims(tok)
-            .map(|c| c.jti)
-            .unwrap_or_default();
-        let parent = self
-            .store()
-            .lease(&jti)?
-            .filter(|l| l.state == LeaseState::Active && l.expires_at > now)
-            .ok_or_else(|| field("is not an active token of this broker"))?;
+        };
         let why = if parent.subject != holder.who.as_str() {
             format!(
                 "is held by `{}`, not by the caller: only a token's holder may exchange it",

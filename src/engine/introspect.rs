@@ -20,7 +20,23 @@ impl Engine {
     /// Any other token (an older one of a renewed lease, a replayed grant,
     /// a forgery) has its signature, `kid`, `alg`, `iss` and time checked.
     pub fn introspect(&self, tok: &str) -> Result<Introspection, EngineError> {
-        let now = self.clock.now();
+        // The lease is the truth: its scopes, not what the token says.
+        Ok(self
+            .live_lease(tok, self.clock.now())?
+            .map(|(lease, claims)| Claims {
+                scope: lease.scopes.join(" "),
+                ..claims
+            }))
+    }
+
+    /// The lease of `tok` and the token's checked claims, if the token is
+    /// live at `now` (see [`Engine::introspect`]); token exchange uses the
+    /// lease itself.
+    pub(super) fn live_lease(
+        &self,
+        tok: &str,
+        now: crate::store::Millis,
+    ) -> Result<Option<(crate::store::Lease, Claims)>, EngineError> {
         let Some(said) = token::unverified_claims(tok) else {
             tracing::debug!("introspection: token unreadable");
             return Ok(None);
@@ -50,11 +66,7 @@ impl Engine {
             && claims.exp <= secs(lease.expires_at)
             && claims.iat >= secs(lease.issued_at)
             && super::cascade::ancestors_live(self.store().as_ref(), &lease, now)?;
-        // The lease is the truth: its scopes, not what the token says.
-        Ok(live.then(|| Claims {
-            scope: lease.scopes.join(" "),
-            ..claims
-        }))
+        Ok(live.then_some((lease, claims)))
     }
 }
 
