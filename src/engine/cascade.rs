@@ -86,6 +86,22 @@ pub(crate) fn ancestors_live(
     Ok(false)
 }
 
+/// `lease` made a child of `parent` through `d`: never past the parent's
+/// end, issued to the delegator (`client_id`, the chain's nearest actor),
+/// break-glass when the parent is, and carrying the parent's approvals
+/// unless it has its own.
+pub(crate) fn child_of(mut lease: Lease, parent: &Lease, d: &Delegation) -> Lease {
+    lease.expires_at = lease.expires_at.min(parent.expires_at);
+    lease.max_expires_at = lease.max_expires_at.min(parent.expires_at);
+    lease.client_id = d.actors.first().cloned().unwrap_or_default();
+    lease.break_glass = parent.break_glass;
+    if lease.approved_by.is_empty() {
+        lease.approved_by = parent.approved_by.clone();
+    }
+    lease.delegation = Some(d.clone());
+    lease
+}
+
 /// The parent of delegation `d` if it lives at `now`: active, not past its
 /// end, and every lease above it live too (`None` otherwise).
 pub(crate) fn live_parent(

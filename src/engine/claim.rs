@@ -96,14 +96,7 @@ impl Engine {
             ..lease
         };
         if let (Some(d), Some(p)) = (&req.delegation, parent) {
-            lease.expires_at = lease.expires_at.min(p.expires_at);
-            lease.max_expires_at = lease.max_expires_at.min(p.expires_at);
-            lease.client_id = d.actors.first().cloned().unwrap_or_default();
-            lease.break_glass = p.break_glass;
-            if lease.approved_by.is_empty() {
-                lease.approved_by = p.approved_by.clone();
-            }
-            lease.delegation = Some(d.clone());
+            lease = super::cascade::child_of(lease, p, d);
         }
         self.signed(&keys, lease, now)
     }

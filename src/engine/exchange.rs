@@ -107,7 +107,7 @@ impl Engine {
         if !plan.again.is_empty() || pickup {
             return self.park_exchange(&policy, plan).await;
         }
-        self.grant_exchange(plan).await
+        self.grant_exchange(&policy, plan).await
     }
 
     /// The lease of an active subject token `who` holds: its `sub`, and
@@ -165,23 +165,13 @@ impl Engine {
 
     /// Grant the child now: sign, write its lease (indexed under its
     /// parent), record, wait for durability, hand the token over.
-    async fn grant_exchange(&self, plan: Plan) -> Result<Outcome, EngineError> {
+    async fn grant_exchange(&self, policy: &Policy, plan: Plan) -> Result<Outcome, EngineError> {
         let now = plan.now;
         let keys = self.keys.current();
         let lease = Lease {
-            client_id: plan.holder.who.as_str().to_owned(),
             expires_at: plan.expires_at,
             max_expires_at: plan.max_expires_at,
-            // A child of a break-glass grant is break-glass too: it lives
-            // within that grant and its review.
-            break_glass: plan.parent.break_glass,
-            approved_by: plan.parent.approved_by.clone(),
-            cnf: super::bound_to(
-                &self.policy(),
-                &plan.terms.scopes,
-                plan.holder.x5t.as_deref(),
-            )?,
-            delegation: Some(plan.delegation.clone()),
+            cnf: super::bound_to(policy, &plan.terms.scopes, plan.holder.x5t.as_deref())?,
             ..Lease::active(
                 new_id("l_", now)?,
                 plan.to.as_str(),
@@ -190,6 +180,9 @@ impl Engine {
                 &keys.active.kid,
             )
         };
+        // A child of a break-glass grant is break-glass too: it lives
+        // within that grant and its review.
+        let lease = super::cascade::child_of(lease, &plan.parent, &plan.delegation);
         let (lease, tok) = self.signed(&keys, lease, now)?;
         let idem = idempotency(&plan, IdempotentOutcome::Lease(lease.id.clone()));
         if let Some(existing) = self.records.create_lease(&lease, idem.as_ref())? {

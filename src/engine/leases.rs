@@ -12,7 +12,6 @@ use crate::identity::Identity;
 use crate::policy::{Decision, Policy, Refusal};
 use crate::store::{Lease, LeaseState, StoreError};
 use crate::text::{FieldError, LEASE_PAGE, check_reason, page_size, require_id};
-use crate::token;
 
 /// Why a token could not be handed over.
 const UNDELIVERED: &str = "token could not be delivered";
@@ -65,7 +64,7 @@ impl Engine {
             };
             let expires_at = renewed_until(lease, ttl, now, max_expires_at)?;
             let keys = self.keys.current();
-            let mut new = Lease {
+            let renewed = Lease {
                 expires_at,
                 max_expires_at,
                 renewals: lease.renewals + 1,
@@ -73,8 +72,7 @@ impl Engine {
                 kid: keys.active.kid.clone(),
                 ..lease.clone()
             };
-            let tok = token::mint(&keys, &self.claims(&new, now))?;
-            new.token_mac = Some(token::mac(&keys, &tok));
+            let (new, tok) = self.signed(&keys, renewed, now)?;
             token = Some(tok);
             Ok::<_, EngineError>(Some(new))
         })?;
