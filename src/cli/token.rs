@@ -28,22 +28,12 @@ pub enum TokenCmd {
         /// Audience (`aud`).
         #[arg(long)]
         audience: Option<String>,
-        /// Why you need it (recorded; shown to approvers).
-        #[arg(long)]
-        reason: Option<String>,
-        /// Idempotency key: a retry with the same key returns the same grant.
-        #[arg(long)]
-        client_request_id: Option<String>,
         /// Take an approval-tier scope at once where policy allows break-glass
         /// (capped TTL, reviewed afterwards). Needs --reason.
         #[arg(long)]
         break_glass: bool,
-        /// If parked for approval, wait for the decision.
-        #[arg(long)]
-        wait: bool,
-        /// Give up waiting after this long.
-        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        asking: Asking,
     },
     /// Exchange a token you hold for a narrower child (RFC 8693
     /// delegation). Prints the child token on stdout.
@@ -79,10 +69,18 @@ pub struct ExchangeArgs {
     /// Audience of the child (default: the parent's).
     #[arg(long)]
     audience: Option<String>,
-    /// Why (recorded; shown to approvers).
+    #[command(flatten)]
+    asking: Asking,
+}
+
+/// What asking for a token and exchanging one share: why, a retry key,
+/// and whether to wait for approvers.
+#[derive(Debug, clap::Args)]
+pub struct Asking {
+    /// Why you need it (recorded; shown to approvers).
     #[arg(long)]
     reason: Option<String>,
-    /// Idempotency key.
+    /// Idempotency key: a retry with the same key returns the same outcome.
     #[arg(long)]
     client_request_id: Option<String>,
     /// If parked for approval, wait for the decision.
@@ -93,6 +91,13 @@ pub struct ExchangeArgs {
     timeout: Duration,
 }
 
+impl Asking {
+    /// How long to wait for a decision, if at all.
+    fn wait(&self) -> Option<Duration> {
+        self.wait.then_some(self.timeout)
+    }
+}
+
 /// Run a `token` subcommand over `channel`.
 pub async fn run(out: Output, cmd: TokenCmd, channel: Channel) -> Result<i32, Failure> {
     let mut b = BrokerClient::new(channel);
@@ -101,22 +106,19 @@ pub async fn run(out: Output, cmd: TokenCmd, channel: Channel) -> Result<i32, Fa
             scopes,
             ttl,
             audience,
-            reason,
-            client_request_id,
             break_glass,
-            wait,
-            timeout,
+            asking,
         } => {
+            let wait = asking.wait();
             let req = pb::RequestTokenRequest {
                 scopes,
                 ttl: ttl.map(convert::duration),
                 audience: audience.unwrap_or_default(),
-                justification: reason.unwrap_or_default(),
-                client_request_id: client_request_id.unwrap_or_default(),
+                justification: asking.reason.unwrap_or_default(),
+                client_request_id: asking.client_request_id.unwrap_or_default(),
                 break_glass,
             };
             let resp = b.request_token(req).await?.into_inner();
-            let wait = wait.then_some(timeout);
             outcome(out, &mut b, resp.outcome, wait).await
         }
         TokenCmd::Exchange(args) => exchange(out, &mut b, args).await,
@@ -142,17 +144,18 @@ async fn exchange(
     b: &mut BrokerClient<Channel>,
     a: ExchangeArgs,
 ) -> Result<i32, Failure> {
+    let wait = a.asking.wait();
     let req = pb::ExchangeTokenRequest {
         subject_token: parse_token_arg(a.token)?,
         scopes: a.scopes,
         ttl: a.ttl.map(convert::duration),
         audience: a.audience.unwrap_or_default(),
         for_identity: a.for_identity.unwrap_or_default(),
-        justification: a.reason.unwrap_or_default(),
-        client_request_id: a.client_request_id.unwrap_or_default(),
+        justification: a.asking.reason.unwrap_or_default(),
+        client_request_id: a.asking.client_request_id.unwrap_or_default(),
     };
     let resp = b.exchange_token(req).await?.into_inner();
-    outcome(out, b, resp.outcome, a.wait.then_some(a.timeout)).await
+    outcome(out, b, resp.outcome, wait).await
 }
 
 /// Print a grant, or a parked request (and wait for it when `wait` says how
