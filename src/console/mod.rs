@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 
 use self::oidc::{Oidc, OidcConfig};
 use self::session::{Secrets, Session};
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, ErrorKind};
 use crate::identity::Identity;
 use crate::store::Millis;
 
@@ -288,25 +288,22 @@ fn harden(mut resp: Response) -> Response {
     resp
 }
 
-/// An engine refusal as a page status and the message shown.
+/// An engine refusal as a page status and the message shown (the same
+/// classification as the gRPC codes, `EngineError::kind`).
 fn status_of(e: &EngineError) -> (StatusCode, String) {
-    let code = match e {
-        EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
-        EngineError::Refused(_) | EngineError::NotAllowed(_) => StatusCode::FORBIDDEN,
-        EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
-        EngineError::WrongState(_)
-        | EngineError::IdempotencyConflict
-        | EngineError::Duplicate(_) => StatusCode::CONFLICT,
-        EngineError::Exhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    let code = match e.kind() {
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        ErrorKind::Denied => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::WrongState | ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Exhausted => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::DataLoss | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    let msg = if code == StatusCode::INTERNAL_SERVER_ERROR {
+    if code.is_server_error() {
         tracing::error!(error = %e, "console request failed");
-        "internal error; nothing was changed".to_owned()
-    } else {
-        e.to_string()
-    };
-    (code, msg)
+    }
+    (code, e.public_message())
 }
 
 /// A page answer with the console's headers.

@@ -87,6 +87,42 @@ impl EngineError {
         }
     }
 
+    /// Which kind of failure: the one classification every answer to a
+    /// caller is made from (gRPC codes in `api/status.rs`, HTTP statuses in
+    /// the console).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Invalid(_) => ErrorKind::Invalid,
+            Self::Refused(_) | Self::NotAllowed(_) => ErrorKind::Denied,
+            Self::NotFound { .. } => ErrorKind::NotFound,
+            Self::WrongState(_) => ErrorKind::WrongState,
+            Self::IdempotencyConflict | Self::Duplicate(_) => ErrorKind::Conflict,
+            Self::DataLoss(_) => ErrorKind::DataLoss,
+            Self::Exhausted(_) => ErrorKind::Exhausted,
+            // Only a store that could not persist is unavailable (retry
+            // later); a corrupt record, a schema mismatch or the broker's
+            // own failure is internal.
+            _ if self.is_unavailable() => ErrorKind::Unavailable,
+            Self::Store(_)
+            | Self::Audit(_)
+            | Self::Token(_)
+            | Self::Keys(_)
+            | Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// What the caller is told: the message when it is about the call, a
+    /// fixed line when the broker failed (the detail stays in the log).
+    pub fn public_message(&self) -> String {
+        match self.kind() {
+            ErrorKind::Unavailable => {
+                "the broker could not persist the change; nothing was issued or changed".into()
+            }
+            ErrorKind::Internal => "internal error; nothing was issued or changed".into(),
+            _ => self.to_string(),
+        }
+    }
+
     /// Did the store fail to persist (as opposed to the broker failing)?
     pub fn is_unavailable(&self) -> bool {
         matches!(
@@ -96,4 +132,27 @@ impl EngineError {
                 | Self::Keys(KeyError::Store(StoreError::Unavailable(_)))
         )
     }
+}
+
+/// See [`EngineError::kind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A field of the call is wrong.
+    Invalid,
+    /// Policy or ownership says no.
+    Denied,
+    /// No such thing (or not visible to the caller).
+    NotFound,
+    /// Not in a state that allows it.
+    WrongState,
+    /// A retry key reused differently, or done already.
+    Conflict,
+    /// A stored record no longer decodes.
+    DataLoss,
+    /// A quota is used up.
+    Exhausted,
+    /// The store could not persist: nothing was changed; retry later.
+    Unavailable,
+    /// The broker failed.
+    Internal,
 }

@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{broadcast, mpsc, watch};
 
-pub use self::error::EngineError;
+pub use self::error::{EngineError, ErrorKind};
 pub use self::exchange::ExchangeAsk;
 pub use self::issue::{Outcome, TokenAsk};
 pub use self::quota::{Limits, WatchPermit};
