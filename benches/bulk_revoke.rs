@@ -16,9 +16,10 @@ use portcullis::engine::{Engine, Parts};
 use portcullis::identity::Identity;
 use portcullis::keys::{Kek, KeyRing, SigningAlg};
 use portcullis::policy::Policy;
+use portcullis::store::batch::write_one;
 use portcullis::store::commit::GroupCommit;
 use portcullis::store::sled_store::SledStore;
-use portcullis::store::{Lease, LeaseState, LeaseStore, Store};
+use portcullis::store::{Lease, LeaseState, LeaseStore, Store, Write};
 
 #[tokio::main]
 async fn main() {
@@ -29,6 +30,10 @@ async fn main() {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let subject = "spiffe://bench.test/ns/a/sa/b";
     let now = SystemClock.now();
+    let (kek, _) = Kek::generate().unwrap();
+    let ring =
+        Arc::new(KeyRing::load_or_create(store.as_ref(), &kek, SigningAlg::Es256, now).unwrap());
+    let kid = ring.current().active.kid.clone();
     let t = Instant::now();
     for i in 0..n {
         let lease = Lease {
@@ -43,7 +48,7 @@ async fn main() {
             max_expires_at: now + 7_200_000,
             ttl_ms: 3_600_000,
             state: LeaseState::Active,
-            kid: "k".into(),
+            kid: kid.clone(),
             renewals: 0,
             token_issued_at: now,
             revoked_at: None,
@@ -57,14 +62,11 @@ async fn main() {
             delegation: None,
             cnf: None,
         };
-        store.create_lease(&lease, None).unwrap();
+        write_one(store.as_ref(), Write::CreateLease { lease, idem: None }).unwrap();
     }
     store.sync().unwrap();
     println!("created {n} leases in {:.2?}", t.elapsed());
 
-    let (kek, _) = Kek::generate().unwrap();
-    let ring =
-        Arc::new(KeyRing::load_or_create(store.as_ref(), &kek, SigningAlg::Es256, now).unwrap());
     let policy = Policy::parse(
         "[broker]\nadmins = [\"a\"]\n[groups]\na = [\"spiffe://bench.test/human/admin\"]\n",
     )
@@ -95,7 +97,7 @@ async fn main() {
         store.next_lease_deadline().unwrap().is_none(),
         "expiry index emptied"
     );
-    cascade(&engine, store.as_ref(), d, now).await;
+    cascade(&engine, store.as_ref(), d, now, &kid).await;
     cancel.cancel();
     flusher.await.unwrap();
     drop(engine);
@@ -112,7 +114,7 @@ async fn main() {
 
 /// A root lease of an agent with `d` descendants (100 children, the rest
 /// spread under them); revoking the root ends all of them, durably.
-async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64) {
+async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64, kid: &str) {
     let agent = "spiffe://bench.test/agent/a";
     let lease = |id: String, subject: &str, parent: Option<(&str, u32)>| Lease {
         delegation: parent.map(|(p, depth)| portcullis::store::Delegation {
@@ -131,32 +133,29 @@ async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64) {
                 max_ttl_ms: 7_200_000,
             },
             now,
-            "k",
+            kid,
         )
     };
     let root = format!("l_{now:012x}root");
-    store
-        .create_lease(&lease(root.clone(), agent, None), None)
-        .unwrap();
+    write_one(
+        store,
+        Write::CreateLease {
+            lease: lease(root.clone(), agent, None),
+            idem: None,
+        },
+    )
+    .unwrap();
     let children = d.min(100);
     for c in 0..children {
         let child = format!("l_{now:012x}c{c:06}");
-        store
-            .create_lease(
-                &lease(child, "spiffe://bench.test/tool/t", Some((&root, 1))),
-                None,
-            )
-            .unwrap();
+        let lease = lease(child, "spiffe://bench.test/tool/t", Some((&root, 1)));
+        write_one(store, Write::CreateLease { lease, idem: None }).unwrap();
     }
     for g in 0..d - children {
         let parent = format!("l_{now:012x}c{:06}", g % children);
         let id = format!("l_{now:012x}g{g:08}");
-        store
-            .create_lease(
-                &lease(id, "spiffe://bench.test/tool/u", Some((&parent, 2))),
-                None,
-            )
-            .unwrap();
+        let lease = lease(id, "spiffe://bench.test/tool/u", Some((&parent, 2)));
+        write_one(store, Write::CreateLease { lease, idem: None }).unwrap();
     }
     store.sync().unwrap();
     let t = Instant::now();

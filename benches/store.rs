@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use portcullis::store::batch::write_one;
 use portcullis::store::commit::GroupCommit;
 use portcullis::store::sled_store::SledStore;
-use portcullis::store::{Lease, LeaseState, Store};
+use portcullis::store::{KeyRecord, KeyState, Lease, LeaseState, Store, Write};
 
 #[tokio::main]
 async fn main() {
@@ -17,6 +18,19 @@ async fn main() {
     let secs = args.get(1).copied().unwrap_or(5);
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    // The key the leases name: a lease signed by a key the store does not
+    // hold as signing is refused.
+    let key = KeyRecord {
+        kid: "kid".into(),
+        alg: "ES256".into(),
+        state: KeyState::Active,
+        public: vec![],
+        sealed_private: vec![],
+        created_at: 0,
+        activated_at: Some(0),
+        retire_at: None,
+    };
+    write_one(store.as_ref(), Write::PutKey(key)).unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let (gc, _t) = GroupCommit::start(store.clone(), cancel.clone());
     let count = Arc::new(AtomicU64::new(0));
@@ -55,7 +69,7 @@ async fn main() {
                     delegation: None,
                     cnf: None,
                 };
-                store.create_lease(&lease, None).unwrap();
+                write_one(store.as_ref(), Write::CreateLease { lease, idem: None }).unwrap();
                 gc.durable().await.unwrap();
                 count.fetch_add(1, Ordering::Relaxed);
             }

@@ -4,9 +4,11 @@
 //! broker's active key. Edits, deletions and reorderings are found by
 //! [`verify`] at the sequence number where they happened.
 //!
-//! Records ride the same group commit as the state change they describe:
-//! the engine appends them before it waits for durability, so an action is
-//! acknowledged only when its record is durable too. Tokens and key material
+//! Records are part of the operation they describe: the engine puts their
+//! bodies in the operation's batch, and the store numbers and chains them
+//! inside the same atomic apply (`store::batch`), on every backend. So no
+//! state exists without its record, and an action is acknowledged only when
+//! the sync that makes both durable has returned. Tokens and key material
 //! never appear; only `jti` and `kid`.
 
 use std::collections::HashMap;
@@ -19,7 +21,7 @@ use crate::keys::KeySet;
 use crate::store::{Millis, Store, StoreError};
 
 pub use crate::chain::GENESIS;
-use crate::chain::{chained, sha256_hex};
+use crate::chain::sha256_hex;
 
 /// The call an audit record belongs to (set by the API layer per RPC).
 #[derive(Clone, Debug, Default)]
@@ -154,7 +156,7 @@ struct Body<'a> {
     call_id: &'a str,
 }
 
-/// `{"at":…,"call_id":"…"}` of `rec` (see [`chained`]).
+/// `{"at":…,"call_id":"…"}` of `rec` (see [`crate::chain::chained`]).
 fn body_json(rec: &AuditRecord) -> Result<Vec<u8>, AuditError> {
     serde_json::to_vec(&Body {
         at: rec.at,
@@ -171,26 +173,18 @@ fn body_json(rec: &AuditRecord) -> Result<Vec<u8>, AuditError> {
     .map_err(|e| AuditError::Encode(e.to_string()))
 }
 
+/// How far live followers have been handed the trail.
 struct Head {
     next: u64,
-    prev: String,
-    since_checkpoint: u64,
-    /// SHA-256 of the newest checkpoint's JWS: the next one names it, so
-    /// checkpoints form a chain of their own.
-    last_checkpoint: String,
 }
 
-/// The append side of the trail.
-///
-/// On a store of its own the broker numbers and chains records itself,
-/// under [`Head`]'s lock. On a store several brokers share
-/// ([`Store::shared`]) the store does it at each commit, under a row lock
-/// on its chain head; here `head.next` then only tracks how far the live
-/// tail has been read back ([`AuditLog::poll_tail`]).
+/// The trail's live tail and its upkeep. Records are written by the store
+/// inside each operation's batch ([`AuditLog::bodies`] encodes them);
+/// followers are fed by reading back what was committed, by any broker
+/// ([`AuditLog::poll_tail`]), in sequence order.
 pub struct AuditLog {
     head: Mutex<Head>,
     tail: broadcast::Sender<(AuditRecord, Vec<u8>)>,
-    shared: bool,
 }
 
 impl AuditLog {
@@ -222,47 +216,24 @@ impl AuditLog {
         Ok(point)
     }
 
-    /// Continue the chain stored in `store`.
+    /// Follow the trail stored in `store` from its end.
     pub fn open(store: &dyn Store) -> Result<Self, StoreError> {
-        let last_checkpoint = store
-            .last_checkpoint()?
-            .map_or_else(|| GENESIS.to_owned(), |(_, jws)| sha256_hex(&jws));
-        let head = match store.audit_last()? {
-            Some((seq, bytes)) => Head {
-                next: seq + 1,
-                prev: sha256_hex(&bytes),
-                since_checkpoint: 0,
-                last_checkpoint,
-            },
-            None => Head {
-                next: 1,
-                prev: GENESIS.to_owned(),
-                since_checkpoint: 0,
-                last_checkpoint,
-            },
-        };
+        let next = store.audit_last()?.map_or(1, |(seq, _)| seq + 1);
         Ok(Self {
-            head: Mutex::new(head),
+            head: Mutex::new(Head { next }),
             tail: broadcast::channel(4096).0,
-            shared: store.shared(),
         })
     }
 
-    /// Append entries in order. The caller then waits for the group commit
-    /// that makes them durable together with the state they describe.
-    pub fn append(
-        &self,
-        store: &dyn Store,
-        now: Millis,
-        entries: Vec<Entry>,
-    ) -> Result<(), AuditError> {
+    /// The bodies of `entries` at `now` (their canonical JSON without the
+    /// place in the chain), for an operation's batch. The store numbers and
+    /// chains them when it applies the batch.
+    pub fn bodies(now: Millis, entries: Vec<Entry>) -> Result<Vec<Vec<u8>>, AuditError> {
         let call = current_call();
-        // Encoding happens before the chain lock; under it, each record only
-        // gets its place (seq, prev), its hash and its write.
-        let prepared = entries
+        entries
             .into_iter()
             .map(|e| {
-                let rec = AuditRecord {
+                body_json(&AuditRecord {
                     seq: 0,
                     at: now,
                     actor: e.actor,
@@ -275,28 +246,14 @@ impl AuditLog {
                     peer: call.peer.clone(),
                     call_id: call.call_id.clone(),
                     prev: String::new(),
-                };
-                let body = body_json(&rec)?;
-                Ok((rec, body))
+                })
             })
-            .collect::<Result<Vec<_>, AuditError>>()?;
-        if self.shared {
-            store.queue_audit(prepared.into_iter().map(|(_, body)| body).collect())?;
-            return Ok(());
-        }
-        let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
-        for (mut rec, body) in prepared {
-            rec.seq = head.next;
-            let bytes = chained(rec.seq, &body, &head.prev);
-            // INVARIANT: records are stored in sequence order under the lock,
-            // so the chain on disk never has a hole that a later record skips.
-            store.append_audit(rec.seq, &bytes)?;
-            rec.prev = std::mem::replace(&mut head.prev, sha256_hex(&bytes));
-            head.next += 1;
-            head.since_checkpoint += 1;
-            let _ = self.tail.send((rec, bytes));
-        }
-        Ok(())
+            .collect()
+    }
+
+    /// Does anyone follow the live tail?
+    pub fn followed(&self) -> bool {
+        self.tail.receiver_count() > 0
     }
 
     /// Live records.
@@ -304,17 +261,15 @@ impl AuditLog {
         self.tail.subscribe()
     }
 
-    /// Records appended since the last checkpoint (by this broker; on a
-    /// shared store the checkpoint timer alone decides).
-    pub fn since_checkpoint(&self) -> u64 {
-        if self.shared {
-            return 0;
-        }
-        self.head.lock().map_or(0, |h| h.since_checkpoint)
+    /// Records committed since the newest checkpoint (by any broker).
+    pub fn since_checkpoint(store: &dyn Store) -> Result<u64, StoreError> {
+        let last = store.audit_last()?.map_or(0, |(seq, _)| seq);
+        let signed = store.last_checkpoint()?.map_or(0, |(seq, _)| seq);
+        Ok(last.saturating_sub(signed))
     }
 
-    /// On a shared store: hand records committed since the last call (by
-    /// any broker) to live followers, in order. Returns how many.
+    /// Hand records committed since the last call (by any broker) to live
+    /// followers, in order. Returns how many.
     pub fn poll_tail(&self, store: &dyn Store) -> Result<usize, StoreError> {
         let mut head = self
             .head
@@ -337,42 +292,29 @@ impl AuditLog {
         }
     }
 
-    /// Sign a checkpoint over the newest record, if any since the last;
-    /// its sequence number and JWS (for an external witness).
+    /// Sign a checkpoint over the newest record, if any since the last:
+    /// its sequence number and JWS, for the caller to store (in a batch)
+    /// and hand to an external witness.
     pub fn checkpoint(
-        &self,
         store: &dyn Store,
         keys: &KeySet,
         issuer: &str,
         now: Millis,
     ) -> Result<Option<(u64, String)>, AuditError> {
-        let mut head = self.head.lock().map_err(|_| AuditError::Poisoned)?;
-        let (seq, hash, prev) = if self.shared {
-            // Any broker may have appended or signed since: the store says
-            // where the chain and the checkpoints stand.
-            let Some((seq, bytes)) = store.audit_last()? else {
-                return Ok(None);
-            };
-            let last = store.last_checkpoint()?;
-            if last.as_ref().is_some_and(|(at, _)| *at >= seq) {
-                return Ok(None);
-            }
-            let prev = last.map_or_else(|| GENESIS.to_owned(), |(_, jws)| sha256_hex(&jws));
-            (seq, sha256_hex(&bytes), prev)
-        } else {
-            if head.since_checkpoint == 0 || head.next == 1 {
-                return Ok(None);
-            }
-            (
-                head.next - 1,
-                head.prev.clone(),
-                head.last_checkpoint.clone(),
-            )
+        // Any broker may have appended or signed since: the store says
+        // where the chain and the checkpoints stand.
+        let Some((seq, bytes)) = store.audit_last()? else {
+            return Ok(None);
         };
+        let last = store.last_checkpoint()?;
+        if last.as_ref().is_some_and(|(at, _)| *at >= seq) {
+            return Ok(None);
+        }
+        let prev = last.map_or_else(|| GENESIS.to_owned(), |(_, jws)| sha256_hex(&jws));
         let claims = Checkpoint {
             iss: issuer.to_owned(),
             seq,
-            hash,
+            hash: sha256_hex(&bytes),
             at: now,
             prev,
         };
@@ -381,9 +323,6 @@ impl AuditLog {
         header.typ = Some("audit-checkpoint+jwt".into());
         let jws = jsonwebtoken::encode(&header, &claims, &keys.active.encoding)
             .map_err(|e| AuditError::Sign(e.to_string()))?;
-        store.put_checkpoint(seq, jws.as_bytes())?;
-        head.since_checkpoint = 0;
-        head.last_checkpoint = sha256_hex(jws.as_bytes());
         Ok(Some((seq, jws)))
     }
 }
@@ -693,6 +632,9 @@ fn check_signature(keys: &KeySet, jws: &str) -> Option<Checkpoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chain::chained;
+    #[allow(unused_imports)]
+    use crate::store::conformance::TestWrites as _;
 
     #[test]
     fn assembled_bytes_are_exactly_the_records_json() {

@@ -187,7 +187,13 @@ impl Kek {
                 _ => Err(KeyError::WrongKek),
             },
             None => {
-                store.put_meta("kek_check", &self.seal(KEK_CHECK_AAD, b"portcullis")?)?;
+                crate::store::batch::write_one(
+                    store,
+                    crate::store::Write::PutMeta(
+                        "kek_check".into(),
+                        self.seal(KEK_CHECK_AAD, b"portcullis")?,
+                    ),
+                )?;
                 Ok(())
             }
         }
@@ -319,7 +325,7 @@ impl KeyRing {
         let mut created = None;
         if !records.iter().any(|r| r.state == KeyState::Active) {
             let rec = generate(kek, alg, now)?;
-            store.put_key(&rec)?;
+            crate::store::batch::write_one(store, crate::store::Write::PutKey(rec.clone()))?;
             store.sync()?;
             tracing::info!(kid = %rec.kid, alg = %rec.alg, "generated signing key");
             created = Some(rec.kid.clone());
@@ -538,6 +544,8 @@ fn build_set(kek: &Kek, all: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
 mod tests {
     use super::*;
     use crate::store::KeyStore;
+    #[allow(unused_imports)]
+    use crate::store::conformance::TestWrites as _;
     use crate::store::mem::MemStore;
 
     #[test]

@@ -283,19 +283,27 @@ impl Engine {
             digest,
         };
         let out = self
-            .records
-            .edit_request(id, |req| approving.apply(req, self.clock.now()).map(Some))?;
+            .commit(|op| {
+                let now = self.clock.now();
+                let out = self
+                    .records
+                    .edit_request(op, id, |req| approving.apply(req, now).map(Some))?;
+                if let Cas::Swapped { new, .. } = &out {
+                    let action = if new.state == RequestState::Approved {
+                        Action::RequestApproved
+                    } else {
+                        Action::RequestApproval
+                    };
+                    let entry = AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason);
+                    op.record(vec![entry.rule(rules_of(new))])?;
+                }
+                Ok(out)
+            })
+            .await?;
         let Cas::Swapped { new, .. } = out else {
             return Err(EngineError::not_found("request", id));
         };
         let done = new.state == RequestState::Approved;
-        let action = if done {
-            Action::RequestApproved
-        } else {
-            Action::RequestApproval
-        };
-        let entry = AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason);
-        self.record(vec![entry.rule(rules_of(&new))]).await?;
         tracing::info!(request_id = %id, approver = %who, complete = done, "approval recorded");
         self.metrics.decision("approve");
         if done {
@@ -316,15 +324,28 @@ impl Engine {
     ) -> Result<TokenRequest, EngineError> {
         check_reason("reason", reason, true)?;
         let policy = self.for_decision(id)?;
-        let out = self.records.edit_request(id, |req| {
-            check_decider(&policy, who, req)?;
-            super::end_request(req, RequestState::Denied, who, self.clock.now(), reason)
-        })?;
+        let out = self
+            .commit(|op| {
+                let now = self.clock.now();
+                let out = self.records.edit_request(op, id, |req| {
+                    check_decider(&policy, who, req)?;
+                    super::end_request(req, RequestState::Denied, who, now, reason)
+                })?;
+                if let Cas::Swapped { new, .. } = &out {
+                    op.record(vec![AuditEntry::ok(
+                        who.as_str(),
+                        Action::RequestDenied,
+                        id,
+                        &new.scopes,
+                        reason,
+                    )])?;
+                }
+                Ok(out)
+            })
+            .await?;
         let Cas::Swapped { new, .. } = out else {
             return Err(EngineError::not_found("request", id));
         };
-        let entry = AuditEntry::ok(who.as_str(), Action::RequestDenied, id, &new.scopes, reason);
-        self.record(vec![entry]).await?;
         tracing::info!(request_id = %id, approver = %who, "denied");
         self.metrics.decision("deny");
         self.announce(EventKind::Denied, &new, who.as_str(), reason);
@@ -343,36 +364,53 @@ impl Engine {
         let policy = self.for_decision(id)?;
         // The review is the compare-and-swap: only the reviewer whose swap
         // wins may revoke, so a lost race never revokes unrecorded.
-        let out = self.records.edit_request(id, |req| {
-            check_reviewable(&policy, who, req)?;
-            let mut new = req.clone();
-            new.review_pending = false;
-            new.reviewed_by = Some(who.as_str().to_owned());
-            new.review_reason = Some(reason.to_owned());
-            Ok::<_, EngineError>(Some(new))
-        })?;
+        let out = self
+            .commit(|op| {
+                let out = self.records.edit_request(op, id, |req| {
+                    check_reviewable(&policy, who, req)?;
+                    let mut new = req.clone();
+                    new.review_pending = false;
+                    new.reviewed_by = Some(who.as_str().to_owned());
+                    new.review_reason = Some(reason.to_owned());
+                    Ok::<_, EngineError>(Some(new))
+                })?;
+                let Cas::Swapped { new, .. } = &out else {
+                    return Ok(out);
+                };
+                let mut entries = Vec::new();
+                if revoke && let Some(lid) = &new.lease_id {
+                    let now = self.clock.now();
+                    self.records.edit_lease(
+                        op,
+                        lid,
+                        revoke_if_active(who.as_str(), reason, now),
+                    )?;
+                    // Whatever was delegated from the grant ends with it.
+                    entries = super::cascade::end_descendants(
+                        &self.records,
+                        op,
+                        lid,
+                        who.as_str(),
+                        reason,
+                        now,
+                    )?;
+                }
+                let action = if revoke {
+                    Action::BreakGlassRevoked
+                } else {
+                    Action::BreakGlassAcknowledged
+                };
+                entries.insert(
+                    0,
+                    AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason),
+                );
+                op.record(entries)?;
+                Ok(out)
+            })
+            .await?;
         let Cas::Swapped { new, .. } = out else {
             return Err(EngineError::not_found("request", id));
         };
-        let mut entries = Vec::new();
-        if revoke && let Some(lid) = &new.lease_id {
-            let now = self.clock.now();
-            self.records
-                .edit_lease(lid, revoke_if_active(who.as_str(), reason, now))?;
-            // Whatever was delegated from the grant ends with it.
-            entries =
-                super::cascade::end_descendants(&self.records, lid, who.as_str(), reason, now)?;
-        }
-        let action = if revoke {
-            Action::BreakGlassRevoked
-        } else {
-            Action::BreakGlassAcknowledged
-        };
-        entries.insert(
-            0,
-            AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason),
-        );
-        self.record(entries).await?;
         tracing::warn!(request_id = %id, reviewer = %who, revoked = revoke, "break-glass grant reviewed");
         self.metrics.decision("acknowledge");
         self.announce(EventKind::Acknowledged, &new, who.as_str(), reason);

@@ -1,11 +1,12 @@
 //! Cascade: a lease that ends takes every lease delegated from it, however
 //! deep, with it (issue 12; docs/design-delegation.md). The subtree is
 //! walked breadth-first through the store's `children` index; each active
-//! descendant is revoked by compare-and-swap and gets its own audit record;
-//! the caller makes them durable with its own, in one group commit.
+//! descendant's revocation and its audit record join the caller's
+//! operation, so the whole subtree ends in the same atomic batch as the
+//! lease it hangs from.
 
 use super::records::revoke_if_active;
-use super::{Cas, EngineError, Records};
+use super::{Cas, EngineError, Op, Records};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::identity::Identity;
 use crate::policy::{DelegationAsk, Policy};
@@ -14,12 +15,13 @@ use crate::store::{Delegation, Lease, LeaseState, Millis, Store, StoreError};
 /// Children read per index page.
 const PAGE: usize = 1024;
 
-/// Revoke every active lease delegated, directly or not, from `root`, as
-/// `by` at `now`; their audit entries (the caller records them with its
-/// own, in one group commit). Blocking store work: bulk callers run it off
-/// the runtime.
+/// Revoke, in `op`, every active lease delegated, directly or not, from
+/// `root`, as `by` at `now`; their audit entries (the caller records them
+/// with its own, in the same operation). Blocking store work: bulk callers
+/// run it off the runtime.
 pub(crate) fn end_descendants(
     records: &Records,
+    op: &mut Op,
     root: &str,
     by: &str,
     why: &str,
@@ -40,7 +42,7 @@ pub(crate) fn end_descendants(
             let done = page.len() < PAGE;
             for id in page {
                 let edit = revoke_if_active(by, &reason, now);
-                if let Cas::Swapped { new, .. } = records.edit_lease::<StoreError>(&id, edit)? {
+                if let Cas::Swapped { new, .. } = records.edit_lease::<StoreError>(op, &id, edit)? {
                     entries.push(AuditEntry::ok(
                         by,
                         Action::LeaseRevoked,
@@ -155,6 +157,8 @@ pub(crate) fn delegated_ceiling(
 mod tests {
     use super::super::Outcome;
     use super::super::testing::{POLICY, ask, id, rig, workload};
+    #[allow(unused_imports)]
+    use crate::store::conformance::TestWrites as _;
     use crate::store::{Delegation, Lease, LeaseState};
 
     /// A fresh `read` lease of the workload.

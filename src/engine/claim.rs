@@ -20,40 +20,53 @@ impl Engine {
     ) -> Result<Option<(String, Lease, TokenRequest)>, EngineError> {
         let mut minted = None;
         // The claim is the compare-and-swap APPROVED -> ISSUED, so exactly
-        // one caller gets past it; the token is signed before any write.
-        let out = self.records.edit_request(id, |req| {
-            let now = self.clock.now();
-            if req.requester != who.as_str()
-                || req.state != RequestState::Approved
-                || req.deadline <= now
-            {
-                return Ok(None);
-            }
-            // The policy may have changed since the approval; a delegated
-            // request's parent may have ended.
-            let policy = self.policy();
-            let parent =
-                super::approvals::check_still_allowed(&policy, self.store().as_ref(), req, now)?;
-            let cnf = super::bound_to(&policy, &req.scopes, x5t)?;
-            let (lease, tok) = self.approved_lease(req, now, parent.as_ref(), cnf)?;
-            let mut issued = req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
-            issued.lease_id = Some(lease.id.clone());
-            minted = Some((tok, lease));
-            Ok::<_, EngineError>(Some(issued))
-        })?;
+        // one caller gets past it; the token is signed before any write, and
+        // the request, its lease and its record are one batch.
+        let out = self
+            .commit(|op| {
+                minted = None;
+                let out = self.records.edit_request(op, id, |req| {
+                    let now = self.clock.now();
+                    if req.requester != who.as_str()
+                        || req.state != RequestState::Approved
+                        || req.deadline <= now
+                    {
+                        return Ok(None);
+                    }
+                    // The policy may have changed since the approval; a
+                    // delegated request's parent may have ended.
+                    let policy = self.policy();
+                    let parent = super::approvals::check_still_allowed(
+                        &policy,
+                        self.store().as_ref(),
+                        req,
+                        now,
+                    )?;
+                    let cnf = super::bound_to(&policy, &req.scopes, x5t)?;
+                    let (lease, tok) = self.approved_lease(req, now, parent.as_ref(), cnf)?;
+                    let mut issued =
+                        req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
+                    issued.lease_id = Some(lease.id.clone());
+                    minted = Some((tok, lease));
+                    Ok::<_, EngineError>(Some(issued))
+                })?;
+                if let (Cas::Swapped { .. }, Some((_, lease))) = (&out, &minted) {
+                    op.create_lease(lease.clone(), None);
+                    let reason = format!("lease {}", lease.id);
+                    op.record(vec![AuditEntry::ok(
+                        who.as_str(),
+                        Action::RequestIssued,
+                        id,
+                        &lease.scopes,
+                        &reason,
+                    )])?;
+                }
+                Ok(out)
+            })
+            .await?;
         let (Cas::Swapped { new: issued, .. }, Some((tok, lease))) = (out, minted) else {
             return Ok(None);
         };
-        self.records.create_lease(&lease, None)?;
-        let reason = format!("lease {}", lease.id);
-        let entry = AuditEntry::ok(
-            who.as_str(),
-            Action::RequestIssued,
-            id,
-            &lease.scopes,
-            &reason,
-        );
-        self.record(vec![entry]).await?;
         self.deadlines.note(lease.expires_at);
         tracing::info!(request_id = %id, jti = %lease.id, kid = %lease.kid, sub = %who, "approved request issued");
         self.announce(EventKind::Issued, &issued, who.as_str(), "");

@@ -63,6 +63,10 @@ pub enum EngineError {
     /// nothing was acknowledged.
     #[error("{0}")]
     Internal(String),
+    /// Leader-only work by a broker whose term has ended (another broker
+    /// leads now); nothing was changed.
+    #[error("this broker no longer leads; nothing was changed")]
+    Fenced,
 }
 
 impl From<NoRandomness> for EngineError {
@@ -103,6 +107,7 @@ impl EngineError {
             // later); a corrupt record, a schema mismatch or the broker's
             // own failure is internal.
             _ if self.is_unavailable() => ErrorKind::Unavailable,
+            Self::Fenced => ErrorKind::Unavailable,
             Self::Store(_)
             | Self::Audit(_)
             | Self::Token(_)

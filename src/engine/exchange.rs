@@ -167,35 +167,47 @@ impl Engine {
     /// parent), record, wait for durability, hand the token over.
     async fn grant_exchange(&self, policy: &Policy, plan: Plan) -> Result<Outcome, EngineError> {
         let now = plan.now;
-        let keys = self.keys.current();
-        let lease = Lease {
-            expires_at: plan.expires_at,
-            max_expires_at: plan.max_expires_at,
-            cnf: super::bound_to(policy, &plan.terms.scopes, plan.holder.x5t.as_deref())?,
-            ..Lease::active(
-                new_id("l_", now)?,
-                plan.to.as_str(),
-                &plan.terms,
-                now,
-                &keys.active.kid,
-            )
+        let cnf = super::bound_to(policy, &plan.terms.scopes, plan.holder.x5t.as_deref())?;
+        let id = new_id("l_", now)?;
+        let idem = idempotency(&plan, IdempotentOutcome::Lease(id.clone()));
+        let out = self
+            .commit_claiming(|op| {
+                let keys = self.keys.current();
+                let lease = Lease {
+                    expires_at: plan.expires_at,
+                    max_expires_at: plan.max_expires_at,
+                    cnf: cnf.clone(),
+                    ..Lease::active(
+                        id.clone(),
+                        plan.to.as_str(),
+                        &plan.terms,
+                        now,
+                        &keys.active.kid,
+                    )
+                };
+                // A child of a break-glass grant is break-glass too: it
+                // lives within that grant and its review.
+                let lease = super::cascade::child_of(lease, &plan.parent, &plan.delegation);
+                let (lease, tok) = self.signed(&keys, lease, now)?;
+                // The parent as read: should it end meanwhile, the child is
+                // never written (the batch loses, and the plan runs again).
+                op.expect_lease(plan.parent.clone());
+                op.create_lease(lease.clone(), idem.clone());
+                let entry = AuditEntry::ok(
+                    plan.holder.who.as_str(),
+                    Action::TokenExchanged,
+                    &lease.id,
+                    &lease.scopes,
+                    &chain_text(&lease.subject, &plan.delegation),
+                );
+                op.record(vec![entry.rule(plan.rule.clone())])?;
+                Ok((lease, tok))
+            })
+            .await?;
+        let (lease, tok) = match out {
+            Ok(done) => done,
+            Err(existing) => return self.replay(&plan.holder.who, existing, &plan.digest).await,
         };
-        // A child of a break-glass grant is break-glass too: it lives
-        // within that grant and its review.
-        let lease = super::cascade::child_of(lease, &plan.parent, &plan.delegation);
-        let (lease, tok) = self.signed(&keys, lease, now)?;
-        let idem = idempotency(&plan, IdempotentOutcome::Lease(lease.id.clone()));
-        if let Some(existing) = self.records.create_lease(&lease, idem.as_ref())? {
-            return self.replay(&plan.holder.who, existing, &plan.digest).await;
-        }
-        let entry = AuditEntry::ok(
-            plan.holder.who.as_str(),
-            Action::TokenExchanged,
-            &lease.id,
-            &lease.scopes,
-            &chain_text(&lease.subject, &plan.delegation),
-        );
-        self.record(vec![entry.rule(plan.rule.clone())]).await?;
         self.deadlines.note(lease.expires_at);
         self.metrics.exchange("granted");
         tracing::info!(jti = %lease.id, parent = %plan.parent.id, sub = %lease.subject, actor = %plan.holder.who, depth = plan.delegation.depth, scopes = %lease.scopes.join(" "), rule = %plan.rule, "token exchanged");
@@ -208,9 +220,6 @@ impl Engine {
         self.check_open_requests(&plan.to)?;
         let req = parked_request(policy, &plan)?;
         let idem = idempotency(&plan, IdempotentOutcome::Request(req.id.clone()));
-        if let Some(existing) = self.records.create_request(&req, idem.as_ref())? {
-            return self.replay(&plan.holder.who, existing, &plan.digest).await;
-        }
         let pending = req.state == RequestState::Pending;
         let why = chain_text(&req.requester, &plan.delegation);
         let (action, rule) = if pending {
@@ -223,8 +232,18 @@ impl Engine {
             (Action::TokenExchanged, plan.rule.clone())
         };
         let actor = plan.holder.who.as_str();
-        let entry = AuditEntry::ok(actor, action, &req.id, &req.scopes, &why);
-        self.record(vec![entry.rule(rule)]).await?;
+        let parked = self
+            .commit_claiming(|op| {
+                op.expect_lease(plan.parent.clone());
+                op.create_request(req.clone(), idem.clone());
+                let entry = AuditEntry::ok(actor, action, &req.id, &req.scopes, &why);
+                op.record(vec![entry.rule(rule.clone())])?;
+                Ok(())
+            })
+            .await?;
+        if let Err(existing) = parked {
+            return self.replay(&plan.holder.who, existing, &plan.digest).await;
+        }
         self.metrics.exchange("parked");
         self.deadlines.note(req.deadline);
         tracing::info!(request_id = %req.id, parent = %plan.parent.id, sub = %req.requester, actor, pending, "token exchange parked");

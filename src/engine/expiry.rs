@@ -121,95 +121,98 @@ impl Engine {
     }
 
     /// Expire every lease and request due at `now`. Returns how many changed.
+    /// One operation per page of what is due, fenced by this broker's term
+    /// on a shared store.
     pub async fn expire_due(&self, now: Millis) -> Result<usize, EngineError> {
-        let mut entries = self.expire_leases(now)?;
-        let requests = self.expire_requests(now)?;
-        entries.extend(requests.iter().map(|r| {
-            AuditEntry::ok(
-                SYSTEM_ACTOR,
-                Action::RequestExpired,
-                &r.id,
-                &r.scopes,
-                expiry_reason(r),
-            )
-        }));
-        let changed = entries.len();
-        if changed > 0 {
-            self.record(entries).await?;
+        let mut changed = 0;
+        loop {
+            let page = self
+                .commit(|op| {
+                    op.fence(self.upkeep_fence());
+                    self.plan_expiry(op, now)
+                })
+                .await?;
+            for (id, subject) in &page.leases {
+                self.metrics.expiry("lease");
+                tracing::info!(jti = %id, sub = %subject, "expired");
+            }
+            for req in &page.requests {
+                self.metrics.expiry("request");
+                tracing::info!(request_id = %req.id, "request expired");
+                self.announce(EventKind::Expired, req, SYSTEM_ACTOR, expiry_reason(req));
+            }
+            let n = page.leases.len() + page.requests.len();
+            changed += n;
+            if !page.more || n == 0 {
+                return Ok(changed);
+            }
         }
-        for req in requests {
-            self.announce(EventKind::Expired, &req, SYSTEM_ACTOR, expiry_reason(&req));
-        }
-        Ok(changed)
     }
 
-    /// Mark every lease due at `now` expired; their audit entries.
-    fn expire_leases(&self, now: Millis) -> Result<Vec<AuditEntry>, EngineError> {
+    /// One page of expiry: every lease and request due at `now` (up to a
+    /// page of each) marked expired in `op`, with their records.
+    fn plan_expiry(&self, op: &mut super::Op, now: Millis) -> Result<Expired, EngineError> {
         let mut entries = Vec::new();
-        loop {
-            let due = self.store().leases_due(now, BATCH)?;
-            if due.is_empty() {
-                return Ok(entries);
-            }
-            for id in due {
-                let out = self.records.edit_lease(&id, |l| {
-                    let due = l.state == LeaseState::Active && l.expires_at <= now;
-                    Ok::<_, EngineError>(due.then(|| Lease {
-                        state: LeaseState::Expired,
-                        expired_at: Some(now),
-                        ..l.clone()
-                    }))
-                })?;
-                if let Cas::Swapped { new, .. } = out {
-                    self.metrics.expiry("lease");
-                    tracing::info!(jti = %id, sub = %new.subject, "expired");
-                    entries.push(AuditEntry::ok(
-                        SYSTEM_ACTOR,
-                        Action::LeaseExpired,
+        let mut page = Expired::default();
+        let due = self.store().leases_due(now, BATCH)?;
+        page.more = due.len() == BATCH;
+        for id in due {
+            let out = self.records.edit_lease(op, &id, |l| {
+                let due = l.state == LeaseState::Active && l.expires_at <= now;
+                Ok::<_, EngineError>(due.then(|| Lease {
+                    state: LeaseState::Expired,
+                    expired_at: Some(now),
+                    ..l.clone()
+                }))
+            })?;
+            if let Cas::Swapped { new, .. } = out {
+                entries.push(AuditEntry::ok(
+                    SYSTEM_ACTOR,
+                    Action::LeaseExpired,
+                    &id,
+                    &new.scopes,
+                    "",
+                ));
+                // A parent can end before its children's deadlines only if
+                // a renewal shortened it (children are capped at the
+                // parent's end when made and when renewed): then they end
+                // with it. Other parents cost no index walk here.
+                if new.renewals > 0 {
+                    entries.extend(super::cascade::end_descendants(
+                        &self.records,
+                        op,
                         &id,
-                        &new.scopes,
-                        "",
-                    ));
-                    // A parent can end before its children's deadlines only
-                    // if a renewal shortened it (children are capped at the
-                    // parent's end when made and when renewed): then they
-                    // end with it. Other parents cost no index walk here.
-                    if new.renewals > 0 {
-                        entries.extend(super::cascade::end_descendants(
-                            &self.records,
-                            &id,
-                            SYSTEM_ACTOR,
-                            "expired",
-                            now,
-                        )?);
-                    }
+                        SYSTEM_ACTOR,
+                        "expired",
+                        now,
+                    )?);
                 }
+                page.leases.push((id, new.subject));
             }
         }
-    }
-
-    /// Mark every request due at `now` expired; the requests as they now are.
-    fn expire_requests(&self, now: Millis) -> Result<Vec<TokenRequest>, EngineError> {
-        let mut expired = Vec::new();
-        loop {
-            let due = self.store().requests_due(now, BATCH)?;
-            if due.is_empty() {
-                return Ok(expired);
-            }
-            for id in due {
-                let out = self.records.edit_request(&id, |r| {
+        let due = self.store().requests_due(now, BATCH)?;
+        page.more |= due.len() == BATCH;
+        for id in due {
+            let out =
+                self.records.edit_request(op, &id, |r| {
                     let due = !r.state.is_terminal() && r.deadline <= now;
                     Ok::<_, EngineError>(due.then(|| {
                         r.moved(RequestState::Expired, SYSTEM_ACTOR, now, expiry_reason(r))
                     }))
                 })?;
-                if let Cas::Swapped { new, .. } = out {
-                    self.metrics.expiry("request");
-                    tracing::info!(request_id = %id, "request expired");
-                    expired.push(new);
-                }
+            if let Cas::Swapped { new, .. } = out {
+                entries.push(AuditEntry::ok(
+                    SYSTEM_ACTOR,
+                    Action::RequestExpired,
+                    &new.id,
+                    &new.scopes,
+                    expiry_reason(&new),
+                ));
+                page.requests.push(new);
             }
         }
+        op.record(entries)?;
+        Ok(page)
     }
 
     /// Earliest pending deadline, recorded as what the expiry task sleeps to.
@@ -226,6 +229,17 @@ impl Engine {
             .store(next.unwrap_or(u64::MAX), Ordering::Release);
         Ok(next)
     }
+}
+
+/// What one page of expiry changed.
+#[derive(Default)]
+struct Expired {
+    /// Leases expired: (id, subject).
+    leases: Vec<(String, String)>,
+    /// Requests expired, as they now are.
+    requests: Vec<TokenRequest>,
+    /// A page was full: there may be more due.
+    more: bool,
 }
 
 /// Why a request expires (or expired), from the state it expires from. On

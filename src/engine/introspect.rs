@@ -72,6 +72,8 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)]
+    use crate::store::conformance::TestWrites as _;
     use std::time::Duration;
 
     use base64::Engine as _;

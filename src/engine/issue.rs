@@ -111,48 +111,52 @@ impl Engine {
     async fn grant(&self, policy: &Policy, c: Checked, g: Grant) -> Result<Outcome, EngineError> {
         let now = c.now;
         let request_id = g.review.as_ref().map(|_| new_id("r_", now)).transpose()?;
-        let keys = self.keys.current();
         let terms = c.terms(g.ttl, g.max_ttl);
         let cnf = super::bound_to(policy, &c.scopes, c.x5t.as_deref())?;
-        let lease = Lease {
-            request_id,
-            break_glass: g.review.is_some(),
-            cnf,
-            ..Lease::active(
-                new_id("l_", now)?,
-                c.who.as_str(),
-                &terms,
-                now,
-                &keys.active.kid,
-            )
+        let id = new_id("l_", now)?;
+        let idem = c.idempotency(IdempotentOutcome::Lease(id.clone()));
+        // One batch: the lease, the key claim, the break-glass review
+        // record, and the grant's own record. Signed (again, should the
+        // key ring have moved) on every try.
+        let out = self
+            .commit_claiming(|op| {
+                let keys = self.keys.current();
+                let lease = Lease {
+                    request_id: request_id.clone(),
+                    break_glass: g.review.is_some(),
+                    cnf: cnf.clone(),
+                    ..Lease::active(id.clone(), c.who.as_str(), &terms, now, &keys.active.kid)
+                };
+                let (lease, tok) = self.signed(&keys, lease, now)?;
+                op.create_lease(lease.clone(), idem.clone());
+                let review = match (&g.review, &lease.request_id) {
+                    (Some(waiting_for), Some(rid)) => {
+                        let r =
+                            super::break_glass::review_record(&c, &lease, rid, waiting_for.clone());
+                        op.create_request(r.clone(), None);
+                        Some(r)
+                    }
+                    _ => None,
+                };
+                let action = match review {
+                    Some(_) => Action::TokenBreakGlass,
+                    None => Action::TokenGranted,
+                };
+                let entry = AuditEntry::ok(
+                    c.who.as_str(),
+                    action,
+                    &lease.id,
+                    &lease.scopes,
+                    &lease.justification,
+                );
+                op.record(vec![entry.rule(g.rules.join("; "))])?;
+                Ok((lease, tok, review))
+            })
+            .await?;
+        let (lease, tok, review) = match out {
+            Ok(done) => done,
+            Err(existing) => return self.replay(&c.who, existing, &c.digest).await,
         };
-        let (lease, tok) = self.signed(&keys, lease, now)?;
-        let idem = c.idempotency(IdempotentOutcome::Lease(lease.id.clone()));
-        if let Some(existing) = self.records.create_lease(&lease, idem.as_ref())? {
-            return self.replay(&c.who, existing, &c.digest).await;
-        }
-        // Break-glass: a record for the review queue, in the same durable
-        // batch as the lease.
-        let review = match (g.review, &lease.request_id) {
-            (Some(waiting_for), Some(rid)) => {
-                let r = super::break_glass::review_record(&c, &lease, rid, waiting_for);
-                self.records.create_request(&r, None)?;
-                Some(r)
-            }
-            _ => None,
-        };
-        let action = match review {
-            Some(_) => Action::TokenBreakGlass,
-            None => Action::TokenGranted,
-        };
-        let entry = AuditEntry::ok(
-            c.who.as_str(),
-            action,
-            &lease.id,
-            &lease.scopes,
-            &lease.justification,
-        );
-        self.record(vec![entry.rule(g.rules.join("; "))]).await?;
         self.deadlines.note(lease.expires_at);
         let who = &c.who;
         if let Some(r) = &review {
@@ -198,18 +202,24 @@ impl Engine {
             )
         };
         let idem = c.idempotency(IdempotentOutcome::Request(req.id.clone()));
-        if let Some(existing) = self.records.create_request(&req, idem.as_ref())? {
+        let rules: Vec<String> = req.waiting_for.iter().map(|w| w.rule.clone()).collect();
+        let parked = self
+            .commit_claiming(|op| {
+                op.create_request(req.clone(), idem.clone());
+                let entry = AuditEntry::ok(
+                    who.as_str(),
+                    Action::RequestParked,
+                    &req.id,
+                    &req.scopes,
+                    &req.justification,
+                );
+                op.record(vec![entry.rule(rules.join("; "))])?;
+                Ok(())
+            })
+            .await?;
+        if let Err(existing) = parked {
             return self.replay(who, existing, &c.digest).await;
         }
-        let rules: Vec<String> = req.waiting_for.iter().map(|w| w.rule.clone()).collect();
-        let entry = AuditEntry::ok(
-            who.as_str(),
-            Action::RequestParked,
-            &req.id,
-            &req.scopes,
-            &req.justification,
-        );
-        self.record(vec![entry.rule(rules.join("; "))]).await?;
         self.metrics.request("parked");
         self.deadlines.note(req.deadline);
         tracing::info!(request_id = %req.id, sub = %who, scopes = %req.scopes.join(" "), "parked for approval");

@@ -10,7 +10,7 @@ use crate::audit::{Action, Entry as AuditEntry};
 use crate::clock::millis;
 use crate::identity::Identity;
 use crate::policy::{Decision, Policy, Refusal};
-use crate::store::{Lease, LeaseState, StoreError};
+use crate::store::{Lease, LeaseState};
 use crate::text::{FieldError, LEASE_PAGE, check_reason, page_size, require_id};
 
 /// Why a token could not be handed over.
@@ -46,41 +46,53 @@ impl Engine {
     ) -> Result<(String, Lease), EngineError> {
         let policy = self.policy();
         super::ask::check_ttl(&policy, ttl, "ttl")?;
-        let current = self.owned_lease(who, id, false)?;
+        self.owned_lease(who, id, false)?;
         let mut token = None;
-        let out = self.records.edit_lease_from(Some(current), |lease| {
-            check_owner(lease, who, false)?;
-            let now = self.clock.now();
-            check_renewable(lease, now)?;
-            let max_expires_at = match &lease.delegation {
-                Some(d) => super::cascade::delegated_ceiling(
-                    self.store().as_ref(),
-                    &policy,
-                    lease,
-                    d,
-                    now,
-                )?,
-                None => current_ceiling(&policy, who, lease)?,
-            };
-            let expires_at = renewed_until(lease, ttl, now, max_expires_at)?;
-            let keys = self.keys.current();
-            let renewed = Lease {
-                expires_at,
-                max_expires_at,
-                renewals: lease.renewals + 1,
-                token_issued_at: now,
-                kid: keys.active.kid.clone(),
-                ..lease.clone()
-            };
-            let (new, tok) = self.signed(&keys, renewed, now)?;
-            token = Some(tok);
-            Ok::<_, EngineError>(Some(new))
-        })?;
+        let out = self
+            .commit(|op| {
+                let out = self.records.edit_lease(op, id, |lease| {
+                    check_owner(lease, who, false)?;
+                    let now = self.clock.now();
+                    check_renewable(lease, now)?;
+                    let max_expires_at = match &lease.delegation {
+                        Some(d) => super::cascade::delegated_ceiling(
+                            self.store().as_ref(),
+                            &policy,
+                            lease,
+                            d,
+                            now,
+                        )?,
+                        None => current_ceiling(&policy, who, lease)?,
+                    };
+                    let expires_at = renewed_until(lease, ttl, now, max_expires_at)?;
+                    let keys = self.keys.current();
+                    let renewed = Lease {
+                        expires_at,
+                        max_expires_at,
+                        renewals: lease.renewals + 1,
+                        token_issued_at: now,
+                        kid: keys.active.kid.clone(),
+                        ..lease.clone()
+                    };
+                    let (new, tok) = self.signed(&keys, renewed, now)?;
+                    token = Some(tok);
+                    Ok::<_, EngineError>(Some(new))
+                })?;
+                if let Cas::Swapped { new, .. } = &out {
+                    op.record(vec![AuditEntry::ok(
+                        who.as_str(),
+                        Action::LeaseRenewed,
+                        id,
+                        &new.scopes,
+                        "",
+                    )])?;
+                }
+                Ok(out)
+            })
+            .await?;
         let (Cas::Swapped { new, .. }, Some(tok)) = (out, token) else {
             return Err(EngineError::not_found("lease", id));
         };
-        let entry = AuditEntry::ok(who.as_str(), Action::LeaseRenewed, id, &new.scopes, "");
-        self.record(vec![entry]).await?;
         self.metrics.renewals.inc();
         self.deadlines.note(new.expires_at);
         tracing::info!(jti = %id, kid = %new.kid, sub = %who, renewals = new.renewals, "renewed");
@@ -96,13 +108,16 @@ impl Engine {
         reason: &str,
     ) -> Result<Lease, EngineError> {
         check_reason("reason", reason, false)?;
-        let current = self.owned_lease(who, id, true)?;
-        let now = self.clock.now();
-        match self
-            .records
-            .edit_lease_from(Some(current), revoke_if_active(who.as_str(), reason, now))?
-        {
-            Cas::Swapped { old, new } => {
+        self.owned_lease(who, id, true)?;
+        let (out, cascaded) = self
+            .commit(|op| {
+                let now = self.clock.now();
+                let out =
+                    self.records
+                        .edit_lease(op, id, revoke_if_active(who.as_str(), reason, now))?;
+                let Cas::Swapped { new, .. } = &out else {
+                    return Ok((out, 0));
+                };
                 let mut entries = vec![AuditEntry::ok(
                     who.as_str(),
                     Action::LeaseRevoked,
@@ -111,12 +126,23 @@ impl Engine {
                     reason,
                 )];
                 // Everything delegated from it ends with it, in the same
-                // durable batch.
-                let descendants =
-                    super::cascade::end_descendants(&self.records, id, who.as_str(), reason, now)?;
+                // atomic batch.
+                let descendants = super::cascade::end_descendants(
+                    &self.records,
+                    op,
+                    id,
+                    who.as_str(),
+                    reason,
+                    now,
+                )?;
                 let cascaded = descendants.len();
                 entries.extend(descendants);
-                self.record(entries).await?;
+                op.record(entries)?;
+                Ok((out, cascaded))
+            })
+            .await?;
+        match out {
+            Cas::Swapped { old, new } => {
                 tracing::info!(jti = %id, sub = %old.subject, by = %who, cascaded, "revoked");
                 Ok(new)
             }
@@ -144,7 +170,7 @@ impl Engine {
     }
 
     async fn revoke_all_here(
-        &self,
+        self: Arc<Self>,
         who: &Identity,
         subject: &str,
         reason: &str,
@@ -153,52 +179,71 @@ impl Engine {
             Identity::parse(subject).map_err(|e| FieldError::new("subject", e.to_string()))?;
         check_reason("reason", reason, false)?;
         self.require_admin(who, "bulk revocation")?;
-        let records = self.records.clone();
-        let now = self.clock.now();
         let (by, why, subj) = (
             who.as_str().to_owned(),
             reason.to_owned(),
             subject.as_str().to_owned(),
         );
-        let (count, delegated) =
-            tokio::task::spawn_blocking(move || -> Result<(u64, Vec<AuditEntry>), StoreError> {
-                let mut count = 0;
-                let mut delegated = Vec::new();
-                let mut after: Option<String> = None;
-                loop {
-                    let page = records.store().leases_of(&subj, after.as_deref(), 4096)?;
-                    let Some(last) = page.last() else { break };
-                    after = Some(last.id.clone());
-                    for lease in page {
-                        let id = lease.id.clone();
-                        let edit = revoke_if_active(&by, &why, now);
-                        if let Cas::Swapped { .. } = records.edit_lease_from(Some(lease), edit)? {
-                            count += 1;
-                            // What was delegated from it ends with it.
-                            delegated.extend(super::cascade::end_descendants(
-                                &records, &id, &by, &why, now,
-                            )?);
-                        }
-                    }
+        // One operation: every lease of the subject, everything delegated
+        // from them, and the records, in one atomic batch.
+        let me = self.clone();
+        let count = tokio::task::spawn_blocking(move || {
+            me.apply_op(|op| me.plan_revoke_all(op, &subj, &by, &why))
+        })
+        .await??
+        .map_err(|_| EngineError::Internal("bulk revocation claimed a key".into()))?;
+        self.durable().await?;
+        tracing::warn!(sub = %subject, by = %who, revoked = count, "bulk revocation");
+        Ok(count)
+    }
+
+    /// The operation of [`Engine::revoke_all`]: how many leases it revokes.
+    fn plan_revoke_all(
+        &self,
+        op: &mut super::Op,
+        subject: &str,
+        by: &str,
+        why: &str,
+    ) -> Result<u64, EngineError> {
+        let now = self.clock.now();
+        let mut count = 0;
+        let mut delegated = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store().leases_of(subject, after.as_deref(), 4096)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for lease in page {
+                let id = lease.id.clone();
+                let edit = revoke_if_active(by, why, now);
+                if let Cas::Swapped { .. } = self.records.edit_lease_from(op, Some(lease), edit)? {
+                    count += 1;
+                    // What was delegated from it ends with it.
+                    delegated.extend(super::cascade::end_descendants(
+                        &self.records,
+                        op,
+                        &id,
+                        by,
+                        why,
+                        now,
+                    )?);
                 }
-                Ok((count, delegated))
-            })
-            .await??;
-        let summary = if reason.is_empty() {
+            }
+        }
+        let summary = if why.is_empty() {
             format!("{count} active leases revoked")
         } else {
-            format!("{count} active leases revoked: {reason}")
+            format!("{count} active leases revoked: {why}")
         };
         let mut entries = vec![AuditEntry::ok(
-            who.as_str(),
+            by,
             Action::LeaseBulkRevoked,
-            subject.as_str(),
+            subject,
             &[],
             &summary,
         )];
         entries.extend(delegated);
-        self.record(entries).await?;
-        tracing::warn!(sub = %subject, by = %who, revoked = count, "bulk revocation");
+        op.record(entries)?;
         Ok(count)
     }
 
@@ -290,34 +335,35 @@ impl Engine {
     /// revoke its lease so no copy can ever be used. Recorded only if this
     /// call revoked it; failures are logged as failures.
     pub async fn revoke_undelivered(&self, lease: &Lease) {
-        let now = self.clock.now();
-        let revoked = match self
-            .records
-            .edit_lease(&lease.id, revoke_if_active(SYSTEM_ACTOR, UNDELIVERED, now))
-        {
-            Ok(Cas::Swapped { new, .. }) => new,
+        let out = self
+            .commit(|op| {
+                let now = self.clock.now();
+                let out = self.records.edit_lease(
+                    op,
+                    &lease.id,
+                    revoke_if_active(SYSTEM_ACTOR, UNDELIVERED, now),
+                )?;
+                if let Cas::Swapped { new, .. } = &out {
+                    op.record(vec![AuditEntry::ok(
+                        SYSTEM_ACTOR,
+                        Action::LeaseRevoked,
+                        &new.id,
+                        &new.scopes,
+                        UNDELIVERED,
+                    )])?;
+                }
+                Ok(out)
+            })
+            .await;
+        match out {
+            Ok(Cas::Swapped { .. }) => {
+                tracing::warn!(jti = %lease.id, "token could not be delivered; lease revoked")
+            }
             Ok(Cas::Kept(_) | Cas::Missing) => {
                 tracing::info!(jti = %lease.id, "undelivered token's lease had already ended");
-                return;
             }
             Err(e) => {
                 tracing::error!(jti = %lease.id, error = %e, "could not revoke an undelivered lease");
-                return;
-            }
-        };
-        let entry = AuditEntry::ok(
-            SYSTEM_ACTOR,
-            Action::LeaseRevoked,
-            &revoked.id,
-            &revoked.scopes,
-            UNDELIVERED,
-        );
-        match self.record(vec![entry]).await {
-            Ok(()) => {
-                tracing::warn!(jti = %lease.id, "token could not be delivered; lease revoked")
-            }
-            Err(e) => {
-                tracing::error!(jti = %lease.id, error = %e, "could not persist the revocation of an undelivered lease")
             }
         }
     }

@@ -13,10 +13,12 @@
 //! (retention, checkpoints, policy reloads).
 //!
 //! # One way to write
-//! Every lease or request change goes through [`Records`] (a
-//! compare-and-swap that keeps the gauges in step), and every acknowledged
-//! change through [`Engine::record`]: append its audit records, then wait
-//! until the group commit has made state and records durable together.
+//! Every operation is one batch: [`Engine::commit`] builds it with a plan
+//! (reads, then [`Records`] edits and creates, then its audit records, all
+//! into one [`Op`]), has the store apply it atomically — state and records
+//! together, or nothing — and waits until the group commit has made it
+//! durable. A compare-and-swap that lost a race builds the whole operation
+//! again from fresh reads.
 //!
 //! # What is durable when a reply is sent
 //! Every acknowledged change — a grant, a parked request, a renewal, a
@@ -51,7 +53,7 @@ pub use self::error::{EngineError, ErrorKind};
 pub use self::exchange::ExchangeAsk;
 pub use self::issue::{Outcome, TokenAsk};
 pub use self::quota::{Limits, WatchPermit};
-pub(crate) use self::records::{Cas, Records};
+pub(crate) use self::records::{Cas, Op, Records};
 pub use self::upkeep::PolicyReloads;
 use crate::audit::{AuditLog, Entry as AuditEntry};
 use crate::clock::{Clock, secs};
@@ -61,7 +63,7 @@ use crate::metrics::{Metrics, Sampled};
 use crate::notify::{Event, EventKind, Notifier};
 use crate::policy::Policy;
 use crate::store::commit::GroupCommit;
-use crate::store::{Lease, Millis, Store, TokenRequest};
+use crate::store::{Applied, Fence, Idempotency, Lease, Lost, Millis, Store, TokenRequest};
 use crate::token::Claims;
 
 /// Who calls, as far as binding is concerned: the authenticated identity
@@ -108,6 +110,11 @@ pub struct Engine {
     /// On a shared store: when this broker must stop acting as leader unless
     /// a renewal moved it (half a term after the last renewal started).
     lead_until: Mutex<Option<std::time::Instant>>,
+    /// On a shared store: the term this broker leads in, which fences its
+    /// leader-only batches.
+    upkeep_fence: Mutex<Option<Fence>>,
+    /// On a shared store: the term of the key-ring change under way.
+    keys_fence: Mutex<Option<Fence>>,
     /// Last health verdict: the store answers and the last commit worked.
     serving: std::sync::atomic::AtomicBool,
 }
@@ -141,6 +148,8 @@ impl Engine {
         Self {
             leader,
             lead_until: Mutex::new(None),
+            upkeep_fence: Mutex::new(None),
+            keys_fence: Mutex::new(None),
             serving: std::sync::atomic::AtomicBool::new(true),
             records: Records::new(parts.store, metrics.clone()),
             commit: parts.commit,
@@ -160,27 +169,117 @@ impl Engine {
         }
     }
 
-    /// The record-then-commit path: append `entries` to the trail, then wait
-    /// until the group commit has made them durable together with every
-    /// state write made before this call. Every acknowledged change ends
-    /// here.
-    pub async fn record(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
-        self.note(entries)?;
+    /// One operation: build it with `plan` (reads, edits, records — no
+    /// writes), apply it as one atomic batch, and wait until the group
+    /// commit has made it durable. Every acknowledged change ends here.
+    pub(crate) async fn commit<T>(
+        &self,
+        plan: impl FnMut(&mut Op) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        match self.commit_claiming(plan).await? {
+            Ok(out) => Ok(out),
+            // Only a plan that claims a key can lose it.
+            Err(_) => Err(EngineError::Internal(
+                "an idempotency key was taken by an operation that claimed none".into(),
+            )),
+        }
+    }
+
+    /// [`Engine::commit`] for an operation that claims an idempotency key:
+    /// `Err(entry)` when the key was taken first (nothing was written).
+    pub(crate) async fn commit_claiming<T>(
+        &self,
+        plan: impl FnMut(&mut Op) -> Result<T, EngineError>,
+    ) -> Result<Result<T, Idempotency>, EngineError> {
+        let out = self.apply_op(plan)?;
+        if out.is_ok() {
+            self.durable().await?;
+        }
+        Ok(out)
+    }
+
+    /// Build and apply one operation; a lost compare-and-swap builds it
+    /// again from fresh reads, a withdrawn signing key after reloading the
+    /// key ring. Synchronous: bulk work runs it off the runtime.
+    pub(crate) fn apply_op<T>(
+        &self,
+        mut plan: impl FnMut(&mut Op) -> Result<T, EngineError>,
+    ) -> Result<Result<T, Idempotency>, EngineError> {
+        /// Lost races after which an operation is given up: far beyond any
+        /// real contention, so reaching it means the stored form never
+        /// equals what was read back, and the caller gets an error instead
+        /// of a loop that never ends.
+        const MAX_RACES: usize = 1_000;
+        /// Reloads of the key ring after which a grant stops trying.
+        const MAX_KEY_RELOADS: usize = 3;
+        let mut reloads = 0;
+        for _ in 0..MAX_RACES {
+            let mut op = Op::new(self.clock.now());
+            let out = plan(&mut op)?;
+            if op.is_empty() {
+                return Ok(Ok(out));
+            }
+            match self.records.apply(op)? {
+                Applied::Done(_) => return Ok(Ok(out)),
+                Applied::Lost(Lost::Lease(_) | Lost::Request(_)) => {}
+                Applied::Lost(Lost::Idempotency(entry)) => return Ok(Err(entry)),
+                Applied::Lost(Lost::KeyInactive(kid)) if reloads < MAX_KEY_RELOADS => {
+                    reloads += 1;
+                    tracing::warn!(kid = %kid, "signing key withdrawn meanwhile; reloading the key ring");
+                    self.keys.refresh(self.store().as_ref())?;
+                }
+                Applied::Lost(Lost::KeyInactive(kid)) => {
+                    return Err(crate::store::StoreError::Unavailable(format!(
+                        "signing key `{kid}` was withdrawn and no active key replaced it"
+                    ))
+                    .into());
+                }
+                Applied::Lost(Lost::Fenced) => return Err(EngineError::Fenced),
+            }
+        }
+        Err(crate::store::StoreError::Unavailable(format!(
+            "an operation lost {MAX_RACES} compare-and-swap races in a row; nothing was changed"
+        ))
+        .into())
+    }
+
+    /// Wait until everything applied so far is durable; then hand new
+    /// trail records to live followers, if any.
+    pub(crate) async fn durable(&self) -> Result<(), EngineError> {
         self.commit.durable().await?;
+        if self.audit.followed()
+            && let Err(e) = self.audit.poll_tail(self.store().as_ref())
+        {
+            tracing::debug!(error = %e, "could not read new trail records");
+        }
         Ok(())
     }
 
-    /// Append `entries` without waiting: for events that change no state
-    /// (a refusal, a failed authentication). They become durable with the
-    /// next group commit.
+    /// Record `entries` in an operation of their own that changes no state
+    /// (a refusal, a failed authentication), without waiting: the next
+    /// group commit makes them durable.
     pub fn note(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
-        self.audit
-            .append(self.store().as_ref(), self.clock.now(), entries)?;
-        if self.store().shared() {
-            // A shared store chains (and shows) records only at a sync.
-            self.commit.nudge();
-        }
+        self.apply_op(|op| Ok(op.record(entries.clone())?))?
+            .map_err(|_| EngineError::Internal("a note claimed a key".into()))?;
+        self.commit.nudge();
         Ok(())
+    }
+
+    /// Record `entries` alone and wait until they are durable (events of
+    /// the broker itself: start, stop, rejected policies).
+    pub async fn record(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
+        self.commit(|op| Ok(op.record(entries.clone())?)).await
+    }
+
+    /// The fence of leader-only work: the upkeep term this broker holds on
+    /// a shared store (`None` on a store of its own).
+    pub(crate) fn upkeep_fence(&self) -> Option<Fence> {
+        self.upkeep_fence.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// The fence of the key-ring change under way, if any.
+    pub(crate) fn keys_fence(&self) -> Option<Fence> {
+        self.keys_fence.lock().ok().and_then(|f| f.clone())
     }
 
     /// The health task's last verdict (what `/healthz` answers).
@@ -261,11 +360,6 @@ impl Engine {
     /// Issuer URL put in `iss`.
     pub fn issuer(&self) -> &str {
         &self.issuer
-    }
-
-    /// Group-commit handle.
-    pub fn commit(&self) -> &GroupCommit {
-        &self.commit
     }
 
     /// Request ids whose state changed.

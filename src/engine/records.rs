@@ -1,27 +1,119 @@
-//! The one way the engine writes leases and requests: through [`Records`],
-//! which keeps the gauges in step with the state, and whose compare-and-swap
-//! helpers ([`Records::edit_lease`], [`Records::edit_request`]) are the only
-//! retry loops. Synchronous, so bulk work can run it off the runtime.
+//! The one way the engine writes: an operation ([`Op`]) gathers every
+//! change it makes — lease and request creates and compare-and-swaps, the
+//! idempotency claim, key-ring and metadata writes — and its audit
+//! records, and [`Records::apply`] hands it to the store as one atomic
+//! batch, keeping the gauges in step. [`Records::edit_lease`] and
+//! [`Records::edit_request`] are the read → edit steps of the one
+//! compare-and-swap loop; the loop itself is `Engine::commit`, which builds
+//! the whole operation again from fresh reads when any of its swaps lost a
+//! race. Synchronous, so bulk work can run it off the runtime.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::audit::{AuditError, AuditLog, Entry as AuditEntry};
 use crate::metrics::Metrics;
-use crate::store::{Idempotency, Lease, LeaseState, Store, StoreError, TokenRequest};
+use crate::store::batch::gauge_delta;
+use crate::store::{
+    Applied, Batch, Fence, Idempotency, Lease, LeaseState, Millis, Store, StoreError, TokenRequest,
+    Write,
+};
 
-/// What a compare-and-swap did.
+/// What an edit did to the operation.
 #[derive(Debug)]
 pub(crate) enum Cas<T> {
-    /// `old` was replaced by `new`.
+    /// `old` is to be replaced by `new` when the operation applies.
     Swapped {
         /// The record before.
         old: T,
-        /// The record now stored.
+        /// The record after.
         new: T,
     },
     /// The edit declined to change this (current) record.
     Kept(T),
     /// No such record.
     Missing,
+}
+
+/// One operation's changes and records, applied together or not at all.
+/// Reads through it ([`Records::edit_lease`], [`Op::lease`]) see its own
+/// earlier edits.
+#[derive(Debug)]
+pub(crate) struct Op {
+    batch: Batch,
+    now: Millis,
+    leases: HashMap<String, Lease>,
+    requests: HashMap<String, TokenRequest>,
+}
+
+impl Op {
+    /// An empty operation at `now` (the time its records carry).
+    pub(crate) fn new(now: Millis) -> Self {
+        Self {
+            batch: Batch::default(),
+            now,
+            leases: HashMap::new(),
+            requests: HashMap::new(),
+        }
+    }
+
+    /// Insert `lease`, claiming `idem` with it.
+    pub(crate) fn create_lease(&mut self, lease: Lease, idem: Option<Idempotency>) {
+        self.leases.insert(lease.id.clone(), lease.clone());
+        self.batch.writes.push(Write::CreateLease { lease, idem });
+    }
+
+    /// Insert `req`, claiming `idem` with it.
+    pub(crate) fn create_request(&mut self, req: TokenRequest, idem: Option<Idempotency>) {
+        self.requests.insert(req.id.clone(), req.clone());
+        self.batch.writes.push(Write::CreateRequest { req, idem });
+    }
+
+    /// Apply only if `lease` is still stored exactly so (a compare-and-swap
+    /// that changes nothing): what the operation decided depends on it.
+    pub(crate) fn expect_lease(&mut self, lease: Lease) {
+        self.swap_lease(lease.clone(), lease);
+    }
+
+    /// Any other write (keys, metadata, checkpoints).
+    pub(crate) fn write(&mut self, w: Write) {
+        self.batch.writes.push(w);
+    }
+
+    /// Record `entries` with this operation.
+    pub(crate) fn record(&mut self, entries: Vec<AuditEntry>) -> Result<(), AuditError> {
+        let bodies = AuditLog::bodies(self.now, entries)?;
+        self.batch.audit.extend(bodies);
+        Ok(())
+    }
+
+    /// Leader-only work: refused by a shared store once the term is over.
+    pub(crate) fn fence(&mut self, fence: Option<Fence>) {
+        self.batch.fence = fence;
+    }
+
+    /// Lease `id` as this operation sees it.
+    pub(crate) fn lease(&self, store: &dyn Store, id: &str) -> Result<Option<Lease>, StoreError> {
+        match self.leases.get(id) {
+            Some(l) => Ok(Some(l.clone())),
+            None => store.lease(id),
+        }
+    }
+
+    /// Nothing to apply.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    fn swap_lease(&mut self, old: Lease, new: Lease) {
+        self.leases.insert(new.id.clone(), new.clone());
+        self.batch.writes.push(Write::SwapLease { old, new });
+    }
+
+    fn swap_request(&mut self, old: TokenRequest, new: TokenRequest) {
+        self.requests.insert(new.id.clone(), new.clone());
+        self.batch.writes.push(Write::SwapRequest { old, new });
+    }
 }
 
 /// The store, with the gauges that follow its lease and request writes.
@@ -31,36 +123,20 @@ pub(crate) struct Records {
     metrics: Arc<Metrics>,
 }
 
-/// Lost races on one record after which the swap is given up: far beyond
-/// any real contention, so hitting it means the stored form never equals
-/// what was read back (e.g. a record the backend cannot compare), and the
-/// caller gets an error instead of a loop that never ends.
-const MAX_RACES: usize = 10_000;
-
-/// Read `current`, ask `edit` for its replacement, swap; on a lost race read
-/// again and ask again. `edit` returning `None` keeps the record as is.
-fn cas<T, E: From<StoreError>>(
-    mut current: Option<T>,
-    load: impl Fn() -> Result<Option<T>, StoreError>,
-    swap: impl Fn(&T, &T) -> Result<bool, StoreError>,
-    mut edit: impl FnMut(&T) -> Result<Option<T>, E>,
+/// `current` edited by `edit`, the swap queued in `op`.
+fn edit<T: Clone, E>(
+    current: Option<T>,
+    edit: impl FnOnce(&T) -> Result<Option<T>, E>,
+    queue: impl FnOnce(T, T),
 ) -> Result<Cas<T>, E> {
-    for _ in 0..MAX_RACES {
-        let Some(cur) = current.take() else {
-            return Ok(Cas::Missing);
-        };
-        let Some(new) = edit(&cur)? else {
-            return Ok(Cas::Kept(cur));
-        };
-        if swap(&cur, &new)? {
-            return Ok(Cas::Swapped { old: cur, new });
-        }
-        current = load()?;
-    }
-    Err(StoreError::Unavailable(format!(
-        "a compare-and-swap lost {MAX_RACES} races in a row; nothing was changed"
-    ))
-    .into())
+    let Some(cur) = current else {
+        return Ok(Cas::Missing);
+    };
+    let Some(new) = edit(&cur)? else {
+        return Ok(Cas::Kept(cur));
+    };
+    queue(cur.clone(), new.clone());
+    Ok(Cas::Swapped { old: cur, new })
 }
 
 impl Records {
@@ -73,92 +149,59 @@ impl Records {
         &self.store
     }
 
-    /// [`Store::create_lease`], counted.
-    pub(crate) fn create_lease(
-        &self,
-        lease: &Lease,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let existing = self.store.create_lease(lease, idem)?;
-        if existing.is_none() && lease.state == LeaseState::Active {
-            self.metrics.active_leases.inc();
+    /// Apply `op` as one batch; on success the gauges follow its writes.
+    pub(crate) fn apply(&self, op: Op) -> Result<Applied, StoreError> {
+        let applied = self.store.apply(&op.batch)?;
+        if let Applied::Done(_) = applied {
+            for w in &op.batch.writes {
+                let (leases, requests) = gauge_delta(w);
+                self.metrics.active_leases.inc_by(leases);
+                self.metrics.open_requests.inc_by(requests);
+                if let Write::SwapLease { old, new } = w
+                    && old.state == LeaseState::Active
+                    && new.state == LeaseState::Revoked
+                {
+                    self.metrics.revocations.inc();
+                }
+            }
         }
-        Ok(existing)
+        Ok(applied)
     }
 
-    /// [`Store::create_request`], counted.
-    pub(crate) fn create_request(
-        &self,
-        req: &TokenRequest,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let existing = self.store.create_request(req, idem)?;
-        if existing.is_none() && req.is_open() {
-            self.metrics.open_requests.inc();
-        }
-        Ok(existing)
-    }
-
-    /// Compare-and-swap lease `id` (see [`cas`]).
+    /// Read lease `id` (as `op` sees it), ask `edit` for its replacement,
+    /// and queue the swap in `op`. `edit` returning `None` keeps it.
     pub(crate) fn edit_lease<E: From<StoreError>>(
         &self,
+        op: &mut Op,
         id: &str,
-        edit: impl FnMut(&Lease) -> Result<Option<Lease>, E>,
+        change: impl FnOnce(&Lease) -> Result<Option<Lease>, E>,
     ) -> Result<Cas<Lease>, E> {
-        let current = self.store.lease(id)?;
-        self.edit_lease_from(current, edit)
+        let current = op.lease(self.store.as_ref(), id)?;
+        self.edit_lease_from(op, current, change)
     }
 
     /// [`Records::edit_lease`] starting from a copy already read.
-    pub(crate) fn edit_lease_from<E: From<StoreError>>(
+    pub(crate) fn edit_lease_from<E>(
         &self,
+        op: &mut Op,
         current: Option<Lease>,
-        edit: impl FnMut(&Lease) -> Result<Option<Lease>, E>,
+        change: impl FnOnce(&Lease) -> Result<Option<Lease>, E>,
     ) -> Result<Cas<Lease>, E> {
-        let id = current.as_ref().map(|l| l.id.clone()).unwrap_or_default();
-        cas(
-            current,
-            || self.store.lease(&id),
-            |old, new| self.swap_lease(old, new),
-            edit,
-        )
+        edit(current, change, |old, new| op.swap_lease(old, new))
     }
 
-    /// Compare-and-swap request `id` (see [`cas`]).
+    /// Read request `id` (as `op` sees it), ask `edit`, queue the swap.
     pub(crate) fn edit_request<E: From<StoreError>>(
         &self,
+        op: &mut Op,
         id: &str,
-        edit: impl FnMut(&TokenRequest) -> Result<Option<TokenRequest>, E>,
+        change: impl FnOnce(&TokenRequest) -> Result<Option<TokenRequest>, E>,
     ) -> Result<Cas<TokenRequest>, E> {
-        cas(
-            self.store.request(id)?,
-            || self.store.request(id),
-            |old, new| self.swap_request(old, new),
-            edit,
-        )
-    }
-
-    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError> {
-        let swapped = self.store.swap_lease(current, new)?;
-        if swapped && current.state == LeaseState::Active && new.state != LeaseState::Active {
-            self.metrics.active_leases.dec();
-            if new.state == LeaseState::Revoked {
-                self.metrics.revocations.inc();
-            }
-        }
-        Ok(swapped)
-    }
-
-    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError> {
-        let swapped = self.store.swap_request(current, new)?;
-        if swapped && current.is_open() != new.is_open() {
-            if new.is_open() {
-                self.metrics.open_requests.inc();
-            } else {
-                self.metrics.open_requests.dec();
-            }
-        }
-        Ok(swapped)
+        let current = match op.requests.get(id) {
+            Some(r) => Some(r.clone()),
+            None => self.store.request(id)?,
+        };
+        edit(current, change, |old, new| op.swap_request(old, new))
     }
 }
 
@@ -191,71 +234,115 @@ mod tests {
         crate::store::conformance::lease(id, "spiffe://t/w", 100)
     }
 
-    #[test]
-    fn edits_swap_keep_or_miss_and_the_gauges_follow() {
+    fn records() -> (Records, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
-        let records = Records::new(Arc::new(MemStore::new()), metrics.clone());
-        records.create_lease(&lease("l_1"), None).unwrap();
+        let store = Arc::new(MemStore::new());
+        crate::store::conformance::put_test_key(store.as_ref(), "k");
+        (Records::new(store, metrics.clone()), metrics)
+    }
+
+    #[test]
+    fn edits_swap_keep_or_miss_and_the_gauges_follow_the_applied_batch() {
+        let (records, metrics) = records();
+        let mut op = Op::new(1);
+        op.create_lease(lease("l_1"), None);
+        assert!(matches!(records.apply(op).unwrap(), Applied::Done(_)));
         assert_eq!(metrics.active_leases.get(), 1);
 
+        let mut op = Op::new(5);
         let out = records
-            .edit_lease("l_1", revoke_if_active("admin", "why", 5))
+            .edit_lease(&mut op, "l_1", revoke_if_active("admin", "why", 5))
             .unwrap();
         let Cas::Swapped { old, new } = out else {
             panic!("expected a swap, got {out:?}")
         };
         assert_eq!(old.state, LeaseState::Active);
         assert_eq!(new.state, LeaseState::Revoked);
+        assert_eq!(
+            metrics.active_leases.get(),
+            1,
+            "nothing changes before apply"
+        );
+        assert!(matches!(records.apply(op).unwrap(), Applied::Done(_)));
         assert_eq!(metrics.active_leases.get(), 0);
         assert_eq!(metrics.revocations.get(), 1);
 
-        // Already revoked: kept, gauges unchanged.
+        // Already revoked: kept, nothing queued.
+        let mut op = Op::new(6);
         let out = records
-            .edit_lease("l_1", revoke_if_active("admin", "again", 6))
+            .edit_lease(&mut op, "l_1", revoke_if_active("admin", "again", 6))
             .unwrap();
         assert!(matches!(out, Cas::Kept(l) if l.revoke_reason.as_deref() == Some("why")));
-        assert_eq!(metrics.revocations.get(), 1);
+        assert!(op.is_empty());
         assert!(matches!(
             records
-                .edit_lease("l_none", revoke_if_active("a", "", 1))
+                .edit_lease(&mut op, "l_none", revoke_if_active("a", "", 1))
                 .unwrap(),
             Cas::Missing
         ));
     }
 
     #[test]
-    fn a_swap_that_never_settles_gives_up_with_an_error() {
-        let out = cas(
-            Some(1u32),
-            || Ok(Some(1)),
-            |_, _| Ok(false),
-            |v| Ok::<_, StoreError>(Some(v + 1)),
+    fn a_lost_race_applies_nothing_and_counts_nothing() {
+        let (records, metrics) = records();
+        let mut op = Op::new(1);
+        op.create_lease(lease("l_1"), None);
+        records.apply(op).unwrap();
+        // Two operations read the same lease; the second to apply loses.
+        let mut first = Op::new(2);
+        let mut second = Op::new(2);
+        records
+            .edit_lease(&mut first, "l_1", revoke_if_active("a", "one", 2))
+            .unwrap();
+        records
+            .edit_lease(&mut second, "l_1", revoke_if_active("b", "two", 2))
+            .unwrap();
+        second
+            .record(vec![AuditEntry::ok(
+                "b",
+                crate::vocab::Action::LeaseRevoked,
+                "l_1",
+                &[],
+                "two",
+            )])
+            .unwrap();
+        assert!(matches!(records.apply(first).unwrap(), Applied::Done(_)));
+        let before = records.store().audit_last().unwrap();
+        assert_eq!(
+            records.apply(second).unwrap(),
+            Applied::Lost(crate::store::Lost::Lease("l_1".into()))
         );
-        assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
+        assert_eq!(records.store().audit_last().unwrap(), before, "no record");
+        assert_eq!(metrics.revocations.get(), 1);
+        let stored = records.store().lease("l_1").unwrap().unwrap();
+        assert_eq!(stored.revoke_reason.as_deref(), Some("one"));
     }
 
     #[test]
-    fn a_lost_race_reads_again_and_edits_the_newer_record() {
-        let records = Records::new(Arc::new(MemStore::new()), Arc::new(Metrics::new()));
-        records.create_lease(&lease("l_1"), None).unwrap();
-        let stale = records.store().lease("l_1").unwrap();
-        // Someone renews in between: the stale copy loses its swap.
-        let mut renewed = stale.clone().unwrap();
-        renewed.renewals = 1;
-        assert!(
-            records
-                .store()
-                .swap_lease(stale.as_ref().unwrap(), &renewed)
-                .unwrap()
-        );
-        let mut seen = Vec::new();
-        let out = records
-            .edit_lease_from(stale, |l| {
-                seen.push(l.renewals);
+    fn reads_through_an_operation_see_its_own_edits() {
+        let (records, _) = records();
+        let mut op = Op::new(1);
+        op.create_lease(lease("l_1"), None);
+        records.apply(op).unwrap();
+        let mut op = Op::new(2);
+        records
+            .edit_lease(&mut op, "l_1", |l| {
+                Ok::<_, StoreError>(Some(Lease {
+                    renewals: 1,
+                    ..l.clone()
+                }))
+            })
+            .unwrap();
+        let mut seen = None;
+        records
+            .edit_lease(&mut op, "l_1", |l| {
+                seen = Some(l.renewals);
                 Ok::<_, StoreError>(Some(revoked(l, "a", "", 2)))
             })
             .unwrap();
-        assert_eq!(seen, [0, 1], "the edit ran again on the newer record");
-        assert!(matches!(out, Cas::Swapped { new, .. } if new.renewals == 1));
+        assert_eq!(seen, Some(1));
+        assert!(matches!(records.apply(op).unwrap(), Applied::Done(_)));
+        let stored = records.store().lease("l_1").unwrap().unwrap();
+        assert_eq!((stored.renewals, stored.state), (1, LeaseState::Revoked));
     }
 }

@@ -61,25 +61,32 @@ impl Engine {
         require_id("request_id", id)?;
         check_reason("reason", reason, false)?;
         self.visible_request(who, id)?;
-        let out = self.records.edit_request(id, |req| {
-            if req.requester != who.as_str() {
-                return Err(EngineError::NotAllowed(format!(
-                    "only the requester may withdraw request `{id}`"
-                )));
-            }
-            super::end_request(req, RequestState::Withdrawn, who, self.clock.now(), reason)
-        })?;
+        let out = self
+            .commit(|op| {
+                let now = self.clock.now();
+                let out = self.records.edit_request(op, id, |req| {
+                    if req.requester != who.as_str() {
+                        return Err(EngineError::NotAllowed(format!(
+                            "only the requester may withdraw request `{id}`"
+                        )));
+                    }
+                    super::end_request(req, RequestState::Withdrawn, who, now, reason)
+                })?;
+                if let Cas::Swapped { new, .. } = &out {
+                    op.record(vec![AuditEntry::ok(
+                        who.as_str(),
+                        Action::RequestWithdrawn,
+                        id,
+                        &new.scopes,
+                        reason,
+                    )])?;
+                }
+                Ok(out)
+            })
+            .await?;
         let Cas::Swapped { new, .. } = out else {
             return Err(EngineError::not_found("request", id));
         };
-        let entry = AuditEntry::ok(
-            who.as_str(),
-            Action::RequestWithdrawn,
-            id,
-            &new.scopes,
-            reason,
-        );
-        self.record(vec![entry]).await?;
         self.announce(EventKind::Withdrawn, &new, who.as_str(), reason);
         tracing::info!(request_id = %id, sub = %who, "withdrawn");
         Ok(new)

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use super::records::revoke_if_active;
-use super::{Cas, Engine, EngineError, SYSTEM_ACTOR};
+use super::{Cas, Engine, EngineError, Op, SYSTEM_ACTOR};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::clock::millis;
 use crate::identity::Identity;
 use crate::rotation::{Schedule, Step, plan};
-use crate::store::{KeyRecord, KeyState, Millis};
+use crate::store::{KeyRecord, KeyState, Millis, Write};
 use crate::text::check_reason;
 
 /// An operator's `Keys.Rotate`.
@@ -63,21 +63,23 @@ impl Engine {
         // Retired keys stay published for the longest token they could
         // have signed (the policy's hard TTL cap) plus leeway.
         let retire_after = millis(self.policy().hard_max_ttl) + millis(schedule.leeway);
-        let mut entries = Vec::new();
-        for step in steps {
+        // Generated once, outside the plan: a retry must not mint another.
+        let fresh = steps
+            .iter()
+            .any(|s| matches!(s, Step::CreateNext))
+            .then(|| self.keys.generate(KeyState::Next, now))
+            .transpose()?;
+        self.commit(|op| self.plan_steps(op, &steps, fresh.as_ref(), now, retire_after))
+            .await?;
+        for step in &steps {
             match step {
-                Step::CreateNext => entries.push(self.create_next(now)?),
+                Step::CreateNext => tracing::info!("next signing key published"),
                 Step::Promote { next, old } => {
-                    entries.extend(self.promote(&next, old.as_deref(), now, retire_after)?);
+                    tracing::info!(kid = %next, retired = ?old, "signing key rotated");
                 }
-                Step::Remove(kid) => {
-                    self.unpublish(&kid, KeyState::Removed)?;
-                    tracing::info!(%kid, "retired key unpublished");
-                    entries.push(key_entry(Action::KeyRemoved, &kid, "last token expired"));
-                }
+                Step::Remove(kid) => tracing::info!(%kid, "retired key unpublished"),
             }
         }
-        self.record(entries).await?;
         self.keys.reload(self.store().as_ref())?;
         let (_, wake) = plan(
             now,
@@ -88,39 +90,38 @@ impl Engine {
         Ok(wake)
     }
 
-    /// Create and publish the next key.
-    fn create_next(&self, now: Millis) -> Result<AuditEntry, EngineError> {
-        let rec = self.keys.generate(KeyState::Next, now)?;
-        self.store().put_key(&rec)?;
-        tracing::info!(kid = %rec.kid, "next signing key published");
-        Ok(key_entry(Action::KeyCreated, &rec.kid, "published as next"))
-    }
-
-    /// NEXT `next` starts signing; ACTIVE `old` retires.
-    fn promote(
+    /// The rotation steps due as one operation: the key changes and
+    /// their records.
+    fn plan_steps(
         &self,
-        next: &str,
-        old: Option<&str>,
+        op: &mut Op,
+        steps: &[Step],
+        fresh: Option<&KeyRecord>,
         now: Millis,
         retire_after: Millis,
-    ) -> Result<Vec<AuditEntry>, EngineError> {
+    ) -> Result<(), EngineError> {
+        op.fence(self.keys_fence());
+        let keys = self.store().keys()?;
         let mut entries = Vec::new();
-        for mut k in self.store().keys()? {
-            if k.kid == next {
-                k.state = KeyState::Active;
-                k.activated_at = Some(now);
-                self.store().put_key(&k)?;
-            } else if Some(k.kid.as_str()) == old {
-                k.state = KeyState::Retired;
-                k.retire_at = Some(now.saturating_add(retire_after));
-                self.store().put_key(&k)?;
-                entries.push(key_entry(Action::KeyRetired, &k.kid, ""));
+        for step in steps {
+            match step {
+                Step::CreateNext => {
+                    if let Some(rec) = fresh {
+                        op.write(Write::PutKey(rec.clone()));
+                        entries.push(key_entry(Action::KeyCreated, &rec.kid, "published as next"));
+                    }
+                }
+                Step::Promote { next, old } => {
+                    entries.extend(promote(op, &keys, next, old.as_deref(), now, retire_after));
+                }
+                Step::Remove(kid) => {
+                    unpublish(op, &keys, kid, KeyState::Removed);
+                    entries.push(key_entry(Action::KeyRemoved, kid, "last token expired"));
+                }
             }
         }
-        self.store().put_meta(FORCED, b"")?;
-        tracing::info!(kid = %next, retired = ?old, "signing key rotated");
-        entries.push(key_entry(Action::KeyActivated, next, ""));
-        Ok(entries)
+        op.record(entries)?;
+        Ok(())
     }
 
     /// `Keys.Rotate`: admin only. Scheduled: bring the hand-over forward to
@@ -162,9 +163,19 @@ impl Engine {
         if ask.emergency {
             return self.rotate_emergency(who, &ask.kid, reason, now).await;
         }
-        self.store().put_meta(FORCED, now.to_string().as_bytes())?;
-        let entry = AuditEntry::ok(who.as_str(), Action::KeyRotationRequested, "", &[], reason);
-        self.record(vec![entry]).await?;
+        self.commit(|op| {
+            op.fence(self.keys_fence());
+            op.write(Write::PutMeta(FORCED.into(), now.to_string().into_bytes()));
+            op.record(vec![AuditEntry::ok(
+                who.as_str(),
+                Action::KeyRotationRequested,
+                "",
+                &[],
+                reason,
+            )])?;
+            Ok(())
+        })
+        .await?;
         self.rotate_due_here(schedule, now).await?;
         Ok(())
     }
@@ -194,54 +205,53 @@ impl Engine {
             };
             fresh.state = KeyState::Active;
             fresh.activated_at = Some(now);
-            self.store().put_key(&fresh)?;
             Some(fresh)
         } else {
             None
         };
-        let mut entries = Vec::new();
+        // First the keys: once this commits, the store refuses every new
+        // lease signed by a withdrawn key (on every broker), so the scan
+        // below misses none.
+        self.commit(|op| {
+            op.fence(self.keys_fence());
+            let keys = self.store().keys()?;
+            let mut entries = Vec::new();
+            if let Some(f) = &fresh {
+                op.write(Write::PutKey(f.clone()));
+                entries.push(AuditEntry::ok(
+                    who.as_str(),
+                    Action::KeyActivated,
+                    &f.kid,
+                    &[],
+                    "emergency",
+                ));
+            }
+            for old in &targets {
+                unpublish(op, &keys, &old.kid, KeyState::Withdrawn);
+                entries.push(AuditEntry::ok(
+                    who.as_str(),
+                    Action::KeyEmergencyRotated,
+                    &old.kid,
+                    &[],
+                    &format!("{reason}; withdrawn, the leases it signed are revoked next"),
+                ));
+            }
+            op.record(entries)?;
+            Ok(())
+        })
+        .await?;
+        self.keys.reload(self.store().as_ref())?;
         for old in &targets {
-            self.unpublish(&old.kid, KeyState::Withdrawn)?;
             let count = self
                 .revoke_signed_by(&old.kid, who, "emergency key rotation", now)
                 .await?;
-            let summary = format!("{reason}; {count} leases revoked");
-            entries.push(AuditEntry::ok(
-                who.as_str(),
-                Action::KeyEmergencyRotated,
-                &old.kid,
-                &[],
-                &summary,
-            ));
             tracing::warn!(withdrawn = %old.kid, revoked = count, "emergency key rotation");
         }
-        if let Some(f) = &fresh {
-            entries.push(AuditEntry::ok(
-                who.as_str(),
-                Action::KeyActivated,
-                &f.kid,
-                &[],
-                "emergency",
-            ));
-        }
-        self.record(entries).await?;
-        self.keys.reload(self.store().as_ref())?;
         Ok(())
     }
 
-    /// Stop publishing key `kid` and destroy its private part, keeping the
-    /// public key (in state `to`) so the trail's checkpoints it signed can
-    /// still be checked.
-    fn unpublish(&self, kid: &str, to: KeyState) -> Result<(), EngineError> {
-        if let Some(mut k) = self.store().keys()?.into_iter().find(|k| k.kid == kid) {
-            k.state = to;
-            k.sealed_private = Vec::new();
-            self.store().put_key(&k)?;
-        }
-        Ok(())
-    }
-
-    /// Revoke every active lease whose latest token `kid` signed.
+    /// Revoke every active lease whose latest token `kid` signed, and what
+    /// was delegated from them, in one operation with its record.
     async fn revoke_signed_by(
         &self,
         kid: &str,
@@ -249,22 +259,82 @@ impl Engine {
         reason: &str,
         now: Millis,
     ) -> Result<u64, EngineError> {
-        let store = self.store().clone();
-        let k = kid.to_owned();
-        let ids = tokio::task::spawn_blocking(move || store.active_leases_signed_by(&k)).await??;
-        let mut count = 0u64;
-        for id in ids {
-            let edit = revoke_if_active(who.as_str(), reason, now);
-            if let Cas::Swapped { .. } = self.records.edit_lease(&id, edit)? {
-                count += 1;
-                // A token delegated from one signed by the withdrawn key
-                // ends too (the summary the caller records counts it).
-                let delegated =
-                    super::cascade::end_descendants(&self.records, &id, who.as_str(), reason, now)?;
-                count += delegated.len() as u64;
+        self.commit(|op| {
+            let mut count = 0u64;
+            let mut entries = Vec::new();
+            for id in self.store().active_leases_signed_by(kid)? {
+                let edit = revoke_if_active(who.as_str(), reason, now);
+                if let Cas::Swapped { .. } = self.records.edit_lease(op, &id, edit)? {
+                    count += 1;
+                    // A token delegated from one signed by the withdrawn key
+                    // ends too.
+                    let delegated = super::cascade::end_descendants(
+                        &self.records,
+                        op,
+                        &id,
+                        who.as_str(),
+                        reason,
+                        now,
+                    )?;
+                    count += delegated.len() as u64;
+                    entries.extend(delegated);
+                }
             }
+            entries.insert(
+                0,
+                AuditEntry::ok(
+                    who.as_str(),
+                    Action::LeaseBulkRevoked,
+                    kid,
+                    &[],
+                    &format!("{count} leases signed by withdrawn key `{kid}` revoked: {reason}"),
+                ),
+            );
+            op.record(entries)?;
+            Ok(count)
+        })
+        .await
+    }
+}
+
+/// NEXT `next` starts signing; ACTIVE `old` retires (in `op`).
+fn promote(
+    op: &mut Op,
+    keys: &[KeyRecord],
+    next: &str,
+    old: Option<&str>,
+    now: Millis,
+    retire_after: Millis,
+) -> Vec<AuditEntry> {
+    let mut entries = Vec::new();
+    for k in keys {
+        if k.kid == next {
+            let mut k = k.clone();
+            k.state = KeyState::Active;
+            k.activated_at = Some(now);
+            op.write(Write::PutKey(k));
+        } else if Some(k.kid.as_str()) == old {
+            let mut k = k.clone();
+            k.state = KeyState::Retired;
+            k.retire_at = Some(now.saturating_add(retire_after));
+            entries.push(key_entry(Action::KeyRetired, &k.kid, ""));
+            op.write(Write::PutKey(k));
         }
-        Ok(count)
+    }
+    op.write(Write::PutMeta(FORCED.into(), Vec::new()));
+    entries.push(key_entry(Action::KeyActivated, next, ""));
+    entries
+}
+
+/// Stop publishing key `kid` and destroy its private part, keeping the
+/// public key (in state `to`) so the trail's checkpoints it signed can
+/// still be checked (in `op`).
+fn unpublish(op: &mut Op, keys: &[KeyRecord], kid: &str, to: KeyState) {
+    if let Some(k) = keys.iter().find(|k| k.kid == kid) {
+        let mut k = k.clone();
+        k.state = to;
+        k.sealed_private = Vec::new();
+        op.write(Write::PutKey(k));
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{Engine, EngineError};
-use crate::store::StoreError;
+use crate::store::{Fence, StoreError};
 
 /// The role a broker holds while it changes the key ring of a shared store,
 /// so rotation steps (scheduled, or asked for on any broker) never
@@ -38,16 +38,26 @@ impl Engine {
     }
 
     /// The leadership task's verdict: leading until `until` (`None`: no
-    /// limit, a store of its own), or not leading.
-    pub fn set_leading(&self, leading: bool, until: Option<Instant>) {
+    /// limit, a store of its own) in the term `fence` names (`None`: no
+    /// fence, a store of its own), or not leading.
+    pub fn set_leading(&self, leading: bool, until: Option<Instant>, fence: Option<Fence>) {
         if let Ok(mut u) = self.lead_until.lock() {
             *u = until;
+        }
+        if let Ok(mut f) = self.upkeep_fence.lock() {
+            *f = fence;
         }
         self.leader.send_if_modified(|l| {
             let changed = *l != leading;
             *l = leading;
             changed
         });
+    }
+
+    fn set_keys_fence(&self, fence: Option<Fence>) {
+        if let Ok(mut f) = self.keys_fence.lock() {
+            *f = fence;
+        }
     }
 
     /// Wait until this broker leads; `false` if `cancel` fired first.
@@ -101,13 +111,13 @@ impl Engine {
         let me = crate::text::new_id("keys_", self.clock.now())
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         let until = Instant::now() + KEYS_WAIT;
-        loop {
+        let generation = loop {
             let (s, m) = (store.clone(), me.clone());
             let mine = tokio::task::spawn_blocking(move || s.lead(KEYS_ROLE, &m, KEYS_TERM_MS))
                 .await
                 .map_err(|e| EngineError::Internal(e.to_string()))??;
-            if mine {
-                break;
+            if let Some(generation) = mine {
+                break generation;
             }
             if Instant::now() > until {
                 return Err(StoreError::Unavailable(
@@ -116,11 +126,19 @@ impl Engine {
                 .into());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        };
+        // The change's batches carry this term: should it run past the term
+        // and another broker take the role, the store refuses them.
+        self.set_keys_fence(Some(Fence {
+            role: KEYS_ROLE.into(),
+            holder: me.clone(),
+            generation,
+        }));
         let result = match self.keys.refresh(store.as_ref()) {
             Ok(_) => change.await,
             Err(e) => Err(e.into()),
         };
+        self.set_keys_fence(None);
         let _ = tokio::task::spawn_blocking(move || store.resign(KEYS_ROLE, &me)).await;
         result
     }

@@ -289,6 +289,8 @@ impl Tail {
 mod tests {
     use super::*;
     use crate::engine::testing::{POLICY, ask, id, rig, workload};
+    #[allow(unused_imports)]
+    use crate::store::conformance::TestWrites as _;
 
     #[tokio::test]
     async fn auditors_export_filtered_pages_and_tail_new_records() {

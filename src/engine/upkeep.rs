@@ -29,14 +29,22 @@ impl Engine {
     /// [`Engine::checkpoint_audit`], returning the durable checkpoint's JWS
     /// too, for an external witness.
     pub async fn sign_checkpoint(&self) -> Result<Option<(u64, String)>, EngineError> {
-        let signed = self.audit.checkpoint(
+        let signed = crate::audit::AuditLog::checkpoint(
             self.store().as_ref(),
             &self.keys.current(),
             &self.issuer,
             self.clock.now(),
         )?;
-        if signed.is_some() {
-            self.commit.durable().await?;
+        if let Some((seq, jws)) = &signed {
+            self.commit(|op| {
+                op.fence(self.upkeep_fence());
+                op.write(crate::store::Write::PutCheckpoint(
+                    *seq,
+                    jws.as_bytes().to_vec(),
+                ));
+                Ok(())
+            })
+            .await?;
         }
         Ok(signed)
     }
@@ -52,7 +60,7 @@ impl Engine {
                 counts.0, counts.1
             );
             let entry = AuditEntry::ok(SYSTEM_ACTOR, Action::RetentionPurged, "", &[], &summary);
-            self.record(vec![entry]).await?;
+            self.record_fenced(vec![entry]).await?;
             tracing::info!(
                 leases = counts.0,
                 requests = counts.1,
@@ -76,10 +84,19 @@ impl Engine {
                 &[],
                 "retention",
             );
-            self.record(vec![entry]).await?;
+            self.record_fenced(vec![entry]).await?;
             tracing::info!(through = seq, "audit trail compacted");
         }
         Ok(point)
+    }
+
+    /// Record leader-only work that is already done.
+    async fn record_fenced(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
+        self.commit(|op| {
+            op.fence(self.upkeep_fence());
+            Ok(op.record(entries.clone())?)
+        })
+        .await
     }
 
     /// Swap in a new (already validated) policy; requests in flight finish

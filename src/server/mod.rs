@@ -543,7 +543,10 @@ fn issuer(
             None => format!("https://{grpc}"),
         },
     };
-    store.put_meta(ISSUER_META, chosen.as_bytes())?;
+    crate::store::batch::write_one(
+        store,
+        crate::store::Write::PutMeta(ISSUER_META.into(), chosen.as_bytes().to_vec()),
+    )?;
     Ok(chosen)
 }
 
@@ -562,7 +565,7 @@ async fn take_turn(store: &Arc<dyn Store>, node: &str) -> Result<(), ServeError>
         let mine = tokio::task::spawn_blocking(move || s.lead(START_ROLE, &n, term))
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))??;
-        if mine {
+        if mine.is_some() {
             return Ok(());
         }
         tracing::debug!(node, "waiting for another broker to finish starting");

@@ -136,7 +136,8 @@ pub(super) async fn checkpoints(
         };
         if engine.leads()
             && (stop
-                || engine.audit().since_checkpoint() >= CHECKPOINT_EVERY
+                || crate::audit::AuditLog::since_checkpoint(engine.store().as_ref())
+                    .is_ok_and(|n| n >= CHECKPOINT_EVERY)
                 || last.elapsed() >= CHECKPOINT_INTERVAL)
         {
             checkpoint(&engine, retention, &witness).await;
@@ -310,11 +311,19 @@ pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: Cancellation
         let (store, n) = (engine.store().clone(), node.clone());
         let asked = std::time::Instant::now();
         let held = tokio::task::spawn_blocking(move || store.lead(UPKEEP_ROLE, &n, term)).await;
-        let leading = matches!(held, Ok(Ok(true)));
+        let fence = match &held {
+            Ok(Ok(Some(generation))) => Some(crate::store::Fence {
+                role: UPKEEP_ROLE.into(),
+                holder: node.clone(),
+                generation: *generation,
+            }),
+            _ => None,
+        };
+        let leading = fence.is_some();
         if leading != engine.leads() {
             tracing::info!(node = %node, leading, "upkeep leadership changed");
         }
-        engine.set_leading(leading, Some(asked + LEADER_TERM / 2));
+        engine.set_leading(leading, Some(asked + LEADER_TERM / 2), fence);
         if let Ok(Err(e)) = held {
             tracing::warn!(error = %e, "cannot renew upkeep leadership; time-driven work paused here");
         }
@@ -324,7 +333,7 @@ pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: Cancellation
         }
     }
     if engine.leads() {
-        engine.set_leading(false, None);
+        engine.set_leading(false, None, None);
         let store = engine.store().clone();
         let _ = tokio::task::spawn_blocking(move || store.resign(UPKEEP_ROLE, &node)).await;
     }

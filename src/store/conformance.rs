@@ -47,6 +47,124 @@ pub(crate) fn postgres_store() -> Option<super::postgres::PgStore> {
     )
 }
 
+/// A signing key record `kid`, ACTIVE (its key material is never read by
+/// a store).
+pub(crate) fn test_key(kid: &str) -> KeyRecord {
+    KeyRecord {
+        kid: kid.into(),
+        alg: "ES256".into(),
+        state: KeyState::Active,
+        public: vec![1],
+        sealed_private: vec![2],
+        created_at: 0,
+        activated_at: Some(0),
+        retire_at: None,
+    }
+}
+
+/// Store [`test_key`] `kid`, which test leases name.
+pub(crate) fn put_test_key(s: &dyn Store, kid: &str) {
+    batch::write_one(s, Write::PutKey(test_key(kid))).unwrap();
+}
+
+/// The writes of the earlier per-call contract, as one-write batches
+/// through [`Store::apply`]: the tests read as before and exercise the
+/// real apply path. A lease whose key the store lacks gets [`test_key`]
+/// first (tests make leases before keys).
+pub(crate) trait TestWrites {
+    fn create_lease(
+        &self,
+        l: &Lease,
+        i: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError>;
+    fn swap_lease(&self, c: &Lease, n: &Lease) -> Result<bool, StoreError>;
+    fn create_request(
+        &self,
+        r: &TokenRequest,
+        i: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError>;
+    fn swap_request(&self, c: &TokenRequest, n: &TokenRequest) -> Result<bool, StoreError>;
+    fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError>;
+    fn delete_key(&self, kid: &str) -> Result<(), StoreError>;
+    fn put_meta(&self, n: &str, v: &[u8]) -> Result<(), StoreError>;
+    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError>;
+    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
+}
+
+fn one(w: Write) -> Batch {
+    Batch {
+        writes: vec![w],
+        ..Batch::default()
+    }
+}
+
+impl<S: Store + ?Sized> TestWrites for S {
+    fn create_lease(
+        &self,
+        l: &Lease,
+        i: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let w = Write::CreateLease {
+            lease: l.clone(),
+            idem: i.cloned(),
+        };
+        let mut out = self.apply(&one(w.clone()))?;
+        if let Applied::Lost(Lost::KeyInactive(kid)) = &out {
+            batch::write_one(self, Write::PutKey(test_key(kid)))?;
+            out = self.apply(&one(w))?;
+        }
+        match out {
+            Applied::Done(_) => Ok(None),
+            Applied::Lost(Lost::Idempotency(e)) => Ok(Some(e)),
+            Applied::Lost(l) => Err(StoreError::Unavailable(format!("{l:?}"))),
+        }
+    }
+    fn swap_lease(&self, c: &Lease, n: &Lease) -> Result<bool, StoreError> {
+        let w = Write::SwapLease {
+            old: c.clone(),
+            new: n.clone(),
+        };
+        Ok(matches!(self.apply(&one(w))?, Applied::Done(_)))
+    }
+    fn create_request(
+        &self,
+        r: &TokenRequest,
+        i: Option<&Idempotency>,
+    ) -> Result<Option<Idempotency>, StoreError> {
+        let w = Write::CreateRequest {
+            req: r.clone(),
+            idem: i.cloned(),
+        };
+        match self.apply(&one(w))? {
+            Applied::Done(_) => Ok(None),
+            Applied::Lost(Lost::Idempotency(e)) => Ok(Some(e)),
+            Applied::Lost(l) => Err(StoreError::Unavailable(format!("{l:?}"))),
+        }
+    }
+    fn swap_request(&self, c: &TokenRequest, n: &TokenRequest) -> Result<bool, StoreError> {
+        let w = Write::SwapRequest {
+            old: c.clone(),
+            new: n.clone(),
+        };
+        Ok(matches!(self.apply(&one(w))?, Applied::Done(_)))
+    }
+    fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        batch::write_one(self, Write::PutKey(k.clone()))
+    }
+    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
+        batch::write_one(self, Write::DeleteKey(kid.into()))
+    }
+    fn put_meta(&self, n: &str, v: &[u8]) -> Result<(), StoreError> {
+        batch::write_one(self, Write::PutMeta(n.into(), v.to_vec()))
+    }
+    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
+        batch::write_one(self, Write::PutCheckpoint(seq, jws.to_vec()))
+    }
+    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        batch::write_one(self, Write::CopyAudit(seq, bytes.to_vec()))
+    }
+}
+
 pub(crate) fn lease(id: &str, subject: &str, expires_at: Millis) -> Lease {
     Lease {
         id: id.into(),
@@ -187,7 +305,7 @@ fn delegated_leases_are_found_from_their_parent_and_keep_their_chain() {
 fn leases_create_read_list_and_page() {
     for (name, s, _dir) in backends() {
         // This part only: a backend can be checked one part at a time.
-        let s: &dyn LeaseStore = s.as_ref();
+        let s: &dyn Store = s.as_ref();
         for (i, id) in ["l_3", "l_1", "l_2"].iter().enumerate() {
             assert!(
                 s.create_lease(&lease(id, "spiffe://t/a", 100 + i as u64), None)
@@ -257,7 +375,7 @@ fn idempotency_key_is_claimed_once_and_writes_nothing_the_second_time() {
 fn swap_is_compare_and_swap_and_keeps_the_expiry_index() {
     for (name, s, _dir) in backends() {
         // This part only: a backend can be checked one part at a time.
-        let s: &dyn LeaseStore = s.as_ref();
+        let s: &dyn Store = s.as_ref();
         let a = lease("l_a", "spiffe://t/a", 50);
         let b = lease("l_b", "spiffe://t/a", 20);
         s.create_lease(&a, None).unwrap();
@@ -297,7 +415,7 @@ fn swap_is_compare_and_swap_and_keeps_the_expiry_index() {
 #[test]
 fn a_parked_delegation_keeps_its_chain() {
     for (name, s, _dir) in backends() {
-        let s: &dyn RequestStore = s.as_ref();
+        let s: &dyn Store = s.as_ref();
         let chain = crate::store::Delegation {
             parent_id: "l_parent".into(),
             depth: 2,
@@ -318,7 +436,7 @@ fn a_parked_delegation_keeps_its_chain() {
 fn requests_index_only_non_terminal() {
     for (name, s, _dir) in backends() {
         // This part only: a backend can be checked one part at a time.
-        let s: &dyn RequestStore = s.as_ref();
+        let s: &dyn Store = s.as_ref();
         let r = request("r_1", 30);
         s.create_request(&r, None).unwrap();
         s.create_request(&request("r_2", 40), None).unwrap();
@@ -348,7 +466,7 @@ fn requests_index_only_non_terminal() {
 fn open_requests_track_decisions_claims_and_reviews() {
     for (name, s, _dir) in backends() {
         // This part only: a backend can be checked one part at a time.
-        let s: &dyn RequestStore = s.as_ref();
+        let s: &dyn Store = s.as_ref();
         let a = request("r_a", 10);
         let b = request("r_b", 20);
         let c = TokenRequest {
@@ -403,7 +521,7 @@ fn open_requests_track_decisions_claims_and_reviews() {
 fn audit_records_keep_sequence_order() {
     for (name, s, _dir) in backends() {
         // This part only: a backend can be checked one part at a time.
-        let s: &dyn AuditStore = s.as_ref();
+        let s: &dyn Store = s.as_ref();
         assert!(s.audit_last().unwrap().is_none(), "{name}");
         for seq in [1u64, 2, 3, 256, 257] {
             s.append_audit(seq, format!("r{seq}").as_bytes()).unwrap();
@@ -507,6 +625,7 @@ fn keys_and_meta() {
         };
         s.put_key(&k).unwrap();
         assert_eq!(s.keys().unwrap(), vec![k], "{name}");
+        put_test_key(s.as_ref(), "k");
         s.create_lease(&lease("l_k", "spiffe://t/a", 9), None)
             .unwrap();
         assert_eq!(s.active_leases_signed_by("k").unwrap(), ["l_k"], "{name}");
@@ -515,7 +634,7 @@ fn keys_and_meta() {
             "{name}"
         );
         s.delete_key("k1").unwrap();
-        assert!(s.keys().unwrap().is_empty(), "{name}");
+        assert_eq!(s.keys().unwrap(), vec![test_key("k")], "{name}");
         s.put_meta("x", b"y").unwrap();
         assert_eq!(s.meta("x").unwrap().as_deref(), Some(&b"y"[..]), "{name}");
         s.sync().unwrap();
@@ -733,162 +852,36 @@ async fn group_commit_batches_concurrent_writers() {
 }
 
 /// A store whose `sync` fails while `.1` is set: writers must get an error.
+/// Everything else is the memory store's.
 pub(crate) struct FailingSync(
     pub(crate) MemStore,
     pub(crate) std::sync::atomic::AtomicBool,
 );
 
-impl LeaseStore for FailingSync {
-    fn create_lease(
-        &self,
-        l: &Lease,
-        i: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        self.0.create_lease(l, i)
-    }
-
-    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
-        self.0.lease(id)
-    }
-
-    fn swap_lease(&self, c: &Lease, n: &Lease) -> Result<bool, StoreError> {
-        self.0.swap_lease(c, n)
-    }
-
-    fn leases_of(&self, s: &str, a: Option<&str>, l: usize) -> Result<Vec<Lease>, StoreError> {
-        self.0.leases_of(s, a, l)
-    }
-
-    fn children(&self, p: &str, a: Option<&str>, l: usize) -> Result<Vec<String>, StoreError> {
-        self.0.children(p, a, l)
-    }
-
-    fn leases_due(&self, n: Millis, l: usize) -> Result<Vec<String>, StoreError> {
-        self.0.leases_due(n, l)
-    }
-
-    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError> {
-        self.0.next_lease_deadline()
-    }
-
-    fn count_active_leases(&self) -> Result<u64, StoreError> {
-        self.0.count_active_leases()
-    }
-
-    fn purge_leases(&self, before: Millis) -> Result<u64, StoreError> {
-        self.0.purge_leases(before)
-    }
-
-    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
-        self.0.active_leases_signed_by(kid)
+impl std::ops::Deref for FailingSync {
+    type Target = MemStore;
+    fn deref(&self) -> &MemStore {
+        &self.0
     }
 }
 
-impl RequestStore for FailingSync {
-    fn create_request(
-        &self,
-        r: &TokenRequest,
-        i: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        self.0.create_request(r, i)
-    }
-
-    fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
-        self.0.request(id)
-    }
-
-    fn swap_request(&self, c: &TokenRequest, n: &TokenRequest) -> Result<bool, StoreError> {
-        self.0.swap_request(c, n)
-    }
-
-    fn requests_due(&self, n: Millis, l: usize) -> Result<Vec<String>, StoreError> {
-        self.0.requests_due(n, l)
-    }
-
-    fn open_requests(&self, a: Option<&str>, l: usize) -> Result<Vec<TokenRequest>, StoreError> {
-        self.0.open_requests(a, l)
-    }
-
-    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
-        self.0.next_request_deadline()
-    }
-
-    fn count_open_requests(&self) -> Result<u64, StoreError> {
-        self.0.count_open_requests()
-    }
-
-    fn purge_requests(&self, before: Millis) -> Result<u64, StoreError> {
-        self.0.purge_requests(before)
-    }
-}
-
-impl AuditStore for FailingSync {
-    fn append_audit(&self, seq: u64, b: &[u8]) -> Result<(), StoreError> {
-        self.0.append_audit(seq, b)
-    }
-
-    fn audit_after(&self, a: Option<u64>, l: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.0.audit_after(a, l)
-    }
-
-    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        self.0.audit_last()
-    }
-
-    fn put_checkpoint(&self, seq: u64, j: &[u8]) -> Result<(), StoreError> {
-        self.0.put_checkpoint(seq, j)
-    }
-
-    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.0.checkpoints()
-    }
-
-    fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
-        self.0.compact_audit(seq)
-    }
-}
-
-impl KeyStore for FailingSync {
-    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.0.keys()
-    }
-
-    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
-        self.0.delete_key(kid)
-    }
-
-    fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
-        self.0.put_key(k)
-    }
-}
-
-impl super::EphemeralStore for FailingSync {
-    fn put_ephemeral(&self, k: &[u8; 32], v: &[u8], end: Millis) -> Result<(), StoreError> {
-        self.0.put_ephemeral(k, v, end)
-    }
-
-    fn ephemeral(&self, k: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.ephemeral(k, now)
-    }
-
-    fn take_ephemeral(&self, k: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.take_ephemeral(k, now)
-    }
-
-    fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
-        self.0.purge_ephemeral(now)
-    }
-}
+crate::store::delegate_reads!(FailingSync);
 
 impl Store for FailingSync {
+    fn apply(&self, b: &Batch) -> Result<Applied, StoreError> {
+        self.0.apply(b)
+    }
     fn meta(&self, n: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.0.meta(n)
     }
-
-    fn put_meta(&self, n: &str, v: &[u8]) -> Result<(), StoreError> {
-        self.0.put_meta(n, v)
+    fn scan(
+        &self,
+        t: Table,
+        a: Option<&[u8]>,
+        l: usize,
+    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
+        self.0.scan(t, a, l)
     }
-
     fn sync(&self) -> Result<(), StoreError> {
         if self.1.load(std::sync::atomic::Ordering::SeqCst) {
             Err(StoreError::Unavailable("disk on fire".into()))
@@ -896,6 +889,238 @@ impl Store for FailingSync {
             Ok(())
         }
     }
+}
+
+/// A store that fails in the middle of applying every batch it is given
+/// (halfway through its writes), as a full disk or a lost connection would.
+pub(crate) struct FailMidway(pub(crate) Box<dyn Store>);
+
+impl std::ops::Deref for FailMidway {
+    type Target = dyn Store;
+    fn deref(&self) -> &dyn Store {
+        self.0.as_ref()
+    }
+}
+
+crate::store::delegate_reads!(FailMidway);
+
+impl Store for FailMidway {
+    fn apply(&self, b: &Batch) -> Result<Applied, StoreError> {
+        let mut b = b.clone();
+        b.writes.insert(b.writes.len() / 2, Write::Fail);
+        self.0.apply(&b)
+    }
+    fn meta(&self, n: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.meta(n)
+    }
+    fn scan(
+        &self,
+        t: Table,
+        a: Option<&[u8]>,
+        l: usize,
+    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
+        self.0.scan(t, a, l)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        self.0.sync()
+    }
+}
+
+/// An audit body as `audit::body_json` writes it.
+fn body(action: &str) -> Vec<u8> {
+    format!(r#"{{"at":1,"actor":"a","action":"{action}","target":"","scopes":[],"outcome":"ok","reason":"","rule":"","peer":"","call_id":""}}"#).into_bytes()
+}
+
+/// Pages of rows and of the trail.
+type Seen = (
+    Vec<(Vec<u8>, Row)>,
+    Vec<(Vec<u8>, Row)>,
+    Vec<(Vec<u8>, Row)>,
+    Vec<(u64, Vec<u8>)>,
+);
+
+/// Everything a reader can see of a store's leases, requests and trail.
+fn visible(s: &dyn Store) -> Seen {
+    (
+        s.scan(Table::Leases, None, 100).unwrap(),
+        s.scan(Table::Requests, None, 100).unwrap(),
+        s.scan(Table::Idempotency, None, 100).unwrap(),
+        s.audit_after(None, 100).unwrap(),
+    )
+}
+
+/// One operation's worth of writes on the leases `l_1` (made here) and a
+/// new `l_2`, a new request with a claimed key, and two records.
+fn operation(s: &dyn Store) -> Batch {
+    put_test_key(s, "k");
+    s.create_lease(&lease("l_1", "spiffe://t/a", 10), None)
+        .unwrap();
+    let l1 = s.lease("l_1").unwrap().unwrap();
+    let mut revoked = l1.clone();
+    revoked.state = LeaseState::Revoked;
+    Batch {
+        writes: vec![
+            Write::SwapLease {
+                old: l1,
+                new: revoked,
+            },
+            Write::CreateLease {
+                lease: lease("l_2", "spiffe://t/b", 20),
+                idem: None,
+            },
+            Write::CreateRequest {
+                req: request("r_1", 30),
+                idem: Some(Idempotency {
+                    caller: "spiffe://t/a".into(),
+                    key: "k1".into(),
+                    params_digest: "d".into(),
+                    outcome: IdempotentOutcome::Request("r_1".into()),
+                }),
+            },
+        ],
+        audit: vec![body("lease.revoked"), body("token.granted")],
+        fence: None,
+    }
+}
+
+#[test]
+fn a_batch_that_fails_midway_leaves_nothing_visible_and_the_chain_whole() {
+    for (name, s, _dir) in backends() {
+        let batch = operation(s.as_ref());
+        let before = visible(s.as_ref());
+        let failing = FailMidway(s);
+        assert!(
+            matches!(failing.apply(&batch), Err(StoreError::Unavailable(_))),
+            "{name}"
+        );
+        assert!(
+            visible(failing.0.as_ref()) == before,
+            "{name}: a failed batch left something"
+        );
+        // The same batch then applies whole, its records chained right
+        // after the last one (the failure moved no head).
+        let s = failing.0;
+        let Applied::Done(records) = s.apply(&batch).unwrap() else {
+            panic!("{name}: the batch did not apply");
+        };
+        assert_eq!(
+            records.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [1, 2],
+            "{name}"
+        );
+        assert_eq!(s.audit_after(None, 10).unwrap(), records, "{name}");
+        assert_eq!(
+            s.lease("l_1").unwrap().unwrap().state,
+            LeaseState::Revoked,
+            "{name}"
+        );
+        assert!(
+            s.lease("l_2").unwrap().is_some() && s.request("r_1").unwrap().is_some(),
+            "{name}"
+        );
+        let second = String::from_utf8(records[1].1.clone()).unwrap();
+        let prev = format!("\"prev\":\"{}\"", crate::chain::sha256_hex(&records[0].1));
+        assert!(second.ends_with(&format!("{prev}}}")), "{name}: {second}");
+    }
+}
+
+#[test]
+fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
+    for (name, s, _dir) in backends() {
+        let batch = operation(s.as_ref());
+        let before = visible(s.as_ref());
+        // A stale compare-and-swap at the end.
+        let mut stale = batch.clone();
+        let Write::SwapLease { old, new } = batch.writes[0].clone() else {
+            unreachable!()
+        };
+        // (Later writes see earlier ones: `old` is no longer what is stored.)
+        stale.writes.push(Write::SwapLease { old, new });
+        assert_eq!(
+            s.apply(&stale).unwrap(),
+            Applied::Lost(Lost::Lease("l_1".into())),
+            "{name}"
+        );
+        assert!(visible(s.as_ref()) == before, "{name}");
+        // A taken key: nothing of the batch, the entry that holds it back.
+        let Write::CreateRequest { idem: Some(i), .. } = &batch.writes[2] else {
+            unreachable!()
+        };
+        let mut holder = i.clone();
+        holder.outcome = IdempotentOutcome::Lease("l_other".into());
+        batch::write_one(s.as_ref(), Write::CopyRow(Row::Idempotency(holder.clone()))).unwrap();
+        let before = visible(s.as_ref());
+        assert_eq!(
+            s.apply(&batch).unwrap(),
+            Applied::Lost(Lost::Idempotency(holder)),
+            "{name}"
+        );
+        assert!(visible(s.as_ref()) == before, "{name}");
+        // A new lease signed by a key that no longer signs.
+        let mut withdrawn = test_key("k");
+        withdrawn.state = KeyState::Withdrawn;
+        s.put_key(&withdrawn).unwrap();
+        let mut late = batch.clone();
+        late.writes.truncate(2);
+        assert_eq!(
+            s.apply(&late).unwrap(),
+            Applied::Lost(Lost::KeyInactive("k".into())),
+            "{name}"
+        );
+        assert!(visible(s.as_ref()) == before, "{name}");
+    }
+}
+
+#[test]
+fn a_stale_leader_is_fenced_on_a_shared_store() {
+    let Some(s) = postgres_store() else { return };
+    let g1 = s.lead("upkeep", "a", 60_000).unwrap().unwrap();
+    assert_eq!(
+        s.lead("upkeep", "a", 60_000).unwrap(),
+        Some(g1),
+        "a renewal keeps the term"
+    );
+    assert_eq!(s.lead("upkeep", "b", 60_000).unwrap(), None, "held by a");
+    let fenced = |holder: &str, generation| Batch {
+        writes: vec![Write::PutMeta("m".into(), holder.as_bytes().to_vec())],
+        audit: vec![body("audit.compacted")],
+        fence: Some(Fence {
+            role: "upkeep".into(),
+            holder: holder.into(),
+            generation,
+        }),
+    };
+    assert!(matches!(
+        s.apply(&fenced("a", g1)).unwrap(),
+        Applied::Done(_)
+    ));
+    // a's term ends (it stalled, or gave up); b takes the role.
+    s.resign("upkeep", "a").unwrap();
+    let g2 = s.lead("upkeep", "b", 60_000).unwrap().unwrap();
+    assert!(g2 > g1);
+    let last = s.audit_last().unwrap();
+    assert_eq!(
+        s.apply(&fenced("a", g1)).unwrap(),
+        Applied::Lost(Lost::Fenced)
+    );
+    assert_eq!(s.meta("m").unwrap().as_deref(), Some(&b"a"[..]));
+    assert_eq!(
+        s.audit_last().unwrap(),
+        last,
+        "no record of the fenced batch"
+    );
+    assert!(matches!(
+        s.apply(&fenced("b", g2)).unwrap(),
+        Applied::Done(_)
+    ));
+    // a comes back and takes the role again: a new term, not its old one.
+    s.resign("upkeep", "b").unwrap();
+    let g3 = s.lead("upkeep", "a", 60_000).unwrap().unwrap();
+    assert!(g3 > g2);
+    assert_eq!(
+        s.apply(&fenced("a", g1)).unwrap(),
+        Applied::Lost(Lost::Fenced)
+    );
 }
 
 pub(crate) fn failing_store() -> std::sync::Arc<dyn Store> {

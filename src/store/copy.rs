@@ -10,7 +10,8 @@
 //! Both stores must be quiet: stop every broker on the source first (sled's
 //! lock enforces it for sled; nothing can for PostgreSQL).
 
-use super::{Store, StoreError, Table};
+use super::batch::write_one;
+use super::{Applied, Batch, Store, StoreError, Table, Write};
 use crate::store::Row;
 
 /// Rows read per page.
@@ -52,7 +53,7 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
     }
     let mut n = Copied::default();
     for key in from.keys()? {
-        to.put_key(&key)?;
+        write_one(to, Write::PutKey(key))?;
         n.keys += 1;
     }
     for table in [
@@ -65,10 +66,15 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
         loop {
             let page = from.scan(table, after.as_deref(), PAGE)?;
             let done = page.len() < PAGE;
+            let mut batch = Batch::default();
             for (key, row) in page {
-                put(to, row, &mut n)?;
+                count(&row, &mut n);
+                if !matches!(&row, Row::Meta(name, _) if OWN_META.contains(&name.as_str())) {
+                    batch.writes.push(Write::CopyRow(row));
+                }
                 after = Some(key);
             }
+            apply_all(to, &batch)?;
             if done {
                 break;
             }
@@ -78,17 +84,19 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
     loop {
         let page = from.audit_after(after, PAGE)?;
         let done = page.len() < PAGE;
+        let mut batch = Batch::default();
         for (seq, bytes) in page {
-            to.append_audit(seq, &bytes)?;
+            batch.writes.push(Write::CopyAudit(seq, bytes));
             after = Some(seq);
             n.audit += 1;
         }
+        apply_all(to, &batch)?;
         if done {
             break;
         }
     }
     for (seq, jws) in from.checkpoints()? {
-        to.put_checkpoint(seq, &jws)?;
+        write_one(to, Write::PutCheckpoint(seq, jws))?;
         n.checkpoints += 1;
     }
     to.sync()?;
@@ -96,28 +104,25 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
     Ok(n)
 }
 
-fn put(to: &dyn Store, row: Row, n: &mut Copied) -> Result<(), StoreError> {
+/// Count `row` as copied (metadata the target manages is not).
+fn count(row: &Row, n: &mut Copied) {
     match row {
-        Row::Meta(name, value) => {
-            if !OWN_META.contains(&name.as_str()) {
-                to.put_meta(&name, &value)?;
-                n.meta += 1;
-            }
-        }
-        Row::Lease(l) => {
-            to.create_lease(&l, None)?;
-            n.leases += 1;
-        }
-        Row::Request(r) => {
-            to.create_request(&r, None)?;
-            n.requests += 1;
-        }
-        Row::Idempotency(i) => {
-            to.put_idempotency(&i)?;
-            n.idempotency += 1;
-        }
+        Row::Meta(name, _) if OWN_META.contains(&name.as_str()) => {}
+        Row::Meta(..) => n.meta += 1,
+        Row::Lease(_) => n.leases += 1,
+        Row::Request(_) => n.requests += 1,
+        Row::Idempotency(_) => n.idempotency += 1,
     }
-    Ok(())
+}
+
+/// Apply one page; anything lost means the target was not empty.
+fn apply_all(to: &dyn Store, batch: &Batch) -> Result<(), StoreError> {
+    match to.apply(batch)? {
+        Applied::Done(_) => Ok(()),
+        Applied::Lost(lost) => Err(StoreError::Unavailable(format!(
+            "the target already holds a row being copied ({lost:?}); copy only into a new store"
+        ))),
+    }
 }
 
 /// The target now reads back what the source holds: the same newest audit

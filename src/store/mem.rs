@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
+use super::batch::{Applied, Batch, ChainHead, Tables, apply_to};
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
     RequestStore, Row, Store, StoreError, Table, TokenRequest, deadline_key, idem_key, page_bounds,
@@ -25,6 +26,201 @@ struct Inner {
     checkpoints: BTreeMap<u64, Vec<u8>>,
     meta: BTreeMap<String, Vec<u8>>,
     ephemeral: BTreeMap<[u8; 32], (Vec<u8>, Millis)>,
+    head: Option<ChainHead>,
+}
+
+impl Inner {
+    fn head(&self) -> ChainHead {
+        self.head.clone().unwrap_or_else(|| {
+            ChainHead::after(
+                self.audit
+                    .iter()
+                    .next_back()
+                    .map(|(k, v)| (*k, v.clone()))
+                    .as_ref(),
+            )
+        })
+    }
+}
+
+/// The writes of a batch on `Inner` itself, indexes kept in step.
+impl Tables for Inner {
+    fn lease(&mut self, id: &str) -> Result<Option<Lease>, StoreError> {
+        Ok(self.leases.get(id).cloned())
+    }
+
+    fn put_lease(&mut self, old: Option<&Lease>, new: &Lease) -> Result<(), StoreError> {
+        if let Some(o) = old
+            && o.state == LeaseState::Active
+        {
+            self.lease_expiry.remove(&deadline_key(o.expires_at, &o.id));
+        }
+        if new.state == LeaseState::Active {
+            self.lease_expiry
+                .insert(deadline_key(new.expires_at, &new.id));
+        }
+        self.by_subject.insert(subject_key(&new.subject, &new.id));
+        if let Some(d) = &new.delegation {
+            self.children.insert(subject_key(&d.parent_id, &new.id));
+        }
+        self.leases.insert(new.id.clone(), new.clone());
+        Ok(())
+    }
+
+    fn request(&mut self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        Ok(self.requests.get(id).cloned())
+    }
+
+    fn put_request(
+        &mut self,
+        old: Option<&TokenRequest>,
+        new: &TokenRequest,
+    ) -> Result<(), StoreError> {
+        if let Some(o) = old.filter(|o| !o.state.is_terminal()) {
+            self.request_expiry.remove(&deadline_key(o.deadline, &o.id));
+        }
+        if !new.state.is_terminal() {
+            self.request_expiry
+                .insert(deadline_key(new.deadline, &new.id));
+        }
+        if new.is_open() {
+            self.requests_open.insert(new.id.clone());
+        } else {
+            self.requests_open.remove(&new.id);
+        }
+        self.requests.insert(new.id.clone(), new.clone());
+        Ok(())
+    }
+
+    fn idempotency(&mut self, caller: &str, key: &str) -> Result<Option<Idempotency>, StoreError> {
+        Ok(self.idem.get(&idem_key(caller, key)).cloned())
+    }
+
+    fn put_idempotency(&mut self, entry: &Idempotency) -> Result<(), StoreError> {
+        self.idem
+            .insert(idem_key(&entry.caller, &entry.key), entry.clone());
+        Ok(())
+    }
+
+    fn key(&mut self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.keys.get(kid).cloned())
+    }
+
+    fn put_key(&mut self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.keys.insert(key.kid.clone(), key.clone());
+        Ok(())
+    }
+
+    fn delete_key(&mut self, kid: &str) -> Result<(), StoreError> {
+        self.keys.remove(kid);
+        Ok(())
+    }
+
+    fn put_meta(&mut self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(name.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn put_checkpoint(&mut self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
+        self.checkpoints.insert(seq, jws.to_vec());
+        Ok(())
+    }
+
+    fn put_audit(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.audit.insert(seq, bytes.to_vec());
+        Ok(())
+    }
+}
+
+/// A batch tried against `Inner` without touching it: reads see the
+/// batch's own earlier writes, writes go nowhere else. Only what a later
+/// check reads is kept.
+struct Trial<'a> {
+    base: &'a Inner,
+    leases: BTreeMap<String, Lease>,
+    requests: BTreeMap<String, TokenRequest>,
+    idem: BTreeSet<Vec<u8>>,
+    keys: BTreeMap<String, Option<KeyRecord>>,
+}
+
+impl Tables for Trial<'_> {
+    fn lease(&mut self, id: &str) -> Result<Option<Lease>, StoreError> {
+        Ok(self
+            .leases
+            .get(id)
+            .or_else(|| self.base.leases.get(id))
+            .cloned())
+    }
+
+    fn put_lease(&mut self, _: Option<&Lease>, new: &Lease) -> Result<(), StoreError> {
+        self.leases.insert(new.id.clone(), new.clone());
+        Ok(())
+    }
+
+    fn request(&mut self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        Ok(self
+            .requests
+            .get(id)
+            .or_else(|| self.base.requests.get(id))
+            .cloned())
+    }
+
+    fn put_request(
+        &mut self,
+        _: Option<&TokenRequest>,
+        new: &TokenRequest,
+    ) -> Result<(), StoreError> {
+        self.requests.insert(new.id.clone(), new.clone());
+        Ok(())
+    }
+
+    fn idempotency(&mut self, caller: &str, key: &str) -> Result<Option<Idempotency>, StoreError> {
+        let k = idem_key(caller, key);
+        // A key this batch claimed itself reads as taken, by a placeholder
+        // (a batch never claims one key twice).
+        Ok(self.base.idem.get(&k).cloned().or_else(|| {
+            self.idem.contains(&k).then(|| Idempotency {
+                caller: caller.to_owned(),
+                key: key.to_owned(),
+                params_digest: String::new(),
+                outcome: super::IdempotentOutcome::Request(String::new()),
+            })
+        }))
+    }
+
+    fn put_idempotency(&mut self, entry: &Idempotency) -> Result<(), StoreError> {
+        self.idem.insert(idem_key(&entry.caller, &entry.key));
+        Ok(())
+    }
+
+    fn key(&mut self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(match self.keys.get(kid) {
+            Some(k) => k.clone(),
+            None => self.base.keys.get(kid).cloned(),
+        })
+    }
+
+    fn put_key(&mut self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.keys.insert(key.kid.clone(), Some(key.clone()));
+        Ok(())
+    }
+
+    fn delete_key(&mut self, kid: &str) -> Result<(), StoreError> {
+        self.keys.insert(kid.to_owned(), None);
+        Ok(())
+    }
+
+    fn put_meta(&mut self, _: &str, _: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn put_checkpoint(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn put_audit(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A store that lives in process memory.
@@ -64,50 +260,8 @@ fn first(index: &BTreeSet<Vec<u8>>) -> Option<Millis> {
 }
 
 impl LeaseStore for MemStore {
-    fn create_lease(
-        &self,
-        lease: &Lease,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let mut g = self.lock()?;
-        if let Some(i) = idem
-            && let Some(existing) = g.idem.get(&idem_key(&i.caller, &i.key))
-        {
-            return Ok(Some(existing.clone()));
-        }
-        if let Some(i) = idem {
-            g.idem.insert(idem_key(&i.caller, &i.key), i.clone());
-        }
-        if lease.state == LeaseState::Active {
-            g.lease_expiry
-                .insert(deadline_key(lease.expires_at, &lease.id));
-        }
-        g.by_subject.insert(subject_key(&lease.subject, &lease.id));
-        if let Some(d) = &lease.delegation {
-            g.children.insert(subject_key(&d.parent_id, &lease.id));
-        }
-        g.leases.insert(lease.id.clone(), lease.clone());
-        Ok(None)
-    }
-
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         Ok(self.lock()?.leases.get(id).cloned())
-    }
-
-    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError> {
-        let mut g = self.lock()?;
-        if g.leases.get(&current.id) != Some(current) {
-            return Ok(false);
-        }
-        if current.state == LeaseState::Active {
-            g.lease_expiry
-                .remove(&deadline_key(current.expires_at, &current.id));
-        }
-        if new.state == LeaseState::Active {
-            g.lease_expiry.insert(deadline_key(new.expires_at, &new.id));
-        }
-        g.leases.insert(new.id.clone(), new.clone());
-        Ok(true)
     }
 
     fn leases_of(
@@ -188,53 +342,8 @@ impl LeaseStore for MemStore {
 }
 
 impl RequestStore for MemStore {
-    fn create_request(
-        &self,
-        req: &TokenRequest,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let mut g = self.lock()?;
-        if let Some(i) = idem
-            && let Some(existing) = g.idem.get(&idem_key(&i.caller, &i.key))
-        {
-            return Ok(Some(existing.clone()));
-        }
-        if let Some(i) = idem {
-            g.idem.insert(idem_key(&i.caller, &i.key), i.clone());
-        }
-        if !req.state.is_terminal() {
-            g.request_expiry.insert(deadline_key(req.deadline, &req.id));
-        }
-        if req.is_open() {
-            g.requests_open.insert(req.id.clone());
-        }
-        g.requests.insert(req.id.clone(), req.clone());
-        Ok(None)
-    }
-
     fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
         Ok(self.lock()?.requests.get(id).cloned())
-    }
-
-    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError> {
-        let mut g = self.lock()?;
-        if g.requests.get(&current.id) != Some(current) {
-            return Ok(false);
-        }
-        if !current.state.is_terminal() {
-            g.request_expiry
-                .remove(&deadline_key(current.deadline, &current.id));
-        }
-        if !new.state.is_terminal() {
-            g.request_expiry.insert(deadline_key(new.deadline, &new.id));
-        }
-        if new.is_open() {
-            g.requests_open.insert(new.id.clone());
-        } else {
-            g.requests_open.remove(&new.id);
-        }
-        g.requests.insert(new.id.clone(), new.clone());
-        Ok(true)
     }
 
     fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -281,11 +390,6 @@ impl RequestStore for MemStore {
 }
 
 impl AuditStore for MemStore {
-    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.lock()?.audit.insert(seq, bytes.to_vec());
-        Ok(())
-    }
-
     fn audit_after(
         &self,
         after: Option<u64>,
@@ -309,13 +413,10 @@ impl AuditStore for MemStore {
             .map(|(k, v)| (*k, v.clone())))
     }
 
-    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
-        self.lock()?.checkpoints.insert(seq, jws.to_vec());
-        Ok(())
-    }
-
     fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
         let mut g = self.lock()?;
+        // The head outlives the records it hangs from.
+        g.head = Some(g.head());
         g.audit.retain(|k, _| *k > seq);
         g.checkpoints.retain(|k, _| *k >= seq);
         Ok(())
@@ -334,16 +435,6 @@ impl AuditStore for MemStore {
 impl KeyStore for MemStore {
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         Ok(self.lock()?.keys.values().cloned().collect())
-    }
-
-    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
-        self.lock()?.keys.remove(kid);
-        Ok(())
-    }
-
-    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        self.lock()?.keys.insert(key.kid.clone(), key.clone());
-        Ok(())
     }
 }
 
@@ -387,13 +478,28 @@ impl super::EphemeralStore for MemStore {
 }
 
 impl Store for MemStore {
-    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.lock()?.meta.get(name).cloned())
+    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
+        // One lock: readers see all of a batch or none of it. The batch is
+        // tried first on a view, so a lost check leaves nothing behind.
+        let mut g = self.lock()?;
+        let head = g.head();
+        let mut trial = Trial {
+            base: &g,
+            leases: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            idem: BTreeSet::new(),
+            keys: BTreeMap::new(),
+        };
+        if let (Applied::Lost(lost), _) = apply_to(&mut trial, &head, batch)? {
+            return Ok(Applied::Lost(lost));
+        }
+        let (applied, head) = apply_to(&mut *g, &head, batch)?;
+        g.head = Some(head);
+        Ok(applied)
     }
 
-    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.lock()?.meta.insert(name.to_owned(), value.to_vec());
-        Ok(())
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock()?.meta.get(name).cloned())
     }
 
     fn scan(
@@ -442,13 +548,6 @@ impl Store for MemStore {
                 })
                 .collect(),
         })
-    }
-
-    fn put_idempotency(&self, entry: &Idempotency) -> Result<(), StoreError> {
-        self.lock()?
-            .idem
-            .insert(idem_key(&entry.caller, &entry.key), entry.clone());
-        Ok(())
     }
 
     fn sync(&self) -> Result<(), StoreError> {

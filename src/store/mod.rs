@@ -30,6 +30,7 @@
 //! Records are JSON with `#[serde(default)]` on every field added after v1, so
 //! older records keep decoding as the schema grows.
 
+pub mod batch;
 pub mod commit;
 pub mod copy;
 pub mod mem;
@@ -53,6 +54,8 @@ pub const SCHEMA_VERSION: u32 = 3;
 pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3];
 
 pub(crate) use record::{decode_lease, encode_lease};
+
+pub use self::batch::{Applied, Batch, Fence, Lost, Write};
 
 /// Errors from a storage backend.
 #[derive(Debug, thiserror::Error)]
@@ -530,20 +533,8 @@ pub struct KeyRecord {
 /// expiry (ACTIVE by `expires_at`), listing (by subject) and emergency
 /// rotation (by signing key).
 pub trait LeaseStore {
-    /// Insert a new lease and its indexes, and — when `idem` is given — claim
-    /// the idempotency key, atomically. When the key is already taken nothing
-    /// is written and the existing entry is returned.
-    fn create_lease(
-        &self,
-        lease: &Lease,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError>;
     /// One lease.
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError>;
-    /// Replace `current` by `new` only if the stored lease still equals
-    /// `current` (compare-and-swap). Keeps the expiry index in step: a lease
-    /// is indexed while ACTIVE. Returns `false` if it changed meanwhile.
-    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError>;
     /// Leases of one subject in id order (ids sort by creation time),
     /// starting after `after`, at most `limit`.
     fn leases_of(
@@ -576,18 +567,8 @@ pub trait LeaseStore {
 /// Parked requests, indexed by deadline while not terminal and kept in an
 /// open set while someone still has to act on them.
 pub trait RequestStore {
-    /// Insert a new request (indexed by deadline unless terminal), claiming
-    /// `idem` atomically like [`LeaseStore::create_lease`].
-    fn create_request(
-        &self,
-        req: &TokenRequest,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError>;
     /// One request.
     fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError>;
-    /// Compare-and-swap a request; keeps the deadline index in step (only
-    /// non-terminal requests are indexed).
-    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError>;
     /// Open requests ([`TokenRequest::is_open`]) in id (creation) order,
     /// after `after`, at most `limit`.
     fn open_requests(
@@ -607,9 +588,6 @@ pub trait RequestStore {
 
 /// The decision trail's records (by sequence number) and checkpoints.
 pub trait AuditStore {
-    /// Append one audit record (`seq` is the key; `bytes` its canonical
-    /// encoding). Sequence numbers are assigned by the caller, in order.
-    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
     /// Audit records after `after` (all when `None`), in order, at most `limit`.
     fn audit_after(
         &self,
@@ -618,8 +596,6 @@ pub trait AuditStore {
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// The last audit record.
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
-    /// Store a signed audit checkpoint for record `seq`.
-    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError>;
     /// Retention: delete audit records `<= seq` and checkpoints `< seq`
     /// (the checkpoint at `seq` stays as the anchor of what remains).
     fn compact_audit(&self, seq: u64) -> Result<(), StoreError>;
@@ -644,10 +620,6 @@ pub trait AuditStore {
 pub trait KeyStore {
     /// Every signing key.
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Insert or replace a signing key.
-    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
-    /// Remove a signing key record.
-    fn delete_key(&self, kid: &str) -> Result<(), StoreError>;
 }
 
 /// Short-lived secrets of the approver console (sessions, one-time
@@ -673,20 +645,22 @@ pub trait EphemeralStore {
     fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError>;
 }
 
-/// The storage contract: one part per record kind, so a backend can be
-/// written and conformance-tested a part at a time, plus named metadata and
-/// the sync that group commit calls. Every method is short and synchronous
-/// (callers on the async runtime use it directly for reads and small
-/// writes; bulk work goes through `spawn_blocking`). Durability is separate:
-/// see the module docs and [`Store::sync`].
+/// The storage contract: one part per record kind for reading, so a
+/// backend can be written and conformance-tested a part at a time; one
+/// write, [`Store::apply`], whose unit is an operation; and the sync that
+/// group commit calls. Durability is separate: see the module docs and
+/// [`Store::sync`].
 pub trait Store:
     LeaseStore + RequestStore + AuditStore + KeyStore + EphemeralStore + Send + Sync + 'static
 {
+    /// Apply one operation's [`Batch`] atomically: every write and the
+    /// batch's audit records, chained after the stored head, become visible
+    /// together — or, on [`Applied::Lost`], nothing does. Durable only once
+    /// a later [`Store::sync`] returns.
+    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError>;
     /// A metadata value.
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Set a metadata value.
-    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
-    /// Make every write applied before this call durable. Blocking.
+    /// Make every batch applied before this call durable. Blocking.
     fn sync(&self) -> Result<(), StoreError>;
 
     /// (ACTIVE leases, open requests).
@@ -708,41 +682,17 @@ pub trait Store:
         table: Table,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
-        let _ = (table, after, limit);
-        Err(StoreError::Unavailable(
-            "this store cannot be read for a copy".into(),
-        ))
-    }
-
-    /// Store an idempotency entry as it is (moving a store).
-    fn put_idempotency(&self, entry: &Idempotency) -> Result<(), StoreError> {
-        let _ = entry;
-        Err(StoreError::Unavailable(
-            "this store cannot be written by a copy".into(),
-        ))
-    }
+    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError>;
 
     // What only a store several brokers share has. The embedded stores
-    // keep the defaults: one broker, which numbers its own trail, leads
-    // always and hears of every change in-process.
+    // keep the defaults: one broker, which leads always and hears of every
+    // change in-process.
 
-    /// Several brokers may use this store at once. Then the trail is
-    /// chained by the store ([`Store::queue_audit`]), time-driven work
-    /// needs [`Store::lead`], and other brokers' news comes through
-    /// [`Store::changes`].
+    /// Several brokers may use this store at once. Then time-driven work
+    /// needs [`Store::lead`] (and its batches a [`Fence`]), and other
+    /// brokers' news comes through [`Store::changes`].
     fn shared(&self) -> bool {
         false
-    }
-
-    /// Queue audit record bodies (`audit::body_json`) for the next
-    /// [`Store::sync`] to number, chain after the stored head and make
-    /// durable. Only shared stores take them.
-    fn queue_audit(&self, bodies: Vec<Vec<u8>>) -> Result<(), StoreError> {
-        let _ = bodies;
-        Err(StoreError::Unavailable(
-            "this store numbers no audit records itself".into(),
-        ))
     }
 
     /// News from other brokers: `request:<id>` when a request changed,
@@ -752,11 +702,12 @@ pub trait Store:
         None
     }
 
-    /// Take or keep `role` for `holder` for `ttl_ms`; `false` while another
-    /// holder's term runs. A store with one broker always says yes.
-    fn lead(&self, role: &str, holder: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+    /// Take or keep `role` for `holder` for `ttl_ms`: the term's generation
+    /// (for the [`Fence`] of its batches), or `None` while another holder's
+    /// term runs. A store with one broker always says yes.
+    fn lead(&self, role: &str, holder: &str, ttl_ms: u64) -> Result<Option<u64>, StoreError> {
         let _ = (role, holder, ttl_ms);
-        Ok(true)
+        Ok(Some(0))
     }
 
     /// Give `role` up at once (shutdown), so another broker takes over
@@ -855,3 +806,155 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
 
 #[cfg(test)]
 pub(crate) mod conformance;
+
+/// Implement every read part of the contract ([`LeaseStore`],
+/// [`RequestStore`], [`AuditStore`], [`KeyStore`], [`EphemeralStore`]) for
+/// a wrapper by passing each call to the store it dereferences to, so a
+/// decorator (a test's failing store) writes only what it changes.
+#[cfg(test)]
+macro_rules! delegate_reads {
+    ($t:ty) => {
+        impl $crate::store::LeaseStore for $t {
+            fn lease(
+                &self,
+                id: &str,
+            ) -> Result<Option<$crate::store::Lease>, $crate::store::StoreError> {
+                (**self).lease(id)
+            }
+            fn leases_of(
+                &self,
+                s: &str,
+                a: Option<&str>,
+                l: usize,
+            ) -> Result<Vec<$crate::store::Lease>, $crate::store::StoreError> {
+                (**self).leases_of(s, a, l)
+            }
+            fn children(
+                &self,
+                p: &str,
+                a: Option<&str>,
+                l: usize,
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                (**self).children(p, a, l)
+            }
+            fn leases_due(
+                &self,
+                n: $crate::store::Millis,
+                l: usize,
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                (**self).leases_due(n, l)
+            }
+            fn next_lease_deadline(
+                &self,
+            ) -> Result<Option<$crate::store::Millis>, $crate::store::StoreError> {
+                (**self).next_lease_deadline()
+            }
+            fn active_leases_signed_by(
+                &self,
+                k: &str,
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                (**self).active_leases_signed_by(k)
+            }
+            fn count_active_leases(&self) -> Result<u64, $crate::store::StoreError> {
+                (**self).count_active_leases()
+            }
+            fn purge_leases(
+                &self,
+                b: $crate::store::Millis,
+            ) -> Result<u64, $crate::store::StoreError> {
+                (**self).purge_leases(b)
+            }
+        }
+        impl $crate::store::RequestStore for $t {
+            fn request(
+                &self,
+                id: &str,
+            ) -> Result<Option<$crate::store::TokenRequest>, $crate::store::StoreError> {
+                (**self).request(id)
+            }
+            fn open_requests(
+                &self,
+                a: Option<&str>,
+                l: usize,
+            ) -> Result<Vec<$crate::store::TokenRequest>, $crate::store::StoreError> {
+                (**self).open_requests(a, l)
+            }
+            fn requests_due(
+                &self,
+                n: $crate::store::Millis,
+                l: usize,
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                (**self).requests_due(n, l)
+            }
+            fn next_request_deadline(
+                &self,
+            ) -> Result<Option<$crate::store::Millis>, $crate::store::StoreError> {
+                (**self).next_request_deadline()
+            }
+            fn count_open_requests(&self) -> Result<u64, $crate::store::StoreError> {
+                (**self).count_open_requests()
+            }
+            fn purge_requests(
+                &self,
+                b: $crate::store::Millis,
+            ) -> Result<u64, $crate::store::StoreError> {
+                (**self).purge_requests(b)
+            }
+        }
+        impl $crate::store::AuditStore for $t {
+            fn audit_after(
+                &self,
+                a: Option<u64>,
+                l: usize,
+            ) -> Result<Vec<(u64, Vec<u8>)>, $crate::store::StoreError> {
+                (**self).audit_after(a, l)
+            }
+            fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, $crate::store::StoreError> {
+                (**self).audit_last()
+            }
+            fn compact_audit(&self, s: u64) -> Result<(), $crate::store::StoreError> {
+                (**self).compact_audit(s)
+            }
+            fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, $crate::store::StoreError> {
+                (**self).checkpoints()
+            }
+        }
+        impl $crate::store::KeyStore for $t {
+            fn keys(&self) -> Result<Vec<$crate::store::KeyRecord>, $crate::store::StoreError> {
+                (**self).keys()
+            }
+        }
+        impl $crate::store::EphemeralStore for $t {
+            fn put_ephemeral(
+                &self,
+                k: &[u8; 32],
+                v: &[u8],
+                e: $crate::store::Millis,
+            ) -> Result<(), $crate::store::StoreError> {
+                (**self).put_ephemeral(k, v, e)
+            }
+            fn ephemeral(
+                &self,
+                k: &[u8; 32],
+                n: $crate::store::Millis,
+            ) -> Result<Option<Vec<u8>>, $crate::store::StoreError> {
+                (**self).ephemeral(k, n)
+            }
+            fn take_ephemeral(
+                &self,
+                k: &[u8; 32],
+                n: $crate::store::Millis,
+            ) -> Result<Option<Vec<u8>>, $crate::store::StoreError> {
+                (**self).take_ephemeral(k, n)
+            }
+            fn purge_ephemeral(
+                &self,
+                n: $crate::store::Millis,
+            ) -> Result<u64, $crate::store::StoreError> {
+                (**self).purge_ephemeral(n)
+            }
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use delegate_reads;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Db, Transactional as _, Tree};
 
+use super::batch::{Applied, Batch, ChainHead, Lost, Tables, apply_to};
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
     READABLE_SCHEMA_VERSIONS, RequestStore, Row, SCHEMA_VERSION, Store, StoreError, Table,
@@ -43,6 +44,137 @@ pub struct SledStore {
     /// written ([`SledStore::mark_current`]), so a build that cannot start
     /// for another reason leaves the store to the version that wrote it.
     schema_current: std::sync::atomic::AtomicBool,
+    /// Where the trail ends. Held for the whole of an apply: batches are
+    /// chained in the order they commit.
+    head: std::sync::Mutex<ChainHead>,
+}
+
+/// The trees a batch may write, in the order of [`SledStore::batch_trees`].
+const LEASES: usize = 0;
+const LEASE_EXPIRY: usize = 1;
+const BY_SUBJECT: usize = 2;
+const CHILDREN: usize = 3;
+const REQUESTS: usize = 4;
+const REQUEST_EXPIRY: usize = 5;
+const REQUESTS_OPEN: usize = 6;
+const IDEM: usize = 7;
+const KEYS: usize = 8;
+const AUDIT: usize = 9;
+const CHECKPOINTS: usize = 10;
+const META: usize = 11;
+
+/// Why a batch transaction aborted: a lost check, or the store failing.
+enum Abort {
+    Lost(Lost),
+    Store(StoreError),
+}
+
+/// A batch's writes inside one sled transaction over every tree it may
+/// touch: sled recovers all of a transaction after a crash or none of it.
+struct Tx<'a>(&'a [TransactionalTree]);
+
+fn tx(e: sled::transaction::UnabortableTransactionError) -> StoreError {
+    unavailable(e)
+}
+
+impl Tx<'_> {
+    fn get(&self, tree: usize, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+        self.0[tree].get(key).map_err(tx)
+    }
+
+    fn put(&self, tree: usize, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.0[tree].insert(key, value).map(|_| ()).map_err(tx)
+    }
+
+    fn del(&self, tree: usize, key: &[u8]) -> Result<(), StoreError> {
+        self.0[tree].remove(key).map(|_| ()).map_err(tx)
+    }
+}
+
+impl Tables for Tx<'_> {
+    fn lease(&mut self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.get(LEASES, id.as_bytes())?
+            .map(|v| decode_lease(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn put_lease(&mut self, old: Option<&Lease>, new: &Lease) -> Result<(), StoreError> {
+        if let Some(o) = old.filter(|o| o.state == LeaseState::Active) {
+            self.del(LEASE_EXPIRY, &deadline_key(o.expires_at, &o.id))?;
+        }
+        if new.state == LeaseState::Active {
+            self.put(LEASE_EXPIRY, &deadline_key(new.expires_at, &new.id), &[])?;
+        }
+        if old.is_none() {
+            self.put(BY_SUBJECT, &subject_key(&new.subject, &new.id), &[])?;
+            if let Some(d) = &new.delegation {
+                self.put(CHILDREN, &subject_key(&d.parent_id, &new.id), &[])?;
+            }
+        }
+        self.put(LEASES, new.id.as_bytes(), &encode_lease(new))
+    }
+
+    fn request(&mut self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        self.get(REQUESTS, id.as_bytes())?
+            .map(|v| decode("requests", id.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn put_request(
+        &mut self,
+        old: Option<&TokenRequest>,
+        new: &TokenRequest,
+    ) -> Result<(), StoreError> {
+        if let Some(o) = old.filter(|o| !o.state.is_terminal()) {
+            self.del(REQUEST_EXPIRY, &deadline_key(o.deadline, &o.id))?;
+        }
+        if !new.state.is_terminal() {
+            self.put(REQUEST_EXPIRY, &deadline_key(new.deadline, &new.id), &[])?;
+        }
+        if new.is_open() {
+            self.put(REQUESTS_OPEN, new.id.as_bytes(), &[])?;
+        } else {
+            self.del(REQUESTS_OPEN, new.id.as_bytes())?;
+        }
+        self.put(REQUESTS, new.id.as_bytes(), &encode(new)?)
+    }
+
+    fn idempotency(&mut self, caller: &str, key: &str) -> Result<Option<Idempotency>, StoreError> {
+        let k = idem_key(caller, key);
+        self.get(IDEM, &k)?
+            .map(|v| decode("idempotency", &k, &v))
+            .transpose()
+    }
+
+    fn put_idempotency(&mut self, entry: &Idempotency) -> Result<(), StoreError> {
+        self.put(IDEM, &idem_key(&entry.caller, &entry.key), &encode(entry)?)
+    }
+
+    fn key(&mut self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.get(KEYS, kid.as_bytes())?
+            .map(|v| decode("keys", kid.as_bytes(), &v))
+            .transpose()
+    }
+
+    fn put_key(&mut self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.put(KEYS, key.kid.as_bytes(), &encode(key)?)
+    }
+
+    fn delete_key(&mut self, kid: &str) -> Result<(), StoreError> {
+        self.del(KEYS, kid.as_bytes())
+    }
+
+    fn put_meta(&mut self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.put(META, name.as_bytes(), value)
+    }
+
+    fn put_checkpoint(&mut self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
+        self.put(CHECKPOINTS, &seq.to_be_bytes(), jws)
+    }
+
+    fn put_audit(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.put(AUDIT, &seq.to_be_bytes(), bytes)
+    }
 }
 
 /// A big-endian sequence key (a malformed key reads as `u64::MAX`, which the
@@ -53,28 +185,6 @@ fn seq_of(k: &[u8]) -> u64 {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
-
-fn tx_err(e: TransactionError<StoreError>) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => unavailable(e),
-    }
-}
-
-/// Claim an idempotency key inside a transaction; `Some(existing)` when taken.
-fn claim_idem(t: &TransactionalTree, idem: Option<&Idempotency>) -> TxResult<Option<Idempotency>> {
-    let Some(i) = idem else { return Ok(None) };
-    let k = idem_key(&i.caller, &i.key);
-    if let Some(v) = t.get(&k)? {
-        let existing =
-            decode("idempotency", &k, &v).map_err(ConflictableTransactionError::Abort)?;
-        return Ok(Some(existing));
-    }
-    t.insert(k, encode(i).map_err(ConflictableTransactionError::Abort)?)?;
-    Ok(None)
 }
 
 /// The ids under `head` in a `head ‖ 0x00 ‖ id` index, after `after`, in
@@ -215,7 +325,10 @@ impl SledStore {
             data_file,
             db,
             schema_current: std::sync::atomic::AtomicBool::new(false),
+            head: std::sync::Mutex::new(ChainHead::after(None)),
         };
+        let last = store.audit_last()?;
+        *store.lock_head()? = ChainHead::after(last.as_ref());
         store.check_schema()?;
         if fresh {
             // The new files' directory entries must survive a crash too.
@@ -260,10 +373,36 @@ impl SledStore {
     fn mark_current(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
         if !self.schema_current.load(Ordering::SeqCst) {
-            self.put_meta("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
+            self.meta
+                .insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())
+                .map_err(unavailable)?;
             self.schema_current.store(true, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    fn lock_head(&self) -> Result<std::sync::MutexGuard<'_, ChainHead>, StoreError> {
+        self.head
+            .lock()
+            .map_err(|_| StoreError::Unavailable("audit chain head poisoned".into()))
+    }
+
+    /// Every tree a batch may write, in the order of the index constants.
+    fn batch_trees(&self) -> [&Tree; 12] {
+        [
+            &self.leases,
+            &self.lease_expiry,
+            &self.by_subject,
+            &self.children,
+            &self.requests,
+            &self.request_expiry,
+            &self.requests_open,
+            &self.idem,
+            &self.keys,
+            &self.audit,
+            &self.checkpoints,
+            &self.meta,
+        ]
     }
 
     /// Does expiry entry `k` match an ACTIVE lease expiring at that time?
@@ -301,115 +440,12 @@ impl SledStore {
 }
 
 impl LeaseStore for SledStore {
-    fn create_lease(
-        &self,
-        lease: &Lease,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let value = encode_lease(lease);
-        self.mark_current()?;
-        if idem.is_none() {
-            // No key to claim: no transaction needed. Indexes go first, so a
-            // lease record is never visible (or recovered: sled recovers a
-            // prefix of its single log) without them; an index entry whose
-            // lease is missing is skipped by readers and dropped by expiry.
-            if lease.state == LeaseState::Active {
-                self.lease_expiry
-                    .insert(deadline_key(lease.expires_at, &lease.id), &[])
-                    .map_err(unavailable)?;
-            }
-            self.by_subject
-                .insert(subject_key(&lease.subject, &lease.id), &[])
-                .map_err(unavailable)?;
-            if let Some(d) = &lease.delegation {
-                self.children
-                    .insert(subject_key(&d.parent_id, &lease.id), &[])
-                    .map_err(unavailable)?;
-            }
-            self.leases
-                .insert(lease.id.as_bytes(), value)
-                .map_err(unavailable)?;
-            return Ok(None);
-        }
-        (
-            &self.leases,
-            &self.lease_expiry,
-            &self.by_subject,
-            &self.children,
-            &self.idem,
-        )
-            .transaction(|(leases, expiry, by_subject, children, idem_t)| {
-                if let Some(existing) = claim_idem(idem_t, idem)? {
-                    return Ok(Some(existing));
-                }
-                leases.insert(lease.id.as_bytes(), value.as_slice())?;
-                if lease.state == LeaseState::Active {
-                    expiry.insert(deadline_key(lease.expires_at, &lease.id), &[])?;
-                }
-                by_subject.insert(subject_key(&lease.subject, &lease.id), &[])?;
-                if let Some(d) = &lease.delegation {
-                    children.insert(subject_key(&d.parent_id, &lease.id), &[])?;
-                }
-                Ok(None)
-            })
-            .map_err(tx_err)
-    }
-
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         self.leases
             .get(id.as_bytes())
             .map_err(unavailable)?
             .map(|v| decode_lease(id.as_bytes(), &v))
             .transpose()
-    }
-
-    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError> {
-        // A single-key compare-and-swap plus ordered index updates, not a
-        // sled transaction (those serialise on a global lock and cost ~8x).
-        // INVARIANT: an ACTIVE lease always has its index entry at its
-        // `expires_at`: the new entry is written before the swap, the old
-        // one removed after. Entries left behind by a crash in between are
-        // dropped by `leases_due`.
-        // Compared as records, not bytes: the stored form may be an older
-        // encoding of the same lease.
-        let Some(old_bytes) = self
-            .leases
-            .get(current.id.as_bytes())
-            .map_err(unavailable)?
-        else {
-            return Ok(false);
-        };
-        if decode_lease(current.id.as_bytes(), &old_bytes)? != *current {
-            return Ok(false);
-        }
-        let new_bytes = encode_lease(new);
-        self.mark_current()?;
-        let old_key = (current.state == LeaseState::Active)
-            .then(|| deadline_key(current.expires_at, &current.id));
-        let new_key =
-            (new.state == LeaseState::Active).then(|| deadline_key(new.expires_at, &new.id));
-        if let Some(k) = &new_key {
-            self.lease_expiry
-                .insert(k.as_slice(), &[])
-                .map_err(unavailable)?;
-        }
-        let swapped = self
-            .leases
-            .compare_and_swap(current.id.as_bytes(), Some(old_bytes), Some(new_bytes))
-            .map_err(unavailable)?
-            .is_ok();
-        if swapped {
-            if let Some(k) = old_key.filter(|k| Some(k) != new_key.as_ref()) {
-                self.lease_expiry.remove(k).map_err(unavailable)?;
-            }
-        } else if let Some(k) = new_key {
-            // Undo the entry written ahead, unless the lease that won has
-            // exactly that deadline.
-            if !self.entry_is_live(&k)? {
-                self.lease_expiry.remove(k).map_err(unavailable)?;
-            }
-        }
-        Ok(swapped)
     }
 
     fn leases_of(
@@ -509,66 +545,12 @@ impl LeaseStore for SledStore {
 }
 
 impl RequestStore for SledStore {
-    fn create_request(
-        &self,
-        req: &TokenRequest,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let value = encode(req)?;
-        (
-            &self.requests,
-            &self.request_expiry,
-            &self.idem,
-            &self.requests_open,
-        )
-            .transaction(|(requests, expiry, idem_t, open)| {
-                if let Some(existing) = claim_idem(idem_t, idem)? {
-                    return Ok(Some(existing));
-                }
-                requests.insert(req.id.as_bytes(), value.as_slice())?;
-                if !req.state.is_terminal() {
-                    expiry.insert(deadline_key(req.deadline, &req.id), &[])?;
-                }
-                if req.is_open() {
-                    open.insert(req.id.as_bytes(), &[])?;
-                }
-                Ok(None)
-            })
-            .map_err(tx_err)
-    }
-
     fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
         self.requests
             .get(id.as_bytes())
             .map_err(unavailable)?
             .map(|v| decode("requests", id.as_bytes(), &v))
             .transpose()
-    }
-
-    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError> {
-        let old_bytes = encode(current)?;
-        let new_bytes = encode(new)?;
-        (&self.requests, &self.request_expiry, &self.requests_open)
-            .transaction(|(requests, expiry, open)| {
-                match requests.get(current.id.as_bytes())? {
-                    Some(v) if v.as_ref() == old_bytes.as_slice() => {}
-                    _ => return Ok(false),
-                }
-                if !current.state.is_terminal() {
-                    expiry.remove(deadline_key(current.deadline, &current.id))?;
-                }
-                if !new.state.is_terminal() {
-                    expiry.insert(deadline_key(new.deadline, &new.id), &[])?;
-                }
-                if new.is_open() {
-                    open.insert(new.id.as_bytes(), &[])?;
-                } else {
-                    open.remove(new.id.as_bytes())?;
-                }
-                requests.insert(new.id.as_bytes(), new_bytes.as_slice())?;
-                Ok(true)
-            })
-            .map_err(tx_err)
     }
 
     fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -623,13 +605,6 @@ impl RequestStore for SledStore {
 }
 
 impl AuditStore for SledStore {
-    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.audit
-            .insert(seq.to_be_bytes(), bytes)
-            .map_err(unavailable)?;
-        Ok(())
-    }
-
     fn audit_after(
         &self,
         after: Option<u64>,
@@ -653,13 +628,6 @@ impl AuditStore for SledStore {
             .last()
             .map_err(unavailable)?
             .map(|(k, v)| (seq_of(&k), v.to_vec())))
-    }
-
-    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
-        self.checkpoints
-            .insert(seq.to_be_bytes(), jws)
-            .map_err(unavailable)?;
-        Ok(())
     }
 
     fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
@@ -709,18 +677,6 @@ impl KeyStore for SledStore {
                 decode("keys", &k, &v)
             })
             .collect()
-    }
-
-    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
-        self.keys.remove(kid.as_bytes()).map_err(unavailable)?;
-        Ok(())
-    }
-
-    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        self.keys
-            .insert(key.kid.as_bytes(), encode(key)?)
-            .map_err(unavailable)?;
-        Ok(())
     }
 }
 
@@ -782,19 +738,43 @@ impl super::EphemeralStore for SledStore {
 }
 
 impl Store for SledStore {
+    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
+        if batch.is_empty() {
+            return Ok(Applied::Done(Vec::new()));
+        }
+        self.mark_current()?;
+        // The head's lock orders batches as they commit; sled's transaction
+        // makes one batch's writes, records included, all-or-nothing on
+        // disk and to readers.
+        let mut head = self.lock_head()?;
+        let trees = self.batch_trees();
+        let out =
+            trees
+                .as_slice()
+                .transaction(|view| match apply_to(&mut Tx(view), &head, batch) {
+                    Ok((Applied::Lost(lost), _)) => {
+                        Err(ConflictableTransactionError::Abort(Abort::Lost(lost)))
+                    }
+                    Ok(done) => Ok(done),
+                    Err(e) => Err(ConflictableTransactionError::Abort(Abort::Store(e))),
+                });
+        match out {
+            Ok((applied, next)) => {
+                *head = next;
+                Ok(applied)
+            }
+            Err(TransactionError::Abort(Abort::Lost(lost))) => Ok(Applied::Lost(lost)),
+            Err(TransactionError::Abort(Abort::Store(e))) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(unavailable(e)),
+        }
+    }
+
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .meta
             .get(name.as_bytes())
             .map_err(unavailable)?
             .map(|v| v.to_vec()))
-    }
-
-    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.meta
-            .insert(name.as_bytes(), value)
-            .map_err(unavailable)?;
-        Ok(())
     }
 
     fn scan(
@@ -828,13 +808,6 @@ impl Store for SledStore {
                 Ok((k.to_vec(), row))
             })
             .collect()
-    }
-
-    fn put_idempotency(&self, entry: &Idempotency) -> Result<(), StoreError> {
-        self.idem
-            .insert(idem_key(&entry.caller, &entry.key), encode(entry)?)
-            .map_err(unavailable)?;
-        Ok(())
     }
 
     fn sync(&self) -> Result<(), StoreError> {

@@ -1,25 +1,23 @@
 //! The shared backend: PostgreSQL, for several brokers on one database.
 //!
 //! Tables mirror the sled trees (see `schema`); records keep the same
-//! encodings. Every method is one statement (or one short transaction), so
-//! each is atomic on its own, exactly as the sled methods are.
+//! encodings. Reads are one statement each.
 //!
-//! # Durability: asynchronous commits and one barrier per batch
-//! Pooled connections run with `synchronous_commit = off`: a write commits
-//! (and is visible to every broker) at once, without waiting for the WAL
-//! flush. [`Store::sync`] — the group commit's barrier — is one transaction
-//! at the server's own level (`on`, or `remote_apply` for a synchronous
-//! standby; `on` if the server says `off`) that chains the batch's audit
-//! records and writes the chain head. PostgreSQL flushes (and replicates)
-//! its WAL in order, so once that commit is durable, every commit before it
-//! is too — from any connection of any broker. Nothing is acknowledged
+//! # One operation, one transaction; durability at the barrier
+//! [`Store::apply`] runs a batch as one transaction (`apply`): its writes,
+//! its checks (compare-and-swaps, the idempotency claim, the fence, the
+//! signing key) and its audit records, numbered and chained under a row
+//! lock on `audit_head` — all committed together or rolled back together.
+//! The records of every broker thus form one hash chain, which `audit
+//! verify` checks unchanged. Pooled connections run with
+//! `synchronous_commit = off`, so a batch commits (and is visible to every
+//! broker) without waiting for the WAL flush. [`Store::sync`] — the group
+//! commit's barrier — is one transaction at the server's own level (`on`,
+//! or `remote_apply` for a synchronous standby; `on` if the server says
+//! `off`) that takes a transaction id; PostgreSQL flushes (and replicates)
+//! its WAL in order, so once that commit is durable every commit before it
+//! is too, from any connection of any broker. Nothing is acknowledged
 //! before the barrier returns, as with sled.
-//!
-//! # One trail for every broker
-//! The engine does not number records here: it queues their bodies
-//! ([`Store::queue_audit`]) and the barrier chains them under a row lock on
-//! `audit_head`, held for one transaction per batch. Records of all brokers
-//! form one hash chain that `audit verify` checks unchanged.
 //!
 //! # News from other brokers
 //! A changed request or key ring is announced with `pg_notify` in the
@@ -27,10 +25,9 @@
 //! on one connection and hands payloads to [`Store::changes`]. Engines that
 //! lack `LISTEN/NOTIFY` still work: watchers and the key ring also poll.
 
+mod apply;
 mod connect;
 mod schema;
-
-use std::sync::Mutex;
 
 use deadpool_postgres::{Object, Pool};
 use tokio::sync::broadcast;
@@ -39,12 +36,11 @@ use tokio_postgres::types::ToSql;
 pub use self::connect::PgOptions;
 use self::connect::{Bridge, Target};
 pub use self::schema::LATEST as SCHEMA_VERSION;
+use super::batch::{Applied, Batch};
 use super::{
-    AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
-    RequestStore, Row, Store, StoreError, Table, TokenRequest, decode, decode_lease, encode,
-    encode_lease,
+    AuditStore, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis, RequestStore, Row,
+    Store, StoreError, Table, TokenRequest, decode, decode_lease, encode, encode_lease,
 };
-use crate::chain::{chained, sha256_hex};
 
 /// Levels the barrier may run at (the server's default is read at start).
 const BARRIER_LEVELS: &[&str] = &["on", "remote_write", "remote_apply", "local"];
@@ -142,8 +138,6 @@ pub struct PgStore {
     pool: Pool,
     /// `synchronous_commit` of the barrier transaction.
     barrier: &'static str,
-    /// Audit bodies waiting for the next barrier to chain them.
-    pending_audit: Mutex<Vec<Vec<u8>>>,
     changes: broadcast::Sender<String>,
     // Last: the runtime stops after everything that runs on it is gone.
     bridge: Bridge,
@@ -190,7 +184,6 @@ impl PgStore {
         Ok(Self {
             pool,
             barrier,
-            pending_audit: Mutex::new(Vec::new()),
             changes,
             bridge,
         })
@@ -292,149 +285,33 @@ impl PgStore {
             c.execute(&stmt, &refs(&params)).await.map_err(pg_err)
         })
     }
+}
 
-    /// Insert a new row with `plain`; with `idem`, with `claiming` instead,
-    /// which inserts the row only if it also claims the key (its parameters
-    /// follow the row's: caller, key, entry). The entry that already held
-    /// the key, when it was taken.
-    fn create(
-        &self,
-        plain: &'static str,
-        claiming: &'static str,
-        mut params: Params,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let Some(i) = idem else {
-            self.execute(plain, params)?;
-            return Ok(None);
-        };
-        params.extend::<Params>(vec![
-            Box::new(i.caller.clone()),
-            Box::new(i.key.clone()),
-            Box::new(encode(i)?),
-        ]);
-        if self.execute(claiming, params)? == 1 {
-            Ok(None)
-        } else {
-            self.existing_idem(i).map(Some)
-        }
-    }
-
-    fn existing_idem(&self, i: &Idempotency) -> Result<Idempotency, StoreError> {
-        let rows = self.records(
-            "SELECT record FROM idempotency WHERE caller = $1 AND key = $2",
-            vec![Box::new(i.caller.clone()), Box::new(i.key.clone())],
-        )?;
-        let bytes = rows.first().ok_or_else(|| {
-            StoreError::Unavailable("idempotency key taken but not readable".into())
-        })?;
-        decode("idempotency", i.key.as_bytes(), bytes)
-    }
-
-    /// Chain the queued audit bodies after the stored head and commit them
-    /// with the head, at the barrier's level.
-    async fn barrier(
-        pool: Pool,
-        level: &'static str,
-        bodies: Vec<Vec<u8>>,
-    ) -> Result<(), StoreError> {
+impl PgStore {
+    /// The group commit's barrier: one transaction at the server's own
+    /// durable level that takes a transaction id, so its commit waits for
+    /// the WAL flush — which covers every earlier commit, of any broker. No
+    /// statement timeout: a cancelled wait for a synchronous standby would
+    /// still report the commit as done.
+    async fn barrier(pool: Pool, level: &'static str) -> Result<(), StoreError> {
         let c = client(&pool).await?;
-        let result = Self::barrier_on(&c, level, &bodies).await;
+        let result = c
+            .simple_query(&format!(
+                "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0;
+                 SELECT txid_current(); COMMIT"
+            ))
+            .await
+            .map(|_| ())
+            .map_err(pg_err);
         if result.is_err() {
             // It may be left inside a transaction: never hand it out again.
             drop(Object::take(c));
         }
         result
     }
-
-    /// The barrier in two round trips: begin, settings and the locked head
-    /// (no statement timeout: a cancelled wait for a synchronous standby
-    /// would still report the commit as done); then the records with the
-    /// new head, and the commit, pipelined.
-    async fn barrier_on(c: &Object, level: &str, bodies: &[Vec<u8>]) -> Result<(), StoreError> {
-        let head = c
-            .simple_query(&format!(
-                "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0;
-                 SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
-            ))
-            .await
-            .map_err(pg_err)?;
-        let Some((mut seq, mut prev)) = head.iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
-                r.get(0).and_then(|v| v.parse::<u64>().ok())?,
-                r.get(1)?.to_owned(),
-            )),
-            _ => None,
-        }) else {
-            return Err(StoreError::Corrupt {
-                tree: "audit_head",
-                key: "1".into(),
-                detail: "no chain head row".into(),
-            });
-        };
-        let mut seqs = Vec::with_capacity(bodies.len());
-        let mut records = Vec::with_capacity(bodies.len());
-        for body in bodies {
-            seq += 1;
-            let bytes = chained(seq, body, &prev);
-            prev = sha256_hex(&bytes);
-            seqs.push(ms(seq));
-            records.push(bytes);
-        }
-        // Always a write, even with no records: a commit that wrote nothing
-        // would not wait for the WAL flush this barrier exists for.
-        let stmt = c
-            .prepare_cached(
-                "WITH a AS (INSERT INTO audit (seq, record)
-                            SELECT * FROM unnest($1::bigint[], $2::bytea[]))
-                 UPDATE audit_head SET seq = $3, hash = $4 WHERE id = 1",
-            )
-            .await
-            .map_err(pg_err)?;
-        let head_seq = ms(seq);
-        let params: [&(dyn ToSql + Sync); 4] = [&seqs, &records, &head_seq, &prev];
-        let (written, committed) =
-            tokio::join!(c.execute(&stmt, &params), c.simple_query("COMMIT"));
-        // A COMMIT after a failed statement rolls back without an error: the
-        // write's own result decides.
-        written.map_err(pg_err)?;
-        committed.map_err(pg_err)?;
-        Ok(())
-    }
 }
 
 impl LeaseStore for PgStore {
-    fn create_lease(
-        &self,
-        lease: &Lease,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let row = LeaseRow::of(lease);
-        let params: Params = vec![
-            Box::new(lease.id.clone()),
-            Box::new(lease.subject.clone()),
-            Box::new(row.active),
-            Box::new(row.expires_at),
-            Box::new(lease.kid.clone()),
-            Box::new(row.ended_at),
-            Box::new(row.record),
-            Box::new(lease.delegation.as_ref().map(|d| d.parent_id.clone())),
-        ];
-        self.create(
-            "INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record, parent_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            "WITH claim AS (
-                INSERT INTO idempotency (caller, key, record) VALUES ($9, $10, $11)
-                ON CONFLICT DO NOTHING RETURNING 1)
-             INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record, parent_id)
-             SELECT $1::text, $2::text, $3::boolean, $4::bigint, $5::text, $6::bigint, $7::bytea,
-                    $8::text
-             WHERE EXISTS (SELECT 1 FROM claim)",
-            params,
-            idem,
-        )
-    }
-
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         self.records(
             "SELECT record FROM leases WHERE id = $1",
@@ -443,39 +320,6 @@ impl LeaseStore for PgStore {
         .first()
         .map(|b| decode_lease(id.as_bytes(), b))
         .transpose()
-    }
-
-    fn swap_lease(&self, current: &Lease, new: &Lease) -> Result<bool, StoreError> {
-        const SWAP: &str = "UPDATE leases
-             SET active = $3, expires_at = $4, kid = $5, ended_at = $6, record = $7
-             WHERE id = $1 AND record = $2";
-        let row = LeaseRow::of(new);
-        let params = |expected: Vec<u8>| -> Params {
-            vec![
-                Box::new(new.id.clone()),
-                Box::new(expected),
-                Box::new(row.active),
-                Box::new(row.expires_at),
-                Box::new(new.kid.clone()),
-                Box::new(row.ended_at),
-                Box::new(row.record.clone()),
-            ]
-        };
-        if self.execute(SWAP, params(encode_lease(current)))? == 1 {
-            return Ok(true);
-        }
-        // The stored bytes may be an older encoding of the same lease (a
-        // JSON lease brought over by import): compare what they mean.
-        let stored = self.records(
-            "SELECT record FROM leases WHERE id = $1",
-            vec![Box::new(current.id.clone())],
-        )?;
-        match stored.into_iter().next() {
-            Some(bytes) if decode_lease(current.id.as_bytes(), &bytes)? == *current => {
-                Ok(self.execute(SWAP, params(bytes))? == 1)
-            }
-            _ => Ok(false),
-        }
     }
 
     fn leases_of(
@@ -549,34 +393,6 @@ impl LeaseStore for PgStore {
 }
 
 impl RequestStore for PgStore {
-    fn create_request(
-        &self,
-        req: &TokenRequest,
-        idem: Option<&Idempotency>,
-    ) -> Result<Option<Idempotency>, StoreError> {
-        let row = RequestRow::of(req)?;
-        let params: Params = vec![
-            Box::new(req.id.clone()),
-            Box::new(row.live),
-            Box::new(row.deadline),
-            Box::new(row.open),
-            Box::new(row.ended_at),
-            Box::new(row.record),
-        ];
-        self.create(
-            "INSERT INTO requests (id, live, deadline, open, ended_at, record)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            "WITH claim AS (
-                INSERT INTO idempotency (caller, key, record) VALUES ($7, $8, $9)
-                ON CONFLICT DO NOTHING RETURNING 1)
-             INSERT INTO requests (id, live, deadline, open, ended_at, record)
-             SELECT $1::text, $2::boolean, $3::bigint, $4::boolean, $5::bigint, $6::bytea
-             WHERE EXISTS (SELECT 1 FROM claim)",
-            params,
-            idem,
-        )
-    }
-
     fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
         self.records(
             "SELECT record FROM requests WHERE id = $1",
@@ -585,27 +401,6 @@ impl RequestStore for PgStore {
         .first()
         .map(|b| decode("requests", id.as_bytes(), b))
         .transpose()
-    }
-
-    fn swap_request(&self, current: &TokenRequest, new: &TokenRequest) -> Result<bool, StoreError> {
-        let row = RequestRow::of(new)?;
-        // The notice reaches every broker's listener when this commits.
-        let changed = self.ids(
-            "WITH u AS (
-                UPDATE requests SET live = $3, deadline = $4, open = $5, ended_at = $6, record = $7
-                WHERE id = $1 AND record = $2 RETURNING id)
-             SELECT u.id FROM u, pg_notify('portcullis', 'request:' || u.id)",
-            vec![
-                Box::new(new.id.clone()),
-                Box::new(encode(current)?),
-                Box::new(row.live),
-                Box::new(row.deadline),
-                Box::new(row.open),
-                Box::new(row.ended_at),
-                Box::new(row.record),
-            ],
-        )?;
-        Ok(!changed.is_empty())
     }
 
     fn open_requests(
@@ -654,19 +449,6 @@ impl RequestStore for PgStore {
 }
 
 impl AuditStore for PgStore {
-    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.execute(
-            "WITH a AS (INSERT INTO audit (seq, record) VALUES ($1, $2))
-             UPDATE audit_head SET seq = $1, hash = $3 WHERE id = 1 AND seq < $1",
-            vec![
-                Box::new(ms(seq)),
-                Box::new(bytes.to_vec()),
-                Box::new(sha256_hex(bytes)),
-            ],
-        )?;
-        Ok(())
-    }
-
     fn audit_after(
         &self,
         after: Option<u64>,
@@ -685,17 +467,6 @@ impl AuditStore for PgStore {
                 vec![],
             )?
             .pop())
-    }
-
-    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
-        self.execute(
-            // A checkpoint, once written (and perhaps handed to a witness),
-            // is never replaced.
-            "INSERT INTO audit_checkpoints (seq, jws) VALUES ($1, $2)
-             ON CONFLICT (seq) DO NOTHING",
-            vec![Box::new(ms(seq)), Box::new(jws.to_vec())],
-        )?;
-        Ok(())
     }
 
     fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
@@ -734,26 +505,6 @@ impl AuditStore for PgStore {
 impl KeyStore for PgStore {
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.all_keys()
-    }
-
-    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
-        self.ids(
-            "WITH d AS (DELETE FROM keys WHERE kid = $1 RETURNING kid)
-             SELECT d.kid FROM d, pg_notify('portcullis', 'keys')",
-            vec![Box::new(kid.to_owned())],
-        )?;
-        Ok(())
-    }
-
-    fn put_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        self.ids(
-            "WITH k AS (
-                INSERT INTO keys (kid, record) VALUES ($1, $2)
-                ON CONFLICT (kid) DO UPDATE SET record = excluded.record RETURNING kid)
-             SELECT k.kid FROM k, pg_notify('portcullis', 'keys')",
-            vec![Box::new(key.kid.clone()), Box::new(encode(key)?)],
-        )?;
-        Ok(())
     }
 }
 
@@ -815,6 +566,13 @@ impl super::EphemeralStore for PgStore {
 }
 
 impl Store for PgStore {
+    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
+        if batch.is_empty() {
+            return Ok(Applied::Done(Vec::new()));
+        }
+        self.run(apply::apply(self.pool.clone(), batch.clone()))
+    }
+
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .records(
@@ -824,36 +582,8 @@ impl Store for PgStore {
             .pop())
     }
 
-    fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO meta (name, value) VALUES ($1, $2)
-             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            vec![Box::new(name.to_owned()), Box::new(value.to_vec())],
-        )?;
-        Ok(())
-    }
-
     fn sync(&self) -> Result<(), StoreError> {
-        let bodies = self
-            .pending_audit
-            .lock()
-            .map(|mut p| std::mem::take(&mut *p))
-            .map_err(|_| StoreError::Unavailable("audit queue poisoned".into()))?;
-        let result = self.run(Self::barrier(
-            self.pool.clone(),
-            self.barrier,
-            bodies.clone(),
-        ));
-        if result.is_err() {
-            // The state these records describe may have been committed (and
-            // be made durable by any later barrier, of any broker): keep
-            // them, ahead of newer ones, for the next barrier.
-            if let Ok(mut p) = self.pending_audit.lock() {
-                let newer = std::mem::replace(&mut *p, bodies);
-                p.extend(newer);
-            }
-        }
-        result
+        self.run(Self::barrier(self.pool.clone(), self.barrier))
     }
 
     fn scan(
@@ -874,7 +604,9 @@ impl Store for PgStore {
                 vec![Box::new(after.clone()), Box::new(count(limit))],
             ),
             Table::Idempotency => (
-                "SELECT caller || chr(0) || key, record FROM idempotency
+                // PostgreSQL text holds no NUL: the cursor key (caller ‖ 0
+                // ‖ key) is made from the decoded entry below.
+                "SELECT caller, record FROM idempotency
                  WHERE (caller, key) > ($1, $2) ORDER BY caller, key LIMIT $3",
                 vec![
                     Box::new(caller.to_owned()),
@@ -895,7 +627,8 @@ impl Store for PgStore {
                     Table::Leases => Row::Lease(decode_lease(k.as_bytes(), &v)?),
                     Table::Requests => Row::Request(decode("requests", k.as_bytes(), &v)?),
                     Table::Idempotency => {
-                        Row::Idempotency(decode("idempotency", k.as_bytes(), &v)?)
+                        let i: super::Idempotency = decode("idempotency", k.as_bytes(), &v)?;
+                        return Ok((super::idem_key(&i.caller, &i.key), Row::Idempotency(i)));
                     }
                     Table::Meta => Row::Meta(k.clone(), v),
                 };
@@ -904,59 +637,46 @@ impl Store for PgStore {
             .collect()
     }
 
-    fn put_idempotency(&self, entry: &Idempotency) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO idempotency (caller, key, record) VALUES ($1, $2, $3)
-             ON CONFLICT DO NOTHING",
-            vec![
-                Box::new(entry.caller.clone()),
-                Box::new(entry.key.clone()),
-                Box::new(encode(entry)?),
-            ],
-        )?;
-        Ok(())
-    }
-
     fn shared(&self) -> bool {
         true
-    }
-
-    fn queue_audit(&self, bodies: Vec<Vec<u8>>) -> Result<(), StoreError> {
-        self.pending_audit
-            .lock()
-            .map(|mut p| p.extend(bodies))
-            .map_err(|_| StoreError::Unavailable("audit queue poisoned".into()))
     }
 
     fn changes(&self) -> Option<broadcast::Receiver<String>> {
         Some(self.changes.subscribe())
     }
 
-    fn lead(&self, role: &str, holder: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+    fn lead(&self, role: &str, holder: &str, ttl_ms: u64) -> Result<Option<u64>, StoreError> {
         // Take the role when it is free or expired, keep it while held;
         // the database's clock decides, so brokers' clocks need not agree.
-        let held = self.ids(
+        // Every new term — another holder, or this one after its term ran
+        // out — has a higher generation, which fences the batches of every
+        // earlier term.
+        let held = self.column::<i64>(
             "INSERT INTO leadership (role, holder, generation, expires_at)
              VALUES ($1, $2, 1, now() + $3 * interval '1 millisecond')
              ON CONFLICT (role) DO UPDATE SET
                 holder = excluded.holder,
                 generation = leadership.generation
-                    + CASE WHEN leadership.holder = excluded.holder THEN 0 ELSE 1 END,
+                    + CASE WHEN leadership.holder = excluded.holder
+                                AND leadership.expires_at > now() THEN 0 ELSE 1 END,
                 expires_at = excluded.expires_at
-             WHERE leadership.holder = excluded.holder OR leadership.expires_at < now()
-             RETURNING holder",
+             WHERE leadership.holder = excluded.holder OR leadership.expires_at <= now()
+             RETURNING generation",
             vec![
                 Box::new(role.to_owned()),
                 Box::new(holder.to_owned()),
                 Box::new(ttl_ms as f64),
             ],
+            0,
         )?;
-        Ok(!held.is_empty())
+        Ok(held.first().map(|g| u64::try_from(*g).unwrap_or(0)))
     }
 
     fn resign(&self, role: &str, holder: &str) -> Result<(), StoreError> {
+        // The row stays (its generation only grows); the term ends now.
         self.execute(
-            "DELETE FROM leadership WHERE role = $1 AND holder = $2",
+            "UPDATE leadership SET expires_at = now() - interval '1 millisecond'
+             WHERE role = $1 AND holder = $2",
             vec![Box::new(role.to_owned()), Box::new(holder.to_owned())],
         )?;
         Ok(())

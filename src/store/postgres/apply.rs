@@ -1,0 +1,494 @@
+//! One batch, one transaction: how [`Store::apply`](crate::store::Store::apply)
+//! runs on PostgreSQL.
+//!
+//! Two round trips. The first sends, pipelined: `BEGIN`; the fence check
+//! (`FOR SHARE` on this broker's leadership row, so a takeover waits for
+//! this commit); the signing keys of new leases (`FOR SHARE`, so an
+//! emergency withdrawal waits, and a withdrawn key is seen); then every
+//! write, each reporting whether it took (`RETURNING 1`). The second, once
+//! every check passed: the audit records, numbered and hash-chained by one
+//! statement under the `audit_head` row lock, the notices for other
+//! brokers, and `COMMIT` — or `ROLLBACK` when a check failed. The chain
+//! lock is held only for the server's own work in that last round trip.
+//!
+//! Commits are asynchronous (`synchronous_commit = off` on pooled
+//! connections): applied, visible, and durable at the next barrier
+//! ([`PgStore::sync`](super::PgStore)), which flushes the WAL up to it.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use deadpool_postgres::{Object, Pool};
+use tokio_postgres::types::ToSql;
+
+use super::{LeaseRow, Params, RequestRow, client, ms, pg_err, refs};
+use crate::store::batch::{Applied, Batch, Fence, Lost, Write, key_signs};
+use crate::store::{Idempotency, KeyRecord, Lease, StoreError, decode, decode_lease, encode};
+
+const FENCE: &str = "SELECT 1 FROM leadership
+     WHERE role = $1 AND holder = $2 AND generation = $3 AND expires_at > now() FOR SHARE";
+const KEYS: &str = "SELECT kid, record FROM keys WHERE kid = ANY($1) FOR SHARE";
+const CLAIM: &str = "INSERT INTO idempotency (caller, key, record) VALUES ($1, $2, $3)
+     ON CONFLICT DO NOTHING RETURNING 1";
+const LEASE_NEW: &str =
+    "INSERT INTO leases (id, subject, active, expires_at, kid, ended_at, record, parent_id)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING RETURNING 1";
+const LEASE_SWAP: &str = "UPDATE leases
+     SET active = $3, expires_at = $4, kid = $5, ended_at = $6, record = $7
+     WHERE id = $1 AND record = $2 RETURNING 1";
+const REQUEST_NEW: &str = "INSERT INTO requests (id, live, deadline, open, ended_at, record)
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING 1";
+const REQUEST_SWAP: &str = "UPDATE requests
+     SET live = $3, deadline = $4, open = $5, ended_at = $6, record = $7
+     WHERE id = $1 AND record = $2 RETURNING 1";
+const KEY_PUT: &str = "INSERT INTO keys (kid, record) VALUES ($1, $2)
+     ON CONFLICT (kid) DO UPDATE SET record = excluded.record RETURNING 1";
+const KEY_DELETE: &str = "DELETE FROM keys WHERE kid = $1 RETURNING 1";
+const META_PUT: &str = "INSERT INTO meta (name, value) VALUES ($1, $2)
+     ON CONFLICT (name) DO UPDATE SET value = excluded.value RETURNING 1";
+// A checkpoint, once written (and perhaps handed to a witness), is never
+// replaced.
+const CHECKPOINT_PUT: &str = "INSERT INTO audit_checkpoints (seq, jws) VALUES ($1, $2)
+     ON CONFLICT (seq) DO NOTHING RETURNING 1";
+/// A record copied as it is; the head moves to it.
+const AUDIT_COPY: &str = "WITH a AS (INSERT INTO audit (seq, record) VALUES ($1, $2) RETURNING 1)
+     UPDATE audit_head SET seq = $1, hash = $3 WHERE id = 1 AND seq < $1 RETURNING 1";
+const NOTIFY: &str = "SELECT pg_notify('portcullis', n) FROM unnest($1::text[]) AS n";
+/// Number and chain the batch's record bodies (their JSON without the
+/// outer braces) after the locked head, exactly as `chain::chained` does,
+/// store them, move the head, and return them.
+const AUDIT: &str = r#"WITH RECURSIVE
+  head AS (SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE),
+  body AS (SELECT b, n FROM unnest($1::bytea[]) WITH ORDINALITY AS t(b, n)),
+  chain (n, seq, hash, record) AS (
+      SELECT 0::bigint, head.seq, head.hash, NULL::bytea FROM head
+    UNION ALL
+      SELECT body.n, r.seq, encode(sha256(r.record), 'hex'), r.record
+      FROM chain JOIN body ON body.n = chain.n + 1,
+      LATERAL (SELECT chain.seq + 1 AS seq,
+                      convert_to('{"seq":' || (chain.seq + 1)::text || ',', 'UTF8')
+                      || body.b
+                      || convert_to(',"prev":"' || chain.hash || '"}', 'UTF8') AS record) AS r),
+  ins AS (INSERT INTO audit (seq, record) SELECT seq, record FROM chain WHERE n > 0),
+  upd AS (UPDATE audit_head SET seq = last.seq, hash = last.hash
+          FROM (SELECT seq, hash FROM chain ORDER BY n DESC LIMIT 1) AS last
+          WHERE audit_head.id = 1)
+SELECT seq, record FROM chain WHERE n > 0 ORDER BY n"#;
+
+/// How a statement's rows answer for the batch.
+enum Check {
+    /// Nothing to check.
+    None,
+    /// One row or the fence is stale.
+    Fence,
+    /// The keys of new leases: each must still sign.
+    Keys(Vec<String>),
+    /// One row or the key was taken.
+    Claim(Idempotency),
+    /// One row or lease `id` changed (or exists).
+    Lease(String),
+    /// One row or request `id` changed (or exists).
+    Request(String),
+}
+
+/// A statement of the batch, with what its rows must show.
+struct Step {
+    sql: &'static str,
+    params: Params,
+    check: Check,
+}
+
+fn step(sql: &'static str, params: Params, check: Check) -> Step {
+    Step { sql, params, check }
+}
+
+fn lease_params(l: &Lease, expected: Option<Vec<u8>>) -> Params {
+    let row = LeaseRow::of(l);
+    match expected {
+        None => vec![
+            Box::new(l.id.clone()),
+            Box::new(l.subject.clone()),
+            Box::new(row.active),
+            Box::new(row.expires_at),
+            Box::new(l.kid.clone()),
+            Box::new(row.ended_at),
+            Box::new(row.record),
+            Box::new(l.delegation.as_ref().map(|d| d.parent_id.clone())),
+        ],
+        Some(old) => vec![
+            Box::new(l.id.clone()),
+            Box::new(old),
+            Box::new(row.active),
+            Box::new(row.expires_at),
+            Box::new(l.kid.clone()),
+            Box::new(row.ended_at),
+            Box::new(row.record),
+        ],
+    }
+}
+
+fn request_params(
+    r: &crate::store::TokenRequest,
+    expected: Option<Vec<u8>>,
+) -> Result<Params, StoreError> {
+    let row = RequestRow::of(r)?;
+    let head: Params = match expected {
+        None => vec![Box::new(r.id.clone())],
+        Some(old) => vec![Box::new(r.id.clone()), Box::new(old)],
+    };
+    let mut p = head;
+    p.extend::<Params>(vec![
+        Box::new(row.live),
+        Box::new(row.deadline),
+        Box::new(row.open),
+        Box::new(row.ended_at),
+        Box::new(row.record),
+    ]);
+    Ok(p)
+}
+
+fn claim(i: &Idempotency) -> Result<Step, StoreError> {
+    Ok(step(
+        CLAIM,
+        vec![
+            Box::new(i.caller.clone()),
+            Box::new(i.key.clone()),
+            Box::new(encode(i)?),
+        ],
+        Check::Claim(i.clone()),
+    ))
+}
+
+/// The statements of `w`, and the notices it sends on commit.
+fn steps_of(w: &Write, out: &mut Vec<Step>, notices: &mut Vec<String>) -> Result<(), StoreError> {
+    match w {
+        Write::CreateLease { lease, idem } => {
+            if let Some(i) = idem {
+                out.push(claim(i)?);
+            }
+            out.push(step(
+                LEASE_NEW,
+                lease_params(lease, None),
+                Check::Lease(lease.id.clone()),
+            ));
+        }
+        Write::SwapLease { old, new } => out.push(step(
+            LEASE_SWAP,
+            lease_params(new, Some(crate::store::encode_lease(old))),
+            Check::Lease(old.id.clone()),
+        )),
+        Write::CreateRequest { req, idem } => {
+            if let Some(i) = idem {
+                out.push(claim(i)?);
+            }
+            out.push(step(
+                REQUEST_NEW,
+                request_params(req, None)?,
+                Check::Request(req.id.clone()),
+            ));
+            notices.push(format!("request:{}", req.id));
+        }
+        Write::SwapRequest { old, new } => {
+            out.push(step(
+                REQUEST_SWAP,
+                request_params(new, Some(encode(old)?))?,
+                Check::Request(old.id.clone()),
+            ));
+            notices.push(format!("request:{}", old.id));
+        }
+        other => out.push(other_step(other, notices)?),
+    }
+    Ok(())
+}
+
+/// The statement of a write that is not a lease or request change.
+fn other_step(w: &Write, notices: &mut Vec<String>) -> Result<Step, StoreError> {
+    Ok(match w {
+        Write::PutKey(k) => {
+            notices.push("keys".into());
+            step(
+                KEY_PUT,
+                vec![Box::new(k.kid.clone()), Box::new(encode(k)?)],
+                Check::None,
+            )
+        }
+        Write::DeleteKey(kid) => {
+            notices.push("keys".into());
+            step(KEY_DELETE, vec![Box::new(kid.clone())], Check::None)
+        }
+        Write::PutMeta(name, value) => step(
+            META_PUT,
+            vec![Box::new(name.clone()), Box::new(value.clone())],
+            Check::None,
+        ),
+        Write::PutCheckpoint(seq, jws) => step(
+            CHECKPOINT_PUT,
+            vec![Box::new(ms(*seq)), Box::new(jws.clone())],
+            Check::None,
+        ),
+        Write::CopyRow(row) => copy_row(row)?,
+        Write::CopyAudit(seq, bytes) => step(
+            AUDIT_COPY,
+            vec![
+                Box::new(ms(*seq)),
+                Box::new(bytes.clone()),
+                Box::new(crate::chain::sha256_hex(bytes)),
+            ],
+            Check::None,
+        ),
+        #[cfg(test)]
+        Write::Fail => step("SELECT 1 / $1::int", vec![Box::new(0i32)], Check::None),
+        // Lease and request changes are `steps_of`'s.
+        Write::CreateLease { .. }
+        | Write::SwapLease { .. }
+        | Write::CreateRequest { .. }
+        | Write::SwapRequest { .. } => {
+            return Err(StoreError::Unavailable("not a plain write".into()));
+        }
+    })
+}
+
+/// A row as it is (moving a store): no checks but that it is new.
+fn copy_row(row: &crate::store::Row) -> Result<Step, StoreError> {
+    use crate::store::Row;
+    Ok(match row {
+        Row::Lease(l) => step(LEASE_NEW, lease_params(l, None), Check::Lease(l.id.clone())),
+        Row::Request(r) => step(
+            REQUEST_NEW,
+            request_params(r, None)?,
+            Check::Request(r.id.clone()),
+        ),
+        Row::Idempotency(i) => {
+            let mut s = claim(i)?;
+            s.check = Check::None;
+            s
+        }
+        Row::Meta(name, value) => step(
+            META_PUT,
+            vec![Box::new(name.clone()), Box::new(value.clone())],
+            Check::None,
+        ),
+    })
+}
+
+/// Every statement of `batch` in order, checks first; and its notices.
+fn plan(batch: &Batch) -> Result<(Vec<Step>, Vec<String>), StoreError> {
+    let mut steps = Vec::new();
+    let mut notices = Vec::new();
+    if let Some(Fence {
+        role,
+        holder,
+        generation,
+    }) = &batch.fence
+    {
+        steps.push(step(
+            FENCE,
+            vec![
+                Box::new(role.clone()),
+                Box::new(holder.clone()),
+                Box::new(i64::try_from(*generation).unwrap_or(i64::MAX)),
+            ],
+            Check::Fence,
+        ));
+    }
+    let mut kids: Vec<String> = batch
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::CreateLease { lease, .. } if lease.state == crate::store::LeaseState::Active => {
+                Some(lease.kid.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    kids.sort();
+    kids.dedup();
+    if !kids.is_empty() {
+        steps.push(step(KEYS, vec![Box::new(kids.clone())], Check::Keys(kids)));
+    }
+    for w in &batch.writes {
+        steps_of(w, &mut steps, &mut notices)?;
+    }
+    notices.sort();
+    notices.dedup();
+    Ok((steps, notices))
+}
+
+/// What the rows of one step say: `Some(lost)` when its check failed.
+fn verdict(check: &Check, rows: &[tokio_postgres::Row]) -> Result<Option<Lost>, StoreError> {
+    Ok(match check {
+        Check::None => None,
+        Check::Fence => rows.is_empty().then_some(Lost::Fenced),
+        Check::Keys(kids) => {
+            let mut found = std::collections::BTreeMap::new();
+            for r in rows {
+                let kid: String = r.try_get(0).map_err(pg_err)?;
+                let bytes: Vec<u8> = r.try_get(1).map_err(pg_err)?;
+                let rec: KeyRecord = decode("keys", kid.as_bytes(), &bytes)?;
+                found.insert(kid, rec);
+            }
+            kids.iter()
+                .find(|k| !key_signs(found.get(*k)))
+                .map(|k| Lost::KeyInactive(k.clone()))
+        }
+        Check::Claim(i) => rows.is_empty().then(|| Lost::Idempotency(i.clone())),
+        Check::Lease(id) => rows.is_empty().then(|| Lost::Lease(id.clone())),
+        Check::Request(id) => rows.is_empty().then(|| Lost::Request(id.clone())),
+    })
+}
+
+type RowsFuture<'a> = Pin<
+    Box<dyn Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + Send + 'a>,
+>;
+
+/// Apply `batch` in one transaction on a pooled connection.
+pub(super) async fn apply(pool: Pool, batch: Batch) -> Result<Applied, StoreError> {
+    let (steps, notices) = plan(&batch)?;
+    let c = client(&pool).await?;
+    let result = run(&c, &steps, &batch.audit, &notices).await;
+    if result.is_err() {
+        // It may be left inside a transaction: never hand it out again.
+        drop(Object::take(c));
+        return result;
+    }
+    match result {
+        Ok(Applied::Lost(Lost::Idempotency(i))) => {
+            Ok(Applied::Lost(Lost::Idempotency(existing(&c, &i).await?)))
+        }
+        Ok(Applied::Lost(Lost::Lease(id))) => {
+            reencode(&c, &batch, &id).await?;
+            Ok(Applied::Lost(Lost::Lease(id)))
+        }
+        other => other,
+    }
+}
+
+async fn run(
+    c: &Object,
+    steps: &[Step],
+    audit: &[Vec<u8>],
+    notices: &[String],
+) -> Result<Applied, StoreError> {
+    let mut stmts = Vec::with_capacity(steps.len());
+    for s in steps {
+        stmts.push(c.prepare_cached(s.sql).await.map_err(pg_err)?);
+    }
+    let audit_stmt = c.prepare_cached(AUDIT).await.map_err(pg_err)?;
+    let notify_stmt = c.prepare_cached(NOTIFY).await.map_err(pg_err)?;
+    // Round trip 1: begin, checks and writes, pipelined (requests go out in
+    // the order their futures are first polled).
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = steps.iter().map(|s| refs(&s.params)).collect();
+    let begin = c.simple_query("BEGIN");
+    let mut writes: Vec<RowsFuture<'_>> = Vec::with_capacity(steps.len());
+    for (stmt, p) in stmts.iter().zip(&params) {
+        writes.push(Box::pin(c.query(stmt, p)));
+    }
+    let (begun, results) = tokio::join!(begin, futures_util::future::join_all(writes));
+    begun.map_err(pg_err)?;
+    let mut lost = None;
+    let mut failed = None;
+    for (s, r) in steps.iter().zip(results) {
+        match r {
+            Ok(rows) if lost.is_none() => lost = verdict(&s.check, &rows)?,
+            Ok(_) => {}
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failed {
+        let _ = c.simple_query("ROLLBACK").await;
+        return Err(pg_err(e));
+    }
+    if let Some(lost) = lost {
+        c.simple_query("ROLLBACK").await.map_err(pg_err)?;
+        return Ok(Applied::Lost(lost));
+    }
+    finish(c, &audit_stmt, &notify_stmt, audit, notices).await
+}
+
+/// Round trip 2: the records under the chain lock, the notices, commit.
+async fn finish(
+    c: &Object,
+    audit_stmt: &tokio_postgres::Statement,
+    notify_stmt: &tokio_postgres::Statement,
+    audit: &[Vec<u8>],
+    notices: &[String],
+) -> Result<Applied, StoreError> {
+    let inner: Vec<Vec<u8>> = audit
+        .iter()
+        .map(|b| {
+            b.strip_prefix(b"{")
+                .and_then(|b| b.strip_suffix(b"}"))
+                .unwrap_or(b)
+                .to_vec()
+        })
+        .collect();
+    let notices = notices.to_vec();
+    let chain_params: [&(dyn ToSql + Sync); 1] = [&inner];
+    let notify_params: [&(dyn ToSql + Sync); 1] = [&notices];
+    let (chained, notified, committed) = tokio::join!(
+        c.query(audit_stmt, &chain_params),
+        c.query(notify_stmt, &notify_params),
+        c.simple_query("COMMIT")
+    );
+    // A COMMIT after a failed statement rolls back without an error: the
+    // statements' own results decide.
+    let rows = chained.map_err(pg_err)?;
+    notified.map_err(pg_err)?;
+    committed.map_err(pg_err)?;
+    let mut records = Vec::with_capacity(rows.len());
+    for r in rows {
+        let seq: i64 = r.try_get(0).map_err(pg_err)?;
+        let bytes: Vec<u8> = r.try_get(1).map_err(pg_err)?;
+        records.push((u64::try_from(seq).unwrap_or(0), bytes));
+    }
+    Ok(Applied::Done(records))
+}
+
+/// The entry that holds `i`'s key.
+async fn existing(c: &Object, i: &Idempotency) -> Result<Idempotency, StoreError> {
+    let row = c
+        .query_opt(
+            "SELECT record FROM idempotency WHERE caller = $1 AND key = $2",
+            &[&i.caller, &i.key],
+        )
+        .await
+        .map_err(pg_err)?
+        .ok_or_else(|| StoreError::Unavailable("idempotency key taken but not readable".into()))?;
+    let bytes: Vec<u8> = row.try_get(0).map_err(pg_err)?;
+    decode("idempotency", i.key.as_bytes(), &bytes)
+}
+
+/// A lease swap compares stored bytes. A lease brought over by a copy may
+/// be stored in an older encoding of the same record: store it in today's
+/// encoding (the same lease, so no record is due), so the caller's next try
+/// compares equal.
+async fn reencode(c: &Object, batch: &Batch, id: &str) -> Result<(), StoreError> {
+    let Some(old) = batch.writes.iter().find_map(|w| match w {
+        Write::SwapLease { old, .. } if old.id == id => Some(old),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    let Some(row) = c
+        .query_opt("SELECT record FROM leases WHERE id = $1", &[&id])
+        .await
+        .map_err(pg_err)?
+    else {
+        return Ok(());
+    };
+    let stored: Vec<u8> = row.try_get(0).map_err(pg_err)?;
+    if decode_lease(id.as_bytes(), &stored)? == *old {
+        let fresh = crate::store::encode_lease(old);
+        if fresh != stored {
+            c.execute(
+                "UPDATE leases SET record = $3 WHERE id = $1 AND record = $2",
+                &[&id, &stored, &fresh],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+    }
+    Ok(())
+}
