@@ -12,7 +12,9 @@
 # ${CLIENTS:-64} --duration ${DURATION:-10s} --output json`, one line with
 # calls/s, p50/p99/p999/max, errors, and the broker's own CPU per call (user +
 # sys from /proc/PID/stat over the run, warm-up included). The AFTER binary
-# drives the load for both, so only the broker differs.
+# drives the load for both, so only the broker differs. With PG_BASE set (a
+# PostgreSQL URL, e.g. `.ci/postgres url`), each run gets a new database next
+# to it (`CREATE DATABASE` through psql) and the broker is started on it.
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n '2,16p' "$0"; exit 64; }
 BEFORE=$1; AFTER=$2; shift 2
@@ -29,7 +31,13 @@ TICK=$(getconf CLK_TCK)
 run() { # label binary
   local d p c0 c1 u0 s0 u1 s1 out
   d=$(mktemp -d)
-  RUST_LOG=warn "$2" serve --dev --data-dir "$d" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 "${SERVE[@]}" >/dev/null 2>&1 &
+  local db=()
+  if [ -n "${PG_BASE:-}" ]; then
+    local name="bench_$(date +%s%N)"
+    psql -q "$PG_BASE" -c "CREATE DATABASE $name" >/dev/null
+    db=(--database-url "${PG_BASE%/*}/$name")
+  fi
+  RUST_LOG=warn "$2" serve --dev --data-dir "$d" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 "${db[@]}" "${SERVE[@]}" >/dev/null 2>&1 &
   p=$!
   for _ in $(seq 200); do [ -f "$d/endpoints.json" ] && break; sleep 0.05; done
   sleep 0.5

@@ -9,10 +9,10 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Db, Transactional as _, Tree};
 
-use super::batch::{Applied, Batch, ChainHead, Lost, Tables, apply_to};
+use super::batch::{Applied, Batch, ChainHead, Tables, apply_to};
 use super::{
     AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
     READABLE_SCHEMA_VERSIONS, RequestStore, Row, SCHEMA_VERSION, Store, StoreError, Table,
@@ -44,9 +44,25 @@ pub struct SledStore {
     /// written ([`SledStore::mark_current`]), so a build that cannot start
     /// for another reason leaves the store to the version that wrote it.
     schema_current: std::sync::atomic::AtomicBool,
-    /// Where the trail ends. Held for the whole of an apply: batches are
-    /// chained in the order they commit.
-    head: std::sync::Mutex<ChainHead>,
+    /// Where the trail ends, and the signing keys' states. Held for the
+    /// whole of an apply: batches are checked, chained and written one
+    /// after another.
+    head: std::sync::Mutex<Applier>,
+}
+
+/// What applies share, under one lock.
+struct Applier {
+    head: ChainHead,
+    /// Signing keys as stored, read once: only batches change them, and a
+    /// batch that does empties this.
+    keys: std::collections::HashMap<String, Option<KeyRecord>>,
+}
+
+impl std::ops::Deref for Applier {
+    type Target = ChainHead;
+    fn deref(&self) -> &ChainHead {
+        &self.head
+    }
 }
 
 /// The trees a batch may write, in the order of [`SledStore::batch_trees`].
@@ -63,35 +79,104 @@ const AUDIT: usize = 9;
 const CHECKPOINTS: usize = 10;
 const META: usize = 11;
 
-/// Why a batch transaction aborted: a lost check, or the store failing.
-enum Abort {
-    Lost(Lost),
-    Store(StoreError),
+/// One change to one tree: (tree index, key, new value or removal).
+type Change = (u8, Vec<u8>, Option<Vec<u8>>);
+
+/// A batch worked out against the trees without writing them: reads see
+/// the batch's own earlier changes, changes are kept in order. Applies are
+/// serialised (the chain head's lock), so what was read stays true until
+/// the changes are written.
+struct Staged<'a> {
+    trees: [&'a Tree; 12],
+    keys: &'a mut std::collections::HashMap<String, Option<KeyRecord>>,
+    changes: Vec<Change>,
+    overlay: std::collections::HashMap<(u8, Vec<u8>), Option<Vec<u8>>>,
 }
 
-/// A batch's writes inside one sled transaction over every tree it may
-/// touch: sled recovers all of a transaction after a crash or none of it.
-struct Tx<'a>(&'a [TransactionalTree]);
+impl Staged<'_> {
+    fn get(&self, tree: usize, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.overlay.get(&(tree as u8, key.to_vec())) {
+            return Ok(v.clone());
+        }
+        Ok(self.trees[tree]
+            .get(key)
+            .map_err(unavailable)?
+            .map(|v| v.to_vec()))
+    }
 
-fn tx(e: sled::transaction::UnabortableTransactionError) -> StoreError {
-    unavailable(e)
+    fn set(&mut self, tree: usize, key: &[u8], value: Option<&[u8]>) {
+        let value = value.map(<[u8]>::to_vec);
+        self.overlay
+            .insert((tree as u8, key.to_vec()), value.clone());
+        self.changes.push((tree as u8, key.to_vec(), value));
+    }
+
+    fn put(&mut self, tree: usize, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.set(tree, key, Some(value));
+        Ok(())
+    }
+
+    fn del(&mut self, tree: usize, key: &[u8]) -> Result<(), StoreError> {
+        self.set(tree, key, None);
+        Ok(())
+    }
 }
 
-impl Tx<'_> {
-    fn get(&self, tree: usize, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
-        self.0[tree].get(key).map_err(tx)
+/// The changes as one blob: per change, tree (1 byte), key length (4,
+/// big-endian), key, 0 (removal) or 1 and value length (4) and value.
+fn encode_changes(changes: &[Change]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (tree, key, value) in changes {
+        out.push(*tree);
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        out.extend_from_slice(key);
+        match value {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
     }
-
-    fn put(&self, tree: usize, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.0[tree].insert(key, value).map(|_| ()).map_err(tx)
-    }
-
-    fn del(&self, tree: usize, key: &[u8]) -> Result<(), StoreError> {
-        self.0[tree].remove(key).map(|_| ()).map_err(tx)
-    }
+    out
 }
 
-impl Tables for Tx<'_> {
+fn decode_changes(mut b: &[u8]) -> Option<Vec<Change>> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = b.split_at_checked(n)?;
+        *b = rest;
+        Some(head)
+    }
+    fn len(b: &mut &[u8]) -> Option<usize> {
+        Some(u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize)
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let tree = *take(&mut b, 1)?.first()?;
+        let n = len(&mut b)?;
+        let key = take(&mut b, n)?.to_vec();
+        let value = match *take(&mut b, 1)?.first()? {
+            0 => None,
+            _ => {
+                let n = len(&mut b)?;
+                Some(take(&mut b, n)?.to_vec())
+            }
+        };
+        out.push((tree, key, value));
+    }
+    Some(out)
+}
+
+/// Largest blob of changes kept in the batch slot: far below sled's
+/// 128 KiB blob threshold (larger values go to never-fsynced files).
+/// Bigger batches (a bulk revocation) are one sled transaction instead.
+const SLOT_MAX: usize = 64 * 1024;
+
+/// The key of the batch slot in `meta`.
+pub(crate) const BATCH_SLOT: &str = "batch_slot";
+
+impl Tables for Staged<'_> {
     fn lease(&mut self, id: &str) -> Result<Option<Lease>, StoreError> {
         self.get(LEASES, id.as_bytes())?
             .map(|v| decode_lease(id.as_bytes(), &v))
@@ -99,11 +184,21 @@ impl Tables for Tx<'_> {
     }
 
     fn put_lease(&mut self, old: Option<&Lease>, new: &Lease) -> Result<(), StoreError> {
-        if let Some(o) = old.filter(|o| o.state == LeaseState::Active) {
-            self.del(LEASE_EXPIRY, &deadline_key(o.expires_at, &o.id))?;
+        // INVARIANT: the record before its index entries, the new expiry
+        // entry before the old one goes: a reader between two writes never
+        // finds an expiry entry that does not match its lease (expiry drops
+        // such entries as left over by a crash).
+        self.put(LEASES, new.id.as_bytes(), &encode_lease(new))?;
+        let new_key =
+            (new.state == LeaseState::Active).then(|| deadline_key(new.expires_at, &new.id));
+        if let Some(k) = &new_key {
+            self.put(LEASE_EXPIRY, k, &[])?;
         }
-        if new.state == LeaseState::Active {
-            self.put(LEASE_EXPIRY, &deadline_key(new.expires_at, &new.id), &[])?;
+        if let Some(o) = old.filter(|o| o.state == LeaseState::Active) {
+            let k = deadline_key(o.expires_at, &o.id);
+            if Some(&k) != new_key.as_ref() {
+                self.del(LEASE_EXPIRY, &k)?;
+            }
         }
         if old.is_none() {
             self.put(BY_SUBJECT, &subject_key(&new.subject, &new.id), &[])?;
@@ -111,7 +206,7 @@ impl Tables for Tx<'_> {
                 self.put(CHILDREN, &subject_key(&d.parent_id, &new.id), &[])?;
             }
         }
-        self.put(LEASES, new.id.as_bytes(), &encode_lease(new))
+        Ok(())
     }
 
     fn request(&mut self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
@@ -125,18 +220,22 @@ impl Tables for Tx<'_> {
         old: Option<&TokenRequest>,
         new: &TokenRequest,
     ) -> Result<(), StoreError> {
-        if let Some(o) = old.filter(|o| !o.state.is_terminal()) {
-            self.del(REQUEST_EXPIRY, &deadline_key(o.deadline, &o.id))?;
+        self.put(REQUESTS, new.id.as_bytes(), &encode(new)?)?;
+        let new_key = (!new.state.is_terminal()).then(|| deadline_key(new.deadline, &new.id));
+        if let Some(k) = &new_key {
+            self.put(REQUEST_EXPIRY, k, &[])?;
         }
-        if !new.state.is_terminal() {
-            self.put(REQUEST_EXPIRY, &deadline_key(new.deadline, &new.id), &[])?;
+        if let Some(o) = old.filter(|o| !o.state.is_terminal()) {
+            let k = deadline_key(o.deadline, &o.id);
+            if Some(&k) != new_key.as_ref() {
+                self.del(REQUEST_EXPIRY, &k)?;
+            }
         }
         if new.is_open() {
-            self.put(REQUESTS_OPEN, new.id.as_bytes(), &[])?;
+            self.put(REQUESTS_OPEN, new.id.as_bytes(), &[])
         } else {
-            self.del(REQUESTS_OPEN, new.id.as_bytes())?;
+            self.del(REQUESTS_OPEN, new.id.as_bytes())
         }
-        self.put(REQUESTS, new.id.as_bytes(), &encode(new)?)
     }
 
     fn idempotency(&mut self, caller: &str, key: &str) -> Result<Option<Idempotency>, StoreError> {
@@ -151,9 +250,19 @@ impl Tables for Tx<'_> {
     }
 
     fn key(&mut self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.get(KEYS, kid.as_bytes())?
+        if !self
+            .overlay
+            .contains_key(&(KEYS as u8, kid.as_bytes().to_vec()))
+            && let Some(k) = self.keys.get(kid)
+        {
+            return Ok(k.clone());
+        }
+        let key: Option<KeyRecord> = self
+            .get(KEYS, kid.as_bytes())?
             .map(|v| decode("keys", kid.as_bytes(), &v))
-            .transpose()
+            .transpose()?;
+        self.keys.insert(kid.to_owned(), key.clone());
+        Ok(key)
     }
 
     fn put_key(&mut self, key: &KeyRecord) -> Result<(), StoreError> {
@@ -325,10 +434,14 @@ impl SledStore {
             data_file,
             db,
             schema_current: std::sync::atomic::AtomicBool::new(false),
-            head: std::sync::Mutex::new(ChainHead::after(None)),
+            head: std::sync::Mutex::new(Applier {
+                head: ChainHead::after(None),
+                keys: std::collections::HashMap::new(),
+            }),
         };
+        store.finish_last_batch()?;
         let last = store.audit_last()?;
-        *store.lock_head()? = ChainHead::after(last.as_ref());
+        store.lock_head()?.head = ChainHead::after(last.as_ref());
         store.check_schema()?;
         if fresh {
             // The new files' directory entries must survive a crash too.
@@ -381,10 +494,91 @@ impl SledStore {
         Ok(())
     }
 
-    fn lock_head(&self) -> Result<std::sync::MutexGuard<'_, ChainHead>, StoreError> {
+    fn lock_head(&self) -> Result<std::sync::MutexGuard<'_, Applier>, StoreError> {
         self.head
             .lock()
             .map_err(|_| StoreError::Unavailable("audit chain head poisoned".into()))
+    }
+
+    /// Write a checked batch's changes so that a crash keeps all of them or
+    /// none. A small batch goes first, whole, into the batch slot (one key,
+    /// overwritten by every batch), then change by change: sled recovers a
+    /// prefix of its log, so after a crash only the last batch can be
+    /// incomplete, and [`Self::finish_last_batch`] completes it from the
+    /// slot at open. This costs one insert per batch, where a sled
+    /// transaction costs two writes of sled's I/O buffer (it rolls the
+    /// buffer before and after its batch manifest). A batch too large for
+    /// the slot (a bulk revocation) is one sled transaction.
+    fn write_changes(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let blob = encode_changes(changes);
+        let trees = self.batch_trees();
+        if blob.len() > SLOT_MAX {
+            return trees
+                .as_slice()
+                .transaction(|view| {
+                    for (tree, key, value) in changes {
+                        let t = &view[usize::from(*tree)];
+                        match value {
+                            Some(v) => t.insert(key.as_slice(), v.as_slice())?,
+                            None => t.remove(key.as_slice())?,
+                        };
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Abort(e) => e,
+                    TransactionError::Storage(e) => unavailable(e),
+                });
+        }
+        self.meta.insert(BATCH_SLOT, blob).map_err(unavailable)?;
+        Self::write_each(&trees, changes)
+    }
+
+    fn write_each(trees: &[&Tree; 12], changes: &[Change]) -> Result<(), StoreError> {
+        for (tree, key, value) in changes {
+            let t = trees
+                .get(usize::from(*tree))
+                .ok_or_else(|| unavailable("batch slot names an unknown tree"))?;
+            match value {
+                Some(v) => t.insert(key.as_slice(), v.as_slice()),
+                None => t.remove(key.as_slice()),
+            }
+            .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// At open: if a crash cut the last batch short — its last change is
+    /// not there (sled recovers a prefix: if the last is there, all are) —
+    /// write its changes again from the slot, which completes it (no batch
+    /// came after it). A complete batch is left alone.
+    fn finish_last_batch(&self) -> Result<(), StoreError> {
+        let Some(blob) = self.meta.get(BATCH_SLOT).map_err(unavailable)? else {
+            return Ok(());
+        };
+        let changes = decode_changes(&blob).ok_or_else(|| StoreError::Corrupt {
+            tree: "meta",
+            key: BATCH_SLOT.into(),
+            detail: "the last batch's changes do not decode".into(),
+        })?;
+        let trees = self.batch_trees();
+        let complete = match changes.last() {
+            None => true,
+            Some((tree, key, value)) => {
+                let t = trees
+                    .get(usize::from(*tree))
+                    .ok_or_else(|| unavailable("batch slot names an unknown tree"))?;
+                t.get(key).map_err(unavailable)?.as_deref() == value.as_deref()
+            }
+        };
+        if complete {
+            return Ok(());
+        }
+        tracing::warn!(
+            changes = changes.len(),
+            "completing the last batch, which a crash cut short"
+        );
+        Self::write_each(&trees, &changes)
     }
 
     /// Every tree a batch may write, in the order of the index constants.
@@ -743,30 +937,30 @@ impl Store for SledStore {
             return Ok(Applied::Done(Vec::new()));
         }
         self.mark_current()?;
-        // The head's lock orders batches as they commit; sled's transaction
-        // makes one batch's writes, records included, all-or-nothing on
-        // disk and to readers.
-        let mut head = self.lock_head()?;
-        let trees = self.batch_trees();
-        let out =
-            trees
-                .as_slice()
-                .transaction(|view| match apply_to(&mut Tx(view), &head, batch) {
-                    Ok((Applied::Lost(lost), _)) => {
-                        Err(ConflictableTransactionError::Abort(Abort::Lost(lost)))
-                    }
-                    Ok(done) => Ok(done),
-                    Err(e) => Err(ConflictableTransactionError::Abort(Abort::Store(e))),
-                });
-        match out {
-            Ok((applied, next)) => {
-                *head = next;
-                Ok(applied)
-            }
-            Err(TransactionError::Abort(Abort::Lost(lost))) => Ok(Applied::Lost(lost)),
-            Err(TransactionError::Abort(Abort::Store(e))) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(unavailable(e)),
+        // The head's lock serialises applies: batches are checked, chained
+        // and written one after another, in that order.
+        let mut guard = self.lock_head()?;
+        let applier = &mut *guard;
+        let mut staged = Staged {
+            trees: self.batch_trees(),
+            keys: &mut applier.keys,
+            changes: Vec::new(),
+            overlay: std::collections::HashMap::new(),
+        };
+        let result = apply_to(&mut staged, &applier.head, batch);
+        let keys_changed = staged.changes.iter().any(|c| usize::from(c.0) == KEYS);
+        let changes = staged.changes;
+        let (applied, next) = result?;
+        if keys_changed {
+            // Whatever happens to the write, read keys afresh next time.
+            applier.keys.clear();
         }
+        if let Applied::Lost(_) = applied {
+            return Ok(applied);
+        }
+        self.write_changes(&changes)?;
+        applier.head = next;
+        Ok(applied)
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -815,5 +1009,81 @@ impl Store for SledStore {
         // INVARIANT: on Linux, fsync of any handle covers the whole file, so
         // this makes every page `flush()` just wrote durable.
         self.data_file.sync_data().map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Write;
+    use crate::store::conformance::{TestWrites as _, lease, put_test_key};
+
+    #[test]
+    fn changes_round_trip_through_the_slot_encoding() {
+        let changes: Vec<Change> = vec![
+            (0, b"l_1".to_vec(), Some(b"record".to_vec())),
+            (1, vec![0, 1, 2], Some(Vec::new())),
+            (6, b"r_1".to_vec(), None),
+        ];
+        assert_eq!(decode_changes(&encode_changes(&changes)), Some(changes));
+        assert_eq!(
+            decode_changes(&[0, 0, 0, 0, 9]),
+            None,
+            "a cut blob is refused"
+        );
+    }
+
+    /// What a crash in the middle of writing a batch leaves — its slot and
+    /// only the first of its changes — is completed at the next open.
+    #[test]
+    fn a_batch_a_crash_cut_short_is_completed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        put_test_key(&s, "k");
+        s.create_lease(&lease("l_1", "spiffe://t/a", 10), None)
+            .unwrap();
+        let l1 = s.lease("l_1").unwrap().unwrap();
+        let mut revoked = l1.clone();
+        revoked.state = LeaseState::Revoked;
+        let batch = Batch {
+            writes: vec![
+                Write::SwapLease { old: l1, new: revoked },
+                Write::CreateLease { lease: lease("l_2", "spiffe://t/b", 20), idem: None },
+            ],
+            audit: vec![br#"{"at":1,"actor":"a","action":"lease.revoked","target":"l_1","scopes":[],"outcome":"ok","reason":"","rule":"","peer":"","call_id":""}"#.to_vec()],
+            fence: None,
+        };
+        let head = s.lock_head().unwrap().head.clone();
+        let mut keys = std::collections::HashMap::new();
+        let mut staged = Staged {
+            trees: s.batch_trees(),
+            keys: &mut keys,
+            changes: Vec::new(),
+            overlay: std::collections::HashMap::new(),
+        };
+        let (applied, _) = apply_to(&mut staged, &head, &batch).unwrap();
+        assert!(matches!(applied, Applied::Done(_)));
+        // The slot and one change made it to disk; the rest did not.
+        s.meta
+            .insert(BATCH_SLOT, encode_changes(&staged.changes))
+            .unwrap();
+        SledStore::write_each(&s.batch_trees(), &staged.changes[..1]).unwrap();
+        s.sync().unwrap();
+        assert!(s.lease("l_2").unwrap().is_none());
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.lease("l_1").unwrap().unwrap().state, LeaseState::Revoked);
+        assert!(s.lease("l_2").unwrap().is_some());
+        assert_eq!(
+            s.leases_due(15, 10).unwrap(),
+            Vec::<String>::new(),
+            "l_1 left the expiry index"
+        );
+        let (seq, bytes) = s.audit_last().unwrap().unwrap();
+        assert_eq!(seq, 1);
+        assert!(String::from_utf8(bytes).unwrap().contains("lease.revoked"));
+        // The next batch chains after the completed one.
+        put_test_key(&s, "k2");
+        assert_eq!(s.lock_head().unwrap().seq, 1);
     }
 }

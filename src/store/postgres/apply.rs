@@ -1,19 +1,22 @@
-//! One batch, one transaction: how [`Store::apply`](crate::store::Store::apply)
-//! runs on PostgreSQL.
+//! How [`Store::apply`](crate::store::Store::apply) runs on PostgreSQL:
+//! several batches per transaction, one transaction per group commit.
 //!
-//! Two round trips. The first sends, pipelined: `BEGIN`; the fence check
-//! (`FOR SHARE` on this broker's leadership row, so a takeover waits for
-//! this commit); the signing keys of new leases (`FOR SHARE`, so an
-//! emergency withdrawal waits, and a withdrawn key is seen); then every
-//! write, each reporting whether it took (`RETURNING 1`). The second, once
-//! every check passed: the audit records, numbered and hash-chained by one
-//! statement under the `audit_head` row lock, the notices for other
-//! brokers, and `COMMIT` — or `ROLLBACK` when a check failed. The chain
-//! lock is held only for the server's own work in that last round trip.
-//!
-//! Commits are asynchronous (`synchronous_commit = off` on pooled
-//! connections): applied, visible, and durable at the next barrier
-//! ([`PgStore::sync`](super::PgStore)), which flushes the WAL up to it.
+//! Batches from every caller of this broker queue up for one committer
+//! task, which takes all that are waiting and runs them in one transaction
+//! on one connection, at the server's durable `synchronous_commit` level:
+//! per batch one round trip, pipelined — a savepoint; the fence check (`FOR
+//! SHARE` on this broker's leadership row, so a takeover waits for this
+//! commit); the signing keys of new leases (`FOR SHARE`, so an emergency
+//! withdrawal waits, and a withdrawn key is seen); then every write, each
+//! reporting whether it took (`RETURNING 1`). A batch whose check failed,
+//! or whose statement failed, is rolled back to its savepoint — it alone.
+//! Then, in one last round trip: the records of every batch that stayed,
+//! numbered and hash-chained in order by one statement under the
+//! `audit_head` row lock, the notices for other brokers, and `COMMIT`. So
+//! a batch is all there or not at all, with its records; the chain lock is
+//! taken once per group and held for the last round trip only; and when
+//! `apply` returns, the batch is durable (the barrier has nothing left to
+//! do). Batches that arrive meanwhile form the next group.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -341,80 +344,219 @@ type RowsFuture<'a> = Pin<
     Box<dyn Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + Send + 'a>,
 >;
 
-/// Apply `batch` in one transaction on a pooled connection.
-pub(super) async fn apply(pool: Pool, batch: Batch) -> Result<Applied, StoreError> {
-    let (steps, notices) = plan(&batch)?;
-    let c = client(&pool).await?;
-    let result = run(&c, &steps, &batch.audit, &notices).await;
-    if result.is_err() {
-        // It may be left inside a transaction: never hand it out again.
-        drop(Object::take(c));
-        return result;
-    }
-    match result {
-        Ok(Applied::Lost(Lost::Idempotency(i))) => {
-            Ok(Applied::Lost(Lost::Idempotency(existing(&c, &i).await?)))
-        }
-        Ok(Applied::Lost(Lost::Lease(id))) => {
-            reencode(&c, &batch, &id).await?;
-            Ok(Applied::Lost(Lost::Lease(id)))
-        }
-        other => other,
-    }
-}
+/// A batch waiting for the committer, and where its outcome goes.
+pub(super) type Queued = (
+    Batch,
+    tokio::sync::oneshot::Sender<Result<Applied, StoreError>>,
+);
 
-async fn run(
-    c: &Object,
-    steps: &[Step],
-    audit: &[Vec<u8>],
-    notices: &[String],
-) -> Result<Applied, StoreError> {
-    let mut stmts = Vec::with_capacity(steps.len());
-    for s in steps {
-        stmts.push(c.prepare_cached(s.sql).await.map_err(pg_err)?);
-    }
-    let audit_stmt = c.prepare_cached(AUDIT).await.map_err(pg_err)?;
-    let notify_stmt = c.prepare_cached(NOTIFY).await.map_err(pg_err)?;
-    // Round trip 1: begin, checks and writes, pipelined (requests go out in
-    // the order their futures are first polled).
-    let params: Vec<Vec<&(dyn ToSql + Sync)>> = steps.iter().map(|s| refs(&s.params)).collect();
-    let begin = c.simple_query("BEGIN");
-    let mut writes: Vec<RowsFuture<'_>> = Vec::with_capacity(steps.len());
-    for (stmt, p) in stmts.iter().zip(&params) {
-        writes.push(Box::pin(c.query(stmt, p)));
-    }
-    let (begun, results) = tokio::join!(begin, futures_util::future::join_all(writes));
-    begun.map_err(pg_err)?;
-    let mut lost = None;
-    let mut failed = None;
-    for (s, r) in steps.iter().zip(results) {
-        match r {
-            Ok(rows) if lost.is_none() => lost = verdict(&s.check, &rows)?,
-            Ok(_) => {}
+/// Most batches in one group transaction: each is a subtransaction, and
+/// past 64 of them PostgreSQL's snapshots of this transaction overflow
+/// their cache (every other session then pays to look them up).
+const GROUP_MAX: usize = 60;
+
+/// The committer: runs every batch queued so far in one transaction, at
+/// `level`, until the queue closes.
+pub(super) async fn committer(
+    pool: Pool,
+    level: &'static str,
+    mut queue: tokio::sync::mpsc::Receiver<Queued>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match queue.try_recv() {
+                Ok(q) => group.push(q),
+                Err(_) => break,
+            }
+        }
+        let (batches, replies): (Vec<Batch>, Vec<_>) = group.into_iter().unzip();
+        let outcomes = match client(&pool).await {
+            Ok(c) => {
+                let out = run_group(&c, level, &batches).await;
+                if out.is_err() {
+                    // It may be left inside a transaction: never reuse it.
+                    drop(Object::take(c));
+                }
+                out
+            }
+            Err(e) => Err(e),
+        };
+        match outcomes {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
             Err(e) => {
-                failed.get_or_insert(e);
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
             }
         }
     }
-    if let Some(e) = failed {
-        let _ = c.simple_query("ROLLBACK").await;
-        return Err(pg_err(e));
-    }
-    if let Some(lost) = lost {
-        c.simple_query("ROLLBACK").await.map_err(pg_err)?;
-        return Ok(Applied::Lost(lost));
-    }
-    finish(c, &audit_stmt, &notify_stmt, audit, notices).await
 }
 
-/// Round trip 2: the records under the chain lock, the notices, commit.
+/// One group: every batch under its own savepoint, then the records of
+/// those that stayed, then the commit. `Err` when the transaction as a
+/// whole failed (no batch of it is there).
+///
+/// Optimistic: the batches are sent in one pipelined round trip, each
+/// after a savepoint of its own (`b<i>`, nested). When batch `j` lost a
+/// check or failed, the transaction rolls back to `b<j>` — undoing `j` and
+/// everything sent after it — and the batches after `j` are sent again.
+/// Losses are rare (a lost race, a retried key), so a group usually costs
+/// one round trip for all its batches, plus the last one.
+async fn run_group(
+    c: &Object,
+    level: &str,
+    batches: &[Batch],
+) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    c.simple_query(&format!(
+        "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0"
+    ))
+    .await
+    .map_err(pg_err)?;
+    let planned: Vec<Planned> = batches.iter().map(plan).collect();
+    let mut outcomes: Vec<Verdict> = Vec::with_capacity(batches.len());
+    while outcomes.len() < batches.len() {
+        let from = outcomes.len();
+        let (stayed, verdict) = send_from(c, &planned, from).await?;
+        outcomes.extend((0..stayed).map(|_| Ok(None)));
+        let Some(verdict) = verdict else { break };
+        // Batch `j` goes, and everything sent after it with it.
+        let j = from + stayed;
+        c.simple_query(&format!("ROLLBACK TO SAVEPOINT b{j}"))
+            .await
+            .map_err(pg_err)?;
+        outcomes.push(match verdict {
+            Ok(Some(Lost::Idempotency(i))) => {
+                existing(c, &i).await.map(|e| Some(Lost::Idempotency(e)))
+            }
+            Ok(Some(Lost::Lease(id))) => reencode(c, &batches[j], &id)
+                .await
+                .map(|()| Some(Lost::Lease(id))),
+            other => other,
+        });
+    }
+    let mut bodies = Vec::new();
+    let mut notices = Vec::new();
+    for ((batch, outcome), planned) in batches.iter().zip(&outcomes).zip(&planned) {
+        if let (Ok(None), Ok((_, n))) = (outcome, planned) {
+            bodies.extend(batch.audit.iter().cloned());
+            notices.extend(n.iter().cloned());
+        }
+    }
+    notices.sort();
+    notices.dedup();
+    let mut records = finish(c, &bodies, &notices).await?.into_iter();
+    Ok(batches
+        .iter()
+        .zip(outcomes)
+        .map(|(batch, outcome)| match outcome {
+            Ok(None) => Ok(Applied::Done(
+                records.by_ref().take(batch.audit.len()).collect(),
+            )),
+            Ok(Some(lost)) => Ok(Applied::Lost(lost)),
+            Err(e) => Err(e),
+        })
+        .collect())
+}
+
+/// A batch's statements and notices, or why it could not be planned.
+type Planned = Result<(Vec<Step>, Vec<String>), StoreError>;
+/// A batch's fate: stayed (`None`), lost a check, or failed.
+type Verdict = Result<Option<Lost>, StoreError>;
+
+/// Send batches `from..` in one pipelined round trip, each after its own
+/// savepoint. How many stayed, in order, before the first that did not;
+/// and that one's verdict (`None` when all stayed).
+async fn send_from(
+    c: &Object,
+    planned: &[Planned],
+    from: usize,
+) -> Result<(usize, Option<Verdict>), StoreError> {
+    // The batches up to the first that could not be planned; statements
+    // prepared (cached per connection) before anything is sent, so that
+    // each request goes out whole, in order.
+    let mut sendable: Vec<&[Step]> = Vec::new();
+    let mut unplanned = None;
+    for p in planned.iter().skip(from) {
+        match p {
+            Ok((steps, _)) => sendable.push(steps),
+            Err(e) => {
+                unplanned = Some(StoreError::Unavailable(e.to_string()));
+                break;
+            }
+        }
+    }
+    let mut stmts = Vec::with_capacity(sendable.len());
+    for steps in &sendable {
+        let mut mine = Vec::with_capacity(steps.len());
+        for s in steps.iter() {
+            mine.push(c.prepare_cached(s.sql).await.map_err(pg_err)?);
+        }
+        stmts.push(mine);
+    }
+    let params: Vec<Vec<Vec<&(dyn ToSql + Sync)>>> = sendable
+        .iter()
+        .map(|steps| steps.iter().map(|s| refs(&s.params)).collect())
+        .collect();
+    let names: Vec<String> = (from..from + sendable.len())
+        .map(|i| format!("SAVEPOINT b{i}"))
+        .collect();
+    let mut sent: Vec<RowsFuture<'_>> = Vec::new();
+    for ((name, batch), p) in names.iter().zip(&stmts).zip(&params) {
+        sent.push(Box::pin(async move {
+            c.simple_query(name).await.map(|_| Vec::new())
+        }));
+        for (stmt, p) in batch.iter().zip(p) {
+            sent.push(Box::pin(c.query(stmt, p)));
+        }
+    }
+    let mut results = futures_util::future::join_all(sent).await.into_iter();
+    for (k, steps) in sendable.iter().enumerate() {
+        if let Some(v) = verdict_of(steps, &mut results)? {
+            return Ok((k, Some(v)));
+        }
+    }
+    Ok((sendable.len(), unplanned.map(Err)))
+}
+
+/// The verdict on one sent batch from its results (savepoint first).
+fn verdict_of(
+    steps: &[Step],
+    results: &mut impl Iterator<Item = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+) -> Result<Option<Verdict>, StoreError> {
+    let unanswered = || StoreError::Unavailable("a pipelined statement went unanswered".into());
+    if let Err(e) = results.next().ok_or_else(unanswered)? {
+        return Ok(Some(Err(pg_err(e))));
+    }
+    let mut found = None;
+    for s in steps {
+        match results.next().ok_or_else(unanswered)? {
+            Ok(rows) => {
+                if found.is_none() {
+                    found = verdict(&s.check, &rows)?.map(|l| Ok(Some(l)));
+                }
+            }
+            Err(e) => {
+                found.get_or_insert(Err(pg_err(e)));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The last round trip: the records under the chain lock, the notices,
+/// commit. The records as chained, in order.
 async fn finish(
     c: &Object,
-    audit_stmt: &tokio_postgres::Statement,
-    notify_stmt: &tokio_postgres::Statement,
     audit: &[Vec<u8>],
     notices: &[String],
-) -> Result<Applied, StoreError> {
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let audit_stmt = c.prepare_cached(AUDIT).await.map_err(pg_err)?;
+    let notify_stmt = c.prepare_cached(NOTIFY).await.map_err(pg_err)?;
     let inner: Vec<Vec<u8>> = audit
         .iter()
         .map(|b| {
@@ -428,8 +570,8 @@ async fn finish(
     let chain_params: [&(dyn ToSql + Sync); 1] = [&inner];
     let notify_params: [&(dyn ToSql + Sync); 1] = [&notices];
     let (chained, notified, committed) = tokio::join!(
-        c.query(audit_stmt, &chain_params),
-        c.query(notify_stmt, &notify_params),
+        c.query(&audit_stmt, &chain_params),
+        c.query(&notify_stmt, &notify_params),
         c.simple_query("COMMIT")
     );
     // A COMMIT after a failed statement rolls back without an error: the
@@ -443,7 +585,7 @@ async fn finish(
         let bytes: Vec<u8> = r.try_get(1).map_err(pg_err)?;
         records.push((u64::try_from(seq).unwrap_or(0), bytes));
     }
-    Ok(Applied::Done(records))
+    Ok(records)
 }
 
 /// The entry that holds `i`'s key.

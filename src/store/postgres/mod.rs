@@ -3,21 +3,17 @@
 //! Tables mirror the sled trees (see `schema`); records keep the same
 //! encodings. Reads are one statement each.
 //!
-//! # One operation, one transaction; durability at the barrier
-//! [`Store::apply`] runs a batch as one transaction (`apply`): its writes,
-//! its checks (compare-and-swaps, the idempotency claim, the fence, the
-//! signing key) and its audit records, numbered and chained under a row
-//! lock on `audit_head` — all committed together or rolled back together.
-//! The records of every broker thus form one hash chain, which `audit
-//! verify` checks unchanged. Pooled connections run with
-//! `synchronous_commit = off`, so a batch commits (and is visible to every
-//! broker) without waiting for the WAL flush. [`Store::sync`] — the group
-//! commit's barrier — is one transaction at the server's own level (`on`,
-//! or `remote_apply` for a synchronous standby; `on` if the server says
-//! `off`) that takes a transaction id; PostgreSQL flushes (and replicates)
-//! its WAL in order, so once that commit is durable every commit before it
-//! is too, from any connection of any broker. Nothing is acknowledged
-//! before the barrier returns, as with sled.
+//! # One operation, one batch; several batches per durable transaction
+//! [`Store::apply`] queues a batch for this broker's committer, which runs
+//! every batch waiting in one transaction (`apply`): each under a
+//! savepoint, with its checks (compare-and-swaps, the idempotency claim,
+//! the fence, the signing key), so a batch that loses a check is rolled
+//! back alone; then the records of all that stayed, numbered and chained
+//! under a row lock on `audit_head`; then the commit, at the server's own
+//! durable level (`on`, or `remote_apply` for a synchronous standby; `on`
+//! if the server says `off`). The records of every broker thus form one
+//! hash chain, which `audit verify` checks unchanged. `apply` returns once
+//! that commit is durable, so [`Store::sync`] has nothing left to do.
 //!
 //! # News from other brokers
 //! A changed request or key ring is announced with `pg_notify` in the
@@ -42,7 +38,8 @@ use super::{
     Store, StoreError, Table, TokenRequest, decode, decode_lease, encode, encode_lease,
 };
 
-/// Levels the barrier may run at (the server's default is read at start).
+/// Levels group transactions may commit at (the server's default is read
+/// at start).
 const BARRIER_LEVELS: &[&str] = &["on", "remote_write", "remote_apply", "local"];
 
 /// A client error, with the server's own code and message when it sent
@@ -136,8 +133,8 @@ impl RequestRow {
 /// PostgreSQL-backed store shared by several brokers.
 pub struct PgStore {
     pool: Pool,
-    /// `synchronous_commit` of the barrier transaction.
-    barrier: &'static str,
+    /// Batches on their way to the committer (`apply::committer`).
+    queue: tokio::sync::mpsc::Sender<apply::Queued>,
     changes: broadcast::Sender<String>,
     // Last: the runtime stops after everything that runs on it is gone.
     bridge: Bridge,
@@ -178,12 +175,16 @@ impl PgStore {
             connect::pool(&target, opts.pool_size)?
         };
         let (changes, _) = broadcast::channel(1024);
+        let (queue, queued) = tokio::sync::mpsc::channel(4096);
+        bridge
+            .handle()
+            .spawn(apply::committer(pool.clone(), barrier, queued));
         bridge
             .handle()
             .spawn(connect::listen(target, changes.clone()));
         Ok(Self {
             pool,
-            barrier,
+            queue,
             changes,
             bridge,
         })
@@ -284,30 +285,6 @@ impl PgStore {
             let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
             c.execute(&stmt, &refs(&params)).await.map_err(pg_err)
         })
-    }
-}
-
-impl PgStore {
-    /// The group commit's barrier: one transaction at the server's own
-    /// durable level that takes a transaction id, so its commit waits for
-    /// the WAL flush — which covers every earlier commit, of any broker. No
-    /// statement timeout: a cancelled wait for a synchronous standby would
-    /// still report the commit as done.
-    async fn barrier(pool: Pool, level: &'static str) -> Result<(), StoreError> {
-        let c = client(&pool).await?;
-        let result = c
-            .simple_query(&format!(
-                "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0;
-                 SELECT txid_current(); COMMIT"
-            ))
-            .await
-            .map(|_| ())
-            .map_err(pg_err);
-        if result.is_err() {
-            // It may be left inside a transaction: never hand it out again.
-            drop(Object::take(c));
-        }
-        result
     }
 }
 
@@ -570,7 +547,18 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(Applied::Done(Vec::new()));
         }
-        self.run(apply::apply(self.pool.clone(), batch.clone()))
+        let queue = self.queue.clone();
+        let batch = batch.clone();
+        self.run(async move {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            queue
+                .send((batch, reply))
+                .await
+                .map_err(|_| StoreError::Unavailable("the database committer stopped".into()))?;
+            outcome
+                .await
+                .map_err(|_| StoreError::Unavailable("the database committer stopped".into()))?
+        })
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -583,7 +571,9 @@ impl Store for PgStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.run(Self::barrier(self.pool.clone(), self.barrier))
+        // Every batch commits at the durable level before `apply` returns
+        // (see `apply`): there is nothing left to flush.
+        Ok(())
     }
 
     fn scan(
