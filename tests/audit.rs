@@ -628,7 +628,7 @@ async fn f03_a_truncated_trail_is_caught_against_the_witness() {
         }
         // The store's copy of its last batch (which a crash would have it
         // finish at open) goes too: an older state never held a newer one.
-        db.open_tree("meta").unwrap().remove("batch_slot").unwrap();
+        db.open_tree("batch_slot").unwrap().remove("last").unwrap();
         db.flush().unwrap();
     }
     h.boot().await;

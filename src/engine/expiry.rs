@@ -290,6 +290,62 @@ mod tests {
         );
     }
 
+    /// A leader whose term another broker took (it stalled, its renewals
+    /// hung) acts no more: its batches are refused by the shared store and
+    /// nothing of them, records included, is written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_leader_expires_nothing_on_a_shared_store() {
+        let Some(store) = crate::store::conformance::postgres_store() else {
+            return;
+        };
+        let store: Arc<dyn crate::store::Store> = Arc::new(store);
+        let r = crate::engine::testing::rig_on(store.clone(), POLICY);
+        let lease = granted(&r, &["read"]).await;
+        let s = store.clone();
+        let g1 = tokio::task::spawn_blocking(move || s.lead("upkeep", "a", 60_000))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let fence = |generation| crate::store::Fence {
+            role: "upkeep".into(),
+            holder: "a".into(),
+            generation,
+        };
+        // Leading as far as this engine knows, with no deadline of its own.
+        r.engine.set_leading(true, None, Some(fence(g1)));
+        // Meanwhile the term ends and broker b takes the role.
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || {
+            s.resign("upkeep", "a").unwrap();
+            s.lead("upkeep", "b", 60_000).unwrap().unwrap()
+        })
+        .await
+        .unwrap();
+        let before = actions(store.as_ref());
+        let out = r.engine.expire_due(lease.expires_at).await;
+        assert!(matches!(out, Err(EngineError::Fenced)), "{out:?}");
+        assert_eq!(
+            store.lease(&lease.id).unwrap().unwrap().state,
+            LeaseState::Active
+        );
+        assert_eq!(actions(store.as_ref()), before, "no record either");
+        assert!(
+            r.engine.sign_checkpoint().await.is_err(),
+            "nor a checkpoint"
+        );
+        // Leading again (a new term): it acts.
+        let s = store.clone();
+        let g3 = tokio::task::spawn_blocking(move || {
+            s.resign("upkeep", "b").unwrap();
+            s.lead("upkeep", "a", 60_000).unwrap().unwrap()
+        })
+        .await
+        .unwrap();
+        r.engine.set_leading(true, None, Some(fence(g3)));
+        assert_eq!(r.engine.expire_due(lease.expires_at).await.unwrap(), 1);
+    }
+
     #[tokio::test]
     async fn an_earlier_deadline_lowers_the_published_progress() {
         let r = rig(POLICY);

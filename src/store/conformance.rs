@@ -1071,6 +1071,74 @@ fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
     }
 }
 
+/// Eight operations at once on the same lease (PostgreSQL puts them in one
+/// group transaction): one wins; every other leaves nothing, and the
+/// winner's records chain on.
+#[test]
+fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() {
+    for (name, s, _dir) in backends() {
+        put_test_key(s.as_ref(), "k");
+        s.create_lease(&lease("l_0", "spiffe://t/a", 10), None)
+            .unwrap();
+        let l0 = s.lease("l_0").unwrap().unwrap();
+        let s: std::sync::Arc<dyn Store> = std::sync::Arc::from(s);
+        let outcomes: Vec<Applied> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (s, l0) = (s.clone(), l0.clone());
+                    scope.spawn(move || {
+                        let mut renewed = l0.clone();
+                        renewed.renewals = i + 1;
+                        s.apply(&Batch {
+                            writes: vec![
+                                Write::CreateLease {
+                                    lease: lease(&format!("l_new{i}"), "spiffe://t/b", 20),
+                                    idem: None,
+                                },
+                                Write::SwapLease {
+                                    old: l0,
+                                    new: renewed,
+                                },
+                            ],
+                            audit: vec![body("lease.renewed")],
+                            fence: None,
+                        })
+                        .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Applied::Done(_)))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(won.len(), 1, "{name}: {outcomes:?}");
+        for (i, o) in outcomes.iter().enumerate() {
+            let made = s.lease(&format!("l_new{i}")).unwrap().is_some();
+            match o {
+                Applied::Done(records) => {
+                    assert!(made, "{name}");
+                    assert_eq!(records.len(), 1, "{name}");
+                }
+                Applied::Lost(lost) => {
+                    assert_eq!(lost, &Lost::Lease("l_0".into()), "{name}");
+                    assert!(!made, "{name}: a lost batch left its lease");
+                }
+            }
+        }
+        let trail = s.audit_after(None, 100).unwrap();
+        assert_eq!(trail.len(), 1, "{name}: only the winner's record");
+        assert_eq!(
+            s.lease("l_0").unwrap().unwrap().renewals as usize,
+            won[0] + 1,
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn a_stale_leader_is_fenced_on_a_shared_store() {
     let Some(s) = postgres_store() else { return };

@@ -36,8 +36,8 @@ pub struct Copied {
     pub checkpoints: u64,
 }
 
-/// Metadata the target manages itself (its schema, sled's last batch).
-const OWN_META: &[&str] = &["schema_version", super::sled_store::BATCH_SLOT];
+/// Metadata the target manages itself.
+const OWN_META: &[&str] = &["schema_version"];
 
 /// Copy everything in `from` into `to`, which must be empty, and make it
 /// durable. Refuses a target that already holds keys, leases or a trail.

@@ -39,6 +39,9 @@ pub struct SledStore {
     /// Console sessions and links: key → expiry (8 bytes, big-endian) ‖
     /// value. An older build ignores the tree.
     ephemeral: Tree,
+    /// The last batch's changes (see `write_changes`). An older build
+    /// ignores the tree.
+    slot: Tree,
     /// `meta/schema_version` is [`SCHEMA_VERSION`]. An older readable store
     /// keeps its number until the first record only this version reads is
     /// written ([`SledStore::mark_current`]), so a build that cannot start
@@ -173,8 +176,9 @@ fn decode_changes(mut b: &[u8]) -> Option<Vec<Change>> {
 /// Bigger batches (a bulk revocation) are one sled transaction instead.
 const SLOT_MAX: usize = 64 * 1024;
 
-/// The key of the batch slot in `meta`.
-pub(crate) const BATCH_SLOT: &str = "batch_slot";
+/// The key of the batch slot, alone in its tree (`batch_slot`): a small
+/// node, cheap to rewrite at every batch.
+const BATCH_SLOT: &str = "last";
 
 impl Tables for Staged<'_> {
     fn lease(&mut self, id: &str) -> Result<Option<Lease>, StoreError> {
@@ -431,6 +435,7 @@ impl SledStore {
             checkpoints: tree("audit_checkpoints")?,
             meta: tree("meta")?,
             ephemeral: tree("console_ephemeral")?,
+            slot: tree("batch_slot")?,
             data_file,
             db,
             schema_current: std::sync::atomic::AtomicBool::new(false),
@@ -530,7 +535,7 @@ impl SledStore {
                     TransactionError::Storage(e) => unavailable(e),
                 });
         }
-        self.meta.insert(BATCH_SLOT, blob).map_err(unavailable)?;
+        self.slot.insert(BATCH_SLOT, blob).map_err(unavailable)?;
         Self::write_each(&trees, changes)
     }
 
@@ -553,11 +558,11 @@ impl SledStore {
     /// write its changes again from the slot, which completes it (no batch
     /// came after it). A complete batch is left alone.
     fn finish_last_batch(&self) -> Result<(), StoreError> {
-        let Some(blob) = self.meta.get(BATCH_SLOT).map_err(unavailable)? else {
+        let Some(blob) = self.slot.get(BATCH_SLOT).map_err(unavailable)? else {
             return Ok(());
         };
         let changes = decode_changes(&blob).ok_or_else(|| StoreError::Corrupt {
-            tree: "meta",
+            tree: "batch_slot",
             key: BATCH_SLOT.into(),
             detail: "the last batch's changes do not decode".into(),
         })?;
@@ -1064,7 +1069,7 @@ mod tests {
         let (applied, _) = apply_to(&mut staged, &head, &batch).unwrap();
         assert!(matches!(applied, Applied::Done(_)));
         // The slot and one change made it to disk; the rest did not.
-        s.meta
+        s.slot
             .insert(BATCH_SLOT, encode_changes(&staged.changes))
             .unwrap();
         SledStore::write_each(&s.batch_trees(), &staged.changes[..1]).unwrap();

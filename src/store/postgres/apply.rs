@@ -412,23 +412,26 @@ async fn run_group(
     level: &str,
     batches: &[Batch],
 ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-    c.simple_query(&format!(
-        "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0"
-    ))
-    .await
-    .map_err(pg_err)?;
     let planned: Vec<Planned> = batches.iter().map(plan).collect();
     let mut outcomes: Vec<Verdict> = Vec::with_capacity(batches.len());
+    // The transaction begins in the same round trip as the first batches.
+    let mut begin = Some(format!(
+        "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0"
+    ));
     while outcomes.len() < batches.len() {
         let from = outcomes.len();
-        let (stayed, verdict) = send_from(c, &planned, from).await?;
+        let (stayed, verdict) = send_from(c, begin.take(), &planned, from).await?;
         outcomes.extend((0..stayed).map(|_| Ok(None)));
-        let Some(verdict) = verdict else { break };
+        let Some((verdict, sent)) = verdict else {
+            break;
+        };
         // Batch `j` goes, and everything sent after it with it.
         let j = from + stayed;
-        c.simple_query(&format!("ROLLBACK TO SAVEPOINT b{j}"))
-            .await
-            .map_err(pg_err)?;
+        if sent {
+            c.simple_query(&format!("ROLLBACK TO SAVEPOINT b{j}"))
+                .await
+                .map_err(pg_err)?;
+        }
         outcomes.push(match verdict {
             Ok(Some(Lost::Idempotency(i))) => {
                 existing(c, &i).await.map(|e| Some(Lost::Idempotency(e)))
@@ -468,14 +471,16 @@ type Planned = Result<(Vec<Step>, Vec<String>), StoreError>;
 /// A batch's fate: stayed (`None`), lost a check, or failed.
 type Verdict = Result<Option<Lost>, StoreError>;
 
-/// Send batches `from..` in one pipelined round trip, each after its own
-/// savepoint. How many stayed, in order, before the first that did not;
-/// and that one's verdict (`None` when all stayed).
+/// Send batches `from..` in one pipelined round trip (after `begin`, if
+/// given), each after its own savepoint. How many stayed, in order, before
+/// the first that did not; and that one's verdict (`None` when all stayed)
+/// with whether it was sent (one that could not be planned was not).
 async fn send_from(
     c: &Object,
+    begin: Option<String>,
     planned: &[Planned],
     from: usize,
-) -> Result<(usize, Option<Verdict>), StoreError> {
+) -> Result<(usize, Option<(Verdict, bool)>), StoreError> {
     // The batches up to the first that could not be planned; statements
     // prepared (cached per connection) before anything is sent, so that
     // each request goes out whole, in order.
@@ -506,6 +511,12 @@ async fn send_from(
         .map(|i| format!("SAVEPOINT b{i}"))
         .collect();
     let mut sent: Vec<RowsFuture<'_>> = Vec::new();
+    let begun = begin.is_some();
+    if let Some(sql) = &begin {
+        sent.push(Box::pin(async move {
+            c.simple_query(sql).await.map(|_| Vec::new())
+        }));
+    }
     for ((name, batch), p) in names.iter().zip(&stmts).zip(&params) {
         sent.push(Box::pin(async move {
             c.simple_query(name).await.map(|_| Vec::new())
@@ -515,12 +526,19 @@ async fn send_from(
         }
     }
     let mut results = futures_util::future::join_all(sent).await.into_iter();
+    if begun {
+        // Without a transaction nothing below may stand.
+        results
+            .next()
+            .ok_or_else(|| StoreError::Unavailable("BEGIN went unanswered".into()))?
+            .map_err(pg_err)?;
+    }
     for (k, steps) in sendable.iter().enumerate() {
         if let Some(v) = verdict_of(steps, &mut results)? {
-            return Ok((k, Some(v)));
+            return Ok((k, Some((v, true))));
         }
     }
-    Ok((sendable.len(), unplanned.map(Err)))
+    Ok((sendable.len(), unplanned.map(|e| (Err(e), false))))
 }
 
 /// The verdict on one sent batch from its results (savepoint first).
