@@ -1071,6 +1071,26 @@ fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
     }
 }
 
+/// Renew `l0` (to renewal `i + 1`) and make lease `l_new<i>`, recorded.
+fn renewal(i: u32, l0: Lease) -> Batch {
+    let mut renewed = l0.clone();
+    renewed.renewals = i + 1;
+    Batch {
+        writes: vec![
+            Write::CreateLease {
+                lease: lease(&format!("l_new{i}"), "spiffe://t/b", 20),
+                idem: None,
+            },
+            Write::SwapLease {
+                old: l0,
+                new: renewed,
+            },
+        ],
+        audit: vec![body("lease.renewed")],
+        fence: None,
+    }
+}
+
 /// Eight operations at once on the same lease (PostgreSQL puts them in one
 /// group transaction): one wins; every other leaves nothing, and the
 /// winner's records chain on.
@@ -1086,25 +1106,7 @@ fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() {
             let handles: Vec<_> = (0..8)
                 .map(|i| {
                     let (s, l0) = (s.clone(), l0.clone());
-                    scope.spawn(move || {
-                        let mut renewed = l0.clone();
-                        renewed.renewals = i + 1;
-                        s.apply(&Batch {
-                            writes: vec![
-                                Write::CreateLease {
-                                    lease: lease(&format!("l_new{i}"), "spiffe://t/b", 20),
-                                    idem: None,
-                                },
-                                Write::SwapLease {
-                                    old: l0,
-                                    new: renewed,
-                                },
-                            ],
-                            audit: vec![body("lease.renewed")],
-                            fence: None,
-                        })
-                        .unwrap()
-                    })
+                    scope.spawn(move || s.apply(&renewal(i, l0)).unwrap())
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
