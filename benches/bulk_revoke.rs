@@ -15,11 +15,12 @@ use portcullis::clock::{Clock, SystemClock};
 use portcullis::engine::{Engine, Parts};
 use portcullis::identity::Identity;
 use portcullis::keys::{Kek, KeyRing, SigningAlg};
+use portcullis::model::{Lease, LeaseState};
 use portcullis::policy::Policy;
 use portcullis::store::batch::write_one;
 use portcullis::store::commit::GroupCommit;
 use portcullis::store::sled_store::SledStore;
-use portcullis::store::{Lease, LeaseState, LeaseStore, Store, Write};
+use portcullis::store::{LeaseStore, Store, Write};
 
 #[tokio::main]
 async fn main() {
@@ -117,7 +118,7 @@ async fn main() {
 async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64, kid: &str) {
     let agent = "spiffe://bench.test/agent/a";
     let lease = |id: String, subject: &str, parent: Option<(&str, u32)>| Lease {
-        delegation: parent.map(|(p, depth)| portcullis::store::Delegation {
+        delegation: parent.map(|(p, depth)| portcullis::model::Delegation {
             parent_id: p.to_owned(),
             depth,
             actors: vec![agent.to_owned()],
@@ -125,7 +126,7 @@ async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64, kid: &s
         ..Lease::active(
             id,
             subject,
-            &portcullis::store::Terms {
+            &portcullis::model::Terms {
                 scopes: vec!["orders.read".into()],
                 audience: "bench".into(),
                 justification: String::new(),

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use portcullis::model::{KeyRecord, KeyState, Lease, LeaseState};
 use portcullis::store::batch::write_one;
 use portcullis::store::commit::GroupCommit;
 use portcullis::store::sled_store::SledStore;
-use portcullis::store::{KeyRecord, KeyState, Lease, LeaseState, Store, Write};
+use portcullis::store::{Store, Write};
 
 #[tokio::main]
 async fn main() {

@@ -16,7 +16,9 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 
-use crate::store::{KeyRecord, KeyState, Millis, Store, StoreError};
+use crate::store::{Millis, Store, StoreError};
+
+use crate::model::{KeyRecord, KeyState};
 
 /// How long relying parties may cache the JWKS (`Cache-Control: max-age`).
 /// A NEXT key is published at least two of these before it signs.

@@ -12,8 +12,9 @@
 //! - [`text`], [`vocab`], [`clock`], [`identity`]: leaves — limits and
 //!   checks on outside text, the trail's typed vocabularies, time, who is
 //!   calling.
-//! - [`store`]: remembers — the storage traits, sled and in-memory
-//!   backends, group commit.
+//! - [`model`]: the domain records (leases, requests, approvals, keys).
+//! - [`store`]: remembers — the contract (reads, and one atomic batch per
+//!   operation), the sled, in-memory and PostgreSQL backends, group commit.
 //! - [`jose`], [`keys`], [`token`], [`rotation`]: sign — the sealed key
 //!   ring and JWKS, the RFC 9068 access tokens, the pure rotation plan.
 //! - [`policy`]: decides — grant, park for approval, or refuse.
@@ -46,6 +47,7 @@ pub mod identity;
 pub mod jose;
 pub mod keys;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod rotation;

@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::model::TokenRequest;
 use crate::policy::{Policy, Webhook, WebhookFormat};
-use crate::store::{Millis, TokenRequest};
+use crate::store::Millis;
 
 /// Queue length; beyond it events are dropped (and counted), never waited on.
 const QUEUE: usize = 4096;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use crate::clock::millis;
 use crate::keys::JWKS_MAX_AGE;
-use crate::store::{KeyRecord, KeyState, Millis};
+use crate::model::{KeyRecord, KeyState};
+use crate::store::Millis;
 
 /// Rotation timing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

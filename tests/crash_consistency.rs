@@ -26,11 +26,12 @@ use std::time::Duration;
 use common::*;
 use portcullis::client::ClientOpts;
 use portcullis::dev::As;
+use portcullis::model::{LeaseState, RequestState};
 use portcullis::pb;
 use portcullis::pb::approvals_client::ApprovalsClient;
 use portcullis::pb::audit_client::AuditClient;
 use portcullis::pb::broker_client::BrokerClient;
-use portcullis::store::{LeaseState, RequestState, Row, Store, Table};
+use portcullis::store::{Row, Store, Table};
 use tonic::transport::Channel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use crate::model;
 use crate::pb;
-use crate::store::{self, Millis};
+use crate::store::Millis;
 use crate::text::FieldError;
 
 /// Millisecond time to a protobuf timestamp.
@@ -46,28 +47,28 @@ pub fn ttl(
 }
 
 /// Lease state to proto.
-pub fn lease_state(s: store::LeaseState) -> pb::LeaseState {
+pub fn lease_state(s: model::LeaseState) -> pb::LeaseState {
     match s {
-        store::LeaseState::Active => pb::LeaseState::Active,
-        store::LeaseState::Expired => pb::LeaseState::Expired,
-        store::LeaseState::Revoked => pb::LeaseState::Revoked,
+        model::LeaseState::Active => pb::LeaseState::Active,
+        model::LeaseState::Expired => pb::LeaseState::Expired,
+        model::LeaseState::Revoked => pb::LeaseState::Revoked,
     }
 }
 
 /// Proto lease state filter to domain (`Unspecified` = any).
-pub fn lease_state_filter(v: i32) -> Result<Option<store::LeaseState>, FieldError> {
+pub fn lease_state_filter(v: i32) -> Result<Option<model::LeaseState>, FieldError> {
     match pb::LeaseState::try_from(v) {
         Ok(pb::LeaseState::Unspecified) => Ok(None),
-        Ok(pb::LeaseState::Active) => Ok(Some(store::LeaseState::Active)),
-        Ok(pb::LeaseState::Expired) => Ok(Some(store::LeaseState::Expired)),
-        Ok(pb::LeaseState::Revoked) => Ok(Some(store::LeaseState::Revoked)),
+        Ok(pb::LeaseState::Active) => Ok(Some(model::LeaseState::Active)),
+        Ok(pb::LeaseState::Expired) => Ok(Some(model::LeaseState::Expired)),
+        Ok(pb::LeaseState::Revoked) => Ok(Some(model::LeaseState::Revoked)),
         Err(_) => Err(FieldError::new("state", format!("unknown lease state {v}"))),
     }
 }
 
 /// Request state to proto.
-pub fn request_state(s: store::RequestState) -> pb::RequestState {
-    use store::RequestState as S;
+pub fn request_state(s: model::RequestState) -> pb::RequestState {
+    use model::RequestState as S;
     match s {
         S::Pending => pb::RequestState::Pending,
         S::Approved => pb::RequestState::Approved,
@@ -79,7 +80,7 @@ pub fn request_state(s: store::RequestState) -> pb::RequestState {
 }
 
 /// A token and its lease to proto.
-pub fn grant(token: String, l: &store::Lease) -> pb::Grant {
+pub fn grant(token: String, l: &model::Lease) -> pb::Grant {
     pb::Grant {
         token,
         lease: Some(lease(l)),
@@ -87,7 +88,7 @@ pub fn grant(token: String, l: &store::Lease) -> pb::Grant {
 }
 
 /// Lease to proto.
-pub fn lease(l: &store::Lease) -> pb::Lease {
+pub fn lease(l: &model::Lease) -> pb::Lease {
     pb::Lease {
         id: l.id.clone(),
         subject: l.subject.clone(),
@@ -114,11 +115,11 @@ pub fn lease(l: &store::Lease) -> pb::Lease {
     }
 }
 
-fn parent_id(d: Option<&store::Delegation>) -> String {
+fn parent_id(d: Option<&model::Delegation>) -> String {
     d.map(|d| d.parent_id.clone()).unwrap_or_default()
 }
 
-fn actors(d: Option<&store::Delegation>) -> Vec<String> {
+fn actors(d: Option<&model::Delegation>) -> Vec<String> {
     d.map(|d| d.actors.clone()).unwrap_or_default()
 }
 
@@ -135,7 +136,7 @@ pub fn outcome(o: crate::engine::Outcome) -> pb::RequestTokenResponse {
 }
 
 /// Request to proto.
-pub fn request(r: &store::TokenRequest) -> pb::TokenRequest {
+pub fn request(r: &model::TokenRequest) -> pb::TokenRequest {
     pb::TokenRequest {
         id: r.id.clone(),
         requester: r.requester.clone(),

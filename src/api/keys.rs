@@ -7,10 +7,10 @@ use tonic::{Request, Response, Status};
 use super::{caller, convert};
 use crate::engine::Engine;
 use crate::engine::rotate::Rotation;
+use crate::model::KeyState;
 use crate::pb;
 use crate::pb::keys_server::Keys;
 use crate::rotation::Schedule;
-use crate::store::KeyState;
 
 /// `Keys` over the key ring.
 pub struct KeysService {

@@ -6,7 +6,8 @@ use std::time::Duration;
 use maud::{DOCTYPE, Markup, html};
 
 use crate::audit::AuditRecord;
-use crate::store::{Millis, RequestState, TokenRequest};
+use crate::model::{RequestState, TokenRequest};
+use crate::store::Millis;
 
 /// Who is signed in, and the token their forms carry.
 pub struct Viewer<'a> {

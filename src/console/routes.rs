@@ -17,7 +17,7 @@ use super::session::{SIGN_IN_TTL, SignIn, Via, random_secret};
 use super::{Console, cookie_value, harden, page, see_other, status_of};
 use crate::audit::{CALL, CallCtx};
 use crate::engine::EngineError;
-use crate::store::TokenRequest;
+use crate::model::TokenRequest;
 
 type Shared = State<Arc<Console>>;
 

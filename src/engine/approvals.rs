@@ -10,9 +10,9 @@ use super::{Cas, Engine, EngineError, may_decide};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::clock::millis;
 use crate::identity::Identity;
+use crate::model::{Approval, RequestState, TokenRequest};
 use crate::notify::EventKind;
 use crate::policy::{ApprovalRule, Policy};
-use crate::store::{Approval, RequestState, TokenRequest};
 use crate::text::{FieldError, check_reason, require_id};
 
 /// Claim window when no rule names one.
@@ -114,7 +114,7 @@ pub(super) fn check_still_allowed(
     store: &dyn crate::store::Store,
     req: &TokenRequest,
     now: crate::store::Millis,
-) -> Result<Option<crate::store::Lease>, EngineError> {
+) -> Result<Option<crate::model::Lease>, EngineError> {
     let stored = |s: &str| {
         Identity::parse(s).map_err(|e| EngineError::Internal(format!("stored identity: {e}")))
     };

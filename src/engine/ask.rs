@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use crate::clock::millis;
 use crate::identity::Identity;
+use crate::model::{Idempotency, IdempotentOutcome, Requirement, Terms};
 use crate::policy::Policy;
-use crate::store::{Idempotency, IdempotentOutcome, Millis, Requirement, Terms};
+use crate::store::Millis;
 use crate::text::{
     FieldError, check_audience, check_client_request_id, check_reason, check_scopes,
 };

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::EngineError;
 use super::ask::{Checked, Grant};
+use crate::model::{Lease, RequestState, Requirement, Terms, TokenRequest};
 use crate::policy::{Policy, Refusal};
-use crate::store::{Lease, RequestState, Requirement, Terms, TokenRequest};
 use crate::text::{FieldError, check_reason};
 
 /// Break-glass turns a park into a grant capped by every scope's

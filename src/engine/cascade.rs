@@ -9,8 +9,9 @@ use super::records::revoke_if_active;
 use super::{Cas, EngineError, Op, Records};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::identity::Identity;
+use crate::model::{Delegation, Lease, LeaseState};
 use crate::policy::{DelegationAsk, Policy};
-use crate::store::{Delegation, Lease, LeaseState, Millis, Store, StoreError};
+use crate::store::{Millis, Store, StoreError};
 
 /// Children read per index page.
 const PAGE: usize = 1024;
@@ -157,9 +158,9 @@ pub(crate) fn delegated_ceiling(
 mod tests {
     use super::super::Outcome;
     use super::super::testing::{POLICY, ask, id, rig, workload};
+    use crate::model::{Delegation, Lease, LeaseState};
     #[allow(unused_imports)]
     use crate::store::conformance::TestWrites as _;
-    use crate::store::{Delegation, Lease, LeaseState};
 
     /// A fresh `read` lease of the workload.
     async fn granted(r: &super::super::testing::Rig) -> Lease {

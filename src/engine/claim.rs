@@ -4,8 +4,8 @@
 use super::{Cas, Engine, EngineError};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::identity::Identity;
+use crate::model::{Lease, RequestState, TokenRequest};
 use crate::notify::EventKind;
-use crate::store::{Lease, RequestState, TokenRequest};
 use crate::text::new_id;
 
 impl Engine {

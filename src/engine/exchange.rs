@@ -19,12 +19,13 @@ use super::{Engine, EngineError, Holder};
 use crate::audit::{Action, Entry as AuditEntry, Outcome as AuditOutcome};
 use crate::clock::millis;
 use crate::identity::Identity;
-use crate::notify::EventKind;
-use crate::policy::{DelegationApproval, DelegationAsk, Policy, Refusal};
-use crate::store::{
-    Delegation, Idempotency, IdempotentOutcome, Lease, Millis, RequestState, Requirement, Terms,
+use crate::model::{
+    Delegation, Idempotency, IdempotentOutcome, Lease, RequestState, Requirement, Terms,
     TokenRequest,
 };
+use crate::notify::EventKind;
+use crate::policy::{DelegationApproval, DelegationAsk, Policy, Refusal};
+use crate::store::Millis;
 use crate::text::{
     FieldError, check_audience, check_client_request_id, check_reason, check_scopes, new_id,
 };

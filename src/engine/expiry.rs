@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Cas, Engine, EngineError, SYSTEM_ACTOR};
 use crate::audit::{Action, Entry as AuditEntry};
+use crate::model::{Lease, LeaseState, RequestState, TokenRequest};
 use crate::notify::EventKind;
-use crate::store::{Lease, LeaseState, Millis, RequestState, TokenRequest};
+use crate::store::Millis;
 
 /// How long to back off after a store error before trying again.
 const RETRY: Duration = Duration::from_secs(1);

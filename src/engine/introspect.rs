@@ -2,7 +2,7 @@
 
 use super::{Engine, EngineError};
 use crate::clock::secs;
-use crate::store::LeaseState;
+use crate::model::LeaseState;
 use crate::token::{self, Claims};
 
 /// Introspection answer; `None` means inactive.
@@ -36,7 +36,7 @@ impl Engine {
         &self,
         tok: &str,
         now: crate::store::Millis,
-    ) -> Result<Option<(crate::store::Lease, Claims)>, EngineError> {
+    ) -> Result<Option<(crate::model::Lease, Claims)>, EngineError> {
         let Some(said) = token::unverified_claims(tok) else {
             tracing::debug!("introspection: token unreadable");
             return Ok(None);
@@ -80,7 +80,7 @@ mod tests {
 
     use super::super::Outcome;
     use super::super::testing::{POLICY, ask, rig, workload};
-    use crate::store::Lease;
+    use crate::model::Lease;
     use crate::token;
 
     /// Grant one auto scope; its token and lease id.

@@ -11,11 +11,11 @@ use super::{Engine, EngineError};
 use crate::audit::{Action, Entry as AuditEntry, Outcome as AuditOutcome};
 use crate::clock::millis;
 use crate::identity::Identity;
-use crate::notify::EventKind;
-use crate::policy::{Decision, Policy, Refusal};
-use crate::store::{
+use crate::model::{
     Idempotency, IdempotentOutcome, Lease, LeaseState, RequestState, Requirement, TokenRequest,
 };
+use crate::notify::EventKind;
+use crate::policy::{Decision, Policy, Refusal};
 use crate::text::new_id;
 use crate::token;
 

@@ -9,8 +9,8 @@ use super::{Cas, Engine, EngineError, SYSTEM_ACTOR};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::clock::millis;
 use crate::identity::Identity;
+use crate::model::{Lease, LeaseState};
 use crate::policy::{Decision, Policy, Refusal};
-use crate::store::{Lease, LeaseState};
 use crate::text::{FieldError, LEASE_PAGE, check_reason, page_size, require_id};
 
 /// Why a token could not be handed over.

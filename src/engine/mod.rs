@@ -60,10 +60,11 @@ use crate::clock::{Clock, secs};
 use crate::identity::Identity;
 use crate::keys::KeyRing;
 use crate::metrics::{Metrics, Sampled};
+use crate::model::{Idempotency, Lease, TokenRequest};
 use crate::notify::{Event, EventKind, Notifier};
 use crate::policy::Policy;
 use crate::store::commit::GroupCommit;
-use crate::store::{Applied, Fence, Idempotency, Lease, Lost, Millis, Store, TokenRequest};
+use crate::store::{Applied, Fence, Lost, Millis, Store};
 use crate::token::Claims;
 
 /// Who calls, as far as binding is concerned: the authenticated identity
@@ -477,7 +478,7 @@ pub(crate) fn bound_to(
 /// for `reason`; refused when it has already ended.
 pub(crate) fn end_request(
     req: &TokenRequest,
-    to: crate::store::RequestState,
+    to: crate::model::RequestState,
     who: &Identity,
     now: Millis,
     reason: &str,

@@ -13,11 +13,9 @@ use std::sync::Arc;
 
 use crate::audit::{AuditError, AuditLog, Entry as AuditEntry};
 use crate::metrics::Metrics;
+use crate::model::{Idempotency, Lease, LeaseState, TokenRequest};
 use crate::store::batch::gauge_delta;
-use crate::store::{
-    Applied, Batch, Fence, Idempotency, Lease, LeaseState, Millis, Store, StoreError, TokenRequest,
-    Write,
-};
+use crate::store::{Applied, Batch, Fence, Millis, Store, StoreError, Write};
 
 /// What an edit did to the operation.
 #[derive(Debug)]

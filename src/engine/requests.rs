@@ -9,8 +9,8 @@ use tokio::sync::broadcast;
 use super::{Cas, Engine, EngineError, Holder, may_decide};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::identity::Identity;
+use crate::model::{Lease, RequestState, TokenRequest};
 use crate::notify::EventKind;
-use crate::store::{Lease, RequestState, TokenRequest};
 use crate::text::{FieldError, REQUEST_PAGE, check_reason, page_size, require_id};
 
 /// Open requests read per store scan.

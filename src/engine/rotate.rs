@@ -9,8 +9,9 @@ use super::{Cas, Engine, EngineError, Op, SYSTEM_ACTOR};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::clock::millis;
 use crate::identity::Identity;
+use crate::model::{KeyRecord, KeyState};
 use crate::rotation::{Schedule, Step, plan};
-use crate::store::{KeyRecord, KeyState, Millis, Write};
+use crate::store::{Millis, Write};
 use crate::text::check_reason;
 
 /// An operator's `Keys.Rotate`.
@@ -361,7 +362,7 @@ fn key_entry(action: Action, kid: &str, reason: &str) -> AuditEntry {
 mod tests {
     use super::*;
     use crate::engine::testing::{POLICY, granted, id, rig, workload};
-    use crate::store::LeaseState;
+    use crate::model::LeaseState;
 
     fn emergency(kid: &str) -> Rotation {
         Rotation {

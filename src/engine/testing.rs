@@ -127,7 +127,7 @@ pub fn actions(store: &dyn Store) -> Vec<String> {
 }
 
 /// Ask for `scopes` as the workload; the request it parks.
-pub async fn parked(r: &Rig, scopes: &[&str]) -> crate::store::TokenRequest {
+pub async fn parked(r: &Rig, scopes: &[&str]) -> crate::model::TokenRequest {
     match r
         .engine
         .request_token(&workload(), ask(scopes))
@@ -140,7 +140,7 @@ pub async fn parked(r: &Rig, scopes: &[&str]) -> crate::store::TokenRequest {
 }
 
 /// Ask for `scopes` as the workload; the lease it grants.
-pub async fn granted(r: &Rig, scopes: &[&str]) -> crate::store::Lease {
+pub async fn granted(r: &Rig, scopes: &[&str]) -> crate::model::Lease {
     match r
         .engine
         .request_token(&workload(), ask(scopes))

@@ -220,14 +220,14 @@ pub enum Decision {
         /// How long it may wait.
         pending_ttl: Duration,
         /// One entry per approval scope.
-        requirements: Vec<crate::store::Requirement>,
+        requirements: Vec<crate::model::Requirement>,
     },
 }
 
 impl Decision {
     /// TTL, renewal bound, requirements and pending window (the last two
     /// empty and zero for a grant).
-    pub fn parked(self) -> (Duration, Duration, Vec<crate::store::Requirement>, Duration) {
+    pub fn parked(self) -> (Duration, Duration, Vec<crate::model::Requirement>, Duration) {
         match self {
             Self::Grant { ttl, max_ttl, .. } => (ttl, max_ttl, Vec::new(), Duration::ZERO),
             Self::Park {
@@ -425,7 +425,7 @@ impl Policy {
         for r in approvals {
             if let Some(a) = &r.approval {
                 pending_ttl = pending_ttl.min(a.pending_ttl);
-                requirements.push(crate::store::Requirement {
+                requirements.push(crate::model::Requirement {
                     scope: r.name.clone(),
                     approver_groups: a.approvers.clone(),
                     approvals_required: a.required,

@@ -18,8 +18,10 @@
 //! The embedded backends apply a batch through [`apply_to`] over their own
 //! [`Tables`]; PostgreSQL runs the same checks as SQL in one transaction.
 
-use super::{Idempotency, KeyRecord, KeyState, Lease, StoreError, TokenRequest};
+use super::StoreError;
+
 use crate::chain::{chained, sha256_hex};
+use crate::model::{Idempotency, KeyRecord, KeyState, Lease, TokenRequest};
 
 /// One change inside a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,7 +235,9 @@ fn write(t: &mut impl Tables, w: &Write) -> Result<Option<Lost>, StoreError> {
             if t.lease(&lease.id)?.is_some() {
                 return Ok(Some(Lost::Lease(lease.id.clone())));
             }
-            if lease.state == super::LeaseState::Active && !key_signs(t.key(&lease.kid)?.as_ref()) {
+            if lease.state == crate::model::LeaseState::Active
+                && !key_signs(t.key(&lease.kid)?.as_ref())
+            {
                 return Ok(Some(Lost::KeyInactive(lease.kid.clone())));
             }
             t.put_lease(None, lease)?;
@@ -337,7 +341,7 @@ pub fn write_one<S: super::Store + ?Sized>(store: &S, w: Write) -> Result<(), St
 
 /// A write's effect on the gauges: (active leases, open requests).
 pub fn gauge_delta(w: &Write) -> (i64, i64) {
-    let active = |l: &Lease| i64::from(l.state == super::LeaseState::Active);
+    let active = |l: &Lease| i64::from(l.state == crate::model::LeaseState::Active);
     let open = |r: &TokenRequest| i64::from(r.is_open());
     match w {
         Write::CreateLease { lease, .. } => (active(lease), 0),

@@ -9,6 +9,7 @@
 use super::mem::MemStore;
 use super::sled_store::SledStore;
 use super::*;
+use crate::model::*;
 
 fn backends() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
@@ -416,7 +417,7 @@ fn swap_is_compare_and_swap_and_keeps_the_expiry_index() {
 fn a_parked_delegation_keeps_its_chain() {
     for (name, s, _dir) in backends() {
         let s: &dyn Store = s.as_ref();
-        let chain = crate::store::Delegation {
+        let chain = crate::model::Delegation {
             parent_id: "l_parent".into(),
             depth: 2,
             actors: vec!["spiffe://t/tool".into(), "spiffe://t/agent".into()],

@@ -6,10 +6,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::batch::{Applied, Batch, ChainHead, Tables, apply_to};
 use super::{
-    AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
-    RequestStore, Row, Store, StoreError, Table, TokenRequest, deadline_key, idem_key, page_bounds,
-    split_deadline_key, subject_key,
+    AuditStore, KeyStore, LeaseStore, Millis, RequestStore, Row, Store, StoreError, Table,
+    deadline_key, idem_key, page_bounds, split_deadline_key, subject_key,
 };
+use crate::model::{Idempotency, KeyRecord, Lease, LeaseState, TokenRequest};
 
 #[derive(Default)]
 struct Inner {
@@ -183,7 +183,7 @@ impl Tables for Trial<'_> {
                 caller: caller.to_owned(),
                 key: key.to_owned(),
                 params_digest: String::new(),
-                outcome: super::IdempotentOutcome::Request(String::new()),
+                outcome: crate::model::IdempotentOutcome::Request(String::new()),
             })
         }))
     }

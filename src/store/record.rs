@@ -4,7 +4,9 @@
 //! protobuf (about a third of their JSON size); the trail stays canonical
 //! JSON (its bytes are what the hash chain covers).
 
-use super::{Lease, LeaseState, StoreError};
+use super::StoreError;
+
+use crate::model::{Lease, LeaseState};
 
 mod pb {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -131,7 +133,7 @@ fn from_record(key: &[u8], r: pb::LeaseRecord) -> Result<Lease, StoreError> {
         approved_by: r.approved_by,
         break_glass: r.break_glass,
         token_mac,
-        delegation: r.delegation.map(|d| super::Delegation {
+        delegation: r.delegation.map(|d| crate::model::Delegation {
             parent_id: d.parent_id,
             depth: d.depth,
             actors: d.actors,
@@ -143,7 +145,7 @@ fn from_record(key: &[u8], r: pb::LeaseRecord) -> Result<Lease, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Terms;
+    use crate::model::Terms;
 
     fn lease() -> Lease {
         let terms = Terms {
@@ -171,7 +173,7 @@ mod tests {
             approved_by: vec!["human/b".into()],
             break_glass: true,
             token_mac: Some([7; 32]),
-            delegation: Some(crate::store::Delegation {
+            delegation: Some(crate::model::Delegation {
                 parent_id: "l_0".into(),
                 depth: 2,
                 actors: vec!["spiffe://t/agent".into(), "spiffe://t/orchestrator".into()],

@@ -14,11 +14,11 @@ use sled::{Db, Transactional as _, Tree};
 
 use super::batch::{Applied, Batch, ChainHead, Tables, apply_to};
 use super::{
-    AuditStore, Idempotency, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis,
-    READABLE_SCHEMA_VERSIONS, RequestStore, Row, SCHEMA_VERSION, Store, StoreError, Table,
-    TokenRequest, deadline_key, decode, decode_lease, encode, encode_lease, idem_key, page_bounds,
-    split_deadline_key, subject_key,
+    AuditStore, KeyStore, LeaseStore, Millis, READABLE_SCHEMA_VERSIONS, RequestStore, Row,
+    SCHEMA_VERSION, Store, StoreError, Table, deadline_key, decode, decode_lease, encode,
+    encode_lease, idem_key, page_bounds, split_deadline_key, subject_key,
 };
+use crate::model::{Idempotency, KeyRecord, Lease, LeaseState, TokenRequest};
 
 /// sled-backed store rooted at a data directory.
 pub struct SledStore {

@@ -4,7 +4,7 @@
 use super::*;
 use crate::engine::Outcome;
 use crate::engine::testing::{POLICY, actions, ask, id, parked, rig, workload};
-use crate::store::LeaseState;
+use crate::model::LeaseState;
 
 #[tokio::test]
 async fn two_distinct_approvers_then_exactly_one_claim() {

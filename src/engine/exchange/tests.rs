@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::super::testing::{T0, id, rig};
 use super::super::{EngineError, Holder, Outcome, TokenAsk};
 use super::ExchangeAsk;
-use crate::store::{LeaseState, RequestState};
+use crate::model::{LeaseState, RequestState};
 use crate::token;
 
 const POLICY: &str = r#"
@@ -72,7 +72,7 @@ fn tool() -> Holder {
 }
 
 /// The agent's token and lease for `scopes` (granted at once).
-async fn root(r: &super::super::testing::Rig, scopes: &[&str]) -> (String, crate::store::Lease) {
+async fn root(r: &super::super::testing::Rig, scopes: &[&str]) -> (String, crate::model::Lease) {
     let ask = TokenAsk {
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         ttl: Some(Duration::from_secs(600)),
@@ -96,7 +96,7 @@ fn exchange(tok: &str, scopes: &[&str], for_identity: &str) -> ExchangeAsk {
     }
 }
 
-fn granted(o: Outcome) -> (String, crate::store::Lease) {
+fn granted(o: Outcome) -> (String, crate::model::Lease) {
     match o {
         Outcome::Granted { token, lease } => (token, lease),
         Outcome::Parked(r) => panic!("parked: {r:?}"),

@@ -25,8 +25,9 @@ use deadpool_postgres::{Object, Pool};
 use tokio_postgres::types::ToSql;
 
 use super::{LeaseRow, Params, RequestRow, client, ms, pg_err, refs};
+use crate::model::{Idempotency, KeyRecord, Lease};
 use crate::store::batch::{Applied, Batch, Fence, Lost, Write, key_signs};
-use crate::store::{Idempotency, KeyRecord, Lease, StoreError, decode, decode_lease, encode};
+use crate::store::{StoreError, decode, decode_lease, encode};
 
 const FENCE: &str = "SELECT 1 FROM leadership
      WHERE role = $1 AND holder = $2 AND generation = $3 AND expires_at > now() FOR SHARE";
@@ -131,7 +132,7 @@ fn lease_params(l: &Lease, expected: Option<Vec<u8>>) -> Params {
 }
 
 fn request_params(
-    r: &crate::store::TokenRequest,
+    r: &crate::model::TokenRequest,
     expected: Option<Vec<u8>>,
 ) -> Result<Params, StoreError> {
     let row = RequestRow::of(r)?;
@@ -298,7 +299,7 @@ fn plan(batch: &Batch) -> Result<(Vec<Step>, Vec<String>), StoreError> {
         .writes
         .iter()
         .filter_map(|w| match w {
-            Write::CreateLease { lease, .. } if lease.state == crate::store::LeaseState::Active => {
+            Write::CreateLease { lease, .. } if lease.state == crate::model::LeaseState::Active => {
                 Some(lease.kid.clone())
             }
             _ => None,

@@ -34,9 +34,10 @@ use self::connect::{Bridge, Target};
 pub use self::schema::LATEST as SCHEMA_VERSION;
 use super::batch::{Applied, Batch};
 use super::{
-    AuditStore, KeyRecord, KeyStore, Lease, LeaseState, LeaseStore, Millis, RequestStore, Row,
-    Store, StoreError, Table, TokenRequest, decode, decode_lease, encode, encode_lease,
+    AuditStore, KeyStore, LeaseStore, Millis, RequestStore, Row, Store, StoreError, Table, decode,
+    decode_lease, encode, encode_lease,
 };
+use crate::model::{KeyRecord, Lease, LeaseState, TokenRequest};
 
 /// Levels group transactions may commit at (the server's default is read
 /// at start).
@@ -617,7 +618,7 @@ impl Store for PgStore {
                     Table::Leases => Row::Lease(decode_lease(k.as_bytes(), &v)?),
                     Table::Requests => Row::Request(decode("requests", k.as_bytes(), &v)?),
                     Table::Idempotency => {
-                        let i: super::Idempotency = decode("idempotency", k.as_bytes(), &v)?;
+                        let i: crate::model::Idempotency = decode("idempotency", k.as_bytes(), &v)?;
                         return Ok((super::idem_key(&i.caller, &i.key), Row::Idempotency(i)));
                     }
                     Table::Meta => Row::Meta(k.clone(), v),
