@@ -300,7 +300,12 @@ mod tests {
             return;
         };
         let store: Arc<dyn crate::store::Store> = Arc::new(store);
-        let r = crate::engine::testing::rig_on(store.clone(), POLICY);
+        // Setting up writes (the first key) and waits for the committer:
+        // on a thread that may block.
+        let s = store.clone();
+        let r = tokio::task::spawn_blocking(move || crate::engine::testing::rig_on(s, POLICY))
+            .await
+            .unwrap();
         let lease = granted(&r, &["read"]).await;
         let s = store.clone();
         let g1 = tokio::task::spawn_blocking(move || s.lead("upkeep", "a", 60_000))

@@ -11,6 +11,7 @@ use crate::clock::millis;
 use crate::identity::Identity;
 use crate::model::{Lease, LeaseState};
 use crate::policy::{Decision, Policy, Refusal};
+use crate::store::StoreError;
 use crate::text::{FieldError, LEASE_PAGE, check_reason, page_size, require_id};
 
 /// Why a token could not be handed over.
@@ -185,13 +186,38 @@ impl Engine {
             subject.as_str().to_owned(),
         );
         // One operation: every lease of the subject, everything delegated
-        // from them, and the records, in one atomic batch.
-        let me = self.clone();
-        let count = tokio::task::spawn_blocking(move || {
-            me.apply_op(|op| me.plan_revoke_all(op, &subj, &by, &why))
-        })
-        .await??
-        .map_err(|_| EngineError::Internal("bulk revocation claimed a key".into()))?;
+        // from them, and the records, in one atomic batch. The plan reads
+        // page after page, so it runs on a blocking thread; a lost race
+        // plans again.
+        let mut races = 0;
+        let count = loop {
+            races += 1;
+            if races > 100 {
+                return Err(StoreError::Unavailable(
+                    "bulk revocation lost 100 races in a row; nothing was changed".into(),
+                )
+                .into());
+            }
+            let me = self.clone();
+            let (by, why, subj) = (by.clone(), why.clone(), subj.clone());
+            let (op, count) = tokio::task::spawn_blocking(move || {
+                let mut op = super::Op::new(me.clock.now());
+                me.plan_revoke_all(&mut op, &subj, &by, &why)
+                    .map(|count| (op, count))
+            })
+            .await??;
+            match self.records.apply(op).await? {
+                crate::store::Applied::Done(_) => break count,
+                crate::store::Applied::Lost(
+                    crate::store::Lost::Lease(_) | crate::store::Lost::Request(_),
+                ) => {}
+                crate::store::Applied::Lost(other) => {
+                    return Err(EngineError::Internal(format!(
+                        "bulk revocation refused by the store: {other:?}"
+                    )));
+                }
+            }
+        };
         self.durable().await?;
         tracing::warn!(sub = %subject, by = %who, revoked = count, "bulk revocation");
         Ok(count)

@@ -192,7 +192,7 @@ impl Engine {
         &self,
         plan: impl FnMut(&mut Op) -> Result<T, EngineError>,
     ) -> Result<Result<T, Idempotency>, EngineError> {
-        let out = self.apply_op(plan)?;
+        let out = self.apply_op(plan).await?;
         if out.is_ok() {
             self.durable().await?;
         }
@@ -201,8 +201,10 @@ impl Engine {
 
     /// Build and apply one operation; a lost compare-and-swap builds it
     /// again from fresh reads, a withdrawn signing key after reloading the
-    /// key ring. Synchronous: bulk work runs it off the runtime.
-    pub(crate) fn apply_op<T>(
+    /// key ring. The plan runs here (its reads are short); the store
+    /// applies the batch on its own, and this waits without holding a
+    /// thread.
+    pub(crate) async fn apply_op<T>(
         &self,
         mut plan: impl FnMut(&mut Op) -> Result<T, EngineError>,
     ) -> Result<Result<T, Idempotency>, EngineError> {
@@ -220,7 +222,7 @@ impl Engine {
             if op.is_empty() {
                 return Ok(Ok(out));
             }
-            match self.records.apply(op)? {
+            match self.records.apply(op).await? {
                 Applied::Done(_) => return Ok(Ok(out)),
                 Applied::Lost(Lost::Lease(_) | Lost::Request(_)) => {}
                 Applied::Lost(Lost::Idempotency(entry)) => return Ok(Err(entry)),
@@ -260,10 +262,29 @@ impl Engine {
     /// (a refusal, a failed authentication), without waiting: the next
     /// group commit makes them durable.
     pub fn note(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
-        self.apply_op(|op| Ok(op.record(entries.clone())?))?
-            .map_err(|_| EngineError::Internal("a note claimed a key".into()))?;
+        let mut op = Op::new(self.clock.now());
+        op.record(entries)?;
+        let (mut pending, _) = self.records.submit(op);
         self.commit.nudge();
-        Ok(())
+        // Decided at once on a store that applies in the caller's thread:
+        // report its failure. Otherwise the writer's outcome is only logged.
+        match pending.try_recv() {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(
+                crate::store::StoreError::Unavailable("the store's writer stopped".into()).into(),
+            ),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Ok(Err(e)) = pending.await {
+                            tracing::error!(error = %e, "a noted record could not be written");
+                        }
+                    });
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Record `entries` alone and wait until they are durable (events of

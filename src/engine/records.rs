@@ -15,7 +15,7 @@ use crate::audit::{AuditError, AuditLog, Entry as AuditEntry};
 use crate::metrics::Metrics;
 use crate::model::{Idempotency, Lease, LeaseState, TokenRequest};
 use crate::store::batch::gauge_delta;
-use crate::store::{Applied, Batch, Fence, Millis, Store, StoreError, Write};
+use crate::store::{Applied, Applying, Batch, Fence, Millis, Store, StoreError, Write};
 
 /// What an edit did to the operation.
 #[derive(Debug)]
@@ -114,6 +114,14 @@ impl Op {
     }
 }
 
+/// What a batch does to the gauges once applied.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Gauges {
+    leases: i64,
+    requests: i64,
+    revocations: u64,
+}
+
 /// The store, with the gauges that follow its lease and request writes.
 #[derive(Clone)]
 pub(crate) struct Records {
@@ -147,23 +155,40 @@ impl Records {
         &self.store
     }
 
-    /// Apply `op` as one batch; on success the gauges follow its writes.
-    pub(crate) fn apply(&self, op: Op) -> Result<Applied, StoreError> {
-        let applied = self.store.apply(&op.batch)?;
-        if let Applied::Done(_) = applied {
-            for w in &op.batch.writes {
-                let (leases, requests) = gauge_delta(w);
-                self.metrics.active_leases.inc_by(leases);
-                self.metrics.open_requests.inc_by(requests);
-                if let Write::SwapLease { old, new } = w
-                    && old.state == LeaseState::Active
-                    && new.state == LeaseState::Revoked
-                {
-                    self.metrics.revocations.inc();
-                }
+    /// Hand `op` to the store as one batch; what the gauges will do if it
+    /// applies.
+    pub(crate) fn submit(&self, op: Op) -> (Applying, Gauges) {
+        let mut g = Gauges::default();
+        for w in &op.batch.writes {
+            let (leases, requests) = gauge_delta(w);
+            g.leases += leases;
+            g.requests += requests;
+            if let Write::SwapLease { old, new } = w
+                && old.state == LeaseState::Active
+                && new.state == LeaseState::Revoked
+            {
+                g.revocations += 1;
             }
         }
+        (self.store.apply(op.batch), g)
+    }
+
+    /// Apply `op` as one batch and wait for the outcome; on success the
+    /// gauges follow its writes.
+    pub(crate) async fn apply(&self, op: Op) -> Result<Applied, StoreError> {
+        let (pending, gauges) = self.submit(op);
+        let applied = crate::store::batch::applied(pending).await?;
+        if let Applied::Done(_) = applied {
+            self.count(gauges);
+        }
         Ok(applied)
+    }
+
+    /// Move the gauges by what an applied batch did.
+    pub(crate) fn count(&self, g: Gauges) {
+        self.metrics.active_leases.inc_by(g.leases);
+        self.metrics.open_requests.inc_by(g.requests);
+        self.metrics.revocations.inc_by(g.revocations);
     }
 
     /// Read lease `id` (as `op` sees it), ask `edit` for its replacement,
@@ -239,12 +264,12 @@ mod tests {
         (Records::new(store, metrics.clone()), metrics)
     }
 
-    #[test]
-    fn edits_swap_keep_or_miss_and_the_gauges_follow_the_applied_batch() {
+    #[tokio::test]
+    async fn edits_swap_keep_or_miss_and_the_gauges_follow_the_applied_batch() {
         let (records, metrics) = records();
         let mut op = Op::new(1);
         op.create_lease(lease("l_1"), None);
-        assert!(matches!(records.apply(op).unwrap(), Applied::Done(_)));
+        assert!(matches!(records.apply(op).await.unwrap(), Applied::Done(_)));
         assert_eq!(metrics.active_leases.get(), 1);
 
         let mut op = Op::new(5);
@@ -261,7 +286,7 @@ mod tests {
             1,
             "nothing changes before apply"
         );
-        assert!(matches!(records.apply(op).unwrap(), Applied::Done(_)));
+        assert!(matches!(records.apply(op).await.unwrap(), Applied::Done(_)));
         assert_eq!(metrics.active_leases.get(), 0);
         assert_eq!(metrics.revocations.get(), 1);
 
@@ -280,12 +305,12 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_lost_race_applies_nothing_and_counts_nothing() {
+    #[tokio::test]
+    async fn a_lost_race_applies_nothing_and_counts_nothing() {
         let (records, metrics) = records();
         let mut op = Op::new(1);
         op.create_lease(lease("l_1"), None);
-        records.apply(op).unwrap();
+        records.apply(op).await.unwrap();
         // Two operations read the same lease; the second to apply loses.
         let mut first = Op::new(2);
         let mut second = Op::new(2);
@@ -304,10 +329,13 @@ mod tests {
                 "two",
             )])
             .unwrap();
-        assert!(matches!(records.apply(first).unwrap(), Applied::Done(_)));
+        assert!(matches!(
+            records.apply(first).await.unwrap(),
+            Applied::Done(_)
+        ));
         let before = records.store().audit_last().unwrap();
         assert_eq!(
-            records.apply(second).unwrap(),
+            records.apply(second).await.unwrap(),
             Applied::Lost(crate::store::Lost::Lease("l_1".into()))
         );
         assert_eq!(records.store().audit_last().unwrap(), before, "no record");
@@ -316,12 +344,12 @@ mod tests {
         assert_eq!(stored.revoke_reason.as_deref(), Some("one"));
     }
 
-    #[test]
-    fn reads_through_an_operation_see_its_own_edits() {
+    #[tokio::test]
+    async fn reads_through_an_operation_see_its_own_edits() {
         let (records, _) = records();
         let mut op = Op::new(1);
         op.create_lease(lease("l_1"), None);
-        records.apply(op).unwrap();
+        records.apply(op).await.unwrap();
         let mut op = Op::new(2);
         records
             .edit_lease(&mut op, "l_1", |l| {
@@ -339,7 +367,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seen, Some(1));
-        assert!(matches!(records.apply(op).unwrap(), Applied::Done(_)));
+        assert!(matches!(records.apply(op).await.unwrap(), Applied::Done(_)));
         let stored = records.store().lease("l_1").unwrap().unwrap();
         assert_eq!((stored.renewals, stored.state), (1, LeaseState::Revoked));
     }

@@ -307,7 +307,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         None => None,
     };
     let http_addr = http.as_ref().map(|(_, a)| *a);
-    let issuer = issuer(&cfg, store.as_ref(), grpc_addr, http_addr)?;
+    let issuer = settle_issuer(&cfg, &store, grpc_addr, http_addr).await?;
     store.resign(START_ROLE, &node)?;
     let audit = AuditLog::open(store.as_ref())?;
 
@@ -519,7 +519,7 @@ const ISSUER_META: &str = "issuer";
 /// configured issuer that differs from the stored one is refused unless
 /// `allow_issuer_change` says to switch.
 fn issuer(
-    cfg: &ServeConfig,
+    cfg: &IssuerAsk,
     store: &dyn Store,
     grpc: SocketAddr,
     http: Option<SocketAddr>,
@@ -528,8 +528,8 @@ fn issuer(
         .meta(ISSUER_META)?
         .and_then(|v| String::from_utf8(v).ok())
         .filter(|s| !s.is_empty());
-    let chosen = match (&cfg.issuer, stored) {
-        (Some(c), Some(s)) if *c != s && !cfg.allow_issuer_change => {
+    let chosen = match (&cfg.configured, stored) {
+        (Some(c), Some(s)) if *c != s && !cfg.allow_change => {
             return Err(ServeError::IssuerChanged {
                 stored: s,
                 configured: c.clone(),
@@ -538,7 +538,7 @@ fn issuer(
         (Some(c), _) => c.clone(),
         (None, Some(s)) => return Ok(s),
         (None, None) => match http {
-            Some(a) if cfg.http_tls => format!("https://{a}"),
+            Some(a) if cfg.https => format!("https://{a}"),
             Some(a) => format!("http://{a}"),
             None => format!("https://{grpc}"),
         },
@@ -548,6 +548,32 @@ fn issuer(
         crate::store::Write::PutMeta(ISSUER_META.into(), chosen.as_bytes().to_vec()),
     )?;
     Ok(chosen)
+}
+
+/// [`issuer`], on a thread that may wait for the store's writer (the
+/// first start records it).
+async fn settle_issuer(
+    cfg: &ServeConfig,
+    store: &Arc<dyn Store>,
+    grpc_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+) -> Result<String, ServeError> {
+    let asked = IssuerAsk {
+        configured: cfg.issuer.clone(),
+        allow_change: cfg.allow_issuer_change,
+        https: cfg.http_tls,
+    };
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || issuer(&asked, s.as_ref(), grpc_addr, http_addr))
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))?
+}
+
+/// What the configuration says of the issuer.
+struct IssuerAsk {
+    configured: Option<String>,
+    allow_change: bool,
+    https: bool,
 }
 
 /// The role brokers starting on one shared store take in turn, so only
@@ -588,12 +614,14 @@ async fn open_state(
     let node = crate::text::new_id("broker_", cfg.clock.now())
         .map_err(|e| ServeError::Internal(e.to_string()))?;
     take_turn(&store, &node).await?;
-    let ring = Arc::new(KeyRing::load_or_create(
-        store.as_ref(),
-        &kek,
-        cfg.alg,
-        cfg.clock.now(),
-    )?);
+    // It may write (the first key, the KEK check value): on a thread that
+    // may wait for the store's writer.
+    let (s, alg, now) = (store.clone(), cfg.alg, cfg.clock.now());
+    let ring = Arc::new(
+        tokio::task::spawn_blocking(move || KeyRing::load_or_create(s.as_ref(), &kek, alg, now))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))??,
+    );
     Ok((store, ring, node))
 }
 

@@ -324,14 +324,50 @@ pub(crate) fn apply_to(
     Ok((Applied::Done(records), next))
 }
 
+/// A batch handed to [`Store::apply`](super::Store::apply), on its way:
+/// resolves once the store has applied it (or refused it). The caller does
+/// not block meanwhile; awaiting it never holds a runtime thread.
+pub type Applying = tokio::sync::oneshot::Receiver<Result<Applied, StoreError>>;
+
+/// An [`Applying`] that is already decided (a store that applies in the
+/// caller's thread).
+pub fn decided(outcome: Result<Applied, StoreError>) -> Applying {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = tx.send(outcome);
+    rx
+}
+
+/// The outcome of a batch, awaited.
+pub async fn applied(pending: Applying) -> Result<Applied, StoreError> {
+    pending.await.map_err(|_| stopped())?
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the store's writer stopped".into())
+}
+
+/// The outcome of a batch, waited for by a thread that is not running
+/// async tasks (start-up on a blocking thread, tools, tests). At once when
+/// it is decided already.
+pub fn wait(mut pending: Applying) -> Result<Applied, StoreError> {
+    match pending.try_recv() {
+        Ok(outcome) => outcome,
+        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(stopped()),
+        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+            pending.blocking_recv().map_err(|_| stopped())?
+        }
+    }
+}
+
 /// Apply `w` alone, with no record: for what a store holds before any
 /// operation can run (the KEK check value, the first signing key, the
-/// issuer), and for moving a store. A write that loses is an error.
+/// issuer), and for moving a store. A write that loses is an error. Waits
+/// with [`wait`]: call it from a thread that may block.
 pub fn write_one<S: super::Store + ?Sized>(store: &S, w: Write) -> Result<(), StoreError> {
-    match store.apply(&Batch {
+    match wait(store.apply(Batch {
         writes: vec![w],
         ..Batch::default()
-    })? {
+    }))? {
         Applied::Done(_) => Ok(()),
         Applied::Lost(lost) => Err(StoreError::Unavailable(format!(
             "a single write was refused: {lost:?}"

@@ -109,10 +109,10 @@ impl<S: Store + ?Sized> TestWrites for S {
             lease: l.clone(),
             idem: i.cloned(),
         };
-        let mut out = self.apply(&one(w.clone()))?;
+        let mut out = batch::wait(self.apply((one(w.clone())).clone()))?;
         if let Applied::Lost(Lost::KeyInactive(kid)) = &out {
             batch::write_one(self, Write::PutKey(test_key(kid)))?;
-            out = self.apply(&one(w))?;
+            out = batch::wait(self.apply((one(w)).clone()))?;
         }
         match out {
             Applied::Done(_) => Ok(None),
@@ -125,7 +125,10 @@ impl<S: Store + ?Sized> TestWrites for S {
             old: c.clone(),
             new: n.clone(),
         };
-        Ok(matches!(self.apply(&one(w))?, Applied::Done(_)))
+        Ok(matches!(
+            batch::wait(self.apply((one(w)).clone()))?,
+            Applied::Done(_)
+        ))
     }
     fn create_request(
         &self,
@@ -136,7 +139,7 @@ impl<S: Store + ?Sized> TestWrites for S {
             req: r.clone(),
             idem: i.cloned(),
         };
-        match self.apply(&one(w))? {
+        match batch::wait(self.apply((one(w)).clone()))? {
             Applied::Done(_) => Ok(None),
             Applied::Lost(Lost::Idempotency(e)) => Ok(Some(e)),
             Applied::Lost(l) => Err(StoreError::Unavailable(format!("{l:?}"))),
@@ -147,7 +150,10 @@ impl<S: Store + ?Sized> TestWrites for S {
             old: c.clone(),
             new: n.clone(),
         };
-        Ok(matches!(self.apply(&one(w))?, Applied::Done(_)))
+        Ok(matches!(
+            batch::wait(self.apply((one(w)).clone()))?,
+            Applied::Done(_)
+        ))
     }
     fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
         batch::write_one(self, Write::PutKey(k.clone()))
@@ -830,13 +836,22 @@ async fn group_commit_batches_concurrent_writers() {
         std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
     let cancel = tokio_util::sync::CancellationToken::new();
     let (gc, task) = commit::GroupCommit::start(store.clone(), cancel.clone());
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || put_test_key(s.as_ref(), "k"))
+        .await
+        .unwrap();
     let mut handles = Vec::new();
     for i in 0..200 {
         let (gc, store) = (gc.clone(), store.clone());
         handles.push(tokio::spawn(async move {
-            store
-                .create_lease(&lease(&format!("l_{i:04}"), "spiffe://t/a", 5), None)
-                .unwrap();
+            let lease = lease(&format!("l_{i:04}"), "spiffe://t/a", 5);
+            let done = batch::applied(store.apply(Batch {
+                writes: vec![Write::CreateLease { lease, idem: None }],
+                ..Batch::default()
+            }))
+            .await
+            .unwrap();
+            assert!(matches!(done, Applied::Done(_)));
             gc.durable().await
         }));
     }
@@ -869,7 +884,7 @@ impl std::ops::Deref for FailingSync {
 crate::store::delegate_reads!(FailingSync);
 
 impl Store for FailingSync {
-    fn apply(&self, b: &Batch) -> Result<Applied, StoreError> {
+    fn apply(&self, b: Batch) -> Applying {
         self.0.apply(b)
     }
     fn meta(&self, n: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -906,10 +921,9 @@ impl std::ops::Deref for FailMidway {
 crate::store::delegate_reads!(FailMidway);
 
 impl Store for FailMidway {
-    fn apply(&self, b: &Batch) -> Result<Applied, StoreError> {
-        let mut b = b.clone();
+    fn apply(&self, mut b: Batch) -> Applying {
         b.writes.insert(b.writes.len() / 2, Write::Fail);
-        self.0.apply(&b)
+        self.0.apply(b)
     }
     fn meta(&self, n: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.0.meta(n)
@@ -991,7 +1005,10 @@ fn a_batch_that_fails_midway_leaves_nothing_visible_and_the_chain_whole() {
         let before = visible(s.as_ref());
         let failing = FailMidway(s);
         assert!(
-            matches!(failing.apply(&batch), Err(StoreError::Unavailable(_))),
+            matches!(
+                batch::wait(failing.apply((batch).clone())),
+                Err(StoreError::Unavailable(_))
+            ),
             "{name}"
         );
         assert!(
@@ -1001,7 +1018,7 @@ fn a_batch_that_fails_midway_leaves_nothing_visible_and_the_chain_whole() {
         // The same batch then applies whole, its records chained right
         // after the last one (the failure moved no head).
         let s = failing.0;
-        let Applied::Done(records) = s.apply(&batch).unwrap() else {
+        let Applied::Done(records) = batch::wait(s.apply((batch).clone())).unwrap() else {
             panic!("{name}: the batch did not apply");
         };
         assert_eq!(
@@ -1038,7 +1055,7 @@ fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
         // (Later writes see earlier ones: `old` is no longer what is stored.)
         stale.writes.push(Write::SwapLease { old, new });
         assert_eq!(
-            s.apply(&stale).unwrap(),
+            batch::wait(s.apply((stale).clone())).unwrap(),
             Applied::Lost(Lost::Lease("l_1".into())),
             "{name}"
         );
@@ -1052,7 +1069,7 @@ fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
         batch::write_one(s.as_ref(), Write::CopyRow(Row::Idempotency(holder.clone()))).unwrap();
         let before = visible(s.as_ref());
         assert_eq!(
-            s.apply(&batch).unwrap(),
+            batch::wait(s.apply((batch).clone())).unwrap(),
             Applied::Lost(Lost::Idempotency(holder)),
             "{name}"
         );
@@ -1064,7 +1081,7 @@ fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
         let mut late = batch.clone();
         late.writes.truncate(2);
         assert_eq!(
-            s.apply(&late).unwrap(),
+            batch::wait(s.apply((late).clone())).unwrap(),
             Applied::Lost(Lost::KeyInactive("k".into())),
             "{name}"
         );
@@ -1107,7 +1124,7 @@ fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() {
             let handles: Vec<_> = (0..8)
                 .map(|i| {
                     let (s, l0) = (s.clone(), l0.clone());
-                    scope.spawn(move || s.apply(&renewal(i, l0)).unwrap())
+                    scope.spawn(move || batch::wait(s.apply((renewal(i, l0)).clone())).unwrap())
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -1162,7 +1179,7 @@ fn a_stale_leader_is_fenced_on_a_shared_store() {
         }),
     };
     assert!(matches!(
-        s.apply(&fenced("a", g1)).unwrap(),
+        batch::wait(s.apply((fenced("a", g1)).clone())).unwrap(),
         Applied::Done(_)
     ));
     // a's term ends (it stalled, or gave up); b takes the role.
@@ -1171,7 +1188,7 @@ fn a_stale_leader_is_fenced_on_a_shared_store() {
     assert!(g2 > g1);
     let last = s.audit_last().unwrap();
     assert_eq!(
-        s.apply(&fenced("a", g1)).unwrap(),
+        batch::wait(s.apply((fenced("a", g1)).clone())).unwrap(),
         Applied::Lost(Lost::Fenced)
     );
     assert_eq!(s.meta("m").unwrap().as_deref(), Some(&b"a"[..]));
@@ -1181,7 +1198,7 @@ fn a_stale_leader_is_fenced_on_a_shared_store() {
         "no record of the fenced batch"
     );
     assert!(matches!(
-        s.apply(&fenced("b", g2)).unwrap(),
+        batch::wait(s.apply((fenced("b", g2)).clone())).unwrap(),
         Applied::Done(_)
     ));
     // a comes back and takes the role again: a new term, not its old one.
@@ -1189,7 +1206,7 @@ fn a_stale_leader_is_fenced_on_a_shared_store() {
     let g3 = s.lead("upkeep", "a", 60_000).unwrap().unwrap();
     assert!(g3 > g2);
     assert_eq!(
-        s.apply(&fenced("a", g1)).unwrap(),
+        batch::wait(s.apply((fenced("a", g1)).clone())).unwrap(),
         Applied::Lost(Lost::Fenced)
     );
 }

@@ -74,7 +74,7 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
                 }
                 after = Some(key);
             }
-            apply_all(to, &batch)?;
+            apply_all(to, batch)?;
             if done {
                 break;
             }
@@ -90,7 +90,7 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
             after = Some(seq);
             n.audit += 1;
         }
-        apply_all(to, &batch)?;
+        apply_all(to, batch)?;
         if done {
             break;
         }
@@ -116,8 +116,8 @@ fn count(row: &Row, n: &mut Copied) {
 }
 
 /// Apply one page; anything lost means the target was not empty.
-fn apply_all(to: &dyn Store, batch: &Batch) -> Result<(), StoreError> {
-    match to.apply(batch)? {
+fn apply_all(to: &dyn Store, batch: Batch) -> Result<(), StoreError> {
+    match super::batch::wait(to.apply(batch))? {
         Applied::Done(_) => Ok(()),
         Applied::Lost(lost) => Err(StoreError::Unavailable(format!(
             "the target already holds a row being copied ({lost:?}); copy only into a new store"

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
-use super::batch::{Applied, Batch, ChainHead, Tables, apply_to};
+use super::batch::{Applied, Applying, Batch, ChainHead, Tables, apply_to, decided};
 use super::{
     AuditStore, KeyStore, LeaseStore, Millis, RequestStore, Row, Store, StoreError, Table,
     deadline_key, idem_key, page_bounds, split_deadline_key, subject_key,
@@ -230,6 +230,27 @@ pub struct MemStore {
 }
 
 impl MemStore {
+    /// Apply `batch` under the one lock: readers see all of a batch or
+    /// none of it. The batch is tried first on a view, so a lost check
+    /// leaves nothing behind.
+    fn apply_now(&self, batch: &Batch) -> Result<Applied, StoreError> {
+        let mut g = self.lock()?;
+        let head = g.head();
+        let mut trial = Trial {
+            base: &g,
+            leases: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            idem: BTreeSet::new(),
+            keys: BTreeMap::new(),
+        };
+        if let (Applied::Lost(lost), _) = apply_to(&mut trial, &head, batch)? {
+            return Ok(Applied::Lost(lost));
+        }
+        let (applied, head) = apply_to(&mut *g, &head, batch)?;
+        g.head = Some(head);
+        Ok(applied)
+    }
+
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
@@ -478,24 +499,8 @@ impl super::EphemeralStore for MemStore {
 }
 
 impl Store for MemStore {
-    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        // One lock: readers see all of a batch or none of it. The batch is
-        // tried first on a view, so a lost check leaves nothing behind.
-        let mut g = self.lock()?;
-        let head = g.head();
-        let mut trial = Trial {
-            base: &g,
-            leases: BTreeMap::new(),
-            requests: BTreeMap::new(),
-            idem: BTreeSet::new(),
-            keys: BTreeMap::new(),
-        };
-        if let (Applied::Lost(lost), _) = apply_to(&mut trial, &head, batch)? {
-            return Ok(Applied::Lost(lost));
-        }
-        let (applied, head) = apply_to(&mut *g, &head, batch)?;
-        g.head = Some(head);
-        Ok(applied)
+    fn apply(&self, batch: Batch) -> Applying {
+        decided(self.apply_now(&batch))
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -55,7 +55,7 @@ pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3];
 
 pub(crate) use record::{decode_lease, encode_lease};
 
-pub use self::batch::{Applied, Batch, Fence, Lost, Write};
+pub use self::batch::{Applied, Applying, Batch, Fence, Lost, Write};
 use crate::model::{Idempotency, KeyRecord, Lease, TokenRequest};
 
 /// Errors from a storage backend.
@@ -212,9 +212,11 @@ pub trait Store:
 {
     /// Apply one operation's [`Batch`] atomically: every write and the
     /// batch's audit records, chained after the stored head, become visible
-    /// together — or, on [`Applied::Lost`], nothing does. Durable only once
-    /// a later [`Store::sync`] returns.
-    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError>;
+    /// together — or, on [`Applied::Lost`], nothing does. Returns at once;
+    /// the outcome comes through the [`batch::Applying`] (a backend with a
+    /// writer of its own applies there, in order). Durable only once a
+    /// later [`Store::sync`] returns.
+    fn apply(&self, batch: Batch) -> batch::Applying;
     /// A metadata value.
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Make every batch applied before this call durable. Blocking.
@@ -367,8 +369,8 @@ pub(crate) mod conformance;
 /// Implement every read part of the contract ([`LeaseStore`],
 /// [`RequestStore`], [`AuditStore`], [`KeyStore`], [`EphemeralStore`]) for
 /// a wrapper by passing each call to the store it dereferences to, so a
-/// decorator (a test's failing store) writes only what it changes.
-#[cfg(test)]
+/// wrapper (sled's writer-owning handle, a test's failing store) writes
+/// only what it changes.
 macro_rules! delegate_reads {
     ($t:ty) => {
         impl $crate::store::LeaseStore for $t {
@@ -513,5 +515,4 @@ macro_rules! delegate_reads {
         }
     };
 }
-#[cfg(test)]
 pub(crate) use delegate_reads;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Db, Transactional as _, Tree};
 
-use super::batch::{Applied, Batch, ChainHead, Tables, apply_to};
+use super::batch::{Applied, Applying, Batch, ChainHead, Tables, apply_to};
 use super::{
     AuditStore, KeyStore, LeaseStore, Millis, READABLE_SCHEMA_VERSIONS, RequestStore, Row,
     SCHEMA_VERSION, Store, StoreError, Table, deadline_key, decode, decode_lease, encode,
@@ -20,8 +20,69 @@ use super::{
 };
 use crate::model::{Idempotency, KeyRecord, Lease, LeaseState, TokenRequest};
 
-/// sled-backed store rooted at a data directory.
+/// sled-backed store rooted at a data directory. Reads run in the
+/// caller's thread; batches are applied by a writer thread of its own, in
+/// groups (see `SledCore::apply_group`), so no runtime thread ever waits
+/// on another's writes.
 pub struct SledStore {
+    core: std::sync::Arc<SledCore>,
+    writer: Option<std::sync::mpsc::Sender<Queued>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A batch for the writer thread, and where its outcome goes.
+type Queued = (Batch, Reply);
+/// Where a batch's outcome goes.
+type Reply = tokio::sync::oneshot::Sender<Result<Applied, StoreError>>;
+
+/// Most batches the writer applies as one group (one slot write): their
+/// changes stay far below the slot's size limit.
+const GROUP_MAX: usize = 48;
+
+impl std::ops::Deref for SledStore {
+    type Target = SledCore;
+    fn deref(&self) -> &SledCore {
+        &self.core
+    }
+}
+
+impl Drop for SledStore {
+    /// The writer finishes what it was given, then lets go of the trees,
+    /// so the data directory is free again when this returns.
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The writer thread: takes every batch waiting (up to a group) and
+/// applies them together, until the store's handle lets go of the queue.
+fn spawn_writer(
+    core: std::sync::Arc<SledCore>,
+) -> Result<(std::sync::mpsc::Sender<Queued>, std::thread::JoinHandle<()>), StoreError> {
+    let (writer, queue) = std::sync::mpsc::channel::<Queued>();
+    let thread = std::thread::Builder::new()
+        .name("portcullis-sled-writer".into())
+        .spawn(move || {
+            while let Ok(first) = queue.recv() {
+                let mut group = vec![first];
+                while group.len() < GROUP_MAX {
+                    match queue.try_recv() {
+                        Ok(q) => group.push(q),
+                        Err(_) => break,
+                    }
+                }
+                core.apply_group(group);
+            }
+        })
+        .map_err(unavailable)?;
+    Ok((writer, thread))
+}
+
+/// The trees of a [`SledStore`] and what its writer keeps.
+pub struct SledCore {
     db: Db,
     data_file: File,
     pub(super) leases: Tree,
@@ -51,6 +112,10 @@ pub struct SledStore {
     /// whole of an apply: batches are checked, chained and written one
     /// after another.
     head: std::sync::Mutex<Applier>,
+    /// A group's write failed part-way: the trees may hold part of it and
+    /// the head no longer matches them. Every later batch is refused until
+    /// a restart completes the group from the slot (fail closed).
+    broken: std::sync::atomic::AtomicBool,
 }
 
 /// What applies share, under one lock.
@@ -92,13 +157,24 @@ type Change = (u8, Vec<u8>, Option<Vec<u8>>);
 struct Staged<'a> {
     trees: [&'a Tree; 12],
     keys: &'a mut std::collections::HashMap<String, Option<KeyRecord>>,
+    /// What the batches of this group before this one changed.
+    group: &'a Overlay,
     changes: Vec<Change>,
-    overlay: std::collections::HashMap<(u8, Vec<u8>), Option<Vec<u8>>>,
+    overlay: Overlay,
 }
 
+/// Changed keys and their new values (`None`: removed), by (tree, key).
+type Overlay = std::collections::HashMap<(u8, Vec<u8>), Option<Vec<u8>>>;
+
 impl Staged<'_> {
+    /// Has this batch or its group changed `key` of `tree`?
+    fn staged(&self, tree: usize, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        let k = (tree as u8, key.to_vec());
+        self.overlay.get(&k).or_else(|| self.group.get(&k))
+    }
+
     fn get(&self, tree: usize, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(v) = self.overlay.get(&(tree as u8, key.to_vec())) {
+        if let Some(v) = self.staged(tree, key) {
             return Ok(v.clone());
         }
         Ok(self.trees[tree]
@@ -254,11 +330,14 @@ impl Tables for Staged<'_> {
     }
 
     fn key(&mut self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
-        if !self
-            .overlay
-            .contains_key(&(KEYS as u8, kid.as_bytes().to_vec()))
-            && let Some(k) = self.keys.get(kid)
-        {
+        if let Some(v) = self.staged(KEYS, kid.as_bytes()) {
+            // Changed in this group: not what the tree holds, not cached.
+            return v
+                .as_ref()
+                .map(|v| decode("keys", kid.as_bytes(), v))
+                .transpose();
+        }
+        if let Some(k) = self.keys.get(kid) {
             return Ok(k.clone());
         }
         let key: Option<KeyRecord> = self
@@ -421,7 +500,7 @@ impl SledStore {
         let data_path: PathBuf = dir.join("db");
         let data_file = File::open(&data_path).map_err(unavailable)?;
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
-        let store = Self {
+        let core = SledCore {
             leases: tree("leases")?,
             lease_expiry: tree("lease_expiry")?,
             by_subject: tree("leases_by_subject")?,
@@ -443,26 +522,35 @@ impl SledStore {
                 head: ChainHead::after(None),
                 keys: std::collections::HashMap::new(),
             }),
+            broken: std::sync::atomic::AtomicBool::new(false),
         };
-        store.finish_last_batch()?;
-        let last = store.audit_last()?;
-        store.lock_head()?.head = ChainHead::after(last.as_ref());
-        store.check_schema()?;
+        core.finish_last_batch()?;
+        let last = core.audit_last()?;
+        core.lock_head()?.head = ChainHead::after(last.as_ref());
+        core.check_schema()?;
         if fresh {
             // The new files' directory entries must survive a crash too.
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(unavailable)?;
         }
-        Ok(store)
+        let core = std::sync::Arc::new(core);
+        let (writer, thread) = spawn_writer(core.clone())?;
+        Ok(Self {
+            core,
+            writer: Some(writer),
+            thread: Some(thread),
+        })
     }
+}
 
+impl SledCore {
     /// Refuse a layout this build does not know; record the current version
     /// on a new store. A readable older version is left as it is until
     /// [`Self::mark_current`].
     fn check_schema(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
-        let found = self.meta("schema_version")?.map(|v| {
+        let found = self.meta_value("schema_version")?.map(|v| {
             std::str::from_utf8(&v)
                 .ok()
                 .and_then(|s| s.parse::<u32>().ok())
@@ -480,7 +568,7 @@ impl SledStore {
             }),
             None => {
                 self.mark_current()?;
-                self.sync()
+                self.sync_now()
             }
         }
     }
@@ -586,6 +674,102 @@ impl SledStore {
         Self::write_each(&trees, &changes)
     }
 
+    /// Apply a group of batches, in order, as the writer thread: each is
+    /// checked (against the trees and the group's earlier changes) and
+    /// chained; those that lose write nothing; the changes of all that
+    /// stay are written together (one slot, see `write_changes`); then each
+    /// gets its outcome.
+    fn apply_group(&self, group: Vec<Queued>) {
+        use std::sync::atomic::Ordering;
+        let refuse = |replies: Vec<Reply>, why: &str| {
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Unavailable(why.to_owned())));
+            }
+        };
+        if self.broken.load(Ordering::SeqCst) {
+            return refuse(
+                group.into_iter().map(|q| q.1).collect(),
+                "the store failed a write; restart the broker",
+            );
+        }
+        if let Err(e) = self.mark_current() {
+            return refuse(group.into_iter().map(|q| q.1).collect(), &e.to_string());
+        }
+        let Ok(mut guard) = self.lock_head() else {
+            return refuse(
+                group.into_iter().map(|q| q.1).collect(),
+                "audit chain head poisoned",
+            );
+        };
+        let applier = &mut *guard;
+        let (head, changes, done) = self.stage_group(applier, group);
+        if changes.iter().any(|c| usize::from(c.0) == KEYS) {
+            applier.keys.clear();
+        }
+        let written = if changes.is_empty() {
+            Ok(())
+        } else {
+            self.write_changes(&changes)
+        };
+        match written {
+            Ok(()) => {
+                applier.head = head;
+                for (reply, records) in done {
+                    let _ = reply.send(Ok(Applied::Done(records)));
+                }
+            }
+            Err(e) => {
+                self.broken.store(true, Ordering::SeqCst);
+                tracing::error!(error = %e, "a batch write failed part-way; refusing every write until a restart completes it");
+                refuse(done.into_iter().map(|(r, _)| r).collect(), &e.to_string());
+            }
+        }
+    }
+
+    /// Check and chain each batch of `group` in order, against the trees
+    /// and the changes of the group's batches before it. Batches that lose
+    /// get their outcome now; for those that stay: the head after them,
+    /// their changes, and where their outcomes go.
+    #[allow(clippy::type_complexity, reason = "used once, right above")]
+    fn stage_group(
+        &self,
+        applier: &mut Applier,
+        group: Vec<Queued>,
+    ) -> (ChainHead, Vec<Change>, Vec<(Reply, Vec<(u64, Vec<u8>)>)>) {
+        let mut head = applier.head.clone();
+        let mut overlay = Overlay::new();
+        let mut changes = Vec::new();
+        let mut done = Vec::new();
+        for (batch, reply) in group {
+            let (outcome, staged) = {
+                let mut staged = Staged {
+                    trees: self.batch_trees(),
+                    keys: &mut applier.keys,
+                    group: &overlay,
+                    changes: Vec::new(),
+                    overlay: Overlay::new(),
+                };
+                let outcome = apply_to(&mut staged, &head, &batch);
+                (outcome, (staged.changes, staged.overlay))
+            };
+            match outcome {
+                Ok((Applied::Done(records), next)) => {
+                    head = next;
+                    changes.extend(staged.0);
+                    overlay.extend(staged.1);
+                    done.push((reply, records));
+                }
+                Ok((lost, _)) => {
+                    let _ = reply.send(Ok(lost));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        (head, changes, done)
+    }
+
     /// Every tree a batch may write, in the order of the index constants.
     fn batch_trees(&self) -> [&Tree; 12] {
         [
@@ -638,7 +822,7 @@ impl SledStore {
     }
 }
 
-impl LeaseStore for SledStore {
+impl LeaseStore for SledCore {
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         self.leases
             .get(id.as_bytes())
@@ -743,7 +927,7 @@ impl LeaseStore for SledStore {
     }
 }
 
-impl RequestStore for SledStore {
+impl RequestStore for SledCore {
     fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
         self.requests
             .get(id.as_bytes())
@@ -803,7 +987,7 @@ impl RequestStore for SledStore {
     }
 }
 
-impl AuditStore for SledStore {
+impl AuditStore for SledCore {
     fn audit_after(
         &self,
         after: Option<u64>,
@@ -867,7 +1051,7 @@ impl AuditStore for SledStore {
     }
 }
 
-impl KeyStore for SledStore {
+impl KeyStore for SledCore {
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.keys
             .iter()
@@ -886,7 +1070,7 @@ fn live_ephemeral(raw: &[u8], now: Millis) -> Option<Vec<u8>> {
     (end > now).then(|| value.to_vec())
 }
 
-impl super::EphemeralStore for SledStore {
+impl super::EphemeralStore for SledCore {
     fn put_ephemeral(
         &self,
         key: &[u8; 32],
@@ -937,38 +1121,44 @@ impl super::EphemeralStore for SledStore {
 }
 
 impl Store for SledStore {
-    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        if batch.is_empty() {
-            return Ok(Applied::Done(Vec::new()));
+    fn apply(&self, batch: Batch) -> Applying {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match &self.writer {
+            Some(w) => {
+                if let Err(std::sync::mpsc::SendError((_, tx))) = w.send((batch, tx)) {
+                    let _ = tx.send(Err(unavailable("the store's writer stopped")));
+                }
+            }
+            None => {
+                let _ = tx.send(Err(unavailable("the store is closing")));
+            }
         }
-        self.mark_current()?;
-        // The head's lock serialises applies: batches are checked, chained
-        // and written one after another, in that order.
-        let mut guard = self.lock_head()?;
-        let applier = &mut *guard;
-        let mut staged = Staged {
-            trees: self.batch_trees(),
-            keys: &mut applier.keys,
-            changes: Vec::new(),
-            overlay: std::collections::HashMap::new(),
-        };
-        let result = apply_to(&mut staged, &applier.head, batch);
-        let keys_changed = staged.changes.iter().any(|c| usize::from(c.0) == KEYS);
-        let changes = staged.changes;
-        let (applied, next) = result?;
-        if keys_changed {
-            // Whatever happens to the write, read keys afresh next time.
-            applier.keys.clear();
-        }
-        if let Applied::Lost(_) = applied {
-            return Ok(applied);
-        }
-        self.write_changes(&changes)?;
-        applier.head = next;
-        Ok(applied)
+        rx
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.core.meta_value(name)
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
+        self.core.scan_rows(table, after, limit)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.core.sync_now()
+    }
+}
+
+crate::store::delegate_reads!(SledStore);
+
+impl SledCore {
+    /// A metadata value.
+    pub fn meta_value(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .meta
             .get(name.as_bytes())
@@ -976,7 +1166,8 @@ impl Store for SledStore {
             .map(|v| v.to_vec()))
     }
 
-    fn scan(
+    /// See [`Store::scan`].
+    pub fn scan_rows(
         &self,
         table: Table,
         after: Option<&[u8]>,
@@ -1009,7 +1200,8 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn sync(&self) -> Result<(), StoreError> {
+    /// See [`Store::sync`].
+    pub fn sync_now(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(unavailable)?;
         // INVARIANT: on Linux, fsync of any handle covers the whole file, so
         // this makes every page `flush()` just wrote durable.
@@ -1060,9 +1252,11 @@ mod tests {
         };
         let head = s.lock_head().unwrap().head.clone();
         let mut keys = std::collections::HashMap::new();
+        let group = Overlay::new();
         let mut staged = Staged {
             trees: s.batch_trees(),
             keys: &mut keys,
+            group: &group,
             changes: Vec::new(),
             overlay: std::collections::HashMap::new(),
         };
@@ -1072,7 +1266,7 @@ mod tests {
         s.slot
             .insert(BATCH_SLOT, encode_changes(&staged.changes))
             .unwrap();
-        SledStore::write_each(&s.batch_trees(), &staged.changes[..1]).unwrap();
+        SledCore::write_each(&s.batch_trees(), &staged.changes[..1]).unwrap();
         s.sync().unwrap();
         assert!(s.lease("l_2").unwrap().is_none());
         drop(s);

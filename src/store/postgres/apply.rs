@@ -361,7 +361,7 @@ const GROUP_MAX: usize = 60;
 pub(super) async fn committer(
     pool: Pool,
     level: &'static str,
-    mut queue: tokio::sync::mpsc::Receiver<Queued>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>,
 ) {
     while let Some(first) = queue.recv().await {
         let mut group = vec![first];

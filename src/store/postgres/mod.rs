@@ -32,7 +32,7 @@ use tokio_postgres::types::ToSql;
 pub use self::connect::PgOptions;
 use self::connect::{Bridge, Target};
 pub use self::schema::LATEST as SCHEMA_VERSION;
-use super::batch::{Applied, Batch};
+use super::batch::{Applying, Batch};
 use super::{
     AuditStore, KeyStore, LeaseStore, Millis, RequestStore, Row, Store, StoreError, Table, decode,
     decode_lease, encode, encode_lease,
@@ -135,7 +135,7 @@ impl RequestRow {
 pub struct PgStore {
     pool: Pool,
     /// Batches on their way to the committer (`apply::committer`).
-    queue: tokio::sync::mpsc::Sender<apply::Queued>,
+    queue: tokio::sync::mpsc::UnboundedSender<apply::Queued>,
     changes: broadcast::Sender<String>,
     // Last: the runtime stops after everything that runs on it is gone.
     bridge: Bridge,
@@ -176,7 +176,7 @@ impl PgStore {
             connect::pool(&target, opts.pool_size)?
         };
         let (changes, _) = broadcast::channel(1024);
-        let (queue, queued) = tokio::sync::mpsc::channel(4096);
+        let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
         bridge
             .handle()
             .spawn(apply::committer(pool.clone(), barrier, queued));
@@ -544,22 +544,18 @@ impl super::EphemeralStore for PgStore {
 }
 
 impl Store for PgStore {
-    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        if batch.is_empty() {
-            return Ok(Applied::Done(Vec::new()));
+    fn apply(&self, batch: Batch) -> Applying {
+        // Straight to the committer: no thread waits here. (Callers are
+        // bounded by their own number: each awaits its outcome.)
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        if let Err(tokio::sync::mpsc::error::SendError((_, reply))) =
+            self.queue.send((batch, reply))
+        {
+            let _ = reply.send(Err(StoreError::Unavailable(
+                "the database committer stopped".into(),
+            )));
         }
-        let queue = self.queue.clone();
-        let batch = batch.clone();
-        self.run(async move {
-            let (reply, outcome) = tokio::sync::oneshot::channel();
-            queue
-                .send((batch, reply))
-                .await
-                .map_err(|_| StoreError::Unavailable("the database committer stopped".into()))?;
-            outcome
-                .await
-                .map_err(|_| StoreError::Unavailable("the database committer stopped".into()))?
-        })
+        outcome
     }
 
     fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
