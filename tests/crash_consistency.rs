@@ -79,6 +79,8 @@ fn opts(h: &Harness, addr: &str, who: As) -> ClientOpts {
 /// Calls answered `Ok`, of each kind.
 #[derive(Default)]
 struct Done {
+    /// Leases whose grant was acknowledged.
+    granted: std::sync::Mutex<Vec<String>>,
     grants: AtomicUsize,
     revocations: AtomicUsize,
     decisions: AtomicUsize,
@@ -104,11 +106,14 @@ async fn grant_and_revoke(
             continue;
         };
         done.grants.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(3)
-            && let Some(pb::request_token_response::Outcome::Granted(g)) = r.into_inner().outcome
-        {
+        let Some(pb::request_token_response::Outcome::Granted(g)) = r.into_inner().outcome else {
+            continue;
+        };
+        let id = g.lease.unwrap().id;
+        done.granted.lock().unwrap().push(id.clone());
+        if n.is_multiple_of(3) {
             let revoke = pb::RevokeLeaseRequest {
-                lease_id: g.lease.unwrap().id,
+                lease_id: id,
                 reason: "done".into(),
             };
             if c.revoke_lease(revoke).await.is_ok() {
@@ -311,6 +316,17 @@ fn check(store: &dyn Store, done: &Done) {
         done.claims.load(Ordering::Relaxed),
     );
     assert!(missing.is_empty(), "state without its record: {missing:#?}");
+    // And nothing acknowledged is missing.
+    for id in done.granted.lock().unwrap().iter() {
+        assert!(
+            store.lease(id).unwrap().is_some(),
+            "acknowledged lease {id} lost"
+        );
+        assert!(
+            granted.contains(id.as_str()),
+            "acknowledged lease {id} has no record"
+        );
+    }
     assert!(
         leases > 100 && revoked > 0 && requests > 0,
         "the load did too little to prove anything"

@@ -19,12 +19,14 @@ impl Engine {
         id: &str,
     ) -> Result<Option<(String, Lease, TokenRequest)>, EngineError> {
         let mut minted = None;
+        let mut pinned = None;
         // The claim is the compare-and-swap APPROVED -> ISSUED, so exactly
         // one caller gets past it; the token is signed before any write, and
         // the request, its lease and its record are one batch.
         let out = self
             .commit(|op| {
                 minted = None;
+                pinned = None;
                 let out = self.records.edit_request(op, id, |req| {
                     let now = self.clock.now();
                     if req.requester != who.as_str()
@@ -44,6 +46,7 @@ impl Engine {
                     )?;
                     let cnf = super::bound_to(&policy, &req.scopes, x5t)?;
                     let (lease, tok) = self.approved_lease(req, now, parent.as_ref(), cnf)?;
+                    pinned = parent;
                     let mut issued =
                         req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
                     issued.lease_id = Some(lease.id.clone());
@@ -51,6 +54,11 @@ impl Engine {
                     Ok::<_, EngineError>(Some(issued))
                 })?;
                 if let (Cas::Swapped { .. }, Some((_, lease))) = (&out, &minted) {
+                    // A delegated child only while its parent stays as read:
+                    // a revocation meanwhile cascades before the child exists.
+                    if let Some(parent) = pinned.take() {
+                        op.expect_lease(parent);
+                    }
                     op.create_lease(lease.clone(), None);
                     let reason = format!("lease {}", lease.id);
                     op.record(vec![AuditEntry::ok(

@@ -147,6 +147,21 @@ impl Engine {
         Err(field(&why))
     }
 
+    /// The subject token's lease as the operation reads it now: still
+    /// live (a renewal since the plan is fine), or the exchange is refused.
+    fn parent_now(&self, op: &super::Op, plan: &Plan) -> Result<Lease, EngineError> {
+        op.lease(self.store().as_ref(), &plan.parent.id)?
+            .filter(|p| {
+                p.state == crate::model::LeaseState::Active && p.expires_at > self.clock.now()
+            })
+            .ok_or_else(|| {
+                EngineError::WrongState(format!(
+                    "the lease `{}` of the subject token has ended",
+                    plan.parent.id
+                ))
+            })
+    }
+
     /// A refused exchange changes nothing; its record is noted, not waited on.
     fn refuse_exchange(&self, holder: &Holder, refusal: Refusal) -> EngineError {
         let entry = AuditEntry::ok(
@@ -188,11 +203,12 @@ impl Engine {
                 };
                 // A child of a break-glass grant is break-glass too: it
                 // lives within that grant and its review.
-                let lease = super::cascade::child_of(lease, &plan.parent, &plan.delegation);
+                let parent = self.parent_now(op, &plan)?;
+                let lease = super::cascade::child_of(lease, &parent, &plan.delegation);
                 let (lease, tok) = self.signed(&keys, lease, now)?;
-                // The parent as read: should it end meanwhile, the child is
-                // never written (the batch loses, and the plan runs again).
-                op.expect_lease(plan.parent.clone());
+                // The parent as read: should it change meanwhile, the child
+                // is never written (the batch loses, the plan runs again).
+                op.expect_lease(parent);
                 op.create_lease(lease.clone(), idem.clone());
                 let entry = AuditEntry::ok(
                     plan.holder.who.as_str(),
@@ -235,7 +251,8 @@ impl Engine {
         let actor = plan.holder.who.as_str();
         let parked = self
             .commit_claiming(|op| {
-                op.expect_lease(plan.parent.clone());
+                let parent = self.parent_now(op, &plan)?;
+                op.expect_lease(parent);
                 op.create_request(req.clone(), idem.clone());
                 let entry = AuditEntry::ok(actor, action, &req.id, &req.scopes, &why);
                 op.record(vec![entry.rule(rule.clone())])?;

@@ -242,7 +242,8 @@ impl Engine {
             for lease in page {
                 let id = lease.id.clone();
                 let edit = revoke_if_active(by, why, now);
-                if let Cas::Swapped { .. } = self.records.edit_lease_from(op, Some(lease), edit)? {
+                // As the operation sees it: a cascade above may have ended it.
+                if let Cas::Swapped { .. } = self.records.edit_lease(op, &lease.id, edit)? {
                     count += 1;
                     // What was delegated from it ends with it.
                     delegated.extend(super::cascade::end_descendants(

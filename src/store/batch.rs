@@ -214,6 +214,13 @@ pub(crate) fn key_signs(key: Option<&KeyRecord>) -> bool {
     key.is_some_and(|k| matches!(k.state, KeyState::Active | KeyState::Retired))
 }
 
+/// Does the swap `old` → `new` hand out a new token (a renewal)? Then its
+/// signing key must still sign, as for a new lease.
+pub(crate) fn mints(old: &Lease, new: &Lease) -> bool {
+    new.state == crate::model::LeaseState::Active
+        && (new.kid != old.kid || new.token_issued_at != old.token_issued_at)
+}
+
 /// Check a create's idempotency claim: `Some(lost)` when the key is taken.
 fn claim(t: &mut impl Tables, idem: Option<&Idempotency>) -> Result<Option<Lost>, StoreError> {
     let Some(i) = idem else { return Ok(None) };
@@ -245,6 +252,9 @@ fn write(t: &mut impl Tables, w: &Write) -> Result<Option<Lost>, StoreError> {
         Write::SwapLease { old, new } => {
             if t.lease(&old.id)?.as_ref() != Some(old) {
                 return Ok(Some(Lost::Lease(old.id.clone())));
+            }
+            if mints(old, new) && !key_signs(t.key(&new.kid)?.as_ref()) {
+                return Ok(Some(Lost::KeyInactive(new.kid.clone())));
             }
             t.put_lease(Some(old), new)?;
         }

@@ -1086,6 +1086,24 @@ fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
             "{name}"
         );
         assert!(visible(s.as_ref()) == before, "{name}");
+        // A renewal signed by it: refused too (the token would leave).
+        let l1 = s.lease("l_1").unwrap().unwrap();
+        let mut renewed = l1.clone();
+        renewed.token_issued_at += 1;
+        renewed.renewals += 1;
+        let renewal = Batch {
+            writes: vec![Write::SwapLease {
+                old: l1.clone(),
+                new: renewed,
+            }],
+            ..Batch::default()
+        };
+        assert_eq!(
+            batch::wait(s.apply(renewal)).unwrap(),
+            Applied::Lost(Lost::KeyInactive("k".into())),
+            "{name}"
+        );
+        assert_eq!(s.lease("l_1").unwrap().unwrap(), l1, "{name}");
     }
 }
 

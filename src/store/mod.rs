@@ -44,14 +44,17 @@ pub use crate::clock::Millis;
 
 /// Current layout version, written to `meta/schema_version` on first open.
 /// Version 2 stores leases in the compact encoding of [`record`]; version 3
-/// adds delegation to that record and the `lease_children` index. An older
+/// adds delegation to that record and the `lease_children` index; version 4
+/// writes every batch through sled's batch slot (`batch_slot`,
+/// `meta/batch_seq`), which an older build would not complete after a
+/// crash. An older
 /// store is upgraded in place (its leases stay readable), and a broker that
 /// knows only older versions refuses a newer store: it would drop fields it
 /// does not know when it rewrites a record.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Older layout versions this build opens (and upgrades).
-pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3];
+pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3, 4];
 
 pub(crate) use record::{decode_lease, encode_lease};
 

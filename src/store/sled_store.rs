@@ -124,7 +124,14 @@ struct Applier {
     /// Signing keys as stored, read once: only batches change them, and a
     /// batch that does empties this.
     keys: std::collections::HashMap<String, Option<KeyRecord>>,
+    /// The number of the last group written (`meta/batch_seq`): each
+    /// group's last change sets it one higher, so the slot says which group
+    /// it holds and whether that group was written whole.
+    groups: u64,
 }
+
+/// Where the number of the last group written is kept, in `meta`.
+const GROUP_SEQ: &str = "batch_seq";
 
 impl std::ops::Deref for Applier {
     type Target = ChainHead;
@@ -521,13 +528,20 @@ impl SledStore {
             head: std::sync::Mutex::new(Applier {
                 head: ChainHead::after(None),
                 keys: std::collections::HashMap::new(),
+                groups: 0,
             }),
             broken: std::sync::atomic::AtomicBool::new(false),
         };
+        // A layout this build does not know is refused before anything is
+        // written to it.
+        core.check_schema()?;
         core.finish_last_batch()?;
         let last = core.audit_last()?;
-        core.lock_head()?.head = ChainHead::after(last.as_ref());
-        core.check_schema()?;
+        let seq = core.stored_seq()?;
+        let mut applier = core.lock_head()?;
+        applier.head = ChainHead::after(last.as_ref());
+        applier.groups = seq;
+        drop(applier);
         if fresh {
             // The new files' directory entries must survive a crash too.
             File::open(dir)
@@ -587,6 +601,15 @@ impl SledCore {
         Ok(())
     }
 
+    /// The number of the last group written (0: none yet).
+    fn stored_seq(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta
+            .get(GROUP_SEQ)
+            .map_err(unavailable)?
+            .map_or(0, |v| seq_of(&v)))
+    }
+
     fn lock_head(&self) -> Result<std::sync::MutexGuard<'_, Applier>, StoreError> {
         self.head
             .lock()
@@ -606,9 +629,12 @@ impl SledCore {
         let blob = encode_changes(changes);
         let trees = self.batch_trees();
         if blob.len() > SLOT_MAX {
-            return trees
+            let mut all: Vec<&Tree> = trees.to_vec();
+            all.push(&self.slot);
+            return all
                 .as_slice()
                 .transaction(|view| {
+                    let slot = &view[trees.len()];
                     for (tree, key, value) in changes {
                         let t = &view[usize::from(*tree)];
                         match value {
@@ -616,6 +642,8 @@ impl SledCore {
                             None => t.remove(key.as_slice())?,
                         };
                     }
+                    // The slot no longer describes the last group.
+                    slot.remove(BATCH_SLOT)?;
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
                 })
                 .map_err(|e| match e {
@@ -655,16 +683,30 @@ impl SledCore {
             detail: "the last batch's changes do not decode".into(),
         })?;
         let trees = self.batch_trees();
-        let complete = match changes.last() {
-            None => true,
-            Some((tree, key, value)) => {
-                let t = trees
-                    .get(usize::from(*tree))
-                    .ok_or_else(|| unavailable("batch slot names an unknown tree"))?;
-                t.get(key).map_err(unavailable)?.as_deref() == value.as_deref()
+        // The group's last change sets its number: written whole when the
+        // stored number is the slot's; cut short when it is one below (the
+        // group before); anything else is not this store's last group.
+        let slot_seq = match changes.last() {
+            Some((tree, key, Some(v)))
+                if usize::from(*tree) == META && key == GROUP_SEQ.as_bytes() =>
+            {
+                seq_of(v)
+            }
+            _ => {
+                tracing::warn!("the batch slot holds no group number; left alone");
+                return Ok(());
             }
         };
-        if complete {
+        let stored = self.stored_seq()?;
+        if stored == slot_seq {
+            return Ok(());
+        }
+        if stored.checked_add(1) != Some(slot_seq) {
+            tracing::warn!(
+                stored,
+                slot_seq,
+                "the batch slot holds a group that is not the last one; left alone"
+            );
             return Ok(());
         }
         tracing::warn!(
@@ -702,7 +744,16 @@ impl SledCore {
             );
         };
         let applier = &mut *guard;
-        let (head, changes, done) = self.stage_group(applier, group);
+        let (head, mut changes, done) = self.stage_group(applier, group);
+        let seq = applier.groups + 1;
+        if !changes.is_empty() {
+            // Last: the group's number (see `finish_last_batch`).
+            changes.push((
+                META as u8,
+                GROUP_SEQ.as_bytes().to_vec(),
+                Some(seq.to_be_bytes().to_vec()),
+            ));
+        }
         if changes.iter().any(|c| usize::from(c.0) == KEYS) {
             applier.keys.clear();
         }
@@ -714,6 +765,9 @@ impl SledCore {
         match written {
             Ok(()) => {
                 applier.head = head;
+                if !changes.is_empty() {
+                    applier.groups = seq;
+                }
                 for (reply, records) in done {
                     let _ = reply.send(Ok(Applied::Done(records)));
                 }
@@ -1262,6 +1316,12 @@ mod tests {
         };
         let (applied, _) = apply_to(&mut staged, &head, &batch).unwrap();
         assert!(matches!(applied, Applied::Done(_)));
+        let group_seq = s.stored_seq().unwrap() + 1;
+        staged.changes.push((
+            META as u8,
+            GROUP_SEQ.as_bytes().to_vec(),
+            Some(group_seq.to_be_bytes().to_vec()),
+        ));
         // The slot and one change made it to disk; the rest did not.
         s.slot
             .insert(BATCH_SLOT, encode_changes(&staged.changes))
@@ -1281,8 +1341,13 @@ mod tests {
         let (seq, bytes) = s.audit_last().unwrap().unwrap();
         assert_eq!(seq, 1);
         assert!(String::from_utf8(bytes).unwrap().contains("lease.revoked"));
+        assert_eq!(
+            s.stored_seq().unwrap(),
+            group_seq,
+            "the group's number is written last"
+        );
         // The next batch chains after the completed one.
         put_test_key(&s, "k2");
-        assert_eq!(s.lock_head().unwrap().seq, 1);
+        assert_eq!(s.lock_head().unwrap().head.seq, 1);
     }
 }

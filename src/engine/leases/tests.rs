@@ -101,3 +101,40 @@ async fn an_undelivered_token_is_revoked_and_recorded_once() {
         "recorded only by the call that revoked it"
     );
 }
+
+/// A subject's lease and a child it delegated to itself: the bulk
+/// revocation reaches the child twice (through the cascade and through the
+/// subject's own list) and still ends both, in one operation.
+#[tokio::test]
+async fn a_bulk_revocation_of_a_subject_that_delegated_to_itself_ends_both() {
+    use crate::store::conformance::TestWrites as _;
+    let r = rig(POLICY);
+    let parent = granted(&r, &["read"]).await;
+    let child = crate::model::Lease {
+        id: format!("{}c", parent.id),
+        delegation: Some(crate::model::Delegation {
+            parent_id: parent.id.clone(),
+            depth: 1,
+            actors: vec![workload().as_str().to_owned()],
+        }),
+        ..parent.clone()
+    };
+    r.store.create_lease(&child, None).unwrap();
+    let count = r
+        .engine
+        .revoke_all(
+            &id("spiffe://t/human/root"),
+            workload().as_str(),
+            "incident",
+        )
+        .await
+        .unwrap();
+    assert!(count >= 1, "{count}");
+    for l in [&parent.id, &child.id] {
+        assert_eq!(
+            r.store.lease(l).unwrap().unwrap().state,
+            LeaseState::Revoked,
+            "{l}"
+        );
+    }
+}

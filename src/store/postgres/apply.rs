@@ -302,6 +302,9 @@ fn plan(batch: &Batch) -> Result<(Vec<Step>, Vec<String>), StoreError> {
             Write::CreateLease { lease, .. } if lease.state == crate::model::LeaseState::Active => {
                 Some(lease.kid.clone())
             }
+            Write::SwapLease { old, new } if crate::store::batch::mints(old, new) => {
+                Some(new.kid.clone())
+            }
             _ => None,
         })
         .collect();
@@ -371,6 +374,12 @@ pub(super) async fn committer(
                 Err(_) => break,
             }
         }
+        // A caller that went away before its batch ran: it is not run (its
+        // outcome could reach nobody).
+        group.retain(|(_, reply)| !reply.is_closed());
+        if group.is_empty() {
+            continue;
+        }
         let (batches, replies): (Vec<Batch>, Vec<_>) = group.into_iter().unzip();
         let outcomes = match client(&pool).await {
             Ok(c) => {
@@ -417,7 +426,8 @@ async fn run_group(
     let mut outcomes: Vec<Verdict> = Vec::with_capacity(batches.len());
     // The transaction begins in the same round trip as the first batches.
     let mut begin = Some(format!(
-        "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0"
+        "BEGIN; SET LOCAL synchronous_commit = {level}; SET LOCAL statement_timeout = 0;
+         SET LOCAL lock_timeout = '5s'; SET LOCAL idle_in_transaction_session_timeout = '30s'"
     ));
     while outcomes.len() < batches.len() {
         let from = outcomes.len();
