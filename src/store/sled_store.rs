@@ -1256,6 +1256,14 @@ impl SledCore {
 
     /// See [`Store::sync`].
     pub fn sync_now(&self) -> Result<(), StoreError> {
+        // A store whose write failed part-way is not healthy, whatever the
+        // disk says now: the group commit reports it, health goes
+        // NOT_SERVING, until a restart completes the group.
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(unavailable(
+                "a batch write failed part-way; restart the broker",
+            ));
+        }
         self.db.flush().map_err(unavailable)?;
         // INVARIANT: on Linux, fsync of any handle covers the whole file, so
         // this makes every page `flush()` just wrote durable.
