@@ -29,6 +29,12 @@ pub struct Rotation {
 /// Meta key: when an operator asked for the next rotation.
 const FORCED: &str = "rotation_forced_at";
 
+/// Meta key: keys withdrawn in an emergency whose leases are not all
+/// revoked yet (space-separated kids; empty when none). Written with the
+/// withdrawal, cleared once the revocations are done, so a broker that
+/// dies in between finishes them when it leads again.
+const WITHDRAWING: &str = "keys_withdrawing";
+
 impl Engine {
     fn forced_rotation(&self) -> Result<Option<Millis>, EngineError> {
         Ok(self
@@ -227,6 +233,11 @@ impl Engine {
                     "emergency",
                 ));
             }
+            let kids: Vec<&str> = targets.iter().map(|k| k.kid.as_str()).collect();
+            op.write(Write::PutMeta(
+                WITHDRAWING.into(),
+                kids.join(" ").into_bytes(),
+            ));
             for old in &targets {
                 unpublish(op, &keys, &old.kid, KeyState::Withdrawn);
                 entries.push(AuditEntry::ok(
@@ -244,11 +255,55 @@ impl Engine {
         self.keys.reload(self.store().as_ref())?;
         for old in &targets {
             let count = self
-                .revoke_signed_by(&old.kid, who, "emergency key rotation", now)
+                .revoke_signed_by(&old.kid, who.as_str(), "emergency key rotation", now)
                 .await?;
             tracing::warn!(withdrawn = %old.kid, revoked = count, "emergency key rotation");
         }
-        Ok(())
+        self.withdrawals_done().await
+    }
+
+    /// Finish the revocations of an emergency rotation that a broker did
+    /// not live to complete (the keys are withdrawn already; the leases
+    /// they signed may still be active). Returns how many it revoked.
+    pub async fn finish_withdrawals(&self) -> Result<u64, EngineError> {
+        // Looked at on every step of the rotation task: one read when
+        // nothing is pending, the keys role only when something is.
+        if self.store().meta(WITHDRAWING)?.is_none_or(|v| v.is_empty()) {
+            return Ok(0);
+        }
+        self.alone_on_keys(self.finish_withdrawals_here()).await
+    }
+
+    async fn finish_withdrawals_here(&self) -> Result<u64, EngineError> {
+        let pending = self.store().meta(WITHDRAWING)?.unwrap_or_default();
+        let pending = String::from_utf8_lossy(&pending).into_owned();
+        let mut count = 0;
+        for kid in pending.split_whitespace() {
+            let n = self
+                .revoke_signed_by(
+                    kid,
+                    SYSTEM_ACTOR,
+                    "emergency key rotation, completed after a restart",
+                    self.clock.now(),
+                )
+                .await?;
+            tracing::warn!(withdrawn = %kid, revoked = n, "emergency key rotation completed");
+            count += n;
+        }
+        if !pending.is_empty() {
+            self.withdrawals_done().await?;
+        }
+        Ok(count)
+    }
+
+    /// Every withdrawn key's leases are revoked.
+    async fn withdrawals_done(&self) -> Result<(), EngineError> {
+        self.commit(|op| {
+            op.fence(self.keys_fence());
+            op.write(Write::PutMeta(WITHDRAWING.into(), Vec::new()));
+            Ok(())
+        })
+        .await
     }
 
     /// Revoke every active lease whose latest token `kid` signed, and what
@@ -256,7 +311,7 @@ impl Engine {
     async fn revoke_signed_by(
         &self,
         kid: &str,
-        who: &Identity,
+        who: &str,
         reason: &str,
         now: Millis,
     ) -> Result<u64, EngineError> {
@@ -264,19 +319,13 @@ impl Engine {
             let mut count = 0u64;
             let mut entries = Vec::new();
             for id in self.store().active_leases_signed_by(kid)? {
-                let edit = revoke_if_active(who.as_str(), reason, now);
+                let edit = revoke_if_active(who, reason, now);
                 if let Cas::Swapped { .. } = self.records.edit_lease(op, &id, edit)? {
                     count += 1;
                     // A token delegated from one signed by the withdrawn key
                     // ends too.
-                    let delegated = super::cascade::end_descendants(
-                        &self.records,
-                        op,
-                        &id,
-                        who.as_str(),
-                        reason,
-                        now,
-                    )?;
+                    let delegated =
+                        super::cascade::end_descendants(&self.records, op, &id, who, reason, now)?;
                     count += delegated.len() as u64;
                     entries.extend(delegated);
                 }
@@ -284,7 +333,7 @@ impl Engine {
             entries.insert(
                 0,
                 AuditEntry::ok(
-                    who.as_str(),
+                    who,
                     Action::LeaseBulkRevoked,
                     kid,
                     &[],
@@ -401,12 +450,62 @@ mod tests {
             r.store.lease(&lease.id).unwrap().unwrap().state,
             LeaseState::Revoked
         );
+        assert_eq!(
+            r.store.meta(WITHDRAWING).unwrap().as_deref(),
+            Some(&b""[..]),
+            "nothing left pending"
+        );
         let err = r
             .engine
             .rotate_now(&root, emergency("nope"), &schedule)
             .await
             .unwrap_err();
         assert!(matches!(err, EngineError::NotFound { .. }), "{err}");
+    }
+
+    /// What a broker that died between the withdrawal and the revocations
+    /// leaves (the key withdrawn, its lease still active, the withdrawal
+    /// pending) is finished when a broker leads again; then nothing is.
+    #[tokio::test]
+    async fn an_emergency_rotation_cut_short_is_finished_later() {
+        let r = rig(POLICY);
+        let lease = granted(&r, &["read"]).await;
+        let fresh = r.engine.keys.generate(KeyState::Active, 1).unwrap();
+        let mut withdrawn = r
+            .store
+            .keys()
+            .unwrap()
+            .into_iter()
+            .find(|k| k.kid == lease.kid)
+            .unwrap();
+        withdrawn.state = KeyState::Withdrawn;
+        withdrawn.sealed_private = Vec::new();
+        for w in [
+            Write::PutKey(fresh),
+            Write::PutKey(withdrawn),
+            Write::PutMeta(WITHDRAWING.into(), lease.kid.clone().into_bytes()),
+        ] {
+            crate::store::batch::write_one(r.store.as_ref(), w).unwrap();
+        }
+        r.engine.keys.reload(r.store.as_ref()).unwrap();
+        assert_eq!(
+            r.store.lease(&lease.id).unwrap().unwrap().state,
+            LeaseState::Active
+        );
+        assert_eq!(r.engine.finish_withdrawals().await.unwrap(), 1);
+        assert_eq!(
+            r.store.lease(&lease.id).unwrap().unwrap().state,
+            LeaseState::Revoked
+        );
+        assert_eq!(
+            r.store.meta(WITHDRAWING).unwrap().as_deref(),
+            Some(&b""[..])
+        );
+        assert!(
+            crate::engine::testing::actions(r.store.as_ref())
+                .contains(&"lease.bulk_revoked".to_owned())
+        );
+        assert_eq!(r.engine.finish_withdrawals().await.unwrap(), 0);
     }
 
     #[tokio::test]

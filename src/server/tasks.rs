@@ -257,6 +257,10 @@ pub(super) async fn rotate(
     cancel: CancellationToken,
 ) {
     while engine.until_leading(&cancel).await {
+        // An emergency rotation a broker did not live to complete.
+        if let Err(e) = engine.finish_withdrawals().await {
+            tracing::error!(error = %e, "could not finish an emergency rotation's revocations; retrying");
+        }
         let now = engine.clock().now();
         let next = match engine.rotate_due(&schedule, now).await {
             Ok(next) => next,
