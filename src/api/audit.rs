@@ -67,6 +67,8 @@ impl Audit for AuditService {
             target: m.target,
             action: m.action,
         };
+        // Records noted just before (a refusal) are in the page.
+        self.engine.settled().await?;
         let page = self
             .engine
             .export_audit(&who, &filter, m.after_seq, m.page_size as usize)?;
@@ -84,6 +86,7 @@ impl Audit for AuditService {
         req: Request<pb::TailRequest>,
     ) -> Result<Response<Self::TailStream>, Status> {
         let who = caller(&req)?;
+        self.engine.settled().await?;
         let tail = self.engine.tail_audit(&who, req.get_ref().after_seq)?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(follow(tail, tx, self.shutdown.clone()));
@@ -97,6 +100,7 @@ impl Audit for AuditService {
         let who = caller(&req)?;
         let m = req.into_inner();
         let strict = m.strict;
+        self.engine.settled().await?;
         let report = self.engine.verify_audit(&who, m.witnessed).await?;
         let mut problem = report.problem.clone();
         if strict && problem.is_none() && report.unsigned_tail() > 0 {

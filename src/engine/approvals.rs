@@ -374,37 +374,9 @@ impl Engine {
                     new.review_reason = Some(reason.to_owned());
                     Ok::<_, EngineError>(Some(new))
                 })?;
-                let Cas::Swapped { new, .. } = &out else {
-                    return Ok(out);
-                };
-                let mut entries = Vec::new();
-                if revoke && let Some(lid) = &new.lease_id {
-                    let now = self.clock.now();
-                    self.records.edit_lease(
-                        op,
-                        lid,
-                        revoke_if_active(who.as_str(), reason, now),
-                    )?;
-                    // Whatever was delegated from the grant ends with it.
-                    entries = super::cascade::end_descendants(
-                        &self.records,
-                        op,
-                        lid,
-                        who.as_str(),
-                        reason,
-                        now,
-                    )?;
+                if let Cas::Swapped { new, .. } = &out {
+                    self.plan_review(op, who, new, reason, revoke)?;
                 }
-                let action = if revoke {
-                    Action::BreakGlassRevoked
-                } else {
-                    Action::BreakGlassAcknowledged
-                };
-                entries.insert(
-                    0,
-                    AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason),
-                );
-                op.record(entries)?;
                 Ok(out)
             })
             .await?;
@@ -415,6 +387,38 @@ impl Engine {
         self.metrics.decision("acknowledge");
         self.announce(EventKind::Acknowledged, &new, who.as_str(), reason);
         Ok(new)
+    }
+
+    /// The rest of a break-glass review, in `op`: with `revoke`, the grant's
+    /// lease and everything delegated from it end; the review's record.
+    fn plan_review(
+        &self,
+        op: &mut super::Op,
+        who: &Identity,
+        reviewed: &TokenRequest,
+        reason: &str,
+        revoke: bool,
+    ) -> Result<(), EngineError> {
+        let mut entries = Vec::new();
+        if revoke && let Some(lid) = &reviewed.lease_id {
+            let now = self.clock.now();
+            self.records
+                .edit_lease(op, lid, revoke_if_active(who.as_str(), reason, now))?;
+            // Whatever was delegated from the grant ends with it.
+            entries =
+                super::cascade::end_descendants(&self.records, op, lid, who.as_str(), reason, now)?;
+        }
+        let action = if revoke {
+            Action::BreakGlassRevoked
+        } else {
+            Action::BreakGlassAcknowledged
+        };
+        entries.insert(
+            0,
+            AuditEntry::ok(who.as_str(), action, &reviewed.id, &reviewed.scopes, reason),
+        );
+        op.record(entries)?;
+        Ok(())
     }
 
     /// What `who` may decide now, oldest first, after `page_token`.

@@ -54,20 +54,7 @@ impl Engine {
                     Ok::<_, EngineError>(Some(issued))
                 })?;
                 if let (Cas::Swapped { .. }, Some((_, lease))) = (&out, &minted) {
-                    // A delegated child only while its parent stays as read:
-                    // a revocation meanwhile cascades before the child exists.
-                    if let Some(parent) = pinned.take() {
-                        op.expect_lease(parent);
-                    }
-                    op.create_lease(lease.clone(), None);
-                    let reason = format!("lease {}", lease.id);
-                    op.record(vec![AuditEntry::ok(
-                        who.as_str(),
-                        Action::RequestIssued,
-                        id,
-                        &lease.scopes,
-                        &reason,
-                    )])?;
+                    issue_in(op, who, id, lease, pinned.take())?;
                 }
                 Ok(out)
             })
@@ -121,4 +108,29 @@ impl Engine {
         }
         self.signed(&keys, lease, now)
     }
+}
+
+/// The lease request `id` becomes, in `op`, with its record. A delegated
+/// child only while its parent stays as read: a revocation meanwhile
+/// cascades before the child exists, so the batch loses instead.
+fn issue_in(
+    op: &mut super::Op,
+    who: &Identity,
+    id: &str,
+    lease: &Lease,
+    parent: Option<Lease>,
+) -> Result<(), EngineError> {
+    if let Some(parent) = parent {
+        op.expect_lease(parent);
+    }
+    op.create_lease(lease.clone(), None);
+    let reason = format!("lease {}", lease.id);
+    op.record(vec![AuditEntry::ok(
+        who.as_str(),
+        Action::RequestIssued,
+        id,
+        &lease.scopes,
+        &reason,
+    )])?;
+    Ok(())
 }

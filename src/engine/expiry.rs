@@ -155,8 +155,22 @@ impl Engine {
     fn plan_expiry(&self, op: &mut super::Op, now: Millis) -> Result<Expired, EngineError> {
         let mut entries = Vec::new();
         let mut page = Expired::default();
+        self.plan_lease_expiry(op, now, &mut page, &mut entries)?;
+        self.plan_request_expiry(op, now, &mut page, &mut entries)?;
+        op.record(entries)?;
+        Ok(page)
+    }
+
+    /// The leases of [`Engine::plan_expiry`]'s page.
+    fn plan_lease_expiry(
+        &self,
+        op: &mut super::Op,
+        now: Millis,
+        page: &mut Expired,
+        entries: &mut Vec<AuditEntry>,
+    ) -> Result<(), EngineError> {
         let due = self.store().leases_due(now, BATCH)?;
-        page.more = due.len() == BATCH;
+        page.more |= due.len() == BATCH;
         for id in due {
             let out = self.records.edit_lease(op, &id, |l| {
                 let due = l.state == LeaseState::Active && l.expires_at <= now;
@@ -166,31 +180,43 @@ impl Engine {
                     ..l.clone()
                 }))
             })?;
-            if let Cas::Swapped { new, .. } = out {
-                entries.push(AuditEntry::ok(
-                    SYSTEM_ACTOR,
-                    Action::LeaseExpired,
+            let Cas::Swapped { new, .. } = out else {
+                continue;
+            };
+            entries.push(AuditEntry::ok(
+                SYSTEM_ACTOR,
+                Action::LeaseExpired,
+                &id,
+                &new.scopes,
+                "",
+            ));
+            // A parent can end before its children's deadlines only if a
+            // renewal shortened it (children are capped at the parent's end
+            // when made and when renewed): then they end with it. Other
+            // parents cost no index walk here.
+            if new.renewals > 0 {
+                entries.extend(super::cascade::end_descendants(
+                    &self.records,
+                    op,
                     &id,
-                    &new.scopes,
-                    "",
-                ));
-                // A parent can end before its children's deadlines only if
-                // a renewal shortened it (children are capped at the
-                // parent's end when made and when renewed): then they end
-                // with it. Other parents cost no index walk here.
-                if new.renewals > 0 {
-                    entries.extend(super::cascade::end_descendants(
-                        &self.records,
-                        op,
-                        &id,
-                        SYSTEM_ACTOR,
-                        "expired",
-                        now,
-                    )?);
-                }
-                page.leases.push((id, new.subject));
+                    SYSTEM_ACTOR,
+                    "expired",
+                    now,
+                )?);
             }
+            page.leases.push((id, new.subject));
         }
+        Ok(())
+    }
+
+    /// The requests of [`Engine::plan_expiry`]'s page.
+    fn plan_request_expiry(
+        &self,
+        op: &mut super::Op,
+        now: Millis,
+        page: &mut Expired,
+        entries: &mut Vec<AuditEntry>,
+    ) -> Result<(), EngineError> {
         let due = self.store().requests_due(now, BATCH)?;
         page.more |= due.len() == BATCH;
         for id in due {
@@ -212,8 +238,7 @@ impl Engine {
                 page.requests.push(new);
             }
         }
-        op.record(entries)?;
-        Ok(page)
+        Ok(())
     }
 
     /// Earliest pending deadline, recorded as what the expiry task sleeps to.

@@ -129,27 +129,7 @@ impl Engine {
                 };
                 let (lease, tok) = self.signed(&keys, lease, now)?;
                 op.create_lease(lease.clone(), idem.clone());
-                let review = match (&g.review, &lease.request_id) {
-                    (Some(waiting_for), Some(rid)) => {
-                        let r =
-                            super::break_glass::review_record(&c, &lease, rid, waiting_for.clone());
-                        op.create_request(r.clone(), None);
-                        Some(r)
-                    }
-                    _ => None,
-                };
-                let action = match review {
-                    Some(_) => Action::TokenBreakGlass,
-                    None => Action::TokenGranted,
-                };
-                let entry = AuditEntry::ok(
-                    c.who.as_str(),
-                    action,
-                    &lease.id,
-                    &lease.scopes,
-                    &lease.justification,
-                );
-                op.record(vec![entry.rule(g.rules.join("; "))])?;
+                let review = grant_in(op, &c, &g, &lease)?;
                 Ok((lease, tok, review))
             })
             .await?;
@@ -264,6 +244,37 @@ impl Engine {
             }
         }
     }
+}
+
+/// The rest of a grant, in `op`: the break-glass review record, if any,
+/// and the grant's own record.
+fn grant_in(
+    op: &mut super::Op,
+    c: &Checked,
+    g: &Grant,
+    lease: &Lease,
+) -> Result<Option<TokenRequest>, EngineError> {
+    let review = match (&g.review, &lease.request_id) {
+        (Some(waiting_for), Some(rid)) => {
+            let r = super::break_glass::review_record(c, lease, rid, waiting_for.clone());
+            op.create_request(r.clone(), None);
+            Some(r)
+        }
+        _ => None,
+    };
+    let action = match review {
+        Some(_) => Action::TokenBreakGlass,
+        None => Action::TokenGranted,
+    };
+    let entry = AuditEntry::ok(
+        c.who.as_str(),
+        action,
+        &lease.id,
+        &lease.scopes,
+        &lease.justification,
+    );
+    op.record(vec![entry.rule(g.rules.join("; "))])?;
+    Ok(review)
 }
 
 #[cfg(test)]

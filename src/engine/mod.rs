@@ -287,6 +287,16 @@ impl Engine {
         }
     }
 
+    /// Wait until every batch this broker handed to the store before the
+    /// call has been applied — records noted without waiting included — so
+    /// a read of the trail that follows sees them (in order: the stores
+    /// apply a broker's batches in the order they were handed over).
+    pub async fn settled(&self) -> Result<(), EngineError> {
+        let (pending, _) = self.records.submit(Op::new(self.clock.now()));
+        crate::store::batch::applied(pending).await?;
+        Ok(())
+    }
+
     /// Record `entries` alone and wait until they are durable (events of
     /// the broker itself: start, stop, rejected policies).
     pub async fn record(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {

@@ -200,22 +200,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let keys = self.store().keys()?;
         let targets = emergency_targets(&keys, kid)?;
-        // Something must sign afterwards: a published NEXT key that is not
-        // withdrawn, else a fresh one.
-        let fresh = if targets.iter().any(|k| k.state == KeyState::Active) {
-            let mut fresh = match keys
-                .iter()
-                .find(|k| k.state == KeyState::Next && !targets.iter().any(|t| t.kid == k.kid))
-            {
-                Some(n) => n.clone(),
-                None => self.keys.generate(KeyState::Next, now)?,
-            };
-            fresh.state = KeyState::Active;
-            fresh.activated_at = Some(now);
-            Some(fresh)
-        } else {
-            None
-        };
+        let fresh = self.signer_after(&keys, &targets, now)?;
         // First the keys: once this commits, the store refuses every new
         // lease signed by a withdrawn key (on every broker), so the scan
         // below misses none.
@@ -304,6 +289,30 @@ impl Engine {
             Ok(())
         })
         .await
+    }
+
+    /// What signs once `targets` are withdrawn: when the active key is
+    /// among them, a published NEXT key that is not, else a fresh one;
+    /// `None` when the active key stays.
+    fn signer_after(
+        &self,
+        keys: &[KeyRecord],
+        targets: &[KeyRecord],
+        now: Millis,
+    ) -> Result<Option<KeyRecord>, EngineError> {
+        if !targets.iter().any(|k| k.state == KeyState::Active) {
+            return Ok(None);
+        }
+        let mut fresh = match keys
+            .iter()
+            .find(|k| k.state == KeyState::Next && !targets.iter().any(|t| t.kid == k.kid))
+        {
+            Some(n) => n.clone(),
+            None => self.keys.generate(KeyState::Next, now)?,
+        };
+        fresh.state = KeyState::Active;
+        fresh.activated_at = Some(now);
+        Ok(Some(fresh))
     }
 
     /// Revoke every active lease whose latest token `kid` signed, and what

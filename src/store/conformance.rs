@@ -1074,6 +1074,14 @@ fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
             "{name}"
         );
         assert!(visible(s.as_ref()) == before, "{name}");
+    }
+}
+
+#[test]
+fn a_lease_or_renewal_signed_by_a_withdrawn_key_writes_none_of_the_batch() {
+    for (name, s, _dir) in backends() {
+        let batch = operation(s.as_ref());
+        let before = visible(s.as_ref());
         // A new lease signed by a key that no longer signs.
         let mut withdrawn = test_key("k");
         withdrawn.state = KeyState::Withdrawn;

@@ -80,6 +80,14 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
             }
         }
     }
+    copy_trail(from, to, &mut n)?;
+    to.sync()?;
+    check(from, to)?;
+    Ok(n)
+}
+
+/// The trail, byte for byte, a page per batch; then its checkpoints.
+fn copy_trail(from: &dyn Store, to: &dyn Store, n: &mut Copied) -> Result<(), StoreError> {
     let mut after = None;
     loop {
         let page = from.audit_after(after, PAGE)?;
@@ -99,9 +107,7 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
         write_one(to, Write::PutCheckpoint(seq, jws))?;
         n.checkpoints += 1;
     }
-    to.sync()?;
-    check(from, to)?;
-    Ok(n)
+    Ok(())
 }
 
 /// Count `row` as copied (metadata the target manages is not).

@@ -506,8 +506,33 @@ impl SledStore {
         restrict_files(dir)?;
         let data_path: PathBuf = dir.join("db");
         let data_file = File::open(&data_path).map_err(unavailable)?;
+        let core = SledCore::new(db, data_file)?;
+        // A layout this build does not know is refused before anything is
+        // written to it.
+        core.check_schema()?;
+        core.finish_last_batch()?;
+        core.continue_from_stored()?;
+        if fresh {
+            // The new files' directory entries must survive a crash too.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(unavailable)?;
+        }
+        let core = std::sync::Arc::new(core);
+        let (writer, thread) = spawn_writer(core.clone())?;
+        Ok(Self {
+            core,
+            writer: Some(writer),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl SledCore {
+    /// The trees of the store `db` (its data file `data_file`).
+    fn new(db: Db, data_file: File) -> Result<Self, StoreError> {
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
-        let core = SledCore {
+        Ok(SledCore {
             leases: tree("leases")?,
             lease_expiry: tree("lease_expiry")?,
             by_subject: tree("leases_by_subject")?,
@@ -531,30 +556,17 @@ impl SledStore {
                 groups: 0,
             }),
             broken: std::sync::atomic::AtomicBool::new(false),
-        };
-        // A layout this build does not know is refused before anything is
-        // written to it.
-        core.check_schema()?;
-        core.finish_last_batch()?;
-        let last = core.audit_last()?;
-        let seq = core.stored_seq()?;
-        let mut applier = core.lock_head()?;
-        applier.head = ChainHead::after(last.as_ref());
-        applier.groups = seq;
-        drop(applier);
-        if fresh {
-            // The new files' directory entries must survive a crash too.
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(unavailable)?;
-        }
-        let core = std::sync::Arc::new(core);
-        let (writer, thread) = spawn_writer(core.clone())?;
-        Ok(Self {
-            core,
-            writer: Some(writer),
-            thread: Some(thread),
         })
+    }
+
+    /// Take up the trail and the group numbers where the store ends.
+    fn continue_from_stored(&self) -> Result<(), StoreError> {
+        let last = self.audit_last()?;
+        let groups = self.stored_seq()?;
+        let mut applier = self.lock_head()?;
+        applier.head = ChainHead::after(last.as_ref());
+        applier.groups = groups;
+        Ok(())
     }
 }
 

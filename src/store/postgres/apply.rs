@@ -492,20 +492,9 @@ async fn send_from(
     planned: &[Planned],
     from: usize,
 ) -> Result<(usize, Option<(Verdict, bool)>), StoreError> {
-    // The batches up to the first that could not be planned; statements
-    // prepared (cached per connection) before anything is sent, so that
-    // each request goes out whole, in order.
-    let mut sendable: Vec<&[Step]> = Vec::new();
-    let mut unplanned = None;
-    for p in planned.iter().skip(from) {
-        match p {
-            Ok((steps, _)) => sendable.push(steps),
-            Err(e) => {
-                unplanned = Some(StoreError::Unavailable(e.to_string()));
-                break;
-            }
-        }
-    }
+    let (sendable, unplanned) = sendable_from(planned, from);
+    // Statements prepared (cached per connection) before anything is
+    // sent, so that each request goes out whole, in order.
     let mut stmts = Vec::with_capacity(sendable.len());
     for steps in &sendable {
         let mut mine = Vec::with_capacity(steps.len());
@@ -550,6 +539,19 @@ async fn send_from(
         }
     }
     Ok((sendable.len(), unplanned.map(|e| (Err(e), false))))
+}
+
+/// The batches from `from` up to the first that could not be planned, and
+/// why that one could not.
+fn sendable_from(planned: &[Planned], from: usize) -> (Vec<&[Step]>, Option<StoreError>) {
+    let mut sendable: Vec<&[Step]> = Vec::new();
+    for p in planned.iter().skip(from) {
+        match p {
+            Ok((steps, _)) => sendable.push(steps),
+            Err(e) => return (sendable, Some(StoreError::Unavailable(e.to_string()))),
+        }
+    }
+    (sendable, None)
 }
 
 /// The verdict on one sent batch from its results (savepoint first).
