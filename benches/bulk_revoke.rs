@@ -17,10 +17,10 @@ use portcullis::identity::Identity;
 use portcullis::keys::{Kek, KeyRing, SigningAlg};
 use portcullis::model::{Lease, LeaseState};
 use portcullis::policy::Policy;
-use portcullis::store::batch::write_one;
+use portcullis::store::batch::applied;
 use portcullis::store::commit::GroupCommit;
 use portcullis::store::sled_store::SledStore;
-use portcullis::store::{LeaseStore, Store, Write};
+use portcullis::store::{Applied, Batch, LeaseStore, Store, Write};
 
 #[tokio::main]
 async fn main() {
@@ -32,8 +32,17 @@ async fn main() {
     let subject = "spiffe://bench.test/ns/a/sa/b";
     let now = SystemClock.now();
     let (kek, _) = Kek::generate().unwrap();
-    let ring =
-        Arc::new(KeyRing::load_or_create(store.as_ref(), &kek, SigningAlg::Es256, now).unwrap());
+    // It writes the first key and waits for the store's writer: on a
+    // thread that may block.
+    let s = store.clone();
+    let ring = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            KeyRing::load_or_create(s.as_ref(), &kek, SigningAlg::Es256, now)
+        })
+        .await
+        .unwrap()
+        .unwrap(),
+    );
     let kid = ring.current().active.kid.clone();
     let t = Instant::now();
     for i in 0..n {
@@ -63,7 +72,7 @@ async fn main() {
             delegation: None,
             cnf: None,
         };
-        write_one(store.as_ref(), Write::CreateLease { lease, idem: None }).unwrap();
+        put(store.as_ref(), Write::CreateLease { lease, idem: None }).await;
     }
     store.sync().unwrap();
     println!("created {n} leases in {:.2?}", t.elapsed());
@@ -138,25 +147,25 @@ async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64, kid: &s
         )
     };
     let root = format!("l_{now:012x}root");
-    write_one(
+    put(
         store,
         Write::CreateLease {
             lease: lease(root.clone(), agent, None),
             idem: None,
         },
     )
-    .unwrap();
+    .await;
     let children = d.min(100);
     for c in 0..children {
         let child = format!("l_{now:012x}c{c:06}");
         let lease = lease(child, "spiffe://bench.test/tool/t", Some((&root, 1)));
-        write_one(store, Write::CreateLease { lease, idem: None }).unwrap();
+        put(store, Write::CreateLease { lease, idem: None }).await;
     }
     for g in 0..d - children {
         let parent = format!("l_{now:012x}c{:06}", g % children);
         let id = format!("l_{now:012x}g{g:08}");
         let lease = lease(id, "spiffe://bench.test/tool/u", Some((&parent, 2)));
-        write_one(store, Write::CreateLease { lease, idem: None }).unwrap();
+        put(store, Write::CreateLease { lease, idem: None }).await;
     }
     store.sync().unwrap();
     let t = Instant::now();
@@ -173,4 +182,15 @@ async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64, kid: &s
         .count();
     assert_eq!(still, 0, "every descendant ended");
     println!("cascade: revoking one lease ended {d} descendants in {took:.2?}, durable");
+}
+
+/// One write, applied and waited for.
+async fn put(store: &dyn Store, w: Write) {
+    let out = applied(store.apply(Batch {
+        writes: vec![w],
+        ..Batch::default()
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(out, Applied::Done(_)), "{out:?}");
 }

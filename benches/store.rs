@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use portcullis::model::{KeyRecord, KeyState, Lease, LeaseState};
-use portcullis::store::batch::write_one;
+use portcullis::store::batch::applied;
 use portcullis::store::commit::GroupCommit;
 use portcullis::store::sled_store::SledStore;
-use portcullis::store::{Store, Write};
+use portcullis::store::{Applied, Batch, Store, Write};
 
 #[tokio::main]
 async fn main() {
@@ -31,7 +31,13 @@ async fn main() {
         activated_at: Some(0),
         retire_at: None,
     };
-    write_one(store.as_ref(), Write::PutKey(key)).unwrap();
+    let out = applied(store.apply(Batch {
+        writes: vec![Write::PutKey(key)],
+        ..Batch::default()
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(out, Applied::Done(_)));
     let cancel = tokio_util::sync::CancellationToken::new();
     let (gc, _t) = GroupCommit::start(store.clone(), cancel.clone());
     let count = Arc::new(AtomicU64::new(0));
@@ -70,7 +76,13 @@ async fn main() {
                     delegation: None,
                     cnf: None,
                 };
-                write_one(store.as_ref(), Write::CreateLease { lease, idem: None }).unwrap();
+                let out = applied(store.apply(Batch {
+                    writes: vec![Write::CreateLease { lease, idem: None }],
+                    ..Batch::default()
+                }))
+                .await
+                .unwrap();
+                assert!(matches!(out, Applied::Done(_)));
                 gc.durable().await.unwrap();
                 count.fetch_add(1, Ordering::Relaxed);
             }
