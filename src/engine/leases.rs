@@ -242,8 +242,12 @@ impl Engine {
             for lease in page {
                 let id = lease.id.clone();
                 let edit = revoke_if_active(by, why, now);
-                // As the operation sees it: a cascade above may have ended it.
-                if let Cas::Swapped { .. } = self.records.edit_lease(op, &lease.id, edit)? {
+                // As the operation sees it: a cascade above may have ended
+                // it; otherwise as the page read it.
+                let current = op.changed_lease(&lease.id).unwrap_or(lease);
+                if let Cas::Swapped { .. } =
+                    self.records.edit_lease_from(op, Some(current), edit)?
+                {
                     count += 1;
                     // What was delegated from it ends with it.
                     delegated.extend(super::cascade::end_descendants(

@@ -98,6 +98,11 @@ impl Op {
         }
     }
 
+    /// Lease `id` if this operation has changed it already.
+    pub(crate) fn changed_lease(&self, id: &str) -> Option<Lease> {
+        self.leases.get(id).cloned()
+    }
+
     /// Nothing to apply.
     pub(crate) fn is_empty(&self) -> bool {
         self.batch.is_empty()

@@ -638,9 +638,14 @@ impl SledCore {
     /// buffer before and after its batch manifest). A batch too large for
     /// the slot (a bulk revocation) is one sled transaction.
     fn write_changes(&self, changes: &[Change]) -> Result<(), StoreError> {
-        let blob = encode_changes(changes);
         let trees = self.batch_trees();
-        if blob.len() > SLOT_MAX {
+        // The blob's size, known before it is built (a bulk batch would
+        // build megabytes only to learn it takes the other path).
+        let size: usize = changes
+            .iter()
+            .map(|(_, k, v)| 10 + k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        if size > SLOT_MAX {
             let mut all: Vec<&Tree> = trees.to_vec();
             all.push(&self.slot);
             return all
@@ -663,7 +668,9 @@ impl SledCore {
                     TransactionError::Storage(e) => unavailable(e),
                 });
         }
-        self.slot.insert(BATCH_SLOT, blob).map_err(unavailable)?;
+        self.slot
+            .insert(BATCH_SLOT, encode_changes(changes))
+            .map_err(unavailable)?;
         Self::write_each(&trees, changes)
     }
 
