@@ -17,8 +17,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,8 +29,6 @@ use portcullis::pb::approvals_client::ApprovalsClient;
 use portcullis::pb::audit_client::AuditClient;
 use portcullis::pb::broker_client::BrokerClient;
 use tonic::transport::Channel;
-
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
 /// A PostgreSQL cluster of this test's own, removed when dropped.
 struct Cluster {
@@ -80,34 +77,6 @@ impl Drop for Cluster {
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .status();
     }
-}
-
-/// `serve --dev` as a child process on the harness's dev directory and
-/// `database`; its gRPC address, read from its ready message.
-fn spawn_broker(h: &Harness, database: &str) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
-        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&h.dev.root)
-        .args(["--database-url", database])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    let addr = loop {
-        let Some(Ok(l)) = lines.next() else {
-            panic!("broker exited before it was ready: {seen:#?}");
-        };
-        if let Some(a) = l.trim().strip_prefix("gRPC (mTLS)") {
-            break a.trim().to_owned();
-        }
-        seen.push(l);
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
 }
 
 /// What the load saw: every acknowledged lease, and every refusal's code.
@@ -209,7 +178,7 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
     }
     let (cluster, url) = Cluster::start();
     let mut h = Harness::start_shared(url.clone(), None).await;
-    let (mut child, child_addr) = spawn_broker(&h, &url);
+    let (mut child, child_addr) = spawn_broker(&h, Some(&url));
     // Hand the lead to the child process (the one that will be killed): the
     // in-process broker stops, resigning, and comes back as a follower.
     h.halt().await;

@@ -17,8 +17,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -33,37 +32,6 @@ use portcullis::pb::audit_client::AuditClient;
 use portcullis::pb::broker_client::BrokerClient;
 use portcullis::store::{Row, Store, Table};
 use tonic::transport::Channel;
-
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
-
-/// `serve --dev` as a child process on the harness's dev directory (and on
-/// `database` when given, else its sled directory); its gRPC address.
-fn spawn_broker(h: &Harness, database: Option<&str>) -> (Child, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0"])
-        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&h.dev.root)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if let Some(url) = database {
-        cmd.args(["--database-url", url]);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    let addr = loop {
-        let Some(Ok(l)) = lines.next() else {
-            panic!("broker exited before it was ready: {seen:#?}");
-        };
-        if let Some(a) = l.trim().strip_prefix("gRPC (mTLS)") {
-            break a.trim().to_owned();
-        }
-        seen.push(l);
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
-}
 
 fn opts(h: &Harness, addr: &str, who: As) -> ClientOpts {
     ClientOpts {

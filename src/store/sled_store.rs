@@ -133,13 +133,6 @@ struct Applier {
 /// Where the number of the last group written is kept, in `meta`.
 const GROUP_SEQ: &str = "batch_seq";
 
-impl std::ops::Deref for Applier {
-    type Target = ChainHead;
-    fn deref(&self) -> &ChainHead {
-        &self.head
-    }
-}
-
 /// The trees a batch may write, in the order of [`SledStore::batch_trees`].
 const LEASES: usize = 0;
 const LEASE_EXPIRY: usize = 1;

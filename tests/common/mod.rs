@@ -363,3 +363,32 @@ pub async fn receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<(String, S
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (port, rx)
 }
+
+/// `serve --dev` as a child process on the harness's dev directory (and on
+/// `database` when given, else its sled directory); its gRPC address.
+pub fn spawn_broker(h: &Harness, database: Option<&str>) -> (std::process::Child, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&h.dev.root)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(url) = database {
+        cmd.args(["--database-url", url]);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut seen = Vec::new();
+    let addr = loop {
+        let Some(Ok(l)) = lines.next() else {
+            panic!("broker exited before it was ready: {seen:#?}");
+        };
+        if let Some(a) = l.trim().strip_prefix("gRPC (mTLS)") {
+            break a.trim().to_owned();
+        }
+        seen.push(l);
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}

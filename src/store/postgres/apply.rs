@@ -586,6 +586,13 @@ async fn finish(
     audit: &[Vec<u8>],
     notices: &[String],
 ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    if audit.is_empty() && notices.is_empty() {
+        // Nothing to chain or announce (a group that only settles, or only
+        // copies): no chain lock, and a commit that wrote nothing has no
+        // WAL to flush.
+        c.simple_query("COMMIT").await.map_err(pg_err)?;
+        return Ok(Vec::new());
+    }
     let audit_stmt = c.prepare_cached(AUDIT).await.map_err(pg_err)?;
     let notify_stmt = c.prepare_cached(NOTIFY).await.map_err(pg_err)?;
     let inner: Vec<Vec<u8>> = audit
