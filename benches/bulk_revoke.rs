@@ -20,7 +20,7 @@ use portcullis::policy::Policy;
 use portcullis::store::batch::applied;
 use portcullis::store::commit::GroupCommit;
 use portcullis::store::sled_store::SledStore;
-use portcullis::store::{Applied, Batch, LeaseStore, Store, Write};
+use portcullis::store::{Applied, Batch, Due, Store, Write};
 
 #[tokio::main]
 async fn main() {
@@ -32,16 +32,10 @@ async fn main() {
     let subject = "spiffe://bench.test/ns/a/sa/b";
     let now = SystemClock.now();
     let (kek, _) = Kek::generate().unwrap();
-    // It writes the first key and waits for the store's writer: on a
-    // thread that may block.
-    let s = store.clone();
     let ring = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            KeyRing::load_or_create(s.as_ref(), &kek, SigningAlg::Es256, now)
-        })
-        .await
-        .unwrap()
-        .unwrap(),
+        KeyRing::load_or_create(store.as_ref(), &kek, SigningAlg::Es256, now)
+            .await
+            .unwrap(),
     );
     let kid = ring.current().active.kid.clone();
     let t = Instant::now();
@@ -74,7 +68,7 @@ async fn main() {
         };
         put(store.as_ref(), Write::CreateLease { lease, idem: None }).await;
     }
-    store.sync().unwrap();
+    store.sync().await.unwrap();
     println!("created {n} leases in {:.2?}", t.elapsed());
 
     let policy = Policy::parse(
@@ -90,7 +84,9 @@ async fn main() {
         keys: ring,
         clock: Arc::new(SystemClock),
         issuer: "https://bench".into(),
-        audit: portcullis::audit::AuditLog::open(store.as_ref()).unwrap(),
+        audit: portcullis::audit::AuditLog::open(store.as_ref())
+            .await
+            .unwrap(),
         limits: Default::default(),
     }));
     let admin = Identity::parse("spiffe://bench.test/human/admin").unwrap();
@@ -104,7 +100,7 @@ async fn main() {
         revoked as f64 / took.as_secs_f64()
     );
     assert!(
-        store.next_lease_deadline().unwrap().is_none(),
+        store.next_deadline(Due::Leases).await.unwrap().is_none(),
         "expiry index emptied"
     );
     cascade(&engine, store.as_ref(), d, now, &kid).await;
@@ -115,7 +111,7 @@ async fn main() {
 
     let t = Instant::now();
     let reopened = SledStore::open(dir.path()).unwrap();
-    let next = reopened.next_lease_deadline().unwrap();
+    let next = reopened.next_deadline(Due::Leases).await.unwrap();
     println!(
         "reopen + next deadline: {:.2?} (next = {next:?})",
         t.elapsed()
@@ -167,19 +163,21 @@ async fn cascade(engine: &Engine, store: &dyn Store, d: usize, now: u64, kid: &s
         let lease = lease(id, "spiffe://bench.test/tool/u", Some((&parent, 2)));
         put(store, Write::CreateLease { lease, idem: None }).await;
     }
-    store.sync().unwrap();
+    store.sync().await.unwrap();
     let t = Instant::now();
     engine
         .revoke(&Identity::parse(agent).unwrap(), &root, "bench")
         .await
         .unwrap();
     let took = t.elapsed();
-    let still = store
+    let mut still = 0;
+    for id in store
         .children(&format!("l_{now:012x}c{:06}", 0), None, usize::MAX)
+        .await
         .unwrap()
-        .into_iter()
-        .filter(|id| store.lease(id).unwrap().unwrap().state == LeaseState::Active)
-        .count();
+    {
+        still += usize::from(store.lease(&id).await.unwrap().unwrap().state == LeaseState::Active);
+    }
     assert_eq!(still, 0, "every descendant ended");
     println!("cascade: revoking one lease ended {d} descendants in {took:.2?}, durable");
 }

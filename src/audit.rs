@@ -12,7 +12,6 @@
 //! never appear; only `jti` and `kid`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -183,26 +182,27 @@ struct Head {
 /// followers are fed by reading back what was committed, by any broker
 /// ([`AuditLog::poll_tail`]), in sequence order.
 pub struct AuditLog {
-    head: Mutex<Head>,
+    head: tokio::sync::Mutex<Head>,
     tail: broadcast::Sender<(AuditRecord, Vec<u8>)>,
 }
 
 impl AuditLog {
-    /// Retention: drop records at or before the newest checkpoint whose
-    /// record is older than `before`. Returns the compaction point.
-    pub fn compact(
-        &self,
+    /// Retention: the newest checkpoint whose record is older than
+    /// `before` — the point the trail may be compacted to (records at or
+    /// before it go, in the batch that records the compaction).
+    pub async fn compaction_point(
         store: &dyn Store,
         keys: &KeySet,
         before: Millis,
     ) -> Result<Option<u64>, StoreError> {
         let mut point = None;
-        for (seq, jws) in store.checkpoints()? {
+        for (seq, jws) in store.checkpoints(0, u64::MAX).await? {
             let Some(c) = check_signature(keys, &String::from_utf8_lossy(&jws)) else {
                 continue;
             };
             let old = store
-                .audit_after(Some(seq.saturating_sub(1)), 1)?
+                .audit_after(Some(seq.saturating_sub(1)), 1)
+                .await?
                 .first()
                 .and_then(|(_, b)| serde_json::from_slice::<AuditRecord>(b).ok())
                 .is_some_and(|r| r.seq == c.seq && r.at < before);
@@ -210,17 +210,14 @@ impl AuditLog {
                 point = Some(seq);
             }
         }
-        if let Some(seq) = point {
-            store.compact_audit(seq)?;
-        }
         Ok(point)
     }
 
     /// Follow the trail stored in `store` from its end.
-    pub fn open(store: &dyn Store) -> Result<Self, StoreError> {
-        let next = store.audit_last()?.map_or(1, |(seq, _)| seq + 1);
+    pub async fn open(store: &dyn Store) -> Result<Self, StoreError> {
+        let next = store.audit_last().await?.map_or(1, |(seq, _)| seq + 1);
         Ok(Self {
-            head: Mutex::new(Head { next }),
+            head: tokio::sync::Mutex::new(Head { next }),
             tail: broadcast::channel(4096).0,
         })
     }
@@ -262,22 +259,19 @@ impl AuditLog {
     }
 
     /// Records committed since the newest checkpoint (by any broker).
-    pub fn since_checkpoint(store: &dyn Store) -> Result<u64, StoreError> {
-        let last = store.audit_last()?.map_or(0, |(seq, _)| seq);
-        let signed = store.last_checkpoint()?.map_or(0, |(seq, _)| seq);
+    pub async fn since_checkpoint(store: &dyn Store) -> Result<u64, StoreError> {
+        let last = store.audit_last().await?.map_or(0, |(seq, _)| seq);
+        let signed = last_checkpoint(store).await?.map_or(0, |(seq, _)| seq);
         Ok(last.saturating_sub(signed))
     }
 
     /// Hand records committed since the last call (by any broker) to live
     /// followers, in order. Returns how many.
-    pub fn poll_tail(&self, store: &dyn Store) -> Result<usize, StoreError> {
-        let mut head = self
-            .head
-            .lock()
-            .map_err(|_| StoreError::Unavailable("audit head poisoned".into()))?;
+    pub async fn poll_tail(&self, store: &dyn Store) -> Result<usize, StoreError> {
+        let mut head = self.head.lock().await;
         let mut sent = 0;
         loop {
-            let page = store.audit_after(head.next.checked_sub(1), 1024)?;
+            let page = store.audit_after(head.next.checked_sub(1), 1024).await?;
             let done = page.len() < 1024;
             for (seq, bytes) in page {
                 head.next = seq + 1;
@@ -295,7 +289,7 @@ impl AuditLog {
     /// Sign a checkpoint over the newest record, if any since the last:
     /// its sequence number and JWS, for the caller to store (in a batch)
     /// and hand to an external witness.
-    pub fn checkpoint(
+    pub async fn checkpoint(
         store: &dyn Store,
         keys: &KeySet,
         issuer: &str,
@@ -303,10 +297,10 @@ impl AuditLog {
     ) -> Result<Option<(u64, String)>, AuditError> {
         // Any broker may have appended or signed since: the store says
         // where the chain and the checkpoints stand.
-        let Some((seq, bytes)) = store.audit_last()? else {
+        let Some((seq, bytes)) = store.audit_last().await? else {
             return Ok(None);
         };
-        let last = store.last_checkpoint()?;
+        let last = last_checkpoint(store).await?;
         if last.as_ref().is_some_and(|(at, _)| *at >= seq) {
             return Ok(None);
         }
@@ -325,6 +319,11 @@ impl AuditLog {
             .map_err(|e| AuditError::Sign(e.to_string()))?;
         Ok(Some((seq, jws)))
     }
+}
+
+/// The newest checkpoint.
+async fn last_checkpoint(store: &dyn Store) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    Ok(store.checkpoints(0, u64::MAX).await?.pop())
 }
 
 /// What a checkpoint signs.
@@ -407,8 +406,11 @@ struct Start {
     anchor: Option<(u64, String)>,
 }
 
-fn start(store: &dyn Store, keys: &KeySet) -> Result<Result<Start, (u64, String)>, StoreError> {
-    let Some((first, _)) = store.audit_after(None, 1)?.first().cloned() else {
+async fn start(
+    store: &dyn Store,
+    keys: &KeySet,
+) -> Result<Result<Start, (u64, String)>, StoreError> {
+    let Some((first, _)) = store.audit_after(None, 1).await?.first().cloned() else {
         return Ok(Ok(Start {
             seq: 1,
             prev: GENESIS.to_owned(),
@@ -423,7 +425,8 @@ fn start(store: &dyn Store, keys: &KeySet) -> Result<Result<Start, (u64, String)
         }));
     }
     let anchor = store
-        .checkpoints()?
+        .checkpoints(0, u64::MAX)
+        .await?
         .into_iter()
         .find(|(seq, _)| *seq + 1 == first)
         .and_then(|(_, jws)| check_signature(keys, &String::from_utf8_lossy(&jws)));
@@ -446,7 +449,7 @@ fn start(store: &dyn Store, keys: &KeySet) -> Result<Result<Start, (u64, String)
 /// Walk the chain from `start`: every record present, in order, decoding,
 /// and linked to its predecessor. Fills `hashes` (seq -> hash of its bytes)
 /// and counts records; returns the first problem.
-fn walk(
+async fn walk(
     store: &dyn Store,
     start: Start,
     hashes: &mut HashMap<u64, String>,
@@ -458,7 +461,7 @@ fn walk(
     }
     let mut after = None;
     loop {
-        let page = store.audit_after(after, 4096)?;
+        let page = store.audit_after(after, 4096).await?;
         let Some((last, _)) = page.last() else {
             return Ok(None);
         };
@@ -501,7 +504,7 @@ fn walk(
 }
 
 /// Check every checkpoint's signature against the walked hashes.
-fn check_checkpoints(
+async fn check_checkpoints(
     store: &dyn Store,
     keys: &KeySet,
     hashes: &HashMap<u64, String>,
@@ -509,7 +512,7 @@ fn check_checkpoints(
 ) -> Result<Vec<(u64, String)>, StoreError> {
     let mut problems = Vec::new();
     let mut before: Option<String> = None;
-    for (seq, jws) in store.checkpoints()? {
+    for (seq, jws) in store.checkpoints(0, u64::MAX).await? {
         let text = String::from_utf8_lossy(&jws).into_owned();
         let Some(claims) = check_signature(keys, &text) else {
             problems.push((seq, format!("checkpoint at {seq} has an invalid signature")));
@@ -553,21 +556,21 @@ fn check_checkpoints(
 }
 
 /// Walk the whole chain and every checkpoint.
-pub fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
-    verify_witnessed(store, keys, &[])
+pub async fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
+    verify_witnessed(store, keys, &[]).await
 }
 
 /// [`verify`], and check that every checkpoint an external witness holds
 /// (`witnessed`, JWS strings) is still matched by the store: a store
 /// truncated or rolled back after those checkpoints fails here, although it
 /// is consistent in itself.
-pub fn verify_witnessed(
+pub async fn verify_witnessed(
     store: &dyn Store,
     keys: &KeySet,
     witnessed: &[String],
 ) -> Result<Report, StoreError> {
     let mut report = Report::default();
-    let start = match start(store, keys)? {
+    let start = match start(store, keys).await? {
         Ok(s) => s,
         Err(problem) => {
             report.problem = Some(problem);
@@ -575,10 +578,11 @@ pub fn verify_witnessed(
         }
     };
     let mut hashes = HashMap::new();
-    let mut problems: Vec<(u64, String)> = walk(store, start, &mut hashes, &mut report)?
+    let mut problems: Vec<(u64, String)> = walk(store, start, &mut hashes, &mut report)
+        .await?
         .into_iter()
         .collect();
-    problems.extend(check_checkpoints(store, keys, &hashes, &mut report)?);
+    problems.extend(check_checkpoints(store, keys, &hashes, &mut report).await?);
     problems.extend(check_witnessed(keys, witnessed, &hashes));
     // The earliest problem is the one to look at first.
     report.problem = problems.into_iter().min_by_key(|(s, _)| *s);

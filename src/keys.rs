@@ -182,8 +182,8 @@ impl Kek {
 
     /// Check this KEK against the data directory, or record a check value
     /// the first time.
-    pub fn check_against(&self, store: &dyn Store) -> Result<(), KeyError> {
-        match store.meta("kek_check")? {
+    pub async fn check_against(&self, store: &dyn Store) -> Result<(), KeyError> {
+        match store.meta("kek_check").await? {
             Some(sealed) => match self.open(KEK_CHECK_AAD, &sealed) {
                 Some(p) if p == b"portcullis" => Ok(()),
                 _ => Err(KeyError::WrongKek),
@@ -195,7 +195,8 @@ impl Kek {
                         "kek_check".into(),
                         self.seal(KEK_CHECK_AAD, b"portcullis")?,
                     ),
-                )?;
+                )
+                .await?;
                 Ok(())
             }
         }
@@ -313,7 +314,7 @@ pub struct KeyRing {
 impl KeyRing {
     /// Load the ring from the store, creating the first signing key if there
     /// is none. Sealed records that do not open are refused, never replaced.
-    pub fn load_or_create(
+    pub async fn load_or_create(
         store: &dyn Store,
         kek: &Kek,
         alg: SigningAlg,
@@ -322,13 +323,13 @@ impl KeyRing {
         // Anything holding a key ring can sign: make sure jsonwebtoken has
         // its provider (it panics without one). Idempotent.
         crate::jose::install();
-        kek.check_against(store)?;
-        let mut records = store.keys()?;
+        kek.check_against(store).await?;
+        let mut records = store.keys().await?;
         let mut created = None;
         if !records.iter().any(|r| r.state == KeyState::Active) {
             let rec = generate(kek, alg, now)?;
-            crate::store::batch::write_one(store, crate::store::Write::PutKey(rec.clone()))?;
-            store.sync()?;
+            crate::store::batch::write_one(store, crate::store::Write::PutKey(rec.clone())).await?;
+            store.sync().await?;
             tracing::info!(kid = %rec.kid, alg = %rec.alg, "generated signing key");
             created = Some(rec.kid.clone());
             records.push(rec);
@@ -345,8 +346,8 @@ impl KeyRing {
 
     /// Rebuild the snapshot from the store (after a rotation step). Readers
     /// switch to the new set atomically.
-    pub fn reload(&self, store: &dyn Store) -> Result<(), KeyError> {
-        self.install(build_set(&self.kek, store.keys()?)?);
+    pub async fn reload(&self, store: &dyn Store) -> Result<(), KeyError> {
+        self.install(build_set(&self.kek, store.keys().await?)?);
         Ok(())
     }
 
@@ -363,8 +364,8 @@ impl KeyRing {
     /// Reload only if the stored records differ from the snapshot's (another
     /// broker on a shared store carried out a rotation step). Returns
     /// whether the ring changed.
-    pub fn refresh(&self, store: &dyn Store) -> Result<bool, KeyError> {
-        let stored = store.keys()?;
+    pub async fn refresh(&self, store: &dyn Store) -> Result<bool, KeyError> {
+        let stored = store.keys().await?;
         if same_records(&self.current(), &stored) {
             return Ok(false);
         }
@@ -545,7 +546,6 @@ fn build_set(kek: &Kek, all: Vec<KeyRecord>) -> Result<KeySet, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::KeyStore;
     #[allow(unused_imports)]
     use crate::store::conformance::TestWrites as _;
     use crate::store::mem::MemStore;
@@ -590,8 +590,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn kek_round_trip_and_wrong_kek_refused() {
+    #[tokio::test]
+    async fn kek_round_trip_and_wrong_kek_refused() {
         let (kek, _) = Kek::generate().unwrap();
         let sealed = kek.seal(b"aad", b"secret").unwrap();
         assert_eq!(kek.open(b"aad", &sealed).unwrap(), b"secret");
@@ -600,20 +600,25 @@ mod tests {
         assert!(other.open(b"aad", &sealed).is_none());
 
         let store = MemStore::new();
-        KeyRing::load_or_create(&store, &kek, SigningAlg::Es256, 1).unwrap();
+        KeyRing::load_or_create(&store, &kek, SigningAlg::Es256, 1)
+            .await
+            .unwrap();
         let err = KeyRing::load_or_create(&store, &other, SigningAlg::Es256, 1)
+            .await
             .err()
             .unwrap();
         assert!(matches!(err, KeyError::WrongKek), "{err}");
     }
 
-    #[test]
-    fn sealed_record_holds_no_clear_private_key_and_corruption_is_refused() {
+    #[tokio::test]
+    async fn sealed_record_holds_no_clear_private_key_and_corruption_is_refused() {
         let (kek, _) = Kek::generate().unwrap();
         let store = MemStore::new();
-        let ring = KeyRing::load_or_create(&store, &kek, SigningAlg::Es256, 1).unwrap();
+        let ring = KeyRing::load_or_create(&store, &kek, SigningAlg::Es256, 1)
+            .await
+            .unwrap();
         let kid = ring.current().active.kid.clone();
-        let mut rec = store.keys().unwrap().pop().unwrap();
+        let mut rec = store.keys().await.unwrap().pop().unwrap();
         let pkcs8 = kek.open(kid.as_bytes(), &rec.sealed_private).unwrap();
         // The 32-byte private scalar sits inside the PKCS#8; no 16-byte window
         // of the PKCS#8 may appear in the sealed bytes.
@@ -624,8 +629,9 @@ mod tests {
         );
         let last = rec.sealed_private.len() - 1;
         rec.sealed_private[last] ^= 1;
-        store.put_key(&rec).unwrap();
+        store.put_key(&rec).await.unwrap();
         let err = KeyRing::load_or_create(&store, &kek, SigningAlg::Es256, 1)
+            .await
             .err()
             .unwrap();
         assert!(matches!(err, KeyError::Corrupt { .. }), "{err}");

@@ -248,7 +248,7 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
     cluster.ci("crash");
     let engine = h.running().engine.clone();
     let until = Instant::now() + Duration::from_secs(15);
-    while engine.healthy() {
+    while engine.healthy().await {
         assert!(Instant::now() < until, "still healthy without a database");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -287,7 +287,7 @@ async fn a_crashed_database_and_a_killed_broker_lose_nothing_acknowledged() {
         "the brokers did not serve again after the database came back",
     )
     .await;
-    assert!(engine.healthy(), "healthy again");
+    assert!(engine.healthy().await, "healthy again");
     health("HTTP/1.1 200").await;
 
     // The leading broker process dies without warning (no resignation):

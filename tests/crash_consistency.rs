@@ -178,11 +178,11 @@ async fn load_then_kill(h: &Harness, mut child: Child, addr: &str, round: u64, d
 }
 
 /// Every record of the trail: (action, target, reason).
-fn trail(store: &dyn Store) -> Vec<(String, String, String)> {
+async fn trail(store: &dyn Store) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     let mut after = None;
     loop {
-        let page = store.audit_after(after, 1000).unwrap();
+        let page = store.audit_after(after, 1000).await.unwrap();
         let done = page.len() < 1000;
         for (seq, bytes) in page {
             let r: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
@@ -196,11 +196,11 @@ fn trail(store: &dyn Store) -> Vec<(String, String, String)> {
     }
 }
 
-fn rows(store: &dyn Store, table: Table) -> Vec<Row> {
+async fn rows(store: &dyn Store, table: Table) -> Vec<Row> {
     let mut out = Vec::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let page = store.scan(table, after.as_deref(), 1000).unwrap();
+        let page = store.scan(table, after.as_deref(), 1000).await.unwrap();
         let done = page.len() < 1000;
         for (k, row) in page {
             after = Some(k);
@@ -213,8 +213,8 @@ fn rows(store: &dyn Store, table: Table) -> Vec<Row> {
 }
 
 /// The invariants, read from the store: what is there has its record.
-fn check(store: &dyn Store, done: &Done) {
-    let records = trail(store);
+async fn check(store: &dyn Store, done: &Done) {
+    let records = trail(store).await;
     let has = |action: &str, target: &str| -> bool {
         records.iter().any(|(a, t, _)| a == action && t == target)
     };
@@ -232,7 +232,7 @@ fn check(store: &dyn Store, done: &Done) {
     let granted = by_action.get("token.granted").unwrap_or(&empty);
     let (mut leases, mut revoked, mut requests) = (0, 0, 0);
     let mut missing = Vec::new();
-    for row in rows(store, Table::Leases) {
+    for row in rows(store, Table::Leases).await {
         let Row::Lease(l) = row else { continue };
         leases += 1;
         if !granted.contains(l.id.as_str()) && !claimed.contains(&l.id) {
@@ -245,7 +245,7 @@ fn check(store: &dyn Store, done: &Done) {
             }
         }
     }
-    for row in rows(store, Table::Requests) {
+    for row in rows(store, Table::Requests).await {
         let Row::Request(r) = row else { continue };
         requests += 1;
         if !has("request.parked", &r.id) {
@@ -266,10 +266,10 @@ fn check(store: &dyn Store, done: &Done) {
             ));
         }
         if r.state == RequestState::Issued {
-            let lease = r
-                .lease_id
-                .as_deref()
-                .and_then(|id| store.lease(id).unwrap());
+            let lease = match r.lease_id.as_deref() {
+                Some(id) => store.lease(id).await.unwrap(),
+                None => None,
+            };
             if lease.is_none() || !has("request.issued", &r.id) {
                 missing.push(format!("issued request {} lacks its lease or record", r.id));
             }
@@ -285,9 +285,10 @@ fn check(store: &dyn Store, done: &Done) {
     );
     assert!(missing.is_empty(), "state without its record: {missing:#?}");
     // And nothing acknowledged is missing.
-    for id in done.granted.lock().unwrap().iter() {
+    let granted_ids: Vec<String> = done.granted.lock().unwrap().iter().cloned().collect();
+    for id in &granted_ids {
         assert!(
-            store.lease(id).unwrap().is_some(),
+            store.lease(id).await.unwrap().is_some(),
             "acknowledged lease {id} lost"
         );
         assert!(
@@ -325,7 +326,7 @@ async fn sigkill_under_mixed_load_leaves_no_state_without_its_record_on_sled() {
     }
     verify(&mut h).await;
     let store = portcullis::store::sled_store::SledStore::open(&h.dev.data()).unwrap();
-    check(&store, &done);
+    check(&store, &done).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -349,6 +350,7 @@ async fn sigkill_under_mixed_load_leaves_no_state_without_its_record_on_postgres
             ca_file: None,
             pool_size: 2,
         })
+        .await
         .unwrap();
-    check(&store, &done);
+    check(&store, &done).await;
 }

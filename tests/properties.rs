@@ -127,11 +127,13 @@ proptest! {
 
 /// Token verification refuses arbitrary and mangled tokens without
 /// panicking, including every single-byte change of a real one.
-#[test]
-fn token_verification_refuses_mangled_tokens() {
+#[tokio::test]
+async fn token_verification_refuses_mangled_tokens() {
     let store = MemStore::new();
     let (kek, _) = Kek::generate().unwrap();
-    let ring = KeyRing::load_or_create(&store, &kek, SigningAlg::Es256, 1_000_000).unwrap();
+    let ring = KeyRing::load_or_create(&store, &kek, SigningAlg::Es256, 1_000_000)
+        .await
+        .unwrap();
     let keys = ring.current();
     let claims = portcullis::token::Claims {
         iss: "https://t".into(),

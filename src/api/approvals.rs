@@ -34,7 +34,8 @@ impl Approvals for ApprovalsService {
         let m = req.into_inner();
         let (reqs, next) = self
             .engine
-            .list_pending(&who, m.page_size as usize, &m.page_token)?;
+            .list_pending(&who, m.page_size as usize, &m.page_token)
+            .await?;
         Ok(Response::new(pb::ListPendingResponse {
             requests: reqs.iter().map(convert::request).collect(),
             next_page_token: next,
@@ -47,7 +48,10 @@ impl Approvals for ApprovalsService {
     ) -> Result<Response<pb::GetRequestResponse>, Status> {
         let who = caller(&req)?;
         // Never a token here: this is the reviewer's view.
-        let r = self.engine.get_request(&who, &req.get_ref().request_id)?;
+        let r = self
+            .engine
+            .get_request(&who, &req.get_ref().request_id)
+            .await?;
         Ok(Response::new(pb::GetRequestResponse {
             request: Some(convert::request(&r)),
             grant: None,
@@ -107,14 +111,14 @@ impl Approvals for ApprovalsService {
                 "this broker serves no approver console (start it with --console)",
             ));
         };
-        let (url, expires_at) =
-            console
-                .link(&who, &req.get_ref().request_id)
-                .map_err(|e| match e {
-                    LinkError::NotAReviewer(_) => Status::permission_denied(e.to_string()),
-                    LinkError::BadRequestId(_) => Status::invalid_argument(e.to_string()),
-                    LinkError::Secret(_) => Status::unavailable(e.to_string()),
-                })?;
+        let (url, expires_at) = console
+            .link(&who, &req.get_ref().request_id)
+            .await
+            .map_err(|e| match e {
+                LinkError::NotAReviewer(_) => Status::permission_denied(e.to_string()),
+                LinkError::BadRequestId(_) => Status::invalid_argument(e.to_string()),
+                LinkError::Secret(_) => Status::unavailable(e.to_string()),
+            })?;
         Ok(Response::new(pb::CreateConsoleLinkResponse {
             url,
             expires_at: Some(convert::ts(expires_at)),

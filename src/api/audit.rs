@@ -71,7 +71,8 @@ impl Audit for AuditService {
         self.engine.settled().await?;
         let page = self
             .engine
-            .export_audit(&who, &filter, m.after_seq, m.page_size as usize)?;
+            .export_audit(&who, &filter, m.after_seq, m.page_size as usize)
+            .await?;
         Ok(Response::new(pb::ExportResponse {
             records: page.records.iter().map(|(r, b)| record(r, b)).collect(),
             next_after_seq: page.next,

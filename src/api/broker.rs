@@ -123,7 +123,10 @@ impl Broker for BrokerService {
     ) -> Result<Response<Self::WatchRequestStream>, Status> {
         let holder = holder(&req)?;
         // Unknown or invisible ids fail here, before a stream exists.
-        let watch = self.engine.watch(&holder, &req.get_ref().request_id)?;
+        let watch = self
+            .engine
+            .watch(&holder, &req.get_ref().request_id)
+            .await?;
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(follow(watch, tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -191,12 +194,14 @@ impl Broker for BrokerService {
         let state = convert::lease_state_filter(m.state)?;
         let (leases, next) = if m.parent_id.is_empty() {
             self.engine
-                .list_leases(&who, &m.subject, state, m.page_size as usize, &m.page_token)?
+                .list_leases(&who, &m.subject, state, m.page_size as usize, &m.page_token)
+                .await?
         } else if !m.subject.is_empty() {
             return Err(FieldError::new("subject", "must be empty when parent_id is set").into());
         } else {
             self.engine
-                .list_children(&who, &m.parent_id, m.page_size as usize, &m.page_token)?
+                .list_children(&who, &m.parent_id, m.page_size as usize, &m.page_token)
+                .await?
         };
         Ok(Response::new(pb::ListLeasesResponse {
             leases: leases.iter().map(convert::lease).collect(),
@@ -209,7 +214,7 @@ impl Broker for BrokerService {
         req: Request<pb::GetLeaseRequest>,
     ) -> Result<Response<pb::GetLeaseResponse>, Status> {
         let who = caller(&req)?;
-        let lease = self.engine.get_lease(&who, &req.get_ref().lease_id)?;
+        let lease = self.engine.get_lease(&who, &req.get_ref().lease_id).await?;
         Ok(Response::new(pb::GetLeaseResponse {
             lease: Some(convert::lease(&lease)),
         }))
@@ -221,9 +226,10 @@ impl Broker for BrokerService {
     ) -> Result<Response<pb::ListMyRequestsResponse>, Status> {
         let who = caller(&req)?;
         let m = req.into_inner();
-        let (reqs, next) =
-            self.engine
-                .list_my_requests(&who, m.page_size as usize, &m.page_token)?;
+        let (reqs, next) = self
+            .engine
+            .list_my_requests(&who, m.page_size as usize, &m.page_token)
+            .await?;
         Ok(Response::new(pb::ListMyRequestsResponse {
             requests: reqs.iter().map(convert::request).collect(),
             next_page_token: next,
@@ -236,7 +242,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
         let _who = caller(&req)?;
         let m = req.get_ref();
-        let claims = self.engine.introspect(&m.token)?;
+        let claims = self.engine.introspect(&m.token).await?;
         let presented = (!m.cnf_x5t_s256.is_empty()).then_some(m.cnf_x5t_s256.as_str());
         let answer = match claims.filter(|c| bound_as_presented(c, presented)) {
             None => pb::IntrospectResponse::default(),

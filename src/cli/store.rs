@@ -38,12 +38,9 @@ pub async fn run(out: Output, cmd: StoreCmd) -> Result<i32, Failure> {
         to,
         database_ca,
     } = cmd;
-    let copied = tokio::task::spawn_blocking(move || {
-        crate::server::copy_store(&from, &to, database_ca.as_deref())
-    })
-    .await
-    .map_err(|e| failure(e.to_string()))?
-    .map_err(|e| failure(format!("store copy: {e}")))?;
+    let copied = crate::server::copy_store(&from, &to, database_ca.as_deref())
+        .await
+        .map_err(|e| failure(format!("store copy: {e}")))?;
     let text = format!(
         "copied {} keys, {} metadata values, {} leases, {} requests, {} idempotency entries, {} audit records and {} checkpoints; the target reads back the same\n",
         copied.keys,

@@ -121,13 +121,11 @@ impl Console {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
             }
-            let (me, now) = (self.clone(), self.now());
-            match tokio::task::spawn_blocking(move || me.secrets.sweep(now)).await {
-                Ok(Ok(n)) if n > 0 => {
+            match self.secrets.sweep(self.now()).await {
+                Ok(n) if n > 0 => {
                     tracing::debug!(n, "ended console sessions and links forgotten")
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "console sweep failed"),
+                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "console sweep failed"),
             }
         }
@@ -144,7 +142,11 @@ impl Console {
 
     /// A single-use sign-in link for `who` (an identity that reviews
     /// something), valid 60 s, opening `request_id` when given.
-    pub fn link(&self, who: &Identity, request_id: &str) -> Result<(String, Millis), LinkError> {
+    pub async fn link(
+        &self,
+        who: &Identity,
+        request_id: &str,
+    ) -> Result<(String, Millis), LinkError> {
         if !self.engine.policy().may_review(who) {
             return Err(LinkError::NotAReviewer(who.to_string()));
         }
@@ -155,7 +157,7 @@ impl Console {
                 .map_err(|e| LinkError::BadRequestId(e.to_string()))?;
             Some(request_id.to_owned())
         };
-        let (secret, expires_at) = self.secrets.make_link(who, next, self.now())?;
+        let (secret, expires_at) = self.secrets.make_link(who, next, self.now()).await?;
         tracing::info!(who = %who, "console sign-in link made");
         Ok((
             format!("{}/ui/login/link?t={secret}", self.public_url),
@@ -191,13 +193,13 @@ impl Console {
     /// The live session the request's cookie names, if any. A person the
     /// policy no longer names as an approver or admin is signed out at
     /// once (a policy change revokes console access on the next click).
-    fn signed_in(&self, headers: &HeaderMap) -> Option<Session> {
+    async fn signed_in(&self, headers: &HeaderMap) -> Option<Session> {
         let cookie = cookie_value(headers, self.session_cookie())?;
-        let s = self.secrets.session(&cookie, self.now())?;
+        let s = self.secrets.session(&cookie, self.now()).await?;
         if self.engine.policy().may_review(&s.who) {
             Some(s)
         } else {
-            if let Err(e) = self.secrets.end_session(&s, self.now()) {
+            if let Err(e) = self.secrets.end_session(&s, self.now()).await {
                 tracing::error!(error = %e, who = %s.who, "console session could not be ended");
             }
             tracing::info!(who = %s.who, "console session ended: no longer an approver or admin");

@@ -76,7 +76,7 @@ impl Console {
     }
 
     /// Open a session for `who` and move on to `to`.
-    fn start_session(&self, who: crate::identity::Identity, via: Via, to: &str) -> Response {
+    async fn start_session(&self, who: crate::identity::Identity, via: Via, to: &str) -> Response {
         if !self.engine.policy().may_review(&who) {
             tracing::warn!(who = %who, "console sign-in of someone who reviews nothing refused");
             let msg = format!("`{who}` is not an approver or admin in this broker's policy.");
@@ -85,7 +85,11 @@ impl Console {
                 pages::login(self.oidc_name(), Some(&msg)),
             );
         }
-        match self.secrets.open_session(who.clone(), via, self.now()) {
+        match self
+            .secrets
+            .open_session(who.clone(), via, self.now())
+            .await
+        {
             Ok((cookie, _)) => {
                 tracing::info!(who = %who, via = ?via, "console sign-in");
                 let max_age = super::session::SESSION_TTL.as_secs();
@@ -114,11 +118,11 @@ impl Console {
 
     /// Every request this person may decide or review now, newest first
     /// (exactly what `ListPending` returns for them).
-    fn pending_for(&self, s: &super::Session) -> Result<Vec<TokenRequest>, EngineError> {
+    async fn pending_for(&self, s: &super::Session) -> Result<Vec<TokenRequest>, EngineError> {
         let mut all = Vec::new();
         let mut token = String::new();
         loop {
-            let (page, next) = self.engine.list_pending(&s.who, LIST_MAX, &token)?;
+            let (page, next) = self.engine.list_pending(&s.who, LIST_MAX, &token).await?;
             all.extend(page);
             if next.is_empty() || all.len() >= LIST_MAX {
                 break;
@@ -131,7 +135,7 @@ impl Console {
 }
 
 async fn home(State(c): Shared, headers: HeaderMap) -> Response {
-    if c.signed_in(&headers).is_some() {
+    if c.signed_in(&headers).await.is_some() {
         see_other("/ui/pending")
     } else {
         to_login()
@@ -164,7 +168,7 @@ fn link_used_up(c: &Console) -> Response {
 /// Opening it uses nothing, so a link scanner cannot spend it and nobody
 /// is signed in as someone else by just following a link.
 async fn confirm_link(State(c): Shared, Query(q): Query<LinkQuery>) -> Response {
-    match c.secrets.peek_link(&q.t, c.now()) {
+    match c.secrets.peek_link(&q.t, c.now()).await {
         Some(who) => page(StatusCode::OK, pages::confirm_link(who.as_str(), &q.t)),
         None => link_used_up(&c),
     }
@@ -179,13 +183,13 @@ async fn use_link(State(c): Shared, headers: HeaderMap, Form(q): Form<LinkQuery>
             pages::login(c.oidc_name(), Some(&c.wrong_origin())),
         );
     }
-    match c.secrets.use_link(&q.t, c.now()) {
+    match c.secrets.use_link(&q.t, c.now()).await {
         Some((who, next)) => {
             let to = next.map_or_else(
                 || "/ui/pending".to_owned(),
                 |id| format!("/ui/requests/{id}"),
             );
-            c.start_session(who, Via::Link, &to)
+            c.start_session(who, Via::Link, &to).await
         }
         None => link_used_up(&c),
     }
@@ -266,7 +270,7 @@ async fn oidc_callback(
         .redeem(&q.code, &sign_in.verifier, &sign_in.nonce)
         .await
     {
-        Ok(who) => c.start_session(who, Via::Oidc, "/ui/pending"),
+        Ok(who) => c.start_session(who, Via::Oidc, "/ui/pending").await,
         Err(e) => {
             tracing::warn!(error = %e, "OpenID sign-in refused");
             fail(StatusCode::UNAUTHORIZED, &e.to_string())
@@ -282,8 +286,12 @@ struct CsrfForm {
 
 /// The session of a state-changing request, or the refusal: signed in,
 /// same origin, and the session's CSRF token.
-fn checked(c: &Console, headers: &HeaderMap, csrf: &str) -> Result<super::Session, Box<Response>> {
-    let Some(s) = c.signed_in(headers) else {
+async fn checked(
+    c: &Console,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<super::Session, Box<Response>> {
+    let Some(s) = c.signed_in(headers).await else {
         return Err(Box::new(to_login()));
     };
     if !c.same_origin(headers) {
@@ -306,11 +314,11 @@ fn checked(c: &Console, headers: &HeaderMap, csrf: &str) -> Result<super::Sessio
 }
 
 async fn logout(State(c): Shared, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response {
-    let s = match checked(&c, &headers, &f.csrf) {
+    let s = match checked(&c, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return *r,
     };
-    let ended = c.secrets.end_session(&s, c.now());
+    let ended = c.secrets.end_session(&s, c.now()).await;
     let mut resp = match &ended {
         Ok(()) => {
             tracing::info!(who = %s.who, "console sign-out");
@@ -343,10 +351,10 @@ struct ListQuery {
 }
 
 async fn list(c: &Console, headers: &HeaderMap, q: &ListQuery, reviews_only: bool) -> Response {
-    let Some(s) = c.signed_in(headers) else {
+    let Some(s) = c.signed_in(headers).await else {
         return to_login();
     };
-    let reqs = match c.pending_for(&s) {
+    let reqs = match c.pending_for(&s).await {
         Ok(r) => r,
         Err(e) => return c.engine_error(&s, &e),
     };
@@ -383,16 +391,12 @@ async fn reviews(State(c): Shared, headers: HeaderMap, Query(q): Query<ListQuery
 }
 
 async fn history(State(c): Shared, headers: HeaderMap) -> Response {
-    let Some(s) = c.signed_in(&headers) else {
+    let Some(s) = c.signed_in(&headers).await else {
         return to_login();
     };
-    // A scan of the trail's tail: blocking store reads, off the runtime.
-    let (engine, who) = (c.engine.clone(), s.who.clone());
-    let read = tokio::task::spawn_blocking(move || engine.decision_history(&who, LIST_MAX)).await;
-    let records = match read {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return c.engine_error(&s, &e),
-        Err(e) => return c.engine_error(&s, &EngineError::Internal(e.to_string())),
+    let records = match c.engine.decision_history(&s.who, LIST_MAX).await {
+        Ok(r) => r,
+        Err(e) => return c.engine_error(&s, &e),
     };
     let csrf = c.secrets.csrf(&s);
     let v = Viewer {
@@ -406,10 +410,10 @@ async fn history(State(c): Shared, headers: HeaderMap) -> Response {
 }
 
 async fn request(State(c): Shared, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let Some(s) = c.signed_in(&headers) else {
+    let Some(s) = c.signed_in(&headers).await else {
         return to_login();
     };
-    let r = match c.engine.get_request(&s.who, &id) {
+    let r = match c.engine.get_request(&s.who, &id).await {
         Ok(r) => r,
         Err(e) => return c.engine_error(&s, &e),
     };
@@ -467,7 +471,7 @@ async fn decision(
     Path((id, verb)): Path<(String, String)>,
     Form(f): Form<Decision>,
 ) -> Response {
-    let s = match checked(&c, &headers, &f.csrf) {
+    let s = match checked(&c, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return *r,
     };

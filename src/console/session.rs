@@ -1,5 +1,5 @@
 //! Console sessions and one-time sign-in links, kept in the store's
-//! ephemeral part ([`EphemeralStore`]) so that on a shared store every
+//! ephemeral part ([`Store::put_ephemeral`] and its siblings) so that on a shared store every
 //! broker knows them; CSRF tokens; sealed OpenID sign-ins.
 //!
 //! Every secret handed to a browser (session cookie, link, CSRF token,
@@ -169,7 +169,7 @@ impl Secrets {
     }
 
     /// Start a session for `who`; the cookie value and the session.
-    pub fn open_session(
+    pub async fn open_session(
         &self,
         who: Identity,
         via: Via,
@@ -184,7 +184,8 @@ impl Secrets {
         let key = key_of("session", &cookie);
         let value = serde_json::to_vec(&rec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         self.store
-            .put_ephemeral(&key, &value, now.saturating_add(millis(SESSION_TTL)))?;
+            .put_ephemeral(&key, &value, now.saturating_add(millis(SESSION_TTL)))
+            .await?;
         Ok((
             cookie,
             Session {
@@ -197,12 +198,12 @@ impl Secrets {
     }
 
     /// The live session of `cookie`. A store failure signs nobody in.
-    pub fn session(&self, cookie: &str, now: Millis) -> Option<Session> {
+    pub async fn session(&self, cookie: &str, now: Millis) -> Option<Session> {
         if !well_formed(cookie) {
             return None;
         }
         let key = key_of("session", cookie);
-        let raw = match self.store.ephemeral(&key, now) {
+        let raw = match self.store.ephemeral(&key, now).await {
             Ok(raw) => raw?,
             Err(e) => {
                 tracing::warn!(error = %e, "console session could not be read");
@@ -219,8 +220,8 @@ impl Secrets {
     }
 
     /// End one session (sign-out, or access taken away), for every broker.
-    pub fn end_session(&self, s: &Session, now: Millis) -> Result<(), StoreError> {
-        self.store.take_ephemeral(&s.key, now).map(|_| ())
+    pub async fn end_session(&self, s: &Session, now: Millis) -> Result<(), StoreError> {
+        self.store.take_ephemeral(&s.key, now).await.map(|_| ())
     }
 
     /// The CSRF token of session `s`.
@@ -234,7 +235,7 @@ impl Secrets {
     }
 
     /// A one-time link secret for `who`, valid [`LINK_TTL`] from `now`.
-    pub fn make_link(
+    pub async fn make_link(
         &self,
         who: &Identity,
         next: Option<String>,
@@ -248,7 +249,8 @@ impl Secrets {
         };
         let value = serde_json::to_vec(&rec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         self.store
-            .put_ephemeral(&key_of("link", &secret), &value, expires_at)?;
+            .put_ephemeral(&key_of("link", &secret), &value, expires_at)
+            .await?;
         Ok((secret, expires_at))
     }
 
@@ -258,27 +260,31 @@ impl Secrets {
     }
 
     /// Who a link is for, without using it (the confirmation page).
-    pub fn peek_link(&self, secret: &str, now: Millis) -> Option<Identity> {
+    pub async fn peek_link(&self, secret: &str, now: Millis) -> Option<Identity> {
         if !well_formed(secret) {
             return None;
         }
-        let raw = logged(self.store.ephemeral(&key_of("link", secret), now))?;
+        let raw = logged(self.store.ephemeral(&key_of("link", secret), now).await)?;
         Self::link_of(&raw).map(|(who, _)| who)
     }
 
     /// Use a link: its identity and where it leads, once (whichever broker
     /// is asked), within its time.
-    pub fn use_link(&self, secret: &str, now: Millis) -> Option<(Identity, Option<String>)> {
+    pub async fn use_link(&self, secret: &str, now: Millis) -> Option<(Identity, Option<String>)> {
         if !well_formed(secret) {
             return None;
         }
-        let raw = logged(self.store.take_ephemeral(&key_of("link", secret), now))?;
+        let raw = logged(
+            self.store
+                .take_ephemeral(&key_of("link", secret), now)
+                .await,
+        )?;
         Self::link_of(&raw)
     }
 
     /// Forget sessions and links that ended; how many.
-    pub fn sweep(&self, now: Millis) -> Result<u64, StoreError> {
-        self.store.purge_ephemeral(now)
+    pub async fn sweep(&self, now: Millis) -> Result<u64, StoreError> {
+        self.store.purge_ephemeral(now).await
     }
 
     /// `s` sealed for a cookie: base64url(nonce ‖ AES-256-GCM(json)).
@@ -342,44 +348,56 @@ mod tests {
         Identity::person("alice@example.org").unwrap()
     }
 
-    #[test]
-    fn a_link_works_once_and_only_within_its_minute_on_any_broker() {
+    #[tokio::test]
+    async fn a_link_works_once_and_only_within_its_minute_on_any_broker() {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let (one, two) = (secrets(&store, 7), secrets(&store, 7));
-        let (link, expires) = one.make_link(&alice(), None, 1_000).unwrap();
+        let (link, expires) = one.make_link(&alice(), None, 1_000).await.unwrap();
         assert_eq!(expires, 61_000);
-        assert!(two.peek_link(&link, 61_000).is_none(), "expired at its end");
-        assert!(two.use_link(&link, 61_000).is_none());
-        let (link, _) = one.make_link(&alice(), Some("r_1".into()), 1_000).unwrap();
+        assert!(
+            two.peek_link(&link, 61_000).await.is_none(),
+            "expired at its end"
+        );
+        assert!(two.use_link(&link, 61_000).await.is_none());
+        let (link, _) = one
+            .make_link(&alice(), Some("r_1".into()), 1_000)
+            .await
+            .unwrap();
         assert_eq!(
-            two.peek_link(&link, 2_000),
+            two.peek_link(&link, 2_000).await,
             Some(alice()),
             "peeking spends nothing"
         );
-        let (who, next) = two.use_link(&link, 60_999).unwrap();
+        let (who, next) = two.use_link(&link, 60_999).await.unwrap();
         assert_eq!((who, next.as_deref()), (alice(), Some("r_1")));
-        assert!(one.use_link(&link, 2_000).is_none(), "used once, anywhere");
-        assert!(one.use_link("not-a-link", 2_000).is_none());
+        assert!(
+            one.use_link(&link, 2_000).await.is_none(),
+            "used once, anywhere"
+        );
+        assert!(one.use_link("not-a-link", 2_000).await.is_none());
     }
 
-    #[test]
-    fn sessions_end_on_time_and_on_sign_out_on_every_broker() {
+    #[tokio::test]
+    async fn sessions_end_on_time_and_on_sign_out_on_every_broker() {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let (one, two) = (secrets(&store, 7), secrets(&store, 7));
-        let (cookie, sess) = one.open_session(alice(), Via::Link, 0).unwrap();
-        let seen = two.session(&cookie, millis(SESSION_TTL) - 1).unwrap();
+        let (cookie, sess) = one.open_session(alice(), Via::Link, 0).await.unwrap();
+        let seen = two.session(&cookie, millis(SESSION_TTL) - 1).await.unwrap();
         assert_eq!((seen.who, seen.via), (alice(), Via::Link));
-        assert!(two.session(&cookie, millis(SESSION_TTL)).is_none());
-        two.end_session(&sess, 1).unwrap();
-        assert!(one.session(&cookie, 1).is_none(), "signed out everywhere");
-        assert!(one.session("not-a-cookie", 1).is_none());
+        assert!(two.session(&cookie, millis(SESSION_TTL)).await.is_none());
+        two.end_session(&sess, 1).await.unwrap();
+        assert!(
+            one.session(&cookie, 1).await.is_none(),
+            "signed out everywhere"
+        );
+        assert!(one.session("not-a-cookie", 1).await.is_none());
     }
 
-    #[test]
-    fn a_csrf_token_belongs_to_its_session() {
+    #[tokio::test]
+    async fn a_csrf_token_belongs_to_its_session() {
         let s = fresh();
-        let (_, a) = s.open_session(alice(), Via::Link, 0).unwrap();
-        let (_, b) = s.open_session(alice(), Via::Link, 0).unwrap();
+        let (_, a) = s.open_session(alice(), Via::Link, 0).await.unwrap();
+        let (_, b) = s.open_session(alice(), Via::Link, 0).await.unwrap();
         let token = s.csrf(&a).to_owned();
         assert!(s.csrf_ok(&a, &token));
         assert!(!s.csrf_ok(&b, &token));

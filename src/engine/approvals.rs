@@ -109,7 +109,7 @@ pub(super) fn check_deadline(req: &TokenRequest, now: u64) -> Result<(), EngineE
 /// removed or a workload no longer allowed after the request was parked).
 /// A delegated request instead needs its parent lease alive at `now` and
 /// its `[[delegation]]` edge still allowed; the parent is returned.
-pub(super) fn check_still_allowed(
+pub(super) async fn check_still_allowed(
     policy: &Policy,
     store: &dyn crate::store::Store,
     req: &TokenRequest,
@@ -123,12 +123,14 @@ pub(super) fn check_still_allowed(
         policy.decide(&requester, &req.scopes, None)?;
         return Ok(None);
     };
-    let parent = super::cascade::live_parent(store, d, now)?.ok_or_else(|| {
-        EngineError::WrongState(format!(
-            "request `{}` was to be delegated from lease `{}`, which has ended",
-            req.id, d.parent_id
-        ))
-    })?;
+    let parent = super::cascade::live_parent(store, d, now)
+        .await?
+        .ok_or_else(|| {
+            EngineError::WrongState(format!(
+                "request `{}` was to be delegated from lease `{}`, which has ended",
+                req.id, d.parent_id
+            ))
+        })?;
     let holder = stored(d.actors.first().map_or("", String::as_str))?;
     policy.delegation_rule(&crate::policy::DelegationAsk {
         holder: &holder,
@@ -193,19 +195,41 @@ struct Approving<'a> {
 }
 
 impl Approving<'_> {
-    /// The request with this approval added (APPROVED when it was the last
-    /// one needed), or why it cannot be approved.
-    fn apply(&self, req: &TokenRequest, now: u64) -> Result<TokenRequest, EngineError> {
-        let (id, who) = (&req.id, self.who);
-        check_decider(self.policy, who, req)?;
+    /// Whether this approver may decide `req` now at all.
+    fn may_decide(&self, req: &TokenRequest, now: u64) -> Result<(), EngineError> {
+        check_decider(self.policy, self.who, req)?;
         if req.state != RequestState::Pending || req.break_glass {
             return Err(EngineError::WrongState(format!(
-                "request `{id}` is {} and cannot be approved",
+                "request `{}` is {} and cannot be approved",
+                req.id,
                 req.state.name()
             )));
         }
-        check_deadline(req, now)?;
-        let parent = check_still_allowed(self.policy, self.store, req, now)?;
+        check_deadline(req, now)
+    }
+
+    /// The checks that read the store: `req` may still be granted under
+    /// today's policy (a delegated one needs its parent lease alive, which
+    /// is returned).
+    async fn still_allowed(
+        &self,
+        req: &TokenRequest,
+        now: u64,
+    ) -> Result<Option<crate::model::Lease>, EngineError> {
+        self.may_decide(req, now)?;
+        check_still_allowed(self.policy, self.store, req, now).await
+    }
+
+    /// The request with this approval added (APPROVED when it was the last
+    /// one needed), or why it cannot be approved.
+    fn apply(
+        &self,
+        req: &TokenRequest,
+        now: u64,
+        parent: Option<crate::model::Lease>,
+    ) -> Result<TokenRequest, EngineError> {
+        let (id, who) = (&req.id, self.who);
+        self.may_decide(req, now)?;
         if !self.digest.is_empty() && self.digest != req.digest {
             return Err(EngineError::WrongState(format!(
                 "request `{id}` digest does not match what was reviewed"
@@ -282,12 +306,18 @@ impl Engine {
             ttl,
             digest,
         };
+        let approving = &approving;
         let out = self
-            .commit(|op| {
+            .commit(|mut op| async move {
                 let now = self.clock.now();
-                let out = self
-                    .records
-                    .edit_request(op, id, |req| approving.apply(req, now).map(Some))?;
+                let current = self.store().request(id).await?;
+                let parent = match &current {
+                    Some(req) => approving.still_allowed(req, now).await?,
+                    None => None,
+                };
+                let out = self.records.edit_request_from(&mut op, current, |req| {
+                    approving.apply(req, now, parent).map(Some)
+                })?;
                 if let Cas::Swapped { new, .. } = &out {
                     let action = if new.state == RequestState::Approved {
                         Action::RequestApproved
@@ -297,7 +327,7 @@ impl Engine {
                     let entry = AuditEntry::ok(who.as_str(), action, id, &new.scopes, reason);
                     op.record(vec![entry.rule(rules_of(new))])?;
                 }
-                Ok(out)
+                Ok((op, out))
             })
             .await?;
         let Cas::Swapped { new, .. } = out else {
@@ -323,14 +353,17 @@ impl Engine {
         reason: &str,
     ) -> Result<TokenRequest, EngineError> {
         check_reason("reason", reason, true)?;
-        let policy = self.for_decision(id)?;
+        let policy = &self.for_decision(id)?;
         let out = self
-            .commit(|op| {
+            .commit(|mut op| async move {
                 let now = self.clock.now();
-                let out = self.records.edit_request(op, id, |req| {
-                    check_decider(&policy, who, req)?;
-                    super::end_request(req, RequestState::Denied, who, now, reason)
-                })?;
+                let out = self
+                    .records
+                    .edit_request(&mut op, id, |req| {
+                        check_decider(policy, who, req)?;
+                        super::end_request(req, RequestState::Denied, who, now, reason)
+                    })
+                    .await?;
                 if let Cas::Swapped { new, .. } = &out {
                     op.record(vec![AuditEntry::ok(
                         who.as_str(),
@@ -340,7 +373,7 @@ impl Engine {
                         reason,
                     )])?;
                 }
-                Ok(out)
+                Ok((op, out))
             })
             .await?;
         let Cas::Swapped { new, .. } = out else {
@@ -361,23 +394,26 @@ impl Engine {
         revoke: bool,
     ) -> Result<TokenRequest, EngineError> {
         check_reason("reason", reason, revoke)?;
-        let policy = self.for_decision(id)?;
+        let policy = &self.for_decision(id)?;
         // The review is the compare-and-swap: only the reviewer whose swap
         // wins may revoke, so a lost race never revokes unrecorded.
         let out = self
-            .commit(|op| {
-                let out = self.records.edit_request(op, id, |req| {
-                    check_reviewable(&policy, who, req)?;
-                    let mut new = req.clone();
-                    new.review_pending = false;
-                    new.reviewed_by = Some(who.as_str().to_owned());
-                    new.review_reason = Some(reason.to_owned());
-                    Ok::<_, EngineError>(Some(new))
-                })?;
+            .commit(|mut op| async move {
+                let out = self
+                    .records
+                    .edit_request(&mut op, id, |req| {
+                        check_reviewable(policy, who, req)?;
+                        let mut new = req.clone();
+                        new.review_pending = false;
+                        new.reviewed_by = Some(who.as_str().to_owned());
+                        new.review_reason = Some(reason.to_owned());
+                        Ok::<_, EngineError>(Some(new))
+                    })
+                    .await?;
                 if let Cas::Swapped { new, .. } = &out {
-                    self.plan_review(op, who, new, reason, revoke)?;
+                    self.plan_review(&mut op, who, new, reason, revoke).await?;
                 }
-                Ok(out)
+                Ok((op, out))
             })
             .await?;
         let Cas::Swapped { new, .. } = out else {
@@ -391,7 +427,7 @@ impl Engine {
 
     /// The rest of a break-glass review, in `op`: with `revoke`, the grant's
     /// lease and everything delegated from it end; the review's record.
-    fn plan_review(
+    async fn plan_review(
         &self,
         op: &mut super::Op,
         who: &Identity,
@@ -403,10 +439,12 @@ impl Engine {
         if revoke && let Some(lid) = &reviewed.lease_id {
             let now = self.clock.now();
             self.records
-                .edit_lease(op, lid, revoke_if_active(who.as_str(), reason, now))?;
+                .edit_lease(op, lid, revoke_if_active(who.as_str(), reason, now))
+                .await?;
             // Whatever was delegated from the grant ends with it.
             entries =
-                super::cascade::end_descendants(&self.records, op, lid, who.as_str(), reason, now)?;
+                super::cascade::end_descendants(&self.records, op, lid, who.as_str(), reason, now)
+                    .await?;
         }
         let action = if revoke {
             Action::BreakGlassRevoked
@@ -422,7 +460,7 @@ impl Engine {
     }
 
     /// What `who` may decide now, oldest first, after `page_token`.
-    pub fn list_pending(
+    pub async fn list_pending(
         &self,
         who: &Identity,
         page_size_asked: usize,
@@ -438,6 +476,7 @@ impl Engine {
                         .any(|a| policy.same_person(&a.approver, who.as_str())))
                     || r.review_pending)
         })
+        .await
     }
 }
 

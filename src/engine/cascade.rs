@@ -20,7 +20,7 @@ const PAGE: usize = 1024;
 /// `root`, as `by` at `now`; their audit entries (the caller records them
 /// with its own, in the same operation). Blocking store work: bulk callers
 /// run it off the runtime.
-pub(crate) fn end_descendants(
+pub(crate) async fn end_descendants(
     records: &Records,
     op: &mut Op,
     root: &str,
@@ -39,11 +39,16 @@ pub(crate) fn end_descendants(
         }
         let mut after: Option<String> = None;
         loop {
-            let page = records.store().children(&parent, after.as_deref(), PAGE)?;
+            let page = records
+                .store()
+                .children(&parent, after.as_deref(), PAGE)
+                .await?;
             let done = page.len() < PAGE;
             for id in page {
                 let edit = revoke_if_active(by, &reason, now);
-                if let Cas::Swapped { new, .. } = records.edit_lease::<StoreError>(op, &id, edit)? {
+                if let Cas::Swapped { new, .. } =
+                    records.edit_lease::<StoreError>(op, &id, edit).await?
+                {
                     entries.push(AuditEntry::ok(
                         by,
                         Action::LeaseRevoked,
@@ -69,7 +74,7 @@ pub(crate) fn end_descendants(
 /// revocation ends the subtree in the same commit, so this matters while a
 /// cascade is being written, and for a record that outlived an ancestor
 /// (a child written just after the cascade walked by).
-pub(crate) fn ancestors_live(
+pub(crate) async fn ancestors_live(
     store: &dyn Store,
     lease: &Lease,
     now: Millis,
@@ -78,7 +83,7 @@ pub(crate) fn ancestors_live(
     // A chain is at most this long; a longer (or cyclic) one is refused.
     for _ in 0..=crate::policy::MAX_DELEGATION_DEPTH {
         let Some(id) = next else { return Ok(true) };
-        let Some(parent) = store.lease(&id)? else {
+        let Some(parent) = store.lease(&id).await? else {
             return Ok(false);
         };
         if parent.state != LeaseState::Active || parent.expires_at <= now {
@@ -107,30 +112,31 @@ pub(crate) fn child_of(mut lease: Lease, parent: &Lease, d: &Delegation) -> Leas
 
 /// The parent of delegation `d` if it lives at `now`: active, not past its
 /// end, and every lease above it live too (`None` otherwise).
-pub(crate) fn live_parent(
+pub(crate) async fn live_parent(
     store: &dyn Store,
     d: &Delegation,
     now: Millis,
 ) -> Result<Option<Lease>, StoreError> {
-    let Some(p) = store.lease(&d.parent_id)? else {
+    let Some(p) = store.lease(&d.parent_id).await? else {
         return Ok(None);
     };
-    let live =
-        p.state == LeaseState::Active && p.expires_at > now && ancestors_live(store, &p, now)?;
+    let live = p.state == LeaseState::Active
+        && p.expires_at > now
+        && ancestors_live(store, &p, now).await?;
     Ok(live.then_some(p))
 }
 
 /// How far a delegated `lease` may be renewed at `now`: never past its
 /// parent's current end (nor its own ceiling), only while the parent lives,
 /// and only while the policy still allows the delegation.
-pub(crate) fn delegated_ceiling(
+pub(crate) async fn delegated_ceiling(
     store: &dyn Store,
     policy: &Policy,
     lease: &Lease,
     d: &Delegation,
     now: Millis,
 ) -> Result<Millis, EngineError> {
-    let parent = live_parent(store, d, now)?.ok_or_else(|| {
+    let parent = live_parent(store, d, now).await?.ok_or_else(|| {
             EngineError::WrongState(format!(
                 "lease `{}` was delegated from `{}`, which (or a lease it was delegated from) has ended; it cannot be renewed",
                 lease.id, d.parent_id
@@ -192,7 +198,7 @@ mod tests {
 
     #[tokio::test]
     async fn revoking_a_lease_ends_its_whole_subtree_and_records_each() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let root = granted(&r).await;
         // A tree: two children, a grandchild, and a child already ended.
         let (a, b) = (child(&root, "l_a", 1), child(&root, "l_b", 1));
@@ -204,7 +210,7 @@ mod tests {
         };
         let under_ended = child(&ended, "l_c1", 2);
         for l in [&a, &b, &grand, &ended, &under_ended] {
-            r.store.create_lease(l, None).unwrap();
+            r.store.create_lease(l, None).await.unwrap();
         }
         let other = granted(&r).await;
 
@@ -213,7 +219,7 @@ mod tests {
             .await
             .unwrap();
         for id in ["l_a", "l_b", "l_a1", "l_c1"] {
-            let l = r.store.lease(id).unwrap().unwrap();
+            let l = r.store.lease(id).await.unwrap().unwrap();
             assert_eq!(l.state, LeaseState::Revoked, "{id}");
             assert!(
                 l.revoke_reason.as_deref().unwrap().contains(&root.id),
@@ -222,16 +228,17 @@ mod tests {
             );
         }
         assert_eq!(
-            r.store.lease("l_c").unwrap().unwrap().state,
+            r.store.lease("l_c").await.unwrap().unwrap().state,
             LeaseState::Expired,
             "an ended lease keeps its end"
         );
         assert_eq!(
-            r.store.lease(&other.id).unwrap().unwrap().state,
+            r.store.lease(&other.id).await.unwrap().unwrap().state,
             LeaseState::Active,
             "a lease outside the tree is untouched"
         );
         let revoked = super::super::testing::actions(r.store.as_ref())
+            .await
             .iter()
             .filter(|a| a.as_str() == "lease.revoked")
             .count();
@@ -243,14 +250,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_bulk_revocation_ends_what_was_delegated_too() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let root = granted(&r).await;
         // Delegated to another identity: not among the subject's leases.
         let tool = Lease {
             subject: "spiffe://t/tool".into(),
             ..child(&root, "l_t", 1)
         };
-        r.store.create_lease(&tool, None).unwrap();
+        r.store.create_lease(&tool, None).await.unwrap();
         let n = r
             .engine
             .revoke_all(
@@ -262,7 +269,7 @@ mod tests {
             .unwrap();
         assert_eq!(n, 1, "the subject's own leases are counted");
         assert_eq!(
-            r.store.lease("l_t").unwrap().unwrap().state,
+            r.store.lease("l_t").await.unwrap().unwrap().state,
             LeaseState::Revoked,
             "the tool's delegated lease ended with its parent"
         );
@@ -287,7 +294,7 @@ scopes = ["read"]
 
     #[tokio::test]
     async fn a_child_renews_only_within_its_parent_and_only_while_it_lives() {
-        let r = rig(DELEGATING);
+        let r = rig(DELEGATING).await;
         let root = granted(&r).await;
         let tool = id("spiffe://t/tool");
         let kid = Lease {
@@ -296,7 +303,7 @@ scopes = ["read"]
             max_expires_at: root.max_expires_at,
             ..child(&root, "l_kid", 1)
         };
-        r.store.create_lease(&kid, None).unwrap();
+        r.store.create_lease(&kid, None).await.unwrap();
         // Asked for an hour, it gets no further than its parent's end.
         let (_, renewed) = r
             .engine
@@ -325,7 +332,7 @@ scopes = ["read"]
             max_expires_at: root.expires_at + 600_000,
             ..child(&root, "l_late", 1)
         };
-        r.store.create_lease(&late, None).unwrap();
+        r.store.create_lease(&late, None).await.unwrap();
         r.clock.advance(std::time::Duration::from_millis(
             root.expires_at - crate::clock::Clock::now(r.clock.as_ref()) + 1,
         ));
@@ -341,14 +348,14 @@ scopes = ["read"]
 
     #[tokio::test]
     async fn a_child_whose_delegation_the_policy_withdrew_cannot_renew() {
-        let r = rig(DELEGATING);
+        let r = rig(DELEGATING).await;
         let root = granted(&r).await;
         let tool = id("spiffe://t/tool");
         let kid = Lease {
             subject: tool.as_str().into(),
             ..child(&root, "l_kid", 1)
         };
-        r.store.create_lease(&kid, None).unwrap();
+        r.store.create_lease(&kid, None).await.unwrap();
         let without = DELEGATING.split("[[delegation]]").next().unwrap();
         r.engine
             .set_policy(crate::policy::Policy::parse(without).unwrap());
@@ -358,7 +365,7 @@ scopes = ["read"]
 
     #[tokio::test]
     async fn a_delegated_token_is_inactive_once_an_ancestor_has_ended() {
-        let r = rig(DELEGATING);
+        let r = rig(DELEGATING).await;
         let root = granted(&r).await;
         // Two levels down, its record outliving the root's.
         let now = crate::clock::Clock::now(r.clock.as_ref());
@@ -372,8 +379,8 @@ scopes = ["read"]
             expires_at: root.expires_at + 600_000,
             ..child(&middle, "l_leaf", 2)
         };
-        r.store.create_lease(&middle, None).unwrap();
-        r.store.create_lease(&leaf, None).unwrap();
+        r.store.create_lease(&middle, None).await.unwrap();
+        r.store.create_lease(&leaf, None).await.unwrap();
         let keys = r.engine.keys().current();
         let leaf = Lease {
             delegation: Some(Delegation {
@@ -384,7 +391,8 @@ scopes = ["read"]
             ..leaf
         };
         r.store
-            .swap_lease(&r.store.lease("l_leaf").unwrap().unwrap(), &leaf)
+            .swap_lease(&r.store.lease("l_leaf").await.unwrap().unwrap(), &leaf)
+            .await
             .unwrap();
         let tok = crate::token::mint(&keys, &r.engine.claims(&leaf, now)).unwrap();
         // RFC 8693 §4.1: the current actor outermost, the earlier nested.
@@ -400,13 +408,13 @@ scopes = ["read"]
         );
         assert_eq!(claims["sub"], "spiffe://t/tool");
         assert!(
-            r.engine.introspect(&tok).unwrap().is_some(),
+            r.engine.introspect(&tok).await.unwrap().is_some(),
             "active while its ancestors are"
         );
         r.clock
             .advance(std::time::Duration::from_millis(root.expires_at - now + 1));
         assert!(
-            r.engine.introspect(&tok).unwrap().is_none(),
+            r.engine.introspect(&tok).await.unwrap().is_none(),
             "the root's time is up: the leaf is inactive though its own is not"
         );
     }

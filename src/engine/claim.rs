@@ -18,35 +18,38 @@ impl Engine {
         x5t: Option<&str>,
         id: &str,
     ) -> Result<Option<(String, Lease, TokenRequest)>, EngineError> {
-        let mut minted = None;
-        let mut pinned = None;
-        // The claim is the compare-and-swap APPROVED -> ISSUED, so exactly
-        // one caller gets past it; the token is signed before any write, and
-        // the request, its lease and its record are one batch.
         let out = self
-            .commit(|op| {
-                minted = None;
-                pinned = None;
-                let out = self.records.edit_request(op, id, |req| {
-                    let now = self.clock.now();
-                    if req.requester != who.as_str()
-                        || req.state != RequestState::Approved
-                        || req.deadline <= now
-                    {
+            .commit(|mut op| async move {
+                let now = self.clock.now();
+                let current = self.store().request(id).await?;
+                let claimable = |req: &TokenRequest| {
+                    req.requester == who.as_str()
+                        && req.state == RequestState::Approved
+                        && req.deadline > now
+                };
+                // The policy may have changed since the approval; a
+                // delegated request's parent may have ended.
+                let policy = self.policy();
+                let parent = match &current {
+                    Some(req) if claimable(req) => {
+                        super::approvals::check_still_allowed(
+                            &policy,
+                            self.store().as_ref(),
+                            req,
+                            now,
+                        )
+                        .await?
+                    }
+                    _ => None,
+                };
+                let mut minted = None;
+                let pinned = parent.clone();
+                let out = self.records.edit_request_from(&mut op, current, |req| {
+                    if !claimable(req) {
                         return Ok(None);
                     }
-                    // The policy may have changed since the approval; a
-                    // delegated request's parent may have ended.
-                    let policy = self.policy();
-                    let parent = super::approvals::check_still_allowed(
-                        &policy,
-                        self.store().as_ref(),
-                        req,
-                        now,
-                    )?;
                     let cnf = super::bound_to(&policy, &req.scopes, x5t)?;
                     let (lease, tok) = self.approved_lease(req, now, parent.as_ref(), cnf)?;
-                    pinned = parent;
                     let mut issued =
                         req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
                     issued.lease_id = Some(lease.id.clone());
@@ -54,11 +57,12 @@ impl Engine {
                     Ok::<_, EngineError>(Some(issued))
                 })?;
                 if let (Cas::Swapped { .. }, Some((_, lease))) = (&out, &minted) {
-                    issue_in(op, who, id, lease, pinned.take())?;
+                    issue_in(&mut op, who, id, lease, pinned)?;
                 }
-                Ok(out)
+                Ok((op, (out, minted)))
             })
             .await?;
+        let (out, minted) = out;
         let (Cas::Swapped { new: issued, .. }, Some((tok, lease))) = (out, minted) else {
             return Ok(None);
         };

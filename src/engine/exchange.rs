@@ -98,7 +98,7 @@ impl Engine {
         let policy = self.policy();
         let now = self.clock.now();
         let to = check_fields(&policy, holder, &ask)?;
-        let parent = self.subject_lease(holder, &ask.subject_token, now)?;
+        let parent = self.subject_lease(holder, &ask.subject_token, now).await?;
         let plan = match plan(&policy, holder, to, parent, &ask, now) {
             Ok(p) => p,
             Err(EngineError::Refused(r)) => return Err(self.refuse_exchange(holder, r)),
@@ -113,9 +113,14 @@ impl Engine {
 
     /// The lease of an active subject token `who` holds: its `sub`, and
     /// presented with its certificate when it is bound.
-    fn subject_lease(&self, holder: &Holder, tok: &str, now: Millis) -> Result<Lease, EngineError> {
+    async fn subject_lease(
+        &self,
+        holder: &Holder,
+        tok: &str,
+        now: Millis,
+    ) -> Result<Lease, EngineError> {
         let field = |why: &str| EngineError::from(FieldError::new("subject_token", why));
-        let Some((parent, _)) = self.live_lease(tok, now)? else {
+        let Some((parent, _)) = self.live_lease(tok, now).await? else {
             return Err(field(
                 "is not an active token of this broker (expired, revoked, ended with an ancestor, or not issued here)",
             ));
@@ -149,8 +154,9 @@ impl Engine {
 
     /// The subject token's lease as the operation reads it now: still
     /// live (a renewal since the plan is fine), or the exchange is refused.
-    fn parent_now(&self, op: &super::Op, plan: &Plan) -> Result<Lease, EngineError> {
-        op.lease(self.store().as_ref(), &plan.parent.id)?
+    async fn parent_now(&self, op: &super::Op, plan: &Plan) -> Result<Lease, EngineError> {
+        op.lease(self.store().as_ref(), &plan.parent.id)
+            .await?
             .filter(|p| {
                 p.state == crate::model::LeaseState::Active && p.expires_at > self.clock.now()
             })
@@ -186,8 +192,10 @@ impl Engine {
         let cnf = super::bound_to(policy, &plan.terms.scopes, plan.holder.x5t.as_deref())?;
         let id = new_id("l_", now)?;
         let idem = idempotency(&plan, IdempotentOutcome::Lease(id.clone()));
+        let (plan_ref, cnf, id, idem) = (&plan, &cnf, &id, &idem);
         let out = self
-            .commit_claiming(|op| {
+            .commit_claiming(|mut op| async move {
+                let plan = plan_ref;
                 let keys = self.keys.current();
                 let lease = Lease {
                     expires_at: plan.expires_at,
@@ -203,7 +211,7 @@ impl Engine {
                 };
                 // A child of a break-glass grant is break-glass too: it
                 // lives within that grant and its review.
-                let parent = self.parent_now(op, &plan)?;
+                let parent = self.parent_now(&op, plan).await?;
                 let lease = super::cascade::child_of(lease, &parent, &plan.delegation);
                 let (lease, tok) = self.signed(&keys, lease, now)?;
                 // The parent as read: should it change meanwhile, the child
@@ -218,7 +226,7 @@ impl Engine {
                     &chain_text(&lease.subject, &plan.delegation),
                 );
                 op.record(vec![entry.rule(plan.rule.clone())])?;
-                Ok((lease, tok))
+                Ok((op, (lease, tok)))
             })
             .await?;
         let (lease, tok) = match out {
@@ -234,7 +242,7 @@ impl Engine {
     /// Park the child: for approvers (PENDING), or — nothing to approve —
     /// APPROVED for its recipient to claim with its own certificate.
     async fn park_exchange(&self, policy: &Policy, plan: Plan) -> Result<Outcome, EngineError> {
-        self.check_open_requests(&plan.to)?;
+        self.check_open_requests(&plan.to).await?;
         let req = parked_request(policy, &plan)?;
         let idem = idempotency(&plan, IdempotentOutcome::Request(req.id.clone()));
         let pending = req.state == RequestState::Pending;
@@ -249,14 +257,15 @@ impl Engine {
             (Action::TokenExchanged, plan.rule.clone())
         };
         let actor = plan.holder.who.as_str();
+        let (plan_ref, req_ref, idem, why_ref, rule) = (&plan, &req, &idem, &why, &rule);
         let parked = self
-            .commit_claiming(|op| {
-                let parent = self.parent_now(op, &plan)?;
+            .commit_claiming(|mut op| async move {
+                let parent = self.parent_now(&op, plan_ref).await?;
                 op.expect_lease(parent);
-                op.create_request(req.clone(), idem.clone());
-                let entry = AuditEntry::ok(actor, action, &req.id, &req.scopes, &why);
+                op.create_request(req_ref.clone(), idem.clone());
+                let entry = AuditEntry::ok(actor, action, &req_ref.id, &req_ref.scopes, why_ref);
                 op.record(vec![entry.rule(rule.clone())])?;
-                Ok(())
+                Ok((op, ()))
             })
             .await?;
         if let Err(existing) = parked {

@@ -77,9 +77,9 @@ impl Engine {
 
     /// Run the expiry task until `cancel` fires.
     pub async fn run_expiry(self: Arc<Self>, cancel: CancellationToken) {
-        // On a shared store other brokers store deadlines this one is not
-        // told of: look at least this often.
-        let shared = self.store().shared();
+        // Where other brokers may store deadlines this one is not told of
+        // (a store with news of others), look at least this often.
+        let shared = self.store().changes().is_some();
         while self.until_leading(&cancel).await {
             let now = self.clock.now();
             let next = match self.sweep(now).await {
@@ -118,7 +118,7 @@ impl Engine {
     /// Expire what is due at `now`, then find the next deadline.
     async fn sweep(&self, now: Millis) -> Result<Option<Millis>, EngineError> {
         self.expire_due(now).await?;
-        self.next_deadline()
+        self.next_deadline().await
     }
 
     /// Expire every lease and request due at `now`. Returns how many changed.
@@ -128,9 +128,10 @@ impl Engine {
         let mut changed = 0;
         loop {
             let page = self
-                .commit(|op| {
+                .commit(|mut op| async move {
                     op.fence(self.upkeep_fence());
-                    self.plan_expiry(op, now)
+                    let page = self.plan_expiry(&mut op, now).await?;
+                    Ok((op, page))
                 })
                 .await?;
             for (id, subject) in &page.leases {
@@ -152,34 +153,42 @@ impl Engine {
 
     /// One page of expiry: every lease and request due at `now` (up to a
     /// page of each) marked expired in `op`, with their records.
-    fn plan_expiry(&self, op: &mut super::Op, now: Millis) -> Result<Expired, EngineError> {
+    async fn plan_expiry(&self, op: &mut super::Op, now: Millis) -> Result<Expired, EngineError> {
         let mut entries = Vec::new();
         let mut page = Expired::default();
-        self.plan_lease_expiry(op, now, &mut page, &mut entries)?;
-        self.plan_request_expiry(op, now, &mut page, &mut entries)?;
+        self.plan_lease_expiry(op, now, &mut page, &mut entries)
+            .await?;
+        self.plan_request_expiry(op, now, &mut page, &mut entries)
+            .await?;
         op.record(entries)?;
         Ok(page)
     }
 
     /// The leases of [`Engine::plan_expiry`]'s page.
-    fn plan_lease_expiry(
+    async fn plan_lease_expiry(
         &self,
         op: &mut super::Op,
         now: Millis,
         page: &mut Expired,
         entries: &mut Vec<AuditEntry>,
     ) -> Result<(), EngineError> {
-        let due = self.store().leases_due(now, BATCH)?;
+        let due = self
+            .store()
+            .due(crate::store::Due::Leases, now, BATCH)
+            .await?;
         page.more |= due.len() == BATCH;
         for id in due {
-            let out = self.records.edit_lease(op, &id, |l| {
-                let due = l.state == LeaseState::Active && l.expires_at <= now;
-                Ok::<_, EngineError>(due.then(|| Lease {
-                    state: LeaseState::Expired,
-                    expired_at: Some(now),
-                    ..l.clone()
-                }))
-            })?;
+            let out = self
+                .records
+                .edit_lease(op, &id, |l| {
+                    let due = l.state == LeaseState::Active && l.expires_at <= now;
+                    Ok::<_, EngineError>(due.then(|| Lease {
+                        state: LeaseState::Expired,
+                        expired_at: Some(now),
+                        ..l.clone()
+                    }))
+                })
+                .await?;
             let Cas::Swapped { new, .. } = out else {
                 continue;
             };
@@ -195,14 +204,17 @@ impl Engine {
             // when made and when renewed): then they end with it. Other
             // parents cost no index walk here.
             if new.renewals > 0 {
-                entries.extend(super::cascade::end_descendants(
-                    &self.records,
-                    op,
-                    &id,
-                    SYSTEM_ACTOR,
-                    "expired",
-                    now,
-                )?);
+                entries.extend(
+                    super::cascade::end_descendants(
+                        &self.records,
+                        op,
+                        &id,
+                        SYSTEM_ACTOR,
+                        "expired",
+                        now,
+                    )
+                    .await?,
+                );
             }
             page.leases.push((id, new.subject));
         }
@@ -210,23 +222,28 @@ impl Engine {
     }
 
     /// The requests of [`Engine::plan_expiry`]'s page.
-    fn plan_request_expiry(
+    async fn plan_request_expiry(
         &self,
         op: &mut super::Op,
         now: Millis,
         page: &mut Expired,
         entries: &mut Vec<AuditEntry>,
     ) -> Result<(), EngineError> {
-        let due = self.store().requests_due(now, BATCH)?;
+        let due = self
+            .store()
+            .due(crate::store::Due::Requests, now, BATCH)
+            .await?;
         page.more |= due.len() == BATCH;
         for id in due {
-            let out =
-                self.records.edit_request(op, &id, |r| {
+            let out = self
+                .records
+                .edit_request(op, &id, |r| {
                     let due = !r.state.is_terminal() && r.deadline <= now;
                     Ok::<_, EngineError>(due.then(|| {
                         r.moved(RequestState::Expired, SYSTEM_ACTOR, now, expiry_reason(r))
                     }))
-                })?;
+                })
+                .await?;
             if let Cas::Swapped { new, .. } = out {
                 entries.push(AuditEntry::ok(
                     SYSTEM_ACTOR,
@@ -242,10 +259,14 @@ impl Engine {
     }
 
     /// Earliest pending deadline, recorded as what the expiry task sleeps to.
-    fn next_deadline(&self) -> Result<Option<Millis>, EngineError> {
+    async fn next_deadline(&self) -> Result<Option<Millis>, EngineError> {
         let next = match (
-            self.store().next_lease_deadline()?,
-            self.store().next_request_deadline()?,
+            self.store()
+                .next_deadline(crate::store::Due::Leases)
+                .await?,
+            self.store()
+                .next_deadline(crate::store::Due::Requests)
+                .await?,
         ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -285,28 +306,31 @@ mod tests {
 
     #[tokio::test]
     async fn leases_and_requests_expire_at_their_deadlines_and_not_before() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let lease = granted(&r, &["read"]).await;
         let req = parked(&r, &["admin"]).await;
         assert_eq!(r.engine.expire_due(lease.expires_at - 1).await.unwrap(), 0);
-        assert_eq!(r.engine.next_deadline().unwrap(), Some(lease.expires_at));
+        assert_eq!(
+            r.engine.next_deadline().await.unwrap(),
+            Some(lease.expires_at)
+        );
         assert_eq!(r.engine.expire_due(lease.expires_at).await.unwrap(), 1);
         assert_eq!(
-            r.store.lease(&lease.id).unwrap().unwrap().state,
+            r.store.lease(&lease.id).await.unwrap().unwrap().state,
             LeaseState::Expired
         );
-        assert_eq!(r.engine.next_deadline().unwrap(), Some(req.deadline));
+        assert_eq!(r.engine.next_deadline().await.unwrap(), Some(req.deadline));
         assert_eq!(r.engine.expire_due(req.deadline).await.unwrap(), 1);
-        let expired = r.store.request(&req.id).unwrap().unwrap();
+        let expired = r.store.request(&req.id).await.unwrap().unwrap();
         assert_eq!(expired.state, RequestState::Expired);
         assert_eq!(
             expiry_reason(&expired),
             "pending_ttl passed without enough approvals"
         );
-        assert_eq!(r.engine.next_deadline().unwrap(), None);
+        assert_eq!(r.engine.next_deadline().await.unwrap(), None);
         assert_eq!(r.engine.metrics().active_leases.get(), 0);
         assert_eq!(
-            actions(r.store.as_ref()),
+            actions(r.store.as_ref()).await,
             [
                 "token.granted",
                 "request.parked",
@@ -321,23 +345,13 @@ mod tests {
     /// nothing of them, records included, is written.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stale_leader_expires_nothing_on_a_shared_store() {
-        let Some(store) = crate::store::conformance::postgres_store() else {
+        let Some(store) = crate::store::conformance::postgres_store().await else {
             return;
         };
         let store: Arc<dyn crate::store::Store> = Arc::new(store);
-        // Setting up writes (the first key) and waits for the committer:
-        // on a thread that may block.
-        let s = store.clone();
-        let r = tokio::task::spawn_blocking(move || crate::engine::testing::rig_on(s, POLICY))
-            .await
-            .unwrap();
+        let r = crate::engine::testing::rig_on(store.clone(), POLICY).await;
         let lease = granted(&r, &["read"]).await;
-        let s = store.clone();
-        let g1 = tokio::task::spawn_blocking(move || s.lead("upkeep", "a", 60_000))
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let g1 = store.lead("upkeep", "a", 60_000).await.unwrap().unwrap();
         let fence = |generation| crate::store::Fence {
             role: "upkeep".into(),
             holder: "a".into(),
@@ -346,40 +360,30 @@ mod tests {
         // Leading as far as this engine knows, with no deadline of its own.
         r.engine.set_leading(true, None, Some(fence(g1)));
         // Meanwhile the term ends and broker b takes the role.
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || {
-            s.resign("upkeep", "a").unwrap();
-            s.lead("upkeep", "b", 60_000).unwrap().unwrap()
-        })
-        .await
-        .unwrap();
-        let before = actions(store.as_ref());
+        store.resign("upkeep", "a").await.unwrap();
+        store.lead("upkeep", "b", 60_000).await.unwrap().unwrap();
+        let before = actions(store.as_ref()).await;
         let out = r.engine.expire_due(lease.expires_at).await;
         assert!(matches!(out, Err(EngineError::Fenced)), "{out:?}");
         assert_eq!(
-            store.lease(&lease.id).unwrap().unwrap().state,
+            store.lease(&lease.id).await.unwrap().unwrap().state,
             LeaseState::Active
         );
-        assert_eq!(actions(store.as_ref()), before, "no record either");
+        assert_eq!(actions(store.as_ref()).await, before, "no record either");
         assert!(
             r.engine.sign_checkpoint().await.is_err(),
             "nor a checkpoint"
         );
         // Leading again (a new term): it acts.
-        let s = store.clone();
-        let g3 = tokio::task::spawn_blocking(move || {
-            s.resign("upkeep", "b").unwrap();
-            s.lead("upkeep", "a", 60_000).unwrap().unwrap()
-        })
-        .await
-        .unwrap();
+        store.resign("upkeep", "b").await.unwrap();
+        let g3 = store.lead("upkeep", "a", 60_000).await.unwrap().unwrap();
         r.engine.set_leading(true, None, Some(fence(g3)));
         assert_eq!(r.engine.expire_due(lease.expires_at).await.unwrap(), 1);
     }
 
     #[tokio::test]
     async fn an_earlier_deadline_lowers_the_published_progress() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let d = &r.engine.deadlines;
         d.scheduled.store(T0 + 10_000, Ordering::Release);
         d.publish(T0);

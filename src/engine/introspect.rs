@@ -19,10 +19,11 @@ impl Engine {
     /// and a lookup, not a signature check.
     /// Any other token (an older one of a renewed lease, a replayed grant,
     /// a forgery) has its signature, `kid`, `alg`, `iss` and time checked.
-    pub fn introspect(&self, tok: &str) -> Result<Introspection, EngineError> {
+    pub async fn introspect(&self, tok: &str) -> Result<Introspection, EngineError> {
         // The lease is the truth: its scopes, not what the token says.
         Ok(self
-            .live_lease(tok, self.clock.now())?
+            .live_lease(tok, self.clock.now())
+            .await?
             .map(|(lease, claims)| Claims {
                 scope: lease.scopes.join(" "),
                 ..claims
@@ -32,7 +33,7 @@ impl Engine {
     /// The lease of `tok` and the token's checked claims, if the token is
     /// live at `now` (see [`Engine::introspect`]); token exchange uses the
     /// lease itself.
-    pub(super) fn live_lease(
+    pub(super) async fn live_lease(
         &self,
         tok: &str,
         now: crate::store::Millis,
@@ -41,7 +42,7 @@ impl Engine {
             tracing::debug!("introspection: token unreadable");
             return Ok(None);
         };
-        let Some(lease) = self.store().lease(&said.jti)? else {
+        let Some(lease) = self.store().lease(&said.jti).await? else {
             return Ok(None);
         };
         let keys = self.keys.current();
@@ -65,7 +66,7 @@ impl Engine {
             && lease.subject == claims.sub
             && claims.exp <= secs(lease.expires_at)
             && claims.iat >= secs(lease.issued_at)
-            && super::cascade::ancestors_live(self.store().as_ref(), &lease, now)?;
+            && super::cascade::ancestors_live(self.store().as_ref(), &lease, now).await?;
         Ok(live.then_some((lease, claims)))
     }
 }
@@ -110,12 +111,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_newest_token_is_recognised_and_older_ones_still_verified() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let (t1, id) = grant(&r).await;
-        let lease = r.store.lease(&id).unwrap().unwrap();
+        let lease = r.store.lease(&id).await.unwrap().unwrap();
         let keys = r.engine.keys.current();
         assert!(token::minted_as(&keys, &t1, &lease.token_mac.unwrap()).is_some());
-        assert!(r.engine.introspect(&t1).unwrap().is_some());
+        assert!(r.engine.introspect(&t1).await.unwrap().is_some());
 
         r.clock.advance(Duration::from_secs(2));
         let (t2, renewed) = r.engine.renew(&workload(), &id, None).await.unwrap();
@@ -123,8 +124,8 @@ mod tests {
         assert!(token::minted_as(&keys, &t1, &renewed.token_mac.unwrap()).is_none());
         // t2 is recognised by its digest; t1 no longer is, and is live
         // because its signature and times check out.
-        let newest = r.engine.introspect(&t2).unwrap().unwrap();
-        let older = r.engine.introspect(&t1).unwrap().unwrap();
+        let newest = r.engine.introspect(&t2).await.unwrap().unwrap();
+        let older = r.engine.introspect(&t1).await.unwrap().unwrap();
         assert_eq!(
             (newest.jti.as_str(), older.jti.as_str()),
             (id.as_str(), id.as_str())
@@ -134,33 +135,39 @@ mod tests {
 
     #[tokio::test]
     async fn other_bytes_under_the_same_jti_are_checked_and_refused() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let (tok, _) = grant(&r).await;
         // Same jti, other claims, the real signature: not the minted bytes,
         // so the signature is checked, and fails.
-        assert!(r.engine.introspect(&tampered(&tok)).unwrap().is_none());
+        assert!(
+            r.engine
+                .introspect(&tampered(&tok))
+                .await
+                .unwrap()
+                .is_none()
+        );
         // A broken signature on otherwise identical claims: same.
         let at = tok.len() - 10; // inside the signature, not its padding bits
         let flipped = if &tok[at..=at] == "A" { "B" } else { "A" };
         let bad_sig = format!("{}{flipped}{}", &tok[..at], &tok[at + 1..]);
-        assert!(r.engine.introspect(&bad_sig).unwrap().is_none());
-        assert!(r.engine.introspect("not.a.token").unwrap().is_none());
-        assert!(r.engine.introspect(&tok).unwrap().is_some());
+        assert!(r.engine.introspect(&bad_sig).await.unwrap().is_none());
+        assert!(r.engine.introspect("not.a.token").await.unwrap().is_none());
+        assert!(r.engine.introspect(&tok).await.unwrap().is_some());
     }
 
     #[tokio::test]
     async fn a_recognised_token_still_dies_with_its_lease_and_its_time() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let (tok, id) = grant(&r).await;
         let (t2, id2) = grant(&r).await;
         r.engine.revoke(&workload(), &id, "done").await.unwrap();
-        assert!(r.engine.introspect(&tok).unwrap().is_none());
-        assert!(r.engine.introspect(&t2).unwrap().is_some());
-        let lease = r.store.lease(&id2).unwrap().unwrap();
+        assert!(r.engine.introspect(&tok).await.unwrap().is_none());
+        assert!(r.engine.introspect(&t2).await.unwrap().is_some());
+        let lease = r.store.lease(&id2).await.unwrap().unwrap();
         r.clock.advance(Duration::from_millis(
             lease.expires_at - super::super::testing::T0,
         ));
-        assert!(r.engine.introspect(&t2).unwrap().is_none());
+        assert!(r.engine.introspect(&t2).await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -169,32 +176,32 @@ mod tests {
         // a lease and plants a MAC for it: a plain SHA-256, and an HMAC
         // under another KEK. Neither makes introspection skip the
         // signature, which the forgery lacks.
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let (tok, id) = grant(&r).await;
         let forged = tampered(&tok);
-        let lease = r.store.lease(&id).unwrap().unwrap();
+        let lease = r.store.lease(&id).await.unwrap().unwrap();
         let (other_kek, _) = crate::keys::Kek::generate().unwrap();
         let other_key = other_kek.token_mac_key().unwrap();
         let plain_sha = ring::digest::digest(&ring::digest::SHA256, forged.as_bytes());
         let other_mac = ring::hmac::sign(&other_key, forged.as_bytes());
         for planted in [plain_sha.as_ref(), other_mac.as_ref()] {
-            let current = r.store.lease(&id).unwrap().unwrap();
+            let current = r.store.lease(&id).await.unwrap().unwrap();
             let planted = Lease {
                 token_mac: Some(planted.try_into().unwrap()),
                 ..lease.clone()
             };
-            assert!(r.store.swap_lease(&current, &planted).unwrap());
-            assert!(r.engine.introspect(&forged).unwrap().is_none());
+            assert!(r.store.swap_lease(&current, &planted).await.unwrap());
+            assert!(r.engine.introspect(&forged).await.unwrap().is_none());
         }
         // With this broker's own MAC the forgery would pass: the MAC is what
         // stands in for the signature, and only the KEK's holder makes one.
         let keys = r.engine.keys.current();
-        let current = r.store.lease(&id).unwrap().unwrap();
+        let current = r.store.lease(&id).await.unwrap().unwrap();
         let genuine = Lease {
             token_mac: Some(token::mac(&keys, &forged)),
             ..lease.clone()
         };
-        assert!(r.store.swap_lease(&current, &genuine).unwrap());
-        assert!(r.engine.introspect(&forged).unwrap().is_some());
+        assert!(r.store.swap_lease(&current, &genuine).await.unwrap());
+        assert!(r.engine.introspect(&forged).await.unwrap().is_some());
     }
 }

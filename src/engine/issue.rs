@@ -118,19 +118,21 @@ impl Engine {
         // One batch: the lease, the key claim, the break-glass review
         // record, and the grant's own record. Signed (again, should the
         // key ring have moved) on every try.
+        let (c, g) = (&c, &g);
+        let (request_id, cnf, id, idem, terms) = (&request_id, &cnf, &id, &idem, &terms);
         let out = self
-            .commit_claiming(|op| {
+            .commit_claiming(|mut op| async move {
                 let keys = self.keys.current();
                 let lease = Lease {
                     request_id: request_id.clone(),
                     break_glass: g.review.is_some(),
                     cnf: cnf.clone(),
-                    ..Lease::active(id.clone(), c.who.as_str(), &terms, now, &keys.active.kid)
+                    ..Lease::active(id.clone(), c.who.as_str(), terms, now, &keys.active.kid)
                 };
                 let (lease, tok) = self.signed(&keys, lease, now)?;
                 op.create_lease(lease.clone(), idem.clone());
-                let review = grant_in(op, &c, &g, &lease)?;
-                Ok((lease, tok, review))
+                let review = grant_in(&mut op, c, g, &lease)?;
+                Ok((op, (lease, tok, review)))
             })
             .await?;
         let (lease, tok, review) = match out {
@@ -160,7 +162,7 @@ impl Engine {
         requirements: Vec<Requirement>,
     ) -> Result<Outcome, EngineError> {
         let (now, who) = (c.now, &c.who);
-        self.check_open_requests(who)?;
+        self.check_open_requests(who).await?;
         let req = TokenRequest {
             digest: sha256_hex(&[
                 who.as_str().as_bytes(),
@@ -183,8 +185,10 @@ impl Engine {
         };
         let idem = c.idempotency(IdempotentOutcome::Request(req.id.clone()));
         let rules: Vec<String> = req.waiting_for.iter().map(|w| w.rule.clone()).collect();
+        let (req_ref, idem, rules) = (&req, &idem, &rules);
         let parked = self
-            .commit_claiming(|op| {
+            .commit_claiming(|mut op| async move {
+                let req = req_ref;
                 op.create_request(req.clone(), idem.clone());
                 let entry = AuditEntry::ok(
                     who.as_str(),
@@ -194,7 +198,7 @@ impl Engine {
                     &req.justification,
                 );
                 op.record(vec![entry.rule(rules.join("; "))])?;
-                Ok(())
+                Ok((op, ()))
             })
             .await?;
         if let Err(existing) = parked {
@@ -223,7 +227,8 @@ impl Engine {
             IdempotentOutcome::Lease(id) => {
                 let lease = self
                     .store()
-                    .lease(&id)?
+                    .lease(&id)
+                    .await?
                     .ok_or_else(|| EngineError::not_found("lease", &id))?;
                 if lease.state != LeaseState::Active || lease.expires_at <= self.clock.now() {
                     return Err(EngineError::WrongState(format!(
@@ -238,7 +243,8 @@ impl Engine {
             IdempotentOutcome::Request(id) => {
                 let req = self
                     .store()
-                    .request(&id)?
+                    .request(&id)
+                    .await?
                     .ok_or_else(|| EngineError::not_found("request", &id))?;
                 Ok(Outcome::Parked(req))
             }

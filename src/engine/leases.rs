@@ -11,7 +11,7 @@ use crate::clock::millis;
 use crate::identity::Identity;
 use crate::model::{Lease, LeaseState};
 use crate::policy::{Decision, Policy, Refusal};
-use crate::store::StoreError;
+use crate::store::{Millis, StoreError};
 use crate::text::{FieldError, LEASE_PAGE, check_reason, page_size, require_id};
 
 /// Why a token could not be handed over.
@@ -19,11 +19,17 @@ const UNDELIVERED: &str = "token could not be delivered";
 
 impl Engine {
     /// Lease `id` if `who` owns it (or is an admin, when `admin_ok`).
-    fn owned_lease(&self, who: &Identity, id: &str, admin_ok: bool) -> Result<Lease, EngineError> {
+    async fn owned_lease(
+        &self,
+        who: &Identity,
+        id: &str,
+        admin_ok: bool,
+    ) -> Result<Lease, EngineError> {
         require_id("lease_id", id)?;
         let lease = self
             .store()
-            .lease(id)?
+            .lease(id)
+            .await?
             .ok_or_else(|| EngineError::not_found("lease", id))?;
         // Reading or revoking (`admin_ok`): also an admin, or an identity
         // that acts in the lease's delegation chain (who delegated it may
@@ -34,8 +40,31 @@ impl Engine {
     }
 
     /// Read a lease (owner or admin).
-    pub fn get_lease(&self, who: &Identity, id: &str) -> Result<Lease, EngineError> {
-        self.owned_lease(who, id, true)
+    pub async fn get_lease(&self, who: &Identity, id: &str) -> Result<Lease, EngineError> {
+        self.owned_lease(who, id, true).await
+    }
+
+    /// A delegated lease's ceiling: its parent's end, read before the edit
+    /// (only for its owner, while it is renewable). `None` for any other.
+    async fn parent_ceiling(
+        &self,
+        policy: &crate::policy::Policy,
+        current: Option<&Lease>,
+        who: &Identity,
+        now: Millis,
+    ) -> Result<Option<Millis>, EngineError> {
+        let Some(lease) = current
+            .filter(|l| check_owner(l, who, false).is_ok() && check_renewable(l, now).is_ok())
+        else {
+            return Ok(None);
+        };
+        let Some(d) = &lease.delegation else {
+            return Ok(None);
+        };
+        let store = self.store().as_ref();
+        Ok(Some(
+            super::cascade::delegated_ceiling(store, policy, lease, d, now).await?,
+        ))
     }
 
     /// Extend an active lease, up to its `max_expires_at`, with a fresh token.
@@ -47,23 +76,22 @@ impl Engine {
     ) -> Result<(String, Lease), EngineError> {
         let policy = self.policy();
         super::ask::check_ttl(&policy, ttl, "ttl")?;
-        self.owned_lease(who, id, false)?;
-        let mut token = None;
+        self.owned_lease(who, id, false).await?;
+        let policy = &policy;
         let out = self
-            .commit(|op| {
-                let out = self.records.edit_lease(op, id, |lease| {
+            .commit(|mut op| async move {
+                let now = self.clock.now();
+                let current = op.lease(self.store().as_ref(), id).await?;
+                let ceiling = self
+                    .parent_ceiling(policy, current.as_ref(), who, now)
+                    .await?;
+                let mut token = None;
+                let out = self.records.edit_lease_from(&mut op, current, |lease| {
                     check_owner(lease, who, false)?;
-                    let now = self.clock.now();
                     check_renewable(lease, now)?;
-                    let max_expires_at = match &lease.delegation {
-                        Some(d) => super::cascade::delegated_ceiling(
-                            self.store().as_ref(),
-                            &policy,
-                            lease,
-                            d,
-                            now,
-                        )?,
-                        None => current_ceiling(&policy, who, lease)?,
+                    let max_expires_at = match ceiling {
+                        Some(c) => c,
+                        None => current_ceiling(policy, who, lease)?,
                     };
                     let expires_at = renewed_until(lease, ttl, now, max_expires_at)?;
                     let keys = self.keys.current();
@@ -88,9 +116,10 @@ impl Engine {
                         "",
                     )])?;
                 }
-                Ok(out)
+                Ok((op, (out, token)))
             })
             .await?;
+        let (out, token) = out;
         let (Cas::Swapped { new, .. }, Some(tok)) = (out, token) else {
             return Err(EngineError::not_found("lease", id));
         };
@@ -109,15 +138,16 @@ impl Engine {
         reason: &str,
     ) -> Result<Lease, EngineError> {
         check_reason("reason", reason, false)?;
-        self.owned_lease(who, id, true)?;
+        self.owned_lease(who, id, true).await?;
         let (out, cascaded) = self
-            .commit(|op| {
+            .commit(|mut op| async move {
                 let now = self.clock.now();
-                let out =
-                    self.records
-                        .edit_lease(op, id, revoke_if_active(who.as_str(), reason, now))?;
+                let out = self
+                    .records
+                    .edit_lease(&mut op, id, revoke_if_active(who.as_str(), reason, now))
+                    .await?;
                 let Cas::Swapped { new, .. } = &out else {
-                    return Ok((out, 0));
+                    return Ok((op, (out, 0)));
                 };
                 let mut entries = vec![AuditEntry::ok(
                     who.as_str(),
@@ -130,16 +160,17 @@ impl Engine {
                 // atomic batch.
                 let descendants = super::cascade::end_descendants(
                     &self.records,
-                    op,
+                    &mut op,
                     id,
                     who.as_str(),
                     reason,
                     now,
-                )?;
+                )
+                .await?;
                 let cascaded = descendants.len();
                 entries.extend(descendants);
                 op.record(entries)?;
-                Ok((out, cascaded))
+                Ok((op, (out, cascaded)))
             })
             .await?;
         match out {
@@ -187,8 +218,7 @@ impl Engine {
         );
         // One operation: every lease of the subject, everything delegated
         // from them, and the records, in one atomic batch. The plan reads
-        // page after page, so it runs on a blocking thread; a lost race
-        // plans again.
+        // page after page; a lost race plans again.
         let mut races = 0;
         let count = loop {
             races += 1;
@@ -198,14 +228,8 @@ impl Engine {
                 )
                 .into());
             }
-            let me = self.clone();
-            let (by, why, subj) = (by.clone(), why.clone(), subj.clone());
-            let (op, count) = tokio::task::spawn_blocking(move || {
-                let mut op = super::Op::new(me.clock.now());
-                me.plan_revoke_all(&mut op, &subj, &by, &why)
-                    .map(|count| (op, count))
-            })
-            .await??;
+            let mut op = super::Op::new(self.clock.now());
+            let count = self.plan_revoke_all(&mut op, &subj, &by, &why).await?;
             match self.records.apply(op).await? {
                 crate::store::Applied::Done(_) => break count,
                 crate::store::Applied::Lost(
@@ -224,7 +248,7 @@ impl Engine {
     }
 
     /// The operation of [`Engine::revoke_all`]: how many leases it revokes.
-    fn plan_revoke_all(
+    async fn plan_revoke_all(
         &self,
         op: &mut super::Op,
         subject: &str,
@@ -236,7 +260,10 @@ impl Engine {
         let mut delegated = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = self.store().leases_of(subject, after.as_deref(), 4096)?;
+            let page = self
+                .store()
+                .leases_of(subject, after.as_deref(), 4096)
+                .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for lease in page {
@@ -250,14 +277,10 @@ impl Engine {
                 {
                     count += 1;
                     // What was delegated from it ends with it.
-                    delegated.extend(super::cascade::end_descendants(
-                        &self.records,
-                        op,
-                        &id,
-                        by,
-                        why,
-                        now,
-                    )?);
+                    delegated.extend(
+                        super::cascade::end_descendants(&self.records, op, &id, by, why, now)
+                            .await?,
+                    );
                 }
             }
         }
@@ -280,7 +303,7 @@ impl Engine {
 
     /// A page of leases of `subject` (empty: the caller), optionally in one
     /// state, after `page_token`. Returns the page and the next token.
-    pub fn list_leases(
+    pub async fn list_leases(
         &self,
         who: &Identity,
         subject: &str,
@@ -305,7 +328,8 @@ impl Engine {
         loop {
             let chunk = self
                 .store()
-                .leases_of(subject.as_str(), after.as_deref(), size + 1)?;
+                .leases_of(subject.as_str(), after.as_deref(), size + 1)
+                .await?;
             let exhausted = chunk.len() <= size;
             for l in chunk {
                 after = Some(l.id.clone());
@@ -327,7 +351,7 @@ impl Engine {
     /// The leases delegated directly from `parent_id`, in id order, after
     /// `page_token`: for its owner, the identities upstream of it, or an
     /// admin.
-    pub fn list_children(
+    pub async fn list_children(
         &self,
         who: &Identity,
         parent_id: &str,
@@ -335,6 +359,7 @@ impl Engine {
         page_token: &str,
     ) -> Result<(Vec<Lease>, String), EngineError> {
         self.owned_lease(who, parent_id, true)
+            .await
             .map_err(|e| match e {
                 EngineError::Invalid(_) => {
                     FieldError::new("parent_id", "not a valid lease id").into()
@@ -346,7 +371,7 @@ impl Engine {
         }
         let size = page_size(page_size_asked, LEASE_PAGE)?;
         let after = (!page_token.is_empty()).then_some(page_token);
-        let mut ids = self.store().children(parent_id, after, size + 1)?;
+        let mut ids = self.store().children(parent_id, after, size + 1).await?;
         let next = if ids.len() > size {
             ids.truncate(size);
             ids.last().cloned().unwrap_or_default()
@@ -355,7 +380,7 @@ impl Engine {
         };
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(l) = self.store().lease(&id)? {
+            if let Some(l) = self.store().lease(&id).await? {
                 out.push(l);
             }
         }
@@ -367,13 +392,16 @@ impl Engine {
     /// call revoked it; failures are logged as failures.
     pub async fn revoke_undelivered(&self, lease: &Lease) {
         let out = self
-            .commit(|op| {
+            .commit(|mut op| async move {
                 let now = self.clock.now();
-                let out = self.records.edit_lease(
-                    op,
-                    &lease.id,
-                    revoke_if_active(SYSTEM_ACTOR, UNDELIVERED, now),
-                )?;
+                let out = self
+                    .records
+                    .edit_lease(
+                        &mut op,
+                        &lease.id,
+                        revoke_if_active(SYSTEM_ACTOR, UNDELIVERED, now),
+                    )
+                    .await?;
                 if let Cas::Swapped { new, .. } = &out {
                     op.record(vec![AuditEntry::ok(
                         SYSTEM_ACTOR,
@@ -383,7 +411,7 @@ impl Engine {
                         UNDELIVERED,
                     )])?;
                 }
-                Ok(out)
+                Ok((op, out))
             })
             .await;
         match out {

@@ -45,6 +45,7 @@ mod shared;
 pub mod trail;
 pub mod upkeep;
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{broadcast, mpsc, watch};
@@ -53,7 +54,7 @@ pub use self::error::{EngineError, ErrorKind};
 pub use self::exchange::ExchangeAsk;
 pub use self::issue::{Outcome, TokenAsk};
 pub use self::quota::{Limits, WatchPermit};
-pub(crate) use self::records::{Cas, Op, Records};
+pub(crate) use self::records::{Cas, Op, Planned, Records};
 pub use self::upkeep::PolicyReloads;
 use crate::audit::{AuditLog, Entry as AuditEntry};
 use crate::clock::{Clock, secs};
@@ -145,7 +146,9 @@ impl Engine {
     pub fn new(parts: Parts) -> Self {
         let (notifier, notify_rx) = Notifier::new();
         let metrics = Arc::new(Metrics::new());
-        let leader = watch::channel(!parts.store.shared()).0;
+        // Nobody leads until the leadership task says so (at once on a
+        // store of its own, whose `lead` always says yes).
+        let leader = watch::channel(false).0;
         Self {
             leader,
             lead_until: Mutex::new(None),
@@ -173,10 +176,15 @@ impl Engine {
     /// One operation: build it with `plan` (reads, edits, records — no
     /// writes), apply it as one atomic batch, and wait until the group
     /// commit has made it durable. Every acknowledged change ends here.
-    pub(crate) async fn commit<T>(
-        &self,
-        plan: impl FnMut(&mut Op) -> Result<T, EngineError>,
-    ) -> Result<T, EngineError> {
+    ///
+    /// `plan` takes the empty [`Op`] and gives it back built, with its
+    /// result (an owned `Op` rather than `&mut`: the plan's future must be
+    /// `Send`, which a borrowed argument would not let the compiler prove).
+    pub(crate) async fn commit<T, F, P>(&self, plan: P) -> Result<T, EngineError>
+    where
+        P: FnMut(Op) -> F,
+        F: Future<Output = Planned<T>>,
+    {
         match self.commit_claiming(plan).await? {
             Ok(out) => Ok(out),
             // Only a plan that claims a key can lose it.
@@ -188,10 +196,14 @@ impl Engine {
 
     /// [`Engine::commit`] for an operation that claims an idempotency key:
     /// `Err(entry)` when the key was taken first (nothing was written).
-    pub(crate) async fn commit_claiming<T>(
+    pub(crate) async fn commit_claiming<T, F, P>(
         &self,
-        plan: impl FnMut(&mut Op) -> Result<T, EngineError>,
-    ) -> Result<Result<T, Idempotency>, EngineError> {
+        plan: P,
+    ) -> Result<Result<T, Idempotency>, EngineError>
+    where
+        P: FnMut(Op) -> F,
+        F: Future<Output = Planned<T>>,
+    {
         let out = self.apply_op(plan).await?;
         if out.is_ok() {
             self.durable().await?;
@@ -204,10 +216,14 @@ impl Engine {
     /// key ring. The plan runs here (its reads are short); the store
     /// applies the batch on its own, and this waits without holding a
     /// thread.
-    pub(crate) async fn apply_op<T>(
+    pub(crate) async fn apply_op<T, F, P>(
         &self,
-        mut plan: impl FnMut(&mut Op) -> Result<T, EngineError>,
-    ) -> Result<Result<T, Idempotency>, EngineError> {
+        mut plan: P,
+    ) -> Result<Result<T, Idempotency>, EngineError>
+    where
+        P: FnMut(Op) -> F,
+        F: Future<Output = Planned<T>>,
+    {
         /// Lost races after which an operation is given up: far beyond any
         /// real contention, so reaching it means the stored form never
         /// equals what was read back, and the caller gets an error instead
@@ -217,8 +233,7 @@ impl Engine {
         const MAX_KEY_RELOADS: usize = 3;
         let mut reloads = 0;
         for _ in 0..MAX_RACES {
-            let mut op = Op::new(self.clock.now());
-            let out = plan(&mut op)?;
+            let (op, out) = plan(Op::new(self.clock.now())).await?;
             if op.is_empty() {
                 return Ok(Ok(out));
             }
@@ -229,7 +244,7 @@ impl Engine {
                 Applied::Lost(Lost::KeyInactive(kid)) if reloads < MAX_KEY_RELOADS => {
                     reloads += 1;
                     tracing::warn!(kid = %kid, "signing key withdrawn meanwhile; reloading the key ring");
-                    self.keys.refresh(self.store().as_ref())?;
+                    self.keys.refresh(self.store().as_ref()).await?;
                 }
                 Applied::Lost(Lost::KeyInactive(kid)) => {
                     return Err(crate::store::StoreError::Unavailable(format!(
@@ -251,7 +266,7 @@ impl Engine {
     pub(crate) async fn durable(&self) -> Result<(), EngineError> {
         self.commit.durable().await?;
         if self.audit.followed()
-            && let Err(e) = self.audit.poll_tail(self.store().as_ref())
+            && let Err(e) = self.audit.poll_tail(self.store().as_ref()).await
         {
             tracing::debug!(error = %e, "could not read new trail records");
         }
@@ -300,7 +315,12 @@ impl Engine {
     /// Record `entries` alone and wait until they are durable (events of
     /// the broker itself: start, stop, rejected policies).
     pub async fn record(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
-        self.commit(|op| Ok(op.record(entries.clone())?)).await
+        let entries = &entries;
+        self.commit(|mut op| async move {
+            op.record(entries.clone())?;
+            Ok((op, ()))
+        })
+        .await
     }
 
     /// The fence of leader-only work: the upkeep term this broker holds on
@@ -326,8 +346,8 @@ impl Engine {
     }
 
     /// Is the store usable and did the last group commit succeed?
-    pub fn healthy(&self) -> bool {
-        self.store().meta("schema_version").is_ok() && self.commit.healthy()
+    pub async fn healthy(&self) -> bool {
+        self.store().meta("schema_version").await.is_ok() && self.commit.healthy()
     }
 
     /// The metrics.

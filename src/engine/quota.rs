@@ -79,12 +79,12 @@ impl Engine {
     }
 
     /// Refuse a new parked request when `who` already has the most allowed.
-    pub(super) fn check_open_requests(&self, who: &Identity) -> Result<(), EngineError> {
+    pub(super) async fn check_open_requests(&self, who: &Identity) -> Result<(), EngineError> {
         let max = self.limits.open_requests_per_identity;
         let mut mine = 0;
         let mut after: Option<String> = None;
         loop {
-            let chunk = self.store().open_requests(after.as_deref(), 256)?;
+            let chunk = self.store().open_requests(after.as_deref(), 256).await?;
             let Some(last) = chunk.last() else {
                 return Ok(());
             };

@@ -91,10 +91,14 @@ impl Op {
     }
 
     /// Lease `id` as this operation sees it.
-    pub(crate) fn lease(&self, store: &dyn Store, id: &str) -> Result<Option<Lease>, StoreError> {
+    pub(crate) async fn lease(
+        &self,
+        store: &dyn Store,
+        id: &str,
+    ) -> Result<Option<Lease>, StoreError> {
         match self.leases.get(id) {
             Some(l) => Ok(Some(l.clone())),
-            None => store.lease(id),
+            None => store.lease(id).await,
         }
     }
 
@@ -118,6 +122,10 @@ impl Op {
         self.batch.writes.push(Write::SwapRequest { old, new });
     }
 }
+
+/// What an operation's plan gives back: the operation built, and its
+/// result (see [`Engine::commit`](super::Engine::commit)).
+pub(crate) type Planned<T> = Result<(Op, T), super::EngineError>;
 
 /// What a batch does to the gauges once applied.
 #[derive(Clone, Copy, Debug, Default)]
@@ -198,13 +206,13 @@ impl Records {
 
     /// Read lease `id` (as `op` sees it), ask `edit` for its replacement,
     /// and queue the swap in `op`. `edit` returning `None` keeps it.
-    pub(crate) fn edit_lease<E: From<StoreError>>(
+    pub(crate) async fn edit_lease<E: From<StoreError>>(
         &self,
         op: &mut Op,
         id: &str,
         change: impl FnOnce(&Lease) -> Result<Option<Lease>, E>,
     ) -> Result<Cas<Lease>, E> {
-        let current = op.lease(self.store.as_ref(), id)?;
+        let current = op.lease(self.store.as_ref(), id).await?;
         self.edit_lease_from(op, current, change)
     }
 
@@ -219,7 +227,7 @@ impl Records {
     }
 
     /// Read request `id` (as `op` sees it), ask `edit`, queue the swap.
-    pub(crate) fn edit_request<E: From<StoreError>>(
+    pub(crate) async fn edit_request<E: From<StoreError>>(
         &self,
         op: &mut Op,
         id: &str,
@@ -227,8 +235,19 @@ impl Records {
     ) -> Result<Cas<TokenRequest>, E> {
         let current = match op.requests.get(id) {
             Some(r) => Some(r.clone()),
-            None => self.store.request(id)?,
+            None => self.store.request(id).await?,
         };
+        self.edit_request_from(op, current, change)
+    }
+
+    /// [`Records::edit_request`] starting from a copy already read (by a
+    /// plan that checks something in the store before it edits).
+    pub(crate) fn edit_request_from<E>(
+        &self,
+        op: &mut Op,
+        current: Option<TokenRequest>,
+        change: impl FnOnce(&TokenRequest) -> Result<Option<TokenRequest>, E>,
+    ) -> Result<Cas<TokenRequest>, E> {
         edit(current, change, |old, new| op.swap_request(old, new))
     }
 }
@@ -262,16 +281,16 @@ mod tests {
         crate::store::conformance::lease(id, "spiffe://t/w", 100)
     }
 
-    fn records() -> (Records, Arc<Metrics>) {
+    async fn records() -> (Records, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(MemStore::new());
-        crate::store::conformance::put_test_key(store.as_ref(), "k");
+        crate::store::conformance::put_test_key(store.as_ref(), "k").await;
         (Records::new(store, metrics.clone()), metrics)
     }
 
     #[tokio::test]
     async fn edits_swap_keep_or_miss_and_the_gauges_follow_the_applied_batch() {
-        let (records, metrics) = records();
+        let (records, metrics) = records().await;
         let mut op = Op::new(1);
         op.create_lease(lease("l_1"), None);
         assert!(matches!(records.apply(op).await.unwrap(), Applied::Done(_)));
@@ -280,6 +299,7 @@ mod tests {
         let mut op = Op::new(5);
         let out = records
             .edit_lease(&mut op, "l_1", revoke_if_active("admin", "why", 5))
+            .await
             .unwrap();
         let Cas::Swapped { old, new } = out else {
             panic!("expected a swap, got {out:?}")
@@ -299,12 +319,14 @@ mod tests {
         let mut op = Op::new(6);
         let out = records
             .edit_lease(&mut op, "l_1", revoke_if_active("admin", "again", 6))
+            .await
             .unwrap();
         assert!(matches!(out, Cas::Kept(l) if l.revoke_reason.as_deref() == Some("why")));
         assert!(op.is_empty());
         assert!(matches!(
             records
                 .edit_lease(&mut op, "l_none", revoke_if_active("a", "", 1))
+                .await
                 .unwrap(),
             Cas::Missing
         ));
@@ -312,7 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_race_applies_nothing_and_counts_nothing() {
-        let (records, metrics) = records();
+        let (records, metrics) = records().await;
         let mut op = Op::new(1);
         op.create_lease(lease("l_1"), None);
         records.apply(op).await.unwrap();
@@ -321,9 +343,11 @@ mod tests {
         let mut second = Op::new(2);
         records
             .edit_lease(&mut first, "l_1", revoke_if_active("a", "one", 2))
+            .await
             .unwrap();
         records
             .edit_lease(&mut second, "l_1", revoke_if_active("b", "two", 2))
+            .await
             .unwrap();
         second
             .record(vec![AuditEntry::ok(
@@ -338,20 +362,24 @@ mod tests {
             records.apply(first).await.unwrap(),
             Applied::Done(_)
         ));
-        let before = records.store().audit_last().unwrap();
+        let before = records.store().audit_last().await.unwrap();
         assert_eq!(
             records.apply(second).await.unwrap(),
             Applied::Lost(crate::store::Lost::Lease("l_1".into()))
         );
-        assert_eq!(records.store().audit_last().unwrap(), before, "no record");
+        assert_eq!(
+            records.store().audit_last().await.unwrap(),
+            before,
+            "no record"
+        );
         assert_eq!(metrics.revocations.get(), 1);
-        let stored = records.store().lease("l_1").unwrap().unwrap();
+        let stored = records.store().lease("l_1").await.unwrap().unwrap();
         assert_eq!(stored.revoke_reason.as_deref(), Some("one"));
     }
 
     #[tokio::test]
     async fn reads_through_an_operation_see_its_own_edits() {
-        let (records, _) = records();
+        let (records, _) = records().await;
         let mut op = Op::new(1);
         op.create_lease(lease("l_1"), None);
         records.apply(op).await.unwrap();
@@ -363,6 +391,7 @@ mod tests {
                     ..l.clone()
                 }))
             })
+            .await
             .unwrap();
         let mut seen = None;
         records
@@ -370,10 +399,11 @@ mod tests {
                 seen = Some(l.renewals);
                 Ok::<_, StoreError>(Some(revoked(l, "a", "", 2)))
             })
+            .await
             .unwrap();
         assert_eq!(seen, Some(1));
         assert!(matches!(records.apply(op).await.unwrap(), Applied::Done(_)));
-        let stored = records.store().lease("l_1").unwrap().unwrap();
+        let stored = records.store().lease("l_1").await.unwrap().unwrap();
         assert_eq!((stored.renewals, stored.state), (1, LeaseState::Revoked));
     }
 }

@@ -22,10 +22,11 @@ pub type Delivered = (String, Lease);
 impl Engine {
     /// Request `id` if `who` may see it; otherwise NOT_FOUND (never hint
     /// that someone else's request exists).
-    fn visible_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, EngineError> {
+    async fn visible_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, EngineError> {
         let req = self
             .store()
-            .request(id)?
+            .request(id)
+            .await?
             .ok_or_else(|| EngineError::not_found("request", id))?;
         let policy = self.policy();
         // The identity that delegated a parked exchange follows it too.
@@ -46,9 +47,9 @@ impl Engine {
     }
 
     /// Read a request (requester, eligible approver or admin).
-    pub fn get_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, EngineError> {
+    pub async fn get_request(&self, who: &Identity, id: &str) -> Result<TokenRequest, EngineError> {
         require_id("request_id", id)?;
-        self.visible_request(who, id)
+        self.visible_request(who, id).await
     }
 
     /// Withdraw one's own pending or approved request.
@@ -60,18 +61,21 @@ impl Engine {
     ) -> Result<TokenRequest, EngineError> {
         require_id("request_id", id)?;
         check_reason("reason", reason, false)?;
-        self.visible_request(who, id)?;
+        self.visible_request(who, id).await?;
         let out = self
-            .commit(|op| {
+            .commit(|mut op| async move {
                 let now = self.clock.now();
-                let out = self.records.edit_request(op, id, |req| {
-                    if req.requester != who.as_str() {
-                        return Err(EngineError::NotAllowed(format!(
-                            "only the requester may withdraw request `{id}`"
-                        )));
-                    }
-                    super::end_request(req, RequestState::Withdrawn, who, now, reason)
-                })?;
+                let out = self
+                    .records
+                    .edit_request(&mut op, id, |req| {
+                        if req.requester != who.as_str() {
+                            return Err(EngineError::NotAllowed(format!(
+                                "only the requester may withdraw request `{id}`"
+                            )));
+                        }
+                        super::end_request(req, RequestState::Withdrawn, who, now, reason)
+                    })
+                    .await?;
                 if let Cas::Swapped { new, .. } = &out {
                     op.record(vec![AuditEntry::ok(
                         who.as_str(),
@@ -81,7 +85,7 @@ impl Engine {
                         reason,
                     )])?;
                 }
-                Ok(out)
+                Ok((op, out))
             })
             .await?;
         let Cas::Swapped { new, .. } = out else {
@@ -102,30 +106,31 @@ impl Engine {
         id: &str,
     ) -> Result<(TokenRequest, Option<Delivered>), EngineError> {
         let who = &holder.who;
-        let r = self.get_request(who, id)?;
+        let r = self.get_request(who, id).await?;
         if r.state != RequestState::Approved || r.requester != who.as_str() {
             return Ok((r, None));
         }
         match self.claim(who, holder.x5t.as_deref(), id).await? {
             Some((token, lease, issued)) => Ok((issued, Some((token, lease)))),
             // Another call claimed it first: report what is stored now.
-            None => Ok((self.get_request(who, id)?, None)),
+            None => Ok((self.get_request(who, id).await?, None)),
         }
     }
 
     /// `who`'s own open requests, oldest first, after `page_token`.
-    pub fn list_my_requests(
+    pub async fn list_my_requests(
         &self,
         who: &Identity,
         page_size_asked: usize,
         page_token: &str,
     ) -> Result<(Vec<TokenRequest>, String), EngineError> {
         self.page_open_requests(page_size_asked, page_token, |r| r.requester == who.as_str())
+            .await
     }
 
     /// A page of the open requests `keep` selects, oldest first, after
     /// `page_token`, and the token of the next page (empty: no more).
-    pub(super) fn page_open_requests(
+    pub(super) async fn page_open_requests(
         &self,
         page_size_asked: usize,
         page_token: &str,
@@ -139,7 +144,7 @@ impl Engine {
         let mut out = Vec::new();
         let mut after = (!page_token.is_empty()).then(|| page_token.to_owned());
         loop {
-            let chunk = self.store().open_requests(after.as_deref(), SCAN)?;
+            let chunk = self.store().open_requests(after.as_deref(), SCAN).await?;
             let exhausted = chunk.len() < SCAN;
             for r in chunk {
                 after = Some(r.id.clone());
@@ -159,10 +164,10 @@ impl Engine {
     }
 
     /// Follow request `id` as `holder`: fails now if it is not visible.
-    pub fn watch(self: &Arc<Self>, holder: &Holder, id: &str) -> Result<Watch, EngineError> {
+    pub async fn watch(self: &Arc<Self>, holder: &Holder, id: &str) -> Result<Watch, EngineError> {
         // Subscribe before the first read so no change can slip between.
         let events = self.request_events();
-        self.get_request(&holder.who, id)?;
+        self.get_request(&holder.who, id).await?;
         let permit = self.watch_permit(&holder.who)?;
         Ok(Watch {
             _permit: permit,
@@ -249,10 +254,10 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_requester_withdraws_and_strangers_see_nothing() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let req = parked(&r, &["admin"]).await;
         let eve = id("spiffe://t/human/eve");
-        let err = r.engine.get_request(&eve, &req.id).unwrap_err();
+        let err = r.engine.get_request(&eve, &req.id).await.unwrap_err();
         assert!(matches!(err, EngineError::NotFound { .. }), "{err}");
         let alice = id("spiffe://t/human/alice");
         let err = r
@@ -277,14 +282,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_requester_lists_their_own_open_requests_only() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let mine = parked(&r, &["admin"]).await;
         let gone = parked(&r, &["admin", "read"]).await;
         r.engine
             .withdraw_request(&workload(), &gone.id, "")
             .await
             .unwrap();
-        let (list, next) = r.engine.list_my_requests(&workload(), 0, "").unwrap();
+        let (list, next) = r.engine.list_my_requests(&workload(), 0, "").await.unwrap();
         assert_eq!(
             list.iter().map(|q| q.id.as_str()).collect::<Vec<_>>(),
             [mine.id.as_str()]
@@ -294,19 +299,24 @@ mod tests {
         assert!(
             r.engine
                 .list_my_requests(&alice, 0, "")
+                .await
                 .unwrap()
                 .0
                 .is_empty()
         );
-        let err = r.engine.list_my_requests(&workload(), 501, "").unwrap_err();
+        let err = r
+            .engine
+            .list_my_requests(&workload(), 501, "")
+            .await
+            .unwrap_err();
         assert!(matches!(err, EngineError::Invalid(ref f) if f.field == "page_size"));
     }
 
     #[tokio::test]
     async fn a_watch_reports_each_change_and_delivers_the_token_once() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let req = parked(&r, &["admin"]).await;
-        let mut watch = r.engine.watch(&workload().into(), &req.id).unwrap();
+        let mut watch = r.engine.watch(&workload().into(), &req.id).await.unwrap();
         let first = watch.read().await.unwrap().unwrap();
         assert_eq!(first.request.state, RequestState::Pending);
         assert!(watch.read().await.unwrap().is_none(), "unchanged");

@@ -14,6 +14,9 @@ use crate::rotation::{Schedule, Step, plan};
 use crate::store::{Millis, Write};
 use crate::text::check_reason;
 
+/// Ids of leases signed by a withdrawn key read per page.
+const SIGNED_BY_PAGE: usize = 1000;
+
 /// An operator's `Keys.Rotate`.
 #[derive(Clone, Debug, Default)]
 pub struct Rotation {
@@ -36,10 +39,11 @@ const FORCED: &str = "rotation_forced_at";
 const WITHDRAWING: &str = "keys_withdrawing";
 
 impl Engine {
-    fn forced_rotation(&self) -> Result<Option<Millis>, EngineError> {
+    async fn forced_rotation(&self) -> Result<Option<Millis>, EngineError> {
         Ok(self
             .store()
-            .meta(FORCED)?
+            .meta(FORCED)
+            .await?
             .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())))
     }
 
@@ -60,9 +64,9 @@ impl Engine {
     ) -> Result<Option<Millis>, EngineError> {
         let (steps, wake) = plan(
             now,
-            &self.store().keys()?,
+            &self.store().keys().await?,
             schedule,
-            self.forced_rotation()?,
+            self.forced_rotation().await?,
         );
         if steps.is_empty() {
             return Ok(wake);
@@ -76,8 +80,13 @@ impl Engine {
             .any(|s| matches!(s, Step::CreateNext))
             .then(|| self.keys.generate(KeyState::Next, now))
             .transpose()?;
-        self.commit(|op| self.plan_steps(op, &steps, fresh.as_ref(), now, retire_after))
-            .await?;
+        let (steps_ref, fresh_ref) = (&steps, &fresh);
+        self.commit(|mut op| async move {
+            self.plan_steps(&mut op, steps_ref, fresh_ref.as_ref(), now, retire_after)
+                .await?;
+            Ok((op, ()))
+        })
+        .await?;
         for step in &steps {
             match step {
                 Step::CreateNext => tracing::info!("next signing key published"),
@@ -87,19 +96,19 @@ impl Engine {
                 Step::Remove(kid) => tracing::info!(%kid, "retired key unpublished"),
             }
         }
-        self.keys.reload(self.store().as_ref())?;
+        self.keys.reload(self.store().as_ref()).await?;
         let (_, wake) = plan(
             now,
-            &self.store().keys()?,
+            &self.store().keys().await?,
             schedule,
-            self.forced_rotation()?,
+            self.forced_rotation().await?,
         );
         Ok(wake)
     }
 
     /// The rotation steps due as one operation: the key changes and
     /// their records.
-    fn plan_steps(
+    async fn plan_steps(
         &self,
         op: &mut Op,
         steps: &[Step],
@@ -108,7 +117,7 @@ impl Engine {
         retire_after: Millis,
     ) -> Result<(), EngineError> {
         op.fence(self.keys_fence());
-        let keys = self.store().keys()?;
+        let keys = self.store().keys().await?;
         let mut entries = Vec::new();
         for step in steps {
             match step {
@@ -170,7 +179,7 @@ impl Engine {
         if ask.emergency {
             return self.rotate_emergency(who, &ask.kid, reason, now).await;
         }
-        self.commit(|op| {
+        self.commit(|mut op| async move {
             op.fence(self.keys_fence());
             op.write(Write::PutMeta(FORCED.into(), now.to_string().into_bytes()));
             op.record(vec![AuditEntry::ok(
@@ -180,7 +189,7 @@ impl Engine {
                 &[],
                 reason,
             )])?;
-            Ok(())
+            Ok((op, ()))
         })
         .await?;
         self.rotate_due_here(schedule, now).await?;
@@ -198,17 +207,18 @@ impl Engine {
         reason: &str,
         now: Millis,
     ) -> Result<(), EngineError> {
-        let keys = self.store().keys()?;
+        let keys = self.store().keys().await?;
         let targets = emergency_targets(&keys, kid)?;
         let fresh = self.signer_after(&keys, &targets, now)?;
+        let (fresh, targets) = (&fresh, &targets);
         // First the keys: once this commits, the store refuses every new
         // lease signed by a withdrawn key (on every broker), so the scan
         // below misses none.
-        self.commit(|op| {
+        self.commit(|mut op| async move {
             op.fence(self.keys_fence());
-            let keys = self.store().keys()?;
+            let keys = self.store().keys().await?;
             let mut entries = Vec::new();
-            if let Some(f) = &fresh {
+            if let Some(f) = fresh {
                 op.write(Write::PutKey(f.clone()));
                 entries.push(AuditEntry::ok(
                     who.as_str(),
@@ -223,8 +233,8 @@ impl Engine {
                 WITHDRAWING.into(),
                 kids.join(" ").into_bytes(),
             ));
-            for old in &targets {
-                unpublish(op, &keys, &old.kid, KeyState::Withdrawn);
+            for old in targets {
+                unpublish(&mut op, &keys, &old.kid, KeyState::Withdrawn);
                 entries.push(AuditEntry::ok(
                     who.as_str(),
                     Action::KeyEmergencyRotated,
@@ -234,11 +244,11 @@ impl Engine {
                 ));
             }
             op.record(entries)?;
-            Ok(())
+            Ok((op, ()))
         })
         .await?;
-        self.keys.reload(self.store().as_ref())?;
-        for old in &targets {
+        self.keys.reload(self.store().as_ref()).await?;
+        for old in targets {
             let count = self
                 .revoke_signed_by(&old.kid, who.as_str(), "emergency key rotation", now)
                 .await?;
@@ -253,14 +263,19 @@ impl Engine {
     pub async fn finish_withdrawals(&self) -> Result<u64, EngineError> {
         // Looked at on every step of the rotation task: one read when
         // nothing is pending, the keys role only when something is.
-        if self.store().meta(WITHDRAWING)?.is_none_or(|v| v.is_empty()) {
+        if self
+            .store()
+            .meta(WITHDRAWING)
+            .await?
+            .is_none_or(|v| v.is_empty())
+        {
             return Ok(0);
         }
         self.alone_on_keys(self.finish_withdrawals_here()).await
     }
 
     async fn finish_withdrawals_here(&self) -> Result<u64, EngineError> {
-        let pending = self.store().meta(WITHDRAWING)?.unwrap_or_default();
+        let pending = self.store().meta(WITHDRAWING).await?.unwrap_or_default();
         let pending = String::from_utf8_lossy(&pending).into_owned();
         let mut count = 0;
         for kid in pending.split_whitespace() {
@@ -283,10 +298,10 @@ impl Engine {
 
     /// Every withdrawn key's leases are revoked.
     async fn withdrawals_done(&self) -> Result<(), EngineError> {
-        self.commit(|op| {
+        self.commit(|mut op| async move {
             op.fence(self.keys_fence());
             op.write(Write::PutMeta(WITHDRAWING.into(), Vec::new()));
-            Ok(())
+            Ok((op, ()))
         })
         .await
     }
@@ -324,19 +339,39 @@ impl Engine {
         reason: &str,
         now: Millis,
     ) -> Result<u64, EngineError> {
-        self.commit(|op| {
+        self.commit(|mut op| async move {
             let mut count = 0u64;
             let mut entries = Vec::new();
-            for id in self.store().active_leases_signed_by(kid)? {
-                let edit = revoke_if_active(who, reason, now);
-                if let Cas::Swapped { .. } = self.records.edit_lease(op, &id, edit)? {
-                    count += 1;
-                    // A token delegated from one signed by the withdrawn key
-                    // ends too.
-                    let delegated =
-                        super::cascade::end_descendants(&self.records, op, &id, who, reason, now)?;
-                    count += delegated.len() as u64;
-                    entries.extend(delegated);
+            let mut after: Option<String> = None;
+            loop {
+                let page = self
+                    .store()
+                    .signed_by(kid, after.as_deref(), SIGNED_BY_PAGE)
+                    .await?;
+                let done = page.len() < SIGNED_BY_PAGE;
+                for id in page {
+                    let edit = revoke_if_active(who, reason, now);
+                    if let Cas::Swapped { .. } = self.records.edit_lease(&mut op, &id, edit).await?
+                    {
+                        count += 1;
+                        // A token delegated from one signed by the withdrawn
+                        // key ends too.
+                        let delegated = super::cascade::end_descendants(
+                            &self.records,
+                            &mut op,
+                            &id,
+                            who,
+                            reason,
+                            now,
+                        )
+                        .await?;
+                        count += delegated.len() as u64;
+                        entries.extend(delegated);
+                    }
+                    after = Some(id);
+                }
+                if done {
+                    break;
                 }
             }
             entries.insert(
@@ -350,7 +385,7 @@ impl Engine {
                 ),
             );
             op.record(entries)?;
-            Ok(count)
+            Ok((op, count))
         })
         .await
     }
@@ -432,7 +467,7 @@ mod tests {
 
     #[tokio::test]
     async fn emergency_rotation_withdraws_the_key_and_revokes_what_it_signed() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let lease = granted(&r, &["read"]).await;
         let schedule = Schedule::default();
         let err = r
@@ -446,7 +481,7 @@ mod tests {
             .rotate_now(&root, emergency(""), &schedule)
             .await
             .unwrap();
-        let keys = r.store.keys().unwrap();
+        let keys = r.store.keys().await.unwrap();
         let old = keys.iter().find(|k| k.kid == lease.kid).unwrap();
         assert_eq!(old.state, KeyState::Withdrawn);
         assert!(old.sealed_private.is_empty(), "private part destroyed");
@@ -456,11 +491,11 @@ mod tests {
         assert!(!set.jwks_json.contains(&lease.kid), "no longer published");
         assert!(set.withdrawn.contains(&lease.kid));
         assert_eq!(
-            r.store.lease(&lease.id).unwrap().unwrap().state,
+            r.store.lease(&lease.id).await.unwrap().unwrap().state,
             LeaseState::Revoked
         );
         assert_eq!(
-            r.store.meta(WITHDRAWING).unwrap().as_deref(),
+            r.store.meta(WITHDRAWING).await.unwrap().as_deref(),
             Some(&b""[..]),
             "nothing left pending"
         );
@@ -477,12 +512,13 @@ mod tests {
     /// pending) is finished when a broker leads again; then nothing is.
     #[tokio::test]
     async fn an_emergency_rotation_cut_short_is_finished_later() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let lease = granted(&r, &["read"]).await;
         let fresh = r.engine.keys.generate(KeyState::Active, 1).unwrap();
         let mut withdrawn = r
             .store
             .keys()
+            .await
             .unwrap()
             .into_iter()
             .find(|k| k.kid == lease.kid)
@@ -494,24 +530,27 @@ mod tests {
             Write::PutKey(withdrawn),
             Write::PutMeta(WITHDRAWING.into(), lease.kid.clone().into_bytes()),
         ] {
-            crate::store::batch::write_one(r.store.as_ref(), w).unwrap();
+            crate::store::batch::write_one(r.store.as_ref(), w)
+                .await
+                .unwrap();
         }
-        r.engine.keys.reload(r.store.as_ref()).unwrap();
+        r.engine.keys.reload(r.store.as_ref()).await.unwrap();
         assert_eq!(
-            r.store.lease(&lease.id).unwrap().unwrap().state,
+            r.store.lease(&lease.id).await.unwrap().unwrap().state,
             LeaseState::Active
         );
         assert_eq!(r.engine.finish_withdrawals().await.unwrap(), 1);
         assert_eq!(
-            r.store.lease(&lease.id).unwrap().unwrap().state,
+            r.store.lease(&lease.id).await.unwrap().unwrap().state,
             LeaseState::Revoked
         );
         assert_eq!(
-            r.store.meta(WITHDRAWING).unwrap().as_deref(),
+            r.store.meta(WITHDRAWING).await.unwrap().as_deref(),
             Some(&b""[..])
         );
         assert!(
             crate::engine::testing::actions(r.store.as_ref())
+                .await
                 .contains(&"lease.bulk_revoked".to_owned())
         );
         assert_eq!(r.engine.finish_withdrawals().await.unwrap(), 0);
@@ -519,7 +558,7 @@ mod tests {
 
     #[tokio::test]
     async fn scheduled_steps_publish_then_promote() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let schedule = Schedule::default();
         let first = r.engine.keys().current().active.kid.clone();
         let period = millis(schedule.period);
@@ -530,7 +569,7 @@ mod tests {
             .unwrap();
         let publish_at = wake.unwrap();
         r.engine.rotate_due(&schedule, publish_at).await.unwrap();
-        assert_eq!(r.store.keys().unwrap().len(), 2, "next key published");
+        assert_eq!(r.store.keys().await.unwrap().len(), 2, "next key published");
         r.engine
             .rotate_due(&schedule, crate::engine::testing::T0 + period)
             .await

@@ -80,13 +80,13 @@ impl Engine {
 
     /// Act on news from the shared store (see [`crate::store::Store::changes`]):
     /// `request:<id>`, `keys`, or `*` (anything may have changed).
-    pub fn heard(&self, news: &str) {
+    pub async fn heard(&self, news: &str) {
         if let Some(id) = news.strip_prefix("request:") {
             let _ = self.request_events.send(id.to_owned());
             return;
         }
         if news == "keys" || news == "*" {
-            match self.keys.refresh(self.store().as_ref()) {
+            match self.keys.refresh(self.store().as_ref()).await {
                 Ok(true) => tracing::info!("key ring changed by another broker; reloaded"),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "could not reload the key ring"),
@@ -104,18 +104,14 @@ impl Engine {
         &self,
         change: impl Future<Output = Result<T, EngineError>>,
     ) -> Result<T, EngineError> {
+        // One path for every store: one of its own grants the role at
+        // once, and ignores the fence.
         let store = self.store().clone();
-        if !store.shared() {
-            return change.await;
-        }
         let me = crate::text::new_id("keys_", self.clock.now())
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         let until = Instant::now() + KEYS_WAIT;
         let generation = loop {
-            let (s, m) = (store.clone(), me.clone());
-            let mine = tokio::task::spawn_blocking(move || s.lead(KEYS_ROLE, &m, KEYS_TERM_MS))
-                .await
-                .map_err(|e| EngineError::Internal(e.to_string()))??;
+            let mine = store.lead(KEYS_ROLE, &me, KEYS_TERM_MS).await?;
             if let Some(generation) = mine {
                 break generation;
             }
@@ -134,12 +130,14 @@ impl Engine {
             holder: me.clone(),
             generation,
         }));
-        let result = match self.keys.refresh(store.as_ref()) {
+        let result = match self.keys.refresh(store.as_ref()).await {
             Ok(_) => change.await,
             Err(e) => Err(e.into()),
         };
         self.set_keys_fence(None);
-        let _ = tokio::task::spawn_blocking(move || store.resign(KEYS_ROLE, &me)).await;
+        if let Err(e) = store.resign(KEYS_ROLE, &me).await {
+            tracing::warn!(error = %e, "could not give up the key-ring role; it lapses with its term");
+        }
         result
     }
 }

@@ -36,10 +36,13 @@ impl Drop for Rig {
 }
 
 /// An engine over `store` with `policy` (TOML) at [`T0`].
-pub fn rig_on(store: Arc<dyn Store>, policy: &str) -> Rig {
+pub async fn rig_on(store: Arc<dyn Store>, policy: &str) -> Rig {
     let (kek, _) = Kek::generate().unwrap();
-    let keys =
-        Arc::new(KeyRing::load_or_create(store.as_ref(), &kek, SigningAlg::Es256, T0).unwrap());
+    let keys = Arc::new(
+        KeyRing::load_or_create(store.as_ref(), &kek, SigningAlg::Es256, T0)
+            .await
+            .unwrap(),
+    );
     let cancel = CancellationToken::new();
     let (commit, _flusher) = GroupCommit::start(store.clone(), cancel.clone());
     let clock = Arc::new(ManualClock::new(T0));
@@ -50,9 +53,11 @@ pub fn rig_on(store: Arc<dyn Store>, policy: &str) -> Rig {
         keys,
         clock: clock.clone(),
         issuer: "https://t".into(),
-        audit: AuditLog::open(store.as_ref()).unwrap(),
+        audit: AuditLog::open(store.as_ref()).await.unwrap(),
         limits: super::Limits::default(),
     }));
+    // No leadership task here: the rig's engine leads from the start.
+    engine.set_leading(true, None, None);
     Rig {
         engine,
         clock,
@@ -62,8 +67,8 @@ pub fn rig_on(store: Arc<dyn Store>, policy: &str) -> Rig {
 }
 
 /// An engine over a fresh in-memory store.
-pub fn rig(policy: &str) -> Rig {
-    rig_on(Arc::new(MemStore::new()), policy)
+pub async fn rig(policy: &str) -> Rig {
+    rig_on(Arc::new(MemStore::new()), policy).await
 }
 
 /// A policy with one auto scope, one approval scope (2 of 3 approvers,
@@ -113,9 +118,10 @@ pub fn ask(scopes: &[&str]) -> super::TokenAsk {
 }
 
 /// The actions of the trail, in order.
-pub fn actions(store: &dyn Store) -> Vec<String> {
+pub async fn actions(store: &dyn Store) -> Vec<String> {
     store
         .audit_after(None, 10_000)
+        .await
         .unwrap()
         .into_iter()
         .map(|(_, b)| {

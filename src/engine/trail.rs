@@ -81,12 +81,12 @@ impl Engine {
     /// from the newest [`HISTORY_SCAN`] trail records: the approver
     /// console's history. Anyone who may review may read it; it shows
     /// what the trail says about requests they could see anyway.
-    pub fn decision_history(
+    pub async fn decision_history(
         &self,
         who: &Identity,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, EngineError> {
-        let Some((last, _)) = self.store().audit_last()? else {
+        let Some((last, _)) = self.store().audit_last().await? else {
             return Ok(Vec::new());
         };
         let policy = self.policy();
@@ -96,7 +96,7 @@ impl Engine {
         // Each request is read once, however many decisions it had.
         let mut may_see = std::collections::HashMap::<String, bool>::new();
         loop {
-            let page = self.store().audit_after(after, SCAN)?;
+            let page = self.store().audit_after(after, SCAN).await?;
             let done = page.len() < SCAN;
             for (seq, bytes) in page {
                 after = Some(seq);
@@ -111,7 +111,8 @@ impl Engine {
                         None => {
                             let v = self
                                 .store()
-                                .request(&r.target)?
+                                .request(&r.target)
+                                .await?
                                 .is_some_and(|req| super::may_decide(&policy, who, &req));
                             may_see.insert(r.target.clone(), v);
                             v
@@ -144,7 +145,7 @@ impl Engine {
     /// Up to `page_size` records after `after_seq` that `filter` wants (and
     /// at most about [`PAGE_BYTES`] of them), the sequence to continue after
     /// (0: no more), and the checkpoints over the range the page read.
-    pub fn export_audit(
+    pub async fn export_audit(
         &self,
         who: &Identity,
         filter: &Filter,
@@ -153,10 +154,11 @@ impl Engine {
     ) -> Result<ExportPage, EngineError> {
         self.require_auditor(who)?;
         let size = page_size(page_size_asked, AUDIT_PAGE)?;
-        let (records, next, read_to) = self.read_page(filter, after_seq, size)?;
+        let (records, next, read_to) = self.read_page(filter, after_seq, size).await?;
         let checkpoints = self
             .store()
-            .checkpoints_between(after_seq, read_to)?
+            .checkpoints(after_seq, read_to)
+            .await?
             .into_iter()
             .map(|(_, jws)| String::from_utf8_lossy(&jws).into_owned())
             .collect();
@@ -169,7 +171,7 @@ impl Engine {
 
     /// The records of one export page, the next token, and the highest
     /// sequence read.
-    fn read_page(
+    async fn read_page(
         &self,
         filter: &Filter,
         after_seq: u64,
@@ -179,7 +181,7 @@ impl Engine {
         let mut bytes_out = 0;
         let mut after = (after_seq > 0).then_some(after_seq);
         loop {
-            let page = self.store().audit_after(after, SCAN)?;
+            let page = self.store().audit_after(after, SCAN).await?;
             let done = page.len() < SCAN;
             for (seq, bytes) in page {
                 after = Some(seq);
@@ -205,13 +207,8 @@ impl Engine {
         witnessed: Vec<String>,
     ) -> Result<Report, EngineError> {
         self.require_auditor(who)?;
-        let store = self.store().clone();
         let keys = self.keys.current();
-        let report = tokio::task::spawn_blocking(move || {
-            crate::audit::verify_witnessed(store.as_ref(), &keys, &witnessed)
-        })
-        .await??;
-        Ok(report)
+        Ok(crate::audit::verify_witnessed(self.store().as_ref(), &keys, &witnessed).await?)
     }
 
     /// Follow the trail from after `after_seq` (0: only new records).
@@ -252,7 +249,11 @@ impl Tail {
             if let Some(rec) = self.backlog.pop() {
                 return Ok(Some(rec));
             }
-            let page = self.engine.store().audit_after(Some(self.last), 1024)?;
+            let page = self
+                .engine
+                .store()
+                .audit_after(Some(self.last), 1024)
+                .await?;
             match page.last() {
                 // Everything read counts as handled, decodable or not, so a
                 // run of undecodable records is passed, never re-read.
@@ -294,7 +295,7 @@ mod tests {
 
     #[tokio::test]
     async fn auditors_export_filtered_pages_and_tail_new_records() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         for _ in 0..3 {
             r.engine
                 .request_token(&workload(), ask(&["read"]))
@@ -308,6 +309,7 @@ mod tests {
         let err = r
             .engine
             .export_audit(&workload(), &Filter::default(), 0, 0)
+            .await
             .unwrap_err();
         assert!(matches!(err, EngineError::NotAllowed(_)));
         let carol = id("spiffe://t/human/carol");
@@ -315,16 +317,22 @@ mod tests {
             action: "token.".into(),
             ..Filter::default()
         };
-        let p = r.engine.export_audit(&carol, &token_only, 0, 2).unwrap();
+        let p = r
+            .engine
+            .export_audit(&carol, &token_only, 0, 2)
+            .await
+            .unwrap();
         assert_eq!((p.records.len(), p.next), (2, 2));
         let rest = r
             .engine
             .export_audit(&carol, &token_only, p.next, 2)
+            .await
             .unwrap();
         assert_eq!((rest.records.len(), rest.next), (1, 0));
         assert!(
             r.engine
                 .export_audit(&carol, &Filter::default(), 0, 5001)
+                .await
                 .is_err()
         );
 
@@ -343,7 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tail_passes_undecodable_records_instead_of_reading_them_again() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         for _ in 0..4 {
             r.engine
                 .request_token(&workload(), ask(&["read"]))
@@ -351,8 +359,8 @@ mod tests {
                 .unwrap();
         }
         // The newest two records no longer decode.
-        r.store.append_audit(3, b"garbage").unwrap();
-        r.store.append_audit(4, b"garbage").unwrap();
+        r.store.append_audit(3, b"garbage").await.unwrap();
+        r.store.append_audit(4, b"garbage").await.unwrap();
         let carol = id("spiffe://t/human/carol");
         let mut tail = r.engine.tail_audit(&carol, 1).unwrap();
         assert_eq!(tail.next().await.unwrap().unwrap().0.seq, 2);
@@ -375,7 +383,7 @@ mod tests {
     #[tokio::test]
     async fn export_pages_are_bounded_by_bytes_as_well_as_count() {
         use crate::audit::{Action, Entry};
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let long = "x".repeat(4000);
         for _ in 0..600 {
             let e = Entry::ok("spiffe://t/w", Action::TokenRefused, "", &[], &long);
@@ -385,6 +393,7 @@ mod tests {
         let first = r
             .engine
             .export_audit(&carol, &Filter::default(), 0, 5000)
+            .await
             .unwrap();
         let (page, next) = (first.records, first.next);
         let bytes: usize = page.iter().map(|(_, b)| b.len()).sum();
@@ -395,6 +404,7 @@ mod tests {
             let more = r
                 .engine
                 .export_audit(&carol, &Filter::default(), after, 5000)
+                .await
                 .unwrap();
             total += more.records.len();
             after = more.next;

@@ -8,7 +8,35 @@ use tokio::sync::watch;
 use super::{Engine, EngineError, SYSTEM_ACTOR};
 use crate::audit::{Action, Entry as AuditEntry};
 use crate::policy::Policy;
-use crate::store::Millis;
+use crate::store::{Millis, Row, Table, Write};
+
+/// Rows read per page of retention.
+const RETENTION_PAGE: usize = 1000;
+
+/// The deletions of one retention operation, counted.
+#[derive(Default)]
+struct Purge {
+    writes: Vec<Write>,
+    leases: u64,
+    requests: u64,
+}
+
+impl Purge {
+    /// Delete `row` too if it ended before `before`.
+    fn add(&mut self, row: Row, before: Millis) {
+        match row {
+            Row::Lease(l) if l.ended_at().is_some_and(|t| t < before) => {
+                self.writes.push(Write::DeleteLease(l));
+                self.leases += 1;
+            }
+            Row::Request(r) if r.ended_at().is_some_and(|t| t < before) => {
+                self.writes.push(Write::DeleteRequest(r));
+                self.requests += 1;
+            }
+            _ => {}
+        }
+    }
+}
 
 /// Policy reloads since start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,69 +62,117 @@ impl Engine {
             &self.keys.current(),
             &self.issuer,
             self.clock.now(),
-        )?;
+        )
+        .await?;
         if let Some((seq, jws)) = &signed {
-            self.commit(|op| {
+            self.commit(|mut op| async move {
                 op.fence(self.upkeep_fence());
                 op.write(crate::store::Write::PutCheckpoint(
                     *seq,
                     jws.as_bytes().to_vec(),
                 ));
-                Ok(())
+                Ok((op, ()))
             })
             .await?;
         }
         Ok(signed)
     }
 
-    /// Retention: delete leases and requests that ended before `before`
-    /// (recorded in the trail with the counts).
+    /// Retention: delete leases and requests that ended before `before`.
+    /// Read a page at a time; up to a page of deletions and their record
+    /// (with the counts) are one operation, so nothing goes unrecorded.
     pub async fn purge_ended(&self, before: Millis) -> Result<(u64, u64), EngineError> {
-        let store = self.store().clone();
-        let counts = tokio::task::spawn_blocking(move || store.purge_ended(before)).await??;
-        if counts != (0, 0) {
-            let summary = format!(
-                "{} leases and {} requests that ended before {before}",
-                counts.0, counts.1
-            );
-            let entry = AuditEntry::ok(SYSTEM_ACTOR, Action::RetentionPurged, "", &[], &summary);
-            self.record_fenced(vec![entry]).await?;
+        let mut total = (0, 0);
+        let mut gone = Purge::default();
+        for table in [Table::Leases, Table::Requests] {
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = self
+                    .store()
+                    .scan(table, after.as_deref(), RETENTION_PAGE)
+                    .await?;
+                let done = page.len() < RETENTION_PAGE;
+                after = page.last().map(|(k, _)| k.clone());
+                for (_, row) in page {
+                    gone.add(row, before);
+                    if gone.writes.len() >= RETENTION_PAGE {
+                        self.purge_batch(std::mem::take(&mut gone), before, &mut total)
+                            .await?;
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        self.purge_batch(gone, before, &mut total).await?;
+        if total != (0, 0) {
             tracing::info!(
-                leases = counts.0,
-                requests = counts.1,
+                leases = total.0,
+                requests = total.1,
                 "retention: ended records purged"
             );
         }
-        Ok(counts)
+        Ok(total)
+    }
+
+    /// One operation of retention: its deletions and its record, fenced.
+    async fn purge_batch(
+        &self,
+        gone: Purge,
+        before: Millis,
+        total: &mut (u64, u64),
+    ) -> Result<(), EngineError> {
+        if gone.writes.is_empty() {
+            return Ok(());
+        }
+        let summary = format!(
+            "{} leases and {} requests that ended before {before}",
+            gone.leases, gone.requests
+        );
+        let (writes, summary) = (&gone.writes, &summary);
+        self.commit(|mut op| async move {
+            op.fence(self.upkeep_fence());
+            for w in writes {
+                op.write(w.clone());
+            }
+            let entry = AuditEntry::ok(SYSTEM_ACTOR, Action::RetentionPurged, "", &[], summary);
+            op.record(vec![entry])?;
+            Ok((op, ()))
+        })
+        .await?;
+        total.0 += gone.leases;
+        total.1 += gone.requests;
+        Ok(())
     }
 
     /// Retention: remove audit records older than `before`, up to the newest
-    /// signed checkpoint before it, so what remains still verifies.
+    /// signed checkpoint before it, so what remains still verifies. The
+    /// removal and its record are one operation.
     pub async fn compact_audit(&self, before: Millis) -> Result<Option<u64>, EngineError> {
-        let point = self
-            .audit
-            .compact(self.store().as_ref(), &self.keys.current(), before)?;
+        let point = crate::audit::AuditLog::compaction_point(
+            self.store().as_ref(),
+            &self.keys.current(),
+            before,
+        )
+        .await?;
         if let Some(seq) = point {
-            let entry = AuditEntry::ok(
-                SYSTEM_ACTOR,
-                Action::AuditCompacted,
-                &seq.to_string(),
-                &[],
-                "retention",
-            );
-            self.record_fenced(vec![entry]).await?;
+            self.commit(|mut op| async move {
+                op.fence(self.upkeep_fence());
+                op.write(Write::CompactAudit(seq));
+                op.record(vec![AuditEntry::ok(
+                    SYSTEM_ACTOR,
+                    Action::AuditCompacted,
+                    &seq.to_string(),
+                    &[],
+                    "retention",
+                )])?;
+                Ok((op, ()))
+            })
+            .await?;
             tracing::info!(through = seq, "audit trail compacted");
         }
         Ok(point)
-    }
-
-    /// Record leader-only work that is already done.
-    async fn record_fenced(&self, entries: Vec<AuditEntry>) -> Result<(), EngineError> {
-        self.commit(|op| {
-            op.fence(self.upkeep_fence());
-            Ok(op.record(entries.clone())?)
-        })
-        .await
     }
 
     /// Swap in a new (already validated) policy; requests in flight finish
@@ -129,7 +205,7 @@ mod tests {
 
     #[tokio::test]
     async fn retention_purges_only_what_ended_before_the_cutoff() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         let lease = granted(&r, &["read"]).await;
         r.engine.revoke(&workload(), &lease.id, "").await.unwrap();
         assert_eq!(r.engine.purge_ended(lease.issued_at).await.unwrap(), (0, 0));
@@ -141,16 +217,16 @@ mod tests {
                 .unwrap(),
             (1, 0)
         );
-        assert!(r.store.lease(&lease.id).unwrap().is_none());
+        assert!(r.store.lease(&lease.id).await.unwrap().is_none());
         assert_eq!(
-            actions(r.store.as_ref()).last().unwrap(),
+            actions(r.store.as_ref()).await.last().unwrap(),
             "retention.purged"
         );
     }
 
     #[tokio::test]
     async fn checkpoints_cover_new_records_only_and_policy_swaps_are_counted() {
-        let r = rig(POLICY);
+        let r = rig(POLICY).await;
         assert_eq!(
             r.engine.checkpoint_audit().await.unwrap(),
             None,

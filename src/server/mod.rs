@@ -308,8 +308,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     };
     let http_addr = http.as_ref().map(|(_, a)| *a);
     let issuer = settle_issuer(&cfg, &store, grpc_addr, http_addr).await?;
-    store.resign(START_ROLE, &node)?;
-    let audit = AuditLog::open(store.as_ref())?;
+    store.resign(START_ROLE, &node).await?;
+    let audit = AuditLog::open(store.as_ref()).await?;
 
     let cancel = CancellationToken::new();
     // The committer outlives the tasks: what they write while stopping (the
@@ -504,9 +504,7 @@ fn log_ready(engine: &Engine, grpc_addr: SocketAddr, http_addr: Option<SocketAdd
         Some(http_addr) => tracing::info!(%grpc_addr, %http_addr, %issuer, %kid, "broker ready"),
         None => tracing::info!(%grpc_addr, %issuer, %kid, "broker ready"),
     }
-    if engine.store().shared() {
-        tracing::info!(%node, "sharing the database with any other broker on it");
-    }
+    tracing::info!(%node, "broker node name (its leadership terms on a shared store)");
 }
 
 /// Meta key: the `iss` every token in this store was issued under.
@@ -518,14 +516,15 @@ const ISSUER_META: &str = "issuer";
 /// URL, where JWKS and discovery live); later starts use the stored one. A
 /// configured issuer that differs from the stored one is refused unless
 /// `allow_issuer_change` says to switch.
-fn issuer(
+async fn issuer(
     cfg: &IssuerAsk,
     store: &dyn Store,
     grpc: SocketAddr,
     http: Option<SocketAddr>,
 ) -> Result<String, ServeError> {
     let stored = store
-        .meta(ISSUER_META)?
+        .meta(ISSUER_META)
+        .await?
         .and_then(|v| String::from_utf8(v).ok())
         .filter(|s| !s.is_empty());
     let chosen = match (&cfg.configured, stored) {
@@ -546,12 +545,12 @@ fn issuer(
     crate::store::batch::write_one(
         store,
         crate::store::Write::PutMeta(ISSUER_META.into(), chosen.as_bytes().to_vec()),
-    )?;
+    )
+    .await?;
     Ok(chosen)
 }
 
-/// [`issuer`], on a thread that may wait for the store's writer (the
-/// first start records it).
+/// [`issuer`], as the configuration asks.
 async fn settle_issuer(
     cfg: &ServeConfig,
     store: &Arc<dyn Store>,
@@ -563,10 +562,7 @@ async fn settle_issuer(
         allow_change: cfg.allow_issuer_change,
         https: cfg.http_tls,
     };
-    let s = store.clone();
-    tokio::task::spawn_blocking(move || issuer(&asked, s.as_ref(), grpc_addr, http_addr))
-        .await
-        .map_err(|e| ServeError::Internal(e.to_string()))?
+    issuer(&asked, store.as_ref(), grpc_addr, http_addr).await
 }
 
 /// What the configuration says of the issuer.
@@ -586,11 +582,8 @@ const START_TERM: Duration = Duration::from_secs(30);
 async fn take_turn(store: &Arc<dyn Store>, node: &str) -> Result<(), ServeError> {
     let until = tokio::time::Instant::now() + 2 * START_TERM;
     loop {
-        let (s, n) = (store.clone(), node.to_owned());
         let term = u64::try_from(START_TERM.as_millis()).unwrap_or(u64::MAX);
-        let mine = tokio::task::spawn_blocking(move || s.lead(START_ROLE, &n, term))
-            .await
-            .map_err(|e| ServeError::Internal(e.to_string()))??;
+        let mine = store.lead(START_ROLE, node, term).await?;
         if mine.is_some() {
             return Ok(());
         }
@@ -614,26 +607,24 @@ async fn open_state(
     let node = crate::text::new_id("broker_", cfg.clock.now())
         .map_err(|e| ServeError::Internal(e.to_string()))?;
     take_turn(&store, &node).await?;
-    // It may write (the first key, the KEK check value): on a thread that
-    // may wait for the store's writer.
-    let (s, alg, now) = (store.clone(), cfg.alg, cfg.clock.now());
-    let ring = Arc::new(
-        tokio::task::spawn_blocking(move || KeyRing::load_or_create(s.as_ref(), &kek, alg, now))
-            .await
-            .map_err(|e| ServeError::Internal(e.to_string()))??,
-    );
+    // It may write the first key and the KEK check value.
+    let ring =
+        Arc::new(KeyRing::load_or_create(store.as_ref(), &kek, cfg.alg, cfg.clock.now()).await?);
     Ok((store, ring, node))
 }
 
 /// Where `portcullis store copy` reads or writes: a PostgreSQL URL, or a
 /// sled data directory (`sled:DIR` or just `DIR`).
-fn open_named(spec: &str, ca_file: Option<&Path>) -> Result<Arc<dyn Store>, ServeError> {
+async fn open_named(spec: &str, ca_file: Option<&Path>) -> Result<Arc<dyn Store>, ServeError> {
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-        return Ok(Arc::new(PgStore::connect(&PgOptions {
-            url: spec.to_owned(),
-            ca_file: ca_file.map(Path::to_path_buf),
-            pool_size: 4,
-        })?));
+        return Ok(Arc::new(
+            PgStore::connect(&PgOptions {
+                url: spec.to_owned(),
+                ca_file: ca_file.map(Path::to_path_buf),
+                pool_size: 4,
+            })
+            .await?,
+        ));
     }
     let dir = spec.strip_prefix("sled:").unwrap_or(spec);
     if dir.is_empty() {
@@ -648,15 +639,15 @@ fn open_named(spec: &str, ca_file: Option<&Path>) -> Result<Arc<dyn Store>, Serv
 }
 
 /// Copy every record of the store `from` names into the empty store `to`
-/// names (`portcullis store copy`); both must be quiet. Blocking.
-pub fn copy_store(
+/// names (`portcullis store copy`); both must be quiet.
+pub async fn copy_store(
     from: &str,
     to: &str,
     ca_file: Option<&Path>,
 ) -> Result<crate::store::copy::Copied, ServeError> {
-    let source = open_named(from, ca_file)?;
-    let target = open_named(to, ca_file)?;
-    Ok(crate::store::copy::copy(source.as_ref(), target.as_ref())?)
+    let source = open_named(from, ca_file).await?;
+    let target = open_named(to, ca_file).await?;
+    Ok(crate::store::copy::copy(source.as_ref(), target.as_ref()).await?)
 }
 
 /// The store `cfg` names: PostgreSQL, sled in its data directory, or memory.
@@ -665,11 +656,9 @@ async fn open_store(cfg: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
         return Ok(Arc::new(MemStore::new()));
     }
     if let Some(opts) = cfg.database.clone() {
-        let store = tokio::task::spawn_blocking(move || PgStore::connect(&opts))
-            .await
-            .map_err(|e| ServeError::Internal(e.to_string()))??;
-        return Ok(Arc::new(store));
+        return Ok(Arc::new(PgStore::connect(&opts).await?));
     }
+    // Opening sled reads and recovers its log: blocking file work.
     let (dir, opts) = (cfg.data_dir.clone(), cfg.sled);
     let store = tokio::task::spawn_blocking(move || SledStore::open_with(&dir, opts))
         .await
@@ -747,10 +736,10 @@ fn spawn_tasks(
         c(),
     ));
     tracker.spawn(tasks::count_gauges(engine.clone()));
-    if engine.store().shared() {
-        tracker.spawn(tasks::lead(engine.clone(), node.to_owned(), c()));
-        tracker.spawn(tasks::hear(engine.clone(), c()));
-    }
+    // On every store: one of its own grants leadership at once and has
+    // no news from others (`hear` returns).
+    tracker.spawn(tasks::lead(engine.clone(), node.to_owned(), c()));
+    tracker.spawn(tasks::hear(engine.clone(), c()));
     if let Some(rx) = engine.take_notifications() {
         let e = engine.clone();
         let stats = engine.notifier().stats().clone();

@@ -137,6 +137,7 @@ pub(super) async fn checkpoints(
         if engine.leads()
             && (stop
                 || crate::audit::AuditLog::since_checkpoint(engine.store().as_ref())
+                    .await
                     .is_ok_and(|n| n >= CHECKPOINT_EVERY)
                 || last.elapsed() >= CHECKPOINT_INTERVAL)
         {
@@ -218,7 +219,7 @@ pub(super) async fn health(
     use crate::pb::{approvals_server, audit_server, broker_server, keys_server};
     let mut serving = None;
     loop {
-        let ok = engine.healthy();
+        let ok = engine.healthy().await;
         engine.set_serving(ok);
         if serving != Some(ok) {
             let status = if ok {
@@ -293,9 +294,8 @@ pub(super) async fn retention(engine: Arc<Engine>, keep: Duration, cancel: Cance
 
 /// Start the gauges from the store's counts, off the start-up path.
 pub(super) async fn count_gauges(engine: Arc<Engine>) {
-    let store = engine.store().clone();
-    match tokio::task::spawn_blocking(move || store.counts()).await {
-        Ok(Ok((leases, requests))) => {
+    match engine.store().counts().await {
+        Ok((leases, requests)) => {
             let m = engine.metrics();
             m.active_leases
                 .inc_by(i64::try_from(leases).unwrap_or(i64::MAX));
@@ -306,17 +306,17 @@ pub(super) async fn count_gauges(engine: Arc<Engine>) {
     }
 }
 
-/// On a shared store: hold the upkeep role while this broker can, renewing
+/// Hold the upkeep role while this broker can (on a store of its own, at
+/// once and always), renewing
 /// every [`LEADER_RENEW`]; stop acting at the first renewal that fails; give
 /// the role up at shutdown so another broker takes over at once.
 pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: CancellationToken) {
     let term = millis(LEADER_TERM);
     loop {
-        let (store, n) = (engine.store().clone(), node.clone());
         let asked = std::time::Instant::now();
-        let held = tokio::task::spawn_blocking(move || store.lead(UPKEEP_ROLE, &n, term)).await;
+        let held = engine.store().lead(UPKEEP_ROLE, &node, term).await;
         let fence = match &held {
-            Ok(Ok(Some(generation))) => Some(crate::store::Fence {
+            Ok(Some(generation)) => Some(crate::store::Fence {
                 role: UPKEEP_ROLE.into(),
                 holder: node.clone(),
                 generation: *generation,
@@ -328,7 +328,7 @@ pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: Cancellation
             tracing::info!(node = %node, leading, "upkeep leadership changed");
         }
         engine.set_leading(leading, Some(asked + LEADER_TERM / 2), fence);
-        if let Ok(Err(e)) = held {
+        if let Err(e) = held {
             tracing::warn!(error = %e, "cannot renew upkeep leadership; time-driven work paused here");
         }
         tokio::select! {
@@ -336,14 +336,17 @@ pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: Cancellation
             () = tokio::time::sleep(LEADER_RENEW) => {}
         }
     }
-    if engine.leads() {
-        engine.set_leading(false, None, None);
-        let store = engine.store().clone();
-        let _ = tokio::task::spawn_blocking(move || store.resign(UPKEEP_ROLE, &node)).await;
+    // The term ends in the store (another broker may take over at once);
+    // this broker's last leader-only steps at shutdown (a final
+    // checkpoint) still run, and the store refuses them if it was too late.
+    if engine.leads()
+        && let Err(e) = engine.store().resign(UPKEEP_ROLE, &node).await
+    {
+        tracing::warn!(error = %e, "could not give up upkeep leadership; it lapses with its term");
     }
 }
 
-/// On a shared store: pass other brokers' news to the engine as it comes,
+/// Where other brokers share the store: pass their news to the engine as it comes,
 /// and look for what was missed every [`SHARED_POLL`]; feed new trail
 /// records to live followers.
 pub(super) async fn hear(engine: Arc<Engine>, cancel: CancellationToken) {
@@ -362,12 +365,12 @@ pub(super) async fn hear(engine: Arc<Engine>, cancel: CancellationToken) {
                 Err(RecvError::Closed) => return,
             },
             _ = poll.tick() => {
-                if let Err(e) = engine.audit().poll_tail(engine.store().as_ref()) {
+                if let Err(e) = engine.audit().poll_tail(engine.store().as_ref()).await {
                     tracing::debug!(error = %e, "could not read new trail records");
                 }
                 "*".to_owned()
             }
         };
-        engine.heard(&heard);
+        engine.heard(&heard).await;
     }
 }

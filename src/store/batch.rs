@@ -63,6 +63,16 @@ pub enum Write {
     PutMeta(String, Vec<u8>),
     /// Store a signed audit checkpoint over record `seq`.
     PutCheckpoint(u64, Vec<u8>),
+    /// Retention: delete an ended lease (and its index entries) if the
+    /// stored lease still equals this one.
+    DeleteLease(Lease),
+    /// Retention: delete an ended request if the stored one still equals
+    /// this one.
+    DeleteRequest(TokenRequest),
+    /// Retention: delete audit records `<= seq` and checkpoints `< seq`
+    /// (the checkpoint at `seq` stays as the anchor of what remains; the
+    /// head, and the batch's own records after it, are not affected).
+    CompactAudit(u64),
     /// Store a row as it is, without the checks of a create (moving a
     /// store into an empty one); an existing lease or request loses.
     CopyRow(super::Row),
@@ -205,6 +215,12 @@ pub(crate) trait Tables {
     fn put_checkpoint(&mut self, seq: u64, jws: &[u8]) -> Result<(), StoreError>;
     /// Store a chained audit record.
     fn put_audit(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Delete a lease and its index entries.
+    fn delete_lease(&mut self, lease: &Lease) -> Result<(), StoreError>;
+    /// Delete a request and its index entries.
+    fn delete_request(&mut self, req: &TokenRequest) -> Result<(), StoreError>;
+    /// Delete audit records `<= seq` and checkpoints `< seq`.
+    fn compact_audit(&mut self, seq: u64) -> Result<(), StoreError>;
 }
 
 /// Does `kid` still sign (or at least verify: a key retired a moment ago
@@ -277,11 +293,36 @@ fn write(t: &mut impl Tables, w: &Write) -> Result<Option<Lost>, StoreError> {
         Write::DeleteKey(kid) => t.delete_key(kid)?,
         Write::PutMeta(name, value) => t.put_meta(name, value)?,
         Write::PutCheckpoint(seq, jws) => t.put_checkpoint(*seq, jws)?,
+        Write::DeleteLease(_) | Write::DeleteRequest(_) | Write::CompactAudit(_) => {
+            return retain(t, w);
+        }
         Write::CopyRow(row) => return copy_row(t, row),
         // Moves the head: see `apply_to`.
         Write::CopyAudit(seq, bytes) => t.put_audit(*seq, bytes)?,
         #[cfg(test)]
         Write::Fail => return Err(StoreError::Unavailable("injected failure".into())),
+    }
+    Ok(None)
+}
+
+/// A retention write: an ended record deleted if unchanged, or the trail
+/// compacted.
+fn retain(t: &mut impl Tables, w: &Write) -> Result<Option<Lost>, StoreError> {
+    match w {
+        Write::DeleteLease(l) => {
+            if t.lease(&l.id)?.as_ref() != Some(l) {
+                return Ok(Some(Lost::Lease(l.id.clone())));
+            }
+            t.delete_lease(l)?;
+        }
+        Write::DeleteRequest(r) => {
+            if t.request(&r.id)?.as_ref() != Some(r) {
+                return Ok(Some(Lost::Request(r.id.clone())));
+            }
+            t.delete_request(r)?;
+        }
+        Write::CompactAudit(seq) => t.compact_audit(*seq)?,
+        _ => {}
     }
     Ok(None)
 }
@@ -356,28 +397,16 @@ fn stopped() -> StoreError {
     StoreError::Unavailable("the store's writer stopped".into())
 }
 
-/// The outcome of a batch, waited for by a thread that is not running
-/// async tasks (start-up on a blocking thread, tools, tests). At once when
-/// it is decided already.
-pub fn wait(mut pending: Applying) -> Result<Applied, StoreError> {
-    match pending.try_recv() {
-        Ok(outcome) => outcome,
-        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(stopped()),
-        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
-            pending.blocking_recv().map_err(|_| stopped())?
-        }
-    }
-}
-
 /// Apply `w` alone, with no record: for what a store holds before any
 /// operation can run (the KEK check value, the first signing key, the
-/// issuer), and for moving a store. A write that loses is an error. Waits
-/// with [`wait`]: call it from a thread that may block.
-pub fn write_one<S: super::Store + ?Sized>(store: &S, w: Write) -> Result<(), StoreError> {
-    match wait(store.apply(Batch {
+/// issuer), and for moving a store. A write that loses is an error.
+pub async fn write_one<S: super::Store + ?Sized>(store: &S, w: Write) -> Result<(), StoreError> {
+    match applied(store.apply(Batch {
         writes: vec![w],
         ..Batch::default()
-    }))? {
+    }))
+    .await?
+    {
         Applied::Done(_) => Ok(()),
         Applied::Lost(lost) => Err(StoreError::Unavailable(format!(
             "a single write was refused: {lost:?}"
@@ -394,6 +423,8 @@ pub fn gauge_delta(w: &Write) -> (i64, i64) {
         Write::SwapLease { old, new } => (active(new) - active(old), 0),
         Write::CreateRequest { req, .. } => (0, open(req)),
         Write::SwapRequest { old, new } => (0, open(new) - open(old)),
+        Write::DeleteLease(l) => (-active(l), 0),
+        Write::DeleteRequest(r) => (0, -open(r)),
         _ => (0, 0),
     }
 }

@@ -3,7 +3,7 @@
 //! A writer applies its write to the store, then awaits [`GroupCommit::durable`].
 //! That takes a ticket (a sequence number taken *after* the write was
 //! applied) and wakes the single flusher task. The flusher reads the highest
-//! ticket handed out, runs one [`Store::sync`] on a blocking thread, and
+//! ticket handed out, awaits one [`Store::sync`], and
 //! publishes that ticket as durable; every writer whose ticket is covered
 //! returns. Writers that arrive while a sync is running form the next batch.
 //!
@@ -142,11 +142,7 @@ async fn flusher(inner: Arc<Inner>, store: Arc<dyn Store>, cancel: CancellationT
         // The last round syncs even without a ticket: a shared store may
         // hold records queued by writes nobody waited on.
         if target > done || stopping {
-            let s = store.clone();
-            let result = tokio::task::spawn_blocking(move || s.sync())
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))
-                .and_then(|r| r);
+            let result = store.sync().await;
             inner.progress.send_modify(|p| {
                 p.syncs += 1;
                 match &result {

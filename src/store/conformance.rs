@@ -1,24 +1,22 @@
 // Test-only: declared `#[cfg(test)] pub(crate) mod conformance;` in store/mod.rs.
-//! One suite every [`Store`] backend must pass, following the split of the
-//! contract: the tests of one part ([`LeaseStore`], [`RequestStore`],
-//! [`AuditStore`], [`KeyStore`]) see only that part, so a new backend
-//! (PostgreSQL) can be brought up one part at a time; the cross-part tests
-//! (idempotency, retention, metadata) come after. A new backend adds one
-//! line to `backends()` below.
+//! One suite every [`Store`] backend must pass: leases, requests, the
+//! trail, keys, metadata and console secrets read back as written; batches
+//! apply whole, lose a check, or fail midway leaving nothing visible. A new
+//! backend adds one line to `backends()` below.
 
 use super::mem::MemStore;
 use super::sled_store::SledStore;
 use super::*;
 use crate::model::*;
 
-fn backends() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
+async fn backends() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
     let sled = SledStore::open(dir.path()).unwrap();
     let mut all: Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> = vec![
         ("mem", Box::new(MemStore::new()), None),
         ("sled", Box::new(sled), Some(dir)),
     ];
-    if let Some(pg) = postgres_store() {
+    if let Some(pg) = postgres_store().await {
         all.push(("postgres", Box::new(pg), None));
     }
     all
@@ -26,7 +24,7 @@ fn backends() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> 
 
 /// A PostgreSQL store on a database of its own, when the tests were given
 /// one; otherwise says once, on stderr, that these runs were skipped.
-pub(crate) fn postgres_store() -> Option<super::postgres::PgStore> {
+pub(crate) async fn postgres_store() -> Option<super::postgres::PgStore> {
     use super::postgres::{PgOptions, PgStore, TEST_DATABASE_ENV, scratch_database};
     static SKIPPED: std::sync::Once = std::sync::Once::new();
     let Ok(base) = std::env::var(TEST_DATABASE_ENV) else {
@@ -37,13 +35,14 @@ pub(crate) fn postgres_store() -> Option<super::postgres::PgStore> {
         });
         return None;
     };
-    let url = scratch_database(&base).unwrap();
+    let url = scratch_database(&base).await.unwrap();
     Some(
         PgStore::connect(&PgOptions {
             url,
             ca_file: None,
             pool_size: 4,
         })
+        .await
         .unwrap(),
     )
 }
@@ -64,32 +63,37 @@ pub(crate) fn test_key(kid: &str) -> KeyRecord {
 }
 
 /// Store [`test_key`] `kid`, which test leases name.
-pub(crate) fn put_test_key(s: &dyn Store, kid: &str) {
-    batch::write_one(s, Write::PutKey(test_key(kid))).unwrap();
+pub(crate) async fn put_test_key(s: &dyn Store, kid: &str) {
+    batch::write_one(s, Write::PutKey(test_key(kid)))
+        .await
+        .unwrap();
 }
 
 /// The writes of the earlier per-call contract, as one-write batches
 /// through [`Store::apply`]: the tests read as before and exercise the
 /// real apply path. A lease whose key the store lacks gets [`test_key`]
 /// first (tests make leases before keys).
+#[async_trait::async_trait]
 pub(crate) trait TestWrites {
-    fn create_lease(
+    async fn create_lease(
         &self,
         l: &Lease,
         i: Option<&Idempotency>,
     ) -> Result<Option<Idempotency>, StoreError>;
-    fn swap_lease(&self, c: &Lease, n: &Lease) -> Result<bool, StoreError>;
-    fn create_request(
+    async fn swap_lease(&self, c: &Lease, n: &Lease) -> Result<bool, StoreError>;
+    async fn create_request(
         &self,
         r: &TokenRequest,
         i: Option<&Idempotency>,
     ) -> Result<Option<Idempotency>, StoreError>;
-    fn swap_request(&self, c: &TokenRequest, n: &TokenRequest) -> Result<bool, StoreError>;
-    fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError>;
-    fn delete_key(&self, kid: &str) -> Result<(), StoreError>;
-    fn put_meta(&self, n: &str, v: &[u8]) -> Result<(), StoreError>;
-    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError>;
-    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
+    async fn swap_request(&self, c: &TokenRequest, n: &TokenRequest) -> Result<bool, StoreError>;
+    async fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError>;
+    async fn delete_key(&self, kid: &str) -> Result<(), StoreError>;
+    async fn put_meta(&self, n: &str, v: &[u8]) -> Result<(), StoreError>;
+    async fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError>;
+    async fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Apply `b` and wait for the outcome.
+    async fn apply_now(&self, b: Batch) -> Result<Applied, StoreError>;
 }
 
 fn one(w: Write) -> Batch {
@@ -99,8 +103,9 @@ fn one(w: Write) -> Batch {
     }
 }
 
+#[async_trait::async_trait]
 impl<S: Store + ?Sized> TestWrites for S {
-    fn create_lease(
+    async fn create_lease(
         &self,
         l: &Lease,
         i: Option<&Idempotency>,
@@ -109,10 +114,10 @@ impl<S: Store + ?Sized> TestWrites for S {
             lease: l.clone(),
             idem: i.cloned(),
         };
-        let mut out = batch::wait(self.apply((one(w.clone())).clone()))?;
+        let mut out = self.apply_now(one(w.clone())).await?;
         if let Applied::Lost(Lost::KeyInactive(kid)) = &out {
-            batch::write_one(self, Write::PutKey(test_key(kid)))?;
-            out = batch::wait(self.apply((one(w)).clone()))?;
+            batch::write_one(self, Write::PutKey(test_key(kid))).await?;
+            out = self.apply_now(one(w)).await?;
         }
         match out {
             Applied::Done(_) => Ok(None),
@@ -120,17 +125,14 @@ impl<S: Store + ?Sized> TestWrites for S {
             Applied::Lost(l) => Err(StoreError::Unavailable(format!("{l:?}"))),
         }
     }
-    fn swap_lease(&self, c: &Lease, n: &Lease) -> Result<bool, StoreError> {
+    async fn swap_lease(&self, c: &Lease, n: &Lease) -> Result<bool, StoreError> {
         let w = Write::SwapLease {
             old: c.clone(),
             new: n.clone(),
         };
-        Ok(matches!(
-            batch::wait(self.apply((one(w)).clone()))?,
-            Applied::Done(_)
-        ))
+        Ok(matches!(self.apply_now(one(w)).await?, Applied::Done(_)))
     }
-    fn create_request(
+    async fn create_request(
         &self,
         r: &TokenRequest,
         i: Option<&Idempotency>,
@@ -139,36 +141,36 @@ impl<S: Store + ?Sized> TestWrites for S {
             req: r.clone(),
             idem: i.cloned(),
         };
-        match batch::wait(self.apply((one(w)).clone()))? {
+        match self.apply_now(one(w)).await? {
             Applied::Done(_) => Ok(None),
             Applied::Lost(Lost::Idempotency(e)) => Ok(Some(e)),
             Applied::Lost(l) => Err(StoreError::Unavailable(format!("{l:?}"))),
         }
     }
-    fn swap_request(&self, c: &TokenRequest, n: &TokenRequest) -> Result<bool, StoreError> {
+    async fn swap_request(&self, c: &TokenRequest, n: &TokenRequest) -> Result<bool, StoreError> {
         let w = Write::SwapRequest {
             old: c.clone(),
             new: n.clone(),
         };
-        Ok(matches!(
-            batch::wait(self.apply((one(w)).clone()))?,
-            Applied::Done(_)
-        ))
+        Ok(matches!(self.apply_now(one(w)).await?, Applied::Done(_)))
     }
-    fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
-        batch::write_one(self, Write::PutKey(k.clone()))
+    async fn put_key(&self, k: &KeyRecord) -> Result<(), StoreError> {
+        batch::write_one(self, Write::PutKey(k.clone())).await
     }
-    fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
-        batch::write_one(self, Write::DeleteKey(kid.into()))
+    async fn delete_key(&self, kid: &str) -> Result<(), StoreError> {
+        batch::write_one(self, Write::DeleteKey(kid.into())).await
     }
-    fn put_meta(&self, n: &str, v: &[u8]) -> Result<(), StoreError> {
-        batch::write_one(self, Write::PutMeta(n.into(), v.to_vec()))
+    async fn put_meta(&self, n: &str, v: &[u8]) -> Result<(), StoreError> {
+        batch::write_one(self, Write::PutMeta(n.into(), v.to_vec())).await
     }
-    fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
-        batch::write_one(self, Write::PutCheckpoint(seq, jws.to_vec()))
+    async fn put_checkpoint(&self, seq: u64, jws: &[u8]) -> Result<(), StoreError> {
+        batch::write_one(self, Write::PutCheckpoint(seq, jws.to_vec())).await
     }
-    fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        batch::write_one(self, Write::CopyAudit(seq, bytes.to_vec()))
+    async fn append_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        batch::write_one(self, Write::CopyAudit(seq, bytes.to_vec())).await
+    }
+    async fn apply_now(&self, b: Batch) -> Result<Applied, StoreError> {
+        batch::applied(self.apply(b)).await
     }
 }
 
@@ -249,17 +251,20 @@ fn child(id: &str, parent: &str, depth: u32, expires_at: Millis) -> Lease {
     }
 }
 
-#[test]
-fn delegated_leases_are_found_from_their_parent_and_keep_their_chain() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn delegated_leases_are_found_from_their_parent_and_keep_their_chain() {
+    for (name, s, _dir) in backends().await {
         s.create_lease(&lease("l_root", "spiffe://t/a", 100), None)
+            .await
             .unwrap();
         for (id, parent, depth) in [
             ("l_c2", "l_root", 1),
             ("l_c1", "l_root", 1),
             ("l_g1", "l_c1", 2),
         ] {
-            s.create_lease(&child(id, parent, depth, 90), None).unwrap();
+            s.create_lease(&child(id, parent, depth, 90), None)
+                .await
+                .unwrap();
         }
         // Through the idempotent path too.
         assert!(
@@ -267,69 +272,68 @@ fn delegated_leases_are_found_from_their_parent_and_keep_their_chain() {
                 &child("l_c3", "l_root", 1, 90),
                 Some(&idem("k", IdempotentOutcome::Lease("l_c3".into())))
             )
+            .await
             .unwrap()
             .is_none()
         );
+        // (parent, after, limit): children; `l_ro` is no prefix match.
+        for (parent, after, limit, want) in [
+            ("l_root", None, 10, &["l_c1", "l_c2", "l_c3"][..]),
+            ("l_root", Some("l_c1"), 1, &["l_c2"][..]),
+            ("l_c1", None, 10, &["l_g1"][..]),
+            ("l_c2", None, 10, &[][..]),
+            ("l_ro", None, 10, &[][..]),
+        ] {
+            let got = s.children(parent, after, limit).await.unwrap();
+            assert_eq!(got, want, "{name}: {parent} after {after:?}");
+        }
         assert_eq!(
-            s.children("l_root", None, 10).unwrap(),
-            ["l_c1", "l_c2", "l_c3"],
-            "{name}"
-        );
-        assert_eq!(
-            s.children("l_root", Some("l_c1"), 1).unwrap(),
-            ["l_c2"],
-            "{name}: pages"
-        );
-        assert_eq!(s.children("l_c1", None, 10).unwrap(), ["l_g1"], "{name}");
-        assert!(s.children("l_c2", None, 10).unwrap().is_empty(), "{name}");
-        assert!(
-            s.children("l_ro", None, 10).unwrap().is_empty(),
-            "{name}: no prefix match"
-        );
-        assert_eq!(
-            s.lease("l_g1").unwrap().unwrap(),
+            s.lease("l_g1").await.unwrap().unwrap(),
             child("l_g1", "l_c1", 2, 90),
             "{name}: chain and binding survive"
         );
         // An ended child leaves the index when retention removes it.
-        let c2 = s.lease("l_c2").unwrap().unwrap();
+        let c2 = s.lease("l_c2").await.unwrap().unwrap();
         let ended = Lease {
             state: LeaseState::Revoked,
             revoked_at: Some(10),
             ..c2.clone()
         };
-        assert!(s.swap_lease(&c2, &ended).unwrap(), "{name}");
-        assert_eq!(s.purge_leases(20).unwrap(), 1, "{name}");
+        assert!(s.swap_lease(&c2, &ended).await.unwrap(), "{name}");
+        s.apply_now(one(Write::DeleteLease(ended))).await.unwrap();
         assert_eq!(
-            s.children("l_root", None, 10).unwrap(),
+            s.children("l_root", None, 10).await.unwrap(),
             ["l_c1", "l_c3"],
             "{name}"
         );
     }
 }
 
-#[test]
-fn leases_create_read_list_and_page() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn leases_create_read_list_and_page() {
+    for (name, s, _dir) in backends().await {
         // This part only: a backend can be checked one part at a time.
         let s: &dyn Store = s.as_ref();
         for (i, id) in ["l_3", "l_1", "l_2"].iter().enumerate() {
             assert!(
                 s.create_lease(&lease(id, "spiffe://t/a", 100 + i as u64), None)
+                    .await
                     .unwrap()
                     .is_none()
             );
         }
         s.create_lease(&lease("l_9", "spiffe://t/ab", 5), None)
+            .await
             .unwrap();
         assert_eq!(
-            s.lease("l_1").unwrap().unwrap().subject,
+            s.lease("l_1").await.unwrap().unwrap().subject,
             "spiffe://t/a",
             "{name}"
         );
-        assert!(s.lease("missing").unwrap().is_none(), "{name}");
+        assert!(s.lease("missing").await.unwrap().is_none(), "{name}");
         let all: Vec<String> = s
             .leases_of("spiffe://t/a", None, 10)
+            .await
             .unwrap()
             .into_iter()
             .map(|l| l.id)
@@ -341,87 +345,116 @@ fn leases_create_read_list_and_page() {
         );
         let page: Vec<String> = s
             .leases_of("spiffe://t/a", Some("l_1"), 1)
+            .await
             .unwrap()
             .into_iter()
             .map(|l| l.id)
             .collect();
         assert_eq!(page, ["l_2"], "{name}");
         assert!(
-            s.leases_of("spiffe://t/none", None, 10).unwrap().is_empty(),
+            s.leases_of("spiffe://t/none", None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
             "{name}"
         );
     }
 }
 
-#[test]
-fn idempotency_key_is_claimed_once_and_writes_nothing_the_second_time() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn idempotency_key_is_claimed_once_and_writes_nothing_the_second_time() {
+    for (name, s, _dir) in backends().await {
         let first = idem("k1", IdempotentOutcome::Lease("l_1".into()));
         assert!(
             s.create_lease(&lease("l_1", "spiffe://t/a", 10), Some(&first))
+                .await
                 .unwrap()
                 .is_none()
         );
         let again = idem("k1", IdempotentOutcome::Lease("l_2".into()));
         let existing = s
             .create_lease(&lease("l_2", "spiffe://t/a", 10), Some(&again))
+            .await
             .unwrap();
         assert_eq!(existing, Some(first.clone()), "{name}");
         assert!(
-            s.lease("l_2").unwrap().is_none(),
+            s.lease("l_2").await.unwrap().is_none(),
             "{name}: second lease must not be written"
         );
         // Keys are shared between leases and requests of one caller.
-        let r = s.create_request(&request("r_1", 10), Some(&again)).unwrap();
+        let r = s
+            .create_request(&request("r_1", 10), Some(&again))
+            .await
+            .unwrap();
         assert_eq!(r, Some(first), "{name}");
-        assert!(s.request("r_1").unwrap().is_none(), "{name}");
+        assert!(s.request("r_1").await.unwrap().is_none(), "{name}");
     }
 }
 
-#[test]
-fn swap_is_compare_and_swap_and_keeps_the_expiry_index() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn swap_is_compare_and_swap_and_keeps_the_expiry_index() {
+    for (name, s, _dir) in backends().await {
         // This part only: a backend can be checked one part at a time.
         let s: &dyn Store = s.as_ref();
         let a = lease("l_a", "spiffe://t/a", 50);
         let b = lease("l_b", "spiffe://t/a", 20);
-        s.create_lease(&a, None).unwrap();
-        s.create_lease(&b, None).unwrap();
-        assert_eq!(s.next_lease_deadline().unwrap(), Some(20), "{name}");
-        assert_eq!(s.leases_due(49, 10).unwrap(), ["l_b"], "{name}");
-        assert_eq!(s.leases_due(50, 10).unwrap(), ["l_b", "l_a"], "{name}");
-        assert_eq!(s.leases_due(50, 1).unwrap(), ["l_b"], "{name}: limit");
+        s.create_lease(&a, None).await.unwrap();
+        s.create_lease(&b, None).await.unwrap();
+        assert_eq!(
+            s.next_deadline(Due::Leases).await.unwrap(),
+            Some(20),
+            "{name}"
+        );
+        assert_eq!(s.due(Due::Leases, 49, 10).await.unwrap(), ["l_b"], "{name}");
+        assert_eq!(
+            s.due(Due::Leases, 50, 10).await.unwrap(),
+            ["l_b", "l_a"],
+            "{name}"
+        );
+        assert_eq!(
+            s.due(Due::Leases, 50, 1).await.unwrap(),
+            ["l_b"],
+            "{name}: limit"
+        );
 
         // Renew b to 80: index moves.
         let renewed = Lease {
             expires_at: 80,
             ..b.clone()
         };
-        assert!(s.swap_lease(&b, &renewed).unwrap(), "{name}");
+        assert!(s.swap_lease(&b, &renewed).await.unwrap(), "{name}");
         assert!(
-            !s.swap_lease(&b, &renewed).unwrap(),
+            !s.swap_lease(&b, &renewed).await.unwrap(),
             "{name}: stale current must fail"
         );
-        assert_eq!(s.leases_due(79, 10).unwrap(), ["l_a"], "{name}");
+        assert_eq!(s.due(Due::Leases, 79, 10).await.unwrap(), ["l_a"], "{name}");
         // Revoke a: leaves the index.
         let revoked = Lease {
             state: LeaseState::Revoked,
             ..a.clone()
         };
-        assert!(s.swap_lease(&a, &revoked).unwrap(), "{name}");
-        assert_eq!(s.leases_due(1000, 10).unwrap(), ["l_b"], "{name}");
-        assert_eq!(s.next_lease_deadline().unwrap(), Some(80), "{name}");
+        assert!(s.swap_lease(&a, &revoked).await.unwrap(), "{name}");
         assert_eq!(
-            s.lease("l_a").unwrap().unwrap().state,
+            s.due(Due::Leases, 1000, 10).await.unwrap(),
+            ["l_b"],
+            "{name}"
+        );
+        assert_eq!(
+            s.next_deadline(Due::Leases).await.unwrap(),
+            Some(80),
+            "{name}"
+        );
+        assert_eq!(
+            s.lease("l_a").await.unwrap().unwrap().state,
             LeaseState::Revoked,
             "{name}"
         );
     }
 }
 
-#[test]
-fn a_parked_delegation_keeps_its_chain() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn a_parked_delegation_keeps_its_chain() {
+    for (name, s, _dir) in backends().await {
         let s: &dyn Store = s.as_ref();
         let chain = crate::model::Delegation {
             parent_id: "l_parent".into(),
@@ -432,46 +465,54 @@ fn a_parked_delegation_keeps_its_chain() {
             delegation: Some(chain.clone()),
             ..request("r_d", 30)
         };
-        s.create_request(&r, None).unwrap();
-        let back = s.request("r_d").unwrap().unwrap();
+        s.create_request(&r, None).await.unwrap();
+        let back = s.request("r_d").await.unwrap().unwrap();
         assert_eq!(back.delegation, Some(chain), "{name}");
         assert_eq!(back, r, "{name}");
     }
 }
 
-#[test]
-fn requests_index_only_non_terminal() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn requests_index_only_non_terminal() {
+    for (name, s, _dir) in backends().await {
         // This part only: a backend can be checked one part at a time.
         let s: &dyn Store = s.as_ref();
         let r = request("r_1", 30);
-        s.create_request(&r, None).unwrap();
-        s.create_request(&request("r_2", 40), None).unwrap();
-        assert_eq!(s.next_request_deadline().unwrap(), Some(30), "{name}");
-        assert_eq!(s.requests_due(35, 10).unwrap(), ["r_1"], "{name}");
+        s.create_request(&r, None).await.unwrap();
+        s.create_request(&request("r_2", 40), None).await.unwrap();
         assert_eq!(
-            s.count_open_requests().unwrap(),
-            2,
-            "{name}: two open requests"
+            s.next_deadline(Due::Requests).await.unwrap(),
+            Some(30),
+            "{name}"
         );
+        assert_eq!(
+            s.due(Due::Requests, 35, 10).await.unwrap(),
+            ["r_1"],
+            "{name}"
+        );
+        assert_eq!(s.counts().await.unwrap().1, 2, "{name}: two open requests");
         let done = TokenRequest {
             state: RequestState::Expired,
             ..r.clone()
         };
-        assert!(s.swap_request(&r, &done).unwrap(), "{name}");
-        assert!(!s.swap_request(&r, &done).unwrap(), "{name}");
-        assert_eq!(s.requests_due(100, 10).unwrap(), ["r_2"], "{name}");
+        assert!(s.swap_request(&r, &done).await.unwrap(), "{name}");
+        assert!(!s.swap_request(&r, &done).await.unwrap(), "{name}");
         assert_eq!(
-            s.request("r_1").unwrap().unwrap().state,
+            s.due(Due::Requests, 100, 10).await.unwrap(),
+            ["r_2"],
+            "{name}"
+        );
+        assert_eq!(
+            s.request("r_1").await.unwrap().unwrap().state,
             RequestState::Expired,
             "{name}"
         );
     }
 }
 
-#[test]
-fn open_requests_track_decisions_claims_and_reviews() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn open_requests_track_decisions_claims_and_reviews() {
+    for (name, s, _dir) in backends().await {
         // This part only: a backend can be checked one part at a time.
         let s: &dyn Store = s.as_ref();
         let a = request("r_a", 10);
@@ -487,16 +528,16 @@ fn open_requests_track_decisions_claims_and_reviews() {
             ..request("r_d", 40)
         };
         for r in [&a, &b, &c, &d] {
-            s.create_request(r, None).unwrap();
+            s.create_request(r, None).await.unwrap();
         }
         let ids = |v: Vec<TokenRequest>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(
-            ids(s.open_requests(None, 10).unwrap()),
+            ids(s.open_requests(None, 10).await.unwrap()),
             ["r_a", "r_b", "r_c"],
             "{name}"
         );
         assert_eq!(
-            ids(s.open_requests(Some("r_a"), 1).unwrap()),
+            ids(s.open_requests(Some("r_a"), 1).await.unwrap()),
             ["r_b"],
             "{name}"
         );
@@ -504,9 +545,9 @@ fn open_requests_track_decisions_claims_and_reviews() {
             state: RequestState::Approved,
             ..a.clone()
         };
-        assert!(s.swap_request(&a, &approved).unwrap());
+        assert!(s.swap_request(&a, &approved).await.unwrap());
         assert_eq!(
-            s.open_requests(None, 10).unwrap().len(),
+            s.open_requests(None, 10).await.unwrap().len(),
             3,
             "{name}: approved still open (claim)"
         );
@@ -514,27 +555,34 @@ fn open_requests_track_decisions_claims_and_reviews() {
             state: RequestState::Issued,
             ..approved.clone()
         };
-        assert!(s.swap_request(&approved, &issued).unwrap());
+        assert!(s.swap_request(&approved, &issued).await.unwrap());
         let reviewed = TokenRequest {
             review_pending: false,
             ..c.clone()
         };
-        assert!(s.swap_request(&c, &reviewed).unwrap());
-        assert_eq!(ids(s.open_requests(None, 10).unwrap()), ["r_b"], "{name}");
+        assert!(s.swap_request(&c, &reviewed).await.unwrap());
+        assert_eq!(
+            ids(s.open_requests(None, 10).await.unwrap()),
+            ["r_b"],
+            "{name}"
+        );
     }
 }
 
-#[test]
-fn audit_records_keep_sequence_order() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn audit_records_keep_sequence_order() {
+    for (name, s, _dir) in backends().await {
         // This part only: a backend can be checked one part at a time.
         let s: &dyn Store = s.as_ref();
-        assert!(s.audit_last().unwrap().is_none(), "{name}");
+        assert!(s.audit_last().await.unwrap().is_none(), "{name}");
         for seq in [1u64, 2, 3, 256, 257] {
-            s.append_audit(seq, format!("r{seq}").as_bytes()).unwrap();
+            s.append_audit(seq, format!("r{seq}").as_bytes())
+                .await
+                .unwrap();
         }
         let all: Vec<u64> = s
             .audit_after(None, 10)
+            .await
             .unwrap()
             .into_iter()
             .map(|(k, _)| k)
@@ -544,37 +592,38 @@ fn audit_records_keep_sequence_order() {
             [1, 2, 3, 256, 257],
             "{name}: numeric, not lexicographic, order"
         );
-        let page = s.audit_after(Some(3), 1).unwrap();
+        let page = s.audit_after(Some(3), 1).await.unwrap();
         assert_eq!(page, vec![(256, b"r256".to_vec())], "{name}");
         assert_eq!(
-            s.audit_last().unwrap(),
+            s.audit_last().await.unwrap(),
             Some((257, b"r257".to_vec())),
             "{name}"
         );
-        s.put_checkpoint(3, b"jws").unwrap();
+        s.put_checkpoint(3, b"jws").await.unwrap();
         assert_eq!(
-            s.checkpoints().unwrap(),
+            s.checkpoints(0, u64::MAX).await.unwrap(),
             vec![(3, b"jws".to_vec())],
             "{name}"
         );
-        s.put_checkpoint(9, b"jws9").unwrap();
-        s.put_checkpoint(300, b"jws300").unwrap();
-        let between = |a, b| -> Vec<u64> {
-            s.checkpoints_between(a, b)
+        s.put_checkpoint(9, b"jws9").await.unwrap();
+        s.put_checkpoint(300, b"jws300").await.unwrap();
+        let between = async |a, b| -> Vec<u64> {
+            s.checkpoints(a, b)
+                .await
                 .unwrap()
                 .into_iter()
                 .map(|(seq, _)| seq)
                 .collect()
         };
-        assert_eq!(between(3, 300), [9, 300], "{name}: after is excluded");
-        assert_eq!(between(0, 9), [3, 9], "{name}");
-        assert!(between(9, 9).is_empty(), "{name}");
+        assert_eq!(between(3, 300).await, [9, 300], "{name}: after is excluded");
+        assert_eq!(between(0, 9).await, [3, 9], "{name}");
+        assert!(between(9, 9).await.is_empty(), "{name}");
     }
 }
 
-#[test]
-fn retention_purges_only_what_ended_before_the_cutoff() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn retention_deletes_a_record_only_as_it_was_read() {
+    for (name, s, _dir) in backends().await {
         let active = lease("l_a", "spiffe://t/a", 10);
         let gone = Lease {
             state: LeaseState::Revoked,
@@ -587,39 +636,60 @@ fn retention_purges_only_what_ended_before_the_cutoff() {
             ..lease("l_c", "spiffe://t/a", 90)
         };
         for l in [&active, &gone, &recent] {
-            s.create_lease(l, None).unwrap();
+            s.create_lease(l, None).await.unwrap();
         }
         let old_req = TokenRequest {
             state: RequestState::Denied,
             ..request("r_old", 1)
         };
         let open_req = request("r_open", 1);
-        s.create_request(&old_req, None).unwrap();
-        s.create_request(&open_req, None).unwrap();
-        assert_eq!(s.purge_ended(60).unwrap(), (1, 1), "{name}");
-        assert!(s.lease("l_b").unwrap().is_none(), "{name}");
+        s.create_request(&old_req, None).await.unwrap();
+        s.create_request(&open_req, None).await.unwrap();
+        // Retention deletes what ended (a checked delete: an unchanged
+        // record), and nothing else.
+        let still = Lease {
+            renewals: 9,
+            ..gone.clone()
+        };
+        assert_eq!(
+            s.apply_now(one(Write::DeleteLease(still))).await.unwrap(),
+            Applied::Lost(Lost::Lease("l_b".into())),
+            "{name}: a changed lease is not deleted"
+        );
+        let b = Batch {
+            writes: vec![
+                Write::DeleteLease(gone.clone()),
+                Write::DeleteRequest(old_req.clone()),
+            ],
+            audit: vec![body("retention.purged")],
+            fence: None,
+        };
         assert!(
-            s.lease("l_a").unwrap().is_some() && s.lease("l_c").unwrap().is_some(),
+            matches!(s.apply_now(b).await.unwrap(), Applied::Done(_)),
             "{name}"
         );
+        let (r, l) = (s.request("r_old").await, s.lease("l_b").await);
+        assert!(r.unwrap().is_none() && l.unwrap().is_none(), "{name}");
+        assert!(s.request("r_open").await.unwrap().is_some(), "{name}");
         let ids: Vec<String> = s
             .leases_of("spiffe://t/a", None, 10)
+            .await
             .unwrap()
             .into_iter()
             .map(|l| l.id)
             .collect();
-        assert_eq!(ids, ["l_a", "l_c"], "{name}");
-        assert!(
-            s.request("r_old").unwrap().is_none() && s.request("r_open").unwrap().is_some(),
-            "{name}"
+        assert_eq!(
+            ids,
+            ["l_a", "l_c"],
+            "{name}: gone from the subject index too"
         );
     }
 }
 
-#[test]
-fn keys_and_meta() {
-    for (name, s, _dir) in backends() {
-        assert!(s.keys().unwrap().is_empty(), "{name}");
+#[tokio::test]
+async fn keys_and_meta() {
+    for (name, s, _dir) in backends().await {
+        assert!(s.keys().await.unwrap().is_empty(), "{name}");
         let k = KeyRecord {
             kid: "k1".into(),
             alg: "ES256".into(),
@@ -630,101 +700,115 @@ fn keys_and_meta() {
             activated_at: Some(1),
             retire_at: None,
         };
-        s.put_key(&k).unwrap();
-        assert_eq!(s.keys().unwrap(), vec![k], "{name}");
-        put_test_key(s.as_ref(), "k");
+        s.put_key(&k).await.unwrap();
+        assert_eq!(s.keys().await.unwrap(), vec![k], "{name}");
+        put_test_key(s.as_ref(), "k").await;
         s.create_lease(&lease("l_k", "spiffe://t/a", 9), None)
+            .await
             .unwrap();
-        assert_eq!(s.active_leases_signed_by("k").unwrap(), ["l_k"], "{name}");
-        assert!(
-            s.active_leases_signed_by("other").unwrap().is_empty(),
+        assert_eq!(
+            s.signed_by("k", None, 1000).await.unwrap(),
+            ["l_k"],
             "{name}"
         );
-        s.delete_key("k1").unwrap();
-        assert_eq!(s.keys().unwrap(), vec![test_key("k")], "{name}");
-        s.put_meta("x", b"y").unwrap();
-        assert_eq!(s.meta("x").unwrap().as_deref(), Some(&b"y"[..]), "{name}");
-        s.sync().unwrap();
+        assert!(
+            s.signed_by("other", None, 1000).await.unwrap().is_empty(),
+            "{name}"
+        );
+        s.delete_key("k1").await.unwrap();
+        assert_eq!(s.keys().await.unwrap(), vec![test_key("k")], "{name}");
+        s.put_meta("x", b"y").await.unwrap();
+        assert_eq!(
+            s.meta("x").await.unwrap().as_deref(),
+            Some(&b"y"[..]),
+            "{name}"
+        );
+        s.sync().await.unwrap();
     }
 }
 
-#[test]
-fn console_secrets_live_until_their_end_and_are_taken_once() {
-    for (name, s, _dir) in backends() {
+#[tokio::test]
+async fn console_secrets_live_until_their_end_and_are_taken_once() {
+    for (name, s, _dir) in backends().await {
         let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
-        s.put_ephemeral(&a, b"session", 100).unwrap();
-        s.put_ephemeral(&b, b"link", 100).unwrap();
-        s.put_ephemeral(&c, b"old", 10).unwrap();
+        s.put_ephemeral(&a, b"session", 100).await.unwrap();
+        s.put_ephemeral(&b, b"link", 100).await.unwrap();
+        s.put_ephemeral(&c, b"old", 10).await.unwrap();
         assert_eq!(
-            s.ephemeral(&a, 99).unwrap().as_deref(),
+            s.ephemeral(&a, 99).await.unwrap().as_deref(),
             Some(&b"session"[..]),
             "{name}"
         );
         assert_eq!(
-            s.ephemeral(&a, 100).unwrap(),
+            s.ephemeral(&a, 100).await.unwrap(),
             None,
             "{name}: ended at its end"
         );
-        assert_eq!(s.ephemeral(&[9; 32], 0).unwrap(), None, "{name}");
+        assert_eq!(s.ephemeral(&[9; 32], 0).await.unwrap(), None, "{name}");
         // Replaced, not duplicated.
-        s.put_ephemeral(&a, b"session 2", 200).unwrap();
+        s.put_ephemeral(&a, b"session 2", 200).await.unwrap();
         assert_eq!(
-            s.ephemeral(&a, 150).unwrap().as_deref(),
+            s.ephemeral(&a, 150).await.unwrap().as_deref(),
             Some(&b"session 2"[..]),
             "{name}"
         );
         // Taken once.
         assert_eq!(
-            s.take_ephemeral(&b, 50).unwrap().as_deref(),
+            s.take_ephemeral(&b, 50).await.unwrap().as_deref(),
             Some(&b"link"[..]),
             "{name}"
         );
-        assert_eq!(s.take_ephemeral(&b, 50).unwrap(), None, "{name}: once");
-        // An ended one is gone when taken, and not returned.
-        assert_eq!(s.take_ephemeral(&c, 50).unwrap(), None, "{name}");
-        s.put_ephemeral(&c, b"old", 10).unwrap();
-        assert_eq!(s.purge_ephemeral(50).unwrap(), 1, "{name}: only what ended");
         assert_eq!(
-            s.ephemeral(&a, 150).unwrap().as_deref(),
+            s.take_ephemeral(&b, 50).await.unwrap(),
+            None,
+            "{name}: once"
+        );
+        // An ended one is gone when taken, and not returned.
+        assert_eq!(s.take_ephemeral(&c, 50).await.unwrap(), None, "{name}");
+        s.put_ephemeral(&c, b"old", 10).await.unwrap();
+        assert_eq!(
+            s.purge_ephemeral(50).await.unwrap(),
+            1,
+            "{name}: only what ended"
+        );
+        assert_eq!(
+            s.ephemeral(&a, 150).await.unwrap().as_deref(),
             Some(&b"session 2"[..]),
             "{name}"
         );
-        assert_eq!(s.purge_ephemeral(500).unwrap(), 1, "{name}");
+        assert_eq!(s.purge_ephemeral(500).await.unwrap(), 1, "{name}");
 
         // Eight takers at once (brokers sharing the store): one gets it.
         let d = [4u8; 32];
-        s.put_ephemeral(&d, b"link", 1_000).unwrap();
-        let store = &*s;
-        let got: usize = std::thread::scope(|sc| {
-            let takers: Vec<_> = (0..8)
-                .map(|_| sc.spawn(|| store.take_ephemeral(&d, 10).unwrap().is_some()))
-                .collect();
-            takers
-                .into_iter()
-                .map(|t| usize::from(t.join().unwrap()))
-                .sum()
-        });
+        s.put_ephemeral(&d, b"link", 1_000).await.unwrap();
+        let takers = (0..8).map(|_| s.take_ephemeral(&d, 10));
+        let got: usize = futures_util::future::join_all(takers)
+            .await
+            .into_iter()
+            .map(|t| usize::from(t.unwrap().is_some()))
+            .sum();
         assert_eq!(got, 1, "{name}: taken once");
     }
 }
 
-#[test]
-fn sled_keeps_everything_across_reopen_and_refuses_unknown_schema() {
+#[tokio::test]
+async fn sled_keeps_everything_across_reopen_and_refuses_unknown_schema() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = SledStore::open(dir.path()).unwrap();
         s.create_lease(&lease("l_1", "spiffe://t/a", 7), None)
+            .await
             .unwrap();
-        s.create_request(&request("r_1", 9), None).unwrap();
-        s.sync().unwrap();
+        s.create_request(&request("r_1", 9), None).await.unwrap();
+        s.sync().await.unwrap();
     }
     {
         let s = SledStore::open(dir.path()).unwrap();
-        assert_eq!(s.lease("l_1").unwrap().unwrap().expires_at, 7);
-        assert_eq!(s.next_lease_deadline().unwrap(), Some(7));
-        assert_eq!(s.next_request_deadline().unwrap(), Some(9));
-        s.put_meta("schema_version", b"99").unwrap();
-        s.sync().unwrap();
+        assert_eq!(s.lease("l_1").await.unwrap().unwrap().expires_at, 7);
+        assert_eq!(s.next_deadline(Due::Leases).await.unwrap(), Some(7));
+        assert_eq!(s.next_deadline(Due::Requests).await.unwrap(), Some(9));
+        s.put_meta("schema_version", b"99").await.unwrap();
+        s.sync().await.unwrap();
     }
     match SledStore::open(dir.path()) {
         Err(StoreError::Schema { found: 99, .. }) => {}
@@ -732,35 +816,36 @@ fn sled_keeps_everything_across_reopen_and_refuses_unknown_schema() {
     }
 }
 
-#[test]
-fn sled_upgrades_a_schema_one_store_and_reads_its_json_leases() {
+#[tokio::test]
+async fn sled_upgrades_a_schema_one_store_and_reads_its_json_leases() {
     let dir = tempfile::tempdir().unwrap();
     let old = lease("l_old", "spiffe://t/a", 7);
     {
         // What a schema 1 broker left: JSON leases, version "1".
         let s = SledStore::open(dir.path()).unwrap();
-        s.create_lease(&old, None).unwrap();
+        s.create_lease(&old, None).await.unwrap();
         s.leases
             .insert("l_old", serde_json::to_vec(&old).unwrap())
             .unwrap();
-        s.put_meta("schema_version", b"1").unwrap();
-        s.sync().unwrap();
+        s.put_meta("schema_version", b"1").await.unwrap();
+        s.sync().await.unwrap();
     }
     let s = SledStore::open(dir.path()).unwrap();
     // Opening and reading change nothing: a build that then fails to start
     // leaves the store to the version that wrote it.
-    assert_eq!(s.lease("l_old").unwrap().unwrap(), old);
-    assert_eq!(s.meta("schema_version").unwrap().unwrap(), b"1");
+    assert_eq!(s.lease("l_old").await.unwrap().unwrap(), old);
+    assert_eq!(s.meta("schema_version").await.unwrap().unwrap(), b"1");
     let new = lease("l_new", "spiffe://t/a", 8);
-    s.create_lease(&new, None).unwrap();
+    s.create_lease(&new, None).await.unwrap();
     assert_eq!(
-        s.meta("schema_version").unwrap().unwrap(),
+        s.meta("schema_version").await.unwrap().unwrap(),
         SCHEMA_VERSION.to_string().as_bytes()
     );
     assert_eq!(s.leases.get("l_new").unwrap().unwrap()[0], 0x01);
-    assert_eq!(s.lease("l_new").unwrap().unwrap(), new);
+    assert_eq!(s.lease("l_new").await.unwrap().unwrap(), new);
     let both: Vec<_> = s
         .leases_of("spiffe://t/a", None, 10)
+        .await
         .unwrap()
         .into_iter()
         .map(|l| l.id)
@@ -771,10 +856,10 @@ fn sled_upgrades_a_schema_one_store_and_reads_its_json_leases() {
         state: LeaseState::Revoked,
         ..old.clone()
     };
-    assert!(s.swap_lease(&old, &revoked).unwrap());
-    assert_eq!(s.lease("l_old").unwrap().unwrap(), revoked);
-    s.put_meta("schema_version", b"not a number").unwrap();
-    s.sync().unwrap();
+    assert!(s.swap_lease(&old, &revoked).await.unwrap());
+    assert_eq!(s.lease("l_old").await.unwrap().unwrap(), revoked);
+    s.put_meta("schema_version", b"not a number").await.unwrap();
+    s.sync().await.unwrap();
     drop(s);
     assert!(matches!(
         SledStore::open(dir.path()),
@@ -782,21 +867,23 @@ fn sled_upgrades_a_schema_one_store_and_reads_its_json_leases() {
     ));
 }
 
-#[test]
-fn sled_drops_expiry_entries_a_crash_left_behind() {
+#[tokio::test]
+async fn sled_drops_expiry_entries_a_crash_left_behind() {
     // What a crash between the index write and the lease write leaves.
     let dir = tempfile::tempdir().unwrap();
     let s = SledStore::open(dir.path()).unwrap();
     s.create_lease(&lease("l_1", "spiffe://t/a", 7), None)
+        .await
         .unwrap();
     s.lease_expiry.insert(deadline_key(5, "l_0"), &[]).unwrap();
     // What a crash inside `swap_lease` leaves: an entry at a stale time, and
     // one for a lease that is no longer active.
     s.create_lease(&lease("l_2", "spiffe://t/a", 20), None)
+        .await
         .unwrap();
     s.lease_expiry.insert(deadline_key(6, "l_2"), &[]).unwrap();
     let gone = lease("l_3", "spiffe://t/a", 8);
-    s.create_lease(&gone, None).unwrap();
+    s.create_lease(&gone, None).await.unwrap();
     s.leases
         .insert(
             "l_3",
@@ -807,24 +894,25 @@ fn sled_drops_expiry_entries_a_crash_left_behind() {
             .unwrap(),
         )
         .unwrap();
-    assert_eq!(s.leases_due(10, 10).unwrap(), ["l_1"]);
+    assert_eq!(s.due(Due::Leases, 10, 10).await.unwrap(), ["l_1"]);
     assert_eq!(
-        s.leases_due(100, 10).unwrap(),
+        s.due(Due::Leases, 100, 10).await.unwrap(),
         ["l_1", "l_2"],
         "stale entries removed"
     );
     assert_eq!(s.lease_expiry.len(), 2);
 }
 
-#[test]
-fn corrupt_record_is_reported_not_replaced() {
+#[tokio::test]
+async fn corrupt_record_is_reported_not_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let s = SledStore::open(dir.path()).unwrap();
     s.create_lease(&lease("l_1", "spiffe://t/a", 7), None)
+        .await
         .unwrap();
     s.leases.insert("l_1", &b"{not json"[..]).unwrap();
     assert!(matches!(
-        s.lease("l_1"),
+        s.lease("l_1").await,
         Err(StoreError::Corrupt { tree: "leases", .. })
     ));
 }
@@ -836,10 +924,7 @@ async fn group_commit_batches_concurrent_writers() {
         std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
     let cancel = tokio_util::sync::CancellationToken::new();
     let (gc, task) = commit::GroupCommit::start(store.clone(), cancel.clone());
-    let s = store.clone();
-    tokio::task::spawn_blocking(move || put_test_key(s.as_ref(), "k"))
-        .await
-        .unwrap();
+    put_test_key(store.as_ref(), "k").await;
     let mut handles = Vec::new();
     for i in 0..200 {
         let (gc, store) = (gc.clone(), store.clone());
@@ -867,42 +952,143 @@ async fn group_commit_batches_concurrent_writers() {
     assert!(gc.durable().await.is_err());
 }
 
-/// A store whose `sync` fails while `.1` is set: writers must get an error.
-/// Everything else is the memory store's.
-pub(crate) struct FailingSync(
-    pub(crate) MemStore,
-    pub(crate) std::sync::atomic::AtomicBool,
-);
-
-impl std::ops::Deref for FailingSync {
-    type Target = MemStore;
-    fn deref(&self) -> &MemStore {
-        &self.0
+/// A test decorator: a store that changes only what it says ([`Store::apply`]
+/// or [`Store::sync`]) of the store it wraps. Every other method passes
+/// through (the blanket [`Store`] impl below, written once and complete:
+/// the contract has no default methods to inherit silently).
+#[async_trait::async_trait]
+pub(crate) trait Decorate: Send + Sync + 'static {
+    /// The wrapped store.
+    fn inner(&self) -> &dyn Store;
+    /// [`Store::apply`], as the wrapped store does it unless overridden.
+    fn on_apply(&self, b: Batch) -> Applying {
+        self.inner().apply(b)
+    }
+    /// [`Store::sync`], as the wrapped store does it unless overridden.
+    async fn on_sync(&self) -> Result<(), StoreError> {
+        self.inner().sync().await
     }
 }
 
-crate::store::delegate_reads!(FailingSync);
-
-impl Store for FailingSync {
+#[async_trait::async_trait]
+impl<D: Decorate> Store for D {
     fn apply(&self, b: Batch) -> Applying {
-        self.0.apply(b)
+        self.on_apply(b)
     }
-    fn meta(&self, n: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.meta(n)
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.on_sync().await
     }
-    fn scan(
+    async fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.inner().lease(id).await
+    }
+    async fn leases_of(
+        &self,
+        s: &str,
+        a: Option<&str>,
+        l: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.inner().leases_of(s, a, l).await
+    }
+    async fn children(
+        &self,
+        p: &str,
+        a: Option<&str>,
+        l: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner().children(p, a, l).await
+    }
+    async fn signed_by(
+        &self,
+        k: &str,
+        a: Option<&str>,
+        l: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner().signed_by(k, a, l).await
+    }
+    async fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        self.inner().request(id).await
+    }
+    async fn open_requests(
+        &self,
+        a: Option<&str>,
+        l: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        self.inner().open_requests(a, l).await
+    }
+    async fn due(&self, i: Due, n: Millis, l: usize) -> Result<Vec<String>, StoreError> {
+        self.inner().due(i, n, l).await
+    }
+    async fn next_deadline(&self, i: Due) -> Result<Option<Millis>, StoreError> {
+        self.inner().next_deadline(i).await
+    }
+    async fn counts(&self) -> Result<(u64, u64), StoreError> {
+        self.inner().counts().await
+    }
+    async fn audit_after(
+        &self,
+        a: Option<u64>,
+        l: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner().audit_after(a, l).await
+    }
+    async fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.inner().audit_last().await
+    }
+    async fn checkpoints(&self, a: u64, t: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner().checkpoints(a, t).await
+    }
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner().keys().await
+    }
+    async fn meta(&self, n: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner().meta(n).await
+    }
+    async fn put_ephemeral(&self, k: &[u8; 32], v: &[u8], e: Millis) -> Result<(), StoreError> {
+        self.inner().put_ephemeral(k, v, e).await
+    }
+    async fn ephemeral(&self, k: &[u8; 32], n: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner().ephemeral(k, n).await
+    }
+    async fn take_ephemeral(&self, k: &[u8; 32], n: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner().take_ephemeral(k, n).await
+    }
+    async fn purge_ephemeral(&self, n: Millis) -> Result<u64, StoreError> {
+        self.inner().purge_ephemeral(n).await
+    }
+    async fn scan(
         &self,
         t: Table,
         a: Option<&[u8]>,
         l: usize,
     ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
-        self.0.scan(t, a, l)
+        self.inner().scan(t, a, l).await
     }
-    fn sync(&self) -> Result<(), StoreError> {
-        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(StoreError::Unavailable("disk on fire".into()))
-        } else {
-            Ok(())
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        self.inner().changes()
+    }
+    async fn lead(&self, r: &str, h: &str, t: u64) -> Result<Option<u64>, StoreError> {
+        self.inner().lead(r, h, t).await
+    }
+    async fn resign(&self, r: &str, h: &str) -> Result<(), StoreError> {
+        self.inner().resign(r, h).await
+    }
+}
+
+/// A store whose `sync` fails while `.1` is set: writers must get an error.
+pub(crate) struct FailingSync(
+    pub(crate) MemStore,
+    pub(crate) std::sync::atomic::AtomicBool,
+);
+
+#[async_trait::async_trait]
+impl Decorate for FailingSync {
+    fn inner(&self) -> &dyn Store {
+        &self.0
+    }
+    async fn on_sync(&self) -> Result<(), StoreError> {
+        match self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Err(StoreError::Unavailable("disk on fire".into())),
+            false => Ok(()),
         }
     }
 }
@@ -911,33 +1097,13 @@ impl Store for FailingSync {
 /// (halfway through its writes), as a full disk or a lost connection would.
 pub(crate) struct FailMidway(pub(crate) Box<dyn Store>);
 
-impl std::ops::Deref for FailMidway {
-    type Target = dyn Store;
-    fn deref(&self) -> &dyn Store {
+impl Decorate for FailMidway {
+    fn inner(&self) -> &dyn Store {
         self.0.as_ref()
     }
-}
-
-crate::store::delegate_reads!(FailMidway);
-
-impl Store for FailMidway {
-    fn apply(&self, mut b: Batch) -> Applying {
+    fn on_apply(&self, mut b: Batch) -> Applying {
         b.writes.insert(b.writes.len() / 2, Write::Fail);
         self.0.apply(b)
-    }
-    fn meta(&self, n: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.meta(n)
-    }
-    fn scan(
-        &self,
-        t: Table,
-        a: Option<&[u8]>,
-        l: usize,
-    ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
-        self.0.scan(t, a, l)
-    }
-    fn sync(&self) -> Result<(), StoreError> {
-        self.0.sync()
     }
 }
 
@@ -955,22 +1121,23 @@ type Seen = (
 );
 
 /// Everything a reader can see of a store's leases, requests and trail.
-fn visible(s: &dyn Store) -> Seen {
+async fn visible(s: &dyn Store) -> Seen {
     (
-        s.scan(Table::Leases, None, 100).unwrap(),
-        s.scan(Table::Requests, None, 100).unwrap(),
-        s.scan(Table::Idempotency, None, 100).unwrap(),
-        s.audit_after(None, 100).unwrap(),
+        s.scan(Table::Leases, None, 100).await.unwrap(),
+        s.scan(Table::Requests, None, 100).await.unwrap(),
+        s.scan(Table::Idempotency, None, 100).await.unwrap(),
+        s.audit_after(None, 100).await.unwrap(),
     )
 }
 
 /// One operation's worth of writes on the leases `l_1` (made here) and a
 /// new `l_2`, a new request with a claimed key, and two records.
-fn operation(s: &dyn Store) -> Batch {
-    put_test_key(s, "k");
+async fn operation(s: &dyn Store) -> Batch {
+    put_test_key(s, "k").await;
     s.create_lease(&lease("l_1", "spiffe://t/a", 10), None)
+        .await
         .unwrap();
-    let l1 = s.lease("l_1").unwrap().unwrap();
+    let l1 = s.lease("l_1").await.unwrap().unwrap();
     let mut revoked = l1.clone();
     revoked.state = LeaseState::Revoked;
     Batch {
@@ -998,27 +1165,27 @@ fn operation(s: &dyn Store) -> Batch {
     }
 }
 
-#[test]
-fn a_batch_that_fails_midway_leaves_nothing_visible_and_the_chain_whole() {
-    for (name, s, _dir) in backends() {
-        let batch = operation(s.as_ref());
-        let before = visible(s.as_ref());
+#[tokio::test]
+async fn a_batch_that_fails_midway_leaves_nothing_visible_and_the_chain_whole() {
+    for (name, s, _dir) in backends().await {
+        let batch = operation(s.as_ref()).await;
+        let before = visible(s.as_ref()).await;
         let failing = FailMidway(s);
         assert!(
             matches!(
-                batch::wait(failing.apply((batch).clone())),
+                batch::applied(failing.apply((batch).clone())).await,
                 Err(StoreError::Unavailable(_))
             ),
             "{name}"
         );
         assert!(
-            visible(failing.0.as_ref()) == before,
+            visible(failing.0.as_ref()).await == before,
             "{name}: a failed batch left something"
         );
         // The same batch then applies whole, its records chained right
         // after the last one (the failure moved no head).
         let s = failing.0;
-        let Applied::Done(records) = batch::wait(s.apply((batch).clone())).unwrap() else {
+        let Applied::Done(records) = batch::applied(s.apply((batch).clone())).await.unwrap() else {
             panic!("{name}: the batch did not apply");
         };
         assert_eq!(
@@ -1026,14 +1193,14 @@ fn a_batch_that_fails_midway_leaves_nothing_visible_and_the_chain_whole() {
             [1, 2],
             "{name}"
         );
-        assert_eq!(s.audit_after(None, 10).unwrap(), records, "{name}");
+        assert_eq!(s.audit_after(None, 10).await.unwrap(), records, "{name}");
         assert_eq!(
-            s.lease("l_1").unwrap().unwrap().state,
+            s.lease("l_1").await.unwrap().unwrap().state,
             LeaseState::Revoked,
             "{name}"
         );
         assert!(
-            s.lease("l_2").unwrap().is_some() && s.request("r_1").unwrap().is_some(),
+            s.lease("l_2").await.unwrap().is_some() && s.request("r_1").await.unwrap().is_some(),
             "{name}"
         );
         let second = String::from_utf8(records[1].1.clone()).unwrap();
@@ -1042,11 +1209,11 @@ fn a_batch_that_fails_midway_leaves_nothing_visible_and_the_chain_whole() {
     }
 }
 
-#[test]
-fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
-    for (name, s, _dir) in backends() {
-        let batch = operation(s.as_ref());
-        let before = visible(s.as_ref());
+#[tokio::test]
+async fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
+    for (name, s, _dir) in backends().await {
+        let batch = operation(s.as_ref()).await;
+        let before = visible(s.as_ref()).await;
         // A stale compare-and-swap at the end.
         let mut stale = batch.clone();
         let Write::SwapLease { old, new } = batch.writes[0].clone() else {
@@ -1055,47 +1222,49 @@ fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
         // (Later writes see earlier ones: `old` is no longer what is stored.)
         stale.writes.push(Write::SwapLease { old, new });
         assert_eq!(
-            batch::wait(s.apply((stale).clone())).unwrap(),
+            batch::applied(s.apply((stale).clone())).await.unwrap(),
             Applied::Lost(Lost::Lease("l_1".into())),
             "{name}"
         );
-        assert!(visible(s.as_ref()) == before, "{name}");
+        assert!(visible(s.as_ref()).await == before, "{name}");
         // A taken key: nothing of the batch, the entry that holds it back.
         let Write::CreateRequest { idem: Some(i), .. } = &batch.writes[2] else {
             unreachable!()
         };
         let mut holder = i.clone();
         holder.outcome = IdempotentOutcome::Lease("l_other".into());
-        batch::write_one(s.as_ref(), Write::CopyRow(Row::Idempotency(holder.clone()))).unwrap();
-        let before = visible(s.as_ref());
+        batch::write_one(s.as_ref(), Write::CopyRow(Row::Idempotency(holder.clone())))
+            .await
+            .unwrap();
+        let before = visible(s.as_ref()).await;
         assert_eq!(
-            batch::wait(s.apply((batch).clone())).unwrap(),
+            batch::applied(s.apply((batch).clone())).await.unwrap(),
             Applied::Lost(Lost::Idempotency(holder)),
             "{name}"
         );
-        assert!(visible(s.as_ref()) == before, "{name}");
+        assert!(visible(s.as_ref()).await == before, "{name}");
     }
 }
 
-#[test]
-fn a_lease_or_renewal_signed_by_a_withdrawn_key_writes_none_of_the_batch() {
-    for (name, s, _dir) in backends() {
-        let batch = operation(s.as_ref());
-        let before = visible(s.as_ref());
+#[tokio::test]
+async fn a_lease_or_renewal_signed_by_a_withdrawn_key_writes_none_of_the_batch() {
+    for (name, s, _dir) in backends().await {
+        let batch = operation(s.as_ref()).await;
+        let before = visible(s.as_ref()).await;
         // A new lease signed by a key that no longer signs.
         let mut withdrawn = test_key("k");
         withdrawn.state = KeyState::Withdrawn;
-        s.put_key(&withdrawn).unwrap();
+        s.put_key(&withdrawn).await.unwrap();
         let mut late = batch.clone();
         late.writes.truncate(2);
         assert_eq!(
-            batch::wait(s.apply((late).clone())).unwrap(),
+            batch::applied(s.apply((late).clone())).await.unwrap(),
             Applied::Lost(Lost::KeyInactive("k".into())),
             "{name}"
         );
-        assert!(visible(s.as_ref()) == before, "{name}");
+        assert!(visible(s.as_ref()).await == before, "{name}");
         // A renewal signed by it: refused too (the token would leave).
-        let l1 = s.lease("l_1").unwrap().unwrap();
+        let l1 = s.lease("l_1").await.unwrap().unwrap();
         let mut renewed = l1.clone();
         renewed.token_issued_at += 1;
         renewed.renewals += 1;
@@ -1107,11 +1276,11 @@ fn a_lease_or_renewal_signed_by_a_withdrawn_key_writes_none_of_the_batch() {
             ..Batch::default()
         };
         assert_eq!(
-            batch::wait(s.apply(renewal)).unwrap(),
+            batch::applied(s.apply(renewal)).await.unwrap(),
             Applied::Lost(Lost::KeyInactive("k".into())),
             "{name}"
         );
-        assert_eq!(s.lease("l_1").unwrap().unwrap(), l1, "{name}");
+        assert_eq!(s.lease("l_1").await.unwrap().unwrap(), l1, "{name}");
     }
 }
 
@@ -1138,23 +1307,22 @@ fn renewal(i: u32, l0: Lease) -> Batch {
 /// Eight operations at once on the same lease (PostgreSQL puts them in one
 /// group transaction): one wins; every other leaves nothing, and the
 /// winner's records chain on.
-#[test]
-fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() {
-    for (name, s, _dir) in backends() {
-        put_test_key(s.as_ref(), "k");
+#[tokio::test]
+async fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() {
+    for (name, s, _dir) in backends().await {
+        put_test_key(s.as_ref(), "k").await;
         s.create_lease(&lease("l_0", "spiffe://t/a", 10), None)
+            .await
             .unwrap();
-        let l0 = s.lease("l_0").unwrap().unwrap();
-        let s: std::sync::Arc<dyn Store> = std::sync::Arc::from(s);
-        let outcomes: Vec<Applied> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..8)
-                .map(|i| {
-                    let (s, l0) = (s.clone(), l0.clone());
-                    scope.spawn(move || batch::wait(s.apply((renewal(i, l0)).clone())).unwrap())
-                })
+        let l0 = s.lease("l_0").await.unwrap().unwrap();
+        // All eight handed to the store before any is awaited.
+        let pending: Vec<Applying> = (0..8).map(|i| s.apply(renewal(i, l0.clone()))).collect();
+        let outcomes: Vec<Applied> =
+            futures_util::future::join_all(pending.into_iter().map(batch::applied))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
         let won: Vec<usize> = outcomes
             .iter()
             .enumerate()
@@ -1163,7 +1331,7 @@ fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() {
             .collect();
         assert_eq!(won.len(), 1, "{name}: {outcomes:?}");
         for (i, o) in outcomes.iter().enumerate() {
-            let made = s.lease(&format!("l_new{i}")).unwrap().is_some();
+            let made = s.lease(&format!("l_new{i}")).await.unwrap().is_some();
             match o {
                 Applied::Done(records) => {
                     assert!(made, "{name}");
@@ -1175,26 +1343,32 @@ fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() {
                 }
             }
         }
-        let trail = s.audit_after(None, 100).unwrap();
+        let trail = s.audit_after(None, 100).await.unwrap();
         assert_eq!(trail.len(), 1, "{name}: only the winner's record");
         assert_eq!(
-            s.lease("l_0").unwrap().unwrap().renewals as usize,
+            s.lease("l_0").await.unwrap().unwrap().renewals as usize,
             won[0] + 1,
             "{name}"
         );
     }
 }
 
-#[test]
-fn a_stale_leader_is_fenced_on_a_shared_store() {
-    let Some(s) = postgres_store() else { return };
-    let g1 = s.lead("upkeep", "a", 60_000).unwrap().unwrap();
+#[tokio::test]
+async fn a_stale_leader_is_fenced_on_a_shared_store() {
+    let Some(s) = postgres_store().await else {
+        return;
+    };
+    let g1 = s.lead("upkeep", "a", 60_000).await.unwrap().unwrap();
     assert_eq!(
-        s.lead("upkeep", "a", 60_000).unwrap(),
+        s.lead("upkeep", "a", 60_000).await.unwrap(),
         Some(g1),
         "a renewal keeps the term"
     );
-    assert_eq!(s.lead("upkeep", "b", 60_000).unwrap(), None, "held by a");
+    assert_eq!(
+        s.lead("upkeep", "b", 60_000).await.unwrap(),
+        None,
+        "held by a"
+    );
     let fenced = |holder: &str, generation| Batch {
         writes: vec![Write::PutMeta("m".into(), holder.as_bytes().to_vec())],
         audit: vec![body("audit.compacted")],
@@ -1205,34 +1379,42 @@ fn a_stale_leader_is_fenced_on_a_shared_store() {
         }),
     };
     assert!(matches!(
-        batch::wait(s.apply((fenced("a", g1)).clone())).unwrap(),
+        batch::applied(s.apply((fenced("a", g1)).clone()))
+            .await
+            .unwrap(),
         Applied::Done(_)
     ));
     // a's term ends (it stalled, or gave up); b takes the role.
-    s.resign("upkeep", "a").unwrap();
-    let g2 = s.lead("upkeep", "b", 60_000).unwrap().unwrap();
+    s.resign("upkeep", "a").await.unwrap();
+    let g2 = s.lead("upkeep", "b", 60_000).await.unwrap().unwrap();
     assert!(g2 > g1);
-    let last = s.audit_last().unwrap();
+    let last = s.audit_last().await.unwrap();
     assert_eq!(
-        batch::wait(s.apply((fenced("a", g1)).clone())).unwrap(),
+        batch::applied(s.apply((fenced("a", g1)).clone()))
+            .await
+            .unwrap(),
         Applied::Lost(Lost::Fenced)
     );
-    assert_eq!(s.meta("m").unwrap().as_deref(), Some(&b"a"[..]));
+    assert_eq!(s.meta("m").await.unwrap().as_deref(), Some(&b"a"[..]));
     assert_eq!(
-        s.audit_last().unwrap(),
+        s.audit_last().await.unwrap(),
         last,
         "no record of the fenced batch"
     );
     assert!(matches!(
-        batch::wait(s.apply((fenced("b", g2)).clone())).unwrap(),
+        batch::applied(s.apply((fenced("b", g2)).clone()))
+            .await
+            .unwrap(),
         Applied::Done(_)
     ));
     // a comes back and takes the role again: a new term, not its old one.
-    s.resign("upkeep", "b").unwrap();
-    let g3 = s.lead("upkeep", "a", 60_000).unwrap().unwrap();
+    s.resign("upkeep", "b").await.unwrap();
+    let g3 = s.lead("upkeep", "a", 60_000).await.unwrap().unwrap();
     assert!(g3 > g2);
     assert_eq!(
-        batch::wait(s.apply((fenced("a", g1)).clone())).unwrap(),
+        batch::applied(s.apply((fenced("a", g1)).clone()))
+            .await
+            .unwrap(),
         Applied::Lost(Lost::Fenced)
     );
 }
@@ -1251,6 +1433,7 @@ async fn failed_sync_is_reported_to_every_writer_in_the_batch() {
     let (gc, _task) = commit::GroupCommit::start(store.clone(), cancel.clone());
     store
         .create_lease(&lease("l_1", "spiffe://t/a", 5), None)
+        .await
         .unwrap();
     assert!(matches!(
         gc.durable().await,

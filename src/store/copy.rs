@@ -41,19 +41,19 @@ const OWN_META: &[&str] = &["schema_version"];
 
 /// Copy everything in `from` into `to`, which must be empty, and make it
 /// durable. Refuses a target that already holds keys, leases or a trail.
-pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
-    if !to.keys()?.is_empty()
-        || to.audit_last()?.is_some()
-        || !to.scan(Table::Leases, None, 1)?.is_empty()
-        || !to.scan(Table::Requests, None, 1)?.is_empty()
+pub async fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
+    if !to.keys().await?.is_empty()
+        || to.audit_last().await?.is_some()
+        || !to.scan(Table::Leases, None, 1).await?.is_empty()
+        || !to.scan(Table::Requests, None, 1).await?.is_empty()
     {
         return Err(StoreError::Unavailable(
             "the target store is not empty; copy only into a new one".into(),
         ));
     }
     let mut n = Copied::default();
-    for key in from.keys()? {
-        write_one(to, Write::PutKey(key))?;
+    for key in from.keys().await? {
+        write_one(to, Write::PutKey(key)).await?;
         n.keys += 1;
     }
     for table in [
@@ -64,7 +64,7 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
     ] {
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = from.scan(table, after.as_deref(), PAGE)?;
+            let page = from.scan(table, after.as_deref(), PAGE).await?;
             let done = page.len() < PAGE;
             let mut batch = Batch::default();
             for (key, row) in page {
@@ -74,23 +74,23 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError> {
                 }
                 after = Some(key);
             }
-            apply_all(to, batch)?;
+            apply_all(to, batch).await?;
             if done {
                 break;
             }
         }
     }
-    copy_trail(from, to, &mut n)?;
-    to.sync()?;
-    check(from, to)?;
+    copy_trail(from, to, &mut n).await?;
+    to.sync().await?;
+    check(from, to).await?;
     Ok(n)
 }
 
 /// The trail, byte for byte, a page per batch; then its checkpoints.
-fn copy_trail(from: &dyn Store, to: &dyn Store, n: &mut Copied) -> Result<(), StoreError> {
+async fn copy_trail(from: &dyn Store, to: &dyn Store, n: &mut Copied) -> Result<(), StoreError> {
     let mut after = None;
     loop {
-        let page = from.audit_after(after, PAGE)?;
+        let page = from.audit_after(after, PAGE).await?;
         let done = page.len() < PAGE;
         let mut batch = Batch::default();
         for (seq, bytes) in page {
@@ -98,13 +98,13 @@ fn copy_trail(from: &dyn Store, to: &dyn Store, n: &mut Copied) -> Result<(), St
             after = Some(seq);
             n.audit += 1;
         }
-        apply_all(to, batch)?;
+        apply_all(to, batch).await?;
         if done {
             break;
         }
     }
-    for (seq, jws) in from.checkpoints()? {
-        write_one(to, Write::PutCheckpoint(seq, jws))?;
+    for (seq, jws) in from.checkpoints(0, u64::MAX).await? {
+        write_one(to, Write::PutCheckpoint(seq, jws)).await?;
         n.checkpoints += 1;
     }
     Ok(())
@@ -122,8 +122,8 @@ fn count(row: &Row, n: &mut Copied) {
 }
 
 /// Apply one page; anything lost means the target was not empty.
-fn apply_all(to: &dyn Store, batch: Batch) -> Result<(), StoreError> {
-    match super::batch::wait(to.apply(batch))? {
+async fn apply_all(to: &dyn Store, batch: Batch) -> Result<(), StoreError> {
+    match super::batch::applied(to.apply(batch)).await? {
         Applied::Done(_) => Ok(()),
         Applied::Lost(lost) => Err(StoreError::Unavailable(format!(
             "the target already holds a row being copied ({lost:?}); copy only into a new store"
@@ -133,35 +133,36 @@ fn apply_all(to: &dyn Store, batch: Batch) -> Result<(), StoreError> {
 
 /// The target now reads back what the source holds: the same newest audit
 /// record, checkpoints, keys, and every lease and request.
-fn check(from: &dyn Store, to: &dyn Store) -> Result<(), StoreError> {
+async fn check(from: &dyn Store, to: &dyn Store) -> Result<(), StoreError> {
     let differs = |what: &str| {
         Err(StoreError::Unavailable(format!(
             "after the copy the target's {what} differ from the source's"
         )))
     };
-    if from.audit_last()? != to.audit_last()? {
+    if from.audit_last().await? != to.audit_last().await? {
         return differs("newest audit record");
     }
-    if from.checkpoints()? != to.checkpoints()? {
+    if from.checkpoints(0, u64::MAX).await? != to.checkpoints(0, u64::MAX).await? {
         return differs("checkpoints");
     }
-    let kids = |s: &dyn Store| -> Result<Vec<String>, StoreError> {
-        let mut k: Vec<String> = s.keys()?.into_iter().map(|k| k.kid).collect();
+    let mut kids = Vec::new();
+    for s in [from, to] {
+        let mut k: Vec<String> = s.keys().await?.into_iter().map(|k| k.kid).collect();
         k.sort();
-        Ok(k)
-    };
-    if kids(from)? != kids(to)? {
+        kids.push(k);
+    }
+    if kids[0] != kids[1] {
         return differs("signing keys");
     }
     for table in [Table::Leases, Table::Requests] {
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = from.scan(table, after.as_deref(), PAGE)?;
+            let page = from.scan(table, after.as_deref(), PAGE).await?;
             let done = page.len() < PAGE;
             for (key, row) in page {
                 let same = match &row {
-                    Row::Lease(l) => to.lease(&l.id)?.as_ref() == Some(l),
-                    Row::Request(r) => to.request(&r.id)?.as_ref() == Some(r),
+                    Row::Lease(l) => to.lease(&l.id).await?.as_ref() == Some(l),
+                    Row::Request(r) => to.request(&r.id).await?.as_ref() == Some(r),
                     _ => true,
                 };
                 if !same {

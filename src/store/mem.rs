@@ -2,12 +2,13 @@
 //! conformance suite. `sync` is a no-op: nothing here survives a restart.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use super::batch::{Applied, Applying, Batch, ChainHead, Tables, apply_to, decided};
 use super::{
-    AuditStore, KeyStore, LeaseStore, Millis, RequestStore, Row, Store, StoreError, Table,
-    deadline_key, idem_key, page_bounds, split_deadline_key, subject_key,
+    Due, Millis, Row, Store, StoreError, Table, deadline_key, idem_key, page_bounds,
+    split_deadline_key, subject_key,
 };
 use crate::model::{Idempotency, KeyRecord, Lease, LeaseState, TokenRequest};
 
@@ -30,6 +31,13 @@ struct Inner {
 }
 
 impl Inner {
+    fn index(&self, index: Due) -> &BTreeSet<Vec<u8>> {
+        match index {
+            Due::Leases => &self.lease_expiry,
+            Due::Requests => &self.request_expiry,
+        }
+    }
+
     fn head(&self) -> ChainHead {
         self.head.clone().unwrap_or_else(|| {
             ChainHead::after(
@@ -130,6 +138,31 @@ impl Tables for Inner {
         self.audit.insert(seq, bytes.to_vec());
         Ok(())
     }
+
+    fn delete_lease(&mut self, l: &Lease) -> Result<(), StoreError> {
+        self.lease_expiry.remove(&deadline_key(l.expires_at, &l.id));
+        self.by_subject.remove(&subject_key(&l.subject, &l.id));
+        if let Some(d) = &l.delegation {
+            self.children.remove(&subject_key(&d.parent_id, &l.id));
+        }
+        self.leases.remove(&l.id);
+        Ok(())
+    }
+
+    fn delete_request(&mut self, r: &TokenRequest) -> Result<(), StoreError> {
+        self.request_expiry.remove(&deadline_key(r.deadline, &r.id));
+        self.requests_open.remove(&r.id);
+        self.requests.remove(&r.id);
+        Ok(())
+    }
+
+    fn compact_audit(&mut self, seq: u64) -> Result<(), StoreError> {
+        // The head outlives the records it hangs from.
+        self.head = Some(self.head());
+        self.audit.retain(|k, _| *k > seq);
+        self.checkpoints.retain(|k, _| *k >= seq);
+        Ok(())
+    }
 }
 
 /// A batch tried against `Inner` without touching it: reads see the
@@ -137,32 +170,30 @@ impl Tables for Inner {
 /// check reads is kept.
 struct Trial<'a> {
     base: &'a Inner,
-    leases: BTreeMap<String, Lease>,
-    requests: BTreeMap<String, TokenRequest>,
+    leases: BTreeMap<String, Option<Lease>>,
+    requests: BTreeMap<String, Option<TokenRequest>>,
     idem: BTreeSet<Vec<u8>>,
     keys: BTreeMap<String, Option<KeyRecord>>,
 }
 
 impl Tables for Trial<'_> {
     fn lease(&mut self, id: &str) -> Result<Option<Lease>, StoreError> {
-        Ok(self
-            .leases
-            .get(id)
-            .or_else(|| self.base.leases.get(id))
-            .cloned())
+        Ok(match self.leases.get(id) {
+            Some(l) => l.clone(),
+            None => self.base.leases.get(id).cloned(),
+        })
     }
 
     fn put_lease(&mut self, _: Option<&Lease>, new: &Lease) -> Result<(), StoreError> {
-        self.leases.insert(new.id.clone(), new.clone());
+        self.leases.insert(new.id.clone(), Some(new.clone()));
         Ok(())
     }
 
     fn request(&mut self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
-        Ok(self
-            .requests
-            .get(id)
-            .or_else(|| self.base.requests.get(id))
-            .cloned())
+        Ok(match self.requests.get(id) {
+            Some(r) => r.clone(),
+            None => self.base.requests.get(id).cloned(),
+        })
     }
 
     fn put_request(
@@ -170,7 +201,7 @@ impl Tables for Trial<'_> {
         _: Option<&TokenRequest>,
         new: &TokenRequest,
     ) -> Result<(), StoreError> {
-        self.requests.insert(new.id.clone(), new.clone());
+        self.requests.insert(new.id.clone(), Some(new.clone()));
         Ok(())
     }
 
@@ -221,6 +252,20 @@ impl Tables for Trial<'_> {
     fn put_audit(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn delete_lease(&mut self, l: &Lease) -> Result<(), StoreError> {
+        self.leases.insert(l.id.clone(), None);
+        Ok(())
+    }
+
+    fn delete_request(&mut self, r: &TokenRequest) -> Result<(), StoreError> {
+        self.requests.insert(r.id.clone(), None);
+        Ok(())
+    }
+
+    fn compact_audit(&mut self, _: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A store that lives in process memory.
@@ -263,29 +308,21 @@ impl MemStore {
     }
 }
 
-fn due(index: &BTreeSet<Vec<u8>>, now: Millis, limit: usize) -> Vec<String> {
-    index
-        .iter()
-        .map_while(|k| split_deadline_key(k).filter(|(at, _)| *at <= now))
-        .take(limit)
-        .map(|(_, id)| id)
-        .collect()
-}
+#[async_trait::async_trait]
+impl Store for MemStore {
+    fn apply(&self, batch: Batch) -> Applying {
+        decided(self.apply_now(&batch))
+    }
 
-fn first(index: &BTreeSet<Vec<u8>>) -> Option<Millis> {
-    index
-        .iter()
-        .next()
-        .and_then(|k| split_deadline_key(k))
-        .map(|(at, _)| at)
-}
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
-impl LeaseStore for MemStore {
-    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+    async fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         Ok(self.lock()?.leases.get(id).cloned())
     }
 
-    fn leases_of(
+    async fn leases_of(
         &self,
         subject: &str,
         after: Option<&str>,
@@ -304,7 +341,7 @@ impl LeaseStore for MemStore {
             .collect())
     }
 
-    fn children(
+    async fn children(
         &self,
         parent: &str,
         after: Option<&str>,
@@ -321,111 +358,79 @@ impl LeaseStore for MemStore {
             .collect())
     }
 
-    fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        Ok(due(&self.lock()?.lease_expiry, now, limit))
-    }
-
-    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError> {
-        Ok(first(&self.lock()?.lease_expiry))
-    }
-
-    fn purge_leases(&self, before: Millis) -> Result<u64, StoreError> {
-        let mut g = self.lock()?;
-        let old: Vec<Lease> = g
-            .leases
-            .values()
-            .filter(|l| l.ended_at().is_some_and(|t| t < before))
-            .cloned()
-            .collect();
-        for l in &old {
-            g.leases.remove(&l.id);
-            g.by_subject.remove(&subject_key(&l.subject, &l.id));
-            if let Some(d) = &l.delegation {
-                g.children.remove(&subject_key(&d.parent_id, &l.id));
-            }
-        }
-        Ok(old.len() as u64)
-    }
-
-    fn count_active_leases(&self) -> Result<u64, StoreError> {
-        Ok(self.lock()?.lease_expiry.len() as u64)
-    }
-
-    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .lock()?
-            .leases
-            .values()
-            .filter(|l| l.kid == kid && l.state == LeaseState::Active)
-            .map(|l| l.id.clone())
+    async fn signed_by(
+        &self,
+        kid: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let g = self.lock()?;
+        let start = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_owned()));
+        Ok(g.leases
+            .range((start, Bound::Unbounded))
+            .filter(|(_, l)| l.kid == kid && l.state == LeaseState::Active)
+            .map(|(id, _)| id.clone())
+            .take(limit)
             .collect())
     }
-}
 
-impl RequestStore for MemStore {
-    fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+    async fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
         Ok(self.lock()?.requests.get(id).cloned())
     }
 
-    fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        Ok(due(&self.lock()?.request_expiry, now, limit))
-    }
-
-    fn open_requests(
+    async fn open_requests(
         &self,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TokenRequest>, StoreError> {
         let g = self.lock()?;
-        let start = after.map_or(std::ops::Bound::Unbounded, |a| {
-            std::ops::Bound::Excluded(a.to_owned())
-        });
+        let start = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_owned()));
         Ok(g.requests_open
-            .range((start, std::ops::Bound::Unbounded))
+            .range((start, Bound::Unbounded))
             .filter_map(|id| g.requests.get(id).cloned())
             .take(limit)
             .collect())
     }
 
-    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
-        Ok(first(&self.lock()?.request_expiry))
+    async fn due(&self, index: Due, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        let g = self.lock()?;
+        Ok(g.index(index)
+            .iter()
+            .map_while(|k| split_deadline_key(k).filter(|(at, _)| *at <= now))
+            .take(limit)
+            .map(|(_, id)| id)
+            .collect())
     }
 
-    fn purge_requests(&self, before: Millis) -> Result<u64, StoreError> {
-        let mut g = self.lock()?;
-        let reqs: Vec<String> = g
-            .requests
-            .values()
-            .filter(|r| r.ended_at().is_some_and(|t| t < before))
-            .map(|r| r.id.clone())
-            .collect();
-        for id in &reqs {
-            g.requests.remove(id);
-        }
-        Ok(reqs.len() as u64)
+    async fn next_deadline(&self, index: Due) -> Result<Option<Millis>, StoreError> {
+        let g = self.lock()?;
+        Ok(g.index(index)
+            .iter()
+            .next()
+            .and_then(|k| split_deadline_key(k))
+            .map(|(at, _)| at))
     }
 
-    fn count_open_requests(&self) -> Result<u64, StoreError> {
-        Ok(self.lock()?.requests_open.len() as u64)
+    async fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let g = self.lock()?;
+        Ok((g.lease_expiry.len() as u64, g.requests_open.len() as u64))
     }
-}
 
-impl AuditStore for MemStore {
-    fn audit_after(
+    async fn audit_after(
         &self,
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let g = self.lock()?;
-        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         Ok(g.audit
-            .range((start, std::ops::Bound::Unbounded))
+            .range((start, Bound::Unbounded))
             .take(limit)
             .map(|(k, v)| (*k, v.clone()))
             .collect())
     }
 
-    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    async fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         Ok(self
             .lock()?
             .audit
@@ -434,33 +439,27 @@ impl AuditStore for MemStore {
             .map(|(k, v)| (*k, v.clone())))
     }
 
-    fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
-        let mut g = self.lock()?;
-        // The head outlives the records it hangs from.
-        g.head = Some(g.head());
-        g.audit.retain(|k, _| *k > seq);
-        g.checkpoints.retain(|k, _| *k >= seq);
-        Ok(())
-    }
-
-    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    async fn checkpoints(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if after >= to {
+            return Ok(Vec::new());
+        }
         Ok(self
             .lock()?
             .checkpoints
-            .iter()
+            .range((Bound::Excluded(after), Bound::Included(to)))
             .map(|(k, v)| (*k, v.clone()))
             .collect())
     }
-}
 
-impl KeyStore for MemStore {
-    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         Ok(self.lock()?.keys.values().cloned().collect())
     }
-}
 
-impl super::EphemeralStore for MemStore {
-    fn put_ephemeral(
+    async fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock()?.meta.get(name).cloned())
+    }
+
+    async fn put_ephemeral(
         &self,
         key: &[u8; 32],
         value: &[u8],
@@ -472,7 +471,7 @@ impl super::EphemeralStore for MemStore {
         Ok(())
     }
 
-    fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .lock()?
             .ephemeral
@@ -481,7 +480,11 @@ impl super::EphemeralStore for MemStore {
             .map(|(v, _)| v.clone()))
     }
 
-    fn take_ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn take_ephemeral(
+        &self,
+        key: &[u8; 32],
+        now: Millis,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .lock()?
             .ephemeral
@@ -490,72 +493,76 @@ impl super::EphemeralStore for MemStore {
             .map(|(v, _)| v))
     }
 
-    fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
+    async fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
         let mut inner = self.lock()?;
         let before = inner.ephemeral.len();
         inner.ephemeral.retain(|_, (_, end)| *end > now);
         Ok((before - inner.ephemeral.len()) as u64)
     }
-}
 
-impl Store for MemStore {
-    fn apply(&self, batch: Batch) -> Applying {
-        decided(self.apply_now(&batch))
-    }
-
-    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.lock()?.meta.get(name).cloned())
-    }
-
-    fn scan(
+    async fn scan(
         &self,
         table: Table,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
-        fn page<V: Clone>(
-            map: &BTreeMap<Vec<u8>, V>,
-            after: Option<&[u8]>,
-            limit: usize,
-        ) -> Vec<(Vec<u8>, V)> {
-            map.iter()
-                .filter(|(k, _)| after.is_none_or(|a| k.as_slice() > a))
-                .take(limit)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        }
-        fn bytes<V: Clone>(map: &BTreeMap<String, V>) -> BTreeMap<Vec<u8>, V> {
-            map.iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
-                .collect()
-        }
-        let g = self.lock()?;
-        Ok(match table {
-            Table::Leases => page(&bytes(&g.leases), after, limit)
-                .into_iter()
-                .map(|(k, l)| (k, Row::Lease(l)))
-                .collect(),
-            Table::Requests => page(&bytes(&g.requests), after, limit)
-                .into_iter()
-                .map(|(k, r)| (k, Row::Request(r)))
-                .collect(),
-            Table::Idempotency => page(&g.idem, after, limit)
-                .into_iter()
-                .map(|(k, i)| (k, Row::Idempotency(i)))
-                .collect(),
-            Table::Meta => page(&bytes(&g.meta), after, limit)
-                .into_iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        Row::Meta(String::from_utf8_lossy(&k).into_owned(), v),
-                    )
-                })
-                .collect(),
-        })
+        Ok(scan_page(&*self.lock()?, table, after, limit))
     }
 
-    fn sync(&self) -> Result<(), StoreError> {
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        // One broker: every change is its own.
+        None
+    }
+
+    async fn lead(&self, _: &str, _: &str, _: u64) -> Result<Option<u64>, StoreError> {
+        // One broker: it always leads, in one term that never ends.
+        Ok(Some(0))
+    }
+
+    async fn resign(&self, _: &str, _: &str) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+/// A page of `table` for [`Store::scan`].
+fn scan_page(g: &Inner, table: Table, after: Option<&[u8]>, limit: usize) -> Vec<(Vec<u8>, Row)> {
+    fn page<V: Clone>(
+        map: &BTreeMap<Vec<u8>, V>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Vec<(Vec<u8>, V)> {
+        map.iter()
+            .filter(|(k, _)| after.is_none_or(|a| k.as_slice() > a))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+    fn bytes<V: Clone>(map: &BTreeMap<String, V>) -> BTreeMap<Vec<u8>, V> {
+        map.iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+            .collect()
+    }
+    match table {
+        Table::Leases => page(&bytes(&g.leases), after, limit)
+            .into_iter()
+            .map(|(k, l)| (k, Row::Lease(l)))
+            .collect(),
+        Table::Requests => page(&bytes(&g.requests), after, limit)
+            .into_iter()
+            .map(|(k, r)| (k, Row::Request(r)))
+            .collect(),
+        Table::Idempotency => page(&g.idem, after, limit)
+            .into_iter()
+            .map(|(k, i)| (k, Row::Idempotency(i)))
+            .collect(),
+        Table::Meta => page(&bytes(&g.meta), after, limit)
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Row::Meta(String::from_utf8_lossy(&k).into_owned(), v),
+                )
+            })
+            .collect(),
     }
 }

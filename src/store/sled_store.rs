@@ -14,9 +14,9 @@ use sled::{Db, Transactional as _, Tree};
 
 use super::batch::{Applied, Applying, Batch, ChainHead, Tables, apply_to};
 use super::{
-    AuditStore, KeyStore, LeaseStore, Millis, READABLE_SCHEMA_VERSIONS, RequestStore, Row,
-    SCHEMA_VERSION, Store, StoreError, Table, deadline_key, decode, decode_lease, encode,
-    encode_lease, idem_key, page_bounds, split_deadline_key, subject_key,
+    Due, Millis, READABLE_SCHEMA_VERSIONS, Row, SCHEMA_VERSION, Store, StoreError, Table,
+    deadline_key, decode, decode_lease, encode, encode_lease, idem_key, page_bounds,
+    split_deadline_key, subject_key,
 };
 use crate::model::{Idempotency, KeyRecord, Lease, LeaseState, TokenRequest};
 
@@ -366,6 +366,49 @@ impl Tables for Staged<'_> {
 
     fn put_audit(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         self.put(AUDIT, &seq.to_be_bytes(), bytes)
+    }
+
+    fn delete_lease(&mut self, l: &Lease) -> Result<(), StoreError> {
+        if l.state == LeaseState::Active {
+            self.del(LEASE_EXPIRY, &deadline_key(l.expires_at, &l.id))?;
+        }
+        self.del(BY_SUBJECT, &subject_key(&l.subject, &l.id))?;
+        if let Some(d) = &l.delegation {
+            self.del(CHILDREN, &subject_key(&d.parent_id, &l.id))?;
+        }
+        self.del(LEASES, l.id.as_bytes())
+    }
+
+    fn delete_request(&mut self, r: &TokenRequest) -> Result<(), StoreError> {
+        if !r.state.is_terminal() {
+            self.del(REQUEST_EXPIRY, &deadline_key(r.deadline, &r.id))?;
+        }
+        self.del(REQUESTS_OPEN, r.id.as_bytes())?;
+        self.del(REQUESTS, r.id.as_bytes())
+    }
+
+    fn compact_audit(&mut self, seq: u64) -> Result<(), StoreError> {
+        // What the trees hold: records this group adds come after the
+        // head, above any compaction point.
+        let gone =
+            |tree: &Tree, end: std::ops::Bound<[u8; 8]>| -> Result<Vec<Vec<u8>>, StoreError> {
+                tree.range((std::ops::Bound::Unbounded, end))
+                    .map(|item| item.map(|(k, _)| k.to_vec()).map_err(unavailable))
+                    .collect()
+            };
+        for k in gone(
+            self.trees[AUDIT],
+            std::ops::Bound::Included(seq.to_be_bytes()),
+        )? {
+            self.del(AUDIT, &k)?;
+        }
+        for k in gone(
+            self.trees[CHECKPOINTS],
+            std::ops::Bound::Excluded(seq.to_be_bytes()),
+        )? {
+            self.del(CHECKPOINTS, &k)?;
+        }
+        Ok(())
     }
 }
 
@@ -864,7 +907,7 @@ impl SledCore {
             .is_some_and(|l| l.state == LeaseState::Active && l.expires_at == at))
     }
 
-    fn due(index: &Tree, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+    fn due_in(index: &Tree, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for item in index.iter() {
             let (k, _) = item.map_err(unavailable)?;
@@ -888,7 +931,8 @@ impl SledCore {
     }
 }
 
-impl LeaseStore for SledCore {
+/// Reads, answered in the caller's thread (see [`Store`] for each).
+impl SledCore {
     fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
         self.leases
             .get(id.as_bytes())
@@ -927,6 +971,27 @@ impl LeaseStore for SledCore {
             .collect()
     }
 
+    fn due(&self, index: Due, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        match index {
+            Due::Leases => self.leases_due(now, limit),
+            Due::Requests => Self::due_in(&self.request_expiry, now, limit),
+        }
+    }
+
+    fn next_deadline(&self, index: Due) -> Result<Option<Millis>, StoreError> {
+        Self::first(match index {
+            Due::Leases => &self.lease_expiry,
+            Due::Requests => &self.request_expiry,
+        })
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.lease_expiry.len() as u64,
+            self.requests_open.len() as u64,
+        )
+    }
+
     fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for item in self.lease_expiry.iter() {
@@ -949,40 +1014,24 @@ impl LeaseStore for SledCore {
         Ok(out)
     }
 
-    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError> {
-        Self::first(&self.lease_expiry)
-    }
-
-    fn purge_leases(&self, before: Millis) -> Result<u64, StoreError> {
-        let mut leases = 0;
-        for item in self.leases.iter() {
-            let (k, v) = item.map_err(unavailable)?;
-            let l: Lease = decode_lease(&k, &v)?;
-            if l.ended_at().is_some_and(|t| t < before) {
-                // The subject index entry goes first: a lease is never
-                // listed without its record, and an orphan entry is skipped.
-                self.by_subject
-                    .remove(subject_key(&l.subject, &l.id))
-                    .map_err(unavailable)?;
-                if let Some(d) = &l.delegation {
-                    self.children
-                        .remove(subject_key(&d.parent_id, &l.id))
-                        .map_err(unavailable)?;
-                }
-                self.leases.remove(&k).map_err(unavailable)?;
-                leases += 1;
-            }
-        }
-        Ok(leases)
-    }
-
-    fn count_active_leases(&self) -> Result<u64, StoreError> {
-        Ok(self.lease_expiry.len() as u64)
-    }
-
-    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
+    fn signed_by(
+        &self,
+        kid: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let range = match after {
+            Some(a) => self.leases.range::<&[u8], _>((
+                std::ops::Bound::Excluded(a.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.leases.iter(),
+        };
         let mut out = Vec::new();
-        for item in self.leases.iter() {
+        for item in range {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = item.map_err(unavailable)?;
             let l: Lease = decode_lease(&k, &v)?;
             if l.kid == kid && l.state == LeaseState::Active {
@@ -991,19 +1040,13 @@ impl LeaseStore for SledCore {
         }
         Ok(out)
     }
-}
 
-impl RequestStore for SledCore {
     fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
         self.requests
             .get(id.as_bytes())
             .map_err(unavailable)?
             .map(|v| decode("requests", id.as_bytes(), &v))
             .transpose()
-    }
-
-    fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        Self::due(&self.request_expiry, now, limit)
     }
 
     fn open_requests(
@@ -1031,29 +1074,6 @@ impl RequestStore for SledCore {
         Ok(out)
     }
 
-    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
-        Self::first(&self.request_expiry)
-    }
-
-    fn purge_requests(&self, before: Millis) -> Result<u64, StoreError> {
-        let mut requests = 0;
-        for item in self.requests.iter() {
-            let (k, v) = item.map_err(unavailable)?;
-            let r: TokenRequest = decode("requests", &k, &v)?;
-            if r.ended_at().is_some_and(|t| t < before) {
-                self.requests.remove(&k).map_err(unavailable)?;
-                requests += 1;
-            }
-        }
-        Ok(requests)
-    }
-
-    fn count_open_requests(&self) -> Result<u64, StoreError> {
-        Ok(self.requests_open.len() as u64)
-    }
-}
-
-impl AuditStore for SledCore {
     fn audit_after(
         &self,
         after: Option<u64>,
@@ -1079,31 +1099,7 @@ impl AuditStore for SledCore {
             .map(|(k, v)| (seq_of(&k), v.to_vec())))
     }
 
-    fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
-        // Oldest first: a crash part-way leaves a shorter prefix removed,
-        // which the verifier handles like any compaction point.
-        for item in self.audit.range(..=seq.to_be_bytes()) {
-            let (k, _) = item.map_err(unavailable)?;
-            self.audit.remove(k).map_err(unavailable)?;
-        }
-        for item in self.checkpoints.range(..seq.to_be_bytes()) {
-            let (k, _) = item.map_err(unavailable)?;
-            self.checkpoints.remove(k).map_err(unavailable)?;
-        }
-        Ok(())
-    }
-
-    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.checkpoints
-            .iter()
-            .map(|item| {
-                item.map(|(k, v)| (seq_of(&k), v.to_vec()))
-                    .map_err(unavailable)
-            })
-            .collect()
-    }
-
-    fn checkpoints_between(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    fn checkpoints(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         if to <= after {
             return Ok(Vec::new());
         }
@@ -1115,9 +1111,7 @@ impl AuditStore for SledCore {
             })
             .collect()
     }
-}
 
-impl KeyStore for SledCore {
     fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.keys
             .iter()
@@ -1136,7 +1130,8 @@ fn live_ephemeral(raw: &[u8], now: Millis) -> Option<Vec<u8>> {
     (end > now).then(|| value.to_vec())
 }
 
-impl super::EphemeralStore for SledCore {
+/// The console's short-lived secrets (see [`Store::put_ephemeral`]).
+impl SledCore {
     fn put_ephemeral(
         &self,
         key: &[u8; 32],
@@ -1186,6 +1181,7 @@ impl super::EphemeralStore for SledCore {
     }
 }
 
+#[async_trait::async_trait]
 impl Store for SledStore {
     fn apply(&self, batch: Batch) -> Applying {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1202,11 +1198,119 @@ impl Store for SledStore {
         rx
     }
 
-    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn sync(&self) -> Result<(), StoreError> {
+        // A flush and an fsync: on a blocking thread, never a runtime one.
+        let core = self.core.clone();
+        tokio::task::spawn_blocking(move || core.sync_now())
+            .await
+            .map_err(unavailable)?
+    }
+
+    async fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.core.lease(id)
+    }
+
+    async fn leases_of(
+        &self,
+        subject: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.core.leases_of(subject, after, limit)
+    }
+
+    async fn children(
+        &self,
+        parent: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.core.children(parent, after, limit)
+    }
+
+    async fn signed_by(
+        &self,
+        kid: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.core.signed_by(kid, after, limit)
+    }
+
+    async fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        self.core.request(id)
+    }
+
+    async fn open_requests(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        self.core.open_requests(after, limit)
+    }
+
+    async fn due(&self, index: Due, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.core.due(index, now, limit)
+    }
+
+    async fn next_deadline(&self, index: Due) -> Result<Option<Millis>, StoreError> {
+        self.core.next_deadline(index)
+    }
+
+    async fn counts(&self) -> Result<(u64, u64), StoreError> {
+        Ok(self.core.counts())
+    }
+
+    async fn audit_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.core.audit_after(after, limit)
+    }
+
+    async fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.core.audit_last()
+    }
+
+    async fn checkpoints(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.core.checkpoints(after, to)
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.core.keys()
+    }
+
+    async fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.core.meta_value(name)
     }
 
-    fn scan(
+    async fn put_ephemeral(
+        &self,
+        key: &[u8; 32],
+        value: &[u8],
+        expires_at: Millis,
+    ) -> Result<(), StoreError> {
+        self.core.put_ephemeral(key, value, expires_at)
+    }
+
+    async fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        self.core.ephemeral(key, now)
+    }
+
+    async fn take_ephemeral(
+        &self,
+        key: &[u8; 32],
+        now: Millis,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.core.take_ephemeral(key, now)
+    }
+
+    async fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
+        self.core.purge_ephemeral(now)
+    }
+
+    async fn scan(
         &self,
         table: Table,
         after: Option<&[u8]>,
@@ -1215,12 +1319,20 @@ impl Store for SledStore {
         self.core.scan_rows(table, after, limit)
     }
 
-    fn sync(&self) -> Result<(), StoreError> {
-        self.core.sync_now()
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        // One broker (sled locks its directory): every change is its own.
+        None
+    }
+
+    async fn lead(&self, _: &str, _: &str, _: u64) -> Result<Option<u64>, StoreError> {
+        // One broker: it always leads, in one term that never ends.
+        Ok(Some(0))
+    }
+
+    async fn resign(&self, _: &str, _: &str) -> Result<(), StoreError> {
+        Ok(())
     }
 }
-
-crate::store::delegate_reads!(SledStore);
 
 impl SledCore {
     /// A metadata value.
@@ -1304,26 +1416,9 @@ mod tests {
         );
     }
 
-    /// What a crash in the middle of writing a batch leaves — its slot and
-    /// only the first of its changes — is completed at the next open.
-    #[test]
-    fn a_batch_a_crash_cut_short_is_completed_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        put_test_key(&s, "k");
-        s.create_lease(&lease("l_1", "spiffe://t/a", 10), None)
-            .unwrap();
-        let l1 = s.lease("l_1").unwrap().unwrap();
-        let mut revoked = l1.clone();
-        revoked.state = LeaseState::Revoked;
-        let batch = Batch {
-            writes: vec![
-                Write::SwapLease { old: l1, new: revoked },
-                Write::CreateLease { lease: lease("l_2", "spiffe://t/b", 20), idem: None },
-            ],
-            audit: vec![br#"{"at":1,"actor":"a","action":"lease.revoked","target":"l_1","scopes":[],"outcome":"ok","reason":"","rule":"","peer":"","call_id":""}"#.to_vec()],
-            fence: None,
-        };
+    /// Write `batch` as the writer would, up to a crash: the slot and the
+    /// first change on disk, the rest not. The group's number.
+    fn crash_after_the_slot(s: &SledStore, batch: &Batch) -> u64 {
         let head = s.lock_head().unwrap().head.clone();
         let mut keys = std::collections::HashMap::new();
         let group = Overlay::new();
@@ -1334,7 +1429,7 @@ mod tests {
             changes: Vec::new(),
             overlay: std::collections::HashMap::new(),
         };
-        let (applied, _) = apply_to(&mut staged, &head, &batch).unwrap();
+        let (applied, _) = apply_to(&mut staged, &head, batch).unwrap();
         assert!(matches!(applied, Applied::Done(_)));
         let group_seq = s.stored_seq().unwrap() + 1;
         staged.changes.push((
@@ -1342,23 +1437,50 @@ mod tests {
             GROUP_SEQ.as_bytes().to_vec(),
             Some(group_seq.to_be_bytes().to_vec()),
         ));
-        // The slot and one change made it to disk; the rest did not.
         s.slot
             .insert(BATCH_SLOT, encode_changes(&staged.changes))
             .unwrap();
         SledCore::write_each(&s.batch_trees(), &staged.changes[..1]).unwrap();
-        s.sync().unwrap();
-        assert!(s.lease("l_2").unwrap().is_none());
+        group_seq
+    }
+
+    /// What a crash in the middle of writing a batch leaves — its slot and
+    /// only the first of its changes — is completed at the next open.
+    #[tokio::test]
+    async fn a_batch_a_crash_cut_short_is_completed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        put_test_key(&s, "k").await;
+        s.create_lease(&lease("l_1", "spiffe://t/a", 10), None)
+            .await
+            .unwrap();
+        let l1 = s.lease("l_1").await.unwrap().unwrap();
+        let mut revoked = l1.clone();
+        revoked.state = LeaseState::Revoked;
+        let batch = Batch {
+            writes: vec![
+                Write::SwapLease { old: l1, new: revoked },
+                Write::CreateLease { lease: lease("l_2", "spiffe://t/b", 20), idem: None },
+            ],
+            audit: vec![br#"{"at":1,"actor":"a","action":"lease.revoked","target":"l_1","scopes":[],"outcome":"ok","reason":"","rule":"","peer":"","call_id":""}"#.to_vec()],
+            fence: None,
+        };
+        let group_seq = crash_after_the_slot(&s, &batch);
+        s.sync().await.unwrap();
+        assert!(s.lease("l_2").await.unwrap().is_none());
         drop(s);
         let s = SledStore::open(dir.path()).unwrap();
-        assert_eq!(s.lease("l_1").unwrap().unwrap().state, LeaseState::Revoked);
-        assert!(s.lease("l_2").unwrap().is_some());
         assert_eq!(
-            s.leases_due(15, 10).unwrap(),
+            s.lease("l_1").await.unwrap().unwrap().state,
+            LeaseState::Revoked
+        );
+        assert!(s.lease("l_2").await.unwrap().is_some());
+        assert_eq!(
+            s.due(Due::Leases, 15, 10).await.unwrap(),
             Vec::<String>::new(),
             "l_1 left the expiry index"
         );
-        let (seq, bytes) = s.audit_last().unwrap().unwrap();
+        let (seq, bytes) = s.audit_last().await.unwrap().unwrap();
         assert_eq!(seq, 1);
         assert!(String::from_utf8(bytes).unwrap().contains("lease.revoked"));
         assert_eq!(
@@ -1367,7 +1489,7 @@ mod tests {
             "the group's number is written last"
         );
         // The next batch chains after the completed one.
-        put_test_key(&s, "k2");
+        put_test_key(&s, "k2").await;
         assert_eq!(s.lock_head().unwrap().head.seq, 1);
     }
 }

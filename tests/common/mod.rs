@@ -43,7 +43,19 @@ pub struct Harness {
 /// stderr that the test is skipped and how to run it — when the tests were
 /// given no PostgreSQL.
 pub fn scratch_database(test: &str) -> Option<String> {
-    postgres_for(test).map(|base| portcullis::store::postgres::scratch_database(&base).unwrap())
+    let base = postgres_for(test)?;
+    // On a thread of its own with a runtime of its own: callers may be
+    // inside a runtime, or not.
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(portcullis::store::postgres::scratch_database(&base))
+            .unwrap()
+    })
+    .join()
+    .ok()
 }
 
 /// The tests' PostgreSQL URL, or `None` after saying that `test` is skipped.

@@ -8,7 +8,7 @@ use crate::model::LeaseState;
 
 #[tokio::test]
 async fn two_distinct_approvers_then_exactly_one_claim() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let req = parked(&r, &["admin"]).await;
     let (alice, bob) = (id("spiffe://t/human/alice"), id("spiffe://t/human/bob"));
     let one = r
@@ -50,7 +50,7 @@ async fn two_distinct_approvers_then_exactly_one_claim() {
     );
     assert!(claim(&w).await.unwrap().is_none(), "only once");
     assert_eq!(
-        actions(r.store.as_ref()),
+        actions(r.store.as_ref()).await,
         [
             "request.parked",
             "request.approval",
@@ -62,7 +62,7 @@ async fn two_distinct_approvers_then_exactly_one_claim() {
 
 #[tokio::test]
 async fn a_digest_mismatch_or_a_stranger_changes_nothing() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let req = parked(&r, &["admin"]).await;
     let alice = id("spiffe://t/human/alice");
     let err = r
@@ -86,14 +86,14 @@ async fn a_digest_mismatch_or_a_stranger_changes_nothing() {
     );
     let err = r.engine.deny(&alice, &req.id, " ").await.unwrap_err();
     assert!(matches!(err, EngineError::Invalid(ref f) if f.field == "reason"));
-    assert_eq!(r.store.request(&req.id).unwrap().unwrap(), req);
+    assert_eq!(r.store.request(&req.id).await.unwrap().unwrap(), req);
     let denied = r.engine.deny(&alice, &req.id, "no").await.unwrap();
     assert_eq!(denied.state, RequestState::Denied);
 }
 
 #[tokio::test]
 async fn acknowledging_break_glass_can_revoke_and_needs_a_review_pending() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let mut a = ask(&["admin"]);
     a.break_glass = true;
     a.justification = "pager".into();
@@ -110,7 +110,7 @@ async fn acknowledging_break_glass_can_revoke_and_needs_a_review_pending() {
         .await
         .unwrap_err();
     assert!(matches!(err, EngineError::WrongState(_)));
-    let (pending, _) = r.engine.list_pending(&alice, 0, "").unwrap();
+    let (pending, _) = r.engine.list_pending(&alice, 0, "").await.unwrap();
     assert_eq!(pending.len(), 2, "the parked request and the review");
     let reviewed = r
         .engine
@@ -119,18 +119,18 @@ async fn acknowledging_break_glass_can_revoke_and_needs_a_review_pending() {
         .unwrap();
     assert!(!reviewed.review_pending);
     assert_eq!(
-        r.store.lease(&lease.id).unwrap().unwrap().state,
+        r.store.lease(&lease.id).await.unwrap().unwrap().state,
         LeaseState::Revoked
     );
 }
 
 #[tokio::test]
 async fn decisions_after_the_deadline_are_refused_without_the_sweep() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let req = parked(&r, &["admin"]).await;
     // No expiry task runs in a rig: only the decision-time check stands.
     r.clock.advance(std::time::Duration::from_millis(
-        req.deadline - r.store.request(&req.id).unwrap().unwrap().created_at,
+        req.deadline - r.store.request(&req.id).await.unwrap().unwrap().created_at,
     ));
     let alice = id("spiffe://t/human/alice");
     let err = r
@@ -148,7 +148,7 @@ async fn decisions_after_the_deadline_are_refused_without_the_sweep() {
         .unwrap_err();
     assert!(matches!(err, EngineError::WrongState(_)), "{err}");
     assert_eq!(
-        r.store.request(&req.id).unwrap().unwrap(),
+        r.store.request(&req.id).await.unwrap().unwrap(),
         req,
         "nothing changed"
     );
@@ -168,14 +168,14 @@ async fn one_person_with_two_identities_is_one_approver() {
             "[people]\nalice = [\"spiffe://t/human/alice\", \"oidc:alice@example.org\"]\nw = [\"spiffe://t/w\", \"oidc:w@example.org\"]\n[[scope]]",
             1,
         );
-    let r = rig(&policy);
+    let r = rig(&policy).await;
     let req = parked(&r, &["admin"]).await;
     let alice_cert = id("spiffe://t/human/alice");
     let alice_sso = crate::identity::Identity::person("alice@example.org").unwrap();
     let w_sso = crate::identity::Identity::person("w@example.org").unwrap();
     // The requester, signed in another way, may not decide or even see it
     // in the list of what it may decide.
-    let (mine, _) = r.engine.list_pending(&w_sso, 50, "").unwrap();
+    let (mine, _) = r.engine.list_pending(&w_sso, 50, "").await.unwrap();
     assert!(mine.is_empty());
     let err = r
         .engine
@@ -188,7 +188,7 @@ async fn one_person_with_two_identities_is_one_approver() {
         .approve(&alice_cert, &req.id, "", None, "")
         .await
         .unwrap();
-    let (left, _) = r.engine.list_pending(&alice_sso, 50, "").unwrap();
+    let (left, _) = r.engine.list_pending(&alice_sso, 50, "").await.unwrap();
     assert!(left.is_empty(), "already approved as her certificate");
     let err = r
         .engine
@@ -196,7 +196,7 @@ async fn one_person_with_two_identities_is_one_approver() {
         .await
         .unwrap_err();
     assert!(matches!(err, EngineError::Duplicate(_)), "{err}");
-    let still = r.store.request(&req.id).unwrap().unwrap();
+    let still = r.store.request(&req.id).await.unwrap().unwrap();
     assert_eq!(still.state, RequestState::Pending);
     assert_eq!(still.approvals.len(), 1);
 }

@@ -112,7 +112,7 @@ fn field_of(e: &EngineError) -> &'static str {
 
 #[tokio::test]
 async fn a_child_is_narrower_shorter_and_carries_the_chain() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, parent) = root(&r, &["read", "write"]).await;
     r.clock.advance(Duration::from_secs(60));
     let ask = ExchangeAsk {
@@ -132,12 +132,12 @@ async fn a_child_is_narrower_shorter_and_carries_the_chain() {
     assert_eq!(d.actors, ["spiffe://t/agent/a"]);
     assert_eq!(child.cnf, None, "read does not bind");
     assert_eq!(
-        r.store.children(&parent.id, None, 10).unwrap(),
+        r.store.children(&parent.id, None, 10).await.unwrap(),
         std::slice::from_ref(&child.id)
     );
     let claims = token::unverified_claims(&child_tok).unwrap();
     assert_eq!(claims.act.unwrap().flatten(), ["spiffe://t/agent/a"]);
-    assert!(r.engine.introspect(&child_tok).unwrap().is_some());
+    assert!(r.engine.introspect(&child_tok).await.unwrap().is_some());
 
     // The tool hands a part on again: the chain grows, nearest first.
     let (grand_tok, grand) = granted(
@@ -160,20 +160,20 @@ async fn a_child_is_narrower_shorter_and_carries_the_chain() {
         .await
         .unwrap();
     for t in [&child_tok, &grand_tok] {
-        assert!(r.engine.introspect(t).unwrap().is_none());
+        assert!(r.engine.introspect(t).await.unwrap().is_none());
     }
     assert_eq!(
-        r.store.lease(&grand.id).unwrap().unwrap().state,
+        r.store.lease(&grand.id).await.unwrap().unwrap().state,
         LeaseState::Revoked
     );
 }
 
 #[tokio::test]
 async fn every_widening_and_every_bad_subject_is_refused_naming_the_field() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, parent) = root(&r, &["read"]).await;
     let to = "spiffe://t/tool/t";
-    let leases_before = r.store.leases_of(to, None, 100).unwrap().len();
+    let leases_before = r.store.leases_of(to, None, 100).await.unwrap().len();
     let cases: Vec<(ExchangeAsk, Holder, &str)> = vec![
         (exchange(&tok, &["write"], to), agent(), "scopes"),
         (
@@ -195,11 +195,17 @@ async fn every_widening_and_every_bad_subject_is_refused_naming_the_field() {
         assert_eq!(field_of(&e), field, "{e}");
     }
     assert_eq!(
-        r.store.leases_of(to, None, 100).unwrap().len(),
+        r.store.leases_of(to, None, 100).await.unwrap().len(),
         leases_before,
         "nothing was written"
     );
-    assert!(r.store.children(&parent.id, None, 10).unwrap().is_empty());
+    assert!(
+        r.store
+            .children(&parent.id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A revoked or expired subject token is not active.
     r.clock.advance(Duration::from_secs(601));
@@ -213,7 +219,7 @@ async fn every_widening_and_every_bad_subject_is_refused_naming_the_field() {
 
 #[tokio::test]
 async fn policy_refusals_name_the_rule_and_write_nothing() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, parent) = root(&r, &["read"]).await;
     let to = "spiffe://t/tool/t";
     let e = r
@@ -237,9 +243,16 @@ async fn policy_refusals_name_the_rule_and_write_nothing() {
         .await
         .unwrap_err();
     assert!(matches!(e, EngineError::Refused(_)), "{e}");
-    assert!(r.store.leases_of(to, None, 100).unwrap().is_empty());
-    assert!(r.store.children(&parent.id, None, 10).unwrap().is_empty());
+    assert!(r.store.leases_of(to, None, 100).await.unwrap().is_empty());
+    assert!(
+        r.store
+            .children(&parent.id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let refused = super::super::testing::actions(r.store.as_ref())
+        .await
         .iter()
         .filter(|a| a.as_str() == "token.exchange_refused")
         .count();
@@ -248,7 +261,7 @@ async fn policy_refusals_name_the_rule_and_write_nothing() {
 
 #[tokio::test]
 async fn chains_stop_at_their_depth_and_never_loop() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, _) = root(&r, &["read"]).await;
     let (t1, _) = granted(
         r.engine
@@ -285,7 +298,7 @@ async fn chains_stop_at_their_depth_and_never_loop() {
 
 #[tokio::test]
 async fn a_bound_token_moves_only_with_its_certificate_and_children_bind_to_theirs() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, parent) = root(&r, &["read", "write"]).await;
     assert_eq!(parent.cnf.as_deref(), Some("AGENT-CERT"));
     let claims = token::unverified_claims(&tok).unwrap();
@@ -334,7 +347,7 @@ async fn a_bound_token_moves_only_with_its_certificate_and_children_bind_to_thei
     let act = token::unverified_claims(&tool_tok).unwrap().act.unwrap();
     assert_eq!(act.sub, "spiffe://t/agent/a");
     assert_eq!(
-        r.store.children(&parent.id, None, 10).unwrap().len(),
+        r.store.children(&parent.id, None, 10).await.unwrap().len(),
         2,
         "both children hang from the parent"
     );
@@ -342,7 +355,7 @@ async fn a_bound_token_moves_only_with_its_certificate_and_children_bind_to_thei
 
 #[tokio::test]
 async fn a_rule_that_asks_again_parks_the_exchange_for_approvers() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     // The agent's own deploy token, approved by alice.
     let ask = TokenAsk {
         scopes: vec!["deploy".into()],
@@ -393,12 +406,15 @@ async fn a_rule_that_asks_again_parks_the_exchange_for_approvers() {
     let (seen, got) = r.engine.read_and_claim(&tool(), &req.id).await.unwrap();
     assert_eq!(seen.state, RequestState::Denied);
     assert!(got.is_none());
-    assert_eq!(r.store.children(&parent.id, None, 10).unwrap().len(), 1);
+    assert_eq!(
+        r.store.children(&parent.id, None, 10).await.unwrap().len(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn a_break_glass_child_stays_break_glass_and_within_the_grant() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, parent) = root(&r, &["admin"]).await;
     assert!(parent.break_glass);
     let ask = ExchangeAsk {
@@ -420,7 +436,7 @@ async fn a_break_glass_child_stays_break_glass_and_within_the_grant() {
 
 #[tokio::test]
 async fn a_child_renews_only_within_its_parent_and_retries_are_idempotent() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, parent) = root(&r, &["read"]).await;
     let ask = ExchangeAsk {
         client_request_id: "job-1".into(),
@@ -452,7 +468,7 @@ async fn a_child_renews_only_within_its_parent_and_retries_are_idempotent() {
 
 #[tokio::test]
 async fn a_break_glass_review_that_revokes_ends_what_was_delegated_from_it() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, parent) = root(&r, &["admin"]).await;
     let (child_tok, child) = granted(
         r.engine
@@ -470,15 +486,15 @@ async fn a_break_glass_review_that_revokes_ends_what_was_delegated_from_it() {
         )
         .await
         .unwrap();
-    let after = r.store.lease(&child.id).unwrap().unwrap();
+    let after = r.store.lease(&child.id).await.unwrap().unwrap();
     assert_eq!(after.state, LeaseState::Revoked);
-    assert!(r.engine.introspect(&child_tok).unwrap().is_none());
-    assert!(r.engine.introspect(&tok).unwrap().is_none());
+    assert!(r.engine.introspect(&child_tok).await.unwrap().is_none());
+    assert!(r.engine.introspect(&tok).await.unwrap().is_none());
 }
 
 #[tokio::test]
 async fn a_parent_that_ends_first_leaves_no_child_running() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let (tok, parent) = root(&r, &["read"]).await;
     let ask = ExchangeAsk {
         ttl: Some(Duration::from_secs(300)),
@@ -496,7 +512,7 @@ async fn a_parent_that_ends_first_leaves_no_child_running() {
 
     // Before the expiry sweep runs, the orphan is already inactive and
     // cannot be renewed.
-    assert!(r.engine.introspect(&child_tok).unwrap().is_none());
+    assert!(r.engine.introspect(&child_tok).await.unwrap().is_none());
     let e = r
         .engine
         .renew(&tool().who, &child.id, None)
@@ -507,10 +523,10 @@ async fn a_parent_that_ends_first_leaves_no_child_running() {
     // The sweep expires the parent and revokes the child in the same batch.
     r.engine.expire_due(T0 + 61_000).await.unwrap();
     assert_eq!(
-        r.store.lease(&parent.id).unwrap().unwrap().state,
+        r.store.lease(&parent.id).await.unwrap().unwrap().state,
         LeaseState::Expired
     );
-    let after = r.store.lease(&child.id).unwrap().unwrap();
+    let after = r.store.lease(&child.id).await.unwrap().unwrap();
     assert_eq!(after.state, LeaseState::Revoked);
     assert!(
         after

@@ -11,7 +11,7 @@ use crate::store::mem::MemStore;
 
 #[tokio::test]
 async fn auto_grants_at_once_approval_parks_and_unknown_is_refused() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let Outcome::Granted { lease, .. } = r
         .engine
         .request_token(&workload(), ask(&["read"]))
@@ -41,14 +41,14 @@ async fn auto_grants_at_once_approval_parks_and_unknown_is_refused() {
         "{err}"
     );
     assert_eq!(
-        actions(r.store.as_ref()),
+        actions(r.store.as_ref()).await,
         ["token.granted", "request.parked", "token.refused"]
     );
 }
 
 #[tokio::test]
 async fn a_retry_with_the_same_key_replays_and_other_parameters_conflict() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let mut a = ask(&["read"]);
     a.client_request_id = "k1".into();
     let Outcome::Granted { lease: first, .. } = r
@@ -75,7 +75,7 @@ async fn a_retry_with_the_same_key_replays_and_other_parameters_conflict() {
 
 #[tokio::test]
 async fn break_glass_grants_capped_and_queues_a_review() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let mut a = ask(&["admin"]);
     a.break_glass = true;
     let err = r
@@ -98,6 +98,7 @@ async fn break_glass_grants_capped_and_queues_a_review() {
     let review = r
         .store
         .request(lease.request_id.as_deref().unwrap())
+        .await
         .unwrap()
         .unwrap();
     assert!(review.review_pending && review.state == RequestState::Issued);
@@ -106,7 +107,7 @@ async fn break_glass_grants_capped_and_queues_a_review() {
 #[tokio::test]
 async fn a_store_that_cannot_persist_yields_no_token_no_audit_gap_and_unhealthy() {
     let store = Arc::new(FailingSync(MemStore::new(), AtomicBool::new(false)));
-    let r = rig_on(store.clone(), POLICY);
+    let r = rig_on(store.clone(), POLICY).await;
     assert!(matches!(
         r.engine
             .request_token(&workload(), ask(&["read"]))
@@ -114,7 +115,7 @@ async fn a_store_that_cannot_persist_yields_no_token_no_audit_gap_and_unhealthy(
             .unwrap(),
         Outcome::Granted { .. }
     ));
-    assert!(r.engine.healthy());
+    assert!(r.engine.healthy().await);
 
     store.1.store(true, Ordering::SeqCst);
     let err = r
@@ -124,10 +125,15 @@ async fn a_store_that_cannot_persist_yields_no_token_no_audit_gap_and_unhealthy(
         .unwrap_err();
     assert!(err.is_unavailable(), "{err}");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
-    assert!(!r.engine.healthy(), "health follows the failed commit");
+    assert!(
+        !r.engine.healthy().await,
+        "health follows the failed commit"
+    );
 
     // The chain has no gap: every record is there, in order, and verifies.
-    let report = crate::audit::verify(r.store.as_ref(), &r.engine.keys().current()).unwrap();
+    let report = crate::audit::verify(r.store.as_ref(), &r.engine.keys().current())
+        .await
+        .unwrap();
     assert!(report.problem.is_none(), "{report:?}");
     store.1.store(false, Ordering::SeqCst);
     assert!(matches!(
@@ -137,5 +143,5 @@ async fn a_store_that_cannot_persist_yields_no_token_no_audit_gap_and_unhealthy(
             .unwrap(),
         Outcome::Granted { .. }
     ));
-    assert!(r.engine.healthy(), "recovers once a sync succeeds");
+    assert!(r.engine.healthy().await, "recovers once a sync succeeds");
 }

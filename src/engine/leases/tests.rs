@@ -6,7 +6,7 @@ use crate::engine::testing::{POLICY, actions, granted, id, rig, workload};
 
 #[tokio::test]
 async fn renewal_extends_up_to_the_ceiling_and_only_for_the_owner() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let lease = granted(&r, &["read"]).await;
     r.clock.advance(Duration::from_secs(60));
     let (_, renewed) = r.engine.renew(&workload(), &lease.id, None).await.unwrap();
@@ -25,7 +25,7 @@ async fn renewal_extends_up_to_the_ceiling_and_only_for_the_owner() {
 
 #[tokio::test]
 async fn revoke_is_once_and_renewing_a_revoked_lease_fails() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let lease = granted(&r, &["read"]).await;
     let revoked = r
         .engine
@@ -46,14 +46,14 @@ async fn revoke_is_once_and_renewing_a_revoked_lease_fails() {
         .unwrap_err();
     assert!(matches!(err, EngineError::WrongState(_)), "{err}");
     assert_eq!(
-        actions(r.store.as_ref()),
+        actions(r.store.as_ref()).await,
         ["token.granted", "lease.revoked"]
     );
 }
 
 #[tokio::test]
 async fn bulk_revocation_needs_an_admin_and_counts_what_it_revoked() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     for _ in 0..3 {
         granted(&r, &["read"]).await;
     }
@@ -82,21 +82,22 @@ async fn bulk_revocation_needs_an_admin_and_counts_what_it_revoked() {
     let (page, _) = r
         .engine
         .list_leases(&root, "spiffe://t/w", Some(LeaseState::Active), 0, "")
+        .await
         .unwrap();
     assert!(page.is_empty());
 }
 
 #[tokio::test]
 async fn an_undelivered_token_is_revoked_and_recorded_once() {
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let lease = granted(&r, &["read"]).await;
     r.engine.revoke_undelivered(&lease).await;
     r.engine.revoke_undelivered(&lease).await;
-    let stored = r.store.lease(&lease.id).unwrap().unwrap();
+    let stored = r.store.lease(&lease.id).await.unwrap().unwrap();
     assert_eq!(stored.state, LeaseState::Revoked);
     assert_eq!(stored.revoked_by.as_deref(), Some(SYSTEM_ACTOR));
     assert_eq!(
-        actions(r.store.as_ref()),
+        actions(r.store.as_ref()).await,
         ["token.granted", "lease.revoked"],
         "recorded only by the call that revoked it"
     );
@@ -108,7 +109,7 @@ async fn an_undelivered_token_is_revoked_and_recorded_once() {
 #[tokio::test]
 async fn a_bulk_revocation_of_a_subject_that_delegated_to_itself_ends_both() {
     use crate::store::conformance::TestWrites as _;
-    let r = rig(POLICY);
+    let r = rig(POLICY).await;
     let parent = granted(&r, &["read"]).await;
     let child = crate::model::Lease {
         id: format!("{}c", parent.id),
@@ -119,7 +120,7 @@ async fn a_bulk_revocation_of_a_subject_that_delegated_to_itself_ends_both() {
         }),
         ..parent.clone()
     };
-    r.store.create_lease(&child, None).unwrap();
+    r.store.create_lease(&child, None).await.unwrap();
     let count = r
         .engine
         .revoke_all(
@@ -132,7 +133,7 @@ async fn a_bulk_revocation_of_a_subject_that_delegated_to_itself_ends_both() {
     assert!(count >= 1, "{count}");
     for l in [&parent.id, &child.id] {
         assert_eq!(
-            r.store.lease(l).unwrap().unwrap().state,
+            r.store.lease(l).await.unwrap().unwrap().state,
             LeaseState::Revoked,
             "{l}"
         );

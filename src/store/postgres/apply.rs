@@ -45,6 +45,11 @@ const REQUEST_NEW: &str = "INSERT INTO requests (id, live, deadline, open, ended
 const REQUEST_SWAP: &str = "UPDATE requests
      SET live = $3, deadline = $4, open = $5, ended_at = $6, record = $7
      WHERE id = $1 AND record = $2 RETURNING 1";
+const LEASE_DELETE: &str = "DELETE FROM leases WHERE id = $1 AND record = $2 RETURNING 1";
+const REQUEST_DELETE: &str = "DELETE FROM requests WHERE id = $1 AND record = $2 RETURNING 1";
+/// Retention of the trail: records up to the point, checkpoints before it.
+const AUDIT_COMPACT: &str = "WITH c AS (DELETE FROM audit_checkpoints WHERE seq < $1)
+     DELETE FROM audit WHERE seq <= $1";
 const KEY_PUT: &str = "INSERT INTO keys (kid, record) VALUES ($1, $2)
      ON CONFLICT (kid) DO UPDATE SET record = excluded.record RETURNING 1";
 const KEY_DELETE: &str = "DELETE FROM keys WHERE kid = $1 RETURNING 1";
@@ -230,6 +235,20 @@ fn other_step(w: &Write, notices: &mut Vec<String>) -> Result<Step, StoreError> 
             vec![Box::new(ms(*seq)), Box::new(jws.clone())],
             Check::None,
         ),
+        Write::DeleteLease(l) => step(
+            LEASE_DELETE,
+            vec![
+                Box::new(l.id.clone()),
+                Box::new(crate::store::encode_lease(l)),
+            ],
+            Check::Lease(l.id.clone()),
+        ),
+        Write::DeleteRequest(r) => step(
+            REQUEST_DELETE,
+            vec![Box::new(r.id.clone()), Box::new(encode(r)?)],
+            Check::Request(r.id.clone()),
+        ),
+        Write::CompactAudit(seq) => step(AUDIT_COMPACT, vec![Box::new(ms(*seq))], Check::None),
         Write::CopyRow(row) => copy_row(row)?,
         Write::CopyAudit(seq, bytes) => step(
             AUDIT_COPY,
@@ -646,7 +665,7 @@ async fn existing(c: &Object, i: &Idempotency) -> Result<Idempotency, StoreError
 /// compares equal.
 async fn reencode(c: &Object, batch: &Batch, id: &str) -> Result<(), StoreError> {
     let Some(old) = batch.writes.iter().find_map(|w| match w {
-        Write::SwapLease { old, .. } if old.id == id => Some(old),
+        Write::SwapLease { old, .. } | Write::DeleteLease(old) if old.id == id => Some(old),
         _ => None,
     }) else {
         return Ok(());

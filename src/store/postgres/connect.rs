@@ -1,6 +1,5 @@
 //! Reaching the database: the connection string, TLS, the pool, the
-//! listener for other brokers' news, and the bridge from the synchronous
-//! [`Store`](crate::store::Store) contract to the async client.
+//! listener for other brokers' news, and the time limit on every call.
 //!
 //! # TLS
 //! rustls with full verification (certificate chain and host name, what
@@ -11,11 +10,9 @@
 //! falls back to plaintext across a network by accident. `sslmode=disable`
 //! is honoured, with a warning when the database is not local.
 //!
-//! # Blocking
-//! The client and its connections live on a small runtime of their own.
-//! A store call runs there while the calling thread waits on a channel;
-//! a worker of the broker's multi-threaded runtime waits inside
-//! `block_in_place`, so its other tasks move to another thread meanwhile.
+//! # Time
+//! Every call gives up after [`CALL_TIMEOUT`] as unavailable: a database
+//! that stopped answering fails the operation, it does not hang it.
 
 use std::future::Future;
 use std::path::Path;
@@ -26,7 +23,6 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
-use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::broadcast;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{AsyncMessage, Config};
@@ -174,73 +170,13 @@ pub(super) fn pool(target: &Target, size: usize) -> Result<Pool, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("database pool: {e}")))
 }
 
-/// The runtime the client lives on, and the bridge into it.
-pub(super) struct Bridge {
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: Handle,
-}
-
-impl Bridge {
-    pub(super) fn new() -> Result<Self, StoreError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            // One thread: a query and its connection task hand over without
-            // waking another thread (measured: docs/benchmarks.md).
-            .worker_threads(1)
-            .thread_name("portcullis-db")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("database runtime: {e}")))?;
-        Ok(Self {
-            handle: runtime.handle().clone(),
-            runtime: Some(runtime),
-        })
-    }
-
-    pub(super) fn handle(&self) -> &Handle {
-        &self.handle
-    }
-
-    /// Run `fut` on the client's runtime and wait for it, within
-    /// [`CALL_TIMEOUT`].
-    pub(super) fn block<T, F>(&self, fut: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: Future<Output = Result<T, StoreError>> + Send + 'static,
-    {
-        let timed = async move {
-            tokio::time::timeout(CALL_TIMEOUT, fut)
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("database call timed out".into())))
-        };
-        // The call runs on the client's runtime; this thread waits on a
-        // channel of its own. (Waiting with `Handle::block_on` instead would
-        // park on the thread's tokio parker, which a `Runtime::block_on`
-        // further up the same thread also parks on: the inner wait could
-        // swallow the outer one's wake-up, and the outer future would hang.)
-        let wait = || {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            self.handle.spawn(async move {
-                let _ = tx.send(timed.await);
-            });
-            rx.recv()
-                .map_err(|_| StoreError::Unavailable("database runtime stopped".into()))?
-        };
-        match Handle::try_current().map(|h| h.runtime_flavor()) {
-            // A worker of a multi-threaded runtime hands its other tasks to
-            // another thread while it waits.
-            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
-            _ => wait(),
-        }
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which is refused inside async code.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
+/// `fut`, or unavailable after [`CALL_TIMEOUT`].
+pub(super) async fn timed<T>(
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(CALL_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Unavailable("database call timed out".into())))
 }
 
 /// `LISTEN` on [`CHANNEL`] and forward every payload to `tx`, reconnecting

@@ -30,12 +30,11 @@ use tokio::sync::broadcast;
 use tokio_postgres::types::ToSql;
 
 pub use self::connect::PgOptions;
-use self::connect::{Bridge, Target};
+use self::connect::Target;
 pub use self::schema::LATEST as SCHEMA_VERSION;
 use super::batch::{Applying, Batch};
 use super::{
-    AuditStore, KeyStore, LeaseStore, Millis, RequestStore, Row, Store, StoreError, Table, decode,
-    decode_lease, encode, encode_lease,
+    Due, Millis, Row, Store, StoreError, Table, decode, decode_lease, encode, encode_lease,
 };
 use crate::model::{KeyRecord, Lease, LeaseState, TokenRequest};
 
@@ -137,19 +136,29 @@ pub struct PgStore {
     /// Batches on their way to the committer (`apply::committer`).
     queue: tokio::sync::mpsc::UnboundedSender<apply::Queued>,
     changes: broadcast::Sender<String>,
-    // Last: the runtime stops after everything that runs on it is gone.
-    bridge: Bridge,
+    /// The listener for other brokers' news, stopped with the store.
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // The committer stops once its queue's sender (above) is gone.
+        self.listener.abort();
+    }
 }
 
 impl PgStore {
     /// Connect, apply migrations (or wait for another broker applying
-    /// them), refuse a newer schema, and start listening for news.
-    pub fn connect(opts: &PgOptions) -> Result<Self, StoreError> {
+    /// them), refuse a newer schema, and start listening for news. The
+    /// committer and the listener run on the caller's runtime.
+    pub async fn connect(opts: &PgOptions) -> Result<Self, StoreError> {
         let target = Target::parse(opts)?;
-        let bridge = Bridge::new()?;
-        let t = target.clone();
-        let level = bridge.block(async move {
-            let (mut client, connection) = t.config.connect(t.tls.clone()).await.map_err(pg_err)?;
+        let level = connect::timed(async {
+            let (mut client, connection) = target
+                .config
+                .connect(target.tls.clone())
+                .await
+                .map_err(pg_err)?;
             let driver = tokio::spawn(connection);
             schema::migrate(&mut client).await?;
             let row = client
@@ -160,7 +169,8 @@ impl PgStore {
             drop(client);
             drop(driver);
             Ok(level)
-        })?;
+        })
+        .await?;
         let barrier = match BARRIER_LEVELS.iter().find(|l| **l == level) {
             Some(l) => l,
             None => {
@@ -171,81 +181,78 @@ impl PgStore {
                 "on"
             }
         };
-        let pool = {
-            let _entered = bridge.handle().enter();
-            connect::pool(&target, opts.pool_size)?
-        };
+        let pool = connect::pool(&target, opts.pool_size)?;
         let (changes, _) = broadcast::channel(1024);
         let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
-        bridge
-            .handle()
-            .spawn(apply::committer(pool.clone(), barrier, queued));
-        bridge
-            .handle()
-            .spawn(connect::listen(target, changes.clone()));
+        tokio::spawn(apply::committer(pool.clone(), barrier, queued));
+        let listener = tokio::spawn(connect::listen(target, changes.clone()));
         Ok(Self {
             pool,
             queue,
             changes,
-            bridge,
+            listener,
         })
-    }
-
-    fn run<T, F>(&self, fut: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
-    {
-        self.bridge.block(fut)
     }
 
     /// The rows of `sql` — prepared once per connection, so a call is one
-    /// round trip — with `params`.
-    fn fetch(&self, sql: &'static str, params: Params) -> Result<Vec<PgRow>, StoreError> {
-        let pool = self.pool.clone();
-        self.run(async move {
-            let c = client(&pool).await?;
+    /// round trip — with `params`, within the call timeout.
+    async fn fetch(&self, sql: &'static str, params: Params) -> Result<Vec<PgRow>, StoreError> {
+        connect::timed(async {
+            let c = client(&self.pool).await?;
             let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
             c.query(&stmt, &refs(&params)).await.map_err(pg_err)
         })
+        .await
     }
 
     /// Column `i` of every row.
-    fn column<T>(&self, sql: &'static str, params: Params, i: usize) -> Result<Vec<T>, StoreError>
+    async fn column<T>(
+        &self,
+        sql: &'static str,
+        params: Params,
+        i: usize,
+    ) -> Result<Vec<T>, StoreError>
     where
         T: for<'a> tokio_postgres::types::FromSql<'a>,
     {
-        self.fetch(sql, params)?
+        self.fetch(sql, params)
+            .await?
             .iter()
             .map(|r| r.try_get::<_, T>(i).map_err(pg_err))
             .collect()
     }
 
     /// Rows of one column of `bytea` records.
-    fn records(&self, sql: &'static str, params: Params) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.column(sql, params, 0)
+    async fn records(&self, sql: &'static str, params: Params) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.column(sql, params, 0).await
     }
 
     /// Rows of one `text` column.
-    fn ids(&self, sql: &'static str, params: Params) -> Result<Vec<String>, StoreError> {
-        self.column(sql, params, 0)
+    async fn ids(&self, sql: &'static str, params: Params) -> Result<Vec<String>, StoreError> {
+        self.column(sql, params, 0).await
     }
 
     /// One `bigint` (a count, a minimum; `None` for SQL NULL).
-    fn number(&self, sql: &'static str, params: Params) -> Result<Option<i64>, StoreError> {
+    async fn number(&self, sql: &'static str, params: Params) -> Result<Option<i64>, StoreError> {
         Ok(self
-            .column::<Option<i64>>(sql, params, 0)?
+            .column::<Option<i64>>(sql, params, 0)
+            .await?
             .into_iter()
             .next()
             .flatten())
     }
 
     /// `(key, bytea)` rows, the key of type `K`.
-    fn pairs<K>(&self, sql: &'static str, params: Params) -> Result<Vec<(K, Vec<u8>)>, StoreError>
+    async fn pairs<K>(
+        &self,
+        sql: &'static str,
+        params: Params,
+    ) -> Result<Vec<(K, Vec<u8>)>, StoreError>
     where
         K: for<'a> tokio_postgres::types::FromSql<'a>,
     {
-        self.fetch(sql, params)?
+        self.fetch(sql, params)
+            .await?
             .iter()
             .map(|r| {
                 Ok((
@@ -257,292 +264,40 @@ impl PgStore {
     }
 
     /// `(seq, bytes)` rows of the trail or its checkpoints.
-    fn sequenced(
+    async fn sequenced(
         &self,
         sql: &'static str,
         params: Params,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         Ok(self
-            .pairs::<i64>(sql, params)?
+            .pairs::<i64>(sql, params)
+            .await?
             .into_iter()
             .map(|(seq, b)| (from_ms(seq), b))
             .collect())
     }
 
     /// `(text key, bytea record)` rows.
-    fn keyed(
+    async fn keyed(
         &self,
         sql: &'static str,
         params: Params,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.pairs(sql, params)
+        self.pairs(sql, params).await
     }
 
     /// Rows changed by one statement.
-    fn execute(&self, sql: &'static str, params: Params) -> Result<u64, StoreError> {
-        let pool = self.pool.clone();
-        self.run(async move {
-            let c = client(&pool).await?;
+    async fn execute(&self, sql: &'static str, params: Params) -> Result<u64, StoreError> {
+        connect::timed(async {
+            let c = client(&self.pool).await?;
             let stmt = c.prepare_cached(sql).await.map_err(pg_err)?;
             c.execute(&stmt, &refs(&params)).await.map_err(pg_err)
         })
+        .await
     }
 }
 
-impl LeaseStore for PgStore {
-    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
-        self.records(
-            "SELECT record FROM leases WHERE id = $1",
-            vec![Box::new(id.to_owned())],
-        )?
-        .first()
-        .map(|b| decode_lease(id.as_bytes(), b))
-        .transpose()
-    }
-
-    fn leases_of(
-        &self,
-        subject: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Lease>, StoreError> {
-        self.keyed(
-            "SELECT id, record FROM leases WHERE subject = $1 AND id > $2 ORDER BY id LIMIT $3",
-            vec![
-                Box::new(subject.to_owned()),
-                Box::new(after.unwrap_or_default().to_owned()),
-                Box::new(count(limit)),
-            ],
-        )?
-        .iter()
-        .map(|(id, bytes)| decode_lease(id.as_bytes(), bytes))
-        .collect()
-    }
-
-    fn children(
-        &self,
-        parent: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
-        self.ids(
-            "SELECT id FROM leases WHERE parent_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-            vec![
-                Box::new(parent.to_owned()),
-                Box::new(after.unwrap_or_default().to_owned()),
-                Box::new(count(limit)),
-            ],
-        )
-    }
-
-    fn leases_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.ids(
-            "SELECT id FROM leases WHERE active AND expires_at <= $1
-             ORDER BY expires_at, id LIMIT $2",
-            vec![Box::new(ms(now)), Box::new(count(limit))],
-        )
-    }
-
-    fn next_lease_deadline(&self) -> Result<Option<Millis>, StoreError> {
-        Ok(self
-            .number("SELECT min(expires_at) FROM leases WHERE active", vec![])?
-            .map(from_ms))
-    }
-
-    fn active_leases_signed_by(&self, kid: &str) -> Result<Vec<String>, StoreError> {
-        self.ids(
-            "SELECT id FROM leases WHERE active AND kid = $1 ORDER BY id",
-            vec![Box::new(kid.to_owned())],
-        )
-    }
-
-    fn count_active_leases(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .number("SELECT count(*) FROM leases WHERE active", vec![])?
-            .map_or(0, from_ms))
-    }
-
-    fn purge_leases(&self, before: Millis) -> Result<u64, StoreError> {
-        self.execute(
-            "DELETE FROM leases WHERE ended_at < $1",
-            vec![Box::new(ms(before))],
-        )
-    }
-}
-
-impl RequestStore for PgStore {
-    fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
-        self.records(
-            "SELECT record FROM requests WHERE id = $1",
-            vec![Box::new(id.to_owned())],
-        )?
-        .first()
-        .map(|b| decode("requests", id.as_bytes(), b))
-        .transpose()
-    }
-
-    fn open_requests(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<TokenRequest>, StoreError> {
-        self.keyed(
-            "SELECT id, record FROM requests WHERE open AND id > $1 ORDER BY id LIMIT $2",
-            vec![
-                Box::new(after.unwrap_or_default().to_owned()),
-                Box::new(count(limit)),
-            ],
-        )?
-        .iter()
-        .map(|(id, bytes)| decode("requests", id.as_bytes(), bytes))
-        .collect()
-    }
-
-    fn requests_due(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.ids(
-            "SELECT id FROM requests WHERE live AND deadline <= $1
-             ORDER BY deadline, id LIMIT $2",
-            vec![Box::new(ms(now)), Box::new(count(limit))],
-        )
-    }
-
-    fn next_request_deadline(&self) -> Result<Option<Millis>, StoreError> {
-        Ok(self
-            .number("SELECT min(deadline) FROM requests WHERE live", vec![])?
-            .map(from_ms))
-    }
-
-    fn count_open_requests(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .number("SELECT count(*) FROM requests WHERE open", vec![])?
-            .map_or(0, from_ms))
-    }
-
-    fn purge_requests(&self, before: Millis) -> Result<u64, StoreError> {
-        self.execute(
-            "DELETE FROM requests WHERE ended_at < $1",
-            vec![Box::new(ms(before))],
-        )
-    }
-}
-
-impl AuditStore for PgStore {
-    fn audit_after(
-        &self,
-        after: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.sequenced(
-            "SELECT seq, record FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
-            vec![Box::new(after.map_or(-1, ms)), Box::new(count(limit))],
-        )
-    }
-
-    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        Ok(self
-            .sequenced(
-                "SELECT seq, record FROM audit ORDER BY seq DESC LIMIT 1",
-                vec![],
-            )?
-            .pop())
-    }
-
-    fn compact_audit(&self, seq: u64) -> Result<(), StoreError> {
-        self.execute(
-            "WITH c AS (DELETE FROM audit_checkpoints WHERE seq < $1)
-             DELETE FROM audit WHERE seq <= $1",
-            vec![Box::new(ms(seq))],
-        )?;
-        Ok(())
-    }
-
-    fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.sequenced(
-            "SELECT seq, jws FROM audit_checkpoints ORDER BY seq",
-            vec![],
-        )
-    }
-
-    fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        Ok(self
-            .sequenced(
-                "SELECT seq, jws FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
-                vec![],
-            )?
-            .pop())
-    }
-
-    fn checkpoints_between(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.sequenced(
-            "SELECT seq, jws FROM audit_checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq",
-            vec![Box::new(ms(after)), Box::new(ms(to))],
-        )
-    }
-}
-
-impl KeyStore for PgStore {
-    fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.all_keys()
-    }
-}
-
-impl PgStore {
-    fn all_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.keyed("SELECT kid, record FROM keys ORDER BY kid", vec![])?
-            .iter()
-            .map(|(kid, bytes)| decode("keys", kid.as_bytes(), bytes))
-            .collect()
-    }
-}
-
-impl super::EphemeralStore for PgStore {
-    fn put_ephemeral(
-        &self,
-        key: &[u8; 32],
-        value: &[u8],
-        expires_at: Millis,
-    ) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO console_ephemeral (key, value, expires_at) VALUES ($1, $2, $3)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
-            vec![
-                Box::new(key.to_vec()),
-                Box::new(value.to_vec()),
-                Box::new(ms(expires_at)),
-            ],
-        )?;
-        Ok(())
-    }
-
-    fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .records(
-                "SELECT value FROM console_ephemeral WHERE key = $1 AND expires_at > $2",
-                vec![Box::new(key.to_vec()), Box::new(ms(now))],
-            )?
-            .pop())
-    }
-
-    fn take_ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
-        // One DELETE: of brokers taking the same key at once, one row
-        // comes back to one of them.
-        Ok(self
-            .records(
-                "WITH gone AS (DELETE FROM console_ephemeral WHERE key = $1 RETURNING value, expires_at)
-                 SELECT value FROM gone WHERE expires_at > $2",
-                vec![Box::new(key.to_vec()), Box::new(ms(now))],
-            )?
-            .pop())
-    }
-
-    fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
-        self.execute(
-            "DELETE FROM console_ephemeral WHERE expires_at <= $1",
-            vec![Box::new(ms(now))],
-        )
-    }
-}
-
+#[async_trait::async_trait]
 impl Store for PgStore {
     fn apply(&self, batch: Batch) -> Applying {
         // Straight to the committer: no thread waits here. (Callers are
@@ -558,56 +313,255 @@ impl Store for PgStore {
         outcome
     }
 
-    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .records(
-                "SELECT value FROM meta WHERE name = $1",
-                vec![Box::new(name.to_owned())],
-            )?
-            .pop())
-    }
-
-    fn sync(&self) -> Result<(), StoreError> {
+    async fn sync(&self) -> Result<(), StoreError> {
         // Every batch commits at the durable level before `apply` returns
         // (see `apply`): there is nothing left to flush.
         Ok(())
     }
 
-    fn scan(
+    async fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.records(
+            "SELECT record FROM leases WHERE id = $1",
+            vec![Box::new(id.to_owned())],
+        )
+        .await?
+        .first()
+        .map(|b| decode_lease(id.as_bytes(), b))
+        .transpose()
+    }
+
+    async fn leases_of(
+        &self,
+        subject: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.keyed(
+            "SELECT id, record FROM leases WHERE subject = $1 AND id > $2 ORDER BY id LIMIT $3",
+            vec![
+                Box::new(subject.to_owned()),
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )
+        .await?
+        .iter()
+        .map(|(id, bytes)| decode_lease(id.as_bytes(), bytes))
+        .collect()
+    }
+
+    async fn children(
+        &self,
+        parent: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.ids(
+            "SELECT id FROM leases WHERE parent_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            vec![
+                Box::new(parent.to_owned()),
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )
+        .await
+    }
+
+    async fn signed_by(
+        &self,
+        kid: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.ids(
+            "SELECT id FROM leases WHERE active AND kid = $1 AND id > $2 ORDER BY id LIMIT $3",
+            vec![
+                Box::new(kid.to_owned()),
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )
+        .await
+    }
+
+    async fn request(&self, id: &str) -> Result<Option<TokenRequest>, StoreError> {
+        self.records(
+            "SELECT record FROM requests WHERE id = $1",
+            vec![Box::new(id.to_owned())],
+        )
+        .await?
+        .first()
+        .map(|b| decode("requests", id.as_bytes(), b))
+        .transpose()
+    }
+
+    async fn open_requests(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        self.keyed(
+            "SELECT id, record FROM requests WHERE open AND id > $1 ORDER BY id LIMIT $2",
+            vec![
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )
+        .await?
+        .iter()
+        .map(|(id, bytes)| decode("requests", id.as_bytes(), bytes))
+        .collect()
+    }
+
+    async fn due(&self, index: Due, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        let sql = match index {
+            Due::Leases => {
+                "SELECT id FROM leases WHERE active AND expires_at <= $1
+                 ORDER BY expires_at, id LIMIT $2"
+            }
+            Due::Requests => {
+                "SELECT id FROM requests WHERE live AND deadline <= $1
+                 ORDER BY deadline, id LIMIT $2"
+            }
+        };
+        self.ids(sql, vec![Box::new(ms(now)), Box::new(count(limit))])
+            .await
+    }
+
+    async fn next_deadline(&self, index: Due) -> Result<Option<Millis>, StoreError> {
+        let sql = match index {
+            Due::Leases => "SELECT min(expires_at) FROM leases WHERE active",
+            Due::Requests => "SELECT min(deadline) FROM requests WHERE live",
+        };
+        Ok(self.number(sql, vec![]).await?.map(from_ms))
+    }
+
+    async fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let row = self
+            .fetch(
+                "SELECT (SELECT count(*) FROM leases WHERE active),
+                        (SELECT count(*) FROM requests WHERE open)",
+                vec![],
+            )
+            .await?;
+        let n = |i: usize| -> Result<u64, StoreError> {
+            row.first().map_or(Ok(0), |r| {
+                r.try_get::<_, i64>(i).map(from_ms).map_err(pg_err)
+            })
+        };
+        Ok((n(0)?, n(1)?))
+    }
+
+    async fn audit_after(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.sequenced(
+            "SELECT seq, record FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+            vec![Box::new(after.map_or(-1, ms)), Box::new(count(limit))],
+        )
+        .await
+    }
+
+    async fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .sequenced(
+                "SELECT seq, record FROM audit ORDER BY seq DESC LIMIT 1",
+                vec![],
+            )
+            .await?
+            .pop())
+    }
+
+    async fn checkpoints(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.sequenced(
+            "SELECT seq, jws FROM audit_checkpoints WHERE seq > $1 AND seq <= $2 ORDER BY seq",
+            vec![Box::new(ms(after)), Box::new(ms(to))],
+        )
+        .await
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.keyed("SELECT kid, record FROM keys ORDER BY kid", vec![])
+            .await?
+            .iter()
+            .map(|(kid, bytes)| decode("keys", kid.as_bytes(), bytes))
+            .collect()
+    }
+
+    async fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .records(
+                "SELECT value FROM meta WHERE name = $1",
+                vec![Box::new(name.to_owned())],
+            )
+            .await?
+            .pop())
+    }
+
+    async fn put_ephemeral(
+        &self,
+        key: &[u8; 32],
+        value: &[u8],
+        expires_at: Millis,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO console_ephemeral (key, value, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            vec![
+                Box::new(key.to_vec()),
+                Box::new(value.to_vec()),
+                Box::new(ms(expires_at)),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .records(
+                "SELECT value FROM console_ephemeral WHERE key = $1 AND expires_at > $2",
+                vec![Box::new(key.to_vec()), Box::new(ms(now))],
+            )
+            .await?
+            .pop())
+    }
+
+    async fn take_ephemeral(
+        &self,
+        key: &[u8; 32],
+        now: Millis,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        // One DELETE: of brokers taking the same key at once, one row
+        // comes back to one of them.
+        Ok(self
+            .records(
+                "WITH gone AS (DELETE FROM console_ephemeral WHERE key = $1 RETURNING value, expires_at)
+                 SELECT value FROM gone WHERE expires_at > $2",
+                vec![Box::new(key.to_vec()), Box::new(ms(now))],
+            )
+            .await?
+            .pop())
+    }
+
+    async fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
+        self.execute(
+            "DELETE FROM console_ephemeral WHERE expires_at <= $1",
+            vec![Box::new(ms(now))],
+        )
+        .await
+    }
+
+    async fn scan(
         &self,
         table: Table,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Row)>, StoreError> {
-        let after = String::from_utf8_lossy(after.unwrap_or_default()).into_owned();
-        let (caller, key) = after.split_once('\0').unwrap_or((after.as_str(), ""));
-        let (sql, params): (&'static str, Params) = match table {
-            Table::Leases => (
-                "SELECT id, record FROM leases WHERE id > $1 ORDER BY id LIMIT $2",
-                vec![Box::new(after.clone()), Box::new(count(limit))],
-            ),
-            Table::Requests => (
-                "SELECT id, record FROM requests WHERE id > $1 ORDER BY id LIMIT $2",
-                vec![Box::new(after.clone()), Box::new(count(limit))],
-            ),
-            Table::Idempotency => (
-                // PostgreSQL text holds no NUL: the cursor key (caller ‖ 0
-                // ‖ key) is made from the decoded entry below.
-                "SELECT caller, record FROM idempotency
-                 WHERE (caller, key) > ($1, $2) ORDER BY caller, key LIMIT $3",
-                vec![
-                    Box::new(caller.to_owned()),
-                    Box::new(key.to_owned()),
-                    Box::new(count(limit)),
-                ],
-            ),
-            Table::Meta => (
-                "SELECT name, value FROM meta WHERE name COLLATE \"C\" > $1
-                 ORDER BY name COLLATE \"C\" LIMIT $2",
-                vec![Box::new(after.clone()), Box::new(count(limit))],
-            ),
-        };
-        let rows = self.keyed(sql, params)?;
+        let (sql, params) = scan_statement(table, after, limit);
+        let rows = self.keyed(sql, params).await?;
         rows.into_iter()
             .map(|(k, v)| {
                 let row = match table {
@@ -624,49 +578,80 @@ impl Store for PgStore {
             .collect()
     }
 
-    fn shared(&self) -> bool {
-        true
-    }
-
     fn changes(&self) -> Option<broadcast::Receiver<String>> {
         Some(self.changes.subscribe())
     }
 
-    fn lead(&self, role: &str, holder: &str, ttl_ms: u64) -> Result<Option<u64>, StoreError> {
+    async fn lead(&self, role: &str, holder: &str, ttl_ms: u64) -> Result<Option<u64>, StoreError> {
         // Take the role when it is free or expired, keep it while held;
         // the database's clock decides, so brokers' clocks need not agree.
         // Every new term — another holder, or this one after its term ran
         // out — has a higher generation, which fences the batches of every
         // earlier term.
-        let held = self.column::<i64>(
-            "INSERT INTO leadership (role, holder, generation, expires_at)
-             VALUES ($1, $2, 1, now() + $3 * interval '1 millisecond')
-             ON CONFLICT (role) DO UPDATE SET
-                holder = excluded.holder,
-                generation = leadership.generation
-                    + CASE WHEN leadership.holder = excluded.holder
-                                AND leadership.expires_at > now() THEN 0 ELSE 1 END,
-                expires_at = excluded.expires_at
-             WHERE leadership.holder = excluded.holder OR leadership.expires_at <= now()
-             RETURNING generation",
-            vec![
-                Box::new(role.to_owned()),
-                Box::new(holder.to_owned()),
-                Box::new(ttl_ms as f64),
-            ],
-            0,
-        )?;
+        let held = self
+            .column::<i64>(
+                "INSERT INTO leadership (role, holder, generation, expires_at)
+                 VALUES ($1, $2, 1, now() + $3 * interval '1 millisecond')
+                 ON CONFLICT (role) DO UPDATE SET
+                    holder = excluded.holder,
+                    generation = leadership.generation
+                        + CASE WHEN leadership.holder = excluded.holder
+                                    AND leadership.expires_at > now() THEN 0 ELSE 1 END,
+                    expires_at = excluded.expires_at
+                 WHERE leadership.holder = excluded.holder OR leadership.expires_at <= now()
+                 RETURNING generation",
+                vec![
+                    Box::new(role.to_owned()),
+                    Box::new(holder.to_owned()),
+                    Box::new(ttl_ms as f64),
+                ],
+                0,
+            )
+            .await?;
         Ok(held.first().map(|g| u64::try_from(*g).unwrap_or(0)))
     }
 
-    fn resign(&self, role: &str, holder: &str) -> Result<(), StoreError> {
+    async fn resign(&self, role: &str, holder: &str) -> Result<(), StoreError> {
         // The row stays (its generation only grows); the term ends now.
         self.execute(
             "UPDATE leadership SET expires_at = now() - interval '1 millisecond'
              WHERE role = $1 AND holder = $2",
             vec![Box::new(role.to_owned()), Box::new(holder.to_owned())],
-        )?;
+        )
+        .await?;
         Ok(())
+    }
+}
+
+/// The statement and parameters of one [`Store::scan`] page.
+fn scan_statement(table: Table, after: Option<&[u8]>, limit: usize) -> (&'static str, Params) {
+    let after = String::from_utf8_lossy(after.unwrap_or_default()).into_owned();
+    let (caller, key) = after.split_once('\0').unwrap_or((after.as_str(), ""));
+    match table {
+        Table::Leases => (
+            "SELECT id, record FROM leases WHERE id > $1 ORDER BY id LIMIT $2",
+            vec![Box::new(after.clone()), Box::new(count(limit))],
+        ),
+        Table::Requests => (
+            "SELECT id, record FROM requests WHERE id > $1 ORDER BY id LIMIT $2",
+            vec![Box::new(after.clone()), Box::new(count(limit))],
+        ),
+        Table::Idempotency => (
+            // PostgreSQL text holds no NUL: the cursor key (caller ‖ 0 ‖
+            // key) is made from the decoded entry (see `scan`).
+            "SELECT caller, record FROM idempotency
+             WHERE (caller, key) > ($1, $2) ORDER BY caller, key LIMIT $3",
+            vec![
+                Box::new(caller.to_owned()),
+                Box::new(key.to_owned()),
+                Box::new(count(limit)),
+            ],
+        ),
+        Table::Meta => (
+            "SELECT name, value FROM meta WHERE name COLLATE \"C\" > $1
+             ORDER BY name COLLATE \"C\" LIMIT $2",
+            vec![Box::new(after.clone()), Box::new(count(limit))],
+        ),
     }
 }
 
@@ -676,7 +661,7 @@ pub const TEST_DATABASE_ENV: &str = "PORTCULLIS_TEST_DATABASE_URL";
 
 /// A new, empty database next to the one `base_url` names, and its URL:
 /// for tests and benchmarks, which each want a database of their own.
-pub fn scratch_database(base_url: &str) -> Result<String, StoreError> {
+pub async fn scratch_database(base_url: &str) -> Result<String, StoreError> {
     use std::str::FromStr as _;
     let config = tokio_postgres::Config::from_str(base_url).map_err(pg_err)?;
     let now = std::time::SystemTime::now()
@@ -684,9 +669,8 @@ pub fn scratch_database(base_url: &str) -> Result<String, StoreError> {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
     let name = crate::text::new_id("portcullis_", now)
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    let bridge = Bridge::new()?;
     let create = format!("CREATE DATABASE {name}");
-    bridge.block(async move {
+    connect::timed(async move {
         let (client, connection) = config
             .connect(tokio_postgres::NoTls)
             .await
@@ -696,7 +680,8 @@ pub fn scratch_database(base_url: &str) -> Result<String, StoreError> {
         drop(client);
         drop(driver);
         Ok(())
-    })?;
+    })
+    .await?;
     let (head, query) = base_url.split_once('?').unwrap_or((base_url, ""));
     let (server, _) = head
         .rsplit_once('/')
