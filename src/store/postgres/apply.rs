@@ -21,10 +21,11 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use deadpool_postgres::{Object, Pool};
+use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
 
-use super::{LeaseRow, Params, RequestRow, client, ms, pg_err, refs};
+use super::connect::{self, Target};
+use super::{LeaseRow, Params, RequestRow, ms, pg_err, refs};
 use crate::model::{Idempotency, KeyRecord, Lease};
 use crate::store::batch::{Applied, Batch, Fence, Lost, Write, key_signs};
 use crate::store::{StoreError, decode, decode_lease, encode};
@@ -378,13 +379,95 @@ pub(super) type Queued = (
 /// their cache (every other session then pays to look them up).
 const GROUP_MAX: usize = 60;
 
+/// The committer's own connection (not the pool's), with the statements
+/// it has prepared on it.
+pub(super) struct Committing {
+    client: tokio_postgres::Client,
+    prepared: std::sync::Mutex<std::collections::HashMap<&'static str, Statement>>,
+}
+
+impl std::ops::Deref for Committing {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+impl Committing {
+    /// `sql` prepared on this connection (once).
+    async fn prepared(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self.prepared.lock().ok().and_then(|m| m.get(sql).cloned());
+        if let Some(s) = cached {
+            return Ok(s);
+        }
+        let s = self.client.prepare(sql).await?;
+        if let Ok(mut m) = self.prepared.lock() {
+            m.insert(sql, s.clone());
+        }
+        Ok(s)
+    }
+}
+
+/// Pause before connecting again after the committer's connection failed.
+const RECONNECT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The committer: runs every batch queued so far in one transaction, at
-/// `level`, until the queue closes.
-pub(super) async fn committer(
-    pool: Pool,
-    level: &'static str,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>,
-) {
+/// `level`, until the queue closes. It drives a connection of its own in
+/// the same task (not the pool's, whose driver is a task of its own), on
+/// the committer's thread (see `PgStore::connect`), so a statement's answer
+/// wakes the committer and nothing else. A failed connection fails the
+/// batches in flight and is replaced.
+pub(super) async fn committer(target: Target, level: &'static str, mut queue: Queue) {
+    loop {
+        let connected = connect::timed(async {
+            target
+                .committing()
+                .connect(target.tls.clone())
+                .await
+                .map_err(pg_err)
+        })
+        .await;
+        let (client, connection) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing can commit meanwhile: say so to whoever waits.
+                tracing::warn!(error = %e, "the database committer cannot connect; retrying");
+                while let Ok((_, reply)) = queue.try_recv() {
+                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+                if queue.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(RECONNECT).await;
+                continue;
+            }
+        };
+        let c = Committing {
+            client,
+            prepared: std::sync::Mutex::new(std::collections::HashMap::new()),
+        };
+        let closed = tokio::select! {
+            r = connection => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %pg_err(e), "the database committer's connection failed; reconnecting");
+                }
+                false
+            }
+            closed = serve(&c, level, &mut queue) => closed,
+        };
+        if closed {
+            return;
+        }
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
+/// Batches on their way to the committer.
+type Queue = tokio::sync::mpsc::UnboundedReceiver<Queued>;
+
+/// Run groups on `c` until the queue closes (`true`) or a group fails as a
+/// whole (`false`: the connection may be left inside a transaction).
+async fn serve(c: &Committing, level: &'static str, queue: &mut Queue) -> bool {
     while let Some(first) = queue.recv().await {
         let mut group = vec![first];
         while group.len() < GROUP_MAX {
@@ -400,18 +483,7 @@ pub(super) async fn committer(
             continue;
         }
         let (batches, replies): (Vec<Batch>, Vec<_>) = group.into_iter().unzip();
-        let outcomes = match client(&pool).await {
-            Ok(c) => {
-                let out = run_group(&c, level, &batches).await;
-                if out.is_err() {
-                    // It may be left inside a transaction: never reuse it.
-                    drop(Object::take(c));
-                }
-                out
-            }
-            Err(e) => Err(e),
-        };
-        match outcomes {
+        match run_group(c, level, &batches).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome);
@@ -421,9 +493,11 @@ pub(super) async fn committer(
                 for reply in replies {
                     let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
                 }
+                return false;
             }
         }
     }
+    true
 }
 
 /// One group: every batch under its own savepoint, then the records of
@@ -437,7 +511,7 @@ pub(super) async fn committer(
 /// Losses are rare (a lost race, a retried key), so a group usually costs
 /// one round trip for all its batches, plus the last one.
 async fn run_group(
-    c: &Object,
+    c: &Committing,
     level: &str,
     batches: &[Batch],
 ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
@@ -506,7 +580,7 @@ type Verdict = Result<Option<Lost>, StoreError>;
 /// the first that did not; and that one's verdict (`None` when all stayed)
 /// with whether it was sent (one that could not be planned was not).
 async fn send_from(
-    c: &Object,
+    c: &Committing,
     begin: Option<String>,
     planned: &[Planned],
     from: usize,
@@ -518,7 +592,7 @@ async fn send_from(
     for steps in &sendable {
         let mut mine = Vec::with_capacity(steps.len());
         for s in steps.iter() {
-            mine.push(c.prepare_cached(s.sql).await.map_err(pg_err)?);
+            mine.push(c.prepared(s.sql).await.map_err(pg_err)?);
         }
         stmts.push(mine);
     }
@@ -601,7 +675,7 @@ fn verdict_of(
 /// The last round trip: the records under the chain lock, the notices,
 /// commit. The records as chained, in order.
 async fn finish(
-    c: &Object,
+    c: &Committing,
     audit: &[Vec<u8>],
     notices: &[String],
 ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
@@ -612,8 +686,8 @@ async fn finish(
         c.simple_query("COMMIT").await.map_err(pg_err)?;
         return Ok(Vec::new());
     }
-    let audit_stmt = c.prepare_cached(AUDIT).await.map_err(pg_err)?;
-    let notify_stmt = c.prepare_cached(NOTIFY).await.map_err(pg_err)?;
+    let audit_stmt = c.prepared(AUDIT).await.map_err(pg_err)?;
+    let notify_stmt = c.prepared(NOTIFY).await.map_err(pg_err)?;
     let inner: Vec<Vec<u8>> = audit
         .iter()
         .map(|b| {
@@ -646,7 +720,7 @@ async fn finish(
 }
 
 /// The entry that holds `i`'s key.
-async fn existing(c: &Object, i: &Idempotency) -> Result<Idempotency, StoreError> {
+async fn existing(c: &Committing, i: &Idempotency) -> Result<Idempotency, StoreError> {
     let row = c
         .query_opt(
             "SELECT record FROM idempotency WHERE caller = $1 AND key = $2",
@@ -663,7 +737,7 @@ async fn existing(c: &Object, i: &Idempotency) -> Result<Idempotency, StoreError
 /// be stored in an older encoding of the same record: store it in today's
 /// encoding (the same lease, so no record is due), so the caller's next try
 /// compares equal.
-async fn reencode(c: &Object, batch: &Batch, id: &str) -> Result<(), StoreError> {
+async fn reencode(c: &Committing, batch: &Batch, id: &str) -> Result<(), StoreError> {
     let Some(old) = batch.writes.iter().find_map(|w| match w {
         Write::SwapLease { old, .. } | Write::DeleteLease(old) if old.id == id => Some(old),
         _ => None,

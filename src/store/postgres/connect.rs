@@ -144,17 +144,27 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StoreError
         .with_no_client_auth())
 }
 
-/// A pool whose connections commit asynchronously (see the module docs of
-/// `postgres` for why that is safe here).
+impl Target {
+    /// The settings of a connection that commits asynchronously unless a
+    /// transaction says otherwise (the committer's groups set their
+    /// durable level; see the module docs of `postgres` for why that is
+    /// safe).
+    pub(super) fn committing(&self) -> Config {
+        let mut config = self.config.clone();
+        let options = match config.get_options() {
+            Some(o) => format!("{o} -c synchronous_commit=off"),
+            None => "-c synchronous_commit=off".to_owned(),
+        };
+        config.options(&options);
+        config
+    }
+}
+
+/// The pool the reads use, its connections set up as
+/// [`Target::committing`] says.
 pub(super) fn pool(target: &Target, size: usize) -> Result<Pool, StoreError> {
-    let mut config = target.config.clone();
-    let options = match config.get_options() {
-        Some(o) => format!("{o} -c synchronous_commit=off"),
-        None => "-c synchronous_commit=off".to_owned(),
-    };
-    config.options(&options);
     let manager = Manager::from_config(
-        config,
+        target.committing(),
         target.tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,

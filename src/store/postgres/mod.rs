@@ -150,7 +150,7 @@ impl Drop for PgStore {
 impl PgStore {
     /// Connect, apply migrations (or wait for another broker applying
     /// them), refuse a newer schema, and start listening for news. The
-    /// committer and the listener run on the caller's runtime.
+    /// listener runs on the caller's runtime, the committer on a thread of its own.
     pub async fn connect(opts: &PgOptions) -> Result<Self, StoreError> {
         let target = Target::parse(opts)?;
         let level = connect::timed(async {
@@ -184,7 +184,23 @@ impl PgStore {
         let pool = connect::pool(&target, opts.pool_size)?;
         let (changes, _) = broadcast::channel(1024);
         let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(apply::committer(pool.clone(), barrier, queued));
+        // The committer is the one writer, like sled's writer thread: a
+        // thread of its own with its own event loop (a current-thread
+        // runtime driving its one connection), so that its turn never
+        // waits behind request tasks on a busy runtime nor for a busy
+        // worker to poll the I/O driver; the group commit's size and
+        // latency depend on that turn (measured: docs/benchmarks.md,
+        // "Issue 20, async contract"). Nobody blocks on it: callers await
+        // the batch's one-shot reply. It ends when the store's queue closes.
+        let t = target.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("database committer: {e}")))?;
+        std::thread::Builder::new()
+            .name("portcullis-pg-committer".into())
+            .spawn(move || runtime.block_on(apply::committer(t, barrier, queued)))
+            .map_err(|e| StoreError::Unavailable(format!("database committer: {e}")))?;
         let listener = tokio::spawn(connect::listen(target, changes.clone()));
         Ok(Self {
             pool,
