@@ -261,7 +261,7 @@ impl AuditLog {
     /// Records committed since the newest checkpoint (by any broker).
     pub async fn since_checkpoint(store: &dyn Store) -> Result<u64, StoreError> {
         let last = store.audit_last().await?.map_or(0, |(seq, _)| seq);
-        let signed = last_checkpoint(store).await?.map_or(0, |(seq, _)| seq);
+        let signed = store.last_checkpoint().await?.map_or(0, |(seq, _)| seq);
         Ok(last.saturating_sub(signed))
     }
 
@@ -300,7 +300,7 @@ impl AuditLog {
         let Some((seq, bytes)) = store.audit_last().await? else {
             return Ok(None);
         };
-        let last = last_checkpoint(store).await?;
+        let last = store.last_checkpoint().await?;
         if last.as_ref().is_some_and(|(at, _)| *at >= seq) {
             return Ok(None);
         }
@@ -319,11 +319,6 @@ impl AuditLog {
             .map_err(|e| AuditError::Sign(e.to_string()))?;
         Ok(Some((seq, jws)))
     }
-}
-
-/// The newest checkpoint.
-async fn last_checkpoint(store: &dyn Store) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-    Ok(store.checkpoints(0, u64::MAX).await?.pop())
 }
 
 /// What a checkpoint signs.
@@ -461,6 +456,9 @@ async fn walk(
     }
     let mut after = None;
     loop {
+        // An embedded store answers at once: let other tasks run between
+        // pages of a long walk.
+        tokio::task::yield_now().await;
         let page = store.audit_after(after, 4096).await?;
         let Some((last, _)) = page.last() else {
             return Ok(None);

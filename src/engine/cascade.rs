@@ -18,8 +18,7 @@ const PAGE: usize = 1024;
 
 /// Revoke, in `op`, every active lease delegated, directly or not, from
 /// `root`, as `by` at `now`; their audit entries (the caller records them
-/// with its own, in the same operation). Blocking store work: bulk callers
-/// run it off the runtime.
+/// with its own, in the same operation). Reads the index a page at a time.
 pub(crate) async fn end_descendants(
     records: &Records,
     op: &mut Op,

@@ -260,6 +260,7 @@ impl Engine {
         let mut delegated = Vec::new();
         let mut after: Option<String> = None;
         loop {
+            tokio::task::yield_now().await;
             let page = self
                 .store()
                 .leases_of(subject, after.as_deref(), 4096)

@@ -6,7 +6,8 @@
 //! [`Records::edit_request`] are the read → edit steps of the one
 //! compare-and-swap loop; the loop itself is `Engine::commit`, which builds
 //! the whole operation again from fresh reads when any of its swaps lost a
-//! race. Synchronous, so bulk work can run it off the runtime.
+//! race. The reads are async (the store's); the edits themselves are
+//! synchronous closures over the record read.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -96,6 +96,9 @@ impl Engine {
         // Each request is read once, however many decisions it had.
         let mut may_see = std::collections::HashMap::<String, bool>::new();
         loop {
+            // An embedded store answers at once: let other tasks run
+            // between pages of a long scan.
+            tokio::task::yield_now().await;
             let page = self.store().audit_after(after, SCAN).await?;
             let done = page.len() < SCAN;
             for (seq, bytes) in page {

@@ -13,28 +13,30 @@ use crate::store::{Millis, Row, Table, Write};
 /// Rows read per page of retention.
 const RETENTION_PAGE: usize = 1000;
 
-/// The deletions of one retention operation, counted.
+/// Did a record that ended at `ended` (if it did) end before `before`?
+fn ended_before(ended: Option<Millis>, before: Millis) -> bool {
+    ended.is_some_and(|t| t < before)
+}
+
+/// Ids of ended records of one retention operation.
 #[derive(Default)]
 struct Purge {
-    writes: Vec<Write>,
-    leases: u64,
-    requests: u64,
+    leases: Vec<String>,
+    requests: Vec<String>,
 }
 
 impl Purge {
-    /// Delete `row` too if it ended before `before`.
+    /// `row` too, if it ended before `before`.
     fn add(&mut self, row: Row, before: Millis) {
         match row {
-            Row::Lease(l) if l.ended_at().is_some_and(|t| t < before) => {
-                self.writes.push(Write::DeleteLease(l));
-                self.leases += 1;
-            }
-            Row::Request(r) if r.ended_at().is_some_and(|t| t < before) => {
-                self.writes.push(Write::DeleteRequest(r));
-                self.requests += 1;
-            }
+            Row::Lease(l) if ended_before(l.ended_at(), before) => self.leases.push(l.id),
+            Row::Request(r) if ended_before(r.ended_at(), before) => self.requests.push(r.id),
             _ => {}
         }
+    }
+
+    fn len(&self) -> usize {
+        self.leases.len() + self.requests.len()
     }
 }
 
@@ -83,7 +85,7 @@ impl Engine {
     /// (with the counts) are one operation, so nothing goes unrecorded.
     pub async fn purge_ended(&self, before: Millis) -> Result<(u64, u64), EngineError> {
         let mut total = (0, 0);
-        let mut gone = Purge::default();
+        let mut due = Purge::default();
         for table in [Table::Leases, Table::Requests] {
             let mut after: Option<Vec<u8>> = None;
             loop {
@@ -94,18 +96,21 @@ impl Engine {
                 let done = page.len() < RETENTION_PAGE;
                 after = page.last().map(|(k, _)| k.clone());
                 for (_, row) in page {
-                    gone.add(row, before);
-                    if gone.writes.len() >= RETENTION_PAGE {
-                        self.purge_batch(std::mem::take(&mut gone), before, &mut total)
-                            .await?;
+                    due.add(row, before);
+                    if due.len() >= RETENTION_PAGE {
+                        let (l, r) = self.purge(std::mem::take(&mut due), before).await?;
+                        total = (total.0 + l, total.1 + r);
                     }
                 }
                 if done {
                     break;
                 }
+                // A whole table is many pages: let other tasks run between.
+                tokio::task::yield_now().await;
             }
         }
-        self.purge_batch(gone, before, &mut total).await?;
+        let (l, r) = self.purge(due, before).await?;
+        total = (total.0 + l, total.1 + r);
         if total != (0, 0) {
             tracing::info!(
                 leases = total.0,
@@ -116,34 +121,46 @@ impl Engine {
         Ok(total)
     }
 
-    /// One operation of retention: its deletions and its record, fenced.
-    async fn purge_batch(
-        &self,
-        gone: Purge,
-        before: Millis,
-        total: &mut (u64, u64),
-    ) -> Result<(), EngineError> {
-        if gone.writes.is_empty() {
-            return Ok(());
+    /// One operation of retention, fenced: each record of `due` read again
+    /// (a plan that lost a race runs again from fresh reads) and deleted if
+    /// it still ended before `before`, and the record that counts them.
+    async fn purge(&self, due: Purge, before: Millis) -> Result<(u64, u64), EngineError> {
+        if due.len() == 0 {
+            return Ok((0, 0));
         }
-        let summary = format!(
-            "{} leases and {} requests that ended before {before}",
-            gone.leases, gone.requests
-        );
-        let (writes, summary) = (&gone.writes, &summary);
+        let due = &due;
         self.commit(|mut op| async move {
             op.fence(self.upkeep_fence());
-            for w in writes {
-                op.write(w.clone());
+            let mut gone = Purge::default();
+            for id in &due.leases {
+                if let Some(l) = self.store().lease(id).await?
+                    && ended_before(l.ended_at(), before)
+                {
+                    op.write(Write::DeleteLease(l));
+                    gone.leases.push(id.clone());
+                }
             }
-            let entry = AuditEntry::ok(SYSTEM_ACTOR, Action::RetentionPurged, "", &[], summary);
-            op.record(vec![entry])?;
-            Ok((op, ()))
+            for id in &due.requests {
+                if let Some(r) = self.store().request(id).await?
+                    && ended_before(r.ended_at(), before)
+                {
+                    op.write(Write::DeleteRequest(r));
+                    gone.requests.push(id.clone());
+                }
+            }
+            let counts = (gone.leases.len() as u64, gone.requests.len() as u64);
+            if gone.len() > 0 {
+                let summary = format!(
+                    "{} leases and {} requests that ended before {before}",
+                    counts.0, counts.1
+                );
+                let entry =
+                    AuditEntry::ok(SYSTEM_ACTOR, Action::RetentionPurged, "", &[], &summary);
+                op.record(vec![entry])?;
+            }
+            Ok((op, counts))
         })
-        .await?;
-        total.0 += gone.leases;
-        total.1 += gone.requests;
-        Ok(())
+        .await
     }
 
     /// Retention: remove audit records older than `before`, up to the newest

@@ -246,6 +246,8 @@ pub struct Running {
     commit_cancel: CancellationToken,
     tracker: TaskTracker,
     flusher: tokio::task::JoinHandle<()>,
+    /// This broker's name in leadership terms.
+    node: String,
 }
 
 impl Running {
@@ -263,6 +265,16 @@ impl Running {
             .is_err()
         {
             tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; abandoning them");
+        }
+        // Only now: the last leader-only steps (a final checkpoint) ran
+        // under the term; another broker may take over at once.
+        if let Err(e) = self
+            .engine
+            .store()
+            .resign(tasks::UPKEEP_ROLE, &self.node)
+            .await
+        {
+            tracing::warn!(error = %e, "could not give up upkeep leadership; it lapses with its term");
         }
         self.commit_cancel.cancel();
         let _ = self.flusher.await;
@@ -350,6 +362,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         commit_cancel,
         tracker,
         flusher,
+        node,
     })
 }
 

@@ -306,43 +306,40 @@ pub(super) async fn count_gauges(engine: Arc<Engine>) {
     }
 }
 
-/// Hold the upkeep role while this broker can (on a store of its own, at
-/// once and always), renewing
-/// every [`LEADER_RENEW`]; stop acting at the first renewal that fails; give
-/// the role up at shutdown so another broker takes over at once.
+/// Hold the upkeep role while this broker can, renewing every
+/// [`LEADER_RENEW`]; stop acting at the first renewal that fails. A store of
+/// its own grants generation 0, a term that never ends: no deadline, no
+/// fence. The role is given up by [`super::Running::shutdown`], after the
+/// last leader-only step (a final checkpoint) ran under it.
 pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: CancellationToken) {
     let term = millis(LEADER_TERM);
     loop {
         let asked = std::time::Instant::now();
         let held = engine.store().lead(UPKEEP_ROLE, &node, term).await;
-        let fence = match &held {
-            Ok(Some(generation)) => Some(crate::store::Fence {
-                role: UPKEEP_ROLE.into(),
-                holder: node.clone(),
-                generation: *generation,
-            }),
-            _ => None,
+        let (leading, until, fence) = match &held {
+            Ok(Some(0)) => (true, None, None),
+            Ok(Some(generation)) => (
+                true,
+                Some(asked + LEADER_TERM / 2),
+                Some(crate::store::Fence {
+                    role: UPKEEP_ROLE.into(),
+                    holder: node.clone(),
+                    generation: *generation,
+                }),
+            ),
+            _ => (false, None, None),
         };
-        let leading = fence.is_some();
         if leading != engine.leads() {
             tracing::info!(node = %node, leading, "upkeep leadership changed");
         }
-        engine.set_leading(leading, Some(asked + LEADER_TERM / 2), fence);
+        engine.set_leading(leading, until, fence);
         if let Err(e) = held {
             tracing::warn!(error = %e, "cannot renew upkeep leadership; time-driven work paused here");
         }
         tokio::select! {
-            () = cancel.cancelled() => break,
+            () = cancel.cancelled() => return,
             () = tokio::time::sleep(LEADER_RENEW) => {}
         }
-    }
-    // The term ends in the store (another broker may take over at once);
-    // this broker's last leader-only steps at shutdown (a final
-    // checkpoint) still run, and the store refuses them if it was too late.
-    if engine.leads()
-        && let Err(e) = engine.store().resign(UPKEEP_ROLE, &node).await
-    {
-        tracing::warn!(error = %e, "could not give up upkeep leadership; it lapses with its term");
     }
 }
 

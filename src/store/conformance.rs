@@ -618,6 +618,57 @@ async fn audit_records_keep_sequence_order() {
         assert_eq!(between(3, 300).await, [9, 300], "{name}: after is excluded");
         assert_eq!(between(0, 9).await, [3, 9], "{name}");
         assert!(between(9, 9).await.is_empty(), "{name}");
+        let newest = s.last_checkpoint().await.unwrap();
+        assert_eq!(newest, Some((300, b"jws300".to_vec())), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn compaction_removes_the_old_trail_in_the_batch_of_its_own_record() {
+    for (name, s, _dir) in backends().await {
+        for seq in 1u64..=4 {
+            s.append_audit(seq, format!("r{seq}").as_bytes())
+                .await
+                .unwrap();
+        }
+        s.put_checkpoint(2, b"jws2").await.unwrap();
+        s.put_checkpoint(4, b"jws4").await.unwrap();
+        let b = Batch {
+            writes: vec![Write::CompactAudit(2)],
+            audit: vec![body("audit.compacted")],
+            fence: None,
+        };
+        let Applied::Done(records) = s.apply_now(b).await.unwrap() else {
+            panic!("{name}: compaction did not apply");
+        };
+        // Its record hangs from the head, which compaction does not move.
+        assert_eq!(records.len(), 1, "{name}");
+        assert_eq!(records[0].0, 5, "{name}");
+        let prev = format!("\"prev\":\"{}\"", crate::chain::sha256_hex(b"r4"));
+        assert!(
+            String::from_utf8_lossy(&records[0].1).contains(&prev),
+            "{name}"
+        );
+        let left: Vec<u64> = s
+            .audit_after(None, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(left, [3, 4, 5], "{name}: records up to the point are gone");
+        let anchors: Vec<u64> = s
+            .checkpoints(0, u64::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(
+            anchors,
+            [2, 4],
+            "{name}: the checkpoint at the point stays as the anchor"
+        );
     }
 }
 
@@ -727,7 +778,7 @@ async fn keys_and_meta() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn console_secrets_live_until_their_end_and_are_taken_once() {
     for (name, s, _dir) in backends().await {
         let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
@@ -781,11 +832,16 @@ async fn console_secrets_live_until_their_end_and_are_taken_once() {
         // Eight takers at once (brokers sharing the store): one gets it.
         let d = [4u8; 32];
         s.put_ephemeral(&d, b"link", 1_000).await.unwrap();
-        let takers = (0..8).map(|_| s.take_ephemeral(&d, 10));
+        // Each on a task of its own, on four threads: they race.
+        let s: std::sync::Arc<dyn Store> = std::sync::Arc::from(s);
+        let takers = (0..8).map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.take_ephemeral(&d, 10).await })
+        });
         let got: usize = futures_util::future::join_all(takers)
             .await
             .into_iter()
-            .map(|t| usize::from(t.unwrap().is_some()))
+            .map(|t| usize::from(t.unwrap().unwrap().is_some()))
             .sum();
         assert_eq!(got, 1, "{name}: taken once");
     }
@@ -1036,6 +1092,9 @@ impl<D: Decorate> Store for D {
     }
     async fn checkpoints(&self, a: u64, t: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.inner().checkpoints(a, t).await
+    }
+    async fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.inner().last_checkpoint().await
     }
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         self.inner().keys().await
@@ -1307,7 +1366,7 @@ fn renewal(i: u32, l0: Lease) -> Batch {
 /// Eight operations at once on the same lease (PostgreSQL puts them in one
 /// group transaction): one wins; every other leaves nothing, and the
 /// winner's records chain on.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() {
     for (name, s, _dir) in backends().await {
         put_test_key(s.as_ref(), "k").await;
@@ -1315,14 +1374,17 @@ async fn concurrent_batches_on_one_record_one_wins_and_the_rest_leave_nothing() 
             .await
             .unwrap();
         let l0 = s.lease("l_0").await.unwrap().unwrap();
-        // All eight handed to the store before any is awaited.
-        let pending: Vec<Applying> = (0..8).map(|i| s.apply(renewal(i, l0.clone()))).collect();
-        let outcomes: Vec<Applied> =
-            futures_util::future::join_all(pending.into_iter().map(batch::applied))
-                .await
-                .into_iter()
-                .map(Result::unwrap)
-                .collect();
+        // Each from a task of its own, on four threads: they race.
+        let s: std::sync::Arc<dyn Store> = std::sync::Arc::from(s);
+        let tasks = (0..8).map(|i| {
+            let (s, l0) = (s.clone(), l0.clone());
+            tokio::spawn(async move { batch::applied(s.apply(renewal(i, l0))).await })
+        });
+        let outcomes: Vec<Applied> = futures_util::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|t| t.unwrap().unwrap())
+            .collect();
         let won: Vec<usize> = outcomes
             .iter()
             .enumerate()

@@ -451,6 +451,15 @@ impl Store for MemStore {
             .collect())
     }
 
+    async fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .lock()?
+            .checkpoints
+            .iter()
+            .next_back()
+            .map(|(k, v)| (*k, v.clone())))
+    }
+
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         Ok(self.lock()?.keys.values().cloned().collect())
     }

@@ -108,7 +108,8 @@ pub enum Due {
 /// ([`Store::sync`], which group commit calls); reads, one per question
 /// the broker asks; and what several brokers on one store need
 /// ([`Store::changes`], [`Store::lead`], [`Store::resign`]), which a store
-/// with one broker answers plainly. Every method is async: a backend that
+/// with one broker answers plainly: no news, and `lead` always grants
+/// generation 0, a term that never ends. Every method is async: a backend that
 /// talks to a server awaits it, an embedded one answers at once, and no
 /// caller blocks a runtime thread. There are no default methods: each
 /// backend says what it does.
@@ -189,6 +190,9 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// The signed checkpoints over records `after < seq <= to`, in order.
     async fn checkpoints(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The newest signed checkpoint (asked every second by the leader: one
+    /// row, whatever the number of checkpoints).
+    async fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 
     // Keys and metadata.
 

@@ -1258,7 +1258,11 @@ impl Store for SledStore {
     }
 
     async fn counts(&self) -> Result<(u64, u64), StoreError> {
-        Ok(self.core.counts())
+        // sled counts a tree by walking it: on a blocking thread.
+        let core = self.core.clone();
+        tokio::task::spawn_blocking(move || core.counts())
+            .await
+            .map_err(unavailable)
     }
 
     async fn audit_after(
@@ -1275,6 +1279,15 @@ impl Store for SledStore {
 
     async fn checkpoints(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.core.checkpoints(after, to)
+    }
+
+    async fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .core
+            .checkpoints
+            .last()
+            .map_err(unavailable)?
+            .map(|(k, v)| (seq_of(&k), v.to_vec())))
     }
 
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {

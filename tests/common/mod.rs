@@ -46,16 +46,17 @@ pub fn scratch_database(test: &str) -> Option<String> {
     let base = postgres_for(test)?;
     // On a thread of its own with a runtime of its own: callers may be
     // inside a runtime, or not.
-    std::thread::spawn(move || {
+    let db = std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
             .block_on(portcullis::store::postgres::scratch_database(&base))
-            .unwrap()
+            .unwrap_or_else(|e| panic!("a scratch database next to {base}: {e}"))
     })
-    .join()
-    .ok()
+    .join();
+    // A database that cannot be made fails the test; it never skips it.
+    Some(db.unwrap_or_else(|_| panic!("creating the scratch database for `{test}` failed")))
 }
 
 /// The tests' PostgreSQL URL, or `None` after saying that `test` is skipped.

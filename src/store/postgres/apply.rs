@@ -408,8 +408,10 @@ impl Committing {
     }
 }
 
-/// Pause before connecting again after the committer's connection failed.
+/// Pause before connecting again after the committer's connection failed;
+/// doubled after each failure in a row, up to [`RECONNECT_MAX`].
 const RECONNECT: std::time::Duration = std::time::Duration::from_millis(200);
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The committer: runs every batch queued so far in one transaction, at
 /// `level`, until the queue closes. It drives a connection of its own in
@@ -418,6 +420,7 @@ const RECONNECT: std::time::Duration = std::time::Duration::from_millis(200);
 /// wakes the committer and nothing else. A failed connection fails the
 /// batches in flight and is replaced.
 pub(super) async fn committer(target: Target, level: &'static str, mut queue: Queue) {
+    let mut pause = RECONNECT;
     loop {
         let connected = connect::timed(async {
             target
@@ -438,10 +441,12 @@ pub(super) async fn committer(target: Target, level: &'static str, mut queue: Qu
                 if queue.is_closed() {
                     return;
                 }
-                tokio::time::sleep(RECONNECT).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECONNECT_MAX);
                 continue;
             }
         };
+        pause = RECONNECT;
         let c = Committing {
             client,
             prepared: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -543,6 +548,9 @@ async fn run_group(
             Ok(Some(Lost::Lease(id))) => reencode(c, &batches[j], &id)
                 .await
                 .map(|()| Some(Lost::Lease(id))),
+            Ok(Some(Lost::Request(id))) => reencode_request(c, &batches[j], &id)
+                .await
+                .map(|()| Some(Lost::Request(id))),
             other => other,
         });
     }
@@ -731,6 +739,39 @@ async fn existing(c: &Committing, i: &Idempotency) -> Result<Idempotency, StoreE
         .ok_or_else(|| StoreError::Unavailable("idempotency key taken but not readable".into()))?;
     let bytes: Vec<u8> = row.try_get(0).map_err(pg_err)?;
     decode("idempotency", i.key.as_bytes(), &bytes)
+}
+
+/// [`reencode`] for a request: a request stored by an older build lacks
+/// fields today's encoding writes (with their defaults), so its bytes never
+/// equal what a swap or a retention delete expects until rewritten.
+async fn reencode_request(c: &Committing, batch: &Batch, id: &str) -> Result<(), StoreError> {
+    let Some(old) = batch.writes.iter().find_map(|w| match w {
+        Write::SwapRequest { old, .. } | Write::DeleteRequest(old) if old.id == id => Some(old),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    let Some(row) = c
+        .query_opt("SELECT record FROM requests WHERE id = $1", &[&id])
+        .await
+        .map_err(pg_err)?
+    else {
+        return Ok(());
+    };
+    let stored: Vec<u8> = row.try_get(0).map_err(pg_err)?;
+    let decoded: crate::model::TokenRequest = decode("requests", id.as_bytes(), &stored)?;
+    if decoded == *old {
+        let fresh = encode(old)?;
+        if fresh != stored {
+            c.execute(
+                "UPDATE requests SET record = $3 WHERE id = $1 AND record = $2",
+                &[&id, &stored, &fresh],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+    }
+    Ok(())
 }
 
 /// A lease swap compares stored bytes. A lease brought over by a copy may

@@ -11,8 +11,12 @@
 //! is honoured, with a warning when the database is not local.
 //!
 //! # Time
-//! Every call gives up after [`CALL_TIMEOUT`] as unavailable: a database
-//! that stopped answering fails the operation, it does not hang it.
+//! Every read gives up after [`CALL_TIMEOUT`] as unavailable: a database
+//! that stopped answering fails the operation, it does not hang it. The
+//! committer's group transactions have no time limit (`statement_timeout
+//! = 0`): a commit waiting for a synchronous standby must not be reported
+//! as failed while it may still succeed; a lost connection fails them
+//! (TCP keepalive and `tcp_user_timeout` notice it).
 
 use std::future::Future;
 use std::path::Path;

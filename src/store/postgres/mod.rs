@@ -193,13 +193,19 @@ impl PgStore {
         // "Issue 20, async contract"). Nobody blocks on it: callers await
         // the batch's one-shot reply. It ends when the store's queue closes.
         let t = target.clone();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("database committer: {e}")))?;
         std::thread::Builder::new()
             .name("portcullis-pg-committer".into())
-            .spawn(move || runtime.block_on(apply::committer(t, barrier, queued)))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(apply::committer(t, barrier, queued)),
+                    // The queue's end drops with this thread: every batch
+                    // is then refused as unavailable.
+                    Err(e) => tracing::error!(error = %e, "the database committer cannot start"),
+                }
+            })
             .map_err(|e| StoreError::Unavailable(format!("database committer: {e}")))?;
         let listener = tokio::spawn(connect::listen(target, changes.clone()));
         Ok(Self {
@@ -496,6 +502,16 @@ impl Store for PgStore {
             vec![Box::new(ms(after)), Box::new(ms(to))],
         )
         .await
+    }
+
+    async fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .sequenced(
+                "SELECT seq, jws FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+                vec![],
+            )
+            .await?
+            .pop())
     }
 
     async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
