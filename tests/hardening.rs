@@ -552,6 +552,116 @@ async fn f06_idle_connections_are_capped_and_reaped() {
     h.stop().await;
 }
 
+/// Issue 21, finding 1: no phase of an HTTP connection holds a slot
+/// unbounded, and one peer cannot take every slot. A peer is held to its
+/// share of connections; a body that trickles in gets 408 and the
+/// connection closes; over TLS, a peer that completes the handshake and
+/// then says nothing is closed after the header-read timeout.
+#[tokio::test]
+async fn i21_01_http_slots_are_bounded_per_peer_and_in_every_phase() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut h = Harness::start().await;
+    h.restart_with(|cfg| {
+        cfg.conn_limits.http_connections_per_peer = 3;
+        cfg.conn_limits.header_read_timeout = Duration::from_secs(3);
+        cfg.conn_limits.body_read_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let http = h.running().http_addr.unwrap();
+    // Three connections, each mid-headers: this peer's share is taken...
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        raw_get(http, "/healthz").await.is_none(),
+        "a fourth connection from the same peer is closed at once"
+    );
+    // ...and given back when they go.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(raw_get(http, "/healthz").await.unwrap().contains("200 OK"));
+
+    // A body sent one byte at a time, slower than the body timeout.
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\na")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            if s.write_all(b"a").await.is_err() {
+                break;
+            }
+            let mut buf = [0u8; 1024];
+            match tokio::time::timeout(Duration::from_millis(10), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(read.is_ok(), "a trickled body kept its connection: {text}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    h.stop().await;
+
+    // Over TLS: the handshake completes, then nothing comes.
+    let mut h = Harness::start().await;
+    h.https = true;
+    h.restart_with(|cfg| cfg.conn_limits.header_read_timeout = Duration::from_millis(500))
+        .await;
+    let port = h.running().http_addr.unwrap().port();
+    let mut tls = tls_to(&h.dev.path("ca.pem"), port).await;
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent TLS peer still holds its slot: {closed:?}"
+    );
+    h.stop().await;
+}
+
+/// A TLS connection to the broker's HTTPS listener on `port`, handshake
+/// done, nothing sent.
+async fn tls_to(
+    ca: &std::path::Path,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
 /// Finding 8: refused calls cannot make the trail unreadable: what a
 /// refusal records is bounded, and export pages are bounded by bytes too,
 /// so every page fits a client's default 4 MiB message limit.

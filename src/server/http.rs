@@ -33,6 +33,7 @@ pub(super) async fn serve(
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.http_connections));
+    let per_peer = PeerCounts::default();
     let conns = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -49,9 +50,15 @@ pub(super) async fn serve(
             tracing::debug!(%peer, "HTTP connection limit reached; closing the new connection");
             continue;
         };
+        let Some(from_peer) =
+            PeerSlot::take(&per_peer, peer.ip(), limits.http_connections_per_peer)
+        else {
+            tracing::debug!(%peer, "HTTP connections from this peer at their limit; closing the new one");
+            continue;
+        };
         let (acceptor, app, cancel) = (acceptor.clone(), app.clone(), cancel.clone());
         conns.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, from_peer);
             // A peer that connects and says nothing gives its slot back
             // after the header-read timeout (hyper's own timer only starts
             // with the first byte).
@@ -72,6 +79,12 @@ pub(super) async fn serve(
                         tracing::debug!(%peer, "HTTPS handshake failed");
                         return;
                     };
+                    // The same after the handshake: the request's first
+                    // byte within the header-read timeout.
+                    let Some(stream) = first_bytes(stream, limits.header_read_timeout).await else {
+                        tracing::debug!(%peer, "HTTPS peer sent nothing after the handshake; closed");
+                        return;
+                    };
                     serve_conn(stream, peer, app, limits, cancel).await;
                 }
             }
@@ -79,6 +92,168 @@ pub(super) async fn serve(
     }
     conns.close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
+}
+
+/// Open connections per peer address.
+type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One of a peer's connections; given back when dropped.
+struct PeerSlot {
+    counts: PeerCounts,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    /// A slot for `ip`, unless it holds `max` already.
+    fn take(counts: &PeerCounts, ip: std::net::IpAddr, max: usize) -> Option<Self> {
+        let mut c = counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = c.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut c = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// `io` once its first bytes arrived within `within`, with those bytes put
+/// back in front; `None` when nothing came (or the peer closed).
+async fn first_bytes<IO>(mut io: IO, within: Duration) -> Option<Prefixed<IO>>
+where
+    IO: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(within, io.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => {
+            buf.truncate(n);
+            Some(Prefixed {
+                prefix: buf,
+                at: 0,
+                io,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A stream whose first bytes were read already: they are read again first.
+struct Prefixed<IO> {
+    prefix: Vec<u8>,
+    at: usize,
+    io: IO,
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(rest) = this.prefix.get(this.at..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Most bytes a request body on this listener may have (the console's
+/// forms are far smaller).
+const BODY_MAX: usize = 64 * 1024;
+
+/// Read the whole request body within `within` before the handler runs:
+/// a body sent slowly gets 408 and the connection closes; a body too large
+/// gets 413.
+async fn bounded_body(
+    axum::extract::State(within): axum::extract::State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let (parts, body) = req.into_parts();
+    let closing = |code: http::StatusCode, text: &'static str| {
+        let mut r = (code, text).into_response();
+        r.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        r
+    };
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > BODY_MAX) {
+        return closing(
+            http::StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large\n",
+        );
+    }
+    match tokio::time::timeout(within, axum::body::to_bytes(body, BODY_MAX)).await {
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+        Ok(Err(_)) => closing(
+            http::StatusCode::BAD_REQUEST,
+            "request body too large or cut short\n",
+        ),
+        Err(_) => closing(
+            http::StatusCode::REQUEST_TIMEOUT,
+            "request body not sent in time\n",
+        ),
+    }
 }
 
 /// One HTTP/1.1 or HTTP/2 connection, within `limits`.
@@ -92,6 +267,11 @@ async fn serve_conn<IO>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    // A body that trickles in holds its connection no longer than this.
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        limits.body_read_timeout,
+        bounded_body,
+    ));
     // Handlers that record who did what from where read the peer address.
     let app =
         tower::ServiceExt::map_request(app, move |mut r: http::Request<hyper::body::Incoming>| {

@@ -160,11 +160,17 @@ pub struct ConnLimits {
     /// Open connections on the HTTP listener (JWKS, discovery, health,
     /// metrics); more are closed as they arrive.
     pub http_connections: usize,
+    /// Open HTTP connections from one peer address: one client cannot take
+    /// every slot.
+    pub http_connections_per_peer: usize,
     /// Open connections on the gRPC listener.
     pub grpc_connections: usize,
     /// How long an HTTP client may take to send a request's headers
-    /// (idle keep-alive connections included).
+    /// (idle keep-alive connections, and the time after a TLS handshake
+    /// until the first byte, included).
     pub header_read_timeout: Duration,
+    /// How long an HTTP client may take to send a request's body.
+    pub body_read_timeout: Duration,
     /// How long one HTTP connection may live.
     pub connection_lifetime: Duration,
     /// Concurrent streams on one HTTP/2 (and gRPC) connection.
@@ -175,8 +181,10 @@ impl Default for ConnLimits {
     fn default() -> Self {
         Self {
             http_connections: 512,
+            http_connections_per_peer: 64,
             grpc_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
             connection_lifetime: Duration::from_secs(300),
             streams_per_connection: 256,
         }
