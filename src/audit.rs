@@ -358,6 +358,10 @@ pub struct Report {
     /// it cannot be edited, removed or reordered undetected; the ones after
     /// it are chained but unsigned, so dropping them leaves no trace here.
     pub covered: u64,
+    /// The points the walked trail says it was compacted to (its
+    /// `audit.compacted` records): records missing from the start and
+    /// checkpoints missing before the oldest must match one of them.
+    pub compacted_to: Vec<u64>,
 }
 
 impl Report {
@@ -489,6 +493,11 @@ async fn walk(
                     format!("record {bad} does not match the hash recorded by record {key}"),
                 )));
             }
+            if rec.action == Action::AuditCompacted.as_str()
+                && let Ok(point) = rec.target.parse::<u64>()
+            {
+                report.compacted_to.push(point);
+            }
             prev_hash = sha256_hex(&bytes);
             hashes.insert(key, prev_hash.clone());
             report.records += 1;
@@ -516,8 +525,22 @@ async fn check_checkpoints(
             problems.push((seq, format!("checkpoint at {seq} has an invalid signature")));
             continue;
         };
-        // The oldest stored checkpoint anchors the chain (older ones may
-        // have been compacted away); each later one names its predecessor.
+        // The oldest stored checkpoint anchors the chain: it is the first
+        // ever signed (it names the genesis), or the trail records a
+        // compaction to it (which removed the ones before). Each later one
+        // names its predecessor.
+        if before.is_none()
+            && !claims.prev.is_empty()
+            && claims.prev != GENESIS
+            && !report.compacted_to.contains(&seq)
+        {
+            problems.push((
+                seq,
+                format!(
+                    "the checkpoints before {seq} are missing, and the trail records no compaction to {seq}: they were removed, not retained away"
+                ),
+            ));
+        }
         if let Some(b) = before.replace(sha256_hex(&jws))
             && !claims.prev.is_empty()
             && claims.prev != b
@@ -576,10 +599,24 @@ pub async fn verify_witnessed(
         }
     };
     let mut hashes = HashMap::new();
+    let first = start.seq;
     let mut problems: Vec<(u64, String)> = walk(store, start, &mut hashes, &mut report)
         .await?
         .into_iter()
         .collect();
+    // A trail that does not start at record 1 was compacted, and says so in
+    // the record of that compaction (written with the deletion); without it
+    // the missing records were removed.
+    if first > 1 && !report.compacted_to.contains(&(first - 1)) {
+        problems.push((
+            first - 1,
+            format!(
+                "records 1..{} are missing, and the trail records no compaction to {}: they were removed, not retained away",
+                first - 1,
+                first - 1
+            ),
+        ));
+    }
     problems.extend(check_checkpoints(store, keys, &hashes, &mut report).await?);
     problems.extend(check_witnessed(keys, witnessed, &hashes));
     // The earliest problem is the one to look at first.

@@ -90,13 +90,19 @@ pub fn require_id(field: &'static str, id: &str) -> Result<(), FieldError> {
 
 /// Characters that change how text is displayed rather than what it says:
 /// C0 controls (newline and carriage return included), DEL, C1 controls,
-/// and the Unicode bidirectional controls that reorder what a reader sees.
+/// the Unicode bidirectional controls that reorder what a reader sees, and
+/// invisible characters that hide text from a reader or split a word a
+/// filter looks for (soft hyphen, zero-width space, word joiner, invisible
+/// operators, byte-order mark, tag characters). Zero-width joiners stay:
+/// scripts and emoji need them.
 pub fn is_display_control(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
             '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
                 | '\u{2028}' | '\u{2029}'
+                | '\u{00ad}' | '\u{180e}' | '\u{200b}' | '\u{2060}'..='\u{2064}' | '\u{feff}'
+                | '\u{e0000}'..='\u{e007f}'
         )
 }
 
@@ -134,7 +140,7 @@ pub fn check_reason(field: &'static str, text: &str, required: bool) -> Result<(
         return Err(FieldError::new(
             field,
             format!(
-                "control characters are not allowed (U+{:04X} at byte {at}); use plain text on one line",
+                "control characters and invisible characters are not allowed (U+{:04X} at byte {at}); use plain text on one line",
                 u32::from(c)
             ),
         ));
@@ -254,12 +260,20 @@ mod tests {
             "a\u{85}",
             "x\u{202e}y",
             "t\u{2066}",
+            "ap\u{200b}prove",
+            "soft\u{ad}hyphen",
+            "\u{feff}bom",
+            "tag\u{e0041}",
         ] {
             let e = check_reason("justification", bad, false).unwrap_err();
             assert_eq!(e.field, "justification");
             assert!(e.reason.contains("control characters"), "{e}");
         }
         assert!(check_reason("reason", "ticket OPS-12 — ok ✓", false).is_ok());
+        assert!(
+            check_reason("reason", "family 👨\u{200d}👩\u{200d}👧", false).is_ok(),
+            "zero-width joiners in emoji stay"
+        );
         assert_eq!(escape_controls("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\u{a}");
         assert_eq!(escape_controls("plain"), "plain");
         assert!(check_client_request_id("a b").is_err());

@@ -1031,6 +1031,11 @@ async fn f02_requester_text_cannot_ping_a_channel_or_rewrite_a_screen() {
         ("justification", "orders.read, 60s\r\u{1b}[2K"),
         ("justification", "fine\nforged line"),
         ("justification", "abc\u{202e}txt.exe"),
+        // Issue 21, finding 6: invisible characters hide text from the
+        // approver who reads it.
+        ("justification", "ap\u{200b}prove me"),
+        ("justification", "soft\u{ad}hyphen"),
+        ("justification", "\u{feff}leading mark"),
     ] {
         let r = pb::RequestTokenRequest {
             justification: bad.into(),

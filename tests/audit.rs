@@ -434,6 +434,47 @@ async fn retention_compaction_keeps_the_rest_verifiable_from_a_signed_checkpoint
     h.stop().await;
 }
 
+/// Issue 21, finding 2: removing the oldest records and the checkpoints
+/// before a signed one — exactly what compaction does, but without
+/// compaction — no longer verifies: a trail that does not start at record 1
+/// must record the compaction to where it starts.
+#[tokio::test]
+async fn i21_02_the_oldest_records_removed_without_a_compaction_are_found() {
+    let mut h = Harness::start().await;
+    mixed_workload(&h).await;
+    let engine = h.running().engine.clone();
+    let point = engine.checkpoint_audit().await.unwrap().unwrap();
+    let mut c = h.broker(As::Workload).await;
+    grant(&mut c, ask(&["orders.read"])).await;
+    engine.checkpoint_audit().await.unwrap().unwrap();
+    assert!(verify(&h).await.ok);
+    drop((engine, c));
+    if let Some(r) = h.running.take() {
+        r.shutdown().await;
+    }
+    {
+        // What compaction to `point` removes, with no record of it.
+        let db = sled::open(h.dev.data()).unwrap();
+        let (audit, checkpoints) = (
+            db.open_tree("audit").unwrap(),
+            db.open_tree("audit_checkpoints").unwrap(),
+        );
+        for item in audit.range(..=point.to_be_bytes()) {
+            audit.remove(item.unwrap().0).unwrap();
+        }
+        for item in checkpoints.range(..point.to_be_bytes()) {
+            checkpoints.remove(item.unwrap().0).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    h.boot().await;
+    let v = verify(&h).await;
+    assert!(!v.ok, "{v:?}");
+    assert_eq!(v.first_bad_seq, point, "{v:?}");
+    assert!(v.problem.contains("no compaction"), "{v:?}");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn metrics_health_and_reflection() {
     let h = Harness::start().await;

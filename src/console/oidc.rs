@@ -375,13 +375,12 @@ impl Oidc {
         {
             return Err(bad("nonce does not match this sign-in"));
         }
-        if claims
-            .azp
-            .as_deref()
-            .is_some_and(|a| a != self.config.client_id)
-        {
-            return Err(bad("issued to another client (azp)"));
-        }
+        issued_to_us(
+            claims.rest.get("aud"),
+            claims.azp.as_deref(),
+            &self.config.client_id,
+        )
+        .map_err(bad)?;
         Ok(claims)
     }
 
@@ -402,9 +401,39 @@ impl Oidc {
     }
 }
 
+/// OpenID Connect Core §3.1.3.7, points 3–5: `aud` names this client (the
+/// JWT library checked that), an ID token for several audiences must name
+/// its authorized party (`azp`), and an `azp` must be this client.
+fn issued_to_us(
+    aud: Option<&serde_json::Value>,
+    azp: Option<&str>,
+    client_id: &str,
+) -> Result<(), &'static str> {
+    let several = aud
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|a| a.len() > 1);
+    match azp {
+        Some(a) if a != client_id => Err("issued to another client (azp)"),
+        None if several => Err("issued for several audiences without naming this client (azp)"),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 21, finding 5.
+    #[test]
+    fn several_audiences_need_an_azp_naming_this_client() {
+        let (one, two) = (serde_json::json!("c"), serde_json::json!(["c", "other"]));
+        assert!(issued_to_us(Some(&one), None, "c").is_ok());
+        assert!(issued_to_us(Some(&serde_json::json!(["c"])), None, "c").is_ok());
+        assert!(issued_to_us(Some(&two), Some("c"), "c").is_ok());
+        assert!(issued_to_us(Some(&two), None, "c").is_err());
+        assert!(issued_to_us(Some(&two), Some("other"), "c").is_err());
+        assert!(issued_to_us(Some(&one), Some("other"), "c").is_err());
+    }
 
     fn config(issuer: &str) -> OidcConfig {
         OidcConfig {

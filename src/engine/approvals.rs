@@ -15,9 +15,6 @@ use crate::notify::EventKind;
 use crate::policy::{ApprovalRule, Policy};
 use crate::text::{FieldError, check_reason, require_id};
 
-/// Claim window when no rule names one.
-const DEFAULT_CLAIM: Duration = Duration::from_secs(600);
-
 /// Approvals a requirement has received.
 pub fn received(req: &TokenRequest, scope: &str) -> u32 {
     let n = req
@@ -262,11 +259,9 @@ impl Approving<'_> {
             counted_for,
         });
         if fully_approved(&new) {
-            let claim = rules
-                .iter()
-                .map(|a| a.claim_ttl)
-                .min()
-                .unwrap_or(DEFAULT_CLAIM);
+            // The window is the request's, over all its scopes (as an
+            // exchange left for its recipient gets), whoever approved last.
+            let claim = self.policy.claim_ttl(&new.scopes);
             new = new.moved(RequestState::Approved, who.as_str(), now, self.reason);
             new.deadline = now.saturating_add(millis(claim));
             if let Some(p) = parent {

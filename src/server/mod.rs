@@ -346,6 +346,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         issuer: issuer.clone(),
         limits: cfg.limits,
     }));
+    // The first leadership verdict before any task starts: a store of its
+    // own leads from the start.
+    tasks::lead_round(&engine, &node).await;
     let listeners = Listeners {
         grpc: grpc_listener,
         grpc_tls,

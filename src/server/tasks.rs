@@ -312,10 +312,23 @@ pub(super) async fn count_gauges(engine: Arc<Engine>) {
 /// fence. The role is given up by [`super::Running::shutdown`], after the
 /// last leader-only step (a final checkpoint) ran under it.
 pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: CancellationToken) {
-    let term = millis(LEADER_TERM);
     loop {
+        lead_round(&engine, &node).await;
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(LEADER_RENEW) => {}
+        }
+    }
+}
+
+/// Take or keep the upkeep role once and tell the engine. The first round
+/// runs before the broker starts its tasks (`super::start`), so a store of
+/// its own leads from the start, as its work expects.
+pub(super) async fn lead_round(engine: &Engine, node: &str) {
+    let term = millis(LEADER_TERM);
+    {
         let asked = std::time::Instant::now();
-        let held = engine.store().lead(UPKEEP_ROLE, &node, term).await;
+        let held = engine.store().lead(UPKEEP_ROLE, node, term).await;
         let (leading, until, fence) = match &held {
             Ok(Some(0)) => (true, None, None),
             Ok(Some(generation)) => (
@@ -323,7 +336,7 @@ pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: Cancellation
                 Some(asked + LEADER_TERM / 2),
                 Some(crate::store::Fence {
                     role: UPKEEP_ROLE.into(),
-                    holder: node.clone(),
+                    holder: node.to_owned(),
                     generation: *generation,
                 }),
             ),
@@ -335,10 +348,6 @@ pub(super) async fn lead(engine: Arc<Engine>, node: String, cancel: Cancellation
         engine.set_leading(leading, until, fence);
         if let Err(e) = held {
             tracing::warn!(error = %e, "cannot renew upkeep leadership; time-driven work paused here");
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(LEADER_RENEW) => {}
         }
     }
 }

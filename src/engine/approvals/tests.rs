@@ -200,3 +200,44 @@ async fn one_person_with_two_identities_is_one_approver() {
     assert_eq!(still.state, RequestState::Pending);
     assert_eq!(still.approvals.len(), 1);
 }
+
+/// Issue 21, finding 7: the claim window of a request for two approval
+/// scopes is the shorter one's, whichever approver decides last.
+#[tokio::test]
+async fn the_claim_window_is_the_requests_whoever_approves_last() {
+    const TWO: &str = r#"
+[groups]
+a = ["spiffe://t/human/alice"]
+b = ["spiffe://t/human/bob"]
+[[scope]]
+name = "long"
+tier = "approval"
+workloads = ["spiffe://t/w"]
+approvers = ["a"]
+claim_ttl = "1h"
+[[scope]]
+name = "short"
+tier = "approval"
+workloads = ["spiffe://t/w"]
+approvers = ["b"]
+claim_ttl = "5m"
+"#;
+    let (alice, bob) = (id("spiffe://t/human/alice"), id("spiffe://t/human/bob"));
+    for order in [[&alice, &bob], [&bob, &alice]] {
+        let r = rig(TWO).await;
+        let req = parked(&r, &["long", "short"]).await;
+        let mut last = None;
+        for who in order {
+            last = Some(r.engine.approve(who, &req.id, "", None, "").await.unwrap());
+        }
+        let approved = last.unwrap();
+        assert_eq!(approved.state, RequestState::Approved);
+        let now = crate::clock::Clock::now(r.clock.as_ref());
+        assert_eq!(
+            approved.deadline,
+            now + 300_000,
+            "last approver {}: the shorter window",
+            order[1]
+        );
+    }
+}
