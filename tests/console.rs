@@ -565,7 +565,56 @@ async fn an_approver_signs_in_with_the_provider_and_decides_what_waits() {
         "refused by name"
     );
     rig.shot("refused").await;
+
+    // Issue 21, finding 4: a sign-in's callback works once. Replayed with
+    // its cookie, the broker refuses it without calling the provider; the
+    // provider's error text is never shown.
+    let start = raw(rig.http, "GET /ui/oidc/start HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let state = start
+        .split("state=")
+        .nth(1)
+        .and_then(|r| r.split(['&', '\r']).next())
+        .unwrap_or_else(|| panic!("no state in {start}"))
+        .to_owned();
+    let cookie = start
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .and_then(|l| l.split_once(':'))
+        .and_then(|(_, c)| c.trim().split(';').next())
+        .unwrap_or_else(|| panic!("no cookie in {start}"))
+        .to_owned();
+    let callback = format!(
+        "GET /ui/oidc/callback?code=junk&state={state} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n"
+    );
+    let first = raw(rig.http, &callback).await;
+    assert!(first.starts_with("HTTP/1.1 401"), "{first}");
+    let again = raw(rig.http, &callback).await;
+    assert!(again.starts_with("HTTP/1.1 400"), "{again}");
+    assert!(again.contains("used already"), "{again}");
+    let told = raw(
+        rig.http,
+        "GET /ui/oidc/callback?error=%3Cb%3Eacme+says+call+555%3C%2Fb%3E HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(
+        told.contains("(unknown)") && !told.contains("555"),
+        "{told}"
+    );
     rig.browser.close().await.unwrap();
+}
+
+/// One HTTP/1.1 exchange on a new connection: the whole response as text.
+async fn raw(http: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    let request = request.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,6 +214,14 @@ async fn oidc_start(State(c): Shared) -> Response {
         }
     };
     let expires_at = c.now().saturating_add(crate::clock::millis(SIGN_IN_TTL));
+    // And a one-time mark on the server: the callback works once.
+    if let Err(e) = c.secrets.begin_sign_in(&state, expires_at).await {
+        tracing::warn!(error = %e, "OpenID sign-in could not be remembered");
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in is unavailable; try again.",
+        );
+    }
     let sign_in = SignIn {
         state,
         verifier,
@@ -254,9 +262,15 @@ async fn oidc_callback(
         return fail(StatusCode::NOT_FOUND, "No identity provider is configured.");
     };
     if !q.error.is_empty() {
+        // The provider's words are not shown (a crafted link could put any
+        // text there); an OAuth error code is.
+        let code = Some(q.error.as_str())
+            .filter(|e| e.len() <= 64 && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .unwrap_or("unknown");
+        tracing::info!(code, "OpenID sign-in refused by the provider");
         return fail(
             StatusCode::UNAUTHORIZED,
-            &format!("The identity provider said: {}", q.error),
+            &format!("The identity provider refused the sign-in ({code})."),
         );
     }
     let sealed = cookie_value(&headers, c.sign_in_cookie()).unwrap_or_default();
@@ -266,6 +280,12 @@ async fn oidc_callback(
             "This sign-in was not started in this browser, or took too long; start again.",
         );
     };
+    if !c.secrets.take_sign_in(&q.state, c.now()).await {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "This sign-in was used already, or took too long; start again.",
+        );
+    }
     match oidc
         .redeem(&q.code, &sign_in.verifier, &sign_in.nonce)
         .await

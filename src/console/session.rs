@@ -287,6 +287,28 @@ impl Secrets {
         self.store.purge_ephemeral(now).await
     }
 
+    /// Remember that the sign-in with `state` was started, until `expires_at`
+    /// (for every broker of a shared store): its callback works once.
+    pub async fn begin_sign_in(&self, state: &str, expires_at: Millis) -> Result<(), StoreError> {
+        self.store
+            .put_ephemeral(&key_of("signin", state), b"", expires_at)
+            .await
+    }
+
+    /// Use the sign-in with `state`: `true` once, within its time; `false`
+    /// for a replayed callback (the provider is then not called again).
+    pub async fn take_sign_in(&self, state: &str, now: Millis) -> bool {
+        if !well_formed(state) {
+            return false;
+        }
+        logged(
+            self.store
+                .take_ephemeral(&key_of("signin", state), now)
+                .await,
+        )
+        .is_some()
+    }
+
     /// `s` sealed for a cookie: base64url(nonce ‖ AES-256-GCM(json)).
     pub fn seal(&self, s: &SignIn) -> Result<String, SecretError> {
         let mut nonce = [0u8; ring::aead::NONCE_LEN];

@@ -242,7 +242,7 @@ impl Engine {
     /// Park the child: for approvers (PENDING), or — nothing to approve —
     /// APPROVED for its recipient to claim with its own certificate.
     async fn park_exchange(&self, policy: &Policy, plan: Plan) -> Result<Outcome, EngineError> {
-        self.check_open_requests(&plan.to).await?;
+        self.check_open_requests(&plan.holder.who).await?;
         let req = parked_request(policy, &plan)?;
         let idem = idempotency(&plan, IdempotentOutcome::Request(req.id.clone()));
         let pending = req.state == RequestState::Pending;

@@ -51,6 +51,15 @@ impl Drop for WatchPermit {
     }
 }
 
+/// Who made `r`: the holder who asked for an exchange (the nearest actor),
+/// else its requester.
+fn made_by(r: &crate::model::TokenRequest) -> &str {
+    r.delegation
+        .as_ref()
+        .and_then(|d| d.actors.first())
+        .map_or(r.requester.as_str(), String::as_str)
+}
+
 fn exhausted(what: String) -> EngineError {
     EngineError::Exhausted(what)
 }
@@ -78,7 +87,10 @@ impl Engine {
         })
     }
 
-    /// Refuse a new parked request when `who` already has the most allowed.
+    /// Refuse a new parked request when `who` already has the most allowed
+    /// open. A request counts against whoever made it: its requester, or —
+    /// for an exchange parked for another identity — the holder who asked
+    /// (so no one can fill a recipient's quota).
     pub(super) async fn check_open_requests(&self, who: &Identity) -> Result<(), EngineError> {
         let max = self.limits.open_requests_per_identity;
         let mut mine = 0;
@@ -89,7 +101,7 @@ impl Engine {
                 return Ok(());
             };
             after = Some(last.id.clone());
-            mine += chunk.iter().filter(|r| r.requester == who.as_str()).count();
+            mine += chunk.iter().filter(|r| made_by(r) == who.as_str()).count();
             if mine >= max {
                 return Err(exhausted(format!(
                     "at most {max} open requests per identity (--max-open-requests); withdraw one or wait for a decision"

@@ -537,3 +537,61 @@ async fn a_parent_that_ends_first_leaves_no_child_running() {
         "{after:?}"
     );
 }
+
+/// Issue 21, finding 3: parked exchanges count against the holder who asks
+/// for them, not the recipient: one holder cannot fill another identity's
+/// open-request quota.
+#[tokio::test]
+async fn parked_exchanges_count_against_the_holder_not_the_recipient() {
+    const QUOTA: &str = r#"
+[groups]
+owners = ["spiffe://t/human/alice"]
+[[scope]]
+name = "deploy"
+tier = "approval"
+workloads = ["spiffe://t/agent/*"]
+approvers = ["owners"]
+[[delegation]]
+from = ["spiffe://t/agent/*"]
+to = ["spiffe://t/agent/*"]
+scopes = ["deploy"]
+approval = "again"
+"#;
+    let r = rig(QUOTA).await;
+    let deploy = || TokenAsk {
+        scopes: vec!["deploy".into()],
+        ..Default::default()
+    };
+    let Outcome::Parked(req) = r
+        .engine
+        .request_token(&agent().who, deploy())
+        .await
+        .unwrap()
+    else {
+        panic!("granted")
+    };
+    let alice = id("spiffe://t/human/alice");
+    r.engine
+        .approve(&alice, &req.id, "", None, "")
+        .await
+        .unwrap();
+    let (_, got) = r.engine.read_and_claim(&agent(), &req.id).await.unwrap();
+    let (tok, _) = got.unwrap();
+    let victim = "spiffe://t/agent/victim";
+    let limit = super::super::Limits::default().open_requests_per_identity;
+    for _ in 0..limit {
+        let out = r
+            .engine
+            .exchange(&agent(), exchange(&tok, &[], victim))
+            .await;
+        assert!(matches!(out, Ok(Outcome::Parked(_))), "{out:?}");
+    }
+    let over = r
+        .engine
+        .exchange(&agent(), exchange(&tok, &[], victim))
+        .await;
+    assert!(matches!(over, Err(EngineError::Exhausted(_))), "{over:?}");
+    // The recipient's own request is not refused for the holder's.
+    let own = r.engine.request_token(&id(victim), deploy()).await;
+    assert!(matches!(own, Ok(Outcome::Parked(_))), "{own:?}");
+}
