@@ -15,8 +15,11 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn init_tracing(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colour only for a person at a terminal: a file, a pipe or journald
+    // gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -112,9 +115,12 @@ async fn serve(args: &cli::ServeArgs) -> i32 {
             )
         );
     } else {
+        let http = running
+            .http_addr
+            .map_or_else(|| "off".to_owned(), |a| a.to_string());
         eprintln!(
-            "portcullis listening: gRPC {} HTTP {:?}",
-            running.grpc_addr, running.http_addr
+            "portcullis listening: gRPC {}, HTTP {http}",
+            running.grpc_addr
         );
     }
     wait_for_signal().await;

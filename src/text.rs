@@ -92,17 +92,24 @@ pub fn require_id(field: &'static str, id: &str) -> Result<(), FieldError> {
 /// C0 controls (newline and carriage return included), DEL, C1 controls,
 /// the Unicode bidirectional controls that reorder what a reader sees, and
 /// invisible characters that hide text from a reader or split a word a
-/// filter looks for (soft hyphen, zero-width space, word joiner, invisible
-/// operators, byte-order mark, tag characters). Zero-width joiners stay:
-/// scripts and emoji need them.
+/// filter looks for: soft hyphen, zero-width space, word joiner, invisible
+/// operators, deprecated format controls, the byte-order mark, fillers
+/// that render as blanks, variation selectors of the supplementary planes,
+/// shorthand and musical format controls, and tag characters (which also
+/// spell subdivision flags: refused, since they can carry hidden text).
+/// Zero-width joiners and non-joiners, and the variation selectors of the
+/// basic plane, stay: scripts and emoji need them.
 pub fn is_display_control(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
             '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
                 | '\u{2028}' | '\u{2029}'
-                | '\u{00ad}' | '\u{180e}' | '\u{200b}' | '\u{2060}'..='\u{2064}' | '\u{feff}'
-                | '\u{e0000}'..='\u{e007f}'
+                | '\u{00ad}' | '\u{034f}' | '\u{115f}' | '\u{1160}' | '\u{180e}'
+                | '\u{200b}' | '\u{2060}'..='\u{2064}' | '\u{206a}'..='\u{206f}' | '\u{3164}'
+                | '\u{feff}' | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}'
+                | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}'
+                | '\u{e0000}'..='\u{e007f}' | '\u{e0100}'..='\u{e01ef}'
         )
 }
 
@@ -264,6 +271,8 @@ mod tests {
             "soft\u{ad}hyphen",
             "\u{feff}bom",
             "tag\u{e0041}",
+            "filler\u{3164}",
+            "vs\u{e0100}",
         ] {
             let e = check_reason("justification", bad, false).unwrap_err();
             assert_eq!(e.field, "justification");

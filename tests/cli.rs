@@ -916,3 +916,85 @@ fn a_token_is_exchanged_shown_as_a_tree_and_kept_fresh_from_a_parent_file() {
     let o = run(&dir, &["token", "inspect", &child]);
     assert_eq!(code(&o), 1, "{o:?}");
 }
+
+/// Issue 21, item 10: a broker whose log goes to a file or a pipe writes
+/// plain text, not terminal colour codes.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Some(Ok(l)) = lines.next() {
+        let ready = l.contains("dev broker ready");
+        seen.push(l);
+        if ready {
+            break;
+        }
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    assert!(seen.iter().any(|l| l.contains(" INFO ")), "{seen:#?}");
+    assert!(!seen.iter().any(|l| l.contains('\u{1b}')), "{seen:#?}");
+}
+
+/// Issue 21, item 10: `audit export --output json` prints JSON (one record
+/// per line, as `--format jsonl`), not text.
+#[test]
+fn audit_export_honours_output_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    let o = run(
+        &dir,
+        &["--as", "admin", "--output", "json", "audit", "export"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(!out.trim().is_empty(), "no records");
+    for line in out.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("seq").is_some() || v.get("checkpoint").is_some(),
+            "{line}"
+        );
+    }
+}
+
+/// Issue 21, item 10: every `--reason` says what it is for.
+#[test]
+fn every_reason_flag_says_where_the_reason_goes() {
+    for cmd in [
+        &["requests", "approve"][..],
+        &["requests", "deny"],
+        &["requests", "ack"],
+        &["requests", "withdraw"],
+        &["lease", "revoke"],
+        &["lease", "revoke-all"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let o = run_bare(&args);
+        let help = stdout(&o);
+        assert!(help.contains("recorded in the trail"), "{cmd:?}: {help}");
+    }
+}

@@ -617,6 +617,29 @@ async fn i21_01_http_slots_are_bounded_per_peer_and_in_every_phase() {
     );
     h.stop().await;
 
+    // The first letter of the HTTP/2 preface, then nothing: the listener
+    // speaks HTTP/1.1 only, whose header timer runs from the first byte.
+    let mut h = Harness::start().await;
+    h.restart_with(|cfg| cfg.conn_limits.header_read_timeout = Duration::from_millis(500))
+        .await;
+    let http = h.running().http_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"P").await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a peer that sent one byte still holds its slot"
+    );
+    h.stop().await;
+
     // Over TLS: the handshake completes, then nothing comes.
     let mut h = Harness::start().await;
     h.https = true;
@@ -630,6 +653,19 @@ async fn i21_01_http_slots_are_bounded_per_peer_and_in_every_phase() {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
         "a silent TLS peer still holds its slot: {closed:?}"
     );
+    // Over TLS too: one byte, then nothing (whatever the listener answers,
+    // it closes in time).
+    let mut tls = tls_to(&h.dev.path("ca.pem"), port).await;
+    tls.write_all(b"P").await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a one-byte TLS peer still holds its slot");
     h.stop().await;
 }
 

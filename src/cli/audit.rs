@@ -63,6 +63,15 @@ pub enum AuditFormat {
     Jsonl,
 }
 
+/// The format of a stream of records: `--output json` asks for JSON, which
+/// for a stream is JSON Lines (as `--format jsonl`).
+fn stream_format(out: Output, format: AuditFormat) -> AuditFormat {
+    match out {
+        Output::Json => AuditFormat::Jsonl,
+        Output::Text => format,
+    }
+}
+
 /// Run an `audit` subcommand over `channel`.
 pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Failure> {
     let mut a = AuditClient::new(channel);
@@ -89,9 +98,10 @@ pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Fa
                 after_seq: 0,
                 page_size: 5000,
             };
-            export(&mut a, filter, format).await
+            export(&mut a, filter, stream_format(out, format)).await
         }
         AuditCmd::Tail { after, format } => {
+            let format = stream_format(out, format);
             let mut stream = a
                 .tail(pb::TailRequest { after_seq: after })
                 .await?

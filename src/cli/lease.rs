@@ -56,7 +56,7 @@ pub enum LeaseCmd {
     Revoke {
         /// Lease id.
         id: String,
-        /// Why.
+        /// Why it is revoked, recorded in the trail
         #[arg(long)]
         reason: Option<String>,
     },
@@ -65,7 +65,7 @@ pub enum LeaseCmd {
         /// Identity whose leases to revoke.
         #[arg(long)]
         subject: String,
-        /// Why.
+        /// Why they are revoked, recorded in the trail
         #[arg(long)]
         reason: Option<String>,
     },

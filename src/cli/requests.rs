@@ -39,7 +39,8 @@ pub enum RequestsCmd {
     Approve {
         /// Request id.
         id: String,
-        /// Why.
+        /// Why you approve, recorded in the trail and shown to the
+        /// requester (required when the scope's approval rule says so)
         #[arg(long)]
         reason: Option<String>,
         /// Grant a shorter TTL than requested.
@@ -53,7 +54,8 @@ pub enum RequestsCmd {
     Deny {
         /// Request id.
         id: String,
-        /// Why.
+        /// Why you deny (required), recorded in the trail and shown to the
+        /// requester
         #[arg(long)]
         reason: String,
     },
@@ -61,7 +63,8 @@ pub enum RequestsCmd {
     Ack {
         /// Request id.
         id: String,
-        /// Why.
+        /// What the review found, recorded in the trail (required with
+        /// --revoke)
         #[arg(long)]
         reason: Option<String>,
         /// Also revoke the break-glass lease.
@@ -82,7 +85,7 @@ pub enum RequestsCmd {
     Withdraw {
         /// Request id.
         id: String,
-        /// Why.
+        /// Why you withdraw it, recorded in the trail
         #[arg(long)]
         reason: Option<String>,
     },

@@ -176,6 +176,7 @@ impl Oidc {
             let code = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .filter(|e| e.len() <= 64 && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
                 .unwrap_or_default();
             return Err(OidcError::Provider(format!("HTTP {status} {code}")));
         }

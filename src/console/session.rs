@@ -147,7 +147,7 @@ fn key_of(kind: &str, secret: &str) -> [u8; 32] {
 /// A link read: a store failure is logged (it fails closed: no sign-in).
 fn logged(r: Result<Option<Vec<u8>>, StoreError>) -> Option<Vec<u8>> {
     r.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "console sign-in link could not be read");
+        tracing::warn!(error = %e, "console secret could not be read");
         None
     })
 }

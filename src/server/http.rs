@@ -16,8 +16,6 @@ use crate::keys::JWKS_MAX_AGE;
 
 /// How long a TLS handshake on the HTTP listener may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 keep-alive pings (and how long to wait for their answer).
-const KEEPALIVE: Duration = Duration::from_secs(20);
 
 /// Serve `app` on `listener` (over TLS when `tls` is set) until `cancel`:
 /// one task per connection (a slow handshake never holds up the accept
@@ -50,9 +48,11 @@ pub(super) async fn serve(
             tracing::debug!(%peer, "HTTP connection limit reached; closing the new connection");
             continue;
         };
-        let Some(from_peer) =
-            PeerSlot::take(&per_peer, peer.ip(), limits.http_connections_per_peer)
-        else {
+        let Some(from_peer) = PeerSlot::take(
+            &per_peer,
+            peer_key(peer.ip()),
+            limits.http_connections_per_peer,
+        ) else {
             tracing::debug!(%peer, "HTTP connections from this peer at their limit; closing the new one");
             continue;
         };
@@ -94,8 +94,21 @@ pub(super) async fn serve(
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
 }
 
-/// Open connections per peer address.
+/// Open connections per peer: an IPv4 address (IPv4-mapped IPv6 too), or an
+/// IPv6 /64 (one host usually holds a whole /64).
 type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// The key a peer's connections are counted under.
+fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let mut s = v6.segments();
+            s[4..].fill(0);
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(s))
+        }
+        v4 => v4,
+    }
+}
 
 /// One of a peer's connections; given back when dropped.
 struct PeerSlot {
@@ -205,9 +218,9 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<IO> {
     }
 }
 
-/// Most bytes a request body on this listener may have (the console's
-/// forms are far smaller).
-const BODY_MAX: usize = 64 * 1024;
+/// Most bytes a request body on this listener may have: the console's
+/// largest form (`console::routes` `MAX_FORM`).
+const BODY_MAX: usize = 16 * 1024;
 
 /// Read the whole request body within `within` before the handler runs:
 /// a body sent slowly gets 408 and the connection closes; a body too large
@@ -266,7 +279,7 @@ async fn serve_conn<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::rt::{TokioIo, TokioTimer};
     // A body that trickles in holds its connection no longer than this.
     let app = app.layer(axum::middleware::from_fn_with_state(
         limits.body_read_timeout,
@@ -279,18 +292,15 @@ async fn serve_conn<IO>(
             r
         });
     let service = hyper_util::service::TowerToHyperService::new(app);
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    // HTTP/1.1 only: JWKS, discovery, health, metrics and the console need
+    // nothing more, and every phase of an HTTP/1.1 connection has a timer
+    // (the first byte above, the headers and idle keep-alive here, the
+    // body in `bounded_body`); HTTP/2 would add streams, pings and its
+    // preface, each a way to hold a connection (issue 21).
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.streams_per_connection)
-        .keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(io), service);
     tokio::select! {
         r = conn => if let Err(e) = r { tracing::debug!(error = %e, "HTTP connection ended") },
         () = tokio::time::sleep(limits.connection_lifetime) => {
@@ -390,6 +400,29 @@ pub(super) fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
     .with_no_client_auth()
     .with_single_cert(certs, key_der)
     .map_err(|e| err(cert, &e))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only (see `serve_conn`).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_key;
+
+    #[test]
+    fn peers_are_counted_by_ipv4_address_or_ipv6_slash_64() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(peer_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(peer_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(peer_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            peer_key(ip("2001:db8:1:2:bbbb::9")),
+            peer_key(ip("2001:db8:1:2:aaaa::1")),
+            "one host's /64 is one peer"
+        );
+        assert_ne!(
+            peer_key(ip("2001:db8:1:3::1")),
+            peer_key(ip("2001:db8:1:2::1"))
+        );
+    }
 }

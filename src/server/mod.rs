@@ -173,7 +173,8 @@ pub struct ConnLimits {
     pub body_read_timeout: Duration,
     /// How long one HTTP connection may live.
     pub connection_lifetime: Duration,
-    /// Concurrent streams on one HTTP/2 (and gRPC) connection.
+    /// Concurrent streams on one gRPC (HTTP/2) connection (the HTTP
+    /// listener speaks HTTP/1.1 only).
     pub streams_per_connection: u32,
 }
 
