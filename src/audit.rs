@@ -473,30 +473,10 @@ async fn walk(
         };
         after = Some(*last);
         for (key, bytes) in page {
-            if key != expected {
-                return Ok(Some((
-                    expected,
-                    format!("record {expected} is missing (next stored is {key})"),
-                )));
-            }
-            let Ok(rec) = serde_json::from_slice::<AuditRecord>(&bytes) else {
-                return Ok(Some((key, format!("record {key} does not decode"))));
+            let rec = match linked(key, expected, &bytes, &prev_hash) {
+                Ok(rec) => rec,
+                Err(problem) => return Ok(Some(problem)),
             };
-            if rec.seq != key {
-                return Ok(Some((
-                    key,
-                    format!("record stored at {key} says it is {}", rec.seq),
-                )));
-            }
-            if rec.prev != prev_hash {
-                // This record's link is intact only if its predecessor is:
-                // the predecessor was altered (or this record was).
-                let bad = key.saturating_sub(1).max(1);
-                return Ok(Some((
-                    bad,
-                    format!("record {bad} does not match the hash recorded by record {key}"),
-                )));
-            }
             // A compaction is the broker's own act, to a point before its
             // record.
             if rec.action == Action::AuditCompacted.as_str()
@@ -518,6 +498,67 @@ async fn walk(
     }
 }
 
+/// Record `key` as stored (`bytes`), where `expected` was due after a
+/// record hashing to `prev`: decoded, or the problem.
+fn linked(key: u64, expected: u64, bytes: &[u8], prev: &str) -> Result<AuditRecord, (u64, String)> {
+    if key != expected {
+        return Err((
+            expected,
+            format!("record {expected} is missing (next stored is {key})"),
+        ));
+    }
+    let Ok(rec) = serde_json::from_slice::<AuditRecord>(bytes) else {
+        return Err((key, format!("record {key} does not decode")));
+    };
+    if rec.seq != key {
+        return Err((
+            key,
+            format!("record stored at {key} says it is {}", rec.seq),
+        ));
+    }
+    if rec.prev != prev {
+        // This record's link is intact only if its predecessor is: the
+        // predecessor was altered (or this record was).
+        let bad = key.saturating_sub(1).max(1);
+        return Err((
+            bad,
+            format!("record {bad} does not match the hash recorded by record {key}"),
+        ));
+    }
+    Ok(rec)
+}
+
+/// Checkpoint `seq`, naming `prev`, after the stored one hashing to
+/// `before` (`None`: it is the oldest stored): the problem, if its link is
+/// broken. The oldest anchors the chain: it is the first ever signed (it
+/// names the genesis), or the trail records a compaction to it (which
+/// removed the ones before). Each later one names its predecessor.
+fn chain_link(
+    seq: u64,
+    prev: &str,
+    before: Option<&str>,
+    report: &Report,
+) -> Option<(u64, String)> {
+    if prev.is_empty() {
+        return None;
+    }
+    match before {
+        None if prev != GENESIS && !report.compacted_to.contains(&seq) => Some((
+            seq,
+            format!(
+                "the checkpoints before {seq} are missing, and the trail records no compaction to {seq}: they were removed, not retained away"
+            ),
+        )),
+        Some(b) if prev != b => Some((
+            seq,
+            format!(
+                "checkpoint at {seq} does not follow the checkpoint before it: one was removed or replaced"
+            ),
+        )),
+        _ => None,
+    }
+}
+
 /// Check every checkpoint's signature against the walked hashes.
 async fn check_checkpoints(
     store: &dyn Store,
@@ -533,33 +574,8 @@ async fn check_checkpoints(
             problems.push((seq, format!("checkpoint at {seq} has an invalid signature")));
             continue;
         };
-        // The oldest stored checkpoint anchors the chain: it is the first
-        // ever signed (it names the genesis), or the trail records a
-        // compaction to it (which removed the ones before). Each later one
-        // names its predecessor.
-        if before.is_none()
-            && !claims.prev.is_empty()
-            && claims.prev != GENESIS
-            && !report.compacted_to.contains(&seq)
-        {
-            problems.push((
-                seq,
-                format!(
-                    "the checkpoints before {seq} are missing, and the trail records no compaction to {seq}: they were removed, not retained away"
-                ),
-            ));
-        }
-        if let Some(b) = before.replace(sha256_hex(&jws))
-            && !claims.prev.is_empty()
-            && claims.prev != b
-        {
-            problems.push((
-                seq,
-                format!(
-                    "checkpoint at {seq} does not follow the checkpoint before it: one was removed or replaced"
-                ),
-            ));
-        }
+        let prior = before.replace(sha256_hex(&jws));
+        problems.extend(chain_link(seq, &claims.prev, prior.as_deref(), report));
         if let Some(kid) = signer(&text).filter(|k| keys.withdrawn.contains(k)) {
             report.notes.push(format!(
                 "checkpoint at {seq} was signed by key {kid}, withdrawn in an emergency: it proves nothing"

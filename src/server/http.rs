@@ -59,39 +59,47 @@ pub(super) async fn serve(
         let (acceptor, app, cancel) = (acceptor.clone(), app.clone(), cancel.clone());
         conns.spawn(async move {
             let _slots = (slot, from_peer);
-            // A peer that connects and says nothing gives its slot back
-            // after the header-read timeout (hyper's own timer only starts
-            // with the first byte).
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(limits.header_read_timeout, tcp.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => {
-                    tracing::debug!(%peer, "HTTP peer sent nothing in time; closed");
-                    return;
-                }
-            }
-            match acceptor {
-                None => serve_conn(tcp, peer, app, limits, cancel).await,
-                Some(acceptor) => {
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                    else {
-                        tracing::debug!(%peer, "HTTPS handshake failed");
-                        return;
-                    };
-                    // The same after the handshake: the request's first
-                    // byte within the header-read timeout.
-                    let Some(stream) = first_bytes(stream, limits.header_read_timeout).await else {
-                        tracing::debug!(%peer, "HTTPS peer sent nothing after the handshake; closed");
-                        return;
-                    };
-                    serve_conn(stream, peer, app, limits, cancel).await;
-                }
-            }
+            accepted(tcp, peer, acceptor, app, limits, cancel).await;
         });
     }
     conns.close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, conns.wait()).await;
+}
+
+/// One accepted connection, from its first byte (and TLS handshake) on.
+async fn accepted(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    app: axum::Router,
+    limits: ConnLimits,
+    cancel: CancellationToken,
+) {
+    // A peer that connects and says nothing gives its slot back after the
+    // header-read timeout (hyper's own timer only starts with the first
+    // byte).
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.header_read_timeout, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => {
+            tracing::debug!(%peer, "HTTP peer sent nothing in time; closed");
+            return;
+        }
+    }
+    let Some(acceptor) = acceptor else {
+        return serve_conn(tcp, peer, app, limits, cancel).await;
+    };
+    let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
+        tracing::debug!(%peer, "HTTPS handshake failed");
+        return;
+    };
+    // The same after the handshake: the request's first byte within the
+    // header-read timeout.
+    let Some(stream) = first_bytes(stream, limits.header_read_timeout).await else {
+        tracing::debug!(%peer, "HTTPS peer sent nothing after the handshake; closed");
+        return;
+    };
+    serve_conn(stream, peer, app, limits, cancel).await;
 }
 
 /// Open connections per peer: an IPv4 address (IPv4-mapped IPv6 too), or an

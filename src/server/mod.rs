@@ -323,10 +323,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let (grpc_tls, http_tls) = read_tls(&cfg)?;
     let (store, ring, node) = open_state(&cfg).await?;
     let (grpc_listener, grpc_addr) = bind(cfg.listen).await?;
-    let http = match cfg.http_listen {
-        Some(a) => Some(bind(a).await?),
-        None => None,
-    };
+    let http = bind_http(cfg.http_listen).await?;
     let http_addr = http.as_ref().map(|(_, a)| *a);
     let issuer = settle_issuer(&cfg, &store, grpc_addr, http_addr).await?;
     store.resign(START_ROLE, &node).await?;
@@ -689,6 +686,16 @@ async fn open_store(cfg: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))??;
     Ok(Arc::new(store))
+}
+
+/// The HTTP listener, when one is asked for.
+async fn bind_http(
+    addr: Option<SocketAddr>,
+) -> Result<Option<(TcpListener, SocketAddr)>, ServeError> {
+    match addr {
+        Some(a) => Ok(Some(bind(a).await?)),
+        None => Ok(None),
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {

@@ -675,50 +675,36 @@ async fn compaction_removes_the_old_trail_in_the_batch_of_its_own_record() {
 #[tokio::test]
 async fn retention_deletes_a_record_only_as_it_was_read() {
     for (name, s, _dir) in backends().await {
-        let active = lease("l_a", "spiffe://t/a", 10);
-        let gone = Lease {
-            state: LeaseState::Revoked,
-            revoked_at: Some(5),
-            ..lease("l_b", "spiffe://t/a", 50)
-        };
-        let recent = Lease {
-            state: LeaseState::Expired,
-            expired_at: Some(90),
-            ..lease("l_c", "spiffe://t/a", 90)
-        };
-        for l in [&active, &gone, &recent] {
-            s.create_lease(l, None).await.unwrap();
-        }
-        let old_req = TokenRequest {
-            state: RequestState::Denied,
-            ..request("r_old", 1)
-        };
-        let open_req = request("r_open", 1);
-        s.create_request(&old_req, None).await.unwrap();
-        s.create_request(&open_req, None).await.unwrap();
-        // Retention deletes what ended (a checked delete: an unchanged
-        // record), and nothing else.
-        let still = Lease {
+        let (gone, old_req) = ended_records(s.as_ref()).await;
+        // Retention deletes what ended (a checked delete: the record as
+        // read), and nothing else.
+        let changed = Lease {
             renewals: 9,
             ..gone.clone()
         };
         assert_eq!(
-            s.apply_now(one(Write::DeleteLease(still))).await.unwrap(),
+            s.apply_now(one(Write::DeleteLease(changed))).await.unwrap(),
             Applied::Lost(Lost::Lease("l_b".into())),
             "{name}: a changed lease is not deleted"
         );
+        let changed = TokenRequest {
+            justification: "other".into(),
+            ..old_req.clone()
+        };
+        assert_eq!(
+            s.apply_now(one(Write::DeleteRequest(changed)))
+                .await
+                .unwrap(),
+            Applied::Lost(Lost::Request("r_old".into())),
+            "{name}: a changed request is not deleted"
+        );
         let b = Batch {
-            writes: vec![
-                Write::DeleteLease(gone.clone()),
-                Write::DeleteRequest(old_req.clone()),
-            ],
+            writes: vec![Write::DeleteLease(gone), Write::DeleteRequest(old_req)],
             audit: vec![body("retention.purged")],
             fence: None,
         };
-        assert!(
-            matches!(s.apply_now(b).await.unwrap(), Applied::Done(_)),
-            "{name}"
-        );
+        let done = s.apply_now(b).await.unwrap();
+        assert!(matches!(done, Applied::Done(_)), "{name}");
         let (r, l) = (s.request("r_old").await, s.lease("l_b").await);
         assert!(r.unwrap().is_none() && l.unwrap().is_none(), "{name}");
         assert!(s.request("r_open").await.unwrap().is_some(), "{name}");
@@ -729,12 +715,34 @@ async fn retention_deletes_a_record_only_as_it_was_read() {
             .into_iter()
             .map(|l| l.id)
             .collect();
-        assert_eq!(
-            ids,
-            ["l_a", "l_c"],
-            "{name}: gone from the subject index too"
-        );
+        let want = ["l_a", "l_c"];
+        assert_eq!(ids, want, "{name}: gone from the subject index too");
     }
+}
+
+/// Leases `l_a` (active), `l_b` (revoked) and `l_c` (expired), requests
+/// `r_old` (denied) and `r_open`: the ended lease and request to delete.
+async fn ended_records(s: &dyn Store) -> (Lease, TokenRequest) {
+    let gone = Lease {
+        state: LeaseState::Revoked,
+        revoked_at: Some(5),
+        ..lease("l_b", "spiffe://t/a", 50)
+    };
+    let recent = Lease {
+        state: LeaseState::Expired,
+        expired_at: Some(90),
+        ..lease("l_c", "spiffe://t/a", 90)
+    };
+    for l in [&lease("l_a", "spiffe://t/a", 10), &gone, &recent] {
+        s.create_lease(l, None).await.unwrap();
+    }
+    let old_req = TokenRequest {
+        state: RequestState::Denied,
+        ..request("r_old", 1)
+    };
+    s.create_request(&old_req, None).await.unwrap();
+    s.create_request(&request("r_open", 1), None).await.unwrap();
+    (gone, old_req)
 }
 
 #[tokio::test]
@@ -778,7 +786,7 @@ async fn keys_and_meta() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[tokio::test]
 async fn console_secrets_live_until_their_end_and_are_taken_once() {
     for (name, s, _dir) in backends().await {
         let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
@@ -828,8 +836,13 @@ async fn console_secrets_live_until_their_end_and_are_taken_once() {
             "{name}"
         );
         assert_eq!(s.purge_ephemeral(500).await.unwrap(), 1, "{name}");
+    }
+}
 
-        // Eight takers at once (brokers sharing the store): one gets it.
+/// Eight takers at once (brokers sharing the store): one gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_console_secret_taken_by_eight_at_once_is_taken_once() {
+    for (name, s, _dir) in backends().await {
         let d = [4u8; 32];
         s.put_ephemeral(&d, b"link", 1_000).await.unwrap();
         // Each on a task of its own, on four threads: they race.
@@ -1244,7 +1257,7 @@ async fn a_batch_that_fails_midway_leaves_nothing_visible_and_the_chain_whole() 
         // The same batch then applies whole, its records chained right
         // after the last one (the failure moved no head).
         let s = failing.0;
-        let Applied::Done(records) = batch::applied(s.apply((batch).clone())).await.unwrap() else {
+        let Applied::Done(records) = s.apply_now(batch).await.unwrap() else {
             panic!("{name}: the batch did not apply");
         };
         assert_eq!(
@@ -1281,7 +1294,7 @@ async fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
         // (Later writes see earlier ones: `old` is no longer what is stored.)
         stale.writes.push(Write::SwapLease { old, new });
         assert_eq!(
-            batch::applied(s.apply((stale).clone())).await.unwrap(),
+            s.apply_now(stale).await.unwrap(),
             Applied::Lost(Lost::Lease("l_1".into())),
             "{name}"
         );
@@ -1297,7 +1310,7 @@ async fn a_lost_check_anywhere_in_a_batch_writes_none_of_it() {
             .unwrap();
         let before = visible(s.as_ref()).await;
         assert_eq!(
-            batch::applied(s.apply((batch).clone())).await.unwrap(),
+            s.apply_now(batch).await.unwrap(),
             Applied::Lost(Lost::Idempotency(holder)),
             "{name}"
         );
@@ -1317,7 +1330,7 @@ async fn a_lease_or_renewal_signed_by_a_withdrawn_key_writes_none_of_the_batch()
         let mut late = batch.clone();
         late.writes.truncate(2);
         assert_eq!(
-            batch::applied(s.apply((late).clone())).await.unwrap(),
+            s.apply_now(late).await.unwrap(),
             Applied::Lost(Lost::KeyInactive("k".into())),
             "{name}"
         );
@@ -1441,9 +1454,7 @@ async fn a_stale_leader_is_fenced_on_a_shared_store() {
         }),
     };
     assert!(matches!(
-        batch::applied(s.apply((fenced("a", g1)).clone()))
-            .await
-            .unwrap(),
+        s.apply_now(fenced("a", g1)).await.unwrap(),
         Applied::Done(_)
     ));
     // a's term ends (it stalled, or gave up); b takes the role.
@@ -1452,9 +1463,7 @@ async fn a_stale_leader_is_fenced_on_a_shared_store() {
     assert!(g2 > g1);
     let last = s.audit_last().await.unwrap();
     assert_eq!(
-        batch::applied(s.apply((fenced("a", g1)).clone()))
-            .await
-            .unwrap(),
+        s.apply_now(fenced("a", g1)).await.unwrap(),
         Applied::Lost(Lost::Fenced)
     );
     assert_eq!(s.meta("m").await.unwrap().as_deref(), Some(&b"a"[..]));
@@ -1464,9 +1473,7 @@ async fn a_stale_leader_is_fenced_on_a_shared_store() {
         "no record of the fenced batch"
     );
     assert!(matches!(
-        batch::applied(s.apply((fenced("b", g2)).clone()))
-            .await
-            .unwrap(),
+        s.apply_now(fenced("b", g2)).await.unwrap(),
         Applied::Done(_)
     ));
     // a comes back and takes the role again: a new term, not its old one.
@@ -1474,9 +1481,7 @@ async fn a_stale_leader_is_fenced_on_a_shared_store() {
     let g3 = s.lead("upkeep", "a", 60_000).await.unwrap().unwrap();
     assert!(g3 > g2);
     assert_eq!(
-        batch::applied(s.apply((fenced("a", g1)).clone()))
-            .await
-            .unwrap(),
+        s.apply_now(fenced("a", g1)).await.unwrap(),
         Applied::Lost(Lost::Fenced)
     );
 }

@@ -541,18 +541,7 @@ async fn run_group(
                 .await
                 .map_err(pg_err)?;
         }
-        outcomes.push(match verdict {
-            Ok(Some(Lost::Idempotency(i))) => {
-                existing(c, &i).await.map(|e| Some(Lost::Idempotency(e)))
-            }
-            Ok(Some(Lost::Lease(id))) => reencode(c, &batches[j], &id)
-                .await
-                .map(|()| Some(Lost::Lease(id))),
-            Ok(Some(Lost::Request(id))) => reencode_request(c, &batches[j], &id)
-                .await
-                .map(|()| Some(Lost::Request(id))),
-            other => other,
-        });
+        outcomes.push(explained(c, &batches[j], verdict).await);
     }
     let mut bodies = Vec::new();
     let mut notices = Vec::new();
@@ -576,6 +565,23 @@ async fn run_group(
             Err(e) => Err(e),
         })
         .collect())
+}
+
+/// What a batch that did not stay tells its caller: for a taken key, the
+/// entry that holds it; for a lost swap, the same, after a record stored in
+/// an older encoding was brought to today's (so the caller's next try can
+/// match).
+async fn explained(c: &Committing, batch: &Batch, verdict: Verdict) -> Verdict {
+    match verdict {
+        Ok(Some(Lost::Idempotency(i))) => existing(c, &i).await.map(|e| Some(Lost::Idempotency(e))),
+        Ok(Some(Lost::Lease(id))) => reencode(c, batch, &id)
+            .await
+            .map(|()| Some(Lost::Lease(id))),
+        Ok(Some(Lost::Request(id))) => reencode_request(c, batch, &id)
+            .await
+            .map(|()| Some(Lost::Request(id))),
+        other => other,
+    }
 }
 
 /// A batch's statements and notices, or why it could not be planned.

@@ -147,6 +147,36 @@ impl Drop for PgStore {
     }
 }
 
+/// Start the committer, the one writer, like sled's writer thread: a thread
+/// of its own with its own event loop (a current-thread runtime driving its
+/// one connection), so that its turn never waits behind request tasks on a
+/// busy runtime nor for a busy worker to poll the I/O driver; the group
+/// commit's size and latency depend on that turn (measured:
+/// docs/benchmarks.md, "Issue 20, async contract"). Nobody blocks on it:
+/// callers await the batch's one-shot reply. It ends when the store's queue
+/// closes.
+fn spawn_committer(
+    target: Target,
+    barrier: &'static str,
+    queued: tokio::sync::mpsc::UnboundedReceiver<apply::Queued>,
+) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("portcullis-pg-committer".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(apply::committer(target, barrier, queued)),
+                // The queue's end drops with this thread: every batch is
+                // then refused as unavailable.
+                Err(e) => tracing::error!(error = %e, "the database committer cannot start"),
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| StoreError::Unavailable(format!("database committer: {e}")))
+}
+
 impl PgStore {
     /// Connect, apply migrations (or wait for another broker applying
     /// them), refuse a newer schema, and start listening for news. The
@@ -184,29 +214,7 @@ impl PgStore {
         let pool = connect::pool(&target, opts.pool_size)?;
         let (changes, _) = broadcast::channel(1024);
         let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
-        // The committer is the one writer, like sled's writer thread: a
-        // thread of its own with its own event loop (a current-thread
-        // runtime driving its one connection), so that its turn never
-        // waits behind request tasks on a busy runtime nor for a busy
-        // worker to poll the I/O driver; the group commit's size and
-        // latency depend on that turn (measured: docs/benchmarks.md,
-        // "Issue 20, async contract"). Nobody blocks on it: callers await
-        // the batch's one-shot reply. It ends when the store's queue closes.
-        let t = target.clone();
-        std::thread::Builder::new()
-            .name("portcullis-pg-committer".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime.block_on(apply::committer(t, barrier, queued)),
-                    // The queue's end drops with this thread: every batch
-                    // is then refused as unavailable.
-                    Err(e) => tracing::error!(error = %e, "the database committer cannot start"),
-                }
-            })
-            .map_err(|e| StoreError::Unavailable(format!("database committer: {e}")))?;
+        spawn_committer(target.clone(), barrier, queued)?;
         let listener = tokio::spawn(connect::listen(target, changes.clone()));
         Ok(Self {
             pool,
