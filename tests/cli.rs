@@ -31,6 +31,11 @@ impl Drop for Server {
 /// Start `serve --dev` and return once it says it is ready (read from its
 /// output, no sleeping).
 fn serve(dir: &Path) -> Server {
+    serve_logging(dir, "warn").0
+}
+
+/// [`serve`] with `RUST_LOG=log`; what it wrote until it was ready.
+fn serve_logging(dir: &Path, log: &str) -> (Server, Vec<String>) {
     let mut child = Command::new(BIN)
         .args([
             "serve",
@@ -42,7 +47,7 @@ fn serve(dir: &Path) -> Server {
             "--data-dir",
         ])
         .arg(dir)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -64,7 +69,7 @@ fn serve(dir: &Path) -> Server {
     }
     // Keep draining its output so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Server { child }
+    (Server { child }, seen)
 }
 
 fn run(dir: &Path, args: &[&str]) -> Output {
@@ -922,36 +927,7 @@ fn a_token_is_exchanged_shown_as_a_tree_and_kept_fresh_from_a_parent_file() {
 #[test]
 fn logs_to_a_pipe_carry_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    while let Some(Ok(l)) = lines.next() {
-        let ready = l.contains("dev broker ready");
-        seen.push(l);
-        if ready {
-            break;
-        }
-    }
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
+    let (_server, seen) = serve_logging(dir.path(), "info");
     assert!(seen.iter().any(|l| l.contains(" INFO ")), "{seen:#?}");
     assert!(!seen.iter().any(|l| l.contains('\u{1b}')), "{seen:#?}");
 }

@@ -87,6 +87,24 @@ async fn root(r: &super::super::testing::Rig, scopes: &[&str]) -> (String, crate
     }
 }
 
+/// The agent's `deploy` token and lease: parked, approved by alice, claimed.
+async fn approved_deploy(r: &super::super::testing::Rig) -> (String, crate::model::Lease) {
+    let ask = TokenAsk {
+        scopes: vec!["deploy".into()],
+        ..Default::default()
+    };
+    let Outcome::Parked(req) = r.engine.request_token(&agent().who, ask).await.unwrap() else {
+        panic!("granted")
+    };
+    let alice = id("spiffe://t/human/alice");
+    r.engine
+        .approve(&alice, &req.id, "", None, "")
+        .await
+        .unwrap();
+    let (_, got) = r.engine.read_and_claim(&agent(), &req.id).await.unwrap();
+    got.unwrap()
+}
+
 fn exchange(tok: &str, scopes: &[&str], for_identity: &str) -> ExchangeAsk {
     ExchangeAsk {
         subject_token: tok.to_owned(),
@@ -357,20 +375,7 @@ async fn a_bound_token_moves_only_with_its_certificate_and_children_bind_to_thei
 async fn a_rule_that_asks_again_parks_the_exchange_for_approvers() {
     let r = rig(POLICY).await;
     // The agent's own deploy token, approved by alice.
-    let ask = TokenAsk {
-        scopes: vec!["deploy".into()],
-        ..Default::default()
-    };
-    let Outcome::Parked(req) = r.engine.request_token(&agent().who, ask).await.unwrap() else {
-        panic!("granted")
-    };
-    let alice = id("spiffe://t/human/alice");
-    r.engine
-        .approve(&alice, &req.id, "", None, "")
-        .await
-        .unwrap();
-    let (_, got) = r.engine.read_and_claim(&agent(), &req.id).await.unwrap();
-    let (tok, parent) = got.unwrap();
+    let (tok, parent) = approved_deploy(&r).await;
 
     let parked = |e: Result<Outcome, EngineError>| match e.unwrap() {
         Outcome::Parked(r) => r,
@@ -558,25 +563,7 @@ scopes = ["deploy"]
 approval = "again"
 "#;
     let r = rig(QUOTA).await;
-    let deploy = || TokenAsk {
-        scopes: vec!["deploy".into()],
-        ..Default::default()
-    };
-    let Outcome::Parked(req) = r
-        .engine
-        .request_token(&agent().who, deploy())
-        .await
-        .unwrap()
-    else {
-        panic!("granted")
-    };
-    let alice = id("spiffe://t/human/alice");
-    r.engine
-        .approve(&alice, &req.id, "", None, "")
-        .await
-        .unwrap();
-    let (_, got) = r.engine.read_and_claim(&agent(), &req.id).await.unwrap();
-    let (tok, _) = got.unwrap();
+    let (tok, _) = approved_deploy(&r).await;
     let victim = "spiffe://t/agent/victim";
     let limit = super::super::Limits::default().open_requests_per_identity;
     for _ in 0..limit {
@@ -592,6 +579,10 @@ approval = "again"
         .await;
     assert!(matches!(over, Err(EngineError::Exhausted(_))), "{over:?}");
     // The recipient's own request is not refused for the holder's.
-    let own = r.engine.request_token(&id(victim), deploy()).await;
+    let deploy = TokenAsk {
+        scopes: vec!["deploy".into()],
+        ..Default::default()
+    };
+    let own = r.engine.request_token(&id(victim), deploy).await;
     assert!(matches!(own, Ok(Outcome::Parked(_))), "{own:?}");
 }
