@@ -974,3 +974,27 @@ fn every_reason_flag_says_where_the_reason_goes() {
         assert!(help.contains("recorded in the trail"), "{cmd:?}: {help}");
     }
 }
+
+/// Issue 21, finding 6: the embedded store's page cache has an upper bound
+/// (half of the machine's memory); a typo of units is refused at start.
+#[test]
+fn a_page_cache_larger_than_the_machine_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--cache-capacity",
+            "100000GiB",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    let err = stderr(&o);
+    assert!(err.contains("--cache-capacity"), "{err}");
+}

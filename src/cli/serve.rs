@@ -124,9 +124,10 @@ pub struct ServeArgs {
     /// fsynced. For benchmarks and experiments only.
     #[arg(long)]
     pub in_memory: bool,
-    /// Memory for the embedded store's page cache (e.g. `32MiB`, `1GiB`).
-    /// The store itself may be far larger: what is not cached is read back
-    /// from the OS page cache when needed.
+    /// Memory for the embedded store's page cache (e.g. `32MiB`, `1GiB`; at
+    /// most half of this machine's memory). The store itself may be far
+    /// larger: what is not cached is read back from the OS page cache when
+    /// needed.
     #[arg(long, env = "PORTCULLIS_CACHE_CAPACITY", default_value = "32MiB", value_parser = parse_bytes)]
     pub cache_capacity: u64,
     /// Keep state in PostgreSQL instead of the embedded store: every broker

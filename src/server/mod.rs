@@ -392,6 +392,13 @@ fn check_config(cfg: &ServeConfig) -> Result<(), ServeError> {
             Some(_) => {}
         }
     }
+    let cache_max = cache_capacity_max();
+    if !cfg.in_memory && cfg.database.is_none() && cfg.sled.cache_capacity > cache_max {
+        return Err(ServeError::Config(format!(
+            "--cache-capacity {} is more than half of this machine's memory ({} bytes at most)",
+            cfg.sled.cache_capacity, cache_max
+        )));
+    }
     if let Some(url) = &cfg.audit_witness_url
         && !(url.starts_with("https://") || url.starts_with("http://"))
     {
@@ -400,6 +407,18 @@ fn check_config(cfg: &ServeConfig) -> Result<(), ServeError> {
         )));
     }
     Ok(())
+}
+
+/// The largest page cache the embedded store may be given: half of this
+/// machine's memory (`/proc/meminfo`), or 64 GiB where that is unknown.
+fn cache_capacity_max() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    total_kib.map_or(64 << 30, |kib| kib.saturating_mul(1024) / 2)
 }
 
 /// The gRPC listener's mTLS and, with `http_tls`, the HTTP listener's TLS.
