@@ -13,6 +13,7 @@ use crate::dev::{As, DevDir};
 /// How to reach and authenticate to the broker. Every flag is global: it is
 /// accepted before or after the subcommand.
 #[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Connection (every command)")]
 pub struct ClientOpts {
     /// Broker gRPC address (`host:port` or `https://host:port`). With
     /// `--dev-dir`, defaults to the address the dev broker recorded.

@@ -998,3 +998,17 @@ fn a_page_cache_larger_than_the_machine_is_refused() {
     let err = stderr(&o);
     assert!(err.contains("--cache-capacity"), "{err}");
 }
+
+/// Issue 21, item 10: a subcommand's `--help` lists its own options first,
+/// and the flags every command takes under headings of their own.
+#[test]
+fn help_puts_a_commands_own_options_before_the_global_ones() {
+    let help = stdout(&run_bare(&["token", "request", "--help"]));
+    let own = help.find("--scope").unwrap_or_else(|| panic!("{help}"));
+    let connection = help
+        .find("Connection (every command):")
+        .unwrap_or_else(|| panic!("{help}"));
+    let server = help.find("--server").unwrap_or_else(|| panic!("{help}"));
+    assert!(own < connection && connection < server, "{help}");
+    assert!(help.contains("Output (every command):"), "{help}");
+}

@@ -45,12 +45,19 @@ pub use ui::UiCmd;
 #[command(name = "portcullis", version, about, propagate_version = true)]
 pub struct Cli {
     /// Output format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        help_heading = "Output (every command)"
+    )]
     pub output: Output,
     /// Log format.
     #[arg(
         long,
         global = true,
+        help_heading = "Output (every command)",
         value_enum,
         default_value = "text",
         env = "PORTCULLIS_LOG_FORMAT"
