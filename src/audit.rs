@@ -358,10 +358,10 @@ pub struct Report {
     /// it cannot be edited, removed or reordered undetected; the ones after
     /// it are chained but unsigned, so dropping them leaves no trace here.
     pub covered: u64,
-    /// The points the walked trail says it was compacted to (its
-    /// `audit.compacted` records): records missing from the start and
-    /// checkpoints missing before the oldest must match one of them.
-    pub compacted_to: Vec<u64>,
+    /// The latest point the walked trail says it was compacted to (its
+    /// newest `audit.compacted` record): the records missing from its start
+    /// and the checkpoints missing before its oldest end exactly there.
+    pub compacted_to: Option<u64>,
 }
 
 impl Report {
@@ -484,7 +484,7 @@ async fn walk(
                 && let Ok(point) = rec.target.parse::<u64>()
                 && point < key
             {
-                report.compacted_to.push(point);
+                report.compacted_to = report.compacted_to.max(Some(point));
             }
             prev_hash = sha256_hex(&bytes);
             hashes.insert(key, prev_hash.clone());
@@ -531,7 +531,7 @@ fn linked(key: u64, expected: u64, bytes: &[u8], prev: &str) -> Result<AuditReco
 /// Checkpoint `seq`, naming `prev`, after the stored one hashing to
 /// `before` (`None`: it is the oldest stored): the problem, if its link is
 /// broken. The oldest anchors the chain: it is the first ever signed (it
-/// names the genesis), or the trail records a compaction to it (which
+/// names the genesis), or the trail's latest compaction is to it (which
 /// removed the ones before). Each later one names its predecessor.
 fn chain_link(
     seq: u64,
@@ -543,7 +543,7 @@ fn chain_link(
         return None;
     }
     match before {
-        None if prev != GENESIS && !report.compacted_to.contains(&seq) => Some((
+        None if prev != GENESIS && report.compacted_to != Some(seq) => Some((
             seq,
             format!(
                 "the checkpoints before {seq} are missing, and the trail records no compaction to {seq}: they were removed, not retained away"
@@ -632,8 +632,7 @@ pub async fn verify_witnessed(
     // the record of its latest compaction (written with the deletion);
     // without it the missing records were removed. (Only a trail walked
     // whole is judged so: a break in it is the problem to report.)
-    let latest = report.compacted_to.iter().max().copied();
-    if first > 1 && problems.is_empty() && latest != Some(first - 1) {
+    if first > 1 && problems.is_empty() && report.compacted_to != Some(first - 1) {
         problems.push((
             first - 1,
             format!(

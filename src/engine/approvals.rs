@@ -218,7 +218,9 @@ impl Approving<'_> {
     }
 
     /// The request with this approval added (APPROVED when it was the last
-    /// one needed), or why it cannot be approved.
+    /// one needed), or why it cannot be approved. `req` is the copy
+    /// [`Approving::still_allowed`] passed (`parent` is what it returned):
+    /// the operation's compare-and-swap is on that same copy.
     fn apply(
         &self,
         req: &TokenRequest,
@@ -226,7 +228,6 @@ impl Approving<'_> {
         parent: Option<crate::model::Lease>,
     ) -> Result<TokenRequest, EngineError> {
         let (id, who) = (&req.id, self.who);
-        self.may_decide(req, now)?;
         if !self.digest.is_empty() && self.digest != req.digest {
             return Err(EngineError::WrongState(format!(
                 "request `{id}` digest does not match what was reviewed"
