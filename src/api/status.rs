@@ -16,6 +16,7 @@ impl From<EngineError> for Status {
             ErrorKind::Conflict => Code::AlreadyExists,
             ErrorKind::DataLoss => Code::DataLoss,
             ErrorKind::Exhausted => Code::ResourceExhausted,
+            ErrorKind::Contended => Code::Aborted,
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::Internal => Code::Internal,
         };

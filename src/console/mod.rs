@@ -297,7 +297,7 @@ fn status_of(e: &EngineError) -> (StatusCode, String) {
         ErrorKind::Invalid => StatusCode::BAD_REQUEST,
         ErrorKind::Denied => StatusCode::FORBIDDEN,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::WrongState | ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::WrongState | ErrorKind::Conflict | ErrorKind::Contended => StatusCode::CONFLICT,
         ErrorKind::Exhausted => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::DataLoss | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,

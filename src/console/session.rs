@@ -182,7 +182,7 @@ impl Secrets {
             csrf: random_secret()?,
         };
         let key = key_of("session", &cookie);
-        let value = serde_json::to_vec(&rec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let value = serde_json::to_vec(&rec).map_err(|e| StoreError::Internal(e.to_string()))?;
         self.store
             .put_ephemeral(&key, &value, now.saturating_add(millis(SESSION_TTL)))
             .await?;
@@ -247,7 +247,7 @@ impl Secrets {
             who: who.as_str().to_owned(),
             next,
         };
-        let value = serde_json::to_vec(&rec).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let value = serde_json::to_vec(&rec).map_err(|e| StoreError::Internal(e.to_string()))?;
         self.store
             .put_ephemeral(&key_of("link", &secret), &value, expires_at)
             .await?;

@@ -103,10 +103,18 @@ impl EngineError {
             Self::IdempotencyConflict | Self::Duplicate(_) => ErrorKind::Conflict,
             Self::DataLoss(_) => ErrorKind::DataLoss,
             Self::Exhausted(_) => ErrorKind::Exhausted,
-            // Only a store that could not persist is unavailable (retry
-            // later); a corrupt record, a schema mismatch or the broker's
-            // own failure is internal.
+            // Only a store that could not persist (or a broker that is
+            // stopping) is unavailable: retry later; lost races are
+            // contended: retry now; a store asked for the impossible is the
+            // wrong state; a corrupt record, a schema mismatch or the
+            // broker's own failure is internal.
             _ if self.is_unavailable() => ErrorKind::Unavailable,
+            _ if matches!(self.store_error(), Some(StoreError::Contended(_))) => {
+                ErrorKind::Contended
+            }
+            _ if matches!(self.store_error(), Some(StoreError::Refused(_))) => {
+                ErrorKind::WrongState
+            }
             Self::Fenced => ErrorKind::Unavailable,
             Self::Store(_)
             | Self::Audit(_)
@@ -120,22 +128,37 @@ impl EngineError {
     /// fixed line when the broker failed (the detail stays in the log).
     pub fn public_message(&self) -> String {
         match self.kind() {
+            ErrorKind::Unavailable if matches!(self.store_error(), Some(StoreError::Stopping)) => {
+                StoreError::Stopping.to_string()
+            }
             ErrorKind::Unavailable => {
                 "the broker could not persist the change; nothing was issued or changed".into()
+            }
+            ErrorKind::Contended => {
+                "other changes to the same records won every try; nothing was changed: retry".into()
             }
             ErrorKind::Internal => "internal error; nothing was issued or changed".into(),
             _ => self.to_string(),
         }
     }
 
-    /// Did the store fail to persist (as opposed to the broker failing)?
+    /// Did the store fail to persist, or is the broker stopping (as
+    /// opposed to the broker failing)?
     pub fn is_unavailable(&self) -> bool {
         matches!(
-            self,
-            Self::Store(StoreError::Unavailable(_))
-                | Self::Audit(AuditError::Store(StoreError::Unavailable(_)))
-                | Self::Keys(KeyError::Store(StoreError::Unavailable(_)))
+            self.store_error(),
+            Some(StoreError::Unavailable(_) | StoreError::Stopping)
         )
+    }
+
+    /// The store's error underneath, wherever it was wrapped.
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            Self::Store(e) | Self::Audit(AuditError::Store(e)) | Self::Keys(KeyError::Store(e)) => {
+                Some(e)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -156,8 +179,75 @@ pub enum ErrorKind {
     DataLoss,
     /// A quota is used up.
     Exhausted,
+    /// Other writers won every try: nothing was changed; retry now.
+    Contended,
     /// The store could not persist: nothing was changed; retry later.
     Unavailable,
     /// The broker failed.
     Internal,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a store that could not persist says so; lost races, a store
+    /// asked for the impossible and the store's own defects each say what
+    /// they are (issue 21, finding 8).
+    #[test]
+    fn each_store_failure_is_told_as_what_it_is() {
+        let cases = [
+            (
+                StoreError::Unavailable("disk".into()),
+                ErrorKind::Unavailable,
+                "could not persist",
+            ),
+            (
+                StoreError::Stopping,
+                ErrorKind::Unavailable,
+                "shutting down",
+            ),
+            (
+                StoreError::Contended("races".into()),
+                ErrorKind::Contended,
+                "retry",
+            ),
+            (
+                StoreError::Refused("not empty".into()),
+                ErrorKind::WrongState,
+                "not empty",
+            ),
+            (
+                StoreError::Internal("encode".into()),
+                ErrorKind::Internal,
+                "internal error",
+            ),
+            (
+                StoreError::Corrupt {
+                    tree: "leases",
+                    key: "k".into(),
+                    detail: "x".into(),
+                },
+                ErrorKind::Internal,
+                "internal error",
+            ),
+        ];
+        for (store, kind, says) in cases {
+            for e in [
+                EngineError::Store(store.clone()),
+                EngineError::Audit(AuditError::Store(store.clone())),
+                EngineError::Keys(KeyError::Store(store.clone())),
+            ] {
+                assert_eq!(e.kind(), kind, "{e:?}");
+                let told = e.public_message();
+                assert!(told.contains(says), "{e:?} told as {told:?}");
+                if kind != ErrorKind::Unavailable {
+                    assert!(
+                        !told.contains("could not persist"),
+                        "{e:?} told as {told:?}"
+                    );
+                }
+            }
+        }
+    }
 }

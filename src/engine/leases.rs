@@ -223,7 +223,7 @@ impl Engine {
         let count = loop {
             races += 1;
             if races > 100 {
-                return Err(StoreError::Unavailable(
+                return Err(StoreError::Contended(
                     "bulk revocation lost 100 races in a row; nothing was changed".into(),
                 )
                 .into());

@@ -247,7 +247,7 @@ impl Engine {
                     self.keys.refresh(self.store().as_ref()).await?;
                 }
                 Applied::Lost(Lost::KeyInactive(kid)) => {
-                    return Err(crate::store::StoreError::Unavailable(format!(
+                    return Err(crate::store::StoreError::Contended(format!(
                         "signing key `{kid}` was withdrawn and no active key replaced it"
                     ))
                     .into());
@@ -255,7 +255,7 @@ impl Engine {
                 Applied::Lost(Lost::Fenced) => return Err(EngineError::Fenced),
             }
         }
-        Err(crate::store::StoreError::Unavailable(format!(
+        Err(crate::store::StoreError::Contended(format!(
             "an operation lost {MAX_RACES} compare-and-swap races in a row; nothing was changed"
         ))
         .into())

@@ -116,7 +116,7 @@ impl Engine {
                 break generation;
             }
             if Instant::now() > until {
-                return Err(StoreError::Unavailable(
+                return Err(StoreError::Contended(
                     "another broker has been changing the key ring for too long".into(),
                 )
                 .into());

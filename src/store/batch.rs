@@ -408,7 +408,7 @@ pub async fn write_one<S: super::Store + ?Sized>(store: &S, w: Write) -> Result<
     .await?
     {
         Applied::Done(_) => Ok(()),
-        Applied::Lost(lost) => Err(StoreError::Unavailable(format!(
+        Applied::Lost(lost) => Err(StoreError::Contended(format!(
             "a single write was refused: {lost:?}"
         ))),
     }

@@ -90,7 +90,7 @@ impl GroupCommit {
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(StoreError::Unavailable("broker is shutting down".into()));
+                return Err(StoreError::Stopping);
             }
         }
     }

@@ -47,7 +47,7 @@ pub async fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError
         || !to.scan(Table::Leases, None, 1).await?.is_empty()
         || !to.scan(Table::Requests, None, 1).await?.is_empty()
     {
-        return Err(StoreError::Unavailable(
+        return Err(StoreError::Refused(
             "the target store is not empty; copy only into a new one".into(),
         ));
     }
@@ -125,7 +125,7 @@ fn count(row: &Row, n: &mut Copied) {
 async fn apply_all(to: &dyn Store, batch: Batch) -> Result<(), StoreError> {
     match super::batch::applied(to.apply(batch)).await? {
         Applied::Done(_) => Ok(()),
-        Applied::Lost(lost) => Err(StoreError::Unavailable(format!(
+        Applied::Lost(lost) => Err(StoreError::Refused(format!(
             "the target already holds a row being copied ({lost:?}); copy only into a new store"
         ))),
     }
@@ -135,7 +135,7 @@ async fn apply_all(to: &dyn Store, batch: Batch) -> Result<(), StoreError> {
 /// record, checkpoints, keys, and every lease and request.
 async fn check(from: &dyn Store, to: &dyn Store) -> Result<(), StoreError> {
     let differs = |what: &str| {
-        Err(StoreError::Unavailable(format!(
+        Err(StoreError::Internal(format!(
             "after the copy the target's {what} differ from the source's"
         )))
     };

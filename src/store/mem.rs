@@ -304,7 +304,7 @@ impl MemStore {
     fn lock(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
         self.inner
             .lock()
-            .map_err(|_| StoreError::Unavailable("memory store lock poisoned".into()))
+            .map_err(|_| StoreError::Internal("memory store lock poisoned".into()))
     }
 }
 

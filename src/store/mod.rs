@@ -67,7 +67,7 @@ pub use self::batch::{Applied, Applying, Batch, Fence, Lost, Write};
 use crate::model::{Idempotency, KeyRecord, Lease, TokenRequest};
 
 /// Errors from a storage backend.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backend could not read or persist (I/O, disk full, lock lost).
     /// Nothing that depended on the write may be acknowledged.
@@ -92,6 +92,23 @@ pub enum StoreError {
         /// Version this build writes.
         expected: u32,
     },
+    /// Other writers won every try (compare-and-swap races, a role another
+    /// broker holds): nothing was changed, and the call may be retried.
+    #[error("{0}")]
+    Contended(String),
+    /// The broker is stopping: nothing more is accepted.
+    #[error("the broker is shutting down; nothing was changed")]
+    Stopping,
+    /// The store was asked for something it will not do (a malformed
+    /// connection setting, a copy into a store that is not empty): nothing
+    /// was changed, and retrying the same will not help.
+    #[error("{0}")]
+    Refused(String),
+    /// The store's own defect (a value that would not encode, a poisoned
+    /// lock, no randomness): not an outage of the storage, nothing was
+    /// changed.
+    #[error("store failure: {0}")]
+    Internal(String),
 }
 
 /// Which time index [`Store::due`] and [`Store::next_deadline`] read.
@@ -325,7 +342,7 @@ pub(crate) fn idem_key(caller: &str, key: &str) -> Vec<u8> {
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StoreError::Unavailable(format!("encode: {e}")))
+    serde_json::to_vec(v).map_err(|e| StoreError::Internal(format!("encode: {e}")))
 }
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(

@@ -661,7 +661,7 @@ impl SledCore {
     fn lock_head(&self) -> Result<std::sync::MutexGuard<'_, Applier>, StoreError> {
         self.head
             .lock()
-            .map_err(|_| StoreError::Unavailable("audit chain head poisoned".into()))
+            .map_err(|_| StoreError::Internal("audit chain head poisoned".into()))
     }
 
     /// Write a checked batch's changes so that a crash keeps all of them or

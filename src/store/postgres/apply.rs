@@ -267,7 +267,7 @@ fn other_step(w: &Write, notices: &mut Vec<String>) -> Result<Step, StoreError> 
         | Write::SwapLease { .. }
         | Write::CreateRequest { .. }
         | Write::SwapRequest { .. } => {
-            return Err(StoreError::Unavailable("not a plain write".into()));
+            return Err(StoreError::Internal("not a plain write".into()));
         }
     })
 }
@@ -742,7 +742,7 @@ async fn existing(c: &Committing, i: &Idempotency) -> Result<Idempotency, StoreE
         )
         .await
         .map_err(pg_err)?
-        .ok_or_else(|| StoreError::Unavailable("idempotency key taken but not readable".into()))?;
+        .ok_or_else(|| StoreError::Internal("idempotency key taken but not readable".into()))?;
     let bytes: Vec<u8> = row.try_get(0).map_err(pg_err)?;
     decode("idempotency", i.key.as_bytes(), &bytes)
 }

@@ -74,7 +74,7 @@ pub(super) struct Target {
 }
 
 fn bad_url(detail: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("database URL: {detail}"))
+    StoreError::Refused(format!("database URL: {detail}"))
 }
 
 fn is_local(host: &Host) -> bool {
@@ -143,7 +143,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StoreError
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        .map_err(|e| StoreError::Refused(format!("database TLS: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
@@ -181,7 +181,7 @@ pub(super) fn pool(target: &Target, size: usize) -> Result<Pool, StoreError> {
         .create_timeout(Some(CONNECT_TIMEOUT))
         .recycle_timeout(Some(CONNECT_TIMEOUT))
         .build()
-        .map_err(|e| StoreError::Unavailable(format!("database pool: {e}")))
+        .map_err(|e| StoreError::Refused(format!("database pool: {e}")))
 }
 
 /// `fut`, or unavailable after [`CALL_TIMEOUT`].

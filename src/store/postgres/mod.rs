@@ -174,7 +174,7 @@ fn spawn_committer(
             }
         })
         .map(|_| ())
-        .map_err(|e| StoreError::Unavailable(format!("database committer: {e}")))
+        .map_err(|e| StoreError::Internal(format!("database committer: {e}")))
 }
 
 impl PgStore {
@@ -707,8 +707,8 @@ pub async fn scratch_database(base_url: &str) -> Result<String, StoreError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-    let name = crate::text::new_id("portcullis_", now)
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let name =
+        crate::text::new_id("portcullis_", now).map_err(|e| StoreError::Internal(e.to_string()))?;
     let create = format!("CREATE DATABASE {name}");
     connect::timed(async move {
         let (client, connection) = config

@@ -95,7 +95,7 @@ pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
         });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate() {
-        let version = i32::try_from(i + 1).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let version = i32::try_from(i + 1).map_err(|e| StoreError::Internal(e.to_string()))?;
         let tx = client.transaction().await.map_err(pg_err)?;
         // Blocks while another broker applies the same version; returns no
         // row once it has.
@@ -151,5 +151,9 @@ pub async fn applied(client: &Client) -> Result<u32, StoreError> {
         .await
         .map_err(pg_err)?;
     let v: i32 = row.try_get(0).map_err(pg_err)?;
-    u32::try_from(v).map_err(|e| StoreError::Unavailable(e.to_string()))
+    u32::try_from(v).map_err(|e| StoreError::Corrupt {
+        tree: "portcullis_migrations",
+        key: "version".into(),
+        detail: e.to_string(),
+    })
 }
