@@ -5,31 +5,12 @@
 //! mTLS (SPIFFE-style URI identities) and receive ephemeral scoped JWTs;
 //! routine scopes are granted at once by policy, privileged ones wait for
 //! named humans; every grant is a durable lease that expires, renews and can
-//! be revoked. `docs/architecture.md` draws the modules and the paths of a
-//! grant and of an approval.
+//! be revoked.
 //!
-//! # Layout (each module uses only the ones listed before it)
-//! - [`text`], [`vocab`], [`clock`], [`identity`]: leaves — limits and
-//!   checks on outside text, the trail's typed vocabularies, time, who is
-//!   calling.
-//! - [`model`]: the domain records (leases, requests, approvals, keys).
-//! - [`store`]: remembers — the contract (reads, and one atomic batch per
-//!   operation), the sled, in-memory and PostgreSQL backends, group commit.
-//! - [`jose`], [`keys`], [`token`], [`rotation`]: sign — the sealed key
-//!   ring and JWKS, the RFC 9068 access tokens, the pure rotation plan.
-//! - [`policy`]: decides — grant, park for approval, or refuse.
-//! - [`audit`]: the hash-chained, checkpointed decision trail.
-//! - [`metrics`], [`notify`]: counters and webhooks, off the request path.
-//! - [`engine`]: moves state — one file per job over a private core.
-//! - [`console`]: the approver console on the HTTP listener (OpenID or
-//!   one-time-link sign-in, server-rendered pages over the same engine
-//!   calls as the `Approvals` service).
-//! - [`api`]: translates gRPC to the engine and back (one error table).
-//! - [`server`]: wires it all up (TLS, listeners, tasks, shutdown).
-//! - [`fsutil`], [`dev`]: atomic private files; the zero-config dev CA,
-//!   identities and policy.
-//! - [`client`], [`agent`], [`bench`], [`cli`]: the command-line side,
-//!   speaking to the broker only through the generated gRPC client.
+//! The map of the modules — what each holds, which it uses, the files of
+//! each directory — is `docs/architecture.md`, "Modules and their
+//! direction"; `tests/layering.rs` fails when the code and that map
+//! disagree.
 
 pub mod agent;
 pub mod api;

@@ -260,3 +260,134 @@ fn the_detector_finds_a_cycle_when_there_is_one() {
             .collect()
     );
 }
+
+/// Backticked names in a table cell, a directory's trailing `/` dropped.
+fn ticked(cell: &str) -> Vec<String> {
+    cell.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|n| n.trim_end_matches('/').to_owned())
+        .collect()
+}
+
+fn architecture() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/architecture.md"))
+        .unwrap()
+}
+
+/// The rows of the module table: each module and the modules its row says
+/// it uses, in the table's order.
+fn module_map(doc: &str) -> Vec<(String, BTreeSet<String>)> {
+    let section = doc
+        .split("## Modules and their direction")
+        .nth(1)
+        .and_then(|s| s.split("\n### ").next())
+        .unwrap();
+    let mut rows = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split(" | ").collect();
+        assert_eq!(cells.len(), 3, "a module row has three cells: {line}");
+        let names = ticked(cells[0]);
+        assert_eq!(names.len(), 1, "one module per row: {line}");
+        let uses = ticked(cells[2]).into_iter().collect();
+        rows.push((names[0].clone(), uses));
+    }
+    rows
+}
+
+/// Issue 21, finding 9: one map of the modules, and it is the code's.
+#[test]
+fn the_module_map_in_the_architecture_is_the_code() {
+    let c = read_crate();
+    let rows = module_map(&architecture());
+    let mut wrong = Vec::new();
+    let mut above = BTreeSet::new();
+    for (module, listed) in &rows {
+        let Some(uses) = c.top.get(module) else {
+            wrong.push(format!(
+                "the map names `{module}`, which is no module of src/"
+            ));
+            continue;
+        };
+        for u in uses.difference(listed) {
+            wrong.push(format!(
+                "`{module}` uses `{u}`, which its row does not list"
+            ));
+        }
+        for u in listed.difference(uses) {
+            wrong.push(format!(
+                "`{module}`'s row lists `{u}`, which it does not use"
+            ));
+        }
+        for u in listed.intersection(uses) {
+            if !above.contains(u) {
+                wrong.push(format!(
+                    "`{module}` uses `{u}`, which is not above it in the map"
+                ));
+            }
+        }
+        above.insert(module.clone());
+    }
+    for module in c.top.keys() {
+        if !above.contains(module) {
+            wrong.push(format!("`{module}` has no row in the map"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "docs/architecture.md, \"Modules and their direction\":\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// Every file of a module directory has its line in that directory's file
+/// table, and every file a table names exists.
+#[test]
+fn every_file_of_a_module_directory_is_in_the_map() {
+    let doc = architecture();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut tables = 0;
+    let mut wrong = Vec::new();
+    let lines: Vec<&str> = doc.lines().collect();
+    for (i, head) in lines.iter().enumerate() {
+        let Some(dir) = head
+            .strip_prefix("| `")
+            .and_then(|h| h.split_once("/` file |"))
+            .map(|(d, _)| d)
+        else {
+            continue;
+        };
+        tables += 1;
+        let listed: BTreeSet<String> = lines[i + 2..]
+            .iter()
+            .take_while(|l| l.starts_with('|'))
+            .flat_map(|l| ticked(l.split(" | ").next().unwrap()))
+            .collect();
+        let present: BTreeSet<String> = std::fs::read_dir(src.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        for f in present.difference(&listed) {
+            wrong.push(format!("src/{dir}/{f} is not in the `{dir}/` file table"));
+        }
+        for f in listed.difference(&present) {
+            wrong.push(format!(
+                "the `{dir}/` file table names {f}, which src/{dir}/ does not hold"
+            ));
+        }
+    }
+    // Every module directory has its table.
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_dir() && !doc.contains(&format!("| `{name}/` file |")) {
+            wrong.push(format!("src/{name}/ has no file table"));
+        }
+    }
+    assert!(tables >= 8, "{tables} file tables found");
+    assert!(
+        wrong.is_empty(),
+        "docs/architecture.md:\n{}",
+        wrong.join("\n")
+    );
+}

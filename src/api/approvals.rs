@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert};
-use crate::console::{Console, LinkError};
+use crate::console::Console;
 use crate::engine::Engine;
 use crate::pb;
 use crate::pb::approvals_server::Approvals;
@@ -107,18 +107,9 @@ impl Approvals for ApprovalsService {
     ) -> Result<Response<pb::CreateConsoleLinkResponse>, Status> {
         let who = caller(&req)?;
         let Some(console) = &self.console else {
-            return Err(Status::failed_precondition(
-                "this broker serves no approver console (start it with --console)",
-            ));
+            return Err(super::status::no_console());
         };
-        let (url, expires_at) = console
-            .link(&who, &req.get_ref().request_id)
-            .await
-            .map_err(|e| match e {
-                LinkError::NotAReviewer(_) => Status::permission_denied(e.to_string()),
-                LinkError::BadRequestId(_) => Status::invalid_argument(e.to_string()),
-                LinkError::Secret(_) => Status::unavailable(e.to_string()),
-            })?;
+        let (url, expires_at) = console.link(&who, &req.get_ref().request_id).await?;
         Ok(Response::new(pb::CreateConsoleLinkResponse {
             url,
             expires_at: Some(convert::ts(expires_at)),

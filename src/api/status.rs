@@ -3,6 +3,8 @@
 
 use tonic::{Code, Status};
 
+use crate::console::LinkError;
+use crate::console::session::SecretError;
 use crate::engine::{EngineError, ErrorKind};
 use crate::text::FieldError;
 
@@ -31,6 +33,22 @@ impl From<FieldError> for Status {
     fn from(e: FieldError) -> Self {
         EngineError::from(e).into()
     }
+}
+
+impl From<LinkError> for Status {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::NotAReviewer(_) => Status::permission_denied(e.to_string()),
+            LinkError::BadRequestId(_) => Status::invalid_argument(e.to_string()),
+            LinkError::Secret(SecretError::Store(s)) => EngineError::Store(s).into(),
+            LinkError::Secret(other) => EngineError::Internal(other.to_string()).into(),
+        }
+    }
+}
+
+/// `CreateConsoleLink` on a broker that serves no console.
+pub fn no_console() -> Status {
+    Status::failed_precondition("this broker serves no approver console (start it with --console)")
 }
 
 /// A call without a usable client identity (generic on the wire).
