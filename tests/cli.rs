@@ -1012,3 +1012,29 @@ fn help_puts_a_commands_own_options_before_the_global_ones() {
     assert!(own < connection && connection < server, "{help}");
     assert!(help.contains("Output (every command):"), "{help}");
 }
+
+/// Issue 21, item 10: `ui login` says what the link is before the link, and
+/// the link alone is on stdout (`xdg-open "$(portcullis ui login)"`).
+#[test]
+fn ui_login_says_what_the_link_is_before_the_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    // Both streams into one pipe, in the order they were written.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{BIN}' --as admin ui login 2>&1"))
+        .env("PORTCULLIS_DEV_DIR", &dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    let both = stdout(&o);
+    let lines: Vec<&str> = both.lines().collect();
+    assert_eq!(lines.len(), 2, "{both}");
+    assert!(lines[0].starts_with("works once, until "), "{both}");
+    assert!(lines[1].contains("/ui/login/link?t="), "{both}");
+    let alone = run(&dir, &["--as", "admin", "ui", "login"]);
+    assert_eq!(code(&alone), 0, "{}", stderr(&alone));
+    assert_eq!(stdout(&alone).lines().count(), 1, "{}", stdout(&alone));
+}
