@@ -20,13 +20,17 @@ impl Engine {
     /// Any other token (an older one of a renewed lease, a replayed grant,
     /// a forgery) has its signature, `kid`, `alg`, `iss` and time checked.
     pub async fn introspect(&self, tok: &str) -> Result<Introspection, EngineError> {
-        // The lease is the truth: its scopes, not what the token says.
+        // The lease is the truth — its subject, audience, scopes,
+        // approvers, actors and certificate binding, not what the token
+        // says; only the token's own times are the token's.
         Ok(self
             .live_lease(tok, self.clock.now())
             .await?
-            .map(|(lease, claims)| Claims {
-                scope: lease.scopes.join(" "),
-                ..claims
+            .map(|(lease, token)| Claims {
+                iat: token.iat,
+                nbf: token.nbf,
+                exp: token.exp,
+                ..self.claims(&lease, lease.issued_at)
             }))
     }
 
@@ -168,6 +172,39 @@ mod tests {
             lease.expires_at - super::super::testing::T0,
         ));
         assert!(r.engine.introspect(&t2).await.unwrap().is_none());
+    }
+
+    /// Issue 21, finding 6: what introspection says about a live token —
+    /// audience, binding, actors, approvers — is the lease's.
+    #[tokio::test]
+    async fn introspection_answers_from_the_lease_not_the_token() {
+        let r = rig(POLICY).await;
+        let (tok, id) = grant(&r).await;
+        let (_, parent) = grant(&r).await;
+        let said = r.engine.introspect(&tok).await.unwrap().unwrap();
+        assert!(said.approved_by.is_empty() && said.cnf.is_none() && said.act.is_none());
+        let lease = r.store.lease(&id).await.unwrap().unwrap();
+        let edited = Lease {
+            audience: "elsewhere".into(),
+            approved_by: vec!["spiffe://portcullis.dev/human/alice".into()],
+            cnf: Some("bound-here".into()),
+            delegation: Some(crate::model::Delegation {
+                parent_id: parent,
+                depth: 1,
+                actors: vec!["spiffe://portcullis.dev/agent/a".into()],
+            }),
+            ..lease.clone()
+        };
+        assert!(r.store.swap_lease(&lease, &edited).await.unwrap());
+        // The MAC still recognises the token; the answer follows the lease.
+        let said = r.engine.introspect(&tok).await.unwrap().unwrap();
+        assert_eq!(said.aud, "elsewhere");
+        assert_eq!(said.approved_by, ["spiffe://portcullis.dev/human/alice"]);
+        assert_eq!(said.cnf.unwrap().x5t_s256, "bound-here");
+        assert_eq!(said.act.unwrap().sub, "spiffe://portcullis.dev/agent/a");
+        assert_eq!(said.jti, id);
+        let claims = token::unverified_claims(&tok).unwrap();
+        assert_eq!((said.iat, said.exp), (claims.iat, claims.exp));
     }
 
     #[tokio::test]
