@@ -93,6 +93,9 @@ vocabulary! {
         PolicyLoaded = "policy.loaded",
         /// A new policy file was rejected; the old one stays.
         PolicyRejected = "policy.rejected",
+        /// Every console session of a person was ended (removed from the
+        /// policy, or by an admin).
+        ConsoleSessionsEnded = "console.sessions_ended",
     }
 }
 

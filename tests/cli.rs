@@ -966,6 +966,7 @@ fn every_reason_flag_says_where_the_reason_goes() {
         &["requests", "withdraw"],
         &["lease", "revoke"],
         &["lease", "revoke-all"],
+        &["ui", "end-sessions"],
     ] {
         let mut args = cmd.to_vec();
         args.push("--help");

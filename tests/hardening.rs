@@ -782,3 +782,146 @@ async fn the_console_is_never_served_as_plain_http_beyond_loopback() {
     );
     running.shutdown().await;
 }
+
+/// Sign `who` in to the console with a one-time link, over plain HTTP/1.1
+/// as a browser would; the session cookie (`name=value`).
+async fn console_session(h: &Harness, who: As) -> String {
+    let http = h.running().http_addr.unwrap();
+    let mut c = ApprovalsClient::new(h.channel(who).await);
+    let url = c
+        .create_console_link(pb::CreateConsoleLinkRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let secret = url.split_once("?t=").unwrap().1.to_owned();
+    let (status, cookies, page) = common::http(
+        http,
+        "POST",
+        "/ui/login/link",
+        None,
+        Some(format!("t={secret}")),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("__Host-portcullis_session="))
+        .unwrap_or_else(|| panic!("no session cookie in {cookies:?}"));
+    session.split(';').next().unwrap().to_owned()
+}
+
+/// Issue 21, finding 6: a person removed from the policy has their console
+/// sessions ended at the removal, so adding them back does not revive one;
+/// an admin can end a person's sessions at any time; both are recorded.
+#[tokio::test]
+async fn i21_06_removal_from_the_policy_ends_console_sessions_for_good() {
+    let h = Harness::start().await;
+    let http = h.running().http_addr.unwrap();
+    let mut reloads = h.running().engine.policy_reloads();
+    let pending = |cookie: String| async move {
+        common::http(http, "GET", "/ui/pending", Some(&cookie), None)
+            .await
+            .0
+    };
+    let before = console_session(&h, As::Approver).await;
+    assert_eq!(pending(before.clone()).await, 200);
+
+    // Removed, then added back before the session is used again.
+    let alice = "approvers = [\"spiffe://portcullis.dev/human/alice\"]";
+    let bob = "approvers = [\"spiffe://portcullis.dev/human/bob\"]";
+    for (from, to, loaded) in [(alice, bob, 1), (bob, alice, 2)] {
+        rewrite_policy(&h, |p| p.replace(from, to));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            reloads.wait_for(|r| r.loaded >= loaded),
+        )
+        .await
+        .expect("no policy reload within 30 s")
+        .unwrap();
+    }
+    // The swap is acted on by a task of its own: give it its moment.
+    let mut ended = false;
+    for _ in 0..100 {
+        if pending(before.clone()).await == 303 {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ended, "the session of a removed person lived on");
+    // Signing in again works: the end was of the sessions open then (the
+    // harness's clock stands still; a session opened in the very
+    // millisecond of an end is ended too).
+    h.advance(Duration::from_millis(1)).await;
+    let again = console_session(&h, As::Approver).await;
+    assert_eq!(pending(again.clone()).await, 200);
+
+    // An admin ends them on purpose; a non-admin cannot, and bad input
+    // names its field.
+    let mut admin = ApprovalsClient::new(h.channel(As::Admin).await);
+    let mut approver = ApprovalsClient::new(h.channel(As::Approver).await);
+    let end = |identity: &str, reason: &str| pb::EndConsoleSessionsRequest {
+        identity: identity.into(),
+        reason: reason.into(),
+    };
+    let e = approver
+        .end_console_sessions(end(portcullis::dev::ADMIN, "coup"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = admin
+        .end_console_sessions(end("alice", "laptop lost"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("identity"), "{e:?}");
+    let e = admin
+        .end_console_sessions(end(portcullis::dev::APPROVER, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("reason"), "{e:?}");
+    assert_eq!(pending(again.clone()).await, 200, "refusals change nothing");
+    admin
+        .end_console_sessions(end(portcullis::dev::APPROVER, "laptop lost"))
+        .await
+        .unwrap();
+    assert_eq!(pending(again).await, 303);
+
+    // Every end is in the trail: the broker's at each removal, the admin's.
+    let mut audit = portcullis::pb::audit_client::AuditClient::new(h.channel(As::Admin).await);
+    let records = audit
+        .export(pb::ExportRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let ends: Vec<(String, String, String)> = records
+        .iter()
+        .filter(|r| r.action == "console.sessions_ended")
+        .map(|r| (r.actor.clone(), r.target.clone(), r.reason.clone()))
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            (
+                "portcullis".into(),
+                portcullis::dev::APPROVER.into(),
+                "no longer an approver or admin in the policy".into()
+            ),
+            // Bob, removed again when Alice came back.
+            (
+                "portcullis".into(),
+                "spiffe://portcullis.dev/human/bob".into(),
+                "no longer an approver or admin in the policy".into()
+            ),
+            (
+                portcullis::dev::ADMIN.into(),
+                portcullis::dev::APPROVER.into(),
+                "laptop lost".into()
+            ),
+        ]
+    );
+    h.stop().await;
+}

@@ -495,46 +495,6 @@ async fn a_sled_store_moves_to_postgres_with_its_leases_keys_and_trail() {
     h.stop().await;
 }
 
-/// One HTTP/1.1 call to a broker's HTTP listener, as a browser on the
-/// console's public origin would make it: status, `Set-Cookie`s, body.
-async fn http(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    cookie: Option<&str>,
-    form: Option<String>,
-) -> (u16, Vec<String>, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string())
-        .header("origin", CONSOLE_URL)
-        .header("content-type", "application/x-www-form-urlencoded");
-    if let Some(c) = cookie {
-        req = req.header("cookie", c);
-    }
-    let body = http_body_util::Full::new(hyper::body::Bytes::from(form.unwrap_or_default()));
-    let resp = send.send_request(req.body(body).unwrap()).await.unwrap();
-    let status = resp.status().as_u16();
-    let cookies = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    (status, cookies, String::from_utf8_lossy(&body).into_owned())
-}
-
 /// Issue 13 with issue 11: a console session or sign-in link made on one
 /// broker works on every broker of the database, a link still only once,
 /// and signing out on one ends the session on all.

@@ -115,4 +115,19 @@ impl Approvals for ApprovalsService {
             expires_at: Some(convert::ts(expires_at)),
         }))
     }
+
+    async fn end_console_sessions(
+        &self,
+        req: Request<pb::EndConsoleSessionsRequest>,
+    ) -> Result<Response<pb::EndConsoleSessionsResponse>, Status> {
+        let who = caller(&req)?;
+        let Some(console) = &self.console else {
+            return Err(super::status::no_console());
+        };
+        let m = req.get_ref();
+        console
+            .end_sessions_of(&who, &m.identity, &m.reason)
+            .await?;
+        Ok(Response::new(pb::EndConsoleSessionsResponse {}))
+    }
 }

@@ -6,7 +6,7 @@ use tonic::transport::Channel;
 
 use super::Output;
 use super::exit::{self, Failure};
-use super::render::{fmt_ts, print, ts_json};
+use super::render::{clean, fmt_ts, print, ts_json};
 use crate::pb;
 use crate::pb::approvals_client::ApprovalsClient;
 
@@ -20,11 +20,37 @@ pub enum UiCmd {
         #[arg(long)]
         request: Option<String>,
     },
+    /// End every console session a person has open, on every broker
+    /// (admin; a person who left, a lost laptop). Removing them from the
+    /// policy does the same by itself.
+    EndSessions {
+        /// Whose sessions: a SPIFFE ID, or `oidc:<name>`.
+        identity: String,
+        /// Why they are ended, recorded in the trail (required)
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// Run a `ui` subcommand over `channel`.
 pub async fn run(out: Output, cmd: UiCmd, channel: Channel) -> Result<i32, Failure> {
-    let UiCmd::Login { request } = cmd;
+    let request = match cmd {
+        UiCmd::Login { request } => request,
+        UiCmd::EndSessions { identity, reason } => {
+            ApprovalsClient::new(channel)
+                .end_console_sessions(pb::EndConsoleSessionsRequest {
+                    identity: identity.clone(),
+                    reason,
+                })
+                .await?;
+            print(
+                out,
+                &format!("ended every console session of {}\n", clean(&identity)),
+                json!({ "ended": identity }),
+            );
+            return Ok(exit::OK);
+        }
+    };
     let r = ApprovalsClient::new(channel)
         .create_console_link(pb::CreateConsoleLinkRequest {
             request_id: request.unwrap_or_default(),

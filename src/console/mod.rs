@@ -42,6 +42,8 @@ pub struct ConsoleConfig {
 /// The console's state.
 pub struct Console {
     engine: Arc<Engine>,
+    /// Policy swaps, taken by [`Console::follow_policy`].
+    swaps: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<crate::engine::PolicySwap>>>,
     secrets: Secrets,
     oidc: Option<Arc<Oidc>>,
     public_url: String,
@@ -102,6 +104,7 @@ impl Console {
                 .map_err(|e| e.to_string())?,
         );
         Ok(Arc::new(Self {
+            swaps: std::sync::Mutex::new(Some(engine.policy_swaps())),
             engine,
             secrets,
             oidc,
@@ -129,6 +132,93 @@ impl Console {
                 Err(e) => tracing::warn!(error = %e, "console sweep failed"),
             }
         }
+    }
+
+    /// End the console sessions of everyone a policy swap took away, until
+    /// `cancel`; on every broker (each swaps its own policy). A person
+    /// removed and added back later signs in again.
+    pub async fn follow_policy(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        use tokio::sync::broadcast::error::RecvError;
+        let taken = self.swaps.lock().ok().and_then(|mut r| r.take());
+        let Some(mut swaps) = taken else {
+            return;
+        };
+        loop {
+            let swap = tokio::select! {
+                () = cancel.cancelled() => return,
+                swap = swaps.recv() => swap,
+            };
+            let removed: Vec<Option<String>> = match &swap {
+                Ok(s) => {
+                    let now = s.new.reviewers();
+                    s.old
+                        .reviewers()
+                        .into_iter()
+                        .filter(|who| !now.contains(who))
+                        .map(|who| Some(who.to_owned()))
+                        .collect()
+                }
+                // Some swaps went unseen: anyone may have been removed.
+                Err(RecvError::Lagged(_)) => vec![None],
+                Err(RecvError::Closed) => return,
+            };
+            for who in removed {
+                let reason = "no longer an approver or admin in the policy";
+                if let Err(e) = self
+                    .end_sessions(who.as_deref(), crate::engine::SYSTEM_ACTOR, reason)
+                    .await
+                {
+                    tracing::error!(error = %e, "console sessions of a removed person could not be ended");
+                }
+            }
+        }
+    }
+
+    /// End every console session of `who` (`None`: everyone's), on every
+    /// broker, recorded in the trail as `by`'s act.
+    async fn end_sessions(
+        &self,
+        who: Option<&str>,
+        by: &str,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        // The sessions end first: a failure to record leaves access taken
+        // away, never granted.
+        self.secrets
+            .end_sessions_of(who, self.now())
+            .await
+            .map_err(EngineError::Store)?;
+        let whose = who.unwrap_or("everyone");
+        tracing::info!(who = %whose, by = %by, "console sessions ended");
+        self.engine
+            .record(vec![crate::audit::Entry::ok(
+                by,
+                crate::vocab::Action::ConsoleSessionsEnded,
+                whose,
+                &[],
+                reason,
+            )])
+            .await
+    }
+
+    /// An admin ends every console session of `identity` now (for a person
+    /// who left, or a device lost), with a reason for the trail.
+    pub async fn end_sessions_of(
+        &self,
+        admin: &Identity,
+        identity: &str,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        if !self.engine.policy().is_admin(admin) {
+            return Err(EngineError::NotAllowed(format!(
+                "`{admin}` is not an admin: only admins end other people's console sessions"
+            )));
+        }
+        let who = Identity::parse_member(identity)
+            .map_err(|e| crate::text::FieldError::new("identity", e.to_string()))?;
+        crate::text::check_reason("reason", reason, true)?;
+        self.end_sessions(Some(who.as_str()), admin.as_str(), reason)
+            .await
     }
 
     /// The base URL pages are reached at.

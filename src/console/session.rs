@@ -49,7 +49,15 @@ struct SessionRecord {
     who: String,
     via: Via,
     csrf: String,
+    /// When it was opened (0 in sessions of older builds: any mark that
+    /// ends sessions ends those too).
+    #[serde(default)]
+    since: Millis,
 }
+
+/// Whose sessions an end mark is for when it is for everyone's (never an
+/// identity: those start with a scheme).
+const EVERYONE: &str = "*";
 
 /// A signed-in person (its `Debug` leaves the store key and CSRF token out).
 #[derive(Clone)]
@@ -180,6 +188,7 @@ impl Secrets {
             who: who.as_str().to_owned(),
             via,
             csrf: random_secret()?,
+            since: now,
         };
         let key = key_of("session", &cookie);
         let value = serde_json::to_vec(&rec).map_err(|e| StoreError::Internal(e.to_string()))?;
@@ -211,12 +220,45 @@ impl Secrets {
             }
         };
         let rec: SessionRecord = serde_json::from_slice(&raw).ok()?;
-        Some(Session {
+        let s = Session {
             who: Identity::parse_member(&rec.who).ok()?,
             via: rec.via,
             key,
             csrf: rec.csrf,
-        })
+        };
+        for whose in [rec.who.as_str(), EVERYONE] {
+            let mark = match self.store.ephemeral(&key_of("ended", whose), now).await {
+                Ok(mark) => mark,
+                Err(e) => {
+                    tracing::warn!(error = %e, "console session end marks could not be read");
+                    return None;
+                }
+            };
+            let ended_at = mark
+                .and_then(|m| <[u8; 8]>::try_from(m.as_slice()).ok())
+                .map(u64::from_be_bytes);
+            if ended_at.is_some_and(|at| at >= rec.since) {
+                if let Err(e) = self.end_session(&s, now).await {
+                    tracing::warn!(error = %e, "an ended console session could not be removed");
+                }
+                return None;
+            }
+        }
+        Some(s)
+    }
+
+    /// End every session `who` has open now, on every broker (`None`:
+    /// everyone's). Sessions opened later are not touched; the mark lasts
+    /// as long as a session can.
+    pub async fn end_sessions_of(&self, who: Option<&str>, now: Millis) -> Result<(), StoreError> {
+        let key = key_of("ended", who.unwrap_or(EVERYONE));
+        self.store
+            .put_ephemeral(
+                &key,
+                &now.to_be_bytes(),
+                now.saturating_add(millis(SESSION_TTL)),
+            )
+            .await
     }
 
     /// End one session (sign-out, or access taken away), for every broker.

@@ -55,7 +55,7 @@ pub use self::exchange::ExchangeAsk;
 pub use self::issue::{Outcome, TokenAsk};
 pub use self::quota::{Limits, WatchPermit};
 pub(crate) use self::records::{Cas, Op, Planned, Records};
-pub use self::upkeep::PolicyReloads;
+pub use self::upkeep::{PolicyReloads, PolicySwap};
 use crate::audit::{AuditLog, Entry as AuditEntry};
 use crate::clock::{Clock, secs};
 use crate::identity::Identity;
@@ -95,6 +95,9 @@ pub struct Engine {
     commit: GroupCommit,
     policy: RwLock<Arc<Policy>>,
     policy_reloads: watch::Sender<PolicyReloads>,
+    /// Every swap, old policy and new, for whoever acts on a change (the
+    /// console ends the sessions of people it removed).
+    policy_swaps: broadcast::Sender<PolicySwap>,
     keys: Arc<KeyRing>,
     clock: Arc<dyn Clock>,
     issuer: String,
@@ -159,6 +162,7 @@ impl Engine {
             commit: parts.commit,
             policy: RwLock::new(Arc::new(parts.policy)),
             policy_reloads: watch::channel(PolicyReloads::default()).0,
+            policy_swaps: broadcast::channel(16).0,
             keys: parts.keys,
             clock: parts.clock,
             issuer: parts.issuer,

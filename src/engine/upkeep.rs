@@ -49,6 +49,15 @@ pub struct PolicyReloads {
     pub rejected: u64,
 }
 
+/// One policy swap: the policy that was in force and the one that is now.
+#[derive(Clone, Debug)]
+pub struct PolicySwap {
+    /// In force before.
+    pub old: Arc<Policy>,
+    /// In force now.
+    pub new: Arc<Policy>,
+}
+
 impl Engine {
     /// Sign a checkpoint over the newest audit record now (scheduled by the
     /// server; tests call it directly).
@@ -195,11 +204,20 @@ impl Engine {
     /// Swap in a new (already validated) policy; requests in flight finish
     /// under the one they started with.
     pub fn set_policy(&self, p: Policy) {
-        match self.policy.write() {
-            Ok(mut g) => *g = Arc::new(p),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(p),
-        }
+        let new = Arc::new(p);
+        let old = match self.policy.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, new.clone()),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new.clone()),
+        };
+        // No one listening is fine (no console).
+        let _ = self.policy_swaps.send(PolicySwap { old, new });
         self.policy_reloads.send_modify(|r| r.loaded += 1);
+    }
+
+    /// Every policy swap from now on. A receiver that falls behind is told
+    /// it lagged, and must then assume anything changed.
+    pub fn policy_swaps(&self) -> tokio::sync::broadcast::Receiver<PolicySwap> {
+        self.policy_swaps.subscribe()
     }
 
     /// Record that a new policy file was rejected (the old one stays).

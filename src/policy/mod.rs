@@ -289,6 +289,24 @@ impl Policy {
             })
     }
 
+    /// Everyone [`Policy::may_review`] admits: the members of the admin
+    /// groups and of every group that approves a scope (members are exact
+    /// identities, so this is the whole set).
+    pub fn reviewers(&self) -> std::collections::BTreeSet<&str> {
+        let approving = self
+            .scopes
+            .values()
+            .filter_map(|r| r.approval.as_ref())
+            .flat_map(|a| a.approvers.iter());
+        self.admin_groups
+            .iter()
+            .chain(approving)
+            .filter_map(|g| self.groups.get(g))
+            .flatten()
+            .map(String::as_str)
+            .collect()
+    }
+
     /// Is `who` a member of any admin group?
     pub fn is_admin(&self, who: &Identity) -> bool {
         self.admin_groups

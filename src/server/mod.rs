@@ -476,6 +476,7 @@ fn serve(
         if let Some(console) = &console {
             app = app.merge(crate::console::router(console.clone()));
             tracker.spawn(console.clone().sweep(cancel.clone()));
+            tracker.spawn(console.clone().follow_policy(cancel.clone()));
         }
         tracker.spawn(http::serve(
             listener,
