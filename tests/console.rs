@@ -600,6 +600,23 @@ async fn an_approver_signs_in_with_the_provider_and_decides_what_waits() {
         told.contains("(unknown)") && !told.contains("555"),
         "{told}"
     );
+    // Issue 21, finding 4: one address starts (and finishes) a bounded
+    // number of sign-ins: each start leaves a mark in the store and each
+    // callback calls the provider with the client secret.
+    let mut refused = None;
+    for n in 0..40 {
+        let r = raw(rig.http, "GET /ui/oidc/start HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        if r.starts_with("HTTP/1.1 429") {
+            refused = Some((n, r));
+            break;
+        }
+        assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+    }
+    let (n, r) = refused.expect("40 sign-ins from one address in a row were all started");
+    assert!(n <= 30, "{n} started before the first refusal");
+    assert!(r.to_ascii_lowercase().contains("retry-after: "), "{r}");
+    let callback = raw(rig.http, &callback).await;
+    assert!(callback.starts_with("HTTP/1.1 429"), "{callback}");
     rig.browser.close().await.unwrap();
 }
 

@@ -423,6 +423,7 @@ async fn f12_open_requests_and_watch_streams_are_bounded_per_identity() {
         cfg.limits = portcullis::server::Limits {
             open_requests_per_identity: 3,
             watches_per_identity: 2,
+            ..Default::default()
         }
     })
     .await;
@@ -923,5 +924,42 @@ async fn i21_06_removal_from_the_policy_ends_console_sessions_for_good() {
             ),
         ]
     );
+    h.stop().await;
+}
+
+/// Issue 21, findings 3 and 4: console links are rate-limited per identity
+/// (RESOURCE_EXHAUSTED, then again after the wait), sign-ins per address
+/// (429 with `Retry-After`).
+#[tokio::test]
+async fn i21_03_console_links_and_sign_ins_are_rate_limited() {
+    let h = Harness::start().await;
+    let http = h.running().http_addr.unwrap();
+    let mut alice = ApprovalsClient::new(h.channel(As::Approver).await);
+    let link = pb::CreateConsoleLinkRequest::default();
+    let burst = portcullis::server::Limits::default().console_links.burst;
+    for _ in 0..burst {
+        alice.create_console_link(link.clone()).await.unwrap();
+    }
+    let e = alice.create_console_link(link.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("try again in 6 s"), "{e:?}");
+    // Another identity has its own; and after the wait, one more.
+    let mut admin = ApprovalsClient::new(h.channel(As::Admin).await);
+    admin.create_console_link(link.clone()).await.unwrap();
+    h.advance(Duration::from_secs(6)).await;
+    alice.create_console_link(link.clone()).await.unwrap();
+
+    // Sign-in link uses from one address: junk secrets, each refused, until
+    // the address is refused before its secret is looked at.
+    let burst = portcullis::server::Limits::default().sign_ins.burst;
+    for _ in 0..burst {
+        let (status, _, _) =
+            common::http(http, "POST", "/ui/login/link", None, Some("t=junk".into())).await;
+        assert_eq!(status, 401);
+    }
+    let (status, _, page) =
+        common::http(http, "POST", "/ui/login/link", None, Some("t=junk".into())).await;
+    assert_eq!(status, 429, "{page}");
+    assert!(page.contains("try again in 1 s"), "{page}");
     h.stop().await;
 }

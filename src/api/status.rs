@@ -40,6 +40,7 @@ impl From<LinkError> for Status {
         match e {
             LinkError::NotAReviewer(_) => Status::permission_denied(e.to_string()),
             LinkError::BadRequestId(_) => Status::invalid_argument(e.to_string()),
+            LinkError::TooFast(_) => Status::resource_exhausted(e.to_string()),
             LinkError::Secret(SecretError::Store(s)) => EngineError::Store(s).into(),
             LinkError::Secret(other) => EngineError::Internal(other.to_string()).into(),
         }

@@ -240,6 +240,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.limits = crate::server::Limits {
         open_requests_per_identity: args.max_open_requests,
         watches_per_identity: args.max_watches,
+        ..crate::server::Limits::default()
     };
     cfg.alg = args.alg.into();
     cfg.in_memory = args.in_memory;

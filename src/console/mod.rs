@@ -45,6 +45,10 @@ pub struct Console {
     /// Policy swaps, taken by [`Console::follow_policy`].
     swaps: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<crate::engine::PolicySwap>>>,
     secrets: Secrets,
+    /// `CreateConsoleLink` calls per identity.
+    links: crate::engine::Throttle,
+    /// Sign-ins per peer address.
+    sign_ins: crate::engine::Throttle,
     oidc: Option<Arc<Oidc>>,
     public_url: String,
     /// `scheme://host[:port]` of `public_url`: what `Origin` must say.
@@ -66,6 +70,9 @@ pub enum LinkError {
     /// No secret could be made.
     #[error(transparent)]
     Secret(#[from] session::SecretError),
+    /// The caller asked for too many links lately.
+    #[error("too many console links; try again in {} s", .0.as_millis().div_ceil(1000).max(1))]
+    TooFast(std::time::Duration),
 }
 
 impl Console {
@@ -105,6 +112,8 @@ impl Console {
         );
         Ok(Arc::new(Self {
             swaps: std::sync::Mutex::new(Some(engine.policy_swaps())),
+            links: crate::engine::Throttle::new(engine.limits().console_links),
+            sign_ins: crate::engine::Throttle::new(engine.limits().sign_ins),
             engine,
             secrets,
             oidc,
@@ -240,6 +249,9 @@ impl Console {
         if !self.engine.policy().may_review(who) {
             return Err(LinkError::NotAReviewer(who.to_string()));
         }
+        self.links
+            .admit(who.as_str(), self.now())
+            .map_err(LinkError::TooFast)?;
         let next = if request_id.is_empty() {
             None
         } else {

@@ -175,7 +175,15 @@ async fn confirm_link(State(c): Shared, Query(q): Query<LinkQuery>) -> Response 
 }
 
 /// POST of a one-time link (from the confirmation page): uses it.
-async fn use_link(State(c): Shared, headers: HeaderMap, Form(q): Form<LinkQuery>) -> Response {
+async fn use_link(
+    State(c): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(q): Form<LinkQuery>,
+) -> Response {
+    if let Some(refused) = too_many_sign_ins(&c, peer) {
+        return refused;
+    }
     if !c.same_origin(&headers) {
         tracing::info!("sign-in link POST from another origin refused");
         return page(
@@ -195,11 +203,37 @@ async fn use_link(State(c): Shared, headers: HeaderMap, Form(q): Form<LinkQuery>
     }
 }
 
-async fn oidc_start(State(c): Shared) -> Response {
+/// 429 with `Retry-After` when `peer` has started or finished too many
+/// sign-ins lately: each OpenID start leaves a mark in the store and each
+/// callback costs a call to the provider with the client secret.
+fn too_many_sign_ins(c: &Console, peer: SocketAddr) -> Option<Response> {
+    let key = crate::engine::peer_key(peer.ip()).to_string();
+    let wait = c.sign_ins.admit(&key, c.now()).err()?;
+    tracing::info!(peer = %key, "console sign-in refused: too many from this address");
+    let secs = wait.as_millis().div_ceil(1000).max(1);
+    let mut resp = page(
+        StatusCode::TOO_MANY_REQUESTS,
+        pages::login(
+            c.oidc_name(),
+            Some(&format!(
+                "Too many sign-ins from your address; try again in {secs} s."
+            )),
+        ),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(resp)
+}
+
+async fn oidc_start(State(c): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
     let fail = |code: StatusCode, msg: &str| page(code, pages::login(c.oidc_name(), Some(msg)));
     let Some(oidc) = c.oidc.clone() else {
         return fail(StatusCode::NOT_FOUND, "No identity provider is configured.");
     };
+    if let Some(refused) = too_many_sign_ins(&c, peer) {
+        return refused;
+    }
     let made = (|| {
         Ok::<_, crate::text::NoRandomness>((random_secret()?, random_secret()?, random_secret()?))
     })();
@@ -254,6 +288,7 @@ struct Callback {
 
 async fn oidc_callback(
     State(c): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<Callback>,
 ) -> Response {
@@ -261,6 +296,9 @@ async fn oidc_callback(
     let Some(oidc) = c.oidc.clone() else {
         return fail(StatusCode::NOT_FOUND, "No identity provider is configured.");
     };
+    if let Some(refused) = too_many_sign_ins(&c, peer) {
+        return refused;
+    }
     if !q.error.is_empty() {
         // The provider's words are not shown (a crafted link could put any
         // text there); an OAuth error code is.

@@ -97,8 +97,12 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let policy = self.policy();
         let now = self.clock.now();
+        self.exchanges
+            .admit(holder.who.as_str(), now)
+            .map_err(|wait| super::too_fast("ExchangeToken", wait))?;
         let to = check_fields(&policy, holder, &ask)?;
         let parent = self.subject_lease(holder, &ask.subject_token, now).await?;
+        self.check_children(&parent).await?;
         let plan = match plan(&policy, holder, to, parent, &ask, now) {
             Ok(p) => p,
             Err(EngineError::Refused(r)) => return Err(self.refuse_exchange(holder, r)),

@@ -53,7 +53,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 pub use self::error::{EngineError, ErrorKind};
 pub use self::exchange::ExchangeAsk;
 pub use self::issue::{Outcome, TokenAsk};
-pub use self::quota::{Limits, WatchPermit};
+pub use self::quota::{Limits, Rate, Throttle, WatchPermit, peer_key, too_fast};
 pub(crate) use self::records::{Cas, Op, Planned, Records};
 pub use self::upkeep::{PolicyReloads, PolicySwap};
 use crate::audit::{AuditLog, Entry as AuditEntry};
@@ -109,6 +109,8 @@ pub struct Engine {
     request_events: broadcast::Sender<String>,
     limits: Limits,
     watchers: quota::Watchers,
+    /// `ExchangeToken` calls per identity.
+    exchanges: Throttle,
     /// Whether this broker does the time-driven work (always, on a store
     /// of its own; while it holds the role, on a shared one).
     leader: watch::Sender<bool>,
@@ -172,6 +174,7 @@ impl Engine {
             metrics,
             deadlines: expiry::Deadlines::default(),
             request_events: broadcast::channel(1024).0,
+            exchanges: Throttle::new(parts.limits.exchanges),
             limits: parts.limits,
             watchers: quota::Watchers::default(),
         }
@@ -411,6 +414,11 @@ impl Engine {
     /// The clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+
+    /// The per-caller bounds this broker runs with.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Issuer URL put in `iss`.

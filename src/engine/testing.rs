@@ -37,6 +37,11 @@ impl Drop for Rig {
 
 /// An engine over `store` with `policy` (TOML) at [`T0`].
 pub async fn rig_on(store: Arc<dyn Store>, policy: &str) -> Rig {
+    rig_limited(store, policy, super::Limits::default()).await
+}
+
+/// [`rig_on`] with other per-caller bounds.
+pub async fn rig_limited(store: Arc<dyn Store>, policy: &str, limits: super::Limits) -> Rig {
     let (kek, _) = Kek::generate().unwrap();
     let keys = Arc::new(
         KeyRing::load_or_create(store.as_ref(), &kek, SigningAlg::Es256, T0)
@@ -54,7 +59,7 @@ pub async fn rig_on(store: Arc<dyn Store>, policy: &str) -> Rig {
         clock: clock.clone(),
         issuer: "https://t".into(),
         audit: AuditLog::open(store.as_ref()).await.unwrap(),
-        limits: super::Limits::default(),
+        limits,
     }));
     // No leadership task here: the rig's engine leads from the start.
     engine.set_leading(true, None, None);

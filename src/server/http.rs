@@ -50,7 +50,7 @@ pub(super) async fn serve(
         };
         let Some(from_peer) = PeerSlot::take(
             &per_peer,
-            peer_key(peer.ip()),
+            crate::engine::peer_key(peer.ip()),
             limits.http_connections_per_peer,
         ) else {
             tracing::debug!(%peer, "HTTP connections from this peer at their limit; closing the new one");
@@ -105,18 +105,6 @@ async fn accepted(
 /// Open connections per peer: an IPv4 address (IPv4-mapped IPv6 too), or an
 /// IPv6 /64 (one host usually holds a whole /64).
 type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
-
-/// The key a peer's connections are counted under.
-fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip.to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            let mut s = v6.segments();
-            s[4..].fill(0);
-            std::net::IpAddr::V6(std::net::Ipv6Addr::from(s))
-        }
-        v4 => v4,
-    }
-}
 
 /// One of a peer's connections; given back when dropped.
 struct PeerSlot {
@@ -411,26 +399,4 @@ pub(super) fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
     // HTTP/1.1 only (see `serve_conn`).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::peer_key;
-
-    #[test]
-    fn peers_are_counted_by_ipv4_address_or_ipv6_slash_64() {
-        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
-        assert_eq!(peer_key(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(peer_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(peer_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
-        assert_eq!(
-            peer_key(ip("2001:db8:1:2:bbbb::9")),
-            peer_key(ip("2001:db8:1:2:aaaa::1")),
-            "one host's /64 is one peer"
-        );
-        assert_ne!(
-            peer_key(ip("2001:db8:1:3::1")),
-            peer_key(ip("2001:db8:1:2::1"))
-        );
-    }
 }

@@ -586,3 +586,43 @@ approval = "again"
     let own = r.engine.request_token(&id(victim), deploy).await;
     assert!(matches!(own, Ok(Outcome::Parked(_))), "{own:?}");
 }
+
+/// Issue 21, finding 3: one identity's exchanges are rate-limited, and one
+/// lease has a bounded number of children over its life.
+#[tokio::test]
+async fn exchanges_are_rate_limited_and_children_per_lease_bounded() {
+    let limits = super::super::Limits {
+        exchanges: super::super::Rate {
+            burst: 3,
+            per_minute: 60,
+        },
+        children_per_lease: 4,
+        ..Default::default()
+    };
+    let store = std::sync::Arc::new(crate::store::mem::MemStore::new());
+    let r = super::super::testing::rig_limited(store, POLICY, limits).await;
+    let (tok, parent) = root(&r, &["read"]).await;
+    let ask = || exchange(&tok, &["read"], "spiffe://t/tool/t");
+    for _ in 0..3 {
+        granted(r.engine.exchange(&agent(), ask()).await.unwrap());
+    }
+    let e = r.engine.exchange(&agent(), ask()).await.unwrap_err();
+    assert!(matches!(e, EngineError::Exhausted(_)), "{e:?}");
+    assert!(e.to_string().contains("try again in 1 s"), "{e}");
+    // A second later, one more.
+    r.clock.advance(Duration::from_secs(1));
+    granted(r.engine.exchange(&agent(), ask()).await.unwrap());
+    // Four children had: the fifth is refused, however slowly asked.
+    r.clock.advance(Duration::from_secs(60));
+    let e = r.engine.exchange(&agent(), ask()).await.unwrap_err();
+    assert!(matches!(e, EngineError::Exhausted(_)), "{e:?}");
+    assert!(e.to_string().contains(&parent.id), "{e}");
+    // Another lease of the same holder has its own.
+    let (other, _) = root(&r, &["read"]).await;
+    granted(
+        r.engine
+            .exchange(&agent(), exchange(&other, &["read"], "spiffe://t/tool/t"))
+            .await
+            .unwrap(),
+    );
+}
