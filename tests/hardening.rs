@@ -639,6 +639,30 @@ async fn i21_01_http_slots_are_bounded_per_peer_and_in_every_phase() {
         closed.is_ok(),
         "a peer that sent one byte still holds its slot"
     );
+    // Idle keep-alive: one request answered, then nothing; closed by the
+    // same timer.
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let idle = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    })
+    .await;
+    let answered = String::from_utf8_lossy(idle.as_deref().unwrap_or_default()).into_owned();
+    assert!(
+        idle.is_ok(),
+        "an idle keep-alive connection still holds its slot"
+    );
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
     h.stop().await;
 
     // Over TLS: the handshake completes, then nothing comes.
@@ -961,5 +985,46 @@ async fn i21_03_console_links_and_sign_ins_are_rate_limited() {
         common::http(http, "POST", "/ui/login/link", None, Some("t=junk".into())).await;
     assert_eq!(status, 429, "{page}");
     assert!(page.contains("try again in 1 s"), "{page}");
+    h.stop().await;
+}
+
+/// Issue 21, finding 1: health answers on a listener of its own while the
+/// HTTP listener's slots are all taken (the probes of the shipped
+/// Kubernetes manifests point there).
+#[tokio::test]
+async fn i21_01_health_answers_on_its_own_listener_under_a_flood() {
+    use tokio::io::AsyncWriteExt as _;
+    let mut h = Harness::start().await;
+    h.restart_with(|cfg| {
+        cfg.conn_limits.http_connections = 4;
+        cfg.health_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let http = h.running().http_addr.unwrap();
+    let health = h.running().health_addr.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        raw_get(http, "/healthz").await.is_none(),
+        "the HTTP listener is full"
+    );
+    let ok = raw_get(health, "/healthz").await.unwrap();
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.ends_with("ok\n"),
+        "{ok}"
+    );
+    let metrics = raw_get(health, "/metrics").await.unwrap();
+    assert!(metrics.contains("portcullis_"), "{metrics}");
+    // Health only: no keys, no console there.
+    for path in ["/.well-known/jwks.json", "/ui/login"] {
+        let r = raw_get(health, path).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 404"), "{path}: {r}");
+    }
+    drop(held);
     h.stop().await;
 }

@@ -29,6 +29,15 @@ pub struct ServeArgs {
     /// HTTP listen address (JWKS, OIDC discovery, health, metrics).
     #[arg(long, env = "PORTCULLIS_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: std::net::SocketAddr,
+    /// A listener of its own for `/healthz` and `/metrics` (plain HTTP, a
+    /// few slots of its own): point probes here so they answer while the
+    /// HTTP listener is busy or flooded.
+    #[arg(long, env = "PORTCULLIS_HEALTH_LISTEN")]
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// Open connections one address may hold on the HTTP listener (of 512);
+    /// raise it when every browser reaches the broker through one proxy.
+    #[arg(long, env = "PORTCULLIS_HTTP_CONNECTIONS_PER_PEER", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub http_connections_per_peer: u32,
     /// Server certificate (PEM). Dev default: `<data-dir>/server.pem`.
     #[arg(long, env = "PORTCULLIS_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -233,6 +242,9 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     );
     cfg.listen = args.listen;
     cfg.http_listen = Some(args.http_listen);
+    cfg.health_listen = args.health_listen;
+    cfg.conn_limits.http_connections_per_peer =
+        usize::try_from(args.http_connections_per_peer).unwrap_or(usize::MAX);
     cfg.issuer = args.issuer.clone();
     cfg.allow_issuer_change = args.change_issuer;
     cfg.audit_witness = args.audit_witness.clone();

@@ -214,6 +214,89 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<IO> {
     }
 }
 
+/// A stream whose writes fail once one has waited `within` for a peer that
+/// does not read (a full send buffer): such a peer gives its slot back
+/// instead of holding it for the connection's lifetime.
+struct WriteDeadline<IO> {
+    io: IO,
+    within: Duration,
+    /// Armed while a write waits; cleared when one goes through.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> WriteDeadline<IO> {
+    fn new(io: IO, within: Duration) -> Self {
+        Self {
+            io,
+            within,
+            stalled: None,
+        }
+    }
+
+    /// `poll` (a write or a flush) with the deadline: pending past it is an
+    /// error.
+    fn timed<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: impl FnOnce(&mut IO, &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        match poll(&mut self.io, cx) {
+            std::task::Poll::Ready(r) => {
+                self.stalled = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => {
+                let within = self.within;
+                let timer = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the peer did not read its answer in time",
+                    )));
+                }
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.timed(cx, |io, cx| std::pin::Pin::new(io).poll_write(cx, data))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.timed(cx, |io, cx| std::pin::Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.timed(cx, |io, cx| std::pin::Pin::new(io).poll_shutdown(cx))
+    }
+}
+
 /// Most bytes a request body on this listener may have: the console's
 /// largest form (`console::routes` `MAX_FORM`).
 const BODY_MAX: usize = 16 * 1024;
@@ -296,7 +379,10 @@ async fn serve_conn<IO>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(
+            TokioIo::new(WriteDeadline::new(io, limits.write_timeout)),
+            service,
+        );
     tokio::select! {
         r = conn => if let Err(e) = r { tracing::debug!(error = %e, "HTTP connection ended") },
         () = tokio::time::sleep(limits.connection_lifetime) => {
@@ -306,12 +392,24 @@ async fn serve_conn<IO>(
     }
 }
 
-/// The routes.
-pub(super) fn router(engine: Arc<Engine>) -> axum::Router {
-    let cache_control = format!("public, max-age={}", JWKS_MAX_AGE.as_secs());
-    let jwks_engine = engine.clone();
+/// The health listener's bounds: a few slots, short timers (a probe is one
+/// quick request).
+pub(super) const HEALTH_LIMITS: ConnLimits = ConnLimits {
+    http_connections: 32,
+    http_connections_per_peer: 8,
+    grpc_connections: 0,
+    header_read_timeout: Duration::from_secs(5),
+    body_read_timeout: Duration::from_secs(5),
+    connection_lifetime: Duration::from_secs(30),
+    write_timeout: Duration::from_secs(5),
+    streams_per_connection: 0,
+};
+
+/// `/healthz` and `/metrics`: on the HTTP listener, and alone on the
+/// health listener.
+pub(super) fn health_router(engine: Arc<Engine>) -> axum::Router {
     let metrics_engine = engine.clone();
-    let health_engine = engine.clone();
+    let health_engine = engine;
     // 503 while the store is unusable or the last commit failed (the gRPC
     // health service says NOT_SERVING then too): a load balancer stops
     // sending calls that could only be refused.
@@ -325,6 +423,28 @@ pub(super) fn router(engine: Arc<Engine>) -> axum::Router {
             }
         }
     };
+    let metrics = move || {
+        let e = metrics_engine.clone();
+        async move {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                e.render_metrics(),
+            )
+        }
+    };
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+}
+
+/// The routes of the HTTP listener.
+pub(super) fn router(engine: Arc<Engine>) -> axum::Router {
+    let cache_control = format!("public, max-age={}", JWKS_MAX_AGE.as_secs());
+    let jwks_engine = engine.clone();
+    let health = health_router(engine.clone());
     let jwks = move || {
         let (e, cache_control) = (jwks_engine.clone(), cache_control.clone());
         async move {
@@ -344,23 +464,10 @@ pub(super) fn router(engine: Arc<Engine>) -> axum::Router {
         let e = engine.clone();
         async move { axum::Json(discovery_document(e.issuer())) }
     };
-    let metrics = move || {
-        let e = metrics_engine.clone();
-        async move {
-            (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )],
-                e.render_metrics(),
-            )
-        }
-    };
     axum::Router::new()
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(discovery))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .merge(health)
 }
 
 fn discovery_document(iss: &str) -> serde_json::Value {
@@ -399,4 +506,43 @@ pub(super) fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
     // HTTP/1.1 only (see `serve_conn`).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::WriteDeadline;
+
+    /// Issue 21, finding 1: a peer that does not read its answers holds its
+    /// connection for the write timeout, not the connection's lifetime.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_no_one_reads_fails_after_the_write_timeout() {
+        let (ours, theirs) = tokio::io::duplex(64);
+        let mut ours = WriteDeadline::new(ours, Duration::from_secs(10));
+        let start = tokio::time::Instant::now();
+        let err = ours.write_all(&[0u8; 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        // A peer that reads keeps the stream working, however long it takes
+        // in all: the timer covers one stalled write, not the whole answer.
+        let (ours, mut theirs2) = tokio::io::duplex(64);
+        let mut ours = WriteDeadline::new(ours, Duration::from_secs(10));
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while got.len() < 1024 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let n = theirs2.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            got.len()
+        });
+        ours.write_all(&[1u8; 1024]).await.unwrap();
+        assert_eq!(reader.await.unwrap(), 1024);
+        drop(theirs);
+    }
 }

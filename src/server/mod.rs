@@ -49,6 +49,10 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// HTTP listen address for JWKS/discovery/health; `None` disables it.
     pub http_listen: Option<SocketAddr>,
+    /// A listener of its own for `/healthz` and `/metrics` (plain HTTP, its
+    /// own few connection slots), so probes answer while the HTTP listener
+    /// is busy or flooded; `None`: none.
+    pub health_listen: Option<SocketAddr>,
     /// Server certificate chain (PEM).
     pub tls_cert: PathBuf,
     /// Server private key (PEM).
@@ -128,6 +132,7 @@ impl ServeConfig {
             database: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            health_listen: None,
             tls_cert,
             tls_key,
             client_ca,
@@ -173,6 +178,9 @@ pub struct ConnLimits {
     pub body_read_timeout: Duration,
     /// How long one HTTP connection may live.
     pub connection_lifetime: Duration,
+    /// How long an HTTP write may wait for a peer that does not read its
+    /// answers before the connection is closed.
+    pub write_timeout: Duration,
     /// Concurrent streams on one gRPC (HTTP/2) connection (the HTTP
     /// listener speaks HTTP/1.1 only).
     pub streams_per_connection: u32,
@@ -187,6 +195,7 @@ impl Default for ConnLimits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             connection_lifetime: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(10),
             streams_per_connection: 256,
         }
     }
@@ -245,6 +254,8 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     /// Bound HTTP address.
     pub http_addr: Option<SocketAddr>,
+    /// Bound address of the health listener, if any.
+    pub health_addr: Option<SocketAddr>,
     /// Where people open the approver console (`<public-url>/ui/`), if
     /// it is served.
     pub console_url: Option<String>,
@@ -325,6 +336,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let (grpc_listener, grpc_addr) = bind(cfg.listen).await?;
     let http = bind_http(cfg.http_listen).await?;
     let http_addr = http.as_ref().map(|(_, a)| *a);
+    let health = bind_http(cfg.health_listen).await?;
+    let health_addr = health.as_ref().map(|(_, a)| *a);
     let issuer = settle_issuer(&cfg, &store, grpc_addr, http_addr).await?;
     store.resign(START_ROLE, &node).await?;
     let audit = AuditLog::open(store.as_ref()).await?;
@@ -352,6 +365,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         grpc_tls,
         http,
         http_tls,
+        health,
     };
     let (tracker, console_url) = match serve(&cfg, &engine, listeners, &node, &cancel) {
         Ok(t) => t,
@@ -365,6 +379,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     Ok(Running {
         grpc_addr,
         http_addr,
+        health_addr,
         console_url,
         engine,
         cancel,
@@ -445,6 +460,7 @@ struct Listeners {
     grpc_tls: tonic::transport::ServerTlsConfig,
     http: Option<(TcpListener, SocketAddr)>,
     http_tls: Option<Arc<rustls::ServerConfig>>,
+    health: Option<(TcpListener, SocketAddr)>,
 }
 
 /// Record the start, then serve both listeners and run every background
@@ -483,6 +499,16 @@ fn serve(
             app,
             l.http_tls,
             cfg.conn_limits,
+            cancel.clone(),
+        ));
+    }
+    if let Some((listener, addr)) = l.health {
+        tracing::info!(%addr, "health listener (/healthz, /metrics)");
+        tracker.spawn(http::serve(
+            listener,
+            http::health_router(engine.clone()),
+            None,
+            http::HEALTH_LIMITS,
             cancel.clone(),
         ));
     }
