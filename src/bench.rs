@@ -128,6 +128,8 @@ struct Tally {
     each: [Vec<u32>; 4],
     grants: u64,
     errors: u64,
+    /// Of the errors, refusals as over a per-identity limit.
+    limited: u64,
 }
 
 impl Tally {
@@ -136,6 +138,7 @@ impl Tally {
             mine.extend(theirs);
         }
         self.grants += other.grants;
+        self.limited += other.limited;
         self.errors += other.errors;
     }
 }
@@ -145,6 +148,8 @@ struct Caller {
     c: BrokerClient<Channel>,
     scopes: Vec<String>,
     ttl: Option<prost_types::Duration>,
+    /// Calls the broker refused as over a per-identity limit.
+    limited: u64,
 }
 
 impl Caller {
@@ -181,7 +186,13 @@ impl Caller {
             }),
             ..Default::default()
         };
-        self.c.exchange_token(req).await.is_ok()
+        match self.c.exchange_token(req).await {
+            Ok(_) => true,
+            Err(s) => {
+                self.limited += u64::from(s.code() == tonic::Code::ResourceExhausted);
+                false
+            }
+        }
     }
 
     async fn renew(&mut self, lease_id: &str) -> bool {
@@ -272,6 +283,7 @@ async fn drive(mut c: Caller, rpc: Rpc, pool: Arc<Vec<String>>, w: Arc<Window>) 
             }
         }
     }
+    t.limited = c.limited;
     t
 }
 
@@ -295,6 +307,7 @@ async fn callers(opts: &ClientOpts, plan: &Plan, n: usize) -> Result<Vec<Caller>
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         out.push(Caller {
+            limited: 0,
             c: BrokerClient::new(opts.connect().await?),
             scopes: plan.scopes.clone(),
             ttl: plan
@@ -403,6 +416,12 @@ pub async fn run(opts: &ClientOpts, plan: &Plan) -> Result<Report, ClientError> 
     if filled < want {
         warnings.push(format!(
             "filled only {filled} of {want} leases: grants failed during the fill"
+        ));
+    }
+    if all.limited > 0 {
+        warnings.push(format!(
+            "{} exchanges were refused as over the broker's per-identity limits (serve --max-exchanges-per-second, --max-children-per-lease): the figure measures the limit, not the broker",
+            all.limited
         ));
     }
     if plan.rpc == Rpc::Introspect {
@@ -542,6 +561,7 @@ mod tests {
             each: [(1..=1000).collect(), vec![], vec![], vec![]],
             grants: 1000,
             errors: 3,
+            limited: 0,
         };
         let r = report(&plan, &t);
         assert_eq!(r.per_rpc.len(), 1);
@@ -563,6 +583,7 @@ mod tests {
             ],
             grants: 1,
             errors: 0,
+            limited: 0,
         };
         let r = report(
             &Plan {

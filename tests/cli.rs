@@ -36,6 +36,11 @@ fn serve(dir: &Path) -> Server {
 
 /// [`serve`] with `RUST_LOG=log`; what it wrote until it was ready.
 fn serve_logging(dir: &Path, log: &str) -> (Server, Vec<String>) {
+    serve_with(dir, log, &[])
+}
+
+/// [`serve_logging`] with more flags.
+fn serve_with(dir: &Path, log: &str, flags: &[&str]) -> (Server, Vec<String>) {
     let mut child = Command::new(BIN)
         .args([
             "serve",
@@ -47,6 +52,7 @@ fn serve_logging(dir: &Path, log: &str) -> (Server, Vec<String>) {
             "--data-dir",
         ])
         .arg(dir)
+        .args(flags)
         .env("RUST_LOG", log)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -699,7 +705,8 @@ fn a_refused_connection_and_a_failed_handshake_are_told_apart() {
 fn every_bench_mode_runs_against_a_real_broker_and_reports_json() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let _server = serve(&dir);
+    // Without the per-identity exchange rate: the bench measures the broker.
+    let (_server, _) = serve_with(&dir, "warn", &["--max-exchanges-per-second", "0"]);
     for rpc in ["grant", "introspect", "renew", "mixed", "exchange"] {
         let o = run(
             &dir,
@@ -776,6 +783,42 @@ fn every_bench_mode_runs_against_a_real_broker_and_reports_json() {
     );
     assert_eq!(code(&o), 64, "{}", stderr(&o));
     assert!(stderr(&o).contains("--disk-probe"), "{}", stderr(&o));
+}
+
+/// Issue 21, finding 3: against a broker with its per-identity exchange
+/// rate (here 5 a second), the bench says its figure measures the limit.
+#[test]
+fn the_bench_says_when_the_brokers_limits_refused_its_calls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let (_server, _) = serve_with(&dir, "warn", &["--max-exchanges-per-second", "5"]);
+    let o = run(
+        &dir,
+        &[
+            "bench",
+            "--scope",
+            "orders.read",
+            "--rpc",
+            "exchange",
+            "--clients",
+            "2",
+            "--duration",
+            "500ms",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(r["errors"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        r["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("--max-exchanges-per-second")),
+        "{r}"
+    );
 }
 
 #[test]

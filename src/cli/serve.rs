@@ -102,6 +102,22 @@ pub struct ServeArgs {
     /// `WatchRequest` streams one identity may hold at once.
     #[arg(long, env = "PORTCULLIS_MAX_WATCHES", default_value_t = 64)]
     pub max_watches: usize,
+    /// `ExchangeToken` calls one identity may make a second (as many at
+    /// once); 0: no limit.
+    #[arg(
+        long,
+        env = "PORTCULLIS_MAX_EXCHANGES_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub max_exchanges_per_second: u32,
+    /// Leases one lease may hand on by token exchange over its life (a
+    /// revocation ends a bounded subtree); 0: no limit.
+    #[arg(
+        long,
+        env = "PORTCULLIS_MAX_CHILDREN_PER_LEASE",
+        default_value_t = 1000
+    )]
+    pub max_children_per_lease: usize,
     /// Accept an --issuer that differs from the one recorded in the data
     /// directory (every token issued before stops verifying).
     #[arg(long)]
@@ -249,11 +265,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.allow_issuer_change = args.change_issuer;
     cfg.audit_witness = args.audit_witness.clone();
     cfg.audit_witness_url = args.audit_witness_url.clone();
-    cfg.limits = crate::server::Limits {
-        open_requests_per_identity: args.max_open_requests,
-        watches_per_identity: args.max_watches,
-        ..crate::server::Limits::default()
-    };
+    cfg.limits = limits(args);
     cfg.alg = args.alg.into();
     cfg.in_memory = args.in_memory;
     cfg.sled.cache_capacity = args.cache_capacity;
@@ -276,6 +288,20 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.retention = args.retention;
     cfg.console = console_options(args)?;
     Ok((cfg, dev))
+}
+
+/// The per-caller bounds from the flags.
+fn limits(args: &ServeArgs) -> crate::server::Limits {
+    crate::server::Limits {
+        open_requests_per_identity: args.max_open_requests,
+        watches_per_identity: args.max_watches,
+        children_per_lease: args.max_children_per_lease,
+        exchanges: crate::server::Rate {
+            burst: args.max_exchanges_per_second,
+            per_minute: args.max_exchanges_per_second.saturating_mul(60),
+        },
+        ..crate::server::Limits::default()
+    }
 }
 
 /// The console's settings from the flags (`None`: no console).

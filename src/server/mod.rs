@@ -8,7 +8,7 @@ mod http;
 mod tasks;
 
 pub use self::grpc::MAX_MESSAGE;
-pub use crate::engine::Limits;
+pub use crate::engine::{Limits, Rate};
 pub use crate::store::copy::Copied;
 pub use crate::store::postgres::PgOptions;
 
