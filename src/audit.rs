@@ -194,7 +194,7 @@ impl AuditLog {
         store: &dyn Store,
         keys: &KeySet,
         before: Millis,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let mut point = None;
         for (seq, jws) in store.checkpoints(0, u64::MAX).await? {
             let Some(c) = check_signature(keys, &String::from_utf8_lossy(&jws)) else {
@@ -207,7 +207,7 @@ impl AuditLog {
                 .and_then(|(_, b)| serde_json::from_slice::<AuditRecord>(b).ok())
                 .is_some_and(|r| r.seq == c.seq && r.at < before);
             if old {
-                point = Some(seq);
+                point = Some((seq, jws));
             }
         }
         Ok(point)
@@ -321,6 +321,69 @@ impl AuditLog {
     }
 }
 
+/// The JWS an `audit.compacted` record carries in its `rule` field: the
+/// broker's signature over the point the trail was compacted to and the
+/// checkpoint that anchors what remains, so a compaction record appended by
+/// someone who can write the store but holds no signing key is found.
+pub fn sign_compaction(
+    keys: &KeySet,
+    issuer: &str,
+    point: u64,
+    anchor_jws: &[u8],
+    now: Millis,
+) -> Result<String, AuditError> {
+    let claims = Compaction {
+        iss: issuer.to_owned(),
+        point,
+        anchor: sha256_hex(anchor_jws),
+        at: now,
+    };
+    let mut header = jsonwebtoken::Header::new(keys.active.alg);
+    header.kid = Some(keys.active.kid.clone());
+    header.typ = Some(COMPACTION_TYP.into());
+    jsonwebtoken::encode(&header, &claims, &keys.active.encoding)
+        .map_err(|e| AuditError::Sign(e.to_string()))
+}
+
+/// The `typ` of a compaction's JWS.
+const COMPACTION_TYP: &str = "audit-compaction+jwt";
+
+/// What a compaction's JWS signs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Compaction {
+    iss: String,
+    /// Records 1..=point were removed.
+    point: u64,
+    /// SHA-256 (hex) of the JWS of the checkpoint at `point`.
+    anchor: String,
+    at: Millis,
+}
+
+/// The anchor a compaction record's `rule` names, if it is a JWS of this
+/// broker's keys (not one withdrawn in an emergency) over `point`.
+fn compaction_proof(keys: &KeySet, jws: &str, point: u64) -> Option<String> {
+    let header = jsonwebtoken::decode_header(jws).ok()?;
+    if header.typ.as_deref() != Some(COMPACTION_TYP) {
+        return None;
+    }
+    let kid = header.kid?;
+    if keys.withdrawn.contains(&kid) {
+        return None;
+    }
+    let (alg, key) = keys.history.get(&kid)?;
+    if header.alg != *alg {
+        return None;
+    }
+    let mut v = jsonwebtoken::Validation::new(*alg);
+    v.validate_exp = false;
+    v.required_spec_claims.clear();
+    v.validate_aud = false;
+    let c = jsonwebtoken::decode::<Compaction>(jws, key, &v)
+        .ok()?
+        .claims;
+    (c.point == point).then_some(c.anchor)
+}
+
 /// What a checkpoint signs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -358,13 +421,48 @@ pub struct Report {
     /// it cannot be edited, removed or reordered undetected; the ones after
     /// it are chained but unsigned, so dropping them leaves no trace here.
     pub covered: u64,
-    /// The latest point the walked trail says it was compacted to (its
-    /// newest `audit.compacted` record): the records missing from its start
-    /// and the checkpoints missing before its oldest end exactly there.
+    /// The latest point the walked trail says, under the broker's
+    /// signature, it was compacted to (its newest signed `audit.compacted`
+    /// record): the records missing from its start and the checkpoints
+    /// missing before its oldest end exactly there.
     pub compacted_to: Option<u64>,
+    /// The checkpoint that compaction names (SHA-256 of its JWS).
+    compaction_anchor: Option<String>,
+    /// The latest point an `audit.compacted` record without a valid
+    /// signature names (written by a build before signed compactions, or
+    /// forged): accepted only on the operator's word.
+    pub unsigned_compaction: Option<u64>,
 }
 
 impl Report {
+    /// The problem to report, the walk's own or — when `strict` — records
+    /// after the newest checkpoint, or — unless `uncovered_ok` — records
+    /// no checkpoint covers at all.
+    pub fn judged(&self, strict: bool, uncovered_ok: bool) -> Option<(u64, String)> {
+        if self.problem.is_some() {
+            return self.problem.clone();
+        }
+        if self.records > 0 && self.covered < self.first && !uncovered_ok {
+            return Some((
+                self.first,
+                format!(
+                    "no signed checkpoint covers records {}..{}: their chain proves nothing against someone who can rewrite the whole trail (the broker signs one at start, then every 30 s or 1,000 records; pass --allow-uncovered to accept the chain alone)",
+                    self.first, self.last
+                ),
+            ));
+        }
+        if strict && self.unsigned_tail() > 0 {
+            return Some((
+                self.covered.max(self.first.saturating_sub(1)) + 1,
+                format!(
+                    "strict: {} records after the newest checkpoint are not signed yet",
+                    self.unsigned_tail()
+                ),
+            ));
+        }
+        None
+    }
+
     /// Records after the newest checkpoint: chained, not signed.
     pub fn unsigned_tail(&self) -> u64 {
         self.last
@@ -405,8 +503,9 @@ fn signer(jws: &str) -> Option<String> {
 struct Start {
     seq: u64,
     prev: String,
-    /// The anchoring checkpoint's (seq, hash), when compacted.
-    anchor: Option<(u64, String)>,
+    /// The anchoring checkpoint's (seq, hash of its record, hash of its
+    /// JWS), when compacted.
+    anchor: Option<(u64, String, String)>,
 }
 
 async fn start(
@@ -432,12 +531,14 @@ async fn start(
         .await?
         .into_iter()
         .find(|(seq, _)| *seq + 1 == first)
-        .and_then(|(_, jws)| check_signature(keys, &String::from_utf8_lossy(&jws)));
+        .and_then(|(_, jws)| {
+            check_signature(keys, &String::from_utf8_lossy(&jws)).map(|c| (c, sha256_hex(&jws)))
+        });
     Ok(match anchor {
-        Some(c) => Ok(Start {
+        Some((c, jws_hash)) => Ok(Start {
             seq: first,
             prev: c.hash.clone(),
-            anchor: Some((c.seq, c.hash)),
+            anchor: Some((c.seq, c.hash, jws_hash)),
         }),
         None => Err((
             1,
@@ -454,12 +555,13 @@ async fn start(
 /// and counts records; returns the first problem.
 async fn walk(
     store: &dyn Store,
+    keys: &KeySet,
     start: Start,
     hashes: &mut HashMap<u64, String>,
     report: &mut Report,
 ) -> Result<Option<(u64, String)>, StoreError> {
     let (mut expected, mut prev_hash) = (start.seq, start.prev);
-    if let Some((seq, hash)) = start.anchor {
+    if let Some((seq, hash, _)) = start.anchor {
         hashes.insert(seq, hash);
     }
     let mut after = None;
@@ -478,13 +580,22 @@ async fn walk(
                 Err(problem) => return Ok(Some(problem)),
             };
             // A compaction is the broker's own act, to a point before its
-            // record.
+            // record, signed with its key.
             if rec.action == Action::AuditCompacted.as_str()
                 && rec.actor == BROKER_ACTOR
                 && let Ok(point) = rec.target.parse::<u64>()
                 && point < key
             {
-                report.compacted_to = report.compacted_to.max(Some(point));
+                match compaction_proof(keys, &rec.rule, point) {
+                    Some(anchor) if report.compacted_to.is_none_or(|p| point >= p) => {
+                        report.compacted_to = Some(point);
+                        report.compaction_anchor = Some(anchor);
+                    }
+                    Some(_) => {}
+                    None => {
+                        report.unsigned_compaction = report.unsigned_compaction.max(Some(point));
+                    }
+                }
             }
             prev_hash = sha256_hex(&bytes);
             hashes.insert(key, prev_hash.clone());
@@ -602,17 +713,22 @@ async fn check_checkpoints(
 
 /// Walk the whole chain and every checkpoint.
 pub async fn verify(store: &dyn Store, keys: &KeySet) -> Result<Report, StoreError> {
-    verify_witnessed(store, keys, &[]).await
+    verify_witnessed(store, keys, &[], None).await
 }
 
 /// [`verify`], and check that every checkpoint an external witness holds
 /// (`witnessed`, JWS strings) is still matched by the store: a store
 /// truncated or rolled back after those checkpoints fails here, although it
 /// is consistent in itself.
+///
+/// `accept_unsigned`: a compaction to this point whose record carries no
+/// valid signature is accepted (with a note) — for trails compacted by a
+/// build before signed compactions, on the operator's word.
 pub async fn verify_witnessed(
     store: &dyn Store,
     keys: &KeySet,
     witnessed: &[String],
+    accept_unsigned: Option<u64>,
 ) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let start = match start(store, keys).await? {
@@ -624,22 +740,22 @@ pub async fn verify_witnessed(
     };
     let mut hashes = HashMap::new();
     let first = start.seq;
-    let mut problems: Vec<(u64, String)> = walk(store, start, &mut hashes, &mut report)
+    let anchor = start.anchor.as_ref().map(|(_, _, jws)| jws.clone());
+    let mut problems: Vec<(u64, String)> = walk(store, keys, start, &mut hashes, &mut report)
         .await?
         .into_iter()
         .collect();
     // A trail that does not start at record 1 was compacted, and says so in
-    // the record of its latest compaction (written with the deletion);
-    // without it the missing records were removed. (Only a trail walked
-    // whole is judged so: a break in it is the problem to report.)
-    if first > 1 && problems.is_empty() && report.compacted_to != Some(first - 1) {
-        problems.push((
+    // the signed record of its latest compaction (written with the
+    // deletion); without it the missing records were removed. (Only a
+    // trail walked whole is judged so: a break in it is the problem to
+    // report.)
+    if first > 1 && problems.is_empty() {
+        problems.extend(compaction_problem(
+            &mut report,
             first - 1,
-            format!(
-                "records 1..{} are missing, and the trail records no compaction to {}: they were removed, not retained away",
-                first - 1,
-                first - 1
-            ),
+            anchor,
+            accept_unsigned,
         ));
     }
     problems.extend(check_checkpoints(store, keys, &hashes, &mut report).await?);
@@ -647,6 +763,48 @@ pub async fn verify_witnessed(
     // The earliest problem is the one to look at first.
     report.problem = problems.into_iter().min_by_key(|(s, _)| *s);
     Ok(report)
+}
+
+/// Records 1..=`point` are missing: the problem, unless the trail's latest
+/// signed compaction is to `point` and names the checkpoint that anchors
+/// what remains (`anchor`), or the operator accepted an unsigned one there.
+fn compaction_problem(
+    report: &mut Report,
+    point: u64,
+    anchor: Option<String>,
+    accept_unsigned: Option<u64>,
+) -> Option<(u64, String)> {
+    if report.compacted_to == Some(point) {
+        return (report.compaction_anchor != anchor).then(|| {
+            (
+                point,
+                format!(
+                    "the compaction to {point} names another checkpoint than the one that anchors the trail: the checkpoint was replaced"
+                ),
+            )
+        });
+    }
+    if report.unsigned_compaction == Some(point) {
+        if accept_unsigned == Some(point) {
+            report.compacted_to = Some(point);
+            report.notes.push(format!(
+                "records 1..{point} were compacted by a record that carries no signature (a build before signed compactions): accepted on the operator's word"
+            ));
+            return None;
+        }
+        return Some((
+            point,
+            format!(
+                "records 1..{point} are missing, and the trail's record of a compaction to {point} is not signed: a broker of an older build wrote it, or someone who could write the store did (if your broker compacted it, pass --accept-unsigned-compaction {point})"
+            ),
+        ));
+    }
+    Some((
+        point,
+        format!(
+            "records 1..{point} are missing, and the trail records no compaction to {point}: they were removed, not retained away"
+        ),
+    ))
 }
 
 /// Every witnessed checkpoint must verify and match the record the store

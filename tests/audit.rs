@@ -238,7 +238,8 @@ async fn every_action_leaves_one_record_and_the_chain_verifies() {
     let v = verify(&h).await;
     assert!(v.ok, "{v:?}");
     assert_eq!(v.records, records.len() as u64);
-    assert_eq!(v.checkpoints, 1);
+    // The one signed at start, and this one.
+    assert_eq!(v.checkpoints, 2);
 
     // Filters.
     let mut a = AuditClient::new(h.channel(As::Admin).await);
@@ -475,6 +476,96 @@ async fn i21_02_the_oldest_records_removed_without_a_compaction_are_found() {
     h.stop().await;
 }
 
+/// Issue 21, finding 2: a compaction record appended by someone who can
+/// write the store but holds no signing key (chained correctly: the chain
+/// has no key) does not make a removal pass; an operator may accept an
+/// unsigned compaction by name (trails compacted by an older build).
+#[tokio::test]
+async fn i21_02_a_forged_compaction_record_is_found() {
+    let mut h = Harness::start().await;
+    mixed_workload(&h).await;
+    let engine = h.running().engine.clone();
+    let point = engine.checkpoint_audit().await.unwrap().unwrap();
+    let mut c = h.broker(As::Workload).await;
+    grant(&mut c, ask(&["orders.read"])).await;
+    engine.checkpoint_audit().await.unwrap().unwrap();
+    drop((engine, c));
+    if let Some(r) = h.running.take() {
+        r.shutdown().await;
+    }
+    {
+        // What compaction to `point` does, with a record of it in the
+        // right shape, chained after the last — but not signed.
+        let db = sled::open(h.dev.data()).unwrap();
+        let (audit, checkpoints) = (
+            db.open_tree("audit").unwrap(),
+            db.open_tree("audit_checkpoints").unwrap(),
+        );
+        let (last, bytes) = audit.last().unwrap().unwrap();
+        let last = u64::from_be_bytes(last.as_ref().try_into().unwrap());
+        let body = portcullis::audit::AuditLog::bodies(
+            h.clock.now(),
+            vec![
+                portcullis::audit::Entry::ok(
+                    "portcullis",
+                    portcullis::audit::Action::AuditCompacted,
+                    &point.to_string(),
+                    &[],
+                    "retention",
+                )
+                .rule("eyJhbGciOiJFUzI1NiJ9.e30.c2ln"),
+            ],
+        )
+        .unwrap();
+        let forged =
+            portcullis::chain::chained(last + 1, &body[0], &portcullis::chain::sha256_hex(&bytes));
+        audit.insert((last + 1).to_be_bytes(), forged).unwrap();
+        for item in audit.range(..=point.to_be_bytes()) {
+            audit.remove(item.unwrap().0).unwrap();
+        }
+        for item in checkpoints.range(..point.to_be_bytes()) {
+            checkpoints.remove(item.unwrap().0).unwrap();
+        }
+        db.open_tree("batch_slot").unwrap().remove("last").unwrap();
+        db.flush().unwrap();
+    }
+    h.boot().await;
+    let v = verify(&h).await;
+    assert!(!v.ok, "{v:?}");
+    assert_eq!(v.first_bad_seq, point, "{v:?}");
+    assert!(v.problem.contains("is not signed"), "{v:?}");
+    // Accepted on the operator's word, with a note saying so; another
+    // point is not.
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    let asked = |n: u64| pb::VerifyRequest {
+        accept_unsigned_compaction: n,
+        ..Default::default()
+    };
+    let wrong = a.verify(asked(point + 1)).await.unwrap().into_inner();
+    assert!(!wrong.ok, "{wrong:?}");
+    let accepted = a.verify(asked(point)).await.unwrap().into_inner();
+    assert!(accepted.ok, "{accepted:?}");
+    assert!(
+        accepted.notes.iter().any(|n| n.contains("operator's word")),
+        "{accepted:?}"
+    );
+    h.stop().await;
+}
+
+/// Issue 21, finding 2: a fresh broker's trail verifies at once — it signs
+/// a checkpoint at start — where before its records were covered by no
+/// checkpoint for up to 30 s (and a trail no checkpoint covers no longer
+/// verifies: `audit` `a_trail_no_checkpoint_covers_is_not_verified`).
+#[tokio::test]
+async fn i21_02_a_fresh_trail_is_covered_from_the_start() {
+    let h = Harness::start().await;
+    let v = verify(&h).await;
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.checkpoints, 1, "{v:?}");
+    assert_eq!(v.covered_seq, v.last_seq, "{v:?}");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn metrics_health_and_reflection() {
     let h = Harness::start().await;
@@ -633,13 +724,14 @@ async fn f03_verify_says_what_it_proved_and_strict_refuses_an_unsigned_tail() {
 async fn f03_a_truncated_trail_is_caught_against_the_witness() {
     let mut h = Harness::start().await;
     let witness = h.dir.path().join("witness.jws");
-    // Each shutdown signs a checkpoint and hands it to the witness.
+    // Each start and each shutdown signs a checkpoint and hands it to the
+    // witness.
     h.restart_with(|cfg| cfg.audit_witness = Some(witness.clone()))
         .await;
     mixed_workload(&h).await;
     h.halt().await;
     let first = std::fs::read_to_string(&witness).unwrap();
-    assert_eq!(first.lines().count(), 1, "{first}");
+    assert_eq!(first.lines().count(), 2, "{first}");
     h.restart_with(|cfg| {
         cfg.audit_witness = Some(witness.clone());
     })
@@ -651,7 +743,7 @@ async fn f03_a_truncated_trail_is_caught_against_the_witness() {
         .lines()
         .map(str::to_owned)
         .collect();
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 4);
 
     // Roll the store back to the first checkpoint: drop every later record
     // and checkpoint. What remains is consistent in itself.
@@ -751,8 +843,9 @@ async fn f03_the_export_stream_carries_its_checkpoints() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(page.checkpoints.len(), 1, "{:?}", page.checkpoints);
-    let claims = part(&page.checkpoints[0], 1);
+    // The one signed at start, and this one.
+    assert_eq!(page.checkpoints.len(), 2, "{:?}", page.checkpoints);
+    let claims = part(&page.checkpoints[1], 1);
     assert_eq!(claims["seq"], seq);
     let later = a
         .export(pb::ExportRequest {

@@ -453,7 +453,8 @@ async fn f05_audit_verify_survives_key_removal_and_names_withdrawn_signers() {
         .unwrap()
         .into_inner();
     assert!(v.ok, "{v:?}");
-    assert_eq!(v.checkpoints, 2, "{v:?}");
+    // The one signed at start and the two above.
+    assert_eq!(v.checkpoints, 3, "{v:?}");
     assert!(v.notes.is_empty(), "{v:?}");
 
     // Emergency: the active key is withdrawn; its checkpoint is named.
@@ -467,8 +468,8 @@ async fn f05_audit_verify_survives_key_removal_and_names_withdrawn_signers() {
         .into_inner();
     assert!(v.ok, "not tampering: {v:?}");
     assert_eq!(
-        v.checkpoints, 2,
-        "the removed key's and the new key's: {v:?}"
+        v.checkpoints, 3,
+        "the removed key's two (at start and the first above) and the new key's: {v:?}"
     );
     assert_eq!(v.notes.len(), 1, "{v:?}");
     assert!(v.notes[0].contains("withdrawn in an emergency"), "{v:?}");

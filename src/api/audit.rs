@@ -100,19 +100,10 @@ impl Audit for AuditService {
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let who = caller(&req)?;
         let m = req.into_inner();
-        let strict = m.strict;
         self.engine.settled().await?;
-        let report = self.engine.verify_audit(&who, m.witnessed).await?;
-        let mut problem = report.problem.clone();
-        if strict && problem.is_none() && report.unsigned_tail() > 0 {
-            problem = Some((
-                report.covered + 1,
-                format!(
-                    "strict: {} records after the newest checkpoint are not signed yet",
-                    report.unsigned_tail()
-                ),
-            ));
-        }
+        let accept = (m.accept_unsigned_compaction > 0).then_some(m.accept_unsigned_compaction);
+        let report = self.engine.verify_audit(&who, m.witnessed, accept).await?;
+        let problem = report.judged(m.strict, m.allow_uncovered);
         let (first_bad_seq, problem_text) = problem.clone().unwrap_or_default();
         Ok(Response::new(pb::VerifyResponse {
             ok: problem.is_none(),

@@ -51,6 +51,14 @@ pub enum AuditCmd {
         /// still be matched by the store.
         #[arg(long)]
         witness: Option<std::path::PathBuf>,
+        /// Accept a trail no signed checkpoint covers (the chain alone
+        /// proves nothing against someone who can rewrite it whole).
+        #[arg(long)]
+        allow_uncovered: bool,
+        /// Accept a compaction to record N whose record carries no
+        /// signature: trails compacted by a build before signed compactions.
+        #[arg(long, value_name = "N")]
+        accept_unsigned_compaction: Option<u64>,
     },
 }
 
@@ -76,12 +84,23 @@ fn stream_format(out: Output, format: AuditFormat) -> AuditFormat {
 pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Failure> {
     let mut a = AuditClient::new(channel);
     match cmd {
-        AuditCmd::Verify { strict, witness } => {
+        AuditCmd::Verify {
+            strict,
+            witness,
+            allow_uncovered,
+            accept_unsigned_compaction,
+        } => {
             let witnessed = match witness {
                 Some(path) => newest_lines(&path, WITNESS_SENT)?,
                 None => Vec::new(),
             };
-            verify(out, &mut a, strict, witnessed).await
+            let asked = pb::VerifyRequest {
+                strict,
+                witnessed,
+                allow_uncovered,
+                accept_unsigned_compaction: accept_unsigned_compaction.unwrap_or(0),
+            };
+            verify(out, &mut a, asked).await
         }
         AuditCmd::Export {
             since,
@@ -140,13 +159,9 @@ fn newest_lines(path: &std::path::Path, n: usize) -> Result<Vec<String>, Failure
 async fn verify(
     out: Output,
     a: &mut AuditClient<Channel>,
-    strict: bool,
-    witnessed: Vec<String>,
+    asked: pb::VerifyRequest,
 ) -> Result<i32, Failure> {
-    let r = a
-        .verify(pb::VerifyRequest { strict, witnessed })
-        .await?
-        .into_inner();
+    let r = a.verify(asked).await?.into_inner();
     let mut text = if r.ok {
         format!(
             "verified {} records and {} signed checkpoints: {}\n",

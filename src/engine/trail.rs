@@ -208,10 +208,17 @@ impl Engine {
         &self,
         who: &Identity,
         witnessed: Vec<String>,
+        accept_unsigned_compaction: Option<u64>,
     ) -> Result<Report, EngineError> {
         self.require_auditor(who)?;
         let keys = self.keys.current();
-        Ok(crate::audit::verify_witnessed(self.store().as_ref(), &keys, &witnessed).await?)
+        Ok(crate::audit::verify_witnessed(
+            self.store().as_ref(),
+            &keys,
+            &witnessed,
+            accept_unsigned_compaction,
+        )
+        .await?)
     }
 
     /// Follow the trail from after `after_seq` (0: only new records).
@@ -296,6 +303,36 @@ mod tests {
     #[allow(unused_imports)]
     use crate::store::conformance::TestWrites as _;
 
+    /// Issue 21, finding 2: a trail no signed checkpoint covers is not
+    /// verified unless the chain alone is asked for; signed, it is.
+    #[tokio::test]
+    async fn a_trail_no_checkpoint_covers_is_not_verified() {
+        let r = rig(POLICY).await;
+        for _ in 0..3 {
+            r.engine
+                .request_token(&workload(), ask(&["read"]))
+                .await
+                .unwrap();
+        }
+        let carol = id("spiffe://t/human/carol");
+        let report = r.engine.verify_audit(&carol, vec![], None).await.unwrap();
+        assert!(report.problem.is_none(), "the chain itself is whole");
+        let (seq, why) = report.judged(false, false).unwrap();
+        assert_eq!(seq, report.first);
+        assert!(why.contains("no signed checkpoint covers"), "{why}");
+        assert!(
+            report.judged(false, true).is_none(),
+            "the chain alone, asked for"
+        );
+        assert!(
+            report.judged(true, true).is_some(),
+            "strict still wants signatures"
+        );
+        r.engine.sign_checkpoint().await.unwrap().unwrap();
+        let report = r.engine.verify_audit(&carol, vec![], None).await.unwrap();
+        assert!(report.judged(true, false).is_none(), "{report:?}");
+    }
+
     #[tokio::test]
     async fn auditors_export_filtered_pages_and_tail_new_records() {
         let r = rig(POLICY).await;
@@ -348,7 +385,11 @@ mod tests {
             .unwrap();
         let (rec, _) = tail.next().await.unwrap().unwrap();
         assert_eq!(rec.seq, 5, "live after the replay");
-        let report = r.engine.verify_audit(&carol, Vec::new()).await.unwrap();
+        let report = r
+            .engine
+            .verify_audit(&carol, Vec::new(), None)
+            .await
+            .unwrap();
         assert_eq!((report.records, report.problem), (5, None));
     }
 

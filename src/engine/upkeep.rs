@@ -59,9 +59,11 @@ pub struct PolicySwap {
 }
 
 impl Engine {
-    /// Sign a checkpoint over the newest audit record now (scheduled by the
-    /// server; tests call it directly).
+    /// Sign a checkpoint over the newest audit record now, every record
+    /// this broker noted before the call included (scheduled by the server;
+    /// tests call it directly).
     pub async fn checkpoint_audit(&self) -> Result<Option<u64>, EngineError> {
+        self.settled().await?;
         Ok(self.sign_checkpoint().await?.map(|(seq, _)| seq))
     }
 
@@ -182,23 +184,37 @@ impl Engine {
             before,
         )
         .await?;
-        if let Some(seq) = point {
-            self.commit(|mut op| async move {
-                op.fence(self.upkeep_fence());
-                op.write(Write::CompactAudit(seq));
-                op.record(vec![AuditEntry::ok(
+        let Some((seq, anchor)) = point else {
+            return Ok(None);
+        };
+        // Signed: a compaction record someone appends without the key is
+        // found by `audit verify`.
+        let proof = crate::audit::sign_compaction(
+            &self.keys.current(),
+            &self.issuer,
+            seq,
+            &anchor,
+            self.clock.now(),
+        )?;
+        let proof = &proof;
+        self.commit(|mut op| async move {
+            op.fence(self.upkeep_fence());
+            op.write(Write::CompactAudit(seq));
+            op.record(vec![
+                AuditEntry::ok(
                     SYSTEM_ACTOR,
                     Action::AuditCompacted,
                     &seq.to_string(),
                     &[],
                     "retention",
-                )])?;
-                Ok((op, ()))
-            })
-            .await?;
-            tracing::info!(through = seq, "audit trail compacted");
-        }
-        Ok(point)
+                )
+                .rule(proof.clone()),
+            ])?;
+            Ok((op, ()))
+        })
+        .await?;
+        tracing::info!(through = seq, "audit trail compacted");
+        Ok(Some(seq))
     }
 
     /// Swap in a new (already validated) policy; requests in flight finish

@@ -333,11 +333,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     check_config(&cfg)?;
     let (grpc_tls, http_tls) = read_tls(&cfg)?;
     let (store, ring, node) = open_state(&cfg).await?;
-    let (grpc_listener, grpc_addr) = bind(cfg.listen).await?;
-    let http = bind_http(cfg.http_listen).await?;
-    let http_addr = http.as_ref().map(|(_, a)| *a);
-    let health = bind_http(cfg.health_listen).await?;
-    let health_addr = health.as_ref().map(|(_, a)| *a);
+    let listeners = bind_all(&cfg, grpc_tls, http_tls).await?;
+    let (grpc_addr, http_addr) = (listeners.grpc_addr, listeners.http_addr());
+    let health_addr = listeners.health.as_ref().map(|(_, a)| *a);
     let issuer = settle_issuer(&cfg, &store, grpc_addr, http_addr).await?;
     store.resign(START_ROLE, &node).await?;
     let audit = AuditLog::open(store.as_ref()).await?;
@@ -360,13 +358,6 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     // The first leadership verdict before any task starts: a store of its
     // own leads from the start.
     tasks::lead_round(&engine, &node).await;
-    let listeners = Listeners {
-        grpc: grpc_listener,
-        grpc_tls,
-        http,
-        http_tls,
-        health,
-    };
     let (tracker, console_url) = match serve(&cfg, &engine, listeners, &node, &cancel) {
         Ok(t) => t,
         Err(e) => {
@@ -375,6 +366,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             return Err(e);
         }
     };
+    // A first checkpoint before "ready", over the start's own records: a
+    // fresh trail verifies at once (one no checkpoint covers does not).
+    tasks::first_checkpoint(&engine, &tasks::Witness::of(&cfg)).await;
     log_ready(&engine, grpc_addr, http_addr, &node);
     Ok(Running {
         grpc_addr,
@@ -457,6 +451,7 @@ fn read_tls(
 /// Bound listeners and their TLS.
 struct Listeners {
     grpc: TcpListener,
+    grpc_addr: SocketAddr,
     grpc_tls: tonic::transport::ServerTlsConfig,
     http: Option<(TcpListener, SocketAddr)>,
     http_tls: Option<Arc<rustls::ServerConfig>>,
@@ -735,6 +730,29 @@ async fn open_store(cfg: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
 }
 
 /// The HTTP listener, when one is asked for.
+/// Bind every listener `cfg` asks for.
+async fn bind_all(
+    cfg: &ServeConfig,
+    grpc_tls: tonic::transport::ServerTlsConfig,
+    http_tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<Listeners, ServeError> {
+    let (grpc, grpc_addr) = bind(cfg.listen).await?;
+    Ok(Listeners {
+        grpc,
+        grpc_addr,
+        grpc_tls,
+        http: bind_http(cfg.http_listen).await?,
+        http_tls,
+        health: bind_http(cfg.health_listen).await?,
+    })
+}
+
+impl Listeners {
+    fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(_, a)| *a)
+    }
+}
+
 async fn bind_http(
     addr: Option<SocketAddr>,
 ) -> Result<Option<(TcpListener, SocketAddr)>, ServeError> {
@@ -803,14 +821,10 @@ fn spawn_tasks(
     if let Some(keep) = cfg.retention {
         tracker.spawn(tasks::retention(engine.clone(), keep, c()));
     }
-    let witness = tasks::Witness {
-        file: cfg.audit_witness.clone(),
-        url: cfg.audit_witness_url.clone(),
-    };
     tracker.spawn(tasks::checkpoints(
         engine.clone(),
         cfg.audit_retention,
-        witness,
+        tasks::Witness::of(cfg),
         c(),
     ));
     tracker.spawn(tasks::count_gauges(engine.clone()));

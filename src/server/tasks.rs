@@ -160,6 +160,14 @@ pub(super) struct Witness {
 }
 
 impl Witness {
+    /// The witnesses `cfg` names.
+    pub(super) fn of(cfg: &super::ServeConfig) -> Self {
+        Self {
+            file: cfg.audit_witness.clone(),
+            url: cfg.audit_witness_url.clone(),
+        }
+    }
+
     /// Hand one checkpoint to every configured witness; failures are logged
     /// (the checkpoint is in the store either way).
     async fn hand_over(&self, seq: u64, jws: &str) {
@@ -175,6 +183,19 @@ impl Witness {
             }
         }
     }
+}
+
+/// At start, by the broker that leads: a checkpoint over what is stored,
+/// the start's records included.
+pub(super) async fn first_checkpoint(engine: &Engine, witness: &Witness) {
+    if !engine.leads() {
+        return;
+    }
+    if let Err(e) = engine.settled().await {
+        tracing::error!(error = %e, "the start's records were not applied; no first checkpoint");
+        return;
+    }
+    checkpoint(engine, None, witness).await;
 }
 
 async fn checkpoint(engine: &Engine, retention: Option<Duration>, witness: &Witness) {
