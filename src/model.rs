@@ -304,6 +304,22 @@ impl Lease {
 }
 
 impl TokenRequest {
+    /// Who made it: the holder who asked for an exchange (its nearest
+    /// actor), else its requester. A request counts against its maker's
+    /// quota.
+    pub fn made_by(&self) -> &str {
+        self.delegation
+            .as_ref()
+            .and_then(|d| d.actors.first())
+            .map_or(self.requester.as_str(), String::as_str)
+    }
+
+    /// Those a request concerns: its requester and its maker (once each).
+    pub fn parties(&self) -> impl Iterator<Item = &str> {
+        let maker = Some(self.made_by()).filter(|m| *m != self.requester);
+        std::iter::once(self.requester.as_str()).chain(maker)
+    }
+
     /// A new request `id` by `requester` for `terms`, created at `now` in
     /// `state` (its first transition); no deadline, requirements or digest
     /// yet.

@@ -463,7 +463,7 @@ impl Engine {
         page_token: &str,
     ) -> Result<(Vec<TokenRequest>, String), EngineError> {
         let policy = self.policy();
-        self.page_open_requests(page_size_asked, page_token, |r| {
+        self.page_open_requests(None, page_size_asked, page_token, |r| {
             may_decide(&policy, who, r)
                 && ((r.state == RequestState::Pending
                     && !r

@@ -155,15 +155,6 @@ impl Drop for WatchPermit {
     }
 }
 
-/// Who made `r`: the holder who asked for an exchange (the nearest actor),
-/// else its requester.
-fn made_by(r: &crate::model::TokenRequest) -> &str {
-    r.delegation
-        .as_ref()
-        .and_then(|d| d.actors.first())
-        .map_or(r.requester.as_str(), String::as_str)
-}
-
 fn exhausted(what: String) -> EngineError {
     EngineError::Exhausted(what)
 }
@@ -220,12 +211,16 @@ impl Engine {
         let mut mine = 0;
         let mut after: Option<String> = None;
         loop {
-            let chunk = self.store().open_requests(after.as_deref(), 256).await?;
+            // Only the requests that concern `who` are read.
+            let chunk = self
+                .store()
+                .open_requests_of(who.as_str(), after.as_deref(), 256)
+                .await?;
             let Some(last) = chunk.last() else {
                 return Ok(());
             };
             after = Some(last.id.clone());
-            mine += chunk.iter().filter(|r| made_by(r) == who.as_str()).count();
+            mine += chunk.iter().filter(|r| r.made_by() == who.as_str()).count();
             if mine >= max {
                 return Err(exhausted(format!(
                     "at most {max} open requests per identity (--max-open-requests); withdraw one or wait for a decision"

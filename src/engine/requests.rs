@@ -124,14 +124,19 @@ impl Engine {
         page_size_asked: usize,
         page_token: &str,
     ) -> Result<(Vec<TokenRequest>, String), EngineError> {
-        self.page_open_requests(page_size_asked, page_token, |r| r.requester == who.as_str())
-            .await
+        self.page_open_requests(Some(who), page_size_asked, page_token, |r| {
+            r.requester == who.as_str()
+        })
+        .await
     }
 
     /// A page of the open requests `keep` selects, oldest first, after
     /// `page_token`, and the token of the next page (empty: no more).
+    /// `party`: only requests it is a party to are read (through the
+    /// store's index), else every open request.
     pub(super) async fn page_open_requests(
         &self,
+        party: Option<&Identity>,
         page_size_asked: usize,
         page_token: &str,
         keep: impl Fn(&TokenRequest) -> bool,
@@ -144,7 +149,14 @@ impl Engine {
         let mut out = Vec::new();
         let mut after = (!page_token.is_empty()).then(|| page_token.to_owned());
         loop {
-            let chunk = self.store().open_requests(after.as_deref(), SCAN).await?;
+            let chunk = match party {
+                Some(who) => {
+                    self.store()
+                        .open_requests_of(who.as_str(), after.as_deref(), SCAN)
+                        .await?
+                }
+                None => self.store().open_requests(after.as_deref(), SCAN).await?,
+            };
             let exhausted = chunk.len() < SCAN;
             for r in chunk {
                 after = Some(r.id.clone());

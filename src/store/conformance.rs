@@ -569,6 +569,172 @@ async fn open_requests_track_decisions_claims_and_reviews() {
     }
 }
 
+/// Issue 21, finding 6: the open requests of one identity — as requester,
+/// or as the holder who made an exchange for another — are read through
+/// an index that follows every change (and, on sled, is rebuilt at open).
+#[tokio::test]
+async fn open_requests_of_follow_their_requester_and_maker() {
+    for (name, s, dir) in backends().await {
+        let s: &dyn Store = s.as_ref();
+        let by = |id: &str, who: &str| TokenRequest {
+            requester: who.into(),
+            ..request(id, 10)
+        };
+        let a = by("r_a", "spiffe://t/w1");
+        let b = by("r_b", "spiffe://t/w2");
+        let c = TokenRequest {
+            delegation: Some(crate::model::Delegation {
+                parent_id: "l_p".into(),
+                depth: 1,
+                actors: vec!["spiffe://t/w1".into()],
+            }),
+            ..by("r_c", "spiffe://t/w3")
+        };
+        let d = TokenRequest {
+            state: RequestState::Denied,
+            ..by("r_d", "spiffe://t/w1")
+        };
+        // A name that starts with another's is not that identity.
+        let e = by("r_e", "spiffe://t/w1x");
+        for r in [&a, &b, &c, &d, &e] {
+            s.create_request(r, None).await.unwrap();
+        }
+        let of = |who: &'static str, after: Option<&'static str>, n: usize| async move {
+            s.open_requests_of(who, after, n)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            of("spiffe://t/w1", None, 10).await,
+            ["r_a", "r_c"],
+            "{name}"
+        );
+        assert_eq!(
+            of("spiffe://t/w1", Some("r_a"), 10).await,
+            ["r_c"],
+            "{name}"
+        );
+        assert_eq!(of("spiffe://t/w1", None, 1).await, ["r_a"], "{name}");
+        assert_eq!(of("spiffe://t/w3", None, 10).await, ["r_c"], "{name}");
+        assert_eq!(of("spiffe://t/w2", None, 10).await, ["r_b"], "{name}");
+        assert!(of("spiffe://t/nobody", None, 10).await.is_empty(), "{name}");
+        let issued = TokenRequest {
+            state: RequestState::Issued,
+            ..a.clone()
+        };
+        assert!(s.swap_request(&a, &issued).await.unwrap());
+        assert_eq!(of("spiffe://t/w1", None, 10).await, ["r_c"], "{name}");
+        s.apply_now(one(Write::DeleteRequest(c.clone())))
+            .await
+            .unwrap();
+        assert!(of("spiffe://t/w1", None, 10).await.is_empty(), "{name}");
+        assert!(of("spiffe://t/w3", None, 10).await.is_empty(), "{name}");
+        assert_eq!(of("spiffe://t/w1x", None, 10).await, ["r_e"], "{name}");
+        drop(dir);
+    }
+}
+
+/// sled: the open-request index is rebuilt at open (a build before it did
+/// not keep it), from the open requests.
+#[tokio::test]
+async fn sled_rebuilds_the_open_request_index_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStore::open(dir.path()).unwrap();
+        s.create_request(&request("r_1", 10), None).await.unwrap();
+    }
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.drop_tree("requests_open_by").unwrap();
+        db.flush().unwrap();
+    }
+    let s = SledStore::open(dir.path()).unwrap();
+    let found = s.open_requests_of("spiffe://t/w", None, 10).await.unwrap();
+    assert_eq!(found.len(), 1);
+}
+
+/// An open request by `w1`, an open exchange `w1` asked for on behalf of
+/// `w3`, and a denied request by `w1`.
+async fn write_a_request_of_each_kind(s: &dyn Store) {
+    let by = |id: &str, who: &str| TokenRequest {
+        requester: who.into(),
+        ..request(id, 10)
+    };
+    s.create_request(&by("r_a", "spiffe://t/w1"), None)
+        .await
+        .unwrap();
+    let exchange = TokenRequest {
+        delegation: Some(crate::model::Delegation {
+            parent_id: "l_p".into(),
+            depth: 1,
+            actors: vec!["spiffe://t/w1".into()],
+        }),
+        ..by("r_c", "spiffe://t/w3")
+    };
+    s.create_request(&exchange, None).await.unwrap();
+    let denied = TokenRequest {
+        state: RequestState::Denied,
+        ..by("r_d", "spiffe://t/w1")
+    };
+    s.create_request(&denied, None).await.unwrap();
+}
+
+/// PostgreSQL: migration 4 fills the party columns of the open requests a
+/// database written before it holds, from their JSON records (the
+/// requester, and the nearest actor of a parked exchange), and leaves
+/// closed ones alone.
+#[tokio::test]
+async fn postgres_migration_4_fills_the_parties_of_open_requests() {
+    use super::postgres::{PgOptions, PgStore, TEST_DATABASE_ENV, scratch_database};
+    let Ok(base) = std::env::var(TEST_DATABASE_ENV) else {
+        eprintln!("SKIPPED: PostgreSQL migration 4 backfill ({TEST_DATABASE_ENV} is not set)");
+        return;
+    };
+    let url = scratch_database(&base).await.unwrap();
+    let options = PgOptions {
+        url: url.clone(),
+        ca_file: None,
+        pool_size: 2,
+    };
+    write_a_request_of_each_kind(&PgStore::connect(&options).await.unwrap()).await;
+    // Back to the schema of version 3: no party columns, no version 4.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(
+            "ALTER TABLE requests DROP COLUMN requester, DROP COLUMN made_by;
+             DELETE FROM portcullis_migrations WHERE version = 4;",
+        )
+        .await
+        .unwrap();
+    let s = PgStore::connect(&options).await.unwrap();
+    let of = |who: &'static str| {
+        let s = &s;
+        async move {
+            s.open_requests_of(who, None, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(of("spiffe://t/w1").await, ["r_a", "r_c"]);
+    assert_eq!(of("spiffe://t/w3").await, ["r_c"]);
+    let closed = client
+        .query_one("SELECT made_by FROM requests WHERE id = 'r_d'", &[])
+        .await
+        .unwrap();
+    assert_eq!(closed.get::<_, Option<String>>(0), None);
+    drop(client);
+    driver.abort();
+}
+
 #[tokio::test]
 async fn audit_records_keep_sequence_order() {
     for (name, s, _dir) in backends().await {
@@ -1083,6 +1249,14 @@ impl<D: Decorate> Store for D {
         l: usize,
     ) -> Result<Vec<TokenRequest>, StoreError> {
         self.inner().open_requests(a, l).await
+    }
+    async fn open_requests_of(
+        &self,
+        w: &str,
+        a: Option<&str>,
+        l: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        self.inner().open_requests_of(w, a, l).await
     }
     async fn due(&self, i: Due, n: Millis, l: usize) -> Result<Vec<String>, StoreError> {
         self.inner().due(i, n, l).await

@@ -21,6 +21,8 @@ struct Inner {
     requests: BTreeMap<String, TokenRequest>,
     request_expiry: BTreeSet<Vec<u8>>,
     requests_open: BTreeSet<String>,
+    /// (party, id) of open requests ([`TokenRequest::parties`]).
+    requests_open_by: BTreeSet<(String, String)>,
     idem: BTreeMap<Vec<u8>, Idempotency>,
     keys: BTreeMap<String, KeyRecord>,
     audit: BTreeMap<u64, Vec<u8>>,
@@ -91,8 +93,16 @@ impl Tables for Inner {
             self.request_expiry
                 .insert(deadline_key(new.deadline, &new.id));
         }
+        if let Some(o) = old {
+            for p in o.parties() {
+                self.requests_open_by.remove(&(p.to_owned(), o.id.clone()));
+            }
+        }
         if new.is_open() {
             self.requests_open.insert(new.id.clone());
+            for p in new.parties() {
+                self.requests_open_by.insert((p.to_owned(), new.id.clone()));
+            }
         } else {
             self.requests_open.remove(&new.id);
         }
@@ -152,6 +162,9 @@ impl Tables for Inner {
     fn delete_request(&mut self, r: &TokenRequest) -> Result<(), StoreError> {
         self.request_expiry.remove(&deadline_key(r.deadline, &r.id));
         self.requests_open.remove(&r.id);
+        for p in r.parties() {
+            self.requests_open_by.remove(&(p.to_owned(), r.id.clone()));
+        }
         self.requests.remove(&r.id);
         Ok(())
     }
@@ -388,6 +401,27 @@ impl Store for MemStore {
         Ok(g.requests_open
             .range((start, Bound::Unbounded))
             .filter_map(|id| g.requests.get(id).cloned())
+            .take(limit)
+            .collect())
+    }
+
+    async fn open_requests_of(
+        &self,
+        who: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        let g = self.lock()?;
+        let from = (who.to_owned(), after.unwrap_or_default().to_owned());
+        let start = if after.is_some() {
+            Bound::Excluded(from)
+        } else {
+            Bound::Included(from)
+        };
+        Ok(g.requests_open_by
+            .range((start, Bound::Unbounded))
+            .take_while(|(p, _)| p == who)
+            .filter_map(|(_, id)| g.requests.get(id).cloned())
             .take(limit)
             .collect())
     }

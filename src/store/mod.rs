@@ -185,6 +185,16 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TokenRequest>, StoreError>;
+    /// The open requests `who` is a party to ([`TokenRequest::parties`]:
+    /// its requester, or the holder who made an exchange for another), in
+    /// id order, after `after`, at most `limit` — read through an index,
+    /// not a scan of every open request.
+    async fn open_requests_of(
+        &self,
+        who: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError>;
 
     // Time-driven work.
 

@@ -92,6 +92,9 @@ pub struct SledCore {
     requests: Tree,
     request_expiry: Tree,
     requests_open: Tree,
+    /// Party ‖ NUL ‖ id of open requests ([`TokenRequest::parties`]):
+    /// derived, rebuilt at every open.
+    requests_open_by: Tree,
     idem: Tree,
     keys: Tree,
     pub(crate) audit: Tree,
@@ -146,6 +149,9 @@ const KEYS: usize = 8;
 const AUDIT: usize = 9;
 const CHECKPOINTS: usize = 10;
 const META: usize = 11;
+const REQUESTS_OPEN_BY: usize = 12;
+/// Trees a batch may write.
+const TREES: usize = 13;
 
 /// One change to one tree: (tree index, key, new value or removal).
 type Change = (u8, Vec<u8>, Option<Vec<u8>>);
@@ -155,7 +161,7 @@ type Change = (u8, Vec<u8>, Option<Vec<u8>>);
 /// serialised (the chain head's lock), so what was read stays true until
 /// the changes are written.
 struct Staged<'a> {
-    trees: [&'a Tree; 12],
+    trees: [&'a Tree; TREES],
     keys: &'a mut std::collections::HashMap<String, Option<KeyRecord>>,
     /// What the batches of this group before this one changed.
     group: &'a Overlay,
@@ -311,7 +317,15 @@ impl Tables for Staged<'_> {
                 self.del(REQUEST_EXPIRY, &k)?;
             }
         }
+        if let Some(o) = old {
+            for p in o.parties() {
+                self.del(REQUESTS_OPEN_BY, &party_key(p, &o.id))?;
+            }
+        }
         if new.is_open() {
+            for p in new.parties() {
+                self.put(REQUESTS_OPEN_BY, &party_key(p, &new.id), &[])?;
+            }
             self.put(REQUESTS_OPEN, new.id.as_bytes(), &[])
         } else {
             self.del(REQUESTS_OPEN, new.id.as_bytes())
@@ -384,6 +398,9 @@ impl Tables for Staged<'_> {
             self.del(REQUEST_EXPIRY, &deadline_key(r.deadline, &r.id))?;
         }
         self.del(REQUESTS_OPEN, r.id.as_bytes())?;
+        for p in r.parties() {
+            self.del(REQUESTS_OPEN_BY, &party_key(p, &r.id))?;
+        }
         self.del(REQUESTS, r.id.as_bytes())
     }
 
@@ -547,6 +564,7 @@ impl SledStore {
         // written to it.
         core.check_schema()?;
         core.finish_last_batch()?;
+        core.index_open_requests()?;
         core.continue_from_stored()?;
         if fresh {
             // The new files' directory entries must survive a crash too.
@@ -576,6 +594,7 @@ impl SledCore {
             requests: tree("requests")?,
             request_expiry: tree("request_expiry")?,
             requests_open: tree("requests_open")?,
+            requests_open_by: tree("requests_open_by")?,
             idem: tree("idempotency")?,
             keys: tree("keys")?,
             audit: tree("audit")?,
@@ -606,7 +625,34 @@ impl SledCore {
     }
 }
 
+/// The key of `id` under `party` in `requests_open_by`.
+fn party_key(party: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(party.len() + 1 + id.len());
+    k.extend_from_slice(party.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 impl SledCore {
+    /// Build `requests_open_by` afresh from `requests_open`: it is derived,
+    /// and a build before it (which opens this store too) does not keep it.
+    /// Open requests are few (a quota per identity), so this is quick.
+    fn index_open_requests(&self) -> Result<(), StoreError> {
+        self.requests_open_by.clear().map_err(unavailable)?;
+        for item in &self.requests_open {
+            let (id, _) = item.map_err(unavailable)?;
+            if let Some(r) = self.request(&String::from_utf8_lossy(&id))? {
+                for p in r.parties() {
+                    self.requests_open_by
+                        .insert(party_key(p, &r.id), &[])
+                        .map_err(unavailable)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Refuse a layout this build does not know; record the current version
     /// on a new store. A readable older version is left as it is until
     /// [`Self::mark_current`].
@@ -710,7 +756,7 @@ impl SledCore {
         Self::write_each(&trees, changes)
     }
 
-    fn write_each(trees: &[&Tree; 12], changes: &[Change]) -> Result<(), StoreError> {
+    fn write_each(trees: &[&Tree; TREES], changes: &[Change]) -> Result<(), StoreError> {
         for (tree, key, value) in changes {
             let t = trees
                 .get(usize::from(*tree))
@@ -880,7 +926,7 @@ impl SledCore {
     }
 
     /// Every tree a batch may write, in the order of the index constants.
-    fn batch_trees(&self) -> [&Tree; 12] {
+    fn batch_trees(&self) -> [&Tree; TREES] {
         [
             &self.leases,
             &self.lease_expiry,
@@ -894,6 +940,7 @@ impl SledCore {
             &self.audit,
             &self.checkpoints,
             &self.meta,
+            &self.requests_open_by,
         ]
     }
 
@@ -1047,6 +1094,38 @@ impl SledCore {
             .map_err(unavailable)?
             .map(|v| decode("requests", id.as_bytes(), &v))
             .transpose()
+    }
+
+    fn open_requests_of(
+        &self,
+        who: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        let prefix = party_key(who, "");
+        let from = party_key(who, after.unwrap_or_default());
+        let start = if after.is_some() {
+            std::ops::Bound::Excluded(from)
+        } else {
+            std::ops::Bound::Included(from)
+        };
+        let mut out = Vec::new();
+        for item in self
+            .requests_open_by
+            .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
+        {
+            let (k, _) = item.map_err(unavailable)?;
+            let Some(id) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(r) = self.request(&String::from_utf8_lossy(id))? {
+                out.push(r);
+            }
+        }
+        Ok(out)
     }
 
     fn open_requests(
@@ -1247,6 +1326,15 @@ impl Store for SledStore {
         limit: usize,
     ) -> Result<Vec<TokenRequest>, StoreError> {
         self.core.open_requests(after, limit)
+    }
+
+    async fn open_requests_of(
+        &self,
+        who: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        self.core.open_requests_of(who, after, limit)
     }
 
     async fn due(&self, index: Due, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {

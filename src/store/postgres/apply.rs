@@ -41,10 +41,12 @@ const LEASE_NEW: &str =
 const LEASE_SWAP: &str = "UPDATE leases
      SET active = $3, expires_at = $4, kid = $5, ended_at = $6, record = $7
      WHERE id = $1 AND record = $2 RETURNING 1";
-const REQUEST_NEW: &str = "INSERT INTO requests (id, live, deadline, open, ended_at, record)
-     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING 1";
+const REQUEST_NEW: &str = "INSERT INTO requests
+     (id, live, deadline, open, ended_at, record, requester, made_by)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING RETURNING 1";
 const REQUEST_SWAP: &str = "UPDATE requests
-     SET live = $3, deadline = $4, open = $5, ended_at = $6, record = $7
+     SET live = $3, deadline = $4, open = $5, ended_at = $6, record = $7,
+         requester = $8, made_by = $9
      WHERE id = $1 AND record = $2 RETURNING 1";
 const LEASE_DELETE: &str = "DELETE FROM leases WHERE id = $1 AND record = $2 RETURNING 1";
 const REQUEST_DELETE: &str = "DELETE FROM requests WHERE id = $1 AND record = $2 RETURNING 1";
@@ -153,6 +155,8 @@ fn request_params(
         Box::new(row.open),
         Box::new(row.ended_at),
         Box::new(row.record),
+        Box::new(r.requester.clone()),
+        Box::new(r.made_by().to_owned()),
     ]);
     Ok(p)
 }

@@ -443,6 +443,28 @@ impl Store for PgStore {
         .collect()
     }
 
+    async fn open_requests_of(
+        &self,
+        who: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TokenRequest>, StoreError> {
+        self.keyed(
+            "SELECT id, record FROM requests
+             WHERE open AND (requester = $1 OR made_by = $1) AND id > $2
+             ORDER BY id LIMIT $3",
+            vec![
+                Box::new(who.to_owned()),
+                Box::new(after.unwrap_or_default().to_owned()),
+                Box::new(count(limit)),
+            ],
+        )
+        .await?
+        .iter()
+        .map(|(id, bytes)| decode("requests", id.as_bytes(), bytes))
+        .collect()
+    }
+
     async fn due(&self, index: Due, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
         let sql = match index {
             Due::Leases => {

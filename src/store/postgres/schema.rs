@@ -74,6 +74,19 @@ const MIGRATIONS: &[&str] = &[
         value bytea NOT NULL,
         expires_at bigint NOT NULL);
      CREATE INDEX console_ephemeral_expiry ON console_ephemeral (expires_at);"#,
+    // 4: open requests by the identities they concern (issue 21): quotas
+    // and `ListMyRequests` read these, not every open request. Rows of
+    // open requests are filled in from their JSON records.
+    r#"ALTER TABLE requests ADD COLUMN requester text COLLATE "C";
+     ALTER TABLE requests ADD COLUMN made_by text COLLATE "C";
+     UPDATE requests SET
+        requester = convert_from(record, 'UTF8')::jsonb ->> 'requester',
+        made_by = coalesce(
+            convert_from(record, 'UTF8')::jsonb -> 'delegation' -> 'actors' ->> 0,
+            convert_from(record, 'UTF8')::jsonb ->> 'requester')
+        WHERE open;
+     CREATE INDEX requests_open_by_requester ON requests (requester, id) WHERE open;
+     CREATE INDEX requests_open_by_maker ON requests (made_by, id) WHERE open;"#,
 ];
 
 /// Highest schema version this build knows.
