@@ -432,7 +432,21 @@ pub struct Report {
     /// signature names (written by a build before signed compactions, or
     /// forged): accepted only on the operator's word.
     pub unsigned_compaction: Option<u64>,
+    /// When record 1 was written (`None`: the trail does not start there).
+    genesis_at: Option<Millis>,
+    /// The oldest checkpoint, when it names the genesis but was signed
+    /// more than [`FIRST_CHECKPOINT_WITHIN_MS`] after record 1: its
+    /// sequence number and how much later. A broker signs one at start, so
+    /// such a trail lost the checkpoints that witnessed its first records
+    /// (a broker re-signs a trail it finds with none).
+    pub late_first_checkpoint: Option<(u64, Millis)>,
 }
+
+/// How long after record 1 the first checkpoint of a trail may be signed
+/// and still be taken as its witness from the start. A broker signs one
+/// at start, within a second of its first records; builds before that
+/// signed the first within 30 s.
+pub const FIRST_CHECKPOINT_WITHIN_MS: Millis = 5 * 60 * 1000;
 
 impl Report {
     /// The problem to report, the walk's own or — when `strict` — records
@@ -441,6 +455,15 @@ impl Report {
     pub fn judged(&self, strict: bool, uncovered_ok: bool) -> Option<(u64, String)> {
         if self.problem.is_some() {
             return self.problem.clone();
+        }
+        if let Some((seq, lag)) = self.late_first_checkpoint.filter(|_| !uncovered_ok) {
+            return Some((
+                1,
+                format!(
+                    "the first checkpoint (at {seq}) was signed {} after record 1, and none before it: no checkpoint witnessed records 1..{seq} as they were written (the checkpoints that did were removed, and a broker re-signed the trail as it found it; pass --allow-uncovered to accept the chain alone)",
+                    humantime::format_duration(std::time::Duration::from_secs(lag / 1000))
+                ),
+            ));
         }
         if self.records > 0 && self.covered < self.first && !uncovered_ok {
             return Some((
@@ -603,6 +626,9 @@ async fn walk(
             if report.first == 0 {
                 report.first = key;
             }
+            if key == 1 {
+                report.genesis_at = Some(rec.at);
+            }
             report.last = key;
             expected += 1;
         }
@@ -686,6 +712,13 @@ async fn check_checkpoints(
             continue;
         };
         let prior = before.replace(sha256_hex(&jws));
+        if prior.is_none()
+            && claims.prev == GENESIS
+            && let Some(t1) = report.genesis_at
+            && claims.at.saturating_sub(t1) > FIRST_CHECKPOINT_WITHIN_MS
+        {
+            report.late_first_checkpoint = Some((seq, claims.at - t1));
+        }
         problems.extend(chain_link(seq, &claims.prev, prior.as_deref(), report));
         if let Some(kid) = signer(&text).filter(|k| keys.withdrawn.contains(k)) {
             report.notes.push(format!(

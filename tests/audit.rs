@@ -552,6 +552,51 @@ async fn i21_02_a_forged_compaction_record_is_found() {
     h.stop().await;
 }
 
+/// Issue 21, finding 2: with every checkpoint removed, a broker re-signs
+/// the trail it finds (at start, or 30 s later on a shared store): that
+/// first checkpoint names the genesis but was signed long after record 1,
+/// so the trail verifies only when the chain alone is asked for.
+#[tokio::test]
+async fn i21_02_a_trail_whose_checkpoints_were_all_removed_is_found_after_re_signing() {
+    let mut h = Harness::start().await;
+    mixed_workload(&h).await;
+    h.running()
+        .engine
+        .checkpoint_audit()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(verify(&h).await.ok);
+    if let Some(r) = h.running.take() {
+        r.shutdown().await;
+    }
+    {
+        let db = sled::open(h.dev.data()).unwrap();
+        db.open_tree("audit_checkpoints").unwrap().clear().unwrap();
+        db.flush().unwrap();
+    }
+    h.clock.advance(Duration::from_secs(600));
+    h.boot().await;
+    let v = verify(&h).await;
+    assert!(!v.ok, "{v:?}");
+    assert_eq!(v.first_bad_seq, 1, "{v:?}");
+    assert!(
+        v.problem.contains("after record 1") && v.problem.contains("re-signed"),
+        "{v:?}"
+    );
+    let mut a = AuditClient::new(h.channel(As::Admin).await);
+    let chain_alone = a
+        .verify(pb::VerifyRequest {
+            allow_uncovered: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(chain_alone.ok, "{chain_alone:?}");
+    h.stop().await;
+}
+
 /// Issue 21, finding 2: a fresh broker's trail verifies at once — it signs
 /// a checkpoint at start — where before its records were covered by no
 /// checkpoint for up to 30 s (and a trail no checkpoint covers no longer
