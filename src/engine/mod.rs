@@ -293,9 +293,9 @@ impl Engine {
         match pending.try_recv() {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(
-                crate::store::StoreError::Unavailable("the store's writer stopped".into()).into(),
-            ),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                Err(crate::store::StoreError::Stopping.into())
+            }
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {

@@ -393,8 +393,10 @@ pub async fn applied(pending: Applying) -> Result<Applied, StoreError> {
     pending.await.map_err(|_| stopped())?
 }
 
+/// The writer dropped the batch's reply: it ends only with the store, so
+/// the broker is stopping.
 fn stopped() -> StoreError {
-    StoreError::Unavailable("the store's writer stopped".into())
+    StoreError::Stopping
 }
 
 /// Apply `w` alone, with no record: for what a store holds before any

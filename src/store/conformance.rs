@@ -1682,3 +1682,40 @@ async fn failed_sync_is_reported_to_every_writer_in_the_batch() {
     ));
     cancel.cancel();
 }
+
+/// PostgreSQL: a lost race is told as contention (the caller may retry), a
+/// statement the server refuses as malformed as the broker's own failure,
+/// not as the database being unavailable (issue 21, finding 8).
+#[tokio::test]
+async fn postgres_errors_are_told_as_what_they_are() {
+    use super::postgres::{TEST_DATABASE_ENV, pg_err, scratch_database};
+    let Ok(base) = std::env::var(TEST_DATABASE_ENV) else {
+        eprintln!("SKIPPED: PostgreSQL error kinds ({TEST_DATABASE_ENV} is not set)");
+        return;
+    };
+    let url = scratch_database(&base).await.unwrap();
+    let connect = || async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        (client, tokio::spawn(connection))
+    };
+    let ((mut holder, d1), (other, d2)) = (connect().await, connect().await);
+    let malformed = other.batch_execute("SELECT * FROM no_such_table").await;
+    assert!(matches!(
+        pg_err(malformed.unwrap_err()),
+        StoreError::Internal(m) if m.contains("42P01")
+    ));
+    other.batch_execute("CREATE TABLE t (x int)").await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE t").await.unwrap();
+    let raced = other.batch_execute("BEGIN; LOCK TABLE t NOWAIT").await;
+    assert!(matches!(
+        pg_err(raced.unwrap_err()),
+        StoreError::Contended(m) if m.contains("55P03")
+    ));
+    drop(tx);
+    drop((holder, other));
+    d1.abort();
+    d2.abort();
+}

@@ -659,7 +659,7 @@ fn sendable_from(planned: &[Planned], from: usize) -> (Vec<&[Step]>, Option<Stor
     for p in planned.iter().skip(from) {
         match p {
             Ok((steps, _)) => sendable.push(steps),
-            Err(e) => return (sendable, Some(StoreError::Unavailable(e.to_string()))),
+            Err(e) => return (sendable, Some(e.clone())),
         }
     }
     (sendable, None)

@@ -43,13 +43,30 @@ use crate::model::{KeyRecord, Lease, LeaseState, TokenRequest};
 const BARRIER_LEVELS: &[&str] = &["on", "remote_write", "remote_apply", "local"];
 
 /// A client error, with the server's own code and message when it sent
-/// one (tokio-postgres displays those as just "db error").
+/// one (tokio-postgres displays those as just "db error"), told as what it
+/// is: a lost race is contention (retry), a statement the server refuses
+/// as malformed or not permitted is the broker's defect or its set-up, a
+/// column that will not read is a corrupt row; the rest is the database
+/// being unavailable.
 pub(super) fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    match e.as_db_error() {
-        Some(db) => {
-            StoreError::Unavailable(format!("database: {} ({})", db.message(), db.code().code()))
-        }
-        None => StoreError::Unavailable(format!("database: {e}")),
+    let Some(db) = e.as_db_error() else {
+        return if e.to_string().starts_with("error deserializing column") {
+            StoreError::Internal(format!("database: a column did not read: {e}"))
+        } else {
+            StoreError::Unavailable(format!("database: {e}"))
+        };
+    };
+    let (code, what) = (
+        db.code().code(),
+        format!("database: {} ({})", db.message(), db.code().code()),
+    );
+    match code {
+        // serialization_failure, deadlock_detected, lock_not_available
+        "40001" | "40P01" | "55P03" => StoreError::Contended(what),
+        // syntax errors and access rule violations (42…), internal errors
+        // (XX…): retrying the same statement will not help
+        c if c.starts_with("42") || c.starts_with("XX") => StoreError::Internal(what),
+        _ => StoreError::Unavailable(what),
     }
 }
 
@@ -336,9 +353,8 @@ impl Store for PgStore {
         if let Err(tokio::sync::mpsc::error::SendError((_, reply))) =
             self.queue.send((batch, reply))
         {
-            let _ = reply.send(Err(StoreError::Unavailable(
-                "the database committer stopped".into(),
-            )));
+            // The committer ends only when the store is dropped.
+            let _ = reply.send(Err(StoreError::Stopping));
         }
         outcome
     }
