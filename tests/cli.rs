@@ -997,6 +997,20 @@ fn audit_export_honours_output_json() {
             "{line}"
         );
     }
+    // Two flags that disagree are refused, naming both, rather than one
+    // of them ignored.
+    let o = run(
+        &dir,
+        &[
+            "--as", "admin", "--output", "json", "audit", "export", "--format", "text",
+        ],
+    );
+    assert_eq!(code(&o), 64, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--output json and --format text"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Issue 21, item 10: every `--reason` says what it is for.
@@ -1017,6 +1031,60 @@ fn every_reason_flag_says_where_the_reason_goes() {
         let help = stdout(&o);
         assert!(help.contains("recorded in the trail"), "{cmd:?}: {help}");
     }
+}
+
+/// Issue 21, item 10: a broker started without `--dev` says where it
+/// listens as addresses (it printed `HTTP Some(127.0.0.1:…)`).
+#[test]
+fn a_production_start_line_names_its_addresses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = portcullis::dev::DevDir::new(tmp.path().join("dev"));
+    dev.prepare().unwrap();
+    let file = |name: &str| dev.root.join(name);
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-cert")
+        .arg(file("server.pem"))
+        .arg("--tls-key")
+        .arg(file("server-key.pem"))
+        .arg("--client-ca")
+        .arg(file("ca.pem"))
+        .arg("--policy")
+        .arg(file("policy.toml"))
+        .arg("--kek-file")
+        .arg(file("kek"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = BufReader::new(stderr)
+        .lines()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("portcullis listening"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let line = line.expect("no start line");
+    let addrs: Vec<&str> = line
+        .split([' ', ','])
+        .filter(|w| w.starts_with("127.0.0.1:"))
+        .collect();
+    assert_eq!(addrs.len(), 2, "{line}");
+    assert!(
+        addrs
+            .iter()
+            .all(|a| a.parse::<std::net::SocketAddr>().is_ok()),
+        "{line}"
+    );
 }
 
 /// Issue 21, finding 6: the embedded store's page cache has an upper bound

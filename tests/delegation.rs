@@ -431,3 +431,65 @@ async fn pyjwt_verifies_the_act_chain_and_the_binding_from_the_jwks() {
     assert!(!ok && err.contains("InvalidSignatureError"), "{err}");
     h.stop().await;
 }
+
+/// Issue 21, finding 3, on a real broker: children waiting for their
+/// recipient count against the holder who asked, so one holder cannot fill
+/// a recipient's open-request quota; a lease has at most
+/// `children_per_lease` children.
+#[tokio::test]
+async fn i21_03_a_holder_fills_only_its_own_quota_and_children_are_bounded() {
+    let policy = format!(
+        "{POLICY}
+[[scope]]
+name = \"tools.admin\"
+tier = \"approval\"
+workloads = [\"spiffe://example.org/tool/*\"]
+approvers = [\"approvers\"]
+default_ttl = \"5m\"
+"
+    );
+    let mut h = Harness::start_with(Some(&policy)).await;
+    h.restart_with(|cfg| {
+        cfg.limits.open_requests_per_identity = 2;
+        cfg.limits.children_per_lease = 3;
+    })
+    .await;
+    let (mut agent, _) = client(&h, AGENT).await;
+    let (mut tool, _) = client(&h, TOOL).await;
+    // Bound children for the tool wait for it to collect them: open
+    // requests the agent made.
+    let parent = grant(&mut agent, ask(&["orders.write"])).await;
+    for _ in 0..2 {
+        let out = exchanged(&mut agent, exchange(&parent.token, &["orders.write"], TOOL)).await;
+        assert!(matches!(out, Outcome::Pending(_)), "{out:?}");
+    }
+    let e = agent
+        .exchange_token(exchange(&parent.token, &["orders.write"], TOOL))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // ...and not the tool's: its own request still parks.
+    let own = tool.request_token(ask(&["tools.admin"])).await.unwrap();
+    assert!(
+        matches!(
+            own.into_inner().outcome,
+            Some(Outcome::Pending(ref r)) if r.state == pb::RequestState::Pending as i32
+        ),
+        "the recipient's quota was filled by the holder"
+    );
+
+    // At most three children per lease, the fourth refused naming the bound.
+    let parent = grant(&mut agent, ask(&["orders.read"])).await;
+    for _ in 0..3 {
+        granted(&mut agent, exchange(&parent.token, &["orders.read"], TOOL)).await;
+    }
+    let e = agent
+        .exchange_token(exchange(&parent.token, &["orders.read"], TOOL))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("delegated leases"), "{}", e.message());
+    let id = parent.lease.unwrap().id;
+    assert_eq!(children(&mut agent, &id).await.len(), 3);
+    h.stop().await;
+}

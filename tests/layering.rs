@@ -13,13 +13,31 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Source text before the file's test module, comments dropped.
+/// The code of a file without comments and test modules: an inline
+/// `#[cfg(test)] mod … {` ends the file's code (test modules come last),
+/// a `#[cfg(test)] mod x;` is skipped; any other `#[cfg(test)]` item (a
+/// test-only variant or helper) is kept, as the test build compiles it.
 fn code(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap();
-    let text = text.split("#[cfg(test)]").next().unwrap_or("");
-    text.lines()
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut kept = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        if l.trim() == "#[cfg(test)]" {
+            let next = lines.peek().map_or("", |n| n.trim());
+            let module = next.split_whitespace().any(|w| w == "mod");
+            if module && next.ends_with(';') {
+                lines.next();
+                continue;
+            }
+            if module {
+                break;
+            }
+        }
+        if !l.trim_start().starts_with("//") {
+            kept.push(l);
+        }
+    }
+    kept.join("\n")
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -19,9 +19,10 @@ pub enum AuditCmd {
         /// Replay records after this sequence number first.
         #[arg(long, default_value_t = 0)]
         after: u64,
-        /// `jsonl` prints each record's canonical JSON (what the chain hashes).
-        #[arg(long, value_enum, default_value = "text")]
-        format: AuditFormat,
+        /// `jsonl` prints each record's canonical JSON (what the chain
+        /// hashes); the same as `--output json`. Default: text.
+        #[arg(long, value_enum)]
+        format: Option<AuditFormat>,
     },
     /// Print records, filtered.
     Export {
@@ -37,9 +38,10 @@ pub enum AuditCmd {
         /// Only this target (lease, request or key id).
         #[arg(long)]
         target: Option<String>,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "text")]
-        format: AuditFormat,
+        /// `jsonl` prints each record's canonical JSON (what the chain
+        /// hashes); the same as `--output json`. Default: text.
+        #[arg(long, value_enum)]
+        format: Option<AuditFormat>,
     },
     /// Walk the hash chain and the signed checkpoints; say what was proved.
     Verify {
@@ -72,11 +74,15 @@ pub enum AuditFormat {
 }
 
 /// The format of a stream of records: `--output json` asks for JSON, which
-/// for a stream is JSON Lines (as `--format jsonl`).
-fn stream_format(out: Output, format: AuditFormat) -> AuditFormat {
-    match out {
-        Output::Json => AuditFormat::Jsonl,
-        Output::Text => format,
+/// for a stream is JSON Lines (as `--format jsonl`); `--output json` with
+/// `--format text` is refused rather than one of them ignored.
+fn stream_format(out: Output, format: Option<AuditFormat>) -> Result<AuditFormat, Failure> {
+    match (out, format) {
+        (Output::Json, Some(AuditFormat::Text)) => Err(usage(
+            "--output json and --format text ask for different things: give one",
+        )),
+        (Output::Json, _) => Ok(AuditFormat::Jsonl),
+        (Output::Text, f) => Ok(f.unwrap_or(AuditFormat::Text)),
     }
 }
 
@@ -117,10 +123,10 @@ pub async fn run(out: Output, cmd: AuditCmd, channel: Channel) -> Result<i32, Fa
                 after_seq: 0,
                 page_size: 5000,
             };
-            export(&mut a, filter, stream_format(out, format)).await
+            export(&mut a, filter, stream_format(out, format)?).await
         }
         AuditCmd::Tail { after, format } => {
-            let format = stream_format(out, format);
+            let format = stream_format(out, format)?;
             let mut stream = a
                 .tail(pb::TailRequest { after_seq: after })
                 .await?
