@@ -53,6 +53,10 @@ vocabulary! {
         RequestApproved = "request.approved",
         /// An approver denied a request.
         RequestDenied = "request.denied",
+        /// A decision on a request (approve, deny, review) was refused: the
+        /// requester deciding their own, someone in its delegation chain, or
+        /// someone who may not decide it.
+        DecisionRefused = "request.decision_refused",
         /// The requester withdrew a request.
         RequestWithdrawn = "request.withdrawn",
         /// A request's pending or claim window passed.

@@ -372,6 +372,34 @@ async fn requesters_outsiders_and_workloads_cannot_decide() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    // Issue 27, item 6: every refused decision is in the trail — who tried
+    // what on which request, and why not — as refused grants are.
+    let refused = refused_decisions(&w.h, 5).await;
+    let seen: Vec<(&str, &str, bool)> = refused
+        .iter()
+        .map(|r| {
+            (
+                r.actor.as_str(),
+                r.target.as_str(),
+                r.reason.starts_with("approve:"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (WORKLOAD, req.id.as_str(), true),
+            (WORKLOAD, req.id.as_str(), false),
+            (portcullis::dev::ADMIN, req.id.as_str(), true),
+            (APPROVER, other.id.as_str(), true),
+            (APPROVER, "r_0000000000000000", true),
+        ]
+    );
+    assert!(refused[0].reason.contains("cannot decide"), "{refused:?}");
+    assert!(
+        refused.iter().all(|r| r.outcome == "refused"),
+        "{refused:?}"
+    );
     // Someone else's request cannot be watched.
     let mut bob_broker = BrokerClient::new(w.h.channel_for(BOB).await);
     let e = bob_broker
@@ -384,6 +412,29 @@ async fn requesters_outsiders_and_workloads_cannot_decide() {
     // The eligible member may decide it.
     alice.approve(approve(&req.id, "fine")).await.unwrap();
     w.h.stop().await;
+}
+
+/// The trail's `request.decision_refused` records, once there are `n`
+/// (they are noted, not waited on).
+async fn refused_decisions(h: &Harness, n: usize) -> Vec<pb::AuditRecord> {
+    let mut a = portcullis::pb::audit_client::AuditClient::new(h.channel(As::Admin).await);
+    for _ in 0..100 {
+        let found = a
+            .export(pb::ExportRequest {
+                action: "request.decision_refused".into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if found.len() >= n {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} refused decisions in the trail")
 }
 
 #[tokio::test]

@@ -284,8 +284,22 @@ impl Engine {
     }
 
     /// Approve `id`. The last needed approval makes it APPROVED, open for
-    /// the requester to claim within the scopes' `claim_ttl`.
+    /// the requester to claim within the scopes' `claim_ttl`. A refusal of
+    /// who is deciding is recorded ([`Self::decision_refused`]).
     pub async fn approve(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: &str,
+        ttl: Option<Duration>,
+        digest: &str,
+    ) -> Result<TokenRequest, EngineError> {
+        self.try_approve(who, id, reason, ttl, digest)
+            .await
+            .map_err(|e| self.decision_refused(who, id, "approve", e))
+    }
+
+    async fn try_approve(
         &self,
         who: &Identity,
         id: &str,
@@ -341,8 +355,50 @@ impl Engine {
         Ok(new)
     }
 
-    /// Deny `id` (pending, or approved but not yet claimed). Reason required.
+    /// Deny `id` (pending, or approved but not yet claimed). Reason
+    /// required. A refusal of who is deciding is recorded.
     pub async fn deny(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: &str,
+    ) -> Result<TokenRequest, EngineError> {
+        self.try_deny(who, id, reason)
+            .await
+            .map_err(|e| self.decision_refused(who, id, "deny", e))
+    }
+
+    /// A decision refused because of who tried it — the requester, someone
+    /// in the delegation chain, someone who may not decide the request (or
+    /// may not see it: NOT_FOUND, as for an unknown id) — changes nothing;
+    /// its record is noted, not waited on, as a refused grant's is. Other
+    /// failures (a bad field, a lost race, an expired request) pass through.
+    fn decision_refused(
+        &self,
+        who: &Identity,
+        id: &str,
+        decision: &str,
+        e: EngineError,
+    ) -> EngineError {
+        if !matches!(e, EngineError::NotAllowed(_) | EngineError::NotFound { .. }) {
+            return e;
+        }
+        let entry = AuditEntry::ok(
+            who.as_str(),
+            Action::DecisionRefused,
+            id,
+            &[],
+            &format!("{decision}: {e}"),
+        )
+        .outcome(crate::audit::Outcome::Refused);
+        if let Err(failed) = self.note(vec![entry]) {
+            return failed;
+        }
+        tracing::warn!(request_id = %id, who = %who, decision, "decision refused");
+        e
+    }
+
+    async fn try_deny(
         &self,
         who: &Identity,
         id: &str,
@@ -381,8 +437,21 @@ impl Engine {
         Ok(new)
     }
 
-    /// Acknowledge a break-glass grant (optionally revoking its lease).
+    /// Acknowledge a break-glass grant (optionally revoking its lease). A
+    /// refusal of who is reviewing is recorded.
     pub async fn acknowledge(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: &str,
+        revoke: bool,
+    ) -> Result<TokenRequest, EngineError> {
+        self.try_acknowledge(who, id, reason, revoke)
+            .await
+            .map_err(|e| self.decision_refused(who, id, "acknowledge", e))
+    }
+
+    async fn try_acknowledge(
         &self,
         who: &Identity,
         id: &str,

@@ -54,6 +54,8 @@ async fn two_distinct_approvers_then_exactly_one_claim() {
         [
             "request.parked",
             "request.approval",
+            // the requester's attempt on its own request (issue 27, item 6)
+            "request.decision_refused",
             "request.approved",
             "request.issued"
         ]
