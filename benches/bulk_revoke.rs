@@ -92,7 +92,7 @@ async fn main() {
     let admin = Identity::parse("spiffe://bench.test/human/admin").unwrap();
 
     let t = Instant::now();
-    let revoked = engine.revoke_all(&admin, subject, "bench").await.unwrap();
+    let (revoked, _) = engine.revoke_all(&admin, subject, "bench").await.unwrap();
     let took = t.elapsed();
     assert_eq!(revoked as usize, n);
     println!(

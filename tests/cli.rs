@@ -237,6 +237,7 @@ fn the_readme_tour_works_with_the_documented_exit_codes() {
     assert_eq!(code(&o), 0, "{o:?}");
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["revoked"], 3);
+    assert_eq!(v["descendants_revoked"], 0);
 
     // Offline policy commands.
     let policy = dir.join("policy.toml");
@@ -1149,4 +1150,87 @@ fn ui_login_says_what_the_link_is_before_the_link() {
     let alone = run(&dir, &["--as", "admin", "ui", "login"]);
     assert_eq!(code(&alone), 0, "{}", stderr(&alone));
     assert_eq!(stdout(&alone).lines().count(), 1, "{}", stdout(&alone));
+}
+
+/// Issue 27, item 2: destructive admin commands need a reason where it
+/// matters, ask on a terminal, and say what they did.
+#[test]
+fn emergency_rotation_and_bulk_revocation_say_what_they_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    assert_eq!(
+        code(&run(&dir, &["token", "request", "--scope", "orders.read"])),
+        0
+    );
+    // No reason: refused before anything is sent.
+    let o = run(&dir, &["keys", "rotate", "--emergency", "--as", "admin"]);
+    assert_eq!(code(&o), 64, "{o:?}");
+    assert!(stderr(&o).contains("--reason"), "{}", stderr(&o));
+
+    // On a terminal, anything but `yes` does nothing.
+    let asked = on_a_terminal(
+        &dir,
+        "no",
+        "keys rotate --emergency --reason leaked --as admin",
+    );
+    assert!(asked.contains("Type `yes` to go on"), "{asked}");
+    assert!(asked.contains("not confirmed: nothing was done"), "{asked}");
+    let o = run(&dir, &["lease", "list", "--state", "active"]);
+    assert_eq!(stdout(&o).lines().count(), 1, "{o:?}");
+
+    // Confirmed (no terminal: a script): what it withdrew and revoked.
+    let o = run(
+        &dir,
+        &[
+            "keys",
+            "rotate",
+            "--emergency",
+            "--reason",
+            "leaked",
+            "--as",
+            "admin",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let out = stdout(&o);
+    assert!(out.contains("withdrew 1 key: "), "{out}");
+    assert!(
+        out.contains("revoked 1 active lease they signed, and 0 leases delegated from those"),
+        "{out}"
+    );
+    assert!(out.contains("signing with "), "{out}");
+
+    // Bulk revocation asks too, and answers with its counts.
+    let asked = on_a_terminal(
+        &dir,
+        "nope",
+        &format!(
+            "lease revoke-all --subject {} --as admin",
+            portcullis::dev::WORKLOAD
+        ),
+    );
+    assert!(asked.contains("revokes every active lease of"), "{asked}");
+    assert!(asked.contains("nothing was done"), "{asked}");
+}
+
+/// Run `args` (split on spaces) with a terminal on stdin (util-linux
+/// `script`), typing `answer`: what the terminal showed.
+fn on_a_terminal(dir: &Path, answer: &str, args: &str) -> String {
+    use std::io::Write as _;
+    let command = format!("PORTCULLIS_DEV_DIR={} {BIN} {args}", dir.display());
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("util-linux `script`");
+    // Typed once the prompt is up.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{answer}").unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

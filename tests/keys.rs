@@ -215,7 +215,20 @@ async fn emergency_rotation_kills_the_old_tokens_at_once() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "only admins rotate");
 
-    let keys = KeysClient::new(h.channel(As::Admin).await)
+    // An emergency needs a reason (issue 27, item 2), and nothing changes
+    // without one.
+    let e = KeysClient::new(h.channel(As::Admin).await)
+        .rotate(pb::RotateRequest {
+            emergency: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("reason"), "{}", e.message());
+    assert!(kids(&jwks(&h).await).contains(&old_kid));
+
+    let done = KeysClient::new(h.channel(As::Admin).await)
         .rotate(pb::RotateRequest {
             emergency: true,
             reason: "key leaked".into(),
@@ -223,8 +236,15 @@ async fn emergency_rotation_kills_the_old_tokens_at_once() {
         })
         .await
         .unwrap()
-        .into_inner()
-        .keys;
+        .into_inner();
+    // The answer says what was done: the key withdrawn, the lease revoked.
+    assert!(done.withdrawn.contains(&old_kid), "{done:?}");
+    assert_eq!(
+        (done.leases_revoked, done.descendants_revoked),
+        (1, 0),
+        "{done:?}"
+    );
+    let keys = done.keys;
     assert!(
         keys.iter().all(|k| k.kid != old_kid),
         "old key removed at once"

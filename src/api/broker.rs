@@ -169,9 +169,13 @@ impl Broker for BrokerService {
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
         let who = caller(&req)?;
         let m = req.into_inner();
-        let lease = self.engine.revoke(&who, &m.lease_id, &m.reason).await?;
+        let (lease, descendants_revoked) = self
+            .engine
+            .revoke_counted(&who, &m.lease_id, &m.reason)
+            .await?;
         Ok(Response::new(pb::RevokeLeaseResponse {
             lease: Some(convert::lease(&lease)),
+            descendants_revoked,
         }))
     }
 
@@ -181,8 +185,12 @@ impl Broker for BrokerService {
     ) -> Result<Response<pb::RevokeLeasesResponse>, Status> {
         let who = caller(&req)?;
         let m = req.into_inner();
-        let revoked = self.engine.revoke_all(&who, &m.subject, &m.reason).await?;
-        Ok(Response::new(pb::RevokeLeasesResponse { revoked }))
+        let (revoked, descendants_revoked) =
+            self.engine.revoke_all(&who, &m.subject, &m.reason).await?;
+        Ok(Response::new(pb::RevokeLeasesResponse {
+            revoked,
+            descendants_revoked,
+        }))
     }
 
     async fn list_leases(

@@ -84,8 +84,13 @@ impl Keys for KeysService {
             kid: m.kid,
             reason: m.reason,
         };
-        self.engine.rotate_now(&who, ask, &self.schedule).await?;
+        let done = self.engine.rotate_now(&who, ask, &self.schedule).await?;
         self.wake.notify_one();
-        Ok(Response::new(pb::RotateResponse { keys: self.infos() }))
+        Ok(Response::new(pb::RotateResponse {
+            keys: self.infos(),
+            withdrawn: done.withdrawn,
+            leases_revoked: done.leases,
+            descendants_revoked: done.descendants,
+        }))
     }
 }

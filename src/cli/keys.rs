@@ -6,7 +6,7 @@ use tonic::transport::Channel;
 
 use super::Output;
 use super::exit::{self, Failure};
-use super::render::{fmt_ts, print, table, ts_json};
+use super::render::{clean, confirm, count, fmt_ts, print, table, ts_json};
 use crate::pb;
 use crate::pb::keys_client::KeysClient;
 
@@ -21,16 +21,21 @@ pub enum KeysCmd {
     /// once (every key with a private part, or `--kid`) and revokes every
     /// lease they signed.
     Rotate {
-        /// Compromised key: withdraw it now.
+        /// Compromised key: withdraw it now (asks to confirm on a terminal;
+        /// needs --reason).
         #[arg(long)]
         emergency: bool,
         /// With --emergency: the one key to withdraw (default: every key
         /// whose private part exists: active, next and retired).
         #[arg(long, requires = "emergency")]
         kid: Option<String>,
-        /// Why (recorded).
-        #[arg(long)]
+        /// Why the keys are rotated, recorded in the trail (required with
+        /// --emergency).
+        #[arg(long, required_if_eq("emergency", "true"))]
         reason: Option<String>,
+        /// Do not ask to confirm an emergency rotation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -47,15 +52,29 @@ pub async fn run(out: Output, cmd: KeysCmd, channel: Channel) -> Result<i32, Fai
             emergency,
             kid,
             reason,
+            yes,
         } => {
-            k.rotate(pb::RotateRequest {
-                emergency,
-                kid: kid.unwrap_or_default(),
-                reason: reason.unwrap_or_default(),
-            })
-            .await?
-            .into_inner()
-            .keys
+            if emergency {
+                let which = kid.as_deref().map_or_else(
+                    || "every signing key with a private part (active, next, retired)".to_owned(),
+                    |k| format!("key `{}`", clean(k)),
+                );
+                confirm(
+                    &format!(
+                        "This withdraws {which} now and revokes every lease it signed, and every lease delegated from those."
+                    ),
+                    yes,
+                )?;
+            }
+            let r = k
+                .rotate(pb::RotateRequest {
+                    emergency,
+                    kid: kid.unwrap_or_default(),
+                    reason: reason.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            return Ok(rotated(out, emergency, &r));
         }
         KeysCmd::List => k.list_keys(pb::ListKeysRequest {}).await?.into_inner().keys,
     };
@@ -66,6 +85,45 @@ pub async fn run(out: Output, cmd: KeysCmd, channel: Channel) -> Result<i32, Fai
         json!(keys.iter().map(key_json).collect::<Vec<_>>()),
     );
     Ok(exit::OK)
+}
+
+/// What a rotation did, then the keys as they are now.
+fn rotated(out: Output, emergency: bool, r: &pb::RotateResponse) -> i32 {
+    let rows: Vec<Vec<String>> = r.keys.iter().map(key_row).collect();
+    let mut text = String::new();
+    if emergency {
+        text.push_str(&format!(
+            "withdrew {}: {} (no longer published, private parts destroyed)\n",
+            count(r.withdrawn.len() as u64, "key"),
+            clean(&r.withdrawn.join(", "))
+        ));
+        text.push_str(&format!(
+            "revoked {} they signed, and {} delegated from those\n",
+            count(r.leases_revoked, "active lease"),
+            count(r.descendants_revoked, "lease")
+        ));
+    } else {
+        text.push_str("hand-over brought forward: the next key signs once it has been published for 10 minutes (so relying parties have it)\n");
+    }
+    if let Some(active) = r
+        .keys
+        .iter()
+        .find(|k| k.state == pb::KeyState::Active as i32)
+    {
+        text.push_str(&format!("signing with {}\n\n", clean(&active.kid)));
+    }
+    text.push_str(&table(&rows));
+    print(
+        out,
+        &text,
+        json!({
+            "keys": r.keys.iter().map(key_json).collect::<Vec<_>>(),
+            "withdrawn": r.withdrawn,
+            "leases_revoked": r.leases_revoked,
+            "descendants_revoked": r.descendants_revoked,
+        }),
+    );
+    exit::OK
 }
 
 fn key_state_name(v: i32) -> &'static str {

@@ -9,7 +9,8 @@ use tonic::transport::Channel;
 use super::Output;
 use super::exit::{self, Failure};
 use super::render::{
-    clean, fmt_ts, lease_json, lease_state_name, page_footer, print, print_grant, table,
+    clean, confirm, count, fmt_ts, lease_json, lease_state_name, page_footer, print, print_grant,
+    table,
 };
 use crate::client::convert;
 use crate::pb;
@@ -60,7 +61,8 @@ pub enum LeaseCmd {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Revoke every active lease of a subject (admin; incident response).
+    /// Revoke every active lease of a subject (admin; incident response),
+    /// and what was delegated from them. Asks to confirm on a terminal.
     RevokeAll {
         /// Identity whose leases to revoke.
         #[arg(long)]
@@ -68,6 +70,9 @@ pub enum LeaseCmd {
         /// Why they are revoked, recorded in the trail
         #[arg(long)]
         reason: Option<String>,
+        /// Do not ask to confirm.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -120,34 +125,70 @@ pub async fn run(out: Output, cmd: LeaseCmd, channel: Channel) -> Result<i32, Fa
             print_grant(out, &g.unwrap_or_default());
             Ok(exit::OK)
         }
-        LeaseCmd::RevokeAll { subject, reason } => {
-            let req = pb::RevokeLeasesRequest {
-                subject: subject.clone(),
-                reason: reason.unwrap_or_default(),
-            };
-            let r = b.revoke_leases(req).await?.into_inner();
-            print(
-                out,
-                &format!("revoked {} active lease(s) of {subject}\n", r.revoked),
-                json!({"subject": subject, "revoked": r.revoked}),
-            );
-            Ok(exit::OK)
-        }
+        LeaseCmd::RevokeAll {
+            subject,
+            reason,
+            yes,
+        } => revoke_all(out, &mut b, subject, reason, yes).await,
         LeaseCmd::Show { id } => show(out, &mut b, id).await,
         LeaseCmd::Tree { id } => tree(out, &mut b, id).await,
-        LeaseCmd::Revoke { id, reason } => {
-            let req = pb::RevokeLeaseRequest {
-                lease_id: id,
-                reason: reason.unwrap_or_default(),
-            };
-            print_lease(out, b.revoke_lease(req).await?.into_inner().lease)
-        }
+        LeaseCmd::Revoke { id, reason } => revoke(out, &mut b, id, reason).await,
     }
 }
 
-fn print_lease(out: Output, l: Option<pb::Lease>) -> Result<i32, Failure> {
-    let l = l.unwrap_or_default();
-    print(out, &lease_text(&l), lease_json(&l));
+/// `lease revoke-all`: confirmed on a terminal, then the counts.
+async fn revoke_all(
+    out: Output,
+    b: &mut BrokerClient<Channel>,
+    subject: String,
+    reason: Option<String>,
+    yes: bool,
+) -> Result<i32, Failure> {
+    let who = clean(&subject).into_owned();
+    confirm(
+        &format!("This revokes every active lease of {who}, and every lease delegated from them."),
+        yes,
+    )?;
+    let req = pb::RevokeLeasesRequest {
+        subject: subject.clone(),
+        reason: reason.unwrap_or_default(),
+    };
+    let r = b.revoke_leases(req).await?.into_inner();
+    print(
+        out,
+        &format!(
+            "revoked {} of {who}, and {} delegated from them\n",
+            count(r.revoked, "active lease"),
+            count(r.descendants_revoked, "lease")
+        ),
+        json!({"subject": subject, "revoked": r.revoked, "descendants_revoked": r.descendants_revoked}),
+    );
+    Ok(exit::OK)
+}
+
+/// `lease revoke`: the lease, and how many delegated from it ended.
+async fn revoke(
+    out: Output,
+    b: &mut BrokerClient<Channel>,
+    id: String,
+    reason: Option<String>,
+) -> Result<i32, Failure> {
+    let req = pb::RevokeLeaseRequest {
+        lease_id: id,
+        reason: reason.unwrap_or_default(),
+    };
+    let r = b.revoke_lease(req).await?.into_inner();
+    let l = r.lease.unwrap_or_default();
+    let mut text = lease_text(&l);
+    let mut value = lease_json(&l);
+    if r.descendants_revoked > 0 {
+        text.push_str(&format!(
+            "ended with it: {} delegated from it\n",
+            count(r.descendants_revoked, "lease")
+        ));
+    }
+    value["descendants_revoked"] = json!(r.descendants_revoked);
+    print(out, &text, value);
     Ok(exit::OK)
 }
 

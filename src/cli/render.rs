@@ -140,6 +140,37 @@ pub fn lease_json(l: &pb::Lease) -> serde_json::Value {
     })
 }
 
+/// Ask the person at the terminal to confirm `what` (a destructive act)
+/// unless `yes`; with no terminal on stdin (a script, a pipe) there is no
+/// one to ask and the command goes on, as `--yes` says.
+pub fn confirm(what: &str, yes: bool) -> Result<(), super::exit::Failure> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if yes || !std::io::stdin().is_terminal() {
+        return Ok(());
+    }
+    eprint!("{what}\nType `yes` to go on (or pass --yes): ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| super::exit::failure(format!("reading the answer: {e}")))?;
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(super::exit::failure("not confirmed: nothing was done"))
+    }
+}
+
+/// `n` and `word`, with an `s` unless `n` is 1: "1 lease", "2 leases".
+pub fn count(n: u64, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -213,10 +213,12 @@ mod tests {
         }
         let other = granted(&r).await;
 
-        r.engine
-            .revoke(&workload(), &root.id, "task finished")
+        let (_, descendants) = r
+            .engine
+            .revoke_counted(&workload(), &root.id, "task finished")
             .await
             .unwrap();
+        assert_eq!(descendants, 4, "the caller is told how many ended with it");
         for id in ["l_a", "l_b", "l_a1", "l_c1"] {
             let l = r.store.lease(id).await.unwrap().unwrap();
             assert_eq!(l.state, LeaseState::Revoked, "{id}");
@@ -266,7 +268,11 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(n, 1, "the subject's own leases are counted");
+        assert_eq!(
+            n,
+            (1, 1),
+            "the subject's own leases, and the tool's delegated from one"
+        );
         assert_eq!(
             r.store.lease("l_t").await.unwrap().unwrap().state,
             LeaseState::Revoked,

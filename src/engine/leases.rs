@@ -137,6 +137,17 @@ impl Engine {
         id: &str,
         reason: &str,
     ) -> Result<Lease, EngineError> {
+        Ok(self.revoke_counted(who, id, reason).await?.0)
+    }
+
+    /// [`Engine::revoke`], and how many leases delegated from it (however
+    /// deep) ended with it.
+    pub async fn revoke_counted(
+        &self,
+        who: &Identity,
+        id: &str,
+        reason: &str,
+    ) -> Result<(Lease, u64), EngineError> {
         check_reason("reason", reason, false)?;
         self.owned_lease(who, id, true).await?;
         let (out, cascaded) = self
@@ -176,14 +187,15 @@ impl Engine {
         match out {
             Cas::Swapped { old, new } => {
                 tracing::info!(jti = %id, sub = %old.subject, by = %who, cascaded, "revoked");
-                Ok(new)
+                Ok((new, cascaded as u64))
             }
-            Cas::Kept(lease) => Ok(lease),
+            Cas::Kept(lease) => Ok((lease, 0)),
             Cas::Missing => Err(EngineError::not_found("lease", id)),
         }
     }
 
-    /// Revoke every active lease of `subject` (admin only). Returns how many.
+    /// Revoke every active lease of `subject` (admin only). Returns how many,
+    /// and how many delegated from them ended with them.
     /// Runs to completion on its own task even if the caller goes away (a
     /// deadline, a reset), so a started bulk revocation is always recorded.
     pub async fn revoke_all(
@@ -191,7 +203,7 @@ impl Engine {
         who: &Identity,
         subject: &str,
         reason: &str,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<(u64, u64), EngineError> {
         let (me, who, subject, reason) = (
             self.clone(),
             who.clone(),
@@ -206,7 +218,7 @@ impl Engine {
         who: &Identity,
         subject: &str,
         reason: &str,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<(u64, u64), EngineError> {
         let subject =
             Identity::parse(subject).map_err(|e| FieldError::new("subject", e.to_string()))?;
         check_reason("reason", reason, false)?;
@@ -243,18 +255,19 @@ impl Engine {
             }
         };
         self.durable().await?;
-        tracing::warn!(sub = %subject, by = %who, revoked = count, "bulk revocation");
+        tracing::warn!(sub = %subject, by = %who, revoked = count.0, descendants = count.1, "bulk revocation");
         Ok(count)
     }
 
-    /// The operation of [`Engine::revoke_all`]: how many leases it revokes.
+    /// The operation of [`Engine::revoke_all`]: how many leases it revokes,
+    /// and how many delegated from them.
     async fn plan_revoke_all(
         &self,
         op: &mut super::Op,
         subject: &str,
         by: &str,
         why: &str,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<(u64, u64), EngineError> {
         let now = self.clock.now();
         let mut count = 0;
         let mut delegated = Vec::new();
@@ -285,10 +298,11 @@ impl Engine {
                 }
             }
         }
+        let n = delegated.len();
         let summary = if why.is_empty() {
-            format!("{count} active leases revoked")
+            format!("{count} active leases revoked, {n} delegated from them ended")
         } else {
-            format!("{count} active leases revoked: {why}")
+            format!("{count} active leases revoked, {n} delegated from them ended: {why}")
         };
         let mut entries = vec![AuditEntry::ok(
             by,
@@ -299,7 +313,7 @@ impl Engine {
         )];
         entries.extend(delegated);
         op.record(entries)?;
-        Ok(count)
+        Ok((count, n as u64))
     }
 
     /// A page of leases of `subject` (empty: the caller), optionally in one

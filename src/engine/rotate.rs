@@ -29,6 +29,18 @@ pub struct Rotation {
     pub reason: String,
 }
 
+/// What an emergency rotation did (nothing, for a scheduled one): for the
+/// operator who asked, who must not have to read the trail to learn it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Withdrawal {
+    /// The keys withdrawn.
+    pub withdrawn: Vec<String>,
+    /// Active leases they signed, revoked.
+    pub leases: u64,
+    /// Leases delegated from those, ended with them.
+    pub descendants: u64,
+}
+
 /// Meta key: when an operator asked for the next rotation.
 const FORCED: &str = "rotation_forced_at";
 
@@ -145,14 +157,14 @@ impl Engine {
     /// skipped). Emergency: remove the active key now, revoke the leases it
     /// signed, and sign with a fresh key at once. Runs to completion on its
     /// own task even if the caller goes away, so a rotation is never left
-    /// half done.
+    /// half done. An emergency needs a reason.
     pub async fn rotate_now(
         self: &Arc<Self>,
         who: &Identity,
         ask: Rotation,
         schedule: &Schedule,
-    ) -> Result<(), EngineError> {
-        check_reason("reason", &ask.reason, false)?;
+    ) -> Result<Withdrawal, EngineError> {
+        check_reason("reason", &ask.reason, ask.emergency)?;
         if !ask.emergency && !ask.kid.is_empty() {
             return Err(crate::text::FieldError::new(
                 "kid",
@@ -173,7 +185,7 @@ impl Engine {
         who: &Identity,
         ask: &Rotation,
         schedule: &Schedule,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Withdrawal, EngineError> {
         self.require_admin(who, "key rotation")?;
         let (now, reason) = (self.clock.now(), ask.reason.as_str());
         if ask.emergency {
@@ -193,7 +205,7 @@ impl Engine {
         })
         .await?;
         self.rotate_due_here(schedule, now).await?;
-        Ok(())
+        Ok(Withdrawal::default())
     }
 
     /// Withdraw `kid` (or every key with a private part) now: if the active
@@ -206,7 +218,7 @@ impl Engine {
         kid: &str,
         reason: &str,
         now: Millis,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Withdrawal, EngineError> {
         let keys = self.store().keys().await?;
         let targets = emergency_targets(&keys, kid)?;
         let fresh = self.signer_after(&keys, &targets, now)?;
@@ -248,13 +260,18 @@ impl Engine {
         })
         .await?;
         self.keys.reload(self.store().as_ref()).await?;
+        let mut done = Withdrawal::default();
         for old in targets {
-            let count = self
+            let (leases, descendants) = self
                 .revoke_signed_by(&old.kid, who.as_str(), "emergency key rotation", now)
                 .await?;
-            tracing::warn!(withdrawn = %old.kid, revoked = count, "emergency key rotation");
+            tracing::warn!(withdrawn = %old.kid, revoked = leases, descendants, "emergency key rotation");
+            done.withdrawn.push(old.kid.clone());
+            done.leases += leases;
+            done.descendants += descendants;
         }
-        self.withdrawals_done().await
+        self.withdrawals_done().await?;
+        Ok(done)
     }
 
     /// Finish the revocations of an emergency rotation that a broker did
@@ -279,7 +296,7 @@ impl Engine {
         let pending = String::from_utf8_lossy(&pending).into_owned();
         let mut count = 0;
         for kid in pending.split_whitespace() {
-            let n = self
+            let (leases, descendants) = self
                 .revoke_signed_by(
                     kid,
                     SYSTEM_ACTOR,
@@ -287,8 +304,8 @@ impl Engine {
                     self.clock.now(),
                 )
                 .await?;
-            tracing::warn!(withdrawn = %kid, revoked = n, "emergency key rotation completed");
-            count += n;
+            tracing::warn!(withdrawn = %kid, revoked = leases, descendants, "emergency key rotation completed");
+            count += leases + descendants;
         }
         if !pending.is_empty() {
             self.withdrawals_done().await?;
@@ -331,16 +348,17 @@ impl Engine {
     }
 
     /// Revoke every active lease whose latest token `kid` signed, and what
-    /// was delegated from them, in one operation with its record.
+    /// was delegated from them, in one operation with its record: how many
+    /// it signed, and how many delegated from those ended with them.
     async fn revoke_signed_by(
         &self,
         kid: &str,
         who: &str,
         reason: &str,
         now: Millis,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<(u64, u64), EngineError> {
         self.commit(|mut op| async move {
-            let mut count = 0u64;
+            let (mut count, mut descendants) = (0u64, 0u64);
             let mut entries = Vec::new();
             let mut after: Option<String> = None;
             loop {
@@ -365,7 +383,7 @@ impl Engine {
                             now,
                         )
                         .await?;
-                        count += delegated.len() as u64;
+                        descendants += delegated.len() as u64;
                         entries.extend(delegated);
                     }
                     after = Some(id);
@@ -381,11 +399,13 @@ impl Engine {
                     Action::LeaseBulkRevoked,
                     kid,
                     &[],
-                    &format!("{count} leases signed by withdrawn key `{kid}` revoked: {reason}"),
+                    &format!(
+                        "{count} leases signed by withdrawn key `{kid}` revoked, {descendants} delegated from them ended: {reason}"
+                    ),
                 ),
             );
             op.record(entries)?;
-            Ok((op, count))
+            Ok((op, (count, descendants)))
         })
         .await
     }
