@@ -176,11 +176,77 @@ fn store_token(out: &std::path::Path, g: &pb::Grant, lease: &pb::Lease) -> bool 
     }
 }
 
-/// Run until `stop` resolves.
-pub async fn run(opts: ClientOpts, cfg: AgentConfig, stop: impl std::future::Future<Output = ()>) {
+/// Can the agent write its token file? Checked before it takes a lease,
+/// so a wrong path costs no lease (and no approver's time).
+fn check_writable(out: &std::path::Path) -> Result<(), String> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!(
+            "cannot write {}: {} is not a directory (create it, mode 0700, first)",
+            out.display(),
+            dir.display()
+        ));
+    }
+    let probe = dir.join(format!(".portcullis-agent-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// How many times in a row the same parent token may be refused before
+/// the agent gives up (whatever refreshes the parent file had 1 + 2 + 4 s
+/// to replace it).
+const PARENT_REFUSALS: u32 = 3;
+
+/// Count one more refusal of the parent token in `path`: an error once the
+/// same token was refused [`PARENT_REFUSALS`] times in a row.
+fn give_up_on_parent(
+    refused: &mut (Option<String>, u32),
+    path: &std::path::Path,
+    e: &RefreshError,
+) -> Result<(), String> {
+    let now = std::fs::read_to_string(path).ok();
+    *refused = if refused.0 == now {
+        (now, refused.1 + 1)
+    } else {
+        (now, 1)
+    };
+    if refused.1 >= PARENT_REFUSALS {
+        return Err(format!(
+            "the parent token in {} is no longer active ({e}), and nothing replaced it: stopping",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A refusal of the parent token itself (revoked, expired, not ours).
+fn parent_refused(e: &RefreshError) -> bool {
+    matches!(e, RefreshError::Rpc(s)
+        if s.code() == tonic::Code::InvalidArgument && s.message().contains("`subject_token`"))
+}
+
+/// Run until `stop` resolves; an error when it cannot go on (its token
+/// file cannot be written, its parent token is gone and nothing replaced
+/// it).
+pub async fn run(
+    opts: ClientOpts,
+    cfg: AgentConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    check_writable(&cfg.out)?;
     tokio::pin!(stop);
     let mut current: Option<pb::Lease> = None;
     let mut backoff = Duration::from_secs(1);
+    let mut written = false;
+    let mut refused_parent: (Option<String>, u32) = (None, 0);
     loop {
         let attempt = match &current {
             // Renew while the lease can still grow; else start a new one.
@@ -192,7 +258,9 @@ pub async fn run(opts: ClientOpts, cfg: AgentConfig, stop: impl std::future::Fut
                 let lease = g.lease.clone().unwrap_or_default();
                 if store_token(&cfg.out, &g, &lease) {
                     backoff = Duration::from_secs(1);
+                    written = true;
                 }
+                refused_parent = (None, 0);
                 let w = renew_after(&lease);
                 current = Some(lease);
                 w
@@ -204,14 +272,21 @@ pub async fn run(opts: ClientOpts, cfg: AgentConfig, stop: impl std::future::Fut
                 if expired || matches!(e, RefreshError::LeaseEnded(_)) {
                     current = None;
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "token refresh failed; keeping the last good token");
+                if let (true, Some(path)) = (parent_refused(&e), &cfg.from_token) {
+                    give_up_on_parent(&mut refused_parent, path, &e)?;
+                }
+                if written {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "token refresh failed; keeping the last good token");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "no token yet: refresh failed, trying again");
+                }
                 let w = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(60));
                 w
             }
         };
         tokio::select! {
-            () = &mut stop => return,
+            () = &mut stop => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
     }

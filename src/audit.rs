@@ -502,11 +502,11 @@ impl Report {
         } else {
             "no checkpoint covers them".into()
         };
+        let tail = self.unsigned_tail();
+        let plural = if tail == 1 { "" } else { "s" };
         format!(
-            "records {}..{} chained, {covered}, {} unsigned trailing records",
-            self.first,
-            self.last,
-            self.unsigned_tail()
+            "records {}..{} chained, {covered}, {tail} unsigned trailing record{plural}",
+            self.first, self.last
         )
     }
 }

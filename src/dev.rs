@@ -260,6 +260,7 @@ admins = ["spiffe://portcullis.dev/human/root-oncall"]
 # Routine read access: granted at once.
 [[scope]]
 name = "orders.read"
+description = "read orders and their line items"
 tier = "auto"
 workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 default_ttl = "5m"
@@ -267,6 +268,7 @@ max_ttl = "1h"
 
 [[scope]]
 name = "orders.write"
+description = "create and update orders"
 tier = "auto"
 workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 default_ttl = "5m"
@@ -277,9 +279,12 @@ bind = "mtls"
 # Crosses a trust boundary: parked until a human approves.
 [[scope]]
 name = "orders.admin"
+description = "change any order, delete orders and edit the orders schema"
 tier = "approval"
 workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 approvers = ["approvers"]
+# Requests must say why (the default for approval scopes):
+# require_justification = true
 approvals_required = 1
 pending_ttl = "30m"
 max_ttl = "15m"

@@ -153,6 +153,10 @@ pub struct Requirement {
     pub approvals_required: u32,
     /// Policy rule that parked it.
     pub rule: String,
+    /// The scope's description when the request was parked (empty when
+    /// the policy has none, or in records written before descriptions).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
 }
 
 /// One human approval.

@@ -148,6 +148,7 @@ pub fn body(ev: &Event, format: WebhookFormat, console: Option<&str>) -> serde_j
                 "lease_id": r.lease_id,
                 "waiting_for": r.waiting_for.iter().map(|w| json!({
                     "scope": w.scope, "approver_groups": w.approver_groups, "approvals_required": w.approvals_required,
+                    "description": w.description,
                 })).collect::<Vec<_>>(),
                 "approvals": r.approvals.iter().map(|a| json!({"approver": a.approver, "reason": a.reason})).collect::<Vec<_>>(),
             },
@@ -167,6 +168,10 @@ pub fn body(ev: &Event, format: WebhookFormat, console: Option<&str>) -> serde_j
             } else if !r.justification.is_empty() {
                 let why = slack_text(&r.justification);
                 text.push_str(&format!(" — justification: {why}"));
+            }
+            for w in r.waiting_for.iter().filter(|w| !w.description.is_empty()) {
+                let (scope, what) = (slack_text(&w.scope), slack_text(&w.description));
+                text.push_str(&format!("\n• `{scope}` allows: {what}"));
             }
             if let Some(url) = link {
                 text.push_str(&format!(" <{}|Open in the console>", slack_text(&url)));

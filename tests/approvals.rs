@@ -43,6 +43,7 @@ workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 
 [[scope]]
 name = "orders.admin"
+description = "change or delete any order"
 tier = "approval"
 workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 approvers = ["db-owners"]
@@ -64,6 +65,7 @@ name = "self.service"
 tier = "approval"
 workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 approvers = ["self-service"]
+require_justification = false
 
 [[scope]]
 name = "db.break"
@@ -143,7 +145,7 @@ async fn one_approval_flow_delivers_the_token_through_watch_once() {
     assert_eq!(listed[0].justification, "ticket 7");
     assert_eq!(
         listed[0].waiting_for[0].rule,
-        "scope `keys.rotate` (policy line 27)"
+        "scope `keys.rotate` (policy line 28)"
     );
     let e = dave.approve(approve(&req.id, "")).await.unwrap_err();
     assert_eq!(
@@ -1110,5 +1112,72 @@ async fn f02_requester_text_cannot_ping_a_channel_or_rewrite_a_screen() {
         .unwrap()
         .into_inner();
     assert_eq!(mine.requests.len(), 2, "refused asks parked nothing");
+    w.h.stop().await;
+}
+
+/// Issue 27, items 3 and 5: a request that waits for people must say why
+/// (unless its scope's policy says otherwise), and the people are told what
+/// the scope allows — over gRPC and in notifications.
+#[tokio::test]
+async fn i27_a_parked_request_says_why_and_approvers_see_what_the_scope_allows() {
+    let mut w = world().await;
+    let mut c = w.h.broker(As::Workload).await;
+    let unjustified = pb::RequestTokenRequest {
+        justification: String::new(),
+        ..ask(&["orders.admin"])
+    };
+    let e = c.request_token(unjustified.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("justification") && e.message().contains("--reason"),
+        "{}",
+        e.message()
+    );
+    let mine = c
+        .list_my_requests(pb::ListMyRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(mine.requests.is_empty(), "nothing parked: {mine:?}");
+    // A scope whose policy waives it parks without one.
+    let waived = c
+        .request_token(pb::RequestTokenRequest {
+            scopes: vec!["self.service".into()],
+            ..unjustified
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        waived.into_inner().outcome,
+        Some(pb::request_token_response::Outcome::Pending(_))
+    ));
+    // What the scope allows reaches the approvers...
+    let req = park(&mut c, &["orders.admin"]).await;
+    let mut alice = ApprovalsClient::new(w.h.channel(As::Approver).await);
+    let shown = alice
+        .get_request(pb::GetRequestRequest {
+            request_id: req.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(
+        shown.waiting_for[0].description,
+        "change or delete any order"
+    );
+    // ...and the webhook of the event.
+    let body = loop {
+        let (path, body) = w.hooks.recv().await.unwrap();
+        if path == "hook" && body.contains(&req.id) {
+            break body;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["request"]["waiting_for"][0]["description"], "change or delete any order",
+        "{body}"
+    );
     w.h.stop().await;
 }

@@ -97,6 +97,7 @@ async fn malformed_requests_name_the_field_and_write_nothing() {
         (
             pb::RequestTokenRequest {
                 break_glass: true,
+                justification: String::new(),
                 ..ask(&["orders.admin"])
             },
             Code::InvalidArgument,

@@ -179,6 +179,8 @@ fn the_readme_tour_works_with_the_documented_exit_codes() {
             "request",
             "--scope",
             "orders.admin",
+            "--reason",
+            "fix row 7",
             "--output",
             "json",
         ],
@@ -195,6 +197,8 @@ fn the_readme_tour_works_with_the_documented_exit_codes() {
             "request",
             "--scope",
             "orders.admin",
+            "--reason",
+            "fix row 8",
             "--wait",
             "--timeout",
             "1ms",
@@ -451,6 +455,64 @@ fn the_agent_keeps_a_valid_token_file_across_renewals_and_a_broker_restart() {
     assert!(active(&dir));
     let _ = agent.kill();
     let _ = agent.wait();
+}
+
+/// Issue 27, item 10: an agent that cannot write its file takes no lease;
+/// one whose parent token is gone (and not replaced) stops, saying so.
+#[test]
+fn the_agent_checks_its_file_first_and_stops_when_its_parent_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    let leases = |dir: &Path| {
+        let o = run(dir, &["lease", "list", "--output", "json"]);
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["leases"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let o = Command::new(BIN)
+        .args(["agent", "--scope", "orders.read", "--out"])
+        .arg(tmp.path().join("no-such-dir/token"))
+        .env("PORTCULLIS_DEV_DIR", &dir)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1, "{o:?}");
+    assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
+    assert_eq!(leases(&dir), 0, "no lease taken for a file it cannot write");
+
+    // A parent token, revoked: the agent gives up once it is clear that
+    // nothing replaces it.
+    let parent = tmp.path().join("parent.jwt");
+    let o = run(&dir, &["token", "request", "--scope", "orders.read"]);
+    std::fs::write(&parent, stdout(&o)).unwrap();
+    let jti = {
+        let t = std::fs::read_to_string(&parent).unwrap();
+        let o = run(&dir, &["token", "inspect", t.trim(), "--output", "json"]);
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["jti"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(code(&run(&dir, &["lease", "revoke", &jti])), 0);
+    let started = std::time::Instant::now();
+    let o = Command::new(BIN)
+        .args(["agent", "--scope", "orders.read", "--from-token"])
+        .arg(&parent)
+        .arg("--out")
+        .arg(tmp.path().join("child.jwt"))
+        .env("PORTCULLIS_DEV_DIR", &dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1, "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("no longer active") && err.contains("stopping"),
+        "{err}"
+    );
+    assert!(err.contains("no token yet"), "it never had one: {err}");
+    assert!(!err.contains("keeping the last good token"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
 
 #[test]
@@ -873,8 +935,8 @@ fn a_token_is_exchanged_shown_as_a_tree_and_kept_fresh_from_a_parent_file() {
     assert_eq!(code(&o), 1, "bound to another certificate: {o:?}");
     assert_eq!(
         stdout(&o),
-        "active     false\n",
-        "an answer, not a failed call"
+        "active     false\nwhy        bound to another certificate than the one presented\n",
+        "an answer, not a failed call, with why (issue 27, item 8)"
     );
 
     // Narrow it for myself, read-only, from the file.

@@ -135,11 +135,11 @@ async fn f07_policy_changes_reach_requests_and_leases_in_flight() {
             // The dev policy's delegation rule names it too.
             .replace(", \"orders.admin\"]", "]")
             .replace(
-                "name = \"orders.read\"\ntier = \"auto\"",
+                "name = \"orders.read\"\ndescription = \"read orders and their line items\"\ntier = \"auto\"",
                 "name = \"orders.read\"\ntier = \"approval\"\napprovers = [\"approvers\"]",
             )
             .replace(
-                "name = \"orders.write\"\ntier = \"auto\"\nworkloads = [\"spiffe://portcullis.dev/ns/demo/*\"]\ndefault_ttl = \"5m\"\nmax_ttl = \"15m\"",
+                "name = \"orders.write\"\ndescription = \"create and update orders\"\ntier = \"auto\"\nworkloads = [\"spiffe://portcullis.dev/ns/demo/*\"]\ndefault_ttl = \"5m\"\nmax_ttl = \"15m\"",
                 "name = \"orders.write\"\ntier = \"auto\"\nworkloads = [\"spiffe://portcullis.dev/ns/demo/*\"]\ndefault_ttl = \"1m\"\nmax_ttl = \"2m\"",
             )
     });

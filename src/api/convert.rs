@@ -156,6 +156,7 @@ pub fn request(r: &model::TokenRequest) -> pb::TokenRequest {
                 approvals_required: w.approvals_required,
                 approvals_received: crate::engine::approvals::received(r, &w.scope),
                 rule: w.rule.clone(),
+                description: w.description.clone(),
             })
             .collect(),
         approvals: r

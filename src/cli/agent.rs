@@ -48,6 +48,7 @@ pub async fn run(args: AgentArgs, opts: ClientOpts) -> Result<i32, Failure> {
     crate::agent::run(opts, cfg, async {
         let _ = tokio::signal::ctrl_c().await;
     })
-    .await;
+    .await
+    .map_err(exit::failure)?;
     Ok(exit::OK)
 }

@@ -6,7 +6,7 @@ use tonic::transport::Channel;
 
 use super::Output;
 use super::exit::{self, Failure, usage};
-use super::render::{clean, fmt_ts, print};
+use super::render::{clean, count, fmt_ts, print};
 use crate::client::convert;
 use crate::pb;
 use crate::pb::audit_client::AuditClient;
@@ -170,8 +170,10 @@ async fn verify(
     let r = a.verify(asked).await?.into_inner();
     let mut text = if r.ok {
         format!(
-            "verified {} records and {} signed checkpoints: {}\n",
-            r.records, r.checkpoints, r.proved
+            "verified {} and {}: {}\n",
+            count(r.records, "record"),
+            count(r.checkpoints, "signed checkpoint"),
+            r.proved
         )
     } else {
         format!(
@@ -211,12 +213,41 @@ async fn export(
 }
 
 /// A signed checkpoint in an export: JSON Lines carry it whole, so the
-/// export itself can serve as a witness (`audit verify --witness FILE`).
+/// export itself can serve as a witness (`audit verify --witness FILE`);
+/// people get one line — what it covers, which key signed it, when (read
+/// from the JWS, not verified here: `audit verify` does that).
 fn checkpoint_line(jws: &str, format: AuditFormat) -> String {
     match format {
         AuditFormat::Jsonl => format!("{}\n", json!({ "checkpoint": jws })),
-        AuditFormat::Text => format!("     - signed checkpoint {}\n", clean(jws)),
+        AuditFormat::Text => match checkpoint_summary(jws) {
+            Some((seq, kid, at)) => format!(
+                "     - checkpoint over records ..{seq}, signed by key {} at {}\n",
+                clean(&kid),
+                fmt_ts(&Some(convert::timestamp(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(at)
+                )))
+            ),
+            None => "     - checkpoint (unreadable: run `audit verify`)\n".to_owned(),
+        },
     }
+}
+
+/// The sequence number, signing key and time a checkpoint JWS states.
+fn checkpoint_summary(jws: &str) -> Option<(u64, String, u64)> {
+    use base64::Engine as _;
+    let decode = |part: &str| -> Option<serde_json::Value> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let mut parts = jws.split('.');
+    let (header, claims) = (decode(parts.next()?)?, decode(parts.next()?)?);
+    Some((
+        claims["seq"].as_u64()?,
+        header["kid"].as_str()?.to_owned(),
+        claims["at"].as_u64()?,
+    ))
 }
 
 fn audit_line(r: &pb::AuditRecord, format: AuditFormat) -> String {
@@ -263,6 +294,29 @@ mod tests {
 
     /// Issue 9, finding 2: a newline in a stored reason cannot forge a
     /// whole record line in `audit export` text output.
+    /// Issue 27, item 9: people read a checkpoint as one short line; the
+    /// JSON Lines export keeps the whole JWS for `audit verify --witness`.
+    #[test]
+    fn a_checkpoint_is_one_readable_line_for_people() {
+        use base64::Engine as _;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let jws = format!(
+            "{}.{}.c2ln",
+            b64(serde_json::json!({"alg": "ES256", "kid": "k1", "typ": "audit-checkpoint+jwt"})),
+            b64(
+                serde_json::json!({"iss": "x", "seq": 26, "hash": "h", "at": 1_796_656_717_000_u64, "prev": "p"})
+            )
+        );
+        assert_eq!(
+            checkpoint_line(&jws, AuditFormat::Text),
+            "     - checkpoint over records ..26, signed by key k1 at 2026-12-07T15:18:37Z\n"
+        );
+        assert!(checkpoint_line(&jws, AuditFormat::Jsonl).contains(&jws));
+        assert!(checkpoint_line("garbage", AuditFormat::Text).contains("unreadable"));
+    }
+
     #[test]
     fn one_record_is_one_line() {
         let r = pb::AuditRecord {

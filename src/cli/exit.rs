@@ -54,9 +54,53 @@ pub fn code_of(c: Code) -> i32 {
     }
 }
 
+/// A status code in words for people (the gRPC name is for programs).
+fn said(c: Code) -> &'static str {
+    match c {
+        Code::InvalidArgument => "invalid",
+        Code::PermissionDenied => "denied",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::FailedPrecondition => "not possible now",
+        Code::ResourceExhausted => "limit reached",
+        Code::Aborted => "conflict, try again",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "timed out",
+        Code::Unauthenticated => "not authenticated",
+        Code::Cancelled => "cancelled",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "not supported by this broker",
+        _ => "broker error",
+    }
+}
+
+/// The command-line flag for a request field the broker names, where the
+/// two differ.
+const FLAGS: [(&str, &str); 5] = [
+    ("justification", "--reason"),
+    ("subject_token", "--token"),
+    ("for_identity", "--for"),
+    ("cnf_x5t_s256", "--presented-cert"),
+    ("request_id", "the request id"),
+];
+
+/// The broker's message, with the flag that sets each field it names.
+fn with_flags(message: &str) -> String {
+    let named: Vec<String> = FLAGS
+        .iter()
+        .filter(|(field, flag)| message.contains(&format!("`{field}`")) && !message.contains(flag))
+        .map(|(field, flag)| format!("`{field}` is {flag}"))
+        .collect();
+    if named.is_empty() {
+        message.to_owned()
+    } else {
+        format!("{message} ({})", named.join("; "))
+    }
+}
+
 impl From<Status> for Failure {
     fn from(s: Status) -> Self {
-        let head = format!("{:?}: {}", s.code(), s.message());
+        let head = format!("{}: {}", said(s.code()), with_flags(s.message()));
 
         let message = match fault(&s) {
             Fault::Tls => format!("{} ({TLS_HINT})", render_sources(&head, &s)),
@@ -98,9 +142,14 @@ mod tests {
         assert_eq!(Failure::from(Status::invalid_argument("ttl")).code, USAGE);
         assert_eq!(Failure::from(Status::already_exists("twice")).code, USAGE);
         assert_eq!(Failure::from(Status::not_found("gone")).code, FAILURE);
+        // Issue 27, item 8: in words, and with the flag a field is set by.
         assert_eq!(
             Failure::from(Status::permission_denied("scope `x`")).message,
-            "PermissionDenied: scope `x`"
+            "denied: scope `x`"
+        );
+        assert_eq!(
+            Failure::from(Status::invalid_argument("`justification` is required")).message,
+            "invalid: `justification` is required (`justification` is --reason)"
         );
     }
 }

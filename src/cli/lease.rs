@@ -122,7 +122,14 @@ pub async fn run(out: Output, cmd: LeaseCmd, channel: Channel) -> Result<i32, Fa
                 ttl: ttl.map(convert::duration),
             };
             let g = b.renew_lease(req).await?.into_inner().grant;
-            print_grant(out, &g.unwrap_or_default());
+            let g = g.unwrap_or_default();
+            match (out, &g.lease) {
+                (Output::Text, Some(l)) => {
+                    eprintln!("{}", renewed_line(l, ttl));
+                    println!("{}", g.token);
+                }
+                _ => print_grant(out, &g),
+            }
             Ok(exit::OK)
         }
         LeaseCmd::RevokeAll {
@@ -340,4 +347,46 @@ fn lease_text(l: &pb::Lease) -> String {
         ));
     }
     s
+}
+
+/// What a renewal gave: until when, and — when less than asked — why.
+fn renewed_line(l: &pb::Lease, asked: Option<Duration>) -> String {
+    let until = convert::until(l.expires_at.as_ref());
+    let mut line = format!("renewed lease {} until {}", l.id, fmt_ts(&l.expires_at));
+    // A second of slack for the time the call took.
+    if let Some(asked) = asked.filter(|a| until + Duration::from_secs(2) < *a) {
+        line.push_str(&format!(
+            ", not the {} asked: capped by the lease's max expiry {} (first issue + the scope's max_ttl, or what approvers allowed)",
+            convert::fmt_dur(asked),
+            fmt_ts(&l.max_expires_at)
+        ));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 27, item 8: a renewal shorter than asked says why.
+    #[test]
+    fn a_capped_renewal_says_what_capped_it() {
+        let in_secs = |s: u64| {
+            Some(convert::timestamp(
+                std::time::SystemTime::now() + Duration::from_secs(s),
+            ))
+        };
+        let lease = pb::Lease {
+            id: "l_1".into(),
+            expires_at: in_secs(60),
+            max_expires_at: in_secs(60),
+            ..Default::default()
+        };
+        let line = renewed_line(&lease, Some(Duration::from_secs(600)));
+        assert!(line.starts_with("renewed lease l_1 until "), "{line}");
+        assert!(line.contains("not the 10m asked: capped by"), "{line}");
+        let line = renewed_line(&lease, Some(Duration::from_secs(60)));
+        assert!(!line.contains("capped"), "{line}");
+        assert!(!renewed_line(&lease, None).contains("capped"));
+    }
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::Output;
 use super::exit::{self, Failure, failure, usage};
-use super::render::{fmt_dur, print};
+use super::render::{count, fmt_dur, print};
 use crate::client::ClientOpts;
 use crate::identity::Identity;
 use crate::policy::{Decision, Policy, PolicyError};
@@ -66,9 +66,9 @@ fn check(out: Output, file: &std::path::Path) -> Result<i32, Failure> {
     match Policy::load(file) {
         Ok(p) => {
             let text = format!(
-                "ok: {} scope(s), {} group(s)\n",
-                p.scopes.len(),
-                p.groups.len()
+                "ok: {}, {}\n",
+                count(p.scopes.len() as u64, "scope"),
+                count(p.groups.len() as u64, "group")
             );
             print(
                 out,
@@ -164,9 +164,9 @@ fn explain_park(out: Output, p: &Policy, park: &Decision) {
             .flat_map(|g| p.groups.get(g).cloned().unwrap_or_default())
             .collect();
         text.push_str(&format!(
-            "  `{}` needs {} approval(s) from {} ({}) — {}\n",
+            "  `{}` needs {} from {} ({}) — {}\n",
             r.scope,
-            r.approvals_required,
+            count(u64::from(r.approvals_required), "approval"),
             r.approver_groups.join(", "),
             members.join(", "),
             r.rule

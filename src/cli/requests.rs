@@ -250,7 +250,7 @@ pub fn request_json(r: &pb::TokenRequest) -> serde_json::Value {
         "justification": r.justification, "digest": r.digest, "lease_id": r.lease_id,
         "waiting_for": r.waiting_for.iter().map(|w| json!({
             "scope": w.scope, "approver_groups": w.approver_groups,
-            "approvals_required": w.approvals_required, "approvals_received": w.approvals_received, "rule": w.rule,
+            "approvals_required": w.approvals_required, "approvals_received": w.approvals_received, "rule": w.rule, "description": w.description,
         })).collect::<Vec<_>>(),
         "history": r.history.iter().map(|t| json!({
             "from": request_state_name(t.from), "to": request_state_name(t.to), "actor": t.actor,
@@ -364,7 +364,14 @@ fn request_detail(r: &pb::TokenRequest) -> String {
         r.digest
     ));
     for w in &r.waiting_for {
-        s.push_str(&format!("rule       {}\n", w.rule));
+        if !w.description.is_empty() {
+            s.push_str(&format!(
+                "allows     {}: {}\n",
+                clean(&w.scope),
+                clean(&w.description)
+            ));
+        }
+        s.push_str(&format!("rule       {}\n", clean(&w.rule)));
     }
     for a in &r.approvals {
         s.push_str(&format!(
@@ -577,6 +584,7 @@ mod tests {
             approvals_required: 1,
             approvals_received: received,
             rule: "scope \"orders.admin\"".into(),
+            description: String::new(),
         }
     }
 

@@ -8,7 +8,7 @@ use tonic::transport::Channel;
 
 use super::Output;
 use super::exit::{self, Failure, failure, usage};
-use super::render::{print, print_grant};
+use super::render::{clean, fmt_ts, print, print_grant};
 use super::requests::{request_json, request_text, watch};
 use crate::client::convert;
 use crate::pb;
@@ -210,13 +210,23 @@ async fn inspect(
     token: String,
     cnf_x5t_s256: String,
 ) -> Result<i32, Failure> {
+    let presented = !cnf_x5t_s256.is_empty();
     let r = b
         .introspect(pb::IntrospectRequest {
-            token,
+            token: token.clone(),
             cnf_x5t_s256,
         })
         .await?
         .into_inner();
+    let when = |secs: i64| {
+        format!(
+            "{} ({secs})",
+            fmt_ts(&Some(prost_types::Timestamp {
+                seconds: secs,
+                nanos: 0
+            }))
+        )
+    };
     let text = if r.active {
         let mut t = format!(
             "active     true\nsub        {}\nscope      {}\naud        {}\nclient_id  {}\njti        {}\niss        {}\niat        {}\nexp        {}\n",
@@ -226,8 +236,8 @@ async fn inspect(
             r.client_id,
             r.jti,
             r.iss,
-            r.iat,
-            r.exp
+            when(r.iat),
+            when(r.exp)
         );
         if !r.actors.is_empty() {
             t.push_str(&format!("act        {}\n", r.actors.join(" <- ")));
@@ -241,7 +251,10 @@ async fn inspect(
         }
         t
     } else {
-        "active     false\n".into()
+        format!(
+            "active     false\nwhy        {}\n",
+            why_inactive(b, &token, presented).await
+        )
     };
     print(
         out,
@@ -276,5 +289,65 @@ fn parse_token_arg(t: String) -> Result<String, Failure> {
         Ok(s.trim().to_owned())
     } else {
         Ok(t)
+    }
+}
+
+/// Why a token is inactive, as far as the caller may learn: read from the
+/// token itself (unverified: the broker already said it is not good) and
+/// from its lease when the caller may see it.
+async fn why_inactive(b: &mut BrokerClient<Channel>, token: &str, presented: bool) -> String {
+    use base64::Engine as _;
+    let claims = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let Some(claims) = claims else {
+        return "not a token (not a JWT this broker could have issued)".into();
+    };
+    let now = convert::timestamp(std::time::SystemTime::now()).seconds;
+    let exp = claims["exp"].as_i64().unwrap_or(0);
+    let at = |secs: i64| {
+        fmt_ts(&Some(prost_types::Timestamp {
+            seconds: secs,
+            nanos: 0,
+        }))
+    };
+    if exp != 0 && exp <= now {
+        return format!("expired at {}", at(exp));
+    }
+    let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
+    let lease = b
+        .get_lease(pb::GetLeaseRequest { lease_id: jti })
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().lease);
+    match lease {
+        Some(l) if l.state == pb::LeaseState::Revoked as i32 => format!(
+            "revoked at {} by {}{}",
+            fmt_ts(&l.revoked_at),
+            clean(&l.revoked_by),
+            if l.revoke_reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", clean(&l.revoke_reason))
+            }
+        ),
+        Some(l) if l.state == pb::LeaseState::Expired as i32 => {
+            format!("its lease expired at {}", fmt_ts(&l.expires_at))
+        }
+        Some(_) if presented => "bound to another certificate than the one presented".into(),
+        Some(_) => {
+            "superseded: its lease was renewed, and only the newest token of a lease is active"
+                .into()
+        }
+        None => {
+            "unknown to this broker (another issuer, a removed key, or a lease you may not see)"
+                .into()
+        }
     }
 }

@@ -25,6 +25,7 @@ pub fn human(d: Duration) -> String {
     let (h, m, sec) = (s / 3600, (s % 3600) / 60, s % 60);
     match (h, m) {
         (0, 0) => format!("{sec}s"),
+        (0, _) if sec == 0 => format!("{m}m"),
         (0, _) => format!("{m}m {sec}s"),
         _ => format!("{h}h {m}m"),
     }
@@ -107,6 +108,33 @@ pub fn moving_on(to: &str) -> Markup {
     }
 }
 
+/// A decision on request `id` that was refused: what went wrong, what the
+/// person typed (so it is not lost), and the way back to the request.
+pub fn decision_error(
+    viewer: &Viewer<'_>,
+    message: &str,
+    id: &str,
+    ttl: &str,
+    reason: &str,
+) -> Markup {
+    layout(
+        "Not done",
+        Some(viewer),
+        html! {
+            p.error #error { (message) }
+            @if !ttl.trim().is_empty() || !reason.trim().is_empty() {
+                p #typed {
+                    "You entered"
+                    @if !ttl.trim().is_empty() { " TTL " code { (ttl) } }
+                    @if !reason.trim().is_empty() { " reason " q { (reason) } }
+                    "; nothing was decided."
+                }
+            }
+            p { a #back href={ "/ui/requests/" (id) } { "Back to the request" } }
+        },
+    )
+}
+
 /// A refusal or failure.
 pub fn error(viewer: Option<&Viewer<'_>>, message: &str) -> Markup {
     layout(
@@ -128,7 +156,7 @@ pub fn request_rows(reqs: &[TokenRequest], now: Millis, empty: &str) -> Markup {
             } @else {
                 table {
                     thead { tr {
-                        th { "Request" } th { "Requester" } th { "Scopes" }
+                        th { "Request" } th { "Requester" } th { "Scopes" } th { "Why" }
                         th { "Asked" } th { "Time left" } th { "" }
                     } }
                     tbody {
@@ -137,6 +165,7 @@ pub fn request_rows(reqs: &[TokenRequest], now: Millis, empty: &str) -> Markup {
                                 td { a href={ "/ui/requests/" (r.id) } { code { (r.id) } } }
                                 td { (r.requester) }
                                 td { (r.scopes.join(" ")) }
+                                td.why { (short(&r.justification, 80)) }
                                 td { (ago(now, r.created_at)) " ago" }
                                 td {
                                     @if r.review_pending { "—" } @else { (left(now, r.deadline)) }
@@ -199,14 +228,64 @@ pub fn confirm_link(who: &str, secret: &str) -> Markup {
     )
 }
 
+/// `text` cut to `max` characters, with an ellipsis when cut.
+fn short(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(max).collect();
+    cut.push('…');
+    cut
+}
+
+/// Text where `x` marks a name: the name in `code`, no literal backticks.
+fn named(text: &str) -> Markup {
+    html! {
+        @for (i, part) in text.split('`').enumerate() {
+            @if i % 2 == 1 { code { (part) } } @else { (part) }
+        }
+    }
+}
+
+/// The TTL the token will have: the request's, or the shortest an
+/// approver granted.
+fn granted_ttl(r: &TokenRequest) -> u64 {
+    r.approvals
+        .iter()
+        .filter_map(|a| a.ttl_ms)
+        .fold(r.ttl_ms, u64::min)
+}
+
+/// The TTL, and by how much approvers shortened it.
+fn ttl_text(r: &TokenRequest) -> String {
+    let granted = granted_ttl(r);
+    let text = human(Duration::from_millis(granted));
+    if granted < r.ttl_ms {
+        format!(
+            "{text} (shortened by an approver from {})",
+            human(Duration::from_millis(r.ttl_ms))
+        )
+    } else {
+        text
+    }
+}
+
 /// What is asked, by whom, and through which chain.
 fn facts(r: &TokenRequest, now: Millis) -> Markup {
     html! {
         dl.facts {
             dt { "State" } dd #state { (r.state.name()) @if r.break_glass { " (break-glass)" } }
             dt { "Requester" } dd #requester { (r.requester) }
-            dt { "Scopes" } dd { (r.scopes.join(" ")) }
-            dt { "TTL" } dd { (human(Duration::from_millis(r.ttl_ms))) }
+            dt { "Scopes" } dd #scopes {
+                @for (i, s) in r.scopes.iter().enumerate() {
+                    @if i > 0 { br; }
+                    code { (s) }
+                    @if let Some(w) = r.waiting_for.iter().find(|w| &w.scope == s && !w.description.is_empty()) {
+                        " — " span.description { (w.description) }
+                    }
+                }
+            }
+            dt { "TTL" } dd #ttl { (ttl_text(r)) }
             dt { "Audience" } dd { (r.audience) }
             dt { "Justification" } dd #justification { (r.justification) }
             dt { "Asked" } dd { (ago(now, r.created_at)) " ago" }
@@ -233,12 +312,12 @@ fn needs(r: &TokenRequest, now: Millis) -> Markup {
     html! {
         h2 { "What it needs" }
         table {
-            thead { tr { th { "Scope" } th { "Rule" } th { "Approvers" } th { "Approvals" } } }
+            thead { tr { th { "Scope" } th { "Rule" } th { "Approver groups" } th { "Approvals" } } }
             tbody {
                 @for w in &r.waiting_for {
                     tr {
-                        td { (w.scope) }
-                        td { (w.rule) }
+                        td { code { (w.scope) } }
+                        td { (named(&w.rule)) }
                         td { (w.approver_groups.join(", ")) }
                         td { (crate::engine::approvals::received(r, &w.scope)) " of " (w.approvals_required) }
                     }
@@ -268,6 +347,12 @@ fn decide_forms(v: &Viewer<'_>, r: &TokenRequest) -> Markup {
         div.decide {
             form #approve method="post" action={ "/ui/requests/" (r.id) "/approve" } {
                 h2 { "Approve" }
+                p #grants {
+                    "Approving grants " code { (r.scopes.join(" ")) } " to " code { (r.requester) }
+                    " for at most " (human(Duration::from_millis(granted_ttl(r))))
+                    " (less if you give a shorter TTL), once every approval it needs is in. "
+                    "The token is delivered once, to the requester only; it is never shown here."
+                }
                 input type="hidden" name="csrf" value=(v.csrf);
                 input type="hidden" name="digest" value=(r.digest);
                 label { "Shorter TTL (optional, e.g. 10m) " input name="ttl" type="text"; }
@@ -373,5 +458,50 @@ mod tests {
         // Nothing to decide for someone who may not.
         let html = request(&v, &delegated(), 1_000, false).into_string();
         assert!(!html.contains("id=\"approve\""), "{html}");
+    }
+
+    /// Issue 27, items 3 and 4: approvers read what the scope allows, the
+    /// TTL as approvers left it, names without backticks, and what
+    /// approving does; a refused decision keeps what was typed and leads
+    /// back to the request.
+    #[test]
+    fn approvers_see_what_they_grant_and_a_refusal_keeps_what_they_typed() {
+        let v = Viewer {
+            who: "oidc:alice@example.org",
+            csrf: "c",
+        };
+        let mut r = delegated();
+        r.ttl_ms = 900_000;
+        r.waiting_for[0].description = "ship <builds> to production".into();
+        r.waiting_for[0].rule = "scope `deploy` (policy line 3)".into();
+        r.approvals.push(crate::model::Approval {
+            approver: "spiffe://t/human/bob".into(),
+            at: 0,
+            reason: String::new(),
+            ttl_ms: Some(600_000),
+            counted_for: vec![],
+        });
+        let html = request(&v, &r, 1_000, true).into_string();
+        assert!(html.contains("ship &lt;builds&gt; to production"), "{html}");
+        assert!(
+            html.contains("10m (shortened by an approver from 15m)"),
+            "{html}"
+        );
+        assert!(
+            html.contains("scope <code>deploy</code> (policy line 3)"),
+            "{html}"
+        );
+        assert!(!html.contains('`'), "{html}");
+        assert!(
+            html.contains("for at most 10m")
+                && html.contains("delivered once, to the requester only"),
+            "{html}"
+        );
+        let html = decision_error(&v, "ttl: too long", "r_1", "20m", "fine <b>").into_string();
+        assert!(html.contains("href=\"/ui/requests/r_1\""), "{html}");
+        assert!(
+            html.contains("<code>20m</code>") && html.contains("fine &lt;b&gt;"),
+            "{html}"
+        );
     }
 }

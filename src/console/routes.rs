@@ -504,8 +504,15 @@ struct Decision {
 
 /// Run one decision as `s` in the console's audit context; on success go
 /// back to the request page (which says what this person decided, from
-/// the request itself).
-async fn decide<F>(c: &Console, s: &super::Session, peer: SocketAddr, id: &str, fut: F) -> Response
+/// the request itself); on failure say why, keep what was typed, and lead
+/// back to the request.
+async fn decide<F>(
+    c: &Console,
+    s: &super::Session,
+    peer: SocketAddr,
+    (id, f): (&str, &Decision),
+    fut: F,
+) -> Response
 where
     F: std::future::Future<Output = Result<TokenRequest, EngineError>>,
 {
@@ -517,7 +524,14 @@ where
     };
     match CALL.scope(ctx, fut).await {
         Ok(_) => see_other(&format!("/ui/requests/{id}")),
-        Err(e) => c.engine_error(s, &e),
+        Err(e) => {
+            let (code, msg) = status_of(&e);
+            let v = Viewer {
+                who: s.who.as_str(),
+                csrf: c.secrets.csrf(s),
+            };
+            page(code, pages::decision_error(&v, &msg, id, &f.ttl, &f.reason))
+        }
     }
 }
 
@@ -541,22 +555,27 @@ async fn decision(
                     Ok(d) => Some(d),
                     Err(_) => {
                         let msg = format!("ttl: `{t}` is not a duration like 10m");
-                        return c.viewer_error(&s, StatusCode::BAD_REQUEST, &msg);
+                        let v = Viewer {
+                            who: s.who.as_str(),
+                            csrf: c.secrets.csrf(&s),
+                        };
+                        let body = pages::decision_error(&v, &msg, &id, &f.ttl, &f.reason);
+                        return page(StatusCode::BAD_REQUEST, body);
                     }
                 },
             };
             let fut = c.engine.approve(&s.who, &id, &f.reason, ttl, &f.digest);
-            decide(&c, &s, peer, &id, fut).await
+            decide(&c, &s, peer, (&id, &f), fut).await
         }
         "deny" => {
             let fut = c.engine.deny(&s.who, &id, &f.reason);
-            decide(&c, &s, peer, &id, fut).await
+            decide(&c, &s, peer, (&id, &f), fut).await
         }
         "acknowledge" => {
             let fut = c
                 .engine
                 .acknowledge(&s.who, &id, &f.reason, f.revoke.is_some());
-            decide(&c, &s, peer, &id, fut).await
+            decide(&c, &s, peer, (&id, &f), fut).await
         }
         _ => c.viewer_error(&s, StatusCode::NOT_FOUND, "no such action"),
     }

@@ -173,8 +173,9 @@ fn check_approved_ttl(ttl: Option<Duration>, req: &TokenRequest) -> Result<(), F
         Some(t) if t.is_zero() || millis(t) > req.ttl_ms => Err(FieldError::new(
             "ttl",
             format!(
-                "must be between 1s and the requested {}s",
-                req.ttl_ms / 1000
+                "{} is longer than the {} asked for: an approver may shorten the TTL, never lengthen it",
+                humantime::format_duration(Duration::from_secs(t.as_secs())),
+                humantime::format_duration(Duration::from_millis(req.ttl_ms)),
             ),
         )),
         _ => Ok(()),

@@ -246,6 +246,9 @@ impl Engine {
     /// Park the child: for approvers (PENDING), or — nothing to approve —
     /// APPROVED for its recipient to claim with its own certificate.
     async fn park_exchange(&self, policy: &Policy, plan: Plan) -> Result<Outcome, EngineError> {
+        if let Some(scope) = policy.unjustified(&plan.again, &plan.terms.justification) {
+            return Err(super::issue::unjustified(scope).into());
+        }
         self.check_open_requests(&plan.holder.who).await?;
         let req = parked_request(policy, &plan)?;
         let idem = idempotency(&plan, IdempotentOutcome::Request(req.id.clone()));

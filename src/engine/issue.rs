@@ -53,6 +53,9 @@ impl Engine {
                 pending_ttl,
                 requirements,
             } if !ask.break_glass => {
+                if let Some(scope) = policy.unjustified(&requirements, &checked.justification) {
+                    return Err(unjustified(scope).into());
+                }
                 self.park(checked, ttl, max_ttl, pending_ttl, requirements)
                     .await
             }
@@ -285,3 +288,13 @@ fn grant_in(
 
 #[cfg(test)]
 mod tests;
+
+/// A request for `scope` would park with no reason for its approvers.
+pub(super) fn unjustified(scope: &str) -> crate::text::FieldError {
+    crate::text::FieldError::new(
+        "justification",
+        format!(
+            "`{scope}` waits for approvers, who must be told why it is needed (`--reason` on the command line); the scope's policy can set require_justification = false"
+        ),
+    )
+}

@@ -139,12 +139,12 @@ pub async fn actions(store: &dyn Store) -> Vec<String> {
 
 /// Ask for `scopes` as the workload; the request it parks.
 pub async fn parked(r: &Rig, scopes: &[&str]) -> crate::model::TokenRequest {
-    match r
-        .engine
-        .request_token(&workload(), ask(scopes))
-        .await
-        .unwrap()
-    {
+    // Approval scopes need a reason for their approvers.
+    let asked = super::TokenAsk {
+        justification: "ticket 7".into(),
+        ..ask(scopes)
+    };
+    match r.engine.request_token(&workload(), asked).await.unwrap() {
         super::Outcome::Parked(req) => req,
         super::Outcome::Granted { .. } => panic!("{scopes:?} was granted, not parked"),
     }

@@ -342,10 +342,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        r.engine
-            .request_token(&workload(), ask(&["admin"]))
-            .await
-            .unwrap();
+        super::super::testing::parked(&r, &["admin"]).await;
         let err = r
             .engine
             .export_audit(&workload(), &Filter::default(), 0, 0)

@@ -316,6 +316,7 @@ impl<'t> Checker<'t> {
         let bind = self.binding(s, &name);
         ScopeRule {
             name,
+            description: s.description.clone().unwrap_or_default(),
             tier,
             workloads: s.workloads.iter().map(|w| w.get_ref().clone()).collect(),
             default_ttl,
@@ -423,9 +424,10 @@ impl<'t> Checker<'t> {
             || s.break_glass.is_some()
             || s.claim_ttl.is_some()
             || s.require_approval_reason
+            || s.require_justification.is_some()
         {
             let msg = format!(
-                "scope `{name}`: tier: approvers/approvals_required/pending_ttl/break_glass only apply to tier `approval`"
+                "scope `{name}`: tier: approvers/approvals_required/pending_ttl/claim_ttl/break_glass/require_approval_reason/require_justification only apply to tier `approval`"
             );
             self.problem(entry.span(), msg);
         }
@@ -467,6 +469,10 @@ impl<'t> Checker<'t> {
             break_glass_max_ttl,
             claim_ttl,
             require_reason: s.require_approval_reason,
+            require_justification: s
+                .require_justification
+                .as_ref()
+                .is_none_or(|b| *b.get_ref()),
         }
     }
 

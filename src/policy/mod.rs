@@ -80,6 +80,9 @@ pub struct ApprovalRule {
     pub claim_ttl: Duration,
     /// Approvals must carry a reason.
     pub require_reason: bool,
+    /// Requests must say why (`require_justification`, default true): an
+    /// approver is never asked to grant access with a blank reason.
+    pub require_justification: bool,
 }
 
 /// A scope's rule.
@@ -87,6 +90,9 @@ pub struct ApprovalRule {
 pub struct ScopeRule {
     /// Scope name.
     pub name: String,
+    /// What it allows, in words, for the people who approve it (shown in
+    /// the console, `requests show` and notifications).
+    pub description: String,
     /// Tier.
     pub tier: Tier,
     /// Identity patterns allowed to ask (`*` matches any run of characters).
@@ -409,6 +415,33 @@ impl Policy {
     /// How long an issued-but-unclaimed request of `scopes` waits for its
     /// requester: the smallest `claim_ttl` among them.
     pub fn claim_ttl(&self, scopes: &[String]) -> Duration {
+        self.claim_ttl_of(scopes)
+    }
+
+    /// The first scope of `requirements` that needs a justification
+    /// (`require_justification`, the default for approval-tier scopes)
+    /// when `justification` is blank: a request that would park without
+    /// telling its approvers why.
+    pub fn unjustified<'r>(
+        &self,
+        requirements: &'r [crate::model::Requirement],
+        justification: &str,
+    ) -> Option<&'r str> {
+        if !justification.trim().is_empty() {
+            return None;
+        }
+        requirements
+            .iter()
+            .find(|w| {
+                self.scopes
+                    .get(&w.scope)
+                    .and_then(|r| r.approval.as_ref())
+                    .is_some_and(|a| a.require_justification)
+            })
+            .map(|w| w.scope.as_str())
+    }
+
+    fn claim_ttl_of(&self, scopes: &[String]) -> Duration {
         scopes
             .iter()
             .filter_map(|s| self.scopes.get(s))
@@ -448,6 +481,7 @@ impl Policy {
                     approver_groups: a.approvers.clone(),
                     approvals_required: a.required,
                     rule: r.rule_name(),
+                    description: r.description.clone(),
                 });
             }
         }
@@ -746,11 +780,68 @@ depth = 2
             text,
             [
                 "line 2: unknown key `broker.admin` (expected one of: default_audience, admins, auditors, max_ttl)",
-                "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, bind, break_glass)",
+                "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, require_justification, bind, break_glass)",
                 "line 7: unknown key `scope.break_glass.maxttl` (expected one of: allowed, max_ttl)",
                 "line 10: unknown key `webhook.event` (expected one of: url, format, events)",
             ]
         );
+    }
+
+    /// Issue 27, items 3 and 5: a scope's description is read for its
+    /// approvers; requests for approval scopes need a justification unless
+    /// the scope waives it, which only an approval scope may.
+    #[test]
+    fn descriptions_and_justification_settings_are_read_and_checked() {
+        let text = r#"
+[groups]
+ops = ["spiffe://t/human/a"]
+[[scope]]
+name = "a"
+description = "read a"
+tier = "auto"
+workloads = ["spiffe://t/*"]
+require_justification = false
+[[scope]]
+name = "b"
+tier = "approval"
+workloads = ["spiffe://t/*"]
+approvers = ["ops"]
+[[scope]]
+name = "c"
+tier = "approval"
+workloads = ["spiffe://t/*"]
+approvers = ["ops"]
+require_justification = false
+"#;
+        let PolicyError::Invalid(problems) = Policy::parse(text).unwrap_err() else {
+            panic!()
+        };
+        let text_of: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text_of.len(), 1, "{text_of:#?}");
+        assert!(
+            text_of[0].starts_with("line 4: scope `a`: tier:")
+                && text_of[0].contains("require_justification"),
+            "{text_of:#?}"
+        );
+        // Without the waiver on the auto scope, it parses.
+        let fixed = text.replacen("require_justification = false\n", "", 1);
+        let p = Policy::parse(&fixed).unwrap();
+        assert_eq!(p.scopes["a"].description, "read a");
+        let asked = |scope: &str| match p
+            .decide(
+                &crate::identity::Identity::parse("spiffe://t/w").unwrap(),
+                &[scope.to_owned()],
+                None,
+            )
+            .unwrap()
+        {
+            Decision::Park { requirements, .. } => requirements,
+            other => panic!("{other:?}"),
+        };
+        let (b, c) = (asked("b"), asked("c"));
+        assert_eq!(p.unjustified(&b, " "), Some("b"));
+        assert_eq!(p.unjustified(&b, "ticket 7"), None);
+        assert_eq!(p.unjustified(&c, ""), None, "waived");
     }
 
     #[test]

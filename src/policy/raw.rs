@@ -37,6 +37,7 @@ const SCOPE: Shape = Shape::Keys(
         "pending_ttl",
         "claim_ttl",
         "require_approval_reason",
+        "require_justification",
         "bind",
     ],
     &[("break_glass", BREAK_GLASS)],
@@ -170,6 +171,7 @@ pub(super) struct RawScope {
     pub claim_ttl: Option<Spanned<String>>,
     #[serde(default)]
     pub require_approval_reason: bool,
+    pub require_justification: Option<Spanned<bool>>,
     pub break_glass: Option<RawBreakGlass>,
     pub bind: Option<Spanned<String>>,
 }

@@ -271,9 +271,11 @@ impl Harness {
     }
 }
 
+/// A request for `scopes`, with a reason (approval scopes need one).
 pub fn ask(scopes: &[&str]) -> pb::RequestTokenRequest {
     pb::RequestTokenRequest {
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        justification: "test".into(),
         ..Default::default()
     }
 }

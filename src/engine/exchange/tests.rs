@@ -91,6 +91,7 @@ async fn root(r: &super::super::testing::Rig, scopes: &[&str]) -> (String, crate
 async fn approved_deploy(r: &super::super::testing::Rig) -> (String, crate::model::Lease) {
     let ask = TokenAsk {
         scopes: vec!["deploy".into()],
+        justification: "release 7".into(),
         ..Default::default()
     };
     let Outcome::Parked(req) = r.engine.request_token(&agent().who, ask).await.unwrap() else {
@@ -110,6 +111,8 @@ fn exchange(tok: &str, scopes: &[&str], for_identity: &str) -> ExchangeAsk {
         subject_token: tok.to_owned(),
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         for_identity: for_identity.to_owned(),
+        // What a parked exchange tells its approvers.
+        justification: "task 7".into(),
         ..Default::default()
     }
 }
@@ -581,6 +584,7 @@ approval = "again"
     // The recipient's own request is not refused for the holder's.
     let deploy = TokenAsk {
         scopes: vec!["deploy".into()],
+        justification: "release 8".into(),
         ..Default::default()
     };
     let own = r.engine.request_token(&id(victim), deploy).await;

@@ -21,8 +21,22 @@ async fn auto_grants_at_once_approval_parks_and_unknown_is_refused() {
         panic!("auto scope must be granted")
     };
     assert_eq!(lease.expires_at - lease.issued_at, 300_000, "default_ttl");
+    // Issue 27, item 5: not without a reason for the approvers.
+    let err = r
+        .engine
+        .request_token(&workload(), ask(&["admin"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Invalid(f) if f.field == "justification"),
+        "{err}"
+    );
+    let asked = super::super::TokenAsk {
+        justification: "row 7 is wrong".into(),
+        ..ask(&["admin"])
+    };
     assert!(matches!(
-        r.engine.request_token(&workload(), ask(&["admin"])).await.unwrap(),
+        r.engine.request_token(&workload(), asked).await.unwrap(),
         Outcome::Parked(req) if req.state == RequestState::Pending
     ));
     let err = r
