@@ -227,6 +227,11 @@ fn give_up_on_parent(
     Ok(())
 }
 
+/// The request itself is malformed (a missing `--reason`, a bad TTL).
+fn config_refused(e: &RefreshError) -> bool {
+    matches!(e, RefreshError::Rpc(s) if s.code() == tonic::Code::InvalidArgument)
+}
+
 /// A refusal of the parent token itself (revoked, expired, not ours).
 fn parent_refused(e: &RefreshError) -> bool {
     matches!(e, RefreshError::Rpc(s)
@@ -279,6 +284,12 @@ pub async fn run(
                     tracing::warn!(error = %e, retry_in = ?backoff, "token refresh failed; keeping the last good token");
                 } else {
                     tracing::warn!(error = %e, retry_in = ?backoff, "no token yet: refresh failed, trying again");
+                    // What the broker refuses as malformed before the agent
+                    // ever had a token is its configuration: retrying the
+                    // same request cannot help.
+                    if config_refused(&e) && cfg.from_token.is_none() {
+                        return Err(format!("the broker refused the agent's request: {e}"));
+                    }
                 }
                 let w = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(60));

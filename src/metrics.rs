@@ -43,7 +43,7 @@ pub struct Metrics {
     /// Token requests by outcome (`granted`, `parked`, `refused`, `invalid`, `error`, `break_glass`).
     pub requests: Family<Labels, Counter>,
     outcomes: Vec<(&'static str, Counter)>,
-    /// Approver decisions by kind (`approve`, `deny`, `acknowledge`).
+    /// Approver decisions by kind (`approve`, `deny`, `acknowledge`, and `refused`: a decision refused because of who tried it).
     pub decisions: Family<Labels, Counter>,
     /// Expiries by kind (`lease`, `request`).
     pub expiries: Family<Labels, Counter>,

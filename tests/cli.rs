@@ -479,6 +479,21 @@ fn the_agent_checks_its_file_first_and_stops_when_its_parent_is_gone() {
     assert_eq!(code(&o), 1, "{o:?}");
     assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
     assert_eq!(leases(&dir), 0, "no lease taken for a file it cannot write");
+    // An approval scope with no reason for its approvers: the broker
+    // refuses the request, and the agent says so and stops.
+    let o = Command::new(BIN)
+        .args(["agent", "--scope", "orders.admin", "--out"])
+        .arg(tmp.path().join("admin.jwt"))
+        .env("PORTCULLIS_DEV_DIR", &dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1, "{o:?}");
+    assert!(
+        stderr(&o).contains("refused the agent's request") && stderr(&o).contains("--reason"),
+        "{}",
+        stderr(&o)
+    );
 
     // A parent token, revoked: the agent gives up once it is clear that
     // nothing replaces it.
@@ -935,7 +950,7 @@ fn a_token_is_exchanged_shown_as_a_tree_and_kept_fresh_from_a_parent_file() {
     assert_eq!(code(&o), 1, "bound to another certificate: {o:?}");
     assert_eq!(
         stdout(&o),
-        "active     false\nwhy        bound to another certificate than the one presented\n",
+        "active     false\nwhy        not accepted with the certificate presented (bound to another), or not its lease's current token (superseded by a renewal, altered, or signed by a withdrawn key)\n",
         "an answer, not a failed call, with why (issue 27, item 8)"
     );
 

@@ -38,6 +38,7 @@ admins = ["spiffe://portcullis.dev/human/root-oncall"]
 
 [[scope]]
 name = "orders.admin"
+description = "change any order, delete orders and edit the orders schema"
 tier = "approval"
 workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 approvers = ["approvers"]
@@ -455,13 +456,25 @@ async fn an_approver_signs_in_with_the_provider_and_decides_what_waits() {
     assert!(!page.contains("eyJ"), "nor anything like one");
 
     // Deny with a reason: the waiting client exits 2.
-    let waiting = rig.waiting_request("drop the orders table", &[]);
+    let waiting = rig.waiting_request("fix the duplicated line items in order 7 (OPS-12)", &[]);
     rig.browser.goto(&rig.url("/ui/pending")).await.unwrap();
     let id2 = rig.first_pending().await;
     rig.browser
         .goto(&rig.url(&format!("/ui/requests/{id2}")))
         .await
         .unwrap();
+    // Issue 27, item 3: what the scope allows, and what approving does.
+    assert!(
+        rig.text("#scopes").await.contains("change any order"),
+        "the scope's description"
+    );
+    let grants = rig.text("#grants").await;
+    assert!(
+        grants.contains("orders.admin") && grants.contains("delivered once"),
+        "{grants}"
+    );
+    // The README's screenshot (docs/img/console-request.png).
+    rig.shot("readme-request").await;
     rig.browser
         .find(Locator::Css("#deny input[name=reason]"))
         .await

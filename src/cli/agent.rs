@@ -21,9 +21,10 @@ pub struct AgentArgs {
     /// Wanted TTL per lease.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ttl: Option<Duration>,
-    /// Why (recorded).
-    #[arg(long, default_value = "portcullis agent")]
-    pub reason: String,
+    /// Why the workload needs the token, recorded in the trail and shown to
+    /// approvers (required for scopes that wait for approval).
+    #[arg(long)]
+    pub reason: Option<String>,
     /// Keep a delegated token: exchange the token in this file (re-read
     /// for each new lease) for a narrower child.
     #[arg(long)]
@@ -41,7 +42,7 @@ pub async fn run(args: AgentArgs, opts: ClientOpts) -> Result<i32, Failure> {
         audience: args.audience.unwrap_or_default(),
         ttl: args.ttl,
         out: args.out,
-        reason: args.reason,
+        reason: args.reason.unwrap_or_default(),
         from_token: args.from_token,
         for_identity: args.for_identity.unwrap_or_default(),
     };

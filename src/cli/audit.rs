@@ -292,8 +292,6 @@ fn parse_since(s: &str) -> Result<prost_types::Timestamp, Failure> {
 mod tests {
     use super::*;
 
-    /// Issue 9, finding 2: a newline in a stored reason cannot forge a
-    /// whole record line in `audit export` text output.
     /// Issue 27, item 9: people read a checkpoint as one short line; the
     /// JSON Lines export keeps the whole JWS for `audit verify --witness`.
     #[test]
@@ -317,6 +315,8 @@ mod tests {
         assert!(checkpoint_line("garbage", AuditFormat::Text).contains("unreadable"));
     }
 
+    /// Issue 9, finding 2: a newline in a stored reason cannot forge a
+    /// whole record line in `audit export` text output.
     #[test]
     fn one_record_is_one_line() {
         let r = pb::AuditRecord {

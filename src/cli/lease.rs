@@ -356,7 +356,7 @@ fn renewed_line(l: &pb::Lease, asked: Option<Duration>) -> String {
     // A second of slack for the time the call took.
     if let Some(asked) = asked.filter(|a| until + Duration::from_secs(2) < *a) {
         line.push_str(&format!(
-            ", not the {} asked: capped by the lease's max expiry {} (first issue + the scope's max_ttl, or what approvers allowed)",
+            ", not the {} asked: capped at the lease's max expiry {} (first issue + the scope's max_ttl, what approvers allowed, or its parent's end)",
             convert::fmt_dur(asked),
             fmt_ts(&l.max_expires_at)
         ));
@@ -384,7 +384,7 @@ mod tests {
         };
         let line = renewed_line(&lease, Some(Duration::from_secs(600)));
         assert!(line.starts_with("renewed lease l_1 until "), "{line}");
-        assert!(line.contains("not the 10m asked: capped by"), "{line}");
+        assert!(line.contains("not the 10m asked: capped at"), "{line}");
         let line = renewed_line(&lease, Some(Duration::from_secs(60)));
         assert!(!line.contains("capped"), "{line}");
         assert!(!renewed_line(&lease, None).contains("capped"));

@@ -340,9 +340,11 @@ async fn why_inactive(b: &mut BrokerClient<Channel>, token: &str, presented: boo
         Some(l) if l.state == pb::LeaseState::Expired as i32 => {
             format!("its lease expired at {}", fmt_ts(&l.expires_at))
         }
-        Some(_) if presented => "bound to another certificate than the one presented".into(),
+        // The lease lives: this token is not the one it recorded, or not
+        // presented as it must be. Which of these, the broker does not say.
+        Some(_) if presented => "not accepted with the certificate presented (bound to another), or not its lease's current token (superseded by a renewal, altered, or signed by a withdrawn key)".into(),
         Some(_) => {
-            "superseded: its lease was renewed, and only the newest token of a lease is active"
+            "its lease is active, but this is not the token it recorded: superseded by a renewal, altered, or signed by a withdrawn key"
                 .into()
         }
         None => {

@@ -27,6 +27,7 @@ pub fn human(d: Duration) -> String {
         (0, 0) => format!("{sec}s"),
         (0, _) if sec == 0 => format!("{m}m"),
         (0, _) => format!("{m}m {sec}s"),
+        (_, 0) => format!("{h}h"),
         _ => format!("{h}h {m}m"),
     }
 }

@@ -295,9 +295,10 @@ impl Engine {
         ttl: Option<Duration>,
         digest: &str,
     ) -> Result<TokenRequest, EngineError> {
-        self.try_approve(who, id, reason, ttl, digest)
-            .await
-            .map_err(|e| self.decision_refused(who, id, "approve", e))
+        match self.try_approve(who, id, reason, ttl, digest).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.decision_refused(who, id, "approve", e).await),
+        }
     }
 
     async fn try_approve(
@@ -364,26 +365,38 @@ impl Engine {
         id: &str,
         reason: &str,
     ) -> Result<TokenRequest, EngineError> {
-        self.try_deny(who, id, reason)
-            .await
-            .map_err(|e| self.decision_refused(who, id, "deny", e))
+        match self.try_deny(who, id, reason).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.decision_refused(who, id, "deny", e).await),
+        }
     }
 
     /// A decision refused because of who tried it — the requester, someone
     /// in the delegation chain, someone who may not decide the request (or
-    /// may not see it: NOT_FOUND, as for an unknown id) — changes nothing;
-    /// its record is noted, not waited on, as a refused grant's is. Other
-    /// failures (a bad field, a lost race, an expired request) pass through.
-    fn decision_refused(
+    /// may not even see it: NOT_FOUND, as for an unknown id) — changes
+    /// nothing; its record is noted, not waited on, as a refused grant's
+    /// is, and counted (`portcullis_decisions_total{kind="refused"}`). An
+    /// id that names no request is not recorded: the trail holds attempts
+    /// on requests, not whatever ids a caller makes up. Other failures (a
+    /// bad field, a lost race, an expired request) pass through.
+    async fn decision_refused(
         &self,
         who: &Identity,
         id: &str,
         decision: &str,
         e: EngineError,
     ) -> EngineError {
-        if !matches!(e, EngineError::NotAllowed(_) | EngineError::NotFound { .. }) {
+        let on_a_request = match &e {
+            EngineError::NotAllowed(_) => true,
+            EngineError::NotFound { .. } => {
+                matches!(self.store().request(id).await, Ok(Some(_)))
+            }
+            _ => false,
+        };
+        if !on_a_request {
             return e;
         }
+        self.metrics.decision("refused");
         let entry = AuditEntry::ok(
             who.as_str(),
             Action::DecisionRefused,
@@ -447,9 +460,10 @@ impl Engine {
         reason: &str,
         revoke: bool,
     ) -> Result<TokenRequest, EngineError> {
-        self.try_acknowledge(who, id, reason, revoke)
-            .await
-            .map_err(|e| self.decision_refused(who, id, "acknowledge", e))
+        match self.try_acknowledge(who, id, reason, revoke).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.decision_refused(who, id, "acknowledge", e).await),
+        }
     }
 
     async fn try_acknowledge(

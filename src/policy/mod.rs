@@ -503,13 +503,25 @@ impl Policy {
     }
 
     /// Parse and validate policy text, reporting every problem: first
-    /// every unknown key ([`raw::unknown_keys`]), then the typed reading,
-    /// then each section's checks ([`check`]).
+    /// every unknown key and, around them, the typed reading
+    /// and each section's checks ([`check`]), in one pass ([`raw::unknown_and_the_rest`]).
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
-        let unknown = raw::unknown_keys(text);
-        if !unknown.is_empty() {
-            return Err(PolicyError::Invalid(unknown));
+        let (unknown, rest) = raw::unknown_and_the_rest(text);
+        if unknown.is_empty() {
+            return Self::parse_known(text);
         }
+        // Every problem at once: what the unknown keys hide is checked too
+        // (unless an unknown key is a whole table).
+        let mut problems = unknown;
+        if let Some(Err(PolicyError::Invalid(more))) = rest.as_deref().map(Self::parse_known) {
+            problems.extend(more);
+        }
+        problems.sort_by_key(|p| p.line);
+        Err(PolicyError::Invalid(problems))
+    }
+
+    /// [`Policy::parse`] of a text with no unknown keys.
+    fn parse_known(text: &str) -> Result<Self, PolicyError> {
         let raw: raw::RawPolicy = toml::from_str(text).map_err(|e| {
             let line = e.span().map_or(0, |s| raw::line_of(text, s.start));
             PolicyError::Invalid(vec![Problem {
@@ -733,27 +745,13 @@ max_depth = 17
 approval = "maybe"
 depth = 2
 "#;
+        // Issue 27, item 7: the unknown key and every bad value, at once.
         let PolicyError::Invalid(problems) = Policy::parse(bad).unwrap_err() else {
             panic!()
         };
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        assert_eq!(
-            text,
-            [
-                "line 13: unknown key `delegation.depth` (expected one of: from, to, scopes, max_depth, audiences, approval)",
-            ],
-            "unknown keys are reported before anything else is read"
-        );
-        let bad = bad.replace(
-            "depth = 2
-",
-            "",
-        );
-        let PolicyError::Invalid(problems) = Policy::parse(&bad).unwrap_err() else {
-            panic!()
-        };
-        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         for want in [
+            "line 13: unknown key `delegation.depth` (expected one of: from, to, scopes, max_depth, audiences, approval)",
             "line 6: scope `a`: bind: unknown binding `token` (expected `mtls`)",
             "line 8: delegation rule (policy line 8): to: list at least one identity pattern",
             "line 9: delegation rule (policy line 8): from: pattern `http://x` must start with `spiffe://`",
@@ -766,7 +764,9 @@ depth = 2
                 "missing {want:?} in {text:#?}"
             );
         }
-        assert_eq!(text.len(), 6, "{text:#?}");
+        assert_eq!(text.len(), 7, "{text:#?}");
+        let lines: Vec<usize> = problems.iter().map(|p| p.line).collect();
+        assert!(lines.is_sorted(), "in file order: {text:#?}");
     }
 
     #[test]
@@ -776,14 +776,23 @@ depth = 2
             panic!()
         };
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        assert_eq!(
-            text,
-            [
-                "line 2: unknown key `broker.admin` (expected one of: default_audience, admins, auditors, max_ttl)",
-                "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, require_justification, bind, break_glass)",
-                "line 7: unknown key `scope.break_glass.maxttl` (expected one of: allowed, max_ttl)",
-                "line 10: unknown key `webhook.event` (expected one of: url, format, events)",
-            ]
+        for want in [
+            "line 2: unknown key `broker.admin` (expected one of: default_audience, admins, auditors, max_ttl)",
+            "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, require_justification, bind, break_glass)",
+            "line 7: unknown key `scope.break_glass.maxttl` (expected one of: allowed, max_ttl)",
+            "line 10: unknown key `webhook.event` (expected one of: url, format, events)",
+        ] {
+            assert!(
+                text.iter().any(|t| t == want),
+                "missing {want:?} in {text:#?}"
+            );
+        }
+        // Issue 27, item 7: and, in the same pass, what is wrong around
+        // them (an auto scope with break-glass settings, on line 3).
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("line 3: scope `a`: tier:")),
+            "{text:#?}"
         );
     }
 
@@ -842,6 +851,31 @@ require_justification = false
         assert_eq!(p.unjustified(&b, " "), Some("b"));
         assert_eq!(p.unjustified(&b, "ticket 7"), None);
         assert_eq!(p.unjustified(&c, ""), None, "waived");
+    }
+
+    /// Issue 27, item 7: quoted keys and string values are blanked whole,
+    /// so what remains still reads as TOML and its own problems are found.
+    #[test]
+    fn quoted_unknown_keys_and_their_values_are_set_aside_whole() {
+        let text = "[[scope]]\nname = \"a\"\n\"note\" = \"x, \\\"y\\\"\"\ntier = \"sometimes\"\nworkloads = [\"spiffe://t/*\"]\n";
+        let PolicyError::Invalid(problems) = Policy::parse(text).unwrap_err() else {
+            panic!()
+        };
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert!(
+            text[0].starts_with("line 3: unknown key `scope.note`"),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("line 4:") && t.contains("sometimes")),
+            "the bad tier after it is found in the same pass: {text:#?}"
+        );
+        assert_eq!(
+            text.len(),
+            2,
+            "no syntax error from what was set aside: {text:#?}"
+        );
     }
 
     #[test]

@@ -60,19 +60,66 @@ const TOP: Shape = Shape::Keys(
     ],
 );
 
-/// Every key the policy format does not know, each with its line. A text
-/// that is not TOML yields nothing here (the typed reading reports it).
-pub(super) fn unknown_keys(text: &str) -> Vec<Problem> {
+/// Every key the policy format does not know, each with its line (a text
+/// that is not TOML yields none: the typed reading reports it), and — when each is a plain `key = value` — the text
+/// with them blanked out (same lines, same columns), so the values around
+/// them are checked in the same pass and every problem is reported at once.
+/// `None` when an unknown key is a whole table (`[x]`, `[[x]]`): its
+/// contents cannot be told apart from the next table's by blanking.
+pub(super) fn unknown_and_the_rest(text: &str) -> (Vec<Problem>, Option<String>) {
     let mut problems = Vec::new();
+    let mut spans = Vec::new();
     if let Ok(top) = DeTable::parse(text) {
-        walk(text, top.get_ref(), &TOP, "", &mut problems);
+        walk(
+            text,
+            top.get_ref(),
+            &TOP,
+            "",
+            &mut (&mut problems, &mut spans),
+        );
     }
     // Nested tables are walked before their siblings: report in file order.
     problems.sort_by_key(|p| p.line);
-    problems
+    let rest = spans
+        .iter()
+        .all(|s: &std::ops::Range<usize>| !s.is_empty())
+        .then(|| blanked(text, &spans));
+    (problems, rest)
 }
 
-fn walk(text: &str, table: &DeTable<'_>, shape: &Shape, path: &str, out: &mut Vec<Problem>) {
+/// `text` with each of `spans` (a `key = value`) and its separating comma
+/// (inside an inline table) replaced by spaces, newlines kept.
+fn blanked(text: &str, spans: &[std::ops::Range<usize>]) -> String {
+    let mut bytes = text.as_bytes().to_vec();
+    for span in spans {
+        let (mut start, mut end) = (span.start, span.end.min(bytes.len()));
+        let after = bytes[end..]
+            .iter()
+            .position(|b| *b != b' ' && *b != b'\t')
+            .map(|i| end + i);
+        if let Some(i) = after.filter(|i| bytes[*i] == b',') {
+            end = i + 1;
+        } else if let Some(i) = bytes[..start]
+            .iter()
+            .rposition(|b| *b != b' ' && *b != b'\t')
+            .filter(|i| bytes[*i] == b',')
+        {
+            start = i;
+        }
+        for b in &mut bytes[start..end] {
+            if *b != b'\n' {
+                *b = b' ';
+            }
+        }
+    }
+    // Whole keys and values were replaced (spans fall on character
+    // boundaries), so the text is still UTF-8; if not, read it as it was.
+    String::from_utf8(bytes).unwrap_or_else(|_| text.to_owned())
+}
+
+type Found<'a> = (&'a mut Vec<Problem>, &'a mut Vec<std::ops::Range<usize>>);
+
+fn walk(text: &str, table: &DeTable<'_>, shape: &Shape, path: &str, out: &mut Found<'_>) {
     let Shape::Keys(plain, nested) = shape else {
         return;
     };
@@ -84,12 +131,24 @@ fn walk(text: &str, table: &DeTable<'_>, shape: &Shape, path: &str, out: &mut Ve
         let Some((_, inner)) = nested.iter().find(|(n, _)| *n == name) else {
             let mut expected: Vec<&str> = plain.to_vec();
             expected.extend(nested.iter().map(|(n, _)| *n));
-            out.push(Problem {
+            out.0.push(Problem {
                 line: line_of(text, key.span().start),
                 message: format!(
                     "unknown key `{path}{name}` (expected one of: {})",
                     expected.join(", ")
                 ),
+            });
+            // A value in the text after its key: a `key = value` to blank.
+            // A table (`[x]`) has its value elsewhere: an empty span says so.
+            let (k, v) = (key.span(), value.span());
+            let plain = !matches!(value.get_ref(), DeValue::Table(_) | DeValue::Array(_))
+                || text
+                    .get(k.end..v.start)
+                    .is_some_and(|between| between.trim() == "=");
+            out.1.push(if plain && v.end > k.start {
+                k.start..v.end
+            } else {
+                0..0
             });
             continue;
         };

@@ -139,7 +139,8 @@ pub(super) async fn checkpoints(
                 || crate::audit::AuditLog::since_checkpoint(engine.store().as_ref())
                     .await
                     .is_ok_and(|n| n >= CHECKPOINT_EVERY)
-                || last.elapsed() >= CHECKPOINT_INTERVAL)
+                || last.elapsed() >= CHECKPOINT_INTERVAL
+                || engine.checkpoint_signer_withdrawn().await)
         {
             checkpoint(&engine, retention, &witness).await;
             last = tokio::time::Instant::now();
