@@ -227,6 +227,26 @@ fn give_up_on_parent(
     Ok(())
 }
 
+/// Say that a refresh failed, and whether a token is still in place; an
+/// error when retrying cannot help: what the broker refuses as malformed
+/// before the agent ever had a token is its configuration.
+fn failed(
+    e: &RefreshError,
+    written: bool,
+    retry_in: Duration,
+    cfg: &AgentConfig,
+) -> Result<(), String> {
+    if written {
+        tracing::warn!(error = %e, ?retry_in, "token refresh failed; keeping the last good token");
+        return Ok(());
+    }
+    tracing::warn!(error = %e, ?retry_in, "no token yet: refresh failed, trying again");
+    if config_refused(e) && cfg.from_token.is_none() {
+        return Err(format!("the broker refused the agent's request: {e}"));
+    }
+    Ok(())
+}
+
 /// The request itself is malformed (a missing `--reason`, a bad TTL).
 fn config_refused(e: &RefreshError) -> bool {
     matches!(e, RefreshError::Rpc(s) if s.code() == tonic::Code::InvalidArgument)
@@ -280,17 +300,7 @@ pub async fn run(
                 if let (true, Some(path)) = (parent_refused(&e), &cfg.from_token) {
                     give_up_on_parent(&mut refused_parent, path, &e)?;
                 }
-                if written {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "token refresh failed; keeping the last good token");
-                } else {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "no token yet: refresh failed, trying again");
-                    // What the broker refuses as malformed before the agent
-                    // ever had a token is its configuration: retrying the
-                    // same request cannot help.
-                    if config_refused(&e) && cfg.from_token.is_none() {
-                        return Err(format!("the broker refused the agent's request: {e}"));
-                    }
-                }
+                failed(&e, written, backoff, &cfg)?;
                 let w = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(60));
                 w

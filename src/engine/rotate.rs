@@ -222,10 +222,35 @@ impl Engine {
         let keys = self.store().keys().await?;
         let targets = emergency_targets(&keys, kid)?;
         let fresh = self.signer_after(&keys, &targets, now)?;
-        let (fresh, targets) = (&fresh, &targets);
         // First the keys: once this commits, the store refuses every new
         // lease signed by a withdrawn key (on every broker), so the scan
         // below misses none.
+        self.withdraw(who, &targets, fresh.as_ref(), reason).await?;
+        self.keys.reload(self.store().as_ref()).await?;
+        let mut done = Withdrawal::default();
+        for old in targets {
+            let (leases, descendants) = self
+                .revoke_signed_by(&old.kid, who.as_str(), "emergency key rotation", now)
+                .await?;
+            tracing::warn!(withdrawn = %old.kid, revoked = leases, descendants, "emergency key rotation");
+            done.withdrawn.push(old.kid.clone());
+            done.leases += leases;
+            done.descendants += descendants;
+        }
+        self.withdrawals_done().await?;
+        Ok(done)
+    }
+
+    /// Withdraw `targets` in one commit with their records: unpublished,
+    /// private parts destroyed, `fresh` (if any) signing instead, and the
+    /// pending revocations noted for a broker that dies before they run.
+    async fn withdraw(
+        &self,
+        who: &Identity,
+        targets: &[KeyRecord],
+        fresh: Option<&KeyRecord>,
+        reason: &str,
+    ) -> Result<(), EngineError> {
         self.commit(|mut op| async move {
             op.fence(self.keys_fence());
             let keys = self.store().keys().await?;
@@ -258,20 +283,7 @@ impl Engine {
             op.record(entries)?;
             Ok((op, ()))
         })
-        .await?;
-        self.keys.reload(self.store().as_ref()).await?;
-        let mut done = Withdrawal::default();
-        for old in targets {
-            let (leases, descendants) = self
-                .revoke_signed_by(&old.kid, who.as_str(), "emergency key rotation", now)
-                .await?;
-            tracing::warn!(withdrawn = %old.kid, revoked = leases, descendants, "emergency key rotation");
-            done.withdrawn.push(old.kid.clone());
-            done.leases += leases;
-            done.descendants += descendants;
-        }
-        self.withdrawals_done().await?;
-        Ok(done)
+        .await
     }
 
     /// Finish the revocations of an emergency rotation that a broker did

@@ -229,6 +229,14 @@ fn request(id: &str, deadline: Millis) -> TokenRequest {
     }
 }
 
+/// An open request `id` by `who`.
+fn request_by(id: &str, who: &str) -> TokenRequest {
+    TokenRequest {
+        requester: who.into(),
+        ..request(id, 10)
+    }
+}
+
 fn idem(key: &str, outcome: IdempotentOutcome) -> Idempotency {
     Idempotency {
         caller: "spiffe://t/w".into(),
@@ -576,26 +584,22 @@ async fn open_requests_track_decisions_claims_and_reviews() {
 async fn open_requests_of_follow_their_requester_and_maker() {
     for (name, s, dir) in backends().await {
         let s: &dyn Store = s.as_ref();
-        let by = |id: &str, who: &str| TokenRequest {
-            requester: who.into(),
-            ..request(id, 10)
-        };
-        let a = by("r_a", "spiffe://t/w1");
-        let b = by("r_b", "spiffe://t/w2");
+        let a = request_by("r_a", "spiffe://t/w1");
+        let b = request_by("r_b", "spiffe://t/w2");
         let c = TokenRequest {
             delegation: Some(crate::model::Delegation {
                 parent_id: "l_p".into(),
                 depth: 1,
                 actors: vec!["spiffe://t/w1".into()],
             }),
-            ..by("r_c", "spiffe://t/w3")
+            ..request_by("r_c", "spiffe://t/w3")
         };
         let d = TokenRequest {
             state: RequestState::Denied,
-            ..by("r_d", "spiffe://t/w1")
+            ..request_by("r_d", "spiffe://t/w1")
         };
         // A name that starts with another's is not that identity.
-        let e = by("r_e", "spiffe://t/w1x");
+        let e = request_by("r_e", "spiffe://t/w1x");
         for r in [&a, &b, &c, &d, &e] {
             s.create_request(r, None).await.unwrap();
         }
@@ -659,11 +663,7 @@ async fn sled_rebuilds_the_open_request_index_at_open() {
 /// An open request by `w1`, an open exchange `w1` asked for on behalf of
 /// `w3`, and a denied request by `w1`.
 async fn write_a_request_of_each_kind(s: &dyn Store) {
-    let by = |id: &str, who: &str| TokenRequest {
-        requester: who.into(),
-        ..request(id, 10)
-    };
-    s.create_request(&by("r_a", "spiffe://t/w1"), None)
+    s.create_request(&request_by("r_a", "spiffe://t/w1"), None)
         .await
         .unwrap();
     let exchange = TokenRequest {
@@ -672,12 +672,12 @@ async fn write_a_request_of_each_kind(s: &dyn Store) {
             depth: 1,
             actors: vec!["spiffe://t/w1".into()],
         }),
-        ..by("r_c", "spiffe://t/w3")
+        ..request_by("r_c", "spiffe://t/w3")
     };
     s.create_request(&exchange, None).await.unwrap();
     let denied = TokenRequest {
         state: RequestState::Denied,
-        ..by("r_d", "spiffe://t/w1")
+        ..request_by("r_d", "spiffe://t/w1")
     };
     s.create_request(&denied, None).await.unwrap();
 }
