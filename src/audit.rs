@@ -516,7 +516,7 @@ impl Report {
 const BROKER_ACTOR: &str = "portcullis";
 
 /// The `kid` a checkpoint names.
-pub fn signer(jws: &str) -> Option<String> {
+fn signer(jws: &str) -> Option<String> {
     jsonwebtoken::decode_header(jws).ok()?.kid
 }
 

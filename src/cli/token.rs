@@ -296,21 +296,12 @@ fn parse_token_arg(t: String) -> Result<String, Failure> {
 /// token itself (unverified: the broker already said it is not good) and
 /// from its lease when the caller may see it.
 async fn why_inactive(b: &mut BrokerClient<Channel>, token: &str, presented: bool) -> String {
-    use base64::Engine as _;
-    let claims = token
-        .split('.')
-        .nth(1)
-        .and_then(|p| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(p)
-                .ok()
-        })
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    let Some(claims) = claims else {
+    // Read, never trusted: only to say which of the broker's reasons fits.
+    let Some(claims) = crate::token::unverified_claims(token) else {
         return "not a token (not a JWT this broker could have issued)".into();
     };
     let now = convert::timestamp(std::time::SystemTime::now()).seconds;
-    let exp = claims["exp"].as_i64().unwrap_or(0);
+    let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
     let at = |secs: i64| {
         fmt_ts(&Some(prost_types::Timestamp {
             seconds: secs,
@@ -320,9 +311,10 @@ async fn why_inactive(b: &mut BrokerClient<Channel>, token: &str, presented: boo
     if exp != 0 && exp <= now {
         return format!("expired at {}", at(exp));
     }
-    let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
     let lease = b
-        .get_lease(pb::GetLeaseRequest { lease_id: jti })
+        .get_lease(pb::GetLeaseRequest {
+            lease_id: claims.jti,
+        })
         .await
         .ok()
         .and_then(|r| r.into_inner().lease);

@@ -67,18 +67,6 @@ impl Engine {
         Ok(self.sign_checkpoint().await?.map(|(seq, _)| seq))
     }
 
-    /// Was the newest checkpoint signed by a key withdrawn since (an
-    /// emergency rotation)? Then it proves nothing, and the trail it
-    /// covered is unwitnessed until a trusted key signs one: the
-    /// checkpoint task signs at once rather than at its next interval.
-    pub async fn checkpoint_signer_withdrawn(&self) -> bool {
-        let Ok(Some((_, jws))) = self.store().last_checkpoint().await else {
-            return false;
-        };
-        crate::audit::signer(&String::from_utf8_lossy(&jws))
-            .is_some_and(|kid| self.keys.current().withdrawn.contains(&kid))
-    }
-
     /// [`Engine::checkpoint_audit`], returning the durable checkpoint's JWS
     /// too, for an external witness.
     pub async fn sign_checkpoint(&self) -> Result<Option<(u64, String)>, EngineError> {

@@ -129,6 +129,11 @@ pub(super) async fn checkpoints(
     cancel: CancellationToken,
 ) {
     let mut last = tokio::time::Instant::now();
+    // Keys withdrawn in an emergency (on any broker: the key ring follows
+    // the store): what they signed proves nothing, so a trusted key signs
+    // over the trail at once, not at the next interval.
+    let withdrawn = || engine.keys().current().withdrawn.len();
+    let mut withdrawn_seen = withdrawn();
     loop {
         let stop = tokio::select! {
             () = cancel.cancelled() => true,
@@ -136,12 +141,13 @@ pub(super) async fn checkpoints(
         };
         if engine.leads()
             && (stop
+                || withdrawn() != withdrawn_seen
                 || crate::audit::AuditLog::since_checkpoint(engine.store().as_ref())
                     .await
                     .is_ok_and(|n| n >= CHECKPOINT_EVERY)
-                || last.elapsed() >= CHECKPOINT_INTERVAL
-                || engine.checkpoint_signer_withdrawn().await)
+                || last.elapsed() >= CHECKPOINT_INTERVAL)
         {
+            withdrawn_seen = withdrawn();
             checkpoint(&engine, retention, &witness).await;
             last = tokio::time::Instant::now();
         }

@@ -45,8 +45,8 @@ const BARRIER_LEVELS: &[&str] = &["on", "remote_write", "remote_apply", "local"]
 /// A client error, with the server's own code and message when it sent
 /// one (tokio-postgres displays those as just "db error"), told as what it
 /// is: a lost race is contention (retry), a statement the server refuses
-/// as malformed or not permitted is the broker's defect or its set-up, a
-/// column that will not read is a corrupt row; the rest is the database
+/// as malformed or not permitted, or a column that will not read, is the
+/// broker's defect or its set-up (internal); the rest is the database
 /// being unavailable.
 pub(super) fn pg_err(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
