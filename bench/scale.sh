@@ -7,8 +7,8 @@
 # store; the fill of LEASES active leases (TTL 1h) and the grant rate right
 # after it; RSS and disk use; introspection at that size; restart-to-ready
 # (until endpoints.json is written) and RSS after a restart, idle and after
-# 20 s of grants; then, on a second fresh store, `lease revoke-all` of about
-# 100k leases. Takes ~5 minutes for a million leases on 2 cores.
+# 60 s of grants; then, on a second fresh store, `lease revoke-all` of about
+# 100k leases. Takes ~6 minutes for a million leases on 2 cores.
 set -euo pipefail
 [ $# -ge 1 ] || { sed -n '2,13p' "$0"; exit 64; }
 BIN=$1; N=${2:-1000000}
@@ -36,8 +36,8 @@ start "$D"
 echo "restart to ready:         ${READY} s, rss $(rss)"
 sleep 3
 echo "restarted, idle 3 s:      rss $(rss)"
-echo "grants after restart:     $(bench --duration 20s)"
-echo "after 20 s of grants:     rss $(rss), disk $(du -sm "$D" | cut -f1) MB"
+echo "grants after restart:     $(bench --duration 60s)"
+echo "after 60 s of grants:     rss $(rss), disk $(du -sm "$D" | cut -f1) MB"
 stop
 mkdir -p "$D.2"; D2=$D; D=$D.2
 start "$D"

@@ -310,26 +310,48 @@ async fn tampered(edit: impl FnOnce(&sled::Tree)) -> pb::VerifyResponse {
         r.shutdown().await;
     }
     {
-        // sled lets go of its file lock from a background thread after the
-        // broker's last handle drops (`SledStore::open` waits the same way).
-        let until = std::time::Instant::now() + Duration::from_secs(5);
-        let db = loop {
-            match sled::open(h.dev.data()) {
-                Ok(db) => break db,
-                Err(e) if std::time::Instant::now() < until => {
-                    assert!(e.to_string().contains("lock"), "{e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
-        edit(&db.open_tree("audit").unwrap());
+        let db = open_sled(&h.dev.data()).await;
+        edit(&unblock(&db));
         db.flush().unwrap();
     }
     h.boot().await;
     let v = verify(&h).await;
     h.stop().await;
     v
+}
+
+/// The broker's sled files, opened as someone with write access to them
+/// would. sled lets go of its file lock from a background thread after the
+/// broker's last handle drops (`SledStore::open` waits the same way).
+async fn open_sled(dir: &std::path::Path) -> sled::Db {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < until => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// The store's `audit` tree with its blocks of records (one key per group
+/// of batches) rewritten as one key per record — a layout the store reads
+/// too (builds before blocks wrote it) — so an edit can name a record by
+/// its number, as someone with write access to the files could.
+fn unblock(db: &sled::Db) -> sled::Tree {
+    let audit = db.open_tree("audit").unwrap();
+    for item in audit.iter() {
+        let (k, v) = item.unwrap();
+        let records = portcullis::store::sled_store::audit_entry(&k, &v).unwrap();
+        audit.remove(&k).unwrap();
+        for (seq, record) in records {
+            audit.insert(seq.to_be_bytes(), record).unwrap();
+        }
+    }
+    audit
 }
 
 fn get(t: &sled::Tree, seq: u64) -> Vec<u8> {
@@ -421,7 +443,7 @@ async fn retention_compaction_keeps_the_rest_verifiable_from_a_signed_checkpoint
         r.shutdown().await;
     }
     {
-        let db = sled::open(h.dev.data()).unwrap();
+        let db = open_sled(&h.dev.data()).await;
         db.open_tree("audit_checkpoints")
             .unwrap()
             .remove(first.to_be_bytes())
@@ -455,11 +477,8 @@ async fn i21_02_the_oldest_records_removed_without_a_compaction_are_found() {
     }
     {
         // What compaction to `point` removes, with no record of it.
-        let db = sled::open(h.dev.data()).unwrap();
-        let (audit, checkpoints) = (
-            db.open_tree("audit").unwrap(),
-            db.open_tree("audit_checkpoints").unwrap(),
-        );
+        let db = open_sled(&h.dev.data()).await;
+        let (audit, checkpoints) = (unblock(&db), db.open_tree("audit_checkpoints").unwrap());
         for item in audit.range(..=point.to_be_bytes()) {
             audit.remove(item.unwrap().0).unwrap();
         }
@@ -496,11 +515,8 @@ async fn i21_02_a_forged_compaction_record_is_found() {
     {
         // What compaction to `point` does, with a record of it in the
         // right shape, chained after the last — but not signed.
-        let db = sled::open(h.dev.data()).unwrap();
-        let (audit, checkpoints) = (
-            db.open_tree("audit").unwrap(),
-            db.open_tree("audit_checkpoints").unwrap(),
-        );
+        let db = open_sled(&h.dev.data()).await;
+        let (audit, checkpoints) = (unblock(&db), db.open_tree("audit_checkpoints").unwrap());
         let (last, bytes) = audit.last().unwrap().unwrap();
         let last = u64::from_be_bytes(last.as_ref().try_into().unwrap());
         let body = portcullis::audit::AuditLog::bodies(
@@ -526,7 +542,6 @@ async fn i21_02_a_forged_compaction_record_is_found() {
         for item in checkpoints.range(..point.to_be_bytes()) {
             checkpoints.remove(item.unwrap().0).unwrap();
         }
-        db.open_tree("batch_slot").unwrap().remove("last").unwrap();
         db.flush().unwrap();
     }
     h.boot().await;
@@ -571,7 +586,7 @@ async fn i21_02_a_trail_whose_checkpoints_were_all_removed_is_found_after_re_sig
         r.shutdown().await;
     }
     {
-        let db = sled::open(h.dev.data()).unwrap();
+        let db = open_sled(&h.dev.data()).await;
         db.open_tree("audit_checkpoints").unwrap().clear().unwrap();
         db.flush().unwrap();
     }
@@ -793,20 +808,20 @@ async fn f03_a_truncated_trail_is_caught_against_the_witness() {
     // Roll the store back to the first checkpoint: drop every later record
     // and checkpoint. What remains is consistent in itself.
     {
-        let db = sled::open(h.dev.data()).unwrap();
+        let db = open_sled(&h.dev.data()).await;
         let checkpoints = db.open_tree("audit_checkpoints").unwrap();
         let (first_seq, _) = checkpoints.first().unwrap().unwrap();
         let keep = u64::from_be_bytes(first_seq.as_ref().try_into().unwrap());
-        let audit = db.open_tree("audit").unwrap();
+        let audit = unblock(&db);
         for item in audit.range((keep + 1).to_be_bytes()..) {
             audit.remove(item.unwrap().0).unwrap();
         }
         for item in checkpoints.range((keep + 1).to_be_bytes()..) {
             checkpoints.remove(item.unwrap().0).unwrap();
         }
-        // The store's copy of its last batch (which a crash would have it
-        // finish at open) goes too: an older state never held a newer one.
-        db.open_tree("batch_slot").unwrap().remove("last").unwrap();
+        // The journal (`journal-*`) is left: the broker closed cleanly, so
+        // it holds no group after the store's number, and nothing is
+        // written again at open.
         db.flush().unwrap();
     }
     h.boot().await;
@@ -853,7 +868,7 @@ async fn f03_a_removed_checkpoint_breaks_the_checkpoint_chain() {
     assert!(verify(&h).await.ok);
     h.halt().await;
     {
-        let db = sled::open(h.dev.data()).unwrap();
+        let db = open_sled(&h.dev.data()).await;
         let checkpoints = db.open_tree("audit_checkpoints").unwrap();
         checkpoints.remove(seqs[1].to_be_bytes()).unwrap().unwrap();
         db.flush().unwrap();

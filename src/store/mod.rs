@@ -38,6 +38,7 @@
 pub mod batch;
 pub mod commit;
 pub mod copy;
+mod journal;
 pub mod mem;
 pub mod postgres;
 mod record;
@@ -52,14 +53,15 @@ pub use crate::clock::Millis;
 /// adds delegation to that record and the `lease_children` index; version 4
 /// writes every batch through sled's batch slot (`batch_slot`,
 /// `meta/batch_seq`), which an older build would not complete after a
-/// crash. An older
+/// crash; version 5 makes the journal (`journal-0`, `journal-1`) the
+/// durability point, which an older build would not replay. An older
 /// store is upgraded in place (its leases stay readable), and a broker that
 /// knows only older versions refuses a newer store: it would drop fields it
 /// does not know when it rewrites a record.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Older layout versions this build opens (and upgrades).
-pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3, 4];
+pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3, 4, 5];
 
 pub(crate) use record::{decode_lease, encode_lease};
 

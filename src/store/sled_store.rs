@@ -1,18 +1,22 @@
-//! The embedded default backend: sled 0.34, one tree per table.
+//! The embedded default backend: sled 0.34, one tree per table, behind a
+//! journal of its own (`journal.rs`).
 //!
-//! sled's `flush()` writes and `sync_file_range`s its data file but does not
-//! fsync it (the real fsync happens every 500 ms in the background), so
-//! [`Store::sync`] follows it with `sync_data()` on a second handle to the
-//! data file. Records stay far below sled's 128 KiB blob threshold, so
-//! nothing lands in the never-fsynced `blobs/` directory.
+//! Each group of batches is appended to the journal and made durable there
+//! (one `fdatasync`) before sled sees it, so [`Store::sync`] has nothing
+//! left to do. sled is made durable lazily, at checkpoints: its `flush()` writes and
+//! `sync_file_range`s its data file but does not fsync it, so a checkpoint
+//! follows it with `sync_data()` on a second handle to the data file.
+//! Records stay far below sled's 128 KiB blob threshold, so nothing lands
+//! in the never-fsynced `blobs/` directory.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::{Db, Transactional as _, Tree};
+use sled::{Db, Tree};
 
 use super::batch::{Applied, Applying, Batch, ChainHead, Tables, apply_to};
+use super::journal::{Checkpoint, Frame, Journal};
 use super::{
     Due, Millis, READABLE_SCHEMA_VERSIONS, Row, SCHEMA_VERSION, Store, StoreError, Table,
     deadline_key, decode, decode_lease, encode, encode_lease, idem_key, page_bounds,
@@ -35,8 +39,7 @@ type Queued = (Batch, Reply);
 /// Where a batch's outcome goes.
 type Reply = tokio::sync::oneshot::Sender<Result<Applied, StoreError>>;
 
-/// Most batches the writer applies as one group (one slot write): their
-/// changes stay far below the slot's size limit.
+/// Most batches the writer applies as one group (one journal frame).
 const GROUP_MAX: usize = 48;
 
 impl std::ops::Deref for SledStore {
@@ -76,6 +79,10 @@ fn spawn_writer(
                 }
                 core.apply_group(group);
             }
+            // Closing: sled takes over what the journal held.
+            if let Err(e) = core.lock_head().and_then(|mut a| a.journal.close()) {
+                tracing::error!(error = %e, "the store's last checkpoint failed; the journal is replayed at the next open");
+            }
         })
         .map_err(unavailable)?;
     Ok((writer, thread))
@@ -84,7 +91,7 @@ fn spawn_writer(
 /// The trees of a [`SledStore`] and what its writer keeps.
 pub struct SledCore {
     db: Db,
-    data_file: File,
+    data_file: Arc<File>,
     pub(super) leases: Tree,
     pub(super) lease_expiry: Tree,
     by_subject: Tree,
@@ -103,8 +110,8 @@ pub struct SledCore {
     /// Console sessions and links: key → expiry (8 bytes, big-endian) ‖
     /// value. An older build ignores the tree.
     ephemeral: Tree,
-    /// The last batch's changes (see `write_changes`). An older build
-    /// ignores the tree.
+    /// Where a build before the journal wrote the last group first (see
+    /// `finish_last_batch`); emptied at open.
     slot: Tree,
     /// `meta/schema_version` is [`SCHEMA_VERSION`]. An older readable store
     /// keeps its number until the first record only this version reads is
@@ -117,7 +124,7 @@ pub struct SledCore {
     head: std::sync::Mutex<Applier>,
     /// A group's write failed part-way: the trees may hold part of it and
     /// the head no longer matches them. Every later batch is refused until
-    /// a restart completes the group from the slot (fail closed).
+    /// a restart completes the group from the journal (fail closed).
     broken: std::sync::atomic::AtomicBool,
 }
 
@@ -128,9 +135,11 @@ struct Applier {
     /// batch that does empties this.
     keys: std::collections::HashMap<String, Option<KeyRecord>>,
     /// The number of the last group written (`meta/batch_seq`): each
-    /// group's last change sets it one higher, so the slot says which group
-    /// it holds and whether that group was written whole.
+    /// group's last change sets it one higher, so sled says which groups it
+    /// holds whole, and which journal frames come after them.
     groups: u64,
+    /// Where each group is written first.
+    journal: Journal,
 }
 
 /// Where the number of the last group written is kept, in `meta`.
@@ -253,13 +262,90 @@ fn decode_changes(mut b: &[u8]) -> Option<Vec<Change>> {
     Some(out)
 }
 
-/// Largest blob of changes kept in the batch slot: far below sled's
-/// 128 KiB blob threshold (larger values go to never-fsynced files).
-/// Bigger batches (a bulk revocation) are one sled transaction instead.
-const SLOT_MAX: usize = 64 * 1024;
+/// The first byte of an `audit` entry that holds a block of records.
+/// A record on its own (as builds before blocks wrote each one) is
+/// canonical JSON, which starts with `{`.
+const AUDIT_BLOCK: u8 = 0xB1;
 
-/// The key of the batch slot, alone in its tree (`batch_slot`): a small
-/// node, cheap to rewrite at every batch.
+/// Most bytes of records in one block. sled 0.34 splits a leaf only past
+/// 16 items, and writes a node larger than 128 KiB as a blob (a file of its
+/// own, never fsynced): 17 blocks of 6 KiB and their keys stay below that.
+const AUDIT_BLOCK_MAX: usize = 6 * 1024;
+
+/// The records of one `audit` entry: the key is the first one's number; a
+/// block holds consecutive records, each as its length (u32, big-endian)
+/// and its bytes, after [`AUDIT_BLOCK`]; any other value is one record.
+pub fn audit_entry(key: &[u8], value: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let first = seq_of(key);
+    let Some(mut rest) = value.strip_prefix(&[AUDIT_BLOCK]) else {
+        return Ok(vec![(first, value.to_vec())]);
+    };
+    let corrupt = || StoreError::Corrupt {
+        tree: "audit",
+        key: first.to_string(),
+        detail: "a block of records is cut short".into(),
+    };
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_at_checked(4).ok_or_else(corrupt)?;
+        let len = u32::from_be_bytes(len.try_into().map_err(|_| corrupt())?) as usize;
+        let (record, tail) = tail.split_at_checked(len).ok_or_else(corrupt)?;
+        out.push((first.saturating_add(out.len() as u64), record.to_vec()));
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// Consecutive records as one `audit` entry's value (see [`audit_entry`]).
+pub fn audit_block<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = vec![AUDIT_BLOCK];
+    for r in records {
+        out.extend_from_slice(&(r.len() as u32).to_be_bytes());
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+/// A group's changes with its new records (one `audit` key each, as the
+/// batches stage them) packed into blocks of consecutive records: one key
+/// per block instead of one per record, so ~211 bytes of sled's own less
+/// per record, on disk and in memory, and one insert per block.
+fn pack_audit(changes: Vec<Change>) -> Vec<Change> {
+    let (records, mut out): (Vec<Change>, Vec<Change>) =
+        changes.into_iter().partition(|(tree, key, value)| {
+            usize::from(*tree) == AUDIT
+                && key.len() == 8
+                && value
+                    .as_ref()
+                    .is_some_and(|v| v.first() != Some(&AUDIT_BLOCK))
+        });
+    let mut block: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut size = 0;
+    let mut seal = |block: &mut Vec<(u64, Vec<u8>)>| {
+        if let Some((first, _)) = block.first() {
+            let value = audit_block(block.iter().map(|(_, r)| r.as_slice()));
+            out.push((AUDIT as u8, first.to_be_bytes().to_vec(), Some(value)));
+        }
+        block.clear();
+    };
+    for (_, key, value) in records {
+        let (seq, record) = (seq_of(&key), value.unwrap_or_default());
+        let follows = block
+            .last()
+            .is_none_or(|(last, _)| last.checked_add(1) == Some(seq));
+        if !follows || size + 4 + record.len() > AUDIT_BLOCK_MAX {
+            seal(&mut block);
+            size = 0;
+        }
+        size += 4 + record.len();
+        block.push((seq, record));
+    }
+    seal(&mut block);
+    out
+}
+
+/// The key of the batch slot, alone in its tree (`batch_slot`), where a
+/// build before the journal (schema 4) wrote each group first.
 const BATCH_SLOT: &str = "last";
 
 impl Tables for Staged<'_> {
@@ -413,11 +499,33 @@ impl Tables for Staged<'_> {
                     .map(|item| item.map(|(k, _)| k.to_vec()).map_err(unavailable))
                     .collect()
             };
-        for k in gone(
-            self.trees[AUDIT],
-            std::ops::Bound::Included(seq.to_be_bytes()),
-        )? {
+        // The entries at or below the point: as stored, and as this group
+        // left them (an earlier compaction in it may have moved a block).
+        let point = seq.to_be_bytes();
+        let mut entries: std::collections::BTreeSet<Vec<u8>> =
+            gone(self.trees[AUDIT], std::ops::Bound::Included(point))?
+                .into_iter()
+                .collect();
+        for ((tree, k), v) in self.overlay.iter().chain(self.group.iter()) {
+            if usize::from(*tree) == AUDIT && v.is_some() && k.as_slice() <= point.as_slice() {
+                entries.insert(k.clone());
+            }
+        }
+        for k in entries {
+            // A block that reaches past the point keeps its later records,
+            // under the first of them.
+            let Some(value) = self.get(AUDIT, &k)? else {
+                continue;
+            };
+            let kept: Vec<(u64, Vec<u8>)> = audit_entry(&k, &value)?
+                .into_iter()
+                .filter(|(n, _)| *n > seq)
+                .collect();
             self.del(AUDIT, &k)?;
+            if let Some((first, _)) = kept.first() {
+                let block = audit_block(kept.iter().map(|(_, r)| r.as_slice()));
+                self.put(AUDIT, &first.to_be_bytes(), &block)?;
+            }
         }
         for k in gone(
             self.trees[CHECKPOINTS],
@@ -558,12 +666,15 @@ impl SledStore {
             .map_err(unavailable)?;
         restrict_files(dir)?;
         let data_path: PathBuf = dir.join("db");
-        let data_file = File::open(&data_path).map_err(unavailable)?;
-        let core = SledCore::new(db, data_file)?;
+        let data_file = Arc::new(File::open(&data_path).map_err(unavailable)?);
+        let (journal, frames) = Journal::open(dir, checkpoint(&db, &data_file))?;
+        restrict_files(dir)?;
+        let core = SledCore::new(db, data_file, journal)?;
         // A layout this build does not know is refused before anything is
         // written to it.
         core.check_schema()?;
         core.finish_last_batch()?;
+        core.replay(frames)?;
         core.index_open_requests()?;
         core.continue_from_stored()?;
         if fresh {
@@ -582,9 +693,22 @@ impl SledStore {
     }
 }
 
+/// sled's `flush()` and an fsync of its data file: everything written to
+/// sled so far is then durable in sled itself.
+fn checkpoint(db: &Db, data_file: &Arc<File>) -> Checkpoint {
+    let (db, data_file) = (db.clone(), data_file.clone());
+    Arc::new(move || {
+        db.flush().map_err(unavailable)?;
+        // INVARIANT: on Linux, fsync of any handle covers the whole file,
+        // so this makes every page `flush()` just wrote durable.
+        data_file.sync_data().map_err(unavailable)
+    })
+}
+
 impl SledCore {
-    /// The trees of the store `db` (its data file `data_file`).
-    fn new(db: Db, data_file: File) -> Result<Self, StoreError> {
+    /// The trees of the store `db` (its data file `data_file`), written
+    /// through `journal`.
+    fn new(db: Db, data_file: Arc<File>, journal: Journal) -> Result<Self, StoreError> {
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
         Ok(SledCore {
             leases: tree("leases")?,
@@ -609,6 +733,7 @@ impl SledCore {
                 head: ChainHead::after(None),
                 keys: std::collections::HashMap::new(),
                 groups: 0,
+                journal,
             }),
             broken: std::sync::atomic::AtomicBool::new(false),
         })
@@ -674,15 +799,13 @@ impl SledCore {
                 found,
                 expected: SCHEMA_VERSION,
             }),
-            None => {
-                self.mark_current()?;
-                self.sync_now()
-            }
+            None => self.mark_current(),
         }
     }
 
     /// Before writing a record only this version reads: record the current
-    /// schema version. It is written ahead of the record, so a crash never
+    /// schema version, durably in sled itself (an older build does not read
+    /// the journal). It is written ahead of the record, so a crash never
     /// leaves such a record in a store an older build would open.
     fn mark_current(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
@@ -690,9 +813,39 @@ impl SledCore {
             self.meta
                 .insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())
                 .map_err(unavailable)?;
+            self.checkpoint_now()?;
             self.schema_current.store(true, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// sled's own durability point: everything written to it so far.
+    fn checkpoint_now(&self) -> Result<(), StoreError> {
+        checkpoint(&self.db, &self.data_file)()
+    }
+
+    /// At open, after sled's own recovery: write again, in order, every
+    /// group the journal holds after the last one sled holds whole (a
+    /// SIGKILL loses what sled had not written out), then checkpoint, so
+    /// the journal may be written over from its start.
+    fn replay(&self, frames: Vec<Frame>) -> Result<(), StoreError> {
+        let frames = Journal::after(frames, self.stored_seq()?)?;
+        if !frames.is_empty() {
+            tracing::warn!(
+                groups = frames.len(),
+                "writing again, from the journal, the groups a crash kept from sled"
+            );
+        }
+        let trees = self.batch_trees();
+        for (seq, payload) in &frames {
+            let changes = decode_changes(payload).ok_or_else(|| StoreError::Corrupt {
+                tree: "journal",
+                key: seq.to_string(),
+                detail: "the group's changes do not decode".into(),
+            })?;
+            Self::write_each(&trees, &changes)?;
+        }
+        self.checkpoint_now()
     }
 
     /// The number of the last group written (0: none yet).
@@ -710,57 +863,59 @@ impl SledCore {
             .map_err(|_| StoreError::Internal("audit chain head poisoned".into()))
     }
 
-    /// Write a checked batch's changes so that a crash keeps all of them or
-    /// none. A small batch goes first, whole, into the batch slot (one key,
-    /// overwritten by every batch), then change by change: sled recovers a
-    /// prefix of its log, so after a crash only the last batch can be
-    /// incomplete, and [`Self::finish_last_batch`] completes it from the
-    /// slot at open. This costs one insert per batch, where a sled
-    /// transaction costs two writes of sled's I/O buffer (it rolls the
-    /// buffer before and after its batch manifest). A batch too large for
-    /// the slot (a bulk revocation) is one sled transaction.
-    fn write_changes(&self, changes: &[Change]) -> Result<(), StoreError> {
+    /// Write group `seq`'s checked changes so that a crash keeps all of
+    /// them or none: durably into the journal first, then into sled change
+    /// by change. Whatever part of the group sled keeps after a crash, the
+    /// journal completes at open ([`Self::replay`]).
+    fn write_changes(
+        &self,
+        journal: &mut Journal,
+        seq: u64,
+        changes: &[Change],
+    ) -> Result<(), StoreError> {
+        journal.append(seq, &encode_changes(changes))?;
         let trees = self.batch_trees();
-        // The blob's size, known before it is built (a bulk batch would
-        // build megabytes only to learn it takes the other path).
-        let size: usize = changes
-            .iter()
-            .map(|(_, k, v)| 10 + k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
-        if size > SLOT_MAX {
-            let mut all: Vec<&Tree> = trees.to_vec();
-            all.push(&self.slot);
-            return all
-                .as_slice()
-                .transaction(|view| {
-                    let slot = &view[trees.len()];
-                    for (tree, key, value) in changes {
-                        let t = &view[usize::from(*tree)];
-                        match value {
-                            Some(v) => t.insert(key.as_slice(), v.as_slice())?,
-                            None => t.remove(key.as_slice())?,
-                        };
-                    }
-                    // The slot no longer describes the last group.
-                    slot.remove(BATCH_SLOT)?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
-                })
-                .map_err(|e| match e {
-                    TransactionError::Abort(e) => e,
-                    TransactionError::Storage(e) => unavailable(e),
-                });
-        }
-        self.slot
-            .insert(BATCH_SLOT, encode_changes(changes))
-            .map_err(unavailable)?;
-        Self::write_each(&trees, changes)
+        let (first, rest) = changes.split_at(changes.len() / 2);
+        Self::write_each(&trees, first)?;
+        self.failpoint("sled-mid-group");
+        Self::write_each(&trees, rest)
     }
+
+    /// Debug builds only, for the crash tests: with
+    /// `PORTCULLIS_FAILPOINT=NAME:N`, the Nth time the writer passes the
+    /// point `NAME` it writes out what sled holds, says so in the log, and
+    /// stops there for good, so a test can SIGKILL the process at exactly
+    /// that point.
+    #[cfg(debug_assertions)]
+    fn failpoint(&self, name: &str) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static AT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+        static HITS: AtomicU64 = AtomicU64::new(0);
+        let at = AT.get_or_init(|| {
+            let v = std::env::var("PORTCULLIS_FAILPOINT").ok()?;
+            let (n, count) = v.split_once(':')?;
+            Some((n.to_owned(), count.parse().ok()?))
+        });
+        if let Some((n, count)) = at
+            && n == name
+            && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *count
+        {
+            let _ = self.db.flush();
+            tracing::warn!(failpoint = name, "failpoint reached; the writer stops here");
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
+    #[cfg(not(debug_assertions))]
+    fn failpoint(&self, _: &str) {}
 
     fn write_each(trees: &[&Tree; TREES], changes: &[Change]) -> Result<(), StoreError> {
         for (tree, key, value) in changes {
             let t = trees
                 .get(usize::from(*tree))
-                .ok_or_else(|| unavailable("batch slot names an unknown tree"))?;
+                .ok_or_else(|| unavailable("a group's change names an unknown tree"))?;
             match value {
                 Some(v) => t.insert(key.as_slice(), v.as_slice()),
                 None => t.remove(key.as_slice()),
@@ -770,15 +925,23 @@ impl SledCore {
         Ok(())
     }
 
-    /// At open: if a crash cut the last batch short — its last change is
-    /// not there (sled recovers a prefix: if the last is there, all are) —
-    /// write its changes again from the slot, which completes it (no batch
-    /// came after it). A complete batch is left alone.
+    /// At open of a store a build before the journal wrote (schema 4): if
+    /// a crash cut its last batch short — its last change is not there
+    /// (sled recovers a prefix: if the last is there, all are) — write its
+    /// changes again from the batch slot, which completes it (no batch came
+    /// after it). A complete batch is left alone. Then the slot goes: this
+    /// build writes through the journal.
     fn finish_last_batch(&self) -> Result<(), StoreError> {
         let Some(blob) = self.slot.get(BATCH_SLOT).map_err(unavailable)? else {
             return Ok(());
         };
-        let changes = decode_changes(&blob).ok_or_else(|| StoreError::Corrupt {
+        self.complete_from_slot(&blob)?;
+        self.slot.remove(BATCH_SLOT).map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn complete_from_slot(&self, blob: &[u8]) -> Result<(), StoreError> {
+        let changes = decode_changes(blob).ok_or_else(|| StoreError::Corrupt {
             tree: "batch_slot",
             key: BATCH_SLOT.into(),
             detail: "the last batch's changes do not decode".into(),
@@ -820,8 +983,8 @@ impl SledCore {
     /// Apply a group of batches, in order, as the writer thread: each is
     /// checked (against the trees and the group's earlier changes) and
     /// chained; those that lose write nothing; the changes of all that
-    /// stay are written together (one slot, see `write_changes`); then each
-    /// gets its outcome.
+    /// stay are written together (one journal frame, see `write_changes`);
+    /// then each gets its outcome, durable.
     fn apply_group(&self, group: Vec<Queued>) {
         use std::sync::atomic::Ordering;
         let refuse = |replies: Vec<Reply>, why: &str| {
@@ -845,7 +1008,8 @@ impl SledCore {
             );
         };
         let applier = &mut *guard;
-        let (head, mut changes, done) = self.stage_group(applier, group);
+        let (head, changes, done) = self.stage_group(applier, group);
+        let mut changes = pack_audit(changes);
         let seq = applier.groups + 1;
         if !changes.is_empty() {
             // Last: the group's number (see `finish_last_batch`).
@@ -861,7 +1025,7 @@ impl SledCore {
         let written = if changes.is_empty() {
             Ok(())
         } else {
-            self.write_changes(&changes)
+            self.write_changes(&mut applier.journal, seq, &changes)
         };
         match written {
             Ok(()) => {
@@ -1158,24 +1322,36 @@ impl SledCore {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let iter = match after {
-            Some(a) => self.audit.range(a.saturating_add(1).to_be_bytes()..),
-            None => self.audit.iter(),
-        };
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(0, |a| a.saturating_add(1));
+        // The entry that may hold `from` inside a block, then the rest.
+        let holding = self
+            .audit
+            .range(..=from.to_be_bytes())
+            .next_back()
+            .transpose()
+            .map_err(unavailable)?;
+        let later = self.audit.range((Excluded(from.to_be_bytes()), Unbounded));
         let mut out = Vec::new();
-        for item in iter.take(limit) {
+        for item in holding.into_iter().map(Ok).chain(later) {
             let (k, v) = item.map_err(unavailable)?;
-            out.push((seq_of(&k), v.to_vec()));
+            for (n, record) in audit_entry(&k, &v)? {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                if n >= from {
+                    out.push((n, record));
+                }
+            }
         }
         Ok(out)
     }
 
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        Ok(self
-            .audit
-            .last()
-            .map_err(unavailable)?
-            .map(|(k, v)| (seq_of(&k), v.to_vec())))
+        match self.audit.last().map_err(unavailable)? {
+            Some((k, v)) => Ok(audit_entry(&k, &v)?.pop()),
+            None => Ok(None),
+        }
     }
 
     fn checkpoints(&self, after: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
@@ -1220,7 +1396,11 @@ impl SledCore {
         let mut raw = expires_at.to_be_bytes().to_vec();
         raw.extend_from_slice(value);
         self.ephemeral.insert(key, raw).map_err(unavailable)?;
-        Ok(())
+        // Durable in sled itself before the caller goes on (the journal
+        // does not carry these): an end mark must not come undone in a
+        // crash while its record stays. They are rare (a sign-in, a link,
+        // an end mark), so a checkpoint each is cheap.
+        self.checkpoint_now()
     }
 
     fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1232,11 +1412,12 @@ impl SledCore {
     }
 
     fn take_ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
-        // `remove` is atomic: of two takers, one gets the value. Flushed,
-        // so a crash cannot bring back a used link or an ended session.
+        // `remove` is atomic: of two takers, one gets the value. Made
+        // durable in sled itself (the journal does not carry these), so a
+        // crash cannot bring back a used link or an ended session.
         let gone = self.ephemeral.remove(key).map_err(unavailable)?;
         if gone.is_some() {
-            self.ephemeral.flush().map_err(unavailable)?;
+            self.checkpoint_now()?;
         }
         Ok(gone.and_then(|raw| live_ephemeral(&raw, now)))
     }
@@ -1278,11 +1459,8 @@ impl Store for SledStore {
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        // A flush and an fsync: on a blocking thread, never a runtime one.
-        let core = self.core.clone();
-        tokio::task::spawn_blocking(move || core.sync_now())
-            .await
-            .map_err(unavailable)?
+        // Every group is durable in the journal before its outcome is sent.
+        self.core.sync_now()
     }
 
     async fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
@@ -1392,7 +1570,10 @@ impl Store for SledStore {
         value: &[u8],
         expires_at: Millis,
     ) -> Result<(), StoreError> {
-        self.core.put_ephemeral(key, value, expires_at)
+        let (core, key, value) = (self.core.clone(), *key, value.to_vec());
+        tokio::task::spawn_blocking(move || core.put_ephemeral(&key, &value, expires_at))
+            .await
+            .map_err(unavailable)?
     }
 
     async fn ephemeral(&self, key: &[u8; 32], now: Millis) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1404,7 +1585,10 @@ impl Store for SledStore {
         key: &[u8; 32],
         now: Millis,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        self.core.take_ephemeral(key, now)
+        let (core, key) = (self.core.clone(), *key);
+        tokio::task::spawn_blocking(move || core.take_ephemeral(&key, now))
+            .await
+            .map_err(unavailable)?
     }
 
     async fn purge_ephemeral(&self, now: Millis) -> Result<u64, StoreError> {
@@ -1479,7 +1663,9 @@ impl SledCore {
             .collect()
     }
 
-    /// See [`Store::sync`].
+    /// See [`Store::sync`]: every applied group is durable already (the
+    /// writer syncs the journal before it answers); what is left is to say
+    /// whether the store is healthy.
     pub fn sync_now(&self) -> Result<(), StoreError> {
         // A store whose write failed part-way is not healthy, whatever the
         // disk says now: the group commit reports it, health goes
@@ -1489,10 +1675,7 @@ impl SledCore {
                 "a batch write failed part-way; restart the broker",
             ));
         }
-        self.db.flush().map_err(unavailable)?;
-        // INVARIANT: on Linux, fsync of any handle covers the whole file, so
-        // this makes every page `flush()` just wrote durable.
-        self.data_file.sync_data().map_err(unavailable)
+        Ok(())
     }
 }
 
@@ -1520,6 +1703,15 @@ mod tests {
     /// Write `batch` as the writer would, up to a crash: the slot and the
     /// first change on disk, the rest not. The group's number.
     fn crash_after_the_slot(s: &SledStore, batch: &Batch) -> u64 {
+        let (changes, group_seq) = staged_changes(s, batch);
+        s.slot.insert(BATCH_SLOT, encode_changes(&changes)).unwrap();
+        SledCore::write_each(&s.batch_trees(), &changes[..1]).unwrap();
+        group_seq
+    }
+
+    /// `batch` checked and chained as the writer would, as the next group:
+    /// its changes, the group number last, and that number.
+    fn staged_changes(s: &SledStore, batch: &Batch) -> (Vec<Change>, u64) {
         let head = s.lock_head().unwrap().head.clone();
         let mut keys = std::collections::HashMap::new();
         let group = Overlay::new();
@@ -1538,11 +1730,111 @@ mod tests {
             GROUP_SEQ.as_bytes().to_vec(),
             Some(group_seq.to_be_bytes().to_vec()),
         ));
-        s.slot
-            .insert(BATCH_SLOT, encode_changes(&staged.changes))
+        (staged.changes, group_seq)
+    }
+
+    /// A group's records are one `audit` entry; a store that holds one
+    /// record per key (builds before blocks) reads the same, and a
+    /// compaction point inside a block keeps the block's later records.
+    #[tokio::test]
+    async fn records_are_kept_in_blocks_and_read_beside_single_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        for seq in 1..=2u64 {
+            // As an older build wrote them.
+            s.audit
+                .insert(seq.to_be_bytes(), format!("{{\"r\":{seq}}}").as_bytes())
+                .unwrap();
+        }
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        let batch = Batch {
+            writes: (3..=7u64)
+                .map(|n| Write::CopyAudit(n, format!("{{\"r\":{n}}}").into_bytes()))
+                .collect(),
+            ..Batch::default()
+        };
+        assert!(matches!(
+            s.apply_now(batch).await.unwrap(),
+            Applied::Done(_)
+        ));
+        assert_eq!(s.audit.len(), 3, "two single records and one block");
+        let all = s.audit_after(None, 100).await.unwrap();
+        let seqs: Vec<u64> = all.iter().map(|r| r.0).collect();
+        assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+        assert_eq!(all[4].1, br#"{"r":5}"#);
+        let page: Vec<u64> = s
+            .audit_after(Some(4), 2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(page, vec![5, 6]);
+        assert_eq!(s.audit_last().await.unwrap().unwrap().0, 7);
+        // Two points inside the block in one batch: the second sees the
+        // block the first left.
+        let compact = Batch {
+            writes: vec![Write::CompactAudit(4), Write::CompactAudit(5)],
+            audit: vec![br#"{"at":1,"actor":"a","action":"audit.compacted","target":"4","scopes":[],"outcome":"ok","reason":"","rule":"","peer":"","call_id":""}"#.to_vec()],
+            fence: None,
+        };
+        assert!(matches!(
+            s.apply_now(compact).await.unwrap(),
+            Applied::Done(_)
+        ));
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        let left: Vec<u64> = s
+            .audit_after(None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(left, vec![6, 7, 8]);
+        assert_eq!(s.audit_after(Some(6), 1).await.unwrap()[0].0, 7);
+        assert_eq!(s.audit_after(Some(6), 1).await.unwrap()[0].1, br#"{"r":7}"#);
+    }
+
+    /// A group that reached the journal but not sled (a SIGKILL before
+    /// sled wrote out its buffer) is written into sled at the next open,
+    /// whole, its records chained where they were.
+    #[tokio::test]
+    async fn a_group_only_the_journal_holds_is_written_again_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        put_test_key(&s, "k").await;
+        let batch = Batch {
+            writes: vec![Write::CreateLease {
+                lease: lease("l_1", "spiffe://t/a", 10),
+                idem: None,
+            }],
+            audit: vec![br#"{"at":1,"actor":"a","action":"token.granted","target":"l_1","scopes":[],"outcome":"ok","reason":"","rule":"","peer":"","call_id":""}"#.to_vec()],
+            fence: None,
+        };
+        let (changes, seq) = staged_changes(&s, &batch);
+        s.lock_head()
+            .unwrap()
+            .journal
+            .append(seq, &encode_changes(&changes))
             .unwrap();
-        SledCore::write_each(&s.batch_trees(), &staged.changes[..1]).unwrap();
-        group_seq
+        s.sync().await.unwrap();
+        assert!(s.lease("l_1").await.unwrap().is_none(), "sled never saw it");
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert!(s.lease("l_1").await.unwrap().is_some());
+        assert_eq!(s.due(Due::Leases, 10, 10).await.unwrap(), vec!["l_1"]);
+        let (n, bytes) = s.audit_last().await.unwrap().unwrap();
+        assert_eq!(n, 1);
+        assert!(String::from_utf8(bytes).unwrap().contains("token.granted"));
+        assert_eq!(s.stored_seq().unwrap(), seq);
+        // Written again at the next open, it is not written twice.
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.audit_after(None, 10).await.unwrap().len(), 1);
+        put_test_key(&s, "k2").await;
+        assert_eq!(s.stored_seq().unwrap(), seq + 1);
     }
 
     /// What a crash in the middle of writing a batch leaves — its slot and

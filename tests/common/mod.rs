@@ -422,7 +422,23 @@ pub async fn receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<(String, S
 /// `serve --dev` as a child process on the harness's dev directory (and on
 /// `database` when given, else its sled directory); its gRPC address.
 pub fn spawn_broker(h: &Harness, database: Option<&str>) -> (std::process::Child, String) {
+    let (child, addr, _) = spawn_broker_with(h, database, &[]);
+    (child, addr)
+}
+
+/// [`spawn_broker`] with more environment, and the broker's log lines after
+/// it was ready.
+pub fn spawn_broker_with(
+    h: &Harness,
+    database: Option<&str>,
+    env: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    cmd.envs(env.iter().copied());
     cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0"])
         .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
         .arg(&h.dev.root)
@@ -444,6 +460,11 @@ pub fn spawn_broker(h: &Harness, database: Option<&str>) -> (std::process::Child
         }
         seen.push(l);
     };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (child, addr, rx)
 }
