@@ -117,10 +117,8 @@ impl Journal {
         let mut files = Vec::with_capacity(2);
         let mut frames = Vec::new();
         let mut allocated = [0u64; 2];
-        let mut created = false;
         for (i, name) in FILES.iter().enumerate() {
             let path = dir.join(name);
-            created |= !path.exists();
             let mut f = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -134,12 +132,12 @@ impl Journal {
             frames.extend(frames_of(&bytes));
             files.push(Arc::new(f));
         }
-        if created {
-            // A frame in a file whose name a crash forgot is lost.
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(unavailable)?;
-        }
+        // A frame in a file whose name a crash forgot is lost: the names
+        // are made durable at every open (a crash may have come between
+        // creating them and syncing their directory).
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(unavailable)?;
         frames.sort_by_key(|f| f.0);
         let files: [Arc<File>; 2] = files
             .try_into()

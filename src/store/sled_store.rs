@@ -5,9 +5,9 @@
 //! (one `fdatasync`) before sled sees it, so [`Store::sync`] has nothing
 //! left to do. sled is made durable lazily, at checkpoints: its `flush()` writes and
 //! `sync_file_range`s its data file but does not fsync it, so a checkpoint
-//! follows it with `sync_data()` on a second handle to the data file.
-//! Records stay far below sled's 128 KiB blob threshold, so nothing lands
-//! in the never-fsynced `blobs/` directory.
+//! follows it with `sync_data()` on a second handle to the data file, and
+//! an fsync of any new file in `blobs/` (where sled writes a node over 128
+//! KiB, and never fsyncs it).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -91,7 +91,8 @@ fn spawn_writer(
 /// The trees of a [`SledStore`] and what its writer keeps.
 pub struct SledCore {
     db: Db,
-    data_file: Arc<File>,
+    /// sled's own durability point (see [`checkpoint`]).
+    checkpoint: Checkpoint,
     pub(super) leases: Tree,
     pub(super) lease_expiry: Tree,
     by_subject: Tree,
@@ -272,6 +273,9 @@ const AUDIT_BLOCK_DEFLATED: u8 = 0xB2;
 /// How hard blocks are deflated: the fastest level; most of the gain is in
 /// the repeated field names and values.
 const DEFLATE_LEVEL: u8 = 1;
+/// Most bytes a deflated block inflates to: a block of several records is
+/// at most [`AUDIT_BLOCK_MAX`] and a little; one record is far smaller.
+const INFLATED_MAX: usize = 16 * AUDIT_BLOCK_MAX;
 
 /// Most bytes of records in one block. sled 0.34 splits a leaf only past
 /// 16 items, and writes a node larger than 128 KiB as a blob (a file of its
@@ -292,9 +296,12 @@ pub fn audit_entry(key: &[u8], value: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, Stor
     let mut rest = match value.split_first() {
         Some((&AUDIT_BLOCK, rest)) => rest,
         Some((&AUDIT_BLOCK_DEFLATED, packed)) => {
-            inflated =
-                miniz_oxide::inflate::decompress_to_vec_with_limit(packed, 16 * AUDIT_BLOCK_MAX)
-                    .map_err(|_| corrupt())?;
+            inflated = miniz_oxide::inflate::decompress_to_vec_with_limit(packed, INFLATED_MAX)
+                .map_err(|_| StoreError::Corrupt {
+                    tree: "audit",
+                    key: first.to_string(),
+                    detail: "a deflated block of records does not inflate".into(),
+                })?;
             &inflated[..]
         }
         _ => return Ok(vec![(first, value.to_vec())]),
@@ -318,6 +325,11 @@ pub fn audit_block<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
         plain.extend_from_slice(&(r.len() as u32).to_be_bytes());
         plain.extend_from_slice(r);
     }
+    // Reading inflates at most INFLATED_MAX bytes: a larger block (one
+    // huge record, copied from elsewhere) stays plain.
+    if plain.len() > INFLATED_MAX {
+        return plain;
+    }
     let packed = miniz_oxide::deflate::compress_to_vec(&plain[1..], DEFLATE_LEVEL);
     if packed.len() + 1 >= plain.len() {
         return plain;
@@ -333,14 +345,25 @@ pub fn audit_block<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
 /// per block instead of one per record, so ~211 bytes of sled's own less
 /// per record, on disk and in memory, and one insert per block.
 fn pack_audit(changes: Vec<Change>) -> Vec<Change> {
-    let (records, mut out): (Vec<Change>, Vec<Change>) =
-        changes.into_iter().partition(|(tree, key, value)| {
-            usize::from(*tree) == AUDIT
-                && key.len() == 8
-                && value.as_ref().is_some_and(|v| {
-                    !matches!(v.first(), Some(&(AUDIT_BLOCK | AUDIT_BLOCK_DEFLATED)))
-                })
-        });
+    // A record a later change of the group removed (a compaction after a
+    // copy) is not written at all.
+    let mut last = std::collections::HashMap::new();
+    for (i, (tree, key, _)) in changes.iter().enumerate() {
+        if usize::from(*tree) == AUDIT {
+            last.insert(key.clone(), i);
+        }
+    }
+    let changes = changes.into_iter().enumerate().filter_map(|(i, c)| {
+        let superseded = usize::from(c.0) == AUDIT && c.2.is_some() && last.get(&c.1) != Some(&i);
+        (!superseded).then_some(c)
+    });
+    let (records, mut out): (Vec<Change>, Vec<Change>) = changes.partition(|(tree, key, value)| {
+        usize::from(*tree) == AUDIT
+            && key.len() == 8
+            && value
+                .as_ref()
+                .is_some_and(|v| !matches!(v.first(), Some(&(AUDIT_BLOCK | AUDIT_BLOCK_DEFLATED))))
+    });
     let mut block: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut size = 0;
     let mut seal = |block: &mut Vec<(u64, Vec<u8>)>| {
@@ -487,6 +510,13 @@ impl Tables for Staged<'_> {
     }
 
     fn put_audit(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        // Records are canonical JSON; one that starts as a block would be
+        // read as one.
+        if matches!(bytes.first(), Some(&(AUDIT_BLOCK | AUDIT_BLOCK_DEFLATED))) {
+            return Err(StoreError::Refused(format!(
+                "audit record {seq} starts with a block marker; records are JSON"
+            )));
+        }
         self.put(AUDIT, &seq.to_be_bytes(), bytes)
     }
 
@@ -689,9 +719,10 @@ impl SledStore {
         restrict_files(dir)?;
         let data_path: PathBuf = dir.join("db");
         let data_file = Arc::new(File::open(&data_path).map_err(unavailable)?);
-        let (journal, frames) = Journal::open(dir, checkpoint(&db, &data_file))?;
+        let checkpoint = checkpoint(dir, &db, &data_file);
+        let (journal, frames) = Journal::open(dir, checkpoint.clone())?;
         restrict_files(dir)?;
-        let core = SledCore::new(db, data_file, journal)?;
+        let core = SledCore::new(db, journal, checkpoint)?;
         // A layout this build does not know is refused before anything is
         // written to it.
         core.check_schema()?;
@@ -717,20 +748,58 @@ impl SledStore {
 
 /// sled's `flush()` and an fsync of its data file: everything written to
 /// sled so far is then durable in sled itself.
-fn checkpoint(db: &Db, data_file: &Arc<File>) -> Checkpoint {
-    let (db, data_file) = (db.clone(), data_file.clone());
+fn checkpoint(dir: &Path, db: &Db, data_file: &Arc<File>) -> Checkpoint {
+    let (db, data_file, blobs) = (db.clone(), data_file.clone(), dir.join("blobs"));
+    let synced = std::sync::Mutex::new(std::collections::HashSet::new());
     Arc::new(move || {
         db.flush().map_err(unavailable)?;
         // INVARIANT: on Linux, fsync of any handle covers the whole file,
         // so this makes every page `flush()` just wrote durable.
-        data_file.sync_data().map_err(unavailable)
+        data_file.sync_data().map_err(unavailable)?;
+        sync_blobs(&blobs, &synced)
     })
+}
+
+/// sled writes a node larger than 128 KiB (a leaf of large values: sled
+/// splits a leaf by its number of items, not its size) as a file of its own
+/// under `blobs/`, which it never fsyncs, and its data file points at it.
+/// Blob files are written once, so each is synced once, with the directory.
+fn sync_blobs(
+    dir: &Path,
+    synced: &std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(unavailable(e)),
+    };
+    let mut synced = synced
+        .lock()
+        .map_err(|_| unavailable("blob list poisoned"))?;
+    let mut new = false;
+    for entry in entries {
+        let entry = entry.map_err(unavailable)?;
+        if synced.contains(&entry.file_name()) {
+            continue;
+        }
+        File::open(entry.path())
+            .and_then(|f| f.sync_all())
+            .map_err(unavailable)?;
+        synced.insert(entry.file_name());
+        new = true;
+    }
+    if new {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 impl SledCore {
     /// The trees of the store `db` (its data file `data_file`), written
     /// through `journal`.
-    fn new(db: Db, data_file: Arc<File>, journal: Journal) -> Result<Self, StoreError> {
+    fn new(db: Db, journal: Journal, checkpoint: Checkpoint) -> Result<Self, StoreError> {
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
         Ok(SledCore {
             leases: tree("leases")?,
@@ -748,7 +817,7 @@ impl SledCore {
             meta: tree("meta")?,
             ephemeral: tree("console_ephemeral")?,
             slot: tree("batch_slot")?,
-            data_file,
+            checkpoint,
             db,
             schema_current: std::sync::atomic::AtomicBool::new(false),
             head: std::sync::Mutex::new(Applier {
@@ -843,7 +912,7 @@ impl SledCore {
 
     /// sled's own durability point: everything written to it so far.
     fn checkpoint_now(&self) -> Result<(), StoreError> {
-        checkpoint(&self.db, &self.data_file)()
+        (self.checkpoint)()
     }
 
     /// At open, after sled's own recovery: write again, in order, every
@@ -1753,6 +1822,43 @@ mod tests {
             Some(group_seq.to_be_bytes().to_vec()),
         ));
         (staged.changes, group_seq)
+    }
+
+    /// Records copied and compacted away in one batch are not written;
+    /// a record that would read as a block is refused.
+    #[tokio::test]
+    async fn a_group_writes_only_the_records_it_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut writes: Vec<Write> = (1..=5u64)
+            .map(|n| Write::CopyAudit(n, format!("{{\"r\":{n}}}").into_bytes()))
+            .collect();
+        writes.push(Write::CompactAudit(3));
+        let batch = Batch {
+            writes,
+            ..Batch::default()
+        };
+        assert!(matches!(
+            s.apply_now(batch).await.unwrap(),
+            Applied::Done(_)
+        ));
+        let left: Vec<u64> = s
+            .audit_after(None, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(left, vec![4, 5]);
+        let marker = Batch {
+            writes: vec![Write::CopyAudit(6, vec![AUDIT_BLOCK, 1, 2])],
+            ..Batch::default()
+        };
+        assert!(matches!(
+            s.apply_now(marker).await,
+            Err(StoreError::Refused(_))
+        ));
+        assert_eq!(s.audit_last().await.unwrap().unwrap().0, 5);
     }
 
     /// Records that share their text are deflated, and come back byte for
