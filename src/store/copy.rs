@@ -36,8 +36,9 @@ pub struct Copied {
     pub checkpoints: u64,
 }
 
-/// Metadata the target manages itself.
-const OWN_META: &[&str] = &["schema_version"];
+/// Metadata the target manages itself: its layout, the id its journal
+/// frames are tied to, and the number of its last group (sled).
+const OWN_META: &[&str] = &["schema_version", "store_id", "batch_seq"];
 
 /// Copy everything in `from` into `to`, which must be empty, and make it
 /// durable. Refuses a target that already holds keys, leases or a trail.

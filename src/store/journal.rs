@@ -20,7 +20,10 @@
 //! removals), so writing one again over a part of itself is harmless.
 //!
 //! Frame: `PCJ1`, group number (u64), payload length (u32), CRC-32 of the
-//! number, length and payload (u32), all big-endian, then the payload.
+//! store's id (16 random bytes in sled's `meta/store_id`), the number, the
+//! length and the payload (u32), all big-endian, then the payload. A frame
+//! of another store does not read here: a data directory put together
+//! from two stores replays nothing of the other.
 //! Reading a file stops at the first frame that is torn, fails its CRC, or
 //! does not follow the one before it (what is left of an earlier round
 //! through the file): its group numbers are smaller.
@@ -52,6 +55,7 @@ pub(super) type Checkpoint = Arc<dyn Fn() -> Result<(), StoreError> + Send + Syn
 
 /// The writer's side of the journal.
 pub(super) struct Journal {
+    id: StoreId,
     files: [Arc<File>; 2],
     current: usize,
     /// Where the next frame goes in the current file.
@@ -70,8 +74,12 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("journal: {e}"))
 }
 
-fn crc(seq: u64, payload: &[u8]) -> u32 {
+/// The id that ties frames to their store.
+pub(super) type StoreId = [u8; 16];
+
+fn crc(id: &StoreId, seq: u64, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
+    h.update(id);
     h.update(&seq.to_be_bytes());
     h.update(&(payload.len() as u32).to_be_bytes());
     h.update(payload);
@@ -80,7 +88,7 @@ fn crc(seq: u64, payload: &[u8]) -> u32 {
 
 /// The frames of one file, from its start up to the first that does not
 /// read whole or does not follow the one before it.
-fn frames_of(bytes: &[u8]) -> Vec<Frame> {
+fn frames_of(id: &StoreId, bytes: &[u8]) -> Vec<Frame> {
     let mut out: Vec<Frame> = Vec::new();
     let mut at = 0usize;
     while let Some(head) = bytes.get(at..at + HEADER) {
@@ -96,7 +104,7 @@ fn frames_of(bytes: &[u8]) -> Vec<Frame> {
         let follows = out
             .last()
             .is_none_or(|(prev, _)| prev.checked_add(1) == Some(seq));
-        if magic != MAGIC || crc(seq, payload) != sum || !follows {
+        if magic != MAGIC || crc(id, seq, payload) != sum || !follows {
             break;
         }
         out.push((seq, payload.to_vec()));
@@ -112,6 +120,7 @@ impl Journal {
     /// journal that would skip one is refused.
     pub(super) fn open(
         dir: &Path,
+        id: StoreId,
         checkpoint: Checkpoint,
     ) -> Result<(Self, Vec<Frame>), StoreError> {
         let mut files = Vec::with_capacity(2);
@@ -129,7 +138,7 @@ impl Journal {
             let mut bytes = Vec::new();
             f.read_to_end(&mut bytes).map_err(unavailable)?;
             allocated[i] = bytes.len() as u64;
-            frames.extend(frames_of(&bytes));
+            frames.extend(frames_of(&id, &bytes));
             files.push(Arc::new(f));
         }
         // A frame in a file whose name a crash forgot is lost: the names
@@ -143,6 +152,7 @@ impl Journal {
             .try_into()
             .map_err(|_| unavailable("two files expected"))?;
         let journal = Self {
+            id,
             files,
             current: 0,
             offset: 0,
@@ -218,7 +228,7 @@ impl Journal {
         frame.extend_from_slice(MAGIC);
         frame.extend_from_slice(&seq.to_be_bytes());
         frame.extend_from_slice(&size.to_be_bytes());
-        frame.extend_from_slice(&crc(seq, payload).to_be_bytes());
+        frame.extend_from_slice(&crc(&self.id, seq, payload).to_be_bytes());
         frame.extend_from_slice(payload);
         let mut f = &*self.files[self.current];
         f.seek(SeekFrom::Start(self.offset)).map_err(unavailable)?;
@@ -263,6 +273,22 @@ impl Journal {
 mod tests {
     use super::*;
 
+    const ID: StoreId = [7; 16];
+
+    /// Frames written for one store do not read as another's.
+    #[test]
+    fn another_stores_frames_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, _) = counting();
+        let (mut j, _) = Journal::open(dir.path(), ID, cp.clone()).unwrap();
+        j.append(1, b"group 1").unwrap();
+        drop(j);
+        let (_, frames) = Journal::open(dir.path(), [8; 16], cp.clone()).unwrap();
+        assert!(frames.is_empty());
+        let (_, frames) = Journal::open(dir.path(), ID, cp).unwrap();
+        assert_eq!(frames.len(), 1);
+    }
+
     fn counting() -> (Checkpoint, Arc<std::sync::atomic::AtomicUsize>) {
         let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let m = n.clone();
@@ -279,13 +305,13 @@ mod tests {
     fn frames_come_back_in_order_after_the_last_group_held() {
         let dir = tempfile::tempdir().unwrap();
         let (cp, _) = counting();
-        let (mut j, frames) = Journal::open(dir.path(), cp.clone()).unwrap();
+        let (mut j, frames) = Journal::open(dir.path(), ID, cp.clone()).unwrap();
         assert!(frames.is_empty());
         for seq in 1..=5u64 {
             j.append(seq, format!("group {seq}").as_bytes()).unwrap();
         }
         drop(j);
-        let (_, frames) = Journal::open(dir.path(), cp).unwrap();
+        let (_, frames) = Journal::open(dir.path(), ID, cp).unwrap();
         let after = Journal::after(frames, 2).unwrap();
         let seqs: Vec<u64> = after.iter().map(|f| f.0).collect();
         assert_eq!(seqs, vec![3, 4, 5]);
@@ -296,7 +322,7 @@ mod tests {
     fn a_torn_or_altered_frame_ends_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (cp, _) = counting();
-        let (mut j, _) = Journal::open(dir.path(), cp.clone()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), ID, cp.clone()).unwrap();
         for seq in 1..=3u64 {
             j.append(seq, &[seq as u8; 100]).unwrap();
         }
@@ -306,7 +332,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 100 + HEADER + 50] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        let (_, frames) = Journal::open(dir.path(), cp).unwrap();
+        let (_, frames) = Journal::open(dir.path(), ID, cp).unwrap();
         assert_eq!(frames.len(), 1, "only the frame before the altered one");
     }
 
@@ -332,7 +358,7 @@ mod tests {
     fn the_files_are_used_in_turn_and_old_rounds_are_not_read_as_new() {
         let dir = tempfile::tempdir().unwrap();
         let (cp, checkpoints) = counting();
-        let (mut j, _) = Journal::open(dir.path(), cp.clone()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), ID, cp.clone()).unwrap();
         let payload = vec![7u8; 1 << 20];
         let per_file = SWITCH_AT / (HEADER as u64 + (1 << 20));
         let total = per_file * 5 + 3;
@@ -343,7 +369,7 @@ mod tests {
         let switches = checkpoints.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(switches, 5);
         drop(j);
-        let (_, frames) = Journal::open(dir.path(), cp).unwrap();
+        let (_, frames) = Journal::open(dir.path(), ID, cp).unwrap();
         // The last checkpoint covered everything before the last switch.
         let covered = per_file * 5;
         let after = Journal::after(frames, covered).unwrap();

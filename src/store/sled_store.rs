@@ -126,7 +126,7 @@ pub struct SledCore {
     /// A group's write failed part-way: the trees may hold part of it and
     /// the head no longer matches them. Every later batch is refused until
     /// a restart completes the group from the journal (fail closed).
-    broken: std::sync::atomic::AtomicBool,
+    broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What applies share, under one lock.
@@ -719,10 +719,12 @@ impl SledStore {
         restrict_files(dir)?;
         let data_path: PathBuf = dir.join("db");
         let data_file = Arc::new(File::open(&data_path).map_err(unavailable)?);
-        let checkpoint = checkpoint(dir, &db, &data_file);
-        let (journal, frames) = Journal::open(dir, checkpoint.clone())?;
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpoint = checkpoint(dir, &db, &data_file, &broken);
+        let id = store_id(&db, &checkpoint)?;
+        let (journal, frames) = Journal::open(dir, id, checkpoint.clone())?;
         restrict_files(dir)?;
-        let core = SledCore::new(db, journal, checkpoint)?;
+        let core = SledCore::new(db, journal, checkpoint, broken)?;
         // A layout this build does not know is refused before anything is
         // written to it.
         core.check_schema()?;
@@ -748,17 +750,58 @@ impl SledStore {
 
 /// sled's `flush()` and an fsync of its data file: everything written to
 /// sled so far is then durable in sled itself.
-fn checkpoint(dir: &Path, db: &Db, data_file: &Arc<File>) -> Checkpoint {
+/// A checkpoint that fails marks the store `broken` at once (health goes
+/// NOT_SERVING, writes are refused): the journal file it was to free
+/// cannot be written over.
+fn checkpoint(
+    dir: &Path,
+    db: &Db,
+    data_file: &Arc<File>,
+    broken: &Arc<std::sync::atomic::AtomicBool>,
+) -> Checkpoint {
     let (db, data_file, blobs) = (db.clone(), data_file.clone(), dir.join("blobs"));
+    let broken = broken.clone();
     let synced = std::sync::Mutex::new(std::collections::HashSet::new());
     Arc::new(move || {
-        db.flush().map_err(unavailable)?;
-        // INVARIANT: on Linux, fsync of any handle covers the whole file,
-        // so this makes every page `flush()` just wrote durable.
-        data_file.sync_data().map_err(unavailable)?;
-        sync_blobs(&blobs, &synced)
+        let done = db
+            .flush()
+            .map_err(unavailable)
+            // INVARIANT: on Linux, fsync of any handle covers the whole
+            // file, so this makes every page `flush()` just wrote durable.
+            .and_then(|_| data_file.sync_data().map_err(unavailable))
+            .and_then(|()| sync_blobs(&blobs, &synced));
+        if let Err(e) = &done {
+            broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(error = %e, "a checkpoint of sled failed; refusing every write until a restart");
+        }
+        done
     })
 }
+
+/// The store's id (`meta/store_id`), which its journal frames are tied
+/// to; made at the first open of a build with the journal, durably, before
+/// any frame is written.
+fn store_id(db: &Db, checkpoint: &Checkpoint) -> Result<super::journal::StoreId, StoreError> {
+    use ring::rand::SecureRandom as _;
+    let meta = db.open_tree("meta").map_err(unavailable)?;
+    if let Some(v) = meta.get(STORE_ID).map_err(unavailable)? {
+        return <[u8; 16]>::try_from(v.as_ref()).map_err(|_| StoreError::Corrupt {
+            tree: "meta",
+            key: STORE_ID.into(),
+            detail: "not 16 bytes".into(),
+        });
+    }
+    let mut id = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut id)
+        .map_err(|_| unavailable("no randomness for the store's id"))?;
+    meta.insert(STORE_ID, &id).map_err(unavailable)?;
+    checkpoint()?;
+    Ok(id)
+}
+
+/// Where the store's id is kept, in `meta`.
+const STORE_ID: &str = "store_id";
 
 /// sled writes a node larger than 128 KiB (a leaf of large values: sled
 /// splits a leaf by its number of items, not its size) as a file of its own
@@ -799,7 +842,12 @@ fn sync_blobs(
 impl SledCore {
     /// The trees of the store `db` (its data file `data_file`), written
     /// through `journal`.
-    fn new(db: Db, journal: Journal, checkpoint: Checkpoint) -> Result<Self, StoreError> {
+    fn new(
+        db: Db,
+        journal: Journal,
+        checkpoint: Checkpoint,
+        broken: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self, StoreError> {
         let tree = |name: &str| db.open_tree(name).map_err(unavailable);
         Ok(SledCore {
             leases: tree("leases")?,
@@ -826,7 +874,7 @@ impl SledCore {
                 groups: 0,
                 journal,
             }),
-            broken: std::sync::atomic::AtomicBool::new(false),
+            broken,
         })
     }
 
@@ -1822,6 +1870,28 @@ mod tests {
             Some(group_seq.to_be_bytes().to_vec()),
         ));
         (staged.changes, group_seq)
+    }
+
+    /// `store copy` leaves the target its own id (its journal's frames are
+    /// tied to it) and its own group number.
+    #[tokio::test]
+    async fn a_copy_keeps_the_targets_own_id() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = SledStore::open(a.path()).unwrap();
+        put_test_key(&from, "k").await;
+        from.create_lease(&lease("l_1", "spiffe://t/a", 10), None)
+            .await
+            .unwrap();
+        let to = SledStore::open(b.path()).unwrap();
+        let id = to.meta_value(STORE_ID).unwrap().unwrap();
+        assert_ne!(from.meta_value(STORE_ID).unwrap().unwrap(), id);
+        crate::store::copy::copy(&from, &to).await.unwrap();
+        assert_eq!(to.meta_value(STORE_ID).unwrap().unwrap(), id);
+        let groups = to.stored_seq().unwrap();
+        drop(to);
+        let to = SledStore::open(b.path()).unwrap();
+        assert!(to.lease("l_1").await.unwrap().is_some());
+        assert_eq!(to.stored_seq().unwrap(), groups);
     }
 
     /// Records copied and compacted away in one batch are not written;
