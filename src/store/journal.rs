@@ -77,18 +77,32 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 /// The id that ties frames to their store.
 pub(super) type StoreId = [u8; 16];
 
-fn crc(id: &StoreId, seq: u64, payload: &[u8]) -> u32 {
+/// `id`: `None` for frames written before frames were tied to their store.
+fn crc(id: Option<&StoreId>, seq: u64, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(id);
+    if let Some(id) = id {
+        h.update(id);
+    }
     h.update(&seq.to_be_bytes());
     h.update(&(payload.len() as u32).to_be_bytes());
     h.update(payload);
     h.finalize()
 }
 
+/// Group `seq`'s frame (`size`: the payload's length).
+pub(super) fn frame(id: Option<&StoreId>, seq: u64, size: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(HEADER + payload.len());
+    frame.extend_from_slice(MAGIC);
+    frame.extend_from_slice(&seq.to_be_bytes());
+    frame.extend_from_slice(&size.to_be_bytes());
+    frame.extend_from_slice(&crc(id, seq, payload).to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
 /// The frames of one file, from its start up to the first that does not
 /// read whole or does not follow the one before it.
-fn frames_of(id: &StoreId, bytes: &[u8]) -> Vec<Frame> {
+fn frames_of(id: Option<&StoreId>, bytes: &[u8]) -> Vec<Frame> {
     let mut out: Vec<Frame> = Vec::new();
     let mut at = 0usize;
     while let Some(head) = bytes.get(at..at + HEADER) {
@@ -138,7 +152,7 @@ impl Journal {
             let mut bytes = Vec::new();
             f.read_to_end(&mut bytes).map_err(unavailable)?;
             allocated[i] = bytes.len() as u64;
-            frames.extend(frames_of(&id, &bytes));
+            frames.extend(frames_of(Some(&id), &bytes));
             files.push(Arc::new(f));
         }
         // A frame in a file whose name a crash forgot is lost: the names
@@ -164,6 +178,22 @@ impl Journal {
         // after the caller has written these frames into sled and
         // checkpointed it (see `SledStore::open_with`).
         Ok((journal, frames))
+    }
+
+    /// The frames under `dir` as builds before the store's id wrote them
+    /// (schema 5), in order: read once, at the open that gives the store
+    /// its id, so that none of them is lost.
+    pub(super) fn untied_frames(dir: &Path) -> Result<Vec<Frame>, StoreError> {
+        let mut frames = Vec::new();
+        for name in FILES {
+            match std::fs::read(dir.join(name)) {
+                Ok(bytes) => frames.extend(frames_of(None, &bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        frames.sort_by_key(|f| f.0);
+        Ok(frames)
     }
 
     /// The frames of `all` after group `after`, checked to follow on from
@@ -224,12 +254,7 @@ impl Journal {
             }
             self.allocated[self.current] = to;
         }
-        let mut frame = Vec::with_capacity(len as usize);
-        frame.extend_from_slice(MAGIC);
-        frame.extend_from_slice(&seq.to_be_bytes());
-        frame.extend_from_slice(&size.to_be_bytes());
-        frame.extend_from_slice(&crc(&self.id, seq, payload).to_be_bytes());
-        frame.extend_from_slice(payload);
+        let frame = frame(Some(&self.id), seq, size, payload);
         let mut f = &*self.files[self.current];
         f.seek(SeekFrom::Start(self.offset)).map_err(unavailable)?;
         f.write_all(&frame).map_err(unavailable)?;

@@ -54,14 +54,16 @@ pub use crate::clock::Millis;
 /// writes every batch through sled's batch slot (`batch_slot`,
 /// `meta/batch_seq`), which an older build would not complete after a
 /// crash; version 5 makes the journal (`journal-0`, `journal-1`) the
-/// durability point, which an older build would not replay. An older
+/// durability point, which an older build would not replay; version 6 ties
+/// the journal's frames to the store (`meta/store_id`), which a version 5
+/// build would not read. An older
 /// store is upgraded in place (its leases stay readable), and a broker that
 /// knows only older versions refuses a newer store: it would drop fields it
 /// does not know when it rewrites a record.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Older layout versions this build opens (and upgrades).
-pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3, 4, 5];
+pub const READABLE_SCHEMA_VERSIONS: &[u32] = &[1, 2, 3, 4, 5, 6];
 
 pub(crate) use record::{decode_lease, encode_lease};
 

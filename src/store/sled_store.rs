@@ -719,17 +719,28 @@ impl SledStore {
         restrict_files(dir)?;
         let data_path: PathBuf = dir.join("db");
         let data_file = Arc::new(File::open(&data_path).map_err(unavailable)?);
+        // A layout this build does not know is refused before anything is
+        // written to it.
+        refuse_unknown_schema(&db)?;
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpoint = checkpoint(dir, &db, &data_file, &broken);
-        let id = store_id(&db, &checkpoint)?;
+        let stored_id = store_id(&db)?;
+        let (id, untied) = match stored_id {
+            Some(id) => (id, None),
+            None => (new_store_id()?, Some(Journal::untied_frames(dir)?)),
+        };
         let (journal, frames) = Journal::open(dir, id, checkpoint.clone())?;
         restrict_files(dir)?;
         let core = SledCore::new(db, journal, checkpoint, broken)?;
-        // A layout this build does not know is refused before anything is
-        // written to it.
         core.check_schema()?;
         core.finish_last_batch()?;
-        core.replay(frames)?;
+        // A store without an id yet replays the frames written before ids
+        // (none read with the new one), and only then, durably, takes it.
+        core.replay(untied.unwrap_or(frames))?;
+        if stored_id.is_none() {
+            core.meta.insert(STORE_ID, &id).map_err(unavailable)?;
+            core.checkpoint_now()?;
+        }
         core.index_open_requests()?;
         core.continue_from_stored()?;
         if fresh {
@@ -779,25 +790,47 @@ fn checkpoint(
 }
 
 /// The store's id (`meta/store_id`), which its journal frames are tied
-/// to; made at the first open of a build with the journal, durably, before
-/// any frame is written.
-fn store_id(db: &Db, checkpoint: &Checkpoint) -> Result<super::journal::StoreId, StoreError> {
-    use ring::rand::SecureRandom as _;
+/// to; none before the first open of a build that ties them.
+fn store_id(db: &Db) -> Result<Option<super::journal::StoreId>, StoreError> {
     let meta = db.open_tree("meta").map_err(unavailable)?;
-    if let Some(v) = meta.get(STORE_ID).map_err(unavailable)? {
-        return <[u8; 16]>::try_from(v.as_ref()).map_err(|_| StoreError::Corrupt {
-            tree: "meta",
-            key: STORE_ID.into(),
-            detail: "not 16 bytes".into(),
-        });
-    }
+    meta.get(STORE_ID)
+        .map_err(unavailable)?
+        .map(|v| {
+            <[u8; 16]>::try_from(v.as_ref()).map_err(|_| StoreError::Corrupt {
+                tree: "meta",
+                key: STORE_ID.into(),
+                detail: "not 16 bytes".into(),
+            })
+        })
+        .transpose()
+}
+
+fn new_store_id() -> Result<super::journal::StoreId, StoreError> {
+    use ring::rand::SecureRandom as _;
     let mut id = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut id)
         .map_err(|_| unavailable("no randomness for the store's id"))?;
-    meta.insert(STORE_ID, &id).map_err(unavailable)?;
-    checkpoint()?;
     Ok(id)
+}
+
+/// Refuse a store whose layout version this build does not know, before
+/// anything is written to it.
+fn refuse_unknown_schema(db: &Db) -> Result<(), StoreError> {
+    let meta = db.open_tree("meta").map_err(unavailable)?;
+    let found = meta.get("schema_version").map_err(unavailable)?.map(|v| {
+        std::str::from_utf8(&v)
+            .ok()
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    match found {
+        Some(v) if !READABLE_SCHEMA_VERSIONS.contains(&v) => Err(StoreError::Schema {
+            found: v,
+            expected: SCHEMA_VERSION,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Where the store's id is kept, in `meta`.
@@ -1811,7 +1844,7 @@ impl SledCore {
         // NOT_SERVING, until a restart completes the group.
         if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(unavailable(
-                "a batch write failed part-way; restart the broker",
+                "the store failed a write or a checkpoint; restart the broker",
             ));
         }
         Ok(())
@@ -1870,6 +1903,43 @@ mod tests {
             Some(group_seq.to_be_bytes().to_vec()),
         ));
         (staged.changes, group_seq)
+    }
+
+    /// A store a build before ids wrote (schema 5, its frames untied) gets
+    /// its id only after the groups its journal alone holds were written
+    /// into sled.
+    #[tokio::test]
+    async fn frames_written_before_the_store_had_an_id_are_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        put_test_key(&s, "k").await;
+        let batch = Batch {
+            writes: vec![Write::CreateLease {
+                lease: lease("l_1", "spiffe://t/a", 10),
+                idem: None,
+            }],
+            ..Batch::default()
+        };
+        let (changes, seq) = staged_changes(&s, &batch);
+        drop(s);
+        // As a schema 5 build left it after a SIGKILL: no id, and a group
+        // only its journal holds.
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.remove(STORE_ID).unwrap();
+            meta.insert("schema_version", b"5").unwrap();
+            db.flush().unwrap();
+        }
+        let payload = encode_changes(&changes);
+        let frame = super::super::journal::frame(None, seq, payload.len() as u32, &payload);
+        std::fs::write(dir.path().join("journal-1"), frame).unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        assert!(s.lease("l_1").await.unwrap().is_some());
+        assert_eq!(s.stored_seq().unwrap(), seq);
+        assert!(s.meta_value(STORE_ID).unwrap().is_some());
+        put_test_key(&s, "k2").await;
+        assert_eq!(s.meta_value("schema_version").unwrap().unwrap(), b"6");
     }
 
     /// `store copy` leaves the target its own id (its journal's frames are
