@@ -1881,6 +1881,18 @@ mod tests {
         group_seq
     }
 
+    /// A grant of lease `id` (expiring at 10) with its record.
+    fn granted(id: &str) -> Batch {
+        Batch {
+            writes: vec![Write::CreateLease {
+                lease: lease(id, "spiffe://t/a", 10),
+                idem: None,
+            }],
+            audit: vec![format!(r#"{{"at":1,"actor":"a","action":"token.granted","target":"{id}","scopes":[],"outcome":"ok","reason":"","rule":"","peer":"","call_id":""}}"#).into_bytes()],
+            fence: None,
+        }
+    }
+
     /// `batch` checked and chained as the writer would, as the next group:
     /// its changes, the group number last, and that number.
     fn staged_changes(s: &SledStore, batch: &Batch) -> (Vec<Change>, u64) {
@@ -1913,14 +1925,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         put_test_key(&s, "k").await;
-        let batch = Batch {
-            writes: vec![Write::CreateLease {
-                lease: lease("l_1", "spiffe://t/a", 10),
-                idem: None,
-            }],
-            ..Batch::default()
-        };
-        let (changes, seq) = staged_changes(&s, &batch);
+        let (changes, seq) = staged_changes(&s, &granted("l_1"));
         drop(s);
         // As a schema 5 build left it after a SIGKILL: no id, and a group
         // only its journal holds.
@@ -2096,15 +2101,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         put_test_key(&s, "k").await;
-        let batch = Batch {
-            writes: vec![Write::CreateLease {
-                lease: lease("l_1", "spiffe://t/a", 10),
-                idem: None,
-            }],
-            audit: vec![br#"{"at":1,"actor":"a","action":"token.granted","target":"l_1","scopes":[],"outcome":"ok","reason":"","rule":"","peer":"","call_id":""}"#.to_vec()],
-            fence: None,
-        };
-        let (changes, seq) = staged_changes(&s, &batch);
+        let (changes, seq) = staged_changes(&s, &granted("l_1"));
         s.lock_head()
             .unwrap()
             .journal
