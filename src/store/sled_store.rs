@@ -90,8 +90,8 @@ fn spawn_writer(
 
 /// The trees of a [`SledStore`] and what its writer keeps.
 pub struct SledCore {
-    db: Db,
-    /// sled's own durability point (see [`checkpoint`]).
+    /// sled's own durability point (see [`checkpoint`]); it holds the
+    /// database handle the trees belong to.
     checkpoint: Checkpoint,
     pub(super) leases: Tree,
     pub(super) lease_expiry: Tree,
@@ -873,8 +873,7 @@ fn sync_blobs(
 }
 
 impl SledCore {
-    /// The trees of the store `db` (its data file `data_file`), written
-    /// through `journal`.
+    /// The trees of the store `db`, written through `journal`.
     fn new(
         db: Db,
         journal: Journal,
@@ -899,7 +898,6 @@ impl SledCore {
             ephemeral: tree("console_ephemeral")?,
             slot: tree("batch_slot")?,
             checkpoint,
-            db,
             schema_current: std::sync::atomic::AtomicBool::new(false),
             head: std::sync::Mutex::new(Applier {
                 head: ChainHead::after(None),
@@ -1072,7 +1070,7 @@ impl SledCore {
             && n == name
             && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *count
         {
-            let _ = self.db.flush();
+            let _ = (self.checkpoint)();
             tracing::warn!(failpoint = name, "failpoint reached; the writer stops here");
             loop {
                 std::thread::park();
