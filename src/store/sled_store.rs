@@ -1879,6 +1879,16 @@ mod tests {
         group_seq
     }
 
+    /// The numbers of the records `audit_after(after, limit)` gives.
+    async fn seqs(s: &SledStore, after: Option<u64>, limit: usize) -> Vec<u64> {
+        s.audit_after(after, limit)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect()
+    }
+
     /// A grant of lease `id` (expiring at 10) with its record.
     fn granted(id: &str) -> Batch {
         Batch {
@@ -1985,13 +1995,7 @@ mod tests {
             s.apply_now(batch).await.unwrap(),
             Applied::Done(_)
         ));
-        let left: Vec<u64> = s
-            .audit_after(None, 10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.0)
-            .collect();
+        let left: Vec<u64> = seqs(&s, None, 10).await;
         assert_eq!(left, vec![4, 5]);
         let marker = Batch {
             writes: vec![Write::CopyAudit(6, vec![AUDIT_BLOCK, 1, 2])],
@@ -2054,16 +2058,10 @@ mod tests {
         ));
         assert_eq!(s.audit.len(), 3, "two single records and one block");
         let all = s.audit_after(None, 100).await.unwrap();
-        let seqs: Vec<u64> = all.iter().map(|r| r.0).collect();
-        assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+        let numbers: Vec<u64> = all.iter().map(|r| r.0).collect();
+        assert_eq!(numbers, (1..=7).collect::<Vec<_>>());
         assert_eq!(all[4].1, br#"{"r":5}"#);
-        let page: Vec<u64> = s
-            .audit_after(Some(4), 2)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.0)
-            .collect();
+        let page: Vec<u64> = seqs(&s, Some(4), 2).await;
         assert_eq!(page, vec![5, 6]);
         assert_eq!(s.audit_last().await.unwrap().unwrap().0, 7);
         // Two points inside the block in one batch: the second sees the
@@ -2079,13 +2077,7 @@ mod tests {
         ));
         drop(s);
         let s = SledStore::open(dir.path()).unwrap();
-        let left: Vec<u64> = s
-            .audit_after(None, 100)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.0)
-            .collect();
+        let left: Vec<u64> = seqs(&s, None, 100).await;
         assert_eq!(left, vec![6, 7, 8]);
         assert_eq!(s.audit_after(Some(6), 1).await.unwrap()[0].0, 7);
         assert_eq!(s.audit_after(Some(6), 1).await.unwrap()[0].1, br#"{"r":7}"#);
