@@ -28,6 +28,13 @@ fn init_tracing(format: LogFormat, default: &str) {
 }
 
 fn main() {
+    // No transparent huge pages for this process: the store and mimalloc
+    // touch memory a little at a time, and with huge pages each first
+    // touch brought in and cleared 2 MiB. Off, RSS is lower and bulk
+    // revocations faster, grants/s unchanged (docs/benchmarks.md, "Issue
+    // 22, fifth session"). Best effort: a kernel that refuses keeps them.
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

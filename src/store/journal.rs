@@ -47,6 +47,8 @@ const HEADER: usize = 4 + 8 + 4 + 4;
 const SWITCH_AT: u64 = 16 << 20;
 /// Files grow by this many zeros at a time.
 const GROW_BY: u64 = 1 << 20;
+/// Frames of up to this many bytes of changes are written in one call.
+const COPY_UP_TO: usize = 256 << 10;
 /// The journal's files, under the store's directory.
 pub(super) const FILES: [&str; 2] = ["journal-0", "journal-1"];
 
@@ -92,12 +94,26 @@ fn crc(id: Option<&StoreId>, seq: u64, payload: &[u8]) -> u32 {
 /// Group `seq`'s frame (`size`: the payload's length).
 pub(super) fn frame(id: Option<&StoreId>, seq: u64, size: u32, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(HEADER + payload.len());
-    frame.extend_from_slice(MAGIC);
-    frame.extend_from_slice(&seq.to_be_bytes());
-    frame.extend_from_slice(&size.to_be_bytes());
-    frame.extend_from_slice(&crc(id, seq, payload).to_be_bytes());
+    frame.extend_from_slice(&header(id, seq, size, payload));
     frame.extend_from_slice(payload);
     frame
+}
+
+/// The header of group `seq`'s frame.
+fn header(id: Option<&StoreId>, seq: u64, size: u32, payload: &[u8]) -> [u8; HEADER] {
+    let (seq, size, crc) = (
+        seq.to_be_bytes(),
+        size.to_be_bytes(),
+        crc(id, seq, payload).to_be_bytes(),
+    );
+    let mut h = [0; HEADER];
+    for (to, from) in h
+        .iter_mut()
+        .zip(MAGIC.iter().chain(&seq).chain(&size).chain(&crc))
+    {
+        *to = *from;
+    }
+    h
 }
 
 /// The frames of one file, from its start up to the first that does not
@@ -254,10 +270,16 @@ impl Journal {
             }
             self.allocated[self.current] = to;
         }
-        let frame = frame(Some(&self.id), seq, size, payload);
         let mut f = &*self.files[self.current];
         f.seek(SeekFrom::Start(self.offset)).map_err(unavailable)?;
-        f.write_all(&frame).map_err(unavailable)?;
+        if payload.len() <= COPY_UP_TO {
+            f.write_all(&frame(Some(&self.id), seq, size, payload))
+        } else {
+            // Not copied: a bulk revocation's group is tens of megabytes.
+            f.write_all(&header(Some(&self.id), seq, size, payload))
+                .and_then(|()| f.write_all(payload))
+        }
+        .map_err(unavailable)?;
         self.offset = need;
         Ok(())
     }

@@ -174,19 +174,68 @@ struct Staged<'a> {
     trees: [&'a Tree; TREES],
     keys: &'a mut std::collections::HashMap<String, Option<KeyRecord>>,
     /// What the batches of this group before this one changed.
-    group: &'a Overlay,
+    group: &'a [Change],
+    /// Where in `group` each key changed last.
+    group_at: &'a Overlay,
     changes: Vec<Change>,
     overlay: Overlay,
 }
 
-/// Changed keys and their new values (`None`: removed), by (tree, key).
-type Overlay = std::collections::HashMap<(u8, Vec<u8>), Option<Vec<u8>>>;
+/// Where in a list of changes each key changed last, a map per tree:
+/// looked up by a borrowed key, and an index rather than a second copy
+/// of the value (a group of a bulk revocation changes hundreds of
+/// thousands of keys).
+#[derive(Default)]
+struct Overlay([std::collections::HashMap<Vec<u8>, usize>; TREES]);
+
+impl Overlay {
+    /// The value `changes` last gave `key` of `tree` (`Some(None)`:
+    /// removed), if they changed it.
+    fn get<'c>(
+        &self,
+        changes: &'c [Change],
+        tree: usize,
+        key: &[u8],
+    ) -> Option<&'c Option<Vec<u8>>> {
+        let at = *self.0.get(tree)?.get(key)?;
+        changes.get(at).map(|c| &c.2)
+    }
+
+    fn insert(&mut self, tree: usize, key: Vec<u8>, at: usize) {
+        if let Some(t) = self.0.get_mut(tree) {
+            t.insert(key, at);
+        }
+    }
+
+    /// Take in `later`'s changes (which win), appended after the first
+    /// `before` changes of this one's list.
+    fn extend(&mut self, later: Self, before: usize) {
+        for (t, l) in self.0.iter_mut().zip(later.0) {
+            t.extend(l.into_iter().map(|(k, at)| (k, at + before)));
+        }
+    }
+
+    /// The keys of `tree` that `changes` left with a value (not removed).
+    fn written<'c>(
+        &'c self,
+        changes: &'c [Change],
+        tree: usize,
+    ) -> impl Iterator<Item = &'c Vec<u8>> {
+        self.0
+            .get(tree)
+            .into_iter()
+            .flatten()
+            .filter(|(_, at)| changes.get(**at).is_some_and(|c| c.2.is_some()))
+            .map(|(k, _)| k)
+    }
+}
 
 impl Staged<'_> {
     /// Has this batch or its group changed `key` of `tree`?
     fn staged(&self, tree: usize, key: &[u8]) -> Option<&Option<Vec<u8>>> {
-        let k = (tree as u8, key.to_vec());
-        self.overlay.get(&k).or_else(|| self.group.get(&k))
+        self.overlay
+            .get(&self.changes, tree, key)
+            .or_else(|| self.group_at.get(self.group, tree, key))
     }
 
     fn get(&self, tree: usize, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -200,10 +249,9 @@ impl Staged<'_> {
     }
 
     fn set(&mut self, tree: usize, key: &[u8], value: Option<&[u8]>) {
-        let value = value.map(<[u8]>::to_vec);
-        self.overlay
-            .insert((tree as u8, key.to_vec()), value.clone());
-        self.changes.push((tree as u8, key.to_vec(), value));
+        self.overlay.insert(tree, key.to_vec(), self.changes.len());
+        self.changes
+            .push((tree as u8, key.to_vec(), value.map(<[u8]>::to_vec)));
     }
 
     fn put(&mut self, tree: usize, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
@@ -220,7 +268,11 @@ impl Staged<'_> {
 /// The changes as one blob: per change, tree (1 byte), key length (4,
 /// big-endian), key, 0 (removal) or 1 and value length (4) and value.
 fn encode_changes(changes: &[Change]) -> Vec<u8> {
-    let mut out = Vec::new();
+    let size = changes
+        .iter()
+        .map(|(_, k, v)| 10 + k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum();
+    let mut out = Vec::with_capacity(size);
     for (tree, key, value) in changes {
         out.push(*tree);
         out.extend_from_slice(&(key.len() as u32).to_be_bytes());
@@ -558,8 +610,12 @@ impl Tables for Staged<'_> {
             gone(self.trees[AUDIT], std::ops::Bound::Included(point))?
                 .into_iter()
                 .collect();
-        for ((tree, k), v) in self.overlay.iter().chain(self.group.iter()) {
-            if usize::from(*tree) == AUDIT && v.is_some() && k.as_slice() <= point.as_slice() {
+        for k in self
+            .overlay
+            .written(&self.changes, AUDIT)
+            .chain(self.group_at.written(self.group, AUDIT))
+        {
+            if k.as_slice() <= point.as_slice() {
                 entries.insert(k.clone());
             }
         }
@@ -1226,7 +1282,7 @@ impl SledCore {
         group: Vec<Queued>,
     ) -> (ChainHead, Vec<Change>, Vec<(Reply, Vec<(u64, Vec<u8>)>)>) {
         let mut head = applier.head.clone();
-        let mut overlay = Overlay::new();
+        let mut overlay = Overlay::default();
         let mut changes = Vec::new();
         let mut done = Vec::new();
         for (batch, reply) in group {
@@ -1234,9 +1290,10 @@ impl SledCore {
                 let mut staged = Staged {
                     trees: self.batch_trees(),
                     keys: &mut applier.keys,
-                    group: &overlay,
+                    group: &changes,
+                    group_at: &overlay,
                     changes: Vec::new(),
-                    overlay: Overlay::new(),
+                    overlay: Overlay::default(),
                 };
                 let outcome = apply_to(&mut staged, &head, &batch);
                 (outcome, (staged.changes, staged.overlay))
@@ -1244,8 +1301,8 @@ impl SledCore {
             match outcome {
                 Ok((Applied::Done(records), next)) => {
                     head = next;
+                    overlay.extend(staged.1, changes.len());
                     changes.extend(staged.0);
-                    overlay.extend(staged.1);
                     done.push((reply, records));
                 }
                 Ok((lost, _)) => {
@@ -1328,7 +1385,7 @@ impl SledCore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Lease>, StoreError> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(limit.min(4096));
         for id in ids_under(&self.by_subject, subject, after) {
             if out.len() >= limit {
                 break;
@@ -1906,13 +1963,14 @@ mod tests {
     fn staged_changes(s: &SledStore, batch: &Batch) -> (Vec<Change>, u64) {
         let head = s.lock_head().unwrap().head.clone();
         let mut keys = std::collections::HashMap::new();
-        let group = Overlay::new();
+        let group = Overlay::default();
         let mut staged = Staged {
             trees: s.batch_trees(),
             keys: &mut keys,
-            group: &group,
+            group: &[],
+            group_at: &group,
             changes: Vec::new(),
-            overlay: std::collections::HashMap::new(),
+            overlay: Overlay::default(),
         };
         let (applied, _) = apply_to(&mut staged, &head, batch).unwrap();
         assert!(matches!(applied, Applied::Done(_)));
