@@ -65,6 +65,7 @@ async fn main() {
             token_mac: None,
             delegation: None,
             cnf: None,
+            login: None,
         };
         put(store.as_ref(), Write::CreateLease { lease, idem: None }).await;
     }

@@ -75,6 +75,7 @@ async fn main() {
                     token_mac: None,
                     delegation: None,
                     cnf: None,
+                    login: None,
                 };
                 let out = applied(store.apply(Batch {
                     writes: vec![Write::CreateLease { lease, idem: None }],

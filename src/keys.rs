@@ -81,6 +81,26 @@ impl Kek {
         Ok(ring::hmac::Key::from(okm))
     }
 
+    /// This deployment's id, the same on every broker that shares its KEK
+    /// and different elsewhere (HKDF-SHA256, 128 bits, hex): the mark on
+    /// the database logins it makes, so that two deployments sharing a
+    /// database never end each other's (docs/design-db-credentials.md).
+    pub fn deployment_id(&self) -> Result<String, KeyError> {
+        struct Len;
+        impl ring::hkdf::KeyType for Len {
+            fn len(&self) -> usize {
+                16
+            }
+        }
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"portcullis");
+        let mut id = [0u8; 16];
+        salt.extract(&self.0)
+            .expand(&[b"deployment id v1"], Len)
+            .and_then(|okm| okm.fill(&mut id))
+            .map_err(|_| KeyError::Generate("deriving the deployment id failed".into()))?;
+        Ok(id.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The approver console's sealing key (AES-256-GCM, for its OpenID
     /// sign-in cookie), derived from the KEK so that every broker sharing
     /// a store — and so the KEK — opens what another sealed.
@@ -312,6 +332,11 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
+    /// See [`Kek::deployment_id`].
+    pub fn deployment_id(&self) -> Result<String, KeyError> {
+        self.kek.deployment_id()
+    }
+
     /// Load the ring from the store, creating the first signing key if there
     /// is none. Sealed records that do not open are refused, never replaced.
     pub async fn load_or_create(

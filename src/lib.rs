@@ -27,6 +27,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod jose;
 pub mod keys;
+pub mod logins;
 pub mod metrics;
 pub mod model;
 pub mod notify;

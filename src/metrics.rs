@@ -52,6 +52,11 @@ pub struct Metrics {
     pub exchanges: Family<Labels, Counter>,
     /// Leases revoked (one, bulk, undelivered).
     pub revocations: Counter,
+    /// Database logins by step done (`created`, `disabled`, `dropped`,
+    /// `kept`, `reconciled`).
+    pub db_logins: Family<Labels, Counter>,
+    /// Database login steps that failed (and are retried) by step.
+    pub db_login_failures: Family<Labels, Counter>,
     /// Renewals.
     pub renewals: Counter,
     /// Active leases (maintained incrementally; recounted at start).
@@ -96,6 +101,8 @@ impl Metrics {
             expiries: Family::default(),
             exchanges: Family::default(),
             revocations: Counter::default(),
+            db_logins: Family::default(),
+            db_login_failures: Family::default(),
             renewals: Counter::default(),
             active_leases: Gauge::default(),
             open_requests: Gauge::default(),
@@ -137,6 +144,16 @@ impl Metrics {
         );
         r.register("revocations", "Leases revoked", self.revocations.clone());
         r.register("renewals", "Leases renewed", self.renewals.clone());
+        r.register(
+            "db_logins",
+            "Database login steps done, by step",
+            self.db_logins.clone(),
+        );
+        r.register(
+            "db_login_failures",
+            "Database login steps that failed (retried), by step",
+            self.db_login_failures.clone(),
+        );
         r.register("active_leases", "Active leases", self.active_leases.clone());
         r.register(
             "open_requests",

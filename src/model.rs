@@ -88,6 +88,21 @@ pub struct Lease {
     /// Base64url SHA-256 of the client certificate its tokens are bound to.
     #[serde(default)]
     pub cnf: Option<String>,
+    /// The database login it holds (a login scope, issue 23).
+    #[serde(default)]
+    pub login: Option<Box<LeaseLogin>>,
+}
+
+/// The database login a lease holds (docs/design-db-credentials.md). Its
+/// password is given to the caller once and kept nowhere.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseLogin {
+    /// The `[[database]]` it is made on.
+    pub database: String,
+    /// Its role name there.
+    pub role: String,
+    /// The group role it is a member of.
+    pub group: String,
 }
 
 /// How a delegated lease hangs from its parent (docs/design-delegation.md).
@@ -294,6 +309,7 @@ impl Lease {
             token_mac: None,
             delegation: None,
             cnf: None,
+            login: None,
         }
     }
 

@@ -100,6 +100,13 @@ vocabulary! {
         /// Every console session of a person was ended (removed from the
         /// policy, or by an admin).
         ConsoleSessionsEnded = "console.sessions_ended",
+        /// A database login was made for a lease (issue 23).
+        DbLoginCreated = "db.login.created",
+        /// A lease's database login can no longer sign in, and its open
+        /// sessions were ended.
+        DbLoginDisabled = "db.login.disabled",
+        /// A lease's database login was dropped (or kept without rights).
+        DbLoginDropped = "db.login.dropped",
     }
 }
 

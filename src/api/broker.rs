@@ -111,7 +111,7 @@ impl Broker for BrokerService {
             .await?;
         Ok(Response::new(pb::GetRequestResponse {
             request: Some(convert::request(&r)),
-            grant: grant.map(|(token, lease)| convert::grant(token, &lease)),
+            grant: grant.as_ref().map(convert::delivered),
         }))
     }
 
@@ -156,10 +156,7 @@ impl Broker for BrokerService {
         let ttl = convert::ttl(m.ttl, "ttl")?;
         let (token, lease) = self.engine.renew(&who, &m.lease_id, ttl).await?;
         Ok(Response::new(pb::RenewLeaseResponse {
-            grant: Some(pb::Grant {
-                token,
-                lease: Some(convert::lease(&lease)),
-            }),
+            grant: Some(convert::grant(token, &lease)),
         }))
     }
 
@@ -299,13 +296,10 @@ async fn follow(
             Ok(Some(update)) => {
                 let msg = pb::WatchRequestResponse {
                     request: Some(convert::request(&update.request)),
-                    grant: update
-                        .grant
-                        .as_ref()
-                        .map(|(t, l)| convert::grant(t.clone(), l)),
+                    grant: update.grant.as_ref().map(convert::delivered),
                 };
                 if tx.send(Ok(msg)).await.is_err() {
-                    if let Some((_, lease)) = &update.grant {
+                    if let Some((_, lease, _)) = &update.grant {
                         watch.undelivered(lease).await;
                     }
                     return;

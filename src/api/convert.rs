@@ -84,6 +84,33 @@ pub fn grant(token: String, l: &model::Lease) -> pb::Grant {
     pb::Grant {
         token,
         lease: Some(lease(l)),
+        login: None,
+    }
+}
+
+/// A claimed grant to proto, with its login (given once, in this answer).
+pub fn delivered((token, l, login_made): &crate::engine::requests::Delivered) -> pb::Grant {
+    let target = l.login.as_ref().map(|g| g.database.clone());
+    pb::Grant {
+        login: login_made
+            .as_deref()
+            .cloned()
+            .zip(target)
+            .map(|(i, t)| login(i, &t)),
+        ..grant(token.clone(), l)
+    }
+}
+
+/// A database login just made to proto (its password included: it is
+/// given once, in this answer).
+pub fn login(i: crate::logins::Issued, target: &str) -> pb::DatabaseLogin {
+    pb::DatabaseLogin {
+        user: i.role,
+        password: i.password,
+        host: i.host,
+        port: u32::from(i.port),
+        dbname: i.database,
+        target: target.to_owned(),
     }
 }
 
@@ -112,6 +139,12 @@ pub fn lease(l: &model::Lease) -> pb::Lease {
         depth: l.delegation.as_ref().map_or(0, |d| d.depth),
         actors: actors(l.delegation.as_ref()),
         cnf_x5t_s256: l.cnf.clone().unwrap_or_default(),
+        login_target: l
+            .login
+            .as_ref()
+            .map(|g| g.database.clone())
+            .unwrap_or_default(),
+        login_role: l.login.as_ref().map(|g| g.role.clone()).unwrap_or_default(),
     }
 }
 
@@ -127,7 +160,17 @@ fn actors(d: Option<&model::Delegation>) -> Vec<String> {
 pub fn outcome(o: crate::engine::Outcome) -> pb::RequestTokenResponse {
     use pb::request_token_response::Outcome as O;
     let outcome = match o {
-        crate::engine::Outcome::Granted { token, lease } => O::Granted(grant(token, &lease)),
+        crate::engine::Outcome::Granted {
+            token,
+            lease,
+            login: issued,
+        } => {
+            let target = lease.login.as_ref().map(|g| g.database.clone());
+            O::Granted(pb::Grant {
+                login: issued.zip(target).map(|(i, t)| login(*i, &t)),
+                ..grant(token, &lease)
+            })
+        }
         crate::engine::Outcome::Parked(r) => O::Pending(request(&r)),
     };
     pb::RequestTokenResponse {

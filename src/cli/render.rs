@@ -105,6 +105,9 @@ pub fn page_footer(text: &mut String, empty: bool, when_empty: &str, next: &str)
 
 /// A granted token: the token alone on stdout, the lease summary on stderr
 /// (text), or both as one JSON document.
+///
+/// With a database login (a login scope) the text form puts the login on
+/// stdout instead, as `PG*` lines a shell can `eval` and libpq reads.
 pub fn print_grant(out: Output, g: &pb::Grant) {
     match out {
         Output::Text => {
@@ -116,13 +119,74 @@ pub fn print_grant(out: Output, g: &pb::Grant) {
                     fmt_ts(&l.expires_at)
                 );
             }
-            println!("{}", g.token);
+            match &g.login {
+                Some(login) => {
+                    eprintln!(
+                        "database login `{}` on `{}` (ends with the lease; the password is shown once)",
+                        login.user, login.target
+                    );
+                    print!("{}", login_env(login));
+                }
+                None => println!("{}", g.token),
+            }
         }
         Output::Json => println!(
             "{}",
-            json!({"token": g.token, "lease": g.lease.as_ref().map(lease_json)})
+            json!({
+                "token": g.token,
+                "lease": g.lease.as_ref().map(lease_json),
+                "login": g.login.as_ref().map(|l| json!({
+                    "user": l.user, "password": l.password, "host": l.host, "port": l.port,
+                    "dbname": l.dbname, "target": l.target, "url": login_url(l),
+                })),
+            })
         ),
     }
+}
+
+/// `s` quoted for a POSIX shell.
+fn shell_quoted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A database login as `export PG…=…` lines.
+pub fn login_env(l: &pb::DatabaseLogin) -> String {
+    [
+        ("PGHOST", l.host.clone()),
+        ("PGPORT", l.port.to_string()),
+        ("PGDATABASE", l.dbname.clone()),
+        ("PGUSER", l.user.clone()),
+        ("PGPASSWORD", l.password.clone()),
+    ]
+    .iter()
+    .map(|(k, v)| format!("export {k}={}\n", shell_quoted(v)))
+    .collect()
+}
+
+/// A database login as a `postgresql://` URL (every part percent-encoded).
+pub fn login_url(l: &pb::DatabaseLogin) -> String {
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let host = if l.host.contains(':') {
+        format!("[{}]", l.host)
+    } else {
+        enc(&l.host)
+    };
+    format!(
+        "postgresql://{}:{}@{host}:{}/{}",
+        enc(&l.user),
+        enc(&l.password),
+        l.port,
+        enc(&l.dbname)
+    )
 }
 
 /// A lease as JSON.
@@ -137,6 +201,7 @@ pub fn lease_json(l: &pb::Lease) -> serde_json::Value {
         "break_glass": l.break_glass, "approved_by": l.approved_by,
         "parent_id": l.parent_id, "depth": l.depth, "actors": l.actors,
         "cnf_x5t_s256": l.cnf_x5t_s256,
+        "login_target": l.login_target, "login_role": l.login_role,
     })
 }
 

@@ -17,6 +17,61 @@ impl Engine {
         who: &Identity,
         x5t: Option<&str>,
         id: &str,
+    ) -> Result<Option<Claimed>, EngineError> {
+        let lease_id = new_id("l_", self.clock.now())?;
+        let made = self.login_for_claim(who, id, &lease_id).await?;
+        let login = made.as_ref().map(|(_, l)| Box::new(l.clone()));
+        let claimed = self
+            .claim_as(who, x5t, id, &lease_id, login.as_deref())
+            .await;
+        if !matches!(claimed, Ok(Some(_)))
+            && let Some(l) = login
+        {
+            // Lost to another claim, or failed: never delivered.
+            self.abandon_login(&lease_id, *l);
+        }
+        Ok(claimed?.map(|(tok, lease, issued)| {
+            let login = made.map(|(i, _)| Box::new(i));
+            (tok, lease, issued, login)
+        }))
+    }
+
+    /// An approved request's login (a login scope), made before its claim
+    /// is written and for the lease id it will have.
+    async fn login_for_claim(
+        &self,
+        who: &Identity,
+        id: &str,
+        lease_id: &str,
+    ) -> Result<Option<(crate::logins::Issued, crate::model::LeaseLogin)>, EngineError> {
+        let Some(req) = self.store().request(id).await? else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        if req.requester != who.as_str()
+            || req.state != RequestState::Approved
+            || req.deadline <= now
+        {
+            return Ok(None);
+        }
+        let policy = self.policy();
+        let Some((db, rule)) = super::logins::login_scope(&policy, &req.scopes)? else {
+            return Ok(None);
+        };
+        let until = now.saturating_add(approved_ttl(&req));
+        Ok(Some(
+            self.make_login(who.as_str(), db, rule, lease_id, until)
+                .await?,
+        ))
+    }
+
+    async fn claim_as(
+        &self,
+        who: &Identity,
+        x5t: Option<&str>,
+        id: &str,
+        lease_id: &str,
+        login: Option<&crate::model::LeaseLogin>,
     ) -> Result<Option<(String, Lease, TokenRequest)>, EngineError> {
         let out = self
             .commit(|mut op| async move {
@@ -49,7 +104,13 @@ impl Engine {
                         return Ok(None);
                     }
                     let cnf = super::bound_to(&policy, &req.scopes, x5t)?;
-                    let (lease, tok) = self.approved_lease(req, now, parent.as_ref(), cnf)?;
+                    let (lease, tok) = self.approved_lease(
+                        req,
+                        (lease_id, now),
+                        parent.as_ref(),
+                        cnf,
+                        login.map(|l| Box::new(l.clone())),
+                    )?;
                     let mut issued =
                         req.moved(RequestState::Issued, who.as_str(), now, "token delivered");
                     issued.lease_id = Some(lease.id.clone());
@@ -79,32 +140,24 @@ impl Engine {
     fn approved_lease(
         &self,
         req: &TokenRequest,
-        now: u64,
+        (id, now): (&str, u64),
         parent: Option<&Lease>,
         cnf: Option<String>,
+        login: Option<Box<crate::model::LeaseLogin>>,
     ) -> Result<(Lease, String), EngineError> {
-        let ttl = req
-            .approvals
-            .iter()
-            .filter_map(|a| a.ttl_ms)
-            .fold(req.ttl_ms, u64::min);
+        let ttl = approved_ttl(req);
         // What the approvers approved bounds the lease for its whole life:
         // renewal never stretches it past issue + the approved TTL.
         let mut terms = req.terms();
         terms.ttl_ms = ttl;
         terms.max_ttl_ms = ttl;
         let keys = self.keys.current();
-        let lease = Lease::active(
-            new_id("l_", now)?,
-            &req.requester,
-            &terms,
-            now,
-            &keys.active.kid,
-        );
+        let lease = Lease::active(id.to_owned(), &req.requester, &terms, now, &keys.active.kid);
         let mut lease = Lease {
             request_id: Some(req.id.clone()),
             approved_by: req.approvals.iter().map(|a| a.approver.clone()).collect(),
             cnf,
+            login,
             ..lease
         };
         if let (Some(d), Some(p)) = (&req.delegation, parent) {
@@ -112,6 +165,24 @@ impl Engine {
         }
         self.signed(&keys, lease, now)
     }
+}
+
+/// A claimed request: its token, its lease, the request as issued, and a
+/// login scope's database login (given once).
+pub type Claimed = (
+    String,
+    Lease,
+    TokenRequest,
+    Option<Box<crate::logins::Issued>>,
+);
+
+/// The TTL an approved request's lease gets: the shortest any approver
+/// allowed.
+fn approved_ttl(req: &TokenRequest) -> u64 {
+    req.approvals
+        .iter()
+        .filter_map(|a| a.ttl_ms)
+        .fold(req.ttl_ms, u64::min)
 }
 
 /// The lease request `id` becomes, in `op`, with its record. A delegated
@@ -136,5 +207,8 @@ fn issue_in(
         &lease.scopes,
         &reason,
     )])?;
+    if let Some(l) = &lease.login {
+        Engine::record_login(op, who.as_str(), &lease.id, &lease.scopes, l)?;
+    }
     Ok(())
 }

@@ -67,6 +67,9 @@ pub enum EngineError {
     /// leads now); nothing was changed.
     #[error("this broker no longer leads; nothing was changed")]
     Fenced,
+    /// A database login could not be made, moved or ended.
+    #[error(transparent)]
+    Login(#[from] crate::logins::LoginError),
 }
 
 impl From<NoRandomness> for EngineError {
@@ -116,6 +119,9 @@ impl EngineError {
                 ErrorKind::WrongState
             }
             Self::Fenced => ErrorKind::Unavailable,
+            Self::Login(crate::logins::LoginError::Unavailable(..)) => ErrorKind::Unavailable,
+            Self::Login(crate::logins::LoginError::NoRandomness) => ErrorKind::Internal,
+            Self::Login(_) => ErrorKind::WrongState,
             Self::Store(_)
             | Self::Audit(_)
             | Self::Token(_)
@@ -131,9 +137,14 @@ impl EngineError {
             ErrorKind::Unavailable if matches!(self.store_error(), Some(StoreError::Stopping)) => {
                 StoreError::Stopping.to_string()
             }
-            ErrorKind::Unavailable => {
-                "the broker could not persist the change; nothing was issued or changed".into()
-            }
+            ErrorKind::Unavailable => match self {
+                Self::Login(crate::logins::LoginError::Unavailable(db, _)) => {
+                    format!("database `{db}` is unavailable; nothing was issued or changed")
+                }
+                _ => {
+                    "the broker could not persist the change; nothing was issued or changed".into()
+                }
+            },
             ErrorKind::Contended => {
                 "other changes to the same records won every try; nothing was changed: retry".into()
             }

@@ -240,7 +240,11 @@ impl Engine {
         self.deadlines.note(lease.expires_at);
         self.metrics.exchange("granted");
         tracing::info!(jti = %lease.id, parent = %plan.parent.id, sub = %lease.subject, actor = %plan.holder.who, depth = plan.delegation.depth, scopes = %lease.scopes.join(" "), rule = %plan.rule, "token exchanged");
-        Ok(Outcome::Granted { token: tok, lease })
+        Ok(Outcome::Granted {
+            token: tok,
+            lease,
+            login: None,
+        })
     }
 
     /// Park the child: for approvers (PENDING), or — nothing to approve —
@@ -364,6 +368,13 @@ fn plan(
     now: Millis,
 ) -> Result<Plan, EngineError> {
     let (scopes, audience, left) = attenuate(&parent, ask, now)?;
+    if super::logins::login_scope(policy, &scopes)?.is_some() {
+        return Err(FieldError::new(
+            "scopes",
+            "a login scope's database login is not delegated: the child asks for its own",
+        )
+        .into());
+    }
     let delegation = chain(&parent, holder, &to)?;
     let rule = policy.delegation_rule(&DelegationAsk {
         holder: &holder.who,

@@ -97,7 +97,7 @@ mod tests {
             .await
             .unwrap()
         {
-            Outcome::Granted { token, lease } => (token, lease.id),
+            Outcome::Granted { token, lease, .. } => (token, lease.id),
             Outcome::Parked(_) => panic!("parked"),
         }
     }

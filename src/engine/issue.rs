@@ -28,6 +28,9 @@ pub enum Outcome {
         token: String,
         /// Its lease.
         lease: Lease,
+        /// A login scope's database login, made for this lease (its
+        /// password is a secret, given here once).
+        login: Option<Box<crate::logins::Issued>>,
     },
     /// Parked for approval.
     Parked(TokenRequest),
@@ -118,11 +121,16 @@ impl Engine {
         let cnf = super::bound_to(policy, &c.scopes, c.x5t.as_deref())?;
         let id = new_id("l_", now)?;
         let idem = c.idempotency(IdempotentOutcome::Lease(id.clone()));
+        let made = self
+            .login_for_grant(policy, &c, &id, now.saturating_add(terms.ttl_ms))
+            .await?;
+        let login = made.as_ref().map(|(_, l)| Box::new(l.clone()));
         // One batch: the lease, the key claim, the break-glass review
         // record, and the grant's own record. Signed (again, should the
         // key ring have moved) on every try.
         let (c, g) = (&c, &g);
-        let (request_id, cnf, id, idem, terms) = (&request_id, &cnf, &id, &idem, &terms);
+        let (request_id, cnf, id, idem, terms, login_ref) =
+            (&request_id, &cnf, &id, &idem, &terms, &login);
         let out = self
             .commit_claiming(|mut op| async move {
                 let keys = self.keys.current();
@@ -130,15 +138,24 @@ impl Engine {
                     request_id: request_id.clone(),
                     break_glass: g.review.is_some(),
                     cnf: cnf.clone(),
+                    login: login_ref.clone(),
                     ..Lease::active(id.clone(), c.who.as_str(), terms, now, &keys.active.kid)
                 };
                 let (lease, tok) = self.signed(&keys, lease, now)?;
                 op.create_lease(lease.clone(), idem.clone());
                 let review = grant_in(&mut op, c, g, &lease)?;
+                if let Some(l) = login_ref {
+                    Self::record_login(&mut op, c.who.as_str(), &lease.id, &lease.scopes, l)?;
+                }
                 Ok((op, (lease, tok, review)))
             })
-            .await?;
-        let (lease, tok, review) = match out {
+            .await;
+        if !matches!(out, Ok(Ok(_)))
+            && let Some(l) = login
+        {
+            self.abandon_login(id, *l);
+        }
+        let (lease, tok, review) = match out? {
             Ok(done) => done,
             Err(existing) => return self.replay(&c.who, existing, &c.digest).await,
         };
@@ -152,7 +169,30 @@ impl Engine {
             self.metrics.request("granted");
         }
         tracing::info!(jti = %lease.id, kid = %lease.kid, sub = %who, scopes = %lease.scopes.join(" "), rules = %g.rules.join(", "), "granted");
-        Ok(Outcome::Granted { token: tok, lease })
+        Ok(Outcome::Granted {
+            token: tok,
+            lease,
+            login: made.map(|(issued, _)| Box::new(issued)),
+        })
+    }
+
+    /// A login scope's login, made before its lease is written: a crash
+    /// in between leaves a marked role the reconciler ends, never a lease
+    /// whose login does not exist.
+    async fn login_for_grant(
+        &self,
+        policy: &Policy,
+        c: &Checked,
+        lease_id: &str,
+        until: u64,
+    ) -> Result<Option<(crate::logins::Issued, crate::model::LeaseLogin)>, EngineError> {
+        match super::logins::login_scope(policy, &c.scopes)? {
+            Some((db, rule)) => Ok(Some(
+                self.make_login(c.who.as_str(), db, rule, lease_id, until)
+                    .await?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// Park for approvers: a durable PENDING request with its deadline.
@@ -238,10 +278,19 @@ impl Engine {
                         "the lease `{id}` granted for this client_request_id is no longer active"
                     )));
                 }
+                if lease.login.is_some() {
+                    return Err(EngineError::WrongState(format!(
+                        "the lease `{id}` granted for this client_request_id holds a database login, whose password was given once and is kept nowhere: revoke it and ask again"
+                    )));
+                }
                 let keys = self.keys.current();
                 let tok = token::mint(&keys, &self.claims(&lease, lease.token_issued_at))?;
                 tracing::info!(jti = %lease.id, sub = %who, "idempotent replay");
-                Ok(Outcome::Granted { token: tok, lease })
+                Ok(Outcome::Granted {
+                    token: tok,
+                    lease,
+                    login: None,
+                })
             }
             IdempotentOutcome::Request(id) => {
                 let req = self

@@ -108,6 +108,7 @@ impl Engine {
                     Ok::<_, EngineError>(Some(new))
                 })?;
                 if let Cas::Swapped { new, .. } = &out {
+                    self.extend_login(policy, new).await?;
                     op.record(vec![AuditEntry::ok(
                         who.as_str(),
                         Action::LeaseRenewed,
@@ -150,6 +151,9 @@ impl Engine {
     ) -> Result<(Lease, u64), EngineError> {
         check_reason("reason", reason, false)?;
         self.owned_lease(who, id, true).await?;
+        // Heard before the commit, so that the end of its login is not
+        // missed (see below).
+        let login_ends = self.login_ends();
         let (out, cascaded) = self
             .commit(|mut op| async move {
                 let now = self.clock.now();
@@ -187,6 +191,14 @@ impl Engine {
         match out {
             Cas::Swapped { old, new } => {
                 tracing::info!(jti = %id, sub = %old.subject, by = %who, cascaded, "revoked");
+                // A login can no longer sign in, and its sessions are gone,
+                // before the revocation answers (or the wait gives up: the
+                // ending goes on, retried, and the reconciler follows it).
+                if new.login.is_some()
+                    && !Self::login_disabled(login_ends, id, super::logins::REVOKE_WAITS).await
+                {
+                    tracing::warn!(jti = %id, "the lease's database login was not ended in time; ending it goes on");
+                }
                 Ok((new, cascaded as u64))
             }
             Cas::Kept(lease) => Ok((lease, 0)),

@@ -37,6 +37,7 @@ pub mod expiry;
 pub mod introspect;
 pub mod issue;
 pub mod leases;
+pub mod logins;
 mod quota;
 mod records;
 pub mod requests;
@@ -124,6 +125,12 @@ pub struct Engine {
     keys_fence: Mutex<Option<Fence>>,
     /// Last health verdict: the store answers and the last commit worked.
     serving: std::sync::atomic::AtomicBool,
+    /// The databases login scopes make logins on.
+    logins: Arc<crate::logins::Logins>,
+    /// The logins of leases that ended, for [`Engine::end_logins`].
+    ended_logins_rx: Mutex<Option<mpsc::UnboundedReceiver<records::EndedLogin>>>,
+    /// Lease ids whose login was just ended (a revocation waits for its own).
+    login_ended: broadcast::Sender<String>,
 }
 
 /// What an engine is built from.
@@ -154,13 +161,21 @@ impl Engine {
         // Nobody leads until the leadership task says so (at once on a
         // store of its own, whose `lead` always says yes).
         let leader = watch::channel(false).0;
+        let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        let logins = Arc::new(crate::logins::Logins::new(
+            parts.keys.deployment_id().ok(),
+            metrics.clone(),
+        ));
         Self {
+            logins,
+            ended_logins_rx: Mutex::new(Some(ended_rx)),
+            login_ended: broadcast::channel(1024).0,
             leader,
             lead_until: Mutex::new(None),
             upkeep_fence: Mutex::new(None),
             keys_fence: Mutex::new(None),
             serving: std::sync::atomic::AtomicBool::new(true),
-            records: Records::new(parts.store, metrics.clone()),
+            records: Records::new(parts.store, metrics.clone()).ending_logins_to(ended_tx),
             commit: parts.commit,
             policy: RwLock::new(Arc::new(parts.policy)),
             policy_reloads: watch::channel(PolicyReloads::default()).0,

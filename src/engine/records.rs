@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::audit::{AuditError, AuditLog, Entry as AuditEntry};
 use crate::metrics::Metrics;
-use crate::model::{Idempotency, Lease, LeaseState, TokenRequest};
+use crate::model::{Idempotency, Lease, LeaseLogin, LeaseState, TokenRequest};
 use crate::store::batch::gauge_delta;
 use crate::store::{Applied, Applying, Batch, Fence, Millis, Store, StoreError, Write};
 
@@ -169,19 +169,27 @@ impl Op {
 /// result (see [`Engine::commit`](super::Engine::commit)).
 pub(crate) type Planned<T> = Result<(Op, T), super::EngineError>;
 
-/// What a batch does to the gauges once applied.
-#[derive(Clone, Copy, Debug, Default)]
+/// What a batch does to the gauges once applied, and the database logins
+/// whose leases it ends.
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Gauges {
     leases: i64,
     requests: i64,
     revocations: u64,
+    ended_logins: Vec<EndedLogin>,
 }
+
+/// The database login of a lease that ended: (lease id, login).
+pub(crate) type EndedLogin = (String, LeaseLogin);
 
 /// The store, with the gauges that follow its lease and request writes.
 #[derive(Clone)]
 pub(crate) struct Records {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// Where the logins of leases an applied batch ended are sent, to be
+    /// ended on their databases (`Engine::end_logins`).
+    ended_logins: Option<tokio::sync::mpsc::UnboundedSender<EndedLogin>>,
 }
 
 /// `current` edited by `edit`, the swap queued in `op`.
@@ -202,7 +210,20 @@ fn edit<T: Clone, E>(
 
 impl Records {
     pub(crate) fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics }
+        Self {
+            store,
+            metrics,
+            ended_logins: None,
+        }
+    }
+
+    /// Send the logins of the leases each applied batch ends to `tx`.
+    pub(crate) fn ending_logins_to(
+        mut self,
+        tx: tokio::sync::mpsc::UnboundedSender<EndedLogin>,
+    ) -> Self {
+        self.ended_logins = Some(tx);
+        self
     }
 
     /// The store, for reads.
@@ -220,9 +241,14 @@ impl Records {
             g.requests += requests;
             if let Write::SwapLease { old, new } = w
                 && old.state == LeaseState::Active
-                && new.state == LeaseState::Revoked
+                && new.state != LeaseState::Active
             {
-                g.revocations += 1;
+                if new.state == LeaseState::Revoked {
+                    g.revocations += 1;
+                }
+                if let Some(login) = &new.login {
+                    g.ended_logins.push((new.id.clone(), (**login).clone()));
+                }
             }
         }
         (self.store.apply(op.batch), g)
@@ -239,8 +265,16 @@ impl Records {
         Ok(applied)
     }
 
-    /// Move the gauges by what an applied batch did.
+    /// Move the gauges by what an applied batch did; send the logins it
+    /// ended on.
     pub(crate) fn count(&self, g: Gauges) {
+        if let Some(tx) = &self.ended_logins {
+            for ended in g.ended_logins {
+                // Closed only when the engine is gone; the reconciler of
+                // the next start finds what was not ended.
+                let _ = tx.send(ended);
+            }
+        }
         self.metrics.active_leases.inc_by(g.leases);
         self.metrics.open_requests.inc_by(g.requests);
         self.metrics.revocations.inc_by(g.revocations);

@@ -17,7 +17,7 @@ use crate::text::{FieldError, REQUEST_PAGE, check_reason, page_size, require_id}
 const SCAN: usize = 256;
 
 /// A token handed over with its lease (the token is a secret: never log it).
-pub type Delivered = (String, Lease);
+pub type Delivered = (String, Lease, Option<Box<crate::logins::Issued>>);
 
 impl Engine {
     /// Request `id` if `who` may see it; otherwise NOT_FOUND (never hint
@@ -111,7 +111,7 @@ impl Engine {
             return Ok((r, None));
         }
         match self.claim(who, holder.x5t.as_deref(), id).await? {
-            Some((token, lease, issued)) => Ok((issued, Some((token, lease)))),
+            Some((token, lease, issued, login)) => Ok((issued, Some((token, lease, login)))),
             // Another call claimed it first: report what is stored now.
             None => Ok((self.get_request(who, id).await?, None)),
         }

@@ -1,6 +1,8 @@
 //! Stage two of reading a policy: each section checked on its own, every
 //! problem collected with its line, then the validated [`Policy`].
 
+mod logins;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::time::Duration;
@@ -64,9 +66,11 @@ impl<'t> Checker<'t> {
         self.people = people.clone();
         let admin_groups = self.group_refs(&raw.broker.admins, "broker.admins", &groups);
         let auditor_groups = self.group_refs(&raw.broker.auditors, "broker.auditors", &groups);
+        let databases = self.databases(raw);
         let mut scopes = BTreeMap::new();
         for entry in &raw.scopes {
-            let rule = self.scope(entry, &groups, hard_max_ttl);
+            let mut rule = self.scope(entry, &groups, hard_max_ttl);
+            rule.login = self.login(&rule.name, entry.get_ref().login.as_ref(), &databases);
             if scopes.contains_key(&rule.name) {
                 let name = &rule.name;
                 self.problem(
@@ -96,6 +100,7 @@ impl<'t> Checker<'t> {
             scopes,
             webhooks,
             delegations,
+            databases,
         })
     }
 
@@ -323,6 +328,7 @@ impl<'t> Checker<'t> {
             max_ttl,
             approval,
             bind,
+            login: None,
             line: line_of(self.text, entry.span().start),
         }
     }

@@ -105,8 +105,65 @@ pub struct ScopeRule {
     pub approval: Option<ApprovalRule>,
     /// What its tokens are bound to.
     pub bind: Binding,
+    /// The database login it issues, if it is a login scope.
+    pub login: Option<LoginRule>,
     /// Line of the `[[scope]]` table.
     pub line: usize,
+}
+
+/// What a login scope issues (`login = { database, member_of }`): a
+/// PostgreSQL login on `database`, a member of the group role `member_of`
+/// and nothing else, for the life of the lease (docs/design-db-credentials.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoginRule {
+    /// The `[[database]]` it is made on.
+    pub database: String,
+    /// The existing group role that holds its rights.
+    pub member_of: String,
+}
+
+/// A database the broker makes logins on (`[[database]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Database {
+    /// What scopes name.
+    pub name: String,
+    /// How to reach it as its admin (no password in it).
+    pub url: String,
+    /// The file that holds the admin's password.
+    pub password_file: std::path::PathBuf,
+    /// PEM bundle of the CAs that may sign its certificate (default: the
+    /// system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Admin connections.
+    pub pool: usize,
+    /// A login's name: `{lease}` replaced by its lease id.
+    pub role_name: String,
+    /// Live logins one identity may hold on it.
+    pub max_logins_per_identity: u32,
+    /// What happens to what a login owns when it is dropped.
+    pub owned: Owned,
+    /// Line of the `[[database]]` table.
+    pub line: usize,
+}
+
+impl Database {
+    /// The name of the login of lease `lease_id`.
+    pub fn role_of(&self, lease_id: &str) -> String {
+        self.role_name.replacen(LEASE_PLACEHOLDER, lease_id, 1)
+    }
+}
+
+/// The placeholder of `role_name`.
+pub const LEASE_PLACEHOLDER: &str = "{lease}";
+
+/// What a dropped login's objects become (`owned`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Owned {
+    /// Given to the group role (`REASSIGN OWNED`), then the role dropped.
+    #[default]
+    Reassign,
+    /// Dropped with it (`DROP OWNED`).
+    Drop,
 }
 
 /// What a scope's tokens are bound to (`bind = "mtls"`).
@@ -183,6 +240,8 @@ pub struct Policy {
     pub webhooks: Vec<Webhook>,
     /// Who may delegate what to whom (none: no delegation at all).
     pub delegations: Vec<DelegationRule>,
+    /// Databases that login scopes make logins on, by name.
+    pub databases: BTreeMap<String, Database>,
 }
 
 /// Body format of a webhook.
@@ -778,7 +837,7 @@ depth = 2
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         for want in [
             "line 2: unknown key `broker.admin` (expected one of: default_audience, admins, auditors, max_ttl)",
-            "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, require_justification, bind, break_glass)",
+            "line 6: unknown key `scope.workload` (expected one of: name, description, tier, workloads, default_ttl, max_ttl, approvers, approvals_required, pending_ttl, claim_ttl, require_approval_reason, require_justification, bind, break_glass, login)",
             "line 7: unknown key `scope.break_glass.maxttl` (expected one of: allowed, max_ttl)",
             "line 10: unknown key `webhook.event` (expected one of: url, format, events)",
         ] {

@@ -40,7 +40,21 @@ const SCOPE: Shape = Shape::Keys(
         "require_justification",
         "bind",
     ],
-    &[("break_glass", BREAK_GLASS)],
+    &[("break_glass", BREAK_GLASS), ("login", LOGIN)],
+);
+const LOGIN: Shape = Shape::Keys(&["database", "member_of"], &[]);
+const DATABASE: Shape = Shape::Keys(
+    &[
+        "name",
+        "url",
+        "password_file",
+        "ca_file",
+        "pool",
+        "role_name",
+        "max_logins_per_identity",
+        "owned",
+    ],
+    &[],
 );
 const DELEGATION: Shape = Shape::Keys(
     &["from", "to", "scopes", "max_depth", "audiences", "approval"],
@@ -57,6 +71,7 @@ const TOP: Shape = Shape::Keys(
         ("scope", SCOPE),
         ("webhook", WEBHOOK),
         ("delegation", DELEGATION),
+        ("database", DATABASE),
     ],
 );
 
@@ -183,6 +198,28 @@ pub(super) struct RawPolicy {
     pub webhooks: Vec<RawWebhook>,
     #[serde(default, rename = "delegation")]
     pub delegations: Vec<Spanned<RawDelegation>>,
+    #[serde(default, rename = "database")]
+    pub databases: Vec<Spanned<RawDatabase>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDatabase {
+    pub name: Spanned<String>,
+    pub url: Spanned<String>,
+    pub password_file: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub pool: Option<Spanned<u32>>,
+    pub role_name: Option<Spanned<String>>,
+    pub max_logins_per_identity: Option<Spanned<u32>>,
+    pub owned: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLogin {
+    pub database: Spanned<String>,
+    pub member_of: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -233,6 +270,7 @@ pub(super) struct RawScope {
     pub require_justification: Option<Spanned<bool>>,
     pub break_glass: Option<RawBreakGlass>,
     pub bind: Option<Spanned<String>>,
+    pub login: Option<Spanned<RawLogin>>,
 }
 
 #[derive(Deserialize)]

@@ -828,6 +828,8 @@ fn spawn_tasks(
         c(),
     ));
     tracker.spawn(tasks::count_gauges(engine.clone()));
+    tracker.spawn(engine.clone().end_logins(c()));
+    tracker.spawn(tasks::reconcile_logins(engine.clone(), c()));
     // On every store: one of its own grants leadership at once and has
     // no news from others (`hear` returns).
     tracker.spawn(tasks::lead(engine.clone(), node.to_owned(), c()));

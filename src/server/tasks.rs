@@ -408,3 +408,23 @@ pub(super) async fn hear(engine: Arc<Engine>, cancel: CancellationToken) {
         engine.heard(&heard).await;
     }
 }
+
+/// The leader's pass over the databases' logins, at start and every
+/// [`RECONCILE_EVERY`](crate::engine::logins::RECONCILE_EVERY).
+pub(super) async fn reconcile_logins(engine: Arc<Engine>, cancel: CancellationToken) {
+    while engine.until_leading(&cancel).await {
+        if !engine.policy().databases.is_empty() {
+            match engine.reconcile_logins().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(ended = n, "database logins reconciled"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not reconcile database logins; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(crate::engine::logins::RECONCILE_EVERY) => {}
+        }
+    }
+}

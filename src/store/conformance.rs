@@ -200,6 +200,7 @@ pub(crate) fn lease(id: &str, subject: &str, expires_at: Millis) -> Lease {
         token_mac: None,
         delegation: None,
         cnf: None,
+        login: None,
     }
 }
 

@@ -57,6 +57,11 @@ pub(crate) fn encode_lease(l: &Lease) -> Vec<u8> {
             actors: d.actors.clone(),
         }),
         cnf: l.cnf.clone(),
+        login: l.login.as_ref().map(|g| pb::Login {
+            database: g.database.clone(),
+            role: g.role.clone(),
+            group: g.group.clone(),
+        }),
     };
     let mut out = Vec::with_capacity(1 + prost::Message::encoded_len(&rec));
     out.push(LEASE_PROTO);
@@ -139,6 +144,13 @@ fn from_record(key: &[u8], r: pb::LeaseRecord) -> Result<Lease, StoreError> {
             actors: d.actors,
         }),
         cnf: r.cnf,
+        login: r.login.map(|g| {
+            Box::new(crate::model::LeaseLogin {
+                database: g.database,
+                role: g.role,
+                group: g.group,
+            })
+        }),
     })
 }
 
@@ -179,6 +191,11 @@ mod tests {
                 actors: vec!["spiffe://t/agent".into(), "spiffe://t/orchestrator".into()],
             }),
             cnf: Some("x5t-thumbprint".into()),
+            login: Some(Box::new(crate::model::LeaseLogin {
+                database: "orders".into(),
+                role: "pc_l_1".into(),
+                group: "orders_reader".into(),
+            })),
             ..lease()
         };
         // A client other than the subject, even an empty one, is kept.

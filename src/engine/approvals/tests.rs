@@ -41,7 +41,7 @@ async fn two_distinct_approvers_then_exactly_one_claim() {
     let w = workload();
     let claim = |who| r.engine.claim(who, None, &req.id);
     assert!(claim(&bob).await.unwrap().is_none(), "not the requester");
-    let (_, lease, issued) = claim(&w).await.unwrap().unwrap();
+    let (_, lease, issued, _) = claim(&w).await.unwrap().unwrap();
     assert_eq!(issued.state, RequestState::Issued);
     assert_eq!(lease.ttl_ms, 60_000, "the shortest approved TTL");
     assert_eq!(

@@ -82,7 +82,7 @@ async fn root(r: &super::super::testing::Rig, scopes: &[&str]) -> (String, crate
         ..Default::default()
     };
     match r.engine.request_token(&agent().who, ask).await.unwrap() {
-        Outcome::Granted { token, lease } => (token, lease),
+        Outcome::Granted { token, lease, .. } => (token, lease),
         Outcome::Parked(_) => panic!("parked"),
     }
 }
@@ -103,7 +103,8 @@ async fn approved_deploy(r: &super::super::testing::Rig) -> (String, crate::mode
         .await
         .unwrap();
     let (_, got) = r.engine.read_and_claim(&agent(), &req.id).await.unwrap();
-    got.unwrap()
+    let (token, lease, _) = got.unwrap();
+    (token, lease)
 }
 
 fn exchange(tok: &str, scopes: &[&str], for_identity: &str) -> ExchangeAsk {
@@ -119,7 +120,7 @@ fn exchange(tok: &str, scopes: &[&str], for_identity: &str) -> ExchangeAsk {
 
 fn granted(o: Outcome) -> (String, crate::model::Lease) {
     match o {
-        Outcome::Granted { token, lease } => (token, lease),
+        Outcome::Granted { token, lease, .. } => (token, lease),
         Outcome::Parked(r) => panic!("parked: {r:?}"),
     }
 }
@@ -361,7 +362,7 @@ async fn a_bound_token_moves_only_with_its_certificate_and_children_bind_to_thei
     assert_eq!(seen.id, req.id);
     assert!(none.is_none());
     let (_, got) = r.engine.read_and_claim(&tool(), &req.id).await.unwrap();
-    let (tool_tok, lease) = got.unwrap();
+    let (tool_tok, lease, _) = got.unwrap();
     assert_eq!(lease.cnf.as_deref(), Some("TOOL-CERT"));
     assert_eq!(lease.delegation.as_ref().unwrap().parent_id, parent.id);
     assert!(lease.expires_at <= parent.expires_at);
@@ -404,7 +405,7 @@ async fn a_rule_that_asks_again_parks_the_exchange_for_approvers() {
         .await
         .unwrap();
     let (_, got) = r.engine.read_and_claim(&tool(), &req.id).await.unwrap();
-    let (_, child) = got.unwrap();
+    let (_, child, _) = got.unwrap();
     assert_eq!(child.approved_by, ["spiffe://t/human/bob"]);
     assert_eq!(child.delegation.unwrap().parent_id, parent.id);
 

@@ -68,7 +68,7 @@ impl std::fmt::Debug for PgOptions {
 
 /// Parsed connection settings and the TLS connector for them.
 #[derive(Clone)]
-pub(super) struct Target {
+pub(crate) struct Target {
     pub config: Config,
     pub tls: MakeRustlsConnect,
 }
@@ -90,7 +90,7 @@ fn is_local(host: &Host) -> bool {
 }
 
 impl Target {
-    pub(super) fn parse(opts: &PgOptions) -> Result<Self, StoreError> {
+    pub(crate) fn parse(opts: &PgOptions) -> Result<Self, StoreError> {
         let mut config = Config::from_str(&opts.url).map_err(bad_url)?;
         // `hostaddr` is where the connection really goes.
         let local = config.get_hosts().iter().all(is_local)

@@ -22,7 +22,7 @@
 //! lack `LISTEN/NOTIFY` still work: watchers and the key ring also poll.
 
 mod apply;
-mod connect;
+pub(crate) mod connect;
 mod schema;
 
 use deadpool_postgres::{Object, Pool};

@@ -1,0 +1,347 @@
+//! The engine's side of database logins (issue 23,
+//! docs/design-db-credentials.md): a grant's login is made before its lease
+//! commits; the login of every lease that ends is ended on its database,
+//! a few at a time, each step recorded; the leader reconciles what a crash
+//! or a failure left behind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::{Engine, EngineError, Op};
+use crate::audit::{Action, Entry as AuditEntry};
+use crate::logins::{Ended, Issued, RoleFate};
+use crate::model::{LeaseLogin, LeaseState};
+use crate::policy::{Database, LoginRule, Policy};
+use crate::store::Millis;
+use crate::text::FieldError;
+
+/// Logins ended at once: a restart with many to end never storms a
+/// database.
+const AT_ONCE: usize = 4;
+/// Waits between the tries to end a login, after which the reconciler
+/// takes it over.
+const RETRIES: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+/// A marked role whose lease does not exist is left alone this long after
+/// the lease id's time: its grant may still be committing.
+const ORPHAN_AFTER_MS: Millis = 120_000;
+/// How often the leader reconciles the databases.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// Longest a single revocation waits for its login to be disabled.
+pub const REVOKE_WAITS: Duration = Duration::from_secs(10);
+
+/// The login scope among `scopes`, with its database (at most one: a lease
+/// holds one login).
+pub(crate) fn login_scope<'p>(
+    policy: &'p Policy,
+    scopes: &[String],
+) -> Result<Option<(&'p Database, &'p LoginRule)>, EngineError> {
+    let mut found: Option<(&Database, &LoginRule)> = None;
+    for s in scopes {
+        let Some(rule) = policy.scopes.get(s).and_then(|r| r.login.as_ref()) else {
+            continue;
+        };
+        if found.is_some() {
+            return Err(FieldError::new(
+                "scopes",
+                "at most one login scope per request: a lease holds one database login",
+            )
+            .into());
+        }
+        let db = policy.databases.get(&rule.database).ok_or_else(|| {
+            EngineError::Internal(format!("no database `{}` in the policy", rule.database))
+        })?;
+        found = Some((db, rule));
+    }
+    Ok(found)
+}
+
+/// The time in a lease id (`l_` and 12 hex digits of milliseconds).
+fn lease_id_time(id: &str) -> Option<Millis> {
+    u64::from_str_radix(id.strip_prefix("l_")?.get(..12)?, 16).ok()
+}
+
+impl Engine {
+    /// Make the login a grant of lease `lease_id` to `who` holds until
+    /// `until`, unless `who` holds as many as the database allows.
+    pub(crate) async fn make_login(
+        &self,
+        who: &str,
+        db: &Database,
+        rule: &LoginRule,
+        lease_id: &str,
+        until: Millis,
+    ) -> Result<(Issued, LeaseLogin), EngineError> {
+        let live = self.live_logins(who, &db.name).await?;
+        if live >= u64::from(db.max_logins_per_identity) {
+            return Err(EngineError::Exhausted(format!(
+                "`{who}` holds {live} live logins on database `{}`, as many as it may (max_logins_per_identity); revoke one or wait for one to end",
+                db.name
+            )));
+        }
+        let issued = self
+            .logins
+            .create(db, lease_id, &rule.member_of, until)
+            .await?;
+        let login = LeaseLogin {
+            database: db.name.clone(),
+            role: issued.role.clone(),
+            group: rule.member_of.clone(),
+        };
+        Ok((issued, login))
+    }
+
+    /// A renewal's login (if it holds one) valid until the renewed
+    /// lease's end: moved before the lease is written, so that should the
+    /// lease not be, the login outlives it until its end, never the other
+    /// way round.
+    pub(crate) async fn extend_login(
+        &self,
+        policy: &Policy,
+        renewed: &crate::model::Lease,
+    ) -> Result<(), EngineError> {
+        let Some(login) = &renewed.login else {
+            return Ok(());
+        };
+        let db = policy.databases.get(&login.database).ok_or_else(|| {
+            EngineError::WrongState(format!(
+                "the policy no longer names database `{}`: the lease's login cannot be renewed",
+                login.database
+            ))
+        })?;
+        Ok(self
+            .logins
+            .extend(db, &login.role, renewed.expires_at)
+            .await?)
+    }
+
+    /// Active leases of `who` that hold a login on `database`.
+    async fn live_logins(&self, who: &str, database: &str) -> Result<u64, EngineError> {
+        let now = self.clock.now();
+        let mut n = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store().leases_of(who, after.as_deref(), 512).await?;
+            let Some(last) = page.last() else {
+                return Ok(n);
+            };
+            after = Some(last.id.clone());
+            n += page
+                .iter()
+                .filter(|l| l.state == LeaseState::Active && l.expires_at > now)
+                .filter(|l| l.login.as_ref().is_some_and(|g| g.database == database))
+                .count() as u64;
+        }
+    }
+
+    /// The record of a login made for `lease_id`, in the grant's own
+    /// operation (the password is in no record).
+    pub(crate) fn record_login(
+        op: &mut Op,
+        who: &str,
+        lease_id: &str,
+        scopes: &[String],
+        login: &LeaseLogin,
+    ) -> Result<(), EngineError> {
+        let what = format!(
+            "role `{}` on database `{}`, a member of `{}`",
+            login.role, login.database, login.group
+        );
+        op.record(vec![AuditEntry::ok(
+            who,
+            Action::DbLoginCreated,
+            lease_id,
+            scopes,
+            &what,
+        )])?;
+        Ok(())
+    }
+
+    /// A login made for a grant whose lease was not written (a lost race,
+    /// a store that failed, a retry answered from the first call): end it
+    /// now; the reconciler would otherwise, later.
+    pub(crate) fn abandon_login(&self, lease_id: &str, login: LeaseLogin) {
+        let (logins, policy, id) = (self.logins.clone(), self.policy(), lease_id.to_owned());
+        tokio::spawn(async move {
+            let Some(db) = policy.databases.get(&login.database) else {
+                return;
+            };
+            match logins.end(db, &login.role, None).await {
+                Ok(_) => {
+                    tracing::info!(lease = %id, role = %login.role, "the login of a grant that was not written was ended");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, lease = %id, role = %login.role, "could not end the login of a grant that was not written; the reconciler will");
+                }
+            }
+        });
+    }
+
+    /// End the login of every lease that ends, [`AT_ONCE`] at a time, each
+    /// retried, each step recorded.
+    /// At shutdown (`cancel`) what is queued is left to the reconciler of
+    /// the next start.
+    pub async fn end_logins(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let rx = self.ended_logins_rx.lock().ok().and_then(|mut r| r.take());
+        let Some(mut rx) = rx else { return };
+        let slots = Arc::new(Semaphore::new(AT_ONCE));
+        loop {
+            let next = tokio::select! {
+                () = cancel.cancelled() => return,
+                next = rx.recv() => next,
+            };
+            let Some((lease_id, login)) = next else {
+                return;
+            };
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                me.end_login_retrying(&lease_id, &login).await;
+            });
+        }
+    }
+
+    async fn end_login_retrying(&self, lease_id: &str, login: &LeaseLogin) {
+        for wait in std::iter::once(Duration::ZERO).chain(RETRIES) {
+            tokio::time::sleep(wait).await;
+            match self.end_login(lease_id, login, Some(&login.group)).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, lease = %lease_id, role = %login.role, "could not end a database login; retrying");
+                }
+            }
+        }
+        tracing::error!(lease = %lease_id, role = %login.role, "could not end a database login; the reconciler will retry");
+    }
+
+    /// End `login` (of lease `lease_id`) on its database and record each
+    /// step; tell any revocation waiting for it.
+    async fn end_login(
+        &self,
+        lease_id: &str,
+        login: &LeaseLogin,
+        group: Option<&str>,
+    ) -> Result<(), EngineError> {
+        let policy = self.policy();
+        let db = policy.databases.get(&login.database).ok_or_else(|| {
+            EngineError::WrongState(format!(
+                "the policy no longer names database `{}`; its login `{}` cannot be ended",
+                login.database, login.role
+            ))
+        })?;
+        let ended = self.logins.end(db, &login.role, group).await?;
+        let _ = self.login_ended.send(lease_id.to_owned());
+        self.record_end(lease_id, login, &ended).await
+    }
+
+    async fn record_end(
+        &self,
+        lease_id: &str,
+        login: &LeaseLogin,
+        ended: &Ended,
+    ) -> Result<(), EngineError> {
+        let on = format!("role `{}` on database `{}`", login.role, login.database);
+        let fate = match ended.role {
+            RoleFate::Dropped => format!("{on}: dropped"),
+            RoleFate::Kept => format!(
+                "{on}: kept without its group and unable to sign in: it owns objects in another database"
+            ),
+            RoleFate::Gone => format!("{on}: already gone"),
+        };
+        let by = super::SYSTEM_ACTOR;
+        let entries = vec![
+            AuditEntry::ok(
+                by,
+                Action::DbLoginDisabled,
+                lease_id,
+                &[],
+                &format!("{on}: NOLOGIN; {} sessions ended", ended.sessions),
+            ),
+            AuditEntry::ok(by, Action::DbLoginDropped, lease_id, &[], &fate),
+        ];
+        self.record(entries).await
+    }
+
+    /// Wait until the login of lease `lease_id` is disabled, or `within`
+    /// passes. Subscribe (`login_ends`) before the revocation commits.
+    pub(crate) async fn login_disabled(
+        mut ends: tokio::sync::broadcast::Receiver<String>,
+        lease_id: &str,
+        within: Duration,
+    ) -> bool {
+        let wait = async {
+            loop {
+                match ends.recv().await {
+                    Ok(id) if id == lease_id => return true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.unwrap_or(false)
+    }
+
+    /// Subscribe to the ends of logins (see [`Engine::login_disabled`]).
+    pub(crate) fn login_ends(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.login_ended.subscribe()
+    }
+
+    /// The leader's pass over every database: end each marked role whose
+    /// lease is not active (a crash before the lease was written, a failed
+    /// end, an end not yet run). Returns how many it ended.
+    pub async fn reconcile_logins(&self) -> Result<u64, EngineError> {
+        let policy = self.policy();
+        let now = self.clock.now();
+        let mut n = 0;
+        for db in policy.databases.values() {
+            for (role, lease_id) in self.logins.marked(db).await? {
+                let lease = self.store().lease(&lease_id).await?;
+                let group = match &lease {
+                    Some(l) if l.state == LeaseState::Active => continue,
+                    Some(l) => l.login.as_ref().map(|g| g.group.clone()),
+                    None if lease_id_time(&lease_id)
+                        .is_some_and(|t| now < t.saturating_add(ORPHAN_AFTER_MS)) =>
+                    {
+                        continue;
+                    }
+                    None => None,
+                };
+                let login = LeaseLogin {
+                    database: db.name.clone(),
+                    role,
+                    group: group.clone().unwrap_or_default(),
+                };
+                self.end_login(&lease_id, &login, group.as_deref()).await?;
+                self.metrics
+                    .db_logins
+                    .get_or_create(&vec![("step", "reconciled")])
+                    .inc();
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_id_says_when_it_was_made() {
+        assert_eq!(
+            lease_id_time("l_0193a0b1c2d3aabbccddeeff00112233aabb"),
+            Some(0x0193_a0b1_c2d3)
+        );
+        assert_eq!(lease_id_time("r_0193a0b1c2d3"), None);
+        assert_eq!(lease_id_time("l_short"), None);
+    }
+}

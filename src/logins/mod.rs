@@ -1,0 +1,335 @@
+//! Just-in-time database logins (issue 23, docs/design-db-credentials.md):
+//! a PostgreSQL role per lease, made before the lease commits, ended after
+//! the lease ends, and found again by its mark when anything in between
+//! was lost.
+//!
+//! Every statement is built by the target's own `format()` (`%I` for
+//! names, `%L` for literals) from bound parameters and then executed, so
+//! the server that parses a statement is the one that quoted it. Names
+//! come from the policy's template and the lease id, never from a caller.
+//! The password is made here, handed back once, and reaches the target
+//! only as a SCRAM-SHA-256 verifier.
+
+mod sql;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use ring::rand::SecureRandom as _;
+
+use crate::metrics::Metrics;
+use crate::policy::Database;
+use crate::store::postgres::PgOptions;
+use crate::store::postgres::connect::Target;
+
+pub use sql::{Ended, RoleFate};
+
+/// Longest a caller waits for an admin connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one statement on a target may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What went wrong on a target.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The target could not be reached or did not answer in time.
+    #[error("database `{0}` is unavailable: {1}")]
+    Unavailable(String, String),
+    /// The target refused (a missing group role, missing rights).
+    #[error("database `{0}` refused: {1}")]
+    Refused(String, String),
+    /// The policy names no such database.
+    #[error("no database `{0}` in the policy")]
+    Unknown(String),
+    /// No randomness for the password.
+    #[error("no randomness for a password")]
+    NoRandomness,
+}
+
+/// A login just made: what the caller is given, once.
+#[derive(Clone)]
+pub struct Issued {
+    /// Role name (also the user name to connect as).
+    pub role: String,
+    /// Its password: a secret, never logged, recorded or stored.
+    pub password: String,
+    /// Where to connect.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Database name.
+    pub database: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("role", &self.role)
+            .field("password", &"<redacted>")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+/// One target: its settings as the policy gave them, and its pool.
+struct Conn {
+    db: Database,
+    pool: Pool,
+    host: String,
+    port: u16,
+    dbname: String,
+}
+
+/// The targets of the policy's `[[database]]` tables, connected on first
+/// use and again when their settings change.
+pub struct Logins {
+    conns: Mutex<BTreeMap<String, Arc<Conn>>>,
+    /// This deployment's part of the mark ([`crate::keys::Kek::deployment_id`]);
+    /// `None`: none could be derived, and no login is made or ended.
+    owner: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Logins {
+    /// Logins marked as `owner`'s.
+    pub fn new(owner: Option<String>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            conns: Mutex::new(BTreeMap::new()),
+            owner,
+            metrics,
+        }
+    }
+
+    /// The start of this deployment's marks.
+    fn mark_prefix(&self, db: &Database) -> Result<String, LoginError> {
+        match &self.owner {
+            Some(o) => Ok(format!("portcullis {o} ")),
+            None => Err(LoginError::Refused(
+                db.name.clone(),
+                "no deployment id to mark logins with".into(),
+            )),
+        }
+    }
+
+    /// The pool of `db`, made (or made again, if its settings changed).
+    fn conn(&self, db: &Database) -> Result<Arc<Conn>, LoginError> {
+        let mut conns = self
+            .conns
+            .lock()
+            .map_err(|_| LoginError::Unavailable(db.name.clone(), "poisoned".into()))?;
+        if let Some(c) = conns.get(&db.name).filter(|c| c.db == *db) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(connect(db)?);
+        conns.insert(db.name.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Make the login of lease `lease_id` on `db`, a member of `group`,
+    /// valid until `until` (ms since the epoch).
+    pub async fn create(
+        &self,
+        db: &Database,
+        lease_id: &str,
+        group: &str,
+        until: u64,
+    ) -> Result<Issued, LoginError> {
+        let mark = format!("{}{lease_id}", self.mark_prefix(db)?);
+        let conn = self.conn(db)?;
+        let role = db.role_of(lease_id);
+        let password = new_password()?;
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let client = self.client(&conn).await?;
+        let until = timestamp(until);
+        let made = sql::create(&client, &role, &verifier, &until, group, &mark);
+        self.timed(db, "created", made).await?;
+        Ok(Issued {
+            role,
+            password,
+            host: conn.host.clone(),
+            port: conn.port,
+            database: conn.dbname.clone(),
+        })
+    }
+
+    /// Move `role`'s end of validity to `until`.
+    pub async fn extend(&self, db: &Database, role: &str, until: u64) -> Result<(), LoginError> {
+        let conn = self.conn(db)?;
+        let client = self.client(&conn).await?;
+        let until = timestamp(until);
+        let done = sql::valid_until(&client, role, &until);
+        self.timed(db, "extended", done).await
+    }
+
+    /// End `role` on `db`: no new sessions (committed on its own), its
+    /// sessions ended, then dropped (or kept, see [`Ended`]).
+    pub async fn end(
+        &self,
+        db: &Database,
+        role: &str,
+        group: Option<&str>,
+    ) -> Result<Ended, LoginError> {
+        let conn = self.conn(db)?;
+        let client = self.client(&conn).await?;
+        let ended = sql::end(&client, role, group, db.owned);
+        self.timed(db, "ended", ended).await
+    }
+
+    /// The roles on `db` that carry this deployment's mark, with the
+    /// lease id each was made for.
+    pub async fn marked(&self, db: &Database) -> Result<Vec<(String, String)>, LoginError> {
+        let prefix = self.mark_prefix(db)?;
+        let conn = self.conn(db)?;
+        let client = self.client(&conn).await?;
+        let listed = sql::marked(&client, &prefix);
+        self.timed(db, "listed", listed).await
+    }
+
+    async fn client(&self, conn: &Conn) -> Result<deadpool_postgres::Object, LoginError> {
+        conn.pool.get().await.map_err(|e| {
+            self.failed("connect");
+            LoginError::Unavailable(conn.db.name.clone(), e.to_string())
+        })
+    }
+
+    /// `fut` within [`CALL_TIMEOUT`], counted as `step` when it succeeds
+    /// and as a failure of `step` when it does not.
+    async fn timed<T>(
+        &self,
+        db: &Database,
+        step: &'static str,
+        fut: impl Future<Output = Result<T, sql::SqlError>>,
+    ) -> Result<T, LoginError> {
+        let out = match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(sql::SqlError::Refused(e))) => Err(LoginError::Refused(db.name.clone(), e)),
+            Ok(Err(sql::SqlError::Unavailable(e))) => {
+                Err(LoginError::Unavailable(db.name.clone(), e))
+            }
+            Err(_) => Err(LoginError::Unavailable(
+                db.name.clone(),
+                "the database did not answer in time".into(),
+            )),
+        };
+        match &out {
+            Ok(_) => {
+                self.metrics
+                    .db_logins
+                    .get_or_create(&vec![("step", step)])
+                    .inc();
+            }
+            Err(_) => self.failed(step),
+        }
+        out
+    }
+
+    fn failed(&self, step: &'static str) {
+        self.metrics
+            .db_login_failures
+            .get_or_create(&vec![("step", step)])
+            .inc();
+    }
+}
+
+/// The pool of `db`: verified TLS as for the store, the admin's password
+/// read from its file, ordinary (synchronous) commits: a `NOLOGIN` must
+/// not be lost to a crash of the target.
+fn connect(db: &Database) -> Result<Conn, LoginError> {
+    let refused = |e: String| LoginError::Refused(db.name.clone(), e);
+    let target = Target::parse(&PgOptions {
+        url: db.url.clone(),
+        ca_file: db.ca_file.clone(),
+        pool_size: db.pool,
+    })
+    .map_err(|e| refused(e.to_string()))?;
+    let password = std::fs::read_to_string(&db.password_file).map_err(|e| {
+        refused(format!(
+            "the admin password file {}: {e}",
+            db.password_file.display()
+        ))
+    })?;
+    let mut config = target.config.clone();
+    config.password(password.trim_end_matches(['\n', '\r']));
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let dbname = config.get_dbname().unwrap_or_default().to_owned();
+    let manager = Manager::from_config(
+        config,
+        target.tls.clone(),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(db.pool.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| refused(format!("pool: {e}")))?;
+    Ok(Conn {
+        db: db.clone(),
+        pool,
+        host,
+        port,
+        dbname,
+    })
+}
+
+/// 32 random bytes, base64url: 256 bits, and safe in a connection string.
+fn new_password() -> Result<String, LoginError> {
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| LoginError::NoRandomness)?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+}
+
+/// `ms` since the epoch as an RFC 3339 UTC time PostgreSQL reads.
+fn timestamp(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_long_random_and_url_safe() {
+        let (a, b) = (new_password().unwrap(), new_password().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
+    }
+
+    #[test]
+    fn expiry_is_an_rfc3339_time_in_utc() {
+        assert_eq!(timestamp(1_765_000_000_123), "2025-12-06T05:46:40.123Z");
+    }
+
+    #[test]
+    fn a_login_shown_in_a_log_hides_its_password() {
+        let i = Issued {
+            role: "pc_l_1".into(),
+            password: "s3cret-value".into(),
+            host: "h".into(),
+            port: 5432,
+            database: "d".into(),
+        };
+        let shown = format!("{i:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("pc_l_1"));
+    }
+}

@@ -1,0 +1,198 @@
+//! The statements run on a target, each built by the target's `format()`.
+
+use deadpool_postgres::Object;
+use tokio_postgres::error::SqlState;
+
+use crate::policy::Owned;
+
+/// A statement that failed: refused by the server (it answered with an
+/// error) or not answered.
+pub(super) enum SqlError {
+    Refused(String),
+    Unavailable(String),
+}
+
+impl From<tokio_postgres::Error> for SqlError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => Self::Refused(format!("{} ({})", db.message(), db.code().code())),
+            None => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+/// What ending a login did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    /// Its sessions that were terminated.
+    pub sessions: u64,
+    /// What became of the role.
+    pub role: RoleFate,
+}
+
+/// What became of an ended login's role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoleFate {
+    /// Dropped.
+    Dropped,
+    /// Kept, `NOLOGIN` and without its group: it owns objects in another
+    /// database of the cluster (`DROP OWNED` reaches only this one).
+    Kept,
+    /// There was no such role (ended before, or never made).
+    Gone,
+}
+
+/// `sql`, a `format()` call with text parameters, evaluated by the target.
+async fn statement(
+    c: &Object,
+    sql: &str,
+    args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<String, SqlError> {
+    Ok(c.query_one(sql, args).await?.try_get(0)?)
+}
+
+/// Make `role` (in one transaction with its mark).
+pub(super) async fn create(
+    c: &Object,
+    role: &str,
+    verifier: &str,
+    until: &str,
+    group: &str,
+    mark: &str,
+) -> Result<(), SqlError> {
+    let create = statement(
+        c,
+        "SELECT format('CREATE ROLE %I WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE \
+         NOREPLICATION NOBYPASSRLS INHERIT PASSWORD %L VALID UNTIL %L IN ROLE %I', \
+         $1::text, $2::text, $3::text, $4::text)",
+        &[&role, &verifier, &until, &group],
+    )
+    .await?;
+    let comment = statement(
+        c,
+        "SELECT format('COMMENT ON ROLE %I IS %L', $1::text, $2::text)",
+        &[&role, &mark],
+    )
+    .await?;
+    // One simple query: one implicit transaction, both or neither (and no
+    // connection left inside a failed transaction block).
+    c.batch_execute(&format!("{create}; {comment}")).await?;
+    Ok(())
+}
+
+/// `ALTER ROLE … VALID UNTIL`.
+pub(super) async fn valid_until(c: &Object, role: &str, until: &str) -> Result<(), SqlError> {
+    let alter = statement(
+        c,
+        "SELECT format('ALTER ROLE %I VALID UNTIL %L', $1::text, $2::text)",
+        &[&role, &until],
+    )
+    .await?;
+    c.batch_execute(&alter).await?;
+    Ok(())
+}
+
+/// End `role`: `NOLOGIN` committed on its own, its sessions terminated,
+/// then in one transaction what it owns reassigned to `group` or dropped,
+/// and the role dropped. Without a group (a login whose lease was never
+/// written: nobody ever had its password) what it owns is dropped.
+pub(super) async fn end(
+    c: &Object,
+    role: &str,
+    group: Option<&str>,
+    owned: Owned,
+) -> Result<Ended, SqlError> {
+    let Some(sessions) = disable(c, role).await? else {
+        return Ok(Ended {
+            sessions: 0,
+            role: RoleFate::Gone,
+        });
+    };
+    let role = drop_role(c, role, group, owned).await?;
+    Ok(Ended { sessions, role })
+}
+
+/// `NOLOGIN`, committed, then every session of `role` terminated: how
+/// many (`None`: no such role).
+async fn disable(c: &Object, role: &str) -> Result<Option<u64>, SqlError> {
+    let nologin = statement(
+        c,
+        "SELECT format('ALTER ROLE %I NOLOGIN', $1::text)",
+        &[&role],
+    )
+    .await?;
+    match c.batch_execute(&nologin).await {
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => return Ok(None),
+        r => r?,
+    }
+    let sessions: i64 = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) \
+             FROM pg_stat_activity WHERE usename = $1::text",
+            &[&role],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(Some(u64::try_from(sessions).unwrap_or(0)))
+}
+
+/// Drop `role` with what it owns here (reassigned to `group` or dropped);
+/// kept, without its group, when it owns objects in another database.
+async fn drop_role(
+    c: &Object,
+    role: &str,
+    group: Option<&str>,
+    owned: Owned,
+) -> Result<RoleFate, SqlError> {
+    let drop =
+        match (owned, group) {
+            (Owned::Reassign, Some(group)) => {
+                statement(
+                    c,
+                    "SELECT format('GRANT %1$I TO CURRENT_USER; REASSIGN OWNED BY %1$I TO %2$I; \
+                 DROP OWNED BY %1$I; DROP ROLE %1$I', $1::text, $2::text)",
+                    &[&role, &group],
+                )
+                .await?
+            }
+            _ => statement(
+                c,
+                "SELECT format('GRANT %1$I TO CURRENT_USER; DROP OWNED BY %1$I; DROP ROLE %1$I', \
+                 $1::text)",
+                &[&role],
+            )
+            .await?,
+        };
+    match c.batch_execute(&drop).await {
+        Ok(()) => Ok(RoleFate::Dropped),
+        Err(e) if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => {
+            if let Some(group) = group {
+                let strip = statement(
+                    c,
+                    "SELECT format('REVOKE %I FROM %I', $2::text, $1::text)",
+                    &[&role, &group],
+                )
+                .await?;
+                c.batch_execute(&strip).await?;
+            }
+            Ok(RoleFate::Kept)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The roles whose mark starts with `prefix`, and what follows it (the
+/// lease id).
+pub(super) async fn marked(c: &Object, prefix: &str) -> Result<Vec<(String, String)>, SqlError> {
+    let rows = c
+        .query(
+            "SELECT rolname::text, substr(d, length($1::text) + 1) FROM \
+             (SELECT rolname, shobj_description(oid, 'pg_authid') AS d FROM pg_roles) r \
+             WHERE left(d, length($1::text)) = $1::text ORDER BY rolname",
+            &[&prefix],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
