@@ -338,6 +338,13 @@ fn lease_text(l: &pb::Lease) -> String {
     if !l.cnf_x5t_s256.is_empty() {
         s.push_str(&format!("bound to   x5t#S256 {}\n", l.cnf_x5t_s256));
     }
+    if !l.login_role.is_empty() {
+        s.push_str(&format!(
+            "login      {} on database {} (ended with the lease)\n",
+            clean(&l.login_role),
+            clean(&l.login_target)
+        ));
+    }
     if l.revoked_at.is_some() {
         s.push_str(&format!(
             "revoked    {} by {} ({})\n",

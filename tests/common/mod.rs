@@ -438,13 +438,14 @@ pub fn spawn_broker_with(
     std::sync::mpsc::Receiver<String>,
 ) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    cmd.envs(env.iter().copied());
     cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0"])
         .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
         .arg(&h.dev.root)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
+    // The caller's environment wins (`RUST_LOG` included).
+    cmd.envs(env.iter().copied());
     if let Some(url) = database {
         cmd.args(["--database-url", url]);
     }

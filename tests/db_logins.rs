@@ -1,0 +1,476 @@
+//! Database logins (issue 23) against a real PostgreSQL: each test makes a
+//! scratch database with a group role and two tables, starts a real
+//! broker whose policy makes logins there, and checks with PostgreSQL's
+//! own view (`pg_roles`, `pg_stat_activity`), with sessions of its own
+//! (tokio-postgres) and with `psql` (libpq, which shares no code with the
+//! broker). Skipped, saying so, without `PORTCULLIS_TEST_DATABASE_URL`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test: a failure here is a test failure"
+)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Harness, ask, count_leases, grant, park, scratch_database};
+use portcullis::dev::As;
+use portcullis::pb;
+use tokio_postgres::NoTls;
+use tonic::Code;
+
+/// A database for logins: its URL, an admin session, the group role.
+struct Target {
+    url: String,
+    admin: tokio_postgres::Client,
+    group: String,
+}
+
+async fn target(test: &str) -> Option<Target> {
+    let url = scratch_database(test)?;
+    let (admin, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // Roles are the cluster's, not the database's: one group per test.
+    let group = format!("g_{}", &portcullis::text::new_id("", 0).unwrap()[12..28]);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {group} NOLOGIN;
+             CREATE TABLE orders (id int); INSERT INTO orders VALUES (1), (2);
+             CREATE TABLE secrets (x text);
+             GRANT SELECT ON orders TO {group};"
+        ))
+        .await
+        .unwrap();
+    Some(Target { url, admin, group })
+}
+
+/// A policy whose `db.orders.read` (auto) and `db.orders.admin`
+/// (approval) make logins on `t`; `extra` goes into its `[[database]]`.
+fn policy(t: &Target, password_file: &Path, extra: &str) -> String {
+    format!(
+        r#"[broker]
+admins = ["admins"]
+[groups]
+approvers = ["spiffe://portcullis.dev/human/alice"]
+admins = ["spiffe://portcullis.dev/human/root-oncall"]
+
+[[database]]
+name = "orders"
+url = "{url}"
+password_file = "{pw}"
+{extra}
+
+[[scope]]
+name = "db.orders.read"
+tier = "auto"
+workloads = ["spiffe://portcullis.dev/ns/demo/*"]
+max_ttl = "1h"
+login = {{ database = "orders", member_of = "{group}" }}
+
+[[scope]]
+name = "db.orders.admin"
+tier = "approval"
+workloads = ["spiffe://portcullis.dev/ns/demo/*"]
+approvers = ["approvers"]
+max_ttl = "1h"
+login = {{ database = "orders", member_of = "{group}" }}
+"#,
+        url = t.url,
+        pw = password_file.display(),
+        group = t.group,
+    )
+}
+
+/// A broker on `t` (the admin is `postgres`, trusted on loopback by
+/// `.ci/postgres`; its password file is read all the same).
+async fn broker(t: &Target, extra: &str) -> Harness {
+    let pw = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::write(&pw, "unused-by-trust\n").unwrap();
+    let pw = pw.keep().unwrap();
+    Harness::start_with(Some(&policy(t, &pw, extra))).await
+}
+
+/// Sign in as `l`.
+async fn sign_in(
+    l: &pb::DatabaseLogin,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::Config::new()
+        .host(&l.host)
+        .port(u16::try_from(l.port).unwrap())
+        .user(&l.user)
+        .password(&l.password)
+        .dbname(&l.dbname)
+        .connect(NoTls)
+        .await?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((c, task))
+}
+
+/// `psql` (libpq) signed in as `l`, running `sql`: its output or error.
+fn psql(l: &pb::DatabaseLogin, sql: &str) -> Result<String, String> {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin/psql")))
+                .filter(|p| p.exists())
+                .max()
+        })
+        .unwrap_or_else(|| "psql".into());
+    let out = std::process::Command::new(bin)
+        .args(["-h", &l.host, "-p", &l.port.to_string(), "-U", &l.user])
+        .args(["-d", &l.dbname, "-tAXc", sql])
+        .env("PGPASSWORD", &l.password)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Roles that are members of `t`'s group.
+async fn members(t: &Target) -> Vec<String> {
+    t.admin
+        .query(
+            "SELECT r.rolname::text FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid \
+             JOIN pg_roles g ON g.oid = m.roleid WHERE g.rolname = $1 ORDER BY 1",
+            &[&t.group],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn role_exists(t: &Target, role: &str) -> bool {
+    t.admin
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// Wait (up to 15 s) until `role` is gone.
+async fn gone(t: &Target, role: &str) {
+    for _ in 0..150 {
+        if !role_exists(t, role).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("role {role} is still there");
+}
+
+async fn trail(h: &Harness) -> Vec<pb::AuditRecord> {
+    let mut a = pb::audit_client::AuditClient::new(h.channel(As::Admin).await);
+    a.export(pb::ExportRequest {
+        page_size: 5000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .records
+}
+
+fn login_of(g: &pb::Grant) -> &pb::DatabaseLogin {
+    g.login
+        .as_ref()
+        .expect("a login scope's grant holds a login")
+}
+
+#[tokio::test]
+async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() {
+    let Some(t) = target("a_login_has_its_groups_rights_only").await else {
+        return;
+    };
+    let h = broker(&t, "").await;
+    let mut c = h.broker(As::Workload).await;
+    let g = grant(&mut c, ask(&["db.orders.read"])).await;
+    let l = login_of(&g).clone();
+    let lease = g.lease.clone().unwrap();
+    assert_eq!(
+        (lease.login_target.as_str(), lease.login_role.as_str()),
+        ("orders", l.user.as_str())
+    );
+    assert_eq!(l.user, format!("pc_{}", lease.id));
+    assert_eq!(l.password.len(), 43, "256 random bits");
+
+    // What PostgreSQL says it is: a login, nothing more, until the lease's end.
+    let row = t
+        .admin
+        .query_one(
+            "SELECT rolcanlogin, rolsuper, rolcreaterole, rolcreatedb, rolvaliduntil IS NOT NULL \
+             FROM pg_roles WHERE rolname = $1",
+            &[&l.user],
+        )
+        .await
+        .unwrap();
+    let flags: (bool, bool, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(flags, (true, false, false, false, true));
+    assert_eq!(members(&t).await, vec![l.user.clone()]);
+
+    // It works, with the group's rights and no more; libpq agrees.
+    let (s, task) = sign_in(&l).await.unwrap();
+    let n: i64 = s
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    let denied = s.query("SELECT * FROM secrets", &[]).await.unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    assert_eq!(psql(&l, "SELECT count(*) FROM orders").unwrap(), "2");
+    let wrong = pb::DatabaseLogin {
+        password: "not-the-password".into(),
+        ..l.clone()
+    };
+    assert!(sign_in(&wrong).await.is_err(), "the password is checked");
+
+    // Revoke: the open session is ended, a new one is refused, the role is gone.
+    c.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: lease.id.clone(),
+        reason: "done".into(),
+    })
+    .await
+    .unwrap();
+    let after = s.simple_query("SELECT 1").await;
+    assert!(after.is_err(), "the open session was terminated: {after:?}");
+    let _ = task.await;
+    assert!(sign_in(&l).await.is_err());
+    assert!(psql(&l, "SELECT 1").is_err());
+    gone(&t, &l.user).await;
+
+    // Each step is in the trail; the password in no record.
+    let records = trail(&h).await;
+    let mine: Vec<&pb::AuditRecord> = records.iter().filter(|r| r.target == lease.id).collect();
+    for action in [
+        "token.granted",
+        "db.login.created",
+        "lease.revoked",
+        "db.login.disabled",
+        "db.login.dropped",
+    ] {
+        assert!(
+            mine.iter().any(|r| r.action == action),
+            "no {action} in {mine:#?}"
+        );
+    }
+    let disabled = mine
+        .iter()
+        .find(|r| r.action == "db.login.disabled")
+        .unwrap();
+    assert!(disabled.reason.contains("1 sessions ended"), "{disabled:?}");
+    let everything = format!("{records:?}");
+    assert!(
+        !everything.contains(&l.password),
+        "the password is in the trail"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_ends_the_login_and_an_unused_orphan_is_dropped_by_the_reconciler() {
+    let Some(t) = target("expiry_ends_the_login").await else {
+        return;
+    };
+    let mut h = broker(&t, "").await;
+    let mut c = h.broker(As::Workload).await;
+    let g = grant(
+        &mut c,
+        pb::RequestTokenRequest {
+            ttl: common::secs(60),
+            ..ask(&["db.orders.read"])
+        },
+    )
+    .await;
+    let expiring = login_of(&g).user.clone();
+    let live = login_of(&grant(&mut c, ask(&["db.orders.read"])).await)
+        .user
+        .clone();
+    h.advance(Duration::from_secs(120)).await;
+    gone(&t, &expiring).await;
+    assert!(role_exists(&t, &live).await, "a live lease keeps its login");
+
+    // A role made for a grant whose lease was never written (a crash
+    // between the two): marked as this deployment's, for a lease that does
+    // not exist, long ago. The reconciler at the next start drops it;
+    // a look-alike without the mark is not touched.
+    let kek = portcullis::keys::Kek::from_file(&h.dev.path("kek")).unwrap();
+    let orphan = "pc_l_000000000001aabbccddeeff0011223344";
+    let lookalike = "pc_l_000000000001ffffffffffffffffffffff";
+    let mark = format!(
+        "portcullis {} l_000000000001aabbccddeeff0011223344",
+        kek.deployment_id().unwrap()
+    );
+    t.admin
+        .batch_execute(&format!(
+            "CREATE ROLE {orphan} LOGIN IN ROLE {g}; COMMENT ON ROLE {orphan} IS '{mark}';
+             CREATE ROLE {lookalike} LOGIN IN ROLE {g}; COMMENT ON ROLE {lookalike} IS 'portcullis someone-else l_000000000001ffffffffffffffffffffff';",
+            g = t.group
+        ))
+        .await
+        .unwrap();
+    h.restart().await;
+    gone(&t, orphan).await;
+    assert!(
+        role_exists(&t, lookalike).await,
+        "another deployment's role is not touched"
+    );
+    assert!(role_exists(&t, &live).await);
+    let records = trail(&h).await;
+    assert!(
+        records
+            .iter()
+            .any(|r| r.action == "db.login.dropped" && r.reason.contains(orphan))
+    );
+    t.admin
+        .batch_execute(&format!("DROP ROLE {lookalike}"))
+        .await
+        .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_approved_login_is_made_once_when_claimed_concurrently() {
+    let Some(t) = target("an_approved_login_is_made_once").await else {
+        return;
+    };
+    let h = broker(&t, "").await;
+    let mut c = h.broker(As::Workload).await;
+    let req = park(&mut c, &["db.orders.admin"]).await;
+    assert!(
+        members(&t).await.is_empty(),
+        "nothing exists before approval"
+    );
+    pb::approvals_client::ApprovalsClient::new(h.channel(As::Approver).await)
+        .approve(pb::ApproveRequest {
+            request_id: req.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(members(&t).await.is_empty(), "nor after it, until claimed");
+    let claims = (0..6).map(|_| {
+        let (mut c, id) = (c.clone(), req.id.clone());
+        tokio::spawn(async move {
+            c.get_request(pb::GetRequestRequest { request_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .grant
+        })
+    });
+    let mut grants = Vec::new();
+    for claim in claims {
+        grants.extend(claim.await.unwrap());
+    }
+    assert_eq!(grants.len(), 1, "exactly one claim gets the token");
+    let l = login_of(&grants[0]).clone();
+    assert_eq!(psql(&l, "SELECT count(*) FROM orders").unwrap(), "2");
+    // The losers' logins, if any were made, are ended.
+    for _ in 0..150 {
+        if members(&t).await == vec![l.user.clone()] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(members(&t).await, vec![l.user.clone()]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_fails_the_grant_and_a_capped_identity_is_refused() {
+    let Some(t) = target("an_unreachable_database_fails_the_grant").await else {
+        return;
+    };
+    // Nothing listens on port 1.
+    let down = Target {
+        url: t.url.replace(":54329/", ":1/"),
+        admin: t.admin,
+        group: t.group.clone(),
+    };
+    let h = broker(&down, "").await;
+    let mut c = h.broker(As::Workload).await;
+    let e = c.request_token(ask(&["db.orders.read"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("database `orders` is unavailable"),
+        "{e:?}"
+    );
+    assert_eq!(count_leases(&mut c).await, 0, "no lease without its login");
+    h.stop().await;
+
+    let Some(t) = target("a_capped_identity_is_refused").await else {
+        return;
+    };
+    let h = broker(&t, "max_logins_per_identity = 1").await;
+    let mut c = h.broker(As::Workload).await;
+    grant(&mut c, ask(&["db.orders.read"])).await;
+    let e = c.request_token(ask(&["db.orders.read"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_logins_per_identity"), "{e:?}");
+    assert_eq!(members(&t).await.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_password_is_in_no_log_line_even_at_debug() {
+    let Some(t) = target("the_password_is_in_no_log_line").await else {
+        return;
+    };
+    let mut h = broker(&t, "").await;
+    h.halt().await;
+    let (mut child, addr, logs) = common::spawn_broker_with(&h, None, &[("RUST_LOG", "debug")]);
+    let opts = portcullis::client::ClientOpts {
+        server: Some(addr),
+        cert: None,
+        key: None,
+        ca: None,
+        dev_dir: Some(h.dev.root.clone()),
+        as_: As::Workload,
+    };
+    let mut c = pb::broker_client::BrokerClient::new(opts.connect().await.unwrap());
+    let g = grant(&mut c, ask(&["db.orders.read"])).await;
+    let l = login_of(&g).clone();
+    let lease_id = g.lease.unwrap().id;
+    assert_eq!(psql(&l, "SELECT 1").unwrap(), "1");
+    c.renew_lease(pb::RenewLeaseRequest {
+        lease_id: lease_id.clone(),
+        ttl: None,
+    })
+    .await
+    .unwrap();
+    c.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id,
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    gone(&t, &l.user).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lines: Vec<String> = logs.try_iter().collect();
+    assert!(
+        lines.iter().any(|x| x.contains(&l.user)),
+        "the log names the login: {lines:#?}"
+    );
+    for line in &lines {
+        assert!(
+            !line.contains(&l.password),
+            "the password is in the log: {line}"
+        );
+    }
+}
