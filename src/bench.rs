@@ -41,6 +41,10 @@ pub enum Rpc {
     /// durable child lease per call; the policy must let the identity
     /// delegate the scopes to itself, as the dev policy does).
     Exchange,
+    /// `RequestToken` then `RevokeLease` of that lease, timed as one call:
+    /// what a short-lived credential costs from issue to end (a login
+    /// scope's login is made and ended in it).
+    Cycle,
 }
 
 impl Rpc {
@@ -51,6 +55,7 @@ impl Rpc {
             Self::Introspect => 1,
             Self::Renew => 2,
             Self::Exchange => 3,
+            Self::Cycle => 4,
         }
     }
 
@@ -62,6 +67,7 @@ impl Rpc {
             Self::Renew => "renew",
             Self::Mixed => "mixed",
             Self::Exchange => "exchange",
+            Self::Cycle => "cycle",
         }
     }
 }
@@ -125,7 +131,7 @@ pub struct Report {
 #[derive(Default)]
 struct Tally {
     /// Latencies (µs) of successful calls, by RPC ([`Rpc::slot`]).
-    each: [Vec<u32>; 4],
+    each: [Vec<u32>; 5],
     grants: u64,
     errors: u64,
     /// Of the errors, refusals as over a per-identity limit.
@@ -193,6 +199,14 @@ impl Caller {
                 false
             }
         }
+    }
+
+    async fn revoke(&mut self, lease_id: &str) -> bool {
+        let req = pb::RevokeLeaseRequest {
+            lease_id: lease_id.to_owned(),
+            reason: String::new(),
+        };
+        self.c.revoke_lease(req).await.is_ok()
     }
 
     async fn renew(&mut self, lease_id: &str) -> bool {
@@ -269,6 +283,15 @@ async fn drive(mut c: Caller, rpc: Rpc, pool: Arc<Vec<String>>, w: Arc<Window>) 
                 }
             }
             Rpc::Mixed => mixed_round(&mut c, &mut t, &w).await,
+            Rpc::Cycle => {
+                w.timed(&mut t, Rpc::Cycle, async {
+                    match c.grant().await {
+                        Some((_, id)) => c.revoke(&id).await,
+                        None => false,
+                    }
+                })
+                .await;
+            }
             Rpc::Exchange => {
                 if lease.is_none() {
                     lease = c.grant().await.map(|(token, _)| token);
@@ -487,11 +510,17 @@ fn report(plan: &Plan, t: &Tally) -> Report {
     let mut all: Vec<u32> = t.each.iter().flatten().copied().collect();
     all.sort_unstable();
     let total = latency(plan.rpc, &all, seconds);
-    let per_rpc = [Rpc::Grant, Rpc::Introspect, Rpc::Renew, Rpc::Exchange]
-        .into_iter()
-        .filter(|r| !t.each[r.slot()].is_empty())
-        .map(|r| latency(r, &t.each[r.slot()], seconds))
-        .collect();
+    let per_rpc = [
+        Rpc::Grant,
+        Rpc::Introspect,
+        Rpc::Renew,
+        Rpc::Exchange,
+        Rpc::Cycle,
+    ]
+    .into_iter()
+    .filter(|r| !t.each[r.slot()].is_empty())
+    .map(|r| latency(r, &t.each[r.slot()], seconds))
+    .collect();
     Report {
         rpc: plan.rpc,
         clients: plan.clients,
@@ -558,7 +587,7 @@ mod tests {
             leases: 0,
         };
         let t = Tally {
-            each: [(1..=1000).collect(), vec![], vec![], vec![]],
+            each: [(1..=1000).collect(), vec![], vec![], vec![], vec![]],
             grants: 1000,
             errors: 3,
             limited: 0,
@@ -579,6 +608,7 @@ mod tests {
                 vec![10_000],
                 vec![1_000, 2_000, 3_000],
                 vec![20_000],
+                vec![],
                 vec![],
             ],
             grants: 1,

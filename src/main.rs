@@ -15,6 +15,12 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn init_tracing(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // tokio-postgres logs statements and their parameters at debug: a
+    // database login's SCRAM verifier among them. Never below warn.
+    let filter = match "tokio_postgres=warn".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     // Colour only for a person at a terminal: a file, a pipe or journald
     // gets plain text.
     let builder = tracing_subscriber::fmt()

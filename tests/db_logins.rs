@@ -150,6 +150,18 @@ async fn members(t: &Target) -> Vec<String> {
         .collect()
 }
 
+/// `role`'s `VALID UNTIL`, in seconds since the epoch.
+async fn valid_until(t: &Target, role: &str) -> f64 {
+    t.admin
+        .query_one(
+            "SELECT extract(epoch FROM rolvaliduntil)::float8 FROM pg_roles WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn role_exists(t: &Target, role: &str) -> bool {
     t.admin
         .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
@@ -194,7 +206,14 @@ async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() 
     };
     let h = broker(&t, "").await;
     let mut c = h.broker(As::Workload).await;
-    let g = grant(&mut c, ask(&["db.orders.read"])).await;
+    let g = grant(
+        &mut c,
+        pb::RequestTokenRequest {
+            ttl: common::secs(60),
+            ..ask(&["db.orders.read"])
+        },
+    )
+    .await;
     let l = login_of(&g).clone();
     let lease = g.lease.clone().unwrap();
     assert_eq!(
@@ -202,6 +221,10 @@ async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() 
         ("orders", l.user.as_str())
     );
     assert_eq!(l.user, format!("pc_{}", lease.id));
+    assert_eq!(
+        l.sslmode, "prefer",
+        "the test database is on loopback, without TLS"
+    );
     assert_eq!(l.password.len(), 43, "256 random bits");
 
     // What PostgreSQL says it is: a login, nothing more, until the lease's end.
@@ -238,6 +261,25 @@ async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() 
         ..l.clone()
     };
     assert!(sign_in(&wrong).await.is_err(), "the password is checked");
+
+    // Renew moves the login's end with the lease's.
+    let before = valid_until(&t, &l.user).await;
+    let renewed = c
+        .renew_lease(pb::RenewLeaseRequest {
+            lease_id: lease.id.clone(),
+            ttl: common::secs(1800),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .unwrap()
+        .lease
+        .unwrap();
+    let after = valid_until(&t, &l.user).await;
+    let expires = renewed.expires_at.unwrap().seconds as f64;
+    assert!(after > before + 1000.0, "{before} -> {after}");
+    assert!((after - expires).abs() < 1.0, "{after} vs {expires}");
 
     // Revoke: the open session is ended, a new one is refused, the role is gone.
     c.revoke_lease(pb::RevokeLeaseRequest {
@@ -446,6 +488,7 @@ async fn the_password_is_in_no_log_line_even_at_debug() {
     let g = grant(&mut c, ask(&["db.orders.read"])).await;
     let l = login_of(&g).clone();
     let lease_id = g.lease.unwrap().id;
+    let logged = lease_id.clone();
     assert_eq!(psql(&l, "SELECT 1").unwrap(), "1");
     c.renew_lease(pb::RenewLeaseRequest {
         lease_id: lease_id.clone(),
@@ -464,13 +507,17 @@ async fn the_password_is_in_no_log_line_even_at_debug() {
     child.wait().unwrap();
     let lines: Vec<String> = logs.try_iter().collect();
     assert!(
-        lines.iter().any(|x| x.contains(&l.user)),
-        "the log names the login: {lines:#?}"
+        lines.iter().any(|x| x.contains(&logged)),
+        "the log names the lease: {lines:#?}"
     );
     for line in &lines {
         assert!(
             !line.contains(&l.password),
             "the password is in the log: {line}"
+        );
+        assert!(
+            !line.contains("SCRAM-SHA-256$"),
+            "a verifier is in the log: {line}"
         );
     }
 }

@@ -111,6 +111,7 @@ pub fn login(i: crate::logins::Issued, target: &str) -> pb::DatabaseLogin {
         port: u32::from(i.port),
         dbname: i.database,
         target: target.to_owned(),
+        sslmode: i.sslmode.to_owned(),
     }
 }
 

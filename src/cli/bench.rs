@@ -16,7 +16,8 @@ pub struct BenchArgs {
     #[arg(long = "scope", required = true)]
     pub scopes: Vec<String>,
     /// Which RPC to load: `grant` (RequestToken), `introspect`, `renew`
-    /// (RenewLease), or `mixed` (grant, introspect x3, renew).
+    /// (RenewLease), `mixed` (grant, introspect x3, renew), `exchange`, or
+    /// `cycle` (grant then revoke, one call).
     #[arg(long, value_enum, default_value_t = Rpc::Grant)]
     pub rpc: Rpc,
     /// Concurrent clients, one mTLS connection each.

@@ -137,7 +137,7 @@ pub fn print_grant(out: Output, g: &pb::Grant) {
                 "lease": g.lease.as_ref().map(lease_json),
                 "login": g.login.as_ref().map(|l| json!({
                     "user": l.user, "password": l.password, "host": l.host, "port": l.port,
-                    "dbname": l.dbname, "target": l.target, "url": login_url(l),
+                    "dbname": l.dbname, "target": l.target, "sslmode": l.sslmode, "url": login_url(l),
                 })),
             })
         ),
@@ -157,6 +157,7 @@ pub fn login_env(l: &pb::DatabaseLogin) -> String {
         ("PGDATABASE", l.dbname.clone()),
         ("PGUSER", l.user.clone()),
         ("PGPASSWORD", l.password.clone()),
+        ("PGSSLMODE", l.sslmode.clone()),
     ]
     .iter()
     .map(|(k, v)| format!("export {k}={}\n", shell_quoted(v)))
@@ -180,8 +181,13 @@ pub fn login_url(l: &pb::DatabaseLogin) -> String {
     } else {
         enc(&l.host)
     };
+    let mode = if l.sslmode.is_empty() {
+        String::new()
+    } else {
+        format!("?sslmode={}", enc(&l.sslmode))
+    };
     format!(
-        "postgresql://{}:{}@{host}:{}/{}",
+        "postgresql://{}:{}@{host}:{}/{}{mode}",
         enc(&l.user),
         enc(&l.password),
         l.port,

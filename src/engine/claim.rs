@@ -18,11 +18,12 @@ impl Engine {
         x5t: Option<&str>,
         id: &str,
     ) -> Result<Option<Claimed>, EngineError> {
-        let lease_id = new_id("l_", self.clock.now())?;
+        let made_at = self.clock.now();
+        let lease_id = new_id("l_", made_at)?;
         let made = self.login_for_claim(who, id, &lease_id).await?;
-        let login = made.as_ref().map(|(_, l)| Box::new(l.clone()));
+        let login = made.as_ref().map(|(_, l, _)| Box::new(l.clone()));
         let claimed = self
-            .claim_as(who, x5t, id, &lease_id, login.as_deref())
+            .claim_as(who, x5t, id, (&lease_id, made_at), login.as_deref())
             .await;
         if !matches!(claimed, Ok(Some(_)))
             && let Some(l) = login
@@ -31,7 +32,7 @@ impl Engine {
             self.abandon_login(&lease_id, *l);
         }
         Ok(claimed?.map(|(tok, lease, issued)| {
-            let login = made.map(|(i, _)| Box::new(i));
+            let login = made.map(|(i, ..)| Box::new(i));
             (tok, lease, issued, login)
         }))
     }
@@ -43,7 +44,7 @@ impl Engine {
         who: &Identity,
         id: &str,
         lease_id: &str,
-    ) -> Result<Option<(crate::logins::Issued, crate::model::LeaseLogin)>, EngineError> {
+    ) -> Result<Option<super::logins::Made>, EngineError> {
         let Some(req) = self.store().request(id).await? else {
             return Ok(None);
         };
@@ -70,7 +71,7 @@ impl Engine {
         who: &Identity,
         x5t: Option<&str>,
         id: &str,
-        lease_id: &str,
+        (lease_id, made_at): (&str, u64),
         login: Option<&crate::model::LeaseLogin>,
     ) -> Result<Option<(String, Lease, TokenRequest)>, EngineError> {
         let out = self
@@ -97,6 +98,8 @@ impl Engine {
                     }
                     _ => None,
                 };
+                let to_claim = current.as_ref().filter(|r| claimable(r));
+                login_still_fits(&policy, to_claim, login, (made_at, now))?;
                 let mut minted = None;
                 let pinned = parent.clone();
                 let out = self.records.edit_request_from(&mut op, current, |req| {
@@ -175,6 +178,29 @@ pub type Claimed = (
     TokenRequest,
     Option<Box<crate::logins::Issued>>,
 );
+
+/// The login made for a claim (made for the policy read before) still
+/// fits: a reload since that changes whether these scopes make one is
+/// refused (claim again), never a lease without its login; and it is not
+/// too late to write it.
+fn login_still_fits(
+    policy: &crate::policy::Policy,
+    req: Option<&TokenRequest>,
+    login: Option<&crate::model::LeaseLogin>,
+    (made_at, now): (u64, u64),
+) -> Result<(), EngineError> {
+    let Some(req) = req else { return Ok(()) };
+    let wants = super::logins::login_scope(policy, &req.scopes)?.is_some();
+    if wants != login.is_some() {
+        return Err(EngineError::WrongState(
+            "the policy changed while the claim was made; claim again".into(),
+        ));
+    }
+    if login.is_some() {
+        super::logins::still_in_time(made_at, now)?;
+    }
+    Ok(())
+}
 
 /// The TTL an approved request's lease gets: the shortest any approver
 /// allowed.

@@ -124,7 +124,7 @@ impl Engine {
         let made = self
             .login_for_grant(policy, &c, &id, now.saturating_add(terms.ttl_ms))
             .await?;
-        let login = made.as_ref().map(|(_, l)| Box::new(l.clone()));
+        let login = made.as_ref().map(|(_, l, _)| Box::new(l.clone()));
         // One batch: the lease, the key claim, the break-glass review
         // record, and the grant's own record. Signed (again, should the
         // key ring have moved) on every try.
@@ -133,6 +133,9 @@ impl Engine {
             (&request_id, &cnf, &id, &idem, &terms, &login);
         let out = self
             .commit_claiming(|mut op| async move {
+                if login_ref.is_some() {
+                    super::logins::still_in_time(now, self.clock.now())?;
+                }
                 let keys = self.keys.current();
                 let lease = Lease {
                     request_id: request_id.clone(),
@@ -144,9 +147,6 @@ impl Engine {
                 let (lease, tok) = self.signed(&keys, lease, now)?;
                 op.create_lease(lease.clone(), idem.clone());
                 let review = grant_in(&mut op, c, g, &lease)?;
-                if let Some(l) = login_ref {
-                    Self::record_login(&mut op, c.who.as_str(), &lease.id, &lease.scopes, l)?;
-                }
                 Ok((op, (lease, tok, review)))
             })
             .await;
@@ -172,7 +172,7 @@ impl Engine {
         Ok(Outcome::Granted {
             token: tok,
             lease,
-            login: made.map(|(issued, _)| Box::new(issued)),
+            login: made.map(|(issued, ..)| Box::new(issued)),
         })
     }
 
@@ -185,7 +185,7 @@ impl Engine {
         c: &Checked,
         lease_id: &str,
         until: u64,
-    ) -> Result<Option<(crate::logins::Issued, crate::model::LeaseLogin)>, EngineError> {
+    ) -> Result<Option<super::logins::Made>, EngineError> {
         match super::logins::login_scope(policy, &c.scopes)? {
             Some((db, rule)) => Ok(Some(
                 self.make_login(c.who.as_str(), db, rule, lease_id, until)
@@ -332,6 +332,9 @@ fn grant_in(
         &lease.justification,
     );
     op.record(vec![entry.rule(g.rules.join("; "))])?;
+    if let Some(l) = &lease.login {
+        Engine::record_login(op, c.who.as_str(), &lease.id, &lease.scopes, l)?;
+    }
     Ok(review)
 }
 

@@ -32,6 +32,10 @@ const RETRIES: [Duration; 3] = [
 const ORPHAN_AFTER_MS: Millis = 120_000;
 /// How often the leader reconciles the databases.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// Longest a lease id's time may lie behind the commit of its lease when
+/// it holds a login: half the reconciler's wait, so that a login is never
+/// ended as an orphan while its grant is still being written.
+const WRITTEN_WITHIN_MS: Millis = ORPHAN_AFTER_MS / 2;
 /// Longest a single revocation waits for its login to be disabled.
 pub const REVOKE_WAITS: Duration = Duration::from_secs(10);
 
@@ -66,6 +70,44 @@ fn lease_id_time(id: &str) -> Option<Millis> {
     u64::from_str_radix(id.strip_prefix("l_")?.get(..12)?, 16).ok()
 }
 
+/// Refuse to write a lease that holds a login made at `made_at` (the lease
+/// id's time) when `now` is too late for it (see [`WRITTEN_WITHIN_MS`]).
+pub(crate) fn still_in_time(made_at: Millis, now: Millis) -> Result<(), EngineError> {
+    if now.saturating_sub(made_at) > WRITTEN_WITHIN_MS {
+        return Err(crate::store::StoreError::Unavailable(
+            "the grant of a database login took too long to write; nothing was issued".into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// One login grant per identity at a time on this broker, from counting
+/// its live logins to writing the new lease, so that concurrent grants
+/// cannot pass `max_logins_per_identity` together.
+#[derive(Default)]
+pub(crate) struct Turns(
+    std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+);
+
+impl Turns {
+    async fn take(&self, who: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let gate = match self.0.lock() {
+            Ok(mut m) => {
+                // Gates nobody waits on are let go.
+                m.retain(|_, g| Arc::strong_count(g) > 1);
+                m.entry(who.to_owned()).or_default().clone()
+            }
+            Err(_) => Arc::default(),
+        };
+        gate.lock_owned().await
+    }
+}
+
+/// A login just made, and this identity's turn, held until the lease is
+/// written.
+pub(crate) type Made = (Issued, LeaseLogin, tokio::sync::OwnedMutexGuard<()>);
+
 impl Engine {
     /// Make the login a grant of lease `lease_id` to `who` holds until
     /// `until`, unless `who` holds as many as the database allows.
@@ -76,7 +118,8 @@ impl Engine {
         rule: &LoginRule,
         lease_id: &str,
         until: Millis,
-    ) -> Result<(Issued, LeaseLogin), EngineError> {
+    ) -> Result<Made, EngineError> {
+        let turn = self.login_turns.take(who).await;
         let live = self.live_logins(who, &db.name).await?;
         if live >= u64::from(db.max_logins_per_identity) {
             return Err(EngineError::Exhausted(format!(
@@ -93,7 +136,7 @@ impl Engine {
             role: issued.role.clone(),
             group: rule.member_of.clone(),
         };
-        Ok((issued, login))
+        Ok((issued, login, turn))
     }
 
     /// A renewal's login (if it holds one) valid until the renewed
@@ -108,15 +151,10 @@ impl Engine {
         let Some(login) = &renewed.login else {
             return Ok(());
         };
-        let db = policy.databases.get(&login.database).ok_or_else(|| {
-            EngineError::WrongState(format!(
-                "the policy no longer names database `{}`: the lease's login cannot be renewed",
-                login.database
-            ))
-        })?;
+        let db = self.logins.database(policy, &login.database)?;
         Ok(self
             .logins
-            .extend(db, &login.role, renewed.expires_at)
+            .extend(&db, &login.role, renewed.expires_at)
             .await?)
     }
 
@@ -168,10 +206,14 @@ impl Engine {
     pub(crate) fn abandon_login(&self, lease_id: &str, login: LeaseLogin) {
         let (logins, policy, id) = (self.logins.clone(), self.policy(), lease_id.to_owned());
         tokio::spawn(async move {
-            let Some(db) = policy.databases.get(&login.database) else {
-                return;
+            let db = match logins.database(&policy, &login.database) {
+                Ok(db) => db,
+                Err(e) => {
+                    tracing::error!(error = %e, lease = %id, role = %login.role, "cannot end the login of a grant that was not written");
+                    return;
+                }
             };
-            match logins.end(db, &login.role, None).await {
+            match logins.end(&db, &login.role, None).await {
                 Ok(_) => {
                     tracing::info!(lease = %id, role = %login.role, "the login of a grant that was not written was ended");
                 }
@@ -189,7 +231,8 @@ impl Engine {
     pub async fn end_logins(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         let rx = self.ended_logins_rx.lock().ok().and_then(|mut r| r.take());
         let Some(mut rx) = rx else { return };
-        let slots = Arc::new(Semaphore::new(AT_ONCE));
+        // A slot per database: one that is down holds up only its own.
+        let mut slots: std::collections::HashMap<String, Arc<Semaphore>> = Default::default();
         loop {
             let next = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -198,20 +241,28 @@ impl Engine {
             let Some((lease_id, login)) = next else {
                 return;
             };
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let me = self.clone();
+            let slot = slots
+                .entry(login.database.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(AT_ONCE)))
+                .clone();
+            let (me, cancel) = (self.clone(), cancel.clone());
             tokio::spawn(async move {
-                let _slot = slot;
-                me.end_login_retrying(&lease_id, &login).await;
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = me.end_login_retrying(&slot, &lease_id, &login) => {}
+                }
             });
         }
     }
 
-    async fn end_login_retrying(&self, lease_id: &str, login: &LeaseLogin) {
+    /// Try to end `login`, holding a slot of its database only while a
+    /// try runs (not while it waits to try again).
+    async fn end_login_retrying(&self, slot: &Semaphore, lease_id: &str, login: &LeaseLogin) {
         for wait in std::iter::once(Duration::ZERO).chain(RETRIES) {
             tokio::time::sleep(wait).await;
+            let Ok(_turn) = slot.acquire().await else {
+                return;
+            };
             match self.end_login(lease_id, login, Some(&login.group)).await {
                 Ok(()) => return,
                 Err(e) => {
@@ -230,13 +281,17 @@ impl Engine {
         login: &LeaseLogin,
         group: Option<&str>,
     ) -> Result<(), EngineError> {
-        let policy = self.policy();
-        let db = policy.databases.get(&login.database).ok_or_else(|| {
-            EngineError::WrongState(format!(
-                "the policy no longer names database `{}`; its login `{}` cannot be ended",
-                login.database, login.role
-            ))
-        })?;
+        let db = self.logins.database(&self.policy(), &login.database)?;
+        self.end_login_on(&db, lease_id, login, group).await
+    }
+
+    async fn end_login_on(
+        &self,
+        db: &Database,
+        lease_id: &str,
+        login: &LeaseLogin,
+        group: Option<&str>,
+    ) -> Result<(), EngineError> {
         let ended = self.logins.end(db, &login.role, group).await?;
         let _ = self.login_ended.send(lease_id.to_owned());
         self.record_end(lease_id, login, &ended).await
@@ -294,40 +349,69 @@ impl Engine {
         self.login_ended.subscribe()
     }
 
-    /// The leader's pass over every database: end each marked role whose
+    /// The leader's pass over every database (and every one a policy
+    /// since dropped, while this broker runs): end each marked role whose
     /// lease is not active (a crash before the lease was written, a failed
-    /// end, an end not yet run). Returns how many it ended.
-    pub async fn reconcile_logins(&self) -> Result<u64, EngineError> {
-        let policy = self.policy();
-        let now = self.clock.now();
+    /// end, an end not yet run). A database or a role that fails is logged
+    /// and passed over until the next pass. Returns how many it ended.
+    pub async fn reconcile_logins(&self) -> u64 {
         let mut n = 0;
-        for db in policy.databases.values() {
-            for (role, lease_id) in self.logins.marked(db).await? {
-                let lease = self.store().lease(&lease_id).await?;
-                let group = match &lease {
-                    Some(l) if l.state == LeaseState::Active => continue,
-                    Some(l) => l.login.as_ref().map(|g| g.group.clone()),
-                    None if lease_id_time(&lease_id)
-                        .is_some_and(|t| now < t.saturating_add(ORPHAN_AFTER_MS)) =>
-                    {
-                        continue;
+        for db in self.logins.every_database(&self.policy()) {
+            let marked = match self.logins.marked(&db).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, database = %db.name, "cannot list the logins to reconcile; next pass");
+                    continue;
+                }
+            };
+            for (role, lease_id) in marked {
+                match self.reconcile_one(&db, role, &lease_id).await {
+                    Ok(true) => n += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, database = %db.name, lease = %lease_id, "cannot reconcile a login; next pass");
                     }
-                    None => None,
-                };
-                let login = LeaseLogin {
-                    database: db.name.clone(),
-                    role,
-                    group: group.clone().unwrap_or_default(),
-                };
-                self.end_login(&lease_id, &login, group.as_deref()).await?;
-                self.metrics
-                    .db_logins
-                    .get_or_create(&vec![("step", "reconciled")])
-                    .inc();
-                n += 1;
+                }
             }
         }
-        Ok(n)
+        n
+    }
+
+    /// End marked `role` unless its lease is active (or may still be being
+    /// written); whether it was ended.
+    async fn reconcile_one(
+        &self,
+        db: &Database,
+        role: String,
+        lease_id: &str,
+    ) -> Result<bool, EngineError> {
+        // Only a role this deployment would have named so for this lease.
+        let Some(made_at) = lease_id_time(lease_id) else {
+            return Ok(false);
+        };
+        if crate::text::require_id("lease_id", lease_id).is_err() || role != db.role_of(lease_id) {
+            return Ok(false);
+        }
+        let group = match self.store().lease(lease_id).await? {
+            Some(l) if l.state == LeaseState::Active => return Ok(false),
+            Some(l) => l.login.as_ref().map(|g| g.group.clone()),
+            None if self.clock.now() < made_at.saturating_add(ORPHAN_AFTER_MS) => {
+                return Ok(false);
+            }
+            None => None,
+        };
+        let login = LeaseLogin {
+            database: db.name.clone(),
+            role,
+            group: group.clone().unwrap_or_default(),
+        };
+        self.end_login_on(db, lease_id, &login, group.as_deref())
+            .await?;
+        self.metrics
+            .db_logins
+            .get_or_create(&vec![("step", "reconciled")])
+            .inc();
+        Ok(true)
     }
 }
 

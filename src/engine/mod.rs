@@ -131,6 +131,8 @@ pub struct Engine {
     ended_logins_rx: Mutex<Option<mpsc::UnboundedReceiver<records::EndedLogin>>>,
     /// Lease ids whose login was just ended (a revocation waits for its own).
     login_ended: broadcast::Sender<String>,
+    /// One login grant per identity at a time (the cap).
+    login_turns: logins::Turns,
 }
 
 /// What an engine is built from.
@@ -170,6 +172,7 @@ impl Engine {
             logins,
             ended_logins_rx: Mutex::new(Some(ended_rx)),
             login_ended: broadcast::channel(1024).0,
+            login_turns: logins::Turns::default(),
             leader,
             lead_until: Mutex::new(None),
             upkeep_fence: Mutex::new(None),

@@ -21,7 +21,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use ring::rand::SecureRandom as _;
 
 use crate::metrics::Metrics;
-use crate::policy::Database;
+use crate::policy::{Database, Policy};
 use crate::store::postgres::PgOptions;
 use crate::store::postgres::connect::Target;
 
@@ -62,6 +62,8 @@ pub struct Issued {
     pub port: u16,
     /// Database name.
     pub database: String,
+    /// libpq's `sslmode` to connect with (see [`Conn::sslmode`]).
+    pub sslmode: &'static str,
 }
 
 impl std::fmt::Debug for Issued {
@@ -72,6 +74,7 @@ impl std::fmt::Debug for Issued {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("database", &self.database)
+            .field("sslmode", &self.sslmode)
             .finish()
     }
 }
@@ -83,6 +86,10 @@ struct Conn {
     host: String,
     port: u16,
     dbname: String,
+    /// What clients are told to connect with: `verify-full` when this
+    /// broker reaches the database over TLS (it verifies chain and name),
+    /// else what the URL says.
+    sslmode: &'static str,
 }
 
 /// The targets of the policy's `[[database]]` tables, connected on first
@@ -114,6 +121,32 @@ impl Logins {
                 "no deployment id to mark logins with".into(),
             )),
         }
+    }
+
+    /// Database `name` as `policy` says, or, when a reload dropped it, as
+    /// it was when this broker last used it: the logins made there must
+    /// still be ended.
+    pub fn database(&self, policy: &Policy, name: &str) -> Result<Database, LoginError> {
+        if let Some(db) = policy.databases.get(name) {
+            return Ok(db.clone());
+        }
+        self.conns
+            .lock()
+            .ok()
+            .and_then(|c| c.get(name).map(|c| c.db.clone()))
+            .ok_or_else(|| LoginError::Unknown(name.to_owned()))
+    }
+
+    /// Every database of `policy`, and every one this broker used that a
+    /// reload dropped since.
+    pub fn every_database(&self, policy: &Policy) -> Vec<Database> {
+        let mut all: BTreeMap<String, Database> = policy.databases.clone();
+        if let Ok(conns) = self.conns.lock() {
+            for (name, c) in conns.iter() {
+                all.entry(name.clone()).or_insert_with(|| c.db.clone());
+            }
+        }
+        all.into_values().collect()
     }
 
     /// The pool of `db`, made (or made again, if its settings changed).
@@ -154,6 +187,7 @@ impl Logins {
             host: conn.host.clone(),
             port: conn.port,
             database: conn.dbname.clone(),
+            sslmode: conn.sslmode,
         })
     }
 
@@ -261,6 +295,11 @@ fn connect(db: &Database) -> Result<Conn, LoginError> {
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let dbname = config.get_dbname().unwrap_or_default().to_owned();
+    let sslmode = match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => "disable",
+        tokio_postgres::config::SslMode::Prefer => "prefer",
+        _ => "verify-full",
+    };
     let manager = Manager::from_config(
         config,
         target.tls.clone(),
@@ -282,6 +321,7 @@ fn connect(db: &Database) -> Result<Conn, LoginError> {
         host,
         port,
         dbname,
+        sslmode,
     })
 }
 
@@ -327,6 +367,7 @@ mod tests {
             host: "h".into(),
             port: 5432,
             database: "d".into(),
+            sslmode: "verify-full",
         };
         let shown = format!("{i:?}");
         assert!(!shown.contains("s3cret"), "{shown}");

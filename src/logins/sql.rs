@@ -95,7 +95,8 @@ pub(super) async fn valid_until(c: &Object, role: &str, until: &str) -> Result<(
 /// End `role`: `NOLOGIN` committed on its own, its sessions terminated,
 /// then in one transaction what it owns reassigned to `group` or dropped,
 /// and the role dropped. Without a group (a login whose lease was never
-/// written: nobody ever had its password) what it owns is dropped.
+/// written, or was purged) only the role is dropped, and kept if it owns
+/// anything, unless `owned` says drop.
 pub(super) async fn end(
     c: &Object,
     role: &str,
@@ -155,7 +156,12 @@ async fn drop_role(
                 )
                 .await?
             }
-            _ => statement(
+            // No group to give its objects to: the role alone, kept below if
+            // it owns anything (nothing is destroyed unless `owned = "drop"`).
+            (Owned::Reassign, None) => {
+                statement(c, "SELECT format('DROP ROLE %I', $1::text)", &[&role]).await?
+            }
+            (Owned::Drop, _) => statement(
                 c,
                 "SELECT format('GRANT %1$I TO CURRENT_USER; DROP OWNED BY %1$I; DROP ROLE %1$I', \
                  $1::text)",
@@ -165,20 +171,38 @@ async fn drop_role(
         };
     match c.batch_execute(&drop).await {
         Ok(()) => Ok(RoleFate::Dropped),
+        // Dropped meanwhile (a reconciler and an end racing): as wanted.
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => Ok(RoleFate::Gone),
         Err(e) if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) => {
-            if let Some(group) = group {
-                let strip = statement(
-                    c,
-                    "SELECT format('REVOKE %I FROM %I', $2::text, $1::text)",
-                    &[&role, &group],
-                )
-                .await?;
-                c.batch_execute(&strip).await?;
-            }
+            keep(c, role, group).await?;
             Ok(RoleFate::Kept)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Keep `role` (it owns objects in another database): without its group,
+/// and with its mark changed so that no reconciler ends it again.
+async fn keep(c: &Object, role: &str, group: Option<&str>) -> Result<(), SqlError> {
+    if let Some(group) = group {
+        let strip = statement(
+            c,
+            "SELECT format('REVOKE %I FROM %I', $2::text, $1::text)",
+            &[&role, &group],
+        )
+        .await?;
+        c.batch_execute(&strip).await?;
+    }
+    let remark = statement(
+        c,
+        "SELECT format('COMMENT ON ROLE %I IS %L', rolname, \
+         'kept, owns objects elsewhere: ' || shobj_description(oid, 'pg_authid')) \
+         FROM pg_roles WHERE rolname = $1::text",
+        &[&role],
+    )
+    .await?;
+    c.batch_execute(&remark).await?;
+    Ok(())
 }
 
 /// The roles whose mark starts with `prefix`, and what follows it (the

@@ -413,14 +413,9 @@ pub(super) async fn hear(engine: Arc<Engine>, cancel: CancellationToken) {
 /// [`RECONCILE_EVERY`](crate::engine::logins::RECONCILE_EVERY).
 pub(super) async fn reconcile_logins(engine: Arc<Engine>, cancel: CancellationToken) {
     while engine.until_leading(&cancel).await {
-        if !engine.policy().databases.is_empty() {
-            match engine.reconcile_logins().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(ended = n, "database logins reconciled"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not reconcile database logins; retrying");
-                }
-            }
+        let n = engine.reconcile_logins().await;
+        if n > 0 {
+            tracing::info!(ended = n, "database logins reconciled");
         }
         tokio::select! {
             () = cancel.cancelled() => return,

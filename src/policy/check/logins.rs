@@ -23,12 +23,14 @@ const DEFAULT_MAX_LOGINS: u32 = 20;
 
 /// A role or group name as the broker writes them: lower-case ASCII
 /// letters, digits and `_`, not starting with a digit, at most 63 bytes.
+/// PostgreSQL's own roles (`pg_…`) are never made nor granted.
 pub(crate) fn plain_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_IDENTIFIER
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !s.starts_with(|c: char| c.is_ascii_digit())
+        && !s.starts_with("pg_")
 }
 
 impl Checker<'_> {
@@ -124,8 +126,9 @@ impl Checker<'_> {
             Some(format!("must hold `{LEASE_PLACEHOLDER}` exactly once"))
         } else if !(rest.is_empty() || plain_identifier(&format!("x{rest}")))
             || t.starts_with(|c: char| c.is_ascii_digit())
+            || t.starts_with("pg_")
         {
-            Some("besides `{lease}`, use lower-case letters, digits and `_`".to_owned())
+            Some("besides `{lease}`, use lower-case letters, digits and `_`, not starting with `pg_`".to_owned())
         } else if filled > MAX_IDENTIFIER {
             Some(format!(
                 "a login's name would be {filled} bytes; PostgreSQL allows {MAX_IDENTIFIER}"
@@ -186,7 +189,7 @@ impl Checker<'_> {
         }
         if !plain_identifier(group) {
             let msg = format!(
-                "scope `{scope}`: login.member_of: `{group}`: use lower-case letters, digits and `_` (at most 63)"
+                "scope `{scope}`: login.member_of: `{group}`: use lower-case letters, digits and `_` (at most 63), not PostgreSQL's own `pg_…` roles"
             );
             self.problem(l.member_of.span(), msg);
         }
@@ -240,11 +243,11 @@ mod tests {
             "line 2: database `Orders; DROP`: name: use lower-case letters, digits and `_` (at most 63)",
             "line 2: database `Orders; DROP`: password_file: required (the admin's password, read from a file, never written in the policy)",
             "line 3: database `Orders; DROP`: url: holds a password; put it in password_file instead",
-            "line 4: database `Orders; DROP`: role_name: besides `{lease}`, use lower-case letters, digits and `_`",
+            "line 4: database `Orders; DROP`: role_name: besides `{lease}`, use lower-case letters, digits and `_`, not starting with `pg_`",
             "line 5: database `Orders; DROP`: owned: unknown `keep` (expected `reassign` or `drop`)",
             "line 6: database `Orders; DROP`: pool: must be between 1 and 64",
             "line 11: scope `db.orders.read`: login.database: no [[database]] is named `nope`",
-            "line 11: scope `db.orders.read`: login.member_of: `a\"b`: use lower-case letters, digits and `_` (at most 63)",
+            "line 11: scope `db.orders.read`: login.member_of: `a\"b`: use lower-case letters, digits and `_` (at most 63), not PostgreSQL's own `pg_…` roles",
         ] {
             assert!(
                 got.iter().any(|g| g == want),
@@ -257,6 +260,10 @@ mod tests {
     fn a_role_name_holds_the_lease_once_and_fits_in_an_identifier() {
         for (template, why) in [
             ("pc_fixed", "must hold `{lease}` exactly once"),
+            (
+                "pg_{lease}",
+                "besides `{lease}`, use lower-case letters, digits and `_`, not starting with `pg_`",
+            ),
             ("{lease}_{lease}", "must hold `{lease}` exactly once"),
             (
                 "a_very_long_prefix_for_every_login_{lease}",
