@@ -120,7 +120,10 @@ impl Engine {
         until: Millis,
     ) -> Result<Made, EngineError> {
         let turn = self.login_turns.take(who).await;
-        let live = self.live_logins(who, &db.name).await?;
+        // Counted in the database: every login made for `who` there that
+        // still exists, ended or not (a crash-looping caller is held at the
+        // cap until its old logins are gone).
+        let live = self.logins.held_by(db, who).await?;
         if live >= u64::from(db.max_logins_per_identity) {
             return Err(EngineError::Exhausted(format!(
                 "`{who}` holds {live} live logins on database `{}`, as many as it may (max_logins_per_identity); revoke one or wait for one to end",
@@ -129,7 +132,7 @@ impl Engine {
         }
         let issued = self
             .logins
-            .create(db, lease_id, &rule.member_of, until)
+            .create(db, (lease_id, who), &rule.member_of, until)
             .await?;
         let login = LeaseLogin {
             database: db.name.clone(),
@@ -156,25 +159,6 @@ impl Engine {
             .logins
             .extend(&db, &login.role, renewed.expires_at)
             .await?)
-    }
-
-    /// Active leases of `who` that hold a login on `database`.
-    async fn live_logins(&self, who: &str, database: &str) -> Result<u64, EngineError> {
-        let now = self.clock.now();
-        let mut n = 0;
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store().leases_of(who, after.as_deref(), 512).await?;
-            let Some(last) = page.last() else {
-                return Ok(n);
-            };
-            after = Some(last.id.clone());
-            n += page
-                .iter()
-                .filter(|l| l.state == LeaseState::Active && l.expires_at > now)
-                .filter(|l| l.login.as_ref().is_some_and(|g| g.database == database))
-                .count() as u64;
-        }
     }
 
     /// The record of a login made for `lease_id`, in the grant's own

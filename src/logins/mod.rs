@@ -163,16 +163,16 @@ impl Logins {
         Ok(c)
     }
 
-    /// Make the login of lease `lease_id` on `db`, a member of `group`,
-    /// valid until `until` (ms since the epoch).
+    /// Make the login of lease `lease_id` for `who` on `db`, a member of
+    /// `group`, valid until `until` (ms since the epoch).
     pub async fn create(
         &self,
         db: &Database,
-        lease_id: &str,
+        (lease_id, who): (&str, &str),
         group: &str,
         until: u64,
     ) -> Result<Issued, LoginError> {
-        let mark = format!("{}{lease_id}", self.mark_prefix(db)?);
+        let mark = format!("{}{lease_id}{}", self.mark_prefix(db)?, holder_tag(who));
         let conn = self.conn(db)?;
         let role = db.role_of(lease_id);
         let password = new_password()?;
@@ -212,6 +212,17 @@ impl Logins {
         let client = self.client(&conn).await?;
         let ended = sql::end(&client, role, group, db.owned);
         self.timed(db, "ended", ended).await
+    }
+
+    /// How many roles on `db` this deployment made for `who` that still
+    /// exist (whatever their lease: a login counts until it is gone).
+    pub async fn held_by(&self, db: &Database, who: &str) -> Result<u64, LoginError> {
+        let prefix = self.mark_prefix(db)?;
+        let conn = self.conn(db)?;
+        let client = self.client(&conn).await?;
+        let tag = holder_tag(who);
+        let counted = sql::count_marked(&client, &prefix, &tag);
+        self.timed(db, "counted", counted).await
     }
 
     /// The roles on `db` that carry this deployment's mark, with the
@@ -323,6 +334,19 @@ fn connect(db: &Database) -> Result<Conn, LoginError> {
         dbname,
         sslmode,
     })
+}
+
+/// The end of a login's mark naming who holds it: a digest, so that no
+/// caller text reaches the database (` for ` and 16 hex digits of SHA-256).
+fn holder_tag(who: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, who.as_bytes());
+    let hex: String = d
+        .as_ref()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(" for {hex}")
 }
 
 /// 32 random bytes, base64url: 256 bits, and safe in a connection string.

@@ -205,8 +205,22 @@ async fn keep(c: &Object, role: &str, group: Option<&str>) -> Result<(), SqlErro
     Ok(())
 }
 
-/// The roles whose mark starts with `prefix`, and what follows it (the
-/// lease id).
+/// How many roles have a mark that starts with `prefix` and ends with
+/// `suffix`.
+pub(super) async fn count_marked(c: &Object, prefix: &str, suffix: &str) -> Result<u64, SqlError> {
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM (SELECT shobj_description(oid, 'pg_authid') AS d FROM pg_roles) r \
+             WHERE left(d, length($1::text)) = $1::text AND right(d, length($2::text)) = $2::text",
+            &[&prefix, &suffix],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// The roles whose mark starts with `prefix`, and the lease id that
+/// follows it.
 pub(super) async fn marked(c: &Object, prefix: &str) -> Result<Vec<(String, String)>, SqlError> {
     let rows = c
         .query(
@@ -217,6 +231,10 @@ pub(super) async fn marked(c: &Object, prefix: &str) -> Result<Vec<(String, Stri
         )
         .await?;
     rows.iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .map(|r| {
+            let rest: String = r.try_get(1)?;
+            let lease = rest.split(' ').next().unwrap_or_default().to_owned();
+            Ok((r.try_get(0)?, lease))
+        })
         .collect()
 }
