@@ -119,6 +119,7 @@ impl Engine {
         lease_id: &str,
         until: Millis,
     ) -> Result<Made, EngineError> {
+        let secret = crate::logins::Secret::new().await?;
         let turn = self.login_turns.take(who).await;
         // Counted in the database: every login made for `who` there that
         // still exists, ended or not (a crash-looping caller is held at the
@@ -132,7 +133,7 @@ impl Engine {
         }
         let issued = self
             .logins
-            .create(db, (lease_id, who), &rule.member_of, until)
+            .create(db, (lease_id, who), &rule.member_of, until, secret)
             .await?;
         let login = LeaseLogin {
             database: db.name.clone(),

@@ -79,6 +79,26 @@ impl std::fmt::Debug for Issued {
     }
 }
 
+/// A new login's password and its SCRAM-SHA-256 verifier (4096 rounds of
+/// PBKDF2: made off the async threads, and before any turn is taken).
+pub struct Secret {
+    password: String,
+    verifier: String,
+}
+
+impl Secret {
+    /// A random password and its verifier.
+    pub async fn new() -> Result<Self, LoginError> {
+        let password = new_password()?;
+        tokio::task::spawn_blocking(move || {
+            let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+            Self { password, verifier }
+        })
+        .await
+        .map_err(|_| LoginError::NoRandomness)
+    }
+}
+
 /// One target: its settings as the policy gave them, and its pool.
 struct Conn {
     db: Database,
@@ -171,12 +191,12 @@ impl Logins {
         (lease_id, who): (&str, &str),
         group: &str,
         until: u64,
+        secret: Secret,
     ) -> Result<Issued, LoginError> {
         let mark = format!("{}{lease_id}{}", self.mark_prefix(db)?, holder_tag(who));
         let conn = self.conn(db)?;
         let role = db.role_of(lease_id);
-        let password = new_password()?;
-        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let Secret { password, verifier } = secret;
         let client = self.client(&conn).await?;
         let until = timestamp(until);
         let made = sql::create(&client, &role, &verifier, &until, group, &mark);

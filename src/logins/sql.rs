@@ -210,8 +210,10 @@ async fn keep(c: &Object, role: &str, group: Option<&str>) -> Result<(), SqlErro
 pub(super) async fn count_marked(c: &Object, prefix: &str, suffix: &str) -> Result<u64, SqlError> {
     let n: i64 = c
         .query_one(
-            "SELECT count(*) FROM (SELECT shobj_description(oid, 'pg_authid') AS d FROM pg_roles) r \
-             WHERE left(d, length($1::text)) = $1::text AND right(d, length($2::text)) = $2::text",
+            "SELECT count(*) FROM pg_shdescription \
+             WHERE classoid = 'pg_authid'::regclass \
+             AND left(description, length($1::text)) = $1::text \
+             AND right(description, length($2::text)) = $2::text",
             &[&prefix, &suffix],
         )
         .await?
