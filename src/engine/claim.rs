@@ -83,23 +83,11 @@ impl Engine {
                         && req.state == RequestState::Approved
                         && req.deadline > now
                 };
-                // The policy may have changed since the approval; a
-                // delegated request's parent may have ended.
                 let policy = self.policy();
-                let parent = match &current {
-                    Some(req) if claimable(req) => {
-                        super::approvals::check_still_allowed(
-                            &policy,
-                            self.store().as_ref(),
-                            req,
-                            now,
-                        )
-                        .await?
-                    }
-                    _ => None,
-                };
                 let to_claim = current.as_ref().filter(|r| claimable(r));
-                login_still_fits(&policy, to_claim, login, (made_at, now))?;
+                let parent = self
+                    .still_claimable(&policy, to_claim, login, (made_at, now))
+                    .await?;
                 let mut minted = None;
                 let pinned = parent.clone();
                 let out = self.records.edit_request_from(&mut op, current, |req| {
@@ -134,6 +122,23 @@ impl Engine {
         tracing::info!(request_id = %id, jti = %lease.id, kid = %lease.kid, sub = %who, "approved request issued");
         self.announce(EventKind::Issued, &issued, who.as_str(), "");
         Ok(Some((tok, lease, issued)))
+    }
+
+    /// What may have changed since `req` was approved: the policy, a
+    /// delegated request's parent (which may have ended; returned, to be
+    /// pinned), whether the policy still makes the login made for it.
+    async fn still_claimable(
+        &self,
+        policy: &crate::policy::Policy,
+        req: Option<&TokenRequest>,
+        login: Option<&crate::model::LeaseLogin>,
+        (made_at, now): (u64, u64),
+    ) -> Result<Option<Lease>, EngineError> {
+        let Some(req) = req else { return Ok(None) };
+        let parent =
+            super::approvals::check_still_allowed(policy, self.store().as_ref(), req, now).await?;
+        login_still_fits(policy, Some(req), login, (made_at, now))?;
+        Ok(parent)
     }
 
     /// The lease an approved request becomes at `now`, and its signed token.
@@ -196,10 +201,7 @@ fn login_still_fits(
             "the policy changed while the claim was made; claim again".into(),
         ));
     }
-    if login.is_some() {
-        super::logins::still_in_time(made_at, now)?;
-    }
-    Ok(())
+    super::logins::still_in_time(login.is_some(), made_at, now)
 }
 
 /// The TTL an approved request's lease gets: the shortest any approver

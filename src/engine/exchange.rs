@@ -368,13 +368,7 @@ fn plan(
     now: Millis,
 ) -> Result<Plan, EngineError> {
     let (scopes, audience, left) = attenuate(&parent, ask, now)?;
-    if super::logins::login_scope(policy, &scopes)?.is_some() {
-        return Err(FieldError::new(
-            "scopes",
-            "a login scope's database login is not delegated: the child asks for its own",
-        )
-        .into());
-    }
+    super::logins::not_delegated(policy, &scopes)?;
     let delegation = chain(&parent, holder, &to)?;
     let rule = policy.delegation_rule(&DelegationAsk {
         holder: &holder.who,

@@ -133,9 +133,7 @@ impl Engine {
             (&request_id, &cnf, &id, &idem, &terms, &login);
         let out = self
             .commit_claiming(|mut op| async move {
-                if login_ref.is_some() {
-                    super::logins::still_in_time(now, self.clock.now())?;
-                }
+                super::logins::still_in_time(login_ref.is_some(), now, self.clock.now())?;
                 let keys = self.keys.current();
                 let lease = Lease {
                     request_id: request_id.clone(),

@@ -89,10 +89,8 @@ impl Engine {
                 let out = self.records.edit_lease_from(&mut op, current, |lease| {
                     check_owner(lease, who, false)?;
                     check_renewable(lease, now)?;
-                    let max_expires_at = match ceiling {
-                        Some(c) => c,
-                        None => current_ceiling(policy, who, lease)?,
-                    };
+                    let max_expires_at =
+                        ceiling.map_or_else(|| current_ceiling(policy, who, lease), Ok)?;
                     let expires_at = renewed_until(lease, ttl, now, max_expires_at)?;
                     let keys = self.keys.current();
                     let renewed = Lease {
@@ -151,9 +149,7 @@ impl Engine {
     ) -> Result<(Lease, u64), EngineError> {
         check_reason("reason", reason, false)?;
         self.owned_lease(who, id, true).await?;
-        // Heard before the commit, so that the end of its login is not
-        // missed (see below).
-        let login_ends = self.login_ends();
+        let login_ends = self.login_ends(); // before the write: see below
         let (out, cascaded) = self
             .commit(|mut op| async move {
                 let now = self.clock.now();
@@ -191,14 +187,8 @@ impl Engine {
         match out {
             Cas::Swapped { old, new } => {
                 tracing::info!(jti = %id, sub = %old.subject, by = %who, cascaded, "revoked");
-                // A login can no longer sign in, and its sessions are gone,
-                // before the revocation answers (or the wait gives up: the
-                // ending goes on, retried, and the reconciler follows it).
-                if new.login.is_some()
-                    && !Self::login_disabled(login_ends, id, super::logins::REVOKE_WAITS).await
-                {
-                    tracing::warn!(jti = %id, "the lease's database login was not ended in time; ending it goes on");
-                }
+                // Its login can no longer sign in, its sessions are gone.
+                Self::wait_login_end(&new, login_ends).await;
                 Ok((new, cascaded as u64))
             }
             Cas::Kept(lease) => Ok((lease, 0)),

@@ -65,15 +65,29 @@ pub(crate) fn login_scope<'p>(
     Ok(found)
 }
 
+/// Refuse to delegate a login scope: its login is not handed on (the
+/// child asks for its own).
+pub(crate) fn not_delegated(policy: &Policy, scopes: &[String]) -> Result<(), EngineError> {
+    match login_scope(policy, scopes)? {
+        Some(_) => Err(FieldError::new(
+            "scopes",
+            "a login scope's database login is not delegated: the child asks for its own",
+        )
+        .into()),
+        None => Ok(()),
+    }
+}
+
 /// The time in a lease id (`l_` and 12 hex digits of milliseconds).
 fn lease_id_time(id: &str) -> Option<Millis> {
     u64::from_str_radix(id.strip_prefix("l_")?.get(..12)?, 16).ok()
 }
 
-/// Refuse to write a lease that holds a login made at `made_at` (the lease
-/// id's time) when `now` is too late for it (see [`WRITTEN_WITHIN_MS`]).
-pub(crate) fn still_in_time(made_at: Millis, now: Millis) -> Result<(), EngineError> {
-    if now.saturating_sub(made_at) > WRITTEN_WITHIN_MS {
+/// Refuse to write a lease that holds a login (`holds`) made at `made_at`
+/// (the lease id's time) when `now` is too late for it (see
+/// [`WRITTEN_WITHIN_MS`]).
+pub(crate) fn still_in_time(holds: bool, made_at: Millis, now: Millis) -> Result<(), EngineError> {
+    if holds && now.saturating_sub(made_at) > WRITTEN_WITHIN_MS {
         return Err(crate::store::StoreError::Unavailable(
             "the grant of a database login took too long to write; nothing was issued".into(),
         )
@@ -327,6 +341,19 @@ impl Engine {
             }
         };
         tokio::time::timeout(within, wait).await.unwrap_or(false)
+    }
+
+    /// After `revoked` (lease `id`) was written: wait until its login, if
+    /// it holds one, is ended (`ends`: subscribed before the write), or
+    /// [`REVOKE_WAITS`] passes (the end goes on, retried, and the
+    /// reconciler follows it).
+    pub(crate) async fn wait_login_end(
+        revoked: &crate::model::Lease,
+        ends: tokio::sync::broadcast::Receiver<String>,
+    ) {
+        if revoked.login.is_some() && !Self::login_disabled(ends, &revoked.id, REVOKE_WAITS).await {
+            tracing::warn!(jti = %revoked.id, "the lease's database login was not ended in time; ending it goes on");
+        }
     }
 
     /// Subscribe to the ends of logins (see [`Engine::login_disabled`]).
