@@ -163,6 +163,49 @@ const REQUESTS_OPEN_BY: usize = 12;
 /// Trees a batch may write.
 const TREES: usize = 13;
 
+/// A group checked and chained, not yet written (see
+/// `SledCore::stage_group`).
+struct Staging {
+    head: ChainHead,
+    changes: Vec<Change>,
+    answers: Answers,
+}
+
+/// The outcomes of a group's batches, sent once the group is written:
+/// those that stay (with their records) and those that lost.
+#[derive(Default)]
+struct Answers {
+    done: Vec<(Reply, Records)>,
+    lost: Vec<(Reply, Result<Applied, StoreError>)>,
+}
+
+/// The records a batch appended: (number, stored bytes).
+type Records = Vec<(u64, Vec<u8>)>;
+
+impl Answers {
+    /// Send them: as they are if the group was written, else every one
+    /// refused with `written`'s error.
+    fn send(self, written: Result<(), &StoreError>) {
+        match written {
+            Ok(()) => {
+                for (reply, records) in self.done {
+                    let _ = reply.send(Ok(Applied::Done(records)));
+                }
+                for (reply, outcome) in self.lost {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                let replies = self.done.into_iter().map(|(r, _)| r);
+                let lost = self.lost.into_iter().map(|(r, _)| r);
+                for reply in replies.chain(lost) {
+                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
 /// One change to one tree: (tree index, key, new value or removal).
 type Change = (u8, Vec<u8>, Option<Vec<u8>>);
 
@@ -1234,7 +1277,11 @@ impl SledCore {
             );
         };
         let applier = &mut *guard;
-        let (head, changes, done) = self.stage_group(applier, group);
+        let Staging {
+            head,
+            changes,
+            answers,
+        } = self.stage_group(applier, group);
         let mut changes = pack_audit(changes);
         let seq = applier.groups + 1;
         if !changes.is_empty() {
@@ -1253,38 +1300,33 @@ impl SledCore {
         } else {
             self.write_changes(&mut applier.journal, seq, &changes)
         };
-        match written {
+        match &written {
             Ok(()) => {
                 applier.head = head;
                 if !changes.is_empty() {
                     applier.groups = seq;
                 }
-                for (reply, records) in done {
-                    let _ = reply.send(Ok(Applied::Done(records)));
-                }
             }
             Err(e) => {
                 self.broken.store(true, Ordering::SeqCst);
                 tracing::error!(error = %e, "a batch write failed part-way; refusing every write until a restart completes it");
-                refuse(done.into_iter().map(|(r, _)| r).collect(), &e.to_string());
             }
         }
+        answers.send(written.as_ref().map(|_| ()));
     }
 
     /// Check and chain each batch of `group` in order, against the trees
-    /// and the changes of the group's batches before it. Batches that lose
-    /// get their outcome now; for those that stay: the head after them,
-    /// their changes, and where their outcomes go.
-    #[allow(clippy::type_complexity, reason = "used once, right above")]
-    fn stage_group(
-        &self,
-        applier: &mut Applier,
-        group: Vec<Queued>,
-    ) -> (ChainHead, Vec<Change>, Vec<(Reply, Vec<(u64, Vec<u8>)>)>) {
+    /// and the changes of the group's batches before it. For those that
+    /// stay: the head after them, their changes, and where their outcomes
+    /// go; and the outcomes of those that lost, which are sent only once
+    /// the group is written: a batch may have lost to an earlier one of
+    /// the same group, and its caller then reads what that one wrote (an
+    /// idempotent retry reads the first call's lease).
+    fn stage_group(&self, applier: &mut Applier, group: Vec<Queued>) -> Staging {
         let mut head = applier.head.clone();
         let mut overlay = Overlay::default();
         let mut changes = Vec::new();
-        let mut done = Vec::new();
+        let mut answers = Answers::default();
         for (batch, reply) in group {
             let (outcome, staged) = {
                 let mut staged = Staged {
@@ -1303,17 +1345,17 @@ impl SledCore {
                     head = next;
                     overlay.extend(staged.1, changes.len());
                     changes.extend(staged.0);
-                    done.push((reply, records));
+                    answers.done.push((reply, records));
                 }
-                Ok((lost, _)) => {
-                    let _ = reply.send(Ok(lost));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
+                Ok((outcome, _)) => answers.lost.push((reply, Ok(outcome))),
+                Err(e) => answers.lost.push((reply, Err(e))),
             }
         }
-        (head, changes, done)
+        Staging {
+            head,
+            changes,
+            answers,
+        }
     }
 
     /// Every tree a batch may write, in the order of the index constants.
