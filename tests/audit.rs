@@ -19,18 +19,6 @@ use portcullis::pb::approvals_client::ApprovalsClient;
 use portcullis::pb::audit_client::AuditClient;
 use tonic::Code;
 
-async fn export(h: &Harness) -> Vec<pb::AuditRecord> {
-    let mut a = AuditClient::new(h.channel(As::Admin).await);
-    a.export(pb::ExportRequest {
-        page_size: 5000,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .records
-}
-
 async fn verify(h: &Harness) -> pb::VerifyResponse {
     AuditClient::new(h.channel(As::Admin).await)
         .verify(pb::VerifyRequest::default())

@@ -181,16 +181,15 @@ async fn gone(t: &Target, role: &str) {
     panic!("role {role} is still there");
 }
 
-async fn trail(h: &Harness) -> Vec<pb::AuditRecord> {
-    let mut a = pb::audit_client::AuditClient::new(h.channel(As::Admin).await);
-    a.export(pb::ExportRequest {
-        page_size: 5000,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .records
+/// A `db.orders.read` login for 60 s.
+async fn read_for_a_minute(
+    c: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+) -> pb::Grant {
+    let ask = pb::RequestTokenRequest {
+        ttl: common::secs(60),
+        ..ask(&["db.orders.read"])
+    };
+    grant(c, ask).await
 }
 
 fn login_of(g: &pb::Grant) -> &pb::DatabaseLogin {
@@ -206,14 +205,7 @@ async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() 
     };
     let h = broker(&t, "").await;
     let mut c = h.broker(As::Workload).await;
-    let g = grant(
-        &mut c,
-        pb::RequestTokenRequest {
-            ttl: common::secs(60),
-            ..ask(&["db.orders.read"])
-        },
-    )
-    .await;
+    let g = read_for_a_minute(&mut c).await;
     let l = login_of(&g).clone();
     let lease = g.lease.clone().unwrap();
     assert_eq!(
@@ -296,7 +288,7 @@ async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() 
     gone(&t, &l.user).await;
 
     // Each step is in the trail; the password in no record.
-    let records = trail(&h).await;
+    let records = common::export(&h).await;
     let mine: Vec<&pb::AuditRecord> = records.iter().filter(|r| r.target == lease.id).collect();
     for action in [
         "token.granted",
@@ -330,14 +322,7 @@ async fn expiry_ends_the_login_and_an_unused_orphan_is_dropped_by_the_reconciler
     };
     let mut h = broker(&t, "").await;
     let mut c = h.broker(As::Workload).await;
-    let g = grant(
-        &mut c,
-        pb::RequestTokenRequest {
-            ttl: common::secs(60),
-            ..ask(&["db.orders.read"])
-        },
-    )
-    .await;
+    let g = read_for_a_minute(&mut c).await;
     let expiring = login_of(&g).user.clone();
     let live = login_of(&grant(&mut c, ask(&["db.orders.read"])).await)
         .user
@@ -372,7 +357,7 @@ async fn expiry_ends_the_login_and_an_unused_orphan_is_dropped_by_the_reconciler
         "another deployment's role is not touched"
     );
     assert!(role_exists(&t, &live).await);
-    let records = trail(&h).await;
+    let records = common::export(&h).await;
     assert!(
         records
             .iter()

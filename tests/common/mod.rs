@@ -271,6 +271,19 @@ impl Harness {
     }
 }
 
+/// The trail's first 5,000 records, as the admin exports them.
+pub async fn export(h: &Harness) -> Vec<pb::AuditRecord> {
+    let mut a = pb::audit_client::AuditClient::new(h.channel(As::Admin).await);
+    a.export(pb::ExportRequest {
+        page_size: 5000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .records
+}
+
 /// A request for `scopes`, with a reason (approval scopes need one).
 pub fn ask(scopes: &[&str]) -> pb::RequestTokenRequest {
     pb::RequestTokenRequest {
