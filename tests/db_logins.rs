@@ -256,18 +256,7 @@ async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() 
 
     // Renew moves the login's end with the lease's.
     let before = valid_until(&t, &l.user).await;
-    let renewed = c
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: lease.id.clone(),
-            ttl: common::secs(1800),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .grant
-        .unwrap()
-        .lease
-        .unwrap();
+    let renewed = common::renewed(&mut c, &lease.id, Some(1800)).await;
     let after = valid_until(&t, &l.user).await;
     let expires = renewed.expires_at.unwrap().seconds as f64;
     assert!(after > before + 1000.0, "{before} -> {after}");

@@ -79,18 +79,7 @@ async fn f01_renewal_never_stretches_an_approved_ttl() {
     );
 
     // The scope's max_ttl is 15 minutes; the approval said 60 s.
-    let renewed = c
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: lease.id.clone(),
-            ttl: secs(900),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .grant
-        .unwrap()
-        .lease
-        .unwrap();
+    let renewed = common::renewed(&mut c, &lease.id, Some(900)).await;
     assert!(lease_life(&renewed).0 <= 60, "{renewed:?}");
     h.clock.advance(Duration::from_secs(60));
     let e = c
@@ -176,18 +165,7 @@ async fn f07_policy_changes_reach_requests_and_leases_in_flight() {
         e.message()
     );
 
-    let renewed = c
-        .renew_lease(pb::RenewLeaseRequest {
-            lease_id: write.id,
-            ttl: secs(600),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .grant
-        .unwrap()
-        .lease
-        .unwrap();
+    let renewed = common::renewed(&mut c, &write.id, Some(600)).await;
     assert_eq!(
         lease_life(&renewed),
         (120, 120),

@@ -334,6 +334,21 @@ pub async fn grant(c: &mut BrokerClient<Channel>, req: pb::RequestTokenRequest) 
     }
 }
 
+/// Renew lease `id` for `ttl_secs` (or its TTL) and expect the renewed lease.
+pub async fn renewed(c: &mut BrokerClient<Channel>, id: &str, ttl_secs: Option<i64>) -> pb::Lease {
+    c.renew_lease(pb::RenewLeaseRequest {
+        lease_id: id.to_owned(),
+        ttl: ttl_secs.and_then(secs),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .grant
+    .unwrap()
+    .lease
+    .unwrap()
+}
+
 /// Decode a JWT part without verifying.
 pub fn part(token: &str, i: usize) -> serde_json::Value {
     use base64::Engine as _;
