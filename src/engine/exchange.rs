@@ -196,15 +196,19 @@ impl Engine {
         let cnf = super::bound_to(policy, &plan.terms.scopes, plan.holder.x5t.as_deref())?;
         let id = new_id("l_", now)?;
         let idem = idempotency(&plan, IdempotentOutcome::Lease(id.clone()));
-        let (plan_ref, cnf, id, idem) = (&plan, &cnf, &id, &idem);
+        let made = self.login_for_child(policy, &plan, &id).await?;
+        let login = made.as_ref().map(|(_, l, _)| Box::new(l.clone()));
+        let (plan_ref, cnf, id, idem, login_ref) = (&plan, &cnf, &id, &idem, &login);
         let out = self
             .commit_claiming(|mut op| async move {
                 let plan = plan_ref;
+                super::logins::still_in_time(login_ref.is_some(), now, self.clock.now())?;
                 let keys = self.keys.current();
                 let lease = Lease {
                     expires_at: plan.expires_at,
                     max_expires_at: plan.max_expires_at,
                     cnf: cnf.clone(),
+                    login: login_ref.clone(),
                     ..Lease::active(
                         id.clone(),
                         plan.to.as_str(),
@@ -222,18 +226,16 @@ impl Engine {
                 // is never written (the batch loses, the plan runs again).
                 op.expect_lease(parent);
                 op.create_lease(lease.clone(), idem.clone());
-                let entry = AuditEntry::ok(
-                    plan.holder.who.as_str(),
-                    Action::TokenExchanged,
-                    &lease.id,
-                    &lease.scopes,
-                    &chain_text(&lease.subject, &plan.delegation),
-                );
-                op.record(vec![entry.rule(plan.rule.clone())])?;
+                exchanged_in(&mut op, plan, &lease)?;
                 Ok((op, (lease, tok)))
             })
-            .await?;
-        let (lease, tok) = match out {
+            .await;
+        if !matches!(out, Ok(Ok(_)))
+            && let Some(l) = login
+        {
+            self.abandon_login(id, *l);
+        }
+        let (lease, tok) = match out? {
             Ok(done) => done,
             Err(existing) => return self.replay(&plan.holder.who, existing, &plan.digest).await,
         };
@@ -243,8 +245,25 @@ impl Engine {
         Ok(Outcome::Granted {
             token: tok,
             lease,
-            login: None,
+            login: made.map(|(issued, ..)| Box::new(issued)),
         })
+    }
+
+    /// A login scope gives the child a login of its own (the parent's
+    /// password is never handed on), made before the child is written.
+    async fn login_for_child(
+        &self,
+        policy: &Policy,
+        plan: &Plan,
+        lease_id: &str,
+    ) -> Result<Option<super::logins::Made>, EngineError> {
+        match super::logins::login_scope(policy, &plan.terms.scopes)? {
+            Some((db, rule)) => Ok(Some(
+                self.make_login(plan.to.as_str(), db, rule, lease_id, plan.expires_at)
+                    .await?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// Park the child: for approvers (PENDING), or — nothing to approve —
@@ -292,6 +311,22 @@ impl Engine {
         }
         Ok(Outcome::Parked(req))
     }
+}
+
+/// The records of child `lease` granted by `plan`, in its operation.
+fn exchanged_in(op: &mut super::Op, plan: &Plan, lease: &Lease) -> Result<(), EngineError> {
+    let entry = AuditEntry::ok(
+        plan.holder.who.as_str(),
+        Action::TokenExchanged,
+        &lease.id,
+        &lease.scopes,
+        &chain_text(&lease.subject, &plan.delegation),
+    );
+    op.record(vec![entry.rule(plan.rule.clone())])?;
+    if let Some(l) = &lease.login {
+        Engine::record_login(op, plan.to.as_str(), &lease.id, &lease.scopes, l)?;
+    }
+    Ok(())
 }
 
 /// The request a parked exchange is: PENDING for approvers, or APPROVED
@@ -368,7 +403,9 @@ fn plan(
     now: Millis,
 ) -> Result<Plan, EngineError> {
     let (scopes, audience, left) = attenuate(&parent, ask, now)?;
-    super::logins::not_delegated(policy, &scopes)?;
+    // At most one login scope, as for any grant (the child gets a login of
+    // its own: see `grant_exchange`).
+    super::logins::login_scope(policy, &scopes)?;
     let delegation = chain(&parent, holder, &to)?;
     let rule = policy.delegation_rule(&DelegationAsk {
         holder: &holder.who,

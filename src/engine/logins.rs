@@ -65,19 +65,6 @@ pub(crate) fn login_scope<'p>(
     Ok(found)
 }
 
-/// Refuse to delegate a login scope: its login is not handed on (the
-/// child asks for its own).
-pub(crate) fn not_delegated(policy: &Policy, scopes: &[String]) -> Result<(), EngineError> {
-    match login_scope(policy, scopes)? {
-        Some(_) => Err(FieldError::new(
-            "scopes",
-            "a login scope's database login is not delegated: the child asks for its own",
-        )
-        .into()),
-        None => Ok(()),
-    }
-}
-
 /// The time in a lease id (`l_` and 12 hex digits of milliseconds).
 fn lease_id_time(id: &str) -> Option<Millis> {
     u64::from_str_radix(id.strip_prefix("l_")?.get(..12)?, 16).ok()
