@@ -8,6 +8,10 @@
 //! With a parent token file it keeps a *delegated* token instead: a child
 //! exchanged from the parent (narrower, never outliving it), renewed while
 //! the parent lives and exchanged afresh from the file when it cannot be.
+//!
+//! With an env file it keeps a login scope's database login there too: a
+//! renewal keeps the login (and moves its end), a new lease brings a new
+//! login, written before the old one ends.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,8 +30,12 @@ pub struct AgentConfig {
     pub audience: String,
     /// Wanted TTL per lease.
     pub ttl: Option<Duration>,
-    /// Token file.
-    pub out: PathBuf,
+    /// Token file (`None`: the env file only).
+    pub out: Option<PathBuf>,
+    /// Env file: the lease, its token and — for a login scope — its
+    /// database login as `PG*` variables, rewritten at every renewal and
+    /// re-issue (`None`: the token file only).
+    pub env_file: Option<PathBuf>,
     /// Why (recorded, shown to approvers).
     pub reason: String,
     /// Keep a *delegated* token instead: exchange the token in this file
@@ -156,21 +164,51 @@ async fn renew(
     r.grant.ok_or(RefreshError::Incomplete("empty renewal"))
 }
 
-/// Write the token file; one line per refresh on stdout, for people and
-/// tests.
-fn store_token(out: &std::path::Path, g: &pb::Grant, lease: &pb::Lease) -> bool {
-    match write_atomic(out, g.token.as_bytes(), Access::Private) {
-        Ok(()) => {
+/// What the agent keeps written: the token file, the env file, and the
+/// login of the current lease (given once, when the lease was granted).
+struct Files<'c> {
+    cfg: &'c AgentConfig,
+    login: Option<pb::DatabaseLogin>,
+}
+
+impl Files<'_> {
+    /// Write the files for grant `g` (a renewal of the current lease, or a
+    /// new one); one line per refresh on stdout, for people and tests.
+    fn store(&mut self, g: &pb::Grant, lease: &pb::Lease, renewal: bool) -> bool {
+        if let Some(l) = &g.login {
+            self.login = Some(l.clone());
+        } else if !renewal {
+            self.login = None;
+        }
+        if g.login.is_some() && self.cfg.env_file.is_none() {
+            tracing::error!(lease = %lease.id, "the lease holds a database login, whose password only --env-file keeps: it is not written anywhere");
+        }
+        let mut ok = true;
+        if let Some(out) = &self.cfg.out {
+            ok &= write(out, g.token.as_bytes());
+        }
+        if let Some(env) = &self.cfg.env_file {
+            let text = crate::client::login::env_file(&lease.id, &g.token, self.login.as_ref());
+            ok &= write(env, text.as_bytes());
+        }
+        if ok {
             println!(
                 "token written: lease {} renewals {} expires in {}",
                 lease.id,
                 lease.renewals,
                 convert::fmt_dur(convert::until(lease.expires_at.as_ref()))
             );
-            true
         }
+        ok
+    }
+}
+
+/// Write `bytes` to `path` (atomically, mode 0600), or say why not.
+fn write(path: &std::path::Path, bytes: &[u8]) -> bool {
+    match write_atomic(path, bytes, Access::Private) {
+        Ok(()) => true,
         Err(e) => {
-            tracing::error!(path = %out.display(), error = %e, "cannot write the token file");
+            tracing::error!(path = %path.display(), error = %e, "cannot write the agent's file");
             false
         }
     }
@@ -266,22 +304,32 @@ pub async fn run(
     cfg: AgentConfig,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    check_writable(&cfg.out)?;
+    if cfg.out.is_none() && cfg.env_file.is_none() {
+        return Err("nowhere to keep the token: give --out, --env-file, or both".into());
+    }
+    for path in cfg.out.iter().chain(&cfg.env_file) {
+        check_writable(path)?;
+    }
+    let mut files = Files {
+        cfg: &cfg,
+        login: None,
+    };
     tokio::pin!(stop);
     let mut current: Option<pb::Lease> = None;
     let mut backoff = Duration::from_secs(1);
     let mut written = false;
     let mut refused_parent: (Option<String>, u32) = (None, 0);
     loop {
+        let renewal = matches!(&current, Some(l) if l.expires_at != l.max_expires_at);
         let attempt = match &current {
             // Renew while the lease can still grow; else start a new one.
-            Some(l) if l.expires_at != l.max_expires_at => renew(&opts, l, cfg.ttl).await,
+            Some(l) if renewal => renew(&opts, l, cfg.ttl).await,
             _ => obtain(&opts, &cfg).await,
         };
         let wait = match attempt {
             Ok(g) => {
                 let lease = g.lease.clone().unwrap_or_default();
-                if store_token(&cfg.out, &g, &lease) {
+                if files.store(&g, &lease, renewal) {
                     backoff = Duration::from_secs(1);
                     written = true;
                 }

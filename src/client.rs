@@ -232,6 +232,86 @@ impl ClientOpts {
     }
 }
 
+/// A database login (a login scope's grant) as a shell and libpq read it.
+pub mod login {
+    use crate::pb;
+
+    /// `s` quoted for a POSIX shell.
+    fn shell_quoted(s: &str) -> String {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+
+    /// A database login as `PG…` variables libpq reads.
+    fn variables(l: &pb::DatabaseLogin) -> [(&'static str, String); 6] {
+        [
+            ("PGHOST", l.host.clone()),
+            ("PGPORT", l.port.to_string()),
+            ("PGDATABASE", l.dbname.clone()),
+            ("PGUSER", l.user.clone()),
+            ("PGPASSWORD", l.password.clone()),
+            ("PGSSLMODE", l.sslmode.clone()),
+        ]
+    }
+
+    /// `KEY='value'` lines, read alike by a POSIX shell (`set -a; . FILE`),
+    /// systemd's `EnvironmentFile=` and dotenv.
+    fn assignments<'a>(vars: impl IntoIterator<Item = (&'a str, String)>) -> String {
+        vars.into_iter()
+            .map(|(k, v)| format!("{k}={}\n", shell_quoted(&v)))
+            .collect()
+    }
+
+    /// A database login as `export PG…=…` lines (for `eval`).
+    pub fn env(l: &pb::DatabaseLogin) -> String {
+        variables(l)
+            .into_iter()
+            .map(|(k, v)| format!("export {k}={}\n", shell_quoted(&v)))
+            .collect()
+    }
+
+    /// The agent's env file: the lease, its token, and its database login
+    /// when it holds one (see [`assignments`]).
+    pub fn env_file(lease_id: &str, token: &str, l: Option<&pb::DatabaseLogin>) -> String {
+        let mut vars = vec![
+            ("PORTCULLIS_LEASE_ID", lease_id.to_owned()),
+            ("PORTCULLIS_TOKEN", token.to_owned()),
+        ];
+        vars.extend(l.into_iter().flat_map(variables));
+        assignments(vars)
+    }
+
+    /// A database login as a `postgresql://` URL (every part percent-encoded).
+    pub fn url(l: &pb::DatabaseLogin) -> String {
+        let enc = |s: &str| -> String {
+            s.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect()
+        };
+        let host = if l.host.contains(':') {
+            format!("[{}]", l.host)
+        } else {
+            enc(&l.host)
+        };
+        let mode = if l.sslmode.is_empty() {
+            String::new()
+        } else {
+            format!("?sslmode={}", enc(&l.sslmode))
+        };
+        format!(
+            "postgresql://{}:{}@{host}:{}/{}{mode}",
+            enc(&l.user),
+            enc(&l.password),
+            l.port,
+            enc(&l.dbname)
+        )
+    }
+}
+
 /// Conversions between std time and the protobuf well-known types.
 pub mod convert {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};

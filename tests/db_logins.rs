@@ -22,6 +22,9 @@ use portcullis::pb;
 use tokio_postgres::NoTls;
 use tonic::Code;
 
+/// An identity a workload hands part of its access to (token exchange).
+const TOOL: &str = "spiffe://portcullis.dev/tool/report";
+
 /// A database for logins: its URL, an admin session, the group role.
 struct Target {
     url: String,
@@ -77,6 +80,11 @@ workloads = ["spiffe://portcullis.dev/ns/demo/*"]
 approvers = ["approvers"]
 max_ttl = "1h"
 login = {{ database = "orders", member_of = "{group}" }}
+
+[[delegation]]
+from = ["spiffe://portcullis.dev/ns/demo/*"]
+to = ["{TOOL}"]
+scopes = ["db.orders.read"]
 "#,
         url = t.url,
         pw = password_file.display(),
@@ -360,6 +368,65 @@ async fn expiry_ends_the_login_and_an_unused_orphan_is_dropped_by_the_reconciler
 }
 
 #[tokio::test]
+async fn a_delegated_login_is_its_own_and_ends_with_its_parent_sessions_and_all() {
+    let Some(t) = target("a_delegated_login_is_its_own").await else {
+        return;
+    };
+    let h = broker(&t, "").await;
+    let mut c = h.broker(As::Workload).await;
+    let parent = read_for_a_minute(&mut c).await;
+    let mine = login_of(&parent).clone();
+    let parent_id = parent.lease.unwrap().id;
+    let ask = pb::ExchangeTokenRequest {
+        subject_token: parent.token.clone(),
+        scopes: vec!["db.orders.read".into()],
+        for_identity: TOOL.into(),
+        ..Default::default()
+    };
+    let out = c.exchange_token(ask).await.unwrap().into_inner().outcome;
+    let Some(pb::request_token_response::Outcome::Granted(child)) = out else {
+        panic!("not granted: {out:?}");
+    };
+    let theirs = login_of(&child).clone();
+    let child_lease = child.lease.clone().unwrap();
+    assert_eq!(child_lease.parent_id, parent_id);
+    assert_ne!(theirs.user, mine.user, "the child has a login of its own");
+    assert_ne!(theirs.password, mine.password);
+    assert_eq!(theirs.user, format!("pc_{}", child_lease.id));
+
+    // Both work; each has a session open when the parent is revoked.
+    let (s_mine, t_mine) = sign_in(&mine).await.unwrap();
+    let (s_theirs, t_theirs) = sign_in(&theirs).await.unwrap();
+    assert_eq!(psql(&theirs, "SELECT count(*) FROM orders").unwrap(), "2");
+    c.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: parent_id.clone(),
+        reason: "task over".into(),
+    })
+    .await
+    .unwrap();
+    gone(&t, &mine.user).await;
+    gone(&t, &theirs.user).await;
+    for s in [&s_mine, &s_theirs] {
+        let after = s.simple_query("SELECT 1").await;
+        assert!(after.is_err(), "an open session survived: {after:?}");
+    }
+    let _ = (t_mine.await, t_theirs.await);
+    assert!(psql(&theirs, "SELECT 1").is_err());
+
+    // The child's login was made, disabled and dropped on the record.
+    let records = common::export(&h).await;
+    for action in ["db.login.created", "db.login.disabled", "db.login.dropped"] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.target == child_lease.id && r.action == action),
+            "no {action} for the child"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn an_approved_login_is_made_once_when_claimed_concurrently() {
     let Some(t) = target("an_approved_login_is_made_once").await else {
         return;
@@ -494,4 +561,124 @@ async fn the_password_is_in_no_log_line_even_at_debug() {
             "a verifier is in the log: {line}"
         );
     }
+}
+
+/// The `KEY='value'` lines of the agent's env file at `path`, once it has
+/// a `PGUSER` other than `not` (up to 20 s).
+async fn env_file_other_than(path: &Path, not: &str) -> std::collections::HashMap<String, String> {
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let vars: std::collections::HashMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+            .collect();
+        if vars.get("PGUSER").is_some_and(|u| u != not) {
+            return vars;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no env file with a new login at {}", path.display());
+}
+
+fn login_from(vars: &std::collections::HashMap<String, String>) -> pb::DatabaseLogin {
+    pb::DatabaseLogin {
+        user: vars["PGUSER"].clone(),
+        password: vars["PGPASSWORD"].clone(),
+        host: vars["PGHOST"].clone(),
+        port: vars["PGPORT"].parse().unwrap(),
+        dbname: vars["PGDATABASE"].clone(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_agent_keeps_an_env_file_with_a_working_login_across_renewals_and_reissues() {
+    let Some(t) = target("the_agent_keeps_an_env_file").await else {
+        return;
+    };
+    let h = broker(&t, "").await;
+    // The broker's clock keeps pace with PostgreSQL's (`VALID UNTIL` is
+    // judged by the database's own clock).
+    let clock = h.clock.clone();
+    let ticking = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            clock.advance(Duration::from_millis(50));
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("db.env");
+    let cfg = portcullis::agent::AgentConfig {
+        scopes: vec!["db.orders.read".into()],
+        audience: String::new(),
+        ttl: Some(Duration::from_secs(3)),
+        out: None,
+        env_file: Some(env.clone()),
+        reason: String::new(),
+        from_token: None,
+        for_identity: String::new(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(portcullis::agent::run(h.opts(As::Workload), cfg, async {
+        let _ = stopped.await;
+    }));
+    let first = env_file_other_than(&env, "").await;
+    let l = login_from(&first);
+    assert_eq!(psql(&l, "SELECT count(*) FROM orders").unwrap(), "2");
+    assert_eq!(
+        first["PGUSER"],
+        format!("pc_{}", first["PORTCULLIS_LEASE_ID"])
+    );
+    assert!(first["PORTCULLIS_TOKEN"].starts_with("ey"), "{first:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&env).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // Renewed (the same lease, a fresh token): the login stays, still works.
+    let mut c = h.broker(As::Workload).await;
+    let lease = first["PORTCULLIS_LEASE_ID"].clone();
+    for _ in 0..100 {
+        let got = c
+            .get_lease(pb::GetLeaseRequest {
+                lease_id: lease.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.lease.unwrap().renewals > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let renewed = env_file_other_than(&env, "").await;
+    assert_eq!(
+        renewed["PORTCULLIS_LEASE_ID"], lease,
+        "renewed, not re-issued"
+    );
+    assert_eq!(
+        (&renewed["PGUSER"], &renewed["PGPASSWORD"]),
+        (&first["PGUSER"], &first["PGPASSWORD"])
+    );
+    assert_eq!(psql(&l, "SELECT 1").unwrap(), "1");
+
+    // Revoked: the agent asks again and writes the new login.
+    c.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: lease,
+        reason: "rotate".into(),
+    })
+    .await
+    .unwrap();
+    let next = env_file_other_than(&env, &first["PGUSER"]).await;
+    assert_ne!(next["PORTCULLIS_LEASE_ID"], first["PORTCULLIS_LEASE_ID"]);
+    assert_eq!(psql(&login_from(&next), "SELECT 1").unwrap(), "1");
+    assert!(psql(&l, "SELECT 1").is_err(), "the old login is gone");
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    ticking.abort();
+    h.stop().await;
 }

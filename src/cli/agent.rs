@@ -13,8 +13,15 @@ pub struct AgentArgs {
     #[arg(long = "scope", required_unless_present = "from_token")]
     pub scopes: Vec<String>,
     /// Token file (written atomically, mode 0600).
+    #[arg(long, required_unless_present = "env_file")]
+    pub out: Option<PathBuf>,
+    /// Env file (written atomically, mode 0600): `PORTCULLIS_LEASE_ID`,
+    /// `PORTCULLIS_TOKEN` and, for a login scope, the database login as
+    /// `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`,
+    /// `PGSSLMODE` — `KEY='value'` lines for `set -a; . FILE` or systemd's
+    /// `EnvironmentFile=`.
     #[arg(long)]
-    pub out: PathBuf,
+    pub env_file: Option<PathBuf>,
     /// Audience.
     #[arg(long)]
     pub audience: Option<String>,
@@ -42,6 +49,7 @@ pub async fn run(args: AgentArgs, opts: ClientOpts) -> Result<i32, Failure> {
         audience: args.audience.unwrap_or_default(),
         ttl: args.ttl,
         out: args.out,
+        env_file: args.env_file,
         reason: args.reason.unwrap_or_default(),
         from_token: args.from_token,
         for_identity: args.for_identity.unwrap_or_default(),

@@ -125,7 +125,7 @@ pub fn print_grant(out: Output, g: &pb::Grant) {
                         "database login `{}` on `{}` (ends with the lease; the password is shown once)",
                         login.user, login.target
                     );
-                    print!("{}", login_env(login));
+                    print!("{}", crate::client::login::env(login));
                 }
                 None => println!("{}", g.token),
             }
@@ -137,62 +137,11 @@ pub fn print_grant(out: Output, g: &pb::Grant) {
                 "lease": g.lease.as_ref().map(lease_json),
                 "login": g.login.as_ref().map(|l| json!({
                     "user": l.user, "password": l.password, "host": l.host, "port": l.port,
-                    "dbname": l.dbname, "target": l.target, "sslmode": l.sslmode, "url": login_url(l),
+                    "dbname": l.dbname, "target": l.target, "sslmode": l.sslmode, "url": crate::client::login::url(l),
                 })),
             })
         ),
     }
-}
-
-/// `s` quoted for a POSIX shell.
-fn shell_quoted(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-/// A database login as `export PG…=…` lines.
-pub fn login_env(l: &pb::DatabaseLogin) -> String {
-    [
-        ("PGHOST", l.host.clone()),
-        ("PGPORT", l.port.to_string()),
-        ("PGDATABASE", l.dbname.clone()),
-        ("PGUSER", l.user.clone()),
-        ("PGPASSWORD", l.password.clone()),
-        ("PGSSLMODE", l.sslmode.clone()),
-    ]
-    .iter()
-    .map(|(k, v)| format!("export {k}={}\n", shell_quoted(v)))
-    .collect()
-}
-
-/// A database login as a `postgresql://` URL (every part percent-encoded).
-pub fn login_url(l: &pb::DatabaseLogin) -> String {
-    let enc = |s: &str| -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
-    let host = if l.host.contains(':') {
-        format!("[{}]", l.host)
-    } else {
-        enc(&l.host)
-    };
-    let mode = if l.sslmode.is_empty() {
-        String::new()
-    } else {
-        format!("?sslmode={}", enc(&l.sslmode))
-    };
-    format!(
-        "postgresql://{}:{}@{host}:{}/{}{mode}",
-        enc(&l.user),
-        enc(&l.password),
-        l.port,
-        enc(&l.dbname)
-    )
 }
 
 /// A lease as JSON.
