@@ -337,6 +337,17 @@ impl KeyRing {
         self.kek.deployment_id()
     }
 
+    /// Seal a secret the broker keeps for another system (a database's
+    /// admin password) under the KEK, bound to `aad` (see [`Kek::seal`]).
+    pub fn seal(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.kek.seal(aad, plain)
+    }
+
+    /// Open what [`KeyRing::seal`] sealed; `None` if it does not open.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        self.kek.open(aad, sealed)
+    }
+
     /// Load the ring from the store, creating the first signing key if there
     /// is none. Sealed records that do not open are refused, never replaced.
     pub async fn load_or_create(

@@ -107,6 +107,12 @@ vocabulary! {
         DbLoginDisabled = "db.login.disabled",
         /// A lease's database login was dropped (or kept without rights).
         DbLoginDropped = "db.login.dropped",
+        /// A database's admin password is being rotated: the new one is
+        /// sealed in the store, not yet set on the database.
+        DbRootRotating = "db.root.rotating",
+        /// A database's admin password was rotated: set on the database,
+        /// and the new one is the one in force.
+        DbRootRotated = "db.root.rotated",
     }
 }
 

@@ -682,3 +682,192 @@ async fn the_agent_keeps_an_env_file_with_a_working_login_across_renewals_and_re
     ticking.abort();
     h.stop().await;
 }
+
+/// A non-superuser admin role on `t` with only what the README asks for
+/// (`CREATEROLE`, `pg_signal_backend`, the group `WITH ADMIN OPTION`),
+/// signing in with a password; its name and that password.
+async fn least_admin(t: &Target) -> (String, String) {
+    let admin = format!("a_{}", &t.group[2..]);
+    let password = "first-admin-password".to_owned();
+    t.admin
+        .batch_execute(&format!(
+            "CREATE ROLE {admin} LOGIN CREATEROLE PASSWORD '{password}';
+             GRANT pg_signal_backend TO {admin};
+             GRANT {g} TO {admin} WITH ADMIN OPTION;",
+            g = t.group
+        ))
+        .await
+        .unwrap();
+    (admin, password)
+}
+
+/// `password` signs in as `user` on `t`'s database (through libpq).
+fn signs_in_as(t: &Target, user: &str, password: &str) -> bool {
+    let config: tokio_postgres::Config = t.url.parse().unwrap();
+    let tokio_postgres::config::Host::Tcp(host) = &config.get_hosts()[0] else {
+        panic!("{config:?}");
+    };
+    let l = pb::DatabaseLogin {
+        user: user.to_owned(),
+        password: password.to_owned(),
+        host: host.clone(),
+        port: u32::from(config.get_ports()[0]),
+        dbname: config.get_dbname().unwrap().to_owned(),
+        ..Default::default()
+    };
+    psql(&l, "SELECT 1").is_ok()
+}
+
+#[tokio::test]
+async fn a_least_privileged_admin_works_and_its_password_rotates_into_the_store() {
+    let Some(t) = target("a_least_privileged_admin").await else {
+        return;
+    };
+    let (admin, first) = least_admin(&t).await;
+    let as_admin = Target {
+        url: t.url.replacen("postgres@", &format!("{admin}@"), 1),
+        admin: t.admin,
+        group: t.group.clone(),
+    };
+    let pw = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::write(&pw, format!("{first}\n")).unwrap();
+    let mut h = Harness::start_with(Some(&policy(&as_admin, &pw, ""))).await;
+    let t = as_admin;
+    let mut c = h.broker(As::Workload).await;
+
+    // The least privileges make, end (sessions and all) and drop a login.
+    let g = read_for_a_minute(&mut c).await;
+    let l = login_of(&g).clone();
+    let (s, task) = sign_in(&l).await.unwrap();
+    c.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: g.lease.unwrap().id,
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    assert!(s.simple_query("SELECT 1").await.is_err());
+    let _ = task.await;
+    gone(&t, &l.user).await;
+
+    // Rotation: admins only, a database the policy names, and then the
+    // first password signs in no more; the broker goes on with the new one.
+    let mut keys = pb::keys_client::KeysClient::new(h.channel(As::Admin).await);
+    let rotate = |database: &str| pb::RotateDatabaseRootRequest {
+        database: database.to_owned(),
+        reason: "weekly".into(),
+    };
+    let e = pb::keys_client::KeysClient::new(h.channel(As::Workload).await)
+        .rotate_database_root(rotate("orders"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = keys.rotate_database_root(rotate("nope")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("database"), "{e:?}");
+    assert!(signs_in_as(&t, &admin, &first));
+    let r = keys
+        .rotate_database_root(rotate("orders"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.database, "orders");
+    assert!(
+        !signs_in_as(&t, &admin, &first),
+        "the old password still works"
+    );
+    let g = read_for_a_minute(&mut c).await;
+    assert_eq!(
+        psql(login_of(&g), "SELECT count(*) FROM orders").unwrap(),
+        "2"
+    );
+
+    // After a restart the broker reads it back (the file is stale now), and
+    // rotates again from it.
+    h.restart().await;
+    let mut c = h.broker(As::Workload).await;
+    let g2 = read_for_a_minute(&mut c).await;
+    assert_eq!(psql(login_of(&g2), "SELECT 1").unwrap(), "1");
+    let mut keys = pb::keys_client::KeysClient::new(h.channel(As::Admin).await);
+    keys.rotate_database_root(rotate("orders")).await.unwrap();
+    let g3 = read_for_a_minute(&mut c).await;
+    assert_eq!(psql(login_of(&g3), "SELECT 1").unwrap(), "1");
+
+    // On the record, by whom; no password in the trail.
+    let records = common::export(&h).await;
+    let rotated: Vec<_> = records
+        .iter()
+        .filter(|r| r.action == "db.root.rotated")
+        .collect();
+    assert_eq!(rotated.len(), 2, "{rotated:#?}");
+    assert!(rotated.iter().all(|r| r.target == "orders"
+        && r.actor.ends_with("root-oncall")
+        && r.reason.contains("weekly")));
+    assert!(records.iter().any(|r| r.action == "db.root.rotating"));
+    assert!(!format!("{records:?}").contains(&first));
+    h.stop().await;
+    t.admin
+        .batch_execute(&format!("DROP OWNED BY {admin}; DROP ROLE {admin}"))
+        .await
+        .ok();
+}
+
+#[tokio::test]
+async fn a_login_that_owns_objects_elsewhere_is_kept_unable_to_sign_in_and_without_rights() {
+    let Some(t) = target("a_login_that_owns_objects_elsewhere").await else {
+        return;
+    };
+    let elsewhere = common::scratch_database("owns_objects_elsewhere").unwrap();
+    let h = broker(&t, "").await;
+    let mut c = h.broker(As::Workload).await;
+    let g = read_for_a_minute(&mut c).await;
+    let l = login_of(&g).clone();
+    let lease = g.lease.unwrap().id;
+    // It comes to own a table in another database of the cluster, which
+    // `DROP OWNED` on its own database cannot reach.
+    let (other, conn) = tokio_postgres::connect(&elsewhere, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    other
+        .batch_execute(&format!(
+            "CREATE TABLE left_behind (x int); ALTER TABLE left_behind OWNER TO {}",
+            l.user
+        ))
+        .await
+        .unwrap();
+    c.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: lease.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+
+    // Kept: it cannot sign in, it is no longer in the group, and its mark
+    // says why, so that no reconciler pass ends it again.
+    assert!(role_exists(&t, &l.user).await);
+    assert!(sign_in(&l).await.is_err());
+    assert!(members(&t).await.is_empty(), "{:?}", members(&t).await);
+    let (can_login, mark): (bool, String) = {
+        let row = t
+            .admin
+            .query_one(
+                "SELECT rolcanlogin, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+                &[&l.user],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(!can_login);
+    assert!(mark.contains("kept, owns objects elsewhere"), "{mark}");
+    let records = common::export(&h).await;
+    let fate = records
+        .iter()
+        .find(|r| r.target == lease && r.action == "db.login.dropped")
+        .unwrap();
+    assert!(fate.reason.contains("kept"), "{fate:?}");
+    assert_eq!(h.running().engine.reconcile_logins().await, 0);
+    h.stop().await;
+    other
+        .batch_execute(&format!("DROP TABLE left_behind; DROP ROLE {}", l.user))
+        .await
+        .unwrap();
+}

@@ -93,4 +93,20 @@ impl Keys for KeysService {
             descendants_revoked: done.descendants,
         }))
     }
+
+    async fn rotate_database_root(
+        &self,
+        req: Request<pb::RotateDatabaseRootRequest>,
+    ) -> Result<Response<pb::RotateDatabaseRootResponse>, Status> {
+        let who = caller(&req)?;
+        let m = req.into_inner();
+        let at = self
+            .engine
+            .rotate_db_root(&who, &m.database, &m.reason)
+            .await?;
+        Ok(Response::new(pb::RotateDatabaseRootResponse {
+            database: m.database,
+            rotated_at: Some(convert::ts(at)),
+        }))
+    }
 }

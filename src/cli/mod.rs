@@ -16,6 +16,7 @@ use crate::client::ClientOpts;
 mod agent;
 mod audit;
 mod bench;
+mod db;
 pub mod exit;
 mod keys;
 mod lease;
@@ -113,6 +114,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// The databases login scopes make logins on (admins).
+    Db {
+        #[command(subcommand)]
+        cmd: db::DbCmd,
+    },
     /// Read and verify the decision trail (admins and auditors).
     Audit {
         #[command(subcommand)]
@@ -159,6 +165,7 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
         Command::Lease { cmd } => lease::run(out, cmd, channel).await,
         Command::Requests { cmd } => requests::run(out, cmd, channel).await,
         Command::Keys { cmd } => keys::run(out, cmd, channel).await,
+        Command::Db { cmd } => db::run(out, cmd, channel).await,
         Command::Audit { cmd } => audit::run(out, cmd, channel).await,
         Command::Ui { cmd } => ui::run(out, cmd, channel).await,
         Command::Serve(_)

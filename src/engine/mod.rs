@@ -31,6 +31,7 @@ mod ask;
 mod break_glass;
 mod cascade;
 mod claim;
+mod db_root;
 mod error;
 pub mod exchange;
 pub mod expiry;
@@ -133,6 +134,8 @@ pub struct Engine {
     login_ended: broadcast::Sender<String>,
     /// One login grant per identity at a time (the cap).
     login_turns: logins::Turns,
+    /// One admin password rotation at a time on this broker.
+    root_turn: tokio::sync::Mutex<()>,
 }
 
 /// What an engine is built from.
@@ -164,15 +167,21 @@ impl Engine {
         // store of its own, whose `lead` always says yes).
         let leader = watch::channel(false).0;
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        let sealed = db_root::StorePasswords {
+            store: parts.store.clone(),
+            keys: parts.keys.clone(),
+        };
         let logins = Arc::new(crate::logins::Logins::new(
             parts.keys.deployment_id().ok(),
             metrics.clone(),
+            Some(Arc::new(sealed)),
         ));
         Self {
             logins,
             ended_logins_rx: Mutex::new(Some(ended_rx)),
             login_ended: broadcast::channel(1024).0,
             login_turns: logins::Turns::default(),
+            root_turn: tokio::sync::Mutex::default(),
             leader,
             lead_until: Mutex::new(None),
             upkeep_fence: Mutex::new(None),

@@ -87,6 +87,11 @@ pub struct Secret {
 }
 
 impl Secret {
+    /// The password (a secret: never log it).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
     /// A random password and its verifier.
     pub async fn new() -> Result<Self, LoginError> {
         let password = new_password()?;
@@ -97,6 +102,16 @@ impl Secret {
         .await
         .map_err(|_| LoginError::NoRandomness)
     }
+}
+
+/// Where the admin passwords `db rotate-root` made are kept (the store,
+/// sealed under the KEK: see the engine). The policy's `password_file`
+/// is tried after them.
+#[async_trait::async_trait]
+pub trait SealedPasswords: Send + Sync {
+    /// The admin passwords of database `name` to try, in order (a
+    /// rotation's pending one first, then the current one).
+    async fn passwords(&self, name: &str) -> Vec<String>;
 }
 
 /// One target: its settings as the policy gave them, and its pool.
@@ -120,15 +135,23 @@ pub struct Logins {
     /// `None`: none could be derived, and no login is made or ended.
     owner: Option<String>,
     metrics: Arc<Metrics>,
+    /// Admin passwords a rotation made, tried before the policy's file.
+    sealed: Option<Arc<dyn SealedPasswords>>,
 }
 
 impl Logins {
-    /// Logins marked as `owner`'s.
-    pub fn new(owner: Option<String>, metrics: Arc<Metrics>) -> Self {
+    /// Logins marked as `owner`'s; admin passwords from `sealed`, then
+    /// from each database's `password_file`.
+    pub fn new(
+        owner: Option<String>,
+        metrics: Arc<Metrics>,
+        sealed: Option<Arc<dyn SealedPasswords>>,
+    ) -> Self {
         Self {
             conns: Mutex::new(BTreeMap::new()),
             owner,
             metrics,
+            sealed,
         }
     }
 
@@ -169,18 +192,97 @@ impl Logins {
         all.into_values().collect()
     }
 
-    /// The pool of `db`, made (or made again, if its settings changed).
-    fn conn(&self, db: &Database) -> Result<Arc<Conn>, LoginError> {
-        let mut conns = self
-            .conns
-            .lock()
-            .map_err(|_| LoginError::Unavailable(db.name.clone(), "poisoned".into()))?;
-        if let Some(c) = conns.get(&db.name).filter(|c| c.db == *db) {
+    /// The pool of `db`, made (or made again, if its settings changed or
+    /// its password was refused) with the first admin password that signs
+    /// in.
+    async fn conn(&self, db: &Database) -> Result<Arc<Conn>, LoginError> {
+        let poisoned = || LoginError::Unavailable(db.name.clone(), "poisoned".into());
+        if let Some(c) = (self.conns.lock().map_err(|_| poisoned())?)
+            .get(&db.name)
+            .filter(|c| c.db == *db)
+        {
             return Ok(c.clone());
         }
-        let c = Arc::new(connect(db)?);
-        conns.insert(db.name.clone(), c.clone());
+        let mut tries = match &self.sealed {
+            Some(s) => s.passwords(&db.name).await,
+            None => Vec::new(),
+        };
+        match read_password_file(db) {
+            Ok(p) if !tries.contains(&p) => tries.push(p),
+            Ok(_) => {}
+            Err(e) if tries.is_empty() => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "the admin password file is not read: sealed passwords are tried")
+            }
+        }
+        let c = Arc::new(self.first_that_signs_in(db, tries).await?);
+        self.conns
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(db.name.clone(), c.clone());
         Ok(c)
+    }
+
+    /// A pool with the first of `passwords` the target accepts (tried
+    /// with one connection each, when there is more than one).
+    async fn first_that_signs_in(
+        &self,
+        db: &Database,
+        passwords: Vec<String>,
+    ) -> Result<Conn, LoginError> {
+        let n = passwords.len();
+        for (i, password) in passwords.into_iter().enumerate() {
+            let conn = connect(db, &password)?;
+            if i + 1 == n {
+                return Ok(conn);
+            }
+            match conn.pool.get().await {
+                Ok(_) => return Ok(conn),
+                Err(e) if refused_password(&e) => continue,
+                Err(e) => {
+                    self.failed("connect");
+                    return Err(LoginError::Unavailable(db.name.clone(), e.to_string()));
+                }
+            }
+        }
+        Err(LoginError::Refused(
+            db.name.clone(),
+            "no admin password to sign in with".into(),
+        ))
+    }
+
+    /// Forget the pool of database `name`: the next use makes a new one
+    /// (after a rotation, or when its password was refused).
+    pub fn forget(&self, name: &str) {
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(name);
+        }
+    }
+
+    /// Change the admin role's password on `db` to `secret` (its SCRAM
+    /// verifier is what reaches the target), on a connection signed in
+    /// with the password in force; then the pool is made again.
+    pub async fn set_admin_password(
+        &self,
+        db: &Database,
+        secret: &Secret,
+    ) -> Result<(), LoginError> {
+        let (_, client) = self.client(db).await?;
+        let done = sql::set_own_password(&client, &secret.verifier);
+        let out = self.timed(db, "root_rotated", done).await;
+        drop(client);
+        self.forget(&db.name);
+        out
+    }
+
+    /// Whether the target accepts `password` for the admin role of `db`.
+    pub async fn signs_in(&self, db: &Database, password: &str) -> Result<bool, LoginError> {
+        let conn = connect(db, password)?;
+        match conn.pool.get().await {
+            Ok(_) => Ok(true),
+            Err(e) if refused_password(&e) => Ok(false),
+            Err(e) => Err(LoginError::Unavailable(db.name.clone(), e.to_string())),
+        }
     }
 
     /// Make the login of lease `lease_id` for `who` on `db`, a member of
@@ -194,10 +296,9 @@ impl Logins {
         secret: Secret,
     ) -> Result<Issued, LoginError> {
         let mark = format!("{}{lease_id}{}", self.mark_prefix(db)?, holder_tag(who));
-        let conn = self.conn(db)?;
         let role = db.role_of(lease_id);
         let Secret { password, verifier } = secret;
-        let client = self.client(&conn).await?;
+        let (conn, client) = self.client(db).await?;
         let until = timestamp(until);
         let made = sql::create(&client, &role, &verifier, &until, group, &mark);
         self.timed(db, "created", made).await?;
@@ -213,8 +314,7 @@ impl Logins {
 
     /// Move `role`'s end of validity to `until`.
     pub async fn extend(&self, db: &Database, role: &str, until: u64) -> Result<(), LoginError> {
-        let conn = self.conn(db)?;
-        let client = self.client(&conn).await?;
+        let (_, client) = self.client(db).await?;
         let until = timestamp(until);
         let done = sql::valid_until(&client, role, &until);
         self.timed(db, "extended", done).await
@@ -228,8 +328,7 @@ impl Logins {
         role: &str,
         group: Option<&str>,
     ) -> Result<Ended, LoginError> {
-        let conn = self.conn(db)?;
-        let client = self.client(&conn).await?;
+        let (_, client) = self.client(db).await?;
         let ended = sql::end(&client, role, group, db.owned);
         self.timed(db, "ended", ended).await
     }
@@ -238,8 +337,7 @@ impl Logins {
     /// exist (whatever their lease: a login counts until it is gone).
     pub async fn held_by(&self, db: &Database, who: &str) -> Result<u64, LoginError> {
         let prefix = self.mark_prefix(db)?;
-        let conn = self.conn(db)?;
-        let client = self.client(&conn).await?;
+        let (_, client) = self.client(db).await?;
         let tag = holder_tag(who);
         let counted = sql::count_marked(&client, &prefix, &tag);
         self.timed(db, "counted", counted).await
@@ -249,17 +347,32 @@ impl Logins {
     /// lease id each was made for.
     pub async fn marked(&self, db: &Database) -> Result<Vec<(String, String)>, LoginError> {
         let prefix = self.mark_prefix(db)?;
-        let conn = self.conn(db)?;
-        let client = self.client(&conn).await?;
+        let (_, client) = self.client(db).await?;
         let listed = sql::marked(&client, &prefix);
         self.timed(db, "listed", listed).await
     }
 
-    async fn client(&self, conn: &Conn) -> Result<deadpool_postgres::Object, LoginError> {
-        conn.pool.get().await.map_err(|e| {
-            self.failed("connect");
-            LoginError::Unavailable(conn.db.name.clone(), e.to_string())
-        })
+    /// A connection to `db`, and its target. A password the target
+    /// refuses (another broker rotated it) makes the pool again, once.
+    async fn client(
+        &self,
+        db: &Database,
+    ) -> Result<(Arc<Conn>, deadpool_postgres::Object), LoginError> {
+        let mut again = true;
+        loop {
+            let conn = self.conn(db).await?;
+            match conn.pool.get().await {
+                Ok(c) => return Ok((conn, c)),
+                Err(e) if again && refused_password(&e) => {
+                    again = false;
+                    self.forget(&db.name);
+                }
+                Err(e) => {
+                    self.failed("connect");
+                    return Err(LoginError::Unavailable(db.name.clone(), e.to_string()));
+                }
+            }
+        }
     }
 
     /// `fut` within [`CALL_TIMEOUT`], counted as `step` when it succeeds
@@ -301,10 +414,30 @@ impl Logins {
     }
 }
 
-/// The pool of `db`: verified TLS as for the store, the admin's password
-/// read from its file, ordinary (synchronous) commits: a `NOLOGIN` must
-/// not be lost to a crash of the target.
-fn connect(db: &Database) -> Result<Conn, LoginError> {
+/// Whether the target refused the admin's password.
+fn refused_password(e: &deadpool_postgres::PoolError) -> bool {
+    matches!(e, deadpool_postgres::PoolError::Backend(e)
+        if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD))
+}
+
+/// The admin password in `db`'s `password_file`.
+fn read_password_file(db: &Database) -> Result<String, LoginError> {
+    let password = std::fs::read_to_string(&db.password_file).map_err(|e| {
+        LoginError::Refused(
+            db.name.clone(),
+            format!(
+                "the admin password file {}: {e}",
+                db.password_file.display()
+            ),
+        )
+    })?;
+    Ok(password.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// The pool of `db` (no connection made yet): verified TLS as for the
+/// store, the admin's `password`, ordinary (synchronous) commits: a
+/// `NOLOGIN` must not be lost to a crash of the target.
+fn connect(db: &Database, password: &str) -> Result<Conn, LoginError> {
     let refused = |e: String| LoginError::Refused(db.name.clone(), e);
     let target = Target::parse(&PgOptions {
         url: db.url.clone(),
@@ -312,14 +445,8 @@ fn connect(db: &Database) -> Result<Conn, LoginError> {
         pool_size: db.pool,
     })
     .map_err(|e| refused(e.to_string()))?;
-    let password = std::fs::read_to_string(&db.password_file).map_err(|e| {
-        refused(format!(
-            "the admin password file {}: {e}",
-            db.password_file.display()
-        ))
-    })?;
     let mut config = target.config.clone();
-    config.password(password.trim_end_matches(['\n', '\r']));
+    config.password(password);
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         _ => "localhost".to_owned(),

@@ -240,3 +240,16 @@ pub(super) async fn marked(c: &Object, prefix: &str) -> Result<Vec<(String, Stri
         })
         .collect()
 }
+
+/// Change the signed-in admin role's own password to `verifier` (a
+/// SCRAM-SHA-256 verifier: the password itself never reaches the target).
+pub(super) async fn set_own_password(c: &Object, verifier: &str) -> Result<(), SqlError> {
+    let alter = statement(
+        c,
+        "SELECT format('ALTER ROLE %I PASSWORD %L', current_user, $1::text)",
+        &[&verifier],
+    )
+    .await?;
+    c.batch_execute(&alter).await?;
+    Ok(())
+}
