@@ -388,6 +388,31 @@ pub mod convert {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_env_file_quotes_every_value_for_a_posix_shell_and_systemd() {
+        let l = crate::pb::DatabaseLogin {
+            user: "pc_l_1".into(),
+            password: "it's $HOME `x`".into(),
+            host: "db.example.org".into(),
+            port: 5432,
+            dbname: "orders".into(),
+            sslmode: "verify-full".into(),
+            ..Default::default()
+        };
+        let text = login::env_file("l_1", "ey.tok", Some(&l));
+        assert_eq!(
+            text,
+            "PORTCULLIS_LEASE_ID='l_1'\nPORTCULLIS_TOKEN='ey.tok'\nPGHOST='db.example.org'\n\
+             PGPORT='5432'\nPGDATABASE='orders'\nPGUSER='pc_l_1'\n\
+             PGPASSWORD='it'\\''s $HOME `x`'\nPGSSLMODE='verify-full'\n"
+        );
+        assert_eq!(
+            login::env_file("l_2", "t", None),
+            "PORTCULLIS_LEASE_ID='l_2'\nPORTCULLIS_TOKEN='t'\n"
+        );
+        assert!(login::env(&l).starts_with("export PGHOST='db.example.org'\n"));
+    }
+
     #[derive(Debug, thiserror::Error)]
     #[error("{msg}")]
     struct Wrap {

@@ -27,6 +27,22 @@ pub(crate) async fn end_descendants(
     why: &str,
     now: Millis,
 ) -> Result<Vec<AuditEntry>, StoreError> {
+    Ok(end_descendants_with_logins(records, op, root, by, why, now)
+        .await?
+        .0)
+}
+
+/// [`end_descendants`], and the ids of the ended leases that hold a
+/// database login (a revocation waits for their ends).
+pub(crate) async fn end_descendants_with_logins(
+    records: &Records,
+    op: &mut Op,
+    root: &str,
+    by: &str,
+    why: &str,
+    now: Millis,
+) -> Result<(Vec<AuditEntry>, Vec<String>), StoreError> {
+    let mut logins = Vec::new();
     let reason = format!("delegated from `{root}`, which ended: {why}");
     let mut entries = Vec::new();
     let mut frontier = vec![root.to_owned()];
@@ -55,6 +71,9 @@ pub(crate) async fn end_descendants(
                         &new.scopes,
                         &reason,
                     ));
+                    if new.login.is_some() {
+                        logins.push(id.clone());
+                    }
                 }
                 // Walk on below an already ended child too: its own
                 // children may have been delegated while it lived.
@@ -66,7 +85,7 @@ pub(crate) async fn end_descendants(
             }
         }
     }
-    Ok(entries)
+    Ok((entries, logins))
 }
 
 /// Is every lease `lease` was delegated from still live at `now`? A

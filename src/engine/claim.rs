@@ -21,18 +21,14 @@ impl Engine {
         let made_at = self.clock.now();
         let lease_id = new_id("l_", made_at)?;
         let made = self.login_for_claim(who, id, &lease_id).await?;
-        let login = made.as_ref().map(|(_, l, _)| Box::new(l.clone()));
+        let login = made.as_ref().map(|m| &m.login);
         let claimed = self
-            .claim_as(who, x5t, id, (&lease_id, made_at), login.as_deref())
+            .claim_as(who, x5t, id, (&lease_id, made_at), login)
             .await;
-        if !matches!(claimed, Ok(Some(_)))
-            && let Some(l) = login
-        {
-            // Lost to another claim, or failed: never delivered.
-            self.abandon_login(&lease_id, *l);
-        }
+        // Lost to another claim, or failed: `made` ends its login when
+        // dropped.
         Ok(claimed?.map(|(tok, lease, issued)| {
-            let login = made.map(|(i, ..)| Box::new(i));
+            let login = made.map(super::logins::Made::deliver);
             (tok, lease, issued, login)
         }))
     }

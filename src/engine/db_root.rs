@@ -8,8 +8,10 @@
 //! sealed in the store as *pending* (durable, with its record), then set on
 //! the database, then made *current* (durable, with its record). Until it
 //! is current, the pending one is tried first and the current one next
-//! (then the policy's `password_file`), so whichever the database took is
-//! found; the next rotation settles a pending one before it begins.
+//! (then the previous one, then the policy's `password_file`), so whichever
+//! the database took is found; the next rotation settles a pending one
+//! before it begins. One rotation of a database runs at a time, whichever
+//! broker runs it: each holds the target's own advisory lock throughout.
 
 use std::sync::Arc;
 
@@ -35,6 +37,10 @@ struct Sealed {
     /// whether the database took it, only signing in tells.
     #[serde(default)]
     pending: Option<Vec<u8>>,
+    /// The one before `current` (a database restored to before the last
+    /// rotation still signs in with it).
+    #[serde(default)]
+    previous: Option<Vec<u8>>,
     /// When the last rotation finished (ms since the epoch).
     #[serde(default)]
     rotated_at: Millis,
@@ -60,6 +66,20 @@ async fn load(store: &dyn Store, name: &str) -> Result<Sealed, EngineError> {
         }),
         _ => Ok(Sealed::default()),
     }
+}
+
+/// The refusal of a rotation of a database `policy` does not declare.
+fn no_such_database(policy: &crate::policy::Policy) -> FieldError {
+    let known: Vec<&str> = policy.databases.keys().map(String::as_str).collect();
+    let known = if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
+    };
+    FieldError::new(
+        "database",
+        format!("names no `[[database]]` of the policy (it has: {known})"),
+    )
 }
 
 /// The sealed passwords of the store, as the logins' pools try them.
@@ -88,7 +108,7 @@ impl crate::logins::SealedPasswords for StorePasswords {
                 return Vec::new();
             }
         };
-        [sealed.pending, sealed.current]
+        [sealed.pending, sealed.current, sealed.previous]
             .into_iter()
             .flatten()
             .filter_map(|s| self.open(name, &s))
@@ -109,21 +129,12 @@ impl Engine {
         check_reason("reason", reason, false)?;
         let policy = self.policy();
         let Some(db) = policy.databases.get(name).cloned() else {
-            let known: Vec<&str> = policy.databases.keys().map(String::as_str).collect();
-            return Err(FieldError::new(
-                "database",
-                format!(
-                    "names no `[[database]]` of the policy (it has: {})",
-                    if known.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            )
-            .into());
+            return Err(no_such_database(&policy).into());
         };
         let _alone = self.root_turn.lock().await;
+        // Across brokers: the target's lock, held until `rotation` drops;
+        // the store is read under it.
+        let rotation = self.logins.begin_rotation(&db).await?;
         let sealed = self.root_settled(&db).await?;
         let secret = crate::logins::Secret::new().await?;
         let new = self.keys.seal(&aad(name), secret.password().as_bytes())?;
@@ -139,9 +150,17 @@ impl Engine {
             AuditEntry::ok(who, Action::DbRootRotating, name, &[], &why),
         )
         .await?;
-        self.logins.set_admin_password(&db, &secret).await?;
+        self.logins
+            .set_admin_password(&db, &rotation, &secret)
+            .await
+            .map_err(|e| {
+                EngineError::WrongState(format!(
+                    "the new admin password of database `{name}` may not have been set ({e}); it is kept, and tried first: run the rotation again"
+                ))
+            })?;
         let now = self.clock.now();
         let done = Sealed {
+            previous: pending.current,
             current: Some(new),
             pending: None,
             rotated_at: now,

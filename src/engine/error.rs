@@ -139,7 +139,7 @@ impl EngineError {
             }
             ErrorKind::Unavailable => match self {
                 Self::Login(crate::logins::LoginError::Unavailable(db, _)) => {
-                    format!("database `{db}` is unavailable; nothing was issued or changed")
+                    format!("database `{db}` is unavailable; nothing was issued")
                 }
                 _ => {
                     "the broker could not persist the change; nothing was issued or changed".into()

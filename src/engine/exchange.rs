@@ -197,7 +197,7 @@ impl Engine {
         let id = new_id("l_", now)?;
         let idem = idempotency(&plan, IdempotentOutcome::Lease(id.clone()));
         let made = self.login_for_child(policy, &plan, &id).await?;
-        let login = made.as_ref().map(|(_, l, _)| Box::new(l.clone()));
+        let login = made.as_ref().map(|m| Box::new(m.login.clone()));
         let (plan_ref, cnf, id, idem, login_ref) = (&plan, &cnf, &id, &idem, &login);
         let out = self
             .commit_claiming(|mut op| async move {
@@ -230,11 +230,7 @@ impl Engine {
                 Ok((op, (lease, tok)))
             })
             .await;
-        if !matches!(out, Ok(Ok(_)))
-            && let Some(l) = login
-        {
-            self.abandon_login(id, *l);
-        }
+        // Not written: `made` ends its login when dropped.
         let (lease, tok) = match out? {
             Ok(done) => done,
             Err(existing) => return self.replay(&plan.holder.who, existing, &plan.digest).await,
@@ -245,7 +241,7 @@ impl Engine {
         Ok(Outcome::Granted {
             token: tok,
             lease,
-            login: made.map(|(issued, ..)| Box::new(issued)),
+            login: made.map(super::logins::Made::deliver),
         })
     }
 

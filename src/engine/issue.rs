@@ -124,7 +124,7 @@ impl Engine {
         let made = self
             .login_for_grant(policy, &c, &id, now.saturating_add(terms.ttl_ms))
             .await?;
-        let login = made.as_ref().map(|(_, l, _)| Box::new(l.clone()));
+        let login = made.as_ref().map(|m| Box::new(m.login.clone()));
         // One batch: the lease, the key claim, the break-glass review
         // record, and the grant's own record. Signed (again, should the
         // key ring have moved) on every try.
@@ -148,11 +148,8 @@ impl Engine {
                 Ok((op, (lease, tok, review)))
             })
             .await;
-        if !matches!(out, Ok(Ok(_)))
-            && let Some(l) = login
-        {
-            self.abandon_login(id, *l);
-        }
+        // Not written (or answered from an earlier call): `made` ends its
+        // login when dropped.
         let (lease, tok, review) = match out? {
             Ok(done) => done,
             Err(existing) => return self.replay(&c.who, existing, &c.digest).await,
@@ -170,7 +167,7 @@ impl Engine {
         Ok(Outcome::Granted {
             token: tok,
             lease,
-            login: made.map(|(issued, ..)| Box::new(issued)),
+            login: made.map(super::logins::Made::deliver),
         })
     }
 

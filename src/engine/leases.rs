@@ -158,7 +158,7 @@ impl Engine {
                     .edit_lease(&mut op, id, revoke_if_active(who.as_str(), reason, now))
                     .await?;
                 let Cas::Swapped { new, .. } = &out else {
-                    return Ok((op, (out, 0)));
+                    return Ok((op, (out, (0, Vec::new()))));
                 };
                 let mut entries = vec![AuditEntry::ok(
                     who.as_str(),
@@ -169,7 +169,7 @@ impl Engine {
                 )];
                 // Everything delegated from it ends with it, in the same
                 // atomic batch.
-                let descendants = super::cascade::end_descendants(
+                let (descendants, mut logins) = super::cascade::end_descendants_with_logins(
                     &self.records,
                     &mut op,
                     id,
@@ -181,14 +181,19 @@ impl Engine {
                 let cascaded = descendants.len();
                 entries.extend(descendants);
                 op.record(entries)?;
-                Ok((op, (out, cascaded)))
+                if new.login.is_some() {
+                    logins.push(id.to_owned());
+                }
+                Ok((op, (out, (cascaded, logins))))
             })
             .await?;
+        let (cascaded, logins) = cascaded;
         match out {
             Cas::Swapped { old, new } => {
                 tracing::info!(jti = %id, sub = %old.subject, by = %who, cascaded, "revoked");
-                // Its login can no longer sign in, its sessions are gone.
-                Self::wait_login_end(&new, login_ends).await;
+                // Its logins (its own, its descendants') can no longer sign
+                // in, their sessions are gone.
+                Self::wait_logins_end(logins, login_ends).await;
                 Ok((new, cascaded as u64))
             }
             Cas::Kept(lease) => Ok((lease, 0)),

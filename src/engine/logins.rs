@@ -105,9 +105,64 @@ impl Turns {
     }
 }
 
-/// A login just made, and this identity's turn, held until the lease is
-/// written.
-pub(crate) type Made = (Issued, LeaseLogin, tokio::sync::OwnedMutexGuard<()>);
+/// A login just made for a lease not yet written, and this identity's
+/// turn, held until it is. Dropped without being delivered (the lease was
+/// not written, the grant failed, or the call was cancelled mid-way), it
+/// ends the login at once rather than leave it to the reconciler: nobody
+/// was given its password.
+pub(crate) struct Made {
+    issued: Issued,
+    /// The login as its lease records it.
+    pub(crate) login: LeaseLogin,
+    lease_id: String,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+    /// Where to end it, until it is delivered.
+    undelivered: Option<(Arc<crate::logins::Logins>, Arc<Policy>)>,
+}
+
+impl Made {
+    /// The lease that holds it is written: the login is the caller's, and
+    /// ends with its lease.
+    pub(crate) fn deliver(mut self) -> Box<Issued> {
+        self.undelivered = None;
+        Box::new(self.issued.clone())
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        if let Some((logins, policy)) = self.undelivered.take() {
+            abandon(logins, &policy, &self.lease_id, self.login.clone());
+        }
+    }
+}
+
+/// End `login`, made for lease `lease_id` that was never written (the
+/// reconciler would, later).
+fn abandon(logins: Arc<crate::logins::Logins>, policy: &Policy, lease_id: &str, login: LeaseLogin) {
+    let id = lease_id.to_owned();
+    let db = match logins.database(policy, &login.database) {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::error!(error = %e, lease = %id, role = %login.role, "cannot end the login of a grant that was not written");
+            return;
+        }
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(lease = %id, role = %login.role, "no runtime to end the login of a grant that was not written; the reconciler will");
+        return;
+    };
+    rt.spawn(async move {
+        match logins.end(&db, &login.role, None).await {
+            Ok(_) => {
+                tracing::info!(lease = %id, role = %login.role, "the login of a grant that was not written was ended");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, lease = %id, role = %login.role, "could not end the login of a grant that was not written; the reconciler will");
+            }
+        }
+    });
+}
 
 impl Engine {
     /// Make the login a grant of lease `lease_id` to `who` holds until
@@ -141,7 +196,13 @@ impl Engine {
             role: issued.role.clone(),
             group: rule.member_of.clone(),
         };
-        Ok((issued, login, turn))
+        Ok(Made {
+            issued,
+            login,
+            lease_id: lease_id.to_owned(),
+            _turn: turn,
+            undelivered: Some((self.logins.clone(), self.policy())),
+        })
     }
 
     /// A renewal's login (if it holds one) valid until the renewed
@@ -184,30 +245,6 @@ impl Engine {
             &what,
         )])?;
         Ok(())
-    }
-
-    /// A login made for a grant whose lease was not written (a lost race,
-    /// a store that failed, a retry answered from the first call): end it
-    /// now; the reconciler would otherwise, later.
-    pub(crate) fn abandon_login(&self, lease_id: &str, login: LeaseLogin) {
-        let (logins, policy, id) = (self.logins.clone(), self.policy(), lease_id.to_owned());
-        tokio::spawn(async move {
-            let db = match logins.database(&policy, &login.database) {
-                Ok(db) => db,
-                Err(e) => {
-                    tracing::error!(error = %e, lease = %id, role = %login.role, "cannot end the login of a grant that was not written");
-                    return;
-                }
-            };
-            match logins.end(&db, &login.role, None).await {
-                Ok(_) => {
-                    tracing::info!(lease = %id, role = %login.role, "the login of a grant that was not written was ended");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, lease = %id, role = %login.role, "could not end the login of a grant that was not written; the reconciler will");
-                }
-            }
-        });
     }
 
     /// End the login of every lease that ends, [`AT_ONCE`] at a time, each
@@ -311,39 +348,48 @@ impl Engine {
         self.record(entries).await
     }
 
-    /// Wait until the login of lease `lease_id` is disabled, or `within`
-    /// passes. Subscribe (`login_ends`) before the revocation commits.
-    pub(crate) async fn login_disabled(
+    /// Wait until the logins of leases `ids` are ended, or `within`
+    /// passes; whether they all were. Subscribe (`login_ends`) before the
+    /// revocation commits.
+    pub(crate) async fn logins_disabled(
         mut ends: tokio::sync::broadcast::Receiver<String>,
-        lease_id: &str,
+        mut ids: Vec<String>,
         within: Duration,
     ) -> bool {
         let wait = async {
-            loop {
+            while !ids.is_empty() {
                 match ends.recv().await {
-                    Ok(id) if id == lease_id => return true,
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(id) => ids.retain(|i| *i != id),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
                 }
             }
+            true
         };
         tokio::time::timeout(within, wait).await.unwrap_or(false)
     }
 
-    /// After `revoked` (lease `id`) was written: wait until its login, if
-    /// it holds one, is ended (`ends`: subscribed before the write), or
-    /// [`REVOKE_WAITS`] passes (the end goes on, retried, and the
-    /// reconciler follows it).
-    pub(crate) async fn wait_login_end(
-        revoked: &crate::model::Lease,
+    /// After a revocation that ended leases `ids` holding logins was
+    /// written: wait until those logins are ended (`ends`: subscribed
+    /// before the write), or [`REVOKE_WAITS`] passes (the ends go on,
+    /// retried, and the reconciler follows them).
+    pub(crate) async fn wait_logins_end(
+        ids: Vec<String>,
         ends: tokio::sync::broadcast::Receiver<String>,
     ) {
-        if revoked.login.is_some() && !Self::login_disabled(ends, &revoked.id, REVOKE_WAITS).await {
-            tracing::warn!(jti = %revoked.id, "the lease's database login was not ended in time; ending it goes on");
+        if ids.is_empty() {
+            return;
+        }
+        let n = ids.len();
+        if !Self::logins_disabled(ends, ids, REVOKE_WAITS).await {
+            tracing::warn!(
+                logins = n,
+                "the revoked leases' database logins were not all ended in time; ending them goes on"
+            );
         }
     }
 
-    /// Subscribe to the ends of logins (see [`Engine::login_disabled`]).
+    /// Subscribe to the ends of logins (see [`Engine::logins_disabled`]).
     pub(crate) fn login_ends(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.login_ended.subscribe()
     }

@@ -44,6 +44,12 @@ pub enum LoginError {
     /// The policy names no such database.
     #[error("no database `{0}` in the policy")]
     Unknown(String),
+    /// Another rotation of the database's admin password is under way
+    /// (on this broker or another).
+    #[error(
+        "another rotation of the admin password of database `{0}` is under way; try again once it is done"
+    )]
+    Busy(String),
     /// No randomness for the password.
     #[error("no randomness for a password")]
     NoRandomness,
@@ -114,6 +120,12 @@ pub trait SealedPasswords: Send + Sync {
     async fn passwords(&self, name: &str) -> Vec<String>;
 }
 
+/// A rotation of a target's admin password under way: a session holding
+/// the target's rotation lock until it is dropped.
+pub struct Rotation {
+    session: deadpool_postgres::ClientWrapper,
+}
+
 /// One target: its settings as the policy gave them, and its pool.
 struct Conn {
     db: Database,
@@ -131,6 +143,9 @@ struct Conn {
 /// use and again when their settings change.
 pub struct Logins {
     conns: Mutex<BTreeMap<String, Arc<Conn>>>,
+    /// Every database this broker used, as it last used it (never
+    /// forgotten: the logins made on one a reload dropped must still end).
+    used: Mutex<BTreeMap<String, Database>>,
     /// This deployment's part of the mark ([`crate::keys::Kek::deployment_id`]);
     /// `None`: none could be derived, and no login is made or ended.
     owner: Option<String>,
@@ -149,6 +164,7 @@ impl Logins {
     ) -> Self {
         Self {
             conns: Mutex::new(BTreeMap::new()),
+            used: Mutex::new(BTreeMap::new()),
             owner,
             metrics,
             sealed,
@@ -173,10 +189,10 @@ impl Logins {
         if let Some(db) = policy.databases.get(name) {
             return Ok(db.clone());
         }
-        self.conns
+        self.used
             .lock()
             .ok()
-            .and_then(|c| c.get(name).map(|c| c.db.clone()))
+            .and_then(|u| u.get(name).cloned())
             .ok_or_else(|| LoginError::Unknown(name.to_owned()))
     }
 
@@ -184,9 +200,9 @@ impl Logins {
     /// reload dropped since.
     pub fn every_database(&self, policy: &Policy) -> Vec<Database> {
         let mut all: BTreeMap<String, Database> = policy.databases.clone();
-        if let Ok(conns) = self.conns.lock() {
-            for (name, c) in conns.iter() {
-                all.entry(name.clone()).or_insert_with(|| c.db.clone());
+        if let Ok(used) = self.used.lock() {
+            for (name, db) in used.iter() {
+                all.entry(name.clone()).or_insert_with(|| db.clone());
             }
         }
         all.into_values().collect()
@@ -197,6 +213,7 @@ impl Logins {
     /// in.
     async fn conn(&self, db: &Database) -> Result<Arc<Conn>, LoginError> {
         let poisoned = || LoginError::Unavailable(db.name.clone(), "poisoned".into());
+        (self.used.lock().map_err(|_| poisoned())?).insert(db.name.clone(), db.clone());
         if let Some(c) = (self.conns.lock().map_err(|_| poisoned())?)
             .get(&db.name)
             .filter(|c| c.db == *db)
@@ -259,18 +276,44 @@ impl Logins {
         }
     }
 
-    /// Change the admin role's password on `db` to `secret` (its SCRAM
-    /// verifier is what reaches the target), on a connection signed in
-    /// with the password in force; then the pool is made again.
+    /// Begin a rotation of `db`'s admin password: a session of its own
+    /// (out of the pool: its end lets the lock go, however the rotation
+    /// ends) holding the target's rotation lock. Refused for a superuser:
+    /// the broker's admin role must be its own, not one people sign in as.
+    pub async fn begin_rotation(&self, db: &Database) -> Result<Rotation, LoginError> {
+        let (_, pooled) = self.client(db).await?;
+        let session = deadpool_postgres::Object::take(pooled);
+        let (role, superuser) = self
+            .timed(db, "root_checked", sql::session_role(&session))
+            .await?;
+        if superuser {
+            return Err(LoginError::Refused(
+                db.name.clone(),
+                format!(
+                    "the admin role `{role}` is a superuser: give the broker a role of its own (CREATEROLE, pg_signal_backend, the group roles WITH ADMIN OPTION) before rotating its password"
+                ),
+            ));
+        }
+        if !self
+            .timed(db, "root_locked", sql::lock_rotation(&session))
+            .await?
+        {
+            return Err(LoginError::Busy(db.name.clone()));
+        }
+        Ok(Rotation { session })
+    }
+
+    /// Set the admin role's password on `db` to `secret` (its SCRAM
+    /// verifier is what reaches the target) in `rotation`; the pool is
+    /// made again at its next use.
     pub async fn set_admin_password(
         &self,
         db: &Database,
+        rotation: &Rotation,
         secret: &Secret,
     ) -> Result<(), LoginError> {
-        let (_, client) = self.client(db).await?;
-        let done = sql::set_own_password(&client, &secret.verifier);
+        let done = sql::set_own_password(&rotation.session, &secret.verifier);
         let out = self.timed(db, "root_rotated", done).await;
-        drop(client);
         self.forget(&db.name);
         out
     }

@@ -241,15 +241,45 @@ pub(super) async fn marked(c: &Object, prefix: &str) -> Result<Vec<(String, Stri
         .collect()
 }
 
-/// Change the signed-in admin role's own password to `verifier` (a
-/// SCRAM-SHA-256 verifier: the password itself never reaches the target).
-pub(super) async fn set_own_password(c: &Object, verifier: &str) -> Result<(), SqlError> {
-    let alter = statement(
-        c,
-        "SELECT format('ALTER ROLE %I PASSWORD %L', current_user, $1::text)",
-        &[&verifier],
+/// The key of the session-level advisory lock that lets one rotation of a
+/// target's admin password run at a time, whichever broker runs it
+/// (`portcull` in ASCII).
+const ROTATION_LOCK: i64 = 0x706f_7274_6375_6c6c;
+
+/// Take the rotation lock on this session: whether it was free. It is let
+/// go when the session ends.
+pub(super) async fn lock_rotation(c: &tokio_postgres::Client) -> Result<bool, SqlError> {
+    Ok(
+        c.query_one("SELECT pg_try_advisory_lock($1)", &[&ROTATION_LOCK])
+            .await?
+            .try_get(0)?,
     )
-    .await?;
+}
+
+/// The signed-in role, and whether it is a superuser.
+pub(super) async fn session_role(c: &tokio_postgres::Client) -> Result<(String, bool), SqlError> {
+    let row = c
+        .query_one(
+            "SELECT rolname::text, rolsuper FROM pg_roles WHERE rolname = session_user",
+            &[],
+        )
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// Change the signed-in role's own password to `verifier` (a
+/// SCRAM-SHA-256 verifier: the password itself never reaches the target).
+pub(super) async fn set_own_password(
+    c: &tokio_postgres::Client,
+    verifier: &str,
+) -> Result<(), SqlError> {
+    let alter: String = c
+        .query_one(
+            "SELECT format('ALTER ROLE %I PASSWORD %L', session_user, $1::text)",
+            &[&verifier],
+        )
+        .await?
+        .try_get(0)?;
     c.batch_execute(&alter).await?;
     Ok(())
 }
