@@ -893,3 +893,78 @@ async fn a_login_that_owns_objects_elsewhere_is_kept_unable_to_sign_in_and_witho
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_rotation_cut_short_after_the_database_took_the_password_is_found_and_settled() {
+    let Some(t) = target("a_rotation_cut_short").await else {
+        return;
+    };
+    let (admin, first) = least_admin(&t).await;
+    // A session of the cluster's superuser, to hold the admin role's row.
+    let (holder, conn) = tokio_postgres::connect(&t.url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let as_admin = Target {
+        url: t.url.replacen("postgres@", &format!("{admin}@"), 1),
+        admin: t.admin,
+        group: t.group.clone(),
+    };
+    let pw = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::write(&pw, format!("{first}\n")).unwrap();
+    let mut h = Harness::start_with(Some(&policy(&as_admin, &pw, ""))).await;
+    let t = as_admin;
+    let mut keys = pb::keys_client::KeysClient::new(h.channel(As::Admin).await);
+    let rotate = pb::RotateDatabaseRootRequest {
+        database: "orders".into(),
+        reason: "weekly".into(),
+    };
+
+    // The `ALTER ROLE` waits on the role's row past the broker's patience:
+    // the rotation fails with its new password sealed as pending, while the
+    // statement is still queued on the database, which takes it once the
+    // row is let go. Neither side knows the outcome.
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM pg_authid WHERE rolname = '{admin}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let e = keys.rotate_database_root(rotate.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("may not have been set"), "{e:?}");
+    assert!(signs_in_as(&t, &admin, &first), "not yet changed");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let mut changed = false;
+    for _ in 0..50 {
+        if !signs_in_as(&t, &admin, &first) {
+            changed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(changed, "the queued ALTER ROLE never took effect");
+
+    // The broker finds the password the database took (the pending one),
+    // after a restart too, and the next rotation settles it and goes on.
+    let mut c = h.broker(As::Workload).await;
+    let g = read_for_a_minute(&mut c).await;
+    assert_eq!(psql(login_of(&g), "SELECT 1").unwrap(), "1");
+    h.restart().await;
+    let mut c = h.broker(As::Workload).await;
+    let g = read_for_a_minute(&mut c).await;
+    assert_eq!(psql(login_of(&g), "SELECT 1").unwrap(), "1");
+    let mut keys = pb::keys_client::KeysClient::new(h.channel(As::Admin).await);
+    keys.rotate_database_root(rotate).await.unwrap();
+    let g = read_for_a_minute(&mut c).await;
+    assert_eq!(psql(login_of(&g), "SELECT 1").unwrap(), "1");
+    let records = common::export(&h).await;
+    let count = |a: &str| records.iter().filter(|r| r.action == a).count();
+    assert_eq!(
+        (count("db.root.rotating"), count("db.root.rotated")),
+        (2, 1)
+    );
+    h.stop().await;
+    t.admin
+        .batch_execute(&format!("DROP OWNED BY {admin}; DROP ROLE {admin}"))
+        .await
+        .ok();
+}
