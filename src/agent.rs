@@ -214,6 +214,17 @@ fn write(path: &std::path::Path, bytes: &[u8]) -> bool {
     }
 }
 
+/// Is there a file to keep, and can the agent write each one?
+fn check_files(cfg: &AgentConfig) -> Result<(), String> {
+    if cfg.out.is_none() && cfg.env_file.is_none() {
+        return Err("nowhere to keep the token: give --out, --env-file, or both".into());
+    }
+    cfg.out
+        .iter()
+        .chain(&cfg.env_file)
+        .try_for_each(|p| check_writable(p))
+}
+
 /// Can the agent write its token file? Checked before it takes a lease,
 /// so a wrong path costs no lease (and no approver's time).
 fn check_writable(out: &std::path::Path) -> Result<(), String> {
@@ -304,12 +315,7 @@ pub async fn run(
     cfg: AgentConfig,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    if cfg.out.is_none() && cfg.env_file.is_none() {
-        return Err("nowhere to keep the token: give --out, --env-file, or both".into());
-    }
-    for path in cfg.out.iter().chain(&cfg.env_file) {
-        check_writable(path)?;
-    }
+    check_files(&cfg)?;
     let mut files = Files {
         cfg: &cfg,
         login: None,
