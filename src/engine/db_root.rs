@@ -131,7 +131,9 @@ impl Engine {
         let Some(db) = policy.databases.get(name).cloned() else {
             return Err(no_such_database(&policy).into());
         };
-        let _alone = self.root_turn.lock().await;
+        let Ok(_alone) = self.root_turn.try_lock() else {
+            return Err(crate::logins::LoginError::Busy(name.to_owned()).into());
+        };
         // Across brokers: the target's lock, held until `rotation` drops;
         // the store is read under it.
         let rotation = self.logins.begin_rotation(&db).await?;
@@ -171,7 +173,14 @@ impl Engine {
             &done,
             AuditEntry::ok(who, Action::DbRootRotated, name, &[], &why),
         )
-        .await?;
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, database = %name, "the rotated admin password is set, but could not be recorded as current");
+            EngineError::WrongState(format!(
+                "the new admin password of database `{name}` is set, and kept as pending (tried first), but could not be recorded as current: run the rotation again"
+            ))
+        })?;
+        self.logins.end_rotation(&db, rotation).await;
         tracing::info!(database = %name, actor = %who, "database admin password rotated");
         Ok(now)
     }
@@ -191,7 +200,7 @@ impl Engine {
         if let Some(p) = password
             && self.logins.signs_in(db, &p).await?
         {
-            sealed.current = Some(pending);
+            sealed.previous = sealed.current.replace(pending);
         }
         Ok(sealed)
     }

@@ -318,6 +318,15 @@ impl Logins {
         out
     }
 
+    /// End `rotation`: its lock let go, its session closed (which lets the
+    /// lock go too, should the unlock fail).
+    pub async fn end_rotation(&self, db: &Database, rotation: Rotation) {
+        let unlocked = sql::unlock_rotation(&rotation.session);
+        if let Err(e) = self.timed(db, "root_unlocked", unlocked).await {
+            tracing::warn!(error = %e, database = %db.name, "could not let the rotation lock go; closing its session does");
+        }
+    }
+
     /// Whether the target accepts `password` for the admin role of `db`.
     pub async fn signs_in(&self, db: &Database, password: &str) -> Result<bool, LoginError> {
         let conn = connect(db, password)?;

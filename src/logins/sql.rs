@@ -256,6 +256,16 @@ pub(super) async fn lock_rotation(c: &tokio_postgres::Client) -> Result<bool, Sq
     )
 }
 
+/// Let the rotation lock go (a pooler that keeps server sessions would
+/// otherwise keep it past this session's end).
+pub(super) async fn unlock_rotation(c: &tokio_postgres::Client) -> Result<bool, SqlError> {
+    Ok(
+        c.query_one("SELECT pg_advisory_unlock($1)", &[&ROTATION_LOCK])
+            .await?
+            .try_get(0)?,
+    )
+}
+
 /// The signed-in role, and whether it is a superuser.
 pub(super) async fn session_role(c: &tokio_postgres::Client) -> Result<(String, bool), SqlError> {
     let row = c

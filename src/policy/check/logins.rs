@@ -33,15 +33,54 @@ pub(crate) fn plain_identifier(s: &str) -> bool {
         && !s.starts_with("pg_")
 }
 
+/// The admin role a database URL signs in as, and where: `user@host:port`
+/// (every host and port, as the URL lists them).
+fn admin_of(url: &str) -> Option<String> {
+    let c = tokio_postgres::Config::from_str(url).ok()?;
+    let hosts: Vec<String> = c
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.to_ascii_lowercase(),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = c.get_ports().iter().map(u16::to_string).collect();
+    Some(format!(
+        "`{}` on {}:{}",
+        c.get_user()?,
+        hosts.join(","),
+        if ports.is_empty() {
+            "5432".to_owned()
+        } else {
+            ports.join(",")
+        }
+    ))
+}
+
 impl Checker<'_> {
     /// Every `[[database]]`, by name.
     pub(super) fn databases(&mut self, raw: &RawPolicy) -> BTreeMap<String, Database> {
         let mut out = BTreeMap::new();
+        // Whose admin role each is: a role's password is the cluster's, so
+        // a rotation through one entry would lock out another sharing it.
+        let mut admins: BTreeMap<String, String> = BTreeMap::new();
         for entry in &raw.databases {
             let d = self.database(entry);
             if out.contains_key(&d.name) {
                 let msg = format!("database `{}` is defined twice", d.name);
                 self.problem(entry.get_ref().name.span(), msg);
+            }
+            if let Some(admin) = admin_of(&d.url) {
+                if let Some(other) = admins.get(&admin).filter(|o| **o != d.name) {
+                    let msg = format!(
+                        "database `{}`: url: its admin role ({admin}) is also database `{other}`'s; give each `[[database]]` an admin role of its own (a rotation of one would lock the other out)",
+                        d.name
+                    );
+                    self.problem(entry.get_ref().url.span(), msg);
+                }
+                admins.insert(admin, d.name.clone());
             }
             out.insert(d.name.clone(), d);
         }
@@ -254,6 +293,41 @@ mod tests {
                 "missing {want:?} in {got:#?}"
             );
         }
+    }
+
+    #[test]
+    fn two_databases_may_not_share_an_admin_role() {
+        let db = |name: &str, url: &str| {
+            format!("[[database]]\nname = \"{name}\"\nurl = \"{url}\"\npassword_file = \"/p\"\n")
+        };
+        let shared = format!(
+            "{}{}",
+            db("orders", "postgres://admin@db.example.org/orders"),
+            db("billing", "postgres://admin@DB.example.org:5432/billing")
+        );
+        let about_admins = |text: &str| -> Vec<String> {
+            match Policy::parse(text) {
+                Ok(_) => Vec::new(),
+                Err(PolicyError::Invalid(p)) => p
+                    .iter()
+                    .map(|p| p.to_string())
+                    .filter(|p| p.contains("admin role"))
+                    .collect(),
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        assert_eq!(
+            about_admins(&shared),
+            [
+                "line 7: database `billing`: url: its admin role (`admin` on db.example.org:5432) is also database `orders`'s; give each `[[database]]` an admin role of its own (a rotation of one would lock the other out)"
+            ]
+        );
+        let own = format!(
+            "{}{}",
+            db("orders", "postgres://orders_admin@db.example.org/orders"),
+            db("billing", "postgres://admin@db.example.org:6432/billing")
+        );
+        assert!(about_admins(&own).is_empty(), "{:?}", about_admins(&own));
     }
 
     #[test]
