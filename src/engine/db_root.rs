@@ -137,21 +137,8 @@ impl Engine {
         // Across brokers: the target's lock, held until `rotation` drops;
         // the store is read under it.
         let rotation = self.logins.begin_rotation(&db).await?;
-        let sealed = self.root_settled(&db).await?;
-        let secret = crate::logins::Secret::new().await?;
-        let new = self.keys.seal(&aad(name), secret.password().as_bytes())?;
-        let pending = Sealed {
-            pending: Some(new.clone()),
-            ..sealed
-        };
         let who = who.as_str();
-        let why = format!("database `{name}`: new admin password sealed; {reason}");
-        self.put_sealed(
-            name,
-            &pending,
-            AuditEntry::ok(who, Action::DbRootRotating, name, &[], &why),
-        )
-        .await?;
+        let (secret, pending) = self.seal_pending(&db, who, reason).await?;
         self.logins
             .set_admin_password(&db, &rotation, &secret)
             .await
@@ -163,7 +150,7 @@ impl Engine {
         let now = self.clock.now();
         let done = Sealed {
             previous: pending.current,
-            current: Some(new),
+            current: pending.pending,
             pending: None,
             rotated_at: now,
         };
@@ -183,6 +170,33 @@ impl Engine {
         self.logins.end_rotation(&db, rotation).await;
         tracing::info!(database = %name, actor = %who, "database admin password rotated");
         Ok(now)
+    }
+
+    /// A new admin password for `db`, sealed as pending (durable, with its
+    /// record) beside the settled current one; the secret, and what was
+    /// written.
+    async fn seal_pending(
+        &self,
+        db: &Database,
+        who: &str,
+        reason: &str,
+    ) -> Result<(crate::logins::Secret, Sealed), EngineError> {
+        let name = db.name.as_str();
+        let sealed = self.root_settled(db).await?;
+        let secret = crate::logins::Secret::new().await?;
+        let new = self.keys.seal(&aad(name), secret.password().as_bytes())?;
+        let pending = Sealed {
+            pending: Some(new),
+            ..sealed
+        };
+        let why = format!("database `{name}`: new admin password sealed; {reason}");
+        self.put_sealed(
+            name,
+            &pending,
+            AuditEntry::ok(who, Action::DbRootRotating, name, &[], &why),
+        )
+        .await?;
+        Ok((secret, pending))
     }
 
     /// `db`'s sealed passwords with any pending one settled: current if
