@@ -553,6 +553,38 @@ fn the_deploy_policies_pass_policy_check() {
     assert_eq!(code(&o), 0, "{o:?}");
 }
 
+/// Issue 24, step 1: an `[[issuer]]` is checked, and `policy check` says
+/// that nothing signs in with it yet rather than accept it silently.
+#[test]
+fn an_issuer_is_checked_and_said_to_be_not_yet_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("policy.toml");
+    let issuer = r#"[[issuer]]
+name = "github"
+kind = "github"
+issuer = "https://token.actions.githubusercontent.com"
+discovery = true
+audience = "https://broker.example.org"
+require = { repository_owner_id = "1234567" }
+identity = "spiffe://github.example.org/{repository_owner_id}/{repository_id}"
+"#;
+    std::fs::write(&file, issuer).unwrap();
+    let o = run(tmp.path(), &["policy", "check", file.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert!(
+        stdout(&o)
+            .contains("note: 1 issuer checked, but signing in with their tokens is not built yet"),
+        "{o:?}"
+    );
+    std::fs::write(&file, issuer.replace("discovery = true\n", "")).unwrap();
+    let o = run(tmp.path(), &["policy", "check", file.to_str().unwrap()]);
+    assert_ne!(code(&o), 0, "{o:?}");
+    assert!(
+        stderr(&o).contains("line 2: issuer `github`: give exactly one key source"),
+        "{o:?}"
+    );
+}
+
 /// Run without `PORTCULLIS_DEV_DIR`: the flags alone say where to go.
 fn run_bare(args: &[&str]) -> Output {
     Command::new(BIN)

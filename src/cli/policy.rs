@@ -65,11 +65,17 @@ pub fn run(out: Output, cmd: PolicyCmd, opts: &ClientOpts) -> Result<i32, Failur
 fn check(out: Output, file: &std::path::Path) -> Result<i32, Failure> {
     match Policy::load(file) {
         Ok(p) => {
-            let text = format!(
+            let mut text = format!(
                 "ok: {}, {}\n",
                 count(p.scopes.len() as u64, "scope"),
                 count(p.groups.len() as u64, "group")
             );
+            if !p.issuers.is_empty() {
+                text.push_str(&format!(
+                    "note: {} checked, but signing in with their tokens is not built yet (docs/design-federation.md)\n",
+                    count(p.issuers.len() as u64, "issuer")
+                ));
+            }
             print(
                 out,
                 &text,

@@ -1,6 +1,7 @@
 //! Stage two of reading a policy: each section checked on its own, every
 //! problem collected with its line, then the validated [`Policy`].
 
+mod issuers;
 mod logins;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -87,6 +88,7 @@ impl<'t> Checker<'t> {
             .map(|d| self.delegation(d, &scopes))
             .collect();
         let default_audience = self.audience(&raw.broker);
+        let issuers = self.issuers(raw, &groups, &scopes);
         if !self.problems.is_empty() {
             return Err(PolicyError::Invalid(self.problems));
         }
@@ -101,6 +103,7 @@ impl<'t> Checker<'t> {
             webhooks,
             delegations,
             databases,
+            issuers,
         })
     }
 

@@ -153,6 +153,80 @@ impl Database {
     }
 }
 
+/// A platform whose signed tokens workloads without a client certificate
+/// sign in with (`[[issuer]]`, issue 24; docs/design-federation.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issuer {
+    /// What the trail and metrics call it.
+    pub name: String,
+    /// Which platform's rules apply.
+    pub kind: IssuerKind,
+    /// The exact `iss` its tokens carry (`None` for a JWT-SVID issuer,
+    /// chosen by the trust domain of `sub`).
+    pub issuer: Option<String>,
+    /// Where its verification keys come from.
+    pub keys: KeySource,
+    /// PEM bundle of the CAs its HTTPS endpoints may be signed by
+    /// (default: the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The one audience its tokens must be for (this broker).
+    pub audience: String,
+    /// The signing algorithms accepted (never `none` nor HMAC).
+    pub algorithms: Vec<String>,
+    /// Longest `exp - iat`.
+    pub max_age: std::time::Duration,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    pub leeway: std::time::Duration,
+    /// Claims that must hold exactly these values (JSON pointers for
+    /// nested ones).
+    pub require: BTreeMap<String, String>,
+    /// The identity template (`{claim}` or `{/json/pointer}` placeholders,
+    /// one path segment each); `None` for a JWT-SVID issuer (`sub` is the
+    /// identity).
+    pub identity: Option<String>,
+    /// The trust domains its identities are in.
+    pub trust_domains: Vec<String>,
+    /// How a token is kept from being used twice.
+    pub single_use: SingleUse,
+    /// Line of the `[[issuer]]` table.
+    pub line: usize,
+}
+
+/// The platform an `[[issuer]]` is, for the rules particular to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IssuerKind {
+    /// GitHub Actions' OIDC tokens.
+    Github,
+    /// Kubernetes projected service-account tokens.
+    Kubernetes,
+    /// SPIFFE JWT-SVIDs.
+    JwtSvid,
+    /// Any other OIDC issuer.
+    Generic,
+}
+
+/// Where an issuer's keys come from (exactly one source).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// `{issuer}/.well-known/openid-configuration`, then its `jwks_uri`.
+    Discovery,
+    /// A JWKS URL.
+    JwksUrl(String),
+    /// A JWKS file, read again at each refresh.
+    JwksFile(std::path::PathBuf),
+    /// A JWKS written in the policy.
+    Inline(String),
+}
+
+/// How an issuer's tokens are kept from being used twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SingleUse {
+    /// A `jti` is required, and usable once until `exp` + leeway.
+    Jti,
+    /// No `jti` needed: replay is bounded by `max_age` and the audience.
+    Bounded,
+}
+
 /// The placeholder of `role_name`.
 pub const LEASE_PLACEHOLDER: &str = "{lease}";
 
@@ -242,6 +316,8 @@ pub struct Policy {
     pub delegations: Vec<DelegationRule>,
     /// Databases that login scopes make logins on, by name.
     pub databases: BTreeMap<String, Database>,
+    /// Platforms whose tokens workloads sign in with, by name.
+    pub issuers: BTreeMap<String, Issuer>,
 }
 
 /// Body format of a webhook.

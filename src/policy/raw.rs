@@ -56,6 +56,26 @@ const DATABASE: Shape = Shape::Keys(
     ],
     &[],
 );
+const ISSUER: Shape = Shape::Keys(
+    &[
+        "name",
+        "kind",
+        "issuer",
+        "discovery",
+        "jwks_url",
+        "jwks_file",
+        "jwks",
+        "ca_file",
+        "audience",
+        "algorithms",
+        "max_age",
+        "leeway",
+        "identity",
+        "trust_domains",
+        "single_use",
+    ],
+    &[("require", Shape::Free)],
+);
 const DELEGATION: Shape = Shape::Keys(
     &["from", "to", "scopes", "max_depth", "audiences", "approval"],
     &[],
@@ -72,6 +92,7 @@ const TOP: Shape = Shape::Keys(
         ("webhook", WEBHOOK),
         ("delegation", DELEGATION),
         ("database", DATABASE),
+        ("issuer", ISSUER),
     ],
 );
 
@@ -200,6 +221,32 @@ pub(super) struct RawPolicy {
     pub delegations: Vec<Spanned<RawDelegation>>,
     #[serde(default, rename = "database")]
     pub databases: Vec<Spanned<RawDatabase>>,
+    #[serde(default, rename = "issuer")]
+    pub issuers: Vec<Spanned<RawIssuer>>,
+}
+
+/// `[[issuer]]` (issue 24, docs/design-federation.md).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIssuer {
+    pub name: Spanned<String>,
+    pub kind: Option<Spanned<String>>,
+    pub issuer: Option<Spanned<String>>,
+    pub discovery: Option<Spanned<bool>>,
+    pub jwks_url: Option<Spanned<String>>,
+    pub jwks_file: Option<Spanned<String>>,
+    pub jwks: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub audience: Option<Spanned<String>>,
+    pub algorithms: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_age: Option<Spanned<String>>,
+    pub leeway: Option<Spanned<String>>,
+    #[serde(default)]
+    pub require: BTreeMap<String, Spanned<String>>,
+    pub identity: Option<Spanned<String>>,
+    #[serde(default)]
+    pub trust_domains: Vec<Spanned<String>>,
+    pub single_use: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

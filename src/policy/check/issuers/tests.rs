@@ -1,0 +1,232 @@
+use crate::policy::{IssuerKind, KeySource, Policy, PolicyError, SingleUse};
+
+/// A GitHub issuer as the README shows it, with `extra` lines added.
+fn github(extra: &str) -> String {
+    format!(
+        r#"[[issuer]]
+name = "github"
+kind = "github"
+issuer = "https://token.actions.githubusercontent.com"
+discovery = true
+audience = "https://broker.example.org"
+require = {{ repository_owner_id = "1234567" }}
+identity = "spiffe://github.example.org/{{repository_owner_id}}/{{repository_id}}/env/{{environment}}"
+{extra}"#
+    )
+}
+
+/// `got` holds a problem that says `what`.
+fn assert_says(got: &[String], what: &str) {
+    assert!(
+        got.iter().any(|p| p.contains(what)),
+        "no `{what}` in {got:#?}"
+    );
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match Policy::parse(text) {
+        Ok(_) => Vec::new(),
+        Err(PolicyError::Invalid(p)) => p.iter().map(|p| p.to_string()).collect(),
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn a_github_issuer_bound_to_its_owner_and_named_by_ids_is_accepted() {
+    let p = Policy::parse(&github("")).unwrap();
+    let i = &p.issuers["github"];
+    assert_eq!(i.kind, IssuerKind::Github);
+    assert_eq!(i.keys, KeySource::Discovery);
+    assert_eq!(i.algorithms, ["ES256", "RS256"]);
+    assert_eq!(i.single_use, SingleUse::Jti);
+    assert_eq!(i.max_age.as_secs(), 3600);
+    assert_eq!(i.leeway.as_secs(), 30);
+    assert_eq!(i.trust_domains, ["github.example.org"]);
+    assert_eq!(i.require["repository_owner_id"], "1234567");
+    assert_eq!(i.line, 1);
+}
+
+#[test]
+fn unsigned_and_shared_secret_algorithms_are_refused_with_their_lines() {
+    let got = problems(&github(
+        "algorithms = [\"none\", \"HS256\", \"RS256\", \"XX1\"]\n",
+    ));
+    assert_eq!(
+        got,
+        [
+            "line 9: issuer `github`: algorithms: `none`: never: an unsigned token proves nothing",
+            "line 9: issuer `github`: algorithms: `HS256`: never: a shared secret lets whoever holds it mint tokens",
+            "line 9: issuer `github`: algorithms: `XX1`: not a signing algorithm this broker verifies",
+        ]
+    );
+}
+
+#[test]
+fn an_issuer_needs_one_key_source_an_audience_and_a_bound_claim() {
+    let text = r#"[[issuer]]
+name = "loose"
+issuer = "http://issuer.example.org"
+discovery = true
+jwks_url = "https://issuer.example.org/jwks"
+identity = "spiffe://ci.example.org/{sub}"
+"#;
+    assert_eq!(
+        problems(text),
+        [
+            "line 3: issuer `loose`: issuer: `http://issuer.example.org` is not an https URL",
+            "line 2: issuer `loose`: give exactly one key source: discovery = true, jwks_url, jwks_file or jwks",
+            "line 2: issuer `loose`: require: bind at least one claim besides the audience (e.g. repository_owner_id), or every tenant of the issuer could sign in",
+            "line 2: issuer `loose`: audience: required (the audience its tokens must name: this broker)",
+        ]
+    );
+}
+
+#[test]
+fn github_identities_come_from_ids_never_recycled_names_or_paths() {
+    let text = github("").replace(
+        "{repository_owner_id}/{repository_id}/env/{environment}",
+        "{repository}/{job_workflow_ref}",
+    );
+    let got = problems(&text);
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert!(got[0].contains("`{repository}` is a name, which GitHub recycles"));
+    assert!(got[1].contains("`{job_workflow_ref}` holds `/` or `@`"));
+    assert!(got[2].contains("name the repository by `{repository_id}`"));
+    // A name in `require` binds only beside an id.
+    let text = github("").replace(
+        "require = { repository_owner_id = \"1234567\" }",
+        "require = { repository = \"acme/app\" }",
+    );
+    let text = text.replace("{repository_owner_id}/", "");
+    assert!(
+        problems(&text).is_empty(),
+        "the template maps repository_id: {:?}",
+        problems(&text)
+    );
+    let text = text.replace("{repository_id}/", "deploy/");
+    let got = problems(&text);
+    assert_says(&got, "a repository name binds nothing once it is recycled");
+}
+
+#[test]
+fn an_approval_scope_open_to_github_needs_an_environment_or_a_pinned_workflow() {
+    let scope = r#"
+[groups]
+approvers = ["spiffe://people.example.org/human/alice"]
+[[scope]]
+name = "deploy.prod"
+tier = "approval"
+approvers = ["approvers"]
+workloads = ["spiffe://github.example.org/1234567/*"]
+"#;
+    let no_env = github(scope).replace("/env/{environment}", "");
+    let got = problems(&no_env);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].contains("approval-tier scope `deploy.prod` is open to its identities"),
+        "{got:#?}"
+    );
+    assert!(problems(&github(scope)).is_empty(), "with {{environment}}");
+    let pinned = no_env.replace(
+        "require = { repository_owner_id = \"1234567\" }",
+        "require = { repository_owner_id = \"1234567\", job_workflow_ref = \"acme/workflows/.github/workflows/deploy.yml@refs/tags/v3\" }",
+    );
+    assert!(problems(&pinned).is_empty(), "{:?}", problems(&pinned));
+}
+
+#[test]
+fn trust_domains_belong_to_one_issuer_and_never_hold_named_identities() {
+    let second = github("").replace("name = \"github\"", "name = \"github_two\"");
+    let got = problems(&format!("{}{second}", github("")));
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(got[0].contains("trust domain `github.example.org` is also issuer `github`'s"));
+    let admin = github("[groups]\nadmins = [\"spiffe://github.example.org/human/root\"]\n");
+    let got = problems(&admin);
+    assert_says(&got, "holds identities the policy names");
+}
+
+#[test]
+fn a_template_fills_whole_segments_in_a_written_out_trust_domain() {
+    use super::template;
+    assert_eq!(
+        template("spiffe://k8s.example.org/prod/{/kubernetes.io/namespace}/{/kubernetes.io/serviceaccount/name}")
+            .unwrap(),
+        (
+            vec![
+                "/kubernetes.io/namespace".to_owned(),
+                "/kubernetes.io/serviceaccount/name".to_owned()
+            ],
+            "k8s.example.org".to_owned()
+        )
+    );
+    for bad in [
+        "https://x/{a}",
+        "spiffe://{org}.example.org/{a}",
+        "spiffe://ci.example.org/env-{environment}",
+        "spiffe://ci.example.org/{a b}",
+        "spiffe://ci.example.org/{}",
+        "spiffe://Bad_Domain/{a}",
+    ] {
+        assert!(template(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn kubernetes_binds_namespace_and_account_uid_and_svids_their_domains() {
+    let k8s = r#"[[issuer]]
+name = "prod_eu"
+kind = "kubernetes"
+issuer = "https://oidc.prod-eu.example.org"
+jwks_file = "/etc/portcullis/prod-eu.jwks"
+audience = "portcullis"
+require = { "/kubernetes.io/namespace" = "payments" }
+identity = "spiffe://k8s.example.org/prod-eu/{/kubernetes.io/namespace}/{/kubernetes.io/serviceaccount/name}"
+"#;
+    let got = problems(k8s);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(got[0].contains("the service account's uid"), "{got:#?}");
+    let bound = k8s.replace(
+        "require = { \"/kubernetes.io/namespace\" = \"payments\" }",
+        "require = { \"/kubernetes.io/namespace\" = \"payments\", \"/kubernetes.io/serviceaccount/uid\" = \"0d1b…\" }",
+    );
+    let p = Policy::parse(&bound).unwrap();
+    assert_eq!(p.issuers["prod_eu"].single_use, SingleUse::Bounded);
+    let long = bound.replace(
+        "audience = \"portcullis\"",
+        "audience = \"portcullis\"\nmax_age = \"2h\"",
+    );
+    assert!(problems(&long)[0].contains("at most 1h when single_use is `bounded`"));
+
+    let svid = r#"[[issuer]]
+name = "spire"
+kind = "jwt-svid"
+jwks_file = "/etc/spire/bundle.jwks"
+audience = "portcullis"
+trust_domains = ["prod.example.org"]
+"#;
+    let p = Policy::parse(svid).unwrap();
+    let i = &p.issuers["spire"];
+    assert_eq!((i.issuer.as_deref(), i.identity.as_deref()), (None, None));
+    assert_eq!(
+        (i.max_age.as_secs(), i.single_use),
+        (300, SingleUse::Bounded)
+    );
+    let got = problems(&svid.replace("trust_domains = [\"prod.example.org\"]\n", ""));
+    assert!(got[0].contains("trust_domains: required"), "{got:#?}");
+}
+
+#[test]
+fn inline_keys_are_a_jwk_set_without_shared_secrets() {
+    let with = |jwks: &str| github("").replace("discovery = true", &format!("jwks = '{jwks}'"));
+    let ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis","y":"y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE"}]}"#;
+    assert!(problems(&with(ec)).is_empty(), "{:?}", problems(&with(ec)));
+    let oct = r#"{"keys":[{"kty":"oct","kid":"s","k":"c2VjcmV0"}]}"#;
+    assert!(problems(&with(oct))[0].contains("shared-secret (`oct`) key"));
+    assert!(problems(&with("{}"))[0].contains("not a JWK Set"));
+}
+
+#[test]
+fn an_unknown_key_in_an_issuer_is_named_with_its_line() {
+    let got = problems(&github("jwks_uri = \"https://x\"\n"));
+    assert_says(&got, "line 9: unknown key `issuer.jwks_uri`");
+}
