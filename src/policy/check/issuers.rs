@@ -28,12 +28,17 @@ const BOUNDED_MAX_AGE: Duration = Duration::from_secs(3600);
 const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
 /// GitHub's names, which are recycled when a repository is renamed or
-/// deleted, and the ids that are not.
+/// deleted (its ids are not).
 const GITHUB_NAMES: [&str; 2] = ["repository", "repository_owner"];
-const GITHUB_IDS: [&str; 2] = ["repository_id", "repository_owner_id"];
-/// GitHub claims whose values hold `/` or `@`: bound with `require`,
-/// never a path segment.
-const GITHUB_PATHS: [&str; 5] = ["sub", "ref", "job_workflow_ref", "workflow_ref", "base_ref"];
+/// The only GitHub claims an identity may be built from: immutable ids,
+/// and the environment (a name, but one whose protection rules an
+/// approval relies on).
+const GITHUB_SEGMENTS: [&str; 4] = [
+    "repository_id",
+    "repository_owner_id",
+    "environment",
+    "actor_id",
+];
 /// Claims the verifier checks itself; `require` may not name them.
 const REGISTERED: [&str; 6] = ["aud", "iss", "exp", "iat", "nbf", "jti"];
 
@@ -62,21 +67,72 @@ pub(crate) fn template(t: &str) -> Result<(Vec<String>, String), String> {
             .and_then(|s| s.strip_suffix('}'))
             .filter(|n| !n.is_empty() && !n.contains(['{', '}']))
             .ok_or_else(|| format!("`{segment}`: a placeholder fills a whole path segment"))?;
-        let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        let pointer = name.starts_with('/')
-            && name[1..]
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-~/".contains(&b));
-        if !plain && !pointer {
-            return Err(format!(
-                "`{{{name}}}`: name a claim (letters, digits, `_`) or a JSON pointer (`/a/b`)"
-            ));
-        }
-        names.push(name.to_owned());
+        names.push(canonical(name).map_err(|e| format!("`{{{name}}}`: {e}"))?);
         filled.push('x');
     }
     Identity::parse(&filled).map_err(|e| e.to_string())?;
+    valid_domain(domain)?;
     Ok((names, domain.to_owned()))
+}
+
+/// Claim `name` in one spelling: a top-level claim by its name (`x`, or
+/// the pointer `/x`), a nested one as a JSON pointer (RFC 6901) with its
+/// escapes checked and written canonically; or why it is neither.
+pub(crate) fn canonical(name: &str) -> Result<String, String> {
+    let Some(pointer) = name.strip_prefix('/') else {
+        return if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            Ok(name.to_owned())
+        } else {
+            Err("name a claim (letters, digits, `_`) or a JSON pointer (`/a/b`)".into())
+        };
+    };
+    let mut tokens = Vec::new();
+    for token in pointer.split('/') {
+        let mut decoded = String::new();
+        let mut chars = token.chars();
+        while let Some(c) = chars.next() {
+            if c == '~' {
+                match chars.next() {
+                    Some('0') => decoded.push('~'),
+                    Some('1') => decoded.push('/'),
+                    _ => return Err("`~` is written `~0`, and `/` inside a name `~1`".into()),
+                }
+            } else if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                decoded.push(c);
+            } else {
+                return Err(format!("`{c}` in a JSON pointer"));
+            }
+        }
+        if decoded.is_empty() {
+            return Err("a JSON pointer with an empty step".into());
+        }
+        tokens.push(decoded);
+    }
+    if let [one] = tokens.as_slice()
+        && one.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Ok(one.clone());
+    }
+    let encoded: Vec<String> = tokens
+        .iter()
+        .map(|t| t.replace('~', "~0").replace('/', "~1"))
+        .collect();
+    Ok(format!("/{}", encoded.join("/")))
+}
+
+/// A trust domain as SPIFFE writes it: lower-case letters, digits, `.`,
+/// `-`, `_`, no empty label (so `example.org.` is not a second spelling
+/// of `example.org`).
+fn valid_domain(d: &str) -> Result<(), String> {
+    let chars = d
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if !chars || d.split('.').any(str::is_empty) || d.len() > 255 {
+        return Err(format!(
+            "`{d}` is not a trust domain (lower-case letters, digits, `-`, `_`, labels joined by single dots)"
+        ));
+    }
+    Ok(())
 }
 
 /// The path segments of a template: split on `/` outside placeholders (a
@@ -109,15 +165,29 @@ fn domain_of(s: &str) -> Option<&str> {
     (!d.contains('*')).then_some(d)
 }
 
-/// HTTPS, or plain HTTP to a loopback host (tests).
-fn safe_url(url: &str) -> bool {
-    url.starts_with("https://")
-        || ["http://127.0.0.1", "http://localhost", "http://[::1]"]
-            .iter()
-            .any(|p| {
-                url.strip_prefix(p)
-                    .is_some_and(|r| r.is_empty() || r.starts_with([':', '/']))
-            })
+/// HTTPS, or plain HTTP to a loopback host (tests); never with user
+/// information before the host (`http://127.0.0.1@evil.example`).
+pub(crate) fn safe_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return false;
+    };
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return false;
+    }
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => true,
+        "http" => matches!(authority.host(), "127.0.0.1" | "localhost" | "[::1]"),
+        _ => false,
+    }
+}
+
+/// GitHub's issuer, on github.com or on an Enterprise Server.
+fn github_issuer(url: &str) -> bool {
+    url.eq_ignore_ascii_case("https://token.actions.githubusercontent.com")
+        || url.trim_end_matches('/').ends_with("/_services/token")
 }
 
 impl Checker<'_> {
@@ -131,6 +201,7 @@ impl Checker<'_> {
     ) -> BTreeMap<String, Issuer> {
         let mut out: BTreeMap<String, Issuer> = BTreeMap::new();
         let mut domains: BTreeMap<String, String> = BTreeMap::new();
+        let mut by_iss: BTreeMap<String, String> = BTreeMap::new();
         // Identities the policy names outright (people, admins, approvers)
         // hold certificates: no issuer may mint one of them.
         let named: BTreeSet<String> = groups
@@ -147,6 +218,15 @@ impl Checker<'_> {
             let at = entry.get_ref().name.span();
             if out.contains_key(&i.name) {
                 self.problem(at.clone(), format!("issuer `{}` is defined twice", i.name));
+            }
+            if let Some(iss) = &i.issuer
+                && let Some(other) = by_iss.insert(iss.clone(), i.name.clone())
+            {
+                let msg = format!(
+                    "issuer `{}`: issuer: `{iss}` is also issuer `{other}`'s: a token's `iss` must choose one entry",
+                    i.name
+                );
+                self.problem(at.clone(), msg);
             }
             for d in &i.trust_domains {
                 if let Some(other) = domains.insert(d.clone(), i.name.clone()) {
@@ -181,9 +261,14 @@ impl Checker<'_> {
         at: std::ops::Range<usize>,
         scopes: &BTreeMap<String, ScopeRule>,
     ) {
-        let template = i.identity.as_deref().unwrap_or_default();
+        let names = i
+            .identity
+            .as_deref()
+            .and_then(|t| template(t).ok())
+            .map(|(names, _)| names)
+            .unwrap_or_default();
         let pinned =
-            template.contains("/{environment}") || i.require.contains_key("job_workflow_ref");
+            names.iter().any(|n| n == "environment") || i.require.contains_key("job_workflow_ref");
         if pinned {
             return;
         }
@@ -204,9 +289,14 @@ impl Checker<'_> {
 
     fn issuer(&mut self, r: &RawIssuer) -> Issuer {
         let name = r.name.get_ref().clone();
-        if !super::logins::plain_identifier(&name) {
+        let plain = name.len() <= 63
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !plain {
             let msg = format!(
-                "issuer `{name}`: name: use lower-case letters, digits and `_` (at most 63)"
+                "issuer `{name}`: name: a lower-case letter, then lower-case letters, digits and `_` (at most 63)"
             );
             self.problem(r.name.span(), msg);
         }
@@ -217,10 +307,16 @@ impl Checker<'_> {
         let single_use = self.single_use(&name, kind, r);
         let max_age = self.max_age(&name, kind, single_use, r);
         let leeway = match &r.leeway {
-            Some(l) => self.duration(l, &format!("issuer `{name}`: leeway")),
-            None => Some(DEFAULT_LEEWAY),
-        }
-        .unwrap_or(DEFAULT_LEEWAY);
+            Some(l) => humantime::parse_duration(l.get_ref()).unwrap_or_else(|_| {
+                let msg = format!(
+                    "issuer `{name}`: leeway: `{}` is not a duration",
+                    l.get_ref()
+                );
+                self.problem(l.span(), msg);
+                DEFAULT_LEEWAY
+            }),
+            None => DEFAULT_LEEWAY,
+        };
         if leeway > MAX_LEEWAY {
             let span = r.leeway.as_ref().map_or(r.name.span(), Spanned::span);
             self.problem(span, format!("issuer `{name}`: leeway: at most 5m"));
@@ -246,9 +342,13 @@ impl Checker<'_> {
 
     fn issuer_kind(&mut self, name: &str, r: &RawIssuer) -> IssuerKind {
         let Some(k) = &r.kind else {
+            let msg = format!(
+                "issuer `{name}`: kind: required (github, kubernetes, jwt-svid or generic: each has rules of its own)"
+            );
+            self.problem(r.name.span(), msg);
             return IssuerKind::Generic;
         };
-        match k.get_ref().as_str() {
+        let kind = match k.get_ref().as_str() {
             "github" => IssuerKind::Github,
             "kubernetes" => IssuerKind::Kubernetes,
             "jwt-svid" => IssuerKind::JwtSvid,
@@ -260,7 +360,18 @@ impl Checker<'_> {
                 self.problem(k.span(), msg);
                 IssuerKind::Generic
             }
+        };
+        let is_github = r
+            .issuer
+            .as_ref()
+            .is_some_and(|i| github_issuer(i.get_ref()));
+        if is_github && kind != IssuerKind::Github {
+            let msg = format!(
+                "issuer `{name}`: kind: GitHub's issuer is kind = \"github\" (its rules keep recycled names out of identities)"
+            );
+            self.problem(k.span(), msg);
         }
+        kind
     }
 
     /// The exact `iss`: required (an `https` URL) except for JWT-SVIDs.
@@ -314,7 +425,8 @@ impl Checker<'_> {
         }
         if found.len() != 1 {
             let msg = format!(
-                "issuer `{name}`: give exactly one key source: discovery = true, jwks_url, jwks_file or jwks"
+                "issuer `{name}`: give exactly one key source: discovery = true, jwks_url, jwks_file or jwks (found {})",
+                found.len()
             );
             self.problem(r.name.span(), msg);
         }
@@ -323,6 +435,23 @@ impl Checker<'_> {
 
     /// An inline JWKS: JSON, at least one key, none of them a shared secret.
     fn inline_keys(&mut self, name: &str, j: &Spanned<String>) {
+        let private = serde_json::from_str::<serde_json::Value>(j.get_ref())
+            .ok()
+            .and_then(|v| v.get("keys").and_then(|k| k.as_array()).cloned())
+            .is_some_and(|keys| {
+                keys.iter().any(|k| {
+                    ["d", "p", "q", "dp", "dq", "qi", "k"]
+                        .iter()
+                        .any(|f| k.get(f).is_some())
+                })
+            });
+        if private {
+            let msg = format!(
+                "issuer `{name}`: jwks: holds a private or secret key part (`d`, `p`, `q`, `k`): give only public keys"
+            );
+            self.problem(j.span(), msg);
+            return;
+        }
         let why = match serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(j.get_ref()) {
             Err(e) => Some(format!("not a JWK Set ({e})")),
             Ok(set) if set.keys.is_empty() => Some("holds no key".to_owned()),
@@ -347,7 +476,9 @@ impl Checker<'_> {
 
     fn issuer_audience(&mut self, name: &str, r: &RawIssuer) -> String {
         match &r.audience {
-            Some(a) if !a.get_ref().trim().is_empty() => a.get_ref().clone(),
+            Some(a) if crate::text::valid_token_text(a.get_ref(), crate::text::MAX_AUDIENCE) => {
+                a.get_ref().clone()
+            }
             _ => {
                 let msg = format!(
                     "issuer `{name}`: audience: required (the audience its tokens must name: this broker)"
@@ -427,7 +558,12 @@ impl Checker<'_> {
         let age = self
             .duration(m, &format!("issuer `{name}`: max_age"))
             .unwrap_or(default);
-        if single_use == SingleUse::Bounded && age > BOUNDED_MAX_AGE {
+        if kind == IssuerKind::JwtSvid && age > SVID_MAX_AGE {
+            let msg = format!(
+                "issuer `{name}`: max_age: at most 5m for JWT-SVIDs (they often carry no `jti`)"
+            );
+            self.problem(m.span(), msg);
+        } else if single_use == SingleUse::Bounded && age > BOUNDED_MAX_AGE {
             let msg = format!(
                 "issuer `{name}`: max_age: at most 1h when single_use is `bounded` (replay is bounded by it)"
             );
@@ -481,21 +617,16 @@ impl Checker<'_> {
     }
 
     fn svid_domains(&mut self, name: &str, r: &RawIssuer) -> Vec<String> {
-        if r.trust_domains.is_empty() {
+        if r.trust_domains.len() != 1 {
             let msg = format!(
-                "issuer `{name}`: trust_domains: required for kind = \"jwt-svid\" (the domains its `sub` may be in)"
+                "issuer `{name}`: trust_domains: name exactly one for kind = \"jwt-svid\" (one entry, with that domain's bundle, per trust domain)"
             );
             self.problem(r.name.span(), msg);
         }
         let mut out = Vec::new();
         for d in &r.trust_domains {
-            let ok = Identity::parse(&format!("spiffe://{}/x", d.get_ref())).is_ok();
-            if !ok {
-                let msg = format!(
-                    "issuer `{name}`: trust_domains: `{}` is not a trust domain",
-                    d.get_ref()
-                );
-                self.problem(d.span(), msg);
+            if let Err(e) = valid_domain(d.get_ref()) {
+                self.problem(d.span(), format!("issuer `{name}`: trust_domains: {e}"));
             }
             out.push(d.get_ref().clone());
         }
@@ -507,20 +638,17 @@ impl Checker<'_> {
         for n in names {
             let why = if GITHUB_NAMES.contains(&n.as_str()) {
                 "is a name, which GitHub recycles when a repository is renamed or deleted: use repository_id / repository_owner_id"
-            } else if GITHUB_PATHS.contains(&n.as_str()) {
-                "holds `/` or `@`, which a path segment cannot: bind it in `require` instead"
+            } else if !GITHUB_SEGMENTS.contains(&n.as_str()) {
+                "is not one of the claims a GitHub identity is built from (repository_id, repository_owner_id, environment, actor_id): bind it in `require` instead"
             } else {
                 continue;
             };
-            self.problem(
-                t.span(),
-                format!("issuer `{name}`: identity: `{{{n}}}` {why}"),
-            );
+            let msg = format!("issuer `{name}`: identity: `{{{n}}}` {why}");
+            self.problem(t.span(), msg);
         }
-        if !names.iter().any(|n| GITHUB_IDS.contains(&n.as_str())) {
-            let msg = format!(
-                "issuer `{name}`: identity: name the repository by `{{repository_id}}` (and its owner by `{{repository_owner_id}}`)"
-            );
+        if !names.iter().any(|n| n == "repository_id") {
+            let msg =
+                format!("issuer `{name}`: identity: name the repository by `{{repository_id}}`");
             self.problem(t.span(), msg);
         }
     }
@@ -537,13 +665,30 @@ impl Checker<'_> {
     ) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for (claim, value) in &r.require {
-            if REGISTERED.contains(&claim.as_str()) {
-                let msg = format!(
-                    "issuer `{name}`: require: `{claim}` is checked by the broker itself (see audience, max_age)"
+            let claim = match canonical(claim) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.problem(
+                        value.span(),
+                        format!("issuer `{name}`: require: `{claim}`: {e}"),
+                    );
+                    continue;
+                }
+            };
+            let why = if REGISTERED.contains(&claim.as_str()) {
+                Some("is checked by the broker itself (see audience, max_age)")
+            } else if value.get_ref().is_empty() {
+                Some("is empty: a bound claim names the value it must have")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.problem(
+                    value.span(),
+                    format!("issuer `{name}`: require: `{claim}` {why}"),
                 );
-                self.problem(value.span(), msg);
             }
-            out.insert(claim.clone(), value.get_ref().clone());
+            out.insert(claim, value.get_ref().clone());
         }
         let at = r.name.span();
         if kind != IssuerKind::JwtSvid && out.is_empty() {
@@ -552,34 +697,38 @@ impl Checker<'_> {
             );
             self.problem(at.clone(), msg);
         }
-        let mapped = |c: &str| identity.is_some_and(|t| t.contains(&format!("{{{c}}}")));
-        let has = |c: &str| out.contains_key(c) || mapped(c);
-        if kind == IssuerKind::Github
-            && GITHUB_NAMES.iter().any(|n| out.contains_key(*n))
-            && !GITHUB_IDS.iter().any(|n| has(n))
-        {
+        if kind == IssuerKind::Kubernetes {
+            self.kubernetes_bound(name, at, &out, identity);
+        }
+        out
+    }
+
+    /// A Kubernetes identity is bound to its namespace (in `require`) and
+    /// to its service account's uid (in `require` or the identity).
+    fn kubernetes_bound(
+        &mut self,
+        name: &str,
+        at: std::ops::Range<usize>,
+        out: &BTreeMap<String, String>,
+        identity: Option<&str>,
+    ) {
+        let mapped: Vec<String> = identity
+            .and_then(|t| template(t).ok())
+            .map(|(names, _)| names)
+            .unwrap_or_default();
+        let namespace = "/kubernetes.io/namespace";
+        let uid = "/kubernetes.io/serviceaccount/uid";
+        if !out.contains_key(namespace) {
+            let msg =
+                format!("issuer `{name}`: require: bind the namespace: `\"{namespace}\" = \"…\"`");
+            self.problem(at.clone(), msg);
+        }
+        if !out.contains_key(uid) && !mapped.iter().any(|n| n == uid) {
             let msg = format!(
-                "issuer `{name}`: require: a repository name binds nothing once it is recycled: bind repository_id or repository_owner_id too"
+                "issuer `{name}`: require: bind the service account's uid (a re-created account of the same name is another workload): `\"{uid}\"` in `require` or in `identity`"
             );
             self.problem(at.clone(), msg);
         }
-        if kind == IssuerKind::Kubernetes {
-            for (claim, what) in [
-                ("/kubernetes.io/namespace", "the namespace"),
-                (
-                    "/kubernetes.io/serviceaccount/uid",
-                    "the service account's uid (a re-created account of the same name is another workload)",
-                ),
-            ] {
-                if !has(claim) {
-                    let msg = format!(
-                        "issuer `{name}`: require: bind {what}: `\"{claim}\"` in `require` or in `identity`"
-                    );
-                    self.problem(at.clone(), msg);
-                }
-            }
-        }
-        out
     }
 }
 

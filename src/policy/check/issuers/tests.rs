@@ -62,7 +62,7 @@ fn unsigned_and_shared_secret_algorithms_are_refused_with_their_lines() {
 }
 
 #[test]
-fn an_issuer_needs_one_key_source_an_audience_and_a_bound_claim() {
+fn an_issuer_needs_a_kind_one_key_source_an_audience_and_a_bound_claim() {
     let text = r#"[[issuer]]
 name = "loose"
 issuer = "http://issuer.example.org"
@@ -73,39 +73,100 @@ identity = "spiffe://ci.example.org/{sub}"
     assert_eq!(
         problems(text),
         [
+            "line 2: issuer `loose`: kind: required (github, kubernetes, jwt-svid or generic: each has rules of its own)",
             "line 3: issuer `loose`: issuer: `http://issuer.example.org` is not an https URL",
-            "line 2: issuer `loose`: give exactly one key source: discovery = true, jwks_url, jwks_file or jwks",
+            "line 2: issuer `loose`: give exactly one key source: discovery = true, jwks_url, jwks_file or jwks (found 2)",
             "line 2: issuer `loose`: require: bind at least one claim besides the audience (e.g. repository_owner_id), or every tenant of the issuer could sign in",
             "line 2: issuer `loose`: audience: required (the audience its tokens must name: this broker)",
         ]
     );
+    // GitHub's issuer cannot escape GitHub's rules by another kind.
+    let generic = github("").replace("kind = \"github\"", "kind = \"generic\"");
+    assert_says(&problems(&generic), "GitHub's issuer is kind = \"github\"");
 }
 
 #[test]
 fn github_identities_come_from_ids_never_recycled_names_or_paths() {
     let text = github("").replace(
         "{repository_owner_id}/{repository_id}/env/{environment}",
-        "{repository}/{job_workflow_ref}",
+        "{repository}/{job_workflow_ref}/{actor}",
     );
     let got = problems(&text);
-    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(got.len(), 4, "{got:#?}");
     assert!(got[0].contains("`{repository}` is a name, which GitHub recycles"));
-    assert!(got[1].contains("`{job_workflow_ref}` holds `/` or `@`"));
-    assert!(got[2].contains("name the repository by `{repository_id}`"));
-    // A name in `require` binds only beside an id.
+    assert!(
+        got[1].contains(
+            "`{job_workflow_ref}` is not one of the claims a GitHub identity is built from"
+        )
+    );
+    assert!(got[2].contains("`{actor}` is not one of the claims"));
+    assert!(got[3].contains("name the repository by `{repository_id}`"));
+    // The same claims spelled as JSON pointers are the same claims.
+    let text = github("").replace("{environment}", "{/repository}");
+    assert_says(&problems(&text), "`{repository}` is a name");
+    let text = github("").replace("{environment}", "{/job~1workflow}");
+    assert_says(
+        &problems(&text),
+        "`{/job~1workflow}` is not one of the claims",
+    );
+    // An org-wide identity without the repository's id is refused.
+    let text = github("").replace("/{repository_id}", "");
+    assert_says(&problems(&text), "name the repository by `{repository_id}`");
+}
+
+#[test]
+fn a_bound_claim_is_not_the_audience_under_another_spelling_nor_empty() {
     let text = github("").replace(
         "require = { repository_owner_id = \"1234567\" }",
-        "require = { repository = \"acme/app\" }",
+        "require = { \"/aud\" = \"https://broker.example.org\", repository_owner_id = \"\" }",
     );
-    let text = text.replace("{repository_owner_id}/", "");
-    assert!(
-        problems(&text).is_empty(),
-        "the template maps repository_id: {:?}",
-        problems(&text)
-    );
-    let text = text.replace("{repository_id}/", "deploy/");
     let got = problems(&text);
-    assert_says(&got, "a repository name binds nothing once it is recycled");
+    assert_says(&got, "require: `aud` is checked by the broker itself");
+    assert_says(&got, "require: `repository_owner_id` is empty");
+    let text = github("").replace(
+        "require = { repository_owner_id = \"1234567\" }",
+        "require = { \"/a~2\" = \"x\" }",
+    );
+    assert_says(&problems(&text), "`~` is written `~0`");
+}
+
+#[test]
+fn urls_are_https_or_loopback_http_without_user_information() {
+    use super::safe_url;
+    for ok in [
+        "https://token.actions.githubusercontent.com",
+        "HTTPS://issuer.example.org/x",
+        "http://127.0.0.1:8080/jwks",
+        "http://localhost/jwks",
+        "http://[::1]:9/jwks",
+    ] {
+        assert!(safe_url(ok), "{ok}");
+    }
+    for bad in [
+        "http://issuer.example.org",
+        "http://127.0.0.1:80@evil.example/jwks",
+        "http://localhost:x@evil.example/",
+        "https://user@issuer.example.org",
+        "http://localhost.evil.example/",
+        "ftp://issuer.example.org",
+        "issuer.example.org",
+    ] {
+        assert!(!safe_url(bad), "{bad}");
+    }
+}
+
+#[test]
+fn two_issuers_may_not_share_an_iss_and_a_leeway_may_be_zero() {
+    let second = github("").replace("name = \"github\"", "name = \"github_two\"");
+    let second = second.replace("github.example.org", "github-two.example.org");
+    let got = problems(&format!("{}{second}", github("")));
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(got[0].contains("is also issuer `github`'s: a token's `iss` must choose one entry"));
+    assert!(problems(&github("leeway = \"0s\"\n")).is_empty());
+    assert_says(
+        &problems(&github("leeway = \"6m\"\n")),
+        "leeway: at most 5m",
+    );
 }
 
 #[test]
@@ -137,6 +198,10 @@ workloads = ["spiffe://github.example.org/1234567/*"]
 #[test]
 fn trust_domains_belong_to_one_issuer_and_never_hold_named_identities() {
     let second = github("").replace("name = \"github\"", "name = \"github_two\"");
+    let second = second.replace(
+        "https://token.actions.githubusercontent.com",
+        "https://ghe.example.org/_services/token",
+    );
     let got = problems(&format!("{}{second}", github("")));
     assert_eq!(got.len(), 1, "{got:#?}");
     assert!(got[0].contains("trust domain `github.example.org` is also issuer `github`'s"));
@@ -159,16 +224,31 @@ fn a_template_fills_whole_segments_in_a_written_out_trust_domain() {
             "k8s.example.org".to_owned()
         )
     );
-    for bad in [
-        "https://x/{a}",
-        "spiffe://{org}.example.org/{a}",
-        "spiffe://ci.example.org/env-{environment}",
-        "spiffe://ci.example.org/{a b}",
-        "spiffe://ci.example.org/{}",
-        "spiffe://Bad_Domain/{a}",
+    for (bad, why) in [
+        ("https://x/{a}", "must start with `spiffe://`"),
+        (
+            "spiffe://{org}.example.org/{a}",
+            "its trust domain must be written out",
+        ),
+        (
+            "spiffe://ci.example.org/env-{environment}",
+            "a placeholder fills a whole path segment",
+        ),
+        ("spiffe://ci.example.org/{a b}", "name a claim"),
+        (
+            "spiffe://ci.example.org/{}",
+            "a placeholder fills a whole path segment",
+        ),
+        ("spiffe://Bad_Domain/{a}", "not a spiffe://"),
+        ("spiffe://example.org./{a}", "is not a trust domain"),
+        ("spiffe://ci.example.org/{/a//b}", "an empty step"),
+        ("spiffe://ci.example.org/{a", "an unclosed `{`"),
     ] {
-        assert!(template(bad).is_err(), "{bad}");
+        let e = template(bad).unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
     }
+    assert_eq!(super::canonical("/repository").unwrap(), "repository");
+    assert_eq!(super::canonical("/a~1b/c~0").unwrap(), "/a~1b/c~0");
 }
 
 #[test]
@@ -195,7 +275,10 @@ identity = "spiffe://k8s.example.org/prod-eu/{/kubernetes.io/namespace}/{/kubern
         "audience = \"portcullis\"",
         "audience = \"portcullis\"\nmax_age = \"2h\"",
     );
-    assert!(problems(&long)[0].contains("at most 1h when single_use is `bounded`"));
+    assert_says(&problems(&long), "at most 1h when single_use is `bounded`");
+    // The namespace is bound in `require`, not only mapped.
+    let mapped_only = bound.replace("\"/kubernetes.io/namespace\" = \"payments\", ", "");
+    assert_says(&problems(&mapped_only), "require: bind the namespace");
 
     let svid = r#"[[issuer]]
 name = "spire"
@@ -212,7 +295,22 @@ trust_domains = ["prod.example.org"]
         (300, SingleUse::Bounded)
     );
     let got = problems(&svid.replace("trust_domains = [\"prod.example.org\"]\n", ""));
-    assert!(got[0].contains("trust_domains: required"), "{got:#?}");
+    assert_says(&got, "trust_domains: name exactly one");
+    let two = svid.replace(
+        "[\"prod.example.org\"]",
+        "[\"prod.example.org\", \"dev.example.org\"]",
+    );
+    assert_says(&problems(&two), "trust_domains: name exactly one");
+    let path = svid.replace("[\"prod.example.org\"]", "[\"prod.example.org/human\"]");
+    assert_says(
+        &problems(&path),
+        "`prod.example.org/human` is not a trust domain",
+    );
+    let long = svid.replace(
+        "audience = \"portcullis\"",
+        "audience = \"portcullis\"\nmax_age = \"10m\"",
+    );
+    assert_says(&problems(&long), "at most 5m for JWT-SVIDs");
 }
 
 #[test]
@@ -221,8 +319,13 @@ fn inline_keys_are_a_jwk_set_without_shared_secrets() {
     let ec = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis","y":"y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE"}]}"#;
     assert!(problems(&with(ec)).is_empty(), "{:?}", problems(&with(ec)));
     let oct = r#"{"keys":[{"kty":"oct","kid":"s","k":"c2VjcmV0"}]}"#;
-    assert!(problems(&with(oct))[0].contains("shared-secret (`oct`) key"));
-    assert!(problems(&with("{}"))[0].contains("not a JWK Set"));
+    assert_says(&problems(&with(oct)), "holds a private or secret key part");
+    let private = ec.replace("\"kid\":\"k1\"", "\"kid\":\"k1\",\"d\":\"c2VjcmV0\"");
+    assert_says(
+        &problems(&with(&private)),
+        "holds a private or secret key part",
+    );
+    assert_says(&problems(&with("{}")), "not a JWK Set");
 }
 
 #[test]
