@@ -189,6 +189,20 @@ async fn gone(t: &Target, role: &str) {
     panic!("role {role} is still there");
 }
 
+/// A target for `test`, a broker on it, and a workload's client.
+async fn started(
+    test: &str,
+) -> Option<(
+    Target,
+    Harness,
+    pb::broker_client::BrokerClient<tonic::transport::Channel>,
+)> {
+    let t = target(test).await?;
+    let h = broker(&t, "").await;
+    let c = h.broker(As::Workload).await;
+    Some((t, h, c))
+}
+
 /// A `db.orders.read` login for 60 s.
 async fn read_for_a_minute(
     c: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
@@ -208,11 +222,9 @@ fn login_of(g: &pb::Grant) -> &pb::DatabaseLogin {
 
 #[tokio::test]
 async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() {
-    let Some(t) = target("a_login_has_its_groups_rights_only").await else {
+    let Some((t, h, mut c)) = started("a_login_has_its_groups_rights_only").await else {
         return;
     };
-    let h = broker(&t, "").await;
-    let mut c = h.broker(As::Workload).await;
     let g = read_for_a_minute(&mut c).await;
     let l = login_of(&g).clone();
     let lease = g.lease.clone().unwrap();
@@ -314,11 +326,9 @@ async fn a_login_has_its_groups_rights_only_and_revoke_ends_its_open_sessions() 
 
 #[tokio::test]
 async fn expiry_ends_the_login_and_an_unused_orphan_is_dropped_by_the_reconciler() {
-    let Some(t) = target("expiry_ends_the_login").await else {
+    let Some((t, mut h, mut c)) = started("expiry_ends_the_login").await else {
         return;
     };
-    let mut h = broker(&t, "").await;
-    let mut c = h.broker(As::Workload).await;
     let g = read_for_a_minute(&mut c).await;
     let expiring = login_of(&g).user.clone();
     let live = login_of(&grant(&mut c, ask(&["db.orders.read"])).await)
@@ -369,11 +379,9 @@ async fn expiry_ends_the_login_and_an_unused_orphan_is_dropped_by_the_reconciler
 
 #[tokio::test]
 async fn a_delegated_login_is_its_own_and_ends_with_its_parent_sessions_and_all() {
-    let Some(t) = target("a_delegated_login_is_its_own").await else {
+    let Some((t, h, mut c)) = started("a_delegated_login_is_its_own").await else {
         return;
     };
-    let h = broker(&t, "").await;
-    let mut c = h.broker(As::Workload).await;
     let parent = read_for_a_minute(&mut c).await;
     let mine = login_of(&parent).clone();
     let parent_id = parent.lease.unwrap().id;
@@ -429,11 +437,9 @@ async fn a_delegated_login_is_its_own_and_ends_with_its_parent_sessions_and_all(
 
 #[tokio::test]
 async fn an_approved_login_is_made_once_when_claimed_concurrently() {
-    let Some(t) = target("an_approved_login_is_made_once").await else {
+    let Some((t, h, mut c)) = started("an_approved_login_is_made_once").await else {
         return;
     };
-    let h = broker(&t, "").await;
-    let mut c = h.broker(As::Workload).await;
     let req = park(&mut c, &["db.orders.admin"]).await;
     assert!(
         members(&t).await.is_empty(),
@@ -705,6 +711,20 @@ async fn least_admin(t: &Target) -> (String, String) {
     (admin, password)
 }
 
+/// A broker on `t` whose admin is `admin`, signing in with `password`
+/// from its password file; `t` as that admin reaches it.
+async fn broker_as(t: Target, admin: &str, password: &str) -> (Target, Harness) {
+    let as_admin = Target {
+        url: t.url.replacen("postgres@", &format!("{admin}@"), 1),
+        admin: t.admin,
+        group: t.group,
+    };
+    let pw = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::write(&pw, format!("{password}\n")).unwrap();
+    let h = Harness::start_with(Some(&policy(&as_admin, &pw.keep().unwrap(), ""))).await;
+    (as_admin, h)
+}
+
 /// `password` signs in as `user` on `t`'s database (through libpq).
 fn signs_in_as(t: &Target, user: &str, password: &str) -> bool {
     let config: tokio_postgres::Config = t.url.parse().unwrap();
@@ -741,15 +761,7 @@ async fn a_least_privileged_admin_works_and_its_password_rotates_into_the_store(
     h.stop().await;
 
     let (admin, first) = least_admin(&t).await;
-    let as_admin = Target {
-        url: t.url.replacen("postgres@", &format!("{admin}@"), 1),
-        admin: t.admin,
-        group: t.group.clone(),
-    };
-    let pw = tempfile::NamedTempFile::new().unwrap().into_temp_path();
-    std::fs::write(&pw, format!("{first}\n")).unwrap();
-    let mut h = Harness::start_with(Some(&policy(&as_admin, &pw, ""))).await;
-    let t = as_admin;
+    let (t, mut h) = broker_as(t, &admin, &first).await;
     let mut c = h.broker(As::Workload).await;
 
     // The least privileges make, end (sessions and all) and drop a login.
@@ -903,15 +915,7 @@ async fn a_rotation_cut_short_after_the_database_took_the_password_is_found_and_
     // A session of the cluster's superuser, to hold the admin role's row.
     let (holder, conn) = tokio_postgres::connect(&t.url, NoTls).await.unwrap();
     tokio::spawn(conn);
-    let as_admin = Target {
-        url: t.url.replacen("postgres@", &format!("{admin}@"), 1),
-        admin: t.admin,
-        group: t.group.clone(),
-    };
-    let pw = tempfile::NamedTempFile::new().unwrap().into_temp_path();
-    std::fs::write(&pw, format!("{first}\n")).unwrap();
-    let mut h = Harness::start_with(Some(&policy(&as_admin, &pw, ""))).await;
-    let t = as_admin;
+    let (t, mut h) = broker_as(t, &admin, &first).await;
     let mut keys = pb::keys_client::KeysClient::new(h.channel(As::Admin).await);
     let rotate = pb::RotateDatabaseRootRequest {
         database: "orders".into(),

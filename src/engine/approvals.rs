@@ -524,7 +524,8 @@ impl Engine {
             // Whatever was delegated from the grant ends with it.
             entries =
                 super::cascade::end_descendants(&self.records, op, lid, who.as_str(), reason, now)
-                    .await?;
+                    .await?
+                    .0;
         }
         let action = if revoke {
             Action::BreakGlassRevoked

@@ -19,22 +19,9 @@ const PAGE: usize = 1024;
 /// Revoke, in `op`, every active lease delegated, directly or not, from
 /// `root`, as `by` at `now`; their audit entries (the caller records them
 /// with its own, in the same operation). Reads the index a page at a time.
+/// Also returns the ids of the ended leases that hold a database login (a
+/// revocation waits for their ends).
 pub(crate) async fn end_descendants(
-    records: &Records,
-    op: &mut Op,
-    root: &str,
-    by: &str,
-    why: &str,
-    now: Millis,
-) -> Result<Vec<AuditEntry>, StoreError> {
-    Ok(end_descendants_with_logins(records, op, root, by, why, now)
-        .await?
-        .0)
-}
-
-/// [`end_descendants`], and the ids of the ended leases that hold a
-/// database login (a revocation waits for their ends).
-pub(crate) async fn end_descendants_with_logins(
     records: &Records,
     op: &mut Op,
     root: &str,

@@ -213,7 +213,8 @@ impl Engine {
                         "expired",
                         now,
                     )
-                    .await?,
+                    .await?
+                    .0,
                 );
             }
             page.leases.push((id, new.subject));

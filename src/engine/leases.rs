@@ -169,7 +169,7 @@ impl Engine {
                 )];
                 // Everything delegated from it ends with it, in the same
                 // atomic batch.
-                let (descendants, mut logins) = super::cascade::end_descendants_with_logins(
+                let (descendants, mut logins) = super::cascade::end_descendants(
                     &self.records,
                     &mut op,
                     id,
@@ -266,19 +266,11 @@ impl Engine {
         Ok(count)
     }
 
-    /// The operation of [`Engine::revoke_all`]: how many leases it revokes,
-    /// and how many delegated from them.
-    async fn plan_revoke_all(
-        &self,
-        op: &mut super::Op,
-        subject: &str,
-        by: &str,
-        why: &str,
-    ) -> Result<(u64, u64), EngineError> {
-        let now = self.clock.now();
-        // Every page first, so that the batch is sized once: grown by
-        // doubling, a hundred thousand swaps were copied and their fresh
-        // pages cleared again and again (a third of the time).
+    /// Every page of `subject`'s leases, read before the batch is planned,
+    /// so that the batch is sized once: grown by doubling, a hundred
+    /// thousand swaps were copied and their fresh pages cleared again and
+    /// again (a third of the time).
+    async fn pages_of(&self, subject: &str) -> Result<Vec<Vec<Lease>>, EngineError> {
         let mut pages = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -291,6 +283,20 @@ impl Engine {
             after = Some(last.id.clone());
             pages.push(page);
         }
+        Ok(pages)
+    }
+
+    /// The operation of [`Engine::revoke_all`]: how many leases it revokes,
+    /// and how many delegated from them.
+    async fn plan_revoke_all(
+        &self,
+        op: &mut super::Op,
+        subject: &str,
+        by: &str,
+        why: &str,
+    ) -> Result<(u64, u64), EngineError> {
+        let now = self.clock.now();
+        let pages = self.pages_of(subject).await?;
         op.reserve(pages.iter().map(Vec::len).sum());
         let mut count = 0;
         let mut delegated = Vec::new();
@@ -306,7 +312,9 @@ impl Engine {
                 count += 1;
                 // What was delegated from it ends with it.
                 delegated.extend(
-                    super::cascade::end_descendants(&self.records, op, &id, by, why, now).await?,
+                    super::cascade::end_descendants(&self.records, op, &id, by, why, now)
+                        .await?
+                        .0,
                 );
             }
         }

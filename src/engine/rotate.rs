@@ -394,7 +394,8 @@ impl Engine {
                             reason,
                             now,
                         )
-                        .await?;
+                        .await?
+                        .0;
                         descendants += delegated.len() as u64;
                         entries.extend(delegated);
                     }
