@@ -583,6 +583,11 @@ identity = "spiffe://github.example.org/{repository_owner_id}/{repository_id}"
         stderr(&o).contains("line 2: issuer `github`: give exactly one key source"),
         "{o:?}"
     );
+    // Policy text reaches the terminal with its control characters escaped.
+    std::fs::write(&file, "[[issuer]]\nname = \"x\\u001b[31m\"\n").unwrap();
+    let o = run(tmp.path(), &["policy", "check", file.to_str().unwrap()]);
+    assert!(stderr(&o).contains("issuer `x\\u{1b}[31m`"), "{o:?}");
+    assert!(!stderr(&o).contains('\u{1b}'), "{o:?}");
 }
 
 /// Run without `PORTCULLIS_DEV_DIR`: the flags alone say where to go.

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::Output;
 use super::exit::{self, Failure, failure, usage};
-use super::render::{count, fmt_dur, print};
+use super::render::{clean, count, fmt_dur, print};
 use crate::client::ClientOpts;
 use crate::identity::Identity;
 use crate::policy::{Decision, Policy, PolicyError};
@@ -86,7 +86,8 @@ fn check(out: Output, file: &std::path::Path) -> Result<i32, Failure> {
         Err(PolicyError::Invalid(problems)) => {
             let text: String = problems
                 .iter()
-                .map(|p| format!("{}: {p}\n", file.display()))
+                // Policy text (a name, a URL) may hold terminal controls.
+                .map(|p| format!("{}: {}\n", file.display(), clean(&p.to_string())))
                 .collect();
             let problems_json: Vec<_> = problems
                 .iter()

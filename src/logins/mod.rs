@@ -213,7 +213,12 @@ impl Logins {
     /// in.
     async fn conn(&self, db: &Database) -> Result<Arc<Conn>, LoginError> {
         let poisoned = || LoginError::Unavailable(db.name.clone(), "poisoned".into());
-        (self.used.lock().map_err(|_| poisoned())?).insert(db.name.clone(), db.clone());
+        {
+            let mut used = self.used.lock().map_err(|_| poisoned())?;
+            if used.get(&db.name) != Some(db) {
+                used.insert(db.name.clone(), db.clone());
+            }
+        }
         if let Some(c) = (self.conns.lock().map_err(|_| poisoned())?)
             .get(&db.name)
             .filter(|c| c.db == *db)

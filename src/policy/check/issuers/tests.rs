@@ -1,3 +1,6 @@
+// Test-only: declared `#[cfg(test)]` by its parent module (its unwraps are test code).
+//! Unit tests of `policy::check::issuers`.
+
 use crate::policy::{IssuerKind, KeySource, Policy, PolicyError, SingleUse};
 
 /// A GitHub issuer as the README shows it, with `extra` lines added.
