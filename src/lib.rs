@@ -23,6 +23,7 @@ pub mod clock;
 pub mod console;
 pub mod dev;
 pub mod engine;
+pub mod federation;
 pub mod fsutil;
 pub mod identity;
 pub mod jose;
@@ -36,6 +37,7 @@ pub mod rotation;
 pub mod server;
 pub mod store;
 pub mod text;
+pub mod tls;
 pub mod token;
 pub mod vocab;
 

@@ -2,6 +2,7 @@
 //! problem collected with its line, then the validated [`Policy`].
 
 mod issuers;
+pub(crate) use issuers::{safe_url, segments as template_segments, template as identity_template};
 mod logins;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -17,6 +17,7 @@ mod delegation;
 mod raw;
 
 pub use self::check::MAX_DELEGATION_DEPTH;
+pub(crate) use self::check::{identity_template, safe_url, template_segments};
 pub use self::delegation::DelegationAsk;
 
 /// Hard cap on any TTL unless `[broker] max_ttl` says otherwise.

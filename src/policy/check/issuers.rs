@@ -17,8 +17,8 @@ use crate::identity::Identity;
 /// What an issuer accepts when the policy names nothing.
 const DEFAULT_ALGORITHMS: [&str; 2] = ["ES256", "RS256"];
 /// Every asymmetric algorithm an issuer may name.
-const ALGORITHMS: [&str; 10] = [
-    "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA", "ES512",
+const ALGORITHMS: [&str; 9] = [
+    "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA",
 ];
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
 /// JWT-SVIDs often carry no `jti`: their life is what bounds a replay.
@@ -137,7 +137,7 @@ fn valid_domain(d: &str) -> Result<(), String> {
 
 /// The path segments of a template: split on `/` outside placeholders (a
 /// JSON pointer holds `/` of its own).
-fn segments(path: &str) -> Result<Vec<&str>, String> {
+pub(crate) fn segments(path: &str) -> Result<Vec<&str>, String> {
     let mut out = Vec::new();
     let (mut start, mut depth) = (0, 0usize);
     for (i, c) in path.char_indices() {

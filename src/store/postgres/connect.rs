@@ -21,12 +21,9 @@
 use std::future::Future;
 use std::path::Path;
 use std::str::FromStr as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject as _;
 use tokio::sync::broadcast;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{AsyncMessage, Config};
@@ -122,30 +119,10 @@ impl Target {
 }
 
 fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, StoreError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-                .map_err(|e| bad_url(format!("database CA {}: {e}", path.display())))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(bad_url(format!(
-                    "database CA {}: no certificate in it",
-                    path.display()
-                )));
-            }
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Refused(format!("database TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    crate::tls::client_config(ca_file, "database").map_err(|e| match ca_file {
+        Some(_) => bad_url(e),
+        None => StoreError::Refused(e),
+    })
 }
 
 impl Target {

@@ -1,0 +1,170 @@
+//! `federation`: workloads without a client certificate sign in with their
+//! platform's signed token (GitHub Actions, Kubernetes, SPIFFE JWT-SVIDs;
+//! docs/design-federation.md). This module verifies such a token against
+//! the policy's `[[issuer]]` entries and their keys, and names the
+//! identity it maps to; what that identity may get is the engine's and
+//! the policy's business, as for any caller.
+
+pub mod keys;
+pub mod verify;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use hyper_util::rt::TokioExecutor;
+
+pub use self::keys::{FetchCounter, KeyCache, Source};
+pub use self::verify::{Check, Refusal, Verified};
+use crate::policy::{Issuer, KeySource, Policy};
+
+/// One trusted issuer: its entry and its keys.
+pub struct Trusted {
+    /// The policy's entry.
+    pub issuer: Issuer,
+    /// Its keys.
+    pub keys: Arc<KeyCache>,
+}
+
+/// Every trusted issuer of the policy in force.
+pub struct Federation {
+    trusted: RwLock<Arc<BTreeMap<String, Arc<Trusted>>>>,
+    counter: FetchCounter,
+}
+
+/// An entry's keys are fetched again from scratch only when where they
+/// come from changed.
+fn same_keys(a: &Issuer, b: &Issuer) -> bool {
+    a.keys == b.keys && a.ca_file == b.ca_file && a.issuer == b.issuer
+}
+
+fn https(ca_file: Option<&std::path::Path>, name: &str) -> Result<keys::Client, String> {
+    let tls = crate::tls::client_config(ca_file, &format!("issuer `{name}`"))?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector))
+}
+
+fn source(i: &Issuer) -> Result<Source, String> {
+    let client = || https(i.ca_file.as_deref(), &i.name);
+    Ok(match &i.keys {
+        KeySource::Discovery => Source::Discovery {
+            issuer: i
+                .issuer
+                .clone()
+                .ok_or_else(|| format!("issuer `{}`: discovery needs `issuer`", i.name))?,
+            client: client()?,
+        },
+        KeySource::JwksUrl(url) => Source::Url {
+            url: url.clone(),
+            client: client()?,
+        },
+        KeySource::JwksFile(path) => Source::File(path.clone()),
+        KeySource::Inline(json) => Source::Inline(
+            serde_json::from_str(json).map_err(|e| format!("issuer `{}`: jwks: {e}", i.name))?,
+        ),
+    })
+}
+
+impl Federation {
+    /// The issuers of `policy`, with empty key caches (see [`Self::refresh`]).
+    pub fn new(policy: &Policy, counter: FetchCounter) -> Result<Arc<Self>, String> {
+        let me = Arc::new(Self {
+            trusted: RwLock::new(Arc::default()),
+            counter,
+        });
+        me.update(policy)?;
+        Ok(me)
+    }
+
+    /// Take the issuers of a new policy: an entry whose keys come from
+    /// where they came from keeps its cache; a removed entry's tokens are
+    /// refused from now on.
+    pub fn update(&self, policy: &Policy) -> Result<(), String> {
+        let old = self.snapshot();
+        let mut next = BTreeMap::new();
+        for (name, i) in &policy.issuers {
+            let keys = match old.get(name) {
+                Some(t) if same_keys(&t.issuer, i) => t.keys.clone(),
+                _ => Arc::new(KeyCache::new(name, source(i)?, self.counter.clone())),
+            };
+            next.insert(
+                name.clone(),
+                Arc::new(Trusted {
+                    issuer: i.clone(),
+                    keys,
+                }),
+            );
+        }
+        if let Ok(mut t) = self.trusted.write() {
+            *t = Arc::new(next);
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Trusted>>> {
+        self.trusted.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Whether any issuer is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.snapshot().is_empty()
+    }
+
+    /// The trusted issuer named `name`.
+    pub fn trusted(&self, name: &str) -> Option<Arc<Trusted>> {
+        self.snapshot().get(name).cloned()
+    }
+
+    /// Verify `token` at `now` (seconds since the epoch).
+    pub async fn verify(&self, token: &str, now: u64) -> Result<Verified, Refusal> {
+        let parsed = verify::Parsed::new(token)?;
+        let all = self.snapshot();
+        let issuer = parsed
+            .issuer(all.values().map(|t| &t.issuer))
+            .ok_or(Refusal {
+                check: Check::Issuer,
+                issuer: None,
+                claims_digest: None,
+            })?;
+        let trusted = all
+            .get(&issuer.name)
+            .ok_or_else(|| refused(Check::Issuer, issuer))?;
+        let (kid, alg) = parsed.header(issuer)?;
+        let key = trusted
+            .keys
+            .key(&kid)
+            .await
+            .ok_or_else(|| refused(Check::Key, issuer))?;
+        parsed.verify(issuer, &alg, &key, now)
+    }
+
+    /// Fetch every issuer's keys now (at start, then every 10 minutes).
+    pub async fn refresh(&self) {
+        let all = self.snapshot();
+        let fetches = all.values().map(|t| t.keys.refresh());
+        futures_util::future::join_all(fetches).await;
+    }
+
+    /// Issuers holding no keys (none fetched yet, or dropped as stale).
+    pub fn without_keys(&self) -> Vec<String> {
+        self.snapshot()
+            .values()
+            .filter(|t| !t.keys.has_keys())
+            .map(|t| t.issuer.name.clone())
+            .collect()
+    }
+}
+
+fn refused(check: Check, issuer: &Issuer) -> Refusal {
+    Refusal {
+        check,
+        issuer: Some(issuer.name.clone()),
+        claims_digest: None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testkit;
