@@ -32,6 +32,11 @@ pub struct ClientOpts {
     /// identity from it.
     #[arg(long, global = true, env = "PORTCULLIS_DEV_DIR")]
     pub dev_dir: Option<PathBuf>,
+    /// The broker's federation listener (`host:port` or `https://…`), for
+    /// `--id-token` and `--claim-secret` calls (no client certificate).
+    /// With `--dev-dir`, defaults to the address the dev broker recorded.
+    #[arg(long, global = true, env = "PORTCULLIS_FEDERATION_SERVER")]
+    pub federation_server: Option<String>,
     /// Which dev identity to act as (with `--dev-dir`).
     #[arg(long = "as", global = true, value_enum, default_value = "workload")]
     pub as_: As,
@@ -207,29 +212,84 @@ impl ClientOpts {
         let dev = self.dev_dir.as_ref().map(DevDir::new);
         let server = self.address(dev.as_ref())?;
         let tls = self.tls(dev.as_ref())?;
-        let url = if server.contains("://") {
-            server.clone()
-        } else {
-            format!("https://{server}")
-        };
-        let failed = |e: &(dyn StdError + 'static)| {
-            let (server, detail) = (server.clone(), error_chain(e));
-            match fault(e) {
-                Fault::Refused => ClientError::Refused { server },
-                Fault::Tls => ClientError::Handshake { server, detail },
-                Fault::Closed | Fault::Other => ClientError::Connect { server, detail },
+        open(server, tls).await
+    }
+
+    /// Connect to the broker's federation listener: the broker is
+    /// authenticated (by `--ca`, the dev CA, or the system's roots), the
+    /// caller is not: its platform token or claim secret says who it is.
+    pub async fn connect_federation(&self) -> Result<Channel, ClientError> {
+        let dev = self.dev_dir.as_ref().map(DevDir::new);
+        let server = match (&self.federation_server, &dev) {
+            (Some(s), _) => s.clone(),
+            (None, Some(d)) => d
+                .endpoints()
+                .map_err(|e| ClientError::Usage(e.to_string()))?
+                .federation
+                .ok_or_else(|| {
+                    ClientError::Usage(
+                        "the dev broker has no federation listener (restart `serve --dev`)".into(),
+                    )
+                })?
+                .to_string(),
+            (None, None) => {
+                return Err(ClientError::Usage(
+                    "no federation listener address: pass --federation-server or --dev-dir".into(),
+                ));
             }
         };
-        Endpoint::from_shared(url)
-            .map_err(|e| failed(&e))?
-            .tls_config(tls)
-            .map_err(|e| failed(&e))?
-            .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| failed(&e))
+        let tls = match self.ca.clone().or(dev.map(|d| d.path("ca.pem"))) {
+            Some(ca) => ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(&ca, "CA bundle")?)),
+            None => ClientTlsConfig::new().ca_certificates(system_roots()),
+        };
+        open(server, tls).await
     }
+}
+
+/// The system's trust anchors, as PEM for tonic.
+fn system_roots() -> Vec<Certificate> {
+    use base64::Engine as _;
+    rustls_native_certs::load_native_certs()
+        .certs
+        .iter()
+        .map(|c| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+            let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                pem.push_str(&String::from_utf8_lossy(line));
+                pem.push('\n');
+            }
+            pem.push_str("-----END CERTIFICATE-----\n");
+            Certificate::from_pem(pem)
+        })
+        .collect()
+}
+
+/// A channel to `server` with `tls`.
+async fn open(server: String, tls: ClientTlsConfig) -> Result<Channel, ClientError> {
+    let url = if server.contains("://") {
+        server.clone()
+    } else {
+        format!("https://{server}")
+    };
+    let failed = |e: &(dyn StdError + 'static)| {
+        let (server, detail) = (server.clone(), error_chain(e));
+        match fault(e) {
+            Fault::Refused => ClientError::Refused { server },
+            Fault::Tls => ClientError::Handshake { server, detail },
+            Fault::Closed | Fault::Other => ClientError::Connect { server, detail },
+        }
+    };
+    Endpoint::from_shared(url)
+        .map_err(|e| failed(&e))?
+        .tls_config(tls)
+        .map_err(|e| failed(&e))?
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| failed(&e))
 }
 
 /// A database login (a login scope's grant) as a shell and libpq read it.

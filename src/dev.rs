@@ -76,6 +76,9 @@ pub struct Endpoints {
     pub grpc: SocketAddr,
     /// HTTP (JWKS, discovery, health) address.
     pub http: Option<SocketAddr>,
+    /// Federation (platform tokens, no client certificate) address.
+    #[serde(default)]
+    pub federation: Option<SocketAddr>,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> DevError {
@@ -130,7 +133,8 @@ impl DevDir {
             created = true;
         }
         if !self.path("policy.toml").exists() {
-            write_file(&self.path("policy.toml"), DEV_POLICY.as_bytes(), false)?;
+            let policy = DEV_POLICY.replace("{CI_JWKS}", &self.ci_jwks()?);
+            write_file(&self.path("policy.toml"), policy.as_bytes(), false)?;
         }
         if !self.path("kek").exists() {
             let (_, hex) = crate::keys::Kek::generate().map_err(|e| io(&self.path("kek"), e))?;
@@ -177,6 +181,88 @@ impl DevDir {
         let text = std::fs::read(&p)
             .map_err(|e| io(&p, format!("{e} (is `portcullis serve --dev` running?)")))?;
         serde_json::from_slice(&text).map_err(|e| io(&p, e))
+    }
+}
+
+/// The dev CI issuer: a stand-in for GitHub Actions' OIDC issuer, so the
+/// walkthrough can sign a CI job in without GitHub. Its key lives in the
+/// dev directory; `portcullis dev id-token` signs with it.
+pub const CI_ISSUER: &str = "https://ci.portcullis.dev";
+/// The audience the dev policy's `[[issuer]]` requires.
+pub const CI_AUDIENCE: &str = "portcullis-dev";
+
+impl DevDir {
+    /// The dev CI issuer's key (made on first use).
+    fn ci_key(&self) -> Result<ring::signature::EcdsaKeyPair, DevError> {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        let path = self.path("ci-issuer-key.pem");
+        if !path.exists() {
+            let key = KeyPair::generate()?;
+            write_file(&path, key.serialize_pem().as_bytes(), true)?;
+        }
+        let pem = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+        let der = KeyPair::from_pem(&pem)?.serialize_der();
+        EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &der,
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|e| io(&path, e))
+    }
+
+    /// The dev CI issuer's public key as a JWKS (one line of JSON).
+    pub fn ci_jwks(&self) -> Result<String, DevError> {
+        use base64::Engine as _;
+        use ring::signature::KeyPair as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let key = self.ci_key()?;
+        let p = key.public_key().as_ref();
+        let (x, y) = (
+            p.get(1..33).unwrap_or_default(),
+            p.get(33..65).unwrap_or_default(),
+        );
+        Ok(
+            serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "dev-ci-1",
+            "use": "sig", "alg": "ES256", "x": b64.encode(x), "y": b64.encode(y)}]})
+            .to_string(),
+        )
+    }
+
+    /// A token of the dev CI issuer with `claims` (over its defaults: a
+    /// job of repository 4242 of owner 1001 in environment `prod`), valid
+    /// for five minutes from `now` (seconds).
+    pub fn ci_token(
+        &self,
+        claims: serde_json::Map<String, serde_json::Value>,
+        now: u64,
+    ) -> Result<String, DevError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jti = crate::text::new_id("ci_", now.saturating_mul(1000))
+            .map_err(|e| io(&self.path("ci-issuer-key.pem"), e))?;
+        let mut body = serde_json::json!({
+            "iss": CI_ISSUER, "aud": CI_AUDIENCE,
+            "sub": "repo:acme/deploy:environment:prod", "jti": jti,
+            "iat": now, "nbf": now, "exp": now + 300,
+            "repository": "acme/deploy", "repository_id": "4242",
+            "repository_owner": "acme", "repository_owner_id": "1001",
+            "environment": "prod", "ref": "refs/heads/main", "sha": "5d1c2a0",
+            "actor": "octocat", "event_name": "push", "run_id": "1", "run_attempt": "1",
+        });
+        if let Some(m) = body.as_object_mut() {
+            m.extend(claims);
+        }
+        let header = serde_json::json!({"alg": "ES256", "kid": "dev-ci-1", "typ": "JWT"});
+        let signed = format!(
+            "{}.{}",
+            b64.encode(header.to_string()),
+            b64.encode(body.to_string())
+        );
+        let sig = self
+            .ci_key()?
+            .sign(&ring::rand::SystemRandom::new(), signed.as_bytes())
+            .map_err(|e| io(&self.path("ci-issuer-key.pem"), e))?;
+        Ok(format!("{signed}.{}", b64.encode(sig.as_ref())))
     }
 }
 
@@ -262,7 +348,7 @@ admins = ["spiffe://portcullis.dev/human/root-oncall"]
 name = "orders.read"
 description = "read orders and their line items"
 tier = "auto"
-workloads = ["spiffe://portcullis.dev/ns/demo/*"]
+workloads = ["spiffe://portcullis.dev/ns/demo/*", "spiffe://ci.portcullis.dev/*"]
 default_ttl = "5m"
 max_ttl = "1h"
 
@@ -281,7 +367,7 @@ bind = "mtls"
 name = "orders.admin"
 description = "change any order, delete orders and edit the orders schema"
 tier = "approval"
-workloads = ["spiffe://portcullis.dev/ns/demo/*"]
+workloads = ["spiffe://portcullis.dev/ns/demo/*", "spiffe://ci.portcullis.dev/*"]
 approvers = ["approvers"]
 # Requests must say why (the default for approval scopes):
 # require_justification = true
@@ -297,4 +383,20 @@ from = ["spiffe://portcullis.dev/ns/demo/*", "spiffe://portcullis.dev/tool/*"]
 to = ["spiffe://portcullis.dev/ns/demo/*", "spiffe://portcullis.dev/tool/*"]
 scopes = ["orders.read", "orders.write", "orders.admin"]
 max_depth = 2
+
+# CI jobs without a certificate sign in with their platform's token on the
+# federation listener (docs/design-federation.md). This stands in for
+# GitHub Actions: `portcullis dev id-token` signs a job's token with the
+# key in this directory. For GitHub itself: kind = "github",
+# issuer = "https://token.actions.githubusercontent.com", discovery = true.
+[[issuer]]
+name = "dev_ci"
+kind = "generic"
+issuer = "https://ci.portcullis.dev"
+jwks = '{CI_JWKS}'
+audience = "portcullis-dev"
+max_age = "10m"
+# Only this owner's repositories; the identity is built from ids.
+require = { repository_owner_id = "1001" }
+identity = "spiffe://ci.portcullis.dev/{repository_owner_id}/{repository_id}/env/{environment}"
 "#;

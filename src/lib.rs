@@ -49,4 +49,11 @@ pub mod pb {
     /// Encoded descriptors of every portcullis proto, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/portcullis_descriptor.bin"));
+
+    /// Metadata carrying a parked request's claim secret (a caller signed
+    /// in with a platform token, on the federation listener).
+    pub const CLAIM_SECRET_METADATA: &str = "x-portcullis-claim-secret";
+    /// RFC 8693's token type of a signed JWT: a platform token in
+    /// `ExchangeTokenRequest.subject_token_type`.
+    pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
 }

@@ -112,6 +112,7 @@ async fn serve(args: &cli::ServeArgs) -> i32 {
         let endpoints = portcullis::dev::Endpoints {
             grpc: running.grpc_addr,
             http: running.http_addr,
+            federation: running.federation_addr,
         };
         if let Err(e) = dir.write_endpoints(&endpoints) {
             eprintln!("error: {e}");

@@ -59,6 +59,11 @@ pub struct Metrics {
     pub db_login_failures: Family<Labels, Counter>,
     /// Renewals.
     pub renewals: Counter,
+    /// Platform-token sign-ins (issue 24) by issuer and outcome
+    /// (`signed_in`, or the check that refused).
+    pub federation: Family<Vec<(String, String)>, Counter>,
+    /// Fetches of issuers' keys by issuer and outcome (`ok`, `failed`).
+    pub jwks_fetches: Family<Vec<(String, String)>, Counter>,
     /// Active leases (maintained incrementally; recounted at start).
     pub active_leases: Gauge,
     /// Open requests (pending, approved-unclaimed, break-glass under review).
@@ -104,6 +109,8 @@ impl Metrics {
             db_logins: Family::default(),
             db_login_failures: Family::default(),
             renewals: Counter::default(),
+            federation: Family::default(),
+            jwks_fetches: Family::default(),
             active_leases: Gauge::default(),
             open_requests: Gauge::default(),
             issuance: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
@@ -122,6 +129,16 @@ impl Metrics {
 
     fn register(&mut self) {
         let r = &mut self.registry;
+        r.register(
+            "federation_sign_ins",
+            "Platform-token sign-ins by issuer and outcome (signed_in, or the check that refused)",
+            self.federation.clone(),
+        );
+        r.register(
+            "federation_jwks_fetches",
+            "Fetches of trusted issuers' keys by issuer and outcome",
+            self.jwks_fetches.clone(),
+        );
         r.register(
             "token_requests",
             "Token requests by outcome",
@@ -223,6 +240,17 @@ impl Metrics {
     pub fn exchange(&self, outcome: &'static str) {
         self.exchanges
             .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+
+    /// Count a platform-token sign-in: `outcome` is `signed_in` or the
+    /// name of the check that refused; `issuer` empty when none was found.
+    pub fn sign_in(&self, issuer: &str, outcome: &str) {
+        self.federation
+            .get_or_create(&vec![
+                ("issuer".to_owned(), issuer.to_owned()),
+                ("outcome".to_owned(), outcome.to_owned()),
+            ])
             .inc();
     }
 

@@ -263,6 +263,28 @@ pub struct TokenRequest {
     /// (its parent, depth and acting chain). Older records read as `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegation: Option<Delegation>,
+    /// A requester signed in with a platform token (issue 24): which
+    /// sign-in. Older records read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_in: Option<SignIn>,
+    /// Hex SHA-256 of the claim secret such a requester proves itself with
+    /// (it has no certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_digest: Option<String>,
+}
+
+/// A workload's sign-in with its platform's token, as approvers see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignIn {
+    /// The `[[issuer]]` entry.
+    pub issuer: String,
+    /// The token's `sub`.
+    pub subject: String,
+    /// Hex SHA-256 of its payload segment.
+    pub claims_digest: String,
+    /// Verified claims naming the run or pod.
+    #[serde(default)]
+    pub evidence: std::collections::BTreeMap<String, String>,
 }
 
 /// What a lease grants, or a request asks for: the part both share.
@@ -379,6 +401,8 @@ impl TokenRequest {
             reviewed_by: None,
             review_reason: None,
             delegation: None,
+            sign_in: None,
+            claim_digest: None,
         }
     }
 

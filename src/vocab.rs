@@ -113,6 +113,14 @@ vocabulary! {
         /// A database's admin password was rotated: set on the database,
         /// and the new one is the one in force.
         DbRootRotated = "db.root.rotated",
+        /// A workload signed in with its platform's token (issue 24):
+        /// issuer, `sub`, `jti`, the identity it maps to and the claims'
+        /// digest. Written with the grant or park it led to.
+        FederationSignedIn = "federation.signed_in",
+        /// A platform token whose signature verified was refused: the
+        /// check that failed (audience, age, bound claim, mapping, replay)
+        /// and the claims' digest, never the token.
+        FederationRefused = "federation.refused",
     }
 }
 

@@ -553,10 +553,10 @@ fn the_deploy_policies_pass_policy_check() {
     assert_eq!(code(&o), 0, "{o:?}");
 }
 
-/// Issue 24, step 1: an `[[issuer]]` is checked, and `policy check` says
-/// that nothing signs in with it yet rather than accept it silently.
+/// Issue 24: an `[[issuer]]` is checked, and `policy check` says where
+/// its tokens are used.
 #[test]
-fn an_issuer_is_checked_and_said_to_be_not_yet_used() {
+fn an_issuer_is_checked_and_said_where_its_tokens_sign_in() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("policy.toml");
     let issuer = r#"[[issuer]]
@@ -573,7 +573,7 @@ identity = "spiffe://github.example.org/{repository_owner_id}/{repository_id}"
     assert_eq!(code(&o), 0, "{o:?}");
     assert!(
         stdout(&o)
-            .contains("note: 1 issuer checked, but signing in with their tokens is not built yet"),
+            .contains("1 issuer whose tokens workloads sign in with on the federation listener"),
         "{o:?}"
     );
     std::fs::write(&file, issuer.replace("discovery = true\n", "")).unwrap();

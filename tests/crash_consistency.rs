@@ -40,6 +40,7 @@ fn opts(h: &Harness, addr: &str, who: As) -> ClientOpts {
         key: None,
         ca: None,
         dev_dir: Some(h.dev.root.clone()),
+        federation_server: None,
         as_: who,
     }
 }

@@ -530,6 +530,7 @@ async fn the_password_is_in_no_log_line_even_at_debug() {
         key: None,
         ca: None,
         dev_dir: Some(h.dev.root.clone()),
+        federation_server: None,
         as_: As::Workload,
     };
     let mut c = pb::broker_client::BrokerClient::new(opts.connect().await.unwrap());

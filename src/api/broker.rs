@@ -29,7 +29,8 @@ impl BrokerService {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRequestResponse, Status>> + Send>>;
+pub(super) type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchRequestResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Broker for BrokerService {
@@ -49,6 +50,7 @@ impl Broker for BrokerService {
             justification: m.justification,
             client_request_id: m.client_request_id,
             break_glass: m.break_glass,
+            ..TokenAsk::default()
         };
         let outcome = match self.engine.request_token(&who, ask).await {
             Ok(o) => o,
@@ -77,6 +79,16 @@ impl Broker for BrokerService {
     ) -> Result<Response<pb::RequestTokenResponse>, Status> {
         let holder = holder(&req)?;
         let m = req.into_inner();
+        if !matches!(
+            m.subject_token_type.as_str(),
+            "" | "urn:ietf:params:oauth:token-type:access_token"
+        ) {
+            return Err(FieldError::new(
+                "subject_token_type",
+                "here a portcullis token is exchanged (empty, or `urn:ietf:params:oauth:token-type:access_token`); a platform token goes to the federation listener",
+            )
+            .into());
+        }
         let ask = ExchangeAsk {
             ttl: convert::ttl(m.ttl, "ttl")?,
             subject_token: m.subject_token,
@@ -105,14 +117,7 @@ impl Broker for BrokerService {
         req: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::GetRequestResponse>, Status> {
         let holder = holder(&req)?;
-        let (r, grant) = self
-            .engine
-            .read_and_claim(&holder, &req.get_ref().request_id)
-            .await?;
-        Ok(Response::new(pb::GetRequestResponse {
-            request: Some(convert::request(&r)),
-            grant: grant.as_ref().map(convert::delivered),
-        }))
+        get_request_as(&self.engine, &holder, &req.get_ref().request_id).await
     }
 
     type WatchRequestStream = WatchStream;
@@ -122,14 +127,13 @@ impl Broker for BrokerService {
         req: Request<pb::WatchRequestRequest>,
     ) -> Result<Response<Self::WatchRequestStream>, Status> {
         let holder = holder(&req)?;
-        // Unknown or invisible ids fail here, before a stream exists.
-        let watch = self
-            .engine
-            .watch(&holder, &req.get_ref().request_id)
-            .await?;
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(follow(watch, tx, self.shutdown.clone()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        watch_as(
+            &self.engine,
+            &holder,
+            &req.get_ref().request_id,
+            &self.shutdown,
+        )
+        .await
     }
 
     async fn withdraw_request(
@@ -270,6 +274,33 @@ impl Broker for BrokerService {
         };
         Ok(Response::new(answer))
     }
+}
+
+/// Request `id` as `holder` sees it, claimed on the way when approved.
+pub(super) async fn get_request_as(
+    engine: &Engine,
+    holder: &crate::engine::Holder,
+    id: &str,
+) -> Result<Response<pb::GetRequestResponse>, Status> {
+    let (r, grant) = engine.read_and_claim(holder, id).await?;
+    Ok(Response::new(pb::GetRequestResponse {
+        request: Some(convert::request(&r)),
+        grant: grant.as_ref().map(convert::delivered),
+    }))
+}
+
+/// Follow request `id` as `holder` until it is final.
+pub(super) async fn watch_as(
+    engine: &Arc<Engine>,
+    holder: &crate::engine::Holder,
+    id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Response<WatchStream>, Status> {
+    // Unknown or invisible ids fail here, before a stream exists.
+    let watch = engine.watch(holder, id).await?;
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(follow(watch, tx, shutdown.clone()));
+    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
 }
 
 /// RFC 8705 §3: a bound token is active only with the certificate it is

@@ -176,6 +176,7 @@ pub fn outcome(o: crate::engine::Outcome) -> pb::RequestTokenResponse {
     };
     pb::RequestTokenResponse {
         outcome: Some(outcome),
+        claim_secret: String::new(),
     }
 }
 
@@ -213,6 +214,12 @@ pub fn request(r: &model::TokenRequest) -> pb::TokenRequest {
             })
             .collect(),
         lease_id: r.lease_id.clone().unwrap_or_default(),
+        sign_in: r.sign_in.as_ref().map(|s| pb::SignIn {
+            issuer: s.issuer.clone(),
+            subject: s.subject.clone(),
+            claims_digest: s.claims_digest.clone(),
+            evidence: s.evidence.clone().into_iter().collect(),
+        }),
         digest: r.digest.clone(),
         history: r
             .history

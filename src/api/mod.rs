@@ -7,6 +7,7 @@ pub mod approvals;
 pub mod audit;
 pub mod broker;
 pub mod convert;
+pub mod federated;
 pub mod keys;
 pub mod status;
 

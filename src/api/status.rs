@@ -21,6 +21,7 @@ impl From<EngineError> for Status {
             ErrorKind::Contended => Code::Aborted,
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::Internal => Code::Internal,
+            ErrorKind::Unauthenticated => Code::Unauthenticated,
         };
         if matches!(code, Code::Internal | Code::Unavailable) {
             tracing::error!(error = %e, "request failed");

@@ -17,6 +17,7 @@ mod agent;
 mod audit;
 mod bench;
 mod db;
+mod dev;
 pub mod exit;
 mod keys;
 mod lease;
@@ -144,6 +145,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: store::StoreCmd,
     },
+    /// Stand-ins for the walkthrough (offline, with `--dev-dir`).
+    Dev {
+        #[command(subcommand)]
+        cmd: dev::DevCmd,
+    },
 }
 
 /// Run a client or offline command (everything except `serve`).
@@ -156,6 +162,21 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
         Command::Agent(args) => return agent::run(args, opts).await,
         Command::Bench(args) => return bench::run(out, args, &opts).await,
         Command::Store { cmd } => return store::run(out, cmd).await,
+        Command::Dev { cmd } => return dev::run(cmd, &opts),
+        Command::Token { cmd } if cmd.signs_in_with_id_token() => {
+            let channel = opts.connect_federation().await?;
+            return token::request_with_id_token(out, cmd, channel).await;
+        }
+        Command::Requests {
+            cmd:
+                RequestsCmd::Watch {
+                    id,
+                    claim_secret: Some(secret),
+                },
+        } => {
+            let channel = opts.connect_federation().await?;
+            return token::watch_with_claim_secret(out, &id, secret, channel).await;
+        }
         other => other,
     };
     // One connection for the whole invocation; every client is made from it.
@@ -172,7 +193,8 @@ pub async fn run_client(cli: Cli) -> Result<i32, Failure> {
         | Command::Policy { .. }
         | Command::Agent(_)
         | Command::Bench(_)
-        | Command::Store { .. } => Err(exit::usage("not a client command")),
+        | Command::Store { .. }
+        | Command::Dev { .. } => Err(exit::usage("not a client command")),
     }
 }
 

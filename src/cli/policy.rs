@@ -72,14 +72,14 @@ fn check(out: Output, file: &std::path::Path) -> Result<i32, Failure> {
             );
             if !p.issuers.is_empty() {
                 text.push_str(&format!(
-                    "note: {} checked, but signing in with their tokens is not built yet (docs/design-federation.md)\n",
+                    "{} whose tokens workloads sign in with on the federation listener (serve --federation-listen)\n",
                     count(p.issuers.len() as u64, "issuer")
                 ));
             }
             print(
                 out,
                 &text,
-                json!({"ok": true, "scopes": p.scopes.len(), "groups": p.groups.len()}),
+                json!({"ok": true, "scopes": p.scopes.len(), "groups": p.groups.len(), "issuers": p.issuers.len()}),
             );
             Ok(exit::OK)
         }

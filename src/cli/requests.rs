@@ -80,6 +80,11 @@ pub enum RequestsCmd {
     Watch {
         /// Request id.
         id: String,
+        /// The claim secret of a request made with a platform token
+        /// (`token request --id-token`; `@FILE` reads it from a file, `-`
+        /// from stdin): no certificate is used, the federation listener is.
+        #[arg(long, env = "PORTCULLIS_CLAIM_SECRET", hide_env_values = true)]
+        claim_secret: Option<String>,
     },
     /// Withdraw your pending request.
     Withdraw {
@@ -107,7 +112,9 @@ pub async fn run(out: Output, cmd: RequestsCmd, channel: Channel) -> Result<i32,
             page_token,
             mine: true,
         } => list_mine(out, &mut b, limit, page_token).await,
-        RequestsCmd::Watch { id } => watch(out, &mut b, &id, Duration::from_secs(24 * 3600)).await,
+        RequestsCmd::Watch { id, .. } => {
+            watch(out, &mut b, &id, Duration::from_secs(24 * 3600), None).await
+        }
         RequestsCmd::Show { id } => {
             // The reviewer's view: reading never claims a token.
             let r = a
@@ -256,6 +263,10 @@ pub fn request_json(r: &pb::TokenRequest) -> serde_json::Value {
             "from": request_state_name(t.from), "to": request_state_name(t.to), "actor": t.actor,
             "at": ts_json(&t.at), "reason": t.reason,
         })).collect::<Vec<_>>(),
+        "sign_in": r.sign_in.as_ref().map(|si| json!({
+            "issuer": si.issuer, "subject": si.subject, "claims_digest": si.claims_digest,
+            "evidence": si.evidence,
+        })),
     })
 }
 
@@ -363,6 +374,9 @@ fn request_detail(r: &pb::TokenRequest) -> String {
         clean(&r.justification),
         r.digest
     ));
+    if let Some(si) = &r.sign_in {
+        s.push_str(&sign_in_lines(si));
+    }
     for w in &r.waiting_for {
         if !w.description.is_empty() {
             s.push_str(&format!(
@@ -395,6 +409,25 @@ fn request_detail(r: &pb::TokenRequest) -> String {
         ));
     }
     s
+}
+
+/// A requester that signed in with its platform's token: which issuer, its
+/// `sub`, and the verified claims naming the run or pod (escaped: they
+/// come from the platform, not from us).
+fn sign_in_lines(si: &pb::SignIn) -> String {
+    let mut evidence: Vec<_> = si.evidence.iter().collect();
+    evidence.sort();
+    let evidence: Vec<String> = evidence
+        .into_iter()
+        .map(|(k, v)| format!("{}={}", clean(k), clean(v)))
+        .collect();
+    format!(
+        "signed in  with a token of issuer `{}` (sub {}; claims sha256:{})\nevidence   {}\n",
+        clean(&si.issuer),
+        clean(&si.subject),
+        clean(&si.claims_digest),
+        evidence.join(" ")
+    )
 }
 
 /// One line of status while waiting, with the time left as of now.
@@ -483,9 +516,10 @@ pub async fn watch(
     b: &mut BrokerClient<Channel>,
     id: &str,
     timeout: Duration,
+    claim_secret: Option<&str>,
 ) -> Result<i32, Failure> {
     let mut progress = Progress::new(out);
-    let r = follow(&mut progress, b, id, timeout).await;
+    let r = follow(&mut progress, b, id, timeout, claim_secret).await;
     progress.finish();
     r
 }
@@ -495,14 +529,19 @@ async fn follow(
     b: &mut BrokerClient<Channel>,
     id: &str,
     timeout: Duration,
+    claim_secret: Option<&str>,
 ) -> Result<i32, Failure> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut stream = b
-        .watch_request(pb::WatchRequestRequest {
-            request_id: id.to_owned(),
-        })
-        .await?
-        .into_inner();
+    let mut call = tonic::Request::new(pb::WatchRequestRequest {
+        request_id: id.to_owned(),
+    });
+    if let Some(secret) = claim_secret {
+        let value = secret
+            .parse()
+            .map_err(|_| exit::usage("--claim-secret: not a claim secret"))?;
+        call.metadata_mut().insert(pb::CLAIM_SECRET_METADATA, value);
+    }
+    let mut stream = b.watch_request(call).await?.into_inner();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {

@@ -34,6 +34,12 @@ pub struct ServeArgs {
     /// HTTP listener is busy or flooded.
     #[arg(long, env = "PORTCULLIS_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Where workloads without a client certificate sign in with their
+    /// platform's token (GitHub Actions, Kubernetes, JWT-SVIDs; the
+    /// policy's `[[issuer]]` tables): gRPC over server-authenticated TLS.
+    /// With --dev: the port after --listen's.
+    #[arg(long, env = "PORTCULLIS_FEDERATION_LISTEN")]
+    pub federation_listen: Option<std::net::SocketAddr>,
     /// Open connections one address may hold on the HTTP listener (of 512);
     /// raise it when every browser reaches the broker through one proxy.
     #[arg(long, env = "PORTCULLIS_HTTP_CONNECTIONS_PER_PEER", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=512))]
@@ -233,6 +239,21 @@ fn prepare_dev(args: &ServeArgs) -> Result<Option<DevDir>, Failure> {
     Ok(Some(dir))
 }
 
+/// `--federation-listen`; with `--dev`, the port after the gRPC one (0
+/// stays 0, for tests that let the system pick).
+fn federation_listen(args: &ServeArgs) -> Option<std::net::SocketAddr> {
+    args.federation_listen.or_else(|| {
+        let mut a = args.listen;
+        a.set_port(
+            a.port()
+                .checked_add(1)
+                .filter(|_| a.port() != 0)
+                .unwrap_or(0),
+        );
+        args.dev.then_some(a)
+    })
+}
+
 /// Resolve `serve` flags into a config, creating the dev setup when asked.
 pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), Failure> {
     let dev = prepare_dev(args)?;
@@ -259,6 +280,7 @@ pub fn serve_config(args: &ServeArgs) -> Result<(ServeConfig, Option<DevDir>), F
     cfg.listen = args.listen;
     cfg.http_listen = Some(args.http_listen);
     cfg.health_listen = args.health_listen;
+    cfg.federation_listen = federation_listen(args);
     cfg.conn_limits.http_connections_per_peer =
         usize::try_from(args.http_connections_per_peer).unwrap_or(usize::MAX);
     cfg.issuer = args.issuer.clone();

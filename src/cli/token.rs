@@ -32,6 +32,17 @@ pub enum TokenCmd {
         /// (capped TTL, reviewed afterwards). Needs --reason.
         #[arg(long)]
         break_glass: bool,
+        /// Sign in with your platform's token instead of a certificate (a
+        /// GitHub Actions OIDC token, a Kubernetes service-account token, a
+        /// JWT-SVID; `@FILE` reads it from a file, `-` from stdin). Goes to
+        /// the broker's federation listener (`--federation-server`).
+        #[arg(
+            long,
+            env = "PORTCULLIS_ID_TOKEN",
+            hide_env_values = true,
+            conflicts_with = "break_glass"
+        )]
+        id_token: Option<String>,
         #[command(flatten)]
         asking: Asking,
     },
@@ -49,6 +60,19 @@ pub enum TokenCmd {
         #[arg(long = "presented-cert", value_name = "PEM")]
         presented_cert: Option<std::path::PathBuf>,
     },
+}
+
+impl TokenCmd {
+    /// A `token request` with a platform token (no certificate).
+    pub fn signs_in_with_id_token(&self) -> bool {
+        matches!(
+            self,
+            Self::Request {
+                id_token: Some(_),
+                ..
+            }
+        )
+    }
 }
 
 /// `token exchange` flags.
@@ -108,6 +132,7 @@ pub async fn run(out: Output, cmd: TokenCmd, channel: Channel) -> Result<i32, Fa
             audience,
             break_glass,
             asking,
+            ..
         } => {
             let wait = asking.wait();
             let req = pb::RequestTokenRequest {
@@ -153,6 +178,7 @@ async fn exchange(
         for_identity: a.for_identity.unwrap_or_default(),
         justification: a.asking.reason.unwrap_or_default(),
         client_request_id: a.asking.client_request_id.unwrap_or_default(),
+        subject_token_type: String::new(),
     };
     let resp = b.exchange_token(req).await?.into_inner();
     outcome(out, b, resp.outcome, wait).await
@@ -187,7 +213,7 @@ async fn outcome(
             Ok(exit::PENDING)
         }
         Some(pb::request_token_response::Outcome::Pending(r)) => match wait {
-            Some(timeout) => watch(out, b, &r.id, timeout).await,
+            Some(timeout) => watch(out, b, &r.id, timeout, None).await,
             None => {
                 match out {
                     Output::Text => eprintln!(
@@ -202,6 +228,84 @@ async fn outcome(
         },
         None => Err(failure("empty response from broker")),
     }
+}
+
+/// `token request --id-token`: exchange the platform token on the
+/// federation listener (`channel`), then print the grant, or wait for the
+/// parked request with its claim secret (or print the secret, on stdout,
+/// for a later `requests watch --claim-secret`).
+pub async fn request_with_id_token(
+    out: Output,
+    cmd: TokenCmd,
+    channel: Channel,
+) -> Result<i32, Failure> {
+    let TokenCmd::Request {
+        scopes,
+        ttl,
+        audience,
+        id_token: Some(id_token),
+        asking,
+        ..
+    } = cmd
+    else {
+        return Err(usage("--id-token goes with `token request`"));
+    };
+    let mut b = BrokerClient::new(channel);
+    let wait = asking.wait();
+    let req = pb::ExchangeTokenRequest {
+        subject_token: parse_token_arg(id_token)?,
+        subject_token_type: pb::JWT_TOKEN_TYPE.to_owned(),
+        scopes,
+        ttl: ttl.map(convert::duration),
+        audience: audience.unwrap_or_default(),
+        for_identity: String::new(),
+        justification: asking.reason.unwrap_or_default(),
+        client_request_id: asking.client_request_id.unwrap_or_default(),
+    };
+    let resp = b.exchange_token(req).await?.into_inner();
+    match (resp.outcome, wait) {
+        (Some(pb::request_token_response::Outcome::Pending(r)), Some(timeout)) => {
+            watch(out, &mut b, &r.id, timeout, Some(&resp.claim_secret)).await
+        }
+        (Some(pb::request_token_response::Outcome::Pending(r)), None) => {
+            match out {
+                Output::Text => {
+                    eprintln!(
+                        "{}parked for approval. Its claim secret is on stdout (keep it: it is the only way to collect the token); collect with: portcullis requests watch {} --claim-secret @FILE",
+                        request_text(&r),
+                        r.id
+                    );
+                    println!("{}", resp.claim_secret);
+                }
+                Output::Json => println!(
+                    "{}",
+                    json!({"pending": request_json(&r), "claim_secret": resp.claim_secret})
+                ),
+            }
+            Ok(exit::PENDING)
+        }
+        (outcome, _) => self::outcome(out, &mut b, outcome, None).await,
+    }
+}
+
+/// `requests watch ID --claim-secret`: follow (and collect) a request made
+/// with a platform token, on the federation listener.
+pub async fn watch_with_claim_secret(
+    out: Output,
+    id: &str,
+    secret: String,
+    channel: Channel,
+) -> Result<i32, Failure> {
+    let secret = parse_token_arg(secret)?;
+    let mut b = BrokerClient::new(channel);
+    watch(
+        out,
+        &mut b,
+        id,
+        Duration::from_secs(24 * 3600),
+        Some(&secret),
+    )
+    .await
 }
 
 async fn inspect(

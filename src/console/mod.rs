@@ -403,6 +403,7 @@ fn status_of(e: &EngineError) -> (StatusCode, String) {
         ErrorKind::Exhausted => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::DataLoss | ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
     };
     if code.is_server_error() {
         tracing::error!(error = %e, "console request failed");

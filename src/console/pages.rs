@@ -289,6 +289,14 @@ fn facts(r: &TokenRequest, now: Millis) -> Markup {
             dt { "TTL" } dd #ttl { (ttl_text(r)) }
             dt { "Audience" } dd { (r.audience) }
             dt { "Justification" } dd #justification { (r.justification) }
+            @if let Some(si) = &r.sign_in {
+                dt { "Signed in" } dd #sign-in {
+                    "with a token of issuer " code { (si.issuer) } " (sub " code { (si.subject) } ")"
+                    ul.evidence {
+                        @for (k, v) in &si.evidence { li { code { (k) } " = " (v) } }
+                    }
+                }
+            }
             dt { "Asked" } dd { (ago(now, r.created_at)) " ago" }
             @if r.state == RequestState::Pending {
                 dt { "Time left" } dd { (left(now, r.deadline)) }

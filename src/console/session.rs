@@ -160,15 +160,7 @@ fn logged(r: Result<Option<Vec<u8>>, StoreError>) -> Option<Vec<u8>> {
     })
 }
 
-/// Do two secrets match? Compares their SHA-256 digests without an early
-/// exit, so the time taken says nothing about the secrets.
-pub fn same_secret(a: &str, b: &str) -> bool {
-    let (x, y) = (sha256(&[a.as_bytes()]), sha256(&[b.as_bytes()]));
-    x.iter()
-        .zip(y.iter())
-        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
-        == 0
-}
+pub use crate::text::same_secret;
 
 impl Secrets {
     /// Secrets kept in `store`, sign-ins sealed under `seal_key`.

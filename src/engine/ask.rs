@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use crate::audit::{Action, Entry as AuditEntry};
 use crate::clock::millis;
+use crate::federation::Verified;
 use crate::identity::Identity;
-use crate::model::{Idempotency, IdempotentOutcome, Requirement, Terms};
+use crate::model::{Idempotency, IdempotentOutcome, Requirement, SignIn, Terms};
 use crate::policy::Policy;
 use crate::store::Millis;
 use crate::text::{
@@ -30,6 +32,10 @@ pub struct TokenAsk {
     /// RFC 8705 thumbprint of the caller's client certificate: what the
     /// token is bound to when a scope says `bind = "mtls"`.
     pub x5t: Option<String>,
+    /// The platform sign-in of a caller without a certificate (issue 24);
+    /// set only by [`Engine::request_federated`](super::Engine::request_federated)
+    /// (its fields are the engine's: others can only leave it `None`).
+    pub signed_in: Option<SignedIn>,
 }
 
 /// An ask that passed validation, with what the request is bound to.
@@ -40,6 +46,8 @@ pub(super) struct Checked {
     pub(super) justification: String,
     pub(super) client_request_id: String,
     pub(super) x5t: Option<String>,
+    /// The platform sign-in, for a caller without a certificate.
+    pub(super) signed_in: Option<SignedIn>,
     /// Digest of the parameters: idempotent retries must match it.
     pub(super) digest: String,
     pub(super) now: Millis,
@@ -65,14 +73,21 @@ impl Checked {
             ask.audience.clone()
         };
         let ttl_ms = ask.ttl.map_or(0, millis).to_be_bytes();
-        let digest = sha256_hex(&[
-            who.as_str().as_bytes(),
-            scopes.join(" ").as_bytes(),
-            &ttl_ms,
-            audience.as_bytes(),
-            ask.justification.as_bytes(),
-            &[u8::from(ask.break_glass)],
-        ]);
+        let claims = ask
+            .signed_in
+            .as_ref()
+            .map_or("", |s| s.verified.claims_digest.as_str());
+        let digest = sha256_hex(
+            &[
+                who.as_str().as_bytes(),
+                scopes.join(" ").as_bytes(),
+                &ttl_ms,
+                audience.as_bytes(),
+                ask.justification.as_bytes(),
+                &[u8::from(ask.break_glass)],
+                claims.as_bytes(),
+            ][..if claims.is_empty() { 6 } else { 7 }],
+        );
         Ok(Self {
             who: who.clone(),
             scopes,
@@ -80,6 +95,7 @@ impl Checked {
             justification: ask.justification.clone(),
             client_request_id: ask.client_request_id.clone(),
             x5t: ask.x5t.clone(),
+            signed_in: ask.signed_in.clone(),
             digest,
             now,
         })
@@ -96,12 +112,90 @@ impl Checked {
     }
 
     pub(super) fn idempotency(&self, outcome: IdempotentOutcome) -> Option<Idempotency> {
+        if let Some(once) = self.signed_in.as_ref().and_then(|s| s.use_once(self)) {
+            return Some(Idempotency { outcome, ..once });
+        }
         (!self.client_request_id.is_empty()).then(|| Idempotency {
             caller: self.who.as_str().to_owned(),
             key: self.client_request_id.clone(),
             params_digest: self.digest.clone(),
             outcome,
         })
+    }
+}
+
+/// Longest `sub` the trail keeps.
+const MAX_SUB: usize = 256;
+
+/// A verified platform sign-in, carried by the ask it came with.
+#[derive(Clone, Debug)]
+pub struct SignedIn {
+    pub(super) verified: Verified,
+    /// Hex SHA-256 of the claim secret handed back if the ask parks.
+    pub(super) claim_digest: String,
+    /// Makes a second use of the token without the first call's
+    /// `client_request_id` conflict with the first (a replay, not a retry).
+    nonce: String,
+}
+
+impl SignedIn {
+    pub(super) fn new(verified: Verified, claim_digest: String, nonce: String) -> Self {
+        Self {
+            verified,
+            claim_digest,
+            nonce,
+        }
+    }
+
+    /// The token's use-once claim, in the idempotency table: the key is
+    /// the issuer and `jti`; only a retry with the first call's
+    /// `client_request_id` and parameters gets the first outcome back.
+    /// `None` where the issuer bounds replay by age instead (no `jti`).
+    pub(super) fn use_once(&self, c: &Checked) -> Option<Idempotency> {
+        let jti = self.verified.jti.as_ref()?;
+        let key = sha256_hex(&[self.verified.issuer.as_bytes(), jti.as_bytes()]);
+        let params_digest = if c.client_request_id.is_empty() {
+            format!("once:{}", self.nonce)
+        } else {
+            sha256_hex(&[c.digest.as_bytes(), c.client_request_id.as_bytes()])
+        };
+        Some(Idempotency {
+            caller: c.who.as_str().to_owned(),
+            key: format!("jti:{key}"),
+            params_digest,
+            outcome: IdempotentOutcome::Request(String::new()),
+        })
+    }
+
+    /// What approvers see of the sign-in.
+    pub(super) fn sign_in(&self) -> SignIn {
+        let v = &self.verified;
+        SignIn {
+            issuer: v.issuer.clone(),
+            subject: v.sub.chars().take(MAX_SUB).collect(),
+            claims_digest: v.claims_digest.clone(),
+            evidence: v.evidence.clone(),
+        }
+    }
+
+    /// The `federation.signed_in` record, written with the grant or park.
+    pub(super) fn entry(&self, who: &Identity, target: &str, scopes: &[String]) -> AuditEntry {
+        let v = &self.verified;
+        let sub: String = v.sub.chars().take(MAX_SUB).collect();
+        let reason = format!(
+            "issuer {}; sub {}; jti {}; claims sha256:{}",
+            v.issuer,
+            crate::text::escape_controls(&sub),
+            v.jti.as_deref().unwrap_or("-"),
+            v.claims_digest
+        );
+        AuditEntry::ok(
+            who.as_str(),
+            Action::FederationSignedIn,
+            target,
+            scopes,
+            &reason,
+        )
     }
 }
 

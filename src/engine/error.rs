@@ -67,6 +67,10 @@ pub enum EngineError {
     /// leads now); nothing was changed.
     #[error("this broker no longer leads; nothing was changed")]
     Fenced,
+    /// A platform token was refused (issue 24): the check is for the log
+    /// and the trail; the caller is told only that it is not signed in.
+    #[error("platform token refused: {}", .0.check.name())]
+    SignIn(crate::federation::Refusal),
     /// A database login could not be made, moved or ended.
     #[error(transparent)]
     Login(#[from] crate::logins::LoginError),
@@ -101,6 +105,7 @@ impl EngineError {
         match self {
             Self::Invalid(_) => ErrorKind::Invalid,
             Self::Refused(_) | Self::NotAllowed(_) => ErrorKind::Denied,
+            Self::SignIn(_) => ErrorKind::Unauthenticated,
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::WrongState(_) => ErrorKind::WrongState,
             Self::IdempotencyConflict | Self::Duplicate(_) => ErrorKind::Conflict,
@@ -149,6 +154,7 @@ impl EngineError {
                 "other changes to the same records won every try; nothing was changed: retry".into()
             }
             ErrorKind::Internal => "internal error; nothing was issued or changed".into(),
+            ErrorKind::Unauthenticated => "not signed in".into(),
             _ => self.to_string(),
         }
     }
@@ -196,6 +202,8 @@ pub enum ErrorKind {
     Unavailable,
     /// The broker failed.
     Internal,
+    /// The caller could not be authenticated.
+    Unauthenticated,
 }
 
 #[cfg(test)]

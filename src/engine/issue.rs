@@ -199,31 +199,13 @@ impl Engine {
         pending_ttl: Duration,
         requirements: Vec<Requirement>,
     ) -> Result<Outcome, EngineError> {
-        let (now, who) = (c.now, &c.who);
+        let who = &c.who;
         self.check_open_requests(who).await?;
-        let req = TokenRequest {
-            digest: sha256_hex(&[
-                who.as_str().as_bytes(),
-                c.scopes.join(" ").as_bytes(),
-                &millis(ttl).to_be_bytes(),
-                c.audience.as_bytes(),
-            ]),
-            deadline: now.saturating_add(millis(pending_ttl)),
-            waiting_for: requirements,
-            client_request_id: (!c.client_request_id.is_empty())
-                .then(|| c.client_request_id.clone()),
-            ..TokenRequest::new(
-                new_id("r_", now)?,
-                who.as_str(),
-                &c.terms(ttl, max_ttl),
-                now,
-                RequestState::Pending,
-                &c.justification,
-            )
-        };
+        let req = parked_request(&c, ttl, max_ttl, pending_ttl, requirements)?;
         let idem = c.idempotency(IdempotentOutcome::Request(req.id.clone()));
         let rules: Vec<String> = req.waiting_for.iter().map(|w| w.rule.clone()).collect();
         let (req_ref, idem, rules) = (&req, &idem, &rules);
+        let signed_in = c.signed_in.as_ref();
         let parked = self
             .commit_claiming(|mut op| async move {
                 let req = req_ref;
@@ -235,7 +217,9 @@ impl Engine {
                     &req.scopes,
                     &req.justification,
                 );
-                op.record(vec![entry.rule(rules.join("; "))])?;
+                let mut entries = vec![entry.rule(rules.join("; "))];
+                entries.extend(signed_in.map(|s| s.entry(who, &req.id, &req.scopes)));
+                op.record(entries)?;
                 Ok((op, ()))
             })
             .await?;
@@ -299,6 +283,47 @@ impl Engine {
     }
 }
 
+/// The PENDING request `c` parks as, with its deadline.
+fn parked_request(
+    c: &Checked,
+    ttl: Duration,
+    max_ttl: Duration,
+    pending_ttl: Duration,
+    requirements: Vec<Requirement>,
+) -> Result<TokenRequest, EngineError> {
+    let (now, who) = (c.now, &c.who);
+    let claims = c
+        .signed_in
+        .as_ref()
+        .map_or("", |s| s.verified.claims_digest.as_str());
+    Ok(TokenRequest {
+        // A signed-in workload's request names its one token, so an
+        // approval is for that run.
+        digest: sha256_hex(
+            &[
+                who.as_str().as_bytes(),
+                c.scopes.join(" ").as_bytes(),
+                &millis(ttl).to_be_bytes(),
+                c.audience.as_bytes(),
+                claims.as_bytes(),
+            ][..if claims.is_empty() { 4 } else { 5 }],
+        ),
+        sign_in: c.signed_in.as_ref().map(super::ask::SignedIn::sign_in),
+        claim_digest: c.signed_in.as_ref().map(|s| s.claim_digest.clone()),
+        deadline: now.saturating_add(millis(pending_ttl)),
+        waiting_for: requirements,
+        client_request_id: (!c.client_request_id.is_empty()).then(|| c.client_request_id.clone()),
+        ..TokenRequest::new(
+            new_id("r_", now)?,
+            who.as_str(),
+            &c.terms(ttl, max_ttl),
+            now,
+            RequestState::Pending,
+            &c.justification,
+        )
+    })
+}
+
 /// The rest of a grant, in `op`: the break-glass review record, if any,
 /// and the grant's own record.
 fn grant_in(
@@ -326,7 +351,13 @@ fn grant_in(
         &lease.scopes,
         &lease.justification,
     );
-    op.record(vec![entry.rule(g.rules.join("; "))])?;
+    let mut entries = vec![entry.rule(g.rules.join("; "))];
+    entries.extend(
+        c.signed_in
+            .as_ref()
+            .map(|s| s.entry(&c.who, &lease.id, &lease.scopes)),
+    );
+    op.record(entries)?;
     if let Some(l) = &lease.login {
         Engine::record_login(op, c.who.as_str(), &lease.id, &lease.scopes, l)?;
     }

@@ -35,6 +35,7 @@ mod db_root;
 mod error;
 pub mod exchange;
 pub mod expiry;
+pub mod federated;
 pub mod introspect;
 pub mod issue;
 pub mod leases;

@@ -121,6 +121,48 @@ pub(super) fn router(
         .add_service(reflection))
 }
 
+/// The federation listener's TLS: the server certificate only; no client
+/// certificate is asked for (issue 24).
+pub(super) fn federation_tls(cfg: &ServeConfig) -> Result<ServerTlsConfig, ServeError> {
+    Ok(ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(
+            read(&cfg.tls_cert)?,
+            read(&cfg.tls_key)?,
+        ))
+        .timeout(HANDSHAKE_TIMEOUT))
+}
+
+/// The federation listener's router: the `Broker` calls a workload without
+/// a certificate may make, and nothing else.
+pub(super) fn federation_router(
+    cfg: &ServeConfig,
+    tls: ServerTlsConfig,
+    engine: &Arc<Engine>,
+    federation: Arc<crate::federation::Federation>,
+    cancel: &CancellationToken,
+) -> Result<GrpcRouter, ServeError> {
+    let broker =
+        crate::api::federated::FederatedBroker::new(engine.clone(), federation, cancel.clone());
+    Ok(Server::builder()
+        .tls_config(tls)
+        .map_err(|e| tls_error(&cfg.tls_cert, &e))?
+        .tcp_nodelay(true)
+        .trace_fn(|req| {
+            tracing::info_span!(
+                "federation_rpc",
+                method = %req.uri().path(),
+                caller = tracing::field::Empty,
+                call_id = tracing::field::Empty,
+                grpc_status = tracing::field::Empty
+            )
+        })
+        .layer(crate::api::CallLayer)
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(cfg.conn_limits.streams_per_connection)
+        .add_service(BrokerServer::new(broker).max_decoding_message_size(MAX_MESSAGE)))
+}
+
 /// Serve `router` on `listener` until `cancel`, holding at most
 /// `limits.grpc_connections` connections (more are closed as they arrive).
 pub(super) async fn serve(

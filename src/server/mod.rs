@@ -101,6 +101,9 @@ pub struct ServeConfig {
     pub expiry_task: bool,
     /// Serve the approver console on the HTTP listener (`None`: no console).
     pub console: Option<ConsoleOptions>,
+    /// Where workloads without a client certificate sign in with their
+    /// platform's token (server-authenticated TLS; `None`: nowhere).
+    pub federation_listen: Option<SocketAddr>,
 }
 
 pub use crate::console::oidc::OidcConfig;
@@ -153,6 +156,7 @@ impl ServeConfig {
             audit_witness: None,
             audit_witness_url: None,
             console: None,
+            federation_listen: None,
         }
     }
 }
@@ -256,6 +260,8 @@ pub struct Running {
     pub http_addr: Option<SocketAddr>,
     /// Bound address of the health listener, if any.
     pub health_addr: Option<SocketAddr>,
+    /// Bound address of the federation listener, if any.
+    pub federation_addr: Option<SocketAddr>,
     /// Where people open the approver console (`<public-url>/ui/`), if
     /// it is served.
     pub console_url: Option<String>,
@@ -336,6 +342,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let listeners = bind_all(&cfg, grpc_tls, http_tls).await?;
     let (grpc_addr, http_addr) = (listeners.grpc_addr, listeners.http_addr());
     let health_addr = listeners.health.as_ref().map(|(_, a)| *a);
+    let federation_addr = listeners.federation.as_ref().map(|(_, a, _)| *a);
     let issuer = settle_issuer(&cfg, &store, grpc_addr, http_addr).await?;
     store.resign(START_ROLE, &node).await?;
     let audit = AuditLog::open(store.as_ref()).await?;
@@ -374,6 +381,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         grpc_addr,
         http_addr,
         health_addr,
+        federation_addr,
         console_url,
         engine,
         cancel,
@@ -456,6 +464,7 @@ struct Listeners {
     http: Option<(TcpListener, SocketAddr)>,
     http_tls: Option<Arc<rustls::ServerConfig>>,
     health: Option<(TcpListener, SocketAddr)>,
+    federation: Option<(TcpListener, SocketAddr, tonic::transport::ServerTlsConfig)>,
 }
 
 /// Record the start, then serve both listeners and run every background
@@ -479,9 +488,16 @@ fn serve(
         health_service,
         cancel,
     )?;
+    let federation = l.federation.map(|f| federation(cfg, engine, f, cancel));
+    let federation = federation.transpose()?;
     record_start(engine, cfg)?;
     let tracker = TaskTracker::new();
     tracker.spawn(grpc::serve(router, l.grpc, cfg.conn_limits, cancel.clone()));
+    if let Some((f, router, listener)) = federation {
+        let limits = cfg.conn_limits;
+        tracker.spawn(grpc::serve(router, listener, limits, cancel.clone()));
+        tracker.spawn(tasks::follow_issuers(engine.clone(), f, cancel.clone()));
+    }
     if let Some((listener, _)) = l.http {
         let mut app = http::router(engine.clone());
         if let Some(console) = &console {
@@ -517,6 +533,28 @@ fn serve(
         cancel,
     );
     Ok((tracker, console.map(|c| format!("{}/ui/", c.public_url()))))
+}
+
+/// The federation listener's router and the issuers it trusts.
+fn federation(
+    cfg: &ServeConfig,
+    engine: &Arc<Engine>,
+    (listener, addr, tls): (TcpListener, SocketAddr, tonic::transport::ServerTlsConfig),
+    cancel: &CancellationToken,
+) -> Result<
+    (
+        Arc<crate::federation::Federation>,
+        grpc::GrpcRouter,
+        TcpListener,
+    ),
+    ServeError,
+> {
+    let policy = engine.policy();
+    let f = crate::federation::Federation::new(&policy, engine.metrics().jwks_fetches.clone())
+        .map_err(ServeError::Config)?;
+    let router = grpc::federation_router(cfg, tls, engine, f.clone(), cancel)?;
+    tracing::info!(%addr, issuers = policy.issuers.len(), "federation listener (platform tokens, no client certificate)");
+    Ok((f, router, listener))
 }
 
 /// The approver console, when configured: only on an HTTP listener that is
@@ -744,6 +782,13 @@ async fn bind_all(
         http: bind_http(cfg.http_listen).await?,
         http_tls,
         health: bind_http(cfg.health_listen).await?,
+        federation: match cfg.federation_listen {
+            Some(a) => {
+                let (l, addr) = bind(a).await?;
+                Some((l, addr, grpc::federation_tls(cfg)?))
+            }
+            None => None,
+        },
     })
 }
 
@@ -775,10 +820,10 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError>
 /// The start itself is part of the trail (durable with the first commit).
 fn record_start(engine: &Engine, cfg: &ServeConfig) -> Result<(), ServeError> {
     let issuers = engine.policy().issuers.len();
-    if issuers > 0 {
+    if issuers > 0 && cfg.federation_listen.is_none() {
         tracing::warn!(
             issuers,
-            "the policy has [[issuer]] tables: they are checked, but signing in with their tokens is not built yet (docs/design-federation.md)"
+            "the policy has [[issuer]] tables, but no --federation-listen: no workload can sign in with their tokens"
         );
     }
     let ring = engine.keys();

@@ -227,6 +227,8 @@ fn request(id: &str, deadline: Millis) -> TokenRequest {
         reviewed_by: None,
         review_reason: None,
         delegation: None,
+        sign_in: None,
+        claim_digest: None,
     }
 }
 

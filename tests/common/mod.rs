@@ -216,6 +216,7 @@ impl Harness {
             key: None,
             ca: None,
             dev_dir: Some(self.dev.root.clone()),
+            federation_server: None,
             as_: who,
         }
     }
