@@ -85,8 +85,11 @@ impl Checked {
                 audience.as_bytes(),
                 ask.justification.as_bytes(),
                 &[u8::from(ask.break_glass)],
+                // A platform token's use-once key is its `jti`, not the
+                // caller's key: only a retry with the same key matches.
                 claims.as_bytes(),
-            ][..if claims.is_empty() { 6 } else { 7 }],
+                ask.client_request_id.as_bytes(),
+            ][..if claims.is_empty() { 6 } else { 8 }],
         );
         Ok(Self {
             who: who.clone(),
@@ -154,10 +157,12 @@ impl SignedIn {
     pub(super) fn use_once(&self, c: &Checked) -> Option<Idempotency> {
         let jti = self.verified.jti.as_ref()?;
         let key = sha256_hex(&[self.verified.issuer.as_bytes(), jti.as_bytes()]);
+        // Without a `client_request_id` no second use matches: the first
+        // call's digest is unique to it.
         let params_digest = if c.client_request_id.is_empty() {
             format!("once:{}", self.nonce)
         } else {
-            sha256_hex(&[c.digest.as_bytes(), c.client_request_id.as_bytes()])
+            c.digest.clone()
         };
         Some(Idempotency {
             caller: c.who.as_str().to_owned(),

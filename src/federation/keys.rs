@@ -162,14 +162,12 @@ impl KeyCache {
     }
 
     /// The key `kid`, fetching once if it is unknown and no fetch was
-    /// tried in the last 30 s.
+    /// tried in the last 30 s (after any fetch in flight).
     pub async fn key(&self, kid: &str) -> Option<Jwk> {
         if let Some(k) = self.cached(kid) {
             return Some(k);
         }
-        if self.tried_within(MISS_INTERVAL) {
-            return None;
-        }
+        // Waits for a fetch in flight (the one at start, say) to finish.
         let _flight = self.flight.lock().await;
         // Another miss may have fetched while this one waited.
         if let Some(k) = self.cached(kid) {

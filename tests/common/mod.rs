@@ -20,6 +20,8 @@ use portcullis::pb::broker_client::BrokerClient;
 use portcullis::server::{Running, ServeConfig};
 use tonic::transport::Channel;
 
+pub mod issuer;
+
 /// Where the harness says its approver console is.
 pub const CONSOLE_URL: &str = "https://portcullis.example.org";
 
@@ -37,6 +39,8 @@ pub struct Harness {
     pub running: Option<Running>,
     /// PostgreSQL URL: the brokers share this database instead of sled.
     pub database: Option<String>,
+    /// Serve the federation listener (platform tokens) too.
+    pub federation: bool,
 }
 
 /// A fresh database for a shared-store test, or `None` — after saying on
@@ -114,7 +118,7 @@ impl Harness {
     }
 
     /// The dev directory, identities and clock, no broker yet.
-    fn prepare(policy: Option<&str>) -> Self {
+    pub fn prepare(policy: Option<&str>) -> Self {
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter("portcullis=debug")
@@ -140,6 +144,7 @@ impl Harness {
             expiry: true,
             running: None,
             database: None,
+            federation: false,
         }
     }
 
@@ -167,6 +172,9 @@ impl Harness {
                 ca_file: None,
                 pool_size: 8,
             });
+        cfg.federation_listen = self
+            .federation
+            .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         // The console is on, at a fixed public URL (webhook links name it).
         cfg.console = Some(portcullis::server::ConsoleOptions {
             public_url: Some(CONSOLE_URL.into()),
