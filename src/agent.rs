@@ -44,6 +44,11 @@ pub struct AgentConfig {
     pub from_token: Option<PathBuf>,
     /// With `from_token`: who the child is for (empty: this agent).
     pub for_identity: String,
+    /// Sign in with the platform token in this file (a Kubernetes
+    /// projected token, a CI job's OIDC token), re-read for each new lease,
+    /// on the federation listener. Such a lease is never renewed: a new
+    /// one is asked for with the file's current token.
+    pub id_token: Option<PathBuf>,
 }
 
 /// Why a refresh failed; the variant, not the text, says what to do next.
@@ -76,7 +81,40 @@ fn renew_after(lease: &pb::Lease) -> Duration {
     (left * 2 / 3).max(Duration::from_secs(1))
 }
 
+/// A new lease with the platform token in `path`, on the federation
+/// listener (waiting for approval with the claim secret when it parks).
+async fn sign_in(
+    opts: &ClientOpts,
+    cfg: &AgentConfig,
+    path: &std::path::Path,
+) -> Result<pb::Grant, RefreshError> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| RefreshError::ParentToken(format!("reading {}: {e}", path.display())))?;
+    let mut c = BrokerClient::new(opts.connect_federation().await?);
+    let req = pb::ExchangeTokenRequest {
+        subject_token: token.trim().to_owned(),
+        subject_token_type: pb::JWT_TOKEN_TYPE.to_owned(),
+        scopes: cfg.scopes.clone(),
+        ttl: cfg.ttl.map(convert::duration),
+        audience: cfg.audience.clone(),
+        justification: cfg.reason.clone(),
+        ..Default::default()
+    };
+    let resp = c.exchange_token(req).await?.into_inner();
+    match resp.outcome {
+        Some(pb::request_token_response::Outcome::Granted(g)) => Ok(g),
+        Some(pb::request_token_response::Outcome::Pending(r)) => {
+            tracing::warn!(request_id = %r.id, "waiting for approval");
+            await_approval(&mut c, r.id, Some(&resp.claim_secret)).await
+        }
+        None => Err(RefreshError::Incomplete("empty response")),
+    }
+}
+
 async fn obtain(opts: &ClientOpts, cfg: &AgentConfig) -> Result<pb::Grant, RefreshError> {
+    if let Some(path) = &cfg.id_token {
+        return sign_in(opts, cfg, path).await;
+    }
     let mut c = BrokerClient::new(opts.connect().await?);
     let outcome = match &cfg.from_token {
         None => {
@@ -109,7 +147,7 @@ async fn obtain(opts: &ClientOpts, cfg: &AgentConfig) -> Result<pb::Grant, Refre
         Some(pb::request_token_response::Outcome::Granted(g)) => Ok(g),
         Some(pb::request_token_response::Outcome::Pending(r)) => {
             tracing::warn!(request_id = %r.id, "waiting for approval");
-            await_approval(&mut c, r.id).await
+            await_approval(&mut c, r.id, None).await
         }
         None => Err(RefreshError::Incomplete("empty response")),
     }
@@ -118,11 +156,16 @@ async fn obtain(opts: &ClientOpts, cfg: &AgentConfig) -> Result<pb::Grant, Refre
 async fn await_approval(
     c: &mut BrokerClient<tonic::transport::Channel>,
     request_id: String,
+    claim_secret: Option<&str>,
 ) -> Result<pb::Grant, RefreshError> {
-    let mut s = c
-        .watch_request(pb::WatchRequestRequest { request_id })
-        .await?
-        .into_inner();
+    let mut call = tonic::Request::new(pb::WatchRequestRequest { request_id });
+    if let Some(secret) = claim_secret {
+        let value = secret
+            .parse()
+            .map_err(|_| RefreshError::Incomplete("the claim secret is not metadata"))?;
+        call.metadata_mut().insert(pb::CLAIM_SECRET_METADATA, value);
+    }
+    let mut s = c.watch_request(call).await?.into_inner();
     while let Some(m) = s.message().await? {
         if let Some(g) = m.grant {
             return Ok(g);
@@ -326,7 +369,10 @@ pub async fn run(
     let mut written = false;
     let mut refused_parent: (Option<String>, u32) = (None, 0);
     loop {
-        let renewal = matches!(&current, Some(l) if l.expires_at != l.max_expires_at);
+        // A lease from a platform token is not renewed: the file's current
+        // token signs in again.
+        let renewal = cfg.id_token.is_none()
+            && matches!(&current, Some(l) if l.expires_at != l.max_expires_at);
         let attempt = match &current {
             // Renew while the lease can still grow; else start a new one.
             Some(l) if renewal => renew(&opts, l, cfg.ttl).await,

@@ -1348,3 +1348,103 @@ fn on_a_terminal(dir: &Path, answer: &str, args: &str) -> String {
     let o = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// Issue 24, end to end on the command line: a CI job without a
+/// certificate signs in with its platform's token (the dev CI issuer
+/// stands in for GitHub Actions), once; an approval scope parks and the
+/// job collects the token with its claim secret; `policy explain` says
+/// what a token signs in as.
+#[test]
+fn a_ci_job_signs_in_with_its_id_token_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _server = serve(&dir);
+    let jwt = tmp.path().join("ci.jwt");
+    let o = run(&dir, &["dev", "id-token"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    std::fs::write(&jwt, stdout(&o)).unwrap();
+    let at_jwt = format!("@{}", jwt.display());
+    let o = run(
+        &dir,
+        &["policy", "explain", "--id-token", jwt.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let text = stdout(&o);
+    assert!(
+        text.contains(
+            "signed in: issuer `dev_ci` (policy line 56), key `dev-ci-1` (ES256), identity spiffe://ci.portcullis.dev/1001/4242/env/prod"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("orders.read (auto: granted at once)"),
+        "{text}"
+    );
+    let request = ["token", "request", "--scope", "orders.read", "--id-token"];
+    let o = run(&dir, &[&request[..], &[at_jwt.as_str()]].concat());
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert_eq!(stdout(&o).trim().split('.').count(), 3, "{o:?}");
+    assert!(stderr(&o).contains("granted lease"), "{o:?}");
+    // The same token twice: refused.
+    let o = run(&dir, &[&request[..], &[at_jwt.as_str()]].concat());
+    assert_eq!(code(&o), 1, "{o:?}");
+    assert!(stderr(&o).contains("not signed in"), "{o:?}");
+    // Another owner's repository: refused, and explained offline.
+    let o = run(
+        &dir,
+        &["dev", "id-token", "--claim", "repository_owner_id=7"],
+    );
+    std::fs::write(&jwt, stdout(&o)).unwrap();
+    let o = run(
+        &dir,
+        &["policy", "explain", "--id-token", jwt.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 2, "{o:?}");
+    assert!(
+        stdout(&o).contains("bound claim repository_owner_id"),
+        "{o:?}"
+    );
+    // An approval scope: parked, the claim secret on stdout.
+    let o = run(&dir, &["dev", "id-token"]);
+    std::fs::write(&jwt, stdout(&o)).unwrap();
+    let o = run(
+        &dir,
+        &[
+            "token",
+            "request",
+            "--scope",
+            "orders.admin",
+            "--reason",
+            "migrate",
+            "--id-token",
+            &at_jwt,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code(&o), 3, "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rid = v["pending"]["id"].as_str().unwrap().to_owned();
+    let secret = tmp.path().join("claim-secret");
+    std::fs::write(&secret, v["claim_secret"].as_str().unwrap()).unwrap();
+    let o = run(&dir, &["requests", "show", &rid, "--as", "approver"]);
+    assert!(
+        stdout(&o).contains("signed in  with a token of issuer `dev_ci`"),
+        "{o:?}"
+    );
+    assert!(stdout(&o).contains("repository=acme/deploy"), "{o:?}");
+    let o = run(
+        &dir,
+        &[
+            "requests", "approve", &rid, "--as", "approver", "--reason", "ok",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    let at_secret = format!("@{}", secret.display());
+    let o = run(
+        &dir,
+        &["requests", "watch", &rid, "--claim-secret", &at_secret],
+    );
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert_eq!(stdout(&o).trim().split('.').count(), 3, "{o:?}");
+}

@@ -626,6 +626,7 @@ async fn the_agent_keeps_an_env_file_with_a_working_login_across_renewals_and_re
         reason: String::new(),
         from_token: None,
         for_identity: String::new(),
+        id_token: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(portcullis::agent::run(h.opts(As::Workload), cfg, async {

@@ -611,3 +611,61 @@ async fn a_federated_caller_gets_no_mtls_bound_scope_and_no_other_call() {
     assert!(e.message().contains("subject_token_type"), "{e:?}");
     w.h.stop().await;
 }
+
+/// `agent --id-token-file`: a pod's agent keeps a token fresh by signing in
+/// again with the file's current token (the kubelet rewrites it) for each
+/// new lease; a lease from a platform token is never renewed.
+#[tokio::test]
+async fn the_agent_signs_in_again_with_the_files_current_token_for_each_lease() {
+    let w = World::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id_file, out) = (dir.path().join("sa-token"), dir.path().join("token"));
+    let iss = format!("{}/k8s", w.issuer.url);
+    std::fs::write(&id_file, w.k8s_key.sign(&k8s_claims(&iss, w.now()))).unwrap();
+    let cfg = portcullis::agent::AgentConfig {
+        scopes: vec!["orders.read".into()],
+        audience: String::new(),
+        ttl: Some(std::time::Duration::from_secs(3)),
+        out: Some(out.clone()),
+        env_file: None,
+        reason: String::new(),
+        from_token: None,
+        for_identity: String::new(),
+        id_token: Some(id_file.clone()),
+    };
+    let opts = ClientOpts {
+        federation_server: Some(w.h.running().federation_addr.unwrap().to_string()),
+        ..w.h.opts(As::Workload)
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(portcullis::agent::run(opts, cfg, async {
+        let _ = stopped.await;
+    }));
+    let read = |not: String| {
+        let out = out.clone();
+        async move {
+            for _ in 0..200 {
+                if let Ok(t) = std::fs::read_to_string(&out)
+                    && !t.is_empty()
+                    && t != not
+                {
+                    return t;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("no new token in {}", out.display());
+        }
+    };
+    let first = read(String::new()).await;
+    // The kubelet rewrites the file with a fresh token.
+    std::fs::write(&id_file, w.k8s_key.sign(&k8s_claims(&iss, w.now() + 1))).unwrap();
+    let second = read(first.clone()).await;
+    let (a, b) = (part(&first, 1), part(&second, 1));
+    assert_ne!(a["jti"], b["jti"], "a new lease, not a renewal");
+    assert_eq!(b["sub"], "spiffe://k8s.test/prod-eu/payments/api");
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    assert_eq!(records(&w.h, "federation.signed_in").await.len(), 2);
+    assert!(records(&w.h, "lease.renewed").await.is_empty());
+    w.h.stop().await;
+}

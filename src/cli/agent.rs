@@ -39,6 +39,12 @@ pub struct AgentArgs {
     /// With --from-token: who the child is for (default: this agent).
     #[arg(long = "for", requires = "from_token")]
     pub for_identity: Option<String>,
+    /// Sign in with the platform token in this file instead of a
+    /// certificate (a Kubernetes projected service-account token, a CI
+    /// job's OIDC token), re-read for each new lease; each lease is asked
+    /// for anew rather than renewed (`--federation-server`).
+    #[arg(long, conflicts_with = "from_token")]
+    pub id_token_file: Option<PathBuf>,
 }
 
 /// Run the agent until Ctrl-C. It connects afresh for each refresh, so it
@@ -53,6 +59,7 @@ pub async fn run(args: AgentArgs, opts: ClientOpts) -> Result<i32, Failure> {
         reason: args.reason.unwrap_or_default(),
         from_token: args.from_token,
         for_identity: args.for_identity.unwrap_or_default(),
+        id_token: args.id_token_file,
     };
     crate::agent::run(opts, cfg, async {
         let _ = tokio::signal::ctrl_c().await;

@@ -28,10 +28,24 @@ pub enum PolicyCmd {
         #[arg(long)]
         policy: Option<PathBuf>,
         /// Asking identity.
-        #[arg(long)]
-        identity: String,
-        /// Scope (repeat).
-        #[arg(long = "scope", required = true)]
+        #[arg(
+            long,
+            required_unless_present = "id_token",
+            conflicts_with = "id_token"
+        )]
+        identity: Option<String>,
+        /// A platform token (GitHub Actions, Kubernetes, JWT-SVID) instead
+        /// of an identity: which `[[issuer]]` and key verify it, the
+        /// identity it maps to, and what that identity gets. Offline: the
+        /// keys come from `--jwks`, or the entry's inline or file keys.
+        #[arg(long, value_name = "FILE")]
+        id_token: Option<PathBuf>,
+        /// The issuer's keys (a JWKS file), for `--id-token`.
+        #[arg(long, value_name = "FILE", requires = "id_token")]
+        jwks: Option<PathBuf>,
+        /// Scope (repeat). With `--id-token` and none: every scope the
+        /// identity may ask for.
+        #[arg(long = "scope", required_unless_present = "id_token")]
         scopes: Vec<String>,
         /// Wanted TTL.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -46,6 +60,8 @@ pub fn run(out: Output, cmd: PolicyCmd, opts: &ClientOpts) -> Result<i32, Failur
         PolicyCmd::Explain {
             policy,
             identity,
+            id_token,
+            jwks,
             scopes,
             ttl,
         } => {
@@ -56,7 +72,19 @@ pub fn run(out: Output, cmd: PolicyCmd, opts: &ClientOpts) -> Result<i32, Failur
                     .join("policy.toml")
             });
             let p = Policy::load(&path).map_err(|e| failure(e.to_string()))?;
-            let who = Identity::parse(&identity).map_err(|e| usage(format!("--identity: {e}")))?;
+            let who = match (identity, id_token) {
+                (Some(i), _) => {
+                    Identity::parse(&i).map_err(|e| usage(format!("--identity: {e}")))?
+                }
+                (None, Some(file)) => match signed_in(out, &p, &file, jwks.as_deref())? {
+                    Ok(who) => who,
+                    Err(code) => return Ok(code),
+                },
+                (None, None) => return Err(usage("give --identity or --id-token")),
+            };
+            if scopes.is_empty() {
+                return Ok(open_to(out, &p, &who));
+            }
             Ok(explain(out, &p, &who, &scopes, ttl))
         }
     }
@@ -101,6 +129,123 @@ fn check(out: Output, file: &std::path::Path) -> Result<i32, Failure> {
         }
         Err(e) => Err(failure(e.to_string())),
     }
+}
+
+/// Verify the platform token in `file` as the broker would (now, offline)
+/// and print which issuer, key and identity: `Ok(identity)`, or the exit
+/// code after saying which check failed.
+fn signed_in(
+    out: Output,
+    p: &Policy,
+    file: &std::path::Path,
+    jwks: Option<&std::path::Path>,
+) -> Result<Result<Identity, i32>, Failure> {
+    use crate::federation::verify::Parsed;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| usage(format!("--id-token {}: {e}", file.display())))?;
+    let refuse = |what: String| {
+        print(
+            out,
+            &format!("refuse: the token does not sign in: {what}\n"),
+            json!({"decision": "refuse", "sign_in": what}),
+        );
+        Ok(Err(exit::DENIED))
+    };
+    let parsed = match Parsed::new(text.trim()) {
+        Ok(t) => t,
+        Err(r) => return refuse(r.check.name()),
+    };
+    let Some(issuer) = parsed.issuer(p.issuers.values()) else {
+        return refuse("no [[issuer]] entry names its `iss` (or its `sub`'s trust domain)".into());
+    };
+    let (kid, alg) = match parsed.header(issuer) {
+        Ok(h) => h,
+        Err(r) => return refuse(format!("issuer `{}`: {}", issuer.name, r.check.name())),
+    };
+    let keys = offline_keys(issuer, jwks)?;
+    let Some(key) = keys.find(&kid) else {
+        return refuse(format!(
+            "issuer `{}`: no key `{}` in its keys",
+            issuer.name,
+            clean(&kid)
+        ));
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match parsed.verify(issuer, &alg, key, now) {
+        Ok(v) => {
+            if out == Output::Text {
+                println!(
+                    "signed in: issuer `{}` (policy line {}), key `{}` ({alg}), identity {}",
+                    issuer.name,
+                    issuer.line,
+                    clean(&kid),
+                    v.identity
+                );
+            }
+            Ok(Ok(v.identity))
+        }
+        Err(r) => refuse(format!("issuer `{}`: {}", issuer.name, r.check.name())),
+    }
+}
+
+/// An issuer's keys without the network: `--jwks`, or the entry's own.
+fn offline_keys(
+    issuer: &crate::policy::Issuer,
+    jwks: Option<&std::path::Path>,
+) -> Result<jsonwebtoken::jwk::JwkSet, Failure> {
+    use crate::policy::KeySource;
+    let file = match &issuer.keys {
+        KeySource::JwksFile(f) => jwks.or(Some(f.as_path())),
+        _ => jwks,
+    };
+    let text = match (file, &issuer.keys) {
+        (Some(f), _) => {
+            std::fs::read_to_string(f).map_err(|e| usage(format!("--jwks {}: {e}", f.display())))?
+        }
+        (None, KeySource::Inline(j)) => j.clone(),
+        (None, _) => {
+            return Err(usage(format!(
+                "issuer `{}` publishes its keys on the network: save them and give --jwks FILE",
+                issuer.name
+            )));
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| usage(format!("the issuer's keys: {e}")))
+}
+
+/// Every scope `who` is a workload of, with its tier.
+fn open_to(out: Output, p: &Policy, who: &Identity) -> i32 {
+    let open: Vec<_> = p
+        .scopes
+        .values()
+        .filter(|s| {
+            s.workloads
+                .iter()
+                .any(|w| crate::policy::glob_match(w, who.as_str()))
+        })
+        .collect();
+    let text: String = if open.is_empty() {
+        format!("{who} may ask for no scope\n")
+    } else {
+        open.iter()
+            .map(|s| {
+                let tier = match s.tier {
+                    crate::policy::Tier::Auto => "auto: granted at once",
+                    crate::policy::Tier::Approval => "approval: parked for approvers",
+                };
+                format!("  {} ({tier})\n", s.name)
+            })
+            .collect::<String>()
+    };
+    let names: Vec<&str> = open.iter().map(|s| s.name.as_str()).collect();
+    print(
+        out,
+        &format!("{who} may ask for:\n{text}"),
+        json!({"identity": who.as_str(), "scopes": names}),
+    );
+    exit::OK
 }
 
 /// Print the decision: exit 0 for grant or park (an answer, not a waiting

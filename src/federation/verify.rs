@@ -501,7 +501,23 @@ fn evidence(kind: IssuerKind, claims: &Map<String, Value>) -> BTreeMap<String, S
             "/kubernetes.io/pod/uid",
             "/kubernetes.io/node/name",
         ],
-        IssuerKind::JwtSvid | IssuerKind::Generic => &["sub"],
+        IssuerKind::JwtSvid => &["sub"],
+        // Other CI systems (GitLab, Buildkite, a GitHub Enterprise proxy)
+        // name their runs with claims like these.
+        IssuerKind::Generic => &[
+            "sub",
+            "repository",
+            "project_path",
+            "ref",
+            "sha",
+            "run_id",
+            "pipeline_id",
+            "job_id",
+            "actor",
+            "user_login",
+            "event_name",
+            "environment",
+        ],
     };
     names
         .iter()
