@@ -238,6 +238,12 @@ impl ClientOpts {
                 ));
             }
         };
+        // A platform token and a claim secret never travel in the clear.
+        if server.contains("://") && !server.starts_with("https://") {
+            return Err(ClientError::Usage(format!(
+                "--federation-server `{server}`: only https:// (or host:port)"
+            )));
+        }
         let tls = match self.ca.clone().or(dev.map(|d| d.path("ca.pem"))) {
             Some(ca) => ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(read(&ca, "CA bundle")?)),

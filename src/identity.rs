@@ -39,6 +39,12 @@ pub enum IdentityError {
     /// The certificate has no URI SAN, or more than one.
     #[error("client certificate must carry exactly one URI SAN, found {0}")]
     UriSanCount(usize),
+    /// The identity is in a trust domain an `[[issuer]]` owns: it signs in
+    /// with that issuer's tokens, never with a certificate.
+    #[error(
+        "client certificate names an identity in a trust domain of issuer `{0}`, whose workloads sign in with its tokens only"
+    )]
+    Owned(String),
 }
 
 impl Identity {

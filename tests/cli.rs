@@ -1432,7 +1432,7 @@ fn a_ci_job_signs_in_with_its_id_token_from_the_command_line() {
         stdout(&o).contains("signed in  with a token of issuer `dev_ci`"),
         "{o:?}"
     );
-    assert!(stdout(&o).contains("repository=acme/deploy"), "{o:?}");
+    assert!(stdout(&o).contains("repository=\"acme/deploy\""), "{o:?}");
     let o = run(
         &dir,
         &[

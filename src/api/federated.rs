@@ -25,7 +25,13 @@ pub struct FederatedBroker {
     engine: Arc<Engine>,
     federation: Arc<Federation>,
     shutdown: CancellationToken,
+    /// Exchanges in flight: what a flood of tokens (each waiting for a
+    /// key fetch, say) can hold, beyond which callers are told to retry.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Exchanges verified at once on the federation listener.
+const IN_FLIGHT: usize = 256;
 
 impl FederatedBroker {
     /// A service verifying platform tokens against `federation`.
@@ -38,6 +44,7 @@ impl FederatedBroker {
             engine,
             federation,
             shutdown,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
         }
     }
 
@@ -94,6 +101,11 @@ impl Broker for FederatedBroker {
     ) -> Result<Response<pb::RequestTokenResponse>, Status> {
         let m = req.into_inner();
         check_exchange(&m)?;
+        let Ok(_slot) = self.in_flight.try_acquire() else {
+            return Err(Status::resource_exhausted(
+                "too many platform-token exchanges in flight; retry shortly",
+            ));
+        };
         let ttl = convert::ttl(m.ttl, "ttl")?;
         let now = self.engine.clock().now() / 1000;
         let verified = match self.federation.verify(&m.subject_token, now).await {

@@ -52,7 +52,15 @@ impl tonic::service::Interceptor for Authenticate {
         let certs = req.peer_certs();
         let chain: &[tonic::transport::CertificateDer<'static>] =
             certs.as_deref().map_or(&[], |c| c.as_slice());
-        match self.seen.identify(chain) {
+        match self.seen.identify(chain).and_then(|(who, x5t)| {
+            // A trust domain an `[[issuer]]` owns names workloads that
+            // sign in with platform tokens: no certificate may take one of
+            // their identities (or claim their parked requests).
+            match self.engine.policy().issuer_owning(&who) {
+                Some(issuer) => Err(identity::IdentityError::Owned(issuer)),
+                None => Ok((who, x5t)),
+            }
+        }) {
             Ok((who, x5t)) => {
                 tracing::Span::current().record("caller", who.as_str());
                 req.extensions_mut().insert(Caller(who, x5t));

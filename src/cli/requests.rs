@@ -419,7 +419,7 @@ fn sign_in_lines(si: &pb::SignIn) -> String {
     evidence.sort();
     let evidence: Vec<String> = evidence
         .into_iter()
-        .map(|(k, v)| format!("{}={}", clean(k), clean(v)))
+        .map(|(k, v)| format!("{}={:?}", clean(k), clean(v).as_ref()))
         .collect();
     format!(
         "signed in  with a token of issuer `{}` (sub {}; claims sha256:{})\nevidence   {}\n",

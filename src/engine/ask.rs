@@ -151,19 +151,19 @@ impl SignedIn {
     }
 
     /// The token's use-once claim, in the idempotency table: the key is
-    /// the issuer and `jti`; only a retry with the first call's
-    /// `client_request_id` and parameters gets the first outcome back.
-    /// `None` where the issuer bounds replay by age instead (no `jti`).
+    /// the issuer and `jti`, and no second use matches the first (its
+    /// digest is unique to it): a retry whose answer was lost signs in
+    /// again with a new platform token, so no copy of the token can ever
+    /// mint a second credential. `None` where the issuer bounds replay by
+    /// age instead.
     pub(super) fn use_once(&self, c: &Checked) -> Option<Idempotency> {
-        let jti = self.verified.jti.as_ref()?;
+        let jti = self
+            .verified
+            .jti
+            .as_ref()
+            .filter(|_| self.verified.use_once)?;
         let key = sha256_hex(&[self.verified.issuer.as_bytes(), jti.as_bytes()]);
-        // Without a `client_request_id` no second use matches: the first
-        // call's digest is unique to it.
-        let params_digest = if c.client_request_id.is_empty() {
-            format!("once:{}", self.nonce)
-        } else {
-            c.digest.clone()
-        };
+        let params_digest = format!("once:{}", self.nonce);
         Some(Idempotency {
             caller: c.who.as_str().to_owned(),
             key: format!("jti:{key}"),
@@ -191,7 +191,7 @@ impl SignedIn {
             "issuer {}; sub {}; jti {}; claims sha256:{}",
             v.issuer,
             crate::text::escape_controls(&sub),
-            v.jti.as_deref().unwrap_or("-"),
+            crate::text::escape_controls(v.jti.as_deref().unwrap_or("-")),
             v.claims_digest
         );
         AuditEntry::ok(

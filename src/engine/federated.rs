@@ -39,6 +39,15 @@ impl Engine {
         mut ask: TokenAsk,
     ) -> Result<(Outcome, Option<String>), EngineError> {
         let policy = self.policy();
+        // The key caches follow policy reloads a moment later: the policy
+        // in force decides whether the issuer is still trusted.
+        if !policy.issuers.contains_key(&verified.issuer) {
+            return Err(self.sign_in_refused(Refusal {
+                check: Check::Issuer,
+                issuer: Some(verified.issuer.clone()),
+                claims_digest: None,
+            }));
+        }
         if let Some(s) = ask
             .scopes
             .iter()
@@ -85,7 +94,7 @@ impl Engine {
             c => c.name(),
         };
         self.metrics.sign_in(issuer, &check);
-        if r.check.before_signature() {
+        if r.check.before_signature() || !self.first_refusal(r.claims_digest.as_deref()) {
             tracing::debug!(issuer, check = %r.check.name(), "platform token refused");
         } else {
             tracing::info!(issuer, check = %r.check.name(), claims = r.claims_digest.as_deref().unwrap_or(""), "platform token refused");
@@ -101,6 +110,20 @@ impl Engine {
             }
         }
         EngineError::SignIn(r)
+    }
+
+    /// Whether the token with this claims digest was not refused (and
+    /// recorded) before: anyone with a validly signed token could replay
+    /// it to fill the trail. Bounded: the set starts again when full.
+    fn first_refusal(&self, digest: Option<&str>) -> bool {
+        const KEPT: usize = 4096;
+        let (Some(d), Ok(mut seen)) = (digest, self.refusals_recorded.lock()) else {
+            return true;
+        };
+        if seen.len() >= KEPT {
+            seen.clear();
+        }
+        seen.insert(d.to_owned())
     }
 
     /// The requester of parked request `id`, proven by `claim_secret`

@@ -137,6 +137,9 @@ pub struct Engine {
     login_turns: logins::Turns,
     /// One admin password rotation at a time on this broker.
     root_turn: tokio::sync::Mutex<()>,
+    /// Claims digests of platform tokens whose refusal is in the trail:
+    /// the same token refused again is counted, not recorded again.
+    refusals_recorded: Mutex<std::collections::HashSet<String>>,
 }
 
 /// What an engine is built from.
@@ -183,6 +186,7 @@ impl Engine {
             login_ended: broadcast::channel(1024).0,
             login_turns: logins::Turns::default(),
             root_turn: tokio::sync::Mutex::default(),
+            refusals_recorded: Mutex::default(),
             leader,
             lead_until: Mutex::new(None),
             upkeep_fence: Mutex::new(None),

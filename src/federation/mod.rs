@@ -70,25 +70,32 @@ fn source(i: &Issuer) -> Result<Source, String> {
 
 impl Federation {
     /// The issuers of `policy`, with empty key caches (see [`Self::refresh`]).
-    pub fn new(policy: &Policy, counter: FetchCounter) -> Result<Arc<Self>, String> {
+    pub fn new(policy: &Policy, counter: FetchCounter) -> Arc<Self> {
         let me = Arc::new(Self {
             trusted: RwLock::new(Arc::default()),
             counter,
         });
-        me.update(policy)?;
-        Ok(me)
+        me.update(policy);
+        me
     }
 
     /// Take the issuers of a new policy: an entry whose keys come from
     /// where they came from keeps its cache; a removed entry's tokens are
-    /// refused from now on.
-    pub fn update(&self, policy: &Policy) -> Result<(), String> {
+    /// refused from now on, and so are those of an entry whose key source
+    /// cannot be set up (its CA file unreadable, say: logged).
+    pub fn update(&self, policy: &Policy) {
         let old = self.snapshot();
         let mut next = BTreeMap::new();
         for (name, i) in &policy.issuers {
             let keys = match old.get(name) {
                 Some(t) if same_keys(&t.issuer, i) => t.keys.clone(),
-                _ => Arc::new(KeyCache::new(name, source(i)?, self.counter.clone())),
+                _ => match source(i) {
+                    Ok(s) => Arc::new(KeyCache::new(name, s, self.counter.clone())),
+                    Err(e) => {
+                        tracing::error!(issuer = %name, error = %e, "the issuer's keys cannot be fetched: its tokens are refused");
+                        continue;
+                    }
+                },
             };
             next.insert(
                 name.clone(),
@@ -101,7 +108,6 @@ impl Federation {
         if let Ok(mut t) = self.trusted.write() {
             *t = Arc::new(next);
         }
-        Ok(())
     }
 
     fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Trusted>>> {

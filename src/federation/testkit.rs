@@ -70,7 +70,7 @@ pub(crate) fn github_issuer(jwks: &Value) -> Issuer {
         algorithms: vec!["ES256".into(), "RS256".into()],
         max_age: Duration::from_secs(3600),
         leeway: Duration::from_secs(30),
-        require: BTreeMap::from([("repository_owner_id".into(), "1001".into())]),
+        require: BTreeMap::from([("repository_owner_id".into(), vec!["1001".into()])]),
         identity: Some(
             "spiffe://github.example.org/{repository_owner_id}/{repository_id}/env/{environment}"
                 .into(),

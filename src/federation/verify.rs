@@ -129,8 +129,12 @@ pub struct Verified {
     pub identity: Identity,
     /// `sub`, as the platform wrote it (escaped when shown).
     pub sub: String,
-    /// `jti` (`None` where the entry bounds replay by age).
+    /// `jti`, when the token has one.
     pub jti: Option<String>,
+    /// The token may be used once (`single_use = "jti"`); else its replay
+    /// is bounded by its age (Kubernetes hands a pod one token for most of
+    /// its life, `jti` or not).
+    pub use_once: bool,
     /// When the token ends (seconds since the epoch).
     pub exp: u64,
     /// Hex SHA-256 of the payload segment exactly as received.
@@ -252,6 +256,7 @@ impl<'t> Parsed<'t> {
             identity,
             sub: claim_text(&self.claims, "sub").unwrap_or_default(),
             jti,
+            use_once: issuer.single_use == SingleUse::Jti,
             exp,
             evidence: evidence(issuer.kind, &self.claims),
             claims_digest: digest,
@@ -417,8 +422,8 @@ fn claim_text(claims: &Map<String, Value>, name: &str) -> Option<String> {
 /// `pull_request_target` (the base repository's context, the pull
 /// request's code) only where `require` names that event.
 fn bound(issuer: &Issuer, claims: &Map<String, Value>) -> Result<(), Check> {
-    for (name, want) in &issuer.require {
-        let ok = claim_text(claims, name).is_some_and(|v| v == *want);
+    for (name, any_of) in &issuer.require {
+        let ok = claim_text(claims, name).is_some_and(|v| any_of.contains(&v));
         if !ok {
             return Err(Check::BoundClaim(name.clone()));
         }

@@ -178,9 +178,9 @@ pub struct Issuer {
     pub max_age: std::time::Duration,
     /// Clock skew allowed on `exp`, `nbf` and `iat`.
     pub leeway: std::time::Duration,
-    /// Claims that must hold exactly these values (JSON pointers for
-    /// nested ones).
-    pub require: BTreeMap<String, String>,
+    /// Claims that must hold exactly one of these values (JSON pointers
+    /// for nested ones).
+    pub require: BTreeMap<String, Vec<String>>,
     /// The identity template (`{claim}` or `{/json/pointer}` placeholders,
     /// one path segment each); `None` for a JWT-SVID issuer (`sub` is the
     /// identity).
@@ -537,6 +537,16 @@ impl Policy {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self::decide_rules(&rules, ttl))
+    }
+
+    /// The `[[issuer]]` whose trust domains hold `who`, if any: such an
+    /// identity signs in with a platform token, never with a certificate.
+    pub fn issuer_owning(&self, who: &Identity) -> Option<String> {
+        let domain = who.as_str().strip_prefix("spiffe://")?.split('/').next()?;
+        self.issuers
+            .values()
+            .find(|i| i.trust_domains.iter().any(|d| d == domain))
+            .map(|i| i.name.clone())
     }
 
     /// Must tokens carrying any of `scopes` be bound to their holder's

@@ -242,11 +242,31 @@ pub(super) struct RawIssuer {
     pub max_age: Option<Spanned<String>>,
     pub leeway: Option<Spanned<String>>,
     #[serde(default)]
-    pub require: BTreeMap<String, Spanned<String>>,
+    pub require: BTreeMap<String, Spanned<OneOrMany>>,
     pub identity: Option<Spanned<String>>,
     #[serde(default)]
     pub trust_domains: Vec<Spanned<String>>,
     pub single_use: Option<Spanned<String>>,
+}
+
+/// A bound claim's value: one, or a list any of which will do.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    /// `claim = "value"`.
+    One(String),
+    /// `claim = ["a", "b"]`.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The values, in the order written.
+    pub(super) fn values(&self) -> Vec<String> {
+        match self {
+            Self::One(v) => vec![v.clone()],
+            Self::Many(v) => v.clone(),
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -143,10 +143,15 @@ pub(super) fn federation_router(
 ) -> Result<GrpcRouter, ServeError> {
     let broker =
         crate::api::federated::FederatedBroker::new(engine.clone(), federation, cancel.clone());
+    // Anyone on the network completes its handshake here: a connection
+    // lives 5 minutes at most (a watch for approval reconnects) and holds
+    // 16 calls at once; the service bounds its exchanges in flight.
     Ok(Server::builder()
         .tls_config(tls)
         .map_err(|e| tls_error(&cfg.tls_cert, &e))?
         .tcp_nodelay(true)
+        .max_connection_age(FEDERATION_CONNECTION_AGE)
+        .concurrency_limit_per_connection(16)
         .trace_fn(|req| {
             tracing::info_span!(
                 "federation_rpc",
@@ -159,9 +164,14 @@ pub(super) fn federation_router(
         .layer(crate::api::CallLayer)
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(cfg.conn_limits.streams_per_connection)
+        .max_concurrent_streams(16)
         .add_service(BrokerServer::new(broker).max_decoding_message_size(MAX_MESSAGE)))
 }
+
+/// How long a federation listener connection lives.
+const FEDERATION_CONNECTION_AGE: Duration = Duration::from_secs(300);
+/// Open connections on the federation listener.
+pub(super) const FEDERATION_CONNECTIONS: usize = 1024;
 
 /// Serve `router` on `listener` until `cancel`, holding at most
 /// `limits.grpc_connections` connections (more are closed as they arrive).

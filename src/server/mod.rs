@@ -494,7 +494,10 @@ fn serve(
     let tracker = TaskTracker::new();
     tracker.spawn(grpc::serve(router, l.grpc, cfg.conn_limits, cancel.clone()));
     if let Some((f, router, listener)) = federation {
-        let limits = cfg.conn_limits;
+        let limits = ConnLimits {
+            grpc_connections: grpc::FEDERATION_CONNECTIONS,
+            ..cfg.conn_limits
+        };
         tracker.spawn(grpc::serve(router, listener, limits, cancel.clone()));
         tracker.spawn(tasks::follow_issuers(engine.clone(), f, cancel.clone()));
     }
@@ -550,8 +553,7 @@ fn federation(
     ServeError,
 > {
     let policy = engine.policy();
-    let f = crate::federation::Federation::new(&policy, engine.metrics().jwks_fetches.clone())
-        .map_err(ServeError::Config)?;
+    let f = crate::federation::Federation::new(&policy, engine.metrics().jwks_fetches.clone());
     let router = grpc::federation_router(cfg, tls, engine, f.clone(), cancel)?;
     tracing::info!(%addr, issuers = policy.issuers.len(), "federation listener (platform tokens, no client certificate)");
     Ok((f, router, listener))

@@ -427,29 +427,35 @@ pub(super) async fn reconcile_logins(engine: Arc<Engine>, cancel: CancellationTo
 /// Keep the trusted issuers' keys fresh: fetched at start (the broker
 /// serves while an issuer is unreachable; its tokens are refused until a
 /// fetch succeeds), every 10 minutes, and at once for the entries of a
-/// reloaded policy.
+/// reloaded policy. Fetches run beside this loop, so a reload is taken at
+/// once even while an issuer is slow to answer.
 pub(super) async fn follow_issuers(
     engine: Arc<Engine>,
     federation: Arc<crate::federation::Federation>,
     cancel: CancellationToken,
 ) {
     let mut reloads = engine.policy_reloads();
+    let fetch = || {
+        let f = federation.clone();
+        tokio::spawn(async move { f.refresh().await })
+    };
+    let mut fetching = fetch();
     loop {
         tokio::select! {
-            () = cancel.cancelled() => return,
-            () = federation.refresh() => {}
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => {
+                fetching.abort();
+                return;
+            }
             () = tokio::time::sleep(crate::federation::keys::REFRESH) => {}
             changed = reloads.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                if let Err(e) = federation.update(&engine.policy()) {
-                    tracing::error!(error = %e, "the reloaded policy's issuers could not be taken; the previous ones stay");
-                }
+                federation.update(&engine.policy());
             }
+        }
+        if fetching.is_finished() {
+            fetching = fetch();
         }
     }
 }

@@ -190,10 +190,13 @@ fn a_kubernetes_token_maps_nested_claims() {
         "spiffe://k8s.example.org/prod-eu/{/kubernetes.io/namespace}/{/kubernetes.io/serviceaccount/name}".into(),
     );
     issuer.require = [
-        ("/kubernetes.io/namespace".to_owned(), "payments".to_owned()),
+        (
+            "/kubernetes.io/namespace".to_owned(),
+            vec!["orders".to_owned(), "payments".to_owned()],
+        ),
         (
             "/kubernetes.io/serviceaccount/uid".to_owned(),
-            "u-1".to_owned(),
+            vec!["u-1".to_owned()],
         ),
     ]
     .into();

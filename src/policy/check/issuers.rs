@@ -185,9 +185,14 @@ pub(crate) fn safe_url(url: &str) -> bool {
 }
 
 /// GitHub's issuer, on github.com or on an Enterprise Server.
+/// GitHub Enterprise Cloud's issuer is github.com's followed by the
+/// enterprise's slug.
 fn github_issuer(url: &str) -> bool {
-    url.eq_ignore_ascii_case("https://token.actions.githubusercontent.com")
-        || url.trim_end_matches('/').ends_with("/_services/token")
+    let url = url.to_ascii_lowercase();
+    let url = url.trim_end_matches('/');
+    url == "https://token.actions.githubusercontent.com"
+        || url.starts_with("https://token.actions.githubusercontent.com/")
+        || url.ends_with("/_services/token")
 }
 
 impl Checker<'_> {
@@ -662,7 +667,7 @@ impl Checker<'_> {
         kind: IssuerKind,
         identity: Option<&str>,
         r: &RawIssuer,
-    ) -> BTreeMap<String, String> {
+    ) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
         for (claim, value) in &r.require {
             let claim = match canonical(claim) {
@@ -675,9 +680,10 @@ impl Checker<'_> {
                     continue;
                 }
             };
+            let values = value.get_ref().values();
             let why = if REGISTERED.contains(&claim.as_str()) {
                 Some("is checked by the broker itself (see audience, max_age)")
-            } else if value.get_ref().is_empty() {
+            } else if values.is_empty() || values.iter().any(String::is_empty) {
                 Some("is empty: a bound claim names the value it must have")
             } else {
                 None
@@ -688,7 +694,7 @@ impl Checker<'_> {
                     format!("issuer `{name}`: require: `{claim}` {why}"),
                 );
             }
-            out.insert(claim, value.get_ref().clone());
+            out.insert(claim, values);
         }
         let at = r.name.span();
         if kind != IssuerKind::JwtSvid && out.is_empty() {
@@ -698,9 +704,31 @@ impl Checker<'_> {
             self.problem(at.clone(), msg);
         }
         if kind == IssuerKind::Kubernetes {
-            self.kubernetes_bound(name, at, &out, identity);
+            self.kubernetes_bound(name, at.clone(), &out, identity);
+        }
+        if kind == IssuerKind::Github {
+            self.github_bound(name, at, &out);
         }
         out
+    }
+
+    /// GitHub's issuer signs for every repository on GitHub: a bound
+    /// owner or repository id is what keeps others out (an event, a ref
+    /// or a public reusable workflow does not), and a name is bound only
+    /// beside an id (names are recycled).
+    fn github_bound(
+        &mut self,
+        name: &str,
+        at: std::ops::Range<usize>,
+        out: &BTreeMap<String, Vec<String>>,
+    ) {
+        let ids = ["repository_owner_id", "repository_id"];
+        if !ids.iter().any(|id| out.contains_key(*id)) {
+            let msg = format!(
+                "issuer `{name}`: require: bind repository_owner_id or repository_id: any repository on GitHub gets tokens from this issuer"
+            );
+            self.problem(at, msg);
+        }
     }
 
     /// A Kubernetes identity is bound to its namespace (in `require`) and
@@ -709,7 +737,7 @@ impl Checker<'_> {
         &mut self,
         name: &str,
         at: std::ops::Range<usize>,
-        out: &BTreeMap<String, String>,
+        out: &BTreeMap<String, Vec<String>>,
         identity: Option<&str>,
     ) {
         let mapped: Vec<String> = identity

@@ -45,7 +45,7 @@ fn a_github_issuer_bound_to_its_owner_and_named_by_ids_is_accepted() {
     assert_eq!(i.max_age.as_secs(), 3600);
     assert_eq!(i.leeway.as_secs(), 30);
     assert_eq!(i.trust_domains, ["github.example.org"]);
-    assert_eq!(i.require["repository_owner_id"], "1234567");
+    assert_eq!(i.require["repository_owner_id"], ["1234567"]);
     assert_eq!(i.line, 1);
 }
 
@@ -115,6 +115,36 @@ fn github_identities_come_from_ids_never_recycled_names_or_paths() {
     // An org-wide identity without the repository's id is refused.
     let text = github("").replace("/{repository_id}", "");
     assert_says(&problems(&text), "name the repository by `{repository_id}`");
+    // Review of issue 24: an event, a ref, a public reusable workflow or a
+    // recycled name does not keep the rest of GitHub out; an id does.
+    for only in [
+        "event_name = \"push\"",
+        "job_workflow_ref = \"acme/wf/.github/workflows/d.yml@refs/heads/main\"",
+        "repository_owner = \"acme\"",
+    ] {
+        let text = github("").replace("repository_owner_id = \"1234567\"", only);
+        assert_says(
+            &problems(&text),
+            "require: bind repository_owner_id or repository_id",
+        );
+    }
+    let text = github("").replace(
+        "repository_owner_id = \"1234567\"",
+        "repository_id = [\"4242\", \"4343\"]",
+    );
+    assert_eq!(
+        Policy::parse(&text).unwrap().issuers["github"].require["repository_id"],
+        ["4242", "4343"]
+    );
+    // GitHub Enterprise Cloud's issuer (with the enterprise's slug) is
+    // GitHub's too.
+    let text = github("")
+        .replace(
+            "https://token.actions.githubusercontent.com",
+            "https://token.actions.githubusercontent.com/acme-corp",
+        )
+        .replace("kind = \"github\"", "kind = \"generic\"");
+    assert_says(&problems(&text), "GitHub's issuer is kind = \"github\"");
 }
 
 #[test]
@@ -255,7 +285,7 @@ fn a_template_fills_whole_segments_in_a_written_out_trust_domain() {
 }
 
 #[test]
-fn kubernetes_binds_namespace_and_account_uid_and_svids_their_domains() {
+fn kubernetes_binds_namespace_and_account_uid() {
     let k8s = r#"[[issuer]]
 name = "prod_eu"
 kind = "kubernetes"
@@ -279,10 +309,22 @@ identity = "spiffe://k8s.example.org/prod-eu/{/kubernetes.io/namespace}/{/kubern
         "audience = \"portcullis\"\nmax_age = \"2h\"",
     );
     assert_says(&problems(&long), "at most 1h when single_use is `bounded`");
-    // The namespace is bound in `require`, not only mapped.
+    // The namespace is bound in `require`, not only mapped; several
+    // namespaces of one cluster are bound as a list.
     let mapped_only = bound.replace("\"/kubernetes.io/namespace\" = \"payments\", ", "");
     assert_says(&problems(&mapped_only), "require: bind the namespace");
+    let several = bound.replace("\"payments\"", "[\"payments\", \"orders\"]");
+    let p = Policy::parse(&several).unwrap();
+    assert_eq!(
+        p.issuers["prod_eu"].require["/kubernetes.io/namespace"],
+        ["payments", "orders"]
+    );
+    let empty = bound.replace("\"payments\"", "[]");
+    assert_says(&problems(&empty), "is empty");
+}
 
+#[test]
+fn jwt_svids_are_bound_to_their_trust_domains() {
     let svid = r#"[[issuer]]
 name = "spire"
 kind = "jwt-svid"
