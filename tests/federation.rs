@@ -696,3 +696,56 @@ async fn the_agent_signs_in_again_with_the_files_current_token_for_each_lease() 
     assert!(records(&w.h, "lease.renewed").await.is_empty());
     w.h.stop().await;
 }
+
+/// Issue 24, item 6 (docs/federation-clouds.md): what AWS STS, Google's
+/// workload identity federation and Entra ask of an issuer's tokens — a
+/// discovery document naming the `iss` and its JWKS, EC keys without
+/// certificate chains, the audience the workload asked for, the
+/// workload's stable SPIFFE ID as `sub`, a life well under a day.
+#[tokio::test]
+async fn our_tokens_carry_what_the_clouds_ask_of_an_issuers_tokens() {
+    let w = World::start().await;
+    let http = w.h.running().http_addr.unwrap();
+    let disco: Value =
+        serde_json::from_str(&common::http_get(http, "/.well-known/openid-configuration").await)
+            .unwrap();
+    let jwks: Value =
+        serde_json::from_str(&common::http_get(http, "/.well-known/jwks.json").await).unwrap();
+    let mut c = w.h.broker(As::Workload).await;
+    let ask = pb::RequestTokenRequest {
+        audience: "sts.amazonaws.com".into(),
+        ..common::ask(&["orders.read"])
+    };
+    let g = common::grant(&mut c, ask).await;
+    let (head, claims) = (part(&g.token, 0), part(&g.token, 1));
+    assert_eq!(disco["issuer"], claims["iss"]);
+    assert_eq!(
+        disco["jwks_uri"],
+        format!("{}/.well-known/jwks.json", claims["iss"].as_str().unwrap())
+    );
+    assert!(
+        disco["id_token_signing_alg_values_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ES256"))
+    );
+    assert_eq!(head["alg"], "ES256");
+    let key = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == head["kid"])
+        .unwrap();
+    assert_eq!(
+        (key["kty"].as_str(), key["crv"].as_str()),
+        (Some("EC"), Some("P-256"))
+    );
+    for k in jwks["keys"].as_array().unwrap() {
+        assert!(k.get("x5c").is_none() && k.get("x5t").is_none(), "{k}");
+    }
+    assert_eq!(claims["aud"], "sts.amazonaws.com");
+    assert_eq!(claims["sub"], "spiffe://portcullis.dev/ns/demo/sa/app");
+    let life = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert!(life <= 3600, "{life}");
+    w.h.stop().await;
+}

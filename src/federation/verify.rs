@@ -297,15 +297,26 @@ fn check_signature(
     if !use_ok {
         return Err(refuse(Check::Key));
     }
-    let b = |s: &str| B64.decode(s).map_err(|_| refuse(Check::Key));
-    let ok = match (&key.algorithm, alg) {
+    match verified_by(key, alg, signed, signature) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(refuse(Check::Signature)),
+        Err(c) => Err(refuse(c)),
+    }
+}
+
+/// Whether `key`, used for `alg`, verifies `signature` over `signed`; the
+/// check that fails when the key does not fit the algorithm or does not
+/// decode.
+fn verified_by(key: &Jwk, alg: &str, signed: &[u8], signature: &[u8]) -> Result<bool, Check> {
+    let b = |s: &str| B64.decode(s).map_err(|_| Check::Key);
+    Ok(match (&key.algorithm, alg) {
         (AlgorithmParameters::EllipticCurve(p), "ES256" | "ES384") => {
             let (curve, verifier): (_, &dyn rsig::VerificationAlgorithm) = match alg {
                 "ES256" => (EllipticCurve::P256, &rsig::ECDSA_P256_SHA256_FIXED),
                 _ => (EllipticCurve::P384, &rsig::ECDSA_P384_SHA384_FIXED),
             };
             if p.curve != curve {
-                return Err(refuse(Check::Algorithm));
+                return Err(Check::Algorithm);
             }
             let mut point = vec![4u8];
             point.extend(b(&p.x)?);
@@ -322,7 +333,7 @@ fn check_signature(
                 "PS256" => &rsig::RSA_PSS_2048_8192_SHA256,
                 "PS384" => &rsig::RSA_PSS_2048_8192_SHA384,
                 "PS512" => &rsig::RSA_PSS_2048_8192_SHA512,
-                _ => return Err(refuse(Check::Algorithm)),
+                _ => return Err(Check::Algorithm),
             };
             let (n, e) = (b(&p.n)?, b(&p.e)?);
             rsig::RsaPublicKeyComponents { n: &n, e: &e }
@@ -334,13 +345,8 @@ fn check_signature(
                 .verify(signed, signature)
                 .is_ok()
         }
-        _ => return Err(refuse(Check::Algorithm)),
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(refuse(Check::Signature))
-    }
+        _ => return Err(Check::Algorithm),
+    })
 }
 
 /// `aud` is the entry's audience, or an array holding it whose other

@@ -502,19 +502,15 @@ fn serve(
         tracker.spawn(tasks::follow_issuers(engine.clone(), f, cancel.clone()));
     }
     if let Some((listener, _)) = l.http {
-        let mut app = http::router(engine.clone());
-        if let Some(console) = &console {
-            app = app.merge(crate::console::router(console.clone()));
-            tracker.spawn(console.clone().sweep(cancel.clone()));
-            tracker.spawn(console.clone().follow_policy(cancel.clone()));
-        }
-        tracker.spawn(http::serve(
-            listener,
-            app,
-            l.http_tls,
-            cfg.conn_limits,
-            cancel.clone(),
-        ));
+        let tls = l.http_tls;
+        serve_http(
+            &tracker,
+            cfg,
+            engine,
+            (listener, tls),
+            console.as_ref(),
+            cancel,
+        );
     }
     if let Some((listener, addr)) = l.health {
         tracing::info!(%addr, "health listener (/healthz, /metrics)");
@@ -536,6 +532,25 @@ fn serve(
         cancel,
     );
     Ok((tracker, console.map(|c| format!("{}/ui/", c.public_url()))))
+}
+
+/// The HTTP listener (JWKS, discovery, health, metrics, the console).
+fn serve_http(
+    tracker: &TaskTracker,
+    cfg: &ServeConfig,
+    engine: &Arc<Engine>,
+    (listener, tls): (TcpListener, Option<Arc<rustls::ServerConfig>>),
+    console: Option<&Arc<crate::console::Console>>,
+    cancel: &CancellationToken,
+) {
+    let mut app = http::router(engine.clone());
+    if let Some(console) = console {
+        app = app.merge(crate::console::router(console.clone()));
+        tracker.spawn(console.clone().sweep(cancel.clone()));
+        tracker.spawn(console.clone().follow_policy(cancel.clone()));
+    }
+    let limits = cfg.conn_limits;
+    tracker.spawn(http::serve(listener, app, tls, limits, cancel.clone()));
 }
 
 /// The federation listener's router and the issuers it trusts.
