@@ -158,31 +158,51 @@ async fn await_approval(
     request_id: String,
     claim_secret: Option<&str>,
 ) -> Result<pb::Grant, RefreshError> {
-    let mut call = tonic::Request::new(pb::WatchRequestRequest { request_id });
-    if let Some(secret) = claim_secret {
-        let value = secret
-            .parse()
-            .map_err(|_| RefreshError::Incomplete("the claim secret is not metadata"))?;
-        call.metadata_mut().insert(pb::CLAIM_SECRET_METADATA, value);
-    }
-    let mut s = c.watch_request(call).await?.into_inner();
-    while let Some(m) = s.message().await? {
-        if let Some(g) = m.grant {
-            return Ok(g);
+    loop {
+        let mut call = tonic::Request::new(pb::WatchRequestRequest {
+            request_id: request_id.clone(),
+        });
+        if let Some(secret) = claim_secret {
+            let value = secret
+                .parse()
+                .map_err(|_| RefreshError::Incomplete("the claim secret is not metadata"))?;
+            call.metadata_mut().insert(pb::CLAIM_SECRET_METADATA, value);
         }
-        if let Some(r) = m.request
-            && matches!(
-                pb::RequestState::try_from(r.state),
-                Ok(pb::RequestState::Denied
-                    | pb::RequestState::Expired
-                    | pb::RequestState::Withdrawn
-                    | pb::RequestState::Issued)
-            )
-        {
-            return Err(RefreshError::NoToken(r.id));
+        let mut s = c.watch_request(call).await?.into_inner();
+        loop {
+            let m = match s.message().await {
+                Ok(Some(m)) => m,
+                // The connection ended under the watch (the federation
+                // listener's connections live 5 minutes; a broker
+                // restarted): watch the same request again.
+                Ok(None) => break,
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(g) = m.grant {
+                return Ok(g);
+            }
+            if let Some(r) = m.request
+                && matches!(
+                    pb::RequestState::try_from(r.state),
+                    Ok(pb::RequestState::Denied
+                        | pb::RequestState::Expired
+                        | pb::RequestState::Withdrawn
+                        | pb::RequestState::Issued)
+                )
+            {
+                return Err(RefreshError::NoToken(r.id));
+            }
         }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    Err(RefreshError::Incomplete("watch ended"))
 }
 
 async fn renew(

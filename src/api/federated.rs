@@ -108,7 +108,8 @@ impl Broker for FederatedBroker {
         };
         let ttl = convert::ttl(m.ttl, "ttl")?;
         let now = self.engine.clock().now() / 1000;
-        let verified = match self.federation.verify(&m.subject_token, now).await {
+        let policy = self.engine.policy();
+        let verified = match self.federation.verify(&policy, &m.subject_token, now).await {
             Ok(v) => v,
             Err(refusal) => return Err(self.engine.sign_in_refused(refusal).into()),
         };

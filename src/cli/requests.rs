@@ -532,21 +532,19 @@ async fn follow(
     claim_secret: Option<&str>,
 ) -> Result<i32, Failure> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut call = tonic::Request::new(pb::WatchRequestRequest {
-        request_id: id.to_owned(),
-    });
-    if let Some(secret) = claim_secret {
-        let value = secret
-            .parse()
-            .map_err(|_| exit::usage("--claim-secret: not a claim secret"))?;
-        call.metadata_mut().insert(pb::CLAIM_SECRET_METADATA, value);
-    }
-    let mut stream = b.watch_request(call).await?.into_inner();
+    let mut stream = open_watch(b, id, claim_secret).await?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let msg = tokio::select! {
-            m = stream.message() => m?,
+            m = stream.message() => match m {
+                Ok(m) => m,
+                // The connection ended under the watch (the federation
+                // listener's connections live 5 minutes; a broker
+                // restarted): watch again, which reads the request afresh.
+                Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) => None,
+                Err(s) => return Err(s.into()),
+            },
             () = tokio::time::sleep_until(deadline) => {
                 progress.finish();
                 eprintln!("timed out waiting for request {id}");
@@ -558,14 +556,33 @@ async fn follow(
             }
         };
         let Some(msg) = msg else {
-            return Err(failure(
-                "watch ended before the request did; watch again to resume",
-            ));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stream = open_watch(b, id, claim_secret).await?;
+            continue;
         };
         if let Some(code) = step(progress, id, msg)? {
             return Ok(code);
         }
     }
+}
+
+/// A watch of request `id` (with its claim secret, for a request made with
+/// a platform token).
+async fn open_watch(
+    b: &mut BrokerClient<Channel>,
+    id: &str,
+    claim_secret: Option<&str>,
+) -> Result<tonic::Streaming<pb::WatchRequestResponse>, Failure> {
+    let mut call = tonic::Request::new(pb::WatchRequestRequest {
+        request_id: id.to_owned(),
+    });
+    if let Some(secret) = claim_secret {
+        let value = secret
+            .parse()
+            .map_err(|_| exit::usage("--claim-secret: not a claim secret"))?;
+        call.metadata_mut().insert(pb::CLAIM_SECRET_METADATA, value);
+    }
+    Ok(b.watch_request(call).await?.into_inner())
 }
 
 /// Act on one watch message: `Some(exit code)` once the wait is over.

@@ -104,7 +104,9 @@ pub struct Asking {
     /// Why you need it (recorded; shown to approvers).
     #[arg(long)]
     reason: Option<String>,
-    /// Idempotency key: a retry with the same key returns the same outcome.
+    /// Idempotency key: a retry with the same key returns the same outcome
+    /// (not with `--id-token`: a platform token is used once; a retry signs
+    /// in with a new one).
     #[arg(long)]
     client_request_id: Option<String>,
     /// If parked for approval, wait for the decision.

@@ -115,7 +115,7 @@ impl Checked {
     }
 
     pub(super) fn idempotency(&self, outcome: IdempotentOutcome) -> Option<Idempotency> {
-        if let Some(once) = self.signed_in.as_ref().and_then(|s| s.use_once(self)) {
+        if let Some(once) = self.signed_in.as_ref().and_then(SignedIn::use_once) {
             return Some(Idempotency { outcome, ..once });
         }
         (!self.client_request_id.is_empty()).then(|| Idempotency {
@@ -156,7 +156,7 @@ impl SignedIn {
     /// again with a new platform token, so no copy of the token can ever
     /// mint a second credential. `None` where the issuer bounds replay by
     /// age instead.
-    pub(super) fn use_once(&self, c: &Checked) -> Option<Idempotency> {
+    pub(super) fn use_once(&self) -> Option<Idempotency> {
         let jti = self
             .verified
             .jti
@@ -165,7 +165,9 @@ impl SignedIn {
         let key = sha256_hex(&[self.verified.issuer.as_bytes(), jti.as_bytes()]);
         let params_digest = format!("once:{}", self.nonce);
         Some(Idempotency {
-            caller: c.who.as_str().to_owned(),
+            // Not the mapped identity: a change of the identity template
+            // must not make a used token new again.
+            caller: format!("federation:{}", self.verified.issuer),
             key: format!("jti:{key}"),
             params_digest,
             outcome: IdempotentOutcome::Request(String::new()),

@@ -385,7 +385,19 @@ fn check_fields(
     if ask.for_identity.is_empty() {
         return Ok(holder.who.clone());
     }
-    Identity::parse(&ask.for_identity).map_err(|e| FieldError::new("for_identity", e.to_string()))
+    let to = Identity::parse(&ask.for_identity)
+        .map_err(|e| FieldError::new("for_identity", e.to_string()))?;
+    // Whatever the delegation rules' patterns say: a workload of an
+    // issuer's trust domain signs in only with that issuer's tokens.
+    if let Some(issuer) = policy.issuer_owning(&to) {
+        return Err(FieldError::new(
+            "for_identity",
+            format!(
+                "is in a trust domain of issuer `{issuer}`, whose workloads sign in only with its tokens"
+            ),
+        ));
+    }
+    Ok(to)
 }
 
 /// What the child of `parent` will be, or why it may not exist: the

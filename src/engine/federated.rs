@@ -94,7 +94,7 @@ impl Engine {
             c => c.name(),
         };
         self.metrics.sign_in(issuer, &check);
-        if r.check.before_signature() || !self.first_refusal(r.claims_digest.as_deref()) {
+        if r.check.unrecorded() || !self.first_refusal(r.claims_digest.as_deref()) {
             tracing::debug!(issuer, check = %r.check.name(), "platform token refused");
         } else {
             tracing::info!(issuer, check = %r.check.name(), claims = r.claims_digest.as_deref().unwrap_or(""), "platform token refused");

@@ -162,13 +162,22 @@ impl KeyCache {
     }
 
     /// The key `kid`, fetching once if it is unknown and no fetch was
-    /// tried in the last 30 s (after any fetch in flight).
+    /// tried in the last 30 s.
     pub async fn key(&self, kid: &str) -> Option<Jwk> {
         if let Some(k) = self.cached(kid) {
             return Some(k);
         }
-        // Waits for a fetch in flight (the one at start, say) to finish.
-        let _flight = self.flight.lock().await;
+        // With no keys yet (the start's fetch under way), wait for the
+        // fetch in flight. With keys, never wait on a slow issuer: a
+        // stream of made-up `kid`s would hold every exchange slot.
+        let _flight = if self.has_keys() {
+            match self.flight.try_lock() {
+                Ok(g) => g,
+                Err(_) => return None,
+            }
+        } else {
+            self.flight.lock().await
+        };
         // Another miss may have fetched while this one waited.
         if let Some(k) = self.cached(kid) {
             return Some(k);

@@ -124,20 +124,27 @@ impl Federation {
         self.snapshot().get(name).cloned()
     }
 
-    /// Verify `token` at `now` (seconds since the epoch).
-    pub async fn verify(&self, token: &str, now: u64) -> Result<Verified, Refusal> {
+    /// Verify `token` at `now` (seconds since the epoch) against the
+    /// `[[issuer]]` entries of `policy`, the policy in force: this holds
+    /// only their keys, which follow a reload a moment later (until then a
+    /// changed entry's tokens are refused, never checked by the old entry).
+    pub async fn verify(
+        &self,
+        policy: &Policy,
+        token: &str,
+        now: u64,
+    ) -> Result<Verified, Refusal> {
         let parsed = verify::Parsed::new(token)?;
+        let issuer = parsed.issuer(policy.issuers.values()).ok_or(Refusal {
+            check: Check::Issuer,
+            issuer: None,
+            claims_digest: None,
+        })?;
         let all = self.snapshot();
-        let issuer = parsed
-            .issuer(all.values().map(|t| &t.issuer))
-            .ok_or(Refusal {
-                check: Check::Issuer,
-                issuer: None,
-                claims_digest: None,
-            })?;
         let trusted = all
             .get(&issuer.name)
-            .ok_or_else(|| refused(Check::Issuer, issuer))?;
+            .filter(|t| same_keys(&t.issuer, issuer))
+            .ok_or_else(|| refused(Check::Key, issuer))?;
         let (kid, alg) = parsed.header(issuer)?;
         let key = trusted
             .keys

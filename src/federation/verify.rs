@@ -27,9 +27,9 @@ const MAX_JTI: usize = 256;
 /// Longest value of a piece of evidence shown to approvers.
 const MAX_EVIDENCE: usize = 200;
 
-/// The check a token failed. Checks before the signature (`before_signature`)
-/// cost their sender nothing, so they reach metrics and the log, never the
-/// trail.
+/// The check a token failed. Checks before the signature, the audience
+/// and the bound claims (`unrecorded`) cost their sender nothing, so they
+/// reach metrics and the log, never the trail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Check {
     /// Not three base64url segments of JSON, or larger than 8 KiB.
@@ -84,8 +84,11 @@ impl Check {
         }
     }
 
-    /// Refused before a signature verified: anyone could have sent it.
-    pub fn before_signature(&self) -> bool {
+    /// Refused before a signature verified (anyone could have sent it),
+    /// or before the token was shown to be for this broker and from a
+    /// tenant the policy binds (any tenant of the issuer can mint those
+    /// at will): counted and logged, never recorded in the trail.
+    pub fn unrecorded(&self) -> bool {
         matches!(
             self,
             Self::Malformed
@@ -94,6 +97,8 @@ impl Check {
                 | Self::Algorithm
                 | Self::Key
                 | Self::Signature
+                | Self::Audience
+                | Self::BoundClaim(_)
         )
     }
 }
@@ -239,9 +244,12 @@ impl<'t> Parsed<'t> {
             issuer: Some(issuer.name.clone()),
             claims_digest: Some(digest.clone()),
         };
+        // Audience and bound claims first: until both pass, the token may
+        // be any tenant's of the issuer (any repository on GitHub), minted
+        // at will, and its refusal is not worth a durable record.
         audience(issuer, &self.claims).map_err(refuse)?;
-        let exp = times(issuer, &self.claims, now).map_err(refuse)?;
         bound(issuer, &self.claims).map_err(refuse)?;
+        let exp = times(issuer, &self.claims, now).map_err(refuse)?;
         let identity = mapped(issuer, &self.claims).ok_or_else(|| refuse(Check::Mapping))?;
         let jti = match (
             self.claims.get("jti").and_then(Value::as_str),

@@ -144,13 +144,17 @@ pub(super) fn federation_router(
     let broker =
         crate::api::federated::FederatedBroker::new(engine.clone(), federation, cancel.clone());
     // Anyone on the network completes its handshake here: a connection
-    // lives 5 minutes at most (a watch for approval reconnects) and holds
-    // 16 calls at once; the service bounds its exchanges in flight.
+    // lives 5 minutes (and 30 s of grace for its calls) at most, a watch
+    // for approval reconnecting on a new one (the CLI and the agent do);
+    // it holds 16 calls at once, each answered (a watch: started) within
+    // 30 s; the service bounds its exchanges in flight.
     Ok(Server::builder()
         .tls_config(tls)
         .map_err(|e| tls_error(&cfg.tls_cert, &e))?
         .tcp_nodelay(true)
         .max_connection_age(FEDERATION_CONNECTION_AGE)
+        .max_connection_age_grace(FEDERATION_CONNECTION_GRACE)
+        .timeout(FEDERATION_CALL_TIMEOUT)
         .concurrency_limit_per_connection(16)
         .trace_fn(|req| {
             tracing::info_span!(
@@ -170,6 +174,10 @@ pub(super) fn federation_router(
 
 /// How long a federation listener connection lives.
 const FEDERATION_CONNECTION_AGE: Duration = Duration::from_secs(300);
+/// How long its calls may go on after that.
+const FEDERATION_CONNECTION_GRACE: Duration = Duration::from_secs(30);
+/// How long a call may take to be answered (a watch: to start).
+const FEDERATION_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Open connections on the federation listener.
 pub(super) const FEDERATION_CONNECTIONS: usize = 1024;
 

@@ -254,6 +254,21 @@ impl Checker<'_> {
             }
             out.insert(i.name.clone(), i);
         }
+        // A delegated child is claimed by its recipient over mTLS, or
+        // handed back to the certificate holder who asked: naming an
+        // issuer's workload as `to` would let that holder mint tokens
+        // whose `sub` is a workload only its platform may sign in.
+        for d in &raw.delegations {
+            for to in &d.get_ref().to {
+                if let Some(owner) = domain_of(to.get_ref()).and_then(|d| domains.get(d)) {
+                    let msg = format!(
+                        "delegation: to: `{}` is in a trust domain of issuer `{owner}`, whose workloads only sign in with its tokens",
+                        to.get_ref()
+                    );
+                    self.problem(to.span(), msg);
+                }
+            }
+        }
         out
     }
 
@@ -532,6 +547,13 @@ impl Checker<'_> {
             None => SingleUse::Jti,
             Some(s) => match s.get_ref().as_str() {
                 "jti" => SingleUse::Jti,
+                "bounded" if kind == IssuerKind::Github => {
+                    let msg = format!(
+                        "issuer `{name}`: single_use: GitHub's tokens carry a jti and are never reused by a job: keep `jti` (a copy of a token would sign in again for its whole life)"
+                    );
+                    self.problem(s.span(), msg);
+                    SingleUse::Jti
+                }
                 "bounded" => SingleUse::Bounded,
                 other => {
                     let msg =

@@ -378,3 +378,28 @@ fn an_unknown_key_in_an_issuer_is_named_with_its_line() {
     let got = problems(&github("jwks_uri = \"https://x\"\n"));
     assert_says(&got, "line 9: unknown key `issuer.jwks_uri`");
 }
+
+/// Review of issue 24: GitHub's tokens are used once; a delegation may not
+/// hand tokens to an issuer's workloads (a certificate holder would mint
+/// tokens naming them).
+#[test]
+fn github_tokens_are_single_use_and_no_delegation_names_an_issuers_workloads() {
+    assert_says(
+        &problems(&github("single_use = \"bounded\"\n")),
+        "GitHub's tokens carry a jti",
+    );
+    let delegation = r#"
+[[delegation]]
+from = ["spiffe://example.org/ns/ci/*"]
+to = ["spiffe://github.example.org/1234567/*"]
+scopes = ["orders.read"]
+[[scope]]
+name = "orders.read"
+tier = "auto"
+workloads = ["spiffe://example.org/ns/ci/*"]
+"#;
+    assert_says(
+        &problems(&github(delegation)),
+        "delegation: to: `spiffe://github.example.org/1234567/*` is in a trust domain of issuer `github`",
+    );
+}
