@@ -493,13 +493,8 @@ fn serve(
     record_start(engine, cfg)?;
     let tracker = TaskTracker::new();
     tracker.spawn(grpc::serve(router, l.grpc, cfg.conn_limits, cancel.clone()));
-    if let Some((f, router, listener)) = federation {
-        let limits = ConnLimits {
-            grpc_connections: grpc::FEDERATION_CONNECTIONS,
-            ..cfg.conn_limits
-        };
-        tracker.spawn(grpc::serve(router, listener, limits, cancel.clone()));
-        tracker.spawn(tasks::follow_issuers(engine.clone(), f, cancel.clone()));
+    if let Some(f) = federation {
+        serve_federation(&tracker, cfg, engine, f, cancel);
     }
     if let Some((listener, _)) = l.http {
         let tls = l.http_tls;
@@ -551,6 +546,26 @@ fn serve_http(
     }
     let limits = cfg.conn_limits;
     tracker.spawn(http::serve(listener, app, tls, limits, cancel.clone()));
+}
+
+/// Serve the federation listener, and keep its issuers' keys fresh.
+fn serve_federation(
+    tracker: &TaskTracker,
+    cfg: &ServeConfig,
+    engine: &Arc<Engine>,
+    (f, router, listener): (
+        Arc<crate::federation::Federation>,
+        grpc::GrpcRouter,
+        TcpListener,
+    ),
+    cancel: &CancellationToken,
+) {
+    let limits = ConnLimits {
+        grpc_connections: grpc::FEDERATION_CONNECTIONS,
+        ..cfg.conn_limits
+    };
+    tracker.spawn(grpc::serve(router, listener, limits, cancel.clone()));
+    tracker.spawn(tasks::follow_issuers(engine.clone(), f, cancel.clone()));
 }
 
 /// The federation listener's router and the issuers it trusts.

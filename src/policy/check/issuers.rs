@@ -254,10 +254,15 @@ impl Checker<'_> {
             }
             out.insert(i.name.clone(), i);
         }
-        // A delegated child is claimed by its recipient over mTLS, or
-        // handed back to the certificate holder who asked: naming an
-        // issuer's workload as `to` would let that holder mint tokens
-        // whose `sub` is a workload only its platform may sign in.
+        self.no_delegation_to(raw, &domains);
+        out
+    }
+
+    /// A delegated child is claimed by its recipient over mTLS, or handed
+    /// back to the certificate holder who asked: naming an issuer's
+    /// workload as `to` would let that holder mint tokens whose `sub` is
+    /// a workload only its platform may sign in.
+    fn no_delegation_to(&mut self, raw: &RawPolicy, domains: &BTreeMap<String, String>) {
         for d in &raw.delegations {
             for to in &d.get_ref().to {
                 if let Some(owner) = domain_of(to.get_ref()).and_then(|d| domains.get(d)) {
@@ -269,7 +274,6 @@ impl Checker<'_> {
                 }
             }
         }
-        out
     }
 
     /// An approval-tier scope open to a GitHub issuer's identities needs
