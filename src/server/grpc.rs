@@ -84,22 +84,10 @@ pub(super) fn router(
     let audit = AuditService::new(engine.clone(), cancel.clone());
     let keys = KeysService::new(engine.clone(), cfg.rotation, rotate_wake);
     let auth = Authenticate::new(engine.clone());
-    Ok(Server::builder()
+    let server = Server::builder()
         .tls_config(tls)
-        .map_err(|e| tls_error(&cfg.tls_cert, &e))?
-        .tcp_nodelay(true)
-        .trace_fn(|req| {
-            tracing::info_span!(
-                "rpc",
-                method = %req.uri().path(),
-                caller = tracing::field::Empty,
-                call_id = tracing::field::Empty,
-                grpc_status = tracing::field::Empty
-            )
-        })
-        .layer(crate::api::CallLayer)
-        .http2_keepalive_interval(Some(KEEPALIVE))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .map_err(|e| tls_error(&cfg.tls_cert, &e))?;
+    Ok(with_calls(server, "mtls")
         .max_concurrent_streams(cfg.conn_limits.streams_per_connection)
         .add_service(InterceptedService::new(
             BrokerServer::new(broker).max_decoding_message_size(MAX_MESSAGE),
@@ -119,6 +107,29 @@ pub(super) fn router(
         ))
         .add_service(health)
         .add_service(reflection))
+}
+
+/// What every gRPC listener shares: no Nagle delay, the per-call span
+/// (`listener` names which) and layer, HTTP/2 keep-alive.
+fn with_calls(
+    server: Server,
+    listener: &'static str,
+) -> Server<tower::layer::util::Stack<crate::api::CallLayer, tower::layer::util::Identity>> {
+    server
+        .tcp_nodelay(true)
+        .trace_fn(move |req| {
+            tracing::info_span!(
+                "rpc",
+                listener,
+                method = %req.uri().path(),
+                caller = tracing::field::Empty,
+                call_id = tracing::field::Empty,
+                grpc_status = tracing::field::Empty
+            )
+        })
+        .layer(crate::api::CallLayer)
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
 /// The federation listener's TLS: the server certificate only; no client
@@ -148,26 +159,14 @@ pub(super) fn federation_router(
     // for approval reconnecting on a new one (the CLI and the agent do);
     // it holds 16 calls at once, each answered (a watch: started) within
     // 30 s; the service bounds its exchanges in flight.
-    Ok(Server::builder()
+    let server = Server::builder()
         .tls_config(tls)
         .map_err(|e| tls_error(&cfg.tls_cert, &e))?
-        .tcp_nodelay(true)
         .max_connection_age(FEDERATION_CONNECTION_AGE)
         .max_connection_age_grace(FEDERATION_CONNECTION_GRACE)
         .timeout(FEDERATION_CALL_TIMEOUT)
-        .concurrency_limit_per_connection(16)
-        .trace_fn(|req| {
-            tracing::info_span!(
-                "federation_rpc",
-                method = %req.uri().path(),
-                caller = tracing::field::Empty,
-                call_id = tracing::field::Empty,
-                grpc_status = tracing::field::Empty
-            )
-        })
-        .layer(crate::api::CallLayer)
-        .http2_keepalive_interval(Some(KEEPALIVE))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .concurrency_limit_per_connection(16);
+    Ok(with_calls(server, "federation")
         .max_concurrent_streams(16)
         .add_service(BrokerServer::new(broker).max_decoding_message_size(MAX_MESSAGE)))
 }
