@@ -77,20 +77,20 @@ impl Checked {
             .signed_in
             .as_ref()
             .map_or("", |s| s.verified.claims_digest.as_str());
-        let digest = sha256_hex(
-            &[
-                who.as_str().as_bytes(),
-                scopes.join(" ").as_bytes(),
-                &ttl_ms,
-                audience.as_bytes(),
-                ask.justification.as_bytes(),
-                &[u8::from(ask.break_glass)],
-                // A platform token's use-once key is its `jti`, not the
-                // caller's key: only a retry with the same key matches.
-                claims.as_bytes(),
-                ask.client_request_id.as_bytes(),
-            ][..if claims.is_empty() { 6 } else { 8 }],
-        );
+        let (joined, glass) = (scopes.join(" "), [u8::from(ask.break_glass)]);
+        let mut parts: Vec<&[u8]> = vec![
+            who.as_str().as_bytes(),
+            joined.as_bytes(),
+            &ttl_ms,
+            audience.as_bytes(),
+            ask.justification.as_bytes(),
+            &glass,
+        ];
+        // A signed-in ask names its one token (unchanged for every other).
+        if !claims.is_empty() {
+            parts.push(claims.as_bytes());
+        }
+        let digest = sha256_hex(&parts);
         Ok(Self {
             who: who.clone(),
             scopes,

@@ -296,18 +296,20 @@ fn parked_request(
         .signed_in
         .as_ref()
         .map_or("", |s| s.verified.claims_digest.as_str());
+    let (joined, ttl_be) = (c.scopes.join(" "), millis(ttl).to_be_bytes());
+    let mut parts: Vec<&[u8]> = vec![
+        who.as_str().as_bytes(),
+        joined.as_bytes(),
+        &ttl_be,
+        c.audience.as_bytes(),
+    ];
+    // A signed-in workload's request names its one token, so an approval
+    // is for that run (unchanged for every other request).
+    if !claims.is_empty() {
+        parts.push(claims.as_bytes());
+    }
     Ok(TokenRequest {
-        // A signed-in workload's request names its one token, so an
-        // approval is for that run.
-        digest: sha256_hex(
-            &[
-                who.as_str().as_bytes(),
-                c.scopes.join(" ").as_bytes(),
-                &millis(ttl).to_be_bytes(),
-                c.audience.as_bytes(),
-                claims.as_bytes(),
-            ][..if claims.is_empty() { 4 } else { 5 }],
-        ),
+        digest: sha256_hex(&parts),
         sign_in: c.signed_in.as_ref().map(super::ask::SignedIn::sign_in),
         claim_digest: c.signed_in.as_ref().map(|s| s.claim_digest.clone()),
         deadline: now.saturating_add(millis(pending_ttl)),

@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -143,7 +142,6 @@ pub struct KeyCache {
     source: Source,
     state: Mutex<State>,
     flight: tokio::sync::Mutex<()>,
-    fetches: AtomicU64,
     counter: FetchCounter,
 }
 
@@ -156,7 +154,6 @@ impl KeyCache {
             source,
             state: Mutex::new(State::default()),
             flight: tokio::sync::Mutex::new(()),
-            fetches: AtomicU64::new(0),
             counter,
         }
     }
@@ -197,14 +194,9 @@ impl KeyCache {
         self.fetch_now().await;
     }
 
-    /// Fetches tried so far.
-    pub fn fetches(&self) -> u64 {
-        self.fetches.load(Ordering::Relaxed)
-    }
-
-    /// Whether keys are held (for health).
+    /// Whether keys are held.
     pub fn has_keys(&self) -> bool {
-        self.cached_set().is_some()
+        self.with_keys(|_| ()).is_some()
     }
 
     fn tried_within(&self, d: Duration) -> bool {
@@ -215,30 +207,26 @@ impl KeyCache {
             .is_some_and(|t| t.elapsed() < d)
     }
 
-    fn cached_set(&self) -> Option<JwkSet> {
+    /// `f` of the keys held, once keys a day past their last good fetch
+    /// are dropped; `None` when none are held.
+    fn with_keys<T>(&self, f: impl FnOnce(&JwkSet) -> T) -> Option<T> {
         let mut s = self.state.lock().ok()?;
         if s.good_at.is_some_and(|t| t.elapsed() >= STALE) {
             tracing::warn!(issuer = %self.issuer, "the issuer's keys are a day past their last good fetch: dropped");
             s.keys = None;
             s.good_at = None;
         }
-        s.keys.clone()
+        s.keys.as_ref().map(f)
     }
 
     fn cached(&self, kid: &str) -> Option<Jwk> {
-        let mut s = self.state.lock().ok()?;
-        if s.good_at.is_some_and(|t| t.elapsed() >= STALE) {
-            s.keys = None;
-            s.good_at = None;
-        }
-        s.keys.as_ref()?.find(kid).cloned()
+        self.with_keys(|set| set.find(kid).cloned()).flatten()
     }
 
     async fn fetch_now(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.tried_at = Some(Instant::now());
         }
-        self.fetches.fetch_add(1, Ordering::Relaxed);
         let outcome = match self.source.fetch().await {
             Ok(set) => {
                 if let Ok(mut s) = self.state.lock() {

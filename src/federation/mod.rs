@@ -114,16 +114,6 @@ impl Federation {
         self.trusted.read().map(|t| t.clone()).unwrap_or_default()
     }
 
-    /// Whether any issuer is trusted.
-    pub fn is_empty(&self) -> bool {
-        self.snapshot().is_empty()
-    }
-
-    /// The trusted issuer named `name`.
-    pub fn trusted(&self, name: &str) -> Option<Arc<Trusted>> {
-        self.snapshot().get(name).cloned()
-    }
-
     /// Verify `token` at `now` (seconds since the epoch) against the
     /// `[[issuer]]` entries of `policy`, the policy in force: this holds
     /// only their keys, which follow a reload a moment later (until then a
@@ -159,15 +149,6 @@ impl Federation {
         let all = self.snapshot();
         let fetches = all.values().map(|t| t.keys.refresh());
         futures_util::future::join_all(fetches).await;
-    }
-
-    /// Issuers holding no keys (none fetched yet, or dropped as stale).
-    pub fn without_keys(&self) -> Vec<String> {
-        self.snapshot()
-            .values()
-            .filter(|t| !t.keys.has_keys())
-            .map(|t| t.issuer.name.clone())
-            .collect()
     }
 }
 

@@ -140,8 +140,6 @@ pub struct Verified {
     /// is bounded by its age (Kubernetes hands a pod one token for most of
     /// its life, `jti` or not).
     pub use_once: bool,
-    /// When the token ends (seconds since the epoch).
-    pub exp: u64,
     /// Hex SHA-256 of the payload segment exactly as received.
     pub claims_digest: String,
     /// What approvers see of the run or pod (kind-specific claims).
@@ -249,7 +247,7 @@ impl<'t> Parsed<'t> {
         // at will, and its refusal is not worth a durable record.
         audience(issuer, &self.claims).map_err(refuse)?;
         bound(issuer, &self.claims).map_err(refuse)?;
-        let exp = times(issuer, &self.claims, now).map_err(refuse)?;
+        times(issuer, &self.claims, now).map_err(refuse)?;
         let identity = mapped(issuer, &self.claims).ok_or_else(|| refuse(Check::Mapping))?;
         let jti = match (
             self.claims.get("jti").and_then(Value::as_str),
@@ -265,7 +263,6 @@ impl<'t> Parsed<'t> {
             sub: claim_text(&self.claims, "sub").unwrap_or_default(),
             jti,
             use_once: issuer.single_use == SingleUse::Jti,
-            exp,
             evidence: evidence(issuer.kind, &self.claims),
             claims_digest: digest,
         })
@@ -379,8 +376,8 @@ fn seconds(claims: &Map<String, Value>, name: &str) -> Option<u64> {
 }
 
 /// `exp`, `nbf` and `iat` within leeway of `now`, and `exp - iat` within
-/// `max_age`; returns `exp`.
-fn times(issuer: &Issuer, claims: &Map<String, Value>, now: u64) -> Result<u64, Check> {
+/// `max_age`.
+fn times(issuer: &Issuer, claims: &Map<String, Value>, now: u64) -> Result<(), Check> {
     let leeway = issuer.leeway.as_secs();
     let exp = seconds(claims, "exp").ok_or(Check::Expired)?;
     if now >= exp.saturating_add(leeway) {
@@ -399,7 +396,7 @@ fn times(issuer: &Issuer, claims: &Map<String, Value>, now: u64) -> Result<u64, 
     if exp.saturating_sub(iat) > issuer.max_age.as_secs() || exp < iat {
         return Err(Check::Age);
     }
-    Ok(exp)
+    Ok(())
 }
 
 /// A claim by its canonical name (a top-level name or a JSON pointer).
